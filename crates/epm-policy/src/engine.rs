@@ -1,0 +1,560 @@
+//! The indexed evaluation engine.
+//!
+//! Each rule is indexed under its *key*, its most specific identity criterion:
+//! a rule can only match when its key holds, so evaluation looks the subject
+//! up in one map per criterion (and one compiled glob set) instead of scanning
+//! every rule, then checks each candidate's remaining ("residual") criteria
+//! and scope. Specificity levels are visited from most to least specific and
+//! evaluation stops at the first level with a match, since a less specific
+//! rule can never beat a more specific one.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use globset::{Glob, GlobBuilder, GlobMatcher, GlobSet, GlobSetBuilder};
+use regex::{Regex, RegexBuilder};
+use serde::Serialize;
+
+use crate::digest::{CdHash, Sha256Digest};
+use crate::model::{
+    Action, ApprovalSpec, Criteria, Criterion, JustificationSpec, Policy, Rule, Scope, ScopeMatch,
+};
+use crate::subject::Subject;
+use crate::validate::{PolicyError, PolicyErrors, REGEX_SIZE_LIMIT, parse_document};
+
+/// Compiles a `path_glob` the one way both validation and the engine use:
+/// `*` and `?` never cross a `/`, `**` does.
+pub(crate) fn compile_glob(pattern: &str) -> Result<Glob, globset::Error> {
+    GlobBuilder::new(pattern)
+        .literal_separator(true)
+        .backslash_escape(true)
+        .build()
+}
+
+/// Compiles an `args_regex` with a size cap, so no pattern can make the
+/// daemon allocate without bound. The regex crate's matching is linear in the
+/// input, so no pattern can make evaluation slow either.
+pub(crate) fn compile_regex(pattern: &str) -> Result<Regex, regex::Error> {
+    RegexBuilder::new(pattern)
+        .size_limit(REGEX_SIZE_LIMIT)
+        .dfa_size_limit(REGEX_SIZE_LIMIT)
+        .build()
+}
+
+/// The outcome of one evaluation, with everything needed to explain it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Decision {
+    /// What to do.
+    pub action: Action,
+    /// The deciding rule, or `None` when the default action applied.
+    pub rule_id: Option<Arc<str>>,
+    /// The deciding rule's key criterion.
+    pub criterion: Option<Criterion>,
+    /// How the deciding rule's scope matched the subject.
+    pub scope: Option<ScopeMatch>,
+    /// The deciding rule's message for the user.
+    pub message: Option<Arc<str>>,
+    /// The version of the policy that decided.
+    pub policy_version: u64,
+}
+
+impl Decision {
+    /// One line saying why: which rule, by which criterion, for which scope.
+    pub fn reason(&self) -> String {
+        match (&self.rule_id, self.criterion, self.scope) {
+            (Some(id), Some(criterion), Some(scope)) => {
+                format!("rule {id:?} matched by {criterion} ({scope} scope)")
+            }
+            _ => "no rule matched: default action".to_owned(),
+        }
+    }
+}
+
+/// One criterion a candidate must still satisfy after its key matched.
+#[derive(Debug)]
+enum Residual {
+    Cdhash(CdHash),
+    Sha256(Sha256Digest),
+    SigningId(Box<str>),
+    TeamId(Box<str>),
+    Path(Box<str>),
+    PathGlob(GlobMatcher),
+    Name(Box<str>),
+    BundleId(Box<str>),
+    PlatformBinary(bool),
+    ArgsRegex(Regex),
+    ParentPath(Box<str>),
+}
+
+impl Residual {
+    fn holds(&self, subject: &Subject, name: &str) -> bool {
+        match self {
+            Residual::Cdhash(d) => subject.cdhash.as_ref() == Some(d),
+            Residual::Sha256(d) => subject.sha256.as_ref() == Some(d),
+            Residual::SigningId(v) => subject.signing_id.as_deref() == Some(&**v),
+            Residual::TeamId(v) => subject.team_id.as_deref() == Some(&**v),
+            Residual::Path(v) => subject.path == **v,
+            Residual::PathGlob(m) => m.is_match(&subject.path),
+            Residual::Name(v) => name == &**v,
+            Residual::BundleId(v) => subject.bundle_id.as_deref() == Some(&**v),
+            Residual::PlatformBinary(v) => subject.platform_binary == *v,
+            Residual::ArgsRegex(re) => subject
+                .argv
+                .as_ref()
+                .is_some_and(|argv| re.is_match(&argv.join(" "))),
+            Residual::ParentPath(v) => subject.parent_path.as_deref() == Some(&**v),
+        }
+    }
+}
+
+/// A rule as the engine keeps it: small, because there may be 100 000.
+#[derive(Debug)]
+struct CompiledRule {
+    id: Arc<str>,
+    action: Action,
+    key: Criterion,
+    residual: Vec<Residual>,
+    scope: Option<Box<Scope>>,
+    message: Option<Arc<str>>,
+    justification: Option<Box<JustificationSpec>>,
+    approval: Option<Box<ApprovalSpec>>,
+}
+
+impl CompiledRule {
+    /// How this rule's scope matches the subject, or `None` if it does not apply.
+    fn scope_match(&self, subject: &Subject) -> Option<ScopeMatch> {
+        let Some(scope) = &self.scope else {
+            return Some(ScopeMatch::General);
+        };
+        if scope.users.contains(&subject.user) {
+            Some(ScopeMatch::User)
+        } else if scope.groups.iter().any(|g| subject.groups.contains(g)) {
+            Some(ScopeMatch::Group)
+        } else if scope.devices.contains(&subject.device_id) {
+            Some(ScopeMatch::Device)
+        } else {
+            None
+        }
+    }
+}
+
+/// Rule indices under one index key. Nearly every key has one rule, so that
+/// case needs no allocation.
+#[derive(Debug)]
+enum Bucket {
+    One(u32),
+    Many(Vec<u32>),
+}
+
+impl Bucket {
+    fn push(&mut self, index: u32) {
+        match self {
+            Bucket::One(first) => *self = Bucket::Many(vec![*first, index]),
+            Bucket::Many(all) => all.push(index),
+        }
+    }
+
+    fn as_slice(&self) -> &[u32] {
+        match self {
+            Bucket::One(one) => std::slice::from_ref(one),
+            Bucket::Many(all) => all,
+        }
+    }
+}
+
+/// An index from a string criterion's value to its rules.
+type StringIndex = HashMap<Box<str>, Bucket>;
+
+fn add<K: std::hash::Hash + Eq>(map: &mut HashMap<K, Bucket>, key: K, index: u32) {
+    map.entry(key)
+        .and_modify(|b| b.push(index))
+        .or_insert(Bucket::One(index));
+}
+
+/// Facts about one rule, for callers that act on a decision (prompts need the
+/// justification spec, approval requests the approval spec).
+#[derive(Debug, Clone, Copy)]
+pub struct RuleInfo<'a> {
+    /// The rule id.
+    pub id: &'a str,
+    /// The rule's action.
+    pub action: Action,
+    /// The rule's key criterion.
+    pub key: Criterion,
+    /// The rule's message, if any.
+    pub message: Option<&'a str>,
+    /// Justification settings (defaults for a rule that gives none).
+    pub justification: Option<&'a JustificationSpec>,
+    /// Approval settings (defaults for an approve rule that gives none).
+    pub approval: Option<&'a ApprovalSpec>,
+}
+
+/// A policy compiled for evaluation.
+#[derive(Debug)]
+pub struct Engine {
+    version: u64,
+    default_action: Action,
+    rules: Vec<CompiledRule>,
+    by_id: HashMap<Arc<str>, u32>,
+    by_cdhash: HashMap<CdHash, Bucket>,
+    by_sha256: HashMap<Sha256Digest, Bucket>,
+    by_signing_id: StringIndex,
+    by_team_id: StringIndex,
+    by_path: StringIndex,
+    globs: GlobSet,
+    /// `glob_rules[i]` is the rule owning glob `i` of `globs`.
+    glob_rules: Vec<u32>,
+    by_name: StringIndex,
+}
+
+/// Collects rules into index maps; the glob set is compiled once at the end.
+struct EngineBuilder {
+    rules: Vec<CompiledRule>,
+    by_id: HashMap<Arc<str>, u32>,
+    by_cdhash: HashMap<CdHash, Bucket>,
+    by_sha256: HashMap<Sha256Digest, Bucket>,
+    by_signing_id: StringIndex,
+    by_team_id: StringIndex,
+    by_path: StringIndex,
+    globs: GlobSetBuilder,
+    glob_rules: Vec<u32>,
+    by_name: StringIndex,
+    /// The first problem met while compiling (validation has already run, so
+    /// this only catches a caller that built a `Policy` by hand).
+    error: Option<PolicyError>,
+}
+
+impl EngineBuilder {
+    fn new() -> Self {
+        Self {
+            rules: Vec::new(),
+            by_id: HashMap::new(),
+            by_cdhash: HashMap::new(),
+            by_sha256: HashMap::new(),
+            by_signing_id: HashMap::new(),
+            by_team_id: HashMap::new(),
+            by_path: HashMap::new(),
+            globs: GlobSetBuilder::new(),
+            glob_rules: Vec::new(),
+            by_name: HashMap::new(),
+            error: None,
+        }
+    }
+
+    fn add(&mut self, rule: Rule) {
+        if self.error.is_some() {
+            return;
+        }
+        let Some(key) = rule.criteria.key() else {
+            self.fail(&rule.id, "match", "names no identity criterion".into());
+            return;
+        };
+        let Ok(index) = u32::try_from(self.rules.len()) else {
+            self.fail(&rule.id, "", "too many rules".into());
+            return;
+        };
+        let Criteria {
+            path,
+            path_glob,
+            name,
+            sha256,
+            cdhash,
+            team_id,
+            signing_id,
+            bundle_id,
+            platform_binary,
+            args_regex,
+            parent_path,
+        } = rule.criteria;
+        let mut residual = Vec::new();
+
+        // The key goes into its index; every other criterion is residual.
+        match (key, cdhash) {
+            (Criterion::Cdhash, Some(d)) => add(&mut self.by_cdhash, d, index),
+            (_, Some(d)) => residual.push(Residual::Cdhash(d)),
+            (_, None) => {}
+        }
+        match (key, sha256) {
+            (Criterion::Sha256, Some(d)) => add(&mut self.by_sha256, d, index),
+            (_, Some(d)) => residual.push(Residual::Sha256(d)),
+            (_, None) => {}
+        }
+        match (key, signing_id) {
+            (Criterion::SigningId, Some(v)) => add(&mut self.by_signing_id, v.into(), index),
+            (_, Some(v)) => residual.push(Residual::SigningId(v.into())),
+            (_, None) => {}
+        }
+        match (key, team_id) {
+            (Criterion::TeamId, Some(v)) => add(&mut self.by_team_id, v.into(), index),
+            (_, Some(v)) => residual.push(Residual::TeamId(v.into())),
+            (_, None) => {}
+        }
+        match (key, path) {
+            (Criterion::Path, Some(v)) => add(&mut self.by_path, v.into(), index),
+            (_, Some(v)) => residual.push(Residual::Path(v.into())),
+            (_, None) => {}
+        }
+        if let Some(pattern) = path_glob {
+            match compile_glob(&pattern) {
+                Ok(glob) if key == Criterion::PathGlob => {
+                    self.globs.add(glob);
+                    self.glob_rules.push(index);
+                }
+                Ok(glob) => residual.push(Residual::PathGlob(glob.compile_matcher())),
+                Err(e) => {
+                    self.fail(&rule.id, "match.path_glob", e.kind().to_string());
+                    return;
+                }
+            }
+        }
+        match (key, name) {
+            (Criterion::Name, Some(v)) => add(&mut self.by_name, v.into(), index),
+            (_, Some(v)) => residual.push(Residual::Name(v.into())),
+            (_, None) => {}
+        }
+        if let Some(v) = bundle_id {
+            residual.push(Residual::BundleId(v.into()));
+        }
+        if let Some(v) = platform_binary {
+            residual.push(Residual::PlatformBinary(v));
+        }
+        if let Some(pattern) = args_regex {
+            match compile_regex(&pattern) {
+                Ok(re) => residual.push(Residual::ArgsRegex(re)),
+                Err(e) => {
+                    self.fail(&rule.id, "match.args_regex", e.to_string());
+                    return;
+                }
+            }
+        }
+        if let Some(v) = parent_path {
+            residual.push(Residual::ParentPath(v.into()));
+        }
+        residual.shrink_to_fit();
+
+        let justification = match (rule.justification, rule.action) {
+            (Some(spec), _) => Some(Box::new(spec)),
+            (None, Action::Justify | Action::Approve) => Some(Box::default()),
+            (None, _) => None,
+        };
+        let approval = match (rule.approval, rule.action) {
+            (Some(spec), _) => Some(Box::new(spec)),
+            (None, Action::Approve) => Some(Box::default()),
+            (None, _) => None,
+        };
+        let id: Arc<str> = rule.id.into();
+        if self.by_id.insert(id.clone(), index).is_some() {
+            self.fail(&id, "id", "duplicate rule id".into());
+            return;
+        }
+        self.rules.push(CompiledRule {
+            id,
+            action: rule.action,
+            key,
+            residual,
+            scope: rule.scope.map(Box::new),
+            message: rule.message.map(Arc::from),
+            justification,
+            approval,
+        });
+    }
+
+    fn fail(&mut self, rule: &str, field: &str, message: String) {
+        self.error.get_or_insert(PolicyError {
+            rule: Some(rule.to_owned()),
+            field: field.to_owned(),
+            message,
+        });
+    }
+
+    fn finish(self, version: u64, default_action: Action) -> Result<Engine, PolicyErrors> {
+        if let Some(error) = self.error {
+            return Err(PolicyErrors(vec![error]));
+        }
+        let globs = self.globs.build().map_err(|e| {
+            PolicyErrors(vec![PolicyError {
+                rule: None,
+                field: "rules[].match.path_glob".into(),
+                message: format!("the globs together are too complex to compile: {e}"),
+            }])
+        })?;
+        let mut engine = Engine {
+            version,
+            default_action,
+            rules: self.rules,
+            by_id: self.by_id,
+            by_cdhash: self.by_cdhash,
+            by_sha256: self.by_sha256,
+            by_signing_id: self.by_signing_id,
+            by_team_id: self.by_team_id,
+            by_path: self.by_path,
+            globs,
+            glob_rules: self.glob_rules,
+            by_name: self.by_name,
+        };
+        engine.rules.shrink_to_fit();
+        Ok(engine)
+    }
+}
+
+impl Engine {
+    /// Compiles a validated policy.
+    ///
+    /// Fails only when the policy was built by hand with a rule that
+    /// [`Policy::from_json`] would have rejected, or when the globs together
+    /// exceed the glob compiler's size limit.
+    pub fn new(policy: Policy) -> Result<Engine, PolicyErrors> {
+        let mut builder = EngineBuilder::new();
+        for rule in policy.rules {
+            builder.add(rule);
+        }
+        builder.finish(policy.version, policy.default_action)
+    }
+
+    /// Parses, validates and compiles a policy document in one pass, without
+    /// ever holding the whole document as a [`Policy`]: the way to load a
+    /// large policy.
+    pub fn from_json(text: &str) -> Result<Engine, PolicyErrors> {
+        let mut builder = EngineBuilder::new();
+        let header = parse_document(text, |rule| builder.add(rule))?;
+        debug_assert_eq!(header.rule_count, builder.rules.len());
+        builder.finish(header.version, header.default_action)
+    }
+
+    /// The policy's version.
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    /// The policy's default action.
+    pub fn default_action(&self) -> Action {
+        self.default_action
+    }
+
+    /// How many rules the policy has.
+    pub fn rule_count(&self) -> usize {
+        self.rules.len()
+    }
+
+    /// Looks a rule up by id.
+    pub fn rule(&self, id: &str) -> Option<RuleInfo<'_>> {
+        let rule = self.rules.get(*self.by_id.get(id)? as usize)?;
+        Some(RuleInfo {
+            id: &rule.id,
+            action: rule.action,
+            key: rule.key,
+            message: rule.message.as_deref(),
+            justification: rule.justification.as_deref(),
+            approval: rule.approval.as_deref(),
+        })
+    }
+
+    /// Decides one exec.
+    pub fn evaluate(&self, subject: &Subject) -> Decision {
+        let name = subject.name();
+        let mut best = None;
+        // Levels from most to least specific; stop at the first with a match.
+        'levels: {
+            if let Some(d) = &subject.cdhash
+                && let Some(b) = self.by_cdhash.get(d)
+            {
+                self.consider(b.as_slice(), subject, name, &mut best);
+            }
+            if let Some(d) = &subject.sha256
+                && let Some(b) = self.by_sha256.get(d)
+            {
+                self.consider(b.as_slice(), subject, name, &mut best);
+            }
+            if best.is_some() {
+                break 'levels;
+            }
+            let string_levels: [(&StringIndex, Option<&str>); 3] = [
+                (&self.by_signing_id, subject.signing_id.as_deref()),
+                (&self.by_team_id, subject.team_id.as_deref()),
+                (&self.by_path, Some(subject.path.as_str())),
+            ];
+            for (map, value) in string_levels {
+                if let Some(b) = value.and_then(|v| map.get(v)) {
+                    self.consider(b.as_slice(), subject, name, &mut best);
+                }
+                if best.is_some() {
+                    break 'levels;
+                }
+            }
+            if !self.glob_rules.is_empty() {
+                let hits: Vec<u32> = self
+                    .globs
+                    .matches(&subject.path)
+                    .into_iter()
+                    .filter_map(|g| self.glob_rules.get(g).copied())
+                    .collect();
+                self.consider(&hits, subject, name, &mut best);
+                if best.is_some() {
+                    break 'levels;
+                }
+            }
+            if let Some(b) = self.by_name.get(name) {
+                self.consider(b.as_slice(), subject, name, &mut best);
+            }
+        }
+
+        match best.and_then(|b| Some((b.scope, self.rules.get(b.index as usize)?))) {
+            Some((scope, rule)) => Decision {
+                action: rule.action,
+                rule_id: Some(rule.id.clone()),
+                criterion: Some(rule.key),
+                scope: Some(scope),
+                message: rule.message.clone(),
+                policy_version: self.version,
+            },
+            None => Decision {
+                action: self.default_action,
+                rule_id: None,
+                criterion: None,
+                scope: None,
+                message: None,
+                policy_version: self.version,
+            },
+        }
+    }
+
+    /// Checks candidates of one specificity level and keeps the best match:
+    /// the most specific scope, then the strictest action, then the earliest
+    /// rule (so that evaluation is deterministic).
+    fn consider(&self, candidates: &[u32], subject: &Subject, name: &str, best: &mut Option<Best>) {
+        for &index in candidates {
+            let Some(rule) = self.rules.get(index as usize) else {
+                continue;
+            };
+            if !rule.residual.iter().all(|r| r.holds(subject, name)) {
+                continue;
+            }
+            let Some(scope) = rule.scope_match(subject) else {
+                continue;
+            };
+            let candidate = Best {
+                scope,
+                action: rule.action,
+                index,
+            };
+            if best.is_none_or(|b| candidate.beats(&b)) {
+                *best = Some(candidate);
+            }
+        }
+    }
+}
+
+/// The best match found so far within one specificity level.
+#[derive(Debug, Clone, Copy)]
+struct Best {
+    scope: ScopeMatch,
+    action: Action,
+    index: u32,
+}
+
+impl Best {
+    fn beats(&self, other: &Best) -> bool {
+        (self.scope, self.action, std::cmp::Reverse(self.index))
+            > (other.scope, other.action, std::cmp::Reverse(other.index))
+    }
+}

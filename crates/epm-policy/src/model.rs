@@ -1,0 +1,345 @@
+//! The policy document: what administrators write and the platform signs.
+//!
+//! Field names are a compatibility promise: policies written today must keep
+//! parsing, so every struct rejects unknown fields (a typo is an error, not a
+//! silently ignored criterion) and new fields are only ever added as optional.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::digest::{CdHash, Sha256Digest};
+
+/// A complete policy document.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Policy {
+    /// Monotonic version chosen by the author or the platform. Decisions are
+    /// cached per version, so a changed policy must carry a new version.
+    pub version: u64,
+    /// What happens to an exec that no rule matches.
+    pub default_action: Action,
+    /// The rules, in no particular order: precedence, not position, decides.
+    #[serde(default)]
+    pub rules: Vec<Rule>,
+}
+
+/// What to do with an exec.
+///
+/// The variants are declared from least to most strict, so `Ord` is
+/// strictness: when two rules tie on specificity and scope, the greater wins.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Action {
+    /// Run it.
+    Allow,
+    /// Run it once the user has written a justification.
+    Justify,
+    /// Run it once approvers have approved a request, inside its window.
+    Approve,
+    /// Never run it.
+    Deny,
+}
+
+impl Action {
+    /// The name used in policies and audit records.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Allow => "allow",
+            Action::Justify => "justify",
+            Action::Approve => "approve",
+            Action::Deny => "deny",
+        }
+    }
+}
+
+impl fmt::Display for Action {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One rule: which executables (`match`), for whom (`scope`), and what to do.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rule {
+    /// Unique within the policy; named in decisions and audit records.
+    pub id: String,
+    /// What to do when the rule decides.
+    pub action: Action,
+    /// Every criterion named here must hold for the rule to match.
+    #[serde(rename = "match")]
+    pub criteria: Criteria,
+    /// Who the rule applies to; absent means everyone on every device.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<Scope>,
+    /// Shown to the user (and audited) when this rule decides.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// How the justification is collected (`justify` and `approve` rules).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub justification: Option<JustificationSpec>,
+    /// How approval works (`approve` rules).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval: Option<ApprovalSpec>,
+}
+
+/// Match criteria. All that are present must hold.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Criteria {
+    /// Exact absolute path of the executable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// Glob on the path: `*` stays within one path component, `**` crosses them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_glob: Option<String>,
+    /// The executable's file name, exactly.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// SHA-256 of the executable file, hex, any case.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<Sha256Digest>,
+    /// Apple CDHash of the executable, hex, any case.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cdhash: Option<CdHash>,
+    /// Apple developer team identifier of the code signature.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub team_id: Option<String>,
+    /// Code-signing identifier (e.g. `org.wireshark.Wireshark`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signing_id: Option<String>,
+    /// Application bundle identifier. A refinement only: it comes from the
+    /// bundle's Info.plist, which is not an identity by itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bundle_id: Option<String>,
+    /// Whether the executable is an Apple platform binary.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub platform_binary: Option<bool>,
+    /// Regular expression searched in the argv joined by single spaces.
+    /// Never holds where the platform does not know argv (Linux exec gate).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub args_regex: Option<String>,
+    /// Exact path of the parent process's executable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent_path: Option<String>,
+}
+
+/// The identity criteria, most specific first in [`Criterion::specificity`].
+///
+/// A rule must name at least one of them; its most specific one is the
+/// rule's *key*: the rule is indexed under it and ranked by it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Criterion {
+    /// `cdhash`
+    Cdhash,
+    /// `sha256`
+    Sha256,
+    /// `signing_id`
+    SigningId,
+    /// `team_id`
+    TeamId,
+    /// `path`
+    Path,
+    /// `path_glob`
+    PathGlob,
+    /// `name`
+    Name,
+}
+
+impl Criterion {
+    /// Higher is more specific. `cdhash` and `sha256` are equal: both name
+    /// exactly one binary.
+    pub fn specificity(self) -> u8 {
+        match self {
+            Criterion::Cdhash | Criterion::Sha256 => 6,
+            Criterion::SigningId => 5,
+            Criterion::TeamId => 4,
+            Criterion::Path => 3,
+            Criterion::PathGlob => 2,
+            Criterion::Name => 1,
+        }
+    }
+
+    /// The field name used in policies.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Criterion::Cdhash => "cdhash",
+            Criterion::Sha256 => "sha256",
+            Criterion::SigningId => "signing_id",
+            Criterion::TeamId => "team_id",
+            Criterion::Path => "path",
+            Criterion::PathGlob => "path_glob",
+            Criterion::Name => "name",
+        }
+    }
+}
+
+impl fmt::Display for Criterion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Criteria {
+    /// The most specific identity criterion this rule names, if any.
+    pub fn key(&self) -> Option<Criterion> {
+        if self.cdhash.is_some() {
+            Some(Criterion::Cdhash)
+        } else if self.sha256.is_some() {
+            Some(Criterion::Sha256)
+        } else if self.signing_id.is_some() {
+            Some(Criterion::SigningId)
+        } else if self.team_id.is_some() {
+            Some(Criterion::TeamId)
+        } else if self.path.is_some() {
+            Some(Criterion::Path)
+        } else if self.path_glob.is_some() {
+            Some(Criterion::PathGlob)
+        } else if self.name.is_some() {
+            Some(Criterion::Name)
+        } else {
+            None
+        }
+    }
+
+    /// True when no criterion at all is named.
+    pub fn is_empty(&self) -> bool {
+        self == &Criteria::default()
+    }
+}
+
+/// Who a rule applies to. A rule applies when the user, one of the user's
+/// groups, or the device is listed.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scope {
+    /// User names.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub users: Vec<String>,
+    /// Group names.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<String>,
+    /// Device identifiers.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub devices: Vec<String>,
+}
+
+/// How a scope matched a subject, from least to most specific (`Ord`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ScopeMatch {
+    /// The rule has no scope.
+    General,
+    /// The subject's device is listed.
+    Device,
+    /// One of the subject's groups is listed.
+    Group,
+    /// The subject's user is listed.
+    User,
+}
+
+impl ScopeMatch {
+    /// The name used in explanations.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ScopeMatch::General => "general",
+            ScopeMatch::Device => "device",
+            ScopeMatch::Group => "group",
+            ScopeMatch::User => "user",
+        }
+    }
+}
+
+impl fmt::Display for ScopeMatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How the justification is collected.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JustificationSpec {
+    /// Fewest characters accepted.
+    #[serde(default = "JustificationSpec::default_min_length")]
+    pub min_length: u32,
+    /// Most characters accepted.
+    #[serde(default = "JustificationSpec::default_max_length")]
+    pub max_length: u32,
+    /// Ready-made reasons the user may pick instead of typing.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub presets: Vec<String>,
+}
+
+impl JustificationSpec {
+    /// Hard cap on `max_length`: a justification is a sentence, not a file.
+    pub const MAX_LENGTH_LIMIT: u32 = 4000;
+
+    fn default_min_length() -> u32 {
+        1
+    }
+    fn default_max_length() -> u32 {
+        1000
+    }
+}
+
+impl Default for JustificationSpec {
+    fn default() -> Self {
+        Self {
+            min_length: Self::default_min_length(),
+            max_length: Self::default_max_length(),
+            presets: Vec::new(),
+        }
+    }
+}
+
+/// How approval works for an `approve` rule.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApprovalSpec {
+    /// Sequential levels; every approver of a level must approve before the
+    /// next level starts.
+    #[serde(default = "ApprovalSpec::default_levels")]
+    pub levels: Vec<ApprovalLevel>,
+    /// The longest execution window a user may ask for, in hours (1–48).
+    #[serde(default = "ApprovalSpec::default_max_window_hours")]
+    pub max_window_hours: u32,
+    /// How many executions one approval allows inside its window.
+    #[serde(default = "ApprovalSpec::default_uses")]
+    pub uses: u32,
+}
+
+impl ApprovalSpec {
+    /// The longest window any rule may allow.
+    pub const MAX_WINDOW_HOURS: u32 = 48;
+
+    fn default_levels() -> Vec<ApprovalLevel> {
+        vec![ApprovalLevel { approvers: 1 }]
+    }
+    fn default_max_window_hours() -> u32 {
+        Self::MAX_WINDOW_HOURS
+    }
+    fn default_uses() -> u32 {
+        1
+    }
+}
+
+impl Default for ApprovalSpec {
+    fn default() -> Self {
+        Self {
+            levels: Self::default_levels(),
+            max_window_hours: Self::default_max_window_hours(),
+            uses: Self::default_uses(),
+        }
+    }
+}
+
+/// One approval level.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApprovalLevel {
+    /// How many distinct approvers this level needs (at least 1).
+    pub approvers: u32,
+}

@@ -1,0 +1,431 @@
+//! Parsing and validation: a policy is either entirely valid or rejected with
+//! every problem named (rule id and field), so an administrator fixes them all
+//! in one pass instead of one per push.
+
+use std::collections::HashSet;
+use std::fmt;
+
+use serde::Deserialize;
+
+use crate::model::{Action, Policy, Rule};
+
+/// The most rules one policy may hold. Far above any real fleet's needs, low
+/// enough that a hostile document cannot exhaust memory through the index.
+pub const MAX_RULES: usize = 1_000_000;
+
+/// Largest compiled size of one `args_regex`; larger patterns are rejected.
+pub(crate) const REGEX_SIZE_LIMIT: usize = 256 * 1024;
+
+/// One problem in a policy document.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyError {
+    /// The rule's id, `#N` (0-based position) for a rule without a usable id,
+    /// or `None` for the document itself.
+    pub rule: Option<String>,
+    /// Dotted path of the offending field inside the rule or document
+    /// (e.g. `match.sha256`), empty when the whole document is at fault.
+    pub field: String,
+    /// What is wrong, in words an administrator can act on.
+    pub message: String,
+}
+
+impl fmt::Display for PolicyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (&self.rule, self.field.is_empty()) {
+            (Some(rule), false) => write!(f, "rule {rule:?}: {}: {}", self.field, self.message),
+            (Some(rule), true) => write!(f, "rule {rule:?}: {}", self.message),
+            (None, false) => write!(f, "policy: {}: {}", self.field, self.message),
+            (None, true) => write!(f, "policy: {}", self.message),
+        }
+    }
+}
+
+/// Every problem found in a rejected policy document (never empty).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct PolicyErrors(pub Vec<PolicyError>);
+
+impl PolicyErrors {
+    fn single(rule: Option<String>, field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self(vec![PolicyError {
+            rule,
+            field: field.into(),
+            message: message.into(),
+        }])
+    }
+
+    /// The individual problems.
+    pub fn errors(&self) -> &[PolicyError] {
+        &self.0
+    }
+}
+
+impl fmt::Display for PolicyErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, error) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{error}")?;
+        }
+        Ok(())
+    }
+}
+
+/// The document's top level, with rules kept as borrowed raw JSON so that
+/// each rule is decoded on its own (its errors carry its id) and compiled
+/// straight away (a 100 000-rule policy never exists twice in memory).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy<'a> {
+    version: u64,
+    default_action: Action,
+    #[serde(default, borrow)]
+    rules: Vec<&'a serde_json::value::RawValue>,
+}
+
+/// A document's top-level fields, once every rule has been handed out.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Header {
+    pub(crate) version: u64,
+    pub(crate) default_action: Action,
+    pub(crate) rule_count: usize,
+}
+
+/// Decodes and validates a document, handing each valid rule to `on_rule` in
+/// document order. Returns every problem found; `on_rule` may have seen some
+/// rules of a document that is rejected in the end.
+pub(crate) fn parse_document(
+    text: &str,
+    mut on_rule: impl FnMut(Rule),
+) -> Result<Header, PolicyErrors> {
+    // serde would also accept a struct written as a JSON array; a policy is
+    // an object, so say so instead of decoding `[7, "allow", []]`.
+    if !text.trim_start().starts_with('{') {
+        return Err(PolicyErrors::single(
+            None,
+            "",
+            "the document must be a JSON object with version, default_action and rules",
+        ));
+    }
+    let raw: RawPolicy<'_> = {
+        let mut de = serde_json::Deserializer::from_str(text);
+        let raw = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+            PolicyErrors::single(None, field_path(e.path()), e.into_inner().to_string())
+        })?;
+        de.end()
+            .map_err(|e| PolicyErrors::single(None, "", e.to_string()))?;
+        raw
+    };
+    if raw.rules.len() > MAX_RULES {
+        return Err(PolicyErrors::single(
+            None,
+            "rules",
+            format!(
+                "{} rules, more than the limit of {MAX_RULES}",
+                raw.rules.len()
+            ),
+        ));
+    }
+
+    let mut errors = Vec::new();
+    let mut seen_ids: HashSet<String> = HashSet::with_capacity(raw.rules.len());
+    for (index, value) in raw.rules.iter().enumerate() {
+        if !value.get().starts_with('{') {
+            errors.push(PolicyError {
+                rule: Some(format!("#{index}")),
+                field: String::new(),
+                message: "a rule must be a JSON object".into(),
+            });
+            continue;
+        }
+        let mut de = serde_json::Deserializer::from_str(value.get());
+        let rule: Rule = match serde_path_to_error::deserialize(&mut de) {
+            Ok(rule) => rule,
+            Err(e) => {
+                errors.push(PolicyError {
+                    rule: Some(rule_label(value.get(), index)),
+                    field: field_path(e.path()),
+                    message: without_position(&e.into_inner()),
+                });
+                continue;
+            }
+        };
+        let label = if rule.id.trim().is_empty() {
+            format!("#{index}")
+        } else {
+            rule.id.clone()
+        };
+        if !seen_ids.insert(rule.id.clone()) {
+            errors.push(PolicyError {
+                rule: Some(label.clone()),
+                field: "id".into(),
+                message: "duplicate rule id: each rule needs its own".into(),
+            });
+        }
+        check_rule(&rule, &label, &mut errors);
+        // Once the document is known to be rejected, stop building: nothing
+        // will use the rules, and a huge bad document should cost no memory.
+        if errors.is_empty() {
+            on_rule(rule);
+        }
+    }
+    if !errors.is_empty() {
+        return Err(PolicyErrors(errors));
+    }
+    Ok(Header {
+        version: raw.version,
+        default_action: raw.default_action,
+        rule_count: raw.rules.len(),
+    })
+}
+
+/// serde_json's message without "at line L column C": inside a rule, the
+/// position is relative to the rule, which would mislead; the rule id and
+/// field path say where the problem is.
+fn without_position(error: &serde_json::Error) -> String {
+    let text = error.to_string();
+    match text.rsplit_once(" at line ") {
+        Some((message, _)) if error.line() > 0 => message.to_owned(),
+        _ => text,
+    }
+}
+
+fn field_path(path: &serde_path_to_error::Path) -> String {
+    let field = path.to_string();
+    if field == "." { String::new() } else { field }
+}
+
+impl Policy {
+    /// Parses and validates a policy document.
+    ///
+    /// ```
+    /// let policy = epm_policy::Policy::from_json(r#"{
+    ///     "version": 1, "default_action": "allow",
+    ///     "rules": [{ "id": "no-nc", "action": "deny", "match": { "name": "nc" } }]
+    /// }"#).unwrap();
+    /// assert_eq!(policy.rules.len(), 1);
+    ///
+    /// let errors = epm_policy::Policy::from_json(r#"{
+    ///     "version": 1, "default_action": "allow",
+    ///     "rules": [{ "id": "x", "action": "deny", "match": { "sha256": "12" } }]
+    /// }"#).unwrap_err();
+    /// assert_eq!(errors.to_string(),
+    ///     r#"rule "x": match.sha256: expected 64 hex digits (a SHA-256), got 2 characters"#);
+    /// ```
+    pub fn from_json(text: &str) -> Result<Policy, PolicyErrors> {
+        let mut rules = Vec::new();
+        let header = parse_document(text, |rule| rules.push(rule))?;
+        Ok(Policy {
+            version: header.version,
+            default_action: header.default_action,
+            rules,
+        })
+    }
+
+    /// Advice that does not make the policy invalid: rules that work but are
+    /// weaker than their author probably thinks.
+    pub fn lint(&self) -> Vec<PolicyError> {
+        let mut warnings = Vec::new();
+        for rule in &self.rules {
+            let c = &rule.criteria;
+            let warn = |field: &str, message: &str| PolicyError {
+                rule: Some(rule.id.clone()),
+                field: field.into(),
+                message: message.into(),
+            };
+            if c.signing_id.is_some() && c.team_id.is_none() && c.platform_binary != Some(true) {
+                warnings.push(warn(
+                    "match.signing_id",
+                    "a signing id alone can be claimed by any signer; pair it with team_id, or platform_binary: true for Apple binaries",
+                ));
+            }
+            if let Some(team_id) = &c.team_id
+                && !(team_id.len() == 10
+                    && team_id
+                        .bytes()
+                        .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit()))
+            {
+                warnings.push(warn(
+                    "match.team_id",
+                    "Apple team ids are 10 upper-case letters and digits; this one will likely never match",
+                ));
+            }
+            if c.args_regex.is_some() {
+                warnings.push(warn(
+                    "match.args_regex",
+                    "never matches on Linux, where argv is not known when the exec is decided",
+                ));
+            }
+        }
+        warnings
+    }
+}
+
+/// The id of a rule that failed to decode, if its `id` field is readable.
+fn rule_label(raw: &str, index: usize) -> String {
+    #[derive(Deserialize)]
+    struct IdOnly {
+        id: Option<serde_json::Value>,
+    }
+    match serde_json::from_str::<IdOnly>(raw).ok().and_then(|r| r.id) {
+        Some(serde_json::Value::String(id)) if !id.trim().is_empty() => id,
+        _ => format!("#{index}"),
+    }
+}
+
+fn check_rule(rule: &Rule, label: &str, errors: &mut Vec<PolicyError>) {
+    let mut error = |field: &str, message: String| {
+        errors.push(PolicyError {
+            rule: Some(label.to_owned()),
+            field: field.to_owned(),
+            message,
+        })
+    };
+    let c = &rule.criteria;
+
+    if rule.id.trim().is_empty() {
+        error("id", "must not be empty".into());
+    }
+    if c.is_empty() {
+        error("match", "empty: name at least one criterion".into());
+    } else if c.key().is_none() {
+        error(
+            "match",
+            "names no identity criterion: add one of sha256, cdhash, signing_id, team_id, path, path_glob, name".into(),
+        );
+    }
+    if let Some(path) = &c.path
+        && !path.starts_with('/')
+    {
+        error("match.path", format!("{path:?} is not an absolute path"));
+    }
+    if let Some(name) = &c.name
+        && (name.is_empty() || name.contains('/'))
+    {
+        error(
+            "match.name",
+            format!("{name:?} is not a file name (no '/', not empty)"),
+        );
+    }
+    if let Some(parent) = &c.parent_path
+        && !parent.starts_with('/')
+    {
+        error(
+            "match.parent_path",
+            format!("{parent:?} is not an absolute path"),
+        );
+    }
+    for (field, value) in [
+        ("match.team_id", &c.team_id),
+        ("match.signing_id", &c.signing_id),
+        ("match.bundle_id", &c.bundle_id),
+    ] {
+        if value.as_deref().is_some_and(|v| v.trim().is_empty()) {
+            error(field, "must not be empty".into());
+        }
+    }
+    if let Some(glob) = &c.path_glob
+        && let Err(e) = crate::engine::compile_glob(glob)
+    {
+        error(
+            "match.path_glob",
+            format!("invalid glob {glob:?}: {}", e.kind()),
+        );
+    }
+    if let Some(pattern) = &c.args_regex
+        && let Err(e) = crate::engine::compile_regex(pattern)
+    {
+        error("match.args_regex", format!("invalid regex: {e}"));
+    }
+
+    if let Some(scope) = &rule.scope {
+        if scope.users.is_empty() && scope.groups.is_empty() && scope.devices.is_empty() {
+            error(
+                "scope",
+                "lists no users, groups or devices: omit scope for a rule that applies to everyone"
+                    .into(),
+            );
+        }
+        for (field, names) in [
+            ("scope.users", &scope.users),
+            ("scope.groups", &scope.groups),
+            ("scope.devices", &scope.devices),
+        ] {
+            if names.iter().any(|n| n.trim().is_empty()) {
+                error(field, "contains an empty name".into());
+            }
+        }
+    }
+
+    if let Some(message) = &rule.message
+        && message.chars().count() > 2000
+    {
+        error("message", "longer than 2000 characters".into());
+    }
+
+    match (&rule.justification, rule.action) {
+        (Some(_), Action::Allow | Action::Deny) => error(
+            "justification",
+            format!(
+                "only justify and approve rules collect a justification, this one is {}",
+                rule.action
+            ),
+        ),
+        (Some(spec), _) => {
+            if spec.max_length > crate::model::JustificationSpec::MAX_LENGTH_LIMIT {
+                error(
+                    "justification.max_length",
+                    format!(
+                        "{} is over the limit of {}",
+                        spec.max_length,
+                        crate::model::JustificationSpec::MAX_LENGTH_LIMIT
+                    ),
+                );
+            }
+            if spec.min_length > spec.max_length {
+                error(
+                    "justification.min_length",
+                    format!(
+                        "{} is greater than max_length {}",
+                        spec.min_length, spec.max_length
+                    ),
+                );
+            }
+            if spec.presets.iter().any(|p| p.trim().is_empty()) {
+                error("justification.presets", "contains an empty preset".into());
+            }
+        }
+        (None, _) => {}
+    }
+
+    match (&rule.approval, rule.action) {
+        (Some(_), action) if action != Action::Approve => error(
+            "approval",
+            format!("only approve rules have an approval section, this one is {action}"),
+        ),
+        (Some(spec), _) => {
+            if spec.levels.is_empty() {
+                error("approval.levels", "needs at least one level".into());
+            }
+            for (i, level) in spec.levels.iter().enumerate() {
+                if level.approvers == 0 {
+                    error(
+                        &format!("approval.levels[{i}].approvers"),
+                        "must be at least 1".into(),
+                    );
+                }
+            }
+            let max = crate::model::ApprovalSpec::MAX_WINDOW_HOURS;
+            if spec.max_window_hours == 0 || spec.max_window_hours > max {
+                error(
+                    "approval.max_window_hours",
+                    format!("{} is outside 1..={max}", spec.max_window_hours),
+                );
+            }
+            if spec.uses == 0 {
+                error("approval.uses", "must be at least 1".into());
+            }
+        }
+        (None, _) => {}
+    }
+}
