@@ -142,8 +142,11 @@ pub(crate) fn parse_document(
         let rule: Rule = match serde_path_to_error::deserialize(&mut de) {
             Ok(rule) => rule,
             Err(e) => {
+                let label = rule_label(value.get(), index);
+                // Still claim the id, so a later rule reusing it is reported.
+                seen_ids.insert(label.clone());
                 errors.push(PolicyError {
-                    rule: Some(rule_label(value.get(), index)),
+                    rule: Some(label),
                     field: field_path(e.path()),
                     message: without_position(&e.into_inner()),
                 });
