@@ -84,7 +84,9 @@ fn bench_evaluate(c: &mut Criterion) {
         let special = (n / 100).max(4);
         let globs = (n / 200).clamp(2, 500);
 
-        let digest_rule = n - 1;
+        // Every tenth rule is user-scoped to someone else; pick unscoped ones.
+        let unscoped = |i: usize| if i % 10 == 9 { i - 1 } else { i };
+        let digest_rule = unscoped(n - 1);
         let mut digest_hit = subject("/usr/bin/something");
         digest_hit.sha256 = Some(Sha256Digest(digest_bytes(digest_rule as u64)));
         assert_eq!(
@@ -93,13 +95,15 @@ fn bench_evaluate(c: &mut Criterion) {
         );
 
         let mut team_hit = subject("/Applications/Some.app/Contents/MacOS/Some");
-        team_hit.team_id = Some(team_id(special / 2));
+        team_hit.team_id = Some(team_id(unscoped(special / 2)));
         assert!(engine.evaluate(&team_hit).rule_id.is_some());
 
-        let glob_rule = 2 * special + globs - 1;
-        let glob_hit = subject(&format!(
-            "/Applications/App{glob_rule}.app/Contents/MacOS/App"
-        ));
+        let glob_rule = unscoped(2 * special + globs - 1);
+        let glob_hit = subject(&if glob_rule % 2 == 0 {
+            format!("/opt/vendor{glob_rule}/bin/tool")
+        } else {
+            format!("/Applications/App{glob_rule}.app/Contents/MacOS/App")
+        });
         assert_eq!(
             engine.evaluate(&glob_hit).rule_id.as_deref(),
             Some(format!("r{glob_rule}").as_str())
