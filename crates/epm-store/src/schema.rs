@@ -1,0 +1,109 @@
+//! Versioned migrations, tracked in `PRAGMA user_version`.
+//!
+//! Migrations are append-only: a released one is never edited, a change is a
+//! new entry. A database newer than this code is refused, never downgraded.
+
+use rusqlite::Connection;
+
+/// Migration `i` takes the schema from version `i` to `i + 1`.
+const MIGRATIONS: &[&str] = &[
+    // 1: the initial schema.
+    "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+     CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+     CREATE TABLE policy (
+        slot TEXT PRIMARY KEY CHECK (slot IN ('active', 'last_good')),
+        document TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        etag TEXT,
+        signature TEXT,
+        source TEXT NOT NULL,
+        fetched_at INTEGER NOT NULL
+     );
+     CREATE TABLE grants (
+        id INTEGER PRIMARY KEY,
+        uid INTEGER NOT NULL,
+        user TEXT NOT NULL,
+        identity_kind TEXT NOT NULL CHECK (identity_kind IN ('sha256', 'cdhash')),
+        identity TEXT NOT NULL,
+        rule_id TEXT NOT NULL,
+        not_before INTEGER NOT NULL,
+        not_after INTEGER NOT NULL,
+        uses_left INTEGER NOT NULL CHECK (uses_left >= 0),
+        source TEXT NOT NULL CHECK (source IN ('justification', 'approval', 'offline_code')),
+        request_id TEXT,
+        justification TEXT,
+        created_at INTEGER NOT NULL
+     );
+     CREATE INDEX grants_lookup ON grants (uid, identity_kind, identity);
+     CREATE TABLE requests (
+        id TEXT PRIMARY KEY,
+        uid INTEGER NOT NULL,
+        user TEXT NOT NULL,
+        rule_id TEXT NOT NULL,
+        identity_kind TEXT NOT NULL CHECK (identity_kind IN ('sha256', 'cdhash')),
+        identity TEXT NOT NULL,
+        path TEXT NOT NULL,
+        justification TEXT NOT NULL,
+        window_start INTEGER NOT NULL,
+        window_end INTEGER NOT NULL,
+        state TEXT NOT NULL CHECK (state IN
+            ('pending', 'approved', 'denied', 'expired', 'revoked', 'used', 'cancelled')),
+        state_reason TEXT,
+        platform_id TEXT,
+        created_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL
+     );
+     CREATE INDEX requests_by_uid ON requests (uid, state);
+     CREATE TABLE admin_sessions (
+        id INTEGER PRIMARY KEY,
+        uid INTEGER NOT NULL,
+        user TEXT NOT NULL,
+        group_name TEXT NOT NULL,
+        was_member_before INTEGER NOT NULL,
+        reason TEXT,
+        started_at INTEGER NOT NULL,
+        expires_at INTEGER NOT NULL,
+        revoked_at INTEGER,
+        revoke_reason TEXT
+     );
+     CREATE INDEX admin_sessions_open ON admin_sessions (revoked_at, expires_at);
+     CREATE TABLE audit_outbox (
+        seq INTEGER PRIMARY KEY,
+        hash TEXT NOT NULL,
+        line TEXT NOT NULL,
+        uploaded INTEGER NOT NULL DEFAULT 0
+     );
+     CREATE INDEX audit_pending ON audit_outbox (uploaded, seq);",
+];
+
+/// The schema version this code writes.
+pub(crate) const CURRENT: i64 = MIGRATIONS.len() as i64;
+
+pub(crate) enum MigrateError {
+    Newer { found: i64, supported: i64 },
+    Sql(rusqlite::Error),
+}
+
+impl From<rusqlite::Error> for MigrateError {
+    fn from(e: rusqlite::Error) -> Self {
+        MigrateError::Sql(e)
+    }
+}
+
+/// Brings the database to [`CURRENT`], each step in its own transaction.
+pub(crate) fn migrate(conn: &mut Connection) -> Result<(), MigrateError> {
+    let found: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if found > CURRENT {
+        return Err(MigrateError::Newer {
+            found,
+            supported: CURRENT,
+        });
+    }
+    for (index, sql) in MIGRATIONS.iter().enumerate().skip(found.max(0) as usize) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", index as i64 + 1)?;
+        tx.commit()?;
+    }
+    Ok(())
+}
