@@ -40,7 +40,7 @@ fn synthetic_policy(n: usize) -> String {
         } else if i < 2 * special {
             format!(r#"{{"path":"/usr/local/bin/tool{i}"}}"#)
         } else if i < 2 * special + globs {
-            if i % 2 == 0 {
+            if i.is_multiple_of(2) {
                 format!(r#"{{"path_glob":"/opt/vendor{i}/**"}}"#)
             } else {
                 format!(r#"{{"path_glob":"/Applications/App{i}.app/Contents/MacOS/*"}}"#)
@@ -99,7 +99,7 @@ fn bench_evaluate(c: &mut Criterion) {
         assert!(engine.evaluate(&team_hit).rule_id.is_some());
 
         let glob_rule = unscoped(2 * special + globs - 1);
-        let glob_hit = subject(&if glob_rule % 2 == 0 {
+        let glob_hit = subject(&if glob_rule.is_multiple_of(2) {
             format!("/opt/vendor{glob_rule}/bin/tool")
         } else {
             format!("/Applications/App{glob_rule}.app/Contents/MacOS/App")

@@ -1,0 +1,238 @@
+//! Chain verification: name the first record that breaks the chain.
+
+use std::fmt;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use crate::chain::{GENESIS_HASH, hash_line};
+use crate::log::{log_files, read_files, rotated_first_seq};
+
+/// A chain that verified.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifyReport {
+    /// Files read.
+    pub files: usize,
+    /// Records checked.
+    pub records: u64,
+    /// First record's sequence number.
+    pub first_seq: Option<u64>,
+    /// Last record's sequence number.
+    pub last_seq: Option<u64>,
+    /// Whether the chain starts at record 1. When old rotated files were
+    /// deleted by retention, the first remaining record's predecessor is gone
+    /// and its `prev_hash` cannot be checked.
+    pub starts_at_genesis: bool,
+}
+
+/// How the chain broke.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BreakKind {
+    /// The line is not a JSON object with a numeric `seq`.
+    Unparsable(String),
+    /// The record's content does not match its own hash: it was edited.
+    HashMismatch,
+    /// `prev_hash` is not the previous record's hash: a record before it was
+    /// edited or replaced.
+    PrevHashMismatch,
+    /// Sequence numbers jump: records before this one were deleted.
+    Gap {
+        /// The sequence number that should have come next.
+        expected: u64,
+    },
+    /// Sequence numbers go backwards or repeat: records were reordered or duplicated.
+    NotIncreasing {
+        /// The previous record's sequence number.
+        previous: u64,
+    },
+}
+
+/// The first record that breaks the chain.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ChainBreak {
+    /// The file, when verifying files.
+    pub file: Option<PathBuf>,
+    /// 1-based line number in that file (or in the input).
+    pub line: usize,
+    /// The record's sequence number, when readable.
+    pub seq: Option<u64>,
+    /// What is wrong.
+    pub kind: BreakKind,
+}
+
+impl fmt::Display for ChainBreak {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(file) = &self.file {
+            write!(f, "{}:", file.display())?;
+        }
+        write!(f, "line {}", self.line)?;
+        if let Some(seq) = self.seq {
+            write!(f, " (seq {seq})")?;
+        }
+        match &self.kind {
+            BreakKind::Unparsable(why) => write!(f, ": not an audit record: {why}"),
+            BreakKind::HashMismatch => {
+                write!(f, ": hash mismatch: this record was edited")
+            }
+            BreakKind::PrevHashMismatch => write!(
+                f,
+                ": prev_hash does not match the record before it: a record was edited, replaced or removed before this one"
+            ),
+            BreakKind::Gap { expected } => write!(
+                f,
+                ": expected seq {expected}: records were deleted before this one"
+            ),
+            BreakKind::NotIncreasing { previous } => write!(
+                f,
+                ": follows seq {previous}: records were reordered or duplicated"
+            ),
+        }
+    }
+}
+
+/// Why verification could not run, or where the chain broke.
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    /// A file could not be read.
+    #[error(transparent)]
+    Io(#[from] io::Error),
+    /// The chain is broken.
+    #[error(transparent)]
+    Broken(#[from] ChainBreak),
+}
+
+struct Verifier {
+    previous: Option<(u64, String)>,
+    report: VerifyReport,
+}
+
+impl Verifier {
+    fn new() -> Self {
+        Self {
+            previous: None,
+            report: VerifyReport {
+                files: 0,
+                records: 0,
+                first_seq: None,
+                last_seq: None,
+                starts_at_genesis: false,
+            },
+        }
+    }
+
+    /// Checks one line; `expected_first` is what the file's name promises
+    /// for its first record.
+    fn line(
+        &mut self,
+        file: Option<&Path>,
+        line_no: usize,
+        line: &str,
+        expected_first: Option<u64>,
+    ) -> Result<(), ChainBreak> {
+        let broken = |seq, kind| ChainBreak {
+            file: file.map(Path::to_owned),
+            line: line_no,
+            seq,
+            kind,
+        };
+        let value: Value = serde_json::from_str(line)
+            .map_err(|e| broken(None, BreakKind::Unparsable(e.to_string())))?;
+        let seq = value
+            .get("seq")
+            .and_then(Value::as_u64)
+            .ok_or_else(|| broken(None, BreakKind::Unparsable("no numeric seq".into())))?;
+        let stored = value.get("hash").and_then(Value::as_str).unwrap_or("");
+        let prev = value.get("prev_hash").and_then(Value::as_str).unwrap_or("");
+        if hash_line(line).as_deref() != Some(stored) {
+            return Err(broken(Some(seq), BreakKind::HashMismatch));
+        }
+        if let Some(expected) = expected_first
+            && seq != expected
+        {
+            return Err(broken(Some(seq), BreakKind::Gap { expected }));
+        }
+        match &self.previous {
+            Some((previous, _)) if seq <= *previous => {
+                return Err(broken(
+                    Some(seq),
+                    BreakKind::NotIncreasing {
+                        previous: *previous,
+                    },
+                ));
+            }
+            Some((previous, _)) if seq != previous + 1 => {
+                return Err(broken(
+                    Some(seq),
+                    BreakKind::Gap {
+                        expected: previous + 1,
+                    },
+                ));
+            }
+            Some((_, previous_hash)) if prev != previous_hash => {
+                return Err(broken(Some(seq), BreakKind::PrevHashMismatch));
+            }
+            Some(_) => {}
+            None => {
+                if seq == 1 && prev != GENESIS_HASH {
+                    return Err(broken(Some(seq), BreakKind::PrevHashMismatch));
+                }
+                self.report.first_seq = Some(seq);
+                self.report.starts_at_genesis = seq == 1;
+            }
+        }
+        self.previous = Some((seq, stored.to_owned()));
+        self.report.records += 1;
+        self.report.last_seq = Some(seq);
+        Ok(())
+    }
+}
+
+/// Verifies lines given in order (e.g. from a pipe).
+pub fn verify_lines<'a>(
+    lines: impl IntoIterator<Item = &'a str>,
+) -> Result<VerifyReport, ChainBreak> {
+    let mut verifier = Verifier::new();
+    for (index, line) in lines.into_iter().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        verifier.line(None, index + 1, line, None)?;
+    }
+    Ok(verifier.report)
+}
+
+/// Verifies files in the order given (oldest first). A rotated file's name
+/// (`audit-<seq>.jsonl`) says which record must open it, so deleting the
+/// first lines of a file is detected too; the live file must start at 1
+/// when there are no rotated files before it.
+pub fn verify_files(files: &[PathBuf]) -> Result<VerifyReport, VerifyError> {
+    let mut verifier = Verifier::new();
+    let any_rotated = files.iter().any(|p| rotated_first_seq(p).is_some());
+    let mut first_line_of: Option<PathBuf> = None;
+    for item in read_files(files.to_vec())? {
+        let (path, line_no, line) = item?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let opens_file = first_line_of.as_ref() != Some(&path);
+        let expected_first = if opens_file {
+            first_line_of = Some(path.clone());
+            match rotated_first_seq(&path) {
+                Some(seq) => Some(seq),
+                None if !any_rotated && verifier.previous.is_none() => Some(1),
+                None => None,
+            }
+        } else {
+            None
+        };
+        verifier.line(Some(&path), line_no, &line, expected_first)?;
+    }
+    verifier.report.files = files.len();
+    Ok(verifier.report)
+}
+
+/// Verifies the whole log in `dir`: rotated files, then the live file.
+pub fn verify_dir(dir: &Path) -> Result<VerifyReport, VerifyError> {
+    verify_files(&log_files(dir)?)
+}
