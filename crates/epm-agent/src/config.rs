@@ -1,0 +1,353 @@
+//! `epmd` configuration: a TOML file, documented in docs/configuration.md.
+//!
+//! Every key has a default, so an empty file is a valid configuration; an
+//! unknown key or a bad value is an error that names the key, because a
+//! misspelt `mode = "enforce"` silently ignored would leave a fleet in
+//! monitor mode.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// What the daemon does with a decision other than allow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// Deny what the policy denies.
+    Enforce,
+    /// Allow everything; audit what enforce mode would have denied.
+    Monitor,
+}
+
+impl Mode {
+    /// The name used in the config, status and audit.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Enforce => "enforce",
+            Mode::Monitor => "monitor",
+        }
+    }
+}
+
+/// How to answer an exec the daemon could not decide (internal error, full
+/// queue, a worker panic, shutdown).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailMode {
+    /// Allow: availability first (the default; a broken agent must not brick a Mac).
+    Open,
+    /// Deny: security first.
+    Closed,
+}
+
+impl FailMode {
+    /// The name used in the config, status and audit.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailMode::Open => "open",
+            FailMode::Closed => "closed",
+        }
+    }
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Directory for the SQLite store and the audit log.
+    pub state_dir: PathBuf,
+    /// The local control socket for `epmctl` and helpers.
+    pub socket: PathBuf,
+    /// `enforce` or `monitor`.
+    pub mode: Mode,
+    /// `open` or `closed`.
+    pub fail_mode: FailMode,
+    /// A local policy document (standalone operation), reloaded on SIGHUP.
+    pub policy_file: Option<PathBuf>,
+    /// This device's id in policies and audit records (default: host name).
+    pub device_id: Option<String>,
+    /// Members of this group may read all audit records and the policy.
+    pub admin_group: String,
+    /// Exec gate settings.
+    pub gate: GateConfig,
+    /// Audit log settings.
+    pub audit: AuditConfig,
+}
+
+/// Exec gate settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GateConfig {
+    /// Only mounts at or below these paths are gated (default: everything).
+    pub watch_paths: Vec<PathBuf>,
+    /// Decision worker threads.
+    pub workers: usize,
+    /// Execs waiting for a worker; beyond this they are answered per
+    /// `fail_mode` at once rather than queued without bound.
+    pub queue_capacity: usize,
+    /// Entries in the decision cache.
+    pub cache_entries: usize,
+}
+
+/// Audit log settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    /// Audit log directory (default: `state_dir`).
+    pub dir: Option<PathBuf>,
+    /// Rotate `audit.jsonl` when it would grow past this many bytes.
+    pub max_file_bytes: u64,
+    /// Rotated files kept.
+    pub keep_files: usize,
+    /// Disk budget of the store's audit outbox; past it the oldest records
+    /// are dropped and an `audit_dropped` record says how many.
+    pub outbox_max_bytes: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            state_dir: PathBuf::from(if cfg!(target_os = "macos") {
+                "/Library/Application Support/EPM"
+            } else {
+                "/var/lib/epm"
+            }),
+            socket: PathBuf::from("/var/run/epm/epmd.sock"),
+            mode: Mode::Enforce,
+            fail_mode: FailMode::Open,
+            policy_file: None,
+            device_id: None,
+            admin_group: if cfg!(target_os = "macos") {
+                "admin"
+            } else {
+                "adm"
+            }
+            .to_owned(),
+            gate: GateConfig::default(),
+            audit: AuditConfig::default(),
+        }
+    }
+}
+
+impl Default for GateConfig {
+    fn default() -> Self {
+        Self {
+            watch_paths: vec![PathBuf::from("/")],
+            workers: 2,
+            queue_capacity: 4096,
+            cache_entries: 16_384,
+        }
+    }
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self {
+            dir: None,
+            max_file_bytes: 16 * 1024 * 1024,
+            keep_files: 10,
+            outbox_max_bytes: 256 * 1024 * 1024,
+        }
+    }
+}
+
+/// A configuration that could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        /// The config file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or has a bad key or value.
+    #[error("invalid config {path}: {message}")]
+    Invalid {
+        /// The config file.
+        path: PathBuf,
+        /// What is wrong, naming the key.
+        message: String,
+    },
+}
+
+/// toml's error, on one line, led by the line number and the dotted key
+/// at fault (toml's own message does not always name the key).
+fn describe_toml_error(text: &str, error: &toml::de::Error) -> String {
+    let message = error.message().trim();
+    let Some(span) = error.span() else {
+        return message.to_owned();
+    };
+    let before = &text[..span.start.min(text.len())];
+    let line_no = before.matches('\n').count() + 1;
+    let line = text.lines().nth(line_no - 1).unwrap_or("");
+    let section = before
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('[') && l.ends_with(']'))
+        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim());
+    match line.split_once('=') {
+        Some((key, _)) if !message.contains(key.trim()) => {
+            let key = key.trim();
+            let key = match section {
+                Some(section) => format!("{section}.{key}"),
+                None => key.to_owned(),
+            };
+            format!("line {line_no}: {key}: {message}")
+        }
+        _ => format!("line {line_no}: {message}"),
+    }
+}
+
+impl Config {
+    /// Reads and validates a config file. Relative paths in it are resolved
+    /// against the file's directory, so an example config works from any
+    /// working directory.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Self::parse(&text, base).map_err(|message| ConfigError::Invalid {
+            path: path.to_owned(),
+            message,
+        })
+    }
+
+    /// Parses config text; relative paths are resolved against `base`.
+    pub fn parse(text: &str, base: &Path) -> Result<Config, String> {
+        let mut config: Config = toml::from_str(text).map_err(|e| describe_toml_error(text, &e))?;
+        config.resolve_paths(base);
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        let resolve = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        resolve(&mut self.state_dir);
+        resolve(&mut self.socket);
+        if let Some(p) = &mut self.policy_file {
+            resolve(p);
+        }
+        if let Some(p) = &mut self.audit.dir {
+            resolve(p);
+        }
+        for p in &mut self.gate.watch_paths {
+            resolve(p);
+        }
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.gate.workers == 0 || self.gate.workers > 64 {
+            return Err(format!(
+                "gate.workers: {} is outside 1..=64",
+                self.gate.workers
+            ));
+        }
+        if self.gate.queue_capacity == 0 {
+            return Err("gate.queue_capacity: must be at least 1".into());
+        }
+        if self.gate.watch_paths.is_empty() {
+            return Err(
+                "gate.watch_paths: must name at least one path (\"/\" for everything)".into(),
+            );
+        }
+        if self.audit.max_file_bytes < 4096 {
+            return Err(format!(
+                "audit.max_file_bytes: {} is below the minimum of 4096",
+                self.audit.max_file_bytes
+            ));
+        }
+        if self.audit.outbox_max_bytes < 64 * 1024 {
+            return Err(format!(
+                "audit.outbox_max_bytes: {} is below the minimum of 65536",
+                self.audit.outbox_max_bytes
+            ));
+        }
+        if self
+            .device_id
+            .as_deref()
+            .is_some_and(|d| d.trim().is_empty())
+        {
+            return Err("device_id: must not be empty (omit it to use the host name)".into());
+        }
+        if self.admin_group.trim().is_empty() {
+            return Err("admin_group: must not be empty".into());
+        }
+        Ok(())
+    }
+
+    /// The audit log directory.
+    pub fn audit_dir(&self) -> PathBuf {
+        self.audit
+            .dir
+            .clone()
+            .unwrap_or_else(|| self.state_dir.clone())
+    }
+
+    /// The SQLite store's path.
+    pub fn store_path(&self) -> PathBuf {
+        self.state_dir.join("epm.sqlite")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_is_all_defaults() {
+        let config = Config::parse("", Path::new("/etc/epm")).unwrap();
+        assert_eq!(config.mode, Mode::Enforce);
+        assert_eq!(config.fail_mode, FailMode::Open);
+        assert_eq!(config.gate.watch_paths, [PathBuf::from("/")]);
+        assert!(config.policy_file.is_none());
+    }
+
+    #[test]
+    fn relative_paths_resolve_against_the_config_directory() {
+        let config = Config::parse(
+            "policy_file = \"policy.json\"\nstate_dir = \"/abs/state\"",
+            Path::new("/etc/epm"),
+        )
+        .unwrap();
+        assert_eq!(
+            config.policy_file,
+            Some(PathBuf::from("/etc/epm/policy.json"))
+        );
+        assert_eq!(config.state_dir, PathBuf::from("/abs/state"));
+        assert_eq!(config.store_path(), PathBuf::from("/abs/state/epm.sqlite"));
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_name_the_key() {
+        for (text, expected) in [
+            ("mdoe = \"monitor\"", "unknown field `mdoe`"),
+            ("mode = \"strict\"", "unknown variant `strict`"),
+            ("fail_mode = 1", "line 1: fail_mode: "),
+            ("[gate]\nworkers = \"two\"", "line 2: gate.workers: "),
+            ("[gate]\nworkers = 0", "gate.workers: 0 is outside 1..=64"),
+            ("[gate]\nbogus = 0", "unknown field `bogus`"),
+            ("[audit]\nmax_file_bytes = 10", "audit.max_file_bytes"),
+            ("device_id = \"\"", "device_id: must not be empty"),
+            ("mode = ", "line 1"),
+        ] {
+            let err = Config::parse(text, Path::new("/")).unwrap_err();
+            assert!(err.contains(expected), "{text:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn the_example_config_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/epmd.toml");
+        let config = Config::load(&path).unwrap();
+        assert!(config.policy_file.unwrap().ends_with("policy.json"));
+    }
+}

@@ -1,0 +1,211 @@
+//! The exec-gate abstraction: how a platform hands execs to the daemon and
+//! takes its answers back.
+//!
+//! A gate sees an exec before it happens and must answer it: fanotify
+//! (`FAN_OPEN_EXEC_PERM`) on Linux, Endpoint Security (`AUTH_EXEC`) on macOS.
+//! Both deliver an event that is answered later, possibly from another
+//! thread, so a gate hands out [`PendingExec`] values that carry the facts
+//! and know how to answer. The decision itself is platform-neutral
+//! (`crate::decider`).
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use epm_policy::CdHash;
+
+#[cfg(target_os = "linux")]
+pub mod fanotify;
+pub mod mountinfo;
+pub mod procfs;
+
+/// One version of one file: a change of content changes `mtime`/`ctime`
+/// (and usually `size`), a replacement changes `ino`. Keys the hash and
+/// decision caches, so a modified file can never reuse a stale decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FileIdentity {
+    /// Device of the file system.
+    pub dev: u64,
+    /// Inode number.
+    pub ino: u64,
+    /// Size in bytes.
+    pub size: u64,
+    /// Modification time, nanoseconds since the epoch.
+    pub mtime_ns: i64,
+    /// Status-change time, nanoseconds since the epoch; cannot be set by a
+    /// user, so it catches a content change with a forged mtime.
+    pub ctime_ns: i64,
+}
+
+/// What a gate knows about one exec.
+#[derive(Debug)]
+pub struct ExecFacts {
+    /// The exec'ing process.
+    pub pid: u32,
+    /// The file being executed.
+    pub file: FileIdentity,
+    /// Its path (lossy UTF-8).
+    pub path: String,
+    /// Real user id of the process.
+    pub uid: u32,
+    /// Real group id.
+    pub gid: u32,
+    /// Supplementary group ids.
+    pub groups: Vec<u32>,
+    /// Login (audit) uid: the human behind `sudo` or `su`, when known.
+    pub login_uid: Option<u32>,
+    /// Parent process id.
+    pub ppid: u32,
+    /// Parent's executable.
+    pub parent_path: Option<String>,
+    /// The new program's arguments (Endpoint Security knows them; fanotify does not).
+    pub argv: Option<Vec<String>>,
+    /// Apple code-signing facts; `None` on Linux.
+    pub cdhash: Option<CdHash>,
+    /// Apple team id.
+    pub team_id: Option<String>,
+    /// Code-signing identifier.
+    pub signing_id: Option<String>,
+    /// Bundle identifier.
+    pub bundle_id: Option<String>,
+    /// Apple platform binary flag.
+    pub platform_binary: Option<bool>,
+    /// A handle to read the executable's bytes for hashing.
+    pub content: Option<File>,
+}
+
+/// A gate's answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Let the exec proceed.
+    Allow,
+    /// Make the exec fail (`EPERM` on Linux).
+    Deny,
+}
+
+/// The platform half of answering one exec.
+pub trait Respond: Send {
+    /// Delivers the verdict. Called exactly once.
+    fn respond(self: Box<Self>, verdict: Verdict);
+}
+
+/// An exec waiting for its answer. Answer it with [`PendingExec::answer`];
+/// if it is dropped unanswered (a panic, a bug, shutdown) it answers with its
+/// fallback verdict, so the kernel is never left waiting.
+pub struct PendingExec {
+    /// What the gate saw.
+    pub facts: ExecFacts,
+    responder: Option<Box<dyn Respond>>,
+    fallback: Verdict,
+}
+
+impl std::fmt::Debug for PendingExec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PendingExec")
+            .field("facts", &self.facts)
+            .field("fallback", &self.fallback)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PendingExec {
+    /// Wraps facts and a responder; `fallback` answers if this is dropped unanswered.
+    pub fn new(facts: ExecFacts, responder: Box<dyn Respond>, fallback: Verdict) -> Self {
+        Self {
+            facts,
+            responder: Some(responder),
+            fallback,
+        }
+    }
+
+    /// Answers the exec. Consumes the value, so it cannot answer twice.
+    pub fn answer(mut self, verdict: Verdict) {
+        if let Some(responder) = self.responder.take() {
+            responder.respond(verdict);
+        }
+    }
+}
+
+impl Drop for PendingExec {
+    fn drop(&mut self) {
+        if let Some(responder) = self.responder.take() {
+            tracing::warn!(pid = self.facts.pid, path = %self.facts.path, verdict = ?self.fallback,
+                "exec dropped unanswered; answering with the fallback verdict");
+            responder.respond(self.fallback);
+        }
+    }
+}
+
+/// Asks a running gate to stop, from any thread (a signal handler thread).
+#[derive(Debug, Clone)]
+pub struct Shutdown {
+    requested: Arc<AtomicBool>,
+    wake_read: Arc<OwnedFd>,
+    wake_write: Arc<OwnedFd>,
+}
+
+impl Shutdown {
+    /// A shutdown switch, not yet requested.
+    pub fn new() -> std::io::Result<Self> {
+        let (read, write) = nix::unistd::pipe().map_err(std::io::Error::from)?;
+        for fd in [&read, &write] {
+            let flags = nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_GETFL)?;
+            let flags =
+                nix::fcntl::OFlag::from_bits_truncate(flags) | nix::fcntl::OFlag::O_NONBLOCK;
+            nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFL(flags))?;
+            let fd_flags = nix::fcntl::FdFlag::FD_CLOEXEC;
+            nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFD(fd_flags))?;
+        }
+        Ok(Self {
+            requested: Arc::new(AtomicBool::new(false)),
+            wake_read: Arc::new(read),
+            wake_write: Arc::new(write),
+        })
+    }
+
+    /// Requests the stop and wakes the gate's blocking wait.
+    pub fn request(&self) {
+        self.requested.store(true, Ordering::SeqCst);
+        let _ = nix::unistd::write(&*self.wake_write, &[1]);
+    }
+
+    /// Whether a stop was requested.
+    pub fn is_requested(&self) -> bool {
+        self.requested.load(Ordering::SeqCst)
+    }
+
+    /// A descriptor that becomes readable when a stop is requested, for a
+    /// gate's poll loop.
+    pub fn wake_fd(&self) -> &OwnedFd {
+        &self.wake_read
+    }
+}
+
+/// Why a gate could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum GateError {
+    /// The platform refused to create the gate; the message says what to do.
+    #[error("{0}")]
+    Unavailable(String),
+    /// An IO error while running.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// Why it failed.
+        source: std::io::Error,
+    },
+}
+
+/// A source of execs to decide.
+pub trait ExecGate {
+    /// Runs until `shutdown` is requested, handing every exec (but the
+    /// daemon's own, which the gate allows itself) to `sink`. The sink must
+    /// not block: it queues, or answers at once.
+    fn run(
+        &mut self,
+        sink: &mut dyn FnMut(PendingExec),
+        shutdown: &Shutdown,
+    ) -> Result<(), GateError>;
+}
