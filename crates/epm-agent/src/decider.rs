@@ -276,7 +276,7 @@ impl Decider {
             team_id: facts.team_id.clone(),
             signing_id: facts.signing_id.clone(),
             bundle_id: facts.bundle_id.clone(),
-            platform_binary: facts.platform_binary.unwrap_or(false),
+            platform_binary: facts.platform_binary,
             argv: facts.argv.clone(),
             pid: facts.pid,
             ppid: facts.ppid,

@@ -97,7 +97,7 @@ impl Residual {
             Residual::PathGlob(m) => m.is_match(&subject.path),
             Residual::Name(v) => name == &**v,
             Residual::BundleId(v) => subject.bundle_id.as_deref() == Some(&**v),
-            Residual::PlatformBinary(v) => subject.platform_binary == *v,
+            Residual::PlatformBinary(v) => subject.platform_binary == Some(*v),
             Residual::ArgsRegex(re) => subject
                 .argv
                 .as_ref()

@@ -14,12 +14,13 @@ use crate::digest::{CdHash, Sha256Digest};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Policy {
-    /// Monotonic version chosen by the author or the platform. Decisions are
-    /// cached per version, so a changed policy must carry a new version.
+    /// Version chosen by the author or the platform, named in decisions and
+    /// audit records: bump it on every change so they tell policies apart.
     pub version: u64,
     /// What happens to an exec that no rule matches.
     pub default_action: Action,
-    /// The rules, in no particular order: precedence, not position, decides.
+    /// The rules. Precedence decides between matching rules; position only
+    /// breaks a full tie (the earlier rule wins).
     #[serde(default)]
     pub rules: Vec<Rule>,
 }
@@ -113,7 +114,8 @@ pub struct Criteria {
     /// bundle's Info.plist, which is not an identity by itself.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bundle_id: Option<String>,
-    /// Whether the executable is an Apple platform binary.
+    /// Whether the executable is an Apple platform binary. Never holds
+    /// where the platform does not know (Linux).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub platform_binary: Option<bool>,
     /// Regular expression searched in the argv joined by single spaces.

@@ -20,8 +20,9 @@ pub struct Subject {
     pub signing_id: Option<String>,
     /// Bundle identifier of the enclosing application.
     pub bundle_id: Option<String>,
-    /// Whether this is an Apple platform binary.
-    pub platform_binary: bool,
+    /// Whether this is an Apple platform binary; `None` where the platform
+    /// has no such notion (Linux), so `platform_binary` criteria never hold there.
+    pub platform_binary: Option<bool>,
     /// The new program's arguments, where the platform knows them.
     pub argv: Option<Vec<String>>,
     /// Process id of the exec'ing process.

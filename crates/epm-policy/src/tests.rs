@@ -33,7 +33,7 @@ fn subject() -> Subject {
         team_id: Some("7Z6EMTD2C6".into()),
         signing_id: Some("org.example.tool".into()),
         bundle_id: Some("org.example.Tool".into()),
-        platform_binary: false,
+        platform_binary: Some(false),
         argv: Some(vec!["nc".into(), "-l".into(), "4444".into()]),
         pid: 100,
         ppid: 1,
@@ -85,7 +85,7 @@ fn each_criterion_matches_and_mismatches() {
             s.bundle_id = None
         }),
         (r#"{"name": "nc", "platform_binary": false}"#, |s| {
-            s.platform_binary = true
+            s.platform_binary = Some(true)
         }),
         (r#"{"name": "nc", "args_regex": "-l \\d+"}"#, |s| {
             s.argv = Some(vec!["nc".into()])
@@ -455,6 +455,18 @@ fn validation_names_rule_and_field() {
             r#"rule "q": approval: only approve rules"#,
         ),
         (
+            r#"{"id": "rel", "action": "deny", "match": {"path_glob": "usr/bin/*"}}"#,
+            r#"rule "rel": match.path_glob: "usr/bin/*" can never match an absolute path"#,
+        ),
+        (
+            r#"{"id": "pre", "action": "justify", "match": {"name": "nc"}, "justification": {"min_length": 10, "presets": ["short"]}}"#,
+            r#"rule "pre": justification.presets: "short" is 5 characters, outside min_length..=max_length (10..=1000)"#,
+        ),
+        (
+            r#"{"id": "zero", "action": "justify", "match": {"name": "nc"}, "justification": {"min_length": 0, "max_length": 0}}"#,
+            r#"rule "zero": justification.max_length: must be at least 1"#,
+        ),
+        (
             r#"{"id": "", "action": "deny", "match": {"name": "nc"}}"#,
             r##"rule "#0": id: must not be empty"##,
         ),
@@ -474,6 +486,32 @@ fn validation_names_rule_and_field() {
             "expected an error starting with {expected:?}, got {errs:?}"
         );
     }
+}
+
+#[test]
+fn errors_are_one_line_each() {
+    let errs = errors(
+        r#"{"id": "x", "action": "deny", "match": {"name": "nc", "args_regex": "(unclosed"}}"#,
+    );
+    assert_eq!(errs.len(), 1);
+    assert!(!errs[0].contains('\n'), "{errs:?}");
+}
+
+#[test]
+fn a_rule_labelled_by_position_does_not_clash_with_a_real_id() {
+    let errs = errors(
+        r##"{"action": "deny", "match": {"name": "a"}},
+           {"id": "#0", "action": "deny", "match": {"name": "b"}}"##,
+    );
+    assert_eq!(errs.len(), 1, "{errs:?}");
+}
+
+#[test]
+fn platform_binary_never_holds_where_unknown() {
+    let e = deny_if(r#"{"name": "nc", "platform_binary": false}"#);
+    let mut s = subject();
+    s.platform_binary = None;
+    assert_eq!(decide(&e, &s).0, Action::Allow);
 }
 
 #[test]
@@ -502,6 +540,7 @@ fn every_problem_is_reported_at_once() {
 fn document_level_errors() {
     for (doc, expected) in [
         ("", "policy: the document must be a JSON object"),
+        ("{", "policy: EOF while parsing an object"),
         (
             r#"{"version": 1, "default_action": "allow", "rules": [["r", "deny", {"name": "nc"}]]}"#,
             "rule \"#0\": a rule must be a JSON object",
@@ -612,7 +651,8 @@ fn linear_evaluate(policy: &Policy, s: &Subject) -> (Action, Option<String>) {
             && c.bundle_id
                 .as_ref()
                 .is_none_or(|t| s.bundle_id.as_ref() == Some(t))
-            && c.platform_binary.is_none_or(|b| b == s.platform_binary)
+            && c.platform_binary
+                .is_none_or(|b| s.platform_binary == Some(b))
             && c.parent_path
                 .as_ref()
                 .is_none_or(|p| s.parent_path.as_ref() == Some(p))
@@ -758,7 +798,7 @@ fn subject_strategy() -> impl Strategy<Value = Subject> {
             pick(SHAS),
             pick(TEAMS),
             pick(SIGNING),
-            any::<bool>(),
+            prop::option::of(any::<bool>()),
         ),
         (
             prop::sample::select(USERS),

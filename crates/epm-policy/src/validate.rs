@@ -144,7 +144,9 @@ pub(crate) fn parse_document(
             Err(e) => {
                 let label = rule_label(value.get(), index);
                 // Still claim the id, so a later rule reusing it is reported.
-                seen_ids.insert(label.clone());
+                if !label.starts_with('#') {
+                    seen_ids.insert(label.clone());
+                }
                 errors.push(PolicyError {
                     rule: Some(label),
                     field: field_path(e.path()),
@@ -195,7 +197,12 @@ fn without_position(error: &serde_json::Error) -> String {
 
 fn field_path(path: &serde_path_to_error::Path) -> String {
     let field = path.to_string();
-    if field == "." { String::new() } else { field }
+    // "." is the document root, "?" an unknown position (a syntax error).
+    if field == "." || field == "?" {
+        String::new()
+    } else {
+        field
+    }
 }
 
 impl Policy {
@@ -264,6 +271,15 @@ impl Policy {
     }
 }
 
+/// Folds a multi-line message (the regex crate draws a caret diagram) into one line.
+fn one_line(text: &str) -> String {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.chars().all(|c| c == '^' || c == ' '))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// The id of a rule that failed to decode, if its `id` field is readable.
 fn rule_label(raw: &str, index: usize) -> String {
     #[derive(Deserialize)]
@@ -327,18 +343,26 @@ fn check_rule(rule: &Rule, label: &str, errors: &mut Vec<PolicyError>) {
             error(field, "must not be empty".into());
         }
     }
-    if let Some(glob) = &c.path_glob
-        && let Err(e) = crate::engine::compile_glob(glob)
-    {
-        error(
-            "match.path_glob",
-            format!("invalid glob {glob:?}: {}", e.kind()),
-        );
+    if let Some(glob) = &c.path_glob {
+        if let Err(e) = crate::engine::compile_glob(glob) {
+            error(
+                "match.path_glob",
+                format!("invalid glob {glob:?}: {}", e.kind()),
+            );
+        } else if !(glob.starts_with('/') || glob.starts_with("**/")) {
+            error(
+                "match.path_glob",
+                format!("{glob:?} can never match an absolute path: start it with / or **/"),
+            );
+        }
     }
     if let Some(pattern) = &c.args_regex
         && let Err(e) = crate::engine::compile_regex(pattern)
     {
-        error("match.args_regex", format!("invalid regex: {e}"));
+        error(
+            "match.args_regex",
+            format!("invalid regex: {}", one_line(&e.to_string())),
+        );
     }
 
     if let Some(scope) = &rule.scope {
@@ -394,8 +418,22 @@ fn check_rule(rule: &Rule, label: &str, errors: &mut Vec<PolicyError>) {
                     ),
                 );
             }
-            if spec.presets.iter().any(|p| p.trim().is_empty()) {
-                error("justification.presets", "contains an empty preset".into());
+            if spec.max_length == 0 {
+                error("justification.max_length", "must be at least 1".into());
+            }
+            for preset in &spec.presets {
+                let len = preset.chars().count() as u64;
+                if preset.trim().is_empty() {
+                    error("justification.presets", "contains an empty preset".into());
+                } else if len < u64::from(spec.min_length) || len > u64::from(spec.max_length) {
+                    error(
+                        "justification.presets",
+                        format!(
+                            "{preset:?} is {len} characters, outside min_length..=max_length ({}..={})",
+                            spec.min_length, spec.max_length
+                        ),
+                    );
+                }
             }
         }
         (None, _) => {}

@@ -4,12 +4,16 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use epm_policy::{Action, Policy, PolicyError};
+use epm_policy::{Action, Engine, Policy, PolicyError};
 
 pub(crate) fn run(file: &Path, json: bool) -> anyhow::Result<ExitCode> {
     let text = std::fs::read_to_string(file)
         .with_context(|| format!("cannot read policy {}", file.display()))?;
-    match Policy::from_json(&text) {
+    // Compiling the engine too catches the one error validation cannot see
+    // rule by rule: globs that together exceed the glob compiler's limit.
+    let checked = Policy::from_json(&text)
+        .and_then(|policy| Engine::new(policy.clone()).map(|_| policy));
+    match checked {
         Ok(policy) => {
             let warnings = policy.lint();
             if json {
