@@ -1,9 +1,14 @@
 //! `epmd`, the EPM daemon, as a library: the binary in `main.rs` only parses
-//! arguments and calls [`daemon::run`]. See docs/architecture.md for the
-//! path of one exec through these modules.
+//! arguments and calls [`daemon::run`]. docs/architecture.md follows one exec
+//! through these modules.
 
+pub mod audit;
 pub mod config;
+pub mod control;
+pub mod daemon;
 pub mod decider;
 pub mod gate;
 pub mod names;
+pub mod pipeline;
+pub mod policy_source;
 pub mod stats;

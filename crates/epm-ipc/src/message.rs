@@ -36,11 +36,13 @@ pub enum Request {
     /// The live policy document → [`Response::Policy`] (admins only).
     PolicyShow,
     /// Decide a file against the live policy → [`Response::Explanation`].
-    /// The daemon reads and hashes the file. Non-admins may only explain for
-    /// themselves.
+    /// Non-admins may only explain for themselves, with their own groups.
     PolicyExplain {
         /// Absolute path of the executable.
         path: String,
+        /// Its SHA-256, computed by the client: the daemon never reads a
+        /// file on a caller's behalf (it runs as root, the caller may not).
+        sha256: Option<String>,
         /// Decide as this user (default: the caller).
         user: Option<String>,
         /// Decide with these groups (default: the user's).
@@ -254,6 +256,7 @@ mod tests {
             Request::PolicyShow,
             Request::PolicyExplain {
                 path: "/bin/sh".into(),
+                sha256: Some("ab".repeat(32)),
                 user: Some("alice".into()),
                 groups: Some(vec!["staff".into()]),
             },

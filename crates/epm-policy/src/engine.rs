@@ -421,6 +421,24 @@ impl Engine {
         builder.finish(header.version, header.default_action)
     }
 
+    /// A policy with no rules: every exec gets `default_action`.
+    pub fn empty(version: u64, default_action: Action) -> Engine {
+        Engine {
+            version,
+            default_action,
+            rules: Vec::new(),
+            by_id: HashMap::new(),
+            by_cdhash: HashMap::new(),
+            by_sha256: HashMap::new(),
+            by_signing_id: HashMap::new(),
+            by_team_id: HashMap::new(),
+            by_path: HashMap::new(),
+            globs: GlobSet::empty(),
+            glob_rules: Vec::new(),
+            by_name: HashMap::new(),
+        }
+    }
+
     /// The policy's version.
     pub fn version(&self) -> u64 {
         self.version

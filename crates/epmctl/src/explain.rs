@@ -12,9 +12,9 @@ use sha2::{Digest, Sha256};
 
 #[derive(Debug, Args)]
 pub(crate) struct ExplainArgs {
-    /// The policy document to decide with.
+    /// Decide with this policy document instead of the daemon's live policy.
     #[arg(long, value_name = "FILE")]
-    policy: PathBuf,
+    policy: Option<PathBuf>,
     /// Decide as this user (default: you).
     #[arg(long, value_name = "NAME")]
     user: Option<String>,
@@ -28,14 +28,26 @@ pub(crate) struct ExplainArgs {
     path: PathBuf,
 }
 
-pub(crate) fn run(args: &ExplainArgs, json: bool) -> anyhow::Result<ExitCode> {
-    let text = std::fs::read_to_string(&args.policy)
-        .with_context(|| format!("cannot read policy {}", args.policy.display()))?;
+pub(crate) fn run(args: &ExplainArgs, socket: &Path, json: bool) -> anyhow::Result<ExitCode> {
+    let Some(policy) = &args.policy else {
+        // The daemon decides; we read and hash the file, with our own rights.
+        let subject = local_subject(args)?;
+        return crate::daemon_cmd::policy_explain(
+            socket,
+            Path::new(&subject.path),
+            subject.sha256.map(|d| d.to_string()),
+            args.user.clone(),
+            args.groups.clone(),
+            json,
+        );
+    };
+    let text = std::fs::read_to_string(policy)
+        .with_context(|| format!("cannot read policy {}", policy.display()))?;
     let engine = match Engine::from_json(&text) {
         Ok(engine) => engine,
         Err(errors) => bail!(
             "{} is not a valid policy (run `epmctl policy check {0}`):\n{errors}",
-            args.policy.display()
+            policy.display()
         ),
     };
     let subject = local_subject(args)?;

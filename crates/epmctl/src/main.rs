@@ -9,11 +9,19 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
+mod daemon_cmd;
 mod explain;
 mod policy_check;
 
 /// Where `epmd` listens when the packaging did not say otherwise.
-const DEFAULT_SOCKET: &str = "/var/run/epm/epmd.sock";
+const DEFAULT_SOCKET: &str = epm_ipc::DEFAULT_SOCKET_PATH;
+
+/// Where the packaged daemon writes its audit log.
+const DEFAULT_AUDIT_LOG: &str = if cfg!(target_os = "macos") {
+    "/Library/Logs/EPM/audit.jsonl"
+} else {
+    "/var/lib/epm/audit.jsonl"
+};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -23,9 +31,14 @@ const DEFAULT_SOCKET: &str = "/var/run/epm/epmd.sock";
     long_about = "Control and inspect EPM, the endpoint privilege manager.\n\n\
         Check and explain policies offline, or talk to the local epmd daemon.",
     after_help = "Examples:\n  \
+        epmctl status\n  \
+        epmctl audit tail -f\n  \
+        epmctl audit tail -n 50 --decision deny --json\n  \
+        sudo epmctl audit verify\n  \
         epmctl policy check policy.json\n  \
         epmctl policy explain --policy policy.json --user alice /usr/bin/nc\n\n\
-        Exit status: 0 success, 1 a check found a problem, 2 invalid input or usage."
+        Exit status: 0 success; 1 the audit log is broken; 2 invalid input, an invalid \
+        policy, or the daemon cannot be reached."
 )]
 struct Cli {
     #[command(flatten)]
@@ -47,9 +60,48 @@ struct GlobalArgs {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Show the daemon's mode, policy, counters and decision latency.
+    Status,
+    /// Read, follow and verify the audit log.
+    #[command(subcommand)]
+    Audit(AuditCommand),
     /// Check, explain and show policies.
     #[command(subcommand)]
     Policy(PolicyCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// Print the most recent audit records; with -f, keep printing new ones.
+    #[command(
+        after_help = "You see your own records; root and the admin group see everyone's.\n\n\
+        Examples:\n  epmctl audit tail -f\n  epmctl audit tail -n 100 --decision deny --user alice"
+    )]
+    Tail {
+        /// How many recent records.
+        #[arg(short = 'n', long = "lines", default_value_t = 20, value_name = "N")]
+        lines: u32,
+        /// Keep printing records as they are written (Ctrl-C to stop).
+        #[arg(short, long)]
+        follow: bool,
+        /// Only records with this decision.
+        #[arg(long, value_parser = ["allow", "deny", "would_deny"])]
+        decision: Option<String>,
+        /// Only this user's records (administrators).
+        #[arg(long, value_name = "NAME")]
+        user: Option<String>,
+    },
+    /// Check the audit log's hash chain; name the first record that breaks it.
+    #[command(
+        after_help = "Exit status: 0 when intact, 1 when a record was edited, deleted or \
+        reordered, 2 when the log cannot be read.\n\nFILE may be the live audit.jsonl (its rotated \
+        files are checked too), one rotated file, or the log directory."
+    )]
+    Verify {
+        /// The audit log.
+        #[arg(default_value = DEFAULT_AUDIT_LOG)]
+        file: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -64,16 +116,39 @@ enum PolicyCommand {
     },
     /// Show which rule decides an executable, and why.
     #[command(
-        after_help = "Example:\n  epmctl policy explain --policy examples/policy.json --user alice --groups staff /usr/bin/nc"
+        after_help = "Without --policy the running daemon's live policy decides.\n\n\
+        Examples:\n  epmctl policy explain /usr/bin/nc\n  \
+        epmctl policy explain --policy examples/policy.json --user alice --groups staff /usr/bin/nc"
     )]
     Explain(explain::ExplainArgs),
+    /// Print the daemon's live policy document (administrators).
+    Show,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let GlobalArgs { socket, json } = cli.global;
     let result = match cli.command {
-        Command::Policy(PolicyCommand::Check { file }) => policy_check::run(&file, cli.global.json),
-        Command::Policy(PolicyCommand::Explain(args)) => explain::run(&args, cli.global.json),
+        Command::Status => daemon_cmd::status(&socket, json),
+        Command::Audit(AuditCommand::Tail {
+            lines,
+            follow,
+            decision,
+            user,
+        }) => daemon_cmd::audit_tail(
+            &socket,
+            daemon_cmd::TailOptions {
+                lines,
+                follow,
+                decision,
+                user,
+            },
+            json,
+        ),
+        Command::Audit(AuditCommand::Verify { file }) => daemon_cmd::audit_verify(&file, json),
+        Command::Policy(PolicyCommand::Check { file }) => policy_check::run(&file, json),
+        Command::Policy(PolicyCommand::Explain(args)) => explain::run(&args, &socket, json),
+        Command::Policy(PolicyCommand::Show) => daemon_cmd::policy_show(&socket, json),
     };
     match result {
         Ok(code) => code,

@@ -11,8 +11,8 @@ pub(crate) fn run(file: &Path, json: bool) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("cannot read policy {}", file.display()))?;
     // Compiling the engine too catches the one error validation cannot see
     // rule by rule: globs that together exceed the glob compiler's limit.
-    let checked = Policy::from_json(&text)
-        .and_then(|policy| Engine::new(policy.clone()).map(|_| policy));
+    let checked =
+        Policy::from_json(&text).and_then(|policy| Engine::new(policy.clone()).map(|_| policy));
     match checked {
         Ok(policy) => {
             let warnings = policy.lint();

@@ -1,0 +1,473 @@
+//! The control socket: `epmctl` and helpers ask the daemon for status,
+//! audit records and policy explanations. What a caller may see is decided
+//! by the uid the kernel reports for the socket peer, never by anything the
+//! caller says.
+
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::AsFd;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use epm_audit::{AuditRecord, Follower};
+use epm_ipc::{
+    Counters as WireCounters, ErrorCode, Explanation, Incoming, Latency, PeerCredentials,
+    PolicyInfo, Request, Response, ServerConnection, StatusReport,
+};
+use epm_policy::{Sha256Digest, Subject};
+use epm_store::Store;
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+
+use crate::decider::Decider;
+use crate::stats::Counters;
+
+/// Connections one uid may hold open at once (a follower each, typically).
+const MAX_CONNECTIONS_PER_UID: usize = 16;
+/// How far back `audit tail` looks for records matching a filter.
+const TAIL_SCAN_RECORDS: usize = 20_000;
+
+/// What the control server needs from the daemon.
+#[derive(Debug)]
+pub struct ControlContext {
+    /// The decision core (policy, counters, names).
+    pub decider: Arc<Decider>,
+    /// The store (outbox stats).
+    pub store: Arc<Mutex<Store>>,
+    /// The audit log's directory.
+    pub audit_dir: PathBuf,
+    /// Members may see everything.
+    pub admin_group: String,
+    /// When the daemon started.
+    pub started: Instant,
+    /// The last audit sequence number written.
+    pub audit_last_seq: Arc<AtomicU64>,
+    /// The decision queue's capacity.
+    pub queue_capacity: usize,
+}
+
+/// Binds the control socket: any local user may connect (permissions are
+/// decided per request from the peer's uid), so it is mode 0666 in a 0755
+/// directory. A stale socket from a previous run is replaced.
+pub fn bind(path: &Path) -> io::Result<UnixListener> {
+    if let Some(parent) = path.parent()
+        && !parent.exists()
+    {
+        std::fs::create_dir_all(parent)?;
+        std::fs::set_permissions(parent, std::fs::Permissions::from_mode(0o755))?;
+    }
+    if path.exists() {
+        if UnixStream::connect(path).is_ok() {
+            return Err(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                format!("another epmd is listening on {}", path.display()),
+            ));
+        }
+        std::fs::remove_file(path)?;
+    }
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))?;
+    Ok(listener)
+}
+
+/// Serves the socket on a thread; each connection gets its own thread.
+pub fn serve(listener: UnixListener, context: Arc<ControlContext>) -> io::Result<JoinHandle<()>> {
+    let per_uid: Arc<Mutex<HashMap<u32, usize>>> = Arc::default();
+    std::thread::Builder::new()
+        .name("epm-control".into())
+        .spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(stream) = stream else { continue };
+                let context = context.clone();
+                let per_uid = per_uid.clone();
+                let spawned = std::thread::Builder::new()
+                    .name("epm-client".into())
+                    .spawn(move || serve_connection(stream, &context, &per_uid));
+                if let Err(error) = spawned {
+                    tracing::warn!(%error, "cannot start a thread for a control connection");
+                }
+            }
+        })
+}
+
+fn serve_connection(
+    stream: UnixStream,
+    context: &ControlContext,
+    per_uid: &Mutex<HashMap<u32, usize>>,
+) {
+    let Ok(peer) = epm_ipc::peer_credentials(&stream) else {
+        return;
+    };
+    {
+        let Ok(mut counts) = per_uid.lock() else {
+            return;
+        };
+        let count = counts.entry(peer.uid).or_default();
+        if *count >= MAX_CONNECTIONS_PER_UID {
+            tracing::warn!(
+                uid = peer.uid,
+                "too many control connections from one user; refusing"
+            );
+            return;
+        }
+        *count += 1;
+    }
+    // A client that never sends its hello must not hold a thread forever.
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+    let result = ServerConnection::accept(stream, env!("CARGO_PKG_VERSION"), |p| {
+        is_admin(p, &context.admin_group)
+    });
+    match result {
+        Ok(mut connection) => {
+            let _ = connection.stream().set_read_timeout(None);
+            if let Err(error) = handle_requests(&mut connection, context) {
+                tracing::debug!(uid = peer.uid, %error, "control connection closed");
+            }
+        }
+        Err(error) => tracing::info!(uid = peer.uid, %error, "control connection refused"),
+    }
+    if let Ok(mut counts) = per_uid.lock()
+        && let Some(count) = counts.get_mut(&peer.uid)
+    {
+        *count = count.saturating_sub(1);
+    }
+}
+
+/// root, or a member of the admin group.
+fn is_admin(peer: &PeerCredentials, admin_group: &str) -> bool {
+    if peer.uid == 0 {
+        return true;
+    }
+    let Ok(Some(group)) = nix::unistd::Group::from_name(admin_group) else {
+        return false;
+    };
+    let Ok(Some(user)) = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(peer.uid)) else {
+        return false;
+    };
+    user.gid == group.gid || group.mem.contains(&user.name)
+}
+
+fn handle_requests(
+    connection: &mut ServerConnection,
+    context: &ControlContext,
+) -> Result<(), epm_ipc::ServerError> {
+    while let Some(incoming) = connection.next_request()? {
+        let request = match incoming {
+            Incoming::Request(request) => request,
+            Incoming::Unsupported(kind) => {
+                connection.send(&error(
+                    ErrorCode::Unsupported,
+                    format!("this epmd does not know the request {kind:?}; upgrade epmd"),
+                ))?;
+                continue;
+            }
+        };
+        match request {
+            Request::Hello { .. } => {}
+            Request::Status => connection.send(&Response::Status(status(context)))?,
+            Request::PolicyShow => {
+                let response = if connection.is_admin {
+                    let mut info = policy_info(&context.decider);
+                    info.document = Some(context.decider.policy().document.to_string());
+                    Response::Policy(info)
+                } else {
+                    forbidden("only root and members of the admin group may read the policy")
+                };
+                connection.send(&response)?;
+            }
+            Request::PolicyExplain {
+                path,
+                sha256,
+                user,
+                groups,
+            } => {
+                let response = explain(
+                    context,
+                    connection.peer,
+                    connection.is_admin,
+                    path,
+                    sha256,
+                    user,
+                    groups,
+                );
+                connection.send(&response)?;
+            }
+            Request::AuditTail {
+                lines,
+                follow,
+                decision,
+                user,
+            } => {
+                let filter = match AuditFilter::new(connection, decision, user) {
+                    Ok(filter) => filter,
+                    Err(message) => {
+                        connection.send(&error(ErrorCode::BadRequest, message))?;
+                        continue;
+                    }
+                };
+                audit_tail(connection, context, &filter, lines as usize, follow)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn error(code: ErrorCode, message: impl Into<String>) -> Response {
+    Response::Error {
+        code,
+        message: message.into(),
+    }
+}
+
+fn forbidden(message: &str) -> Response {
+    error(ErrorCode::Forbidden, message)
+}
+
+fn policy_info(decider: &Decider) -> PolicyInfo {
+    let policy = decider.policy();
+    PolicyInfo {
+        source: policy.source.clone(),
+        version: policy.engine.version(),
+        rule_count: policy.engine.rule_count() as u64,
+        loaded_at: policy.loaded_at.to_string(),
+        document: None,
+    }
+}
+
+fn status(context: &ControlContext) -> StatusReport {
+    let decider = &context.decider;
+    let c = &decider.counters;
+    let pending = context
+        .store
+        .lock()
+        .ok()
+        .and_then(|s| s.outbox_stats().ok())
+        .map_or(0, |s| s.pending);
+    StatusReport {
+        mode: decider.mode().as_str().to_owned(),
+        fail_mode: decider.fail_mode().as_str().to_owned(),
+        device_id: decider.device_id().to_owned(),
+        uptime_secs: context.started.elapsed().as_secs(),
+        daemon_version: env!("CARGO_PKG_VERSION").to_owned(),
+        policy: policy_info(decider),
+        counters: WireCounters {
+            execs_seen: Counters::get(&c.execs_seen),
+            allowed: Counters::get(&c.allowed),
+            denied: Counters::get(&c.denied),
+            would_deny: Counters::get(&c.would_deny),
+            cache_hits: Counters::get(&c.cache_hits),
+            cache_misses: Counters::get(&c.cache_misses),
+            queue_depth: Counters::get(&c.queue_depth),
+            queue_capacity: context.queue_capacity as u64,
+            fail_mode_answers: Counters::get(&c.fail_mode_answers),
+            overflow: Counters::get(&c.overflow),
+            worker_panics: Counters::get(&c.worker_panics),
+            audit_dropped: Counters::get(&c.audit_dropped),
+        },
+        latency_us: Latency {
+            p50: decider.latency.quantile_us(0.50),
+            p99: decider.latency.quantile_us(0.99),
+            max: decider
+                .latency
+                .quantile_us(1.0)
+                .map(|_| decider.latency.max_us()),
+        },
+        audit_last_seq: context.audit_last_seq.load(Ordering::Relaxed),
+        audit_outbox_pending: pending,
+    }
+}
+
+fn explain(
+    context: &ControlContext,
+    peer: PeerCredentials,
+    is_admin: bool,
+    path: String,
+    sha256: Option<String>,
+    user: Option<String>,
+    groups: Option<Vec<String>>,
+) -> Response {
+    let names = context.decider.names();
+    let own_name = names.user(peer.uid).map(|n| n.to_string());
+    if !is_admin
+        && (user.as_ref().is_some_and(|u| Some(u) != own_name.as_ref()) || groups.is_some())
+    {
+        return forbidden(
+            "only root and members of the admin group may explain for other users or groups",
+        );
+    }
+    let sha256 = match sha256
+        .as_deref()
+        .map(str::parse::<Sha256Digest>)
+        .transpose()
+    {
+        Ok(digest) => digest,
+        Err(e) => return error(ErrorCode::BadRequest, format!("sha256: {e}")),
+    };
+    let user_name = user.or(own_name).unwrap_or_default();
+    let account = nix::unistd::User::from_name(&user_name).ok().flatten();
+    let groups = groups.unwrap_or_else(|| account.as_ref().map(group_names).unwrap_or_default());
+    let subject = Subject {
+        path,
+        sha256,
+        uid: account.as_ref().map_or(peer.uid, |a| a.uid.as_raw()),
+        user: user_name.clone(),
+        groups: groups.clone(),
+        device_id: context.decider.device_id().to_owned(),
+        ..Subject::default()
+    };
+    let decision = context.decider.policy().engine.evaluate(&subject);
+    Response::Explanation(Explanation {
+        action: decision.action.as_str().to_owned(),
+        rule_id: decision.rule_id.as_deref().map(str::to_owned),
+        reason: decision.reason(),
+        criterion: decision.criterion.map(|c| c.as_str().to_owned()),
+        scope: decision.scope.map(|s| s.as_str().to_owned()),
+        message: decision.message.as_deref().map(str::to_owned),
+        policy_version: decision.policy_version,
+        sha256: sha256.map(|d| d.to_string()),
+        user: user_name,
+        groups,
+    })
+}
+
+/// The names of a user's groups, primary first.
+pub fn group_names(user: &nix::unistd::User) -> Vec<String> {
+    #[cfg(target_os = "linux")]
+    let gids = std::ffi::CString::new(user.name.as_str())
+        .ok()
+        .and_then(|name| nix::unistd::getgrouplist(&name, user.gid).ok())
+        .unwrap_or_else(|| vec![user.gid]);
+    #[cfg(not(target_os = "linux"))]
+    let gids = vec![user.gid];
+    let mut names: Vec<String> = gids
+        .into_iter()
+        .filter_map(|gid| nix::unistd::Group::from_gid(gid).ok().flatten())
+        .map(|g| g.name)
+        .collect();
+    names.dedup();
+    names
+}
+
+/// Which audit records a caller gets.
+struct AuditFilter {
+    /// Non-admins only ever see records of their own uid.
+    only_uid: Option<u32>,
+    user: Option<String>,
+    decision: Option<String>,
+}
+
+impl AuditFilter {
+    fn new(
+        connection: &ServerConnection,
+        decision: Option<String>,
+        user: Option<String>,
+    ) -> Result<Self, String> {
+        if let Some(d) = &decision
+            && !["allow", "deny", "would_deny"].contains(&d.as_str())
+        {
+            return Err(format!(
+                "decision {d:?}: expected allow, deny or would_deny"
+            ));
+        }
+        Ok(Self {
+            only_uid: (!connection.is_admin).then_some(connection.peer.uid),
+            user,
+            decision,
+        })
+    }
+
+    fn admits(&self, line: &str) -> bool {
+        let Ok(record) = AuditRecord::parse(line) else {
+            return false;
+        };
+        let event = &record.event;
+        self.only_uid.is_none_or(|uid| event.uid == Some(uid))
+            && self
+                .user
+                .as_ref()
+                .is_none_or(|u| event.user.as_ref() == Some(u))
+            && self
+                .decision
+                .as_ref()
+                .is_none_or(|d| event.decision.as_ref() == Some(d))
+    }
+}
+
+fn audit_tail(
+    connection: &mut ServerConnection,
+    context: &ControlContext,
+    filter: &AuditFilter,
+    lines: usize,
+    follow: bool,
+) -> Result<(), epm_ipc::ServerError> {
+    // Start following before reading the tail, so no record falls between.
+    let mut follower = if follow {
+        match Follower::from_end(&context.audit_dir) {
+            Ok(follower) => Some(follower),
+            Err(e) => {
+                return connection.send(&error(ErrorCode::Internal, format!("audit log: {e}")));
+            }
+        }
+    } else {
+        None
+    };
+    if lines > 0 {
+        let scan = lines
+            .saturating_mul(20)
+            .clamp(1000, TAIL_SCAN_RECORDS)
+            .max(lines);
+        match epm_audit::tail(&context.audit_dir, scan) {
+            Ok(recent) => {
+                let mut matching: Vec<String> =
+                    recent.into_iter().filter(|l| filter.admits(l)).collect();
+                let keep = matching.len().saturating_sub(lines);
+                matching.drain(..keep);
+                for chunk in matching.chunks(256) {
+                    connection.send(&Response::AuditRecords {
+                        lines: chunk.to_vec(),
+                    })?;
+                }
+            }
+            Err(e) => {
+                return connection.send(&error(ErrorCode::Internal, format!("audit log: {e}")));
+            }
+        }
+    }
+    let Some(follower) = &mut follower else {
+        return connection.send(&Response::End);
+    };
+    loop {
+        // Waiting on the socket doubles as the poll interval and notices a
+        // client that went away (readable at end of stream, or hung up).
+        if client_gone(connection.stream(), Duration::from_millis(200)) {
+            return Ok(());
+        }
+        let fresh = match follower.poll() {
+            Ok(lines) => lines,
+            Err(e) => {
+                return connection.send(&error(ErrorCode::Internal, format!("audit log: {e}")));
+            }
+        };
+        let matching: Vec<String> = fresh.into_iter().filter(|l| filter.admits(l)).collect();
+        if !matching.is_empty() {
+            connection.send(&Response::AuditRecords { lines: matching })?;
+        }
+    }
+}
+
+/// Whether the client closed its end, waiting at most `wait` to find out.
+fn client_gone(stream: &UnixStream, wait: Duration) -> bool {
+    let mut fds = [PollFd::new(stream.as_fd(), PollFlags::POLLIN)];
+    let timeout = PollTimeout::try_from(wait.as_millis() as i32).unwrap_or(PollTimeout::ZERO);
+    match poll(&mut fds, timeout) {
+        // A following client sends nothing more: readable means end of stream.
+        Ok(n) if n > 0 => true,
+        Ok(_) => false,
+        Err(nix::errno::Errno::EINTR) => false,
+        Err(_) => true,
+    }
+}

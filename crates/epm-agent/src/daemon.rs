@@ -1,0 +1,274 @@
+//! Wiring and lifecycle: start everything in order, run the gate, and on
+//! SIGTERM stop in the order that loses nothing (see docs/architecture.md).
+
+use std::path::Path;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use epm_audit::{AuditEvent, AuditLog, Chain, EventKind, LogOptions};
+use epm_store::Store;
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
+
+use crate::audit::{AuditSink, AuditWriter};
+use crate::config::Config;
+use crate::control::{self, ControlContext};
+use crate::decider::Decider;
+use crate::gate::{ExecGate, Shutdown};
+use crate::pipeline::Workers;
+use crate::policy_source;
+
+/// Runs the daemon until SIGTERM or SIGINT.
+pub fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let device_id = match &config.device_id {
+        Some(id) => id.clone(),
+        None => nix::unistd::gethostname()
+            .ok()
+            .and_then(|h| h.into_string().ok())
+            .unwrap_or_else(|| "unknown-device".into()),
+    };
+
+    // The store first: it is the audit chain's source of truth.
+    let store_path = config.store_path();
+    let (store, store_report) = Store::open(&store_path)
+        .with_context(|| format!("cannot open the store {}", store_path.display()))?;
+    let store = Arc::new(Mutex::new(store));
+
+    let audit_dir = config.audit_dir();
+    let (mut log, log_report) = AuditLog::open(
+        &audit_dir,
+        LogOptions {
+            max_file_bytes: config.audit.max_file_bytes,
+            keep_files: config.audit.keep_files,
+        },
+    )
+    .with_context(|| format!("cannot open the audit log in {}", audit_dir.display()))?;
+    if log_report.torn_bytes_removed > 0 {
+        tracing::warn!(
+            bytes = log_report.torn_bytes_removed,
+            "cut a torn last line from the audit log (a crash mid-write)"
+        );
+    }
+    let chain = reconcile(&store, &mut log)?;
+    let last_seq = Arc::new(AtomicU64::new(chain.next_seq().saturating_sub(1)));
+
+    let mut first_events = Vec::new();
+    let mut started_event = AuditEvent::new(EventKind::DAEMON_STARTED)
+        .with_detail("version", env!("CARGO_PKG_VERSION"))
+        .with_detail("config", config_path.display().to_string())
+        .with_detail("fail_mode", config.fail_mode.as_str());
+    started_event.mode = Some(config.mode.as_str().to_owned());
+    started_event.device_id = Some(device_id.clone());
+    started_event.pid = Some(std::process::id());
+    first_events.push(started_event);
+    if let Some(recovery) = &store_report.recovered_from {
+        let mut event = AuditEvent::new(EventKind::STORE_RECOVERED)
+            .with_detail("moved_to", recovery.moved_to.display().to_string());
+        event.reason = Some(format!(
+            "the store was corrupt ({}); moved to {} and replaced by a fresh one",
+            recovery.reason,
+            recovery.moved_to.display()
+        ));
+        first_events.push(event);
+    }
+
+    let (policy, policy_events) = policy_source::initial(config.policy_file.as_deref(), &store);
+    first_events.extend(policy_events);
+    let decider = Arc::new(Decider::new(
+        policy,
+        config.mode,
+        config.fail_mode,
+        device_id.clone(),
+        config.gate.cache_entries,
+    ));
+
+    let (audit_writer, audit) = AuditWriter::start(
+        store.clone(),
+        log,
+        chain,
+        config.audit.outbox_max_bytes,
+        last_seq.clone(),
+    )
+    .context("cannot start the audit thread")?;
+    for mut event in first_events {
+        event.device_id.get_or_insert_with(|| device_id.clone());
+        event
+            .mode
+            .get_or_insert_with(|| config.mode.as_str().to_owned());
+        audit.send(event);
+    }
+
+    let (workers, intake) = Workers::start(
+        config.gate.workers,
+        config.gate.queue_capacity,
+        decider.clone(),
+        audit.clone(),
+    )
+    .context("cannot start the decision workers")?;
+
+    let listener = control::bind(&config.socket)
+        .with_context(|| format!("cannot listen on {}", config.socket.display()))?;
+    control::serve(
+        listener,
+        Arc::new(ControlContext {
+            decider: decider.clone(),
+            store: store.clone(),
+            audit_dir: audit_dir.clone(),
+            admin_group: config.admin_group.clone(),
+            started,
+            audit_last_seq: last_seq.clone(),
+            queue_capacity: config.gate.queue_capacity,
+        }),
+    )
+    .context("cannot start the control server")?;
+
+    let shutdown = Shutdown::new().context("cannot create the shutdown switch")?;
+    spawn_signal_thread(&config, &shutdown, &decider, &store, &audit)?;
+
+    let mut gate = open_gate(&config, decider.fail_verdict())?;
+    tracing::info!(
+        mode = config.mode.as_str(),
+        fail_mode = config.fail_mode.as_str(),
+        policy_version = decider.policy().engine.version(),
+        socket = %config.socket.display(),
+        "epmd ready"
+    );
+    let gate_result = gate.run(&mut |pending| intake.submit(pending), &shutdown);
+
+    // Stop taking events; answer what is queued; then flush the audit.
+    drop(gate);
+    drop(intake);
+    workers.join();
+    let mut stopped = AuditEvent::new(EventKind::DAEMON_STOPPED);
+    stopped.reason = Some(match &gate_result {
+        Ok(()) => "stopped by signal".to_owned(),
+        Err(e) => format!("exec gate failed: {e}"),
+    });
+    stopped.device_id = Some(device_id);
+    audit.send(stopped);
+    drop(audit);
+    audit_writer.stop();
+    if let Ok(mut store) = store.lock()
+        && let Err(error) = store.checkpoint()
+    {
+        tracing::warn!(%error, "cannot checkpoint the store");
+    }
+    let _ = std::fs::remove_file(&config.socket);
+    tracing::info!("epmd stopped");
+    gate_result.context("the exec gate failed")
+}
+
+/// Makes the JSONL log and the store's outbox agree after a crash: the
+/// outbox is committed first, so records it has beyond the log are appended
+/// to the log; the chain continues from the newest record either has.
+fn reconcile(store: &Arc<Mutex<Store>>, log: &mut AuditLog) -> anyhow::Result<Chain> {
+    let store = store
+        .lock()
+        .map_err(|_| anyhow::anyhow!("store lock poisoned"))?;
+    let store_last = store.last_audit().context("cannot read the audit outbox")?;
+    let mut log_last = log.last_seq().unwrap_or(0);
+    if let Some((store_seq, _)) = &store_last {
+        while log_last < *store_seq {
+            let missing = store
+                .audit_since(log_last, 1000)
+                .context("cannot read the audit outbox")?;
+            let Some(last) = missing.last() else { break };
+            let last_seq = last.seq;
+            let sealed: Vec<epm_audit::SealedRecord> = missing
+                .into_iter()
+                .map(|r| epm_audit::SealedRecord {
+                    seq: r.seq,
+                    hash: r.hash,
+                    line: r.line,
+                })
+                .collect();
+            log.append(&sealed)
+                .context("cannot complete the audit log from the outbox")?;
+            tracing::info!(
+                records = sealed.len(),
+                "completed the audit log from the store after a crash"
+            );
+            log_last = last_seq;
+        }
+    }
+    match store_last {
+        Some((seq, hash)) if seq >= log_last => Ok(Chain::resume(seq, hash)),
+        // The store is behind the log (it was recovered from corruption):
+        // continue from the log's last record.
+        _ if log_last > 0 => {
+            let last = epm_audit::tail(log.dir(), 1).context("cannot read the audit log")?;
+            let record = last
+                .first()
+                .and_then(|l| epm_audit::AuditRecord::parse(l).ok())
+                .context("the audit log's last record is unreadable")?;
+            Ok(Chain::resume(record.seq, record.hash))
+        }
+        _ => Ok(Chain::genesis()),
+    }
+}
+
+fn spawn_signal_thread(
+    config: &Config,
+    shutdown: &Shutdown,
+    decider: &Arc<Decider>,
+    store: &Arc<Mutex<Store>>,
+    audit: &AuditSink,
+) -> anyhow::Result<()> {
+    let mut signals =
+        Signals::new([SIGTERM, SIGINT, SIGHUP]).context("cannot install signal handlers")?;
+    let shutdown = shutdown.clone();
+    let decider = decider.clone();
+    let store = store.clone();
+    let audit = audit.clone();
+    let policy_file = config.policy_file.clone();
+    std::thread::Builder::new()
+        .name("epm-signals".into())
+        .spawn(move || {
+            for signal in signals.forever() {
+                match signal {
+                    SIGHUP => match &policy_file {
+                        Some(path) => {
+                            let event = policy_source::reload(path, &decider, &store);
+                            audit.send(event);
+                            audit.flush(Duration::from_secs(5));
+                        }
+                        None => {
+                            tracing::info!("SIGHUP: no policy_file configured, nothing to reload")
+                        }
+                    },
+                    _ => {
+                        tracing::info!(signal, "stopping");
+                        shutdown.request();
+                        return;
+                    }
+                }
+            }
+        })
+        .context("cannot start the signal thread")?;
+    Ok(())
+}
+
+#[cfg(target_os = "linux")]
+fn open_gate(config: &Config, fallback: crate::gate::Verdict) -> anyhow::Result<Box<dyn ExecGate>> {
+    let gate = crate::gate::fanotify::FanotifyGate::new(config.gate.watch_paths.clone(), fallback)?;
+    if !gate.has_pidfd() {
+        tracing::warn!(
+            "this kernel does not report pidfds (Linux < 5.15): /proc facts may race with pid reuse"
+        );
+    }
+    tracing::info!(mounts = gate.marked_mounts(), "fanotify gate ready");
+    Ok(Box::new(gate))
+}
+
+#[cfg(not(target_os = "linux"))]
+fn open_gate(
+    _config: &Config,
+    _fallback: crate::gate::Verdict,
+) -> anyhow::Result<Box<dyn ExecGate>> {
+    anyhow::bail!(
+        "this build of epmd has no exec gate for this platform yet (the Endpoint Security gate is tracked separately)"
+    )
+}

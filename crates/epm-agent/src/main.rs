@@ -1,0 +1,63 @@
+//! `epmd`: the EPM daemon. Parses arguments and runs [`epm_agent::daemon`].
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use epm_agent::config::Config;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "epmd",
+    version,
+    about = "The EPM daemon: decides every exec by policy and audits it",
+    long_about = "The EPM daemon: sees every program before it runs, decides by policy \
+        (allow, justify, approve, deny), answers the kernel, and audits the decision.\n\n\
+        Runs as root. SIGHUP reloads the policy file; SIGTERM stops cleanly.",
+    after_help = "Example:\n  sudo epmd --config /etc/epm/epmd.toml\n\n\
+        The configuration is documented in docs/configuration.md."
+)]
+struct Args {
+    /// The TOML configuration file.
+    #[arg(long, short, value_name = "FILE")]
+    config: PathBuf,
+    /// Check the configuration and the policy file, then exit.
+    #[arg(long)]
+    check: bool,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("EPM_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let config = match Config::load(&args.config) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("epmd: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    if args.check {
+        if let Some(path) = &config.policy_file
+            && let Err(errors) = epm_agent::policy_source::read_policy_file(path)
+        {
+            eprintln!("epmd: policy {}:\n{errors}", path.display());
+            return ExitCode::from(2);
+        }
+        println!("{}: configuration valid", args.config.display());
+        return ExitCode::SUCCESS;
+    }
+    match epm_agent::daemon::run(config, &args.config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("epmd: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,301 @@
+//! Commands that talk to the running daemon over its control socket.
+
+use std::io::{IsTerminal, Write};
+use std::path::Path;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use epm_audit::AuditRecord;
+use epm_ipc::{Client, Request, Response};
+
+fn connect(socket: &Path) -> anyhow::Result<Client> {
+    Ok(Client::connect(
+        socket,
+        concat!("epmctl ", env!("CARGO_PKG_VERSION")),
+    )?)
+}
+
+/// `epmctl status`
+pub(crate) fn status(socket: &Path, json: bool) -> anyhow::Result<ExitCode> {
+    let mut client = connect(socket)?;
+    let Response::Status(report) = client.call(&Request::Status)? else {
+        anyhow::bail!("epmd sent an unexpected answer to status");
+    };
+    if json {
+        println!("{}", serde_json::to_string(&report)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let c = &report.counters;
+    let hit_rate = match c.cache_hits + c.cache_misses {
+        0 => "n/a".to_owned(),
+        total => format!("{:.1} %", c.cache_hits as f64 * 100.0 / total as f64),
+    };
+    let us = |v: Option<f64>| v.map_or("n/a".to_owned(), |v| format!("{v:.0} µs"));
+    println!(
+        "epmd {} on {}, up {}",
+        report.daemon_version,
+        report.device_id,
+        uptime(report.uptime_secs)
+    );
+    println!("  mode:        {} (fail {})", report.mode, report.fail_mode);
+    println!(
+        "  policy:      version {} from {}, {} rules, loaded {}",
+        report.policy.version,
+        report.policy.source,
+        report.policy.rule_count,
+        report.policy.loaded_at
+    );
+    println!(
+        "  execs:       {} seen, {} allowed, {} denied, {} would deny (monitor)",
+        c.execs_seen, c.allowed, c.denied, c.would_deny
+    );
+    println!(
+        "  cache:       {hit_rate} hits ({} hits, {} misses)",
+        c.cache_hits, c.cache_misses
+    );
+    println!("  queue:       {} of {}", c.queue_depth, c.queue_capacity);
+    println!(
+        "  fail mode:   {} answers ({} overflow, {} panics)",
+        c.fail_mode_answers, c.overflow, c.worker_panics
+    );
+    println!(
+        "  latency:     p50 {}, p99 {}, max {}",
+        us(report.latency_us.p50),
+        us(report.latency_us.p99),
+        us(report.latency_us.max)
+    );
+    println!(
+        "  audit:       last seq {}, {} awaiting upload, {} dropped",
+        report.audit_last_seq, report.audit_outbox_pending, c.audit_dropped
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn uptime(secs: u64) -> String {
+    match secs {
+        s if s < 60 => format!("{s}s"),
+        s if s < 3600 => format!("{}m{}s", s / 60, s % 60),
+        s if s < 86_400 => format!("{}h{}m", s / 3600, (s % 3600) / 60),
+        s => format!("{}d{}h", s / 86_400, (s % 86_400) / 3600),
+    }
+}
+
+/// `epmctl policy show`
+pub(crate) fn policy_show(socket: &Path, json: bool) -> anyhow::Result<ExitCode> {
+    let mut client = connect(socket)?;
+    let Response::Policy(info) = client.call(&Request::PolicyShow)? else {
+        anyhow::bail!("epmd sent an unexpected answer to policy show");
+    };
+    let document = info.document.clone().unwrap_or_default();
+    if json {
+        println!("{document}");
+    } else {
+        eprintln!(
+            "# version {} from {}, {} rules, loaded {}",
+            info.version, info.source, info.rule_count, info.loaded_at
+        );
+        let pretty = serde_json::from_str::<serde_json::Value>(&document)
+            .and_then(|v| serde_json::to_string_pretty(&v))
+            .unwrap_or(document);
+        println!("{pretty}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `epmctl policy explain PATH` against the live policy.
+pub(crate) fn policy_explain(
+    socket: &Path,
+    path: &Path,
+    sha256: Option<String>,
+    user: Option<String>,
+    groups: Option<Vec<String>>,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let mut client = connect(socket)?;
+    let Response::Explanation(e) = client.call(&Request::PolicyExplain {
+        path: path.to_string_lossy().into_owned(),
+        sha256,
+        user,
+        groups,
+    })?
+    else {
+        anyhow::bail!("epmd sent an unexpected answer to policy explain");
+    };
+    if json {
+        println!("{}", serde_json::to_string(&e)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("{}  {}", e.action, path.display());
+    println!("  why:     {}", e.reason);
+    if let Some(message) = &e.message {
+        println!("  message: {message}");
+    }
+    println!("  policy:  version {} (live, from epmd)", e.policy_version);
+    if let Some(sha256) = &e.sha256 {
+        println!("  sha256:  {sha256}");
+    }
+    println!(
+        "  as:      user {:?}, groups [{}]",
+        e.user,
+        e.groups.join(", ")
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// What `audit tail` shows.
+pub(crate) struct TailOptions {
+    pub(crate) lines: u32,
+    pub(crate) follow: bool,
+    pub(crate) decision: Option<String>,
+    pub(crate) user: Option<String>,
+}
+
+/// `epmctl audit tail`
+pub(crate) fn audit_tail(
+    socket: &Path,
+    options: TailOptions,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let mut client = connect(socket)?;
+    if options.follow {
+        client.wait_forever();
+    }
+    client.send(&Request::AuditTail {
+        lines: options.lines,
+        follow: options.follow,
+        decision: options.decision,
+        user: options.user,
+    })?;
+    let stdout = std::io::stdout();
+    let color = !json && stdout.is_terminal() && std::env::var_os("NO_COLOR").is_none();
+    let mut out = stdout.lock();
+    loop {
+        match client.recv()? {
+            Response::AuditRecords { lines } => {
+                for line in lines {
+                    let text = if json { line } else { pretty(&line, color) };
+                    if writeln!(out, "{text}").and_then(|()| out.flush()).is_err() {
+                        // The reader went away (`| head`): not an error.
+                        return Ok(ExitCode::SUCCESS);
+                    }
+                }
+            }
+            Response::End => return Ok(ExitCode::SUCCESS),
+            other => anyhow::bail!("epmd sent an unexpected answer to audit tail: {other:?}"),
+        }
+    }
+}
+
+/// One record as an aligned line: time, decision, user, path, rule, reason.
+fn pretty(line: &str, color: bool) -> String {
+    let Ok(record) = AuditRecord::parse(line) else {
+        return line.to_owned();
+    };
+    let e = &record.event;
+    let decision = e.decision.as_deref().unwrap_or("-");
+    let paint = |code: &str, text: String| {
+        if color {
+            format!("\x1b[{code}m{text}\x1b[0m")
+        } else {
+            text
+        }
+    };
+    let decision_cell = format!("{decision:<10}");
+    let decision_cell = match decision {
+        "deny" => paint("1;31", decision_cell),
+        "would_deny" => paint("33", decision_cell),
+        "allow" => paint("32", decision_cell),
+        _ => decision_cell,
+    };
+    let time = record
+        .time
+        .get(..19)
+        .unwrap_or(&record.time)
+        .replace('T', " ");
+    let subject = match (&e.path, &e.event) {
+        (Some(path), _) => path.clone(),
+        (None, event) => format!("[{event}]"),
+    };
+    let mut text = format!(
+        "{:>7} {time} {decision_cell} {:<12} {subject}",
+        record.seq,
+        e.user.as_deref().unwrap_or("-"),
+    );
+    if let Some(rule) = &e.rule_id {
+        text.push_str(&format!("  rule={rule}"));
+    }
+    if let Some(reason) = &e.reason
+        && (e.rule_id.is_none() || decision != "allow")
+    {
+        text.push_str(&paint("2", format!("  ({reason})")));
+    }
+    text
+}
+
+/// `epmctl audit verify [FILE]`: local files, no daemon needed.
+pub(crate) fn audit_verify(target: &Path, json: bool) -> anyhow::Result<ExitCode> {
+    let result = if target.is_dir() {
+        epm_audit::verify_dir(target)
+    } else {
+        // A single file: verify it, and the rotated files before it when it
+        // is the live log, so a deletion across files is caught.
+        let dir = target.parent().unwrap_or(Path::new("."));
+        let live = target
+            .file_name()
+            .is_some_and(|n| n == epm_audit::LIVE_FILE);
+        let files = if live {
+            epm_audit::log_files(dir).with_context(|| format!("cannot list {}", dir.display()))?
+        } else {
+            vec![target.to_owned()]
+        };
+        if !target.exists() {
+            anyhow::bail!("no audit log at {}", target.display());
+        }
+        epm_audit::verify_files(&files)
+    };
+    match result {
+        Ok(report) => {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "intact": true, "files": report.files, "records": report.records,
+                        "first_seq": report.first_seq, "last_seq": report.last_seq,
+                        "starts_at_genesis": report.starts_at_genesis,
+                    })
+                );
+            } else {
+                let range = match (report.first_seq, report.last_seq) {
+                    (Some(first), Some(last)) => format!("seq {first}..={last}"),
+                    _ => "no records".to_owned(),
+                };
+                let origin = if report.starts_at_genesis || report.records == 0 {
+                    ""
+                } else {
+                    " (older files were rotated away; the chain is checked from the first kept record)"
+                };
+                println!(
+                    "intact: {} records in {} files, {range}{origin}",
+                    report.records, report.files
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(epm_audit::VerifyError::Broken(broken)) => {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "intact": false,
+                        "file": broken.file.as_ref().map(|f| f.display().to_string()),
+                        "line": broken.line, "seq": broken.seq, "problem": broken.to_string(),
+                    })
+                );
+            } else {
+                println!("BROKEN: {broken}");
+            }
+            Ok(ExitCode::from(1))
+        }
+        Err(epm_audit::VerifyError::Io(error)) => Err(error.into()),
+    }
+}
