@@ -1,0 +1,378 @@
+//! Harness for EPM's end-to-end tests: a real `epmd` gating a private tmpfs,
+//! driven through the real `epmctl`.
+//!
+//! Each test mounts its own tmpfs and the daemon gates only that mount, so
+//! tests run in parallel and a failing daemon can never hang the machine.
+//! Without root the tests skip with a message; with `EPM_E2E=1` (as in CI)
+//! a missing capability is a failure instead.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a harness fails loudly by design
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// Whether the end-to-end tests can run here. Returns `false` (the test
+/// should return early) when they cannot and `EPM_E2E` is not `1`; panics
+/// when they cannot and `EPM_E2E=1`.
+pub fn capable() -> bool {
+    let missing = if !nix::unistd::geteuid().is_root() {
+        Some("needs root (fanotify permission events need CAP_SYS_ADMIN)".to_owned())
+    } else if !Path::new("/proc/sys/fs/fanotify").exists() {
+        Some("this kernel has no fanotify".to_owned())
+    } else {
+        None
+    };
+    match missing {
+        None => true,
+        Some(why) if std::env::var("EPM_E2E").as_deref() == Ok("1") => {
+            panic!("EPM_E2E=1 but the end-to-end tests cannot run: {why}")
+        }
+        Some(why) => {
+            eprintln!("skipped: {why}; set EPM_E2E=1 to make this a failure");
+            false
+        }
+    }
+}
+
+/// A binary of this workspace, built next to the test executable.
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().and_then(Path::parent).unwrap();
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} not found: run `cargo build --workspace --bins` (cargo test --workspace builds it)",
+        path.display()
+    );
+    path
+}
+
+/// A tmpfs on a fresh directory, unmounted (lazily) on drop.
+#[derive(Debug)]
+pub struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    /// Mounts it.
+    pub fn new() -> Tmpfs {
+        let dir = tempfile::Builder::new()
+            .prefix("epm-e2e-")
+            .tempdir()
+            .unwrap();
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=64m,mode=0755", "epm-e2e"])
+            .arg(dir.path())
+            .status()
+            .unwrap();
+        assert!(
+            status.success(),
+            "cannot mount a tmpfs on {}",
+            dir.path().display()
+        );
+        Tmpfs { dir }
+    }
+
+    /// Where it is mounted.
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Copies a system binary into the mount under `name` (creating parents).
+    pub fn install(&self, from: &str, name: &str) -> PathBuf {
+        let target = self.path().join(name);
+        if let Some(parent) = target.parent() {
+            std::fs::create_dir_all(parent).unwrap();
+        }
+        std::fs::copy(from, &target).unwrap();
+        target
+    }
+}
+
+impl Default for Tmpfs {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+/// SHA-256 of a file, lowercase hex.
+pub fn sha256_of(path: &Path) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(std::fs::read(path).unwrap()))
+}
+
+/// Runs a program with a deadline; a hang fails the test instead of the suite.
+pub fn run(path: &Path) -> std::io::Result<ExitStatus> {
+    let mut child = Command::new(path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(status);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!(
+                "{} did not finish within 15 s: the exec hung",
+                path.display()
+            );
+        }
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Whether an exec failed with EPERM (what a fanotify deny looks like).
+pub fn denied(result: &std::io::Result<ExitStatus>) -> bool {
+    matches!(result, Err(e) if e.raw_os_error() == Some(libc::EPERM))
+}
+
+/// Whether an exec ran (whatever its exit status).
+pub fn ran(result: &std::io::Result<ExitStatus>) -> bool {
+    result.is_ok()
+}
+
+/// A running `epmd` gating its own tmpfs, with its state in a temp dir.
+#[derive(Debug)]
+pub struct Daemon {
+    /// The gated mount.
+    pub mount: Tmpfs,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl Daemon {
+    /// Writes `policy` as the policy file and starts the daemon with extra
+    /// top-level config lines (e.g. `mode = "monitor"`).
+    pub fn start(policy: &str, extra_config: &str) -> Daemon {
+        let mount = Tmpfs::new();
+        let dir = tempfile::Builder::new()
+            .prefix("epm-e2e-state-")
+            .tempdir()
+            .unwrap();
+        std::fs::write(dir.path().join("policy.json"), policy).unwrap();
+        let config = format!(
+            "{extra_config}\nstate_dir = \"state\"\nsocket = \"epmd.sock\"\npolicy_file = \"policy.json\"\n\
+             device_id = \"e2e-device\"\n[gate]\nwatch_paths = [{:?}]\n",
+            mount.path().display().to_string()
+        );
+        std::fs::write(dir.path().join("epmd.toml"), config).unwrap();
+        let mut daemon = Daemon {
+            mount,
+            dir,
+            child: None,
+        };
+        daemon.spawn();
+        daemon
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("epmd.log"))
+            .unwrap();
+        let child = Command::new(binary("epmd"))
+            .arg("--config")
+            .arg(self.dir.path().join("epmd.toml"))
+            .env("EPM_LOG", "debug")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        self.wait_ready();
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Some(child) = &mut self.child
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                panic!("epmd exited at start ({status}):\n{}", self.log());
+            }
+            if self.epmctl(&["status", "--json"]).status.success() {
+                return;
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        panic!("epmd did not become ready:\n{}", self.log());
+    }
+
+    /// The daemon's stderr so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("epmd.log")).unwrap_or_default()
+    }
+
+    /// The state directory (store and audit log).
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    /// The live audit log.
+    pub fn audit_log(&self) -> PathBuf {
+        self.state_dir().join("audit.jsonl")
+    }
+
+    /// The control socket.
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("epmd.sock")
+    }
+
+    /// Rewrites the policy file (takes effect on [`Daemon::reload`]).
+    pub fn write_policy(&self, policy: &str) {
+        std::fs::write(self.dir.path().join("policy.json"), policy).unwrap();
+    }
+
+    /// Runs `epmctl --socket <ours> ARGS`.
+    pub fn epmctl(&self, args: &[&str]) -> Output {
+        Command::new(binary("epmctl"))
+            .arg("--socket")
+            .arg(self.socket())
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    /// `epmctl status --json`, parsed.
+    pub fn status(&self) -> serde_json::Value {
+        let out = self.epmctl(&["status", "--json"]);
+        assert!(
+            out.status.success(),
+            "status: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// Every audit record (via `epmctl audit tail --json`), parsed.
+    pub fn audit(&self) -> Vec<serde_json::Value> {
+        let out = self.epmctl(&["audit", "tail", "-n", "100000", "--json"]);
+        assert!(
+            out.status.success(),
+            "audit tail: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    /// Waits until an audit record satisfies `predicate`, and returns it.
+    pub fn wait_for_record(
+        &self,
+        what: &str,
+        predicate: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(record) = self.audit().into_iter().find(|r| predicate(r)) {
+                return record;
+            }
+            if Instant::now() > deadline {
+                panic!("no audit record {what} within 10 s; log:\n{}", self.log());
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn pid(&self) -> nix::unistd::Pid {
+        nix::unistd::Pid::from_raw(self.child.as_ref().unwrap().id() as i32)
+    }
+
+    /// Sends SIGHUP and waits until the reload is audited (a new
+    /// policy_loaded or policy_rejected record).
+    pub fn reload(&self) -> serde_json::Value {
+        let before = self.audit().len();
+        nix::sys::signal::kill(self.pid(), nix::sys::signal::Signal::SIGHUP).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let records = self.audit();
+            if let Some(r) = records
+                .iter()
+                .skip(before)
+                .find(|r| r["event"] == "policy_loaded" || r["event"] == "policy_rejected")
+            {
+                return r.clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "reload not audited; log:\n{}",
+                self.log()
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+            nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+            let status = wait_with_deadline(&mut child, Duration::from_secs(20));
+            assert!(
+                status.success(),
+                "epmd exited with {status} on SIGTERM:\n{}",
+                self.log()
+            );
+        }
+    }
+
+    /// SIGKILL: no chance to flush or clean up.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().unwrap();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the daemon again on the same state.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "stop or kill the daemon first");
+        self.spawn();
+    }
+}
+
+fn wait_with_deadline(child: &mut Child, limit: Duration) -> ExitStatus {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("epmd did not exit within {limit:?}");
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A policy document with the given default and rules (JSON fragments).
+pub fn policy(version: u64, default_action: &str, rules: &[String]) -> String {
+    format!(
+        r#"{{"version": {version}, "default_action": "{default_action}", "rules": [{}]}}"#,
+        rules.join(",")
+    )
+}
