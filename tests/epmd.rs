@@ -60,11 +60,9 @@ fn a_sha256_rule_denies_that_binary_only_until_its_bytes_change() {
         "a modified binary is a different binary"
     );
 
-    let records = daemon.audit();
-    let deny = records
-        .iter()
-        .find(|r| r["event"] == "exec" && r["decision"] == "deny")
-        .unwrap();
+    let deny = daemon.wait_for_record("for the sha256 deny", |r| {
+        r["event"] == "exec" && r["decision"] == "deny"
+    });
     assert_eq!(deny["rule_id"], "no-tool");
     assert_eq!(deny["sha256"], digest);
     assert_eq!(deny["device_id"], "e2e-device");
@@ -364,4 +362,39 @@ fn users_see_only_their_own_audit_records_and_not_the_policy() {
         as_nobody(&["status"]).status.success(),
         "anyone may read the status"
     );
+}
+
+#[test]
+fn parent_path_rules_see_the_parent_even_when_turned_on_by_a_reload() {
+    if !capable() {
+        return;
+    }
+    // Starts without any parent_path rule: the gate skips the parent lookup.
+    let daemon = Daemon::start(&policy(1, "allow", &[]), "");
+    let tool = daemon.mount.install("/bin/true", "child-tool");
+    assert!(ran(&run(&tool)));
+    let me = std::env::current_exe().unwrap().display().to_string();
+    daemon.write_policy(&policy(
+        2,
+        "allow",
+        &[rule(
+            "not-from-tests",
+            "deny",
+            &format!(r#"{{"name": "child-tool", "parent_path": "{me}"}}"#),
+        )],
+    ));
+    assert_eq!(daemon.reload()["event"], "policy_loaded");
+    assert!(
+        denied(&run(&tool)),
+        "this test process is the parent: denied"
+    );
+    // A shell's child has the shell as its parent: the rule does not apply.
+    // (`sh -c "exec tool"` would not do: there the shell itself execs, and
+    // its parent is still this process.)
+    let via_shell = std::process::Command::new("/bin/sh")
+        .arg("-c")
+        .arg(format!("{} && true", tool.display()))
+        .status()
+        .unwrap();
+    assert!(via_shell.success(), "a different parent: allowed");
 }

@@ -172,8 +172,17 @@ fn handle_requests(
             Request::PolicyShow => {
                 let response = if connection.is_admin {
                     let mut info = policy_info(&context.decider);
-                    info.document = Some(context.decider.policy().document.to_string());
-                    Response::Policy(info)
+                    let policy = context.decider.policy();
+                    match crate::policy_source::document_in_force(&policy, &context.store) {
+                        Some(document) => {
+                            info.document = Some(document);
+                            Response::Policy(info)
+                        }
+                        None => error(
+                            ErrorCode::NotFound,
+                            "the policy in force is not in the store (it could not be saved; see the daemon's log)",
+                        ),
+                    }
                 } else {
                     forbidden("only root and members of the admin group may read the policy")
                 };

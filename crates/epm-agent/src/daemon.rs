@@ -2,7 +2,7 @@
 //! SIGTERM stop in the order that loses nothing (see docs/architecture.md).
 
 use std::path::Path;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -126,9 +126,17 @@ pub fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
     .context("cannot start the control server")?;
 
     let shutdown = Shutdown::new().context("cannot create the shutdown switch")?;
-    spawn_signal_thread(&config, &shutdown, &decider, &store, &audit)?;
+    let want_parent_path = Arc::new(AtomicBool::new(decider.policy().engine.uses_parent_path()));
+    spawn_signal_thread(
+        &config,
+        &shutdown,
+        &decider,
+        &store,
+        &audit,
+        &want_parent_path,
+    )?;
 
-    let mut gate = open_gate(&config, decider.fail_verdict())?;
+    let mut gate = open_gate(&config, decider.fail_verdict(), want_parent_path)?;
     tracing::info!(
         mode = config.mode.as_str(),
         fail_mode = config.fail_mode.as_str(),
@@ -216,6 +224,7 @@ fn spawn_signal_thread(
     decider: &Arc<Decider>,
     store: &Arc<Mutex<Store>>,
     audit: &AuditSink,
+    want_parent_path: &Arc<AtomicBool>,
 ) -> anyhow::Result<()> {
     let mut signals =
         Signals::new([SIGTERM, SIGINT, SIGHUP]).context("cannot install signal handlers")?;
@@ -224,6 +233,7 @@ fn spawn_signal_thread(
     let store = store.clone();
     let audit = audit.clone();
     let policy_file = config.policy_file.clone();
+    let want_parent_path = want_parent_path.clone();
     std::thread::Builder::new()
         .name("epm-signals".into())
         .spawn(move || {
@@ -232,6 +242,10 @@ fn spawn_signal_thread(
                     SIGHUP => match &policy_file {
                         Some(path) => {
                             let event = policy_source::reload(path, &decider, &store);
+                            want_parent_path.store(
+                                decider.policy().engine.uses_parent_path(),
+                                Ordering::Relaxed,
+                            );
                             audit.send(event);
                             audit.flush(Duration::from_secs(5));
                         }
@@ -252,8 +266,14 @@ fn spawn_signal_thread(
 }
 
 #[cfg(target_os = "linux")]
-fn open_gate(config: &Config, fallback: crate::gate::Verdict) -> anyhow::Result<Box<dyn ExecGate>> {
-    let gate = crate::gate::fanotify::FanotifyGate::new(config.gate.watch_paths.clone(), fallback)?;
+fn open_gate(
+    config: &Config,
+    fallback: crate::gate::Verdict,
+    want_parent_path: Arc<AtomicBool>,
+) -> anyhow::Result<Box<dyn ExecGate>> {
+    let mut gate =
+        crate::gate::fanotify::FanotifyGate::new(config.gate.watch_paths.clone(), fallback)?;
+    gate.set_parent_path_switch(want_parent_path);
     if !gate.has_pidfd() {
         tracing::warn!(
             "this kernel does not report pidfds (Linux < 5.15): /proc facts may race with pid reuse"
@@ -267,6 +287,7 @@ fn open_gate(config: &Config, fallback: crate::gate::Verdict) -> anyhow::Result<
 fn open_gate(
     _config: &Config,
     _fallback: crate::gate::Verdict,
+    _want_parent_path: Arc<AtomicBool>,
 ) -> anyhow::Result<Box<dyn ExecGate>> {
     anyhow::bail!(
         "this build of epmd has no exec gate for this platform yet (the Endpoint Security gate is tracked separately)"

@@ -31,8 +31,6 @@ pub struct PolicyState {
     pub source: String,
     /// When it was loaded.
     pub loaded_at: jiff::Timestamp,
-    /// The document as loaded, for `epmctl policy show`.
-    pub document: Arc<str>,
 }
 
 /// What the enforcement did, for the audit.
@@ -180,33 +178,55 @@ impl Decider {
         &self.names
     }
 
+    /// Decides one exec from the caches alone, without reading any file:
+    /// `None` when the file version was never hashed or this decision was
+    /// never made. The gate thread calls this first, so the common case is
+    /// answered without waking a worker.
+    pub fn decide_cached(&self, facts: &ExecFacts) -> Option<Outcome> {
+        let policy = self.policy.load();
+        let sha256 = match facts.content {
+            Some(_) => Some(self.hashes.get(&facts.file)?),
+            None => None,
+        };
+        let decision = self.decisions.get(&self.key(facts, policy.generation))?;
+        Counters::bump(&self.counters.cache_hits);
+        Some(self.conclude(facts, sha256, decision, true))
+    }
+
     /// Decides one exec. Never blocks on anything but reading the
     /// executable (to hash it, once per file version) and the user database
     /// (cached).
     pub fn decide(&self, facts: &ExecFacts) -> Result<Outcome, DecideError> {
         let policy = self.policy.load();
         let sha256 = self.sha256_of(facts)?;
-        let subject = self.subject(facts, sha256);
+        let key = self.key(facts, policy.generation);
+        if let Some(decision) = self.decisions.get(&key) {
+            Counters::bump(&self.counters.cache_hits);
+            return Ok(self.conclude(facts, sha256, decision, true));
+        }
+        Counters::bump(&self.counters.cache_misses);
+        let decision = policy.engine.evaluate(&self.subject(facts, sha256));
+        self.decisions.insert(key, decision.clone());
+        Ok(self.conclude(facts, sha256, decision, false))
+    }
 
-        let key = DecisionKey {
+    fn key(&self, facts: &ExecFacts, generation: u64) -> DecisionKey {
+        DecisionKey {
             file: facts.file,
-            generation: policy.generation,
+            generation,
             uid: facts.uid,
             context: self.context_fingerprint(facts),
-        };
-        let (decision, cached) = match self.decisions.get(&key) {
-            Some(decision) => {
-                Counters::bump(&self.counters.cache_hits);
-                (decision, true)
-            }
-            None => {
-                Counters::bump(&self.counters.cache_misses);
-                let decision = policy.engine.evaluate(&subject);
-                self.decisions.insert(key, decision.clone());
-                (decision, false)
-            }
-        };
+        }
+    }
 
+    /// Applies the mode to a policy decision and counts it.
+    fn conclude(
+        &self,
+        facts: &ExecFacts,
+        sha256: Option<Sha256Digest>,
+        decision: Decision,
+        cached: bool,
+    ) -> Outcome {
         // justify and approve need a grant that the interactive flows create;
         // without one the exec is refused, and the audit says which it needs.
         let policy_allows = decision.action == Action::Allow;
@@ -221,13 +241,13 @@ impl Decider {
             Enforced::WouldDeny => &self.counters.would_deny,
         };
         Counters::bump(counter);
-        Ok(Outcome {
+        Outcome {
             verdict,
             enforced,
             decision,
-            subject,
+            subject: self.subject(facts, sha256),
             cached,
-        })
+        }
     }
 
     /// The SHA-256 of the executable, from the cache when this exact file
@@ -249,6 +269,10 @@ impl Decider {
 
     fn context_fingerprint(&self, facts: &ExecFacts) -> u64 {
         let mut hasher = self.fingerprint.build_hasher();
+        // The path too: one inode can have several paths (hard links), and
+        // path rules may treat them differently.
+        facts.path.hash(&mut hasher);
+        facts.gid.hash(&mut hasher);
         facts.groups.hash(&mut hasher);
         facts.parent_path.hash(&mut hasher);
         facts.argv.hash(&mut hasher);
@@ -311,4 +335,158 @@ pub fn hash_file(file: &std::fs::File) -> io::Result<Sha256Digest> {
         offset += n as u64;
     }
     Ok(Sha256Digest(hasher.finalize().into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use super::*;
+
+    fn state(document: &str, generation: u64) -> PolicyState {
+        PolicyState {
+            engine: Engine::from_json(document).unwrap(),
+            generation,
+            source: "test".into(),
+            loaded_at: jiff::Timestamp::now(),
+        }
+    }
+
+    fn deny_digest(digest: &str, version: u64) -> String {
+        format!(
+            r#"{{"version": {version}, "default_action": "allow", "rules": [
+                {{"id": "bad", "action": "deny", "match": {{"sha256": "{digest}"}}}}]}}"#
+        )
+    }
+
+    fn facts(file: &std::fs::File, path: &str) -> ExecFacts {
+        let meta = file.metadata().unwrap();
+        use std::os::unix::fs::MetadataExt;
+        ExecFacts {
+            pid: 4242,
+            file: FileIdentity {
+                dev: meta.dev(),
+                ino: meta.ino(),
+                size: meta.size(),
+                mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
+                ctime_ns: meta.ctime() * 1_000_000_000 + meta.ctime_nsec(),
+            },
+            path: path.into(),
+            uid: 0,
+            gid: 0,
+            groups: vec![],
+            login_uid: None,
+            ppid: 1,
+            parent_path: None,
+            argv: None,
+            cdhash: None,
+            team_id: None,
+            signing_id: None,
+            bundle_id: None,
+            platform_binary: None,
+            content: Some(file.try_clone().unwrap()),
+        }
+    }
+
+    fn digest_of(bytes: &[u8]) -> String {
+        hex::encode(Sha256::digest(bytes))
+    }
+
+    #[test]
+    fn hashes_through_the_handle_and_caches_per_file_version() {
+        let mut file = tempfile::tempfile().unwrap();
+        file.write_all(b"version one").unwrap();
+        let decider = Decider::new(
+            state(&deny_digest(&digest_of(b"version one"), 1), 1),
+            Mode::Enforce,
+            FailMode::Open,
+            "dev".into(),
+            64,
+        );
+        let first = decider.decide(&facts(&file, "/x")).unwrap();
+        assert_eq!(first.verdict, Verdict::Deny);
+        assert!(!first.cached);
+        let second = decider.decide(&facts(&file, "/x")).unwrap();
+        assert!(second.cached, "same file version, same policy: cached");
+
+        // New content is a new file version: hashed again, rule no longer applies.
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        file.write_all(b" and two").unwrap();
+        let changed = decider.decide(&facts(&file, "/x")).unwrap();
+        assert!(!changed.cached);
+        assert_eq!(changed.verdict, Verdict::Allow);
+        assert_eq!(
+            changed.subject.sha256.unwrap().to_string(),
+            digest_of(b"version one and two")
+        );
+    }
+
+    #[test]
+    fn a_new_policy_generation_never_reuses_a_decision_even_at_the_same_version() {
+        let mut file = tempfile::tempfile().unwrap();
+        file.write_all(b"tool").unwrap();
+        let allow_all = r#"{"version": 5, "default_action": "allow"}"#;
+        let decider = Decider::new(
+            state(allow_all, 1),
+            Mode::Enforce,
+            FailMode::Open,
+            "d".into(),
+            64,
+        );
+        assert_eq!(
+            decider.decide(&facts(&file, "/t")).unwrap().verdict,
+            Verdict::Allow
+        );
+        // Same author version, different content: only the generation differs.
+        decider.set_policy(state(
+            &deny_digest(&digest_of(b"tool"), 5),
+            decider.next_generation(),
+        ));
+        let outcome = decider.decide(&facts(&file, "/t")).unwrap();
+        assert_eq!(outcome.verdict, Verdict::Deny);
+        assert!(!outcome.cached);
+    }
+
+    #[test]
+    fn monitor_mode_allows_what_it_would_deny_and_counts_it() {
+        let mut file = tempfile::tempfile().unwrap();
+        file.write_all(b"nc").unwrap();
+        let policy = r#"{"version": 1, "default_action": "deny"}"#;
+        let decider = Decider::new(
+            state(policy, 1),
+            Mode::Monitor,
+            FailMode::Closed,
+            "d".into(),
+            64,
+        );
+        let outcome = decider.decide(&facts(&file, "/nc")).unwrap();
+        assert_eq!(
+            (outcome.verdict, outcome.enforced),
+            (Verdict::Allow, Enforced::WouldDeny)
+        );
+        assert_eq!(Counters::get(&decider.counters.would_deny), 1);
+        assert_eq!(decider.fail_verdict(), Verdict::Deny);
+    }
+
+    #[test]
+    fn justify_and_approve_are_refused_without_a_grant() {
+        let mut file = tempfile::tempfile().unwrap();
+        file.write_all(b"docker").unwrap();
+        for action in ["justify", "approve"] {
+            let policy = format!(
+                r#"{{"version": 1, "default_action": "allow", "rules": [
+                    {{"id": "r", "action": "{action}", "match": {{"name": "docker"}}}}]}}"#
+            );
+            let decider = Decider::new(
+                state(&policy, 1),
+                Mode::Enforce,
+                FailMode::Open,
+                "d".into(),
+                64,
+            );
+            let outcome = decider.decide(&facts(&file, "/usr/bin/docker")).unwrap();
+            assert_eq!(outcome.verdict, Verdict::Deny, "{action}");
+            assert_eq!(outcome.decision.action.as_str(), action);
+        }
+    }
 }

@@ -1,8 +1,9 @@
 //! The decision pipeline between a gate and the decider: a bounded queue,
 //! worker threads, the answer first and the audit after.
 //!
-//! Every exec handed to [`Intake::submit`] is answered exactly once: by a
-//! worker; at once per `fail_mode` when the queue is full; per `fail_mode`
+//! Cache hits are answered on the gate's thread; everything else (hashing,
+//! evaluation) goes to a worker. Every exec handed to [`Intake::submit`] is
+//! answered exactly once: from the caches; by a worker; at once per `fail_mode` when the queue is full; per `fail_mode`
 //! when deciding fails or panics; or by `PendingExec`'s drop guard if
 //! anything else goes wrong.
 
@@ -40,11 +41,17 @@ impl Intake {
     pub fn submit(&self, pending: PendingExec) {
         let counters = &self.decider.counters;
         Counters::bump(&counters.execs_seen);
+        // The common case, a file version and context decided before, is
+        // answered right here: waking a worker would cost more than deciding.
+        let received = Instant::now();
+        if let Some(outcome) = self.decider.decide_cached(&pending.facts) {
+            pending.answer(outcome.verdict);
+            self.decider.latency.record(received.elapsed());
+            self.audit.send(exec_event(&self.decider, &outcome));
+            return;
+        }
         counters.queue_depth.fetch_add(1, Ordering::Relaxed);
-        let job = Job {
-            pending,
-            received: Instant::now(),
-        };
+        let job = Job { pending, received };
         let (job, why) = match self.queue.try_send(job) {
             Ok(()) => return,
             Err(TrySendError::Full(job)) => {
@@ -135,5 +142,177 @@ fn work(jobs: &Receiver<Job>, decider: &Decider, audit: &AuditSink) {
         pending.answer(verdict);
         decider.latency.record(received.elapsed());
         audit.send(event);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    use epm_audit::{AuditLog, Chain, LogOptions};
+    use epm_policy::Engine;
+    use epm_store::Store;
+
+    use super::*;
+    use crate::audit::AuditWriter;
+    use crate::config::{FailMode, Mode};
+    use crate::decider::PolicyState;
+    use crate::gate::{ExecFacts, FileIdentity, Respond, Verdict};
+
+    /// Records the verdict it is given.
+    struct Recorder(crossbeam_channel::Sender<Verdict>);
+
+    impl Respond for Recorder {
+        fn respond(self: Box<Self>, verdict: Verdict) {
+            let _ = self.0.send(verdict);
+        }
+    }
+
+    fn facts(path: &str, content: Option<std::fs::File>) -> ExecFacts {
+        ExecFacts {
+            pid: 7,
+            file: FileIdentity {
+                dev: 1,
+                ino: 2,
+                size: 3,
+                mtime_ns: 4,
+                ctime_ns: 5,
+            },
+            path: path.into(),
+            uid: 0,
+            gid: 0,
+            groups: vec![],
+            login_uid: None,
+            ppid: 1,
+            parent_path: None,
+            argv: None,
+            cdhash: None,
+            team_id: None,
+            signing_id: None,
+            bundle_id: None,
+            platform_binary: None,
+            content,
+        }
+    }
+
+    fn setup(fail_mode: FailMode) -> (tempfile::TempDir, Arc<Decider>, AuditWriter, AuditSink) {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(&dir.path().join("s.sqlite")).unwrap();
+        let (log, _) = AuditLog::open(dir.path(), LogOptions::default()).unwrap();
+        let document = r#"{"version": 1, "default_action": "allow", "rules": [
+            {"id": "no-nc", "action": "deny", "match": {"name": "nc"}}]}"#;
+        let policy = PolicyState {
+            engine: Engine::from_json(document).unwrap(),
+            generation: 1,
+            source: "test".into(),
+            loaded_at: jiff::Timestamp::now(),
+        };
+        let decider = Arc::new(Decider::new(
+            policy,
+            Mode::Enforce,
+            fail_mode,
+            "d".into(),
+            64,
+        ));
+        let (writer, sink) = AuditWriter::start(
+            Arc::new(Mutex::new(store)),
+            log,
+            Chain::genesis(),
+            1 << 20,
+            Arc::new(std::sync::atomic::AtomicU64::new(0)),
+        )
+        .unwrap();
+        (dir, decider, writer, sink)
+    }
+
+    #[test]
+    fn workers_answer_and_audit_every_exec() {
+        let (dir, decider, writer, sink) = setup(FailMode::Open);
+        let (workers, intake) = Workers::start(2, 16, decider.clone(), sink.clone()).unwrap();
+        let (tx, verdicts) = crossbeam_channel::unbounded();
+        for path in ["/usr/bin/nc", "/usr/bin/ls"] {
+            let pending = PendingExec::new(
+                facts(path, None),
+                Box::new(Recorder(tx.clone())),
+                Verdict::Deny,
+            );
+            intake.submit(pending);
+        }
+        let mut got: Vec<Verdict> = (0..2)
+            .map(|_| verdicts.recv_timeout(Duration::from_secs(5)).unwrap())
+            .collect();
+        got.sort_by_key(|v| *v == Verdict::Allow);
+        assert_eq!(got, [Verdict::Deny, Verdict::Allow]);
+        drop(intake);
+        workers.join();
+        assert!(sink.flush(Duration::from_secs(5)));
+        drop(sink);
+        writer.stop();
+        let report = epm_audit::verify_dir(dir.path()).unwrap();
+        assert_eq!(report.records, 2);
+    }
+
+    #[test]
+    fn a_full_queue_answers_per_fail_mode_at_once() {
+        for (fail_mode, expected) in [
+            (FailMode::Open, Verdict::Allow),
+            (FailMode::Closed, Verdict::Deny),
+        ] {
+            let (_dir, decider, writer, sink) = setup(fail_mode);
+            // No workers: a queue of one fills with the first exec.
+            let (queue, _jobs) = bounded::<Job>(1);
+            let intake = Intake {
+                queue,
+                decider: decider.clone(),
+                audit: sink.clone(),
+            };
+            let (tx, verdicts) = crossbeam_channel::unbounded();
+            for _ in 0..2 {
+                intake.submit(PendingExec::new(
+                    facts("/usr/bin/ls", None),
+                    Box::new(Recorder(tx.clone())),
+                    Verdict::Deny,
+                ));
+            }
+            assert_eq!(
+                verdicts.recv_timeout(Duration::from_secs(1)).unwrap(),
+                expected
+            );
+            assert_eq!(Counters::get(&decider.counters.overflow), 1);
+            assert_eq!(Counters::get(&decider.counters.fail_mode_answers), 1);
+            drop(intake);
+            drop(sink);
+            writer.stop();
+        }
+    }
+
+    #[test]
+    fn an_unreadable_executable_is_answered_per_fail_mode() {
+        let (_dir, decider, writer, sink) = setup(FailMode::Closed);
+        let (workers, intake) = Workers::start(1, 16, decider.clone(), sink.clone()).unwrap();
+        let (tx, verdicts) = crossbeam_channel::unbounded();
+        // A write-only handle cannot be read to hash it.
+        let path = _dir.path().join("wo");
+        let write_only = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        intake.submit(PendingExec::new(
+            facts("/usr/bin/ls", Some(write_only)),
+            Box::new(Recorder(tx)),
+            Verdict::Allow,
+        ));
+        assert_eq!(
+            verdicts.recv_timeout(Duration::from_secs(5)).unwrap(),
+            Verdict::Deny
+        );
+        drop(intake);
+        workers.join();
+        assert_eq!(Counters::get(&decider.counters.fail_mode_answers), 1);
+        drop(sink);
+        writer.stop();
     }
 }

@@ -65,16 +65,41 @@ impl Candidate {
         }
     }
 
-    /// Turns the candidate into the state the decider enforces.
+    /// Turns the candidate into the state the decider enforces. The
+    /// document itself is not kept in memory (`epmctl policy show` reads it
+    /// from the store): for a large policy it is as big as the index.
     pub fn into_state(self, generation: u64) -> PolicyState {
-        PolicyState {
+        let state = PolicyState {
             engine: self.engine,
             generation,
             source: self.source,
             loaded_at: jiff::Timestamp::now(),
-            document: self.document.into(),
-        }
+        };
+        drop(self.document);
+        trim_heap();
+        state
     }
+}
+
+/// Returns memory freed by parsing a large document to the OS, so the
+/// daemon's resident size reflects the index, not the parser's peak.
+fn trim_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free heap pages; no pointers change.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// The document of the policy in force, for `epmctl policy show`: the
+/// built-in one, or the store's copy when it is the version in force.
+pub fn document_in_force(state: &PolicyState, store: &Arc<Mutex<Store>>) -> Option<String> {
+    if state.source == "builtin" {
+        return Some(BUILTIN_POLICY.to_owned());
+    }
+    let stored = store.lock().ok()?.active_policy().ok()??;
+    (stored.version == state.engine.version() && stored.source == state.source)
+        .then_some(stored.document)
 }
 
 /// The audit event for a policy now in force.

@@ -171,6 +171,14 @@ fn add<K: std::hash::Hash + Eq>(map: &mut HashMap<K, Bucket>, key: K, index: u32
         .or_insert(Bucket::One(index));
 }
 
+fn engine_uses_parent_path(rules: &[CompiledRule]) -> bool {
+    rules.iter().any(|r| {
+        r.residual
+            .iter()
+            .any(|c| matches!(c, Residual::ParentPath(_)))
+    })
+}
+
 /// Facts about one rule, for callers that act on a decision (prompts need the
 /// justification spec, approval requests the approval spec).
 #[derive(Debug, Clone, Copy)]
@@ -205,6 +213,7 @@ pub struct Engine {
     /// `glob_rules[i]` is the rule owning glob `i` of `globs`.
     glob_rules: Vec<u32>,
     by_name: StringIndex,
+    uses_parent_path: bool,
 }
 
 /// Collects rules into index maps; the glob set is compiled once at the end.
@@ -378,7 +387,9 @@ impl EngineBuilder {
                 message: format!("the globs together are too complex to compile: {e}"),
             }])
         })?;
+        let uses_parent_path = engine_uses_parent_path(&self.rules);
         let mut engine = Engine {
+            uses_parent_path,
             version,
             default_action,
             rules: self.rules,
@@ -436,7 +447,14 @@ impl Engine {
             globs: GlobSet::empty(),
             glob_rules: Vec::new(),
             by_name: HashMap::new(),
+            uses_parent_path: false,
         }
+    }
+
+    /// Whether any rule has a `parent_path` criterion: gates skip finding
+    /// the parent's executable (a costly lookup on every exec) when none does.
+    pub fn uses_parent_path(&self) -> bool {
+        self.uses_parent_path
     }
 
     /// The policy's version.

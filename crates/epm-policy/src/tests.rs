@@ -842,3 +842,11 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn the_engine_says_whether_any_rule_needs_the_parent() {
+    assert!(
+        !engine(r#"{"id": "a", "action": "deny", "match": {"name": "nc"}}"#).uses_parent_path()
+    );
+    assert!(deny_if(r#"{"name": "nc", "parent_path": "/bin/zsh"}"#).uses_parent_path());
+}

@@ -12,6 +12,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
@@ -40,6 +41,7 @@ pub struct FanotifyGate {
     has_pidfd: bool,
     own_pid: u32,
     fallback: Verdict,
+    want_parent_path: Arc<AtomicBool>,
 }
 
 fn io_error(what: impl Into<String>, source: std::io::Error) -> GateError {
@@ -88,6 +90,7 @@ impl FanotifyGate {
             has_pidfd,
             own_pid: std::process::id(),
             fallback,
+            want_parent_path: Arc::new(AtomicBool::new(true)),
         };
         gate.mark_new_mounts()?;
         if gate.marked.is_empty() {
@@ -97,6 +100,13 @@ impl FanotifyGate {
             )));
         }
         Ok(gate)
+    }
+
+    /// Shares the switch for whether to find each exec's parent executable
+    /// (costly: a /proc readlink per exec). The daemon keeps it off while
+    /// the policy has no `parent_path` rule; without a switch it is on.
+    pub fn set_parent_path_switch(&mut self, switch: Arc<AtomicBool>) {
+        self.want_parent_path = switch;
     }
 
     /// Whether the kernel reports pidfds with events.
@@ -226,7 +236,8 @@ impl FanotifyGate {
             responder.respond(Verdict::Allow);
             return;
         }
-        let facts = gather_facts(pid, event_fd, pidfd.as_ref());
+        let want_parent = self.want_parent_path.load(Ordering::Relaxed);
+        let facts = gather_facts(pid, event_fd, pidfd.as_ref(), want_parent);
         match facts {
             Some(facts) => sink(PendingExec::new(facts, responder, self.fallback)),
             None => {
@@ -275,7 +286,12 @@ fn pidfd_alive(pidfd: BorrowedFd<'_>) -> bool {
     rc == 0
 }
 
-fn gather_facts(pid: u32, event_fd: OwnedFd, pidfd: Option<&OwnedFd>) -> Option<ExecFacts> {
+fn gather_facts(
+    pid: u32,
+    event_fd: OwnedFd,
+    pidfd: Option<&OwnedFd>,
+    want_parent_path: bool,
+) -> Option<ExecFacts> {
     let file = File::from(event_fd);
     let (identity, path) = match file.metadata() {
         Ok(meta) => (
@@ -308,19 +324,23 @@ fn gather_facts(pid: u32, event_fd: OwnedFd, pidfd: Option<&OwnedFd>) -> Option<
     // At FAN_OPEN_EXEC_PERM time /proc/PID still shows the process before
     // the exec: its credentials and parent are right, its exe/cmdline are the
     // old program's, which is why the file comes from the event fd.
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|text| procfs::parse_status(&text));
-    let login_uid = std::fs::read_to_string(format!("/proc/{pid}/loginuid"))
-        .ok()
-        .and_then(|text| procfs::parse_loginuid(&text));
+    let mut buf = [0u8; 4096];
+    let status =
+        read_small(&format!("/proc/{pid}/status"), &mut buf).and_then(procfs::parse_status);
     if let Some(pidfd) = pidfd
         && !pidfd_alive(pidfd.as_fd())
     {
         return None;
     }
     let status = status.unwrap_or_default();
-    let parent_path = (status.ppid > 0)
+    // The login uid names the human behind sudo or su; for anyone but root
+    // it is the uid itself, so only root's execs pay for reading it.
+    let login_uid = if status.uid == 0 {
+        read_small(&format!("/proc/{pid}/loginuid"), &mut buf).and_then(procfs::parse_loginuid)
+    } else {
+        None
+    };
+    let parent_path = (want_parent_path && status.ppid > 0)
         .then(|| std::fs::read_link(format!("/proc/{}/exe", status.ppid)).ok())
         .flatten()
         .map(|p| p.to_string_lossy().into_owned());
@@ -342,6 +362,14 @@ fn gather_facts(pid: u32, event_fd: OwnedFd, pidfd: Option<&OwnedFd>) -> Option<
         platform_binary: None,
         content: Some(file),
     })
+}
+
+/// Reads a small /proc file with one open, one read and one close: this runs
+/// for every exec, and std's read_to_string would add a stat and a second read.
+fn read_small<'a>(path: &str, buf: &'a mut [u8]) -> Option<&'a str> {
+    let mut file = File::open(path).ok()?;
+    let n = file.read(buf).ok()?;
+    std::str::from_utf8(&buf[..n]).ok()
 }
 
 fn fd_path(fd: BorrowedFd<'_>) -> String {

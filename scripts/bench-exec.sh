@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# Exec overhead of epmd: fork + exec + wait of /bin/true, RUNS times, with no
+# listener, with epmd enforcing a 10 000-rule policy on every mount, and with
+# fapolicyd when it is installed. Also epmd's RSS with 100 000 rules and its
+# decision latency from `epmctl status`. Needs root (fanotify).
+#
+# Usage: sudo scripts/bench-exec.sh [RUNS]     (default 3000)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+runs=${1:-3000}
+if [[ $(id -u) -ne 0 ]]; then
+    echo "bench-exec.sh needs root: fanotify permission events need CAP_SYS_ADMIN" >&2
+    exit 1
+fi
+
+echo "building release binaries..." >&2
+cargo build --release --quiet -p epm-agent --bin epmd --example exec_loop
+cargo build --release --quiet -p epmctl
+bin=target/release
+loop_bin=$bin/examples/exec_loop
+
+work=$(mktemp -d)
+epmd_pid=
+cleanup() {
+    if [[ -n $epmd_pid ]]; then kill "$epmd_pid" 2>/dev/null || true; wait "$epmd_pid" 2>/dev/null || true; fi
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+start_epmd() { # $1 = rule count
+    python3 scripts/gen-policy.py "$1" >"$work/policy.json"
+    cat >"$work/epmd.toml" <<TOML
+state_dir = "$work/state"
+socket = "$work/epmd.sock"
+policy_file = "$work/policy.json"
+[gate]
+watch_paths = ["/"]
+TOML
+    rm -rf "$work/state"
+    $bin/epmd --config "$work/epmd.toml" 2>"$work/epmd.log" &
+    epmd_pid=$!
+    for _ in $(seq 1 200); do
+        if $bin/epmctl --socket "$work/epmd.sock" status >/dev/null 2>&1; then return 0; fi
+        sleep 0.05
+    done
+    echo "epmd did not start:" >&2; cat "$work/epmd.log" >&2; exit 1
+}
+
+stop_epmd() {
+    kill -TERM "$epmd_pid"; wait "$epmd_pid" || true; epmd_pid=
+}
+
+echo "measuring $runs execs without a listener..." >&2
+base=$($loop_bin "$runs")
+
+echo "measuring $runs execs with epmd enforcing 10000 rules..." >&2
+start_epmd 10000
+with_epmd=$($loop_bin "$runs")
+status=$($bin/epmctl --socket "$work/epmd.sock" status --json)
+stop_epmd
+
+fapolicyd_line="fapolicyd: not installed"
+if command -v fapolicyd >/dev/null 2>&1; then
+    echo "measuring $runs execs with fapolicyd..." >&2
+    fapolicyd --permissive >/dev/null 2>&1 &
+    fpid=$!
+    sleep 2
+    with_fapolicyd=$($loop_bin "$runs")
+    kill "$fpid"; wait "$fpid" 2>/dev/null || true
+    fapolicyd_line=$(awk -v b="$base" -v f="$with_fapolicyd" \
+        'BEGIN { printf "fapolicyd: %.1f us/exec (+%.1f us, x%.2f)", f, f-b, f/b }')
+fi
+
+echo "measuring epmd's RSS with 100000 rules..." >&2
+start_epmd 100000
+sleep 1
+rss_kb=$(awk '/^VmRSS/ { print $2 }' "/proc/$epmd_pid/status")
+stop_epmd
+
+p50=$(python3 -c 'import json,sys; print(json.load(sys.stdin)["latency_us"]["p50"])' <<<"$status")
+p99=$(python3 -c 'import json,sys; print(json.load(sys.stdin)["latency_us"]["p99"])' <<<"$status")
+
+echo "machine: $(nproc) cores, $(awk -F': ' '/model name/ { print $2; exit }' /proc/cpuinfo), Linux $(uname -r), $(date -u +%Y-%m-%d)"
+awk -v b="$base" 'BEGIN { printf "no listener: %.1f us/exec\n", b }'
+awk -v b="$base" -v e="$with_epmd" \
+    'BEGIN { printf "epmd (10000 rules): %.1f us/exec (+%.1f us, x%.2f)\n", e, e-b, e/b }'
+echo "$fapolicyd_line"
+echo "epmd decision latency: p50 ${p50} us, p99 ${p99} us"
+awk -v r="$rss_kb" 'BEGIN { printf "epmd RSS with 100000 rules: %.1f MB\n", r/1024 }'
