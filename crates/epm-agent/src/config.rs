@@ -210,7 +210,10 @@ impl Config {
             path: path.to_owned(),
             source,
         })?;
-        let base = path.parent().unwrap_or(Path::new("."));
+        // Resolve against the file's absolute directory, so that paths in the
+        // config (and in audit records) do not depend on the working directory.
+        let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_owned());
+        let base = absolute.parent().unwrap_or(Path::new("/"));
         Self::parse(&text, base).map_err(|message| ConfigError::Invalid {
             path: path.to_owned(),
             message,
@@ -348,6 +351,8 @@ mod tests {
     fn the_example_config_is_valid() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/epmd.toml");
         let config = Config::load(&path).unwrap();
-        assert!(config.policy_file.unwrap().ends_with("policy.json"));
+        let policy = config.policy_file.unwrap();
+        assert!(policy.ends_with("policy.json"));
+        assert!(policy.is_absolute(), "{}", policy.display());
     }
 }
