@@ -398,3 +398,41 @@ fn parent_path_rules_see_the_parent_even_when_turned_on_by_a_reload() {
         .unwrap();
     assert!(via_shell.success(), "a different parent: allowed");
 }
+
+#[test]
+fn without_privileges_epmd_says_what_to_do_and_leaves_nothing_behind() {
+    if !capable() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .unwrap();
+    let config = dir.path().join("epmd.toml");
+    std::fs::write(
+        &config,
+        "state_dir = \"state\"\nsocket = \"epmd.sock\"\n[gate]\nwatch_paths = [\"/tmp\"]\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(epm_e2e::binary("epmd"))
+        .arg("--config")
+        .arg(&config)
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("run epmd as root"), "{stderr}");
+    assert!(
+        !dir.path().join("epmd.sock").exists(),
+        "the socket is removed"
+    );
+    let audit = std::fs::read_to_string(dir.path().join("state/audit.jsonl")).unwrap();
+    assert!(
+        audit.contains("cannot gate execs"),
+        "the failure is audited: {audit}"
+    );
+}

@@ -45,7 +45,43 @@ pub fn binary(name: &str) -> PathBuf {
         "{} not found: run `cargo build --workspace --bins` (cargo test --workspace builds it)",
         path.display()
     );
+    // `cargo test -p epm-e2e` alone does not rebuild other packages'
+    // binaries: refuse to test a binary older than the code it comes from.
+    let built = std::fs::metadata(&path).and_then(|m| m.modified()).unwrap();
+    let crates = Path::new(env!("CARGO_MANIFEST_DIR")).join("../crates");
+    if let Some(newer) = newest_source(&crates).filter(|(time, _)| *time > built) {
+        panic!(
+            "{} is older than {}: run `cargo build --workspace --bins`, or `cargo test --workspace`",
+            path.display(),
+            newer.1.display()
+        );
+    }
     path
+}
+
+/// The most recently modified Rust source or manifest below `dir`.
+fn newest_source(dir: &Path) -> Option<(std::time::SystemTime, PathBuf)> {
+    let mut newest: Option<(std::time::SystemTime, PathBuf)> = None;
+    for entry in std::fs::read_dir(dir).ok()?.flatten() {
+        let path = entry.path();
+        let candidate = if path.is_dir() {
+            newest_source(&path)
+        } else if path.extension().is_some_and(|e| e == "rs") || path.ends_with("Cargo.toml") {
+            entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .map(|t| (t, path))
+        } else {
+            None
+        };
+        if let Some(candidate) = candidate
+            && newest.as_ref().is_none_or(|(t, _)| candidate.0 > *t)
+        {
+            newest = Some(candidate);
+        }
+    }
+    newest
 }
 
 /// A tmpfs on a fresh directory, unmounted (lazily) on drop.

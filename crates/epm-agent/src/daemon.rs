@@ -136,7 +136,23 @@ pub fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
         &want_parent_path,
     )?;
 
-    let mut gate = open_gate(&config, decider.fail_verdict(), want_parent_path)?;
+    let gate = open_gate(&config, decider.fail_verdict(), want_parent_path);
+    let mut gate = match gate {
+        Ok(gate) => gate,
+        Err(error) => {
+            // Leave nothing half-started: audit why, flush, release the socket.
+            let mut event = AuditEvent::new(EventKind::ERROR);
+            event.reason = Some(format!("cannot gate execs: {error:#}"));
+            event.device_id = Some(device_id);
+            audit.send(event);
+            drop(intake);
+            workers.join();
+            drop(audit);
+            audit_writer.stop();
+            let _ = std::fs::remove_file(&config.socket);
+            return Err(error);
+        }
+    };
     tracing::info!(
         mode = config.mode.as_str(),
         fail_mode = config.fail_mode.as_str(),
