@@ -49,14 +49,32 @@ pub fn binary(name: &str) -> PathBuf {
     // binaries: refuse to test a binary older than the code it comes from.
     let built = std::fs::metadata(&path).and_then(|m| m.modified()).unwrap();
     let crates = Path::new(env!("CARGO_MANIFEST_DIR")).join("../crates");
-    if let Some(newer) = newest_source(&crates).filter(|(time, _)| *time > built) {
-        panic!(
-            "{} is older than {}: run `cargo build --workspace --bins`, or `cargo test --workspace`",
-            path.display(),
-            newer.1.display()
-        );
+    for source in sources_of(name) {
+        if let Some(newer) = newest_source(&crates.join(source)).filter(|(time, _)| *time > built) {
+            panic!(
+                "{} is older than {}: run `cargo build --workspace --bins`, or `cargo test --workspace`",
+                path.display(),
+                newer.1.display()
+            );
+        }
     }
     path
+}
+
+/// The workspace crates a binary is built from (keep in step with their
+/// Cargo.toml files): only these can make it stale.
+fn sources_of(binary: &str) -> &'static [&'static str] {
+    match binary {
+        "epmd" => &[
+            "epm-agent",
+            "epm-audit",
+            "epm-ipc",
+            "epm-policy",
+            "epm-store",
+        ],
+        "epmctl" => &["epmctl", "epm-audit", "epm-ipc", "epm-policy"],
+        _ => &[],
+    }
 }
 
 /// The most recently modified Rust source or manifest below `dir`.

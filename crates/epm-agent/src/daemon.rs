@@ -2,7 +2,7 @@
 //! SIGTERM stop in the order that loses nothing (see docs/architecture.md).
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -16,7 +16,7 @@ use crate::audit::{AuditSink, AuditWriter};
 use crate::config::Config;
 use crate::control::{self, ControlContext};
 use crate::decider::Decider;
-use crate::gate::{ExecGate, Shutdown};
+use crate::gate::{ExecGate, FactNeeds, Shutdown};
 use crate::pipeline::Workers;
 use crate::policy_source;
 
@@ -126,17 +126,11 @@ pub fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
     .context("cannot start the control server")?;
 
     let shutdown = Shutdown::new().context("cannot create the shutdown switch")?;
-    let want_parent_path = Arc::new(AtomicBool::new(decider.policy().engine.uses_parent_path()));
-    spawn_signal_thread(
-        &config,
-        &shutdown,
-        &decider,
-        &store,
-        &audit,
-        &want_parent_path,
-    )?;
+    let needs = Arc::new(FactNeeds::all());
+    set_fact_needs(&needs, &decider);
+    spawn_signal_thread(&config, &shutdown, &decider, &store, &audit, &needs)?;
 
-    let gate = open_gate(&config, decider.fail_verdict(), want_parent_path);
+    let gate = open_gate(&config, decider.fail_verdict(), needs);
     let mut gate = match gate {
         Ok(gate) => gate,
         Err(error) => {
@@ -234,13 +228,22 @@ fn reconcile(store: &Arc<Mutex<Store>>, log: &mut AuditLog) -> anyhow::Result<Ch
     }
 }
 
+/// Tells the gate which costly facts the policy in force needs.
+fn set_fact_needs(needs: &FactNeeds, decider: &Decider) {
+    let policy = decider.policy();
+    needs.set(
+        policy.engine.uses_parent_path(),
+        policy.engine.uses_group_scope(),
+    );
+}
+
 fn spawn_signal_thread(
     config: &Config,
     shutdown: &Shutdown,
     decider: &Arc<Decider>,
     store: &Arc<Mutex<Store>>,
     audit: &AuditSink,
-    want_parent_path: &Arc<AtomicBool>,
+    needs: &Arc<FactNeeds>,
 ) -> anyhow::Result<()> {
     let mut signals =
         Signals::new([SIGTERM, SIGINT, SIGHUP]).context("cannot install signal handlers")?;
@@ -249,7 +252,7 @@ fn spawn_signal_thread(
     let store = store.clone();
     let audit = audit.clone();
     let policy_file = config.policy_file.clone();
-    let want_parent_path = want_parent_path.clone();
+    let needs = needs.clone();
     std::thread::Builder::new()
         .name("epm-signals".into())
         .spawn(move || {
@@ -258,10 +261,7 @@ fn spawn_signal_thread(
                     SIGHUP => match &policy_file {
                         Some(path) => {
                             let event = policy_source::reload(path, &decider, &store);
-                            want_parent_path.store(
-                                decider.policy().engine.uses_parent_path(),
-                                Ordering::Relaxed,
-                            );
+                            set_fact_needs(&needs, &decider);
                             audit.send(event);
                             audit.flush(Duration::from_secs(5));
                         }
@@ -285,11 +285,11 @@ fn spawn_signal_thread(
 fn open_gate(
     config: &Config,
     fallback: crate::gate::Verdict,
-    want_parent_path: Arc<AtomicBool>,
+    needs: Arc<FactNeeds>,
 ) -> anyhow::Result<Box<dyn ExecGate>> {
     let mut gate =
         crate::gate::fanotify::FanotifyGate::new(config.gate.watch_paths.clone(), fallback)?;
-    gate.set_parent_path_switch(want_parent_path);
+    gate.set_fact_needs(needs);
     if !gate.has_pidfd() {
         tracing::warn!(
             "this kernel does not report pidfds (Linux < 5.15): /proc facts may race with pid reuse"
@@ -303,7 +303,7 @@ fn open_gate(
 fn open_gate(
     _config: &Config,
     _fallback: crate::gate::Verdict,
-    _want_parent_path: Arc<AtomicBool>,
+    _needs: Arc<FactNeeds>,
 ) -> anyhow::Result<Box<dyn ExecGate>> {
     anyhow::bail!(
         "this build of epmd has no exec gate for this platform yet (the Endpoint Security gate is tracked separately)"

@@ -214,6 +214,7 @@ pub struct Engine {
     glob_rules: Vec<u32>,
     by_name: StringIndex,
     uses_parent_path: bool,
+    uses_group_scope: bool,
 }
 
 /// Collects rules into index maps; the glob set is compiled once at the end.
@@ -388,8 +389,13 @@ impl EngineBuilder {
             }])
         })?;
         let uses_parent_path = engine_uses_parent_path(&self.rules);
+        let uses_group_scope = self
+            .rules
+            .iter()
+            .any(|r| r.scope.as_ref().is_some_and(|s| !s.groups.is_empty()));
         let mut engine = Engine {
             uses_parent_path,
+            uses_group_scope,
             version,
             default_action,
             rules: self.rules,
@@ -448,6 +454,7 @@ impl Engine {
             glob_rules: Vec::new(),
             by_name: HashMap::new(),
             uses_parent_path: false,
+            uses_group_scope: false,
         }
     }
 
@@ -455,6 +462,12 @@ impl Engine {
     /// the parent's executable (a costly lookup on every exec) when none does.
     pub fn uses_parent_path(&self) -> bool {
         self.uses_parent_path
+    }
+
+    /// Whether any rule is scoped to groups: gates skip reading each
+    /// process's supplementary groups when none is.
+    pub fn uses_group_scope(&self) -> bool {
+        self.uses_group_scope
     }
 
     /// The policy's version.

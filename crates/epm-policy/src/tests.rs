@@ -849,4 +849,9 @@ fn the_engine_says_whether_any_rule_needs_the_parent() {
         !engine(r#"{"id": "a", "action": "deny", "match": {"name": "nc"}}"#).uses_parent_path()
     );
     assert!(deny_if(r#"{"name": "nc", "parent_path": "/bin/zsh"}"#).uses_parent_path());
+    assert!(!deny_if(r#"{"name": "nc"}"#).uses_group_scope());
+    let scoped = engine(
+        r#"{"id": "g", "action": "deny", "match": {"name": "nc"}, "scope": {"groups": ["staff"]}}"#,
+    );
+    assert!(scoped.uses_group_scope());
 }

@@ -12,14 +12,14 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
 use super::mountinfo::{self, Mount};
 use super::procfs;
 use super::{
-    ExecFacts, ExecGate, FileIdentity, GateError, PendingExec, Respond, Shutdown, Verdict,
+    ExecFacts, ExecGate, FactNeeds, FileIdentity, GateError, PendingExec, Respond, Shutdown,
+    Verdict,
 };
 
 // Constants from <linux/fanotify.h> that the libc crate may not carry on
@@ -41,7 +41,7 @@ pub struct FanotifyGate {
     has_pidfd: bool,
     own_pid: u32,
     fallback: Verdict,
-    want_parent_path: Arc<AtomicBool>,
+    needs: Arc<FactNeeds>,
 }
 
 fn io_error(what: impl Into<String>, source: std::io::Error) -> GateError {
@@ -90,7 +90,7 @@ impl FanotifyGate {
             has_pidfd,
             own_pid: std::process::id(),
             fallback,
-            want_parent_path: Arc::new(AtomicBool::new(true)),
+            needs: Arc::new(FactNeeds::all()),
         };
         gate.mark_new_mounts()?;
         if gate.marked.is_empty() {
@@ -102,11 +102,11 @@ impl FanotifyGate {
         Ok(gate)
     }
 
-    /// Shares the switch for whether to find each exec's parent executable
-    /// (costly: a /proc readlink per exec). The daemon keeps it off while
-    /// the policy has no `parent_path` rule; without a switch it is on.
-    pub fn set_parent_path_switch(&mut self, switch: Arc<AtomicBool>) {
-        self.want_parent_path = switch;
+    /// Shares what the policy needs: the daemon keeps the parent lookup
+    /// (a /proc readlink) and the group list (a /proc status read) off while
+    /// no rule uses them. Without this, every fact is gathered.
+    pub fn set_fact_needs(&mut self, needs: Arc<FactNeeds>) {
+        self.needs = needs;
     }
 
     /// Whether the kernel reports pidfds with events.
@@ -236,8 +236,7 @@ impl FanotifyGate {
             responder.respond(Verdict::Allow);
             return;
         }
-        let want_parent = self.want_parent_path.load(Ordering::Relaxed);
-        let facts = gather_facts(pid, event_fd, pidfd.as_ref(), want_parent);
+        let facts = gather_facts(pid, event_fd, pidfd.as_ref(), &self.needs);
         match facts {
             Some(facts) => sink(PendingExec::new(facts, responder, self.fallback)),
             None => {
@@ -290,7 +289,7 @@ fn gather_facts(
     pid: u32,
     event_fd: OwnedFd,
     pidfd: Option<&OwnedFd>,
-    want_parent_path: bool,
+    needs: &FactNeeds,
 ) -> Option<ExecFacts> {
     let file = File::from(event_fd);
     let (identity, path) = match file.metadata() {
@@ -325,8 +324,14 @@ fn gather_facts(
     // the exec: its credentials and parent are right, its exe/cmdline are the
     // old program's, which is why the file comes from the event fd.
     let mut buf = [0u8; 4096];
-    let status =
-        read_small(&format!("/proc/{pid}/status"), &mut buf).and_then(procfs::parse_status);
+    // Credentials and parent from the pidfd where the kernel offers them
+    // (no /proc formatting); /proc/PID/status when groups are needed or the
+    // kernel is older than 6.13.
+    let from_pidfd = pidfd.and_then(|p| pidfd_info(p.as_fd(), pid));
+    let status = match from_pidfd {
+        Some(status) if !needs.groups() => Some(status),
+        _ => read_small(&format!("/proc/{pid}/status"), &mut buf).and_then(procfs::parse_status),
+    };
     if let Some(pidfd) = pidfd
         && !pidfd_alive(pidfd.as_fd())
     {
@@ -340,7 +345,7 @@ fn gather_facts(
     } else {
         None
     };
-    let parent_path = (want_parent_path && status.ppid > 0)
+    let parent_path = (needs.parent_path() && status.ppid > 0)
         .then(|| std::fs::read_link(format!("/proc/{}/exe", status.ppid)).ok())
         .flatten()
         .map(|p| p.to_string_lossy().into_owned());
@@ -361,6 +366,54 @@ fn gather_facts(
         bundle_id: None,
         platform_binary: None,
         content: Some(file),
+    })
+}
+
+/// `struct pidfd_info` from <linux/pidfd.h>, first published version (64
+/// bytes, Linux 6.13); the kernel fills what `mask` asks and says so in `mask`.
+#[repr(C)]
+#[derive(Debug, Default)]
+struct PidfdInfo {
+    mask: u64,
+    cgroupid: u64,
+    pid: u32,
+    tgid: u32,
+    ppid: u32,
+    ruid: u32,
+    rgid: u32,
+    euid: u32,
+    egid: u32,
+    suid: u32,
+    sgid: u32,
+    fsuid: u32,
+    fsgid: u32,
+    exit_code: i32,
+}
+
+const PIDFD_INFO_CREDS: u64 = 1 << 1;
+/// `_IOWR(PIDFS_IOCTL_MAGIC = 0xFF, 11, struct pidfd_info)` with the 64-byte struct.
+const PIDFD_GET_INFO: u64 = (3 << 30) | (64 << 16) | (0xFF << 8) | 11;
+
+/// A process's credentials and parent from its pidfd, or `None` when the
+/// kernel cannot tell (before 6.13) or the answer is not for `pid` (a
+/// layout mismatch would show there first).
+fn pidfd_info(pidfd: BorrowedFd<'_>, pid: u32) -> Option<procfs::ProcStatus> {
+    let mut info = PidfdInfo {
+        mask: PIDFD_INFO_CREDS,
+        ..PidfdInfo::default()
+    };
+    // SAFETY: the ioctl writes at most size_of::<PidfdInfo>() (64) bytes
+    // into a struct we own, as the request number encodes.
+    let rc = unsafe { libc::ioctl(pidfd.as_raw_fd(), PIDFD_GET_INFO as _, &raw mut info) };
+    if rc != 0 || info.mask & PIDFD_INFO_CREDS == 0 || info.pid != pid {
+        return None;
+    }
+    Some(procfs::ProcStatus {
+        ppid: info.ppid,
+        uid: info.ruid,
+        euid: info.euid,
+        gid: info.rgid,
+        groups: Vec::new(),
     })
 }
 
@@ -438,5 +491,31 @@ impl ExecGate for FanotifyGate {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pidfd_info_agrees_with_the_process_itself() {
+        // SAFETY: pidfd_open(2) with our own pid and no flags.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, std::process::id(), 0) };
+        assert!(fd >= 0, "pidfd_open: {}", std::io::Error::last_os_error());
+        // SAFETY: a new descriptor we own.
+        let pidfd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+        let Some(info) = pidfd_info(pidfd.as_fd(), std::process::id()) else {
+            eprintln!("this kernel has no PIDFD_GET_INFO (Linux < 6.13): /proc is used instead");
+            return;
+        };
+        assert_eq!(info.ppid, nix::unistd::getppid().as_raw() as u32);
+        assert_eq!(info.uid, nix::unistd::getuid().as_raw());
+        assert_eq!(info.euid, nix::unistd::geteuid().as_raw());
+        assert_eq!(info.gid, nix::unistd::getgid().as_raw());
+        assert!(
+            pidfd_info(pidfd.as_fd(), std::process::id() + 1).is_none(),
+            "pid is checked"
+        );
     }
 }

@@ -75,6 +75,41 @@ pub struct ExecFacts {
     pub content: Option<File>,
 }
 
+/// Which costly facts the policy in force needs. Gates skip the others on
+/// the exec path; the daemon updates this whenever the policy changes.
+#[derive(Debug)]
+pub struct FactNeeds {
+    parent_path: AtomicBool,
+    groups: AtomicBool,
+}
+
+impl FactNeeds {
+    /// Every fact: the safe default before a policy is known.
+    pub fn all() -> Self {
+        Self {
+            parent_path: AtomicBool::new(true),
+            groups: AtomicBool::new(true),
+        }
+    }
+
+    /// Sets what the policy needs: the parent's executable (for
+    /// `parent_path` rules) and supplementary groups (for group scopes).
+    pub fn set(&self, parent_path: bool, groups: bool) {
+        self.parent_path.store(parent_path, Ordering::Relaxed);
+        self.groups.store(groups, Ordering::Relaxed);
+    }
+
+    /// Whether the parent's executable is needed.
+    pub fn parent_path(&self) -> bool {
+        self.parent_path.load(Ordering::Relaxed)
+    }
+
+    /// Whether supplementary groups are needed.
+    pub fn groups(&self) -> bool {
+        self.groups.load(Ordering::Relaxed)
+    }
+}
+
 /// A gate's answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
