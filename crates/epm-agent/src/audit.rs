@@ -63,9 +63,14 @@ impl AuditSink {
         done.recv_timeout(timeout).is_ok()
     }
 
-    /// Events dropped so far.
+    /// Events dropped so far because the queue was full.
     pub fn dropped(&self) -> u64 {
         self.dropped.load(Ordering::Relaxed)
+    }
+
+    /// The live count of dropped events, for status reports.
+    pub fn dropped_counter(&self) -> Arc<AtomicU64> {
+        self.dropped.clone()
     }
 }
 

@@ -48,6 +48,8 @@ pub struct ControlContext {
     pub audit_last_seq: Arc<AtomicU64>,
     /// The decision queue's capacity.
     pub queue_capacity: usize,
+    /// Audit events dropped because the audit queue was full.
+    pub audit_dropped: Arc<AtomicU64>,
 }
 
 /// Binds the control socket: any local user may connect (permissions are
@@ -275,7 +277,7 @@ fn status(context: &ControlContext) -> StatusReport {
             fail_mode_answers: Counters::get(&c.fail_mode_answers),
             overflow: Counters::get(&c.overflow),
             worker_panics: Counters::get(&c.worker_panics),
-            audit_dropped: Counters::get(&c.audit_dropped),
+            audit_dropped: context.audit_dropped.load(Ordering::Relaxed),
         },
         latency_us: Latency {
             p50: decider.latency.quantile_us(0.50),

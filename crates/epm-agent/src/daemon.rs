@@ -121,6 +121,7 @@ pub fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
             started,
             audit_last_seq: last_seq.clone(),
             queue_capacity: config.gate.queue_capacity,
+            audit_dropped: audit.dropped_counter(),
         }),
     )
     .context("cannot start the control server")?;

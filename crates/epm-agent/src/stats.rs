@@ -27,8 +27,6 @@ pub struct Counters {
     pub overflow: AtomicU64,
     /// Worker panics caught.
     pub worker_panics: AtomicU64,
-    /// Audit records lost (audit queue full, or outbox over budget).
-    pub audit_dropped: AtomicU64,
     /// Execs waiting for a worker right now.
     pub queue_depth: AtomicU64,
 }

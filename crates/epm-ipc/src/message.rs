@@ -171,7 +171,8 @@ pub struct Counters {
     pub overflow: u64,
     /// Decision panics caught.
     pub worker_panics: u64,
-    /// Audit records lost.
+    /// Audit records lost because the audit queue was full (records dropped
+    /// from the outbox for its disk budget are audited as `audit_dropped`).
     pub audit_dropped: u64,
 }
 
