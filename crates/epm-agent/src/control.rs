@@ -342,6 +342,7 @@ fn explain(
         sha256: sha256.map(|d| d.to_string()),
         user: user_name,
         groups,
+        device_id: context.decider.device_id().to_owned(),
     })
 }
 

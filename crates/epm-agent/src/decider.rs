@@ -362,29 +362,17 @@ mod tests {
     fn facts(file: &std::fs::File, path: &str) -> ExecFacts {
         let meta = file.metadata().unwrap();
         use std::os::unix::fs::MetadataExt;
+        let file_identity = FileIdentity {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            size: meta.size(),
+            mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
+            ctime_ns: meta.ctime() * 1_000_000_000 + meta.ctime_nsec(),
+        };
         ExecFacts {
-            pid: 4242,
-            file: FileIdentity {
-                dev: meta.dev(),
-                ino: meta.ino(),
-                size: meta.size(),
-                mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
-                ctime_ns: meta.ctime() * 1_000_000_000 + meta.ctime_nsec(),
-            },
-            path: path.into(),
-            uid: 0,
-            gid: 0,
-            groups: vec![],
-            login_uid: None,
             ppid: 1,
-            parent_path: None,
-            argv: None,
-            cdhash: None,
-            team_id: None,
-            signing_id: None,
-            bundle_id: None,
-            platform_binary: None,
             content: Some(file.try_clone().unwrap()),
+            ..ExecFacts::new(4242, file_identity, path.into())
         }
     }
 

@@ -170,29 +170,17 @@ mod tests {
     }
 
     fn facts(path: &str, content: Option<std::fs::File>) -> ExecFacts {
+        let file = FileIdentity {
+            dev: 1,
+            ino: 2,
+            size: 3,
+            mtime_ns: 4,
+            ctime_ns: 5,
+        };
         ExecFacts {
-            pid: 7,
-            file: FileIdentity {
-                dev: 1,
-                ino: 2,
-                size: 3,
-                mtime_ns: 4,
-                ctime_ns: 5,
-            },
-            path: path.into(),
-            uid: 0,
-            gid: 0,
-            groups: vec![],
-            login_uid: None,
             ppid: 1,
-            parent_path: None,
-            argv: None,
-            cdhash: None,
-            team_id: None,
-            signing_id: None,
-            bundle_id: None,
-            platform_binary: None,
             content,
+            ..ExecFacts::new(7, file, path.into())
         }
     }
 

@@ -210,6 +210,8 @@ pub struct Explanation {
     pub user: String,
     /// The groups decided with.
     pub groups: Vec<String>,
+    /// The device decided for.
+    pub device_id: String,
 }
 
 #[cfg(test)]
@@ -312,6 +314,7 @@ mod tests {
                 sha256: None,
                 user: "alice".into(),
                 groups: vec![],
+                device_id: "mac-1".into(),
             }),
             Response::Error {
                 code: ErrorCode::Unsupported,

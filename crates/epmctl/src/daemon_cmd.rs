@@ -121,24 +121,7 @@ pub(crate) fn policy_explain(
     else {
         anyhow::bail!("epmd sent an unexpected answer to policy explain");
     };
-    if json {
-        println!("{}", serde_json::to_string(&e)?);
-        return Ok(ExitCode::SUCCESS);
-    }
-    println!("{}  {}", e.action, path.display());
-    println!("  why:     {}", e.reason);
-    if let Some(message) = &e.message {
-        println!("  message: {message}");
-    }
-    println!("  policy:  version {} (live, from epmd)", e.policy_version);
-    if let Some(sha256) = &e.sha256 {
-        println!("  sha256:  {sha256}");
-    }
-    println!(
-        "  as:      user {:?}, groups [{}]",
-        e.user,
-        e.groups.join(", ")
-    );
+    crate::explain::print_explanation(path, &e, "live, from epmd", json);
     Ok(ExitCode::SUCCESS)
 }
 

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use clap::Args;
+use epm_ipc::Explanation;
 use epm_policy::{Decision, Engine, Sha256Digest, Subject};
 use sha2::{Digest, Sha256};
 
@@ -52,7 +53,13 @@ pub(crate) fn run(args: &ExplainArgs, socket: &Path, json: bool) -> anyhow::Resu
     };
     let subject = local_subject(args)?;
     let decision = engine.evaluate(&subject);
-    print_decision(&subject, &decision, json);
+    let label = format!("from {}", policy.display());
+    print_explanation(
+        Path::new(&subject.path),
+        &explanation(&subject, &decision),
+        &label,
+        json,
+    );
     Ok(ExitCode::SUCCESS)
 }
 
@@ -138,40 +145,46 @@ fn group_names(user: &nix::unistd::User) -> Vec<String> {
         .collect()
 }
 
-fn print_decision(subject: &Subject, decision: &Decision, json: bool) {
+/// The explanation of a local decision, in the same shape the daemon sends.
+fn explanation(subject: &Subject, decision: &Decision) -> Explanation {
+    Explanation {
+        action: decision.action.as_str().to_owned(),
+        rule_id: decision.rule_id.as_deref().map(str::to_owned),
+        reason: decision.reason(),
+        criterion: decision.criterion.map(|c| c.as_str().to_owned()),
+        scope: decision.scope.map(|s| s.as_str().to_owned()),
+        message: decision.message.as_deref().map(str::to_owned),
+        policy_version: decision.policy_version,
+        sha256: subject.sha256.map(|d| d.to_string()),
+        user: subject.user.clone(),
+        groups: subject.groups.clone(),
+        device_id: subject.device_id.clone(),
+    }
+}
+
+/// Prints a decision and why, the same way whether the policy was a local
+/// file or the daemon's live one.
+pub(crate) fn print_explanation(path: &Path, e: &Explanation, policy_label: &str, json: bool) {
     if json {
-        let value = serde_json::json!({
-            "action": decision.action,
-            "rule_id": decision.rule_id,
-            "reason": decision.reason(),
-            "criterion": decision.criterion,
-            "scope": decision.scope,
-            "message": decision.message,
-            "policy_version": decision.policy_version,
-            "subject": {
-                "path": subject.path,
-                "sha256": subject.sha256.map(|d| d.to_string()),
-                "user": subject.user,
-                "groups": subject.groups,
-                "device_id": subject.device_id,
-            },
-        });
-        println!("{value}");
+        match serde_json::to_string(e) {
+            Ok(text) => println!("{text}"),
+            Err(error) => eprintln!("epmctl: {error}"),
+        }
         return;
     }
-    println!("{}  {}", decision.action, subject.path);
-    println!("  why:     {}", decision.reason());
-    if let Some(message) = &decision.message {
+    println!("{}  {}", e.action, path.display());
+    println!("  why:     {}", e.reason);
+    if let Some(message) = &e.message {
         println!("  message: {message}");
     }
-    println!("  policy:  version {}", decision.policy_version);
-    if let Some(sha256) = &subject.sha256 {
+    println!("  policy:  version {} ({policy_label})", e.policy_version);
+    if let Some(sha256) = &e.sha256 {
         println!("  sha256:  {sha256}");
     }
     println!(
         "  as:      user {:?}, groups [{}], device {:?}",
-        subject.user,
-        subject.groups.join(", "),
-        subject.device_id
+        e.user,
+        e.groups.join(", "),
+        e.device_id
     );
 }

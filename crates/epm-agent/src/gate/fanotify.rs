@@ -350,22 +350,14 @@ fn gather_facts(
         .flatten()
         .map(|p| p.to_string_lossy().into_owned());
     Some(ExecFacts {
-        pid,
-        file: identity,
-        path,
         uid: status.uid,
         gid: status.gid,
         groups: status.groups,
         login_uid,
         ppid: status.ppid,
         parent_path,
-        argv: None,
-        cdhash: None,
-        team_id: None,
-        signing_id: None,
-        bundle_id: None,
-        platform_binary: None,
         content: Some(file),
+        ..ExecFacts::new(pid, identity, path)
     })
 }
 

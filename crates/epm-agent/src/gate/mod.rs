@@ -75,6 +75,31 @@ pub struct ExecFacts {
     pub content: Option<File>,
 }
 
+impl ExecFacts {
+    /// An exec of `path` (the file version `file`) by `pid`, with every other
+    /// fact unknown: each gate fills in what its platform tells it.
+    pub fn new(pid: u32, file: FileIdentity, path: String) -> Self {
+        Self {
+            pid,
+            file,
+            path,
+            uid: 0,
+            gid: 0,
+            groups: Vec::new(),
+            login_uid: None,
+            ppid: 0,
+            parent_path: None,
+            argv: None,
+            cdhash: None,
+            team_id: None,
+            signing_id: None,
+            bundle_id: None,
+            platform_binary: None,
+            content: None,
+        }
+    }
+}
+
 /// Which costly facts the policy in force needs. Gates skip the others on
 /// the exec path; the daemon updates this whenever the policy changes.
 #[derive(Debug)]
