@@ -89,6 +89,7 @@ impl AuditWriter {
         chain: Chain,
         outbox_max_bytes: u64,
         last_seq: Arc<AtomicU64>,
+        device_id: String,
     ) -> std::io::Result<(AuditWriter, AuditSink)> {
         let (tx, rx) = bounded(CHANNEL_CAPACITY);
         let dropped = Arc::new(AtomicU64::new(0));
@@ -101,6 +102,7 @@ impl AuditWriter {
             dropped_reported: 0,
             batches: 0,
             last_seq,
+            device_id,
         };
         let handle = std::thread::Builder::new()
             .name("epm-audit".into())
@@ -131,6 +133,8 @@ struct WriterState {
     dropped_reported: u64,
     batches: u64,
     last_seq: Arc<AtomicU64>,
+    /// Every record names its device, whoever built the event.
+    device_id: String,
 }
 
 impl WriterState {
@@ -192,7 +196,13 @@ impl WriterState {
             return;
         }
         let now = jiff::Timestamp::now();
-        let sealed: Vec<SealedRecord> = events.drain(..).map(|e| self.chain.seal(e, now)).collect();
+        let sealed: Vec<SealedRecord> = events
+            .drain(..)
+            .map(|mut e| {
+                e.device_id.get_or_insert_with(|| self.device_id.clone());
+                self.chain.seal(e, now)
+            })
+            .collect();
         let outbox: Vec<OutboxRecord> = sealed
             .iter()
             .map(|r| OutboxRecord {

@@ -287,12 +287,14 @@ impl Config {
         Ok(())
     }
 
-    /// The audit log directory.
+    /// The audit log directory: `[audit] dir`, else on macOS the system's
+    /// log location (where `epmctl audit verify` looks), else `state_dir`.
     pub fn audit_dir(&self) -> PathBuf {
-        self.audit
-            .dir
-            .clone()
-            .unwrap_or_else(|| self.state_dir.clone())
+        match &self.audit.dir {
+            Some(dir) => dir.clone(),
+            None if cfg!(target_os = "macos") => PathBuf::from("/Library/Logs/EPM"),
+            None => self.state_dir.clone(),
+        }
     }
 
     /// The SQLite store's path.

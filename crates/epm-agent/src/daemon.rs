@@ -91,6 +91,7 @@ pub fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
         chain,
         config.audit.outbox_max_bytes,
         last_seq.clone(),
+        device_id.clone(),
     )
     .context("cannot start the audit thread")?;
     for mut event in first_events {

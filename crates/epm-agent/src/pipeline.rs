@@ -209,6 +209,7 @@ mod tests {
             Chain::genesis(),
             1 << 20,
             Arc::new(std::sync::atomic::AtomicU64::new(0)),
+            "d".into(),
         )
         .unwrap();
         (dir, decider, writer, sink)

@@ -178,6 +178,18 @@ fn a_recomputed_hash_still_breaks_the_next_link() {
 }
 
 #[test]
+fn a_duplicated_key_cannot_hide_the_original_value() {
+    let dir = tempfile::tempdir().unwrap();
+    write_log(dir.path(), 6, LogOptions::default());
+    rewrite(&dir.path().join(LIVE_FILE), |lines| {
+        // Record 3 is a deny; prepend a forged decision the parser would drop.
+        lines[2] = lines[2].replacen('{', r#"{"decision":"allow","#, 1);
+    });
+    let b = broken(dir.path());
+    assert_eq!((b.seq, b.kind), (Some(3), BreakKind::NotCanonical));
+}
+
+#[test]
 fn reordering_is_detected() {
     let dir = tempfile::tempdir().unwrap();
     write_log(dir.path(), 10, LogOptions::default());

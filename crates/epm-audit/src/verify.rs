@@ -33,6 +33,9 @@ pub enum BreakKind {
     Unparsable(String),
     /// The record's content does not match its own hash: it was edited.
     HashMismatch,
+    /// The line is not in the canonical form the daemon writes (e.g. a
+    /// duplicated key, whose first value a parser would hide).
+    NotCanonical,
     /// `prev_hash` is not the previous record's hash: a record before it was
     /// edited or replaced.
     PrevHashMismatch,
@@ -75,6 +78,10 @@ impl fmt::Display for ChainBreak {
             BreakKind::HashMismatch => {
                 write!(f, ": hash mismatch: this record was edited")
             }
+            BreakKind::NotCanonical => write!(
+                f,
+                ": not in the form epmd writes (duplicated or reordered keys, added spaces): this record was edited"
+            ),
             BreakKind::PrevHashMismatch => write!(
                 f,
                 ": prev_hash does not match the record before it: a record was edited, replaced or removed before this one"
@@ -142,6 +149,14 @@ impl Verifier {
             .get("seq")
             .and_then(Value::as_u64)
             .ok_or_else(|| broken(None, BreakKind::Unparsable("no numeric seq".into())))?;
+        // The hash covers the parsed value; only the canonical text has one
+        // parse, so anything else (a duplicated key hides a value) is refused.
+        if serde_json::to_string(&value).ok().as_deref() != Some(line) {
+            return Err(broken(
+                value.get("seq").and_then(Value::as_u64),
+                BreakKind::NotCanonical,
+            ));
+        }
         let stored = value.get("hash").and_then(Value::as_str).unwrap_or("");
         let prev = value.get("prev_hash").and_then(Value::as_str).unwrap_or("");
         if hash_line(line).as_deref() != Some(stored) {

@@ -169,6 +169,16 @@ pub(crate) fn audit_tail(
     }
 }
 
+/// Makes text from a record safe to print: file names are chosen by users,
+/// and an escape sequence or newline in one must not reach an admin's
+/// terminal as anything but visible text.
+fn printable(text: &str) -> String {
+    text.chars()
+        .flat_map(char::escape_debug)
+        .collect::<String>()
+        .replace("\\\"", "\"")
+}
+
 /// One record as an aligned line: time, decision, user, path, rule, reason.
 fn pretty(line: &str, color: bool) -> String {
     let Ok(record) = AuditRecord::parse(line) else {
@@ -196,21 +206,21 @@ fn pretty(line: &str, color: bool) -> String {
         .unwrap_or(&record.time)
         .replace('T', " ");
     let subject = match (&e.path, &e.event) {
-        (Some(path), _) => path.clone(),
-        (None, event) => format!("[{event}]"),
+        (Some(path), _) => printable(path),
+        (None, event) => format!("[{}]", printable(event)),
     };
     let mut text = format!(
         "{:>7} {time} {decision_cell} {:<12} {subject}",
         record.seq,
-        e.user.as_deref().unwrap_or("-"),
+        printable(e.user.as_deref().unwrap_or("-")),
     );
     if let Some(rule) = &e.rule_id {
-        text.push_str(&format!("  rule={rule}"));
+        text.push_str(&format!("  rule={}", printable(rule)));
     }
     if let Some(reason) = &e.reason
         && (e.rule_id.is_none() || decision != "allow")
     {
-        text.push_str(&paint("2", format!("  ({reason})")));
+        text.push_str(&paint("2", format!("  ({})", printable(reason))));
     }
     text
 }
@@ -222,7 +232,10 @@ pub(crate) fn audit_verify(target: &Path, json: bool) -> anyhow::Result<ExitCode
     } else {
         // A single file: verify it, and the rotated files before it when it
         // is the live log, so a deletion across files is caught.
-        let dir = target.parent().unwrap_or(Path::new("."));
+        let dir = match target.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir,
+            _ => Path::new("."),
+        };
         let live = target
             .file_name()
             .is_some_and(|n| n == epm_audit::LIVE_FILE);
@@ -280,5 +293,21 @@ pub(crate) fn audit_verify(target: &Path, json: bool) -> anyhow::Result<ExitCode
             Ok(ExitCode::from(1))
         }
         Err(epm_audit::VerifyError::Io(error)) => Err(error.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escapes_and_newlines_in_records_print_as_visible_text() {
+        let shown = printable("/tmp/evil\x1b]0;owned\x07\nfake line");
+        assert!(
+            !shown.contains('\x1b') && !shown.contains('\n') && !shown.contains('\x07'),
+            "{shown}"
+        );
+        assert_eq!(printable("/usr/bin/ls"), "/usr/bin/ls");
+        assert_eq!(printable("rule \"x\""), "rule \"x\"");
     }
 }

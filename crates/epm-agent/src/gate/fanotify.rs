@@ -337,7 +337,9 @@ fn gather_facts(
     {
         return None;
     }
-    let status = status.unwrap_or_default();
+    // Without credentials the exec would be decided (and audited) as uid 0:
+    // the process is gone or /proc is unreadable, so refuse instead.
+    let status = status?;
     // The login uid names the human behind sudo or su; for anyone but root
     // it is the uid itself, so only root's execs pay for reading it.
     let login_uid = if status.uid == 0 {
