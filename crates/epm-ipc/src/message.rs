@@ -1,47 +1,70 @@
-//! The messages. Requests and responses are internally tagged by `type`.
-//! Fields are added, never renamed; a newer client's unknown request gets an
-//! `unsupported` error from an older daemon.
+//! The messages, and turning frame bodies into them. Every message is a
+//! JSON object whose `type` names it in snake case; the other fields are
+//! the variant's. The crate documentation has the compatibility rules.
 
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
-/// The protocol version both sides speak.
+use crate::frame::{FrameError, MAX_FRAME_BYTES};
+
+/// The protocol version both sides speak, sent in [`Request::Hello`] and
+/// [`Response::Welcome`].
 pub const PROTOCOL_VERSION: u32 = 1;
 
 /// Client → daemon.
+///
+/// Adding a variant (a new request) is compatible: older daemons answer it
+/// with [`ErrorCode::Unsupported`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
-    /// The first message on every connection.
+    /// The first message on every connection, answered by
+    /// [`Response::Welcome`], or by an [`ErrorCode::VersionMismatch`] error
+    /// and a closed connection.
+    ///
+    /// `{"type":"hello","protocol":1,"client":"epmctl 0.1.0"}`
     Hello {
-        /// The client's protocol version.
+        /// The client's protocol version ([`PROTOCOL_VERSION`]).
         protocol: u32,
         /// Who is talking, e.g. `epmctl 0.1.0`, for the daemon's log.
         client: String,
     },
     /// The daemon's state and counters → [`Response::Status`].
+    ///
+    /// `{"type":"status"}`
     Status,
-    /// Recent audit records → [`Response::AuditRecords`] batches, then
-    /// [`Response::End`] unless `follow`, which streams until the client
-    /// disconnects. Non-admins only ever get their own records.
+    /// Recent audit records → zero or more [`Response::AuditRecords`]
+    /// batches, then [`Response::End`]; with `follow`, no `End`: new records
+    /// keep coming until the client closes the connection. Non-admins only
+    /// ever get their own records.
+    ///
+    /// `{"type":"audit_tail","lines":20,"follow":false,"decision":"deny","user":null}`
     AuditTail {
-        /// How many of the most recent records.
+        /// How many of the most recent (matching) records.
         lines: u32,
         /// Keep streaming new records.
         follow: bool,
         /// Only records with this decision (`allow`, `deny`, `would_deny`).
         decision: Option<String>,
-        /// Only this user's records (admins only; others always get their own).
+        /// Only this user's records (admins; others always get their own).
         user: Option<String>,
     },
-    /// The live policy document → [`Response::Policy`] (admins only).
+    /// The policy in force, with its document → [`Response::Policy`]
+    /// (admins only; others get [`ErrorCode::Forbidden`]).
+    ///
+    /// `{"type":"policy_show"}`
     PolicyShow,
-    /// Decide a file against the live policy → [`Response::Explanation`].
-    /// Non-admins may only explain for themselves, with their own groups.
+    /// Decide an executable against the live policy →
+    /// [`Response::Explanation`]. Non-admins may only explain for
+    /// themselves, with their own groups.
+    ///
+    /// `{"type":"policy_explain","path":"/usr/bin/curl","sha256":null,"user":null,"groups":null}`
     PolicyExplain {
         /// Absolute path of the executable.
         path: String,
-        /// Its SHA-256, computed by the client: the daemon never reads a
-        /// file on a caller's behalf (it runs as root, the caller may not).
+        /// Its SHA-256 (hex), computed by the client: the daemon never reads
+        /// a file on a caller's behalf (it runs as root, the caller may not).
         sha256: Option<String>,
         /// Decide as this user (default: the caller).
         user: Option<String>,
@@ -51,43 +74,76 @@ pub enum Request {
 }
 
 /// Daemon → client.
+///
+/// Unknown fields are ignored, not denied, so that a newer daemon can add
+/// fields without breaking older clients; a new variant is only ever sent in
+/// answer to a new request, which older clients do not send.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+#[serde(tag = "type", rename_all = "snake_case")]
 pub enum Response {
-    /// The answer to `Hello`.
+    /// The answer to [`Request::Hello`].
+    ///
+    /// `{"type":"welcome","protocol":1,"daemon_version":"0.1.0","uid":501,"is_admin":false}`
     Welcome {
         /// The daemon's protocol version.
         protocol: u32,
         /// The daemon's version.
         daemon_version: String,
-        /// The uid the daemon saw on the socket.
+        /// The uid the kernel reported for the client's end of the socket:
+        /// what the daemon authorizes by, whatever the client claims.
         uid: u32,
-        /// Whether that uid may see everything.
+        /// Whether that uid may see and do everything (root, admin group).
         is_admin: bool,
     },
-    /// The answer to `Status`.
+    /// The answer to [`Request::Status`]; the report's fields sit next to
+    /// `type`.
+    ///
+    /// `{"type":"status","mode":"enforce","fail_mode":"open","device_id":"host-1",...}`
     Status(StatusReport),
-    /// A batch of audit records: JSON lines, verbatim.
+    /// One batch of audit records, in answer to [`Request::AuditTail`]: the
+    /// audit log's JSON lines, verbatim, oldest first.
+    ///
+    /// `{"type":"audit_records","lines":["{\"seq\":41,...}","{\"seq\":42,...}"]}`
     AuditRecords {
-        /// The records.
+        /// The records, one JSON document each.
         lines: Vec<String>,
     },
-    /// The end of a finite stream.
+    /// The end of a finite stream (an [`Request::AuditTail`] without
+    /// `follow`).
+    ///
+    /// `{"type":"end"}`
     End,
-    /// The answer to `PolicyShow`.
+    /// The answer to [`Request::PolicyShow`], with `document` set.
+    ///
+    /// `{"type":"policy","source":"file:/etc/epm/policy.json","version":7,"rule_count":3,"loaded_at":"2026-11-22T10:00:00Z","document":"{...}"}`
     Policy(PolicyInfo),
-    /// The answer to `PolicyExplain`.
+    /// The answer to [`Request::PolicyExplain`].
+    ///
+    /// `{"type":"explanation","action":"deny","rule_id":"no-curl","reason":"...",...}`
     Explanation(Explanation),
-    /// A request failed.
+    /// A request failed. The connection stays usable unless the daemon
+    /// closes it (after a protocol violation).
+    ///
+    /// `{"type":"error","code":"forbidden","message":"only root and members of the admin group may read the policy"}`
     Error {
-        /// The class of failure.
+        /// The class of failure, for programs.
         code: ErrorCode,
         /// What went wrong, for a person.
         message: String,
     },
 }
 
-/// Classes of failure.
+impl Response {
+    /// A [`Response::Error`].
+    pub fn error(code: ErrorCode, message: impl Into<String>) -> Response {
+        Response::Error {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// Classes of failure, in [`Response::Error`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
@@ -97,12 +153,15 @@ pub enum ErrorCode {
     Forbidden,
     /// What the request names does not exist.
     NotFound,
-    /// This daemon does not know the request (older than the client).
+    /// This daemon does not know the request (it is older than the client).
     Unsupported,
     /// The daemon failed.
     Internal,
-    /// The protocol versions do not match.
+    /// The protocol versions are incompatible (the answer to `Hello`).
     VersionMismatch,
+    /// A code this side does not know, from a newer peer.
+    #[serde(other)]
+    Other,
 }
 
 /// The daemon's state, for `epmctl status`.
@@ -110,7 +169,7 @@ pub enum ErrorCode {
 pub struct StatusReport {
     /// `enforce` or `monitor`.
     pub mode: String,
-    /// `open` or `closed`.
+    /// `open` or `closed`: what the daemon answers when it cannot decide.
     pub fail_mode: String,
     /// This device's id.
     pub device_id: String,
@@ -118,7 +177,7 @@ pub struct StatusReport {
     pub uptime_secs: u64,
     /// The daemon's version.
     pub daemon_version: String,
-    /// The policy in force.
+    /// The policy in force (without its `document`).
     pub policy: PolicyInfo,
     /// Counters since start.
     pub counters: Counters,
@@ -141,13 +200,15 @@ pub struct PolicyInfo {
     pub rule_count: u64,
     /// When it was loaded (RFC 3339).
     pub loaded_at: String,
-    /// The document (only in answers to `PolicyShow`).
+    /// The document as loaded (only in answers to `PolicyShow`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub document: Option<String>,
 }
 
-/// Counters since the daemon started.
+/// Counters since the daemon started. Missing counters read as zero, so a
+/// client can read an older daemon's report.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Counters {
     /// Execs seen (the daemon's own excluded).
     pub execs_seen: u64,
@@ -176,8 +237,10 @@ pub struct Counters {
     pub audit_dropped: u64,
 }
 
-/// Latency percentiles in microseconds; `None` before the first decision.
+/// Latency percentiles in microseconds; `None` (`null`) before the first
+/// decision.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Latency {
     /// Median.
     pub p50: Option<f64>,
@@ -187,7 +250,9 @@ pub struct Latency {
     pub max: Option<f64>,
 }
 
-/// A decision and why.
+/// A decision and why. The policy's enumerations travel as their names
+/// (`epm_policy::Action::as_str` and friends), so an older client can still
+/// show an action or criterion that a newer engine introduced.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Explanation {
     /// `allow`, `justify`, `approve` or `deny`.
@@ -196,15 +261,15 @@ pub struct Explanation {
     pub rule_id: Option<String>,
     /// One line: which rule, by which criterion, for which scope.
     pub reason: String,
-    /// The deciding criterion.
+    /// The deciding criterion (`sha256`, `path_glob`, ...).
     pub criterion: Option<String>,
-    /// How the scope matched.
+    /// How the scope matched (`general`, `device`, `group`, `user`).
     pub scope: Option<String>,
     /// The rule's message.
     pub message: Option<String>,
     /// The policy version that decided.
     pub policy_version: u64,
-    /// The file's SHA-256.
+    /// The file's SHA-256, if the request carried one.
     pub sha256: Option<String>,
     /// The user decided for.
     pub user: String,
@@ -214,37 +279,190 @@ pub struct Explanation {
     pub device_id: String,
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// A kind of message this crate decodes: [`Request`] (read by the daemon)
+/// or [`Response`] (read by clients).
+pub trait Message: Serialize + DeserializeOwned {
+    /// Whether `kind` is the `type` of a message this build knows, which
+    /// tells an unknown message (compatible: answer `unsupported`) from a
+    /// malformed known one.
+    fn knows_type(kind: &str) -> bool;
 
-    #[test]
-    fn wire_format_is_tagged_snake_case() {
-        let hello = Request::Hello {
-            protocol: 1,
-            client: "epmctl".into(),
-        };
-        assert_eq!(
-            serde_json::to_string(&hello).unwrap(),
-            r#"{"type":"hello","protocol":1,"client":"epmctl"}"#
-        );
-        assert_eq!(
-            serde_json::to_string(&Request::Status).unwrap(),
-            r#"{"type":"status"}"#
-        );
-        let error = Response::Error {
-            code: ErrorCode::Forbidden,
-            message: "no".into(),
-        };
-        assert_eq!(
-            serde_json::to_string(&error).unwrap(),
-            r#"{"type":"error","code":"forbidden","message":"no"}"#
-        );
+    /// This message's `type` on the wire.
+    fn type_name(&self) -> &'static str;
+}
+
+// The `*Type` enums mirror the message enums' variants. `type_name` maps a
+// message to its type exhaustively, so a new variant cannot be forgotten
+// here, and serde names both alike, so `knows_type` needs no list kept by
+// hand.
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum RequestType {
+    Hello,
+    Status,
+    AuditTail,
+    PolicyShow,
+    PolicyExplain,
+}
+
+impl RequestType {
+    fn name(self) -> &'static str {
+        match self {
+            RequestType::Hello => "hello",
+            RequestType::Status => "status",
+            RequestType::AuditTail => "audit_tail",
+            RequestType::PolicyShow => "policy_show",
+            RequestType::PolicyExplain => "policy_explain",
+        }
+    }
+}
+
+impl Message for Request {
+    fn knows_type(kind: &str) -> bool {
+        serde_json::from_value::<RequestType>(Value::String(kind.to_owned())).is_ok()
     }
 
-    #[test]
-    fn every_message_round_trips() {
-        let requests = [
+    fn type_name(&self) -> &'static str {
+        let kind = match self {
+            Request::Hello { .. } => RequestType::Hello,
+            Request::Status => RequestType::Status,
+            Request::AuditTail { .. } => RequestType::AuditTail,
+            Request::PolicyShow => RequestType::PolicyShow,
+            Request::PolicyExplain { .. } => RequestType::PolicyExplain,
+        };
+        kind.name()
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum ResponseType {
+    Welcome,
+    Status,
+    AuditRecords,
+    End,
+    Policy,
+    Explanation,
+    Error,
+}
+
+impl ResponseType {
+    fn name(self) -> &'static str {
+        match self {
+            ResponseType::Welcome => "welcome",
+            ResponseType::Status => "status",
+            ResponseType::AuditRecords => "audit_records",
+            ResponseType::End => "end",
+            ResponseType::Policy => "policy",
+            ResponseType::Explanation => "explanation",
+            ResponseType::Error => "error",
+        }
+    }
+}
+
+impl Message for Response {
+    fn knows_type(kind: &str) -> bool {
+        serde_json::from_value::<ResponseType>(Value::String(kind.to_owned())).is_ok()
+    }
+
+    fn type_name(&self) -> &'static str {
+        let kind = match self {
+            Response::Welcome { .. } => ResponseType::Welcome,
+            Response::Status(_) => ResponseType::Status,
+            Response::AuditRecords { .. } => ResponseType::AuditRecords,
+            Response::End => ResponseType::End,
+            Response::Policy(_) => ResponseType::Policy,
+            Response::Explanation(_) => ResponseType::Explanation,
+            Response::Error { .. } => ResponseType::Error,
+        };
+        kind.name()
+    }
+}
+
+/// A message's frame body (JSON). Fails only for a body over
+/// [`MAX_FRAME_BYTES`], which [`crate::write_frame`] would refuse.
+pub fn encode(message: &impl Serialize) -> Result<Vec<u8>, FrameError> {
+    // Serializing this crate's types cannot fail (string keys, derived
+    // impls); the error path is for any other `Serialize` given.
+    let body = serde_json::to_vec(message).map_err(|e| FrameError::Io(std::io::Error::other(e)))?;
+    if body.len() > MAX_FRAME_BYTES {
+        return Err(FrameError::Oversized {
+            announced: body.len() as u64,
+            limit: MAX_FRAME_BYTES,
+        });
+    }
+    Ok(body)
+}
+
+/// A frame body → a message, or what is wrong with it: not JSON, not a
+/// JSON object with a string `type`, a `type` this side does not know, or a
+/// known type with invalid fields. Never panics, whatever the bytes.
+pub fn decode<T: Message>(frame: &[u8]) -> Result<T, FrameError> {
+    // Through `Value` first: the `type` must be read before deciding what
+    // a failure means. serde_json's recursion limit bounds nesting.
+    let value: Value =
+        serde_json::from_slice(frame).map_err(|e| FrameError::NotJson(shorten(&e.to_string())))?;
+    let kind = match &value {
+        Value::Object(fields) => match fields.get("type") {
+            Some(Value::String(kind)) => shorten(kind),
+            Some(_) => {
+                return Err(FrameError::NotAMessage(
+                    "its \"type\" is not a string".into(),
+                ));
+            }
+            None => return Err(FrameError::NotAMessage("it has no \"type\"".into())),
+        },
+        other => {
+            return Err(FrameError::NotAMessage(format!(
+                "it is a JSON {}, not an object",
+                json_kind(other)
+            )));
+        }
+    };
+    serde_json::from_value(value).map_err(|e| {
+        if T::knows_type(&kind) {
+            FrameError::Invalid {
+                kind,
+                detail: shorten(&e.to_string()),
+            }
+        } else {
+            FrameError::UnknownType(kind)
+        }
+    })
+}
+
+fn json_kind(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "boolean",
+        Value::Number(_) => "number",
+        Value::String(_) => "string",
+        Value::Array(_) => "array",
+        Value::Object(_) => "object",
+    }
+}
+
+/// Peer-chosen text (a type, a field name in serde's error, a client name)
+/// is echoed into errors and logs; a hostile peer must not make those a
+/// megabyte long.
+pub(crate) fn shorten(text: &str) -> String {
+    const MAX_CHARS: usize = 200;
+    match text.char_indices().nth(MAX_CHARS) {
+        Some((cut, _)) => format!("{}...", &text[..cut]),
+        None => text.to_owned(),
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+
+    /// One of each request.
+    pub(crate) fn sample_requests() -> Vec<Request> {
+        vec![
             Request::Hello {
                 protocol: 1,
                 client: "x".into(),
@@ -263,19 +481,19 @@ mod tests {
                 user: Some("alice".into()),
                 groups: Some(vec!["staff".into()]),
             },
-        ];
-        for request in requests {
-            let text = serde_json::to_string(&request).unwrap();
-            assert_eq!(serde_json::from_str::<Request>(&text).unwrap(), request);
-        }
+        ]
+    }
+
+    /// One of each response.
+    pub(crate) fn sample_responses() -> Vec<Response> {
         let policy = PolicyInfo {
             source: "file:/etc/epm/policy.json".into(),
             version: 7,
             rule_count: 3,
             loaded_at: "2026-11-22T10:00:00Z".into(),
-            document: None,
+            document: Some("{\"version\":7}".into()),
         };
-        let responses = [
+        vec![
             Response::Welcome {
                 protocol: 1,
                 daemon_version: "0.1.0".into(),
@@ -288,8 +506,24 @@ mod tests {
                 device_id: "mac-1".into(),
                 uptime_secs: 5,
                 daemon_version: "0.1.0".into(),
-                policy: policy.clone(),
-                counters: Counters::default(),
+                policy: PolicyInfo {
+                    document: None,
+                    ..policy.clone()
+                },
+                counters: Counters {
+                    execs_seen: 1,
+                    allowed: 2,
+                    denied: 3,
+                    would_deny: 4,
+                    cache_hits: 5,
+                    cache_misses: 6,
+                    queue_depth: 7,
+                    queue_capacity: 8,
+                    fail_mode_answers: 9,
+                    overflow: 10,
+                    worker_panics: 11,
+                    audit_dropped: 12,
+                },
                 latency_us: Latency {
                     p50: Some(12.5),
                     p99: None,
@@ -299,7 +533,7 @@ mod tests {
                 audit_outbox_pending: 2,
             }),
             Response::AuditRecords {
-                lines: vec!["{}".into()],
+                lines: vec!["{\"seq\":1}".into(), "{}".into()],
             },
             Response::End,
             Response::Policy(policy),
@@ -316,14 +550,225 @@ mod tests {
                 groups: vec![],
                 device_id: "mac-1".into(),
             }),
-            Response::Error {
-                code: ErrorCode::Unsupported,
-                message: "x".into(),
-            },
-        ];
-        for response in responses {
-            let text = serde_json::to_string(&response).unwrap();
-            assert_eq!(serde_json::from_str::<Response>(&text).unwrap(), response);
+            Response::error(ErrorCode::Unsupported, "x"),
+        ]
+    }
+
+    fn wire_type(message: &impl Serialize) -> String {
+        let value = serde_json::to_value(message).unwrap();
+        value["type"].as_str().unwrap().to_owned()
+    }
+
+    #[test]
+    fn wire_format_is_tagged_snake_case() {
+        let hello = Request::Hello {
+            protocol: 1,
+            client: "epmctl".into(),
+        };
+        assert_eq!(
+            serde_json::to_string(&hello).unwrap(),
+            r#"{"type":"hello","protocol":1,"client":"epmctl"}"#
+        );
+        assert_eq!(
+            serde_json::to_string(&Request::Status).unwrap(),
+            r#"{"type":"status"}"#
+        );
+        assert_eq!(
+            serde_json::to_string(&Request::AuditTail {
+                lines: 20,
+                follow: false,
+                decision: Some("deny".into()),
+                user: None
+            })
+            .unwrap(),
+            r#"{"type":"audit_tail","lines":20,"follow":false,"decision":"deny","user":null}"#
+        );
+        assert_eq!(
+            serde_json::to_string(&Response::error(ErrorCode::Forbidden, "no")).unwrap(),
+            r#"{"type":"error","code":"forbidden","message":"no"}"#
+        );
+        assert_eq!(
+            serde_json::to_string(&Response::Welcome {
+                protocol: 1,
+                daemon_version: "0.1.0".into(),
+                uid: 501,
+                is_admin: false
+            })
+            .unwrap(),
+            r#"{"type":"welcome","protocol":1,"daemon_version":"0.1.0","uid":501,"is_admin":false}"#
+        );
+    }
+
+    #[test]
+    fn every_message_round_trips() {
+        let requests = sample_requests();
+        for request in &requests {
+            let frame = encode(request).unwrap();
+            assert_eq!(&decode::<Request>(&frame).unwrap(), request);
+        }
+        let responses = sample_responses();
+        for response in &responses {
+            let frame = encode(response).unwrap();
+            assert_eq!(&decode::<Response>(&frame).unwrap(), response);
+        }
+        // One sample per type: a new variant needs a new sample here.
+        let request_types: BTreeSet<_> = requests.iter().map(Message::type_name).collect();
+        assert_eq!(request_types.len(), requests.len());
+        let response_types: BTreeSet<_> = responses.iter().map(Message::type_name).collect();
+        assert_eq!(response_types.len(), responses.len());
+    }
+
+    #[test]
+    fn type_names_match_the_wire() {
+        for request in sample_requests() {
+            assert_eq!(request.type_name(), wire_type(&request));
+            assert!(Request::knows_type(request.type_name()));
+        }
+        for response in sample_responses() {
+            assert_eq!(response.type_name(), wire_type(&response));
+            assert!(Response::knows_type(response.type_name()));
+        }
+        assert!(!Request::knows_type("from_the_future"));
+        assert!(!Request::knows_type("welcome"));
+        assert!(!Request::knows_type("Status"), "names are exact");
+    }
+
+    #[test]
+    fn decoding_names_what_is_wrong() {
+        let err = |frame: &[u8]| decode::<Request>(frame).unwrap_err().to_string();
+        assert_eq!(
+            err(b"hello"),
+            "frame is not JSON: expected value at line 1 column 1"
+        );
+        assert_eq!(
+            err(b"{\"type\":\"status\""),
+            "frame is not JSON: EOF while parsing an object at line 1 column 16"
+        );
+        assert!(err(b"\"\xff\"").starts_with("frame is not JSON"));
+        assert_eq!(
+            err(b"[\"status\"]"),
+            "frame is not a message: it is a JSON array, not an object"
+        );
+        assert_eq!(err(b"{}"), "frame is not a message: it has no \"type\"");
+        assert_eq!(
+            err(b"{\"type\":5}"),
+            "frame is not a message: its \"type\" is not a string"
+        );
+        assert_eq!(
+            err(br#"{"type":"from_the_future","x":1}"#),
+            "unknown message type \"from_the_future\""
+        );
+        assert_eq!(
+            err(br#"{"type":"audit_tail","lines":-1,"follow":false}"#),
+            "invalid audit_tail message: invalid value: integer `-1`, expected u32"
+        );
+        assert_eq!(
+            err(br#"{"type":"audit_tail","lines":1,"follow":false,"usr":"bob"}"#),
+            "invalid audit_tail message: unknown field `usr`, expected one of `lines`, `follow`, `decision`, `user`"
+        );
+        assert_eq!(
+            err(br#"{"type":"hello","client":"x"}"#),
+            "invalid hello message: missing field `protocol`"
+        );
+    }
+
+    #[test]
+    fn optional_request_fields_may_be_left_out() {
+        assert_eq!(
+            decode::<Request>(br#"{"type":"policy_explain","path":"/bin/ls"}"#).unwrap(),
+            Request::PolicyExplain {
+                path: "/bin/ls".into(),
+                sha256: None,
+                user: None,
+                groups: None
+            }
+        );
+    }
+
+    #[test]
+    fn responses_from_newer_and_older_daemons_still_decode() {
+        // A newer daemon: extra fields, an error code we do not know.
+        let welcome = decode::<Response>(
+            br#"{"type":"welcome","protocol":1,"daemon_version":"9","uid":0,"is_admin":true,"features":["x"]}"#,
+        )
+        .unwrap();
+        assert!(matches!(welcome, Response::Welcome { uid: 0, .. }));
+        assert_eq!(
+            decode::<Response>(br#"{"type":"error","code":"rate_limited","message":"slow down"}"#)
+                .unwrap(),
+            Response::error(ErrorCode::Other, "slow down")
+        );
+        // An older daemon: counters it did not have read as zero.
+        let mut status = serde_json::to_value(&sample_responses()[1]).unwrap();
+        let counters = status["counters"].as_object_mut().unwrap();
+        counters.remove("audit_dropped");
+        status["latency_us"] = serde_json::json!({});
+        let Response::Status(report) = decode::<Response>(&encode(&status).unwrap()).unwrap()
+        else {
+            panic!("not a status");
+        };
+        assert_eq!(report.counters.audit_dropped, 0);
+        assert_eq!(report.counters.worker_panics, 11);
+        assert_eq!(report.latency_us, Latency::default());
+    }
+
+    #[test]
+    fn hostile_text_is_not_echoed_in_full() {
+        let kind = "x".repeat(100_000);
+        let frame = format!(r#"{{"type":"{kind}"}}"#);
+        let err = decode::<Request>(frame.as_bytes()).unwrap_err().to_string();
+        assert!(err.len() < 300, "{}", err.len());
+        let field = "é".repeat(100_000);
+        let frame = format!(r#"{{"type":"hello","protocol":1,"client":"x","{field}":1}}"#);
+        let err = decode::<Request>(frame.as_bytes()).unwrap_err().to_string();
+        assert!(
+            err.starts_with("invalid hello message: unknown field"),
+            "{err}"
+        );
+        assert!(err.len() < 600, "{}", err.len());
+    }
+
+    #[test]
+    fn deep_nesting_is_refused_not_a_stack_overflow() {
+        let mut frame = "[".repeat(1_000_000);
+        frame.push_str(&"]".repeat(1_000_000));
+        assert!(matches!(
+            decode::<Request>(frame.as_bytes()),
+            Err(FrameError::NotJson(_))
+        ));
+        let frame = format!(r#"{{"type":"status","x":{}}}"#, "[".repeat(200));
+        assert!(matches!(
+            decode::<Request>(frame.as_bytes()),
+            Err(FrameError::NotJson(_))
+        ));
+    }
+
+    proptest::proptest! {
+        /// Whatever the bytes, decoding returns; it never panics.
+        #[test]
+        fn decoding_arbitrary_bytes_never_panics(
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512),
+        ) {
+            let _ = decode::<Request>(&bytes);
+            let _ = decode::<Response>(&bytes);
+        }
+
+        /// Objects around the known types, with arbitrary fields and values.
+        #[test]
+        fn decoding_arbitrary_messages_never_panics(
+            kind in "(hello|status|audit_tail|policy_show|policy_explain|welcome|error|[a-z_]{0,12})",
+            fields in proptest::collection::vec(
+                ("[a-z_]{1,10}", r#"(null|true|-?[0-9]{1,12}|"[^"\\]{0,8}"|\[\]|\{\}|\["x"\])"#),
+                0..6,
+            ),
+        ) {
+            let mut text = format!("{{\"type\":\"{kind}\"");
+            for (name, value) in &fields {
+                text.push_str(&format!(",\"{name}\":{value}"));
+            }
+            text.push('}');
+            let _ = decode::<Request>(text.as_bytes());
+            let _ = decode::<Response>(text.as_bytes());
         }
     }
 }

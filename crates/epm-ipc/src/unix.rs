@@ -9,46 +9,91 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::frame::{FrameError, read_frame, write_frame};
-use crate::message::{ErrorCode, PROTOCOL_VERSION, Request, Response};
+use crate::message::{
+    ErrorCode, Message, PROTOCOL_VERSION, Request, Response, decode, encode, shorten,
+};
 
 /// Where `epmd` listens unless configured otherwise (Linux and macOS).
 pub const DEFAULT_SOCKET_PATH: &str = "/var/run/epm/epmd.sock";
 
-/// Who is on the other end of a socket, as the kernel says.
+/// How long a [`Client`] waits on the daemon to take a request or answer
+/// it, unless told otherwise ([`Client::set_timeout`]).
+pub const DEFAULT_CLIENT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long the daemon tries to tell a misbehaving client why it is being
+/// disconnected: a client that does not read must not hold the thread.
+const FAREWELL_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Who is on the other end of a socket, as the kernel says (as of the
+/// connect): what the daemon authorizes by.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PeerCredentials {
     /// Effective user id.
     pub uid: u32,
     /// Effective group id.
     pub gid: u32,
-    /// Process id, where the platform tells it.
+    /// Process id, where the platform tells it (Linux, macOS). For logs
+    /// only: the process may have exited and its pid been reused since.
     pub pid: Option<u32>,
 }
 
-/// The peer's credentials: SO_PEERCRED on Linux, getpeereid elsewhere.
+/// The peer's credentials: SO_PEERCRED on Linux; getpeereid and
+/// LOCAL_PEERPID on macOS; getpeereid on the other BSDs.
 pub fn peer_credentials(stream: &UnixStream) -> io::Result<PeerCredentials> {
     #[cfg(any(target_os = "linux", target_os = "android"))]
     {
-        let cred = nix::sys::socket::getsockopt(stream, nix::sys::socket::sockopt::PeerCredentials)
-            .map_err(io::Error::from)?;
+        use nix::sys::socket::{getsockopt, sockopt};
+        let cred = getsockopt(stream, sockopt::PeerCredentials)?;
         Ok(PeerCredentials {
             uid: cred.uid(),
             gid: cred.gid(),
-            pid: u32::try_from(cred.pid()).ok(),
+            // 0 when the peer is in another pid namespace: unknown.
+            pid: u32::try_from(cred.pid()).ok().filter(|&pid| pid != 0),
         })
     }
-    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    #[cfg(any(
+        target_os = "macos",
+        target_os = "ios",
+        target_os = "freebsd",
+        target_os = "dragonfly",
+        target_os = "netbsd",
+        target_os = "openbsd"
+    ))]
     {
-        let (uid, gid) = nix::unistd::getpeereid(stream).map_err(io::Error::from)?;
+        let (uid, gid) = nix::unistd::getpeereid(stream)?;
+        #[cfg(any(target_os = "macos", target_os = "ios"))]
+        let pid = nix::sys::socket::getsockopt(stream, nix::sys::socket::sockopt::LocalPeerPid)
+            .ok()
+            .and_then(|pid| u32::try_from(pid).ok())
+            .filter(|&pid| pid != 0);
+        #[cfg(not(any(target_os = "macos", target_os = "ios")))]
+        let pid = None;
         Ok(PeerCredentials {
             uid: uid.as_raw(),
             gid: gid.as_raw(),
-            pid: None,
+            pid,
         })
+    }
+    #[cfg(not(any(
+        target_os = "linux",
+        target_os = "android",
+        target_os = "macos",
+        target_os = "ios",
+        target_os = "freebsd",
+        target_os = "dragonfly",
+        target_os = "netbsd",
+        target_os = "openbsd"
+    )))]
+    {
+        let _ = stream;
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "peer credentials are not implemented on this platform",
+        ))
     }
 }
 
-/// A framed, typed connection.
+/// A framed, typed connection: either side's building block.
 #[derive(Debug)]
 pub struct Connection {
     stream: UnixStream,
@@ -60,18 +105,39 @@ impl Connection {
         Self { stream }
     }
 
-    /// The underlying stream (for timeouts, shutdown).
+    /// The underlying stream (for polling, shutdown).
     pub fn stream(&self) -> &UnixStream {
         &self.stream
     }
 
-    /// Sends one message.
-    pub fn send<T: Serialize>(&mut self, message: &T) -> Result<(), FrameError> {
-        let body = serde_json::to_vec(message).map_err(|e| FrameError::Io(io::Error::other(e)))?;
-        write_frame(&mut self.stream, &body)
+    /// The underlying stream, unwrapped.
+    pub fn into_stream(self) -> UnixStream {
+        self.stream
     }
 
-    /// Receives one raw frame; `None` at a clean end of stream.
+    /// Sets how long a read and a write may block; `None` waits forever.
+    /// An expired timeout surfaces as [`FrameError::TimedOut`].
+    pub fn set_timeouts(&self, read: Option<Duration>, write: Option<Duration>) -> io::Result<()> {
+        self.stream.set_read_timeout(read)?;
+        self.stream.set_write_timeout(write)
+    }
+
+    /// Sends one message.
+    pub fn send<T: Serialize>(&mut self, message: &T) -> Result<(), FrameError> {
+        write_frame(&mut self.stream, &encode(message)?)
+    }
+
+    /// Receives one message; `None` when the peer closed cleanly between
+    /// messages.
+    pub fn recv<T: Message>(&mut self) -> Result<Option<T>, FrameError> {
+        match self.recv_frame()? {
+            Some(frame) => decode(&frame).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Receives one raw frame; `None` when the peer closed cleanly between
+    /// frames.
     pub fn recv_frame(&mut self) -> Result<Option<Vec<u8>>, FrameError> {
         read_frame(&mut self.stream)
     }
@@ -85,20 +151,30 @@ pub enum ClientError {
     /// No socket at the path.
     #[error("epmd is not running (no socket at {0}); start it, or pass --socket PATH")]
     NotRunning(PathBuf),
-    /// The socket exists but refuses connections.
-    #[error("epmd is not accepting connections at {0} (stale socket?)")]
+    /// The socket exists but nothing accepts on it.
+    #[error("epmd is not running (nothing accepts connections at {0}: a stale socket?)")]
     Refused(PathBuf),
-    /// Permission denied on the socket.
-    #[error("permission denied on {0}")]
+    /// Permission denied on the socket or a directory above it.
+    #[error("permission denied connecting to epmd at {0}")]
     PermissionDenied(PathBuf),
-    /// The versions do not match.
-    #[error("epmd speaks protocol {daemon}, this client {client}: {message}")]
+    /// Any other failure to connect.
+    #[error("cannot connect to epmd at {path}: {source}")]
+    Connect {
+        /// The socket.
+        path: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
+    /// The daemon and this client speak incompatible protocol versions.
+    #[error(
+        "epmd and this client (protocol {client}) cannot talk: {message}; upgrade the older one"
+    )]
     VersionMismatch {
-        /// Daemon's version, if it said.
-        daemon: u32,
-        /// Ours.
+        /// The daemon's version, when it said.
+        daemon: Option<u32>,
+        /// Ours ([`PROTOCOL_VERSION`]).
         client: u32,
-        /// The daemon's words.
+        /// What the daemon said, or what we saw.
         message: String,
     },
     /// The daemon answered with an error.
@@ -112,19 +188,37 @@ pub enum ClientError {
     /// The daemon closed the connection.
     #[error("epmd closed the connection")]
     Closed,
-    /// The daemon sent something this client does not understand.
+    /// The daemon sent something out of place (no `Welcome`, say).
     #[error("unexpected answer from epmd: {0}")]
     Protocol(String),
-    /// Transport failure.
+    /// The transport failed, or the daemon's frame made no sense.
     #[error("talking to epmd: {0}")]
-    Frame(#[from] FrameError),
+    Frame(FrameError),
+}
+
+impl From<FrameError> for ClientError {
+    fn from(error: FrameError) -> Self {
+        match error {
+            // The daemon hung up under us (a full per-user quota, a
+            // restart): say so, not "broken pipe".
+            FrameError::Io(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+                ) =>
+            {
+                ClientError::Closed
+            }
+            other => ClientError::Frame(other),
+        }
+    }
 }
 
 /// A client's connection to the daemon, after the handshake.
 #[derive(Debug)]
 pub struct Client {
     connection: Connection,
-    /// The uid the daemon saw.
+    /// The uid the daemon saw (and authorizes by).
     pub uid: u32,
     /// Whether the daemon considers us an administrator.
     pub is_admin: bool,
@@ -133,50 +227,67 @@ pub struct Client {
 }
 
 impl Client {
-    /// Connects and performs the handshake.
+    /// Connects to the daemon's socket and performs the handshake. `client`
+    /// names this program in the daemon's log, e.g. `epmctl 0.1.0`. Reads
+    /// and writes time out after [`DEFAULT_CLIENT_TIMEOUT`].
     pub fn connect(path: &Path, client: &str) -> Result<Client, ClientError> {
-        let stream = UnixStream::connect(path).map_err(|e| match e.kind() {
+        let stream = UnixStream::connect(path).map_err(|source| match source.kind() {
             io::ErrorKind::NotFound => ClientError::NotRunning(path.to_owned()),
             io::ErrorKind::ConnectionRefused => ClientError::Refused(path.to_owned()),
             io::ErrorKind::PermissionDenied => ClientError::PermissionDenied(path.to_owned()),
-            _ => ClientError::Frame(FrameError::Io(io::Error::new(
-                e.kind(),
-                format!("cannot connect to {}: {e}", path.display()),
-            ))),
+            _ => ClientError::Connect {
+                path: path.to_owned(),
+                source,
+            },
         })?;
-        let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
         let mut connection = Connection::new(stream);
+        connection
+            .set_timeouts(Some(DEFAULT_CLIENT_TIMEOUT), Some(DEFAULT_CLIENT_TIMEOUT))
+            .map_err(|source| ClientError::Connect {
+                path: path.to_owned(),
+                source,
+            })?;
         connection.send(&Request::Hello {
             protocol: PROTOCOL_VERSION,
             client: client.to_owned(),
         })?;
-        let mut client_conn = Client {
-            connection,
-            uid: 0,
-            is_admin: false,
-            daemon_version: String::new(),
+        let Some(welcome) = connection.recv::<Response>()? else {
+            return Err(ClientError::Closed);
         };
-        match client_conn.recv()? {
+        match welcome {
             Response::Welcome {
+                protocol,
                 uid,
                 is_admin,
                 daemon_version,
-                ..
             } => {
-                client_conn.uid = uid;
-                client_conn.is_admin = is_admin;
-                client_conn.daemon_version = daemon_version;
-                Ok(client_conn)
+                if protocol != PROTOCOL_VERSION {
+                    return Err(ClientError::VersionMismatch {
+                        daemon: Some(protocol),
+                        client: PROTOCOL_VERSION,
+                        message: format!("epmd {daemon_version} speaks protocol {protocol}"),
+                    });
+                }
+                Ok(Client {
+                    connection,
+                    uid,
+                    is_admin,
+                    daemon_version,
+                })
             }
             Response::Error {
                 code: ErrorCode::VersionMismatch,
                 message,
             } => Err(ClientError::VersionMismatch {
-                daemon: 0,
+                daemon: None,
                 client: PROTOCOL_VERSION,
                 message,
             }),
-            other => Err(ClientError::Protocol(format!("{other:?}"))),
+            Response::Error { code, message } => Err(ClientError::Daemon { code, message }),
+            other => Err(ClientError::Protocol(format!(
+                "{} instead of welcome",
+                other.type_name()
+            ))),
         }
     }
 
@@ -185,16 +296,13 @@ impl Client {
         Ok(self.connection.send(request)?)
     }
 
-    /// Receives the next response; a daemon `Error` becomes `Err`.
+    /// Receives the next response; a daemon [`Response::Error`] becomes
+    /// [`ClientError::Daemon`].
     pub fn recv(&mut self) -> Result<Response, ClientError> {
-        let Some(frame) = self.connection.recv_frame()? else {
-            return Err(ClientError::Closed);
-        };
-        let response: Response =
-            serde_json::from_slice(&frame).map_err(|e| ClientError::Protocol(e.to_string()))?;
-        match response {
-            Response::Error { code, message } => Err(ClientError::Daemon { code, message }),
-            other => Ok(other),
+        match self.connection.recv::<Response>()? {
+            None => Err(ClientError::Closed),
+            Some(Response::Error { code, message }) => Err(ClientError::Daemon { code, message }),
+            Some(response) => Ok(response),
         }
     }
 
@@ -204,23 +312,40 @@ impl Client {
         self.recv()
     }
 
-    /// Removes the read timeout (for following a stream).
+    /// Sets how long a read or a write may take; `None` waits forever.
+    pub fn set_timeout(&mut self, timeout: Option<Duration>) -> Result<(), ClientError> {
+        self.connection
+            .set_timeouts(timeout, timeout)
+            .map_err(|e| ClientError::Frame(FrameError::Io(e)))
+    }
+
+    /// Waits for answers forever (following a stream, which may be quiet
+    /// for hours).
     pub fn wait_forever(&mut self) {
         let _ = self.connection.stream().set_read_timeout(None);
+    }
+
+    /// Who the daemon is, as the kernel says: a caller that must not talk
+    /// to an impostor checks that this is root.
+    pub fn daemon_credentials(&self) -> io::Result<PeerCredentials> {
+        peer_credentials(self.connection.stream())
     }
 }
 
 // ---- server -------------------------------------------------------------------
 
-/// Why the daemon ends a connection.
+/// Why the daemon ends a connection. Each ends only that one; where the
+/// client can still hear it, it has been told why (a `bad_request` or
+/// `version_mismatch` error).
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
-    /// A bad frame (oversized, truncated) or a socket error.
+    /// A bad frame (oversized, truncated, not JSON, not a message), a
+    /// malformed `Hello`, a timeout, or a socket error.
     #[error("{0}")]
     Frame(#[from] FrameError),
-    /// The frame is not a JSON object with a `type`.
-    #[error("frame is not a JSON message: {0}")]
-    Garbage(String),
+    /// The client connected and left without a `Hello` (a probe).
+    #[error("the client closed the connection before its hello")]
+    ClosedBeforeHello,
     /// A request before `Hello`, or a second `Hello`.
     #[error("out of order: {0}")]
     OutOfOrder(String),
@@ -234,25 +359,38 @@ pub enum ServerError {
 pub enum Incoming {
     /// A request this daemon understands.
     Request(Request),
-    /// A well-formed message of a type this daemon does not know; answer
-    /// `unsupported` and keep the connection.
+    /// A well-formed message of a type this daemon does not know (from a
+    /// newer client): answer [`ErrorCode::Unsupported`] and keep the
+    /// connection. The type is cut to 200 characters.
     Unsupported(String),
 }
 
 /// The daemon's side of one connection, after the handshake.
+///
+/// The daemon owns the accept loop and the threads; this owns the protocol:
+/// the handshake, telling unknown requests from garbage, and keeping every
+/// frame it sends within [`crate::MAX_FRAME_BYTES`].
 #[derive(Debug)]
 pub struct ServerConnection {
     connection: Connection,
     /// Who is connected.
     pub peer: PeerCredentials,
-    /// Whether the peer may see everything.
+    /// Whether the peer may see and do everything.
     pub is_admin: bool,
+    /// What the client called itself in its `Hello`, for logs (cut to 200
+    /// characters: the client chose it).
+    pub client: String,
 }
 
 impl ServerConnection {
-    /// Reads the client's `Hello`, answers `Welcome` (or a version error),
-    /// and returns the connection. `is_admin` decides from the peer's
-    /// credentials whether it may see everything.
+    /// Reads the client's `Hello`, answers [`Response::Welcome`] with the
+    /// peer's uid and `is_admin(&peer)`, and returns the connection.
+    ///
+    /// On a version mismatch the client is told so, then `Err`. A request
+    /// before `Hello`, garbage or an oversized frame is answered with a
+    /// `bad_request` error where possible, then `Err`. After any `Err`,
+    /// close the connection. Set a read timeout first, so that a client
+    /// that never says hello cannot hold the thread.
     pub fn accept(
         stream: UnixStream,
         daemon_version: &str,
@@ -260,258 +398,190 @@ impl ServerConnection {
     ) -> Result<ServerConnection, ServerError> {
         let peer = peer_credentials(&stream).map_err(FrameError::Io)?;
         let mut connection = Connection::new(stream);
-        let Some(frame) = connection.recv_frame()? else {
-            return Err(ServerError::Frame(FrameError::Truncated));
+        let Some(frame) = recv_request_frame(&mut connection)? else {
+            return Err(ServerError::ClosedBeforeHello);
         };
-        match parse(&frame)? {
-            Incoming::Request(Request::Hello { protocol, .. }) if protocol == PROTOCOL_VERSION => {
-                let is_admin = is_admin(&peer);
-                connection.send(&Response::Welcome {
-                    protocol: PROTOCOL_VERSION,
-                    daemon_version: daemon_version.to_owned(),
-                    uid: peer.uid,
-                    is_admin,
-                })?;
-                Ok(ServerConnection {
-                    connection,
-                    peer,
-                    is_admin,
-                })
+        let (protocol, client) = match decode::<Request>(&frame) {
+            Ok(Request::Hello { protocol, client }) => (protocol, client),
+            Ok(request) => {
+                let kind = request.type_name();
+                return Err(out_of_order(
+                    &mut connection,
+                    format!("{kind} before hello"),
+                ));
             }
-            Incoming::Request(Request::Hello { protocol, .. }) => {
-                let _ = connection.send(&Response::Error {
-                    code: ErrorCode::VersionMismatch,
-                    message: format!(
-                        "this epmd speaks protocol {PROTOCOL_VERSION}, the client {protocol}"
-                    ),
-                });
-                Err(ServerError::VersionMismatch(protocol))
+            Err(FrameError::UnknownType(kind)) => {
+                return Err(out_of_order(
+                    &mut connection,
+                    format!("{kind:?} before hello"),
+                ));
             }
-            other => Err(ServerError::OutOfOrder(format!(
-                "expected hello first, got {other:?}"
-            ))),
+            Err(error) => {
+                // A future client's hello may carry fields this daemon does
+                // not know; its version still deserves the clear answer.
+                if let Some(protocol) = lenient_hello_protocol(&frame)
+                    && protocol != u64::from(PROTOCOL_VERSION)
+                {
+                    let protocol = u32::try_from(protocol).unwrap_or(u32::MAX);
+                    return Err(refuse_version(&mut connection, protocol));
+                }
+                farewell(&mut connection, ErrorCode::BadRequest, error.to_string());
+                return Err(error.into());
+            }
+        };
+        if protocol != PROTOCOL_VERSION {
+            return Err(refuse_version(&mut connection, protocol));
         }
+        let is_admin = is_admin(&peer);
+        connection.send(&Response::Welcome {
+            protocol: PROTOCOL_VERSION,
+            daemon_version: daemon_version.to_owned(),
+            uid: peer.uid,
+            is_admin,
+        })?;
+        Ok(ServerConnection {
+            connection,
+            peer,
+            is_admin,
+            client: shorten(&client),
+        })
     }
 
     /// The next request; `Ok(None)` when the client closed the connection.
+    ///
+    /// A request of a known type with invalid fields is answered here, with
+    /// a `bad_request` error naming the problem, and the next one is read:
+    /// the stream is still in step. `Err` (garbage, oversized, a second
+    /// `Hello`, a timeout, a socket error) means: close the connection.
     pub fn next_request(&mut self) -> Result<Option<Incoming>, ServerError> {
-        let Some(frame) = self.connection.recv_frame()? else {
-            return Ok(None);
-        };
-        match parse(&frame)? {
-            Incoming::Request(Request::Hello { .. }) => {
-                Err(ServerError::OutOfOrder("a second hello".into()))
+        loop {
+            let Some(frame) = recv_request_frame(&mut self.connection)? else {
+                return Ok(None);
+            };
+            match decode::<Request>(&frame) {
+                Ok(Request::Hello { .. }) => {
+                    return Err(out_of_order(&mut self.connection, "a second hello".into()));
+                }
+                Ok(request) => return Ok(Some(Incoming::Request(request))),
+                Err(FrameError::UnknownType(kind)) => {
+                    return Ok(Some(Incoming::Unsupported(kind)));
+                }
+                Err(error @ FrameError::Invalid { .. }) => {
+                    self.connection
+                        .send(&Response::error(ErrorCode::BadRequest, error.to_string()))?;
+                }
+                Err(error) => {
+                    farewell(
+                        &mut self.connection,
+                        ErrorCode::BadRequest,
+                        error.to_string(),
+                    );
+                    return Err(error.into());
+                }
             }
-            incoming => Ok(Some(incoming)),
         }
     }
 
     /// Sends a response.
+    ///
+    /// [`Response::AuditRecords`] over the frame limit goes out as several
+    /// batches (a client reads any number). Any other response over the
+    /// limit is replaced by an `internal` error, so that the client learns
+    /// why, and `Err` is returned.
     pub fn send(&mut self, response: &Response) -> Result<(), ServerError> {
-        Ok(self.connection.send(response)?)
+        if let Response::AuditRecords { lines } = response {
+            return self.send_records(lines);
+        }
+        match encode(response) {
+            Ok(body) => Ok(write_frame(&mut self.connection.stream, &body)?),
+            Err(error @ FrameError::Oversized { .. }) => {
+                self.connection.send(&Response::error(
+                    ErrorCode::Internal,
+                    format!("the {} answer is too large: {error}", response.type_name()),
+                ))?;
+                Err(error.into())
+            }
+            Err(error) => Err(error.into()),
+        }
     }
 
-    /// The underlying stream.
+    /// Sends records in as few frames as fit, halving a batch until it does.
+    fn send_records(&mut self, lines: &[String]) -> Result<(), ServerError> {
+        /// `Response::AuditRecords`, borrowing its lines.
+        #[derive(Serialize)]
+        #[serde(tag = "type", rename = "audit_records")]
+        struct AuditRecords<'a> {
+            lines: &'a [String],
+        }
+        match encode(&AuditRecords { lines }) {
+            Ok(body) => Ok(write_frame(&mut self.connection.stream, &body)?),
+            Err(FrameError::Oversized { .. }) if lines.len() > 1 => {
+                let (first, second) = lines.split_at(lines.len() / 2);
+                self.send_records(first)?;
+                self.send_records(second)
+            }
+            Err(error @ FrameError::Oversized { .. }) => {
+                self.connection.send(&Response::error(
+                    ErrorCode::Internal,
+                    format!("an audit record is too large to send: {error}"),
+                ))?;
+                Err(error.into())
+            }
+            Err(error) => Err(error.into()),
+        }
+    }
+
+    /// The underlying stream (to set timeouts, or to poll for the client
+    /// leaving while it follows a stream).
     pub fn stream(&self) -> &UnixStream {
         self.connection.stream()
     }
 }
 
-/// A frame → a request, an unknown-but-well-formed message, or garbage.
-fn parse(frame: &[u8]) -> Result<Incoming, ServerError> {
-    let value: serde_json::Value =
-        serde_json::from_slice(frame).map_err(|e| ServerError::Garbage(e.to_string()))?;
-    let Some(kind) = value
-        .get("type")
-        .and_then(|t| t.as_str())
-        .map(str::to_owned)
-    else {
-        return Err(ServerError::Garbage("no \"type\" field".into()));
-    };
-    match serde_json::from_value::<Request>(value) {
-        Ok(request) => Ok(Incoming::Request(request)),
-        Err(e) if e.to_string().starts_with("unknown variant") => Ok(Incoming::Unsupported(kind)),
-        Err(e) => Err(ServerError::Garbage(format!("{kind}: {e}"))),
+/// A frame from the client. An oversized one is answered before the `Err`:
+/// the stream is lost, but the client should learn why.
+fn recv_request_frame(connection: &mut Connection) -> Result<Option<Vec<u8>>, ServerError> {
+    match connection.recv_frame() {
+        Err(error @ FrameError::Oversized { .. }) => {
+            farewell(connection, ErrorCode::BadRequest, error.to_string());
+            Err(error.into())
+        }
+        other => Ok(other?),
     }
+}
+
+/// The `protocol` of anything that calls itself a hello.
+fn lenient_hello_protocol(frame: &[u8]) -> Option<u64> {
+    let value: serde_json::Value = serde_json::from_slice(frame).ok()?;
+    if value.get("type")?.as_str()? != "hello" {
+        return None;
+    }
+    value.get("protocol")?.as_u64()
+}
+
+fn out_of_order(connection: &mut Connection, what: String) -> ServerError {
+    farewell(
+        connection,
+        ErrorCode::BadRequest,
+        format!("out of order: {what}"),
+    );
+    ServerError::OutOfOrder(what)
+}
+
+fn refuse_version(connection: &mut Connection, protocol: u32) -> ServerError {
+    farewell(
+        connection,
+        ErrorCode::VersionMismatch,
+        format!("this epmd speaks protocol {PROTOCOL_VERSION}, the client {protocol}"),
+    );
+    ServerError::VersionMismatch(protocol)
+}
+
+/// Tells the client why it is being disconnected, if it still listens.
+fn farewell(connection: &mut Connection, code: ErrorCode, message: String) {
+    let _ = connection.stream.set_write_timeout(Some(FAREWELL_TIMEOUT));
+    let _ = connection.send(&Response::error(code, message));
 }
 
 #[cfg(test)]
-mod tests {
-    use std::io::Write;
-    use std::os::unix::net::UnixListener;
-    use std::thread;
-
-    use proptest::prelude::*;
-
-    use super::*;
-    use crate::message::Response;
-
-    fn serve_one(listener: UnixListener) -> thread::JoinHandle<Result<Vec<Incoming>, String>> {
-        thread::spawn(move || {
-            let (stream, _) = listener.accept().map_err(|e| e.to_string())?;
-            let mut conn = ServerConnection::accept(stream, "test", |p| p.uid == 0)
-                .map_err(|e| e.to_string())?;
-            let mut seen = Vec::new();
-            loop {
-                match conn.next_request() {
-                    Ok(Some(incoming)) => {
-                        let reply = match &incoming {
-                            Incoming::Request(Request::Status) => Response::End,
-                            _ => Response::Error {
-                                code: ErrorCode::Unsupported,
-                                message: "no".into(),
-                            },
-                        };
-                        seen.push(incoming);
-                        conn.send(&reply).map_err(|e| e.to_string())?;
-                    }
-                    Ok(None) => return Ok(seen),
-                    Err(e) => return Err(e.to_string()),
-                }
-            }
-        })
-    }
-
-    fn listener() -> (tempfile::TempDir, PathBuf, UnixListener) {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("epmd.sock");
-        let listener = UnixListener::bind(&path).unwrap();
-        (dir, path, listener)
-    }
-
-    #[test]
-    fn handshake_reports_our_credentials_and_serves_requests() {
-        let (_dir, path, listener) = listener();
-        let server = serve_one(listener);
-        let mut client = Client::connect(&path, "test-client").unwrap();
-        assert_eq!(client.uid, nix::unistd::geteuid().as_raw());
-        assert_eq!(client.is_admin, client.uid == 0);
-        assert_eq!(client.call(&Request::Status).unwrap(), Response::End);
-        drop(client);
-        assert_eq!(
-            server.join().unwrap().unwrap(),
-            [Incoming::Request(Request::Status)]
-        );
-    }
-
-    #[test]
-    fn peer_pid_is_ours_on_linux() {
-        let (a, _b) = UnixStream::pair().unwrap();
-        let cred = peer_credentials(&a).unwrap();
-        assert_eq!(cred.uid, nix::unistd::geteuid().as_raw());
-        if cfg!(target_os = "linux") {
-            assert_eq!(cred.pid, Some(std::process::id()));
-        }
-    }
-
-    #[test]
-    fn unknown_request_types_are_unsupported_not_fatal() {
-        let (_dir, path, listener) = listener();
-        let server = serve_one(listener);
-        let mut client = Client::connect(&path, "test").unwrap();
-        let stream = client.connection.stream().try_clone().unwrap();
-        write_frame(&mut &stream, br#"{"type":"from_the_future","x":1}"#).unwrap();
-        let err = client.recv().unwrap_err();
-        assert!(
-            matches!(
-                err,
-                ClientError::Daemon {
-                    code: ErrorCode::Unsupported,
-                    ..
-                }
-            ),
-            "{err}"
-        );
-        assert_eq!(
-            client.call(&Request::Status).unwrap(),
-            Response::End,
-            "still connected"
-        );
-        drop(stream);
-        drop(client);
-        let seen = server.join().unwrap().unwrap();
-        assert_eq!(seen[0], Incoming::Unsupported("from_the_future".into()));
-    }
-
-    #[test]
-    fn a_request_before_hello_closes_the_connection() {
-        let (_dir, path, listener) = listener();
-        let server = serve_one(listener);
-        let mut stream = UnixStream::connect(&path).unwrap();
-        write_frame(&mut stream, br#"{"type":"status"}"#).unwrap();
-        let err = server.join().unwrap().unwrap_err();
-        assert!(err.starts_with("out of order"), "{err}");
-    }
-
-    #[test]
-    fn a_version_mismatch_is_explained_to_the_client() {
-        let (_dir, path, listener) = listener();
-        let server = serve_one(listener);
-        let mut conn = Connection::new(UnixStream::connect(&path).unwrap());
-        conn.send(&Request::Hello {
-            protocol: 99,
-            client: "future".into(),
-        })
-        .unwrap();
-        let reply: Response = serde_json::from_slice(&conn.recv_frame().unwrap().unwrap()).unwrap();
-        assert!(matches!(
-            reply,
-            Response::Error {
-                code: ErrorCode::VersionMismatch,
-                ..
-            }
-        ));
-        assert!(
-            server
-                .join()
-                .unwrap()
-                .unwrap_err()
-                .contains("client protocol 99")
-        );
-    }
-
-    #[test]
-    fn garbage_and_oversized_frames_end_only_that_connection() {
-        for bad in [
-            b"\x00\x00\x00\x05hello".to_vec(),
-            b"\xff\xff\xff\xff".to_vec(),
-            b"\x00\x00\x00\x02{}".to_vec(),
-        ] {
-            let (_dir, path, listener) = listener();
-            let server = serve_one(listener);
-            let mut client = Client::connect(&path, "test").unwrap();
-            let stream = client.connection.stream().try_clone().unwrap();
-            (&stream).write_all(&bad).unwrap();
-            assert!(server.join().unwrap().is_err());
-            assert!(client.recv().is_err(), "the server closed this connection");
-        }
-    }
-
-    #[test]
-    fn connecting_to_nothing_says_the_daemon_is_not_running() {
-        let err = Client::connect(Path::new("/nonexistent/epmd.sock"), "t").unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "epmd is not running (no socket at /nonexistent/epmd.sock); start it, or pass --socket PATH"
-        );
-    }
-
-    proptest! {
-        #![proptest_config(ProptestConfig::with_cases(200))]
-
-        /// Arbitrary bytes from a client never panic the server side.
-        #[test]
-        fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..300)) {
-            let (a, b) = UnixStream::pair().unwrap();
-            let writer = thread::spawn(move || {
-                let mut a = a;
-                let _ = a.write_all(&bytes);
-            });
-            b.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-            if let Ok(mut conn) = ServerConnection::accept(b, "t", |_| false) {
-                while let Ok(Some(_)) = conn.next_request() {}
-            }
-            writer.join().unwrap();
-        }
-    }
-}
+mod tests;
