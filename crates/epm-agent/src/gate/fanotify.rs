@@ -2,42 +2,127 @@
 //!
 //! Thin by design: read events, gather facts from the event fd and `/proc`,
 //! hand them on, write answers. Everything else is platform-neutral.
+//!
+//! # The group
+//! - `FAN_CLASS_CONTENT`: permission events for a file whose content is
+//!   final (the pre-content class is for storage managers that fill files in).
+//! - `FAN_UNLIMITED_QUEUE`: with a bounded queue the kernel, once the queue
+//!   is full, drops new permission events *and lets those execs run*
+//!   (measured here: with the limit at 4, 8 of 12 execs ran while the queue
+//!   was not read). Unlimited, every exec waits for its answer; the queue's
+//!   memory stays bounded by the processes blocked in it. Overload is the
+//!   daemon's bounded queue's business, answered per its fail mode.
+//! - `FAN_UNLIMITED_MARKS`: a container host can have more mounts than the
+//!   default mark limit, and an unmarked mount is ungated.
+//! - `FAN_REPORT_PIDFD` (Linux 5.15) when the kernel has it, else without.
+//!   The pidfd pins the process: credentials come from it race-free
+//!   (`PIDFD_GET_INFO`, Linux 6.13), and after any `/proc/PID` read a
+//!   successful `pidfd_send_signal(0)` proves the pid was not reused
+//!   meanwhile, so the facts are this process's.
+//! - `FAN_CLOEXEC` and `O_CLOEXEC` event fds: a program the daemon starts
+//!   must not inherit the group, or it would keep the group (and every exec
+//!   waiting on it) alive after the daemon is gone. `FAN_NONBLOCK`: the group
+//!   is polled with the mount table and the shutdown pipe.
+//!
+//! # Marks
+//! Each watched mount gets `FAN_MARK_FILESYSTEM` when every mount of its
+//! file system is within the watch paths (always, with the default `/`), so
+//! bind mounts and the copies of the mount in other mount namespaces are
+//! gated too: a mount mark lives on one mount object, and `unshare -m` (or an
+//! unprivileged `unshare -Urm`) makes new ones. Otherwise it gets
+//! `FAN_MARK_MOUNT`. Mounts that appear later are marked when the mount
+//! table changes (`POLLPRI` on `/proc/self/mountinfo`).
+//!
+//! Not covered (known gaps):
+//! - file systems mounted only in *other* mount namespaces: an unprivileged
+//!   user with user namespaces can mount a tmpfs there and run programs from
+//!   it unseen. Disable unprivileged user namespaces on managed endpoints
+//!   (`user.max_user_namespaces = 0`, or Ubuntu's AppArmor restriction).
+//! - a brand-new file system between its mount and our mark (a bind mount
+//!   of a marked file system is covered at once);
+//! - a mount hidden under another mount on the same mount point: marking
+//!   resolves the path to the top one;
+//! - file-system types not in the watched list (see
+//!   [`mountinfo::WATCHED_FS_TYPES`] for why user FUSE mounts are left out).
+//!
+//! nix's fanotify API serves to create the group, mark and answer; reading
+//! uses libc directly because nix's reader drops the info records (and so
+//! leaks the pidfds the kernel installs with `FAN_REPORT_PIDFD`).
 
-use std::collections::HashSet;
-use std::ffi::CString;
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::ffi::OsStrExt;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::fanotify::{
+    EventFFlags, Fanotify, FanotifyResponse, InitFlags, MarkFlags, MaskFlags, Response,
+};
 
-use super::mountinfo::{self, Mount};
+use super::mountinfo::{self, Mount, WatchScope};
 use super::procfs;
 use super::{
     ExecFacts, ExecGate, FactNeeds, FileIdentity, GateError, PendingExec, Respond, Shutdown,
     Verdict,
 };
 
-// Constants from <linux/fanotify.h> that the libc crate may not carry on
-// every version; the values are kernel ABI and never change.
-const FAN_REPORT_PIDFD: u32 = 0x0000_0080;
-const FAN_EVENT_INFO_TYPE_PIDFD: u8 = 4;
-const FAN_NOPIDFD: i32 = -1;
+pub use super::mountinfo::MarkScope;
 
 /// Size of `struct fanotify_event_metadata`.
 const METADATA_LEN: usize = std::mem::size_of::<libc::fanotify_event_metadata>();
 
+/// Bytes read per `read`. Every event in a read arrives with its fd (and
+/// pidfd) already installed, so a modest buffer keeps a burst from taking
+/// thousands of descriptors at once; an event is 32 bytes with its pidfd.
+const READ_BUFFER: usize = 4096;
+
+/// The fanotify gate's settings.
+#[derive(Debug, Clone)]
+pub struct FanotifyConfig {
+    /// Only mounts at or below these paths are gated (`/`: everything).
+    pub watch_paths: Vec<PathBuf>,
+    /// Only mounts of these file-system types are gated (default:
+    /// [`mountinfo::WATCHED_FS_TYPES`]).
+    pub fs_types: Vec<String>,
+    /// Answers execs that are dropped unanswered, and those whose file the
+    /// gate cannot identify.
+    pub fallback: Verdict,
+}
+
+impl FanotifyConfig {
+    /// The default file-system types, at or below `watch_paths`.
+    pub fn new(watch_paths: Vec<PathBuf>, fallback: Verdict) -> Self {
+        Self {
+            watch_paths,
+            fs_types: mountinfo::WATCHED_FS_TYPES
+                .iter()
+                .map(|t| (*t).to_owned())
+                .collect(),
+            fallback,
+        }
+    }
+}
+
+/// What became of one watched mount.
+#[derive(Debug)]
+struct MountMark {
+    mount_point: PathBuf,
+    /// The mark placed, or why none could be; a failure is logged once.
+    result: Result<MarkScope, Errno>,
+}
+
 /// The fanotify gate.
 #[derive(Debug)]
 pub struct FanotifyGate {
-    fan: Arc<OwnedFd>,
+    fan: Arc<Fanotify>,
     mountinfo: File,
-    watch_paths: Vec<PathBuf>,
-    marked: HashSet<u64>,
+    scope: WatchScope,
+    /// Watched mounts by mount id.
+    marks: HashMap<u64, MountMark>,
     has_pidfd: bool,
     own_pid: u32,
     fallback: Verdict,
@@ -52,59 +137,105 @@ fn io_error(what: impl Into<String>, source: std::io::Error) -> GateError {
 }
 
 impl FanotifyGate {
-    /// Creates the fanotify group and marks every watched mount.
-    /// `fallback` answers execs that are dropped unanswered.
+    /// Creates the fanotify group and marks every watched mount, with the
+    /// default file-system types. `fallback` answers execs that are dropped
+    /// unanswered.
     pub fn new(watch_paths: Vec<PathBuf>, fallback: Verdict) -> Result<Self, GateError> {
-        let base = libc::FAN_CLASS_CONTENT | libc::FAN_CLOEXEC | libc::FAN_NONBLOCK;
-        let event_flags = (libc::O_RDONLY | libc::O_LARGEFILE | libc::O_CLOEXEC) as u32;
-        // SAFETY: fanotify_init takes two integer flag words and returns a new fd or -1.
-        let mut fd = unsafe { libc::fanotify_init(base | FAN_REPORT_PIDFD, event_flags) };
-        let mut has_pidfd = true;
-        if fd < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINVAL) {
-            // Kernels before 5.15 have no pidfd reporting; /proc reads then
-            // race with pid reuse, which is the best such kernels offer.
-            has_pidfd = false;
-            // SAFETY: as above.
-            fd = unsafe { libc::fanotify_init(base, event_flags) };
-        }
-        if fd < 0 {
-            let error = std::io::Error::last_os_error();
-            let message = match error.raw_os_error() {
-                Some(libc::EPERM) => "fanotify needs CAP_SYS_ADMIN: run epmd as root".to_owned(),
-                Some(libc::ENOSYS) | Some(libc::EINVAL) => format!(
-                    "this kernel cannot gate execs ({error}): EPM needs Linux 5.0 or later built with CONFIG_FANOTIFY_ACCESS_PERMISSIONS"
-                ),
-                _ => format!("fanotify_init failed: {error}"),
-            };
-            return Err(GateError::Unavailable(message));
-        }
-        // SAFETY: fd is a new descriptor we own.
-        let fan = Arc::new(unsafe { OwnedFd::from_raw_fd(fd) });
+        Self::open(FanotifyConfig::new(watch_paths, fallback))
+    }
+
+    /// Creates the fanotify group and marks every watched mount.
+    ///
+    /// Fails when the kernel or our privileges do not allow the gate, when a
+    /// watch path's own mount cannot be marked, or when nothing at all could
+    /// be marked. Other mounts that cannot be marked are logged and listed
+    /// by [`FanotifyGate::unmarked_mounts`]: any user can add a mount (FUSE),
+    /// and that must not keep the daemon from starting.
+    pub fn open(config: FanotifyConfig) -> Result<Self, GateError> {
+        let base = InitFlags::FAN_CLASS_CONTENT
+            | InitFlags::FAN_CLOEXEC
+            | InitFlags::FAN_NONBLOCK
+            | InitFlags::FAN_UNLIMITED_QUEUE
+            | InitFlags::FAN_UNLIMITED_MARKS;
+        let event_flags = EventFFlags::O_RDONLY | EventFFlags::O_LARGEFILE | EventFFlags::O_CLOEXEC;
+        let (fan, has_pidfd) = match Fanotify::init(base | InitFlags::FAN_REPORT_PIDFD, event_flags)
+        {
+            Ok(fan) => (fan, true),
+            // Before Linux 5.15: no pidfds; /proc reads then rely on a
+            // process blocked in exec not being reaped meanwhile.
+            Err(Errno::EINVAL) => (
+                Fanotify::init(base, event_flags).map_err(init_error)?,
+                false,
+            ),
+            Err(e) => return Err(init_error(e)),
+        };
+        raise_fd_limit();
         let mountinfo = File::open("/proc/self/mountinfo")
             .map_err(|e| io_error("cannot open /proc/self/mountinfo", e))?;
+        // Mount points in mountinfo are canonical; so must the watch paths be.
+        let watch_paths = config
+            .watch_paths
+            .into_iter()
+            .map(|p| std::fs::canonicalize(&p).unwrap_or(p))
+            .collect();
         let mut gate = Self {
-            fan,
+            fan: Arc::new(fan),
             mountinfo,
-            watch_paths,
-            marked: HashSet::new(),
+            scope: WatchScope::new(watch_paths, config.fs_types),
+            marks: HashMap::new(),
             has_pidfd,
             own_pid: std::process::id(),
-            fallback,
+            fallback: config.fallback,
             needs: Arc::new(FactNeeds::all()),
         };
-        gate.mark_new_mounts()?;
-        if gate.marked.is_empty() {
-            return Err(GateError::Unavailable(format!(
-                "no mount of a watched file-system type at or below {:?}",
-                gate.watch_paths
-            )));
-        }
+        gate.refresh_mounts()
+            .map_err(|e| io_error("cannot read /proc/self/mountinfo", e))?;
+        gate.check_start()?;
         Ok(gate)
     }
 
+    /// Turns the first marking round into a start-up verdict.
+    fn check_start(&self) -> Result<(), GateError> {
+        let failed: Vec<(&PathBuf, Errno)> = self
+            .marks
+            .values()
+            .filter_map(|m| m.result.err().map(|e| (&m.mount_point, e)))
+            .collect();
+        if let Some((mount, errno)) = failed
+            .iter()
+            .find(|(mount, _)| self.scope.paths().contains(mount))
+        {
+            return Err(GateError::Mark {
+                mount: (*mount).clone(),
+                source: (*errno).into(),
+            });
+        }
+        if self.marked_mounts() > 0 {
+            return Ok(());
+        }
+        match failed.first() {
+            None => Err(GateError::Unavailable(format!(
+                "no mount of a watched file-system type at or below {:?}",
+                self.scope.paths()
+            ))),
+            Some(_) if failed.iter().all(|(_, e)| *e == Errno::EINVAL) => {
+                Err(GateError::Unavailable(
+                    "this kernel cannot gate execs (fanotify_mark: FAN_OPEN_EXEC_PERM is invalid): \
+                     EPM needs Linux 5.0 or later built with CONFIG_FANOTIFY_ACCESS_PERMISSIONS"
+                        .to_owned(),
+                ))
+            }
+            Some((mount, errno)) => Err(GateError::Mark {
+                mount: (*mount).clone(),
+                source: (*errno).into(),
+            }),
+        }
+    }
+
     /// Shares what the policy needs: the daemon keeps the parent lookup
-    /// (a /proc readlink) and the group list (a /proc status read) off while
-    /// no rule uses them. Without this, every fact is gathered.
+    /// (a /proc readlink), the group list (a /proc status read) and the login
+    /// uid (a /proc read) off while nothing uses them. Without this, every
+    /// fact is gathered.
     pub fn set_fact_needs(&mut self, needs: Arc<FactNeeds>) {
         self.needs = needs;
     }
@@ -116,55 +247,89 @@ impl FanotifyGate {
 
     /// How many mounts are marked.
     pub fn marked_mounts(&self) -> usize {
-        self.marked.len()
+        self.marks.values().filter(|m| m.result.is_ok()).count()
     }
 
-    /// Marks mounts that appeared since the last call.
-    fn mark_new_mounts(&mut self) -> Result<(), GateError> {
+    /// The marked mounts and how each is marked, by mount point.
+    pub fn marks(&self) -> Vec<(PathBuf, MarkScope)> {
+        let mut marks: Vec<_> = self
+            .marks
+            .values()
+            .filter_map(|m| m.result.ok().map(|scope| (m.mount_point.clone(), scope)))
+            .collect();
+        marks.sort_by(|a, b| a.0.cmp(&b.0));
+        marks
+    }
+
+    /// Watched mounts that could not be marked: execs from them are not gated.
+    pub fn unmarked_mounts(&self) -> Vec<PathBuf> {
+        let mut unmarked: Vec<_> = self
+            .marks
+            .values()
+            .filter(|m| m.result.is_err())
+            .map(|m| m.mount_point.clone())
+            .collect();
+        unmarked.sort();
+        unmarked
+    }
+
+    /// Marks watched mounts that appeared since the last call and forgets
+    /// those that are gone (the kernel drops their marks itself).
+    fn refresh_mounts(&mut self) -> std::io::Result<()> {
         let mut text = String::new();
-        self.mountinfo
-            .seek(SeekFrom::Start(0))
-            .and_then(|_| self.mountinfo.read_to_string(&mut text))
-            .map_err(|e| io_error("cannot read /proc/self/mountinfo", e))?;
+        self.mountinfo.seek(SeekFrom::Start(0))?;
+        // Reading to the end also re-arms the POLLPRI notification.
+        self.mountinfo.read_to_string(&mut text)?;
         let mounts = mountinfo::parse(&text);
-        let present: HashSet<u64> = mounts.iter().map(|m| m.id).collect();
-        self.marked.retain(|id| present.contains(id));
-        for mount in mounts {
-            if self.marked.contains(&mount.id) || !mountinfo::is_watched(&mount, &self.watch_paths)
-            {
+        self.marks
+            .retain(|id, _| mounts.iter().any(|m| m.id == *id));
+        for mount in &mounts {
+            if self.marks.contains_key(&mount.id) || !self.scope.watches(mount) {
                 continue;
             }
-            match self.mark(&mount) {
-                Ok(()) => {
-                    tracing::debug!(mount = %mount.mount_point.display(), fs = %mount.fs_type, "gating mount");
-                    self.marked.insert(mount.id);
-                }
-                // A mount can vanish between reading the table and marking it.
-                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
-                Err(e) => tracing::warn!(mount = %mount.mount_point.display(), error = %e,
-                    "cannot gate this mount; execs from it are not checked"),
+            let result = self.mark(mount, self.scope.mark_scope(mount, &mounts));
+            match result {
+                Ok(scope) => tracing::debug!(mount = %mount.mount_point.display(),
+                    fs = %mount.fs_type, ?scope, "gating mount"),
+                // It vanished between reading the table and marking it.
+                Err(Errno::ENOENT) => continue,
+                Err(e) => tracing::error!(mount = %mount.mount_point.display(),
+                    fs = %mount.fs_type, error = %e,
+                    "cannot gate this mount: execs from it are not checked"),
             }
+            self.marks.insert(
+                mount.id,
+                MountMark {
+                    mount_point: mount.mount_point.clone(),
+                    result,
+                },
+            );
         }
         Ok(())
     }
 
-    fn mark(&self, mount: &Mount) -> std::io::Result<()> {
-        let path = CString::new(mount.mount_point.as_os_str().as_bytes())
-            .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
-        // SAFETY: valid fanotify fd, flag words, AT_FDCWD and a NUL-terminated path.
-        let rc = unsafe {
-            libc::fanotify_mark(
-                self.fan.as_raw_fd(),
-                libc::FAN_MARK_ADD | libc::FAN_MARK_MOUNT,
-                libc::FAN_OPEN_EXEC_PERM,
-                libc::AT_FDCWD,
-                path.as_ptr(),
+    fn mark(&self, mount: &Mount, scope: MarkScope) -> Result<MarkScope, Errno> {
+        let add = |kind: MarkFlags| {
+            self.fan.mark(
+                MarkFlags::FAN_MARK_ADD | kind,
+                MaskFlags::FAN_OPEN_EXEC_PERM,
+                None,
+                Some(mount.mount_point.as_path()),
             )
         };
-        if rc < 0 {
-            return Err(std::io::Error::last_os_error());
+        if scope == MarkScope::Filesystem {
+            match add(MarkFlags::FAN_MARK_FILESYSTEM) {
+                Ok(()) => return Ok(MarkScope::Filesystem),
+                // Linux 5.0 has no file-system marks, and some file systems
+                // refuse them: a mount mark is the next best thing.
+                Err(e @ (Errno::EINVAL | Errno::EXDEV | Errno::ENODEV | Errno::EOPNOTSUPP)) => {
+                    tracing::debug!(mount = %mount.mount_point.display(), error = %e,
+                        "no file-system mark; marking the mount");
+                }
+                Err(e) => return Err(e),
+            }
         }
-        Ok(())
+        add(MarkFlags::FAN_MARK_MOUNT).map(|()| MarkScope::Mount)
     }
 
     /// Reads one buffer of events and hands each on.
@@ -173,36 +338,52 @@ impl FanotifyGate {
         buf: &mut [u8],
         sink: &mut dyn FnMut(PendingExec),
     ) -> Result<(), GateError> {
-        // SAFETY: reading into a buffer we own, of its length.
-        let n = unsafe { libc::read(self.fan.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-        if n < 0 {
-            let error = std::io::Error::last_os_error();
-            return match error.raw_os_error() {
-                Some(libc::EAGAIN) | Some(libc::EINTR) => Ok(()),
-                _ => Err(io_error("cannot read fanotify events", error)),
-            };
-        }
-        let mut offset = 0usize;
-        let end = n as usize;
-        while offset + METADATA_LEN <= end {
+        let n = match nix::unistd::read(self.fan.as_fd().as_raw_fd(), buf) {
+            Ok(n) => n,
+            Err(Errno::EAGAIN | Errno::EINTR) => return Ok(()),
+            Err(e @ (Errno::EBADF | Errno::EFAULT)) => {
+                return Err(io_error("cannot read fanotify events", e.into()));
+            }
+            // The kernel could not open the file or install the fd for us
+            // (EMFILE, ENFILE, a vanished network file): it has denied that
+            // exec itself and dropped the event. The next one may do better.
+            Err(e) => {
+                tracing::warn!(error = %e,
+                    "the kernel could not hand an exec over (it denied that exec)");
+                return Ok(());
+            }
+        };
+        let mut rest = buf.get(..n).unwrap_or_default();
+        while !rest.is_empty() {
+            if rest.len() < METADATA_LEN {
+                return Err(GateError::Protocol(format!(
+                    "{} stray bytes after the last event",
+                    rest.len()
+                )));
+            }
             // SAFETY: at least METADATA_LEN bytes remain; read_unaligned copes
             // with any alignment of the byte buffer.
             let meta: libc::fanotify_event_metadata =
-                unsafe { std::ptr::read_unaligned(buf[offset..].as_ptr().cast()) };
+                unsafe { std::ptr::read_unaligned(rest.as_ptr().cast()) };
             let event_len = meta.event_len as usize;
+            let metadata_len = usize::from(meta.metadata_len);
+            // An event we cannot delimit hides the fds of those after it, and
+            // their execs would wait forever: stop instead, so the group is
+            // closed, which releases them.
             if meta.vers != libc::FANOTIFY_METADATA_VERSION
-                || event_len < METADATA_LEN
-                || offset + event_len > end
+                || metadata_len < METADATA_LEN
+                || event_len < metadata_len
+                || event_len > rest.len()
             {
-                tracing::error!(
-                    version = meta.vers,
-                    "unexpected fanotify event format; stopping this read"
-                );
-                break;
+                return Err(GateError::Protocol(format!(
+                    "metadata version {} (expected {}), lengths {metadata_len}/{event_len} in {} bytes",
+                    meta.vers,
+                    libc::FANOTIFY_METADATA_VERSION,
+                    rest.len()
+                )));
             }
-            let info = &buf[offset + meta.metadata_len as usize..offset + event_len];
-            self.handle_event(&meta, info, sink);
-            offset += event_len;
+            self.handle_event(&meta, &rest[metadata_len..event_len], sink);
+            rest = &rest[event_len..];
         }
         Ok(())
     }
@@ -213,54 +394,103 @@ impl FanotifyGate {
         info: &[u8],
         sink: &mut dyn FnMut(PendingExec),
     ) {
+        // Owned first, so it is closed on every path.
         let pidfd = pidfd_from_info(info);
         if meta.mask & libc::FAN_Q_OVERFLOW != 0 {
-            tracing::error!("fanotify queue overflowed");
+            // Cannot happen with FAN_UNLIMITED_QUEUE; if it does, execs ran
+            // without a decision and the operator must know.
+            tracing::error!("fanotify queue overflowed: some execs were not gated");
         }
         if meta.fd < 0 {
             return;
         }
-        // SAFETY: the kernel opened this fd for us with the event.
+        // SAFETY: the kernel installed this fd for us with the event; nothing
+        // else owns it.
         let event_fd = unsafe { OwnedFd::from_raw_fd(meta.fd) };
         if meta.mask & libc::FAN_OPEN_EXEC_PERM == 0 {
-            return;
+            return; // Nothing else is marked.
         }
-        let responder = Box::new(FanotifyResponder {
-            fan: self.fan.clone(),
-            event_fd: meta.fd,
-        });
+        let responder = FanotifyResponder {
+            fan: Arc::clone(&self.fan),
+            event_fd,
+        };
+        // The event pid is the thread group id, so this covers every thread.
         let pid = u32::try_from(meta.pid).unwrap_or(0);
         if pid == self.own_pid {
-            // Our own execs are allowed at once: a daemon that gated itself
-            // could deadlock waiting for its own answer.
-            responder.respond(Verdict::Allow);
+            // A daemon that gated its own exec would wait on itself.
+            responder.answer(Verdict::Allow);
             return;
         }
-        let facts = gather_facts(pid, event_fd, pidfd.as_ref(), &self.needs);
-        match facts {
-            Some(facts) => sink(PendingExec::new(facts, responder, self.fallback)),
-            None => {
-                // The process died while we looked (the pidfd says so): the
-                // exec cannot proceed anyway; deny rather than decide on facts
-                // that may belong to a recycled pid.
-                responder.respond(Verdict::Deny);
+        match gather_facts(pid, responder.event_fd.as_fd(), pidfd.as_ref(), &self.needs) {
+            Ok(facts) => sink(PendingExec::new(facts, Box::new(responder), self.fallback)),
+            Err(Unusable::Gone) => {
+                // The process was killed while we looked (its exec fails
+                // anyway) and its pid may be reused: decide nothing on facts
+                // that may belong to another process.
+                responder.answer(Verdict::Deny);
+            }
+            Err(Unusable::File(e)) => {
+                tracing::error!(pid, error = %e, verdict = ?self.fallback,
+                    "cannot identify the file being executed; answering with the fallback");
+                responder.answer(self.fallback);
             }
         }
+    }
+}
+
+fn init_error(errno: Errno) -> GateError {
+    GateError::Unavailable(match errno {
+        Errno::EPERM => "fanotify needs CAP_SYS_ADMIN: run epmd as root".to_owned(),
+        Errno::ENOSYS | Errno::EINVAL => format!(
+            "this kernel cannot gate execs (fanotify_init: {errno}): EPM needs Linux 5.0 or later \
+             built with CONFIG_FANOTIFY and CONFIG_FANOTIFY_ACCESS_PERMISSIONS"
+        ),
+        _ => format!("fanotify_init failed: {errno}"),
+    })
+}
+
+/// Raises the soft open-file limit to the hard one. Every exec waiting for
+/// an answer holds two descriptors (the event's and the content handle), and
+/// when the kernel cannot install an event's fd it denies that exec: the
+/// usual soft limit of 1024 would deny execs under a burst that a queue of a
+/// few thousand is sized for.
+fn raise_fd_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit into a struct we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut limit) } != 0
+        || limit.rlim_cur >= limit.rlim_max
+    {
+        return;
+    }
+    let raised = libc::rlimit {
+        rlim_cur: limit.rlim_max,
+        rlim_max: limit.rlim_max,
+    };
+    // SAFETY: setrlimit reads one rlimit from a struct we own.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raw const raised) } != 0 {
+        tracing::warn!(error = %std::io::Error::last_os_error(), soft = limit.rlim_cur,
+            "cannot raise the open-file limit; a burst of execs may be denied");
     }
 }
 
 /// Extracts the pidfd info record, if present, taking ownership of the fd.
 fn pidfd_from_info(mut info: &[u8]) -> Option<OwnedFd> {
     let mut found = None;
+    // struct fanotify_event_info_header { u8 info_type; u8 pad; u16 len; }
     while info.len() >= 4 {
         let info_type = info[0];
-        let len = u16::from_ne_bytes([info[2], info[3]]) as usize;
+        let len = usize::from(u16::from_ne_bytes([info[2], info[3]]));
         if len < 4 || len > info.len() {
             break;
         }
-        if info_type == FAN_EVENT_INFO_TYPE_PIDFD && len >= 8 {
+        if info_type == libc::FAN_EVENT_INFO_TYPE_PIDFD && len >= 8 {
             let fd = i32::from_ne_bytes([info[4], info[5], info[6], info[7]]);
-            if fd >= 0 && fd != FAN_NOPIDFD {
+            // Negative: FAN_NOPIDFD (no such process in our namespace) or
+            // FAN_EPIDFD (the kernel could not make one).
+            if fd >= 0 {
                 // SAFETY: the kernel installed this pidfd for us.
                 found = Some(unsafe { OwnedFd::from_raw_fd(fd) });
             }
@@ -270,7 +500,8 @@ fn pidfd_from_info(mut info: &[u8]) -> Option<OwnedFd> {
     found
 }
 
-/// Whether the process behind a pidfd is still alive.
+/// Whether the process behind a pidfd has not been reaped, so its pid still
+/// names it.
 fn pidfd_alive(pidfd: BorrowedFd<'_>) -> bool {
     // SAFETY: pidfd_send_signal with signal 0 only checks; null siginfo, no flags.
     let rc = unsafe {
@@ -285,80 +516,79 @@ fn pidfd_alive(pidfd: BorrowedFd<'_>) -> bool {
     rc == 0
 }
 
+/// Why an event cannot go to the sink.
+#[derive(Debug)]
+enum Unusable {
+    /// The process went away while its facts were read.
+    Gone,
+    /// The file could not be identified (fstat) or given a content handle.
+    File(std::io::Error),
+}
+
 fn gather_facts(
     pid: u32,
-    event_fd: OwnedFd,
+    event_fd: BorrowedFd<'_>,
     pidfd: Option<&OwnedFd>,
     needs: &FactNeeds,
-) -> Option<ExecFacts> {
-    let file = File::from(event_fd);
-    let (identity, path) = match file.metadata() {
-        Ok(meta) => (
-            FileIdentity {
-                dev: meta.dev(),
-                ino: meta.ino(),
-                size: meta.size(),
-                mtime_ns: meta
-                    .mtime()
-                    .saturating_mul(1_000_000_000)
-                    .saturating_add(meta.mtime_nsec()),
-                ctime_ns: meta
-                    .ctime()
-                    .saturating_mul(1_000_000_000)
-                    .saturating_add(meta.ctime_nsec()),
-            },
-            fd_path(file.as_fd()),
-        ),
-        Err(_) => (
-            FileIdentity {
-                dev: 0,
-                ino: 0,
-                size: 0,
-                mtime_ns: 0,
-                ctime_ns: 0,
-            },
-            fd_path(file.as_fd()),
-        ),
+) -> Result<ExecFacts, Unusable> {
+    // The content handle is a duplicate: a worker may close it once it has
+    // hashed the file, while the event's own fd stays open until the answer
+    // is written. The kernel matches an answer to its event by fd number, and
+    // a number closed early would go to the next event, so two waiting events
+    // could share it and an answer could reach the wrong exec.
+    let content = File::from(event_fd.try_clone_to_owned().map_err(Unusable::File)?);
+    let meta = content.metadata().map_err(Unusable::File)?;
+    let identity = FileIdentity {
+        dev: meta.dev(),
+        ino: meta.ino(),
+        size: meta.size(),
+        mtime_ns: meta
+            .mtime()
+            .saturating_mul(1_000_000_000)
+            .saturating_add(meta.mtime_nsec()),
+        ctime_ns: meta
+            .ctime()
+            .saturating_mul(1_000_000_000)
+            .saturating_add(meta.ctime_nsec()),
     };
+    let path = fd_path(event_fd);
     // At FAN_OPEN_EXEC_PERM time /proc/PID still shows the process before
     // the exec: its credentials and parent are right, its exe/cmdline are the
     // old program's, which is why the file comes from the event fd.
     let mut buf = [0u8; 4096];
     // Credentials and parent from the pidfd where the kernel offers them
-    // (no /proc formatting); /proc/PID/status when groups are needed or the
-    // kernel is older than 6.13.
+    // (race-free, no /proc text); /proc/PID/status when groups are needed or
+    // the kernel is older than 6.13.
     let from_pidfd = pidfd.and_then(|p| pidfd_info(p.as_fd(), pid));
     let status = match from_pidfd {
         Some(status) if !needs.groups() => Some(status),
         _ => read_small(&format!("/proc/{pid}/status"), &mut buf).and_then(procfs::parse_status),
     };
-    if let Some(pidfd) = pidfd
-        && !pidfd_alive(pidfd.as_fd())
-    {
-        return None;
-    }
-    // Without credentials the exec would be decided (and audited) as uid 0:
-    // the process is gone or /proc is unreadable, so refuse instead.
-    let status = status?;
-    // The login uid names the human behind sudo or su; for anyone but root
-    // it is the uid itself, so only root's execs pay for reading it.
-    let login_uid = if status.uid == 0 {
+    let status = status.unwrap_or_default();
+    let login_uid = if needs.login_uid() {
         read_small(&format!("/proc/{pid}/loginuid"), &mut buf).and_then(procfs::parse_loginuid)
     } else {
         None
     };
+    if let Some(pidfd) = pidfd
+        && !pidfd_alive(pidfd.as_fd())
+    {
+        return Err(Unusable::Gone);
+    }
+    // The parent is not pinned by our pidfd: if it exits now, this names
+    // whatever has its pid next, which takes a pid wrap-around to matter.
     let parent_path = (needs.parent_path() && status.ppid > 0)
         .then(|| std::fs::read_link(format!("/proc/{}/exe", status.ppid)).ok())
         .flatten()
         .map(|p| p.to_string_lossy().into_owned());
-    Some(ExecFacts {
+    Ok(ExecFacts {
         uid: status.uid,
         gid: status.gid,
         groups: status.groups,
         login_uid,
         ppid: status.ppid,
         parent_path,
-        content: Some(file),
+        content: Some(content),
         ..ExecFacts::new(pid, identity, path)
     })
 }
@@ -407,6 +637,7 @@ fn pidfd_info(pidfd: BorrowedFd<'_>, pid: u32) -> Option<procfs::ProcStatus> {
         uid: info.ruid,
         euid: info.euid,
         gid: info.rgid,
+        egid: info.egid,
         groups: Vec::new(),
     })
 }
@@ -416,42 +647,45 @@ fn pidfd_info(pidfd: BorrowedFd<'_>, pid: u32) -> Option<procfs::ProcStatus> {
 fn read_small<'a>(path: &str, buf: &'a mut [u8]) -> Option<&'a str> {
     let mut file = File::open(path).ok()?;
     let n = file.read(buf).ok()?;
-    std::str::from_utf8(&buf[..n]).ok()
+    std::str::from_utf8(buf.get(..n)?).ok()
 }
 
+/// The kernel's name for the open file. A file unlinked since it was opened
+/// reads "PATH (deleted)"; that is kept, as it is what the process ran.
 fn fd_path(fd: BorrowedFd<'_>) -> String {
     std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
         .map(|p| p.to_string_lossy().into_owned())
         .unwrap_or_default()
 }
 
-/// Answers one event on the shared fanotify fd. 8-byte writes to a fanotify
-/// fd are atomic, so workers on several threads answer concurrently.
+/// Answers one event on the shared fanotify group, then closes the event's
+/// fd. 8-byte writes to a fanotify fd are atomic, so workers on several
+/// threads answer concurrently.
 struct FanotifyResponder {
-    fan: Arc<OwnedFd>,
-    event_fd: RawFd,
+    fan: Arc<Fanotify>,
+    /// Kept open until the answer is written: its number names the event.
+    event_fd: OwnedFd,
+}
+
+impl FanotifyResponder {
+    fn answer(self, verdict: Verdict) {
+        let response = match verdict {
+            Verdict::Allow => Response::FAN_ALLOW,
+            Verdict::Deny => Response::FAN_DENY,
+        };
+        if let Err(e) = self
+            .fan
+            .write_response(FanotifyResponse::new(self.event_fd.as_fd(), response))
+        {
+            tracing::error!(error = %e, ?verdict, "cannot answer a fanotify event");
+        }
+        // self.event_fd closes here, after the answer.
+    }
 }
 
 impl Respond for FanotifyResponder {
     fn respond(self: Box<Self>, verdict: Verdict) {
-        let response = libc::fanotify_response {
-            fd: self.event_fd,
-            response: match verdict {
-                Verdict::Allow => libc::FAN_ALLOW,
-                Verdict::Deny => libc::FAN_DENY,
-            },
-        };
-        // SAFETY: writes exactly one fanotify_response from a local value.
-        let n = unsafe {
-            libc::write(
-                self.fan.as_raw_fd(),
-                (&raw const response).cast(),
-                std::mem::size_of::<libc::fanotify_response>(),
-            )
-        };
-        if n < 0 {
-            tracing::error!(error = %std::io::Error::last_os_error(), "cannot answer fanotify event");
-        }
+        self.answer(verdict);
     }
 }
 
@@ -461,24 +695,33 @@ impl ExecGate for FanotifyGate {
         sink: &mut dyn FnMut(PendingExec),
         shutdown: &Shutdown,
     ) -> Result<(), GateError> {
-        let mut buf = vec![0u8; 64 * 1024];
+        let mut buf = vec![0u8; READ_BUFFER];
+        let fan = Arc::clone(&self.fan);
         while !shutdown.is_requested() {
-            let fan = self.fan.clone();
-            let mut fds = [
-                PollFd::new(fan.as_fd(), PollFlags::POLLIN),
-                PollFd::new(self.mountinfo.as_fd(), PollFlags::POLLPRI),
-                PollFd::new(shutdown.wake_fd().as_fd(), PollFlags::POLLIN),
-            ];
-            match poll(&mut fds, PollTimeout::NONE) {
-                Ok(_) => {}
-                Err(nix::errno::Errno::EINTR) => continue,
-                Err(e) => return Err(io_error("cannot poll fanotify", e.into())),
-            }
-            let ready = |fd: &PollFd<'_>, flags| fd.revents().is_some_and(|r| r.intersects(flags));
-            let events_ready = ready(&fds[0], PollFlags::POLLIN);
-            let mounts_changed = ready(&fds[1], PollFlags::POLLPRI | PollFlags::POLLERR);
-            if mounts_changed {
-                self.mark_new_mounts()?;
+            let (events_ready, mounts_changed) = {
+                let mut fds = [
+                    PollFd::new(fan.as_fd(), PollFlags::POLLIN),
+                    PollFd::new(
+                        self.mountinfo.as_fd(),
+                        PollFlags::POLLPRI | PollFlags::POLLERR,
+                    ),
+                    PollFd::new(shutdown.wake_fd().as_fd(), PollFlags::POLLIN),
+                ];
+                match poll(&mut fds, PollTimeout::NONE) {
+                    Ok(_) => {}
+                    Err(Errno::EINTR) => continue,
+                    Err(e) => return Err(io_error("cannot poll fanotify", e.into())),
+                }
+                let ready =
+                    |fd: &PollFd<'_>, flags| fd.revents().is_some_and(|r| r.intersects(flags));
+                (
+                    ready(&fds[0], PollFlags::POLLIN),
+                    ready(&fds[1], PollFlags::POLLPRI | PollFlags::POLLERR),
+                )
+            };
+            if mounts_changed && let Err(e) = self.refresh_mounts() {
+                // Marks already placed keep working; the next change retries.
+                tracing::error!(error = %e, "cannot read the mount table; new mounts are not gated");
             }
             if events_ready {
                 self.read_events(&mut buf, sink)?;
@@ -498,7 +741,8 @@ mod tests {
         let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, std::process::id(), 0) };
         assert!(fd >= 0, "pidfd_open: {}", std::io::Error::last_os_error());
         // SAFETY: a new descriptor we own.
-        let pidfd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+        let pidfd = unsafe { OwnedFd::from_raw_fd(fd as std::os::fd::RawFd) };
+        assert!(pidfd_alive(pidfd.as_fd()));
         let Some(info) = pidfd_info(pidfd.as_fd(), std::process::id()) else {
             eprintln!("this kernel has no PIDFD_GET_INFO (Linux < 6.13): /proc is used instead");
             return;
@@ -507,9 +751,39 @@ mod tests {
         assert_eq!(info.uid, nix::unistd::getuid().as_raw());
         assert_eq!(info.euid, nix::unistd::geteuid().as_raw());
         assert_eq!(info.gid, nix::unistd::getgid().as_raw());
+        assert_eq!(info.egid, nix::unistd::getegid().as_raw());
         assert!(
             pidfd_info(pidfd.as_fd(), std::process::id() + 1).is_none(),
             "pid is checked"
         );
+    }
+
+    #[test]
+    fn pidfd_records_are_found_among_info_records() {
+        let (read, write) = nix::unistd::pipe().unwrap();
+        drop(write);
+        let raw = read.as_raw_fd();
+        std::mem::forget(read); // pidfd_from_info takes ownership
+        let mut info = Vec::new();
+        // An unknown record type (len 12), then a pidfd record (len 8).
+        info.extend_from_slice(&[99, 0]);
+        info.extend_from_slice(&12u16.to_ne_bytes());
+        info.extend_from_slice(&[0; 8]);
+        info.extend_from_slice(&[libc::FAN_EVENT_INFO_TYPE_PIDFD, 0]);
+        info.extend_from_slice(&8u16.to_ne_bytes());
+        info.extend_from_slice(&raw.to_ne_bytes());
+        let found = pidfd_from_info(&info).unwrap();
+        assert_eq!(found.as_raw_fd(), raw);
+
+        let mut no_pidfd = Vec::new();
+        no_pidfd.extend_from_slice(&[libc::FAN_EVENT_INFO_TYPE_PIDFD, 0]);
+        no_pidfd.extend_from_slice(&8u16.to_ne_bytes());
+        no_pidfd.extend_from_slice(&libc::FAN_NOPIDFD.to_ne_bytes());
+        assert!(pidfd_from_info(&no_pidfd).is_none());
+        assert!(
+            pidfd_from_info(&[1, 0, 0, 0]).is_none(),
+            "a zero length stops"
+        );
+        assert!(pidfd_from_info(&[]).is_none());
     }
 }

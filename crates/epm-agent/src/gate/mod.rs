@@ -45,9 +45,11 @@ pub struct ExecFacts {
     pub pid: u32,
     /// The file being executed.
     pub file: FileIdentity,
-    /// Its path (lossy UTF-8).
+    /// Its path (lossy UTF-8). On Linux it is the kernel's name for the
+    /// open file, so a file unlinked meanwhile ends in " (deleted)".
     pub path: String,
-    /// Real user id of the process.
+    /// Real user id of the process: the user who ran the program, even
+    /// through a setuid helper, which is whom a policy's user scope means.
     pub uid: u32,
     /// Real group id.
     pub gid: u32,
@@ -55,7 +57,7 @@ pub struct ExecFacts {
     pub groups: Vec<u32>,
     /// Login (audit) uid: the human behind `sudo` or `su`, when known.
     pub login_uid: Option<u32>,
-    /// Parent process id.
+    /// Parent process id (of the process as it execs: the new program's parent).
     pub ppid: u32,
     /// Parent's executable.
     pub parent_path: Option<String>,
@@ -71,7 +73,9 @@ pub struct ExecFacts {
     pub bundle_id: Option<String>,
     /// Apple platform binary flag.
     pub platform_binary: Option<bool>,
-    /// A handle to read the executable's bytes for hashing.
+    /// A handle to read the executable's bytes for hashing. Reading it
+    /// causes no gate events (fanotify: such descriptors are not notified).
+    /// Closing it early is fine: the gate keeps what it needs to answer.
     pub content: Option<File>,
 }
 
@@ -106,6 +110,7 @@ impl ExecFacts {
 pub struct FactNeeds {
     parent_path: AtomicBool,
     groups: AtomicBool,
+    login_uid: AtomicBool,
 }
 
 impl FactNeeds {
@@ -114,6 +119,7 @@ impl FactNeeds {
         Self {
             parent_path: AtomicBool::new(true),
             groups: AtomicBool::new(true),
+            login_uid: AtomicBool::new(true),
         }
     }
 
@@ -124,6 +130,11 @@ impl FactNeeds {
         self.groups.store(groups, Ordering::Relaxed);
     }
 
+    /// Sets whether the login uid is wanted (by the audit, or a policy).
+    pub fn set_login_uid(&self, login_uid: bool) {
+        self.login_uid.store(login_uid, Ordering::Relaxed);
+    }
+
     /// Whether the parent's executable is needed.
     pub fn parent_path(&self) -> bool {
         self.parent_path.load(Ordering::Relaxed)
@@ -132,6 +143,11 @@ impl FactNeeds {
     /// Whether supplementary groups are needed.
     pub fn groups(&self) -> bool {
         self.groups.load(Ordering::Relaxed)
+    }
+
+    /// Whether the login uid is needed.
+    pub fn login_uid(&self) -> bool {
+        self.login_uid.load(Ordering::Relaxed)
     }
 }
 
@@ -144,7 +160,8 @@ pub enum Verdict {
     Deny,
 }
 
-/// The platform half of answering one exec.
+/// The platform half of answering one exec (fanotify: a response written
+/// to the group; Endpoint Security: `es_respond_auth_result`).
 pub trait Respond: Send {
     /// Delivers the verdict. Called exactly once.
     fn respond(self: Box<Self>, verdict: Verdict);
@@ -248,6 +265,18 @@ pub enum GateError {
     /// The platform refused to create the gate; the message says what to do.
     #[error("{0}")]
     Unavailable(String),
+    /// A watch path's own mount could not be gated.
+    #[error("cannot gate execs from the mount at {}: {source}", mount.display())]
+    Mark {
+        /// The mount point.
+        mount: std::path::PathBuf,
+        /// Why it failed.
+        source: std::io::Error,
+    },
+    /// The platform sent something the gate cannot parse; the gate stops
+    /// rather than leave execs it cannot find waiting.
+    #[error("unexpected event format: {0}")]
+    Protocol(String),
     /// An IO error while running.
     #[error("{what}: {source}")]
     Io {
@@ -259,10 +288,17 @@ pub enum GateError {
 }
 
 /// A source of execs to decide.
+///
+/// `run` takes the sink as a `&mut dyn FnMut` so one gate type serves any
+/// daemon wiring without generics leaking into `Box<dyn ExecGate>`.
 pub trait ExecGate {
     /// Runs until `shutdown` is requested, handing every exec (but the
     /// daemon's own, which the gate allows itself) to `sink`. The sink must
     /// not block: it queues, or answers at once.
+    ///
+    /// Execs the platform has queued but not yet handed over when `run`
+    /// returns are released by dropping the gate (fanotify: closing the
+    /// group allows them), so drop it promptly after `run` returns.
     fn run(
         &mut self,
         sink: &mut dyn FnMut(PendingExec),

@@ -1,5 +1,9 @@
 //! Parsing `/proc/PID/*` text. Pure functions on strings, so they are
 //! tested with fixtures; the fanotify gate does the reading.
+//!
+//! At `FAN_OPEN_EXEC_PERM` time the process has not exec'd yet: these are
+//! the credentials it execs *with* (a setuid bit on the new program is not
+//! applied yet), and its parent is the new program's parent.
 
 /// The fields of `/proc/PID/status` a decision needs.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -13,6 +17,8 @@ pub struct ProcStatus {
     pub euid: u32,
     /// Real gid.
     pub gid: u32,
+    /// Effective gid.
+    pub egid: u32,
     /// Supplementary groups.
     pub groups: Vec<u32>,
 }
@@ -38,6 +44,7 @@ pub fn parse_status(text: &str) -> Option<ProcStatus> {
             }
             "Gid" => {
                 status.gid = numbers.next()?.ok()?;
+                status.egid = numbers.next()?.ok()?;
                 have_gid = true;
             }
             "Groups" => {
@@ -63,7 +70,7 @@ mod tests {
 
     const STATUS: &str = "Name:\tbash\nUmask:\t0022\nState:\tR (running)\nTgid:\t4242\n\
         Ngid:\t0\nPid:\t4242\nPPid:\t4100\nTracerPid:\t0\nUid:\t1000\t0\t0\t0\n\
-        Gid:\t1000\t1000\t1000\t1000\nFDSize:\t256\nGroups:\t4 24 27 1000 \nNStgid:\t4242\n";
+        Gid:\t1000\t27\t1000\t1000\nFDSize:\t256\nGroups:\t4 24 27 1000 \nNStgid:\t4242\n";
 
     #[test]
     fn status_fields() {
@@ -75,6 +82,7 @@ mod tests {
                 uid: 1000,
                 euid: 0,
                 gid: 1000,
+                egid: 27,
                 groups: vec![4, 24, 27, 1000],
             }
         );
