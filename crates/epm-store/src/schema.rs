@@ -92,14 +92,18 @@ impl From<rusqlite::Error> for MigrateError {
 
 /// Brings the database to [`CURRENT`], each step in its own transaction.
 pub(crate) fn migrate(conn: &mut Connection) -> Result<(), MigrateError> {
+    migrate_with(conn, MIGRATIONS)
+}
+
+/// Applies `migrations[found..]`; a step that fails leaves the database at
+/// the version before it, so the next start retries from there.
+pub(crate) fn migrate_with(conn: &mut Connection, migrations: &[&str]) -> Result<(), MigrateError> {
+    let supported = migrations.len() as i64;
     let found: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
-    if found > CURRENT {
-        return Err(MigrateError::Newer {
-            found,
-            supported: CURRENT,
-        });
+    if found > supported {
+        return Err(MigrateError::Newer { found, supported });
     }
-    for (index, sql) in MIGRATIONS.iter().enumerate().skip(found.max(0) as usize) {
+    for (index, sql) in migrations.iter().enumerate().skip(found.max(0) as usize) {
         let tx = conn.transaction()?;
         tx.execute_batch(sql)?;
         tx.pragma_update(None, "user_version", index as i64 + 1)?;
