@@ -260,6 +260,40 @@ impl Store {
         Ok(true)
     }
 
+    /// Moves every pending or approved request whose window has ended at
+    /// `now` to expired, ending their grants, in one transaction; returns
+    /// their ids, oldest first, for the caller to audit.
+    pub fn expire_requests(&mut self, now: Timestamp) -> Result<Vec<String>> {
+        const OP: &str = "expire requests";
+        let tx = self.conn.transaction().map_err(query_err(OP))?;
+        let ids: Vec<String> = {
+            let mut stmt = tx
+                .prepare_cached(
+                    "UPDATE requests SET state = 'expired', state_reason = 'window ended',
+                        updated_at = ?1
+                     WHERE state IN ('pending', 'approved') AND window_end <= ?1
+                     RETURNING id, created_at",
+                )
+                .map_err(query_err(OP))?;
+            let mut rows: Vec<(String, i64)> = stmt
+                .query_map([millis(now)], |r| Ok((r.get(0)?, r.get(1)?)))
+                .map_err(query_err(OP))?
+                .collect::<rusqlite::Result<_>>()
+                .map_err(query_err(OP))?;
+            rows.sort_by(|a, b| (a.1, &a.0).cmp(&(b.1, &b.0)));
+            rows.into_iter().map(|(id, _)| id).collect()
+        };
+        for id in &ids {
+            tx.execute(
+                "UPDATE grants SET uses_left = 0 WHERE request_id = ?1 AND uses_left > 0",
+                [id],
+            )
+            .map_err(query_err(OP))?;
+        }
+        tx.commit().map_err(query_err(OP))?;
+        Ok(ids)
+    }
+
     /// Records the platform's id for a request once it is submitted; false
     /// if there is no such request.
     pub fn set_request_platform_id(

@@ -731,6 +731,47 @@ fn ending_a_request_ends_its_grants_only() {
 }
 
 #[test]
+fn requests_whose_window_ended_expire_together_with_their_grants() {
+    let (_dir, mut store) = open_temp();
+    let mut late = request("late", 501, 0);
+    late.window_end = t(100);
+    let mut approved = request("approved", 501, 1);
+    approved.window_end = t(100);
+    let mut open_still = request("open", 501, 2);
+    open_still.window_end = t(101);
+    let mut denied = request("denied", 501, 3);
+    denied.window_end = t(100);
+    for r in [&late, &approved, &open_still, &denied] {
+        store.insert_request(r).unwrap();
+    }
+    store
+        .set_request_state("approved", RequestState::Approved, None, t(5))
+        .unwrap();
+    store
+        .set_request_state("denied", RequestState::Denied, None, t(5))
+        .unwrap();
+    let mut g = grant(501, sha('c'), 0, 1000, 3);
+    g.request_id = Some("approved".into());
+    let grant_id = store.insert_grant(&g).unwrap();
+
+    assert!(store.expire_requests(t(99)).unwrap().is_empty());
+    assert_eq!(store.expire_requests(t(100)).unwrap(), ["late", "approved"]);
+    assert!(store.expire_requests(t(100)).unwrap().is_empty(), "once");
+    let expired = store.request("approved").unwrap().unwrap();
+    assert_eq!(expired.state, RequestState::Expired);
+    assert_eq!(expired.updated_at, t(100));
+    assert_eq!(store.grant(grant_id).unwrap().unwrap().grant.uses, 0);
+    assert_eq!(
+        store.request("open").unwrap().unwrap().state,
+        RequestState::Pending
+    );
+    assert_eq!(
+        store.request("denied").unwrap().unwrap().state,
+        RequestState::Denied
+    );
+}
+
+#[test]
 fn request_ids_are_random_uuids() {
     let (_dir, store) = open_temp();
     let a = store.new_request_id().unwrap();
