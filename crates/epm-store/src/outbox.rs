@@ -5,7 +5,7 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use crate::Store;
 use crate::error::{Result, query_err};
-use crate::sql::{limit, to_i64};
+use crate::sql::{sql_limit, to_i64};
 
 /// One sealed audit record in the outbox.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -86,20 +86,20 @@ impl Store {
     }
 
     /// Records after `seq`, oldest first, at most `limit`.
-    pub fn audit_since(&self, seq: u64, max: usize) -> Result<Vec<OutboxRecord>> {
+    pub fn audit_since(&self, seq: u64, limit: usize) -> Result<Vec<OutboxRecord>> {
         // Nothing is stored beyond i64::MAX, so a larger `seq` finds nothing.
         let after = i64::try_from(seq).unwrap_or(i64::MAX);
         self.select_outbox(
             "WHERE seq > ?1 ORDER BY seq LIMIT ?2",
-            params![after, limit(max)],
+            params![after, sql_limit(limit)],
         )
     }
 
     /// Records not yet uploaded, oldest first, at most `limit`.
-    pub fn pending_upload(&self, max: usize) -> Result<Vec<OutboxRecord>> {
+    pub fn pending_upload(&self, limit: usize) -> Result<Vec<OutboxRecord>> {
         self.select_outbox(
             "WHERE uploaded = 0 ORDER BY seq LIMIT ?1",
-            params![limit(max)],
+            params![sql_limit(limit)],
         )
     }
 

@@ -38,7 +38,7 @@ pub(crate) fn to_i64(operation: &'static str, what: &str, value: u64) -> Result<
 }
 
 /// A query limit; anything beyond `i64::MAX` means no limit.
-pub(crate) fn limit(limit: usize) -> i64 {
+pub(crate) fn sql_limit(limit: usize) -> i64 {
     i64::try_from(limit).unwrap_or(i64::MAX)
 }
 
