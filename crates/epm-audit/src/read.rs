@@ -371,6 +371,11 @@ pub fn tail(dir: &Path, n: usize) -> io::Result<Vec<String>> {
     Ok(newest_first)
 }
 
+/// The seq of the last line that is a record.
+fn last_seq_in(lines: &[String]) -> Option<u64> {
+    lines.iter().rev().find_map(|line| seq_of(line.as_bytes()))
+}
+
 /// A file being followed.
 #[derive(Debug)]
 struct Followed {
@@ -485,7 +490,7 @@ impl Follower {
     /// none). Text that is not UTF-8 is replaced by U+FFFD.
     pub fn poll(&mut self) -> io::Result<Vec<String>> {
         let lines = self.poll_files()?;
-        if let Some(seq) = lines.iter().rev().find_map(|line| seq_of(line.as_bytes())) {
+        if let Some(seq) = last_seq_in(&lines) {
             self.last_seq = Some(seq);
         }
         Ok(lines)
@@ -513,7 +518,8 @@ impl Follower {
                 .drain(&mut lines)
                 .map_err(|e| io_context(&live_path, "cannot read", e))?;
             let old_id = current.id;
-            self.read_rotated_between(old_id, live.id, &mut lines)?;
+            let after_seq = last_seq_in(&lines).or(self.last_seq);
+            self.read_rotated_between(old_id, live.id, after_seq, &mut lines)?;
         }
         // A live file that appeared after we started (or replaced ours) is
         // read from its start.
@@ -526,11 +532,13 @@ impl Follower {
 
     /// Reads whole the rotated files newer than the one with `old_id` and
     /// older than the one with `live_id` (the live file we just opened, if
-    /// it has already been rotated in turn).
+    /// it has already been rotated in turn). If the old file is no longer
+    /// listed, the files named after `after_seq` are the new ones.
     fn read_rotated_between(
         &self,
         old_id: (u64, u64),
         live_id: (u64, u64),
+        after_seq: Option<u64>,
         out: &mut Vec<String>,
     ) -> io::Result<()> {
         let mut rotated = Vec::new();
@@ -543,11 +551,11 @@ impl Follower {
                 rotated.push((path, file, id));
             }
         }
-        // If the old file is gone (retention outran us, or it was deleted by
-        // hand), the files named after the last record returned are new.
+        // The old file is not listed when retention outran us or it was
+        // deleted by hand (we still read it to its end, through our handle).
         let start = match (
             rotated.iter().position(|(_, _, id)| *id == old_id),
-            self.last_seq,
+            after_seq,
         ) {
             (Some(i), _) => i + 1,
             (None, Some(last)) => rotated
