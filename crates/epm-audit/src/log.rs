@@ -3,22 +3,34 @@
 //! (so lexicographic order is chronological and a file's name says which
 //! record must open it).
 
-use std::fs::{File, OpenOptions};
-use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::fs::{self, DirBuilder, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use serde::Deserialize;
+
 use crate::chain::SealedRecord;
+use crate::read::{BackwardLines, ForwardLines, LineBytes};
 
 /// The live file's name.
 pub const LIVE_FILE: &str = "audit.jsonl";
 
+/// Mode of the log files: the owner (root) writes, a group of admins may
+/// read.
+const FILE_MODE: u32 = 0o640;
+/// Mode of a log directory the log creates itself.
+const DIR_MODE: u32 = 0o750;
+
 /// Rotation settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LogOptions {
-    /// Rotate before the live file grows past this many bytes.
+    /// Rotate before a batch would take a non-empty live file past this
+    /// many bytes. A single batch larger than this still goes whole into
+    /// the fresh file. Default 16 MiB.
     pub max_file_bytes: u64,
-    /// Rotated files kept (at least 1); older ones are deleted.
+    /// Rotated files kept; older ones are deleted after each rotation.
+    /// 0 acts as 1. Default 10.
     pub keep_files: usize,
 }
 
@@ -34,117 +46,257 @@ impl Default for LogOptions {
 /// What opening the log found.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct OpenReport {
-    /// Bytes of a torn last line (a crash mid-write) that were cut off. The
-    /// record they belonged to is re-appended from the store's outbox.
+    /// Bytes cut from the end of the live file: a last line without its
+    /// newline, and then a last line that is not a record (a crash in the
+    /// middle of a write can leave either, e.g. zeros where data was not
+    /// flushed). The records they held are re-appended from the outbox.
     pub torn_bytes_removed: u64,
 }
 
-/// The log writer. One per daemon.
+/// The log writer. One per daemon; readers need none.
 #[derive(Debug)]
 pub struct AuditLog {
     dir: PathBuf,
+    live: PathBuf,
     options: LogOptions,
-    file: File,
+    /// `None` after a rotation that could neither finish nor be undone:
+    /// the next append opens a fresh live file rather than write on into a
+    /// rotated one.
+    file: Option<File>,
     size: u64,
+    /// The live file's first record, which names it when it is rotated.
     first_seq: Option<u64>,
-    last_seq: Option<u64>,
+    /// The log's last record: seq and hash.
+    last: Option<(u64, String)>,
 }
 
-fn io_context(path: &Path, what: &str, error: io::Error) -> io::Error {
+/// An io error that names the path and what was being done.
+pub(crate) fn io_context(path: &Path, what: &str, error: io::Error) -> io::Error {
     io::Error::new(error.kind(), format!("{what} {}: {error}", path.display()))
 }
 
-fn seq_of(line: &str) -> Option<u64> {
-    serde_json::from_str::<serde_json::Value>(line)
-        .ok()?
-        .get("seq")?
-        .as_u64()
+/// The two chain fields the writer and readers need from a line, parsed
+/// without building the whole record.
+#[derive(Deserialize)]
+struct ChainFields {
+    seq: u64,
+    hash: String,
 }
 
-/// The first seq a rotated file's name promises, `None` for other names.
-pub(crate) fn rotated_first_seq(path: &Path) -> Option<u64> {
-    let name = path.file_name()?.to_str()?;
-    name.strip_prefix("audit-")?
-        .strip_suffix(".jsonl")?
-        .parse()
+/// `(seq, hash)` of a line, `None` when it is not a record.
+pub(crate) fn chain_fields(line: &[u8]) -> Option<(u64, String)> {
+    serde_json::from_slice::<ChainFields>(line)
         .ok()
+        .map(|f| (f.seq, f.hash))
+}
+
+/// `seq` of a line, `None` when it is not a record.
+pub(crate) fn seq_of(line: &[u8]) -> Option<u64> {
+    #[derive(Deserialize)]
+    struct Seq {
+        seq: u64,
+    }
+    serde_json::from_slice::<Seq>(line).ok().map(|s| s.seq)
+}
+
+fn is_record(line: &LineBytes) -> bool {
+    line.as_deref().and_then(chain_fields).is_some()
+}
+
+/// The name of a rotated file whose first record is `first_seq`.
+fn rotated_name(first_seq: u64) -> String {
+    format!("audit-{first_seq:020}.jsonl")
+}
+
+/// The first seq a rotated file's name promises; `None` for other names.
+pub(crate) fn rotated_first_seq(path: &Path) -> Option<u64> {
+    let digits = path
+        .file_name()?
+        .to_str()?
+        .strip_prefix("audit-")?
+        .strip_suffix(".jsonl")?;
+    // Exactly 20 digits, or lexicographic order would not be numeric order.
+    if digits.len() != 20 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
 }
 
 /// The log's files, oldest first: rotated files by name, then the live file
-/// (if it exists).
+/// (if it exists). Other files in `dir` are ignored.
 pub fn log_files(dir: &Path) -> io::Result<Vec<PathBuf>> {
-    let mut rotated = Vec::new();
-    let entries = std::fs::read_dir(dir).map_err(|e| io_context(dir, "cannot read", e))?;
+    let mut files = Vec::new();
+    let entries = fs::read_dir(dir).map_err(|e| io_context(dir, "cannot list", e))?;
     for entry in entries {
-        let path = entry.map_err(|e| io_context(dir, "cannot read", e))?.path();
+        let path = entry.map_err(|e| io_context(dir, "cannot list", e))?.path();
         if rotated_first_seq(&path).is_some() {
-            rotated.push(path);
+            files.push(path);
         }
     }
-    rotated.sort();
+    files.sort();
     let live = dir.join(LIVE_FILE);
     if live.exists() {
-        rotated.push(live);
+        files.push(live);
     }
-    Ok(rotated)
+    Ok(files)
+}
+
+/// Opens the live file for appending, creating it with [`FILE_MODE`]
+/// (whatever the umask) if needed.
+fn open_live(path: &Path) -> io::Result<File> {
+    let created = OpenOptions::new()
+        .append(true)
+        .read(true)
+        .create_new(true)
+        .mode(FILE_MODE)
+        .open(path);
+    match created {
+        Ok(file) => {
+            file.set_permissions(fs::Permissions::from_mode(FILE_MODE))
+                .map_err(|e| io_context(path, "cannot set the mode of", e))?;
+            Ok(file)
+        }
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => OpenOptions::new()
+            .append(true)
+            .read(true)
+            .open(path)
+            .map_err(|e| io_context(path, "cannot open", e)),
+        Err(e) => Err(io_context(path, "cannot create", e)),
+    }
+}
+
+/// Makes renames and creations in `dir` durable. Best effort: the records
+/// themselves are synced, and the outbox has them anyway.
+fn sync_dir(dir: &Path) {
+    if let Ok(dir) = File::open(dir) {
+        let _ = dir.sync_all();
+    }
+}
+
+/// Cuts a torn end off the file: bytes after the last newline, then a last
+/// line that is not a record. Returns the new length.
+fn cut_torn_end(file: &File, size: u64) -> io::Result<u64> {
+    let mut lines = BackwardLines::new(file, size);
+    let Some(after_last_newline) = lines.prev()? else {
+        return Ok(size);
+    };
+    let mut keep = after_last_newline.start;
+    if let Some(last) = lines.prev()?
+        && !is_record(&last.bytes)
+    {
+        keep = last.start;
+    }
+    if keep < size {
+        file.set_len(keep)?;
+        file.sync_data()?;
+    }
+    Ok(keep)
+}
+
+/// The last line of `file` (before `end`) that is a record.
+fn last_record_in(file: &File, end: u64) -> io::Result<Option<(u64, String)>> {
+    let mut lines = BackwardLines::new(file, end);
+    while let Some(line) = lines.prev()? {
+        if let Some(fields) = line.bytes.as_deref().and_then(chain_fields) {
+            return Ok(Some(fields));
+        }
+    }
+    Ok(None)
+}
+
+/// The seq of the first line of `path` that is a record.
+fn first_record_seq(path: &Path) -> io::Result<Option<u64>> {
+    let file = File::open(path).map_err(|e| io_context(path, "cannot open", e))?;
+    let mut lines = ForwardLines::new(file);
+    while let Some((_, line, _)) = lines
+        .next_line()
+        .map_err(|e| io_context(path, "cannot read", e))?
+    {
+        if let Some(seq) = line.as_deref().and_then(seq_of) {
+            return Ok(Some(seq));
+        }
+    }
+    Ok(None)
+}
+
+/// The log's last record: in the live file, or else in the newest rotated
+/// file that has one (the live file is empty just after a rotation).
+fn last_record(dir: &Path, live: &File, live_size: u64) -> io::Result<Option<(u64, String)>> {
+    let live_path = dir.join(LIVE_FILE);
+    if let Some(last) =
+        last_record_in(live, live_size).map_err(|e| io_context(&live_path, "cannot read", e))?
+    {
+        return Ok(Some(last));
+    }
+    for path in log_files(dir)?.iter().rev() {
+        if rotated_first_seq(path).is_none() {
+            continue;
+        }
+        let file = File::open(path).map_err(|e| io_context(path, "cannot open", e))?;
+        let size = file
+            .metadata()
+            .map_err(|e| io_context(path, "cannot stat", e))?
+            .len();
+        if let Some(last) =
+            last_record_in(&file, size).map_err(|e| io_context(path, "cannot read", e))?
+        {
+            return Ok(Some(last));
+        }
+    }
+    Ok(None)
 }
 
 impl AuditLog {
-    /// Opens (creating if needed) the log in `dir`, cutting off a torn last line.
+    /// Opens the log in `dir`, creating the directory (mode 0750) and the
+    /// live file (mode 0640) if needed, and cutting off a torn end left by
+    /// a crash (see [`OpenReport`]).
     pub fn open(dir: &Path, options: LogOptions) -> io::Result<(AuditLog, OpenReport)> {
         if !dir.exists() {
-            std::fs::create_dir_all(dir).map_err(|e| io_context(dir, "cannot create", e))?;
-            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o750))
-                .map_err(|e| io_context(dir, "cannot set mode of", e))?;
+            DirBuilder::new()
+                .recursive(true)
+                .mode(DIR_MODE)
+                .create(dir)
+                .map_err(|e| io_context(dir, "cannot create", e))?;
+            fs::set_permissions(dir, fs::Permissions::from_mode(DIR_MODE))
+                .map_err(|e| io_context(dir, "cannot set the mode of", e))?;
         }
-        let path = dir.join(LIVE_FILE);
-        let mut file = open_live(&path)?;
-        let mut report = OpenReport::default();
-        let mut size = file
+        let live = dir.join(LIVE_FILE);
+        let file = open_live(&live)?;
+        sync_dir(dir);
+        let found_size = file
             .metadata()
-            .map_err(|e| io_context(&path, "cannot stat", e))?
+            .map_err(|e| io_context(&live, "cannot stat", e))?
             .len();
-        if size > 0 {
-            let keep = complete_prefix_len(&mut file, size)
-                .map_err(|e| io_context(&path, "cannot read", e))?;
-            if keep < size {
-                file.set_len(keep)
-                    .map_err(|e| io_context(&path, "cannot truncate", e))?;
-                file.sync_data()
-                    .map_err(|e| io_context(&path, "cannot sync", e))?;
-                report.torn_bytes_removed = size - keep;
-                size = keep;
-            }
-        }
-        let first_seq = first_line(&path)?.as_deref().and_then(seq_of);
-        let mut last_seq = last_lines(&path, 1)?.first().and_then(|l| seq_of(l));
-        if last_seq.is_none() {
-            // Just rotated: the newest rotated file holds the last record.
-            let files = log_files(dir)?;
-            if let Some(newest) = files.iter().rev().find(|p| rotated_first_seq(p).is_some()) {
-                last_seq = last_lines(newest, 1)?.first().and_then(|l| seq_of(l));
-            }
-        }
-        let options = LogOptions {
-            keep_files: options.keep_files.max(1),
-            ..options
+        let size = cut_torn_end(&file, found_size)
+            .map_err(|e| io_context(&live, "cannot cut the torn end of", e))?;
+        let report = OpenReport {
+            torn_bytes_removed: found_size - size,
         };
-        Ok((
-            AuditLog {
-                dir: dir.to_owned(),
-                options,
-                file,
-                size,
-                first_seq,
-                last_seq,
+        let first_seq = first_record_seq(&live)?;
+        let last = last_record(dir, &file, size)?;
+        let log = AuditLog {
+            dir: dir.to_owned(),
+            live,
+            options: LogOptions {
+                keep_files: options.keep_files.max(1),
+                ..options
             },
-            report,
-        ))
+            file: Some(file),
+            size,
+            first_seq,
+            last,
+        };
+        Ok((log, report))
     }
 
-    /// The last record's sequence number in the log, if any.
+    /// The last record's sequence number, if the log has any record.
     pub fn last_seq(&self) -> Option<u64> {
-        self.last_seq
+        self.last.as_ref().map(|(seq, _)| *seq)
+    }
+
+    /// The last record's hash, if the log has any record.
+    pub fn last_hash(&self) -> Option<&str> {
+        self.last.as_ref().map(|(_, hash)| hash.as_str())
     }
 
     /// The log's directory.
@@ -152,10 +304,16 @@ impl AuditLog {
         &self.dir
     }
 
-    /// Appends a batch with one write and one sync, rotating first if the
-    /// batch would take the live file past its size limit.
+    /// Appends a batch with one write and one `fdatasync`, rotating first if
+    /// the batch would take the live file past its size limit.
+    ///
+    /// Records are written as given: the caller seals them in order. If the
+    /// write fails, the file is cut back to where it was, so a later batch
+    /// does not land on half a line; if only the sync fails, the records
+    /// are in the file but may not survive a crash, and an error is
+    /// returned.
     pub fn append(&mut self, records: &[SealedRecord]) -> io::Result<()> {
-        let Some(first) = records.first() else {
+        let (Some(first), Some(last)) = (records.first(), records.last()) else {
             return Ok(());
         };
         let mut buf = Vec::with_capacity(records.iter().map(|r| r.line.len() + 1).sum());
@@ -163,257 +321,90 @@ impl AuditLog {
             buf.extend_from_slice(record.line.as_bytes());
             buf.push(b'\n');
         }
-        if self.size > 0 && self.size + buf.len() as u64 > self.options.max_file_bytes {
+        let len = buf.len() as u64;
+        if self.file.is_none() {
+            self.reopen()?;
+        }
+        if self.size > 0 && self.size.saturating_add(len) > self.options.max_file_bytes {
             self.rotate()?;
         }
-        let path = self.dir.join(LIVE_FILE);
-        self.file
-            .write_all(&buf)
-            .map_err(|e| io_context(&path, "cannot write", e))?;
-        self.file
-            .sync_data()
-            .map_err(|e| io_context(&path, "cannot sync", e))?;
-        self.size += buf.len() as u64;
+        let Some(file) = &mut self.file else {
+            return Err(io::Error::other(format!(
+                "cannot write {}: not open",
+                self.live.display()
+            )));
+        };
+        if let Err(e) = file.write_all(&buf) {
+            let _ = file.set_len(self.size);
+            return Err(io_context(&self.live, "cannot write", e));
+        }
+        self.size += len;
         self.first_seq.get_or_insert(first.seq);
-        self.last_seq = records.last().map(|r| r.seq);
+        self.last = Some((last.seq, last.hash.clone()));
+        file.sync_data()
+            .map_err(|e| io_context(&self.live, "cannot sync", e))
+    }
+
+    /// Opens the live file again after a failed rotation.
+    fn reopen(&mut self) -> io::Result<()> {
+        let file = open_live(&self.live)?;
+        self.size = file
+            .metadata()
+            .map_err(|e| io_context(&self.live, "cannot stat", e))?
+            .len();
+        self.first_seq = first_record_seq(&self.live)?;
+        self.file = Some(file);
         Ok(())
     }
 
     fn rotate(&mut self) -> io::Result<()> {
-        let live = self.dir.join(LIVE_FILE);
-        let first = self.first_seq.or(self.last_seq).unwrap_or(0);
-        let rotated = self.dir.join(format!("audit-{first:020}.jsonl"));
-        std::fs::rename(&live, &rotated).map_err(|e| io_context(&live, "cannot rotate", e))?;
-        self.file = open_live(&live)?;
-        if let Ok(dir) = File::open(&self.dir) {
-            // Make the rename durable before records land in the new file.
-            let _ = dir.sync_all();
+        let first = self.first_seq.or(self.last_seq()).unwrap_or(0);
+        let rotated = self.dir.join(rotated_name(first));
+        // Never replace a rotated file: a restarted chain (or a copy put
+        // there by hand) must not destroy older records.
+        if fs::symlink_metadata(&rotated).is_ok() {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!(
+                    "cannot rotate {}: {} already exists",
+                    self.live.display(),
+                    rotated.display()
+                ),
+            ));
         }
+        fs::rename(&self.live, &rotated).map_err(|e| io_context(&self.live, "cannot rotate", e))?;
+        match open_live(&self.live) {
+            Ok(file) => self.file = Some(file),
+            Err(e) => {
+                // Put the file back rather than write on into a rotated one.
+                if fs::rename(&rotated, &self.live).is_err() {
+                    self.file = None;
+                }
+                return Err(e);
+            }
+        }
+        // The rename must be durable before records land in the new file.
+        sync_dir(&self.dir);
         self.size = 0;
         self.first_seq = None;
-        let files = log_files(&self.dir)?;
+        self.prune();
+        Ok(())
+    }
+
+    /// Deletes the oldest rotated files beyond `keep_files`. Best effort: a
+    /// failure leaves a file for the next rotation to try again, and must
+    /// not fail an append whose records are already written.
+    fn prune(&self) {
+        let Ok(files) = log_files(&self.dir) else {
+            return;
+        };
         let rotated: Vec<&PathBuf> = files
             .iter()
             .filter(|p| rotated_first_seq(p).is_some())
             .collect();
         let excess = rotated.len().saturating_sub(self.options.keep_files);
-        for old in &rotated[..excess] {
-            std::fs::remove_file(old).map_err(|e| io_context(old, "cannot delete", e))?;
+        for old in rotated.iter().take(excess) {
+            let _ = fs::remove_file(old);
         }
-        Ok(())
-    }
-}
-
-fn open_live(path: &Path) -> io::Result<File> {
-    OpenOptions::new()
-        .create(true)
-        .append(true)
-        .read(true)
-        .mode(0o640)
-        .open(path)
-        .map_err(|e| io_context(path, "cannot open", e))
-}
-
-/// Length of the file up to and including its last newline.
-fn complete_prefix_len(file: &mut File, size: u64) -> io::Result<u64> {
-    let mut end = size;
-    let mut buf = vec![0u8; 64 * 1024];
-    while end > 0 {
-        let start = end.saturating_sub(buf.len() as u64);
-        let chunk = &mut buf[..(end - start) as usize];
-        file.seek(SeekFrom::Start(start))?;
-        file.read_exact(chunk)?;
-        if let Some(pos) = chunk.iter().rposition(|&b| b == b'\n') {
-            return Ok(start + pos as u64 + 1);
-        }
-        end = start;
-    }
-    Ok(0)
-}
-
-fn first_line(path: &Path) -> io::Result<Option<String>> {
-    let file = match File::open(path) {
-        Ok(file) => file,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(io_context(path, "cannot open", e)),
-    };
-    let mut line = String::new();
-    BufReader::new(file)
-        .read_line(&mut line)
-        .map_err(|e| io_context(path, "cannot read", e))?;
-    Ok((!line.trim().is_empty()).then(|| line.trim_end().to_owned()))
-}
-
-/// The last `n` complete lines of one file, oldest first, read backwards
-/// from the end so a large file costs only what is returned.
-fn last_lines(path: &Path, n: usize) -> io::Result<Vec<String>> {
-    let mut file = match File::open(path) {
-        Ok(file) => file,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(io_context(path, "cannot open", e)),
-    };
-    let size = file
-        .metadata()
-        .map_err(|e| io_context(path, "cannot stat", e))?
-        .len();
-    let mut lines: Vec<String> = Vec::new();
-    let mut end = size;
-    let mut carry: Vec<u8> = Vec::new();
-    let mut buf = vec![0u8; 64 * 1024];
-    while end > 0 && lines.len() < n {
-        let start = end.saturating_sub(buf.len() as u64);
-        let chunk = &mut buf[..(end - start) as usize];
-        file.seek(SeekFrom::Start(start))
-            .and_then(|_| file.read_exact(chunk))
-            .map_err(|e| io_context(path, "cannot read", e))?;
-        let mut data = chunk.to_vec();
-        data.extend_from_slice(&carry);
-        let mut parts: Vec<&[u8]> = data.split(|&b| b == b'\n').collect();
-        // The first part may continue in the previous chunk; keep it for later.
-        let head = if start > 0 {
-            parts.remove(0).to_vec()
-        } else {
-            Vec::new()
-        };
-        for part in parts.into_iter().rev() {
-            if lines.len() >= n {
-                break;
-            }
-            if !part.is_empty() {
-                lines.push(String::from_utf8_lossy(part).into_owned());
-            }
-        }
-        carry = head;
-        end = start;
-    }
-    if end == 0 && !carry.is_empty() && lines.len() < n {
-        lines.push(String::from_utf8_lossy(&carry).into_owned());
-    }
-    lines.reverse();
-    Ok(lines)
-}
-
-/// The last `n` records of the log in `dir`, oldest first, across rotation.
-pub fn tail(dir: &Path, n: usize) -> io::Result<Vec<String>> {
-    let mut out: Vec<String> = Vec::new();
-    for file in log_files(dir)?.iter().rev() {
-        if out.len() >= n {
-            break;
-        }
-        let mut lines = last_lines(file, n - out.len())?;
-        lines.append(&mut out);
-        out = lines;
-    }
-    Ok(out)
-}
-
-/// Every line of the log, oldest first: `(file, 1-based line number, line)`.
-pub fn read_records(
-    dir: &Path,
-) -> io::Result<impl Iterator<Item = io::Result<(PathBuf, usize, String)>>> {
-    read_files(log_files(dir)?)
-}
-
-pub(crate) fn read_files(
-    files: Vec<PathBuf>,
-) -> io::Result<impl Iterator<Item = io::Result<(PathBuf, usize, String)>>> {
-    Ok(files.into_iter().flat_map(|path| {
-        let lines: Box<dyn Iterator<Item = io::Result<(PathBuf, usize, String)>>> =
-            match File::open(&path) {
-                Ok(file) => {
-                    let for_lines = path.clone();
-                    Box::new(
-                        BufReader::new(file)
-                            .lines()
-                            .enumerate()
-                            .map(move |(index, line)| {
-                                line.map(|line| (for_lines.clone(), index + 1, line))
-                                    .map_err(|e| io_context(&for_lines, "cannot read", e))
-                            }),
-                    )
-                }
-                Err(e) => Box::new(std::iter::once(Err(io_context(&path, "cannot open", e)))),
-            };
-        lines
-    }))
-}
-
-/// Yields records appended to the log after it was created, across
-/// rotations, like `tail -f`.
-#[derive(Debug)]
-pub struct Follower {
-    dir: PathBuf,
-    file: Option<File>,
-    inode: u64,
-    partial: Vec<u8>,
-}
-
-impl Follower {
-    /// Starts following at the current end of the live file.
-    pub fn from_end(dir: &Path) -> io::Result<Follower> {
-        let mut follower = Follower {
-            dir: dir.to_owned(),
-            file: None,
-            inode: 0,
-            partial: Vec::new(),
-        };
-        if let Some((mut file, inode)) = follower.open_live()? {
-            file.seek(SeekFrom::End(0))
-                .map_err(|e| io_context(dir, "cannot seek", e))?;
-            follower.file = Some(file);
-            follower.inode = inode;
-        }
-        Ok(follower)
-    }
-
-    fn open_live(&self) -> io::Result<Option<(File, u64)>> {
-        let path = self.dir.join(LIVE_FILE);
-        match File::open(&path) {
-            Ok(file) => {
-                let inode = file
-                    .metadata()
-                    .map_err(|e| io_context(&path, "cannot stat", e))?
-                    .ino();
-                Ok(Some((file, inode)))
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(io_context(&path, "cannot open", e)),
-        }
-    }
-
-    /// New complete lines since the last call (possibly none). Call it
-    /// periodically; it never blocks.
-    pub fn poll(&mut self) -> io::Result<Vec<String>> {
-        let mut lines = self.drain_current()?;
-        // After a rotation the open handle is the rotated file, which we have
-        // just read to its end; the live path is a new file.
-        if let Some((file, inode)) = self.open_live()?
-            && inode != self.inode
-        {
-            self.file = Some(file);
-            self.inode = inode;
-            self.partial.clear();
-            lines.extend(self.drain_current()?);
-        }
-        Ok(lines)
-    }
-
-    fn drain_current(&mut self) -> io::Result<Vec<String>> {
-        let Some(file) = &mut self.file else {
-            return Ok(Vec::new());
-        };
-        let mut data = Vec::new();
-        file.read_to_end(&mut data)
-            .map_err(|e| io_context(&self.dir, "cannot read", e))?;
-        self.partial.extend_from_slice(&data);
-        let mut lines = Vec::new();
-        while let Some(pos) = self.partial.iter().position(|&b| b == b'\n') {
-            let line: Vec<u8> = self.partial.drain(..=pos).collect();
-            let text = String::from_utf8_lossy(&line[..line.len() - 1]).into_owned();
-            if !text.is_empty() {
-                lines.push(text);
-            }
-        }
-        Ok(lines)
     }
 }

@@ -6,8 +6,9 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use crate::chain::{GENESIS_HASH, hash_line};
-use crate::log::{log_files, read_files, rotated_first_seq};
+use crate::chain::{GENESIS_HASH, canonical_json, hash_record};
+use crate::log::{log_files, rotated_first_seq};
+use crate::read::{MAX_LINE_BYTES, RawLines};
 
 /// A chain that verified.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -29,15 +30,18 @@ pub struct VerifyReport {
 /// How the chain broke.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BreakKind {
-    /// The line is not a JSON object with a numeric `seq`.
+    /// The line is not a record: not UTF-8, longer than
+    /// [`MAX_LINE_BYTES`], not a JSON object, or without a positive integer
+    /// `seq`. The text says which.
     Unparsable(String),
     /// The record's content does not match its own hash: it was edited.
     HashMismatch,
     /// The line is not in the canonical form the daemon writes (e.g. a
     /// duplicated key, whose first value a parser would hide).
     NotCanonical,
-    /// `prev_hash` is not the previous record's hash: a record before it was
-    /// edited or replaced.
+    /// `prev_hash` is not the previous record's hash (or, for the first
+    /// record read, not 64 zeros at seq 1 or not a SHA-256 at all): a record
+    /// before it was edited or replaced.
     PrevHashMismatch,
     /// Sequence numbers jump: records before this one were deleted.
     Gap {
@@ -114,6 +118,10 @@ struct Verifier {
     report: VerifyReport,
 }
 
+fn is_sha256_hex(text: &str) -> bool {
+    text.len() == 64 && text.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
 impl Verifier {
     fn new() -> Self {
         Self {
@@ -128,13 +136,14 @@ impl Verifier {
         }
     }
 
-    /// Checks one line; `expected_first` is what the file's name promises
-    /// for its first record.
+    /// Checks one line (`None` when longer than [`MAX_LINE_BYTES`]);
+    /// `expected_first` is the seq the line must have because it opens a
+    /// file.
     fn line(
         &mut self,
         file: Option<&Path>,
         line_no: usize,
-        line: &str,
+        line: Option<&[u8]>,
         expected_first: Option<u64>,
     ) -> Result<(), ChainBreak> {
         let broken = |seq, kind| ChainBreak {
@@ -143,23 +152,35 @@ impl Verifier {
             seq,
             kind,
         };
-        let value: Value = serde_json::from_str(line)
-            .map_err(|e| broken(None, BreakKind::Unparsable(e.to_string())))?;
-        let seq = value
-            .get("seq")
-            .and_then(Value::as_u64)
-            .ok_or_else(|| broken(None, BreakKind::Unparsable("no numeric seq".into())))?;
-        // The hash covers the parsed value; only the canonical text has one
-        // parse, so anything else (a duplicated key hides a value) is refused.
-        if serde_json::to_string(&value).ok().as_deref() != Some(line) {
-            return Err(broken(
-                value.get("seq").and_then(Value::as_u64),
-                BreakKind::NotCanonical,
-            ));
+        let unparsable = |why: String| broken(None, BreakKind::Unparsable(why));
+        let line = line.ok_or_else(|| unparsable(format!("longer than {MAX_LINE_BYTES} bytes")))?;
+        let line = std::str::from_utf8(line).map_err(|e| unparsable(format!("not UTF-8: {e}")))?;
+        let value: Value = serde_json::from_str(line).map_err(|e| unparsable(e.to_string()))?;
+        let seq = match value.get("seq").and_then(Value::as_u64) {
+            Some(0) => return Err(unparsable("seq 0: records are numbered from 1".into())),
+            Some(seq) => seq,
+            None => return Err(unparsable("no numeric seq".into())),
+        };
+        // The hash covers the parsed value, and only the canonical text has
+        // exactly one parse: anything else (a duplicated key hides a value,
+        // an escape re-encodes one) is refused.
+        if canonical_json(&value) != line {
+            return Err(broken(Some(seq), BreakKind::NotCanonical));
         }
-        let stored = value.get("hash").and_then(Value::as_str).unwrap_or("");
-        let prev = value.get("prev_hash").and_then(Value::as_str).unwrap_or("");
-        if hash_line(line).as_deref() != Some(stored) {
+        let Value::Object(record) = value else {
+            return Err(unparsable("not a JSON object".into()));
+        };
+        let stored = record
+            .get("hash")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_owned();
+        let prev = record
+            .get("prev_hash")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_owned();
+        if hash_record(record) != stored {
             return Err(broken(Some(seq), BreakKind::HashMismatch));
         }
         if let Some(expected) = expected_first
@@ -184,26 +205,29 @@ impl Verifier {
                     },
                 ));
             }
-            Some((_, previous_hash)) if prev != previous_hash => {
+            Some((_, previous_hash)) if prev != *previous_hash => {
                 return Err(broken(Some(seq), BreakKind::PrevHashMismatch));
             }
             Some(_) => {}
             None => {
-                if seq == 1 && prev != GENESIS_HASH {
+                // Record 1 must start from genesis; a later first record's
+                // predecessor was rotated away, so only its form is checked.
+                if (seq == 1 && prev != GENESIS_HASH) || !is_sha256_hex(&prev) {
                     return Err(broken(Some(seq), BreakKind::PrevHashMismatch));
                 }
                 self.report.first_seq = Some(seq);
                 self.report.starts_at_genesis = seq == 1;
             }
         }
-        self.previous = Some((seq, stored.to_owned()));
+        self.previous = Some((seq, stored));
         self.report.records += 1;
         self.report.last_seq = Some(seq);
         Ok(())
     }
 }
 
-/// Verifies lines given in order (e.g. from a pipe).
+/// Verifies lines given in order (e.g. from a pipe). Blank lines are
+/// skipped; the first record may have any seq (as after retention).
 pub fn verify_lines<'a>(
     lines: impl IntoIterator<Item = &'a str>,
 ) -> Result<VerifyReport, ChainBreak> {
@@ -212,28 +236,38 @@ pub fn verify_lines<'a>(
         if line.trim().is_empty() {
             continue;
         }
-        verifier.line(None, index + 1, line, None)?;
+        verifier.line(None, index + 1, Some(line.as_bytes()), None)?;
     }
     Ok(verifier.report)
 }
 
-/// Verifies files in the order given (oldest first). A rotated file's name
-/// (`audit-<seq>.jsonl`) says which record must open it, so deleting the
-/// first lines of a file is detected too; the live file must start at 1
-/// when there are no rotated files before it.
+/// Verifies files in the order given (oldest first), as one chain.
+///
+/// A rotated file's name (`audit-<seq>.jsonl`) says which record must open
+/// it, so deleting the first lines of a file, or a whole file in the
+/// middle, is detected; when no rotated file is given, the first file must
+/// start at seq 1. When the first file is a rotated one that does not start
+/// at 1, older files were deleted by retention: the chain is checked from
+/// there and the report says `starts_at_genesis: false`.
+///
+/// Blank lines are skipped. Content never causes an `Err(Io)`: a line that
+/// is not UTF-8, not JSON or too long is a [`BreakKind::Unparsable`] break.
 pub fn verify_files(files: &[PathBuf]) -> Result<VerifyReport, VerifyError> {
     let mut verifier = Verifier::new();
     let any_rotated = files.iter().any(|p| rotated_first_seq(p).is_some());
-    let mut first_line_of: Option<PathBuf> = None;
-    for item in read_files(files.to_vec())? {
-        let (path, line_no, line) = item?;
-        if line.trim().is_empty() {
+    let mut lines = RawLines::new(files.to_vec());
+    let mut opened: Option<usize> = None;
+    while let Some((index, line_no, line)) = lines.next_line()? {
+        if line
+            .as_deref()
+            .is_some_and(|l| l.iter().all(u8::is_ascii_whitespace))
+        {
             continue;
         }
-        let opens_file = first_line_of.as_ref() != Some(&path);
-        let expected_first = if opens_file {
-            first_line_of = Some(path.clone());
-            match rotated_first_seq(&path) {
+        let path = lines.path(index);
+        let expected_first = if opened != Some(index) {
+            opened = Some(index);
+            match rotated_first_seq(path) {
                 Some(seq) => Some(seq),
                 None if !any_rotated && verifier.previous.is_none() => Some(1),
                 None => None,
@@ -241,7 +275,7 @@ pub fn verify_files(files: &[PathBuf]) -> Result<VerifyReport, VerifyError> {
         } else {
             None
         };
-        verifier.line(Some(&path), line_no, &line, expected_first)?;
+        verifier.line(Some(path), line_no, line.as_deref(), expected_first)?;
     }
     verifier.report.files = files.len();
     Ok(verifier.report)
