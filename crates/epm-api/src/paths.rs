@@ -1,0 +1,58 @@
+//! Every route of the API. Path parameters are written `{name}`, as axum
+//! and OpenAPI both expect.
+
+/// The API's prefix and version.
+pub const PREFIX: &str = "/api/v1";
+
+/// `GET`: liveness; no authentication.
+pub const HEALTH: &str = "/api/v1/health";
+/// `GET`: the OpenAPI document; no authentication.
+pub const OPENAPI: &str = "/api/v1/openapi.json";
+
+/// `POST` [`crate::agent::EnrollRequest`] → [`crate::agent::EnrollResponse`].
+pub const AGENT_ENROLL: &str = "/api/v1/agent/enroll";
+/// `POST` [`crate::agent::CheckinRequest`] → [`crate::agent::CheckinResponse`].
+pub const AGENT_CHECKIN: &str = "/api/v1/agent/checkin";
+/// `GET` → a [`crate::SignedEnvelope`] of a [`crate::PolicyBundle`];
+/// honours `If-None-Match` (304).
+pub const AGENT_POLICY: &str = "/api/v1/agent/policy";
+/// `POST` [`crate::agent::AuditUpload`] → [`crate::agent::AuditAck`].
+pub const AGENT_AUDIT: &str = "/api/v1/agent/audit";
+/// `POST` [`crate::agent::RequestSubmit`] → [`crate::agent::RequestStatus`].
+pub const AGENT_REQUESTS: &str = "/api/v1/agent/requests";
+/// `GET` → [`crate::agent::RequestStatus`].
+pub const AGENT_REQUEST: &str = "/api/v1/agent/requests/{id}";
+
+/// `GET` → [`crate::admin::WhoAmI`].
+pub const ADMIN_WHOAMI: &str = "/api/v1/admin/whoami";
+/// `GET` list, `POST` [`crate::admin::CreateAdmin`].
+pub const ADMIN_ADMINS: &str = "/api/v1/admin/admins";
+/// `POST` [`crate::admin::CreateEnrollToken`].
+pub const ADMIN_ENROLL_TOKENS: &str = "/api/v1/admin/enroll-tokens";
+/// `GET` → [`crate::admin::DeviceInfo`] list.
+pub const ADMIN_DEVICES: &str = "/api/v1/admin/devices";
+/// `GET` → the policy documents and their scopes.
+pub const ADMIN_POLICIES: &str = "/api/v1/admin/policies";
+/// `PUT` a policy document for a scope, `GET` it, `DELETE` it. The scope is
+/// `general`, `device:ID`, `user:NAME` or `group:NAME`
+/// (see [`crate::admin::PolicyScope`]).
+pub const ADMIN_POLICY: &str = "/api/v1/admin/policies/{scope}";
+/// `GET` → the merged bundle one device receives (for admins to inspect).
+pub const ADMIN_DEVICE_BUNDLE: &str = "/api/v1/admin/devices/{device_id}/bundle";
+/// `GET ?state=` → [`crate::admin::AdminRequest`] list.
+pub const ADMIN_REQUESTS: &str = "/api/v1/admin/requests";
+/// `GET` one request.
+pub const ADMIN_REQUEST: &str = "/api/v1/admin/requests/{id}";
+/// `POST`: approve at the caller's level.
+pub const ADMIN_REQUEST_APPROVE: &str = "/api/v1/admin/requests/{id}/approve";
+/// `POST` [`crate::admin::DenyRequest`].
+pub const ADMIN_REQUEST_DENY: &str = "/api/v1/admin/requests/{id}/deny";
+/// `POST` [`crate::admin::RevokeRequest`].
+pub const ADMIN_REQUEST_REVOKE: &str = "/api/v1/admin/requests/{id}/revoke";
+/// `GET ?after=&device=&decision=&limit=&wait=` → [`crate::admin::AuditPage`]
+/// (long poll when `wait` is given).
+pub const ADMIN_AUDIT: &str = "/api/v1/admin/audit";
+/// `GET` → the platform's own audit of admin calls ([`crate::admin::ActivityPage`]).
+pub const ADMIN_ACTIVITY: &str = "/api/v1/admin/activity";
+/// `POST` [`crate::admin::OfflineCodeRequest`] → [`crate::admin::OfflineCodeResponse`].
+pub const ADMIN_OFFLINE_CODES: &str = "/api/v1/admin/offline-codes";

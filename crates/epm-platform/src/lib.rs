@@ -1,0 +1,1 @@
+//! Placeholder until the platform lands (issue #4).

@@ -1,0 +1,1 @@
+//! Placeholder until the sync client lands (issue #4).
