@@ -245,11 +245,38 @@ impl Daemon {
             .stderr(log)
             .spawn()
             .unwrap();
+        let policy_records_before = self.policy_records();
         self.child = Some(child);
-        self.wait_ready();
+        self.wait_ready(policy_records_before);
     }
 
-    fn wait_ready(&mut self) {
+    /// How many policy_loaded / policy_rejected records the log holds.
+    /// Read from the files, so it works while the daemon is down.
+    fn policy_records(&self) -> usize {
+        let Ok(entries) = std::fs::read_dir(self.state_dir()) else {
+            return 0;
+        };
+        entries
+            .flatten()
+            .filter(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                name.starts_with("audit") && name.ends_with(".jsonl")
+            })
+            .map(|e| {
+                std::fs::read_to_string(e.path())
+                    .unwrap_or_default()
+                    .lines()
+                    .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                    .filter(|r| r["event"] == "policy_loaded" || r["event"] == "policy_rejected")
+                    .count()
+            })
+            .sum()
+    }
+
+    /// Ready means answering on the control socket *and* having audited the
+    /// startup policy: audit batches linger, so without the second condition
+    /// a later [`Daemon::reload`] could mistake the startup record for its own.
+    fn wait_ready(&mut self, policy_records_before: usize) {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             if let Some(child) = &mut self.child
@@ -257,7 +284,9 @@ impl Daemon {
             {
                 panic!("epmd exited at start ({status}):\n{}", self.log());
             }
-            if self.epmctl(&["status", "--json"]).status.success() {
+            if self.epmctl(&["status", "--json"]).status.success()
+                && self.policy_records() > policy_records_before
+            {
                 return;
             }
             thread::sleep(Duration::from_millis(50));
