@@ -29,12 +29,14 @@
 //! most specific identity criterion wins, then the most specific scope, then
 //! the strictest action.
 
+mod answers;
 mod digest;
 mod engine;
 mod model;
 mod subject;
 mod validate;
 
+pub use answers::{AnswerError, START_GRACE};
 pub use digest::{CdHash, DigestError, Sha256Digest};
 pub use engine::{Decision, Engine};
 pub use model::{
