@@ -1,0 +1,18 @@
+//! The per-user helper: what a person at the machine sees.
+//!
+//! `epmd` decides; the helper only asks and tells. It collects a
+//! justification or an approval form for the rule that needs one, shows
+//! deny messages and request states, and says when an approved window
+//! opens. Every answer it collects is checked here for quick feedback and
+//! again by the daemon (`epm_policy::JustificationSpec::check`,
+//! `epm_policy::ApprovalSpec::check_window`).
+//!
+//! Text that comes from a policy or a request (rule messages, program
+//! names, approvers' reasons) is shown as text: [`display::shown`] escapes
+//! what a terminal or dialog could interpret, and no backend splices it into
+//! a script or markup.
+
+pub mod display;
+pub mod messages;
+pub mod prompt;
+pub mod when;
