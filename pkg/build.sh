@@ -91,6 +91,10 @@ if [[ -n "$profile" ]]; then
     install -m 0644 "$profile" "$support/epmd.app/Contents/embedded.provisionprofile"
 fi
 install -m 0644 "$here/epmd.toml.default" "$support/epmd.toml.default"
+# The uninstaller ships with its library, laid out as in this directory.
+install -d "$support/scripts"
+install -m 0755 "$here/uninstall.sh" "$support/uninstall.sh"
+install -m 0644 "$here/scripts/epm-install-lib.sh" "$support/scripts/epm-install-lib.sh"
 install -m 0644 "$repo/launchd/com.epm.epmd.plist" "$root/Library/LaunchDaemons/"
 install -m 0644 "$repo/launchd/com.epm.helper.plist" "$root/Library/LaunchAgents/"
 sed "s/@VERSION@/$version/g" "$here/Distribution.xml" >"$work/Distribution.xml"

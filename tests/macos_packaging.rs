@@ -309,6 +309,8 @@ fn the_package_build_stages_what_launchd_expects() {
         "/Library/LaunchAgents/com.epm.helper.plist",
         "/usr/local/bin/epmctl",
         "/Library/Application Support/EPM/epmd.toml.default",
+        "/Library/Application Support/EPM/uninstall.sh",
+        "/Library/Application Support/EPM/scripts/epm-install-lib.sh",
     ] {
         assert!(
             stdout.contains(&format!("\n.{path}\n")),
