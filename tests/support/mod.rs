@@ -67,12 +67,15 @@ fn sources_of(binary: &str) -> &'static [&'static str] {
     match binary {
         "epmd" => &[
             "epm-agent",
+            "epm-api",
             "epm-audit",
             "epm-ipc",
             "epm-policy",
             "epm-store",
+            "epm-sync",
         ],
         "epmctl" => &["epmctl", "epm-audit", "epm-ipc", "epm-policy"],
+        "epm-platform" => &["epm-platform", "epm-api", "epm-policy"],
         _ => &[],
     }
 }
@@ -210,17 +213,38 @@ impl Daemon {
     /// Writes `policy` as the policy file and starts the daemon with extra
     /// top-level config lines (e.g. `mode = "monitor"`).
     pub fn start(policy: &str, extra_config: &str) -> Daemon {
+        Daemon::launch(
+            Some(policy),
+            &format!("{extra_config}\ndevice_id = \"e2e-device\"\n"),
+            "",
+        )
+    }
+
+    /// Starts a daemon managed by a platform: no policy file, this device
+    /// id, and `platform_table` as its `[platform]` table's body.
+    pub fn start_managed(device_id: &str, platform_table: &str) -> Daemon {
+        Daemon::launch(
+            None,
+            &format!("device_id = {device_id:?}\n"),
+            &format!("[platform]\n{platform_table}\n"),
+        )
+    }
+
+    fn launch(policy: Option<&str>, top_level: &str, tables: &str) -> Daemon {
         let mount = Tmpfs::new();
         let dir = tempfile::Builder::new()
             .prefix("epm-e2e-state-")
             .tempdir()
             .unwrap();
-        std::fs::write(dir.path().join("policy.json"), policy).unwrap();
-        let config = format!(
-            "{extra_config}\nstate_dir = \"state\"\nsocket = \"epmd.sock\"\npolicy_file = \"policy.json\"\n\
-             device_id = \"e2e-device\"\n[gate]\nwatch_paths = [{:?}]\n",
+        let mut config = format!("{top_level}\nstate_dir = \"state\"\nsocket = \"epmd.sock\"\n");
+        if let Some(policy) = policy {
+            std::fs::write(dir.path().join("policy.json"), policy).unwrap();
+            config.push_str("policy_file = \"policy.json\"\n");
+        }
+        config.push_str(&format!(
+            "{tables}\n[gate]\nwatch_paths = [{:?}]\n",
             mount.path().display().to_string()
-        );
+        ));
         std::fs::write(dir.path().join("epmd.toml"), config).unwrap();
         let mut daemon = Daemon {
             mount,

@@ -121,7 +121,8 @@ pub struct CheckinResponse {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PolicyState {
-    /// Its version; `0` when no policy targets the device.
+    /// Its version (from 1; a device targeted by no document gets an
+    /// allow-all bundle).
     pub version: u64,
     /// The `ETag` to send as `If-None-Match`.
     pub etag: String,

@@ -56,3 +56,34 @@ pub const ADMIN_AUDIT: &str = "/api/v1/admin/audit";
 pub const ADMIN_ACTIVITY: &str = "/api/v1/admin/activity";
 /// `POST` [`crate::admin::OfflineCodeRequest`] → [`crate::admin::OfflineCodeResponse`].
 pub const ADMIN_OFFLINE_CODES: &str = "/api/v1/admin/offline-codes";
+
+/// Every route with its methods: the router serves exactly these, and a
+/// test checks that the OpenAPI document describes each.
+pub const ALL: &[(&str, &str)] = &[
+    ("GET", HEALTH),
+    ("GET", OPENAPI),
+    ("POST", AGENT_ENROLL),
+    ("POST", AGENT_CHECKIN),
+    ("GET", AGENT_POLICY),
+    ("POST", AGENT_AUDIT),
+    ("POST", AGENT_REQUESTS),
+    ("GET", AGENT_REQUEST),
+    ("GET", ADMIN_WHOAMI),
+    ("GET", ADMIN_ADMINS),
+    ("POST", ADMIN_ADMINS),
+    ("POST", ADMIN_ENROLL_TOKENS),
+    ("GET", ADMIN_DEVICES),
+    ("GET", ADMIN_DEVICE_BUNDLE),
+    ("GET", ADMIN_POLICIES),
+    ("PUT", ADMIN_POLICY),
+    ("GET", ADMIN_POLICY),
+    ("DELETE", ADMIN_POLICY),
+    ("GET", ADMIN_REQUESTS),
+    ("GET", ADMIN_REQUEST),
+    ("POST", ADMIN_REQUEST_APPROVE),
+    ("POST", ADMIN_REQUEST_DENY),
+    ("POST", ADMIN_REQUEST_REVOKE),
+    ("GET", ADMIN_AUDIT),
+    ("GET", ADMIN_ACTIVITY),
+    ("POST", ADMIN_OFFLINE_CODES),
+];

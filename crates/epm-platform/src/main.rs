@@ -1,1 +1,765 @@
-fn main() {}
+//! `epm-platform`: the EPM reference management server and its admin CLI.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use epm_api::admin::{
+    ActivityPage, AdminCreated, AdminRequest, AuditPage, CreateAdmin, CreateEnrollToken,
+    DenyRequest, DeviceInfo, EnrollTokenCreated, OfflineCodeRequest, OfflineCodeResponse,
+    PolicyEntry, PolicyPushed, PolicyScope, RevokeRequest,
+};
+use epm_api::agent::RequestState;
+use epm_api::paths;
+use epm_platform::client::{AdminClient, ClientError};
+use epm_platform::db::Db;
+use epm_platform::keys::DataDir;
+use epm_platform::server::{self, AppState};
+
+const EXAMPLES: &str = "\
+First start, on one machine:
+  epm-platform serve --data /var/lib/epm-platform --listen 0.0.0.0:8443 --hostname epm.example.com
+  epm-platform admin create --data /var/lib/epm-platform --name alice --approver-level 1
+  export EPM_ADMIN_TOKEN=epa_…   # printed by the previous command
+  epm-platform --data /var/lib/epm-platform enroll-token create --uses 50 --expires 7d
+
+Then, from any machine with ca.pem:
+  epm-platform --url https://epm.example.com:8443 --ca ca.pem policy push company.json
+  epm-platform --url https://epm.example.com:8443 --ca ca.pem policy push mac-7.json --device mac-7
+  epm-platform --url https://epm.example.com:8443 --ca ca.pem requests list --state pending
+  epm-platform --url https://epm.example.com:8443 --ca ca.pem audit tail -f --decision deny
+
+Agents pin <data>/ca.pem (`ca_cert`) and the content of <data>/signing-key.pub
+(`policy_public_key`). docs/api.md describes every call.";
+
+/// The EPM platform: policies, approvals and the fleet's audit, over HTTPS.
+#[derive(Debug, Parser)]
+#[command(name = "epm-platform", version, after_help = EXAMPLES)]
+struct Cli {
+    #[command(flatten)]
+    remote: Remote,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Where the platform is, for the admin commands.
+#[derive(Debug, Args)]
+struct Remote {
+    /// The platform's URL.
+    #[arg(
+        long,
+        global = true,
+        env = "EPM_PLATFORM_URL",
+        default_value = "https://127.0.0.1:8443"
+    )]
+    url: String,
+    /// The platform's CA certificate (default: <--data>/ca.pem).
+    #[arg(long, global = true, env = "EPM_PLATFORM_CA")]
+    ca: Option<PathBuf>,
+    /// The platform's data directory (for `serve`, offline `admin create`,
+    /// and as the default place of ca.pem).
+    #[arg(long, global = true, env = "EPM_PLATFORM_DATA")]
+    data: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the server (HTTPS only). Creates the CA, the server certificate
+    /// and the signing key in --data at first start.
+    Serve(Serve),
+    /// Admin accounts.
+    #[command(subcommand)]
+    Admin(AdminCommand),
+    /// Enrollment tokens for agents.
+    #[command(subcommand, name = "enroll-token")]
+    EnrollToken(EnrollTokenCommand),
+    /// Policy documents and their scopes.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+    /// Enrolled devices.
+    #[command(subcommand)]
+    Devices(DevicesCommand),
+    /// Approval requests.
+    #[command(subcommand)]
+    Requests(RequestsCommand),
+    /// The fleet's audit.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+    /// Answer an agent's offline challenge with a code.
+    #[command(name = "offline-code")]
+    OfflineCode {
+        /// The device the user reads the challenge from.
+        #[arg(long)]
+        device: String,
+        /// The challenge (EPM1-…).
+        challenge: String,
+    },
+    /// The platform's own audit of admin calls.
+    Activity {
+        /// Print JSON lines.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+struct Serve {
+    /// Address and port to listen on.
+    #[arg(long, default_value = "127.0.0.1:8443")]
+    listen: SocketAddr,
+    /// Names (and IP addresses) in the generated server certificate; repeat
+    /// for several. Used only when the certificate is first made.
+    #[arg(long = "hostname", default_values = ["localhost", "127.0.0.1"])]
+    hostnames: Vec<String>,
+    /// Use this certificate (PEM chain) instead of the generated one.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The key of --tls-cert (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+enum AdminCommand {
+    /// Create an admin and print its token (shown once). With --data and no
+    /// server needed, this makes the first admin.
+    Create {
+        /// Unique name.
+        #[arg(long)]
+        name: String,
+        /// The approval level this admin approves at (1 = first level).
+        #[arg(long)]
+        approver_level: Option<u32>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List admins.
+    List,
+}
+
+#[derive(Debug, Subcommand)]
+enum EnrollTokenCommand {
+    /// Create a token agents enroll with (`[platform] enrollment_token`).
+    Create {
+        /// How many devices may use it.
+        #[arg(long, default_value_t = 1)]
+        uses: u32,
+        /// How long it is valid: 30m, 24h, 7d.
+        #[arg(long, default_value = "24h", value_parser = parse_duration)]
+        expires: Duration,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+#[group(multiple = false)]
+struct ScopeArgs {
+    /// For one device.
+    #[arg(long)]
+    device: Option<String>,
+    /// For one user, on the devices that report them.
+    #[arg(long)]
+    user: Option<String>,
+    /// For one group, on the devices with a user in it.
+    #[arg(long)]
+    group: Option<String>,
+}
+
+impl ScopeArgs {
+    fn scope(&self) -> PolicyScope {
+        match (&self.device, &self.user, &self.group) {
+            (Some(d), _, _) => PolicyScope::Device(d.clone()),
+            (_, Some(u), _) => PolicyScope::User(u.clone()),
+            (_, _, Some(g)) => PolicyScope::Group(g.clone()),
+            _ => PolicyScope::General,
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+enum PolicyCommand {
+    /// Push a policy document (general when no scope is given); it replaces
+    /// that scope's document and reaches agents at their next check-in.
+    Push {
+        /// The policy document (docs/policy.md).
+        file: PathBuf,
+        #[command(flatten)]
+        scope: ScopeArgs,
+    },
+    /// List the documents.
+    List,
+    /// Delete a scope's document.
+    Delete {
+        #[command(flatten)]
+        scope: ScopeArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DevicesCommand {
+    /// List enrolled devices.
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum RequestsCommand {
+    /// List requests, newest first.
+    List {
+        /// Only this state: pending, approved, denied, expired, revoked, used.
+        #[arg(long)]
+        state: Option<RequestState>,
+        /// Only this device.
+        #[arg(long)]
+        device: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Approve at your level.
+    Approve {
+        /// Request id.
+        id: String,
+    },
+    /// Deny, with a reason the user reads.
+    Deny {
+        /// Request id.
+        id: String,
+        /// Why.
+        #[arg(long)]
+        reason: String,
+    },
+    /// Withdraw an approval.
+    Revoke {
+        /// Request id.
+        id: String,
+        /// Why.
+        #[arg(long)]
+        reason: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// Print the newest records; with -f, keep following.
+    Tail {
+        /// Keep waiting for new records.
+        #[arg(short, long)]
+        follow: bool,
+        /// How many of the newest records first.
+        #[arg(short = 'n', long, default_value_t = 20)]
+        lines: u32,
+        /// Only this device.
+        #[arg(long)]
+        device: Option<String>,
+        /// Only this decision: allow, deny, would_deny…
+        #[arg(long)]
+        decision: Option<String>,
+        /// Print each record as the agent wrote it, one JSON per line.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let (number, unit) = text.split_at(text.len().saturating_sub(1));
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?}: write a number and s, m, h or d (30m, 24h, 7d)"))?;
+    let seconds = match unit {
+        "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86_400,
+        _ => {
+            return Err(format!(
+                "{text:?}: write a number and s, m, h or d (30m, 24h, 7d)"
+            ));
+        }
+    };
+    Ok(Duration::from_secs(seconds))
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("EPM_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Refused(message)) => {
+            eprintln!("epm-platform: {message}");
+            ExitCode::from(1)
+        }
+        Err(Failure::Other(message)) => {
+            eprintln!("epm-platform: {message}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// 1: the platform said no; 2: anything else.
+enum Failure {
+    Refused(String),
+    Other(String),
+}
+
+impl From<ClientError> for Failure {
+    fn from(e: ClientError) -> Failure {
+        match e {
+            ClientError::Refused { .. } => Failure::Refused(e.to_string()),
+            _ => Failure::Other(e.to_string()),
+        }
+    }
+}
+
+fn other(e: impl std::fmt::Display) -> Failure {
+    Failure::Other(e.to_string())
+}
+
+fn data_dir(remote: &Remote) -> Result<DataDir, Failure> {
+    let dir = remote
+        .data
+        .as_deref()
+        .ok_or_else(|| other("--data DIR is required (or EPM_PLATFORM_DATA)"))?;
+    DataDir::open(dir).map_err(other)
+}
+
+fn client(remote: &Remote) -> Result<AdminClient, Failure> {
+    let ca: PathBuf = match (&remote.ca, &remote.data) {
+        (Some(ca), _) => ca.clone(),
+        (None, Some(data)) => data.join("ca.pem"),
+        (None, None) => {
+            return Err(other(
+                "give the platform's CA with --ca FILE (or --data DIR holding ca.pem)",
+            ));
+        }
+    };
+    let pem = std::fs::read(&ca).map_err(|e| other(format!("{}: {e}", ca.display())))?;
+    let token = std::env::var("EPM_ADMIN_TOKEN")
+        .ok()
+        .filter(|t| !t.is_empty());
+    Ok(AdminClient::new(&remote.url, &pem, token)?)
+}
+
+fn print_json<T: serde::Serialize>(value: &T) -> Result<(), Failure> {
+    println!("{}", serde_json::to_string(value).map_err(other)?);
+    Ok(())
+}
+
+/// Untrusted text on one terminal line.
+fn line(text: &str) -> String {
+    text.chars()
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect()
+}
+
+async fn run(cli: Cli) -> Result<(), Failure> {
+    let remote = &cli.remote;
+    match cli.command {
+        Command::Serve(serve) => run_serve(remote, serve).await,
+        Command::Admin(AdminCommand::Create {
+            name,
+            approver_level,
+            json,
+        }) => {
+            let created: AdminCreated = if remote.data.is_some()
+                && remote.ca.is_none()
+                && std::env::var_os("EPM_ADMIN_TOKEN").is_none()
+            {
+                // Offline: straight into the database, so the first admin can be made.
+                let data = data_dir(remote)?;
+                let db = Db::open(&data.database()).map_err(other)?;
+                let (admin, token) = db
+                    .create_admin(&name, approver_level)
+                    .map_err(|e| Failure::Refused(e.to_string()))?;
+                db.record_activity(
+                    "local",
+                    "admin create (offline)",
+                    200,
+                    Some(&format!(
+                        "created admin {name} (approver level {approver_level:?})"
+                    )),
+                )
+                .map_err(other)?;
+                AdminCreated { admin, token }
+            } else {
+                client(remote)?
+                    .post(
+                        paths::ADMIN_ADMINS,
+                        &CreateAdmin {
+                            name,
+                            approver_level,
+                        },
+                    )
+                    .await?
+            };
+            if json {
+                return print_json(&created);
+            }
+            println!("{}", created.token);
+            eprintln!(
+                "admin {} created{}; the token above is shown once: export EPM_ADMIN_TOKEN=<token>",
+                created.admin.name,
+                created
+                    .admin
+                    .approver_level
+                    .map(|l| format!(", approves at level {l}"))
+                    .unwrap_or_default()
+            );
+            Ok(())
+        }
+        Command::Admin(AdminCommand::List) => {
+            let admins: Vec<epm_api::admin::AdminInfo> =
+                client(remote)?.get(paths::ADMIN_ADMINS).await?;
+            for a in admins {
+                println!(
+                    "{}\t{}",
+                    a.name,
+                    a.approver_level
+                        .map_or("-".into(), |l| format!("level {l}"))
+                );
+            }
+            Ok(())
+        }
+        Command::EnrollToken(EnrollTokenCommand::Create {
+            uses,
+            expires,
+            json,
+        }) => {
+            let created: EnrollTokenCreated = client(remote)?
+                .post(
+                    paths::ADMIN_ENROLL_TOKENS,
+                    &CreateEnrollToken {
+                        uses,
+                        expires_in_seconds: expires.as_secs(),
+                    },
+                )
+                .await?;
+            if json {
+                return print_json(&created);
+            }
+            println!("{}", created.token);
+            eprintln!(
+                "enrollment token for {} device(s), valid until {}",
+                created.uses, created.expires_at
+            );
+            Ok(())
+        }
+        Command::Policy(PolicyCommand::Push { file, scope }) => {
+            let text = std::fs::read_to_string(&file)
+                .map_err(|e| other(format!("{}: {e}", file.display())))?;
+            let scope = scope.scope();
+            let pushed: PolicyPushed = client(remote)?.put_text(&policy_path(&scope), text).await?;
+            for warning in &pushed.warnings {
+                eprintln!("warning: {warning}");
+            }
+            println!(
+                "pushed {} as revision {} ({} rules)",
+                pushed.entry.scope, pushed.entry.revision, pushed.entry.rules
+            );
+            Ok(())
+        }
+        Command::Policy(PolicyCommand::List) => {
+            let entries: Vec<PolicyEntry> = client(remote)?.get(paths::ADMIN_POLICIES).await?;
+            for e in entries {
+                println!(
+                    "{}\trevision {}\t{} rules\tby {} at {}",
+                    line(&e.scope),
+                    e.revision,
+                    e.rules,
+                    line(&e.pushed_by),
+                    e.pushed_at
+                );
+            }
+            Ok(())
+        }
+        Command::Policy(PolicyCommand::Delete { scope }) => {
+            let scope = scope.scope();
+            client(remote)?.delete(&policy_path(&scope)).await?;
+            println!("deleted {scope}");
+            Ok(())
+        }
+        Command::Devices(DevicesCommand::List { json }) => {
+            let devices: Vec<DeviceInfo> = client(remote)?.get(paths::ADMIN_DEVICES).await?;
+            if json {
+                return devices.iter().try_for_each(print_json);
+            }
+            for d in devices {
+                println!(
+                    "{}\t{}\tpolicy v{} (agent has {})\tlast check-in {}\taudit acked {} ({} pending)",
+                    line(&d.device_id),
+                    line(&d.hostname),
+                    d.bundle_version,
+                    d.policy_version.map_or("none".into(), |v| format!("v{v}")),
+                    d.last_checkin.map_or("never".into(), |t| t.to_string()),
+                    d.audit_acked_seq,
+                    d.outbox_pending
+                );
+            }
+            Ok(())
+        }
+        Command::Requests(command) => run_requests(remote, command).await,
+        Command::Audit(AuditCommand::Tail {
+            follow,
+            lines,
+            device,
+            decision,
+            json,
+        }) => {
+            let client = client(remote)?;
+            let mut after: Option<u64> = None;
+            let mut first = true;
+            loop {
+                let mut query = vec![format!("limit={}", if first { lines.max(1) } else { 1000 })];
+                if let Some(after) = after {
+                    query.push(format!("after={after}"));
+                }
+                if !first {
+                    query.push("wait=30".into());
+                }
+                if let Some(device) = &device {
+                    query.push(format!("device={}", encode(device)));
+                }
+                if let Some(decision) = &decision {
+                    query.push(format!("decision={}", encode(decision)));
+                }
+                let page: AuditPage = client
+                    .get(&format!("{}?{}", paths::ADMIN_AUDIT, query.join("&")))
+                    .await?;
+                for record in &page.records {
+                    if json {
+                        println!("{}", record.record.get());
+                    } else {
+                        println!("{}", pretty_record(&record.device_id, record.record.get()));
+                    }
+                }
+                after = Some(page.next);
+                first = false;
+                if !follow {
+                    return Ok(());
+                }
+            }
+        }
+        Command::OfflineCode { device, challenge } => {
+            let answer: OfflineCodeResponse = client(remote)?
+                .post(
+                    paths::ADMIN_OFFLINE_CODES,
+                    &OfflineCodeRequest {
+                        device_id: device,
+                        challenge,
+                    },
+                )
+                .await?;
+            println!("{}", answer.code);
+            eprintln!(
+                "allows {} on {} to run {} {} (rule {}) from {} until {}, once",
+                line(&answer.user),
+                line(&answer.device_id),
+                answer.identity.kind,
+                line(&answer.identity.value),
+                line(&answer.rule_id),
+                answer.window.start,
+                answer.window.end
+            );
+            Ok(())
+        }
+        Command::Activity { json } => {
+            let page: ActivityPage = client(remote)?.get(paths::ADMIN_ACTIVITY).await?;
+            for e in page.entries {
+                if json {
+                    print_json(&e)?;
+                } else {
+                    println!(
+                        "{}\t{}\t{}\t{}\t{}",
+                        e.at,
+                        line(&e.admin),
+                        e.call,
+                        e.status,
+                        line(e.detail.as_deref().unwrap_or(""))
+                    );
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+fn policy_path(scope: &PolicyScope) -> String {
+    paths::ADMIN_POLICY.replace("{scope}", &encode(&scope.to_string()))
+}
+
+/// Percent-encodes what is not unreserved in a URL path segment or query value.
+fn encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~:@".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+fn pretty_record(device: &str, raw: &str) -> String {
+    let v: serde_json::Value = serde_json::from_str(raw).unwrap_or_default();
+    let field = |k: &str| {
+        v.get(k)
+            .and_then(|x| x.as_str())
+            .map(line)
+            .unwrap_or_default()
+    };
+    let event = field("event");
+    let what = if event == "exec" || event.is_empty() {
+        field("decision")
+    } else {
+        event
+    };
+    format!(
+        "{} {} seq={} {} user={} path={} rule={}",
+        field("time"),
+        line(device),
+        v.get("seq")
+            .and_then(serde_json::Value::as_u64)
+            .unwrap_or(0),
+        what,
+        field("user"),
+        field("path"),
+        field("rule_id")
+    )
+}
+
+async fn run_requests(remote: &Remote, command: RequestsCommand) -> Result<(), Failure> {
+    let client = client(remote)?;
+    let show = |r: &AdminRequest| {
+        println!(
+            "{}\t{}\t{}\t{}\trule {}\t{} {}\t{}..{}\tlevel {}/{}\t{}",
+            r.id,
+            r.state,
+            line(&r.device_id),
+            line(&r.user),
+            line(&r.rule_id),
+            r.subject.identity.kind,
+            line(&r.subject.path),
+            r.window.start,
+            r.window.end,
+            r.current_level,
+            r.levels.len(),
+            line(&r.justification)
+        )
+    };
+    match command {
+        RequestsCommand::List {
+            state,
+            device,
+            json,
+        } => {
+            let mut query = Vec::new();
+            if let Some(state) = state {
+                query.push(format!("state={state}"));
+            }
+            if let Some(device) = device {
+                query.push(format!("device={}", encode(&device)));
+            }
+            let path = if query.is_empty() {
+                paths::ADMIN_REQUESTS.to_owned()
+            } else {
+                format!("{}?{}", paths::ADMIN_REQUESTS, query.join("&"))
+            };
+            let requests: Vec<AdminRequest> = client.get(&path).await?;
+            for r in &requests {
+                if json {
+                    print_json(r)?;
+                } else {
+                    show(r);
+                }
+            }
+            Ok(())
+        }
+        RequestsCommand::Approve { id } => {
+            let r: AdminRequest = client
+                .post(
+                    &paths::ADMIN_REQUEST_APPROVE.replace("{id}", &encode(&id)),
+                    &serde_json::json!({}),
+                )
+                .await?;
+            show(&r);
+            Ok(())
+        }
+        RequestsCommand::Deny { id, reason } => {
+            let r: AdminRequest = client
+                .post(
+                    &paths::ADMIN_REQUEST_DENY.replace("{id}", &encode(&id)),
+                    &DenyRequest { reason },
+                )
+                .await?;
+            show(&r);
+            Ok(())
+        }
+        RequestsCommand::Revoke { id, reason } => {
+            let r: AdminRequest = client
+                .post(
+                    &paths::ADMIN_REQUEST_REVOKE.replace("{id}", &encode(&id)),
+                    &RevokeRequest { reason },
+                )
+                .await?;
+            show(&r);
+            Ok(())
+        }
+    }
+}
+
+async fn run_serve(remote: &Remote, serve: Serve) -> Result<(), Failure> {
+    let data = data_dir(remote)?;
+    if data.ensure_keys(&serve.hostnames).map_err(other)? {
+        eprintln!(
+            "epm-platform: made a CA, a server certificate for {} and a signing key in {}; give agents ca.pem and the content of signing-key.pub",
+            serve.hostnames.join(", "),
+            data.dir.display()
+        );
+    }
+    let (cert, key): (PathBuf, PathBuf) = match (&serve.tls_cert, &serve.tls_key) {
+        (Some(cert), Some(key)) => (cert.clone(), key.clone()),
+        _ => (data.file("server.pem"), data.file("server-key.pem")),
+    };
+    let tls = epm_platform::tls_config(&cert, &key).await.map_err(other)?;
+    let db = Db::open(&data.database())
+        .map_err(|e| other(format!("{}: {e}", data.database().display())))?;
+    let state = AppState::new(db, data.signing_key().map_err(other)?);
+    let handle = axum_server::Handle::new();
+    let shutdown = handle.clone();
+    tokio::spawn(async move {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(term) => term,
+                Err(_) => return,
+            };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        shutdown.graceful_shutdown(Some(Duration::from_secs(5)));
+    });
+    tracing::info!(
+        "serving https://{} (data {})",
+        serve.listen,
+        data.dir.display()
+    );
+    server::serve(state, serve.listen, tls, handle)
+        .await
+        .map_err(|e| other(format!("cannot serve on {}: {e}", serve.listen)))
+}

@@ -1,0 +1,1198 @@
+//! The platform's SQLite database: admins, enrollment tokens, agents,
+//! policy documents, bundles, the fleet's audit, requests and the
+//! activity log. Every write that must be all-or-nothing is one
+//! transaction; secrets are stored as SHA-256 only.
+
+use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::{STANDARD as BASE64, URL_SAFE_NO_PAD as BASE64URL};
+use epm_api::SignedEnvelope;
+use epm_api::admin::{
+    Activity, AdminInfo, AdminRequest, Approval, DeviceInfo, PolicyEntry, PolicyScope,
+};
+use epm_api::agent::{
+    AgentCredentials, EnrollRequest, LocalUser, RequestState, RequestStatus, RequestSubject, Window,
+};
+use jiff::Timestamp;
+use rand::RngCore;
+use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
+use sha2::{Digest, Sha256};
+
+use crate::merge::ScopedDocument;
+
+/// A database failure, or a refusal the API turns into a 4xx.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    /// SQLite failed.
+    #[error("database: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// Not found.
+    #[error("{0}")]
+    NotFound(String),
+    /// The operation conflicts with the current state.
+    #[error("{0}")]
+    Conflict(String),
+    /// Credentials refused.
+    #[error("{0}")]
+    Unauthorized(String),
+    /// The input is wrong.
+    #[error("{0}")]
+    Invalid(String),
+    /// Allowed for someone else.
+    #[error("{0}")]
+    Forbidden(String),
+}
+
+type Result<T> = std::result::Result<T, DbError>;
+
+/// An authenticated admin.
+#[derive(Debug, Clone)]
+pub struct Admin {
+    /// Name.
+    pub name: String,
+    /// Approval level.
+    pub approver_level: Option<u32>,
+}
+
+/// An authenticated agent.
+#[derive(Debug, Clone)]
+pub struct Agent {
+    /// Agent id.
+    pub agent_id: String,
+    /// Device id.
+    pub device_id: String,
+    /// Users it reported.
+    pub users: Vec<LocalUser>,
+}
+
+/// A stored bundle.
+#[derive(Debug, Clone)]
+pub struct BundleRow {
+    /// Version.
+    pub version: u64,
+    /// Content hash of the merged policy.
+    pub content_sha256: Vec<u8>,
+    /// Policy revision it was built at.
+    pub revision: u64,
+    /// Hash of the users it was built for.
+    pub users_sha256: Vec<u8>,
+    /// The signed envelope, JSON.
+    pub envelope: String,
+}
+
+/// The platform database.
+#[derive(Debug)]
+pub struct Db {
+    conn: Mutex<Connection>,
+}
+
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS admins (
+    name TEXT PRIMARY KEY,
+    token_sha256 BLOB NOT NULL UNIQUE,
+    approver_level INTEGER,
+    created_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS enroll_tokens (
+    token_sha256 BLOB PRIMARY KEY,
+    uses_left INTEGER NOT NULL,
+    expires_at TEXT NOT NULL,
+    created_by TEXT NOT NULL,
+    created_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS agents (
+    agent_id TEXT PRIMARY KEY,
+    device_id TEXT NOT NULL UNIQUE,
+    secret_sha256 BLOB NOT NULL UNIQUE,
+    offline_key BLOB NOT NULL,
+    hostname TEXT NOT NULL,
+    os TEXT NOT NULL,
+    agent_version TEXT NOT NULL,
+    enrolled_at TEXT NOT NULL,
+    last_checkin TEXT,
+    policy_version INTEGER,
+    outbox_pending INTEGER NOT NULL DEFAULT 0,
+    audit_floor INTEGER NOT NULL DEFAULT 0,
+    audit_acked INTEGER NOT NULL DEFAULT 0,
+    users TEXT NOT NULL DEFAULT '[]',
+    counters TEXT NOT NULL DEFAULT '{}'
+);
+CREATE TABLE IF NOT EXISTS policies (
+    scope TEXT PRIMARY KEY,
+    revision INTEGER NOT NULL,
+    document TEXT NOT NULL,
+    rules INTEGER NOT NULL,
+    pushed_by TEXT NOT NULL,
+    pushed_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS counters (
+    name TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS bundles (
+    device_id TEXT PRIMARY KEY,
+    version INTEGER NOT NULL,
+    content_sha256 BLOB NOT NULL,
+    revision INTEGER NOT NULL,
+    users_sha256 BLOB NOT NULL,
+    envelope TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS audit (
+    cursor INTEGER PRIMARY KEY AUTOINCREMENT,
+    agent_id TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    decision TEXT,
+    record TEXT NOT NULL,
+    UNIQUE (agent_id, seq)
+);
+CREATE INDEX IF NOT EXISTS audit_device ON audit (device_id, cursor);
+CREATE TABLE IF NOT EXISTS requests (
+    id TEXT PRIMARY KEY,
+    agent_id TEXT NOT NULL,
+    local_id TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    user TEXT NOT NULL,
+    rule_id TEXT NOT NULL,
+    subject TEXT NOT NULL,
+    justification TEXT NOT NULL,
+    window_start TEXT NOT NULL,
+    window_end TEXT NOT NULL,
+    state TEXT NOT NULL,
+    levels TEXT NOT NULL,
+    current_level INTEGER NOT NULL,
+    uses INTEGER NOT NULL,
+    reason TEXT,
+    decided_by TEXT,
+    grant_envelope TEXT,
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL,
+    UNIQUE (agent_id, local_id)
+);
+CREATE INDEX IF NOT EXISTS requests_state ON requests (state);
+CREATE TABLE IF NOT EXISTS approvals (
+    request_id TEXT NOT NULL,
+    admin TEXT NOT NULL,
+    level INTEGER NOT NULL,
+    at TEXT NOT NULL,
+    PRIMARY KEY (request_id, admin)
+);
+CREATE TABLE IF NOT EXISTS activity (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at TEXT NOT NULL,
+    admin TEXT NOT NULL,
+    call TEXT NOT NULL,
+    status INTEGER NOT NULL,
+    detail TEXT
+);
+"#;
+
+/// SHA-256 of a secret, as stored.
+pub fn secret_hash(secret: &str) -> Vec<u8> {
+    Sha256::digest(secret.as_bytes()).to_vec()
+}
+
+/// A random token: `prefix` and 32 random bytes in base64url.
+pub fn new_token(prefix: &str) -> String {
+    let mut bytes = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut bytes);
+    format!("{prefix}{}", BASE64URL.encode(bytes))
+}
+
+fn new_id(prefix: &str) -> String {
+    let mut bytes = [0u8; 9];
+    rand::rngs::OsRng.fill_bytes(&mut bytes);
+    format!("{prefix}{}", BASE64URL.encode(bytes))
+}
+
+fn ts(row: &Row<'_>, index: usize) -> rusqlite::Result<Timestamp> {
+    let text: String = row.get(index)?;
+    text.parse().map_err(|e: jiff::Error| {
+        rusqlite::Error::FromSqlConversionFailure(index, rusqlite::types::Type::Text, Box::new(e))
+    })
+}
+
+fn json_col<T: serde::de::DeserializeOwned>(row: &Row<'_>, index: usize) -> rusqlite::Result<T> {
+    let text: String = row.get(index)?;
+    serde_json::from_str(&text).map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(index, rusqlite::types::Type::Text, Box::new(e))
+    })
+}
+
+fn to_json<T: serde::Serialize>(value: &T) -> String {
+    // The types stored here serialize infallibly (strings, numbers, vectors).
+    serde_json::to_string(value).unwrap_or_else(|_| "null".into())
+}
+
+impl Db {
+    /// Opens (and creates) the database.
+    pub fn open(path: &Path) -> Result<Db> {
+        // The database holds every device's offline key: owner only.
+        if !path.exists() {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o600)
+                .open(path)
+                .map_err(|e| DbError::Invalid(format!("{}: {e}", path.display())))?;
+        }
+        let conn = Connection::open(path)?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(Db {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        // A panic while holding the lock leaves SQLite consistent (each
+        // write is a transaction), so a poisoned lock is still usable.
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    // ---- admins -------------------------------------------------------
+
+    /// Creates an admin and returns its token (shown once).
+    pub fn create_admin(
+        &self,
+        name: &str,
+        approver_level: Option<u32>,
+    ) -> Result<(AdminInfo, String)> {
+        if name.is_empty()
+            || name.len() > 64
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "._-@".contains(c))
+        {
+            return Err(DbError::Invalid(format!(
+                "admin name {name:?}: use 1 to 64 letters, digits, '.', '_', '-' or '@'"
+            )));
+        }
+        if approver_level == Some(0) {
+            return Err(DbError::Invalid("approver levels start at 1".into()));
+        }
+        let token = new_token("epa_");
+        let now = Timestamp::now();
+        let inserted = self.conn().execute(
+            "INSERT INTO admins (name, token_sha256, approver_level, created_at) VALUES (?1, ?2, ?3, ?4) ON CONFLICT (name) DO NOTHING",
+            params![name, secret_hash(&token), approver_level, now.to_string()],
+        )?;
+        if inserted == 0 {
+            return Err(DbError::Conflict(format!("an admin named {name:?} exists")));
+        }
+        Ok((
+            AdminInfo {
+                name: name.into(),
+                approver_level,
+                created_at: now,
+            },
+            token,
+        ))
+    }
+
+    /// The admin a bearer token belongs to.
+    pub fn admin_by_token(&self, token: &str) -> Result<Option<Admin>> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT name, approver_level FROM admins WHERE token_sha256 = ?1",
+                [secret_hash(token)],
+                |r| {
+                    Ok(Admin {
+                        name: r.get(0)?,
+                        approver_level: r.get(1)?,
+                    })
+                },
+            )
+            .optional()?)
+    }
+
+    /// Every admin.
+    pub fn admins(&self) -> Result<Vec<AdminInfo>> {
+        let conn = self.conn();
+        let mut stmt =
+            conn.prepare("SELECT name, approver_level, created_at FROM admins ORDER BY name")?;
+        let rows = stmt.query_map([], |r| {
+            Ok(AdminInfo {
+                name: r.get(0)?,
+                approver_level: r.get(1)?,
+                created_at: ts(r, 2)?,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    // ---- enrollment ---------------------------------------------------
+
+    /// Creates an enrollment token.
+    pub fn create_enroll_token(
+        &self,
+        uses: u32,
+        expires_at: Timestamp,
+        by: &str,
+    ) -> Result<String> {
+        if uses == 0 {
+            return Err(DbError::Invalid(
+                "an enrollment token needs at least one use".into(),
+            ));
+        }
+        let token = new_token("ept_");
+        self.conn().execute(
+            "INSERT INTO enroll_tokens (token_sha256, uses_left, expires_at, created_by, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![secret_hash(&token), uses, expires_at.to_string(), by, Timestamp::now().to_string()],
+        )?;
+        Ok(token)
+    }
+
+    /// Uses one enrollment and makes (or renews) the device's credentials.
+    pub fn enroll(&self, request: &EnrollRequest) -> Result<AgentCredentials> {
+        if request.device_id.is_empty()
+            || request.device_id.len() > 256
+            || request.device_id.chars().any(char::is_control)
+        {
+            return Err(DbError::Invalid(
+                "device_id must be 1 to 256 printable characters".into(),
+            ));
+        }
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let token = tx
+            .query_row(
+                "SELECT uses_left, expires_at FROM enroll_tokens WHERE token_sha256 = ?1",
+                [secret_hash(&request.enrollment_token)],
+                |r| Ok((r.get::<_, u32>(0)?, ts(r, 1)?)),
+            )
+            .optional()?;
+        let refused = |why: &str| DbError::Unauthorized(format!("enrollment refused: {why}"));
+        match token {
+            None => return Err(refused("unknown enrollment token")),
+            Some((0, _)) => return Err(refused("this enrollment token is used up")),
+            Some((_, expires)) if expires <= Timestamp::now() => {
+                return Err(refused("this enrollment token has expired"));
+            }
+            Some(_) => {}
+        }
+        tx.execute(
+            "UPDATE enroll_tokens SET uses_left = uses_left - 1 WHERE token_sha256 = ?1",
+            [secret_hash(&request.enrollment_token)],
+        )?;
+        let secret = new_token("");
+        let mut offline_key = [0u8; 32];
+        rand::rngs::OsRng.fill_bytes(&mut offline_key);
+        let existing: Option<String> = tx
+            .query_row(
+                "SELECT agent_id FROM agents WHERE device_id = ?1",
+                [&request.device_id],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let agent_id = match existing {
+            // Enrolling a device again renews its credentials and keeps its
+            // audit and requests; the old secret stops working.
+            Some(agent_id) => {
+                tx.execute(
+                    "UPDATE agents SET secret_sha256 = ?2, offline_key = ?3, hostname = ?4, os = ?5, agent_version = ?6, enrolled_at = ?7 WHERE agent_id = ?1",
+                    params![agent_id, secret_hash(&secret), offline_key.to_vec(), request.hostname, request.os, request.agent_version, Timestamp::now().to_string()],
+                )?;
+                agent_id
+            }
+            None => {
+                let agent_id = new_id("agt_");
+                tx.execute(
+                    "INSERT INTO agents (agent_id, device_id, secret_sha256, offline_key, hostname, os, agent_version, enrolled_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                    params![agent_id, request.device_id, secret_hash(&secret), offline_key.to_vec(), request.hostname, request.os, request.agent_version, Timestamp::now().to_string()],
+                )?;
+                agent_id
+            }
+        };
+        tx.commit()?;
+        Ok(AgentCredentials {
+            agent_id,
+            agent_secret: secret,
+            offline_key: BASE64.encode(offline_key),
+        })
+    }
+
+    /// The agent a bearer `<agent_id>.<secret>` belongs to.
+    pub fn agent_by_bearer(&self, bearer: &str) -> Result<Option<Agent>> {
+        let Some((agent_id, secret)) = bearer.split_once('.') else {
+            return Ok(None);
+        };
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT agent_id, device_id, users FROM agents WHERE agent_id = ?1 AND secret_sha256 = ?2",
+                params![agent_id, secret_hash(secret)],
+                |r| {
+                    Ok(Agent {
+                        agent_id: r.get(0)?,
+                        device_id: r.get(1)?,
+                        users: json_col(r, 2)?,
+                    })
+                },
+            )
+            .optional()?)
+    }
+
+    /// The agent of a device.
+    pub fn agent_by_device(&self, device_id: &str) -> Result<Option<Agent>> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT agent_id, device_id, users FROM agents WHERE device_id = ?1",
+                [device_id],
+                |r| {
+                    Ok(Agent {
+                        agent_id: r.get(0)?,
+                        device_id: r.get(1)?,
+                        users: json_col(r, 2)?,
+                    })
+                },
+            )
+            .optional()?)
+    }
+
+    /// Records a check-in; returns the acknowledged audit seq.
+    pub fn record_checkin(
+        &self,
+        agent: &Agent,
+        request: &epm_api::agent::CheckinRequest,
+    ) -> Result<u64> {
+        let conn = self.conn();
+        conn.execute(
+            "UPDATE agents SET last_checkin = ?2, policy_version = ?3, outbox_pending = ?4, users = ?5, counters = ?6 WHERE agent_id = ?1",
+            params![
+                agent.agent_id,
+                Timestamp::now().to_string(),
+                request.policy_version,
+                request.outbox_pending,
+                to_json(&request.users),
+                to_json(&request.counters)
+            ],
+        )?;
+        Ok(conn.query_row(
+            "SELECT audit_acked FROM agents WHERE agent_id = ?1",
+            [&agent.agent_id],
+            |r| r.get(0),
+        )?)
+    }
+
+    /// A device's offline-code key.
+    pub fn offline_key(&self, device_id: &str) -> Result<Vec<u8>> {
+        self.conn()
+            .query_row(
+                "SELECT offline_key FROM agents WHERE device_id = ?1",
+                [device_id],
+                |r| r.get(0),
+            )
+            .optional()?
+            .ok_or_else(|| DbError::NotFound(format!("no enrolled device {device_id:?}")))
+    }
+
+    /// Every device.
+    pub fn devices(&self) -> Result<Vec<DeviceInfo>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT a.device_id, a.agent_id, a.hostname, a.os, a.agent_version, a.enrolled_at, a.last_checkin, a.policy_version, COALESCE(b.version, 0), a.audit_acked, a.outbox_pending, a.users
+             FROM agents a LEFT JOIN bundles b ON b.device_id = a.device_id ORDER BY a.device_id",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            let users: Vec<LocalUser> = json_col(r, 11)?;
+            Ok(DeviceInfo {
+                device_id: r.get(0)?,
+                agent_id: r.get(1)?,
+                hostname: r.get(2)?,
+                os: r.get(3)?,
+                agent_version: r.get(4)?,
+                enrolled_at: ts(r, 5)?,
+                last_checkin: match r.get::<_, Option<String>>(6)? {
+                    Some(_) => Some(ts(r, 6)?),
+                    None => None,
+                },
+                policy_version: r.get(7)?,
+                bundle_version: r.get(8)?,
+                audit_acked_seq: r.get(9)?,
+                outbox_pending: r.get(10)?,
+                users: users.into_iter().map(|u| u.name).collect(),
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    // ---- policies -----------------------------------------------------
+
+    fn bump_revision(tx: &rusqlite::Transaction<'_>) -> Result<u64> {
+        tx.execute(
+            "INSERT INTO counters (name, value) VALUES ('policy_revision', 1) ON CONFLICT (name) DO UPDATE SET value = value + 1",
+            [],
+        )?;
+        Ok(tx.query_row(
+            "SELECT value FROM counters WHERE name = 'policy_revision'",
+            [],
+            |r| r.get(0),
+        )?)
+    }
+
+    /// The revision of the last policy change (0: none yet).
+    pub fn policy_revision(&self) -> Result<u64> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT value FROM counters WHERE name = 'policy_revision'",
+                [],
+                |r| r.get(0),
+            )
+            .optional()?
+            .unwrap_or(0))
+    }
+
+    /// Stores a (validated) document for a scope.
+    pub fn put_policy(
+        &self,
+        scope: &PolicyScope,
+        document: &str,
+        rules: u64,
+        by: &str,
+    ) -> Result<PolicyEntry> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let revision = Db::bump_revision(&tx)?;
+        let now = Timestamp::now();
+        tx.execute(
+            "INSERT INTO policies (scope, revision, document, rules, pushed_by, pushed_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+             ON CONFLICT (scope) DO UPDATE SET revision = ?2, document = ?3, rules = ?4, pushed_by = ?5, pushed_at = ?6",
+            params![scope.to_string(), revision, document, rules, by, now.to_string()],
+        )?;
+        tx.commit()?;
+        Ok(PolicyEntry {
+            scope: scope.to_string(),
+            revision,
+            rules,
+            pushed_by: by.into(),
+            pushed_at: now,
+        })
+    }
+
+    /// Deletes a scope's document; `false` if there was none.
+    pub fn delete_policy(&self, scope: &PolicyScope) -> Result<bool> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let deleted = tx.execute("DELETE FROM policies WHERE scope = ?1", [scope.to_string()])?;
+        if deleted > 0 {
+            Db::bump_revision(&tx)?;
+        }
+        tx.commit()?;
+        Ok(deleted > 0)
+    }
+
+    /// Every document's entry.
+    pub fn policies(&self) -> Result<Vec<PolicyEntry>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT scope, revision, rules, pushed_by, pushed_at FROM policies ORDER BY scope",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok(PolicyEntry {
+                scope: r.get(0)?,
+                revision: r.get(1)?,
+                rules: r.get(2)?,
+                pushed_by: r.get(3)?,
+                pushed_at: ts(r, 4)?,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// One scope's document.
+    pub fn policy_document(&self, scope: &PolicyScope) -> Result<Option<String>> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT document FROM policies WHERE scope = ?1",
+                [scope.to_string()],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
+    /// The documents that apply to a device with these users.
+    pub fn documents_for(
+        &self,
+        device_id: &str,
+        users: &[LocalUser],
+    ) -> Result<Vec<ScopedDocument>> {
+        let mut scopes = vec![PolicyScope::General, PolicyScope::Device(device_id.into())];
+        for user in users {
+            scopes.push(PolicyScope::User(user.name.clone()));
+            for group in &user.groups {
+                scopes.push(PolicyScope::Group(group.clone()));
+            }
+        }
+        scopes.sort();
+        scopes.dedup();
+        let conn = self.conn();
+        let mut stmt =
+            conn.prepare_cached("SELECT revision, document FROM policies WHERE scope = ?1")?;
+        let mut documents = Vec::new();
+        for scope in scopes {
+            if let Some((revision, document)) = stmt
+                .query_row([scope.to_string()], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()?
+            {
+                documents.push(ScopedDocument {
+                    scope,
+                    revision,
+                    document,
+                });
+            }
+        }
+        Ok(documents)
+    }
+
+    /// A device's stored bundle.
+    pub fn bundle(&self, device_id: &str) -> Result<Option<BundleRow>> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT version, content_sha256, revision, users_sha256, envelope FROM bundles WHERE device_id = ?1",
+                [device_id],
+                |r| {
+                    Ok(BundleRow {
+                        version: r.get(0)?,
+                        content_sha256: r.get(1)?,
+                        revision: r.get(2)?,
+                        users_sha256: r.get(3)?,
+                        envelope: r.get(4)?,
+                    })
+                },
+            )
+            .optional()?)
+    }
+
+    /// Stores a device's bundle.
+    pub fn put_bundle(&self, device_id: &str, row: &BundleRow) -> Result<()> {
+        self.conn().execute(
+            "INSERT INTO bundles (device_id, version, content_sha256, revision, users_sha256, envelope) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+             ON CONFLICT (device_id) DO UPDATE SET version = ?2, content_sha256 = ?3, revision = ?4, users_sha256 = ?5, envelope = ?6",
+            params![device_id, row.version, row.content_sha256, row.revision, row.users_sha256, row.envelope],
+        )?;
+        Ok(())
+    }
+
+    /// Notes that a bundle is current for a newer revision or users.
+    pub fn touch_bundle(&self, device_id: &str, revision: u64, users_sha256: &[u8]) -> Result<()> {
+        self.conn().execute(
+            "UPDATE bundles SET revision = ?2, users_sha256 = ?3 WHERE device_id = ?1",
+            params![device_id, revision, users_sha256],
+        )?;
+        Ok(())
+    }
+
+    // ---- audit --------------------------------------------------------
+
+    /// Stores a batch of records, each `(seq, decision, raw JSON)`; returns
+    /// (acked seq, stored, duplicates). All or nothing.
+    pub fn store_audit(
+        &self,
+        agent: &Agent,
+        oldest_kept_seq: u64,
+        records: &[(u64, Option<String>, &str)],
+    ) -> Result<(u64, u64, u64)> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let (mut stored, mut duplicates) = (0, 0);
+        {
+            let mut insert = tx.prepare_cached(
+                "INSERT INTO audit (agent_id, device_id, seq, decision, record) VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (agent_id, seq) DO NOTHING",
+            )?;
+            for (seq, decision, record) in records {
+                if insert.execute(params![
+                    agent.agent_id,
+                    agent.device_id,
+                    seq,
+                    decision,
+                    record
+                ])? == 1
+                {
+                    stored += 1;
+                } else {
+                    duplicates += 1;
+                }
+            }
+        }
+        // The agent no longer holds records before oldest_kept_seq: waiting
+        // for them would stall the acknowledgement forever.
+        let floor = oldest_kept_seq.saturating_sub(1);
+        tx.execute(
+            "UPDATE agents SET audit_floor = MAX(audit_floor, ?2), audit_acked = MAX(audit_acked, ?2) WHERE agent_id = ?1",
+            params![agent.agent_id, floor],
+        )?;
+        let mut acked: u64 = tx.query_row(
+            "SELECT audit_acked FROM agents WHERE agent_id = ?1",
+            [&agent.agent_id],
+            |r| r.get(0),
+        )?;
+        {
+            let mut next = tx.prepare_cached(
+                "SELECT seq FROM audit WHERE agent_id = ?1 AND seq > ?2 ORDER BY seq LIMIT 1000",
+            )?;
+            loop {
+                let seqs: Vec<u64> = next
+                    .query_map(params![agent.agent_id, acked], |r| r.get(0))?
+                    .collect::<rusqlite::Result<_>>()?;
+                let before = acked;
+                for seq in &seqs {
+                    if *seq == acked + 1 {
+                        acked = *seq;
+                    } else {
+                        break;
+                    }
+                }
+                if acked == before || seqs.len() < 1000 {
+                    break;
+                }
+            }
+        }
+        tx.execute(
+            "UPDATE agents SET audit_acked = ?2 WHERE agent_id = ?1",
+            params![agent.agent_id, acked],
+        )?;
+        tx.commit()?;
+        Ok((acked, stored, duplicates))
+    }
+
+    /// Fleet audit after `cursor`, oldest first, filtered.
+    pub fn audit_after(
+        &self,
+        after: Option<u64>,
+        device: Option<&str>,
+        decision: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<(u64, String, String)>> {
+        let conn = self.conn();
+        let filter = "(?2 IS NULL OR device_id = ?2) AND (?3 IS NULL OR decision = ?3)";
+        let rows: Vec<(u64, String, String)> = match after {
+            Some(after) => {
+                let mut stmt = conn.prepare_cached(&format!(
+                    "SELECT cursor, device_id, record FROM audit WHERE cursor > ?1 AND {filter} ORDER BY cursor LIMIT ?4"
+                ))?;
+                stmt.query_map(params![after, device, decision, limit], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                })?
+                .collect::<rusqlite::Result<_>>()?
+            }
+            None => {
+                let mut stmt = conn.prepare_cached(&format!(
+                    "SELECT cursor, device_id, record FROM audit WHERE ?1 IS NULL AND {filter} ORDER BY cursor DESC LIMIT ?4"
+                ))?;
+                let mut newest: Vec<(u64, String, String)> = stmt
+                    .query_map(params![Option::<u64>::None, device, decision, limit], |r| {
+                        Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                    })?
+                    .collect::<rusqlite::Result<_>>()?;
+                newest.reverse();
+                newest
+            }
+        };
+        Ok(rows)
+    }
+
+    /// The newest audit cursor.
+    pub fn audit_head(&self) -> Result<u64> {
+        Ok(self
+            .conn()
+            .query_row("SELECT COALESCE(MAX(cursor), 0) FROM audit", [], |r| {
+                r.get(0)
+            })?)
+    }
+
+    // ---- requests -----------------------------------------------------
+
+    /// Stores a new request, or returns the one this agent already sent
+    /// with that `local_id`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn submit_request(
+        &self,
+        agent: &Agent,
+        submit: &epm_api::agent::RequestSubmit,
+        levels: &[u32],
+        uses: u32,
+    ) -> Result<RequestStatus> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let existing: Option<String> = tx
+            .query_row(
+                "SELECT id FROM requests WHERE agent_id = ?1 AND local_id = ?2",
+                params![agent.agent_id, submit.local_id],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let id = match existing {
+            Some(id) => id,
+            None => {
+                let id = new_id("req_");
+                let now = Timestamp::now().to_string();
+                tx.execute(
+                    "INSERT INTO requests (id, agent_id, local_id, device_id, user, rule_id, subject, justification, window_start, window_end, state, levels, current_level, uses, created_at, updated_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, 'pending', ?11, 1, ?12, ?13, ?13)",
+                    params![
+                        id, agent.agent_id, submit.local_id, agent.device_id, submit.user, submit.rule_id,
+                        to_json(&submit.subject), submit.justification, submit.window.start.to_string(),
+                        submit.window.end.to_string(), to_json(&levels), uses, now
+                    ],
+                )?;
+                id
+            }
+        };
+        tx.commit()?;
+        drop(conn);
+        self.request_status(&agent.agent_id, &id)
+    }
+
+    fn request_row(conn: &Connection, id: &str) -> Result<StoredRequest> {
+        let row = conn
+            .query_row(
+                "SELECT id, device_id, user, rule_id, subject, justification, window_start, window_end, state, levels, current_level, reason, decided_by, created_at, updated_at, agent_id, grant_envelope, local_id FROM requests WHERE id = ?1",
+                [id],
+                |r| {
+                    let state: String = r.get(8)?;
+                    Ok((
+                        r.get::<_, String>(15)?,
+                        AdminRequest {
+                            id: r.get(0)?,
+                            device_id: r.get(1)?,
+                            user: r.get(2)?,
+                            rule_id: r.get(3)?,
+                            subject: json_col::<RequestSubject>(r, 4)?,
+                            justification: r.get(5)?,
+                            window: Window {
+                                start: ts(r, 6)?,
+                                end: ts(r, 7)?,
+                            },
+                            state: state.parse().map_err(|e: String| {
+                                rusqlite::Error::FromSqlConversionFailure(8, rusqlite::types::Type::Text, e.into())
+                            })?,
+                            levels: json_col(r, 9)?,
+                            current_level: r.get(10)?,
+                            approvals: Vec::new(),
+                            reason: r.get(11)?,
+                            decided_by: r.get(12)?,
+                            created_at: ts(r, 13)?,
+                            updated_at: ts(r, 14)?,
+                        },
+                        r.get::<_, Option<String>>(16)?,
+                        r.get::<_, String>(17)?,
+                    ))
+                },
+            )
+            .optional()?
+            .ok_or_else(|| DbError::NotFound(format!("no request {id:?}")))?;
+        let (agent_id, mut request, grant, local_id): (
+            String,
+            AdminRequest,
+            Option<String>,
+            String,
+        ) = row;
+        let mut stmt = conn.prepare_cached(
+            "SELECT admin, level, at FROM approvals WHERE request_id = ?1 ORDER BY at, admin",
+        )?;
+        request.approvals = stmt
+            .query_map([id], |r| {
+                Ok(Approval {
+                    admin: r.get(0)?,
+                    level: r.get(1)?,
+                    at: ts(r, 2)?,
+                })
+            })?
+            .collect::<rusqlite::Result<_>>()?;
+        Ok(StoredRequest {
+            agent_id,
+            local_id,
+            request,
+            grant: grant.and_then(|g| serde_json::from_str(&g).ok()),
+        })
+    }
+
+    /// A request as its agent sees it; another agent's is not found.
+    pub fn request_status(&self, agent_id: &str, id: &str) -> Result<RequestStatus> {
+        let conn = self.conn();
+        let stored = Db::request_row(&conn, id)?;
+        if stored.agent_id != agent_id {
+            return Err(DbError::NotFound(format!("no request {id:?}")));
+        }
+        Ok(stored.status())
+    }
+
+    /// One request, for admins.
+    pub fn request(&self, id: &str) -> Result<AdminRequest> {
+        let conn = self.conn();
+        Ok(Db::request_row(&conn, id)?.request)
+    }
+
+    /// Requests, newest first.
+    pub fn requests(
+        &self,
+        state: Option<RequestState>,
+        device: Option<&str>,
+    ) -> Result<Vec<AdminRequest>> {
+        let ids: Vec<String> = {
+            let conn = self.conn();
+            let mut stmt = conn.prepare(
+                "SELECT id FROM requests WHERE (?1 IS NULL OR state = ?1) AND (?2 IS NULL OR device_id = ?2) ORDER BY created_at DESC, id",
+            )?;
+            stmt.query_map(params![state.map(RequestState::as_str), device], |r| {
+                r.get(0)
+            })?
+            .collect::<rusqlite::Result<_>>()?
+        };
+        let conn = self.conn();
+        ids.iter()
+            .map(|id| Ok(Db::request_row(&conn, id)?.request))
+            .collect()
+    }
+
+    /// Expires pending and approved requests whose window ended; returns
+    /// how many.
+    pub fn expire_requests(&self, now: Timestamp) -> Result<usize> {
+        // Text comparison of RFC 3339 UTC timestamps is time order.
+        Ok(self.conn().execute(
+            "UPDATE requests SET state = 'expired', current_level = 0, updated_at = ?1 WHERE state IN ('pending', 'approved') AND window_end <= ?1",
+            [now.to_string()],
+        )?)
+    }
+
+    /// Records `admin`'s approval. Returns the request and whether it is now
+    /// fully approved (the caller then signs and stores the grant).
+    pub fn approve(&self, id: &str, admin: &Admin) -> Result<(AdminRequest, bool)> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let request = Db::request_row(&tx, id)?.request;
+        if request.state != RequestState::Pending {
+            return Err(DbError::Conflict(format!(
+                "request {id} is {}, not pending",
+                request.state
+            )));
+        }
+        let level = request.current_level;
+        match admin.approver_level {
+            None => {
+                return Err(DbError::Forbidden(format!(
+                    "{} is not an approver",
+                    admin.name
+                )));
+            }
+            Some(own) if own != level => {
+                return Err(DbError::Forbidden(format!(
+                    "request {id} waits for level {level} approvers; {} approves at level {own}",
+                    admin.name
+                )));
+            }
+            Some(_) => {}
+        }
+        if request.approvals.iter().any(|a| a.admin == admin.name) {
+            return Err(DbError::Conflict(format!(
+                "{} already approved request {id}",
+                admin.name
+            )));
+        }
+        let now = Timestamp::now().to_string();
+        tx.execute(
+            "INSERT INTO approvals (request_id, admin, level, at) VALUES (?1, ?2, ?3, ?4)",
+            params![id, admin.name, level, now],
+        )?;
+        let at_level = request
+            .approvals
+            .iter()
+            .filter(|a| a.level == level)
+            .count() as u32
+            + 1;
+        let needed = request
+            .levels
+            .get(level.saturating_sub(1) as usize)
+            .copied()
+            .unwrap_or(1);
+        let last_level = level as usize >= request.levels.len();
+        let done = at_level >= needed && last_level;
+        if done {
+            tx.execute(
+                "UPDATE requests SET state = 'approved', current_level = 0, decided_by = ?2, updated_at = ?3 WHERE id = ?1",
+                params![id, admin.name, now],
+            )?;
+        } else if at_level >= needed {
+            tx.execute(
+                "UPDATE requests SET current_level = current_level + 1, updated_at = ?2 WHERE id = ?1",
+                params![id, now],
+            )?;
+        } else {
+            tx.execute(
+                "UPDATE requests SET updated_at = ?2 WHERE id = ?1",
+                params![id, now],
+            )?;
+        }
+        let request = Db::request_row(&tx, id)?.request;
+        tx.commit()?;
+        Ok((request, done))
+    }
+
+    /// How many executions an approval of this request allows.
+    pub fn request_uses(&self, id: &str) -> Result<u32> {
+        Ok(self
+            .conn()
+            .query_row("SELECT uses FROM requests WHERE id = ?1", [id], |r| {
+                r.get(0)
+            })?)
+    }
+
+    /// Stores the signed grant of an approved request.
+    pub fn set_grant(&self, id: &str, envelope: &SignedEnvelope) -> Result<()> {
+        self.conn().execute(
+            "UPDATE requests SET grant_envelope = ?2 WHERE id = ?1",
+            params![id, to_json(envelope)],
+        )?;
+        Ok(())
+    }
+
+    /// Denies a pending request (an approver of its current level).
+    pub fn deny(&self, id: &str, admin: &Admin, reason: &str) -> Result<AdminRequest> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let request = Db::request_row(&tx, id)?.request;
+        if request.state != RequestState::Pending {
+            return Err(DbError::Conflict(format!(
+                "request {id} is {}, not pending",
+                request.state
+            )));
+        }
+        match admin.approver_level {
+            None => {
+                return Err(DbError::Forbidden(format!(
+                    "{} is not an approver",
+                    admin.name
+                )));
+            }
+            Some(own) if own != request.current_level => {
+                return Err(DbError::Forbidden(format!(
+                    "request {id} waits for level {} approvers; {} approves at level {own}",
+                    request.current_level, admin.name
+                )));
+            }
+            Some(_) => {}
+        }
+        tx.execute(
+            "UPDATE requests SET state = 'denied', current_level = 0, reason = ?2, decided_by = ?3, updated_at = ?4 WHERE id = ?1",
+            params![id, reason, admin.name, Timestamp::now().to_string()],
+        )?;
+        let request = Db::request_row(&tx, id)?.request;
+        tx.commit()?;
+        Ok(request)
+    }
+
+    /// Revokes an approved request (any approver).
+    pub fn revoke(&self, id: &str, admin: &Admin, reason: Option<&str>) -> Result<AdminRequest> {
+        if admin.approver_level.is_none() {
+            return Err(DbError::Forbidden(format!(
+                "{} is not an approver",
+                admin.name
+            )));
+        }
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let request = Db::request_row(&tx, id)?.request;
+        if request.state != RequestState::Approved {
+            return Err(DbError::Conflict(format!(
+                "request {id} is {}; only an approved request can be revoked",
+                request.state
+            )));
+        }
+        tx.execute(
+            "UPDATE requests SET state = 'revoked', reason = ?2, decided_by = ?3, updated_at = ?4 WHERE id = ?1",
+            params![id, reason, admin.name, Timestamp::now().to_string()],
+        )?;
+        let request = Db::request_row(&tx, id)?.request;
+        tx.commit()?;
+        Ok(request)
+    }
+
+    /// Marks an agent's approved requests used.
+    pub fn mark_used(&self, agent: &Agent, ids: &[String]) -> Result<()> {
+        let conn = self.conn();
+        for id in ids {
+            conn.execute(
+                "UPDATE requests SET state = 'used', updated_at = ?3 WHERE id = ?1 AND agent_id = ?2 AND state = 'approved'",
+                params![id, agent.agent_id, Timestamp::now().to_string()],
+            )?;
+        }
+        Ok(())
+    }
+
+    // ---- activity -----------------------------------------------------
+
+    /// Records one admin call.
+    pub fn record_activity(
+        &self,
+        admin: &str,
+        call: &str,
+        status: u16,
+        detail: Option<&str>,
+    ) -> Result<()> {
+        self.conn().execute(
+            "INSERT INTO activity (at, admin, call, status, detail) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![Timestamp::now().to_string(), admin, call, status, detail],
+        )?;
+        Ok(())
+    }
+
+    /// The newest `limit` activity entries, oldest first.
+    pub fn activity(&self, limit: u32) -> Result<Vec<Activity>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT id, at, admin, call, status, detail FROM activity ORDER BY id DESC LIMIT ?1",
+        )?;
+        let mut rows: Vec<Activity> = stmt
+            .query_map([limit], |r| {
+                Ok(Activity {
+                    id: r.get(0)?,
+                    at: ts(r, 1)?,
+                    admin: r.get(2)?,
+                    call: r.get(3)?,
+                    status: r.get(4)?,
+                    detail: r.get(5)?,
+                })
+            })?
+            .collect::<rusqlite::Result<_>>()?;
+        rows.reverse();
+        Ok(rows)
+    }
+}
+
+/// A request row with what only the platform sees.
+struct StoredRequest {
+    agent_id: String,
+    local_id: String,
+    request: AdminRequest,
+    grant: Option<SignedEnvelope>,
+}
+
+impl StoredRequest {
+    /// The agent's view.
+    fn status(self) -> RequestStatus {
+        let approved = self.request.state == RequestState::Approved;
+        RequestStatus {
+            id: self.request.id,
+            local_id: self.local_id,
+            state: self.request.state,
+            reason: self.request.reason,
+            current_level: self.request.current_level,
+            levels: self.request.levels.len() as u32,
+            updated_at: self.request.updated_at,
+            grant: if approved { self.grant } else { None },
+        }
+    }
+}
