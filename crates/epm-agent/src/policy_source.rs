@@ -224,6 +224,7 @@ fn persist(store: &Arc<Mutex<Store>>, candidate: &Candidate) {
         signature: None,
         source: candidate.source.clone(),
         fetched_at: jiff::Timestamp::now(),
+        envelope: None,
     };
     if let Err(error) = store.save_active_policy(&stored) {
         tracing::warn!(%error, "cannot store the policy; it is enforced but not cached");
