@@ -110,9 +110,7 @@ fn https_url<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
         ))
     })?;
     if rest.trim_matches('/').is_empty() || rest.contains(char::is_whitespace) {
-        return Err(serde::de::Error::custom(format!(
-            "{url:?} names no host"
-        )));
+        return Err(serde::de::Error::custom(format!("{url:?} names no host")));
     }
     Ok(url)
 }
@@ -141,9 +139,9 @@ fn sync_interval<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> 
         Seconds(u64),
         Text(String),
     }
-    let duration = match Raw::deserialize(d)
-        .map_err(|_| serde::de::Error::custom("expected a duration like \"5m\" or \"90s\", or seconds"))?
-    {
+    let duration = match Raw::deserialize(d).map_err(|_| {
+        serde::de::Error::custom("expected a duration like \"5m\" or \"90s\", or seconds")
+    })? {
         Raw::Seconds(secs) => Duration::from_secs(secs),
         Raw::Text(text) => parse_duration(&text).map_err(serde::de::Error::custom)?,
     };
@@ -162,7 +160,9 @@ fn sync_interval<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> 
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
-    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
     let bad = || format!("{text:?} is not a duration like \"5m\", \"90s\" or \"1h\"");
     let number: u64 = number.parse().map_err(|_| bad())?;
@@ -482,9 +482,16 @@ mod tests {
         assert_eq!(p.policy_public_key.to_string(), KEY);
         assert_eq!(p.enrollment_token, None);
         assert_eq!(p.sync_interval, Duration::from_secs(300));
-        for (text, secs) in [("\"90s\"", 90), ("\"30m\"", 1800), ("600", 600), ("\"1m\"", 60)] {
+        for (text, secs) in [
+            ("\"90s\"", 90),
+            ("\"30m\"", 1800),
+            ("600", 600),
+            ("\"1m\"", 60),
+        ] {
             let config = Config::parse(
-                &platform(&format!("sync_interval = {text}\nenrollment_token = \"tok\"")),
+                &platform(&format!(
+                    "sync_interval = {text}\nenrollment_token = \"tok\""
+                )),
                 Path::new("/"),
             )
             .unwrap();

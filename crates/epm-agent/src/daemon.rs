@@ -14,13 +14,13 @@ use signal_hook::iterator::Signals;
 
 use crate::audit::{AuditSink, AuditWriter};
 use crate::config::{Config, PlatformConfig};
-use crate::sync::{SyncContext, SyncCycle, SyncHandle};
-use epm_sync::{ClientOptions, PlatformClient};
 use crate::control::{self, ControlContext};
 use crate::decider::Decider;
 use crate::gate::{ExecGate, FactNeeds, Shutdown};
 use crate::pipeline::Workers;
 use crate::policy_source;
+use crate::sync::{SyncContext, SyncCycle, SyncHandle};
+use epm_sync::{ClientOptions, PlatformClient};
 
 /// Runs the daemon until SIGTERM or SIGINT.
 pub fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {

@@ -210,7 +210,11 @@ pub fn initial_signed(
     key: &PolicyPublicKey,
     device_id: &str,
     store: &Arc<Mutex<Store>>,
-) -> (PolicyState, Vec<AuditEvent>, Option<(CurrentBundle, Option<String>)>) {
+) -> (
+    PolicyState,
+    Vec<AuditEvent>,
+    Option<(CurrentBundle, Option<String>)>,
+) {
     let mut events = Vec::new();
     let stored: Vec<StoredPolicy> = match store.lock() {
         Ok(store) => [store.active_policy(), store.last_good_policy()]

@@ -244,11 +244,7 @@ impl<P: Platform> SyncCycle<P> {
         if let Some(credentials) = &self.credentials {
             return Ok(credentials.clone());
         }
-        let stored = self
-            .context
-            .credentials
-            .load()
-            .map_err(|e| e.to_string())?;
+        let stored = self.context.credentials.load().map_err(|e| e.to_string())?;
         let credentials = match stored {
             Some(credentials) => credentials,
             None => {
@@ -548,8 +544,8 @@ impl<P: Platform> SyncCycle<P> {
         }
         drop(stored);
         let previous = decider.policy().engine.version();
-        let state =
-            policy_source::Candidate::platform(accepted.engine).into_state(decider.next_generation());
+        let state = policy_source::Candidate::platform(accepted.engine)
+            .into_state(decider.next_generation());
         let event = policy_source::loaded_event(&state, Some(previous));
         tracing::info!(version = state.engine.version(), "platform policy in force");
         decider.set_policy(state);
@@ -600,7 +596,10 @@ impl<P: Platform> SyncCycle<P> {
                 .map_err(|e| what(e.to_string()))?;
                 if grant.user != local.user
                     || grant.identity.kind != local.identity.kind.as_str()
-                    || !grant.identity.value.eq_ignore_ascii_case(&local.identity.value)
+                    || !grant
+                        .identity
+                        .value
+                        .eq_ignore_ascii_case(&local.identity.value)
                 {
                     return Err(what(
                         "the grant names another user or binary than the request".into(),
@@ -733,7 +732,9 @@ pub fn local_users() -> Vec<LocalUser> {
 fn passwd_entries() -> Vec<(String, u32)> {
     // getpwent walks process-wide state: one walker at a time.
     static WALK: Mutex<()> = Mutex::new(());
-    let _guard = WALK.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let _guard = WALK
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let mut entries = Vec::new();
     // SAFETY: setpwent/getpwent/endpwent are called under WALK, so no other
     // thread of this process walks the database meanwhile; each entry's
