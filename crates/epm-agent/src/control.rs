@@ -348,7 +348,10 @@ fn status(context: &ControlContext) -> StatusReport {
         audit_last_seq: context.audit_last_seq.load(Ordering::Relaxed),
         audit_outbox_pending: outbox.pending,
         audit_outbox_bytes: outbox.bytes,
-        platform: context.sync.as_deref().map(platform_status),
+        platform: context
+            .sync
+            .as_deref()
+            .map(|sync| Box::new(platform_status(sync))),
     }
 }
 

@@ -200,6 +200,10 @@ pub fn initial(
     (state, events)
 }
 
+/// The platform bundle in force and its ETag: what the sync's rollback
+/// check and `If-None-Match` start from.
+pub type BundleInForce = (CurrentBundle, Option<String>);
+
 /// Chooses the policy to start a managed agent with: the store's active
 /// platform bundle, else its last good one, each re-verified against the
 /// pinned key (a policy edited in the database is not enforced), else the
@@ -210,11 +214,7 @@ pub fn initial_signed(
     key: &PolicyPublicKey,
     device_id: &str,
     store: &Arc<Mutex<Store>>,
-) -> (
-    PolicyState,
-    Vec<AuditEvent>,
-    Option<(CurrentBundle, Option<String>)>,
-) {
+) -> (PolicyState, Vec<AuditEvent>, Option<BundleInForce>) {
     let mut events = Vec::new();
     let stored: Vec<StoredPolicy> = match store.lock() {
         Ok(store) => [store.active_policy(), store.last_good_policy()]

@@ -148,7 +148,7 @@ pub struct SyncContext {
     pub status: Arc<Mutex<SyncStatus>>,
     /// The platform bundle in force at start and its ETag
     /// ([`policy_source::initial_signed`]).
-    pub current: Option<(CurrentBundle, Option<String>)>,
+    pub current: Option<policy_source::BundleInForce>,
     /// What the gate collects, updated after a new policy (`None` in tests
     /// without a gate).
     pub fact_needs: Option<Arc<FactNeeds>>,

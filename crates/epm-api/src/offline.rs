@@ -168,9 +168,7 @@ mod tests {
             |c: &mut OfflineChallenge| c.nonce += 1,
             |c: &mut OfflineChallenge| c.user = "bob".into(),
             |c: &mut OfflineChallenge| c.device_id = "mac-0043".into(),
-            |c: &mut OfflineChallenge| {
-                c.not_after = c.not_after + jiff::SignedDuration::from_secs(1)
-            },
+            |c: &mut OfflineChallenge| c.not_after += jiff::SignedDuration::from_secs(1),
             |c: &mut OfflineChallenge| c.identity.value = "cd".repeat(32),
         ] {
             let mut other = c.clone();

@@ -202,8 +202,9 @@ pub struct StatusReport {
     #[serde(default)]
     pub audit_outbox_bytes: u64,
     /// The management platform, when the daemon is managed.
+    /// (Boxed: most daemons are standalone, and it would double every response's size.)
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub platform: Option<PlatformStatus>,
+    pub platform: Option<Box<PlatformStatus>>,
 }
 
 /// A managed daemon's link to its platform, in [`StatusReport`].
@@ -588,7 +589,7 @@ pub(crate) mod tests {
                 audit_last_seq: 9,
                 audit_outbox_pending: 2,
                 audit_outbox_bytes: 4096,
-                platform: Some(PlatformStatus {
+                platform: Some(Box::new(PlatformStatus {
                     url: "https://epm.example.com".into(),
                     agent_id: Some("agent-1".into()),
                     last_sync_at: Some("2026-11-22T10:00:00Z".into()),
@@ -596,7 +597,7 @@ pub(crate) mod tests {
                     last_result: Some("check-in: cannot connect".into()),
                     next_sync_at: Some("2026-11-22T10:00:05Z".into()),
                     acked_seq: 7,
-                }),
+                })),
             }),
             Response::AuditRecords {
                 lines: vec!["{\"seq\":1}".into(), "{}".into()],

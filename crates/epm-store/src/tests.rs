@@ -90,7 +90,13 @@ fn the_oldest_kept_audit_seq_follows_pruning() {
     store.mark_uploaded(2).unwrap();
     let pruned = store.prune_audit(250).unwrap();
     // Uploaded records go first, and only those: nothing is lost.
-    assert_eq!(pruned, Pruned { records: 2, not_uploaded: 0 });
+    assert_eq!(
+        pruned,
+        Pruned {
+            records: 2,
+            not_uploaded: 0
+        }
+    );
     assert_eq!(store.oldest_audit_seq().unwrap(), Some(3));
 }
 

@@ -65,11 +65,9 @@ enum Command {
     Status,
     /// Check in with the management platform now: upload the audit backlog,
     /// fetch a changed policy.
-    #[command(
-        after_help = "Any user may ask; one sync runs at a time.\n\n\
+    #[command(after_help = "Any user may ask; one sync runs at a time.\n\n\
         Exit status: 0 when the sync succeeded, 1 when it failed (the error says which step \
-        and why) or is still running, 2 when the daemon cannot be reached or is not managed."
-    )]
+        and why) or is still running, 2 when the daemon cannot be reached or is not managed.")]
     Sync,
     /// Read, follow and verify the audit log.
     #[command(subcommand)]

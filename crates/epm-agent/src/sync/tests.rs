@@ -219,10 +219,7 @@ impl Agent {
         self.cycle_with(None)
     }
 
-    fn cycle_with(
-        &self,
-        current: Option<(CurrentBundle, Option<String>)>,
-    ) -> SyncCycle<FakePlatform> {
+    fn cycle_with(&self, current: Option<policy_source::BundleInForce>) -> SyncCycle<FakePlatform> {
         SyncCycle::new(
             self.platform.clone(),
             SyncContext {
