@@ -579,20 +579,25 @@ impl Call {
     }
 }
 
-/// An error and its causes on one line: reqwest's top-level message alone
-/// ("error sending request") does not say that the certificate was refused.
+/// An error's causes on one line: reqwest's own message ("error sending
+/// request for url (…)") repeats the URL the error already names and hides
+/// the reason (a refused certificate, a refused connection), so the causes
+/// are what is shown, without hyper's "client error (Connect)" wrapper.
 fn chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
+    let mut parts: Vec<String> = Vec::new();
     let mut source = error.source();
     while let Some(cause) = source {
         let message = cause.to_string();
-        if !text.contains(&message) {
-            text.push_str(": ");
-            text.push_str(&message);
+        if !message.starts_with("client error (") && !parts.iter().any(|p| p.contains(&message)) {
+            parts.push(message);
         }
         source = cause.source();
     }
-    text
+    if parts.is_empty() {
+        error.to_string()
+    } else {
+        parts.join(": ")
+    }
 }
 
 /// Percent-encodes a path segment (request ids are the platform's, but a
