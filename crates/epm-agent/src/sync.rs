@@ -171,6 +171,8 @@ pub struct SyncCycle<P> {
     current: Option<CurrentBundle>,
     etag: Option<String>,
     refused: Option<Refused>,
+    /// The last refused answer audited ([`SyncCycle::failed`]).
+    last_audited: Option<String>,
 }
 
 /// A failed step and why, for the log, the status and `epmctl sync`.
@@ -190,6 +192,7 @@ impl<P: Platform> SyncCycle<P> {
             current,
             etag,
             refused: None,
+            last_audited: None,
         }
     }
 
@@ -218,7 +221,7 @@ impl<P: Platform> SyncCycle<P> {
             .platform
             .checkin(&credentials, &self.checkin_request())
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| self.failed(e, false).to_string())?;
         self.set_acked(response.audit_acked_seq);
         for status in &response.requests {
             if let Err(problem) = self.apply_request_status(status) {
@@ -234,6 +237,7 @@ impl<P: Platform> SyncCycle<P> {
             }
         };
         if problems.is_empty() {
+            self.last_audited = None;
             Ok(format!("uploaded {uploaded} audit records; {policy}"))
         } else {
             Err(problems.join("; "))
@@ -265,7 +269,7 @@ impl<P: Platform> SyncCycle<P> {
                     .platform
                     .enroll(&request)
                     .await
-                    .map_err(|e| e.to_string())?;
+                    .map_err(|e| self.failed(e, false).to_string())?;
                 // The token is spent: keep the credentials in memory even
                 // if they cannot be saved, and say loudly that they were not.
                 if let Err(error) = self.context.credentials.save(&credentials) {
@@ -332,7 +336,7 @@ impl<P: Platform> SyncCycle<P> {
                 .platform
                 .upload_audit(credentials, &upload)
                 .await
-                .map_err(CycleError::Platform)?;
+                .map_err(|e| CycleError::Platform(self.failed(e, false)))?;
             // Only what the platform holds is marked: the rest is sent
             // again, and the platform drops the duplicates.
             let marked = ack.acked_seq.min(last);
@@ -387,7 +391,7 @@ impl<P: Platform> SyncCycle<P> {
                 .platform
                 .submit_request(credentials, &submit)
                 .await
-                .map_err(CycleError::Platform)?;
+                .map_err(|e| CycleError::Platform(self.failed(e, false)))?;
             self.lock_store()?
                 .set_request_platform_id(&request.id, &status.id, Timestamp::now())
                 .map_err(|e| CycleError::Local(format!("request submit: {e}")))?;
@@ -460,7 +464,7 @@ impl<P: Platform> SyncCycle<P> {
             .platform
             .fetch_policy(credentials, etag)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| self.failed(e, true).to_string())?;
         let (envelope, etag) = match fetched {
             PolicyFetch::NotModified => {
                 return match &self.refused {
@@ -643,6 +647,39 @@ impl<P: Platform> SyncCycle<P> {
                 .map_err(|e| what(e.to_string()))?;
         }
         Ok(())
+    }
+
+    /// Audits an answer the agent refused (malformed, oversized, of the
+    /// wrong type, or stalled): bad input is a security event, unlike an
+    /// unreachable platform, which is only logged. A refused bundle
+    /// download is a `policy_rejected`. The same failure again is not
+    /// audited again until a cycle succeeds.
+    fn failed(&mut self, error: SyncError, policy: bool) -> SyncError {
+        let bad_answer = matches!(
+            error,
+            SyncError::ContentType { .. }
+                | SyncError::TooLarge { .. }
+                | SyncError::Truncated { .. }
+                | SyncError::InvalidJson { .. }
+                | SyncError::Timeout { .. }
+        );
+        let reason = error.to_string();
+        if bad_answer && self.last_audited.as_ref() != Some(&reason) {
+            let event = if policy {
+                policy_source::rejected_event(
+                    policy_source::PLATFORM_SOURCE,
+                    &reason,
+                    self.context.decider.policy().engine.version(),
+                )
+            } else {
+                let mut event = epm_audit::AuditEvent::new("platform_error");
+                event.reason = Some(format!("answer from the platform refused: {reason}"));
+                event
+            };
+            self.context.audit.send(event);
+            self.last_audited = Some(reason);
+        }
+        error
     }
 
     fn set_acked(&self, acked: u64) {

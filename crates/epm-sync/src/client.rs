@@ -553,9 +553,17 @@ impl Call {
     }
 
     fn transport(&self, error: &reqwest::Error) -> SyncError {
-        if error.is_timeout() {
+        // A connection that times out is an unreachable platform, not a
+        // stalled answer: checked first.
+        if error.is_connect() {
+            SyncError::Connect {
+                step: self.step,
+                url: self.url.clone(),
+                detail: chain(error),
+            }
+        } else if error.is_timeout() {
             self.timeout_error()
-        } else if error.is_connect() || error.is_request() && !error.is_body() {
+        } else if error.is_request() && !error.is_body() {
             SyncError::Connect {
                 step: self.step,
                 url: self.url.clone(),

@@ -35,6 +35,9 @@ struct FakeState {
     bundle: Option<(SignedEnvelope, u64, String)>,
     requests: Vec<RequestStatus>,
     submitted: Vec<RequestSubmit>,
+    /// Answer check-ins / policy fetches with this error instead.
+    bad_checkin: Option<fn() -> SyncError>,
+    bad_fetch: Option<fn() -> SyncError>,
 }
 
 #[derive(Clone, Default)]
@@ -85,6 +88,9 @@ impl Platform for FakePlatform {
         request: &CheckinRequest,
     ) -> Result<CheckinResponse, SyncError> {
         let state = self.state();
+        if let Some(error) = state.bad_checkin {
+            return Err(error());
+        }
         let (version, etag) = state
             .bundle
             .as_ref()
@@ -107,6 +113,9 @@ impl Platform for FakePlatform {
         etag: Option<&str>,
     ) -> Result<PolicyFetch, SyncError> {
         let state = self.state();
+        if let Some(error) = state.bad_fetch {
+            return Err(error());
+        }
         let (envelope, _, current) = state.bundle.clone().unwrap();
         if etag == Some(current.as_str()) {
             return Ok(PolicyFetch::NotModified);
@@ -441,6 +450,41 @@ fn a_refused_bundle_leaves_the_last_good_policy_and_is_audited_once() {
     agent.platform.publish(agent.bundle(&agent.key, 4), 4);
     run(&mut cycle).unwrap();
     assert_eq!(agent.decider.policy().engine.version(), 4);
+}
+
+#[test]
+fn refused_answers_are_audited_once_while_they_last() {
+    let agent = Agent::new();
+    agent.platform.publish(agent.bundle(&agent.key, 2), 2);
+    agent.platform.state().bad_fetch = Some(|| SyncError::TooLarge {
+        step: "policy fetch",
+        url: "https://fake/api/v1/agent/policy".into(),
+        limit: 64,
+    });
+    let mut cycle = agent.cycle();
+    for _ in 0..3 {
+        let err = run(&mut cycle).unwrap_err();
+        assert!(err.contains("exceeds the limit of 64 bytes"), "{err}");
+    }
+    assert_eq!(agent.decider.policy().engine.version(), 0);
+    agent.platform.state().bad_checkin = Some(|| SyncError::ContentType {
+        step: "check-in",
+        url: "https://fake/api/v1/agent/checkin".into(),
+        found: "text/html".into(),
+    });
+    run(&mut cycle).unwrap_err();
+    run(&mut cycle).unwrap_err();
+    let log = agent.audit_log();
+    assert_eq!(log.matches("\"policy_rejected\"").count(), 1, "{log}");
+    assert_eq!(log.matches("\"platform_error\"").count(), 1, "{log}");
+    // An unreachable platform is only logged, not audited.
+    agent.platform.state().bad_checkin = Some(|| SyncError::Connect {
+        step: "check-in",
+        url: "https://fake".into(),
+        detail: "Connection refused".into(),
+    });
+    run(&mut cycle).unwrap_err();
+    assert_eq!(agent.audit_log().matches("\"platform_error\"").count(), 1);
 }
 
 fn local_request(agent: &Agent, platform_id: Option<&str>) -> Request {
