@@ -6,8 +6,10 @@
 //! monitor mode.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
-use serde::Deserialize;
+use epm_api::sign::PolicyPublicKey;
+use serde::{Deserialize, Deserializer};
 
 /// What the daemon does with a decision other than allow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -72,6 +74,105 @@ pub struct Config {
     pub gate: GateConfig,
     /// Audit log settings.
     pub audit: AuditConfig,
+    /// The management platform; without it the daemon runs standalone.
+    pub platform: Option<PlatformConfig>,
+}
+
+/// `[platform]`: where the agent checks in, and what it trusts.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlatformConfig {
+    /// `https://host[:port]`.
+    #[serde(deserialize_with = "https_url")]
+    pub url: String,
+    /// The platform's CA certificate (PEM): the only one trusted.
+    pub ca_cert: PathBuf,
+    /// The key bundles and grants must be signed with (`ed25519:<base64>`).
+    #[serde(deserialize_with = "public_key")]
+    pub policy_public_key: PolicyPublicKey,
+    /// One-time token for the first enrollment; unused once enrolled.
+    #[serde(default, deserialize_with = "token")]
+    pub enrollment_token: Option<String>,
+    /// Time between check-ins (60 s to 30 min), jittered by ±10 %.
+    #[serde(default = "default_sync_interval", deserialize_with = "sync_interval")]
+    pub sync_interval: Duration,
+}
+
+fn default_sync_interval() -> Duration {
+    epm_sync::schedule::DEFAULT_INTERVAL
+}
+
+fn https_url<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let url = String::deserialize(d)?;
+    let rest = url.strip_prefix("https://").ok_or_else(|| {
+        serde::de::Error::custom(format!(
+            "{url:?} must be an https:// URL: the agent talks to the platform over TLS only"
+        ))
+    })?;
+    if rest.trim_matches('/').is_empty() || rest.contains(char::is_whitespace) {
+        return Err(serde::de::Error::custom(format!("{url:?} names no host")));
+    }
+    Ok(url)
+}
+
+fn public_key<'de, D: Deserializer<'de>>(d: D) -> Result<PolicyPublicKey, D::Error> {
+    String::deserialize(d)?
+        .parse()
+        .map_err(serde::de::Error::custom)
+}
+
+fn token<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    let token = String::deserialize(d)?;
+    if token.trim().is_empty() {
+        return Err(serde::de::Error::custom(
+            "must not be empty (omit it once the agent is enrolled)",
+        ));
+    }
+    Ok(Some(token.trim().to_owned()))
+}
+
+/// `"5m"`, `"90s"`, `"1h"` or a number of seconds, within 60 s..=30 min.
+fn sync_interval<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Seconds(u64),
+        Text(String),
+    }
+    let duration = match Raw::deserialize(d).map_err(|_| {
+        serde::de::Error::custom("expected a duration like \"5m\" or \"90s\", or seconds")
+    })? {
+        Raw::Seconds(secs) => Duration::from_secs(secs),
+        Raw::Text(text) => parse_duration(&text).map_err(serde::de::Error::custom)?,
+    };
+    let (min, max) = (
+        epm_sync::schedule::MIN_INTERVAL,
+        epm_sync::schedule::MAX_INTERVAL,
+    );
+    if duration < min || duration > max {
+        return Err(serde::de::Error::custom(format!(
+            "{}s is outside 60s..=30m",
+            duration.as_secs()
+        )));
+    }
+    Ok(duration)
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let bad = || format!("{text:?} is not a duration like \"5m\", \"90s\" or \"1h\"");
+    let number: u64 = number.parse().map_err(|_| bad())?;
+    let scale = match unit.trim() {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        _ => return Err(bad()),
+    };
+    Ok(Duration::from_secs(number.saturating_mul(scale)))
 }
 
 /// Exec gate settings.
@@ -125,6 +226,7 @@ impl Default for Config {
             .to_owned(),
             gate: GateConfig::default(),
             audit: AuditConfig::default(),
+            platform: None,
         }
     }
 }
@@ -197,6 +299,11 @@ fn describe_toml_error(text: &str, error: &toml::de::Error) -> String {
             };
             format!("line {line_no}: {key}: {message}")
         }
+        // A table's own error (a missing key) points at its header.
+        _ if line.trim().starts_with('[') => {
+            let table = line.trim().trim_matches(|c| c == '[' || c == ']').trim();
+            format!("line {line_no}: {table}: {message}")
+        }
         _ => format!("line {line_no}: {message}"),
     }
 }
@@ -245,6 +352,9 @@ impl Config {
         for p in &mut self.gate.watch_paths {
             resolve(p);
         }
+        if let Some(platform) = &mut self.platform {
+            resolve(&mut platform.ca_cert);
+        }
     }
 
     fn validate(&self) -> Result<(), String> {
@@ -283,6 +393,12 @@ impl Config {
         }
         if self.admin_group.trim().is_empty() {
             return Err("admin_group: must not be empty".into());
+        }
+        if self.platform.is_some() && self.policy_file.is_some() {
+            return Err(
+                "policy_file and [platform] are exclusive: a managed agent enforces the platform's signed policy; remove one"
+                    .into(),
+            );
         }
         Ok(())
     }
@@ -345,6 +461,84 @@ mod tests {
             ("mode = ", "line 1"),
         ] {
             let err = Config::parse(text, Path::new("/")).unwrap_err();
+            assert!(err.contains(expected), "{text:?}: {err}");
+        }
+    }
+
+    const KEY: &str = "ed25519:11qYAYKxCrfVS/7TyWQHOg7hcvPapiMlrwIaaPcHURo=";
+
+    fn platform(extra: &str) -> String {
+        format!(
+            "[platform]\nurl = \"https://epm.example.com\"\nca_cert = \"ca.pem\"\npolicy_public_key = \"{KEY}\"\n{extra}"
+        )
+    }
+
+    #[test]
+    fn a_platform_table_is_read_and_resolved() {
+        let config = Config::parse(&platform(""), Path::new("/etc/epm")).unwrap();
+        let p = config.platform.unwrap();
+        assert_eq!(p.url, "https://epm.example.com");
+        assert_eq!(p.ca_cert, PathBuf::from("/etc/epm/ca.pem"));
+        assert_eq!(p.policy_public_key.to_string(), KEY);
+        assert_eq!(p.enrollment_token, None);
+        assert_eq!(p.sync_interval, Duration::from_secs(300));
+        for (text, secs) in [
+            ("\"90s\"", 90),
+            ("\"30m\"", 1800),
+            ("600", 600),
+            ("\"1m\"", 60),
+        ] {
+            let config = Config::parse(
+                &platform(&format!(
+                    "sync_interval = {text}\nenrollment_token = \"tok\""
+                )),
+                Path::new("/"),
+            )
+            .unwrap();
+            let p = config.platform.unwrap();
+            assert_eq!(p.sync_interval, Duration::from_secs(secs), "{text}");
+            assert_eq!(p.enrollment_token.as_deref(), Some("tok"));
+        }
+    }
+
+    #[test]
+    fn platform_mistakes_name_the_line_and_key() {
+        for (text, expected) in [
+            (
+                platform("").replace("https://", "http://"),
+                "line 2: platform.url: \"http://epm.example.com\" must be an https:// URL",
+            ),
+            (
+                platform("").replace(KEY, "ed25519:AAAA"),
+                "line 4: platform.policy_public_key: an Ed25519 public key is 32 bytes",
+            ),
+            (
+                platform("sync_interval = \"10s\""),
+                "line 5: platform.sync_interval: 10s is outside 60s..=30m",
+            ),
+            (
+                platform("sync_interval = \"2h\""),
+                "platform.sync_interval: 7200s is outside 60s..=30m",
+            ),
+            (
+                platform("sync_interval = \"soon\""),
+                "platform.sync_interval: \"soon\" is not a duration",
+            ),
+            (
+                platform("enrollment_token = \" \""),
+                "platform.enrollment_token: must not be empty",
+            ),
+            (platform("colour = 1"), "unknown field `colour`"),
+            (
+                "[platform]\nurl = \"https://x\"\nca_cert = \"ca.pem\"".into(),
+                "platform: missing field `policy_public_key`",
+            ),
+            (
+                format!("policy_file = \"p.json\"\n{}", platform("")),
+                "policy_file and [platform] are exclusive",
+            ),
+        ] {
+            let err = Config::parse(&text, Path::new("/")).unwrap_err();
             assert!(err.contains(expected), "{text:?}: {err}");
         }
     }

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use epm_audit::{AuditRecord, Follower};
 use epm_ipc::{
     Counters as WireCounters, ErrorCode, Explanation, Incoming, Latency, PeerCredentials,
-    PolicyInfo, Request, Response, ServerConnection, StatusReport,
+    PlatformStatus, PolicyInfo, Request, Response, ServerConnection, StatusReport, SyncOutcome,
 };
 use epm_policy::{Sha256Digest, Subject};
 use epm_store::Store;
@@ -25,6 +25,7 @@ use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
 use crate::decider::Decider;
 use crate::stats::Counters;
+use crate::sync::{SYNC_REPLY_WAIT, SyncHandle, SyncNowReply};
 
 /// Connections one uid may hold open at once (a follower each, typically).
 const MAX_CONNECTIONS_PER_UID: usize = 16;
@@ -50,6 +51,8 @@ pub struct ControlContext {
     pub queue_capacity: usize,
     /// Audit events dropped because the audit queue was full.
     pub audit_dropped: Arc<AtomicU64>,
+    /// The platform sync, when the daemon is managed.
+    pub sync: Option<Arc<SyncHandle>>,
 }
 
 /// Binds the control socket: any local user may connect (permissions are
@@ -222,6 +225,7 @@ fn handle_requests(
                 };
                 audit_tail(connection, context, &filter, lines as usize, follow)?;
             }
+            Request::Sync => connection.send(&sync_now(context))?,
         }
     }
     Ok(())
@@ -249,15 +253,69 @@ fn policy_info(decider: &Decider) -> PolicyInfo {
     }
 }
 
+/// `epmctl sync`: any user may trigger a check-in (it reveals nothing and
+/// changes nothing but timing); [`SyncHandle::sync_now`] runs one at a time.
+fn sync_now(context: &ControlContext) -> Response {
+    let Some(sync) = &context.sync else {
+        return error(
+            ErrorCode::NotFound,
+            "this epmd is not managed: its configuration has no [platform] table",
+        );
+    };
+    let outcome = match sync.sync_now(SYNC_REPLY_WAIT) {
+        SyncNowReply::Done(Ok(message)) => SyncOutcome {
+            ok: true,
+            running: false,
+            message,
+        },
+        SyncNowReply::Done(Err(message)) => SyncOutcome {
+            ok: false,
+            running: false,
+            message,
+        },
+        SyncNowReply::StillRunning => SyncOutcome {
+            ok: false,
+            running: true,
+            message: format!(
+                "the sync has not finished after {}s; it goes on (see epmctl status)",
+                SYNC_REPLY_WAIT.as_secs()
+            ),
+        },
+        SyncNowReply::Busy => SyncOutcome {
+            ok: false,
+            running: true,
+            message: "a sync asked for by another client is already running; try again shortly"
+                .into(),
+        },
+    };
+    Response::Synced(outcome)
+}
+
+fn platform_status(sync: &SyncHandle) -> PlatformStatus {
+    let status = sync.status();
+    PlatformStatus {
+        url: sync.url.clone(),
+        agent_id: status.agent_id,
+        last_sync_at: status.last_sync_at.map(|t| t.to_string()),
+        last_ok: status.last_result.as_ref().map(Result::is_ok),
+        last_result: status.last_result.map(|r| match r {
+            Ok(summary) => summary,
+            Err(error) => error,
+        }),
+        next_sync_at: status.next_sync_at.map(|t| t.to_string()),
+        acked_seq: status.acked_seq,
+    }
+}
+
 fn status(context: &ControlContext) -> StatusReport {
     let decider = &context.decider;
     let c = &decider.counters;
-    let pending = context
+    let outbox = context
         .store
         .lock()
         .ok()
         .and_then(|s| s.outbox_stats().ok())
-        .map_or(0, |s| s.pending);
+        .unwrap_or_default();
     StatusReport {
         mode: decider.mode().as_str().to_owned(),
         fail_mode: decider.fail_mode().as_str().to_owned(),
@@ -288,7 +346,12 @@ fn status(context: &ControlContext) -> StatusReport {
                 .map(|_| decider.latency.max_us()),
         },
         audit_last_seq: context.audit_last_seq.load(Ordering::Relaxed),
-        audit_outbox_pending: pending,
+        audit_outbox_pending: outbox.pending,
+        audit_outbox_bytes: outbox.bytes,
+        platform: context
+            .sync
+            .as_deref()
+            .map(|sync| Box::new(platform_status(sync))),
     }
 }
 

@@ -13,12 +13,14 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
 use crate::audit::{AuditSink, AuditWriter};
-use crate::config::Config;
+use crate::config::{Config, PlatformConfig};
 use crate::control::{self, ControlContext};
 use crate::decider::Decider;
 use crate::gate::{ExecGate, FactNeeds, Shutdown};
 use crate::pipeline::Workers;
 use crate::policy_source;
+use crate::sync::{SyncContext, SyncCycle, SyncHandle};
+use epm_sync::{ClientOptions, PlatformClient};
 
 /// Runs the daemon until SIGTERM or SIGINT.
 pub fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
@@ -75,7 +77,15 @@ pub fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
         first_events.push(event);
     }
 
-    let (policy, policy_events) = policy_source::initial(config.policy_file.as_deref(), &store);
+    let (policy, policy_events, platform_bundle) = match &config.platform {
+        Some(platform) => {
+            policy_source::initial_signed(&platform.policy_public_key, &device_id, &store)
+        }
+        None => {
+            let (policy, events) = policy_source::initial(config.policy_file.as_deref(), &store);
+            (policy, events, None)
+        }
+    };
     first_events.extend(policy_events);
     let decider = Arc::new(Decider::new(
         policy,
@@ -110,6 +120,31 @@ pub fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
     )
     .context("cannot start the decision workers")?;
 
+    let needs = Arc::new(FactNeeds::all());
+    set_fact_needs(&needs, &decider);
+    let sync = match &config.platform {
+        Some(platform) => Some(Arc::new(
+            start_sync(
+                platform,
+                SyncContext {
+                    key: platform.policy_public_key,
+                    device_id: device_id.clone(),
+                    enrollment_token: platform.enrollment_token.clone(),
+                    credentials: epm_sync::credentials::platform_store(&config.state_dir),
+                    store: store.clone(),
+                    decider: decider.clone(),
+                    audit: audit.clone(),
+                    audit_last_seq: last_seq.clone(),
+                    status: Arc::default(),
+                    current: platform_bundle,
+                    fact_needs: Some(needs.clone()),
+                },
+            )
+            .context("cannot start the platform sync")?,
+        )),
+        None => None,
+    };
+
     let listener = control::bind(&config.socket)
         .with_context(|| format!("cannot listen on {}", config.socket.display()))?;
     control::serve(
@@ -123,13 +158,12 @@ pub fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
             audit_last_seq: last_seq.clone(),
             queue_capacity: config.gate.queue_capacity,
             audit_dropped: audit.dropped_counter(),
+            sync,
         }),
     )
     .context("cannot start the control server")?;
 
     let shutdown = Shutdown::new().context("cannot create the shutdown switch")?;
-    let needs = Arc::new(FactNeeds::all());
-    set_fact_needs(&needs, &decider);
     spawn_signal_thread(&config, &shutdown, &decider, &store, &audit, &needs)?;
 
     let gate = open_gate(&config, decider.fail_verdict(), needs);
@@ -230,8 +264,22 @@ fn reconcile(store: &Arc<Mutex<Store>>, log: &mut AuditLog) -> anyhow::Result<Ch
     }
 }
 
+/// Builds the platform client (reading the pinned CA: a missing or bad
+/// `ca_cert` stops the start with a message naming it) and starts the
+/// sync thread.
+fn start_sync(platform: &PlatformConfig, context: SyncContext) -> anyhow::Result<SyncHandle> {
+    let client = PlatformClient::new(&platform.url, &platform.ca_cert, ClientOptions::default())?;
+    let cycle = SyncCycle::new(client, context);
+    tracing::info!(url = %platform.url, "platform sync starting");
+    Ok(crate::sync::spawn(
+        cycle,
+        platform.url.clone(),
+        platform.sync_interval,
+    )?)
+}
+
 /// Tells the gate which costly facts the policy in force needs.
-fn set_fact_needs(needs: &FactNeeds, decider: &Decider) {
+pub(crate) fn set_fact_needs(needs: &FactNeeds, decider: &Decider) {
     let policy = decider.policy();
     needs.set(
         policy.engine.uses_parent_path(),

@@ -12,3 +12,4 @@ pub mod names;
 pub mod pipeline;
 pub mod policy_source;
 pub mod stats;
+pub mod sync;

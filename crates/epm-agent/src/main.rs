@@ -21,7 +21,7 @@ struct Args {
     /// The TOML configuration file.
     #[arg(long, short, value_name = "FILE")]
     config: PathBuf,
-    /// Check the configuration and the policy file, then exit.
+    /// Check the configuration, the policy file and the platform CA, then exit.
     #[arg(long)]
     check: bool,
 }
@@ -48,6 +48,12 @@ fn main() -> ExitCode {
             && let Err(errors) = epm_agent::policy_source::read_policy_file(path)
         {
             eprintln!("epmd: policy {}:\n{errors}", path.display());
+            return ExitCode::from(2);
+        }
+        if let Some(platform) = &config.platform
+            && let Err(error) = epm_sync::load_ca(&platform.ca_cert)
+        {
+            eprintln!("epmd: {error}");
             return ExitCode::from(2);
         }
         println!("{}: configuration valid", args.config.display());

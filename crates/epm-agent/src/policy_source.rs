@@ -1,19 +1,27 @@
 //! Where the enforced policy comes from: the configured file, else the last
 //! policy in the store, else a built-in allow-everything policy — and what
-//! happens on reload (SIGHUP): a bad file never replaces a good policy.
+//! happens on reload (SIGHUP): a bad file never replaces a good policy. A
+//! managed agent (`[platform]`) starts from its last signed bundle instead
+//! ([`initial_signed`]) and gets new ones from `crate::sync`.
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
+use epm_api::SignedEnvelope;
+use epm_api::sign::PolicyPublicKey;
 use epm_audit::{AuditEvent, EventKind};
 use epm_policy::{Action, Engine};
 use epm_store::{Store, StoredPolicy};
+use epm_sync::CurrentBundle;
 
 use crate::decider::{Decider, PolicyState};
 
 /// The policy enforced when there is no other: allow and audit everything,
 /// the way administrators are advised to start.
 pub const BUILTIN_POLICY: &str = r#"{"version": 0, "default_action": "allow", "rules": []}"#;
+
+/// The `source` of a policy that came from the platform.
+pub const PLATFORM_SOURCE: &str = "platform";
 
 /// Policy documents larger than this are refused before reading.
 const MAX_POLICY_BYTES: u64 = 256 * 1024 * 1024;
@@ -55,6 +63,16 @@ impl Candidate {
             document: stored.document.clone(),
             source: stored.source.clone(),
         })
+    }
+
+    /// A platform bundle that passed [`epm_sync::accept_bundle`]. The
+    /// document is in the store, not kept here.
+    pub fn platform(engine: Engine) -> Candidate {
+        Candidate {
+            engine,
+            document: String::new(),
+            source: PLATFORM_SOURCE.to_owned(),
+        }
     }
 
     fn builtin() -> Candidate {
@@ -182,6 +200,64 @@ pub fn initial(
     (state, events)
 }
 
+/// The platform bundle in force and its ETag: what the sync's rollback
+/// check and `If-None-Match` start from.
+pub type BundleInForce = (CurrentBundle, Option<String>);
+
+/// Chooses the policy to start a managed agent with: the store's active
+/// platform bundle, else its last good one, each re-verified against the
+/// pinned key (a policy edited in the database is not enforced), else the
+/// built-in one until the first sync. A stored local-file policy is not
+/// used: a managed agent enforces signed policies only. Also returns the
+/// bundle in force and its ETag, for the sync's rollback check.
+pub fn initial_signed(
+    key: &PolicyPublicKey,
+    device_id: &str,
+    store: &Arc<Mutex<Store>>,
+) -> (PolicyState, Vec<AuditEvent>, Option<BundleInForce>) {
+    let mut events = Vec::new();
+    let stored: Vec<StoredPolicy> = match store.lock() {
+        Ok(store) => [store.active_policy(), store.last_good_policy()]
+            .into_iter()
+            .filter_map(|p| p.ok().flatten())
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    let mut chosen = None;
+    for policy in stored {
+        let Some(envelope) = policy.envelope.as_deref() else {
+            continue;
+        };
+        let verified = serde_json::from_str::<SignedEnvelope>(envelope)
+            .map_err(|e| format!("the stored envelope is not readable: {e}"))
+            .and_then(|envelope| {
+                epm_sync::accept_bundle(key, device_id, None, &envelope).map_err(|e| e.to_string())
+            });
+        match verified {
+            Ok(accepted) => {
+                let current = accepted.current();
+                chosen = Some((Candidate::platform(accepted.engine), (current, policy.etag)));
+                break;
+            }
+            Err(errors) => {
+                tracing::error!(%errors, version = policy.version, "a stored platform policy failed re-verification");
+                events.push(rejected_event(
+                    &format!("store:{PLATFORM_SOURCE} version {}", policy.version),
+                    &errors,
+                    0,
+                ));
+            }
+        }
+    }
+    let (candidate, current) = match chosen {
+        Some((candidate, current)) => (candidate, Some(current)),
+        None => (Candidate::builtin(), None),
+    };
+    let state = candidate.into_state(1);
+    events.push(loaded_event(&state, None));
+    (state, events, current)
+}
+
 /// Re-reads the policy file (SIGHUP): a valid file replaces the policy; an
 /// invalid one is audited and the current policy stays.
 pub fn reload(policy_file: &Path, decider: &Decider, store: &Arc<Mutex<Store>>) -> AuditEvent {
@@ -224,6 +300,7 @@ fn persist(store: &Arc<Mutex<Store>>, candidate: &Candidate) {
         signature: None,
         source: candidate.source.clone(),
         fetched_at: jiff::Timestamp::now(),
+        envelope: None,
     };
     if let Err(error) = store.save_active_policy(&stored) {
         tracing::warn!(%error, "cannot store the policy; it is enforced but not cached");

@@ -91,8 +91,8 @@ mod unix;
 
 pub use frame::{FrameError, MAX_FRAME_BYTES, read_frame, write_frame};
 pub use message::{
-    Counters, ErrorCode, Explanation, Latency, Message, PROTOCOL_VERSION, PolicyInfo, Request,
-    Response, StatusReport, decode, encode,
+    Counters, ErrorCode, Explanation, Latency, Message, PROTOCOL_VERSION, PlatformStatus,
+    PolicyInfo, Request, Response, StatusReport, SyncOutcome, decode, encode,
 };
 #[cfg(unix)]
 pub use unix::{

@@ -71,6 +71,13 @@ pub enum Request {
         /// Decide with these groups (default: the user's).
         groups: Option<Vec<String>>,
     },
+    /// Check in with the management platform now → [`Response::Synced`]
+    /// once the cycle ends (or after about a minute, saying it still runs).
+    /// Any user may ask; one at a time. An unmanaged daemon answers
+    /// [`ErrorCode::NotFound`].
+    ///
+    /// `{"type":"sync"}`
+    Sync,
 }
 
 /// Daemon → client.
@@ -121,6 +128,10 @@ pub enum Response {
     ///
     /// `{"type":"explanation","action":"deny","rule_id":"no-curl","reason":"...",...}`
     Explanation(Explanation),
+    /// The answer to [`Request::Sync`].
+    ///
+    /// `{"type":"synced","ok":true,"running":false,"message":"uploaded 3 audit records; policy version 7 now in force"}`
+    Synced(SyncOutcome),
     /// A request failed. The connection stays usable unless the daemon
     /// closes it (after a protocol violation).
     ///
@@ -187,6 +198,45 @@ pub struct StatusReport {
     pub audit_last_seq: u64,
     /// Audit records in the store not yet uploaded.
     pub audit_outbox_pending: u64,
+    /// Bytes of audit records the store holds.
+    #[serde(default)]
+    pub audit_outbox_bytes: u64,
+    /// The management platform, when the daemon is managed.
+    /// (Boxed: most daemons are standalone, and it would double every response's size.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub platform: Option<Box<PlatformStatus>>,
+}
+
+/// A managed daemon's link to its platform, in [`StatusReport`].
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct PlatformStatus {
+    /// The platform's URL.
+    pub url: String,
+    /// The agent id from enrollment; `None` before it.
+    pub agent_id: Option<String>,
+    /// When the last sync ended (RFC 3339).
+    pub last_sync_at: Option<String>,
+    /// Whether it succeeded; `None` before the first.
+    pub last_ok: Option<bool>,
+    /// Its summary, or what failed.
+    pub last_result: Option<String>,
+    /// When the next is due (RFC 3339).
+    pub next_sync_at: Option<String>,
+    /// The highest audit seq the platform acknowledged.
+    pub acked_seq: u64,
+}
+
+/// How an `epmctl sync` went.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SyncOutcome {
+    /// The cycle succeeded.
+    pub ok: bool,
+    /// It did not end in time and goes on in the daemon (`ok` is false).
+    #[serde(default)]
+    pub running: bool,
+    /// Its summary, or what failed.
+    pub message: String,
 }
 
 /// The policy in force.
@@ -304,6 +354,7 @@ enum RequestType {
     AuditTail,
     PolicyShow,
     PolicyExplain,
+    Sync,
 }
 
 impl RequestType {
@@ -314,6 +365,7 @@ impl RequestType {
             RequestType::AuditTail => "audit_tail",
             RequestType::PolicyShow => "policy_show",
             RequestType::PolicyExplain => "policy_explain",
+            RequestType::Sync => "sync",
         }
     }
 }
@@ -330,6 +382,7 @@ impl Message for Request {
             Request::AuditTail { .. } => RequestType::AuditTail,
             Request::PolicyShow => RequestType::PolicyShow,
             Request::PolicyExplain { .. } => RequestType::PolicyExplain,
+            Request::Sync => RequestType::Sync,
         };
         kind.name()
     }
@@ -344,6 +397,7 @@ enum ResponseType {
     End,
     Policy,
     Explanation,
+    Synced,
     Error,
 }
 
@@ -356,6 +410,7 @@ impl ResponseType {
             ResponseType::End => "end",
             ResponseType::Policy => "policy",
             ResponseType::Explanation => "explanation",
+            ResponseType::Synced => "synced",
             ResponseType::Error => "error",
         }
     }
@@ -374,6 +429,7 @@ impl Message for Response {
             Response::End => ResponseType::End,
             Response::Policy(_) => ResponseType::Policy,
             Response::Explanation(_) => ResponseType::Explanation,
+            Response::Synced(_) => ResponseType::Synced,
             Response::Error { .. } => ResponseType::Error,
         };
         kind.name()
@@ -481,6 +537,7 @@ pub(crate) mod tests {
                 user: Some("alice".into()),
                 groups: Some(vec!["staff".into()]),
             },
+            Request::Sync,
         ]
     }
 
@@ -531,6 +588,16 @@ pub(crate) mod tests {
                 },
                 audit_last_seq: 9,
                 audit_outbox_pending: 2,
+                audit_outbox_bytes: 4096,
+                platform: Some(Box::new(PlatformStatus {
+                    url: "https://epm.example.com".into(),
+                    agent_id: Some("agent-1".into()),
+                    last_sync_at: Some("2026-11-22T10:00:00Z".into()),
+                    last_ok: Some(false),
+                    last_result: Some("check-in: cannot connect".into()),
+                    next_sync_at: Some("2026-11-22T10:00:05Z".into()),
+                    acked_seq: 7,
+                })),
             }),
             Response::AuditRecords {
                 lines: vec!["{\"seq\":1}".into(), "{}".into()],
@@ -549,6 +616,11 @@ pub(crate) mod tests {
                 user: "alice".into(),
                 groups: vec![],
                 device_id: "mac-1".into(),
+            }),
+            Response::Synced(SyncOutcome {
+                ok: true,
+                running: false,
+                message: "uploaded 3 audit records".into(),
             }),
             Response::error(ErrorCode::Unsupported, "x"),
         ]
@@ -702,6 +774,9 @@ pub(crate) mod tests {
         let mut status = serde_json::to_value(&sample_responses()[1]).unwrap();
         let counters = status["counters"].as_object_mut().unwrap();
         counters.remove("audit_dropped");
+        let fields = status.as_object_mut().unwrap();
+        fields.remove("platform");
+        fields.remove("audit_outbox_bytes");
         status["latency_us"] = serde_json::json!({});
         let Response::Status(report) = decode::<Response>(&encode(&status).unwrap()).unwrap()
         else {
@@ -710,6 +785,7 @@ pub(crate) mod tests {
         assert_eq!(report.counters.audit_dropped, 0);
         assert_eq!(report.counters.worker_panics, 11);
         assert_eq!(report.latency_us, Latency::default());
+        assert_eq!((report.platform, report.audit_outbox_bytes), (None, 0));
     }
 
     #[test]

@@ -28,7 +28,7 @@
 //! | `audit_outbox` | the audit thread, before each batch goes to the log; pruning | the audit log reconciliation at start; the uploader |
 //! | `meta`, `counters` | recovery (here); the daemon for small facts | status |
 //!
-//! # Schema (version 1)
+//! # Schema (version 2)
 //!
 //! Times are INTEGER Unix **milliseconds** (UTC): the audit records carry
 //! millisecond times, and a grant's window compared at second granularity
@@ -39,7 +39,8 @@
 //! meta(key TEXT PK, value TEXT)
 //! counters(name TEXT PK, value INTEGER)            -- outbox_bytes: Σ length(line)
 //! policy(slot TEXT PK in ('active','last_good'), document TEXT, version INTEGER,
-//!        etag TEXT?, signature TEXT?, source TEXT, fetched_at INTEGER)
+//!        etag TEXT?, signature TEXT?, source TEXT, fetched_at INTEGER,
+//!        envelope TEXT?)                           -- the platform's signed envelope
 //! grants(id INTEGER PK, uid, user, identity_kind in ('sha256','cdhash'), identity,
 //!        rule_id, not_before, not_after, uses_left >= 0,
 //!        source in ('justification','approval','offline_code'),

@@ -85,6 +85,15 @@ impl Store {
             .map_err(query_err("read last of audit_outbox"))
     }
 
+    /// The oldest record's sequence number: records before it were pruned
+    /// (or never existed), so an uploader tells the platform to stop
+    /// waiting for them.
+    pub fn oldest_audit_seq(&self) -> Result<Option<u64>> {
+        self.conn
+            .query_row("SELECT MIN(seq) FROM audit_outbox", [], |r| r.get(0))
+            .map_err(query_err("read oldest of audit_outbox"))
+    }
+
     /// Records after `seq`, oldest first, at most `limit`.
     pub fn audit_since(&self, seq: u64, limit: usize) -> Result<Vec<OutboxRecord>> {
         // Nothing is stored beyond i64::MAX, so a larger `seq` finds nothing.

@@ -20,6 +20,10 @@ pub struct StoredPolicy {
     pub signature: Option<String>,
     /// Where it came from, e.g. `file:/etc/epm/policy.json` or `platform`.
     pub source: String,
+    /// The platform's signed envelope (JSON) the document came in, kept so
+    /// the signature is checked again at every start: a policy edited in
+    /// the database is not enforced. `None` for a local file.
+    pub envelope: Option<String>,
     /// When it was fetched or read.
     pub fetched_at: Timestamp,
 }
@@ -39,15 +43,17 @@ impl Store {
         )
         .map_err(query_err(OP))?;
         tx.execute(
-            "INSERT INTO policy (slot, document, version, etag, signature, source, fetched_at)
-             VALUES ('active', ?1, ?2, ?3, ?4, ?5, ?6)",
+            "INSERT INTO policy (slot, document, version, etag, signature, source, fetched_at,
+                envelope)
+             VALUES ('active', ?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             params![
                 policy.document,
                 version,
                 policy.etag,
                 policy.signature,
                 policy.source,
-                millis(policy.fetched_at)
+                millis(policy.fetched_at),
+                policy.envelope
             ],
         )
         .map_err(query_err(OP))?;
@@ -69,7 +75,7 @@ impl Store {
         let row = self
             .conn
             .query_row(
-                "SELECT document, version, etag, signature, source, fetched_at
+                "SELECT document, version, etag, signature, source, fetched_at, envelope
                  FROM policy WHERE slot = ?1",
                 [slot],
                 |r| {
@@ -81,6 +87,7 @@ impl Store {
                             signature: r.get(3)?,
                             source: r.get(4)?,
                             fetched_at: timestamp(r, 5)?,
+                            envelope: r.get(6)?,
                         },
                         r.get::<_, i64>(1)?,
                     ))

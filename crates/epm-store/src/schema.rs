@@ -6,7 +6,7 @@
 use rusqlite::Connection;
 
 /// Migration `i` takes the schema from version `i` to `i + 1`.
-const MIGRATIONS: &[&str] = &[
+pub(crate) const MIGRATIONS: &[&str] = &[
     // 1: the initial schema.
     "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
      CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
@@ -74,6 +74,8 @@ const MIGRATIONS: &[&str] = &[
         uploaded INTEGER NOT NULL DEFAULT 0
      );
      CREATE INDEX audit_pending ON audit_outbox (uploaded, seq);",
+    // 2: the platform's signed envelope beside its policy, re-verified at start.
+    "ALTER TABLE policy ADD COLUMN envelope TEXT;",
 ];
 
 /// The schema version this code writes.

@@ -48,7 +48,56 @@ fn policy(version: u64) -> StoredPolicy {
         signature: None,
         source: "file:/etc/epm/policy.json".into(),
         fetched_at: t(version as i64),
+        envelope: None,
     }
+}
+
+#[test]
+fn a_platform_policy_keeps_its_envelope_and_a_v1_database_upgrades() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("v1.sqlite");
+    {
+        // A database as version 1 left it, with a policy.
+        let mut conn = Connection::open(&path).unwrap();
+        assert!(schema::migrate_with(&mut conn, &schema::MIGRATIONS[..1]).is_ok());
+        conn.execute(
+            "INSERT INTO policy (slot, document, version, source, fetched_at)
+             VALUES ('active', '{}', 3, 'file:/p.json', 0)",
+            [],
+        )
+        .unwrap();
+    }
+    let (mut store, _) = Store::open(&path).unwrap();
+    let old = store.active_policy().unwrap().unwrap();
+    assert_eq!((old.version, old.envelope), (3, None));
+    let signed = StoredPolicy {
+        envelope: Some(r#"{"kind":"policy_bundle"}"#.into()),
+        source: "platform".into(),
+        ..policy(4)
+    };
+    store.save_active_policy(&signed).unwrap();
+    assert_eq!(store.active_policy().unwrap().unwrap(), signed);
+    assert_eq!(store.last_good_policy().unwrap().unwrap().version, 3);
+}
+
+#[test]
+fn the_oldest_kept_audit_seq_follows_pruning() {
+    let (_dir, mut store) = open_temp();
+    assert_eq!(store.oldest_audit_seq().unwrap(), None);
+    let records: Vec<_> = (1..=4).map(|seq| record(seq, 100)).collect();
+    store.append_audit(&records).unwrap();
+    assert_eq!(store.oldest_audit_seq().unwrap(), Some(1));
+    store.mark_uploaded(2).unwrap();
+    let pruned = store.prune_audit(250).unwrap();
+    // Uploaded records go first, and only those: nothing is lost.
+    assert_eq!(
+        pruned,
+        Pruned {
+            records: 2,
+            not_uploaded: 0
+        }
+    );
+    assert_eq!(store.oldest_audit_seq().unwrap(), Some(3));
 }
 
 fn request(id: &str, uid: u32, created: i64) -> Request {

@@ -65,10 +65,70 @@ pub(crate) fn status(socket: &Path, json: bool) -> anyhow::Result<ExitCode> {
         us(report.latency_us.max)
     );
     println!(
-        "  audit:       last seq {}, {} awaiting upload, {} dropped",
-        report.audit_last_seq, report.audit_outbox_pending, c.audit_dropped
+        "  audit:       last seq {}, {} awaiting upload ({}), {} dropped",
+        report.audit_last_seq,
+        report.audit_outbox_pending,
+        bytes(report.audit_outbox_bytes),
+        c.audit_dropped
     );
+    match &report.platform {
+        None => println!("  platform:    none (standalone)"),
+        Some(p) => {
+            println!("  platform:    {}", p.url);
+            println!(
+                "  agent id:    {}",
+                p.agent_id.as_deref().unwrap_or("not enrolled")
+            );
+            let last = match (&p.last_sync_at, p.last_ok) {
+                (Some(at), Some(true)) => format!("{at}: ok"),
+                (Some(at), _) => format!("{at}: FAILED"),
+                _ => "not yet".to_owned(),
+            };
+            println!("  last sync:   {last}");
+            if let Some(result) = &p.last_result {
+                println!("               {result}");
+            }
+            println!(
+                "  next sync:   {}",
+                p.next_sync_at.as_deref().unwrap_or("pending")
+            );
+            println!("  acked seq:   {}", p.acked_seq);
+        }
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+fn bytes(n: u64) -> String {
+    match n {
+        n if n < 1024 => format!("{n} B"),
+        n if n < 1024 * 1024 => format!("{:.1} KiB", n as f64 / 1024.0),
+        n => format!("{:.1} MiB", n as f64 / (1024.0 * 1024.0)),
+    }
+}
+
+/// `epmctl sync`
+pub(crate) fn sync(socket: &Path, json: bool) -> anyhow::Result<ExitCode> {
+    let mut client = connect(socket)?;
+    // The daemon answers within about a minute (or says the sync goes on).
+    client.set_timeout(Some(std::time::Duration::from_secs(90)))?;
+    let outcome = match client.call(&Request::Sync)? {
+        Response::Synced(outcome) => outcome,
+        _ => anyhow::bail!("epmd sent an unexpected answer to sync"),
+    };
+    if json {
+        println!("{}", serde_json::to_string(&outcome)?);
+    } else if outcome.ok {
+        println!("sync ok: {}", outcome.message);
+    } else if outcome.running {
+        eprintln!("epmctl: sync still running: {}", outcome.message);
+    } else {
+        eprintln!("epmctl: sync failed: {}", outcome.message);
+    }
+    Ok(if outcome.ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 fn uptime(secs: u64) -> String {

@@ -32,6 +32,7 @@ const DEFAULT_AUDIT_LOG: &str = if cfg!(target_os = "macos") {
         Check and explain policies offline, or talk to the local epmd daemon.",
     after_help = "Examples:\n  \
         epmctl status\n  \
+        epmctl sync\n  \
         epmctl audit tail -f\n  \
         epmctl audit tail -n 50 --decision deny --json\n  \
         sudo epmctl audit verify\n  \
@@ -60,8 +61,14 @@ struct GlobalArgs {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Show the daemon's mode, policy, counters and decision latency.
+    /// Show the daemon's mode, policy, counters, latency and platform sync.
     Status,
+    /// Check in with the management platform now: upload the audit backlog,
+    /// fetch a changed policy.
+    #[command(after_help = "Any user may ask; one sync runs at a time.\n\n\
+        Exit status: 0 when the sync succeeded, 1 when it failed (the error says which step \
+        and why) or is still running, 2 when the daemon cannot be reached or is not managed.")]
+    Sync,
     /// Read, follow and verify the audit log.
     #[command(subcommand)]
     Audit(AuditCommand),
@@ -130,6 +137,7 @@ fn main() -> ExitCode {
     let GlobalArgs { socket, json } = cli.global;
     let result = match cli.command {
         Command::Status => daemon_cmd::status(&socket, json),
+        Command::Sync => daemon_cmd::sync(&socket, json),
         Command::Audit(AuditCommand::Tail {
             lines,
             follow,
