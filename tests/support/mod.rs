@@ -7,6 +7,8 @@
 //! a missing capability is a failure instead.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a harness fails loudly by design
 
+pub mod platform;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::thread;

@@ -1,0 +1,171 @@
+//! A real `epm-platform` on 127.0.0.1 with its own data directory, driven
+//! through its own CLI.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use super::binary;
+
+/// A running platform.
+#[derive(Debug)]
+pub struct Platform {
+    dir: tempfile::TempDir,
+    port: u16,
+    child: Option<Child>,
+    /// The token of admin `e2e` (approver level 1).
+    pub admin_token: String,
+}
+
+impl Platform {
+    /// Makes an admin offline, then serves on a free port.
+    pub fn start() -> Platform {
+        let dir = tempfile::Builder::new()
+            .prefix("epm-e2e-platform-")
+            .tempdir()
+            .unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let out = Command::new(binary("epm-platform"))
+            .args(["admin", "create", "--name", "e2e", "--approver-level", "1", "--data"])
+            .arg(dir.path().join("data"))
+            .env_remove("EPM_ADMIN_TOKEN")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "admin create: {}", String::from_utf8_lossy(&out.stderr));
+        let admin_token = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+        let mut platform = Platform {
+            dir,
+            port,
+            child: None,
+            admin_token,
+        };
+        platform.spawn();
+        platform
+    }
+
+    fn data(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// The URL agents use.
+    pub fn url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.port)
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("platform.log"))
+            .unwrap();
+        let child = Command::new(binary("epm-platform"))
+            .args(["serve", "--listen", &format!("127.0.0.1:{}", self.port), "--data"])
+            .arg(self.data())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if self.cli(&["admin", "list"]).status.success() {
+                return;
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        panic!("epm-platform did not start:\n{}", self.log());
+    }
+
+    /// The server's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("platform.log")).unwrap_or_default()
+    }
+
+    /// Runs the admin CLI against this platform.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(binary("epm-platform"))
+            .args(["--url", &self.url(), "--data"])
+            .arg(self.data())
+            .args(args)
+            .env("EPM_ADMIN_TOKEN", &self.admin_token)
+            .output()
+            .unwrap()
+    }
+
+    /// Runs the admin CLI and returns its stdout; panics on failure.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "epm-platform {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Pushes `policy` with scope arguments (`[]`, `["--device", "x"]`…).
+    pub fn push(&self, policy: &str, scope: &[&str]) {
+        let file = self.dir.path().join("push.json");
+        std::fs::write(&file, policy).unwrap();
+        let mut args = vec!["policy", "push", file.to_str().unwrap()];
+        args.extend_from_slice(scope);
+        self.ok(&args);
+    }
+
+    /// The `[platform]` table for an agent, with a fresh enrollment token.
+    pub fn agent_table(&self) -> String {
+        let token = self.ok(&["enroll-token", "create", "--uses", "1", "--expires", "1h"]);
+        let key = std::fs::read_to_string(self.data().join("signing-key.pub")).unwrap();
+        format!(
+            "url = {:?}\nca_cert = {:?}\npolicy_public_key = {:?}\nenrollment_token = {:?}\nsync_interval = \"30m\"\n",
+            self.url(),
+            self.data().join("ca.pem").display().to_string(),
+            key.trim(),
+            token.trim()
+        )
+    }
+
+    /// The fleet audit records of one device, oldest first.
+    pub fn audit(&self, device: &str) -> Vec<serde_json::Value> {
+        self.ok(&["audit", "tail", "-n", "1000", "--json", "--device", device])
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    /// The data directory.
+    pub fn data_dir(&self) -> PathBuf {
+        self.data()
+    }
+
+    /// SIGKILL.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().unwrap();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts again on the same data and port.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "kill the platform first");
+        self.spawn();
+    }
+
+    /// Whether a path exists in the data directory.
+    pub fn has(&self, name: &str) -> bool {
+        Path::new(&self.data()).join(name).exists()
+    }
+}
+
+impl Drop for Platform {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
