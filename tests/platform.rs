@@ -11,7 +11,9 @@ use epm_e2e::platform::Platform;
 use epm_e2e::{Daemon, capable, denied, policy, ran, run, sha256_of};
 
 fn deny_sha256(id: &str, sha256: &str) -> String {
-    format!(r#"{{"id": "{id}", "action": "deny", "match": {{"sha256": "{sha256}"}}, "message": "blocked by the e2e platform"}}"#)
+    format!(
+        r#"{{"id": "{id}", "action": "deny", "match": {{"sha256": "{sha256}"}}, "message": "blocked by the e2e platform"}}"#
+    )
 }
 
 /// `epmctl sync`; returns whether it succeeded and what it printed.
@@ -27,7 +29,11 @@ fn sync(daemon: &Daemon) -> (bool, String) {
 
 fn synced(daemon: &Daemon) {
     let (ok, text) = sync(daemon);
-    assert!(ok, "epmctl sync failed: {text}\nepmd log:\n{}", daemon.log());
+    assert!(
+        ok,
+        "epmctl sync failed: {text}\nepmd log:\n{}",
+        daemon.log()
+    );
 }
 
 /// Waits until the agent's audit holds at least `n` exec records with this
@@ -118,7 +124,10 @@ fn a_bundle_signed_with_another_key_is_refused_and_the_last_good_policy_stays() 
     assert!(denied(&run(&program)), "the last good policy stays");
     let rejected = daemon.wait_for_record("policy_rejected", |r| r["event"] == "policy_rejected");
     let reason = rejected.to_string();
-    assert!(reason.contains("signed by") || reason.contains("signature"), "{reason}");
+    assert!(
+        reason.contains("signed by") || reason.contains("signature"),
+        "{reason}"
+    );
 }
 
 #[test]
@@ -269,7 +278,10 @@ impl TestUser {
             .unwrap()
             .uid
             .as_raw();
-        assert!(uid >= 1000, "useradd gave uid {uid}: agents report uid >= 1000 only");
+        assert!(
+            uid >= 1000,
+            "useradd gave uid {uid}: agents report uid >= 1000 only"
+        );
         TestUser {
             name: name.into(),
             uid,

@@ -31,12 +31,24 @@ impl Platform {
             .unwrap()
             .port();
         let out = Command::new(binary("epm-platform"))
-            .args(["admin", "create", "--name", "e2e", "--approver-level", "1", "--data"])
+            .args([
+                "admin",
+                "create",
+                "--name",
+                "e2e",
+                "--approver-level",
+                "1",
+                "--data",
+            ])
             .arg(dir.path().join("data"))
             .env_remove("EPM_ADMIN_TOKEN")
             .output()
             .unwrap();
-        assert!(out.status.success(), "admin create: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "admin create: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let admin_token = String::from_utf8(out.stdout).unwrap().trim().to_owned();
         let mut platform = Platform {
             dir,
@@ -64,7 +76,12 @@ impl Platform {
             .open(self.dir.path().join("platform.log"))
             .unwrap();
         let child = Command::new(binary("epm-platform"))
-            .args(["serve", "--listen", &format!("127.0.0.1:{}", self.port), "--data"])
+            .args([
+                "serve",
+                "--listen",
+                &format!("127.0.0.1:{}", self.port),
+                "--data",
+            ])
             .arg(self.data())
             .stdout(Stdio::null())
             .stderr(log)

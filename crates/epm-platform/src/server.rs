@@ -37,6 +37,10 @@ use utoipa::OpenApi;
 use crate::db::{Admin, Agent, BundleRow, Db, DbError};
 use crate::merge::{self, Merged};
 
+/// Merged policies by the (scope, revision) list they were made from: most
+/// devices share the same few document sets.
+type MergeCache = Mutex<HashMap<Vec<(String, u64)>, Arc<Merged>>>;
+
 /// Everything the handlers share.
 #[derive(Debug)]
 pub struct AppState {
@@ -45,7 +49,7 @@ pub struct AppState {
     /// The bundle and grant signing key.
     pub signing: PolicySigningKey,
     audit_arrived: Notify,
-    merged: Mutex<HashMap<Vec<(String, u64)>, Arc<Merged>>>,
+    merged: MergeCache,
     build: tokio::sync::Mutex<()>,
 }
 
