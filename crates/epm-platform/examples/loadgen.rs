@@ -43,8 +43,17 @@ async fn main() {
                 os: "linux".into(),
                 agent_version: "loadgen".into(),
             };
-            let response = http.post(format!("{url}{}", paths::AGENT_ENROLL)).json(&request).send().await.unwrap();
-            assert!(response.status().is_success(), "enroll: {}", response.status());
+            let response = http
+                .post(format!("{url}{}", paths::AGENT_ENROLL))
+                .json(&request)
+                .send()
+                .await
+                .unwrap();
+            assert!(
+                response.status().is_success(),
+                "enroll: {}",
+                response.status()
+            );
             response.json::<AgentCredentials>().await.unwrap()
         }));
     }
@@ -52,7 +61,10 @@ async fn main() {
     for e in enrolls {
         credentials.push(e.await.unwrap());
     }
-    eprintln!("enrolled {agents} agents in {:.1} s", started.elapsed().as_secs_f64());
+    eprintln!(
+        "enrolled {agents} agents in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
 
     // Each agent checks in once to get its bundle built, as a fleet would
     // after a policy push; then the steady state is measured.
@@ -61,7 +73,8 @@ async fn main() {
     let warm = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut tasks = Vec::new();
     for (i, agent) in credentials.into_iter().enumerate() {
-        let (http, url, latencies, warm) = (http.clone(), url.clone(), latencies.clone(), warm.clone());
+        let (http, url, latencies, warm) =
+            (http.clone(), url.clone(), latencies.clone(), warm.clone());
         tasks.push(tokio::spawn(async move {
             let mut version = None;
             let mut first = true;
@@ -70,7 +83,10 @@ async fn main() {
                     policy_version: version,
                     audit_last_seq: 100,
                     outbox_pending: 0,
-                    users: vec![LocalUser { name: format!("user{}", i % 50), groups: vec!["staff".into()] }],
+                    users: vec![LocalUser {
+                        name: format!("user{}", i % 50),
+                        groups: vec!["staff".into()],
+                    }],
                     ..CheckinRequest::default()
                 };
                 let t = Instant::now();
@@ -81,7 +97,11 @@ async fn main() {
                     .send()
                     .await
                     .unwrap();
-                assert!(response.status().is_success(), "check-in: {}", response.status());
+                assert!(
+                    response.status().is_success(),
+                    "check-in: {}",
+                    response.status()
+                );
                 let answer: CheckinResponse = response.json().await.unwrap();
                 version = Some(answer.policy.version);
                 if first {
