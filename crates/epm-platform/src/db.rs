@@ -207,6 +207,13 @@ fn new_id(prefix: &str) -> String {
     format!("{prefix}{}", BASE64URL.encode(bytes))
 }
 
+/// A timestamp as stored where SQL compares it as text: always nine
+/// fractional digits, so text order is time order ("…:59Z" would sort after
+/// "…:59.5Z").
+fn sortable(ts: Timestamp) -> String {
+    format!("{ts:.9}")
+}
+
 fn ts(row: &Row<'_>, index: usize) -> rusqlite::Result<Timestamp> {
     let text: String = row.get(index)?;
     text.parse().map_err(|e: jiff::Error| {
@@ -844,8 +851,8 @@ impl Db {
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, 'pending', ?11, 1, ?12, ?13, ?13)",
                     params![
                         id, agent.agent_id, submit.local_id, agent.device_id, submit.user, submit.rule_id,
-                        to_json(&submit.subject), submit.justification, submit.window.start.to_string(),
-                        submit.window.end.to_string(), to_json(&levels), uses, now
+                        to_json(&submit.subject), submit.justification, sortable(submit.window.start),
+                        sortable(submit.window.end), to_json(&levels), uses, now
                     ],
                 )?;
                 id
@@ -961,10 +968,10 @@ impl Db {
     /// Expires pending and approved requests whose window ended; returns
     /// how many.
     pub fn expire_requests(&self, now: Timestamp) -> Result<usize> {
-        // Text comparison of RFC 3339 UTC timestamps is time order.
+        // Both sides are written by `sortable`, so text order is time order.
         Ok(self.conn().execute(
             "UPDATE requests SET state = 'expired', current_level = 0, updated_at = ?1 WHERE state IN ('pending', 'approved') AND window_end <= ?1",
-            [now.to_string()],
+            [sortable(now)],
         )?)
     }
 
@@ -1194,5 +1201,18 @@ impl StoredRequest {
             updated_at: self.request.updated_at,
             grant: if approved { self.grant } else { None },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stored_times_sort_as_text_in_time_order() {
+        let whole: Timestamp = "2026-11-22T10:00:59Z".parse().unwrap();
+        let later = whole + jiff::SignedDuration::from_millis(500);
+        assert!(sortable(whole) < sortable(later));
+        assert_eq!(sortable(whole).parse::<Timestamp>().unwrap(), whole);
     }
 }
