@@ -203,14 +203,17 @@ impl Store {
         rows.collect::<rusqlite::Result<_>>().map_err(query_err(OP))
     }
 
-    /// Uses one execution of a grant for this user and binary that is valid
-    /// at `now`, in one SQL statement. Of several, the one ending soonest is
-    /// used. The returned grant's `uses` is what is left after this use: 0
-    /// means this was the last, and the grant never matches again.
+    /// Uses one execution of a grant for this user, binary and rule that is
+    /// valid at `now`, in one SQL statement. Of several, the one ending
+    /// soonest is used. The returned grant's `uses` is what is left after
+    /// this use: 0 means this was the last, and the grant never matches
+    /// again. The rule binds too: a grant answers the rule that asked for
+    /// it, not another rule that happens to match the same binary later.
     pub fn consume_grant(
         &mut self,
         uid: u32,
         identity: &SubjectIdentity,
+        rule_id: &str,
         now: Timestamp,
     ) -> Result<Option<Grant>> {
         const OP: &str = "consume grant";
@@ -220,7 +223,7 @@ impl Store {
                 "UPDATE grants SET uses_left = uses_left - 1
                  WHERE id = (
                     SELECT id FROM grants
-                    WHERE uid = ?1 AND identity_kind = ?2 AND identity = ?3
+                    WHERE uid = ?1 AND identity_kind = ?2 AND identity = ?3 AND rule_id = ?5
                       AND uses_left > 0 AND not_before <= ?4 AND not_after > ?4
                     ORDER BY not_after, id LIMIT 1)
                  RETURNING {GRANT_COLUMNS}"
@@ -231,12 +234,45 @@ impl Store {
                 uid,
                 identity.kind,
                 identity.value.to_ascii_lowercase(),
-                millis(now)
+                millis(now),
+                rule_id
             ],
             grant_from_row,
         )
         .optional()
         .map_err(query_err(OP))
+    }
+
+    /// A user's grants for one binary, newest first, used up or not, at
+    /// most `limit`: what explains why an exec was refused ("approved, but
+    /// the window has not started").
+    pub fn grants_for_identity(
+        &self,
+        uid: u32,
+        identity: &SubjectIdentity,
+        limit: usize,
+    ) -> Result<Vec<Grant>> {
+        const OP: &str = "read grants";
+        let mut stmt = self
+            .conn
+            .prepare_cached(&format!(
+                "SELECT {GRANT_COLUMNS} FROM grants
+                 WHERE uid = ?1 AND identity_kind = ?2 AND identity = ?3
+                 ORDER BY created_at DESC, id DESC LIMIT ?4"
+            ))
+            .map_err(query_err(OP))?;
+        let rows = stmt
+            .query_map(
+                params![
+                    uid,
+                    identity.kind,
+                    identity.value.to_ascii_lowercase(),
+                    limit as i64
+                ],
+                grant_from_row,
+            )
+            .map_err(query_err(OP))?;
+        rows.collect::<rusqlite::Result<_>>().map_err(query_err(OP))
     }
 
     /// Ends a grant now by taking its remaining uses; false if it had none

@@ -26,9 +26,10 @@
 //! | `requests` | the request flow and platform sync | IPC listings; the expiry sweep |
 //! | `admin_sessions` | the admin-session flow; the expiry sweep | the expiry sweep, at start and on a timer |
 //! | `audit_outbox` | the audit thread, before each batch goes to the log; pruning | the audit log reconciliation at start; the uploader |
+//! | `offline_challenges` | `epmctl request --offline` (a challenge); a valid code (marks it used) | the code check |
 //! | `meta`, `counters` | recovery (here); the daemon for small facts | status |
 //!
-//! # Schema (version 2)
+//! # Schema (version 3)
 //!
 //! Times are INTEGER Unix **milliseconds** (UTC): the audit records carry
 //! millisecond times, and a grant's window compared at second granularity
@@ -55,6 +56,8 @@
 //!                INDEX (revoked_at, expires_at)
 //! audit_outbox(seq INTEGER PK, hash TEXT, line TEXT, uploaded 0|1)
 //!              INDEX (uploaded, seq)
+//! offline_challenges(nonce TEXT PK, uid, challenge TEXT, not_after,
+//!                    created_at, used_at?)  INDEX (uid, used_at)
 //! ```
 //!
 //! A grant window is `[not_before, not_after)`. A grant with `uses_left = 0`
@@ -98,6 +101,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 mod admin;
 mod error;
 mod grants;
+mod offline;
 mod open;
 mod outbox;
 mod policy;
@@ -108,6 +112,7 @@ mod sql;
 pub use admin::{AdminSession, NewAdminSession};
 pub use error::{StoreError, UnknownName};
 pub use grants::{Grant, GrantSource, IdentityKind, NewGrant, SubjectIdentity};
+pub use offline::OfflineChallengeRecord;
 pub use open::{META_RECOVERED_FROM, OpenReport, Recovery};
 pub use outbox::{OutboxRecord, OutboxStats, Pruned};
 pub use policy::StoredPolicy;

@@ -76,6 +76,16 @@ pub(crate) const MIGRATIONS: &[&str] = &[
      CREATE INDEX audit_pending ON audit_outbox (uploaded, seq);",
     // 2: the platform's signed envelope beside its policy, re-verified at start.
     "ALTER TABLE policy ADD COLUMN envelope TEXT;",
+    // 3: offline approval challenges, each answerable once.
+    "CREATE TABLE offline_challenges (
+        nonce TEXT PRIMARY KEY,
+        uid INTEGER NOT NULL,
+        challenge TEXT NOT NULL,
+        not_after INTEGER NOT NULL,
+        created_at INTEGER NOT NULL,
+        used_at INTEGER
+     );
+     CREATE INDEX offline_challenges_open ON offline_challenges (uid, used_at);",
 ];
 
 /// The schema version this code writes.

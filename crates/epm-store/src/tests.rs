@@ -162,6 +162,7 @@ fn a_fresh_store_has_the_current_schema_and_private_modes() {
             "counters",
             "grants",
             "meta",
+            "offline_challenges",
             "policy",
             "requests"
         ]
@@ -414,7 +415,11 @@ fn a_grant_is_consumed_inside_its_window_only() {
     let id = store
         .insert_grant(&grant(501, sha('a'), 0, 100, 5))
         .unwrap();
-    let consume = |store: &mut Store, at| store.consume_grant(501, &sha('a'), t(at)).unwrap();
+    let consume = |store: &mut Store, at| {
+        store
+            .consume_grant(501, &sha('a'), "docker", t(at))
+            .unwrap()
+    };
 
     assert!(consume(&mut store, -1).is_none(), "before the window");
     assert!(consume(&mut store, 100).is_none(), "at the window's end");
@@ -445,7 +450,7 @@ fn a_grant_never_matches_another_user_or_binary() {
     ] {
         assert!(
             store
-                .consume_grant(uid, &identity, t(10))
+                .consume_grant(uid, &identity, "docker", t(10))
                 .unwrap()
                 .is_none(),
             "{what}"
@@ -456,7 +461,12 @@ fn a_grant_never_matches_another_user_or_binary() {
         kind: IdentityKind::Sha256,
         value: "A".repeat(64),
     };
-    assert!(store.consume_grant(501, &upper, t(10)).unwrap().is_some());
+    assert!(
+        store
+            .consume_grant(501, &upper, "docker", t(10))
+            .unwrap()
+            .is_some()
+    );
 }
 
 #[test]
@@ -467,14 +477,17 @@ fn a_used_up_grant_never_matches_again() {
         .unwrap();
     assert_eq!(
         store
-            .consume_grant(501, &sha('a'), t(10))
+            .consume_grant(501, &sha('a'), "docker", t(10))
             .unwrap()
             .unwrap()
             .grant
             .uses,
         1
     );
-    let last = store.consume_grant(501, &sha('a'), t(11)).unwrap().unwrap();
+    let last = store
+        .consume_grant(501, &sha('a'), "docker", t(11))
+        .unwrap()
+        .unwrap();
     assert_eq!(
         last.grant.uses, 0,
         "the caller learns this was the last use"
@@ -482,7 +495,7 @@ fn a_used_up_grant_never_matches_again() {
     for at in [12, 50, 99] {
         assert!(
             store
-                .consume_grant(501, &sha('a'), t(at))
+                .consume_grant(501, &sha('a'), "docker", t(at))
                 .unwrap()
                 .is_none()
         );
@@ -505,7 +518,11 @@ fn of_several_grants_the_one_ending_soonest_is_used() {
         .insert_grant(&grant(501, sha('a'), 0, 100, 1))
         .unwrap();
     let ids: Vec<i64> = (0..3)
-        .filter_map(|i| store.consume_grant(501, &sha('a'), t(10 + i)).unwrap())
+        .filter_map(|i| {
+            store
+                .consume_grant(501, &sha('a'), "docker", t(10 + i))
+                .unwrap()
+        })
         .map(|g| g.id)
         .collect();
     assert_eq!(ids, [short, long]);
@@ -522,7 +539,7 @@ fn an_ended_grant_never_matches() {
     assert!(!store.end_grant(id + 1).unwrap(), "no such grant");
     assert!(
         store
-            .consume_grant(501, &sha('a'), t(10))
+            .consume_grant(501, &sha('a'), "docker", t(10))
             .unwrap()
             .is_none()
     );
@@ -1302,5 +1319,76 @@ fn moving_aside_takes_the_log_and_index_along_and_never_overwrites() {
         std::fs::read_dir(dir.path()).unwrap().count(),
         6,
         "nothing left in place"
+    );
+}
+
+#[test]
+fn a_grant_answers_only_the_rule_that_asked_for_it() {
+    let (_dir, mut store) = open_temp();
+    store
+        .insert_grant(&grant(501, sha('a'), 0, 100, 1))
+        .unwrap();
+    assert!(
+        store
+            .consume_grant(501, &sha('a'), "another-rule", t(10))
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        store
+            .consume_grant(501, &sha('a'), "docker", t(10))
+            .unwrap()
+            .is_some()
+    );
+    let history = store.grants_for_identity(501, &sha('a'), 10).unwrap();
+    assert_eq!(history.len(), 1);
+    assert_eq!(history[0].grant.uses, 0, "used up, still listed");
+}
+
+// ---- offline challenges ----------------------------------------------------------
+
+#[test]
+fn an_offline_challenge_is_answered_once_and_only_inside_its_window() {
+    let (_dir, mut store) = open_temp();
+    let record = OfflineChallengeRecord {
+        nonce: "42".into(),
+        uid: 501,
+        challenge: "EPM1-abc".into(),
+        not_after: t(100),
+        created_at: t(0),
+    };
+    store.insert_offline_challenge(&record).unwrap();
+    assert!(
+        store.insert_offline_challenge(&record).is_err(),
+        "a nonce is unique"
+    );
+    assert_eq!(
+        store.open_offline_challenges(501, t(10)).unwrap(),
+        vec![record]
+    );
+    assert!(
+        store
+            .open_offline_challenges(502, t(10))
+            .unwrap()
+            .is_empty(),
+        "another user's"
+    );
+    assert!(
+        store
+            .open_offline_challenges(501, t(100))
+            .unwrap()
+            .is_empty(),
+        "window over"
+    );
+    assert!(store.use_offline_challenge("42", t(10)).unwrap());
+    assert!(
+        !store.use_offline_challenge("42", t(11)).unwrap(),
+        "second use refused"
+    );
+    assert!(
+        store
+            .open_offline_challenges(501, t(10))
+            .unwrap()
+            .is_empty()
     );
 }
