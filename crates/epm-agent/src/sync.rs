@@ -630,6 +630,7 @@ impl<P: Platform> SyncCycle<P> {
                             source: GrantSource::Approval,
                             request_id: Some(local.id.clone()),
                             justification: Some(local.justification.clone()),
+                            path: Some(local.path.clone()),
                         })
                         .map_err(|e| what(e.to_string()))?;
                 }

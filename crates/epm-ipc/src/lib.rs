@@ -84,11 +84,15 @@
 
 #[cfg(test)]
 mod alloc_probe;
+pub mod flows;
 mod frame;
 mod message;
 #[cfg(unix)]
 mod unix;
 
+pub use flows::{
+    BlockReason, Blocked, GrantInfo, Justified, Prompt, PromptKind, RequestInfo, UserEvent,
+};
 pub use frame::{FrameError, MAX_FRAME_BYTES, read_frame, write_frame};
 pub use message::{
     Counters, ErrorCode, Explanation, Latency, Message, PROTOCOL_VERSION, PlatformStatus,

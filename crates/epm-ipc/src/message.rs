@@ -78,6 +78,88 @@ pub enum Request {
     ///
     /// `{"type":"sync"}`
     Sync,
+    /// Become this user's helper: answered by [`Response::Subscribed`],
+    /// then [`Response::Event`]s for the caller's uid only, until the
+    /// connection closes. Use another connection for requests.
+    ///
+    /// `{"type":"subscribe"}`
+    Subscribe,
+    /// Justify a program that a `justify` rule holds → [`Response::Justified`]
+    /// with a one-shot grant for the caller. Names either a prompt the
+    /// caller's helper received or a path (from `epmctl`; the daemon hashes
+    /// the file, which must be executable by the caller).
+    ///
+    /// `{"type":"justify","prompt":7,"path":null,"reason":"Debugging ticket 42"}`
+    Justify {
+        /// A [`crate::Prompt`]'s id.
+        #[serde(default)]
+        prompt: Option<u64>,
+        /// Or the program's absolute path.
+        #[serde(default)]
+        path: Option<String>,
+        /// Why.
+        reason: String,
+    },
+    /// Ask approvers to let the caller run a program that an `approve` rule
+    /// holds, inside a window → [`Response::RequestCreated`]. Sent to the
+    /// platform at the next sync (at once when it is reachable).
+    ///
+    /// `{"type":"request_approval","prompt":null,"path":"/usr/bin/nc","reason":"...","start":"...","end":"..."}`
+    RequestApproval {
+        /// A [`crate::Prompt`]'s id.
+        #[serde(default)]
+        prompt: Option<u64>,
+        /// Or the program's absolute path.
+        #[serde(default)]
+        path: Option<String>,
+        /// Why.
+        reason: String,
+        /// Window start (at most a few minutes in the past).
+        start: jiff::Timestamp,
+        /// Window end.
+        end: jiff::Timestamp,
+    },
+    /// Without the platform: make a challenge for an administrator →
+    /// [`Response::Challenge`]. Its answer, a code, goes in
+    /// [`Request::OfflineCode`].
+    ///
+    /// `{"type":"offline_challenge","path":"/usr/bin/nc","reason":"...","start":"...","end":"..."}`
+    OfflineChallenge {
+        /// The program's absolute path.
+        path: String,
+        /// Why (audited; the administrator hears it from the user).
+        reason: String,
+        /// Window start.
+        start: jiff::Timestamp,
+        /// Window end.
+        end: jiff::Timestamp,
+    },
+    /// An administrator's answer to one of the caller's challenges →
+    /// [`Response::Granted`]. Each code works once; wrong codes are
+    /// limited per user.
+    ///
+    /// `{"type":"offline_code","code":"7G2KD-QX4M1"}`
+    OfflineCode {
+        /// The code, `XXXXX-XXXXX`.
+        code: String,
+    },
+    /// The caller's approval requests, newest first → [`Response::Requests`].
+    /// Admins may ask for everyone's.
+    ///
+    /// `{"type":"list_requests","all":false}`
+    ListRequests {
+        /// Everyone's (admins only).
+        #[serde(default)]
+        all: bool,
+    },
+    /// The caller's grants that are current or ahead → [`Response::Grants`].
+    ///
+    /// `{"type":"list_grants","all":false}`
+    ListGrants {
+        /// Everyone's (admins only).
+        #[serde(default)]
+        all: bool,
+    },
 }
 
 /// Daemon → client.
@@ -132,6 +214,52 @@ pub enum Response {
     ///
     /// `{"type":"synced","ok":true,"running":false,"message":"uploaded 3 audit records; policy version 7 now in force"}`
     Synced(SyncOutcome),
+    /// The answer to [`Request::Subscribe`]: events follow.
+    ///
+    /// `{"type":"subscribed","uid":501}`
+    Subscribed {
+        /// Whose events.
+        uid: u32,
+    },
+    /// Something for the subscribed user's helper.
+    ///
+    /// `{"type":"event","event":"prompt","id":7,"kind":"justify",...}`
+    Event(crate::flows::UserEvent),
+    /// The answer to [`Request::Justify`].
+    ///
+    /// `{"type":"justified","program":"nc","grant":{...},"relaunch":null}`
+    Justified(crate::flows::Justified),
+    /// The answer to [`Request::RequestApproval`].
+    ///
+    /// `{"type":"request_created","id":"…","state":"pending",...}`
+    RequestCreated(crate::flows::RequestInfo),
+    /// The answer to [`Request::OfflineChallenge`].
+    ///
+    /// `{"type":"challenge","challenge":"EPM1-…","device_id":"mac-1"}`
+    Challenge {
+        /// The text to read to an administrator.
+        challenge: String,
+        /// This device, for the administrator's command.
+        device_id: String,
+    },
+    /// The answer to [`Request::OfflineCode`].
+    ///
+    /// `{"type":"granted","id":3,...}`
+    Granted(crate::flows::GrantInfo),
+    /// The answer to [`Request::ListRequests`].
+    ///
+    /// `{"type":"requests","requests":[...]}`
+    Requests {
+        /// Newest first.
+        requests: Vec<crate::flows::RequestInfo>,
+    },
+    /// The answer to [`Request::ListGrants`].
+    ///
+    /// `{"type":"grants","grants":[...]}`
+    Grants {
+        /// Soonest first.
+        grants: Vec<crate::flows::GrantInfo>,
+    },
     /// A request failed. The connection stays usable unless the daemon
     /// closes it (after a protocol violation).
     ///
@@ -170,6 +298,10 @@ pub enum ErrorCode {
     Internal,
     /// The protocol versions are incompatible (the answer to `Hello`).
     VersionMismatch,
+    /// Refused for now: too many tries, or a cool-down; try again later.
+    TryLater,
+    /// The thing asked for exists already (a pending request).
+    Conflict,
     /// A code this side does not know, from a newer peer.
     #[serde(other)]
     Other,
@@ -355,6 +487,13 @@ enum RequestType {
     PolicyShow,
     PolicyExplain,
     Sync,
+    Subscribe,
+    Justify,
+    RequestApproval,
+    OfflineChallenge,
+    OfflineCode,
+    ListRequests,
+    ListGrants,
 }
 
 impl RequestType {
@@ -366,6 +505,13 @@ impl RequestType {
             RequestType::PolicyShow => "policy_show",
             RequestType::PolicyExplain => "policy_explain",
             RequestType::Sync => "sync",
+            RequestType::Subscribe => "subscribe",
+            RequestType::Justify => "justify",
+            RequestType::RequestApproval => "request_approval",
+            RequestType::OfflineChallenge => "offline_challenge",
+            RequestType::OfflineCode => "offline_code",
+            RequestType::ListRequests => "list_requests",
+            RequestType::ListGrants => "list_grants",
         }
     }
 }
@@ -383,6 +529,13 @@ impl Message for Request {
             Request::PolicyShow => RequestType::PolicyShow,
             Request::PolicyExplain { .. } => RequestType::PolicyExplain,
             Request::Sync => RequestType::Sync,
+            Request::Subscribe => RequestType::Subscribe,
+            Request::Justify { .. } => RequestType::Justify,
+            Request::RequestApproval { .. } => RequestType::RequestApproval,
+            Request::OfflineChallenge { .. } => RequestType::OfflineChallenge,
+            Request::OfflineCode { .. } => RequestType::OfflineCode,
+            Request::ListRequests { .. } => RequestType::ListRequests,
+            Request::ListGrants { .. } => RequestType::ListGrants,
         };
         kind.name()
     }
@@ -398,6 +551,14 @@ enum ResponseType {
     Policy,
     Explanation,
     Synced,
+    Subscribed,
+    Event,
+    Justified,
+    RequestCreated,
+    Challenge,
+    Granted,
+    Requests,
+    Grants,
     Error,
 }
 
@@ -411,6 +572,14 @@ impl ResponseType {
             ResponseType::Policy => "policy",
             ResponseType::Explanation => "explanation",
             ResponseType::Synced => "synced",
+            ResponseType::Subscribed => "subscribed",
+            ResponseType::Event => "event",
+            ResponseType::Justified => "justified",
+            ResponseType::RequestCreated => "request_created",
+            ResponseType::Challenge => "challenge",
+            ResponseType::Granted => "granted",
+            ResponseType::Requests => "requests",
+            ResponseType::Grants => "grants",
             ResponseType::Error => "error",
         }
     }
@@ -430,6 +599,14 @@ impl Message for Response {
             Response::Policy(_) => ResponseType::Policy,
             Response::Explanation(_) => ResponseType::Explanation,
             Response::Synced(_) => ResponseType::Synced,
+            Response::Subscribed { .. } => ResponseType::Subscribed,
+            Response::Event(_) => ResponseType::Event,
+            Response::Justified(_) => ResponseType::Justified,
+            Response::RequestCreated(_) => ResponseType::RequestCreated,
+            Response::Challenge { .. } => ResponseType::Challenge,
+            Response::Granted(_) => ResponseType::Granted,
+            Response::Requests { .. } => ResponseType::Requests,
+            Response::Grants { .. } => ResponseType::Grants,
             Response::Error { .. } => ResponseType::Error,
         };
         kind.name()
@@ -538,6 +715,30 @@ pub(crate) mod tests {
                 groups: Some(vec!["staff".into()]),
             },
             Request::Sync,
+            Request::Subscribe,
+            Request::Justify {
+                prompt: Some(7),
+                path: None,
+                reason: "ticket 42".into(),
+            },
+            Request::RequestApproval {
+                prompt: None,
+                path: Some("/usr/bin/nc".into()),
+                reason: "debugging".into(),
+                start: jiff::Timestamp::UNIX_EPOCH,
+                end: jiff::Timestamp::MAX,
+            },
+            Request::OfflineChallenge {
+                path: "/usr/bin/nc".into(),
+                reason: "debugging".into(),
+                start: jiff::Timestamp::UNIX_EPOCH,
+                end: jiff::Timestamp::MAX,
+            },
+            Request::OfflineCode {
+                code: "7G2KD-QX4M1".into(),
+            },
+            Request::ListRequests { all: false },
+            Request::ListGrants { all: true },
         ]
     }
 
@@ -622,8 +823,71 @@ pub(crate) mod tests {
                 running: false,
                 message: "uploaded 3 audit records".into(),
             }),
+            Response::Subscribed { uid: 501 },
+            Response::Event(crate::flows::UserEvent::Prompt(crate::flows::Prompt {
+                id: 7,
+                kind: crate::flows::PromptKind::Approve,
+                program: "nc".into(),
+                path: "/usr/bin/nc".into(),
+                argv: Some(vec!["nc".into(), "-l".into()]),
+                rule_id: "nc".into(),
+                message: Some("ask IT".into()),
+                justification: epm_policy::JustificationSpec::default(),
+                approval: Some(epm_policy::ApprovalSpec::default()),
+            })),
+            Response::Justified(crate::flows::Justified {
+                program: "nc".into(),
+                grant: sample_grant(),
+                relaunch: None,
+            }),
+            Response::RequestCreated(sample_request()),
+            Response::Challenge {
+                challenge: "EPM1-abc".into(),
+                device_id: "mac-1".into(),
+            },
+            Response::Granted(sample_grant()),
+            Response::Requests {
+                requests: vec![sample_request()],
+            },
+            Response::Grants {
+                grants: vec![sample_grant()],
+            },
             Response::error(ErrorCode::Unsupported, "x"),
         ]
+    }
+
+    fn sample_grant() -> crate::flows::GrantInfo {
+        crate::flows::GrantInfo {
+            id: 3,
+            user: "alice".into(),
+            path: Some("/usr/bin/nc".into()),
+            identity: format!("sha256:{}", "ab".repeat(32)),
+            rule_id: "nc".into(),
+            source: "justification".into(),
+            not_before: jiff::Timestamp::UNIX_EPOCH,
+            not_after: jiff::Timestamp::MAX,
+            uses_left: 1,
+            request_id: None,
+        }
+    }
+
+    fn sample_request() -> crate::flows::RequestInfo {
+        crate::flows::RequestInfo {
+            id: "r-1".into(),
+            user: "alice".into(),
+            program: "nc".into(),
+            path: "/usr/bin/nc".into(),
+            identity: format!("sha256:{}", "ab".repeat(32)),
+            rule_id: "nc".into(),
+            justification: "debugging".into(),
+            start: jiff::Timestamp::UNIX_EPOCH,
+            end: jiff::Timestamp::MAX,
+            state: "pending".into(),
+            state_reason: None,
+            submitted: false,
+            created_at: jiff::Timestamp::UNIX_EPOCH,
+            updated_at: jiff::Timestamp::UNIX_EPOCH,
+        }
     }
 
     fn wire_type(message: &impl Serialize) -> String {

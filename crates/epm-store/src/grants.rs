@@ -92,6 +92,10 @@ pub struct NewGrant {
     pub request_id: Option<String>,
     /// The user's justification.
     pub justification: Option<String>,
+    /// The program's path when granted, for display only: the identity
+    /// decides.
+    #[serde(default)]
+    pub path: Option<String>,
 }
 
 /// A stored grant.
@@ -106,7 +110,7 @@ pub struct Grant {
 }
 
 const GRANT_COLUMNS: &str = "id, uid, user, identity_kind, identity, rule_id, not_before, \
-     not_after, uses_left, source, request_id, justification, created_at";
+     not_after, uses_left, source, request_id, justification, created_at, path";
 
 fn grant_from_row(r: &Row<'_>) -> rusqlite::Result<Grant> {
     Ok(Grant {
@@ -125,6 +129,7 @@ fn grant_from_row(r: &Row<'_>) -> rusqlite::Result<Grant> {
             source: r.get(9)?,
             request_id: r.get(10)?,
             justification: r.get(11)?,
+            path: r.get(13)?,
         },
         created_at: timestamp(r, 12)?,
     })
@@ -151,8 +156,8 @@ impl Store {
         self.conn
             .execute(
                 "INSERT INTO grants (uid, user, identity_kind, identity, rule_id, not_before,
-                    not_after, uses_left, source, request_id, justification, created_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+                    not_after, uses_left, source, request_id, justification, created_at, path)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
                 params![
                     grant.uid,
                     grant.user,
@@ -166,6 +171,7 @@ impl Store {
                     grant.request_id,
                     grant.justification,
                     millis(Timestamp::now()),
+                    grant.path,
                 ],
             )
             .map_err(query_err(OP))?;

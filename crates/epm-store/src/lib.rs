@@ -45,7 +45,7 @@
 //! grants(id INTEGER PK, uid, user, identity_kind in ('sha256','cdhash'), identity,
 //!        rule_id, not_before, not_after, uses_left >= 0,
 //!        source in ('justification','approval','offline_code'),
-//!        request_id TEXT?, justification TEXT?, created_at)
+//!        request_id TEXT?, justification TEXT?, created_at, path TEXT?)
 //!        INDEX (uid, identity_kind, identity)
 //! requests(id TEXT PK, uid, user, rule_id, identity_kind, identity, path,
 //!          justification, window_start, window_end, state, state_reason TEXT?,

@@ -76,8 +76,10 @@ pub(crate) const MIGRATIONS: &[&str] = &[
      CREATE INDEX audit_pending ON audit_outbox (uploaded, seq);",
     // 2: the platform's signed envelope beside its policy, re-verified at start.
     "ALTER TABLE policy ADD COLUMN envelope TEXT;",
-    // 3: offline approval challenges, each answerable once.
-    "CREATE TABLE offline_challenges (
+    // 3: offline approval challenges, each answerable once; the path a
+    // grant was made for, for display.
+    "ALTER TABLE grants ADD COLUMN path TEXT;
+     CREATE TABLE offline_challenges (
         nonce TEXT PRIMARY KEY,
         uid INTEGER NOT NULL,
         challenge TEXT NOT NULL,

@@ -37,6 +37,7 @@ fn grant(uid: u32, identity: SubjectIdentity, from: i64, until: i64, uses: u32) 
         source: GrantSource::Justification,
         request_id: None,
         justification: Some("container build".into()),
+        path: None,
     }
 }
 
