@@ -294,6 +294,15 @@ pub fn exec_event(decider: &Decider, outcome: &Outcome) -> AuditEvent {
     if outcome.cached {
         event = event.with_detail("cached", true);
     }
+    if let Some(grant) = &outcome.grant {
+        event = event
+            .with_detail("grant_id", grant.id)
+            .with_detail("grant_source", grant.source)
+            .with_detail("grant_uses_left", grant.uses_left);
+        if let Some(request) = &grant.request_id {
+            event = event.with_detail("request_id", request.as_str());
+        }
+    }
     event
 }
 

@@ -24,6 +24,7 @@ use epm_store::Store;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
 use crate::decider::Decider;
+use crate::flows::Flows;
 use crate::stats::Counters;
 use crate::sync::{SYNC_REPLY_WAIT, SyncHandle, SyncNowReply};
 
@@ -53,6 +54,8 @@ pub struct ControlContext {
     pub audit_dropped: Arc<AtomicU64>,
     /// The platform sync, when the daemon is managed.
     pub sync: Option<Arc<SyncHandle>>,
+    /// Prompts, justifications, approval requests, offline codes.
+    pub flows: Arc<Flows>,
 }
 
 /// Binds the control socket: any local user may connect (permissions are
@@ -226,6 +229,59 @@ fn handle_requests(
                 audit_tail(connection, context, &filter, lines as usize, follow)?;
             }
             Request::Sync => connection.send(&sync_now(context))?,
+            Request::Subscribe => return subscribe(connection, &context.flows),
+            Request::Justify {
+                prompt,
+                path,
+                reason,
+            } => {
+                let uid = connection.peer.uid;
+                connection.send(&context.flows.justify(uid, prompt, path, &reason))?;
+            }
+            Request::RequestApproval {
+                prompt,
+                path,
+                reason,
+                start,
+                end,
+            } => {
+                let uid = connection.peer.uid;
+                let response = context
+                    .flows
+                    .request_approval(uid, prompt, path, &reason, start, end);
+                connection.send(&response)?;
+            }
+            Request::OfflineChallenge {
+                path,
+                reason,
+                start,
+                end,
+            } => {
+                let uid = connection.peer.uid;
+                let response = context
+                    .flows
+                    .offline_challenge(uid, path, &reason, start, end);
+                connection.send(&response)?;
+            }
+            Request::OfflineCode { code } => {
+                let uid = connection.peer.uid;
+                connection.send(&context.flows.offline_code(uid, &code))?;
+            }
+            Request::ListRequests { all } | Request::ListGrants { all }
+                if all && !connection.is_admin =>
+            {
+                connection.send(&forbidden(
+                    "only root and members of the admin group may list everyone's requests and grants",
+                ))?;
+            }
+            Request::ListRequests { all } => {
+                let uid = connection.peer.uid;
+                connection.send(&context.flows.list_requests(uid, all))?;
+            }
+            Request::ListGrants { all } => {
+                let uid = connection.peer.uid;
+                connection.send(&context.flows.list_grants(uid, all))?;
+            }
         }
     }
     Ok(())
@@ -409,8 +465,8 @@ fn explain(
     })
 }
 
-/// The names of a user's groups, primary first.
-pub fn group_names(user: &nix::unistd::User) -> Vec<String> {
+/// A user's group ids, primary first.
+pub fn group_ids(user: &nix::unistd::User) -> Vec<nix::unistd::Gid> {
     #[cfg(target_os = "linux")]
     let gids = std::ffi::CString::new(user.name.as_str())
         .ok()
@@ -418,7 +474,12 @@ pub fn group_names(user: &nix::unistd::User) -> Vec<String> {
         .unwrap_or_else(|| vec![user.gid]);
     #[cfg(not(target_os = "linux"))]
     let gids = vec![user.gid];
-    let mut names: Vec<String> = gids
+    gids
+}
+
+/// The names of a user's groups, primary first.
+pub fn group_names(user: &nix::unistd::User) -> Vec<String> {
+    let mut names: Vec<String> = group_ids(user)
         .into_iter()
         .filter_map(|gid| nix::unistd::Group::from_gid(gid).ok().flatten())
         .map(|g| g.name)
@@ -532,6 +593,31 @@ fn audit_tail(
             connection.send(&Response::AuditRecords { lines: matching })?;
         }
     }
+}
+
+/// Serves a helper's subscription: its user's events until it goes away.
+/// The connection carries nothing else from here on.
+fn subscribe(connection: &mut ServerConnection, flows: &Flows) -> Result<(), epm_ipc::ServerError> {
+    let uid = connection.peer.uid;
+    let (id, events) = flows.subscribe(uid);
+    tracing::info!(uid, client = %connection.client, "helper subscribed");
+    let result = (|| {
+        connection.send(&Response::Subscribed { uid })?;
+        loop {
+            match events.recv_timeout(Duration::from_millis(200)) {
+                Ok(event) => connection.send(&Response::Event(event))?,
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+                // Dropped for not reading: close, the helper reconnects.
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return Ok(()),
+            }
+            if client_gone(connection.stream(), Duration::ZERO) {
+                return Ok(());
+            }
+        }
+    })();
+    flows.unsubscribe(uid, id);
+    tracing::info!(uid, "helper left");
+    result
 }
 
 /// Whether the client closed its end, waiting at most `wait` to find out.

@@ -16,6 +16,7 @@ use crate::audit::{AuditSink, AuditWriter};
 use crate::config::{Config, PlatformConfig};
 use crate::control::{self, ControlContext};
 use crate::decider::Decider;
+use crate::flows::Flows;
 use crate::gate::{ExecGate, FactNeeds, Shutdown};
 use crate::pipeline::Workers;
 use crate::policy_source;
@@ -112,6 +113,17 @@ pub fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
         audit.send(event);
     }
 
+    let flows = Flows::start(
+        store.clone(),
+        audit.clone(),
+        &decider,
+        config
+            .platform
+            .as_ref()
+            .map(|_| epm_sync::credentials::platform_store(&config.state_dir)),
+    )
+    .context("cannot start the interactive flows")?;
+
     let (workers, intake) = Workers::start(
         config.gate.workers,
         config.gate.queue_capacity,
@@ -138,12 +150,17 @@ pub fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
                     status: Arc::default(),
                     current: platform_bundle,
                     fact_needs: Some(needs.clone()),
+                    flows: Some(flows.clone()),
                 },
             )
             .context("cannot start the platform sync")?,
         )),
         None => None,
     };
+    if let Some(sync) = &sync {
+        let sync = sync.clone();
+        flows.set_nudge(Box::new(move || sync.nudge()));
+    }
 
     let listener = control::bind(&config.socket)
         .with_context(|| format!("cannot listen on {}", config.socket.display()))?;
@@ -159,6 +176,7 @@ pub fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
             queue_capacity: config.gate.queue_capacity,
             audit_dropped: audit.dropped_counter(),
             sync,
+            flows,
         }),
     )
     .context("cannot start the control server")?;

@@ -7,10 +7,11 @@
 use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hash, Hasher};
 use std::io;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use arc_swap::ArcSwap;
 use epm_policy::{Action, Decision, Engine, Sha256Digest, Subject};
+use epm_store::{IdentityKind, SubjectIdentity};
 use quick_cache::sync::Cache;
 use sha2::{Digest, Sha256};
 
@@ -55,6 +56,52 @@ impl Enforced {
     }
 }
 
+/// What the interactive flows give the decider: grants to consume, and
+/// someone to tell when an exec is refused.
+pub trait Interactive: Send + Sync + std::fmt::Debug {
+    /// Uses one run of a grant for this user, binary and rule, if there is
+    /// one valid now. Called on decision workers only (it may write the
+    /// store), never on the gate's thread.
+    fn consume_grant(
+        &self,
+        uid: u32,
+        identity: &SubjectIdentity,
+        rule_id: &str,
+    ) -> Option<UsedGrant>;
+
+    /// An exec was refused: tell the user, if their helper listens. Called
+    /// on the gate's thread too, so it must not block.
+    fn refused(&self, outcome: &Outcome);
+}
+
+/// The grant an exec used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsedGrant {
+    /// Its id in the store.
+    pub id: i64,
+    /// `justification`, `approval` or `offline_code`.
+    pub source: &'static str,
+    /// Runs left after this one.
+    pub uses_left: u32,
+    /// The approval request it answers.
+    pub request_id: Option<String>,
+}
+
+/// The identity a grant is bound to: the cdhash where the platform gives
+/// one (macOS), else the SHA-256 of the file. Never the path.
+pub fn grant_identity(subject: &Subject) -> Option<SubjectIdentity> {
+    if let Some(cdhash) = &subject.cdhash {
+        return Some(SubjectIdentity {
+            kind: IdentityKind::Cdhash,
+            value: cdhash.to_string(),
+        });
+    }
+    subject.sha256.map(|digest| SubjectIdentity {
+        kind: IdentityKind::Sha256,
+        value: digest.to_string(),
+    })
+}
+
 /// One decided exec: the answer for the kernel and the facts for the audit.
 #[derive(Debug, Clone)]
 pub struct Outcome {
@@ -68,6 +115,8 @@ pub struct Outcome {
     pub subject: Subject,
     /// Whether the decision came from the cache.
     pub cached: bool,
+    /// The grant that let a `justify` or `approve` exec run.
+    pub grant: Option<UsedGrant>,
 }
 
 /// Why an exec could not be decided: it is answered per `fail_mode`.
@@ -94,6 +143,7 @@ pub struct Decider {
     decisions: Cache<DecisionKey, Decision>,
     names: Names,
     fingerprint: RandomState,
+    interactive: OnceLock<Arc<dyn Interactive>>,
     /// Counters for `epmctl status`.
     pub counters: Counters,
     /// Decision latency, gate read to answer.
@@ -130,8 +180,25 @@ impl Decider {
             decisions: Cache::new(cache_entries),
             names: Names::default(),
             fingerprint: RandomState::new(),
+            interactive: OnceLock::new(),
             counters: Counters::default(),
             latency: LatencyHistogram::default(),
+        }
+    }
+
+    /// Connects the interactive flows (once; later calls are ignored).
+    /// Without them, `justify` and `approve` execs are simply refused.
+    pub fn set_interactive(&self, interactive: Arc<dyn Interactive>) {
+        let _ = self.interactive.set(interactive);
+    }
+
+    /// Called after an exec was answered: a refusal is passed to the
+    /// interactive flows, without blocking.
+    pub fn answered(&self, outcome: &Outcome) {
+        if outcome.enforced == Enforced::Deny
+            && let Some(interactive) = self.interactive.get()
+        {
+            interactive.refused(outcome);
         }
     }
 
@@ -189,6 +256,10 @@ impl Decider {
             None => None,
         };
         let decision = self.decisions.get(&self.key(facts, policy.generation))?;
+        if self.may_use_grant(&decision) {
+            // Consuming a grant writes the store: a worker's job.
+            return None;
+        }
         Counters::bump(&self.counters.cache_hits);
         Some(self.conclude(facts, sha256, decision, true))
     }
@@ -219,7 +290,15 @@ impl Decider {
         }
     }
 
-    /// Applies the mode to a policy decision and counts it.
+    /// Whether this decision lets a grant allow the exec.
+    fn may_use_grant(&self, decision: &Decision) -> bool {
+        matches!(decision.action, Action::Justify | Action::Approve)
+            && decision.rule_id.is_some()
+            && self.mode == Mode::Enforce
+            && self.interactive.get().is_some()
+    }
+
+    /// Applies grants and the mode to a policy decision and counts it.
     fn conclude(
         &self,
         facts: &ExecFacts,
@@ -227,9 +306,22 @@ impl Decider {
         decision: Decision,
         cached: bool,
     ) -> Outcome {
-        // justify and approve need a grant that the interactive flows create;
-        // without one the exec is refused, and the audit says which it needs.
-        let policy_allows = decision.action == Action::Allow;
+        let subject = self.subject(facts, sha256);
+        // justify and approve need a grant that the interactive flows
+        // create; without one the exec is refused, and the audit says which
+        // it needs.
+        let grant = match (
+            self.may_use_grant(&decision),
+            self.interactive.get(),
+            &decision.rule_id,
+            grant_identity(&subject),
+        ) {
+            (true, Some(interactive), Some(rule_id), Some(identity)) => {
+                interactive.consume_grant(subject.uid, &identity, rule_id)
+            }
+            _ => None,
+        };
+        let policy_allows = decision.action == Action::Allow || grant.is_some();
         let (verdict, enforced) = match (policy_allows, self.mode) {
             (true, _) => (Verdict::Allow, Enforced::Allow),
             (false, Mode::Enforce) => (Verdict::Deny, Enforced::Deny),
@@ -245,8 +337,9 @@ impl Decider {
             verdict,
             enforced,
             decision,
-            subject: self.subject(facts, sha256),
+            subject,
             cached,
+            grant,
         }
     }
 

@@ -3,10 +3,12 @@
 //! through these modules.
 
 pub mod audit;
+pub mod clock;
 pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod decider;
+pub mod flows;
 pub mod gate;
 pub mod names;
 pub mod pipeline;

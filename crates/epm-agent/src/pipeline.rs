@@ -48,6 +48,7 @@ impl Intake {
             pending.answer(outcome.verdict);
             self.decider.latency.record(received.elapsed());
             self.audit.send(exec_event(&self.decider, &outcome));
+            self.decider.answered(&outcome);
             return;
         }
         counters.queue_depth.fetch_add(1, Ordering::Relaxed);
@@ -119,8 +120,12 @@ fn work(jobs: &Receiver<Job>, decider: &Decider, audit: &AuditSink) {
         // The PendingExec stays outside the closure: if deciding panics,
         // this thread still owns it and answers per fail_mode below.
         let result = catch_unwind(AssertUnwindSafe(|| decider.decide(&pending.facts)));
-        let (verdict, event) = match result {
-            Ok(Ok(outcome)) => (outcome.verdict, exec_event(decider, &outcome)),
+        let (verdict, event, outcome) = match result {
+            Ok(Ok(outcome)) => (
+                outcome.verdict,
+                exec_event(decider, &outcome),
+                Some(outcome),
+            ),
             Ok(Err(error)) => {
                 tracing::warn!(%error, "exec answered per fail_mode");
                 Counters::bump(&decider.counters.fail_mode_answers);
@@ -128,6 +133,7 @@ fn work(jobs: &Receiver<Job>, decider: &Decider, audit: &AuditSink) {
                 (
                     verdict,
                     fail_event(decider, &pending.facts, verdict, &error.to_string()),
+                    None,
                 )
             }
             Err(_) => {
@@ -136,12 +142,19 @@ fn work(jobs: &Receiver<Job>, decider: &Decider, audit: &AuditSink) {
                 Counters::bump(&decider.counters.fail_mode_answers);
                 let verdict = decider.fail_verdict();
                 let why = "internal error: deciding panicked";
-                (verdict, fail_event(decider, &pending.facts, verdict, why))
+                (
+                    verdict,
+                    fail_event(decider, &pending.facts, verdict, why),
+                    None,
+                )
             }
         };
         pending.answer(verdict);
         decider.latency.record(received.elapsed());
         audit.send(event);
+        if let Some(outcome) = outcome {
+            decider.answered(&outcome);
+        }
     }
 }
 

@@ -152,6 +152,9 @@ pub struct SyncContext {
     /// What the gate collects, updated after a new policy (`None` in tests
     /// without a gate).
     pub fact_needs: Option<Arc<FactNeeds>>,
+    /// Told of request changes (the user's helper shows them) and of the
+    /// platform's time (`None` in tests without them).
+    pub flows: Option<Arc<crate::flows::Flows>>,
 }
 
 /// A bundle the agent refused, remembered so the same one is not fetched,
@@ -223,6 +226,9 @@ impl<P: Platform> SyncCycle<P> {
             .await
             .map_err(|e| self.failed(e, false).to_string())?;
         self.set_acked(response.audit_acked_seq);
+        if let Some(flows) = &self.context.flows {
+            flows.observe_platform_time(response.server_time);
+        }
         for status in &response.requests {
             if let Err(problem) = self.apply_request_status(status) {
                 tracing::warn!(request = %status.id, %problem, "request update not applied");
@@ -403,7 +409,11 @@ impl<P: Platform> SyncCycle<P> {
     }
 
     fn checkin_request(&self) -> CheckinRequest {
-        let (pending, requests) = match self.context.store.lock() {
+        // Used approvals are reported for a week: the platform marks them
+        // idempotently, and a week outlasts any window and any outage
+        // worth waiting for.
+        let used_since = Timestamp::now() - jiff::SignedDuration::from_hours(24 * 7);
+        let (pending, requests, used) = match self.context.store.lock() {
             Ok(store) => (
                 store.outbox_stats().map_or(0, |s| s.pending),
                 [RequestState::Pending, RequestState::Approved]
@@ -411,8 +421,16 @@ impl<P: Platform> SyncCycle<P> {
                     .flat_map(|state| store.requests(None, Some(state)).unwrap_or_default())
                     .filter_map(|r| r.platform_id)
                     .collect(),
+                store
+                    .requests(None, Some(RequestState::Used))
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter(|r| r.updated_at > used_since)
+                    .filter_map(|r| r.platform_id)
+                    .take(1000)
+                    .collect(),
             ),
-            Err(_) => (0, Vec::new()),
+            Err(_) => (0, Vec::new(), Vec::new()),
         };
         let c = &self.context.decider.counters;
         let counters: BTreeMap<String, u64> = [
@@ -435,8 +453,7 @@ impl<P: Platform> SyncCycle<P> {
             counters,
             users: local_users(),
             pending_requests: requests,
-            // Grant use is not reported yet: the request flow is a later issue.
-            used_requests: Vec::new(),
+            used_requests: used,
         }
     }
 
@@ -646,6 +663,11 @@ impl<P: Platform> SyncCycle<P> {
             store
                 .set_request_state(&local.id, next, status.reason.as_deref(), now)
                 .map_err(|e| what(e.to_string()))?;
+            let changed = store.request(&local.id).ok().flatten();
+            drop(store);
+            if let (Some(flows), Some(changed)) = (&self.context.flows, changed) {
+                flows.request_changed(&changed);
+            }
         }
         Ok(())
     }
@@ -837,6 +859,13 @@ impl SyncHandle {
             Ok(result) => SyncNowReply::Done(result),
             Err(_) => SyncNowReply::StillRunning,
         }
+    }
+
+    /// Asks for a cycle soon without waiting for it (a new approval
+    /// request); does nothing if one is already asked for.
+    pub fn nudge(&self) {
+        let (reply, _ignored) = std::sync::mpsc::sync_channel(1);
+        let _ = self.trigger.try_send(reply);
     }
 
     /// A copy of the status.

@@ -243,6 +243,7 @@ impl Agent {
                 status: Arc::default(),
                 current,
                 fact_needs: None,
+                flows: None,
             },
         )
     }

@@ -1,0 +1,1352 @@
+//! The interactive flows: what happens after a `justify` or `approve` exec
+//! is refused, up to the grant that lets the next exec run.
+//!
+//! An exec gate cannot wait for a person, so the exec is refused at once
+//! and the user's helper is told ([`Flows::refused`], never blocking the
+//! gate). The helper answers on the control socket: a justification
+//! becomes a one-shot grant; an approval request goes to the platform, and
+//! the platform's signed grant comes back through the sync thread. Every
+//! grant is bound to (uid, binary identity, rule) and consumed by the
+//! decision workers ([`Interactive::consume_grant`]).
+//!
+//! Who may act on what is decided by the kernel-reported uid of the
+//! caller: prompts, requests and grants of one user are invisible to the
+//! others (admins may list everyone's).
+
+use std::collections::{HashMap, VecDeque};
+use std::fs::File;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError, bounded};
+use epm_api::offline::OfflineChallenge;
+use epm_audit::AuditEvent;
+use epm_ipc::flows::program_name;
+use epm_ipc::{
+    BlockReason, Blocked, ErrorCode, GrantInfo, Justified, Prompt, PromptKind, RequestInfo,
+    Response, UserEvent,
+};
+use epm_policy::{Action, ApprovalSpec, JustificationSpec, Subject};
+use epm_store::{
+    Grant, GrantSource, NewGrant, OfflineChallengeRecord, Request, RequestState, Store,
+    SubjectIdentity,
+};
+use epm_sync::credentials::CredentialStore;
+use jiff::{SignedDuration, Timestamp};
+
+use crate::audit::AuditSink;
+use crate::clock::{FLOOR_META_KEY, TrustedClock};
+use crate::decider::{Decider, Interactive, Outcome, UsedGrant, grant_identity};
+
+/// How long a justification grant waits for the run it allows.
+pub const JUSTIFICATION_GRANT_TTL: SignedDuration = SignedDuration::from_secs(10 * 60);
+/// After a rejection, how long before the same user may ask again for the
+/// same binary.
+pub const REJECTION_COOL_DOWN: SignedDuration = SignedDuration::from_secs(10 * 60);
+/// How long a prompt's id stays answerable.
+const PROMPT_TTL: Duration = Duration::from_secs(15 * 60);
+/// The same refusal is not shown again within this time (a script that
+/// loops on a refused program must not flood the user).
+const REPEAT_QUIET: Duration = Duration::from_secs(20);
+/// Wrong offline codes a user may try per [`OFFLINE_TRY_WINDOW`].
+pub const OFFLINE_MAX_TRIES: usize = 5;
+/// See [`OFFLINE_MAX_TRIES`].
+pub const OFFLINE_TRY_WINDOW: Duration = Duration::from_secs(15 * 60);
+/// Events queued per subscribed helper before it counts as stuck.
+const SUBSCRIBER_QUEUE: usize = 64;
+/// Prompts kept per user (the oldest go first).
+const MAX_PROMPTS_PER_USER: usize = 16;
+/// How often expired requests are swept and the clock floor kept.
+const SWEEP_EVERY: Duration = Duration::from_secs(5);
+
+/// A refused exec, as the flows thread needs it.
+#[derive(Debug)]
+struct Refusal {
+    uid: u32,
+    user: String,
+    path: String,
+    argv: Option<Vec<String>>,
+    identity: Option<SubjectIdentity>,
+    action: Action,
+    rule_id: Option<String>,
+    message: Option<String>,
+}
+
+/// A prompt sent to a helper, waiting for its answer.
+#[derive(Debug, Clone)]
+struct PromptRecord {
+    uid: u32,
+    user: String,
+    kind: PromptKind,
+    identity: SubjectIdentity,
+    path: String,
+    argv: Option<Vec<String>>,
+    rule_id: String,
+    sent: Instant,
+}
+
+/// Who a flow acts for and on what: from a prompt or from a path.
+#[derive(Debug)]
+struct Target {
+    uid: u32,
+    user: String,
+    identity: SubjectIdentity,
+    path: String,
+    argv: Option<Vec<String>>,
+    rule_id: String,
+    action: Action,
+    justification: JustificationSpec,
+    approval: ApprovalSpec,
+    prompt: Option<u64>,
+}
+
+/// Asks the sync thread for a cycle now.
+struct Nudge(Box<dyn Fn() + Send>);
+
+impl std::fmt::Debug for Nudge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Nudge")
+    }
+}
+
+/// A subscribed helper: its id and its event queue.
+type Subscriber = (u64, Sender<UserEvent>);
+
+/// A failed flow request: the error code and the message for the user.
+type Refused = (ErrorCode, String);
+
+/// The interactive flows' shared state.
+#[derive(Debug)]
+pub struct Flows {
+    store: Arc<Mutex<Store>>,
+    clock: Arc<TrustedClock>,
+    audit: AuditSink,
+    decider: Weak<Decider>,
+    device_id: String,
+    /// The enrollment credentials (offline key), when managed.
+    credentials: Option<Box<dyn CredentialStore>>,
+    /// Asks the sync thread for a cycle now (a new request), when managed.
+    nudge: Mutex<Option<Nudge>>,
+    refusals: Sender<Refusal>,
+    subscribers: Mutex<HashMap<u32, Vec<Subscriber>>>,
+    prompts: Mutex<HashMap<u64, PromptRecord>>,
+    recently_shown: Mutex<HashMap<(u32, String), Instant>>,
+    offline_failures: Mutex<HashMap<u32, VecDeque<Instant>>>,
+    next_id: std::sync::atomic::AtomicU64,
+}
+
+impl Flows {
+    /// Starts the flows thread and returns the shared state. The clock's
+    /// floor comes from the store.
+    pub fn start(
+        store: Arc<Mutex<Store>>,
+        audit: AuditSink,
+        decider: &Arc<Decider>,
+        credentials: Option<Box<dyn CredentialStore>>,
+    ) -> std::io::Result<Arc<Flows>> {
+        let floor = store
+            .lock()
+            .ok()
+            .and_then(|s| s.meta(FLOOR_META_KEY).ok().flatten());
+        let clock = Arc::new(TrustedClock::new(crate::clock::parse_floor(
+            floor.as_deref(),
+        )));
+        let (refusals, incoming) = bounded(1024);
+        let flows = Arc::new(Flows {
+            store,
+            clock,
+            audit,
+            decider: Arc::downgrade(decider),
+            device_id: decider.device_id().to_owned(),
+            credentials,
+            nudge: Mutex::new(None),
+            refusals,
+            subscribers: Mutex::default(),
+            prompts: Mutex::default(),
+            recently_shown: Mutex::default(),
+            offline_failures: Mutex::default(),
+            // Prompt ids start at a random point: they only need to be
+            // unique, but a guessable sequence helps nobody.
+            next_id: std::sync::atomic::AtomicU64::new(rand::random::<u32>().into()),
+        });
+        let thread_flows = Arc::downgrade(&flows);
+        std::thread::Builder::new()
+            .name("epm-flows".into())
+            .spawn(move || run(&thread_flows, &incoming))?;
+        decider.set_interactive(flows.clone());
+        Ok(flows)
+    }
+
+    /// The clock grant windows are judged by.
+    pub fn clock(&self) -> &TrustedClock {
+        &self.clock
+    }
+
+    /// How to ask the sync thread for a cycle now.
+    pub fn set_nudge(&self, nudge: Box<dyn Fn() + Send>) {
+        *lock(&self.nudge) = Some(Nudge(nudge));
+    }
+
+    // ---- helpers' subscriptions -------------------------------------------------
+
+    /// Registers a helper for `uid`; events arrive on the receiver until
+    /// [`Flows::unsubscribe`].
+    pub fn subscribe(&self, uid: u32) -> (u64, Receiver<UserEvent>) {
+        let (tx, rx) = bounded(SUBSCRIBER_QUEUE);
+        let id = self.fresh_id();
+        lock(&self.subscribers)
+            .entry(uid)
+            .or_default()
+            .push((id, tx));
+        (id, rx)
+    }
+
+    /// Removes a helper's registration.
+    pub fn unsubscribe(&self, uid: u32, id: u64) {
+        let mut subscribers = lock(&self.subscribers);
+        if let Some(list) = subscribers.get_mut(&uid) {
+            list.retain(|(sub, _)| *sub != id);
+            if list.is_empty() {
+                subscribers.remove(&uid);
+            }
+        }
+    }
+
+    fn has_subscriber(&self, uid: u32) -> bool {
+        lock(&self.subscribers).contains_key(&uid)
+    }
+
+    /// Sends an event to every helper of `uid`; a helper whose queue is
+    /// full or gone is dropped (it reconnects).
+    fn notify(&self, uid: u32, event: &UserEvent) {
+        let mut subscribers = lock(&self.subscribers);
+        if let Some(list) = subscribers.get_mut(&uid) {
+            list.retain(|(_, tx)| match tx.try_send(event.clone()) {
+                Ok(()) => true,
+                Err(TrySendError::Full(_)) => {
+                    tracing::warn!(uid, "a helper does not read its events; dropping it");
+                    false
+                }
+                Err(TrySendError::Disconnected(_)) => false,
+            });
+            if list.is_empty() {
+                subscribers.remove(&uid);
+            }
+        }
+    }
+
+    /// One of a user's requests changed (the sync thread, the sweep).
+    pub fn request_changed(&self, request: &Request) {
+        let mut event = AuditEvent::new("request_changed")
+            .with_detail("request_id", request.id.as_str())
+            .with_detail("state", request.state.as_str());
+        event.uid = Some(request.uid);
+        event.user = Some(request.user.clone());
+        event.path = Some(request.path.clone());
+        event.rule_id = Some(request.rule_id.clone());
+        event.reason = request.state_reason.clone();
+        self.audit.send(event);
+        self.notify(
+            request.uid,
+            &UserEvent::RequestChanged(request_info(request)),
+        );
+    }
+
+    /// The platform's time at check-in: the clock never reads earlier.
+    pub fn observe_platform_time(&self, time: Timestamp) {
+        self.clock.observe(time);
+    }
+
+    fn fresh_id(&self) -> u64 {
+        self.next_id
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    }
+
+    // ---- refusals (flows thread) ------------------------------------------------
+
+    fn handle_refusal(&self, refusal: Refusal) {
+        if !self.has_subscriber(refusal.uid) {
+            // Nobody to tell (ssh, a service account): the audit has it,
+            // and `epmctl` offers the same flows.
+            return;
+        }
+        let key = (
+            refusal.uid,
+            refusal
+                .identity
+                .as_ref()
+                .map_or_else(|| refusal.path.clone(), |i| i.value.clone()),
+        );
+        {
+            let mut shown = lock(&self.recently_shown);
+            if shown
+                .get(&key)
+                .is_some_and(|at| at.elapsed() < REPEAT_QUIET)
+            {
+                return;
+            }
+            shown.insert(key, Instant::now());
+        }
+        let blocked = |because: BlockReason| {
+            UserEvent::Blocked(Blocked {
+                program: program_name(&refusal.path),
+                path: refusal.path.clone(),
+                rule_id: refusal.rule_id.clone(),
+                message: refusal.message.clone(),
+                because,
+            })
+        };
+        let (Some(identity), Some(rule_id), Action::Justify | Action::Approve) =
+            (&refusal.identity, &refusal.rule_id, refusal.action)
+        else {
+            self.notify(refusal.uid, &blocked(BlockReason::Denied));
+            return;
+        };
+        let kind = match refusal.action {
+            Action::Approve => PromptKind::Approve,
+            _ => PromptKind::Justify,
+        };
+        if kind == PromptKind::Approve {
+            match self.approval_situation(refusal.uid, identity) {
+                Situation::Blocked(because) => {
+                    self.notify(refusal.uid, &blocked(because));
+                    return;
+                }
+                Situation::AskAgainAfter(because) => {
+                    self.notify(refusal.uid, &blocked(because));
+                }
+                Situation::Ask => {}
+            }
+        }
+        let Some(decider) = self.decider.upgrade() else {
+            return;
+        };
+        let policy = decider.policy();
+        let Some(rule) = policy.engine.rule(rule_id) else {
+            return;
+        };
+        let id = self.fresh_id();
+        let record = PromptRecord {
+            uid: refusal.uid,
+            user: refusal.user.clone(),
+            kind,
+            identity: identity.clone(),
+            path: refusal.path.clone(),
+            argv: refusal.argv.clone(),
+            rule_id: rule_id.clone(),
+            sent: Instant::now(),
+        };
+        self.remember_prompt(id, record);
+        let prompt = Prompt {
+            id,
+            kind,
+            program: program_name(&refusal.path),
+            path: refusal.path.clone(),
+            argv: refusal.argv.clone(),
+            rule_id: rule_id.clone(),
+            message: refusal.message.clone(),
+            justification: rule.justification.cloned().unwrap_or_default(),
+            approval: (kind == PromptKind::Approve)
+                .then(|| rule.approval.cloned().unwrap_or_default()),
+        };
+        self.notify(refusal.uid, &UserEvent::Prompt(prompt));
+    }
+
+    fn remember_prompt(&self, id: u64, record: PromptRecord) {
+        let mut prompts = lock(&self.prompts);
+        prompts.retain(|_, p| p.sent.elapsed() < PROMPT_TTL);
+        let mine: Vec<(u64, Instant)> = prompts
+            .iter()
+            .filter(|(_, p)| p.uid == record.uid)
+            .map(|(id, p)| (*id, p.sent))
+            .collect();
+        if mine.len() >= MAX_PROMPTS_PER_USER
+            && let Some((oldest, _)) = mine.iter().min_by_key(|(_, sent)| *sent)
+        {
+            prompts.remove(oldest);
+        }
+        prompts.insert(id, record);
+    }
+
+    /// Where a user's approval for a binary stands.
+    fn approval_situation(&self, uid: u32, identity: &SubjectIdentity) -> Situation {
+        let now = self.clock.now();
+        let Ok(store) = self.store.lock() else {
+            return Situation::Ask;
+        };
+        let requests: Vec<Request> = store
+            .requests(Some(uid), None)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|r| same_identity(&r.identity, identity))
+            .collect();
+        let grants = store
+            .grants_for_identity(uid, identity, 32)
+            .unwrap_or_default();
+        drop(store);
+        situation(&requests, &grants, now)
+    }
+
+    /// Expires requests whose window ended and keeps the clock's floor.
+    fn sweep(&self) {
+        let now = self.clock.now();
+        let expired = {
+            let Ok(mut store) = self.store.lock() else {
+                return;
+            };
+            if let Err(error) = store.set_meta(FLOOR_META_KEY, &now.to_string()) {
+                tracing::debug!(%error, "cannot keep the clock floor");
+            }
+            let ids = store.expire_requests(now).unwrap_or_default();
+            ids.iter()
+                .filter_map(|id| store.request(id).ok().flatten())
+                .collect::<Vec<_>>()
+        };
+        for request in &expired {
+            self.request_changed(request);
+        }
+        lock(&self.recently_shown).retain(|_, at| at.elapsed() < REPEAT_QUIET);
+        lock(&self.prompts).retain(|_, p| p.sent.elapsed() < PROMPT_TTL);
+    }
+
+    // ---- requests from helpers and epmctl (control threads) ---------------------
+
+    /// [`epm_ipc::Request::Justify`].
+    pub fn justify(
+        &self,
+        caller: u32,
+        prompt: Option<u64>,
+        path: Option<String>,
+        reason: &str,
+    ) -> Response {
+        match self.try_justify(caller, prompt, path, reason) {
+            Ok(response) => response,
+            Err((code, message)) => Response::error(code, message),
+        }
+    }
+
+    fn try_justify(
+        &self,
+        caller: u32,
+        prompt: Option<u64>,
+        path: Option<String>,
+        reason: &str,
+    ) -> Result<Response, Refused> {
+        let target = self.target(caller, prompt, path)?;
+        if target.action != Action::Justify {
+            return Err(wrong_flow(&target));
+        }
+        let reason = target
+            .justification
+            .check(reason)
+            .map_err(|e| (ErrorCode::BadRequest, e.to_string()))?;
+        let now = self.clock.now();
+        let grant = NewGrant {
+            uid: target.uid,
+            user: target.user.clone(),
+            identity: target.identity.clone(),
+            rule_id: target.rule_id.clone(),
+            not_before: now,
+            not_after: now + JUSTIFICATION_GRANT_TTL,
+            uses: 1,
+            source: GrantSource::Justification,
+            request_id: None,
+            justification: Some(reason.clone()),
+            path: Some(target.path.clone()),
+        };
+        let id = self.insert_grant(&grant)?;
+        self.forget_prompt(target.prompt);
+        self.audit
+            .send(flow_event("justified", &target, Some(&reason)).with_detail("grant_id", id));
+        Ok(Response::Justified(Justified {
+            program: program_name(&target.path),
+            grant: grant_info(id, &grant),
+            relaunch: target.argv,
+        }))
+    }
+
+    /// [`epm_ipc::Request::RequestApproval`].
+    pub fn request_approval(
+        &self,
+        caller: u32,
+        prompt: Option<u64>,
+        path: Option<String>,
+        reason: &str,
+        start: Timestamp,
+        end: Timestamp,
+    ) -> Response {
+        match self.try_request_approval(caller, prompt, path, reason, start, end) {
+            Ok(response) => response,
+            Err((code, message)) => Response::error(code, message),
+        }
+    }
+
+    fn try_request_approval(
+        &self,
+        caller: u32,
+        prompt: Option<u64>,
+        path: Option<String>,
+        reason: &str,
+        start: Timestamp,
+        end: Timestamp,
+    ) -> Result<Response, Refused> {
+        let target = self.target(caller, prompt, path)?;
+        if target.action != Action::Approve {
+            return Err(wrong_flow(&target));
+        }
+        let reason = self.check_approval_answer(&target, reason, start, end)?;
+        if lock(&self.nudge).is_none() {
+            return Err((
+                ErrorCode::BadRequest,
+                "this device is not managed by a platform, so nobody can approve a request: \
+                 ask an administrator for an offline code (epmctl request --offline PATH)"
+                    .into(),
+            ));
+        }
+        let now = self.clock.now();
+        let mut store = self.lock_store()?;
+        let mine = store.requests(Some(caller), None).map_err(internal)?;
+        if let Some(open) = mine.iter().find(|r| {
+            same_identity(&r.identity, &target.identity) && r.state == RequestState::Pending
+        }) {
+            return Err((
+                ErrorCode::Conflict,
+                format!(
+                    "a request for {} is already pending administrator review (request {})",
+                    program_name(&open.path),
+                    open.id
+                ),
+            ));
+        }
+        if let Some(rejected) = mine.iter().find(|r| {
+            same_identity(&r.identity, &target.identity)
+                && r.state == RequestState::Denied
+                && r.updated_at + REJECTION_COOL_DOWN > now
+        }) {
+            return Err((
+                ErrorCode::TryLater,
+                format!(
+                    "your last request for {} was rejected by the administrator; you can ask again after {}",
+                    program_name(&rejected.path),
+                    rejected.updated_at + REJECTION_COOL_DOWN
+                ),
+            ));
+        }
+        let request = Request {
+            id: store.new_request_id().map_err(internal)?,
+            uid: target.uid,
+            user: target.user.clone(),
+            rule_id: target.rule_id.clone(),
+            identity: target.identity.clone(),
+            path: target.path.clone(),
+            justification: reason.clone(),
+            window_start: start,
+            window_end: end,
+            state: RequestState::Pending,
+            state_reason: None,
+            platform_id: None,
+            created_at: now,
+            updated_at: now,
+        };
+        store.insert_request(&request).map_err(internal)?;
+        drop(store);
+        self.forget_prompt(target.prompt);
+        self.audit.send(
+            flow_event("approval_requested", &target, Some(&reason))
+                .with_detail("request_id", request.id.as_str())
+                .with_detail("window_start", start.to_string())
+                .with_detail("window_end", end.to_string()),
+        );
+        if let Some(nudge) = lock(&self.nudge).as_ref() {
+            (nudge.0)();
+        }
+        Ok(Response::RequestCreated(request_info(&request)))
+    }
+
+    fn check_approval_answer(
+        &self,
+        target: &Target,
+        reason: &str,
+        start: Timestamp,
+        end: Timestamp,
+    ) -> Result<String, Refused> {
+        let reason = target
+            .justification
+            .check(reason)
+            .map_err(|e| (ErrorCode::BadRequest, e.to_string()))?;
+        target
+            .approval
+            .check_window(start, end, self.clock.now())
+            .map_err(|e| (ErrorCode::BadRequest, e.to_string()))?;
+        Ok(reason)
+    }
+
+    /// [`epm_ipc::Request::OfflineChallenge`].
+    pub fn offline_challenge(
+        &self,
+        caller: u32,
+        path: String,
+        reason: &str,
+        start: Timestamp,
+        end: Timestamp,
+    ) -> Response {
+        match self.try_offline_challenge(caller, path, reason, start, end) {
+            Ok(response) => response,
+            Err((code, message)) => Response::error(code, message),
+        }
+    }
+
+    fn try_offline_challenge(
+        &self,
+        caller: u32,
+        path: String,
+        reason: &str,
+        start: Timestamp,
+        end: Timestamp,
+    ) -> Result<Response, Refused> {
+        self.offline_key()?;
+        let target = self.target(caller, None, Some(path))?;
+        if target.action != Action::Approve {
+            return Err(wrong_flow(&target));
+        }
+        let reason = self.check_approval_answer(&target, reason, start, end)?;
+        let challenge = OfflineChallenge {
+            device_id: self.device_id.clone(),
+            user: target.user.clone(),
+            identity: epm_api::SubjectIdentity {
+                kind: target.identity.kind.as_str().to_owned(),
+                value: target.identity.value.to_ascii_lowercase(),
+            },
+            rule_id: target.rule_id.clone(),
+            not_before: start,
+            not_after: end,
+            nonce: rand::random(),
+        };
+        let text = challenge.encode();
+        self.lock_store()?
+            .insert_offline_challenge(&OfflineChallengeRecord {
+                nonce: challenge.nonce.to_string(),
+                uid: target.uid,
+                challenge: text.clone(),
+                not_after: end,
+                created_at: self.clock.now(),
+            })
+            .map_err(internal)?;
+        self.audit.send(
+            flow_event("offline_challenge", &target, Some(&reason))
+                .with_detail("nonce", challenge.nonce.to_string())
+                .with_detail("window_start", start.to_string())
+                .with_detail("window_end", end.to_string()),
+        );
+        Ok(Response::Challenge {
+            challenge: text,
+            device_id: self.device_id.clone(),
+        })
+    }
+
+    /// [`epm_ipc::Request::OfflineCode`].
+    pub fn offline_code(&self, caller: u32, code: &str) -> Response {
+        match self.try_offline_code(caller, code) {
+            Ok(response) => response,
+            Err((code, message)) => Response::error(code, message),
+        }
+    }
+
+    fn try_offline_code(&self, caller: u32, code: &str) -> Result<Response, Refused> {
+        let key = self.offline_key()?;
+        {
+            let mut failures = lock(&self.offline_failures);
+            let mine = failures.entry(caller).or_default();
+            while mine
+                .front()
+                .is_some_and(|at| at.elapsed() >= OFFLINE_TRY_WINDOW)
+            {
+                mine.pop_front();
+            }
+            if mine.len() >= OFFLINE_MAX_TRIES {
+                let wait = mine.front().map_or(OFFLINE_TRY_WINDOW, |at| {
+                    OFFLINE_TRY_WINDOW.saturating_sub(at.elapsed())
+                });
+                return Err((
+                    ErrorCode::TryLater,
+                    format!(
+                        "too many wrong codes; try again in {} minutes",
+                        wait.as_secs().div_ceil(60).max(1)
+                    ),
+                ));
+            }
+        }
+        let now = self.clock.now();
+        let open = self
+            .lock_store()?
+            .open_offline_challenges(caller, now)
+            .map_err(internal)?;
+        let matched = open.iter().find_map(|record| {
+            let challenge = OfflineChallenge::decode(&record.challenge).ok()?;
+            (challenge.device_id == self.device_id && challenge.accepts(&key, code))
+                .then_some((record, challenge))
+        });
+        let user = self.user_name(caller);
+        let Some((record, challenge)) = matched else {
+            lock(&self.offline_failures)
+                .entry(caller)
+                .or_default()
+                .push_back(Instant::now());
+            let mut event = AuditEvent::new("offline_code_refused");
+            event.uid = Some(caller);
+            event.user = Some(user);
+            event.reason = Some("the code answers none of the user's open challenges".into());
+            self.audit.send(event);
+            return Err((
+                ErrorCode::Forbidden,
+                "this code does not answer any of your open challenges: it may be mistyped, \
+                 used already, expired, or made for another user or device"
+                    .into(),
+            ));
+        };
+        if !self
+            .lock_store()?
+            .use_offline_challenge(&record.nonce, now)
+            .map_err(internal)?
+        {
+            return Err((ErrorCode::Forbidden, "this code was used already".into()));
+        }
+        let kind = match challenge.identity.kind.as_str() {
+            "cdhash" => epm_store::IdentityKind::Cdhash,
+            _ => epm_store::IdentityKind::Sha256,
+        };
+        let uses = self
+            .decider
+            .upgrade()
+            .and_then(|d| {
+                d.policy()
+                    .engine
+                    .rule(&challenge.rule_id)
+                    .map(|r| r.approval.map_or(1, |a| a.uses))
+            })
+            .unwrap_or(1);
+        let grant = NewGrant {
+            uid: caller,
+            user: user.clone(),
+            identity: SubjectIdentity {
+                kind,
+                value: challenge.identity.value.clone(),
+            },
+            rule_id: challenge.rule_id.clone(),
+            not_before: challenge.not_before,
+            not_after: challenge.not_after,
+            uses: uses.max(1),
+            source: GrantSource::OfflineCode,
+            request_id: None,
+            justification: None,
+            path: None,
+        };
+        let id = self.insert_grant(&grant)?;
+        let mut event = AuditEvent::new("offline_code_accepted")
+            .with_detail("grant_id", id)
+            .with_detail("nonce", record.nonce.as_str());
+        event.uid = Some(caller);
+        event.user = Some(user);
+        event.rule_id = Some(challenge.rule_id.clone());
+        event.sha256 = (grant.identity.kind == epm_store::IdentityKind::Sha256)
+            .then(|| grant.identity.value.clone());
+        self.audit.send(event);
+        Ok(Response::Granted(grant_info(id, &grant)))
+    }
+
+    fn offline_key(&self) -> Result<Vec<u8>, Refused> {
+        let not_enrolled = || {
+            (
+                ErrorCode::BadRequest,
+                "offline codes need this device to be enrolled with a platform (the key is made at enrollment)"
+                    .to_owned(),
+            )
+        };
+        let credentials = self
+            .credentials
+            .as_ref()
+            .ok_or_else(not_enrolled)?
+            .load()
+            .map_err(|e| {
+                (
+                    ErrorCode::Internal,
+                    format!("cannot read the enrollment: {e}"),
+                )
+            })?
+            .ok_or_else(not_enrolled)?;
+        base64::engine::general_purpose::STANDARD
+            .decode(credentials.offline_key.as_bytes())
+            .map_err(|_| {
+                (
+                    ErrorCode::Internal,
+                    "the stored offline key is corrupt".into(),
+                )
+            })
+    }
+
+    /// [`epm_ipc::Request::ListRequests`]: the caller's, or everyone's.
+    pub fn list_requests(&self, caller: u32, all: bool) -> Response {
+        let uid = (!all).then_some(caller);
+        match self.store.lock() {
+            Ok(store) => match store.requests(uid, None) {
+                Ok(requests) => Response::Requests {
+                    requests: requests.iter().map(request_info).collect(),
+                },
+                Err(e) => Response::error(ErrorCode::Internal, e.to_string()),
+            },
+            Err(_) => Response::error(ErrorCode::Internal, "store lock poisoned"),
+        }
+    }
+
+    /// [`epm_ipc::Request::ListGrants`]: the caller's current and future
+    /// grants (or everyone's).
+    pub fn list_grants(&self, caller: u32, all: bool) -> Response {
+        let now = self.clock.now();
+        let Ok(store) = self.store.lock() else {
+            return Response::error(ErrorCode::Internal, "store lock poisoned");
+        };
+        let uids: Vec<u32> = if all {
+            store
+                .requests(None, None)
+                .unwrap_or_default()
+                .iter()
+                .map(|r| r.uid)
+                .chain(std::iter::once(caller))
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
+                .collect()
+        } else {
+            vec![caller]
+        };
+        let mut grants: Vec<GrantInfo> = Vec::new();
+        for uid in uids {
+            match store.grants_for(uid, now) {
+                Ok(list) => grants.extend(list.iter().map(|g| grant_info(g.id, &g.grant))),
+                Err(e) => return Response::error(ErrorCode::Internal, e.to_string()),
+            }
+        }
+        Response::Grants { grants }
+    }
+
+    // ---- shared ------------------------------------------------------------------
+
+    /// Resolves what a flow request is about, for the caller only.
+    fn target(
+        &self,
+        caller: u32,
+        prompt: Option<u64>,
+        path: Option<String>,
+    ) -> Result<Target, Refused> {
+        let decider = self
+            .decider
+            .upgrade()
+            .ok_or_else(|| (ErrorCode::Internal, "the daemon is stopping".to_owned()))?;
+        let policy = decider.policy();
+        let (uid, user, identity, path, argv, rule_id, prompt) = match (prompt, path) {
+            (Some(id), None) => {
+                let record = lock(&self.prompts)
+                    .get(&id)
+                    .filter(|p| p.uid == caller && p.sent.elapsed() < PROMPT_TTL)
+                    .cloned()
+                    // Another user's prompt reads as no prompt at all.
+                    .ok_or_else(|| {
+                        (
+                            ErrorCode::NotFound,
+                            format!("no open prompt {id} for you: it was answered, expired, or is not yours; run the program again"),
+                        )
+                    })?;
+                let _ = record.kind;
+                (
+                    record.uid,
+                    record.user,
+                    record.identity,
+                    record.path,
+                    record.argv,
+                    record.rule_id,
+                    Some(id),
+                )
+            }
+            (None, Some(path)) => {
+                let user = self.user_name(caller);
+                let (identity, subject) = self.subject_for_path(&decider, caller, &user, &path)?;
+                let decision = policy.engine.evaluate(&subject);
+                let Some(rule_id) = decision.rule_id.as_deref().map(str::to_owned) else {
+                    return Err((
+                        ErrorCode::BadRequest,
+                        format!(
+                            "no rule asks for a justification or an approval for {path}: the policy's default ({}) applies",
+                            decision.action.as_str()
+                        ),
+                    ));
+                };
+                (caller, user, identity, path, None, rule_id, None)
+            }
+            _ => {
+                return Err((
+                    ErrorCode::BadRequest,
+                    "name either a prompt or a path".into(),
+                ));
+            }
+        };
+        let rule = policy.engine.rule(&rule_id).ok_or_else(|| {
+            (
+                ErrorCode::NotFound,
+                format!(
+                    "the policy changed since (rule {rule_id:?} is gone): run the program again"
+                ),
+            )
+        })?;
+        Ok(Target {
+            uid,
+            user,
+            identity,
+            path,
+            argv,
+            action: rule.action,
+            justification: rule.justification.cloned().unwrap_or_default(),
+            approval: rule.approval.cloned().unwrap_or_default(),
+            rule_id,
+            prompt,
+        })
+    }
+
+    /// Hashes a file the caller names, as the daemon (root) but only if the
+    /// caller could execute it: a hash of a file the caller cannot run is
+    /// none of their business.
+    fn subject_for_path(
+        &self,
+        decider: &Decider,
+        caller: u32,
+        user: &str,
+        path: &str,
+    ) -> Result<(SubjectIdentity, Subject), Refused> {
+        if !path.starts_with('/') {
+            return Err((
+                ErrorCode::BadRequest,
+                format!("{path:?} is not an absolute path"),
+            ));
+        }
+        let file = File::open(path)
+            .map_err(|e| (ErrorCode::NotFound, format!("cannot open {path}: {e}")))?;
+        let meta = file
+            .metadata()
+            .map_err(|e| (ErrorCode::NotFound, format!("cannot read {path}: {e}")))?;
+        let account = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(caller))
+            .ok()
+            .flatten();
+        let groups: Vec<u32> = account
+            .as_ref()
+            .map(|a| {
+                crate::control::group_ids(a)
+                    .into_iter()
+                    .map(|g| g.as_raw())
+                    .collect()
+            })
+            .unwrap_or_default();
+        if !meta.is_file() || !executable_by(&meta, caller, &groups) {
+            return Err((
+                ErrorCode::BadRequest,
+                format!("{path} is not a program you can run"),
+            ));
+        }
+        let sha256 = crate::decider::hash_file(&file)
+            .map_err(|e| (ErrorCode::Internal, format!("cannot read {path}: {e}")))?;
+        let subject = Subject {
+            path: path.to_owned(),
+            sha256: Some(sha256),
+            uid: caller,
+            user: user.to_owned(),
+            groups: account
+                .as_ref()
+                .map(crate::control::group_names)
+                .unwrap_or_default(),
+            device_id: decider.device_id().to_owned(),
+            ..Subject::default()
+        };
+        let identity = grant_identity(&subject)
+            .ok_or_else(|| (ErrorCode::Internal, "no identity for the file".to_owned()))?;
+        Ok((identity, subject))
+    }
+
+    fn user_name(&self, uid: u32) -> String {
+        self.decider
+            .upgrade()
+            .and_then(|d| d.names().user(uid).map(|n| n.to_string()))
+            .unwrap_or_else(|| uid.to_string())
+    }
+
+    fn forget_prompt(&self, id: Option<u64>) {
+        if let Some(id) = id {
+            lock(&self.prompts).remove(&id);
+        }
+    }
+
+    fn insert_grant(&self, grant: &NewGrant) -> Result<i64, Refused> {
+        self.lock_store()?.insert_grant(grant).map_err(internal)
+    }
+
+    fn lock_store(&self) -> Result<std::sync::MutexGuard<'_, Store>, Refused> {
+        self.store
+            .lock()
+            .map_err(|_| (ErrorCode::Internal, "store lock poisoned".to_owned()))
+    }
+}
+
+impl Interactive for Flows {
+    fn consume_grant(
+        &self,
+        uid: u32,
+        identity: &SubjectIdentity,
+        rule_id: &str,
+    ) -> Option<UsedGrant> {
+        let now = self.clock.now();
+        let mut store = self.store.lock().ok()?;
+        let grant = match store.consume_grant(uid, identity, rule_id, now) {
+            Ok(grant) => grant?,
+            Err(error) => {
+                tracing::warn!(%error, "cannot consume a grant; the exec is refused");
+                return None;
+            }
+        };
+        let mut used_request = None;
+        if grant.grant.uses == 0
+            && let Some(request) = &grant.grant.request_id
+        {
+            match store.set_request_state(request, RequestState::Used, None, now) {
+                Ok(true) => used_request = store.request(request).ok().flatten(),
+                Ok(false) => {}
+                Err(error) => tracing::debug!(%error, "request not marked used"),
+            }
+        }
+        drop(store);
+        if let Some(request) = used_request {
+            self.request_changed(&request);
+        }
+        Some(UsedGrant {
+            id: grant.id,
+            source: grant.grant.source.as_str(),
+            uses_left: grant.grant.uses,
+            request_id: grant.grant.request_id,
+        })
+    }
+
+    fn refused(&self, outcome: &Outcome) {
+        if !self.has_subscriber(outcome.subject.uid) {
+            return;
+        }
+        let subject = &outcome.subject;
+        let refusal = Refusal {
+            uid: subject.uid,
+            user: subject.user.clone(),
+            path: subject.path.clone(),
+            argv: subject.argv.clone(),
+            identity: grant_identity(subject),
+            action: outcome.decision.action,
+            rule_id: outcome.decision.rule_id.as_deref().map(str::to_owned),
+            message: outcome.decision.message.as_deref().map(str::to_owned),
+        };
+        if self.refusals.try_send(refusal).is_err() {
+            tracing::debug!("flows queue full; a refusal is not shown");
+        }
+    }
+}
+
+fn run(flows: &Weak<Flows>, incoming: &Receiver<Refusal>) {
+    let mut last_sweep = Instant::now();
+    loop {
+        let next = incoming.recv_timeout(Duration::from_secs(1));
+        let Some(flows) = flows.upgrade() else { return };
+        match next {
+            Ok(refusal) => flows.handle_refusal(refusal),
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => return,
+        }
+        if last_sweep.elapsed() >= SWEEP_EVERY {
+            flows.sweep();
+            last_sweep = Instant::now();
+        }
+    }
+}
+
+/// Where an approval stands, for a refused exec.
+#[derive(Debug, PartialEq, Eq)]
+enum Situation {
+    /// Say why, and do not offer a form.
+    Blocked(BlockReason),
+    /// Say why, then offer a new form.
+    AskAgainAfter(BlockReason),
+    /// Offer the form.
+    Ask,
+}
+
+/// The pure decision behind [`Flows::approval_situation`]: `requests` are
+/// the user's for this binary, newest first; `grants` likewise.
+fn situation(requests: &[Request], grants: &[Grant], now: Timestamp) -> Situation {
+    if let Some(pending) = requests.iter().find(|r| r.state == RequestState::Pending) {
+        return Situation::Blocked(BlockReason::Pending {
+            request_id: pending.id.clone(),
+        });
+    }
+    if let Some(ahead) = requests
+        .iter()
+        .find(|r| r.state == RequestState::Approved && r.window_start > now)
+    {
+        return Situation::Blocked(BlockReason::WindowNotStarted {
+            start: ahead.window_start,
+        });
+    }
+    let Some(latest) = requests.first() else {
+        return Situation::Ask;
+    };
+    let was_approved = grants
+        .iter()
+        .any(|g| g.grant.request_id.as_deref() == Some(latest.id.as_str()));
+    match latest.state {
+        RequestState::Denied if latest.updated_at + REJECTION_COOL_DOWN > now => {
+            Situation::Blocked(BlockReason::Rejected {
+                request_id: latest.id.clone(),
+                reason: latest.state_reason.clone(),
+                retry_after: latest.updated_at + REJECTION_COOL_DOWN,
+            })
+        }
+        RequestState::Used => Situation::AskAgainAfter(BlockReason::WindowExpired),
+        RequestState::Approved | RequestState::Expired if was_approved => {
+            Situation::AskAgainAfter(BlockReason::WindowExpired)
+        }
+        _ => Situation::Ask,
+    }
+}
+
+fn same_identity(a: &SubjectIdentity, b: &SubjectIdentity) -> bool {
+    a.kind == b.kind && a.value.eq_ignore_ascii_case(&b.value)
+}
+
+/// Whether the mode bits let `uid` (with `groups`) execute the file.
+fn executable_by(meta: &std::fs::Metadata, uid: u32, groups: &[u32]) -> bool {
+    let mode = meta.permissions().mode();
+    if uid == 0 {
+        return mode & 0o111 != 0;
+    }
+    if meta.uid() == uid {
+        mode & 0o100 != 0
+    } else if groups.contains(&meta.gid()) {
+        mode & 0o010 != 0
+    } else {
+        mode & 0o001 != 0
+    }
+}
+
+fn wrong_flow(target: &Target) -> Refused {
+    let program = program_name(&target.path);
+    let message = match target.action {
+        Action::Allow => format!("{program} is allowed: just run it"),
+        Action::Deny => {
+            format!("{program} is denied by policy; no justification or approval can change that")
+        }
+        Action::Justify => {
+            format!("{program} needs a justification, not an approval: use `epmctl justify`")
+        }
+        Action::Approve => {
+            format!("{program} needs an approval, not a justification: use `epmctl request`")
+        }
+    };
+    (ErrorCode::BadRequest, message)
+}
+
+fn internal(error: impl std::fmt::Display) -> Refused {
+    (ErrorCode::Internal, error.to_string())
+}
+
+fn flow_event(kind: &str, target: &Target, justification: Option<&str>) -> AuditEvent {
+    let mut event = AuditEvent::new(kind);
+    event.uid = Some(target.uid);
+    event.user = Some(target.user.clone());
+    event.path = Some(target.path.clone());
+    event.rule_id = Some(target.rule_id.clone());
+    event.action = Some(target.action.as_str().to_owned());
+    if target.identity.kind == epm_store::IdentityKind::Sha256 {
+        event.sha256 = Some(target.identity.value.to_ascii_lowercase());
+    }
+    let event = event.with_detail(
+        "identity",
+        format!("{}:{}", target.identity.kind, target.identity.value),
+    );
+    match justification {
+        Some(text) => event.with_detail("justification", text),
+        None => event,
+    }
+}
+
+/// A store request as the IPC shows it.
+pub fn request_info(request: &Request) -> RequestInfo {
+    RequestInfo {
+        id: request.id.clone(),
+        user: request.user.clone(),
+        program: program_name(&request.path),
+        path: request.path.clone(),
+        identity: format!("{}:{}", request.identity.kind, request.identity.value),
+        rule_id: request.rule_id.clone(),
+        justification: request.justification.clone(),
+        start: request.window_start,
+        end: request.window_end,
+        state: request.state.as_str().to_owned(),
+        state_reason: request.state_reason.clone(),
+        submitted: request.platform_id.is_some(),
+        created_at: request.created_at,
+        updated_at: request.updated_at,
+    }
+}
+
+fn grant_info(id: i64, grant: &NewGrant) -> GrantInfo {
+    GrantInfo {
+        id,
+        user: grant.user.clone(),
+        path: grant.path.clone(),
+        identity: format!("{}:{}", grant.identity.kind, grant.identity.value),
+        rule_id: grant.rule_id.clone(),
+        source: grant.source.as_str().to_owned(),
+        not_before: grant.not_before,
+        not_after: grant.not_after,
+        uses_left: grant.uses,
+        request_id: grant.request_id.clone(),
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(seconds: i64) -> Timestamp {
+        Timestamp::from_second(1_800_000_000 + seconds).unwrap()
+    }
+
+    fn identity() -> SubjectIdentity {
+        SubjectIdentity {
+            kind: epm_store::IdentityKind::Sha256,
+            value: "ab".repeat(32),
+        }
+    }
+
+    fn request(id: &str, state: RequestState, start: i64, end: i64, updated: i64) -> Request {
+        Request {
+            id: id.into(),
+            uid: 501,
+            user: "alice".into(),
+            rule_id: "nc".into(),
+            identity: identity(),
+            path: "/usr/bin/nc".into(),
+            justification: "debugging".into(),
+            window_start: at(start),
+            window_end: at(end),
+            state,
+            state_reason: Some("not now".into()),
+            platform_id: Some(format!("p-{id}")),
+            created_at: at(0),
+            updated_at: at(updated),
+        }
+    }
+
+    fn grant_for(request: &str) -> Grant {
+        Grant {
+            id: 1,
+            grant: NewGrant {
+                uid: 501,
+                user: "alice".into(),
+                identity: identity(),
+                rule_id: "nc".into(),
+                not_before: at(0),
+                not_after: at(100),
+                uses: 0,
+                source: GrantSource::Approval,
+                request_id: Some(request.into()),
+                justification: None,
+                path: None,
+            },
+            created_at: at(0),
+        }
+    }
+
+    #[test]
+    fn nothing_asked_yet_offers_the_form() {
+        assert_eq!(situation(&[], &[], at(0)), Situation::Ask);
+    }
+
+    #[test]
+    fn a_pending_request_is_not_asked_again() {
+        let pending = request("r1", RequestState::Pending, 0, 100, 0);
+        assert_eq!(
+            situation(&[pending], &[], at(10)),
+            Situation::Blocked(BlockReason::Pending {
+                request_id: "r1".into()
+            })
+        );
+    }
+
+    #[test]
+    fn an_approved_window_ahead_says_when_it_opens() {
+        let approved = request("r1", RequestState::Approved, 50, 100, 0);
+        assert_eq!(
+            situation(&[approved], &[grant_for("r1")], at(10)),
+            Situation::Blocked(BlockReason::WindowNotStarted { start: at(50) })
+        );
+    }
+
+    #[test]
+    fn a_rejection_holds_for_the_cool_down_then_the_form_returns() {
+        let denied = request("r1", RequestState::Denied, 0, 100_000, 10);
+        let during = situation(std::slice::from_ref(&denied), &[], at(20));
+        assert!(
+            matches!(during, Situation::Blocked(BlockReason::Rejected { ref reason, .. }) if reason.as_deref() == Some("not now")),
+            "{during:?}"
+        );
+        let after = at(10) + REJECTION_COOL_DOWN;
+        assert_eq!(situation(&[denied], &[], after), Situation::Ask);
+    }
+
+    #[test]
+    fn a_used_or_expired_approval_says_so_and_offers_a_new_form() {
+        let used = request("r1", RequestState::Used, 0, 100, 20);
+        assert_eq!(
+            situation(&[used], &[grant_for("r1")], at(30)),
+            Situation::AskAgainAfter(BlockReason::WindowExpired)
+        );
+        let expired = request("r2", RequestState::Expired, 0, 100, 100);
+        assert_eq!(
+            situation(std::slice::from_ref(&expired), &[grant_for("r2")], at(200)),
+            Situation::AskAgainAfter(BlockReason::WindowExpired)
+        );
+        // Expired unreviewed: nothing was approved, just ask.
+        assert_eq!(situation(&[expired], &[], at(200)), Situation::Ask);
+    }
+
+    #[test]
+    fn execute_permission_follows_owner_group_other() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tool");
+        std::fs::write(&path, b"x").unwrap();
+        let owner = std::fs::metadata(&path).unwrap().uid();
+        let group = std::fs::metadata(&path).unwrap().gid();
+        let set = |mode| {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            std::fs::metadata(&path).unwrap()
+        };
+        let stranger = owner + 1000;
+        assert!(executable_by(&set(0o700), owner, &[]));
+        assert!(!executable_by(&set(0o700), stranger, &[]));
+        assert!(executable_by(&set(0o710), stranger, &[group]));
+        assert!(executable_by(&set(0o701), stranger, &[]));
+        assert!(!executable_by(&set(0o644), stranger, &[group]));
+        assert!(
+            !executable_by(&set(0o644), 0, &[]),
+            "root needs an x bit too"
+        );
+    }
+}
