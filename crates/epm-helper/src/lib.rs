@@ -1,4 +1,4 @@
-//! The per-user helper: what a person at the machine sees.
+//! The per-user helper (binary `epm-helper`): what a person at the machine sees.
 //!
 //! `epmd` decides; the helper only asks and tells. It collects a
 //! justification or an approval form for the rule that needs one, shows
@@ -15,4 +15,5 @@
 pub mod display;
 pub mod messages;
 pub mod prompt;
+pub mod session;
 pub mod when;

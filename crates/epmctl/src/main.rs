@@ -11,6 +11,7 @@ use clap::{Args, Parser, Subcommand};
 
 mod daemon_cmd;
 mod explain;
+mod flows_cmd;
 mod policy_check;
 
 /// Where `epmd` listens when the packaging did not say otherwise.
@@ -32,6 +33,9 @@ const DEFAULT_AUDIT_LOG: &str = if cfg!(target_os = "macos") {
         Check and explain policies offline, or talk to the local epmd daemon.",
     after_help = "Examples:\n  \
         epmctl status\n  \
+        epmctl justify /usr/local/bin/docker --reason \"Build for ticket 42\"\n  \
+        epmctl request /usr/bin/wireshark --reason \"Capture for INC-7\" --from 14:00 --until +2h\n  \
+        epmctl requests\n  \
         epmctl sync\n  \
         epmctl audit tail -f\n  \
         epmctl audit tail -n 50 --decision deny --json\n  \
@@ -69,6 +73,71 @@ enum Command {
         Exit status: 0 when the sync succeeded, 1 when it failed (the error says which step \
         and why) or is still running, 2 when the daemon cannot be reached or is not managed.")]
     Sync,
+    /// Give the reason a program needs before it runs; it is then allowed
+    /// once.
+    #[command(
+        after_help = "For programs whose rule asks for a justification. The reason is \
+        audited; the next run of that exact file (by content, not by path) is allowed, within \
+        10 minutes.\n\n\
+        Example:\n  epmctl justify /usr/local/bin/docker --reason \"Build for ticket 42\"\n\n\
+        Exit status: 0 granted; 1 refused (the message says why); 2 the daemon cannot be reached."
+    )]
+    Justify {
+        /// The program (a path, or a name on PATH).
+        program: PathBuf,
+        /// Why you need it (asked on the terminal when left out).
+        #[arg(long, short)]
+        reason: Option<String>,
+    },
+    /// Ask administrators to approve running a program inside a time window.
+    #[command(
+        after_help = "For programs whose rule asks for approval. The request goes to the \
+        management platform (queued while it is unreachable); see its state with \
+        `epmctl requests`. Once approved, runs inside the window are allowed, as many as the \
+        rule says.\n\n\
+        Without a platform connection an administrator can approve by phone: \
+        `--offline` prints a challenge to read to them, and `--code` takes their answer. \
+        A code works once, for this device, user, program and window.\n\n\
+        Times: now, +30m, +2h, +1d, 14:30, \"2026-12-01 09:00\", or RFC 3339.\n\n\
+        Examples:\n  epmctl request /usr/bin/wireshark --reason \"Capture for INC-7\" --until +2h\n  \
+        epmctl request --offline /usr/bin/wireshark --reason \"Capture for INC-7\"\n  \
+        epmctl request --code 7G2KD-QX4M1\n\n\
+        Exit status: 0 sent (or granted); 1 refused (the message says why); 2 bad input or \
+        the daemon cannot be reached."
+    )]
+    Request {
+        /// The program (a path, or a name on PATH).
+        #[arg(required_unless_present = "code")]
+        program: Option<PathBuf>,
+        /// Why you need it (asked on the terminal when left out).
+        #[arg(long, short)]
+        reason: Option<String>,
+        /// When the window starts.
+        #[arg(long, default_value = "now", value_name = "TIME")]
+        from: String,
+        /// When the window ends.
+        #[arg(long, default_value = "+1h", value_name = "TIME")]
+        until: String,
+        /// Print a challenge for an administrator instead of sending the
+        /// request to the platform.
+        #[arg(long, conflicts_with = "code")]
+        offline: bool,
+        /// Enter an administrator's answer to an offline challenge.
+        #[arg(long, value_name = "CODE")]
+        code: Option<String>,
+    },
+    /// List your approval requests and their states.
+    Requests {
+        /// Everyone's (administrators).
+        #[arg(long)]
+        all: bool,
+    },
+    /// List your current and upcoming grants.
+    Grants {
+        /// Everyone's (administrators).
+        #[arg(long)]
+        all: bool,
+    },
     /// Read, follow and verify the audit log.
     #[command(subcommand)]
     Audit(AuditCommand),
@@ -138,6 +207,28 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Status => daemon_cmd::status(&socket, json),
         Command::Sync => daemon_cmd::sync(&socket, json),
+        Command::Justify { program, reason } => flows_cmd::justify(&socket, &program, reason, json),
+        Command::Request {
+            program,
+            reason,
+            from,
+            until,
+            offline,
+            code,
+        } => flows_cmd::request(
+            &socket,
+            flows_cmd::RequestOptions {
+                program,
+                reason,
+                from,
+                until,
+                offline,
+                code,
+            },
+            json,
+        ),
+        Command::Requests { all } => flows_cmd::requests(&socket, all, json),
+        Command::Grants { all } => flows_cmd::grants(&socket, all, json),
         Command::Audit(AuditCommand::Tail {
             lines,
             follow,
