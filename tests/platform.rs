@@ -8,7 +8,7 @@ use std::os::unix::process::CommandExt;
 use std::process::Command;
 
 use epm_e2e::platform::Platform;
-use epm_e2e::{Daemon, capable, denied, policy, ran, run, sha256_of};
+use epm_e2e::{Daemon, TestUser, capable, denied, policy, ran, run, sha256_of};
 
 fn deny_sha256(id: &str, sha256: &str) -> String {
     format!(
@@ -253,44 +253,4 @@ fn device_and_user_scoped_policies_reach_only_their_targets() {
         r["decision"] == "deny" && r["rule_id"] == format!("user:{}/only-user", user.name)
     });
     assert_eq!(record["user"], user.name);
-}
-
-/// A local user made for one test and removed after it.
-struct TestUser {
-    name: String,
-    uid: u32,
-}
-
-impl TestUser {
-    fn create(name: &str) -> TestUser {
-        let _ = Command::new("userdel").arg(name).output();
-        let out = Command::new("useradd")
-            .args(["--no-create-home", "--shell", "/usr/sbin/nologin", name])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "useradd: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let uid = nix::unistd::User::from_name(name)
-            .unwrap()
-            .unwrap()
-            .uid
-            .as_raw();
-        assert!(
-            uid >= 1000,
-            "useradd gave uid {uid}: agents report uid >= 1000 only"
-        );
-        TestUser {
-            name: name.into(),
-            uid,
-        }
-    }
-}
-
-impl Drop for TestUser {
-    fn drop(&mut self) {
-        let _ = Command::new("userdel").arg(&self.name).output();
-    }
 }

@@ -76,7 +76,9 @@ fn sources_of(binary: &str) -> &'static [&'static str] {
             "epm-store",
             "epm-sync",
         ],
-        "epmctl" => &["epmctl", "epm-audit", "epm-ipc", "epm-policy"],
+        "epmctl" => &["epmctl", "epm-audit", "epm-helper", "epm-ipc", "epm-policy"],
+        "epm-helper" => &["epm-helper", "epm-ipc", "epm-policy"],
+        "epm-e2e-ipc" => &["epm-ipc", "epm-policy"],
         "epm-platform" => &["epm-platform", "epm-api", "epm-policy"],
         _ => &[],
     }
@@ -345,6 +347,26 @@ impl Daemon {
         std::fs::write(self.dir.path().join("policy.json"), policy).unwrap();
     }
 
+    /// Lets other users reach the control socket (the state directory is
+    /// private to root by default, as tempdirs are).
+    pub fn open_to_users(&self) {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(self.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+
+    /// Runs `epmctl --socket <ours> ARGS` as `user`.
+    pub fn epmctl_as(&self, user: &TestUser, args: &[&str]) -> Output {
+        use std::os::unix::process::CommandExt;
+        Command::new(binary("epmctl"))
+            .arg("--socket")
+            .arg(self.socket())
+            .args(args)
+            .uid(user.uid)
+            .gid(user.gid)
+            .output()
+            .unwrap()
+    }
+
     /// Runs `epmctl --socket <ours> ARGS`.
     pub fn epmctl(&self, args: &[&str]) -> Output {
         Command::new(binary("epmctl"))
@@ -484,4 +506,166 @@ pub fn policy(version: u64, default_action: &str, rules: &[String]) -> String {
         r#"{{"version": {version}, "default_action": "{default_action}", "rules": [{}]}}"#,
         rules.join(",")
     )
+}
+
+/// A local user made for one test and removed after it.
+#[derive(Debug)]
+pub struct TestUser {
+    /// Its name.
+    pub name: String,
+    /// Its uid (>= 1000).
+    pub uid: u32,
+    /// Its primary gid.
+    pub gid: u32,
+}
+
+impl TestUser {
+    /// Creates the user (replacing a leftover of an earlier run).
+    pub fn create(name: &str) -> TestUser {
+        let _ = Command::new("userdel").arg(name).output();
+        let out = Command::new("useradd")
+            .args(["--no-create-home", "--shell", "/usr/sbin/nologin", name])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "useradd: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let user = nix::unistd::User::from_name(name).unwrap().unwrap();
+        let uid = user.uid.as_raw();
+        assert!(
+            uid >= 1000,
+            "useradd gave uid {uid}: agents report uid >= 1000 only"
+        );
+        TestUser {
+            name: name.into(),
+            uid,
+            gid: user.gid.as_raw(),
+        }
+    }
+
+    /// Runs a program as this user with a deadline, like [`run`].
+    pub fn run(&self, path: &Path) -> std::io::Result<ExitStatus> {
+        use std::os::unix::process::CommandExt;
+        let mut child = Command::new(path)
+            .uid(self.uid)
+            .gid(self.gid)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        wait_for_exit(&mut child, path)
+    }
+}
+
+impl Drop for TestUser {
+    fn drop(&mut self) {
+        let _ = Command::new("userdel").arg(&self.name).output();
+    }
+}
+
+fn wait_for_exit(child: &mut Child, path: &Path) -> std::io::Result<ExitStatus> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(status);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!(
+                "{} did not finish within 15 s: the exec hung",
+                path.display()
+            );
+        }
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// A per-user helper (`epm-helper --backend scripted`) running as a test
+/// user, with its transcript in a file.
+#[derive(Debug)]
+pub struct Helper {
+    dir: tempfile::TempDir,
+    child: Child,
+}
+
+impl Helper {
+    /// Starts the helper for `user` with these answers, and waits until it
+    /// has registered with the daemon.
+    pub fn start(daemon: &Daemon, user: &TestUser, answers: &[Option<&str>]) -> Helper {
+        use std::os::unix::fs::PermissionsExt;
+        use std::os::unix::process::CommandExt;
+        let dir = tempfile::Builder::new()
+            .prefix("epm-e2e-helper-")
+            .tempdir()
+            .unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        let answers_file = dir.path().join("answers.json");
+        std::fs::write(
+            &answers_file,
+            serde_json::json!({ "answers": answers }).to_string(),
+        )
+        .unwrap();
+        let log = std::fs::File::create(dir.path().join("helper.log")).unwrap();
+        std::fs::set_permissions(
+            dir.path().join("helper.log"),
+            std::fs::Permissions::from_mode(0o666),
+        )
+        .unwrap();
+        let child = Command::new(binary("epm-helper"))
+            .arg("--socket")
+            .arg(daemon.socket())
+            .args(["--backend", "scripted", "--answers"])
+            .arg(&answers_file)
+            .arg("--transcript")
+            .arg(dir.path().join("transcript.txt"))
+            .uid(user.uid)
+            .gid(user.gid)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let helper = Helper { dir, child };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !helper.log().contains("registered with epmd") {
+            assert!(
+                Instant::now() < deadline,
+                "the helper did not register:\n{}",
+                helper.log()
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+        helper
+    }
+
+    /// The helper's stderr.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("helper.log")).unwrap_or_default()
+    }
+
+    /// Everything it asked and showed, one line each.
+    pub fn transcript(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("transcript.txt")).unwrap_or_default()
+    }
+
+    /// Waits until the transcript holds `text`, `times` times in all.
+    pub fn wait_for(&self, text: &str, times: usize) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while self.transcript().matches(text).count() < times {
+            assert!(
+                Instant::now() < deadline,
+                "the helper did not show {text:?} {times} time(s); transcript:\n{}\nlog:\n{}",
+                self.transcript(),
+                self.log()
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Helper {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

@@ -114,6 +114,40 @@ impl Platform {
             .unwrap()
     }
 
+    /// Runs the admin CLI with another admin's token.
+    pub fn cli_as(&self, token: &str, args: &[&str]) -> Output {
+        Command::new(binary("epm-platform"))
+            .args(["--url", &self.url(), "--data"])
+            .arg(self.data())
+            .args(args)
+            .env("EPM_ADMIN_TOKEN", token)
+            .output()
+            .unwrap()
+    }
+
+    /// Creates another admin approving at `level`; returns its token.
+    pub fn admin(&self, name: &str, level: u32) -> String {
+        self.ok(&[
+            "admin",
+            "create",
+            "--name",
+            name,
+            "--approver-level",
+            &level.to_string(),
+        ])
+        .trim()
+        .to_owned()
+    }
+
+    /// The platform's requests, newest first.
+    pub fn requests(&self) -> Vec<serde_json::Value> {
+        // One JSON document per line.
+        self.ok(&["requests", "list", "--json"])
+            .lines()
+            .map(|line| serde_json::from_str(line).unwrap())
+            .collect()
+    }
+
     /// Runs the admin CLI and returns its stdout; panics on failure.
     pub fn ok(&self, args: &[&str]) -> String {
         let out = self.cli(args);

@@ -272,23 +272,6 @@ impl Flows {
             // and `epmctl` offers the same flows.
             return;
         }
-        let key = (
-            refusal.uid,
-            refusal
-                .identity
-                .as_ref()
-                .map_or_else(|| refusal.path.clone(), |i| i.value.clone()),
-        );
-        {
-            let mut shown = lock(&self.recently_shown);
-            if shown
-                .get(&key)
-                .is_some_and(|at| at.elapsed() < REPEAT_QUIET)
-            {
-                return;
-            }
-            shown.insert(key, Instant::now());
-        }
         let blocked = |because: BlockReason| {
             UserEvent::Blocked(Blocked {
                 program: program_name(&refusal.path),
@@ -301,7 +284,9 @@ impl Flows {
         let (Some(identity), Some(rule_id), Action::Justify | Action::Approve) =
             (&refusal.identity, &refusal.rule_id, refusal.action)
         else {
-            self.notify(refusal.uid, &blocked(BlockReason::Denied));
+            if self.first_in_a_while(&refusal, "denied") {
+                self.notify(refusal.uid, &blocked(BlockReason::Denied));
+            }
             return;
         };
         let kind = match refusal.action {
@@ -311,14 +296,21 @@ impl Flows {
         if kind == PromptKind::Approve {
             match self.approval_situation(refusal.uid, identity) {
                 Situation::Blocked(because) => {
-                    self.notify(refusal.uid, &blocked(because));
+                    if self.first_in_a_while(&refusal, situation_name(&because)) {
+                        self.notify(refusal.uid, &blocked(because));
+                    }
                     return;
                 }
                 Situation::AskAgainAfter(because) => {
-                    self.notify(refusal.uid, &blocked(because));
+                    if self.first_in_a_while(&refusal, situation_name(&because)) {
+                        self.notify(refusal.uid, &blocked(because));
+                    }
                 }
                 Situation::Ask => {}
             }
+        }
+        if !self.first_in_a_while(&refusal, "prompt") {
+            return;
         }
         let Some(decider) = self.decider.upgrade() else {
             return;
@@ -352,6 +344,27 @@ impl Flows {
                 .then(|| rule.approval.cloned().unwrap_or_default()),
         };
         self.notify(refusal.uid, &UserEvent::Prompt(prompt));
+    }
+
+    /// Whether this user was not told the same thing about the same
+    /// program within [`REPEAT_QUIET`]: a script that loops on a refused
+    /// program must not flood them, but news (approved, rejected) always
+    /// gets through.
+    fn first_in_a_while(&self, refusal: &Refusal, what: &str) -> bool {
+        let program = refusal
+            .identity
+            .as_ref()
+            .map_or_else(|| refusal.path.clone(), |i| i.value.clone());
+        let key = (refusal.uid, format!("{what}:{program}"));
+        let mut shown = lock(&self.recently_shown);
+        if shown
+            .get(&key)
+            .is_some_and(|at| at.elapsed() < REPEAT_QUIET)
+        {
+            return false;
+        }
+        shown.insert(key, Instant::now());
+        true
     }
 
     fn remember_prompt(&self, id: u64, record: PromptRecord) {
@@ -1116,6 +1129,17 @@ fn situation(requests: &[Request], grants: &[Grant], now: Timestamp) -> Situatio
             Situation::AskAgainAfter(BlockReason::WindowExpired)
         }
         _ => Situation::Ask,
+    }
+}
+
+fn situation_name(reason: &BlockReason) -> &'static str {
+    match reason {
+        BlockReason::Denied => "denied",
+        BlockReason::Pending { .. } => "pending",
+        BlockReason::Rejected { .. } => "rejected",
+        BlockReason::WindowNotStarted { .. } => "not_started",
+        BlockReason::WindowExpired => "expired",
+        BlockReason::PromptOpen => "prompt_open",
     }
 }
 
