@@ -15,7 +15,7 @@ mod ids {
     pub(super) const HELPER_LABEL: &str = "com.epm.helper";
     pub(super) const DAEMON_BUNDLE_ID: &str = "com.epm.epmd";
     pub(super) const HELPER_BUNDLE_ID: &str = "com.epm.helper";
-    pub(super) const MACH_SERVICE: &str = "com.epm.epmd.xpc";
+    pub(super) const MACH_SERVICE: &str = epm_ipc::xpc_frame::MACH_SERVICE_NAME;
     pub(super) const PREFERENCES_DOMAIN: &str = "com.epm.agent";
     pub(super) const DAEMON_PROGRAM: &str =
         "/Library/Application Support/EPM/epmd.app/Contents/MacOS/epmd";

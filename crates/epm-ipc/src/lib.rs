@@ -27,7 +27,10 @@
 //! type an `unsupported` error, and the connection stays open.
 //!
 //! The messages and [`encode`]/[`decode`] do not depend on the transport,
-//! so another one (XPC on macOS) can carry the same bodies.
+//! so another one carries the same bodies: on macOS, the `xpc` module's
+//! Mach-service connections, one frame body per XPC dictionary
+//! ([`xpc_frame`]), with the peer's uid from its audit token and an
+//! optional code-signing requirement on the peer.
 //!
 //! # Compatibility
 //!
@@ -89,6 +92,9 @@ mod frame;
 mod message;
 #[cfg(unix)]
 mod unix;
+#[cfg(target_os = "macos")]
+pub mod xpc;
+pub mod xpc_frame;
 
 pub use flows::{
     BlockReason, Blocked, GrantInfo, Justified, Prompt, PromptKind, RequestInfo, UserEvent,
