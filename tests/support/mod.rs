@@ -178,20 +178,7 @@ pub fn run(path: &Path) -> std::io::Result<ExitStatus> {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()?;
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        if let Some(status) = child.try_wait()? {
-            return Ok(status);
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!(
-                "{} did not finish within 15 s: the exec hung",
-                path.display()
-            );
-        }
-        thread::sleep(Duration::from_millis(5));
-    }
+    wait_for_exit(&mut child, path)
 }
 
 /// Whether an exec failed with EPERM (what a fanotify deny looks like).
