@@ -175,6 +175,12 @@ fn epmctl_offers_the_flows_where_no_helper_runs() {
     assert!(text(&out).contains("it is allowed once"), "{}", text(&out));
     let grants = daemon.epmctl_as(&user, &["grants"]);
     assert!(text(&grants).contains("tool"), "{}", text(&grants));
+    let everyone = daemon.epmctl(&["grants", "--all"]);
+    assert!(
+        text(&everyone).contains(&user.name),
+        "root sees everyone's: {}",
+        text(&everyone)
+    );
     assert!(ran(&user.run(&tool)));
     assert!(denied(&user.run(&tool)));
 

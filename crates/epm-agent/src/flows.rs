@@ -820,26 +820,15 @@ impl Flows {
         let Ok(store) = self.store.lock() else {
             return Response::error(ErrorCode::Internal, "store lock poisoned");
         };
-        let uids: Vec<u32> = if all {
-            store
-                .requests(None, None)
-                .unwrap_or_default()
-                .iter()
-                .map(|r| r.uid)
-                .chain(std::iter::once(caller))
-                .collect::<std::collections::BTreeSet<_>>()
-                .into_iter()
-                .collect()
+        let listed = if all {
+            store.all_current_grants(now)
         } else {
-            vec![caller]
+            store.grants_for(caller, now)
         };
-        let mut grants: Vec<GrantInfo> = Vec::new();
-        for uid in uids {
-            match store.grants_for(uid, now) {
-                Ok(list) => grants.extend(list.iter().map(|g| grant_info(g.id, &g.grant))),
-                Err(e) => return Response::error(ErrorCode::Internal, e.to_string()),
-            }
-        }
+        let grants: Vec<GrantInfo> = match listed {
+            Ok(list) => list.iter().map(|g| grant_info(g.id, &g.grant)).collect(),
+            Err(e) => return Response::error(ErrorCode::Internal, e.to_string()),
+        };
         Response::Grants { grants }
     }
 

@@ -191,6 +191,24 @@ impl Store {
             .map_err(query_err(OP))
     }
 
+    /// Every user's grants that still have uses left and have not ended at
+    /// `now`, soonest first (for administrators).
+    pub fn all_current_grants(&self, now: Timestamp) -> Result<Vec<Grant>> {
+        const OP: &str = "read grants";
+        let mut stmt = self
+            .conn
+            .prepare_cached(&format!(
+                "SELECT {GRANT_COLUMNS} FROM grants
+                 WHERE uses_left > 0 AND not_after > ?1
+                 ORDER BY not_before, id"
+            ))
+            .map_err(query_err(OP))?;
+        let rows = stmt
+            .query_map(params![millis(now)], grant_from_row)
+            .map_err(query_err(OP))?;
+        rows.collect::<rusqlite::Result<_>>().map_err(query_err(OP))
+    }
+
     /// A user's grants that still have uses left and have not ended at `now`
     /// (including ones whose window has not started yet), soonest first.
     pub fn grants_for(&self, uid: u32, now: Timestamp) -> Result<Vec<Grant>> {

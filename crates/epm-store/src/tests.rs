@@ -1341,6 +1341,14 @@ fn a_grant_answers_only_the_rule_that_asked_for_it() {
             .unwrap()
             .is_some()
     );
+    store
+        .insert_grant(&grant(502, sha('b'), 0, 100, 1))
+        .unwrap();
+    assert_eq!(
+        store.all_current_grants(t(10)).unwrap().len(),
+        1,
+        "only 502's is left"
+    );
     let history = store.grants_for_identity(501, &sha('a'), 10).unwrap();
     assert_eq!(history.len(), 1);
     assert_eq!(history[0].grant.uses, 0, "used up, still listed");
