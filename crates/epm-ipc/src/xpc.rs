@@ -3,59 +3,93 @@
 //!
 //! `epmd` listens on the Mach service its launchd plist declares
 //! (`MachServices`), with [`XpcListener::start`]; helpers and `epmctl`
-//! connect with [`XpcConnection::connect`]. The peer's uid comes from the
+//! connect with [`XpcClient::connect`] (handshake included) or
+//! [`XpcConnection::connect`] (bare). The peer's uid comes from the
 //! connection's audit token (`xpc_connection_get_euid`), and the daemon can
 //! require the peer's code signature to satisfy a requirement string
 //! (`xpc_connection_set_peer_code_signing_requirement`, macOS 12+), so only
 //! our signed helper and CLI can talk to it.
 //!
 //! The XPC calls are declared by hand (the XPC crates need the macOS SDK
-//! to build) and kept to the few this needs. XPC delivers events on a
-//! dispatch queue; the handler blocks copy the frame out and hand it to a
-//! bounded channel, so callers read with blocking, timeout-bounded calls
-//! like the Unix transport's. A peer that floods the channel, sends a
-//! non-dictionary or an invalid frame is cancelled: that connection only.
+//! to build) and kept to the few this needs; everything that can be
+//! decided without XPC is in [`crate::xpc_frame`], tested everywhere. XPC
+//! delivers events on a dispatch queue; the handler blocks only copy the
+//! frame out and hand it to a bounded channel, so callers read with
+//! blocking, timeout-bounded calls like the Unix transport's. A peer that
+//! floods the channel or sends anything but a valid frame is cancelled:
+//! that connection only.
+//!
+//! Memory: every XPC object we keep is an [`Object`] holding one reference
+//! (released on drop). Objects XPC passes to a handler are borrowed for the
+//! call; a peer connection the listener keeps is retained first. A
+//! connection is cancelled before its last reference goes (XPC requires
+//! resumed, uncancelled connections not to be released).
 
 use std::ffi::{CString, c_char, c_int, c_void};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
 use block2::RcBlock;
 use serde::Serialize;
 
 use crate::frame::FrameError;
-use crate::message::{Message, encode};
-use crate::unix::PeerCredentials;
-use crate::xpc_frame::{FRAME_KEY, XpcEvent, check};
+use crate::message::{ErrorCode, Message, Request, Response, encode};
+use crate::unix::{DEFAULT_CLIENT_TIMEOUT, PeerCredentials};
+use crate::xpc_frame::{
+    FRAME_KEY_C, HandshakeError, Received, Triage, XpcErrorKind, XpcEvent, classify, hello, triage,
+    welcome,
+};
 
 /// Messages queued per connection before the peer counts as flooding.
-const QUEUE: usize = 64;
+pub const QUEUE_DEPTH: usize = 64;
 
-/// `XPC_CONNECTION_MACH_SERVICE_LISTENER`.
+/// `XPC_CONNECTION_MACH_SERVICE_LISTENER` (<xpc/connection.h>).
 const MACH_SERVICE_LISTENER: u64 = 1 << 0;
-/// `XPC_CONNECTION_MACH_SERVICE_PRIVILEGED`: the service is in the system
-/// domain (a LaunchDaemon), not the caller's session.
+/// `XPC_CONNECTION_MACH_SERVICE_PRIVILEGED`: the service is advertised by a
+/// LaunchDaemon in the system bootstrap, not by an agent in the caller's
+/// session (where any user process could squat on the name).
 const MACH_SERVICE_PRIVILEGED: u64 = 1 << 1;
 
+/// `xpc_object_t` (and `xpc_connection_t`, the same pointer in C).
 type XpcObjectRef = *mut c_void;
+/// `dispatch_queue_t`.
+type DispatchQueueRef = *mut c_void;
 
-/// `struct _xpc_type_s`, opaque.
+/// `struct _xpc_type_s`: opaque, only its address is used (`XPC_TYPE_*`).
 #[repr(C)]
 struct XpcType {
-    _private: [u8; 0],
+    _opaque: [u8; 0],
 }
 
-// From <xpc/xpc.h>, <xpc/connection.h> and <dispatch/queue.h>; all in
-// libSystem, which every macOS binary links.
+/// `struct _xpc_dictionary_s`: opaque, only the addresses of the
+/// well-known error dictionaries are used (`XPC_ERROR_*`).
+#[repr(C)]
+struct XpcDictionary {
+    _opaque: [u8; 0],
+}
+
+/// `xpc_connection_set_peer_code_signing_requirement`, looked up at run
+/// time (see [`peer_requirement_setter`]).
+type SetPeerRequirement =
+    unsafe extern "C" fn(connection: XpcObjectRef, requirement: *const c_char) -> c_int;
+
+// From <xpc/xpc.h>, <xpc/connection.h> and <dispatch/queue.h>: all in
+// libSystem (libxpc, libdispatch), which every macOS binary links. Only
+// symbols that exist since macOS 10.12 are linked here; the bundles declare
+// LSMinimumSystemVersion 11.0.
 unsafe extern "C" {
     static _xpc_type_dictionary: XpcType;
     static _xpc_type_error: XpcType;
     static _xpc_type_connection: XpcType;
+    static _xpc_error_connection_invalid: XpcDictionary;
+    static _xpc_error_connection_interrupted: XpcDictionary;
+    static _xpc_error_termination_imminent: XpcDictionary;
 
     fn xpc_connection_create_mach_service(
         name: *const c_char,
-        targetq: *mut c_void,
+        targetq: DispatchQueueRef,
         flags: u64,
     ) -> XpcObjectRef;
     fn xpc_connection_set_event_handler(
@@ -68,10 +102,6 @@ unsafe extern "C" {
     fn xpc_connection_get_euid(connection: XpcObjectRef) -> u32;
     fn xpc_connection_get_egid(connection: XpcObjectRef) -> u32;
     fn xpc_connection_get_pid(connection: XpcObjectRef) -> i32;
-    fn xpc_connection_set_peer_code_signing_requirement(
-        connection: XpcObjectRef,
-        requirement: *const c_char,
-    ) -> c_int;
     fn xpc_dictionary_create(
         keys: *const *const c_char,
         values: *const XpcObjectRef,
@@ -91,7 +121,7 @@ unsafe extern "C" {
     fn xpc_get_type(object: XpcObjectRef) -> *const XpcType;
     fn xpc_retain(object: XpcObjectRef) -> XpcObjectRef;
     fn xpc_release(object: XpcObjectRef);
-    fn dispatch_queue_create(label: *const c_char, attr: *mut c_void) -> *mut c_void;
+    fn dispatch_queue_create(label: *const c_char, attr: *mut c_void) -> DispatchQueueRef;
 }
 
 /// Why an XPC operation failed.
@@ -104,119 +134,389 @@ pub enum XpcError {
         what: &'static str,
     },
     /// XPC returned no connection for the service.
-    #[error("cannot create an XPC connection for the Mach service {0:?}")]
-    Create(String),
-    /// The code-signing requirement was refused by XPC.
-    #[error("the peer code-signing requirement {requirement:?} was refused (error {code})")]
+    #[error("cannot create an XPC connection for the Mach service {service:?}")]
+    Create {
+        /// The service name.
+        service: String,
+    },
+    /// The daemon could not reach the service: not running, the name is
+    /// not advertised by a LaunchDaemon, or it refused this client (its
+    /// code signature).
+    #[error(
+        "cannot reach epmd at the XPC service {service:?}: it is not running, or it refused this client"
+    )]
+    Unavailable {
+        /// The service name.
+        service: String,
+    },
+    /// A code-signing requirement was given, but this macOS has no
+    /// `xpc_connection_set_peer_code_signing_requirement` (before 12).
+    #[error(
+        "a peer code-signing requirement needs macOS 12 or later (xpc_connection_set_peer_code_signing_requirement)"
+    )]
+    RequirementUnsupported,
+    /// XPC refused the code-signing requirement (it does not parse).
+    #[error("XPC refused the peer code-signing requirement {requirement:?} (error {code})")]
     Requirement {
         /// The requirement given.
         requirement: String,
         /// What XPC returned.
         code: i32,
     },
-    /// The message could not be encoded (too large).
-    #[error("{0}")]
+    /// The message could not be encoded: over [`crate::MAX_FRAME_BYTES`],
+    /// or not serializable.
+    #[error("cannot send: {0}")]
     Frame(#[from] FrameError),
     /// The peer sent something that is not a message; the connection was
     /// cancelled.
     #[error("the peer sent garbage and was disconnected: {0}")]
     Garbage(String),
+    /// The peer sent more than [`QUEUE_DEPTH`] messages ahead of the reader;
+    /// the connection was cancelled.
+    #[error("the peer sent more than {limit} messages ahead of the reader and was disconnected")]
+    Flooded {
+        /// [`QUEUE_DEPTH`].
+        limit: usize,
+    },
+    /// The connection has ended (the peer went away, or it was cancelled):
+    /// nothing more can be sent on it.
+    #[error("the XPC peer is gone")]
+    PeerGone,
     /// No message within the timeout.
-    #[error("no message within the timeout")]
-    TimedOut,
+    #[error("no message from the XPC peer within {0:?}")]
+    TimedOut(Duration),
+    /// The daemon did not accept our hello.
+    #[error(transparent)]
+    Handshake(#[from] HandshakeError),
+    /// The daemon answered a request with an error.
+    #[error("epmd: {message}")]
+    Daemon {
+        /// The class of failure.
+        code: ErrorCode,
+        /// The daemon's words.
+        message: String,
+    },
+    /// The daemon sent something out of place.
+    #[error("unexpected answer from epmd: {0}")]
+    Protocol(String),
 }
 
-/// An owned reference to an XPC object, released on drop.
-struct Owned(XpcObjectRef);
+// ---- owned XPC objects --------------------------------------------------------------
 
-// SAFETY: XPC objects are reference counted and thread-safe (Apple's XPC
-// documentation: connections may be messaged from any thread); this type
-// only retains, sends through and releases its object.
-unsafe impl Send for Owned {}
-// SAFETY: as for Send; no method takes `&mut` access to the object.
-unsafe impl Sync for Owned {}
+/// One reference to an XPC object, released on drop.
+struct Object(XpcObjectRef);
 
-impl Drop for Owned {
+// SAFETY: XPC objects are reference counted with atomic counts, and
+// connections are documented as usable from any queue or thread
+// (xpc_connection_send_message: "safe to call from multiple GCD queues";
+// cancel and the get_* accessors likewise). This type only retains,
+// releases, sends through, cancels and reads the credentials of its object.
+unsafe impl Send for Object {}
+// SAFETY: as for Send: every operation used goes through XPC's own
+// synchronization; nothing here hands out `&mut` access to the object.
+unsafe impl Sync for Object {}
+
+impl Object {
+    /// Takes ownership of a reference XPC returned to us (`create` calls),
+    /// or `None` for NULL.
+    fn owned(raw: XpcObjectRef) -> Option<Object> {
+        (!raw.is_null()).then_some(Object(raw))
+    }
+
+    /// Retains an object XPC only lent us (a handler's argument).
+    ///
+    /// # Safety
+    ///
+    /// `raw` must be a live XPC object.
+    unsafe fn retained(raw: XpcObjectRef) -> Object {
+        // SAFETY: the caller vouches that `raw` is live; xpc_retain returns
+        // its argument with one more reference, which we now own.
+        Object(unsafe { xpc_retain(raw) })
+    }
+}
+
+impl Drop for Object {
     fn drop(&mut self) {
-        if !self.0.is_null() {
-            // SAFETY: we own one reference to a live object.
-            unsafe { xpc_release(self.0) }
-        }
+        // SAFETY: we own exactly one reference to a live object (never
+        // NULL: see the constructors).
+        unsafe { xpc_release(self.0) }
     }
 }
 
-impl std::fmt::Debug for Owned {
+impl std::fmt::Debug for Object {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "xpc_object({:p})", self.0)
+        write!(f, "xpc_object_t({:p})", self.0)
     }
 }
 
-/// What the handler block passes to the reading side.
+/// A connection pointer the event handler uses without owning it: XPC
+/// keeps a connection alive while it runs the connection's own handler.
+#[derive(Clone, Copy)]
+struct Unowned(XpcObjectRef);
+
+// SAFETY: see `Object`: a connection may be cancelled from any thread, and
+// the handler (the only user) runs on XPC's queue while XPC holds the
+// connection.
+unsafe impl Send for Unowned {}
+// SAFETY: as for Send.
+unsafe impl Sync for Unowned {}
+
+impl Unowned {
+    fn cancel(self) {
+        // SAFETY: only called from the connection's own event handler, while
+        // XPC holds the connection; cancelling twice is allowed.
+        unsafe { xpc_connection_cancel(self.0) }
+    }
+}
+
+/// Makes a handler block, checking that what it captures may be used from
+/// XPC's queue (another thread) for as long as XPC keeps the block.
+fn handler(f: impl Fn(XpcObjectRef) + Send + Sync + 'static) -> RcBlock<dyn Fn(XpcObjectRef)> {
+    RcBlock::new(f)
+}
+
+/// Sets `connection`'s event handler and starts delivery.
+///
+/// # Safety
+///
+/// `connection` must be a live connection that has not been resumed yet.
+unsafe fn activate(connection: XpcObjectRef, handler: &RcBlock<dyn Fn(XpcObjectRef)>) {
+    // SAFETY: per the caller; XPC copies (retains) the block, so ours may
+    // go when this returns. xpc_connection_resume on a new connection
+    // activates it (macOS 10.7+; xpc_connection_activate is 10.12+).
+    unsafe {
+        xpc_connection_set_event_handler(connection, handler);
+        xpc_connection_resume(connection);
+    }
+}
+
+/// The serial dispatch queue every connection this process creates
+/// delivers its events on, made once and kept for the process's life (XPC
+/// retains a connection's target queue, but one queue for all avoids
+/// creating and releasing one per connection; the handlers never block).
+/// Peer connections a listener receives run on XPC's default target queue.
+fn queue() -> Result<DispatchQueueRef, XpcError> {
+    struct Queue(DispatchQueueRef);
+    // SAFETY: dispatch queues are thread-safe objects; the pointer is only
+    // passed to XPC, never dereferenced here, and never released.
+    unsafe impl Send for Queue {}
+    // SAFETY: as for Send.
+    unsafe impl Sync for Queue {}
+
+    static QUEUE: OnceLock<Queue> = OnceLock::new();
+    let queue = QUEUE.get_or_init(|| {
+        // SAFETY: a valid C string label; a NULL attribute is
+        // DISPATCH_QUEUE_SERIAL. The queue lives as long as the process.
+        Queue(unsafe { dispatch_queue_create(c"com.epm.ipc.xpc".as_ptr(), std::ptr::null_mut()) })
+    });
+    if queue.0.is_null() {
+        return Err(XpcError::Create {
+            service: "(dispatch queue com.epm.ipc.xpc)".into(),
+        });
+    }
+    Ok(queue.0)
+}
+
+/// `xpc_connection_set_peer_code_signing_requirement`, when this macOS has
+/// it (12+). Looked up with dlsym rather than linked, so the binary still
+/// loads on macOS 11 (LSMinimumSystemVersion), where a daemon configured
+/// with a requirement refuses to start instead.
+fn peer_requirement_setter() -> Option<SetPeerRequirement> {
+    // SAFETY: RTLD_DEFAULT searches every loaded image (libxpc is one);
+    // the name is a valid C string.
+    let symbol = unsafe {
+        nix::libc::dlsym(
+            nix::libc::RTLD_DEFAULT,
+            c"xpc_connection_set_peer_code_signing_requirement".as_ptr(),
+        )
+    };
+    if symbol.is_null() {
+        return None;
+    }
+    // SAFETY: the symbol is the function declared in <xpc/connection.h> as
+    // `int xpc_connection_set_peer_code_signing_requirement(
+    // xpc_connection_t, const char *)`, which `SetPeerRequirement` matches.
+    Some(unsafe { std::mem::transmute::<*mut c_void, SetPeerRequirement>(symbol) })
+}
+
+fn c_string(value: &str, what: &'static str) -> Result<CString, XpcError> {
+    CString::new(value).map_err(|_| XpcError::Nul { what })
+}
+
+// ---- connections ----------------------------------------------------------------
+
+/// What the handler block hands the reader.
 enum Delivered {
     Frame(Vec<u8>),
-    Gone,
     Garbage(String),
-}
-
-/// One XPC connection, either side.
-#[derive(Debug)]
-pub struct XpcConnection {
-    connection: Arc<Owned>,
-    events: Receiver<Delivered>,
 }
 
 impl std::fmt::Debug for Delivered {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Delivered::Frame(bytes) => write!(f, "Frame({} bytes)", bytes.len()),
-            Delivered::Gone => f.write_str("Gone"),
             Delivered::Garbage(why) => write!(f, "Garbage({why})"),
         }
     }
 }
 
+/// The event handler's side of one connection. Dropping the sender is how
+/// the reader learns that nothing more will come (after it has read what
+/// is queued).
+struct Inbox {
+    connection: Unowned,
+    sender: Mutex<Option<SyncSender<Delivered>>>,
+    flooded: Arc<AtomicBool>,
+}
+
+impl Inbox {
+    /// One event: classify, copy a frame out, cancel on anything else.
+    /// Never blocks (a full queue is a flooding peer) and never panics.
+    fn deliver(&self, event: XpcObjectRef) {
+        // Only XPC's serial delivery takes this lock: never contended.
+        let mut sender = self.sender.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(tx) = sender.as_ref() else {
+            // Already ended (cancelled by us): the rest is XPC unwinding.
+            return;
+        };
+        // SAFETY: XPC passes a live object, borrowed for this call.
+        let received = unsafe { received(event) };
+        match triage(received) {
+            Triage::Frame(bytes) => match tx.try_send(Delivered::Frame(bytes.to_vec())) {
+                Ok(()) => {}
+                Err(TrySendError::Full(_)) => {
+                    self.flooded.store(true, Ordering::Release);
+                    self.connection.cancel();
+                    *sender = None;
+                }
+                Err(TrySendError::Disconnected(_)) => {
+                    // The XpcConnection is gone (its Drop cancels too).
+                    self.connection.cancel();
+                    *sender = None;
+                }
+            },
+            Triage::PeerGone(_) => {
+                // INVALID is the last event anyway; after INTERRUPTED or
+                // TERMINATION_IMMINENT the session is over too: make it
+                // final, so the reader's `None` stays true.
+                self.connection.cancel();
+                *sender = None;
+            }
+            Triage::Garbage(why) => {
+                self.connection.cancel();
+                // Room or not, the reader learns the connection ended.
+                let _ = tx.try_send(Delivered::Garbage(why));
+                *sender = None;
+            }
+        }
+    }
+}
+
+/// What XPC handed a handler, for [`triage`].
+///
+/// # Safety
+///
+/// `event` must be a live XPC object; the returned slice borrows its
+/// storage and must not outlive it (the handler call).
+unsafe fn received<'a>(event: XpcObjectRef) -> Received<'a> {
+    // SAFETY: a live object per the caller.
+    let kind = unsafe { xpc_get_type(event) };
+    if std::ptr::eq(kind, &raw const _xpc_type_dictionary) {
+        let mut length = 0usize;
+        // SAFETY: a live dictionary and a C string key; XPC returns a
+        // pointer into the dictionary's storage with its length, or NULL
+        // when the key is missing or its value is not data.
+        let data = unsafe { xpc_dictionary_get_data(event, FRAME_KEY_C.as_ptr(), &mut length) };
+        let frame = (!data.is_null()).then(|| {
+            // SAFETY: `data` points at `length` bytes owned by the
+            // dictionary, which lives for the handler call.
+            unsafe { std::slice::from_raw_parts(data.cast::<u8>(), length) }
+        });
+        Received::Dictionary(frame)
+    } else if std::ptr::eq(kind, &raw const _xpc_type_error) {
+        // The XPC_ERROR_* objects are singletons: compare addresses, as
+        // the C macros do (`event == XPC_ERROR_CONNECTION_INVALID`).
+        let event = event.cast_const().cast::<XpcDictionary>();
+        let kind = if std::ptr::eq(event, &raw const _xpc_error_connection_invalid) {
+            XpcErrorKind::ConnectionInvalid
+        } else if std::ptr::eq(event, &raw const _xpc_error_connection_interrupted) {
+            XpcErrorKind::ConnectionInterrupted
+        } else if std::ptr::eq(event, &raw const _xpc_error_termination_imminent) {
+            XpcErrorKind::TerminationImminent
+        } else {
+            XpcErrorKind::Other
+        };
+        Received::Error(kind)
+    } else {
+        Received::Other
+    }
+}
+
+/// One XPC connection, either side: the daemon's to one client (from
+/// [`XpcListener`]), or a client's to the daemon ([`XpcConnection::connect`]).
+/// Dropping it cancels the connection.
+#[derive(Debug)]
+pub struct XpcConnection {
+    connection: Object,
+    events: Receiver<Delivered>,
+    flooded: Arc<AtomicBool>,
+    /// The reader has seen the end (or garbage): nothing more to read or send.
+    ended: bool,
+}
+
 impl XpcConnection {
-    /// Connects to `epmd`'s Mach service (a system-domain LaunchDaemon).
+    /// Connects to `epmd`'s Mach service (a LaunchDaemon: the system
+    /// bootstrap), without the handshake ([`XpcClient::connect`] does it).
+    /// This cannot tell whether the service exists: XPC looks it up on the
+    /// first message, and a missing or refusing service shows as the end
+    /// of the connection ([`XpcConnection::recv`] → `Ok(None)`).
     pub fn connect(service_name: &str) -> Result<XpcConnection, XpcError> {
-        let name = CString::new(service_name).map_err(|_| XpcError::Nul {
-            what: "the service name",
-        })?;
-        let queue = new_queue("com.epm.ipc.client")?;
-        // SAFETY: `name` is a valid C string for the call; `queue` is a
-        // dispatch queue we created (XPC retains it).
+        let name = c_string(service_name, "the service name")?;
+        let queue = queue()?;
+        // SAFETY: `name` is a C string that outlives the call; `queue` is a
+        // live serial queue. We own the returned reference.
         let raw = unsafe {
             xpc_connection_create_mach_service(name.as_ptr(), queue, MACH_SERVICE_PRIVILEGED)
         };
-        if raw.is_null() {
-            return Err(XpcError::Create(service_name.to_owned()));
-        }
-        Ok(XpcConnection::adopt(Owned(raw)))
+        let connection = Object::owned(raw).ok_or_else(|| XpcError::Create {
+            service: service_name.to_owned(),
+        })?;
+        // SAFETY: a connection we just created, not resumed yet.
+        Ok(unsafe { XpcConnection::start(connection) })
     }
 
-    /// Sets the handler on a connection we own a reference to, resumes it,
+    /// Sets the handler on a connection we hold a reference to, resumes it,
     /// and wraps it.
-    fn adopt(connection: Owned) -> XpcConnection {
-        let connection = Arc::new(connection);
-        let (tx, rx) = sync_channel(QUEUE);
-        let raw = connection.0;
-        let handler = RcBlock::new(move |event: XpcObjectRef| on_event(raw, &tx, event));
-        // SAFETY: `raw` is a live connection we hold a reference to; XPC
-        // copies the block. The block only uses `raw` while XPC delivers
-        // events for it, which ends before the connection is released.
-        unsafe {
-            xpc_connection_set_event_handler(raw, &handler);
-            xpc_connection_resume(raw);
-        }
+    ///
+    /// # Safety
+    ///
+    /// `connection` must be a connection not resumed yet.
+    unsafe fn start(connection: Object) -> XpcConnection {
+        let (tx, rx) = sync_channel(QUEUE_DEPTH);
+        let flooded = Arc::new(AtomicBool::new(false));
+        let inbox = Inbox {
+            connection: Unowned(connection.0),
+            sender: Mutex::new(Some(tx)),
+            flooded: Arc::clone(&flooded),
+        };
+        let block = handler(move |event| inbox.deliver(event));
+        // SAFETY: per the caller. The block's `Unowned` pointer is only used
+        // while XPC runs this connection's handler, i.e. while XPC holds it.
+        unsafe { activate(connection.0, &block) };
         XpcConnection {
             connection,
             events: rx,
+            flooded,
+            ended: false,
         }
     }
 
-    /// Who is on the other end, from the connection's audit token.
+    /// Who is on the other end, as XPC says (from the connection's audit
+    /// token, as of the connect). For a client, the daemon: check that the
+    /// uid is 0.
     pub fn peer(&self) -> PeerCredentials {
         let raw = self.connection.0;
-        // SAFETY: a live connection.
+        // SAFETY: a live connection we hold a reference to.
         let (uid, gid, pid) = unsafe {
             (
                 xpc_connection_get_euid(raw),
@@ -227,214 +527,322 @@ impl XpcConnection {
         PeerCredentials {
             uid,
             gid,
+            // 0 before the first message of a client connection: unknown.
             pid: u32::try_from(pid).ok().filter(|&pid| pid != 0),
         }
     }
 
-    /// Sends one message.
+    /// Sends one message: a dictionary holding its frame under
+    /// [`crate::xpc_frame::FRAME_KEY`]. XPC queues it and never says
+    /// whether it arrived; a peer that is gone shows on the next
+    /// [`XpcConnection::recv`].
     pub fn send<T: Serialize>(&mut self, message: &T) -> Result<(), XpcError> {
+        if self.ended {
+            return Err(XpcError::PeerGone);
+        }
         let body = encode(message)?;
-        let key = CString::new(FRAME_KEY).map_err(|_| XpcError::Nul { what: "the key" })?;
-        // SAFETY: an empty dictionary; we own the returned reference.
-        let dictionary =
-            Owned(unsafe { xpc_dictionary_create(std::ptr::null(), std::ptr::null(), 0) });
-        // SAFETY: `dictionary` is live, `key` a C string, `body` valid for
-        // its length (XPC copies the bytes); then the connection copies the
-        // message and we release our reference on drop.
+        // SAFETY: no keys or values; we own the returned reference.
+        let raw = unsafe { xpc_dictionary_create(std::ptr::null(), std::ptr::null(), 0) };
+        let dictionary = Object::owned(raw).ok_or_else(|| {
+            FrameError::Io(std::io::Error::other("xpc_dictionary_create returned NULL"))
+        })?;
+        // SAFETY: a live dictionary, a C string key, `body` valid for its
+        // length (XPC copies the bytes); the connection copies the message
+        // logically, and our dictionary reference is released on drop.
         unsafe {
-            xpc_dictionary_set_data(dictionary.0, key.as_ptr(), body.as_ptr().cast(), body.len());
+            xpc_dictionary_set_data(
+                dictionary.0,
+                FRAME_KEY_C.as_ptr(),
+                body.as_ptr().cast(),
+                body.len(),
+            );
             xpc_connection_send_message(self.connection.0, dictionary.0);
         }
         Ok(())
     }
 
-    /// Receives one message; `Ok(None)` when the peer went away. A peer
-    /// that sent garbage is disconnected and reported as
-    /// [`XpcError::Garbage`].
+    /// Receives one message, waiting up to `timeout` (`None`: forever);
+    /// `Ok(None)` when the peer went away (`XPC_ERROR_CONNECTION_INVALID`
+    /// or `_INTERRUPTED`), and from then on. A peer that sent garbage or
+    /// flooded is disconnected and reported once as [`XpcError::Garbage`]
+    /// or [`XpcError::Flooded`]; then `Ok(None)`.
     pub fn recv<T: Message>(&mut self, timeout: Option<Duration>) -> Result<Option<T>, XpcError> {
+        if self.ended {
+            return Ok(None);
+        }
         let delivered = match timeout {
             Some(timeout) => match self.events.recv_timeout(timeout) {
                 Ok(delivered) => delivered,
-                Err(RecvTimeoutError::Timeout) => return Err(XpcError::TimedOut),
-                Err(RecvTimeoutError::Disconnected) => return Ok(None),
+                Err(RecvTimeoutError::Timeout) => return Err(XpcError::TimedOut(timeout)),
+                Err(RecvTimeoutError::Disconnected) => return self.end(),
             },
             None => match self.events.recv() {
                 Ok(delivered) => delivered,
-                Err(_) => return Ok(None),
+                Err(_) => return self.end(),
             },
         };
         match delivered {
-            Delivered::Frame(bytes) => match crate::xpc_frame::classify::<T>(Some(&bytes)) {
+            Delivered::Frame(bytes) => match classify::<T>(Some(&bytes)) {
                 XpcEvent::Message(message) => Ok(Some(message)),
-                XpcEvent::PeerGone => Ok(None),
+                XpcEvent::PeerGone => self.end(),
                 XpcEvent::Garbage(why) => {
                     self.cancel();
+                    self.ended = true;
                     Err(XpcError::Garbage(why))
                 }
             },
-            Delivered::Gone => Ok(None),
             Delivered::Garbage(why) => {
-                self.cancel();
+                // The handler has cancelled already.
+                self.ended = true;
                 Err(XpcError::Garbage(why))
             }
         }
     }
 
-    /// Ends the connection; no more events arrive.
+    /// The handler has dropped its sender and everything queued was read.
+    fn end<T>(&mut self) -> Result<Option<T>, XpcError> {
+        self.ended = true;
+        if self.flooded.swap(false, Ordering::Acquire) {
+            return Err(XpcError::Flooded { limit: QUEUE_DEPTH });
+        }
+        Ok(None)
+    }
+
+    /// Ends the connection: XPC discards unsent messages and delivers no
+    /// more events; the reader sees the end after what is queued.
     pub fn cancel(&self) {
-        // SAFETY: a live connection; cancelling twice is allowed.
+        // SAFETY: a live connection we hold a reference to; cancelling
+        // twice is allowed.
         unsafe { xpc_connection_cancel(self.connection.0) }
     }
 }
 
 impl Drop for XpcConnection {
     fn drop(&mut self) {
+        // Cancel before our reference goes (then `connection` is released).
         self.cancel();
     }
 }
 
-/// The event handler of one connection: copy the frame out, or report the
-/// peer gone or the garbage, without ever blocking XPC's queue.
-fn on_event(connection: XpcObjectRef, tx: &SyncSender<Delivered>, event: XpcObjectRef) {
-    // SAFETY: XPC passes a live object for the handler's duration.
-    let kind = unsafe { xpc_get_type(event) };
-    let delivered = if std::ptr::eq(kind, &raw const _xpc_type_dictionary) {
-        match frame_of(event) {
-            Ok(bytes) => Delivered::Frame(bytes),
-            Err(why) => Delivered::Garbage(why),
+// ---- the daemon's listener ---------------------------------------------------------
+
+type OnConnection = dyn Fn(XpcConnection) + Send + Sync + 'static;
+
+/// The listener handler's state.
+struct Acceptor {
+    requirement: Option<(CString, SetPeerRequirement)>,
+    on_connection: Arc<OnConnection>,
+    refused: Arc<AtomicU64>,
+}
+
+impl Acceptor {
+    /// One event on the listener: a new peer connection (anything else is
+    /// an error on the listener itself, e.g. INVALID once cancelled).
+    fn accept(&self, event: XpcObjectRef) {
+        // SAFETY: XPC passes a live object, borrowed for this call.
+        let kind = unsafe { xpc_get_type(event) };
+        if !std::ptr::eq(kind, &raw const _xpc_type_connection) {
+            return;
         }
-    } else if std::ptr::eq(kind, &raw const _xpc_type_error) {
-        // XPC_ERROR_CONNECTION_INVALID or _INTERRUPTED (the peer exited,
-        // or the daemon restarted), or termination imminent: either way
-        // nothing more comes on this connection. A client reconnects.
-        Delivered::Gone
-    } else {
-        Delivered::Garbage("an XPC object that is not a dictionary".into())
-    };
-    match tx.try_send(delivered) {
-        Ok(()) => {}
-        Err(TrySendError::Full(_)) => {
-            // The reader is not keeping up: a flooding peer. Drop it.
-            // SAFETY: the connection is live while its handler runs.
-            unsafe { xpc_connection_cancel(connection) }
+        if let Some((requirement, set_requirement)) = &self.requirement {
+            // SAFETY: a live peer connection, not resumed yet; a C string
+            // that outlives the call; the function's C signature matches.
+            let code = unsafe { set_requirement(event, requirement.as_ptr()) };
+            if code != 0 {
+                self.refused.fetch_add(1, Ordering::Relaxed);
+                // Not accepted: cancel and return without keeping it (XPC
+                // disposes of it; it must not be released while inactive).
+                // SAFETY: a live connection.
+                unsafe { xpc_connection_cancel(event) };
+                return;
+            }
         }
-        Err(TrySendError::Disconnected(_)) => {
-            // SAFETY: as above; the reading side is gone.
-            unsafe { xpc_connection_cancel(connection) }
-        }
+        // SAFETY: the peer is only lent to this call: keep a reference.
+        let peer = unsafe { Object::retained(event) };
+        // SAFETY: a peer connection not resumed yet.
+        let connection = unsafe { XpcConnection::start(peer) };
+        let on_connection = Arc::clone(&self.on_connection);
+        // If no thread can be made, the closure (and the connection in it)
+        // is dropped: cancelled, released.
+        let _ = std::thread::Builder::new()
+            .name("epm-xpc-peer".into())
+            .spawn(move || on_connection(connection));
     }
 }
 
-/// The frame bytes of a dictionary message, copied.
-fn frame_of(dictionary: XpcObjectRef) -> Result<Vec<u8>, String> {
-    let key = CString::new(FRAME_KEY).map_err(|e| e.to_string())?;
-    let mut length = 0usize;
-    // SAFETY: a live dictionary; XPC returns a pointer into it valid while
-    // the dictionary lives, with its length, or NULL.
-    let data = unsafe { xpc_dictionary_get_data(dictionary, key.as_ptr(), &mut length) };
-    let bytes = if data.is_null() {
-        None
-    } else {
-        // SAFETY: `data` points at `length` bytes owned by the dictionary,
-        // which outlives this call.
-        Some(unsafe { std::slice::from_raw_parts(data.cast::<u8>(), length) })
-    };
-    check(bytes).map(<[u8]>::to_vec).map_err(|e| e.to_string())
-}
-
-fn new_queue(label: &str) -> Result<*mut c_void, XpcError> {
-    let label = CString::new(label).map_err(|_| XpcError::Nul {
-        what: "the queue label",
-    })?;
-    // SAFETY: a valid label; NULL attributes make a serial queue.
-    let queue = unsafe { dispatch_queue_create(label.as_ptr(), std::ptr::null_mut()) };
-    if queue.is_null() {
-        return Err(XpcError::Create(format!("dispatch queue {label:?}")));
-    }
-    Ok(queue)
-}
-
-/// `epmd`'s side: the Mach service listener.
+/// `epmd`'s side: the Mach service listener. Dropping it cancels it (no
+/// new connections; those accepted live on).
 #[derive(Debug)]
 pub struct XpcListener {
-    _listener: Owned,
+    listener: Object,
+    refused: Arc<AtomicU64>,
 }
 
 impl XpcListener {
     /// Listens on `service_name` (declared under `MachServices` in the
-    /// daemon's launchd plist). Each peer is checked against
-    /// `peer_requirement` when given (a code-signing requirement such as
-    /// `anchor apple generic and certificate leaf[subject.OU] = "TEAMID"`),
-    /// then handed to `on_connection` on its own thread.
+    /// daemon's launchd plist). Each peer is held to `peer_requirement`
+    /// when given (a code-signing requirement such as `anchor apple generic
+    /// and certificate leaf[subject.OU] = "TEAMID"`; XPC checks every
+    /// message the peer sends and drops the connection of one that does
+    /// not satisfy it), then handed, resumed, to `on_connection` on a
+    /// thread of its own (so it may block). `on_connection` authorizes by
+    /// [`XpcConnection::peer`], like the Unix transport's accept.
     pub fn start(
         service_name: &str,
         peer_requirement: Option<&str>,
         on_connection: impl Fn(XpcConnection) + Send + Sync + 'static,
     ) -> Result<XpcListener, XpcError> {
-        let name = CString::new(service_name).map_err(|_| XpcError::Nul {
-            what: "the service name",
-        })?;
-        let requirement = peer_requirement
-            .map(|r| {
-                CString::new(r).map_err(|_| XpcError::Nul {
-                    what: "the code-signing requirement",
-                })
-            })
-            .transpose()?;
-        let queue = new_queue("com.epm.ipc.listener")?;
-        // SAFETY: valid C string and queue.
+        let name = c_string(service_name, "the service name")?;
+        let requirement = match peer_requirement {
+            Some(requirement) => Some((
+                c_string(requirement, "the code-signing requirement")?,
+                peer_requirement_setter().ok_or(XpcError::RequirementUnsupported)?,
+            )),
+            None => None,
+        };
+        let queue = queue()?;
+        // SAFETY: a C string that outlives the call and a live queue; we
+        // own the returned reference.
         let raw = unsafe {
             xpc_connection_create_mach_service(name.as_ptr(), queue, MACH_SERVICE_LISTENER)
         };
-        if raw.is_null() {
-            return Err(XpcError::Create(service_name.to_owned()));
-        }
-        let listener = Owned(raw);
-        let on_connection = Arc::new(on_connection);
-        let requirement = Arc::new(requirement);
-        let handler = RcBlock::new(move |peer: XpcObjectRef| {
-            // SAFETY: XPC passes a live object for the handler's duration.
-            let kind = unsafe { xpc_get_type(peer) };
-            if !std::ptr::eq(kind, &raw const _xpc_type_connection) {
-                // An error on the listener itself (the service is gone).
-                return;
-            }
-            // SAFETY: the peer is borrowed for this call; keep a reference.
-            let peer = Owned(unsafe { xpc_retain(peer) });
-            if let Some(requirement) = requirement.as_ref() {
-                // SAFETY: a live connection, not yet resumed; a C string.
-                let code = unsafe {
-                    xpc_connection_set_peer_code_signing_requirement(peer.0, requirement.as_ptr())
-                };
-                if code != 0 {
-                    // SAFETY: a live connection.
-                    unsafe { xpc_connection_cancel(peer.0) };
-                    return;
-                }
-            }
-            let connection = XpcConnection::adopt(peer);
-            let on_connection = on_connection.clone();
-            let _ = std::thread::Builder::new()
-                .name("epm-xpc-client".into())
-                .spawn(move || on_connection(connection));
-        });
-        // SAFETY: a live listener we own; XPC copies the block.
-        unsafe {
-            xpc_connection_set_event_handler(listener.0, &handler);
-            xpc_connection_resume(listener.0);
-        }
-        Ok(XpcListener {
-            _listener: listener,
-        })
+        let listener = Object::owned(raw).ok_or_else(|| XpcError::Create {
+            service: service_name.to_owned(),
+        })?;
+        let refused = Arc::new(AtomicU64::new(0));
+        let acceptor = Acceptor {
+            requirement,
+            on_connection: Arc::new(on_connection),
+            refused: Arc::clone(&refused),
+        };
+        let block = handler(move |event| acceptor.accept(event));
+        // SAFETY: a listener we just created, not resumed yet.
+        unsafe { activate(listener.0, &block) };
+        Ok(XpcListener { listener, refused })
+    }
+
+    /// Peers refused because XPC would not take the code-signing
+    /// requirement for them (it did not parse): a configuration error the
+    /// daemon should report if this is not 0.
+    pub fn refused(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for XpcListener {
+    fn drop(&mut self) {
+        // SAFETY: a live listener we hold a reference to; cancel before
+        // the reference is released (then `listener` drops).
+        unsafe { xpc_connection_cancel(self.listener.0) }
     }
 }
 
 /// Checks a requirement string for NUL bytes before the daemon starts
 /// listening, so a bad configuration is reported at start.
 pub fn validate_requirement(requirement: &str) -> Result<(), XpcError> {
-    CString::new(requirement)
-        .map(drop)
-        .map_err(|_| XpcError::Nul {
-            what: "the code-signing requirement",
+    c_string(requirement, "the code-signing requirement").map(drop)
+}
+
+// ---- the client ---------------------------------------------------------------
+
+/// A client's connection to the daemon over XPC, after the handshake: the
+/// counterpart of the Unix transport's `Client`.
+#[derive(Debug)]
+pub struct XpcClient {
+    connection: XpcConnection,
+    timeout: Option<Duration>,
+    /// The uid the daemon saw (and authorizes by).
+    pub uid: u32,
+    /// Whether the daemon considers us an administrator.
+    pub is_admin: bool,
+    /// The daemon's version.
+    pub daemon_version: String,
+}
+
+impl XpcClient {
+    /// Connects to the daemon's Mach service (usually
+    /// [`crate::xpc_frame::MACH_SERVICE_NAME`]) and performs the handshake:
+    /// `Hello` with our protocol version, then `Welcome`. `client` names this
+    /// program in the daemon's log, e.g. `epmctl 0.1.0`. Answers are awaited
+    /// for [`DEFAULT_CLIENT_TIMEOUT`] unless changed with
+    /// [`XpcClient::set_timeout`].
+    pub fn connect(service_name: &str, client: &str) -> Result<XpcClient, XpcError> {
+        let mut connection = XpcConnection::connect(service_name)?;
+        let timeout = Some(DEFAULT_CLIENT_TIMEOUT);
+        connection.send(&hello(client))?;
+        let answer = connection.recv::<Response>(timeout)?;
+        let welcomed = welcome(answer).map_err(|error| match error {
+            HandshakeError::Closed => XpcError::Unavailable {
+                service: service_name.to_owned(),
+            },
+            other => XpcError::Handshake(other),
+        })?;
+        Ok(XpcClient {
+            connection,
+            timeout,
+            uid: welcomed.uid,
+            is_admin: welcomed.is_admin,
+            daemon_version: welcomed.daemon_version,
         })
+    }
+
+    /// Sends a request.
+    pub fn send(&mut self, request: &Request) -> Result<(), XpcError> {
+        self.connection.send(request)
+    }
+
+    /// Receives the next response; a daemon [`Response::Error`] becomes
+    /// [`XpcError::Daemon`], the daemon going away [`XpcError::PeerGone`].
+    pub fn recv(&mut self) -> Result<Response, XpcError> {
+        match self.connection.recv::<Response>(self.timeout)? {
+            None => Err(XpcError::PeerGone),
+            Some(Response::Error { code, message }) => Err(XpcError::Daemon { code, message }),
+            Some(response) => Ok(response),
+        }
+    }
+
+    /// Sends a request and receives one response.
+    pub fn call(&mut self, request: &Request) -> Result<Response, XpcError> {
+        self.send(request)?;
+        self.recv()
+    }
+
+    /// Sets how long [`XpcClient::recv`] waits; `None` waits forever
+    /// (following a stream, which may be quiet for hours).
+    pub fn set_timeout(&mut self, timeout: Option<Duration>) {
+        self.timeout = timeout;
+    }
+
+    /// Who the daemon is, as XPC says: a caller that must not talk to an
+    /// impostor checks that this is root (the privileged bootstrap already
+    /// means only a LaunchDaemon could advertise the service).
+    pub fn daemon_credentials(&self) -> PeerCredentials {
+        self.connection.peer()
+    }
+
+    /// The connection, for a caller that wants the raw messages.
+    pub fn into_connection(self) -> XpcConnection {
+        self.connection
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_flags_are_apples() {
+        assert_eq!(MACH_SERVICE_LISTENER, 1);
+        assert_eq!(MACH_SERVICE_PRIVILEGED, 2);
+    }
+
+    #[test]
+    fn names_with_nul_are_refused_before_xpc() {
+        assert!(matches!(
+            XpcConnection::connect("com.epm\0.x"),
+            Err(XpcError::Nul { .. })
+        ));
+        assert!(validate_requirement("anchor apple\0").is_err());
+        assert!(validate_requirement("anchor apple").is_ok());
+    }
 }
