@@ -28,9 +28,12 @@
 //!
 //! The messages and [`encode`]/[`decode`] do not depend on the transport,
 //! so another one carries the same bodies: on macOS, the `xpc` module's
-//! Mach-service connections, one frame body per XPC dictionary
-//! ([`xpc_frame`]), with the peer's uid from its audit token and an
-//! optional code-signing requirement on the peer.
+//! Mach-service connections (`XpcListener` for `epmd`, `XpcClient` with the
+//! same `Hello`/`Welcome` handshake for clients), one frame body per XPC
+//! dictionary under the key `"frame"` ([`xpc_frame`], which also holds the
+//! transport's decisions, tested on every platform), with the peer's uid
+//! from its audit token and an optional code-signing requirement on the
+//! peer (macOS 12+).
 //!
 //! # Compatibility
 //!

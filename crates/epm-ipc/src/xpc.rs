@@ -19,7 +19,7 @@
 //! floods the channel or sends anything but a valid frame is cancelled:
 //! that connection only.
 //!
-//! Memory: every XPC object we keep is an [`Object`] holding one reference
+//! Memory: every XPC object we keep is an `Object` holding one reference
 //! (released on drop). Objects XPC passes to a handler are borrowed for the
 //! call; a peer connection the listener keeps is retained first. A
 //! connection is cancelled before its last reference goes (XPC requires
@@ -35,11 +35,10 @@ use block2::RcBlock;
 use serde::Serialize;
 
 use crate::frame::FrameError;
-use crate::message::{ErrorCode, Message, Request, Response, encode};
+use crate::message::{ErrorCode, Message, Request, Response, decode, encode};
 use crate::unix::{DEFAULT_CLIENT_TIMEOUT, PeerCredentials};
 use crate::xpc_frame::{
-    FRAME_KEY_C, HandshakeError, Received, Triage, XpcErrorKind, XpcEvent, classify, hello, triage,
-    welcome,
+    FRAME_KEY_C, HandshakeError, Received, Triage, XpcErrorKind, hello, triage, welcome,
 };
 
 /// Messages queued per connection before the peer counts as flooding.
@@ -563,10 +562,34 @@ impl XpcConnection {
 
     /// Receives one message, waiting up to `timeout` (`None`: forever);
     /// `Ok(None)` when the peer went away (`XPC_ERROR_CONNECTION_INVALID`
-    /// or `_INTERRUPTED`), and from then on. A peer that sent garbage or
-    /// flooded is disconnected and reported once as [`XpcError::Garbage`]
-    /// or [`XpcError::Flooded`]; then `Ok(None)`.
+    /// or `_INTERRUPTED`), and from then on. Anything that does not decode
+    /// as a `T` (including a message of a type this side does not know)
+    /// ends the connection: [`XpcError::Garbage`], once. A peer that
+    /// flooded is reported once as [`XpcError::Flooded`]. Then `Ok(None)`.
+    ///
+    /// The daemon reads requests with [`XpcConnection::recv_frame`] and
+    /// [`crate::decode`] instead, to answer a request of an unknown type
+    /// `unsupported` (and one with invalid fields `bad_request`) and keep
+    /// the connection, as the protocol promises newer clients.
     pub fn recv<T: Message>(&mut self, timeout: Option<Duration>) -> Result<Option<T>, XpcError> {
+        let Some(frame) = self.recv_frame(timeout)? else {
+            return Ok(None);
+        };
+        match decode::<T>(&frame) {
+            Ok(message) => Ok(Some(message)),
+            Err(error) => {
+                self.cancel();
+                self.ended = true;
+                Err(XpcError::Garbage(error.to_string()))
+            }
+        }
+    }
+
+    /// Receives one frame body (at most [`crate::MAX_FRAME_BYTES`], not
+    /// decoded), as [`XpcConnection::recv`] does otherwise. A frame that
+    /// does not decode does not end the connection here: the caller
+    /// decides (and calls [`XpcConnection::cancel`] for garbage).
+    pub fn recv_frame(&mut self, timeout: Option<Duration>) -> Result<Option<Vec<u8>>, XpcError> {
         if self.ended {
             return Ok(None);
         }
@@ -582,15 +605,7 @@ impl XpcConnection {
             },
         };
         match delivered {
-            Delivered::Frame(bytes) => match classify::<T>(Some(&bytes)) {
-                XpcEvent::Message(message) => Ok(Some(message)),
-                XpcEvent::PeerGone => self.end(),
-                XpcEvent::Garbage(why) => {
-                    self.cancel();
-                    self.ended = true;
-                    Err(XpcError::Garbage(why))
-                }
-            },
+            Delivered::Frame(frame) => Ok(Some(frame)),
             Delivered::Garbage(why) => {
                 // The handler has cancelled already.
                 self.ended = true;
@@ -834,6 +849,15 @@ mod tests {
     fn the_flags_are_apples() {
         assert_eq!(MACH_SERVICE_LISTENER, 1);
         assert_eq!(MACH_SERVICE_PRIVILEGED, 2);
+    }
+
+    #[test]
+    fn connections_move_to_other_threads() {
+        fn send<T: Send>() {}
+        fn send_sync<T: Send + Sync>() {}
+        send::<XpcConnection>();
+        send::<XpcClient>();
+        send_sync::<XpcListener>();
     }
 
     #[test]
