@@ -282,6 +282,18 @@ fn handle_requests(
                 let uid = connection.peer.uid;
                 connection.send(&context.flows.list_grants(uid, all))?;
             }
+            Request::Elevate { .. }
+            | Request::Run { .. }
+            | Request::Signal { .. }
+            | Request::Resize(_)
+            | Request::AdminStart { .. }
+            | Request::AdminStatus { .. }
+            | Request::AdminEnd => {
+                connection.send(&error(
+                    ErrorCode::Unsupported,
+                    "elevation is not served yet by this epmd",
+                ))?;
+            }
         }
     }
     Ok(())

@@ -57,6 +57,30 @@ pub fn denied(program: &str, rule_message: Option<&str>) -> String {
     }
 }
 
+/// An admin session ends soon.
+pub fn admin_session_ending(minutes_left: u32, at: Timestamp) -> String {
+    let minutes = if minutes_left == 1 {
+        "1 minute".to_owned()
+    } else {
+        format!("{minutes_left} minutes")
+    };
+    format!(
+        "Your administrator rights end in {minutes} (at {at}). Save your work in admin tools now."
+    )
+}
+
+/// An admin session ended.
+pub fn admin_session_ended(reason: Option<&str>) -> String {
+    let why = match reason {
+        Some("expired" | "expired_while_down") => "its time is up",
+        Some("ended_by_user") => "you ended it",
+        Some("clock_jump") => "the system clock jumped",
+        Some("policy") => "the policy no longer allows it",
+        _ => "it was ended",
+    };
+    format!("Your administrator rights have ended: {why}.")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

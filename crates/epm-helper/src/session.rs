@@ -115,6 +115,19 @@ impl Session {
             UserEvent::Prompt(prompt) => self.answer_prompt(backend, &prompt),
             UserEvent::Blocked(blocked) => show_blocked(backend, &blocked),
             UserEvent::RequestChanged(request) => show_request(backend, state, &request),
+            UserEvent::AdminSessionEnding {
+                session,
+                minutes_left,
+            } => backend.message(
+                TITLE,
+                &messages::admin_session_ending(minutes_left, session.expires_at),
+                Tone::Warning,
+            ),
+            UserEvent::AdminSessionEnded(session) => backend.message(
+                TITLE,
+                &messages::admin_session_ended(session.end_reason.as_deref()),
+                Tone::Info,
+            ),
         }
     }
 

@@ -22,6 +22,16 @@ pub enum UserEvent {
     Blocked(Blocked),
     /// One of the user's requests changed state.
     RequestChanged(RequestInfo),
+    /// The user's admin session ends soon: warned 5 minutes and 1 minute
+    /// before.
+    AdminSessionEnding {
+        /// The session.
+        session: crate::elevation::AdminSessionInfo,
+        /// Whole minutes left (rounded up).
+        minutes_left: u32,
+    },
+    /// The user's admin session ended (they are no longer in the group).
+    AdminSessionEnded(crate::elevation::AdminSessionInfo),
 }
 
 /// What a prompt asks for.

@@ -90,6 +90,7 @@
 
 #[cfg(test)]
 mod alloc_probe;
+pub mod elevation;
 pub mod flows;
 mod frame;
 mod message;
@@ -99,6 +100,9 @@ mod unix;
 pub mod xpc;
 pub mod xpc_frame;
 
+pub use elevation::{
+    AdminSessionInfo, Command, ElevationVerdict, ElevationVia, ExitStatus, TermSize, Window,
+};
 pub use flows::{
     BlockReason, Blocked, GrantInfo, Justified, Prompt, PromptKind, RequestInfo, UserEvent,
 };

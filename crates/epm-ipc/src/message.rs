@@ -160,6 +160,92 @@ pub enum Request {
         #[serde(default)]
         all: bool,
     },
+    /// May the caller run `command` as another user? From the sudo
+    /// approval plugin → [`Response::Elevation`]. An allowed answer has
+    /// already used any grant it needed: it is good for one run.
+    ///
+    /// `{"type":"elevate","via":"sudo","command":{"program":"/usr/bin/apt","argv":["apt","update"],"run_as":"root"}}`
+    Elevate {
+        /// What asks.
+        via: crate::elevation::ElevationVia,
+        /// The command.
+        command: crate::elevation::Command,
+        /// The user's justification, once asked for.
+        #[serde(default)]
+        reason: Option<String>,
+        /// The approval window, once asked for.
+        #[serde(default)]
+        window: Option<crate::elevation::Window>,
+    },
+    /// Run `command` privileged, for the caller (`epmctl run`). On the Unix
+    /// socket the frame is followed by one byte carrying the caller's
+    /// stdin, stdout and stderr (SCM_RIGHTS). Answered by
+    /// [`Response::Elevation`] when it may not run (yet), else by
+    /// [`Response::Started`], then, while it runs, the client may send
+    /// [`Request::Signal`] and [`Request::Resize`], and the daemon ends with
+    /// [`Response::Exited`].
+    ///
+    /// `{"type":"run","command":{...},"cwd":"/home/alice","env":{"LANG":"C.UTF-8"},"reason":null,"tty":{"rows":40,"cols":120}}`
+    Run {
+        /// The command.
+        command: crate::elevation::Command,
+        /// The caller's working directory.
+        cwd: String,
+        /// Environment variables the caller passes (the daemon keeps only
+        /// a safe list of names).
+        #[serde(default)]
+        env: std::collections::BTreeMap<String, String>,
+        /// The user's justification, once asked for.
+        #[serde(default)]
+        reason: Option<String>,
+        /// The approval window, once asked for.
+        #[serde(default)]
+        window: Option<crate::elevation::Window>,
+        /// The caller's terminal size, when its stdin is a terminal.
+        #[serde(default)]
+        tty: Option<crate::elevation::TermSize>,
+    },
+    /// Forward a signal to a command started by [`Request::Run`] on this
+    /// connection: `INT`, `TERM`, `HUP`, `QUIT`, `TSTP`, `CONT`, `WINCH`,
+    /// `USR1`, `USR2`. No answer.
+    ///
+    /// `{"type":"signal","signal":"INT"}`
+    Signal {
+        /// The signal's name, without `SIG`.
+        signal: String,
+    },
+    /// The caller's terminal changed size. No answer.
+    ///
+    /// `{"type":"resize","rows":50,"cols":132}`
+    Resize(crate::elevation::TermSize),
+    /// Start a time-boxed admin session for the caller →
+    /// [`Response::AdminSession`], or [`Response::Elevation`] when it may
+    /// not start (yet).
+    ///
+    /// `{"type":"admin_start","minutes":30,"reason":"Installing a printer driver"}`
+    AdminStart {
+        /// How long.
+        minutes: u32,
+        /// The user's justification, once asked for.
+        #[serde(default)]
+        reason: Option<String>,
+        /// The approval window, once asked for.
+        #[serde(default)]
+        window: Option<crate::elevation::Window>,
+    },
+    /// The caller's current admin session, or everyone's (admins) →
+    /// [`Response::AdminSessions`].
+    ///
+    /// `{"type":"admin_status","all":false}`
+    AdminStatus {
+        /// Everyone's (admins only).
+        #[serde(default)]
+        all: bool,
+    },
+    /// End the caller's admin session now → [`Response::AdminSession`].
+    ///
+    /// `{"type":"admin_end"}`
+    AdminEnd,
 }
 
 /// Daemon → client.
@@ -259,6 +345,36 @@ pub enum Response {
     Grants {
         /// Soonest first.
         grants: Vec<crate::flows::GrantInfo>,
+    },
+    /// The answer to [`Request::Elevate`], and to [`Request::Run`] and
+    /// [`Request::AdminStart`] when they may not start (yet).
+    ///
+    /// `{"type":"elevation","verdict":"denied","rule_id":"no-shells","message":"..."}`
+    Elevation(crate::elevation::ElevationVerdict),
+    /// The command of a [`Request::Run`] started.
+    ///
+    /// `{"type":"started","pid":4242,"rule_id":"apt"}`
+    Started {
+        /// Its process id.
+        pid: u32,
+        /// The deciding rule.
+        #[serde(default)]
+        rule_id: Option<String>,
+    },
+    /// The command of a [`Request::Run`] ended; the last message.
+    ///
+    /// `{"type":"exited","code":0,"signal":null}`
+    Exited(crate::elevation::ExitStatus),
+    /// An admin session: started, or ended.
+    ///
+    /// `{"type":"admin_session","id":3,"user":"alice","group":"admin",...}`
+    AdminSession(crate::elevation::AdminSessionInfo),
+    /// The answer to [`Request::AdminStatus`].
+    ///
+    /// `{"type":"admin_sessions","sessions":[...]}`
+    AdminSessions {
+        /// Sessions not ended, soonest end first.
+        sessions: Vec<crate::elevation::AdminSessionInfo>,
     },
     /// A request failed. The connection stays usable unless the daemon
     /// closes it (after a protocol violation).
@@ -494,6 +610,13 @@ enum RequestType {
     OfflineCode,
     ListRequests,
     ListGrants,
+    Elevate,
+    Run,
+    Signal,
+    Resize,
+    AdminStart,
+    AdminStatus,
+    AdminEnd,
 }
 
 impl RequestType {
@@ -512,6 +635,13 @@ impl RequestType {
             RequestType::OfflineCode => "offline_code",
             RequestType::ListRequests => "list_requests",
             RequestType::ListGrants => "list_grants",
+            RequestType::Elevate => "elevate",
+            RequestType::Run => "run",
+            RequestType::Signal => "signal",
+            RequestType::Resize => "resize",
+            RequestType::AdminStart => "admin_start",
+            RequestType::AdminStatus => "admin_status",
+            RequestType::AdminEnd => "admin_end",
         }
     }
 }
@@ -536,6 +666,13 @@ impl Message for Request {
             Request::OfflineCode { .. } => RequestType::OfflineCode,
             Request::ListRequests { .. } => RequestType::ListRequests,
             Request::ListGrants { .. } => RequestType::ListGrants,
+            Request::Elevate { .. } => RequestType::Elevate,
+            Request::Run { .. } => RequestType::Run,
+            Request::Signal { .. } => RequestType::Signal,
+            Request::Resize(_) => RequestType::Resize,
+            Request::AdminStart { .. } => RequestType::AdminStart,
+            Request::AdminStatus { .. } => RequestType::AdminStatus,
+            Request::AdminEnd => RequestType::AdminEnd,
         };
         kind.name()
     }
@@ -559,6 +696,11 @@ enum ResponseType {
     Granted,
     Requests,
     Grants,
+    Elevation,
+    Started,
+    Exited,
+    AdminSession,
+    AdminSessions,
     Error,
 }
 
@@ -580,6 +722,11 @@ impl ResponseType {
             ResponseType::Granted => "granted",
             ResponseType::Requests => "requests",
             ResponseType::Grants => "grants",
+            ResponseType::Elevation => "elevation",
+            ResponseType::Started => "started",
+            ResponseType::Exited => "exited",
+            ResponseType::AdminSession => "admin_session",
+            ResponseType::AdminSessions => "admin_sessions",
             ResponseType::Error => "error",
         }
     }
@@ -607,6 +754,11 @@ impl Message for Response {
             Response::Granted(_) => ResponseType::Granted,
             Response::Requests { .. } => ResponseType::Requests,
             Response::Grants { .. } => ResponseType::Grants,
+            Response::Elevation(_) => ResponseType::Elevation,
+            Response::Started { .. } => ResponseType::Started,
+            Response::Exited(_) => ResponseType::Exited,
+            Response::AdminSession(_) => ResponseType::AdminSession,
+            Response::AdminSessions { .. } => ResponseType::AdminSessions,
             Response::Error { .. } => ResponseType::Error,
         };
         kind.name()
