@@ -17,7 +17,8 @@ use serde::Serialize;
 
 use crate::digest::{CdHash, Sha256Digest};
 use crate::model::{
-    Action, ApprovalSpec, Criteria, Criterion, JustificationSpec, Policy, Rule, Scope, ScopeMatch,
+    Action, AdminSessionRule, ApprovalSpec, Criteria, Criterion, ElevationRule, JustificationSpec,
+    Policy, Rule, Scope, ScopeMatch,
 };
 use crate::subject::Subject;
 use crate::validate::{PolicyError, PolicyErrors, REGEX_SIZE_LIMIT, parse_document};
@@ -123,19 +124,62 @@ struct CompiledRule {
 impl CompiledRule {
     /// How this rule's scope matches the subject, or `None` if it does not apply.
     fn scope_match(&self, subject: &Subject) -> Option<ScopeMatch> {
-        let Some(scope) = &self.scope else {
-            return Some(ScopeMatch::General);
-        };
-        if scope.users.contains(&subject.user) {
-            Some(ScopeMatch::User)
-        } else if scope.groups.iter().any(|g| subject.groups.contains(g)) {
-            Some(ScopeMatch::Group)
-        } else if scope.devices.contains(&subject.device_id) {
-            Some(ScopeMatch::Device)
-        } else {
-            None
-        }
+        scope_match(self.scope.as_deref(), subject)
     }
+}
+
+/// How a scope matches the subject, or `None` if it does not apply.
+fn scope_match(scope: Option<&Scope>, subject: &Subject) -> Option<ScopeMatch> {
+    let Some(scope) = scope else {
+        return Some(ScopeMatch::General);
+    };
+    if scope.users.contains(&subject.user) {
+        Some(ScopeMatch::User)
+    } else if scope.groups.iter().any(|g| subject.groups.contains(g)) {
+        Some(ScopeMatch::Group)
+    } else if scope.devices.contains(&subject.device_id) {
+        Some(ScopeMatch::Device)
+    } else {
+        None
+    }
+}
+
+/// The elevation rules, one engine per run-as user: a rule only ever
+/// decides elevations to its own `run_as`.
+#[derive(Debug, Default)]
+struct ElevationEngines {
+    by_run_as: HashMap<String, Engine>,
+}
+
+impl ElevationEngines {
+    fn new(rules: Vec<ElevationRule>, version: u64) -> Result<Self, PolicyErrors> {
+        let mut grouped: HashMap<String, Vec<Rule>> = HashMap::new();
+        for rule in rules {
+            let as_rule = rule.as_rule();
+            grouped.entry(rule.run_as).or_default().push(as_rule);
+        }
+        let mut by_run_as = HashMap::with_capacity(grouped.len());
+        for (run_as, rules) in grouped {
+            let mut builder = EngineBuilder::new();
+            for rule in rules {
+                builder.add(rule);
+            }
+            // Nothing is elevated unless a rule allows it.
+            let mut engine = builder.finish(version, Action::Deny, Vec::new(), Vec::new())?;
+            engine.arguments_first = true;
+            by_run_as.insert(run_as, engine);
+        }
+        Ok(Self { by_run_as })
+    }
+}
+
+/// The admin-session entry that applies to a user.
+#[derive(Debug, Clone, Copy)]
+pub struct AdminSessionMatch<'a> {
+    /// The entry.
+    pub rule: &'a AdminSessionRule,
+    /// How its scope matched.
+    pub scope: ScopeMatch,
 }
 
 /// Rule indices under one index key. Nearly every key has one rule, so that
@@ -215,6 +259,14 @@ pub struct Engine {
     by_name: StringIndex,
     uses_parent_path: bool,
     uses_group_scope: bool,
+    /// Between rules of equal key and scope, one with `args_regex` wins
+    /// before strictness is looked at: true for elevation, where the command
+    /// line is always known and "allow `apt update`, justify any other
+    /// `apt`" must be expressible.
+    arguments_first: bool,
+    /// Rules for commands run as another user (empty for most policies).
+    elevation: Box<ElevationEngines>,
+    admin_session: Vec<AdminSessionRule>,
 }
 
 /// Collects rules into index maps; the glob set is compiled once at the end.
@@ -377,7 +429,13 @@ impl EngineBuilder {
         });
     }
 
-    fn finish(self, version: u64, default_action: Action) -> Result<Engine, PolicyErrors> {
+    fn finish(
+        self,
+        version: u64,
+        default_action: Action,
+        elevation: Vec<ElevationRule>,
+        admin_session: Vec<AdminSessionRule>,
+    ) -> Result<Engine, PolicyErrors> {
         if let Some(error) = self.error {
             return Err(PolicyErrors(vec![error]));
         }
@@ -408,6 +466,13 @@ impl EngineBuilder {
             globs,
             glob_rules: self.glob_rules,
             by_name: self.by_name,
+            arguments_first: false,
+            elevation: if elevation.is_empty() {
+                Box::default()
+            } else {
+                Box::new(ElevationEngines::new(elevation, version)?)
+            },
+            admin_session,
         };
         engine.rules.shrink_to_fit();
         Ok(engine)
@@ -425,7 +490,12 @@ impl Engine {
         for rule in policy.rules {
             builder.add(rule);
         }
-        builder.finish(policy.version, policy.default_action)
+        builder.finish(
+            policy.version,
+            policy.default_action,
+            policy.elevation,
+            policy.admin_session,
+        )
     }
 
     /// Parses, validates and compiles a policy document in one pass, without
@@ -435,7 +505,12 @@ impl Engine {
         let mut builder = EngineBuilder::new();
         let header = parse_document(text, |rule| builder.add(rule))?;
         debug_assert_eq!(header.rule_count, builder.rules.len());
-        builder.finish(header.version, header.default_action)
+        builder.finish(
+            header.version,
+            header.default_action,
+            header.elevation,
+            header.admin_session,
+        )
     }
 
     /// A policy with no rules: every exec gets `default_action`.
@@ -455,6 +530,9 @@ impl Engine {
             by_name: HashMap::new(),
             uses_parent_path: false,
             uses_group_scope: false,
+            arguments_first: false,
+            elevation: Box::default(),
+            admin_session: Vec::new(),
         }
     }
 
@@ -496,6 +574,57 @@ impl Engine {
             justification: rule.justification.as_deref(),
             approval: rule.approval.as_deref(),
         })
+    }
+
+    /// Decides running a command as `run_as`: the elevation rules for that
+    /// user, ranked like exec rules; no matching rule means `deny`.
+    /// `subject.argv` is the command line, which `args_regex` matches.
+    pub fn evaluate_elevation(&self, subject: &Subject, run_as: &str) -> Decision {
+        match self.elevation.by_run_as.get(run_as) {
+            Some(engine) => engine.evaluate(subject),
+            None => Decision {
+                action: Action::Deny,
+                rule_id: None,
+                criterion: None,
+                scope: None,
+                message: None,
+                policy_version: self.version,
+            },
+        }
+    }
+
+    /// Looks an elevation rule up by id, with the user it runs as.
+    pub fn elevation_rule(&self, id: &str) -> Option<(RuleInfo<'_>, &str)> {
+        self.elevation
+            .by_run_as
+            .iter()
+            .find_map(|(run_as, engine)| Some((engine.rule(id)?, run_as.as_str())))
+    }
+
+    /// Whether the policy has any elevation rule.
+    pub fn has_elevation_rules(&self) -> bool {
+        !self.elevation.by_run_as.is_empty()
+    }
+
+    /// The admin-session entry for this user: the one whose scope matches
+    /// most specifically, the earlier between equals. `None` means no
+    /// sessions for them.
+    pub fn admin_session(&self, subject: &Subject) -> Option<AdminSessionMatch<'_>> {
+        let mut best: Option<AdminSessionMatch<'_>> = None;
+        for rule in &self.admin_session {
+            let Some(scope) = scope_match(rule.scope.as_ref(), subject) else {
+                continue;
+            };
+            if best.is_none_or(|b| scope > b.scope) {
+                best = Some(AdminSessionMatch { rule, scope });
+            }
+        }
+        best
+    }
+
+    /// Looks an admin-session entry up by id.
+    pub fn admin_session_rule(&self, id: &str) -> Option<&AdminSessionRule> {
+        self.admin_session.iter().find(|r| r.id == id)
     }
 
     /// Decides one exec.
@@ -583,6 +712,11 @@ impl Engine {
             };
             let candidate = Best {
                 scope,
+                by_arguments: self.arguments_first
+                    && rule
+                        .residual
+                        .iter()
+                        .any(|r| matches!(r, Residual::ArgsRegex(_))),
                 action: rule.action,
                 index,
             };
@@ -597,13 +731,22 @@ impl Engine {
 #[derive(Debug, Clone, Copy)]
 struct Best {
     scope: ScopeMatch,
+    /// The rule names the command line (elevation engines only).
+    by_arguments: bool,
     action: Action,
     index: u32,
 }
 
 impl Best {
     fn beats(&self, other: &Best) -> bool {
-        (self.scope, self.action, std::cmp::Reverse(self.index))
-            > (other.scope, other.action, std::cmp::Reverse(other.index))
+        let rank = |b: &Best| {
+            (
+                b.scope,
+                b.by_arguments,
+                b.action,
+                std::cmp::Reverse(b.index),
+            )
+        };
+        rank(self) > rank(other)
     }
 }

@@ -38,10 +38,10 @@ mod validate;
 
 pub use answers::{AnswerError, START_GRACE};
 pub use digest::{CdHash, DigestError, Sha256Digest};
-pub use engine::{Decision, Engine};
+pub use engine::{AdminSessionMatch, Decision, Engine, RuleInfo};
 pub use model::{
-    Action, ApprovalLevel, ApprovalSpec, Criteria, Criterion, JustificationSpec, Policy, Rule,
-    Scope, ScopeMatch,
+    Action, AdminSessionRule, ApprovalLevel, ApprovalSpec, Criteria, Criterion, ElevationRule,
+    JustificationSpec, Policy, Rule, Scope, ScopeMatch, SessionRequirement,
 };
 pub use subject::Subject;
 pub use validate::{MAX_RULES, PolicyError, PolicyErrors};

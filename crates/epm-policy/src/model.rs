@@ -23,6 +23,14 @@ pub struct Policy {
     /// breaks a full tie (the earlier rule wins).
     #[serde(default)]
     pub rules: Vec<Rule>,
+    /// Rules for running a command as another user (`epmctl run`, sudo).
+    /// Nothing is elevated unless one of them allows it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub elevation: Vec<ElevationRule>,
+    /// Who may become an administrator for a while, per scope. Without an
+    /// entry that applies, nobody may.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub admin_session: Vec<AdminSessionRule>,
 }
 
 /// What to do with an exec.
@@ -344,4 +352,131 @@ impl Default for ApprovalSpec {
 pub struct ApprovalLevel {
     /// How many distinct approvers this level needs (at least 1).
     pub approvers: u32,
+}
+
+/// A rule for running a command as another user: an exec rule's fields
+/// (whose `args_regex` always applies, since the command line is known
+/// before anything runs) plus the user it runs as.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ElevationRule {
+    /// Unique within the policy, across every section.
+    pub id: String,
+    /// What to do when the rule decides.
+    pub action: Action,
+    /// Every criterion named here must hold for the rule to match.
+    #[serde(rename = "match")]
+    pub criteria: Criteria,
+    /// The user the command runs as; the rule only applies to elevations
+    /// to that user.
+    #[serde(default = "ElevationRule::default_run_as")]
+    pub run_as: String,
+    /// Who the rule applies to; absent means everyone on every device.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<Scope>,
+    /// Shown to the user (and audited) when this rule decides.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// How the justification is collected (`justify` and `approve` rules).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub justification: Option<JustificationSpec>,
+    /// How approval works (`approve` rules).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval: Option<ApprovalSpec>,
+}
+
+impl ElevationRule {
+    /// The user commands run as unless a rule says otherwise.
+    pub const DEFAULT_RUN_AS: &str = "root";
+
+    fn default_run_as() -> String {
+        Self::DEFAULT_RUN_AS.to_owned()
+    }
+
+    /// The same rule as an exec rule, for the one engine both use.
+    pub fn as_rule(&self) -> Rule {
+        Rule {
+            id: self.id.clone(),
+            action: self.action,
+            criteria: self.criteria.clone(),
+            scope: self.scope.clone(),
+            message: self.message.clone(),
+            justification: self.justification.clone(),
+            approval: self.approval.clone(),
+        }
+    }
+}
+
+/// What a user must do before an admin session starts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SessionRequirement {
+    /// Nothing: asking is enough.
+    #[default]
+    None,
+    /// A written justification.
+    Justification,
+    /// A justification and approvers' agreement.
+    Approval,
+}
+
+impl SessionRequirement {
+    /// The name used in policies.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SessionRequirement::None => "none",
+            SessionRequirement::Justification => "justification",
+            SessionRequirement::Approval => "approval",
+        }
+    }
+}
+
+/// Time-boxed admin sessions for a scope: who may become an administrator,
+/// for how long, and what they must do first. The entry whose scope matches
+/// the user most specifically (user, then group, then device, then none)
+/// applies; between equals, the earlier one.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSessionRule {
+    /// Unique within the policy, across every section; named in audit
+    /// records and approval requests.
+    pub id: String,
+    /// Who it applies to; absent means everyone on every device.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<Scope>,
+    /// Whether sessions are allowed at all (an entry with `false` refuses
+    /// them to its scope, overriding less specific entries).
+    #[serde(default = "AdminSessionRule::default_allowed")]
+    pub allowed: bool,
+    /// The longest session, in minutes (1–1440).
+    #[serde(default = "AdminSessionRule::default_max_minutes")]
+    pub max_minutes: u32,
+    /// What the user must do first.
+    #[serde(default)]
+    pub require: SessionRequirement,
+    /// The group that makes a user an administrator; the agent's configured
+    /// admin group (`admin` on macOS) when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    /// Shown to the user (and audited).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// How the justification is collected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub justification: Option<JustificationSpec>,
+    /// How approval works (`require: approval`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval: Option<ApprovalSpec>,
+}
+
+impl AdminSessionRule {
+    /// The longest session any entry may allow: one day.
+    pub const MAX_MINUTES_LIMIT: u32 = 24 * 60;
+
+    fn default_allowed() -> bool {
+        true
+    }
+    fn default_max_minutes() -> u32 {
+        60
+    }
 }

@@ -788,6 +788,8 @@ fn policy_strategy() -> impl Strategy<Value = Policy> {
                     approval: None,
                 })
                 .collect(),
+            elevation: Vec::new(),
+            admin_session: Vec::new(),
         })
 }
 
@@ -854,4 +856,148 @@ fn the_engine_says_whether_any_rule_needs_the_parent() {
         r#"{"id": "g", "action": "deny", "match": {"name": "nc"}, "scope": {"groups": ["staff"]}}"#,
     );
     assert!(scoped.uses_group_scope());
+}
+
+mod elevation {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    const POLICY: &str = r#"{
+        "version": 4, "default_action": "allow",
+        "rules": [{ "id": "no-nc", "action": "deny", "match": { "name": "nc" } }],
+        "elevation": [
+            { "id": "apt-update", "action": "allow",
+              "match": { "path": "/usr/bin/apt", "args_regex": "^apt (update|upgrade)$" } },
+            { "id": "apt", "action": "justify", "match": { "path": "/usr/bin/apt" } },
+            { "id": "psql", "action": "allow", "match": { "name": "psql" }, "run_as": "postgres" },
+            { "id": "shells", "action": "deny", "match": { "path_glob": "/usr/bin/*sh" },
+              "message": "No root shells" }
+        ],
+        "admin_session": [
+            { "id": "everyone", "max_minutes": 30, "require": "justification" },
+            { "id": "helpdesk", "scope": { "groups": ["helpdesk"] }, "max_minutes": 120 },
+            { "id": "not-mallory", "scope": { "users": ["mallory"] }, "allowed": false }
+        ]
+    }"#;
+
+    fn command(path: &str, argv: &[&str], user: &str, groups: &[&str]) -> Subject {
+        Subject {
+            path: path.into(),
+            argv: Some(argv.iter().map(|a| (*a).to_owned()).collect()),
+            user: user.into(),
+            groups: groups.iter().map(|g| (*g).to_owned()).collect(),
+            ..Subject::default()
+        }
+    }
+
+    #[test]
+    fn elevation_rules_decide_by_command_line_and_run_as() {
+        let engine = Engine::from_json(POLICY).unwrap();
+        let decide = |path, argv: &[&str], run_as| {
+            let d = engine.evaluate_elevation(&command(path, argv, "alice", &[]), run_as);
+            (d.action, d.rule_id.map(|id| id.to_string()))
+        };
+        assert_eq!(
+            decide("/usr/bin/apt", &["apt", "update"], "root"),
+            (Action::Allow, Some("apt-update".into()))
+        );
+        assert_eq!(
+            decide("/usr/bin/apt", &["apt", "remove", "x"], "root"),
+            (Action::Justify, Some("apt".into()))
+        );
+        assert_eq!(
+            decide("/usr/bin/bash", &["bash"], "root"),
+            (Action::Deny, Some("shells".into()))
+        );
+        // Nothing allows it: deny, whatever the exec default says.
+        assert_eq!(decide("/usr/bin/id", &["id"], "root"), (Action::Deny, None));
+        // A rule only decides elevations to its own run-as user.
+        assert_eq!(
+            decide("/usr/bin/psql", &["psql"], "postgres"),
+            (Action::Allow, Some("psql".into()))
+        );
+        assert_eq!(
+            decide("/usr/bin/psql", &["psql"], "root"),
+            (Action::Deny, None)
+        );
+        // Exec rules and elevation rules are apart.
+        let exec = engine.evaluate(&command("/usr/bin/apt", &[], "alice", &[]));
+        assert_eq!(exec.action, Action::Allow);
+        assert!(engine.has_elevation_rules());
+        let (info, run_as) = engine.elevation_rule("psql").unwrap();
+        assert_eq!((info.action, run_as), (Action::Allow, "postgres"));
+        assert!(engine.rule("psql").is_none());
+    }
+
+    #[test]
+    fn the_most_specific_admin_session_entry_applies() {
+        let engine = Engine::from_json(POLICY).unwrap();
+        let entry = |user, groups: &[&str]| {
+            engine
+                .admin_session(&command("", &[], user, groups))
+                .map(|m| (m.rule.id.clone(), m.rule.allowed, m.rule.max_minutes))
+        };
+        assert_eq!(entry("alice", &[]), Some(("everyone".into(), true, 30)));
+        assert_eq!(
+            entry("bob", &["helpdesk"]),
+            Some(("helpdesk".into(), true, 120))
+        );
+        assert_eq!(
+            entry("mallory", &["helpdesk"]),
+            Some(("not-mallory".into(), false, 60))
+        );
+        let none = Engine::from_json(r#"{"version":1,"default_action":"allow"}"#).unwrap();
+        assert!(
+            none.admin_session(&command("", &[], "alice", &[]))
+                .is_none()
+        );
+        assert!(!none.has_elevation_rules());
+    }
+
+    #[test]
+    fn sections_round_trip_and_old_policies_stay_valid() {
+        let policy = Policy::from_json(POLICY).unwrap();
+        assert_eq!(policy.elevation.len(), 4);
+        assert_eq!(policy.elevation[0].run_as, "root");
+        assert_eq!(
+            policy.admin_session[0].require,
+            crate::SessionRequirement::Justification
+        );
+        let again = Policy::from_json(&serde_json::to_string(&policy).unwrap()).unwrap();
+        assert_eq!(again, policy);
+        let old = Policy::from_json(r#"{"version":1,"default_action":"deny","rules":[]}"#).unwrap();
+        assert!(!serde_json::to_string(&old).unwrap().contains("elevation"));
+    }
+
+    #[test]
+    fn errors_name_the_section_entry_and_field() {
+        let errors = Policy::from_json(
+            r#"{
+            "version": 1, "default_action": "allow",
+            "rules": [{ "id": "dup", "action": "deny", "match": { "name": "nc" } }],
+            "elevation": [
+                { "id": "dup", "action": "allow", "match": { "path": "usr/bin/id" } },
+                { "id": "who", "action": "allow", "match": { "name": "id" }, "run_as": "" },
+                { "id": "typo", "action": "allow", "match": { "nmae": "id" } }
+            ],
+            "admin_session": [
+                { "id": "long", "max_minutes": 5000, "group": "wheel staff" },
+                { "id": "req", "require": "sometimes" }
+            ]
+        }"#,
+        )
+        .unwrap_err()
+        .to_string();
+        for expected in [
+            r#"rule "dup": elevation: id: duplicate id"#,
+            r#"rule "dup": elevation: match.path: "usr/bin/id" is not an absolute path"#,
+            r#"rule "who": elevation: run_as: "" is not a user name"#,
+            r#"rule "typo": elevation: match.nmae: unknown field `nmae`"#,
+            r#"rule "long": admin_session: max_minutes: 5000 is outside 1..=1440"#,
+            r#"rule "long": admin_session: group: "wheel staff" is not a group name"#,
+            r#"rule "req": admin_session: require: unknown variant `sometimes`"#,
+        ] {
+            assert!(errors.contains(expected), "{expected}\nnot in\n{errors}");
+        }
+    }
 }

@@ -7,7 +7,7 @@ use std::fmt;
 
 use serde::Deserialize;
 
-use crate::model::{Action, Policy, Rule};
+use crate::model::{Action, AdminSessionRule, ElevationRule, Policy, Rule};
 
 /// The most rules one policy may hold. Far above any real fleet's needs, low
 /// enough that a hostile document cannot exhaust memory through the index.
@@ -81,14 +81,177 @@ struct RawPolicy<'a> {
     default_action: Action,
     #[serde(default, borrow)]
     rules: Vec<&'a serde_json::value::RawValue>,
+    #[serde(default, borrow)]
+    elevation: Vec<&'a serde_json::value::RawValue>,
+    #[serde(default, borrow)]
+    admin_session: Vec<&'a serde_json::value::RawValue>,
 }
 
-/// A document's top-level fields, once every rule has been handed out.
-#[derive(Debug, Clone, Copy)]
+/// A document's top-level fields, once every exec rule has been handed out.
+#[derive(Debug, Clone)]
 pub(crate) struct Header {
     pub(crate) version: u64,
     pub(crate) default_action: Action,
     pub(crate) rule_count: usize,
+    /// The elevation rules, valid (a few at most: kept whole).
+    pub(crate) elevation: Vec<ElevationRule>,
+    /// The admin-session entries, valid.
+    pub(crate) admin_session: Vec<AdminSessionRule>,
+}
+
+/// Decodes one entry of a section, reporting a failure under the entry's
+/// id (or position) with the section named in the field.
+fn decode_entry<T: serde::de::DeserializeOwned>(
+    section: &str,
+    index: usize,
+    raw: &serde_json::value::RawValue,
+    seen_ids: &mut HashSet<String>,
+    errors: &mut Vec<PolicyError>,
+) -> Option<T> {
+    if !raw.get().starts_with('{') {
+        errors.push(PolicyError {
+            rule: Some(format!("{section}#{index}")),
+            field: String::new(),
+            message: format!("an entry of {section} must be a JSON object"),
+        });
+        return None;
+    }
+    let mut de = serde_json::Deserializer::from_str(raw.get());
+    match serde_path_to_error::deserialize(&mut de) {
+        Ok(entry) => Some(entry),
+        Err(e) => {
+            let label = rule_label(raw.get(), index);
+            if !label.starts_with('#') {
+                seen_ids.insert(label.clone());
+            }
+            errors.push(PolicyError {
+                rule: Some(label),
+                field: section_field(section, &field_path(e.path())),
+                message: without_position(&e.into_inner()),
+            });
+            None
+        }
+    }
+}
+
+/// `elevation: match.path`: where in which section.
+fn section_field(section: &str, field: &str) -> String {
+    if field.is_empty() {
+        section.to_owned()
+    } else {
+        format!("{section}: {field}")
+    }
+}
+
+/// Claims an id for one entry of any section: rule ids name grants and
+/// requests, so they are unique across the whole document.
+fn claim_id(
+    id: &str,
+    label: &str,
+    section: &str,
+    seen_ids: &mut HashSet<String>,
+    errors: &mut Vec<PolicyError>,
+) {
+    if !seen_ids.insert(id.to_owned()) {
+        errors.push(PolicyError {
+            rule: Some(label.to_owned()),
+            field: section_field(section, "id"),
+            message: "duplicate id: each rule and entry needs its own".into(),
+        });
+    }
+}
+
+fn check_elevation_rules(
+    raw: &[&serde_json::value::RawValue],
+    seen_ids: &mut HashSet<String>,
+    errors: &mut Vec<PolicyError>,
+) -> Vec<ElevationRule> {
+    const SECTION: &str = "elevation";
+    let mut rules = Vec::with_capacity(raw.len());
+    for (index, value) in raw.iter().enumerate() {
+        let Some(rule) = decode_entry::<ElevationRule>(SECTION, index, value, seen_ids, errors)
+        else {
+            continue;
+        };
+        let label = if rule.id.trim().is_empty() {
+            format!("{SECTION}#{index}")
+        } else {
+            rule.id.clone()
+        };
+        claim_id(&rule.id, &label, SECTION, seen_ids, errors);
+        let mut found = Vec::new();
+        check_rule(&rule.as_rule(), &label, &mut found);
+        if rule.run_as.trim().is_empty() || rule.run_as.contains(char::is_whitespace) {
+            found.push(PolicyError {
+                rule: Some(label.clone()),
+                field: "run_as".into(),
+                message: format!("{:?} is not a user name", rule.run_as),
+            });
+        }
+        for mut error in found {
+            error.field = section_field(SECTION, &error.field);
+            errors.push(error);
+        }
+        rules.push(rule);
+    }
+    rules
+}
+
+fn check_admin_session(
+    raw: &[&serde_json::value::RawValue],
+    seen_ids: &mut HashSet<String>,
+    errors: &mut Vec<PolicyError>,
+) -> Vec<AdminSessionRule> {
+    const SECTION: &str = "admin_session";
+    let mut entries = Vec::with_capacity(raw.len());
+    for (index, value) in raw.iter().enumerate() {
+        let Some(entry) = decode_entry::<AdminSessionRule>(SECTION, index, value, seen_ids, errors)
+        else {
+            continue;
+        };
+        let label = if entry.id.trim().is_empty() {
+            format!("{SECTION}#{index}")
+        } else {
+            entry.id.clone()
+        };
+        let mut error = |field: &str, message: String| {
+            errors.push(PolicyError {
+                rule: Some(label.clone()),
+                field: section_field(SECTION, field),
+                message,
+            })
+        };
+        if entry.id.trim().is_empty() {
+            error("id", "must not be empty".into());
+        }
+        if entry.max_minutes == 0 || entry.max_minutes > AdminSessionRule::MAX_MINUTES_LIMIT {
+            error(
+                "max_minutes",
+                format!(
+                    "{} is outside 1..={} (one day)",
+                    entry.max_minutes,
+                    AdminSessionRule::MAX_MINUTES_LIMIT
+                ),
+            );
+        }
+        if let Some(group) = &entry.group
+            && (group.is_empty()
+                || group
+                    .chars()
+                    .any(|c| c.is_whitespace() || c == ':' || c == ','))
+        {
+            error("group", format!("{group:?} is not a group name"));
+        }
+        if let Some(spec) = &entry.justification {
+            check_justification(spec, &mut |field, message| error(field, message));
+        }
+        if let Some(spec) = &entry.approval {
+            check_approval(spec, &mut |field, message| error(field, message));
+        }
+        claim_id(&entry.id, &label, SECTION, seen_ids, errors);
+        entries.push(entry);
+    }
+    entries
 }
 
 /// Decodes and validates a document, handing each valid rule to `on_rule` in
@@ -174,6 +337,8 @@ pub(crate) fn parse_document(
             on_rule(rule);
         }
     }
+    let elevation = check_elevation_rules(&raw.elevation, &mut seen_ids, &mut errors);
+    let admin_session = check_admin_session(&raw.admin_session, &mut seen_ids, &mut errors);
     if !errors.is_empty() {
         return Err(PolicyErrors(errors));
     }
@@ -181,6 +346,8 @@ pub(crate) fn parse_document(
         version: raw.version,
         default_action: raw.default_action,
         rule_count: raw.rules.len(),
+        elevation,
+        admin_session,
     })
 }
 
@@ -229,6 +396,8 @@ impl Policy {
             version: header.version,
             default_action: header.default_action,
             rules,
+            elevation: header.elevation,
+            admin_session: header.admin_session,
         })
     }
 
@@ -398,44 +567,7 @@ fn check_rule(rule: &Rule, label: &str, errors: &mut Vec<PolicyError>) {
                 rule.action
             ),
         ),
-        (Some(spec), _) => {
-            if spec.max_length > crate::model::JustificationSpec::MAX_LENGTH_LIMIT {
-                error(
-                    "justification.max_length",
-                    format!(
-                        "{} is over the limit of {}",
-                        spec.max_length,
-                        crate::model::JustificationSpec::MAX_LENGTH_LIMIT
-                    ),
-                );
-            }
-            if spec.min_length > spec.max_length {
-                error(
-                    "justification.min_length",
-                    format!(
-                        "{} is greater than max_length {}",
-                        spec.min_length, spec.max_length
-                    ),
-                );
-            }
-            if spec.max_length == 0 {
-                error("justification.max_length", "must be at least 1".into());
-            }
-            for preset in &spec.presets {
-                let len = preset.chars().count() as u64;
-                if preset.trim().is_empty() {
-                    error("justification.presets", "contains an empty preset".into());
-                } else if len < u64::from(spec.min_length) || len > u64::from(spec.max_length) {
-                    error(
-                        "justification.presets",
-                        format!(
-                            "{preset:?} is {len} characters, outside min_length..=max_length ({}..={})",
-                            spec.min_length, spec.max_length
-                        ),
-                    );
-                }
-            }
-        }
+        (Some(spec), _) => check_justification(spec, &mut error),
         (None, _) => {}
     }
 
@@ -444,29 +576,73 @@ fn check_rule(rule: &Rule, label: &str, errors: &mut Vec<PolicyError>) {
             "approval",
             format!("only approve rules have an approval section, this one is {action}"),
         ),
-        (Some(spec), _) => {
-            if spec.levels.is_empty() {
-                error("approval.levels", "needs at least one level".into());
-            }
-            for (i, level) in spec.levels.iter().enumerate() {
-                if level.approvers == 0 {
-                    error(
-                        &format!("approval.levels[{i}].approvers"),
-                        "must be at least 1".into(),
-                    );
-                }
-            }
-            let max = crate::model::ApprovalSpec::MAX_WINDOW_HOURS;
-            if spec.max_window_hours == 0 || spec.max_window_hours > max {
-                error(
-                    "approval.max_window_hours",
-                    format!("{} is outside 1..={max}", spec.max_window_hours),
-                );
-            }
-            if spec.uses == 0 {
-                error("approval.uses", "must be at least 1".into());
-            }
-        }
+        (Some(spec), _) => check_approval(spec, &mut error),
         (None, _) => {}
+    }
+}
+
+fn check_justification(
+    spec: &crate::model::JustificationSpec,
+    error: &mut impl FnMut(&str, String),
+) {
+    if spec.max_length > crate::model::JustificationSpec::MAX_LENGTH_LIMIT {
+        error(
+            "justification.max_length",
+            format!(
+                "{} is over the limit of {}",
+                spec.max_length,
+                crate::model::JustificationSpec::MAX_LENGTH_LIMIT
+            ),
+        );
+    }
+    if spec.min_length > spec.max_length {
+        error(
+            "justification.min_length",
+            format!(
+                "{} is greater than max_length {}",
+                spec.min_length, spec.max_length
+            ),
+        );
+    }
+    if spec.max_length == 0 {
+        error("justification.max_length", "must be at least 1".into());
+    }
+    for preset in &spec.presets {
+        let len = preset.chars().count() as u64;
+        if preset.trim().is_empty() {
+            error("justification.presets", "contains an empty preset".into());
+        } else if len < u64::from(spec.min_length) || len > u64::from(spec.max_length) {
+            error(
+                "justification.presets",
+                format!(
+                    "{preset:?} is {len} characters, outside min_length..=max_length ({}..={})",
+                    spec.min_length, spec.max_length
+                ),
+            );
+        }
+    }
+}
+
+fn check_approval(spec: &crate::model::ApprovalSpec, error: &mut impl FnMut(&str, String)) {
+    if spec.levels.is_empty() {
+        error("approval.levels", "needs at least one level".into());
+    }
+    for (i, level) in spec.levels.iter().enumerate() {
+        if level.approvers == 0 {
+            error(
+                &format!("approval.levels[{i}].approvers"),
+                "must be at least 1".into(),
+            );
+        }
+    }
+    let max = crate::model::ApprovalSpec::MAX_WINDOW_HOURS;
+    if spec.max_window_hours == 0 || spec.max_window_hours > max {
+        error(
+            "approval.max_window_hours",
+            format!("{} is outside 1..={max}", spec.max_window_hours),
+        );
+    }
+    if spec.uses == 0 {
+        error("approval.uses", "must be at least 1".into());
     }
 }
