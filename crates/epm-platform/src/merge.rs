@@ -32,6 +32,11 @@ pub struct Merged {
     pub default_action: String,
     /// The rules, as a JSON array.
     pub rules_json: String,
+    /// The `elevation` and `admin_session` sections, merged the same way
+    /// (most specific document first, ids prefixed, scopes narrowed); as
+    /// `,"elevation":[...]` text, empty when no document has one, so a
+    /// policy without them is the same bundle as before they existed.
+    pub sections_json: String,
     /// What was merged.
     pub sources: Vec<BundleSource>,
     /// Identifies the content: equal hashes, equal policies.
@@ -52,6 +57,8 @@ pub fn merge(mut documents: Vec<ScopedDocument>) -> Result<Merged, String> {
     documents.sort_by(|a, b| (rank(&a.scope), &a.scope).cmp(&(rank(&b.scope), &b.scope)));
     let mut default_action = None;
     let mut rules: Vec<Value> = Vec::new();
+    let mut sections: [(&str, Vec<Value>); 2] =
+        [("elevation", Vec::new()), ("admin_session", Vec::new())];
     let mut sources = Vec::new();
     for doc in documents {
         let scope_text = doc.scope.to_string();
@@ -75,6 +82,15 @@ pub fn merge(mut documents: Vec<ScopedDocument>) -> Result<Merged, String> {
                 rules.push(rule);
             }
         }
+        for (name, merged) in &mut sections {
+            if let Some(Value::Array(entries)) = top.remove(*name) {
+                merged.extend(
+                    entries
+                        .into_iter()
+                        .filter_map(|e| scoped_rule(e, &doc.scope, &scope_text)),
+                );
+            }
+        }
         sources.push(BundleSource {
             scope: scope_text,
             revision: doc.revision,
@@ -84,13 +100,23 @@ pub fn merge(mut documents: Vec<ScopedDocument>) -> Result<Merged, String> {
     let default_action = default_action.unwrap_or_else(|| "allow".into());
     let rules_json = serde_json::to_string(&rules)
         .map_err(|e| format!("cannot serialize the merged rules: {e}"))?;
+    let mut sections_json = String::new();
+    for (name, entries) in &sections {
+        if !entries.is_empty() {
+            let entries = serde_json::to_string(entries)
+                .map_err(|e| format!("cannot serialize the merged {name} section: {e}"))?;
+            sections_json.push_str(&format!(",\"{name}\":{entries}"));
+        }
+    }
     let mut hash = Sha256::new();
     hash.update(default_action.as_bytes());
     hash.update(b"\n");
     hash.update(rules_json.as_bytes());
+    hash.update(sections_json.as_bytes());
     Ok(Merged {
         default_action,
         rules_json,
+        sections_json,
         sources,
         content_sha256: hash.finalize().into(),
     })
@@ -143,13 +169,14 @@ pub fn bundle_payload(
     merged: &Merged,
 ) -> Result<String, serde_json::Error> {
     Ok(format!(
-        r#"{{"format":{},"device_id":{},"version":{version},"issued_at":{},"sources":{},"policy":{{"version":{version},"default_action":{},"rules":{}}}}}"#,
+        r#"{{"format":{},"device_id":{},"version":{version},"issued_at":{},"sources":{},"policy":{{"version":{version},"default_action":{},"rules":{}{}}}}}"#,
         epm_api::BUNDLE_FORMAT,
         serde_json::to_string(device_id)?,
         serde_json::to_string(&issued_at)?,
         serde_json::to_string(&merged.sources)?,
         serde_json::to_string(&merged.default_action)?,
         merged.rules_json,
+        merged.sections_json,
     ))
 }
 
@@ -212,6 +239,36 @@ mod tests {
     }
 
     #[test]
+    fn elevation_and_admin_session_sections_are_merged_like_rules() {
+        let merged = merge(vec![
+            doc(
+                "general",
+                1,
+                r#"{"version":1,"default_action":"allow","rules":[],
+                "elevation":[{"id":"apt","action":"allow","match":{"path":"/usr/bin/apt"}}],
+                "admin_session":[{"id":"all","max_minutes":15}]}"#,
+            ),
+            doc(
+                "user:alice",
+                2,
+                r#"{"version":1,"default_action":"allow","rules":[],
+                "admin_session":[{"id":"long","max_minutes":120,"require":"approval"}]}"#,
+            ),
+        ])
+        .unwrap();
+        let payload = bundle_payload("mac-1", 3, jiff::Timestamp::UNIX_EPOCH, &merged).unwrap();
+        let bundle: epm_api::PolicyBundle = serde_json::from_str(&payload).unwrap();
+        let policy = epm_policy::Policy::from_json(bundle.policy.get()).unwrap();
+        assert_eq!(policy.elevation[0].id, "apt");
+        let ids: Vec<&str> = policy.admin_session.iter().map(|e| e.id.as_str()).collect();
+        assert_eq!(ids, ["user:alice/long", "all"]);
+        assert_eq!(
+            policy.admin_session[0].scope.as_ref().unwrap().users,
+            ["alice"]
+        );
+    }
+
+    #[test]
     fn the_payload_is_a_valid_bundle_whose_policy_validates() {
         let merged = merge(vec![doc("general", 1, r#"{"version":9,"default_action":"allow","rules":[{"id":"g","action":"deny","match":{"name":"nc"}}]}"#)]).unwrap();
         let payload = bundle_payload("mac-1", 7, jiff::Timestamp::UNIX_EPOCH, &merged).unwrap();
@@ -220,6 +277,7 @@ mod tests {
         let engine = epm_policy::Engine::from_json(bundle.policy.get()).unwrap();
         assert_eq!(engine.version(), 7);
         assert_eq!(merge(vec![]).unwrap().default_action, "allow");
+        assert!(!payload.contains("elevation"), "{payload}");
         let same = merge(vec![doc("general", 2, r#"{"version":10,"default_action":"allow","rules":[{"id":"g","action":"deny","match":{"name":"nc"}}]}"#)]).unwrap();
         assert_eq!(
             same.content_sha256, merged.content_sha256,

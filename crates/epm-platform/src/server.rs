@@ -523,6 +523,46 @@ async fn upload_audit(
     }))
 }
 
+/// What a request's identity may be: a digest for a program, or for an
+/// admin-session entry the minutes asked for (what the grant will allow).
+fn check_request_identity(
+    identity: &epm_api::SubjectIdentity,
+    section: epm_policy::Section,
+    max_minutes: Option<u32>,
+) -> Result<(), String> {
+    let (kind, value) = (identity.kind.as_str(), identity.value.as_str());
+    if section == epm_policy::Section::AdminSession {
+        let minutes: u32 = match (kind, value.parse()) {
+            ("admin_session", Ok(minutes)) => minutes,
+            _ => {
+                return Err(format!(
+                    "an admin-session request's identity is admin_session:<minutes>, not {kind}:{value}"
+                ));
+            }
+        };
+        let max = max_minutes.unwrap_or(0);
+        if minutes == 0 || minutes > max {
+            return Err(format!("{minutes} minutes is outside 1..={max}"));
+        }
+        return Ok(());
+    }
+    let hex_len = match kind {
+        "sha256" => 64,
+        "cdhash" => 40,
+        _ => return Err(format!("identity kind {kind:?}: sha256 or cdhash")),
+    };
+    if value.len() != hex_len
+        || !value
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+    {
+        return Err(format!(
+            "a {kind} identity is {hex_len} lowercase hex digits"
+        ));
+    }
+    Ok(())
+}
+
 /// Ask for approval.
 #[utoipa::path(post, path = "/api/v1/agent/requests", tag = "agent", request_body = RequestSubmit,
     responses((status = 200, body = RequestStatus), (status = 422, body = ApiErrorBody)), security(("bearer" = [])))]
@@ -542,25 +582,21 @@ async fn submit_request(
         .map_err(|e| Failure::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
     let policy = epm_policy::Policy::from_json(opened.policy.get())
         .map_err(|e| Failure::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
-    let rule = policy
-        .rules
-        .iter()
-        .find(|r| r.id == submit.rule_id)
-        .ok_or_else(|| {
-            invalid(format!(
-                "rule {:?} is not in this device's policy (version {})",
-                submit.rule_id, bundle.version
-            ))
-        })?;
-    if rule.action != epm_policy::Action::Approve {
+    let terms = policy.approval_terms(&submit.rule_id).ok_or_else(|| {
+        invalid(format!(
+            "rule {:?} is not in this device's policy (version {})",
+            submit.rule_id, bundle.version
+        ))
+    })?;
+    if !terms.requires_approval {
         return Err(invalid(format!(
-            "rule {:?} does not require approval (its action is {})",
-            rule.id, rule.action
+            "rule {:?} does not require approval",
+            submit.rule_id
         )));
     }
-    let approval = rule.approval.clone().unwrap_or_default();
-    let justification = rule.justification.clone().unwrap_or_default();
-    justification
+    let approval = terms.approval;
+    terms
+        .justification
         .check(&submit.justification)
         .map_err(|e| invalid(e.to_string()))?;
     let now = Timestamp::now();
@@ -570,22 +606,8 @@ async fn submit_request(
     if submit.window.end <= now {
         return Err(invalid("the window has already ended".into()));
     }
-    let kind = submit.subject.identity.kind.as_str();
-    let value = &submit.subject.identity.value;
-    let hex_len = match kind {
-        "sha256" => 64,
-        "cdhash" => 40,
-        _ => return Err(invalid(format!("identity kind {kind:?}: sha256 or cdhash"))),
-    };
-    if value.len() != hex_len
-        || !value
-            .bytes()
-            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
-    {
-        return Err(invalid(format!(
-            "a {kind} identity is {hex_len} lowercase hex digits"
-        )));
-    }
+    check_request_identity(&submit.subject.identity, terms.section, terms.max_minutes)
+        .map_err(invalid)?;
     let levels: Vec<u32> = approval.levels.iter().map(|l| l.approvers).collect();
     let status = state
         .db

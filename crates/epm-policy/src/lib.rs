@@ -40,8 +40,8 @@ pub use answers::{AnswerError, START_GRACE};
 pub use digest::{CdHash, DigestError, Sha256Digest};
 pub use engine::{AdminSessionMatch, Decision, Engine, RuleInfo};
 pub use model::{
-    Action, AdminSessionRule, ApprovalLevel, ApprovalSpec, Criteria, Criterion, ElevationRule,
-    JustificationSpec, Policy, Rule, Scope, ScopeMatch, SessionRequirement,
+    Action, AdminSessionRule, ApprovalLevel, ApprovalSpec, ApprovalTerms, Criteria, Criterion,
+    ElevationRule, JustificationSpec, Policy, Rule, Scope, ScopeMatch, Section, SessionRequirement,
 };
 pub use subject::Subject;
 pub use validate::{MAX_RULES, PolicyError, PolicyErrors};

@@ -480,3 +480,63 @@ impl AdminSessionRule {
         60
     }
 }
+
+/// Which part of a policy a rule or entry is in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Section {
+    /// `rules`: execs.
+    Rules,
+    /// `elevation`: commands run as another user.
+    Elevation,
+    /// `admin_session`: time-boxed admin sessions.
+    AdminSession,
+}
+
+/// What approvers are asked to agree to, for the rule or entry that asks:
+/// whichever section it is in, an approval request is judged the same way.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApprovalTerms {
+    /// Where the rule is.
+    pub section: Section,
+    /// Whether it requires approval at all.
+    pub requires_approval: bool,
+    /// Levels, window and uses.
+    pub approval: ApprovalSpec,
+    /// How the reason is checked.
+    pub justification: JustificationSpec,
+    /// For an admin-session entry: the longest session.
+    pub max_minutes: Option<u32>,
+}
+
+impl Policy {
+    /// The approval terms of the rule or entry `id`, in any section.
+    pub fn approval_terms(&self, id: &str) -> Option<ApprovalTerms> {
+        if let Some(rule) = self.rules.iter().find(|r| r.id == id) {
+            return Some(ApprovalTerms {
+                section: Section::Rules,
+                requires_approval: rule.action == Action::Approve,
+                approval: rule.approval.clone().unwrap_or_default(),
+                justification: rule.justification.clone().unwrap_or_default(),
+                max_minutes: None,
+            });
+        }
+        if let Some(rule) = self.elevation.iter().find(|r| r.id == id) {
+            return Some(ApprovalTerms {
+                section: Section::Elevation,
+                requires_approval: rule.action == Action::Approve,
+                approval: rule.approval.clone().unwrap_or_default(),
+                justification: rule.justification.clone().unwrap_or_default(),
+                max_minutes: None,
+            });
+        }
+        let entry = self.admin_session.iter().find(|r| r.id == id)?;
+        Some(ApprovalTerms {
+            section: Section::AdminSession,
+            requires_approval: entry.allowed && entry.require == SessionRequirement::Approval,
+            approval: entry.approval.clone().unwrap_or_default(),
+            justification: entry.justification.clone().unwrap_or_default(),
+            max_minutes: Some(entry.max_minutes),
+        })
+    }
+}
