@@ -24,6 +24,13 @@ pub struct NewAdminSession {
     pub started_at: Timestamp,
     /// Expiry.
     pub expires_at: Timestamp,
+    /// The policy entry that allowed it.
+    #[serde(default)]
+    pub rule_id: Option<String>,
+    /// The sudoers files when it started (the daemon's JSON), so a change
+    /// made during the session is found even after a restart.
+    #[serde(default)]
+    pub sudoers_baseline: Option<String>,
 }
 
 /// A stored admin session.
@@ -40,7 +47,7 @@ pub struct AdminSession {
 }
 
 const SESSION_COLUMNS: &str = "id, uid, user, group_name, was_member_before, reason, \
-     started_at, expires_at, revoked_at, revoke_reason";
+     started_at, expires_at, revoked_at, revoke_reason, rule_id, sudoers_baseline";
 
 fn session_from_row(r: &Row<'_>) -> rusqlite::Result<AdminSession> {
     Ok(AdminSession {
@@ -53,6 +60,8 @@ fn session_from_row(r: &Row<'_>) -> rusqlite::Result<AdminSession> {
             reason: r.get(5)?,
             started_at: timestamp(r, 6)?,
             expires_at: timestamp(r, 7)?,
+            rule_id: r.get(10)?,
+            sudoers_baseline: r.get(11)?,
         },
         revoked_at: optional_timestamp(r, 8)?,
         revoke_reason: r.get(9)?,
@@ -77,8 +86,8 @@ impl Store {
         self.conn
             .execute(
                 "INSERT INTO admin_sessions (uid, user, group_name, was_member_before, reason,
-                    started_at, expires_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                    started_at, expires_at, rule_id, sudoers_baseline)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
                 params![
                     session.uid,
                     session.user,
@@ -87,6 +96,8 @@ impl Store {
                     session.reason,
                     millis(session.started_at),
                     millis(session.expires_at),
+                    session.rule_id,
+                    session.sudoers_baseline,
                 ],
             )
             .map_err(query_err(OP))?;
@@ -127,6 +138,11 @@ impl Store {
             )
             .map_err(query_err("revoke admin session"))?;
         Ok(changed > 0)
+    }
+
+    /// The latest sessions of everyone, ended or not, newest first.
+    pub fn recent_admin_sessions(&self, limit: u32) -> Result<Vec<AdminSession>> {
+        self.select_sessions("ORDER BY id DESC LIMIT ?1", params![limit])
     }
 
     fn select_sessions(

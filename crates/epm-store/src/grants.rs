@@ -15,15 +15,19 @@ text_enum!(
         Sha256 = "sha256",
         /// Apple CDHash: the first 20 bytes of the code directory's hash.
         Cdhash = "cdhash",
+        /// Not a binary: an admin session of the minutes in the value.
+        AdminSession = "admin_session",
     }
 );
 
 impl IdentityKind {
-    /// How many hex digits a value of this kind has.
-    pub fn hex_len(self) -> usize {
+    /// How many hex digits a value of a digest kind has (`None` for
+    /// [`IdentityKind::AdminSession`], whose value is decimal minutes).
+    pub fn hex_len(self) -> Option<usize> {
         match self {
-            IdentityKind::Sha256 => 64,
-            IdentityKind::Cdhash => 40,
+            IdentityKind::Sha256 => Some(64),
+            IdentityKind::Cdhash => Some(40),
+            IdentityKind::AdminSession => None,
         }
     }
 }
@@ -42,18 +46,28 @@ impl SubjectIdentity {
     /// The value in lowercase, checked to be a digest of its kind.
     pub(crate) fn checked_value(&self, operation: &'static str) -> Result<String> {
         let value = self.value.to_ascii_lowercase();
-        if value.len() != self.kind.hex_len() || !value.bytes().all(|b| b.is_ascii_hexdigit()) {
-            let shown: String = self.value.chars().take(80).collect();
-            return Err(invalid(
-                operation,
-                format!(
-                    "a {} identity is {} hex digits, not {shown:?}",
-                    self.kind,
-                    self.kind.hex_len()
-                ),
-            ));
+        let shown: String = self.value.chars().take(80).collect();
+        match self.kind.hex_len() {
+            Some(len) if value.len() != len || !value.bytes().all(|b| b.is_ascii_hexdigit()) => {
+                Err(invalid(
+                    operation,
+                    format!(
+                        "a {} identity is {len} hex digits, not {shown:?}",
+                        self.kind
+                    ),
+                ))
+            }
+            None if value.is_empty()
+                || value.len() > 5
+                || !value.bytes().all(|b| b.is_ascii_digit()) =>
+            {
+                Err(invalid(
+                    operation,
+                    format!("an admin_session identity is minutes, not {shown:?}"),
+                ))
+            }
+            _ => Ok(value),
         }
-        Ok(value)
     }
 }
 

@@ -88,6 +88,59 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         used_at INTEGER
      );
      CREATE INDEX offline_challenges_open ON offline_challenges (uid, used_at);",
+    // 4: grants and requests for admin sessions (identity kind
+    // admin_session: the minutes asked for); SQLite cannot change a CHECK,
+    // so both tables are rebuilt with their rows. Sessions remember the
+    // rule that allowed them and the sudoers files at their start.
+    "CREATE TABLE grants_v4 (
+        id INTEGER PRIMARY KEY,
+        uid INTEGER NOT NULL,
+        user TEXT NOT NULL,
+        identity_kind TEXT NOT NULL CHECK (identity_kind IN ('sha256', 'cdhash', 'admin_session')),
+        identity TEXT NOT NULL,
+        rule_id TEXT NOT NULL,
+        not_before INTEGER NOT NULL,
+        not_after INTEGER NOT NULL,
+        uses_left INTEGER NOT NULL CHECK (uses_left >= 0),
+        source TEXT NOT NULL CHECK (source IN ('justification', 'approval', 'offline_code')),
+        request_id TEXT,
+        justification TEXT,
+        created_at INTEGER NOT NULL,
+        path TEXT
+     );
+     INSERT INTO grants_v4 (id, uid, user, identity_kind, identity, rule_id, not_before,
+        not_after, uses_left, source, request_id, justification, created_at, path)
+        SELECT id, uid, user, identity_kind, identity, rule_id, not_before,
+        not_after, uses_left, source, request_id, justification, created_at, path FROM grants;
+     DROP TABLE grants;
+     ALTER TABLE grants_v4 RENAME TO grants;
+     CREATE INDEX grants_lookup ON grants (uid, identity_kind, identity);
+     CREATE TABLE requests_v4 (
+        id TEXT PRIMARY KEY,
+        uid INTEGER NOT NULL,
+        user TEXT NOT NULL,
+        rule_id TEXT NOT NULL,
+        identity_kind TEXT NOT NULL CHECK (identity_kind IN ('sha256', 'cdhash', 'admin_session')),
+        identity TEXT NOT NULL,
+        path TEXT NOT NULL,
+        justification TEXT NOT NULL,
+        window_start INTEGER NOT NULL,
+        window_end INTEGER NOT NULL,
+        state TEXT NOT NULL CHECK (state IN
+            ('pending', 'approved', 'denied', 'expired', 'revoked', 'used', 'cancelled')),
+        state_reason TEXT,
+        platform_id TEXT,
+        created_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL
+     );
+     INSERT INTO requests_v4 SELECT id, uid, user, rule_id, identity_kind, identity, path,
+        justification, window_start, window_end, state, state_reason, platform_id,
+        created_at, updated_at FROM requests;
+     DROP TABLE requests;
+     ALTER TABLE requests_v4 RENAME TO requests;
+     CREATE INDEX requests_by_uid ON requests (uid, state);
+     ALTER TABLE admin_sessions ADD COLUMN rule_id TEXT;
+     ALTER TABLE admin_sessions ADD COLUMN sudoers_baseline TEXT;",
 ];
 
 /// The schema version this code writes.

@@ -872,7 +872,61 @@ fn session(uid: u32, expires: i64) -> NewAdminSession {
         reason: Some("install printer driver".into()),
         started_at: t(0),
         expires_at: t(expires),
+        rule_id: Some("helpdesk".into()),
+        sudoers_baseline: Some(r#"{"/etc/sudoers":"ab"}"#.into()),
     }
+}
+
+#[test]
+fn a_v3_database_keeps_its_grants_and_requests_and_takes_admin_session_grants() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("v3.sqlite");
+    let digest = "ab".repeat(32);
+    {
+        let mut conn = Connection::open(&path).unwrap();
+        assert!(schema::migrate_with(&mut conn, &schema::MIGRATIONS[..3]).is_ok());
+        conn.execute(
+            "INSERT INTO grants (uid, user, identity_kind, identity, rule_id, not_before,
+                not_after, uses_left, source, created_at, path)
+             VALUES (501, 'alice', 'sha256', ?1, 'docker', 0, 99999999999, 1, 'justification', 0, '/usr/bin/docker')",
+            [&digest],
+        )
+        .unwrap();
+        conn.execute(
+            "INSERT INTO requests (id, uid, user, rule_id, identity_kind, identity, path,
+                justification, window_start, window_end, state, created_at, updated_at)
+             VALUES ('r1', 501, 'alice', 'nc', 'sha256', ?1, '/usr/bin/nc', 'why', 0, 1, 'pending', 0, 0)",
+            [&digest],
+        )
+        .unwrap();
+    }
+    let (mut store, _) = Store::open(&path).unwrap();
+    let old = SubjectIdentity {
+        kind: IdentityKind::Sha256,
+        value: digest,
+    };
+    let kept = store.grants_for_identity(501, &old, 10).unwrap();
+    assert_eq!(kept[0].grant.path.as_deref(), Some("/usr/bin/docker"));
+    assert_eq!(store.request("r1").unwrap().unwrap().path, "/usr/bin/nc");
+
+    let session = SubjectIdentity {
+        kind: IdentityKind::AdminSession,
+        value: "30".into(),
+    };
+    store
+        .insert_grant(&grant(501, session.clone(), 0, 600, 1))
+        .unwrap();
+    assert!(
+        store
+            .consume_grant(501, &session, "docker", t(1))
+            .unwrap()
+            .is_some()
+    );
+    let bad = SubjectIdentity {
+        kind: IdentityKind::AdminSession,
+        value: "thirty".into(),
+    };
+    assert!(store.insert_grant(&grant(501, bad, 0, 600, 1)).is_err());
 }
 
 #[test]
