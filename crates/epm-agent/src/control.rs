@@ -15,6 +15,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use epm_audit::{AuditRecord, Follower};
+use epm_ipc::ElevationVerdict;
 use epm_ipc::{
     Counters as WireCounters, ErrorCode, Explanation, Incoming, Latency, PeerCredentials,
     PlatformStatus, PolicyInfo, Request, Response, ServerConnection, StatusReport, SyncOutcome,
@@ -282,8 +283,27 @@ fn handle_requests(
                 let uid = connection.peer.uid;
                 connection.send(&context.flows.list_grants(uid, all))?;
             }
-            Request::Elevate { .. }
-            | Request::Run { .. }
+            Request::Elevate {
+                via,
+                command,
+                reason,
+                window,
+            } => {
+                let uid = connection.peer.uid;
+                let response =
+                    match context
+                        .flows
+                        .elevate(uid, via, &command, reason.as_deref(), window)
+                    {
+                        Ok(allowed) => Response::Elevation(ElevationVerdict::Allowed {
+                            rule_id: allowed.rule_id,
+                            grant_id: allowed.met.grant_id,
+                        }),
+                        Err(unmet) => unmet.into_response(),
+                    };
+                connection.send(&response)?;
+            }
+            Request::Run { .. }
             | Request::Signal { .. }
             | Request::Resize(_)
             | Request::AdminStart { .. }

@@ -40,6 +40,11 @@ use crate::audit::AuditSink;
 use crate::clock::{FLOOR_META_KEY, TrustedClock};
 use crate::decider::{Decider, Interactive, Outcome, UsedGrant, grant_identity};
 
+mod elevation;
+pub use elevation::{
+    ELEVATION_ALLOWED, ELEVATION_DENIED, ElevationAllowed, Met, Requirement, Unmet,
+};
+
 /// How long a justification grant waits for the run it allows.
 pub const JUSTIFICATION_GRANT_TTL: SignedDuration = SignedDuration::from_secs(10 * 60);
 /// After a rejection, how long before the same user may ask again for the
@@ -220,7 +225,7 @@ impl Flows {
 
     /// Sends an event to every helper of `uid`; a helper whose queue is
     /// full or gone is dropped (it reconnects).
-    fn notify(&self, uid: u32, event: &UserEvent) {
+    pub(crate) fn notify(&self, uid: u32, event: &UserEvent) {
         let mut subscribers = lock(&self.subscribers);
         if let Some(list) = subscribers.get_mut(&uid) {
             list.retain(|(_, tx)| match tx.try_send(event.clone()) {
@@ -509,7 +514,22 @@ impl Flows {
         if target.action != Action::Approve {
             return Err(wrong_flow(&target));
         }
-        let reason = self.check_approval_answer(&target, reason, start, end)?;
+        let request = self.file_request(&target, reason, start, end)?;
+        self.forget_prompt(target.prompt);
+        Ok(Response::RequestCreated(request_info(&request)))
+    }
+
+    /// Checks an approval request's answers, stores the request and asks
+    /// the sync thread to send it: one way for execs, elevations and admin
+    /// sessions.
+    fn file_request(
+        &self,
+        target: &Target,
+        reason: &str,
+        start: Timestamp,
+        end: Timestamp,
+    ) -> Result<Request, Refused> {
+        let reason = self.check_approval_answer(target, reason, start, end)?;
         if lock(&self.nudge).is_none() {
             return Err((
                 ErrorCode::BadRequest,
@@ -520,7 +540,7 @@ impl Flows {
         }
         let now = self.clock.now();
         let mut store = self.lock_store()?;
-        let mine = store.requests(Some(caller), None).map_err(internal)?;
+        let mine = store.requests(Some(target.uid), None).map_err(internal)?;
         if let Some(open) = mine.iter().find(|r| {
             same_identity(&r.identity, &target.identity) && r.state == RequestState::Pending
         }) {
@@ -565,9 +585,8 @@ impl Flows {
         };
         store.insert_request(&request).map_err(internal)?;
         drop(store);
-        self.forget_prompt(target.prompt);
         self.audit.send(
-            flow_event("approval_requested", &target, Some(&reason))
+            flow_event("approval_requested", target, Some(&reason))
                 .with_detail("request_id", request.id.as_str())
                 .with_detail("window_start", start.to_string())
                 .with_detail("window_end", end.to_string()),
@@ -575,7 +594,7 @@ impl Flows {
         if let Some(nudge) = lock(&self.nudge).as_ref() {
             (nudge.0)();
         }
-        Ok(Response::RequestCreated(request_info(&request)))
+        Ok(request)
     }
 
     fn check_approval_answer(
