@@ -76,6 +76,61 @@ pub struct Config {
     pub audit: AuditConfig,
     /// The management platform; without it the daemon runs standalone.
     pub platform: Option<PlatformConfig>,
+    /// Time-boxed admin sessions.
+    pub admin_sessions: AdminSessionsConfig,
+}
+
+/// `[admin_sessions]`: how time-boxed admin sessions are carried out.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminSessionsConfig {
+    /// The group that makes a user an administrator, unless the policy's
+    /// entry names one: `admin` on macOS, `sudo` elsewhere (Debian's).
+    pub group: String,
+    /// What to do with a sudoers entry for the user that appears during a
+    /// session: `remove` it (the default) or only `report` it.
+    pub sudoers_changes: SudoersChanges,
+    /// The sudoers files and directories compared with their state at the
+    /// start of each session.
+    pub sudoers_paths: Vec<PathBuf>,
+}
+
+/// `admin_sessions.sudoers_changes`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SudoersChanges {
+    /// Take the entry out again, and audit it.
+    Remove,
+    /// Only audit it.
+    Report,
+}
+
+impl SudoersChanges {
+    /// The name used in the configuration and audit records.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SudoersChanges::Remove => "removed",
+            SudoersChanges::Report => "reported",
+        }
+    }
+}
+
+impl Default for AdminSessionsConfig {
+    fn default() -> Self {
+        Self {
+            group: if cfg!(target_os = "macos") {
+                "admin"
+            } else {
+                "sudo"
+            }
+            .to_owned(),
+            sudoers_changes: SudoersChanges::Remove,
+            sudoers_paths: vec![
+                PathBuf::from("/etc/sudoers"),
+                PathBuf::from("/etc/sudoers.d"),
+            ],
+        }
+    }
 }
 
 /// `[platform]`: where the agent checks in, and what it trusts.
@@ -227,6 +282,7 @@ impl Default for Config {
             gate: GateConfig::default(),
             audit: AuditConfig::default(),
             platform: None,
+            admin_sessions: AdminSessionsConfig::default(),
         }
     }
 }

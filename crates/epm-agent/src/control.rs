@@ -57,6 +57,8 @@ pub struct ControlContext {
     pub sync: Option<Arc<SyncHandle>>,
     /// Prompts, justifications, approval requests, offline codes.
     pub flows: Arc<Flows>,
+    /// Time-boxed admin sessions.
+    pub admin_sessions: Arc<crate::admin_session::AdminSessions>,
 }
 
 /// Binds the control socket: any local user may connect (permissions are
@@ -303,12 +305,32 @@ fn handle_requests(
                     };
                 connection.send(&response)?;
             }
-            Request::Run { .. }
-            | Request::Signal { .. }
-            | Request::Resize(_)
-            | Request::AdminStart { .. }
-            | Request::AdminStatus { .. }
-            | Request::AdminEnd => {
+            Request::AdminStart {
+                minutes,
+                reason,
+                window,
+            } => {
+                let uid = connection.peer.uid;
+                let response =
+                    context
+                        .admin_sessions
+                        .begin(uid, minutes, reason.as_deref(), window);
+                connection.send(&response)?;
+            }
+            Request::AdminStatus { all } if all && !connection.is_admin => {
+                connection.send(&forbidden(
+                    "only root and members of the admin group may list everyone's admin sessions",
+                ))?;
+            }
+            Request::AdminStatus { all } => {
+                let uid = connection.peer.uid;
+                connection.send(&context.admin_sessions.status(uid, all))?;
+            }
+            Request::AdminEnd => {
+                let uid = connection.peer.uid;
+                connection.send(&context.admin_sessions.end(uid))?;
+            }
+            Request::Run { .. } | Request::Signal { .. } | Request::Resize(_) => {
                 connection.send(&error(
                     ErrorCode::Unsupported,
                     "elevation is not served yet by this epmd",

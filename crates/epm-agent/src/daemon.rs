@@ -12,6 +12,7 @@ use epm_store::Store;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
+use crate::admin_session::{AdminSessions, SystemGroups};
 use crate::audit::{AuditSink, AuditWriter};
 use crate::config::{Config, PlatformConfig};
 use crate::control::{self, ControlContext};
@@ -123,6 +124,17 @@ pub fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
             .map(|_| epm_sync::credentials::platform_store(&config.state_dir)),
     )
     .context("cannot start the interactive flows")?;
+    // Before anything else can change groups: sessions that expired while
+    // the daemon was down end now.
+    let admin_sessions = AdminSessions::start(
+        store.clone(),
+        audit.clone(),
+        &decider,
+        flows.clone(),
+        config.admin_sessions.clone(),
+        Box::new(SystemGroups),
+    )
+    .context("cannot start admin sessions")?;
 
     let (workers, intake) = Workers::start(
         config.gate.workers,
@@ -177,6 +189,7 @@ pub fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
             audit_dropped: audit.dropped_counter(),
             sync,
             flows,
+            admin_sessions,
         }),
     )
     .context("cannot start the control server")?;

@@ -2,6 +2,7 @@
 //! arguments and calls [`daemon::run`]. docs/architecture.md follows one exec
 //! through these modules.
 
+pub mod admin_session;
 pub mod audit;
 pub mod clock;
 pub mod config;
@@ -14,4 +15,5 @@ pub mod names;
 pub mod pipeline;
 pub mod policy_source;
 pub mod stats;
+pub mod sudoers;
 pub mod sync;

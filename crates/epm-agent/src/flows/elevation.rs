@@ -53,7 +53,7 @@ pub struct Met {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Unmet {
     /// Tell the client.
-    Verdict(ElevationVerdict),
+    Verdict(Box<ElevationVerdict>),
     /// The request itself failed.
     Refused(ErrorCode, String),
 }
@@ -62,9 +62,15 @@ impl Unmet {
     /// As the answer on the socket.
     pub fn into_response(self) -> Response {
         match self {
-            Unmet::Verdict(verdict) => Response::Elevation(verdict),
+            Unmet::Verdict(verdict) => Response::Elevation(*verdict),
             Unmet::Refused(code, message) => Response::error(code, message),
         }
+    }
+}
+
+impl Unmet {
+    fn verdict(verdict: ElevationVerdict) -> Unmet {
+        Unmet::Verdict(Box::new(verdict))
     }
 }
 
@@ -99,7 +105,7 @@ impl Flows {
         match requirement.action {
             Action::Justify => {
                 let Some(reason) = reason else {
-                    return Err(Unmet::Verdict(ElevationVerdict::NeedsJustification {
+                    return Err(Unmet::verdict(ElevationVerdict::NeedsJustification {
                         rule_id: requirement.rule_id.clone(),
                         message: requirement.message.clone(),
                         justification: requirement.justification.clone(),
@@ -136,7 +142,7 @@ impl Flows {
         }
         let waiting = |request_id: &str| -> Unmet {
             match self.lock_store().map(|s| s.request(request_id)) {
-                Ok(Ok(Some(request))) => Unmet::Verdict(ElevationVerdict::Pending {
+                Ok(Ok(Some(request))) => Unmet::verdict(ElevationVerdict::Pending {
                     rule_id: requirement.rule_id.clone(),
                     request: request_info(&request),
                 }),
@@ -175,7 +181,7 @@ impl Flows {
                     .request(&request_id)
                     .map_err(internal)?
                     .ok_or_else(|| internal(format!("request {request_id} vanished")))?;
-                return Err(Unmet::Verdict(ElevationVerdict::Rejected {
+                return Err(Unmet::verdict(ElevationVerdict::Rejected {
                     rule_id: requirement.rule_id.clone(),
                     request: request_info(&request),
                     retry_after,
@@ -184,7 +190,7 @@ impl Flows {
             _ => {}
         }
         let Some(reason) = reason else {
-            return Err(Unmet::Verdict(ElevationVerdict::NeedsApproval {
+            return Err(Unmet::verdict(ElevationVerdict::NeedsApproval {
                 rule_id: requirement.rule_id.clone(),
                 message: requirement.message.clone(),
                 justification: requirement.justification.clone(),
@@ -213,7 +219,7 @@ impl Flows {
             prompt: None,
         };
         let request = self.file_request(&target, reason, window.start, window.end)?;
-        Err(Unmet::Verdict(ElevationVerdict::Pending {
+        Err(Unmet::verdict(ElevationVerdict::Pending {
             rule_id: requirement.rule_id.clone(),
             request: request_info(&request),
         }))
@@ -290,7 +296,7 @@ impl Flows {
                 ),
             });
             audit(ELEVATION_DENIED, &Met::default(), Some(&text));
-            return Err(Unmet::Verdict(ElevationVerdict::Denied {
+            return Err(Unmet::verdict(ElevationVerdict::Denied {
                 rule_id,
                 message: text,
             }));
@@ -313,7 +319,9 @@ impl Flows {
                 };
                 match self.meet(&requirement, reason, window) {
                     Ok(met) => met,
-                    Err(Unmet::Verdict(verdict @ ElevationVerdict::Rejected { .. })) => {
+                    Err(Unmet::Verdict(verdict))
+                        if matches!(*verdict, ElevationVerdict::Rejected { .. }) =>
+                    {
                         audit(
                             ELEVATION_DENIED,
                             &Met::default(),

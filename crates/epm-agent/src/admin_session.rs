@@ -1,0 +1,725 @@
+//! Time-boxed admin sessions: a user joins the admin group for a while,
+//! and leaves it again however the daemon's life goes.
+//!
+//! The session is stored before the user is added, so whatever happens
+//! next (crash, SIGKILL, reboot, update) a session exists for the next
+//! start to end. It ends at the first of: its expiry by the trusted clock
+//! (never earlier than a time seen before), its length measured on the
+//! monotonic clock (a wall clock set back does not stretch it), a wall
+//! clock jump, `epmctl admin end`, or, for a session found expired at
+//! start, at once. A user who was in the group before their first session
+//! is never removed. Sudoers files are compared with their state at the
+//! session's start during and at the end of the session ([`crate::sudoers`]).
+
+use std::collections::HashMap;
+use std::fmt;
+use std::io;
+use std::path::Path;
+use std::process::Command;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use epm_audit::AuditEvent;
+use epm_ipc::{AdminSessionInfo, ElevationVerdict, ErrorCode, Response, UserEvent, Window};
+use epm_policy::{Action, SessionRequirement, Subject};
+use epm_store::{AdminSession, IdentityKind, NewAdminSession, Store, SubjectIdentity};
+use jiff::{SignedDuration, Timestamp};
+
+use crate::audit::AuditSink;
+use crate::config::{AdminSessionsConfig, SudoersChanges};
+use crate::decider::Decider;
+use crate::flows::{Flows, Requirement};
+use crate::sudoers::{self, Snapshot};
+
+/// How often sessions are checked.
+const TICK: Duration = Duration::from_secs(1);
+/// A wall clock that moves this much more or less than the monotonic clock
+/// between two ticks has been set: every session ends.
+const CLOCK_JUMP: Duration = Duration::from_secs(60);
+/// The helper warns this long before the end, then [`LAST_WARNING`].
+const FIRST_WARNING: SignedDuration = SignedDuration::from_secs(5 * 60);
+/// See [`FIRST_WARNING`].
+const LAST_WARNING: SignedDuration = SignedDuration::from_secs(60);
+
+/// Audit event names.
+pub mod events {
+    /// A session started (or was renewed).
+    pub const STARTED: &str = "admin_session_started";
+    /// A session was refused.
+    pub const DENIED: &str = "admin_session_denied";
+    /// A session ended; `details.reason` says why.
+    pub const REVOKED: &str = "admin_session_revoked";
+    /// A sudoers entry for the session's user appeared.
+    pub const SUDOERS_CHANGE: &str = "sudoers_change_found";
+    /// A group change failed (it is retried).
+    pub const FAILED: &str = "admin_session_error";
+}
+
+/// Adding users to groups and taking them out: the platform's directory.
+pub trait GroupDirectory: Send + Sync + fmt::Debug {
+    /// Whether `user` is in `group` (as a listed member).
+    fn is_member(&self, user: &str, group: &str) -> io::Result<bool>;
+    /// Adds `user` to `group`.
+    fn add(&self, user: &str, group: &str) -> io::Result<()>;
+    /// Removes `user` from `group`.
+    fn remove(&self, user: &str, group: &str) -> io::Result<()>;
+}
+
+/// What to change in a group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupChange {
+    /// Add the user.
+    Add,
+    /// Remove the user.
+    Remove,
+}
+
+/// The command that makes a group change: `dseditgroup` (Directory
+/// Services) on macOS, `gpasswd` elsewhere.
+pub fn group_command(change: GroupChange, user: &str, group: &str) -> (&'static str, Vec<String>) {
+    let user = user.to_owned();
+    let group = group.to_owned();
+    if cfg!(target_os = "macos") {
+        let op = match change {
+            GroupChange::Add => "-a",
+            GroupChange::Remove => "-d",
+        };
+        (
+            "/usr/sbin/dseditgroup",
+            vec![
+                "-o".into(),
+                "edit".into(),
+                op.into(),
+                user,
+                "-t".into(),
+                "user".into(),
+                group,
+            ],
+        )
+    } else {
+        let op = match change {
+            GroupChange::Add => "--add",
+            GroupChange::Remove => "--delete",
+        };
+        ("/usr/bin/gpasswd", vec![op.into(), user, group])
+    }
+}
+
+/// This machine's groups, changed through [`group_command`].
+#[derive(Debug, Default)]
+pub struct SystemGroups;
+
+impl SystemGroups {
+    fn change(&self, change: GroupChange, user: &str, group: &str) -> io::Result<()> {
+        let (program, args) = group_command(change, user, group);
+        let program = if Path::new(program).exists() {
+            program
+        } else {
+            // Debian has gpasswd in /usr/bin, others in /usr/sbin.
+            program.rsplit('/').next().unwrap_or(program)
+        };
+        let output = Command::new(program)
+            .args(&args)
+            .output()
+            .map_err(|e| io::Error::new(e.kind(), format!("cannot run {program}: {e}")))?;
+        if output.status.success() {
+            return Ok(());
+        }
+        Err(io::Error::other(format!(
+            "{program} {} failed ({}): {}",
+            args.join(" "),
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        )))
+    }
+}
+
+impl GroupDirectory for SystemGroups {
+    fn is_member(&self, user: &str, group: &str) -> io::Result<bool> {
+        if cfg!(target_os = "macos") {
+            // Directory Services, not /etc/group, knows macOS groups.
+            let status = Command::new("/usr/sbin/dseditgroup")
+                .args(["-o", "checkmember", "-m", user, group])
+                .output()?;
+            return Ok(status.status.success());
+        }
+        let group = nix::unistd::Group::from_name(group)
+            .map_err(io::Error::from)?
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("no group {group}")))?;
+        let primary = nix::unistd::User::from_name(user)
+            .ok()
+            .flatten()
+            .is_some_and(|u| u.gid == group.gid);
+        Ok(primary || group.mem.iter().any(|m| m == user))
+    }
+
+    fn add(&self, user: &str, group: &str) -> io::Result<()> {
+        self.change(GroupChange::Add, user, group)
+    }
+
+    fn remove(&self, user: &str, group: &str) -> io::Result<()> {
+        self.change(GroupChange::Remove, user, group)
+    }
+}
+
+/// A running session's in-memory state.
+#[derive(Debug)]
+struct Live {
+    /// Its end on the monotonic clock.
+    deadline: Instant,
+    /// Warnings already sent (0, 1 or 2).
+    warned: u8,
+}
+
+/// The admin sessions of this machine.
+#[derive(Debug)]
+pub struct AdminSessions {
+    store: Arc<Mutex<Store>>,
+    audit: AuditSink,
+    decider: Weak<Decider>,
+    flows: Arc<Flows>,
+    config: AdminSessionsConfig,
+    groups: Box<dyn GroupDirectory>,
+    live: Mutex<HashMap<i64, Live>>,
+    /// Starts, ends and ticks one at a time.
+    changes: Mutex<()>,
+    last_tick: Mutex<(Instant, Timestamp)>,
+}
+
+impl AdminSessions {
+    /// Ends the sessions that expired while the daemon was not running,
+    /// then starts the thread that ends the others in time.
+    pub fn start(
+        store: Arc<Mutex<Store>>,
+        audit: AuditSink,
+        decider: &Arc<Decider>,
+        flows: Arc<Flows>,
+        config: AdminSessionsConfig,
+        groups: Box<dyn GroupDirectory>,
+    ) -> io::Result<Arc<AdminSessions>> {
+        let sessions = Arc::new(AdminSessions {
+            store,
+            audit,
+            decider: Arc::downgrade(decider),
+            flows,
+            config,
+            groups,
+            live: Mutex::default(),
+            changes: Mutex::default(),
+            last_tick: Mutex::new((Instant::now(), Timestamp::now())),
+        });
+        sessions.recover();
+        let weak = Arc::downgrade(&sessions);
+        std::thread::Builder::new()
+            .name("epm-admin-sessions".into())
+            .spawn(move || {
+                loop {
+                    std::thread::sleep(TICK);
+                    let Some(sessions) = weak.upgrade() else {
+                        return;
+                    };
+                    sessions.tick();
+                }
+            })?;
+        Ok(sessions)
+    }
+
+    fn now(&self) -> Timestamp {
+        self.flows.clock().now()
+    }
+
+    fn active(&self) -> Vec<AdminSession> {
+        match lock(&self.store).active_admin_sessions() {
+            Ok(sessions) => sessions,
+            Err(error) => {
+                tracing::error!(%error, "cannot read admin sessions");
+                Vec::new()
+            }
+        }
+    }
+
+    /// At start: sessions past their expiry end now; the others get their
+    /// monotonic deadline from the time left.
+    fn recover(&self) {
+        let _changes = lock(&self.changes);
+        let now = self.now();
+        for session in self.active() {
+            if session.session.expires_at <= now {
+                self.revoke(&session, "expired_while_down", true);
+            } else {
+                let left = now.duration_until(session.session.expires_at);
+                let left = Duration::try_from(left).unwrap_or_default();
+                lock(&self.live).insert(
+                    session.id,
+                    Live {
+                        deadline: Instant::now() + left,
+                        warned: 0,
+                    },
+                );
+            }
+        }
+    }
+
+    /// One check of every session: clock jumps, expiry, warnings, sudoers.
+    fn tick(&self) {
+        let _changes = lock(&self.changes);
+        let (mono, wall) = (Instant::now(), Timestamp::now());
+        let jumped = {
+            let mut last = lock(&self.last_tick);
+            let mono_step = mono.duration_since(last.0);
+            let wall_step = last.1.duration_until(wall);
+            *last = (mono, wall);
+            let mono_step = SignedDuration::try_from(mono_step).unwrap_or(SignedDuration::MAX);
+            (wall_step - mono_step).abs() > SignedDuration::try_from(CLOCK_JUMP).unwrap_or_default()
+        };
+        let now = self.now();
+        for session in self.active() {
+            if jumped {
+                self.revoke(&session, "clock_jump", true);
+                continue;
+            }
+            let deadline = lock(&self.live).get(&session.id).map(|l| l.deadline);
+            let mono_left = deadline.map(|d| d.saturating_duration_since(mono));
+            if session.session.expires_at <= now || mono_left == Some(Duration::ZERO) {
+                self.revoke(&session, "expired", true);
+                continue;
+            }
+            self.check_sudoers(&session);
+            let wall_left = now.duration_until(session.session.expires_at);
+            let left = match mono_left.and_then(|m| SignedDuration::try_from(m).ok()) {
+                Some(m) => wall_left.min(m),
+                None => wall_left,
+            };
+            self.warn(&session, left);
+        }
+    }
+
+    fn warn(&self, session: &AdminSession, left: SignedDuration) {
+        let level = if left <= LAST_WARNING {
+            2
+        } else if left <= FIRST_WARNING {
+            1
+        } else {
+            return;
+        };
+        {
+            let mut live = lock(&self.live);
+            let Some(entry) = live.get_mut(&session.id) else {
+                return;
+            };
+            if entry.warned >= level {
+                return;
+            }
+            entry.warned = level;
+        }
+        let minutes_left = u32::try_from((left.as_secs() + 59) / 60)
+            .unwrap_or(1)
+            .max(1);
+        self.flows.notify(
+            session.session.uid,
+            &UserEvent::AdminSessionEnding {
+                session: info(session),
+                minutes_left,
+            },
+        );
+    }
+
+    /// Ends a session: out of the group (unless a member before), a last
+    /// sudoers check, then marked revoked. If the group change fails the
+    /// session stays open and the next tick tries again: a session is never
+    /// marked ended while its user is still in the group.
+    fn revoke(&self, session: &AdminSession, reason: &str, leave_group: bool) -> bool {
+        let s = &session.session;
+        let mut removed = false;
+        if leave_group && !s.was_member_before {
+            match self.groups.is_member(&s.user, &s.group) {
+                Ok(false) => {}
+                Ok(true) | Err(_) => match self.groups.remove(&s.user, &s.group) {
+                    Ok(()) => removed = true,
+                    Err(error) => {
+                        tracing::error!(%error, user = s.user, group = s.group, "cannot end an admin session; retrying");
+                        let mut event = AuditEvent::new(events::FAILED)
+                            .with_detail("session_id", session.id)
+                            .with_detail("group", s.group.as_str());
+                        event.uid = Some(s.uid);
+                        event.user = Some(s.user.clone());
+                        event.reason = Some(error.to_string());
+                        self.audit.send(event);
+                        return false;
+                    }
+                },
+            }
+        }
+        self.check_sudoers(session);
+        let now = self.now();
+        match lock(&self.store).revoke_admin_session(session.id, now, reason) {
+            Ok(_) => {}
+            Err(error) => {
+                tracing::error!(%error, "cannot mark an admin session ended");
+                return false;
+            }
+        }
+        lock(&self.live).remove(&session.id);
+        let mut event = AuditEvent::new(events::REVOKED)
+            .with_detail("session_id", session.id)
+            .with_detail("group", s.group.as_str())
+            .with_detail("reason", reason)
+            .with_detail("removed_from_group", removed)
+            .with_detail("was_member_before", s.was_member_before);
+        event.uid = Some(s.uid);
+        event.user = Some(s.user.clone());
+        event.reason = Some(reason.to_owned());
+        event.rule_id = s.rule_id.clone();
+        self.audit.send(event);
+        let mut ended = info(session);
+        ended.ended_at = Some(now);
+        ended.end_reason = Some(reason.to_owned());
+        if reason != "renewed" {
+            self.flows
+                .notify(s.uid, &UserEvent::AdminSessionEnded(ended));
+        }
+        true
+    }
+
+    /// Finds sudoers entries for the session's user added since its start;
+    /// takes them out or reports them, per the configuration.
+    fn check_sudoers(&self, session: &AdminSession) {
+        let s = &session.session;
+        let baseline = Snapshot::from_json(s.sudoers_baseline.as_deref());
+        let now = Snapshot::take(&self.config.sudoers_paths);
+        if now == baseline {
+            return;
+        }
+        let groups = user_groups(&s.user);
+        for finding in sudoers::findings(&baseline, &now, &s.user, &groups) {
+            let outcome = match self.config.sudoers_changes {
+                SudoersChanges::Report => Ok(()),
+                SudoersChanges::Remove => sudoers::remove(&finding),
+            };
+            let action = match &outcome {
+                Ok(()) => self.config.sudoers_changes.as_str(),
+                Err(_) => "remove_failed",
+            };
+            tracing::warn!(
+                path = finding.path,
+                user = s.user,
+                action,
+                "sudoers entry added during an admin session"
+            );
+            let mut event = AuditEvent::new(events::SUDOERS_CHANGE)
+                .with_detail("session_id", session.id)
+                .with_detail("file", finding.path.as_str())
+                .with_detail("new_file", finding.new_file)
+                .with_detail("lines", finding.lines.clone())
+                .with_detail("action", action);
+            event.uid = Some(s.uid);
+            event.user = Some(s.user.clone());
+            event.path = Some(finding.path.clone());
+            if let Err(error) = outcome {
+                event.reason = Some(error.to_string());
+            }
+            self.audit.send(event);
+        }
+    }
+
+    // ---- requests (control threads) ---------------------------------------------
+
+    /// `epmctl admin start`: checks the policy (and meets its requirement),
+    /// then stores the session and adds the user to the group. A user with
+    /// a session renews it through the same check.
+    pub fn begin(
+        &self,
+        caller: u32,
+        minutes: u32,
+        reason: Option<&str>,
+        window: Option<Window>,
+    ) -> Response {
+        match self.try_begin(caller, minutes, reason, window) {
+            Ok(response) | Err(response) => response,
+        }
+    }
+
+    // Both arms are the answer to send; the early returns read best as `?`.
+    #[allow(clippy::result_large_err)]
+    fn try_begin(
+        &self,
+        caller: u32,
+        minutes: u32,
+        reason: Option<&str>,
+        window: Option<Window>,
+    ) -> Result<Response, Response> {
+        let decider = self
+            .decider
+            .upgrade()
+            .ok_or_else(|| Response::error(ErrorCode::Internal, "the daemon is stopping"))?;
+        let account = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(caller))
+            .ok()
+            .flatten()
+            .ok_or_else(|| {
+                Response::error(
+                    ErrorCode::NotFound,
+                    format!("uid {caller} has no account on this machine"),
+                )
+            })?;
+        if caller == 0 {
+            return Err(Response::error(
+                ErrorCode::BadRequest,
+                "root is already an administrator",
+            ));
+        }
+        let user = account.name.clone();
+        let subject = Subject {
+            uid: caller,
+            user: user.clone(),
+            groups: crate::control::group_names(&account),
+            device_id: decider.device_id().to_owned(),
+            ..Subject::default()
+        };
+        let policy = decider.policy();
+        let entry = policy
+            .engine
+            .admin_session(&subject)
+            .map(|m| m.rule.clone());
+        let denied = |rule_id: Option<String>, message: String| {
+            let mut event = AuditEvent::new(events::DENIED).with_detail("minutes", minutes);
+            event.uid = Some(caller);
+            event.user = Some(user.clone());
+            event.rule_id = rule_id.clone();
+            event.reason = Some(message.clone());
+            event.policy_version = Some(policy.engine.version());
+            self.audit.send(event);
+            Response::Elevation(ElevationVerdict::Denied { rule_id, message })
+        };
+        let entry = match entry {
+            Some(entry) if entry.allowed => entry,
+            Some(entry) => {
+                let message = entry.message.clone().unwrap_or_else(|| {
+                    "your organization's policy does not allow you admin sessions".into()
+                });
+                return Err(denied(Some(entry.id), message));
+            }
+            None => {
+                return Err(denied(
+                    None,
+                    "no admin-session policy applies to you: admin sessions are not allowed".into(),
+                ));
+            }
+        };
+        if minutes == 0 || minutes > entry.max_minutes {
+            return Err(Response::error(
+                ErrorCode::BadRequest,
+                format!(
+                    "a session is 1 to {} minutes for you; {minutes} asked",
+                    entry.max_minutes
+                ),
+            ));
+        }
+        let action = match entry.require {
+            SessionRequirement::None => Action::Allow,
+            SessionRequirement::Justification => Action::Justify,
+            SessionRequirement::Approval => Action::Approve,
+        };
+        let requirement = Requirement {
+            uid: caller,
+            user: user.clone(),
+            identity: SubjectIdentity {
+                kind: IdentityKind::AdminSession,
+                value: minutes.to_string(),
+            },
+            rule_id: entry.id.clone(),
+            action,
+            message: entry.message.clone(),
+            justification: entry.justification.clone().unwrap_or_default(),
+            approval: entry.approval.clone().unwrap_or_default(),
+            what: format!("admin session ({minutes} minutes)"),
+        };
+        let met = match self.flows.meet(&requirement, reason, window) {
+            Ok(met) => met,
+            Err(unmet) => return Err(unmet.into_response()),
+        };
+        let group = entry
+            .group
+            .clone()
+            .unwrap_or_else(|| self.config.group.clone());
+        if nix::unistd::Group::from_name(&group)
+            .ok()
+            .flatten()
+            .is_none()
+            && !cfg!(target_os = "macos")
+        {
+            return Err(Response::error(
+                ErrorCode::Internal,
+                format!(
+                    "the admin group {group:?} does not exist on this machine; ask IT to fix the policy or [admin_sessions] group"
+                ),
+            ));
+        }
+
+        let _changes = lock(&self.changes);
+        let current = self
+            .active()
+            .into_iter()
+            .find(|s| s.session.uid == caller && s.session.group == group);
+        let was_member_before = match &current {
+            // A renewal: the first session's answer stands.
+            Some(current) => current.session.was_member_before,
+            None => self.groups.is_member(&user, &group).map_err(|e| {
+                Response::error(
+                    ErrorCode::Internal,
+                    format!("cannot read group {group}: {e}"),
+                )
+            })?,
+        };
+        let baseline = match &current {
+            Some(current) => current.session.sudoers_baseline.clone(),
+            None => Some(Snapshot::take(&self.config.sudoers_paths).to_json()),
+        };
+        let now = self.now();
+        let expires_at = now + SignedDuration::from_mins(i64::from(minutes));
+        let new = NewAdminSession {
+            uid: caller,
+            user: user.clone(),
+            group: group.clone(),
+            was_member_before,
+            reason: met
+                .justification
+                .clone()
+                .or_else(|| reason.map(str::to_owned)),
+            started_at: now,
+            expires_at,
+            rule_id: Some(entry.id.clone()),
+            sudoers_baseline: baseline,
+        };
+        // Stored first: from here on, a crash leaves a session to end.
+        let id = lock(&self.store).insert_admin_session(&new).map_err(|e| {
+            Response::error(
+                ErrorCode::Internal,
+                format!("cannot store the session: {e}"),
+            )
+        })?;
+        if let Some(current) = &current {
+            self.revoke(current, "renewed", false);
+        }
+        if !was_member_before
+            && current.is_none()
+            && let Err(error) = self.groups.add(&user, &group)
+        {
+            let _ = lock(&self.store).revoke_admin_session(id, now, "add_failed");
+            return Err(Response::error(
+                ErrorCode::Internal,
+                format!("cannot add {user} to {group}: {error}"),
+            ));
+        }
+        lock(&self.live).insert(
+            id,
+            Live {
+                deadline: Instant::now() + Duration::from_secs(u64::from(minutes) * 60),
+                warned: 0,
+            },
+        );
+        let mut event = AuditEvent::new(events::STARTED)
+            .with_detail("session_id", id)
+            .with_detail("group", group.as_str())
+            .with_detail("minutes", minutes)
+            .with_detail("expires_at", expires_at.to_string())
+            .with_detail("was_member_before", was_member_before);
+        if let Some(current) = &current {
+            event = event.with_detail("renews", current.id);
+        }
+        if let Some(text) = &met.justification {
+            event = event.with_detail("justification", text.as_str());
+        }
+        if let Some(grant) = met.grant_id {
+            event = event.with_detail("grant_id", grant);
+        }
+        event.uid = Some(caller);
+        event.user = Some(user);
+        event.rule_id = Some(entry.id);
+        event.policy_version = Some(policy.engine.version());
+        self.audit.send(event);
+        let stored = AdminSession {
+            id,
+            session: new,
+            revoked_at: None,
+            revoke_reason: None,
+        };
+        Ok(Response::AdminSession(info(&stored)))
+    }
+
+    /// `epmctl admin status`: the caller's session, or everyone's.
+    pub fn status(&self, caller: u32, all: bool) -> Response {
+        let sessions = self
+            .active()
+            .iter()
+            .filter(|s| all || s.session.uid == caller)
+            .map(info)
+            .collect();
+        Response::AdminSessions { sessions }
+    }
+
+    /// `epmctl admin end`: ends the caller's session now.
+    pub fn end(&self, caller: u32) -> Response {
+        let _changes = lock(&self.changes);
+        let Some(session) = self.active().into_iter().find(|s| s.session.uid == caller) else {
+            return Response::error(ErrorCode::NotFound, "you have no admin session");
+        };
+        if !self.revoke(&session, "ended_by_user", true) {
+            return Response::error(
+                ErrorCode::Internal,
+                "the session could not be ended yet; it is retried every second (see the daemon's log)",
+            );
+        }
+        let mut ended = info(&session);
+        ended.ended_at = Some(self.now());
+        ended.end_reason = Some("ended_by_user".into());
+        Response::AdminSession(ended)
+    }
+}
+
+fn user_groups(user: &str) -> Vec<String> {
+    nix::unistd::User::from_name(user)
+        .ok()
+        .flatten()
+        .map(|u| crate::control::group_names(&u))
+        .unwrap_or_default()
+}
+
+fn info(session: &AdminSession) -> AdminSessionInfo {
+    let s = &session.session;
+    AdminSessionInfo {
+        id: session.id,
+        user: s.user.clone(),
+        group: s.group.clone(),
+        started_at: s.started_at,
+        expires_at: s.expires_at,
+        reason: s.reason.clone(),
+        ended_at: session.revoked_at,
+        end_reason: session.revoke_reason.clone(),
+        was_member_before: s.was_member_before,
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn group_changes_use_the_platform_tool() {
+        let (program, args) = group_command(GroupChange::Add, "alice", "sudo");
+        if cfg!(target_os = "macos") {
+            assert_eq!(program, "/usr/sbin/dseditgroup");
+            assert_eq!(args, ["-o", "edit", "-a", "alice", "-t", "user", "sudo"]);
+        } else {
+            assert_eq!(program, "/usr/bin/gpasswd");
+            assert_eq!(args, ["--add", "alice", "sudo"]);
+        }
+        let (_, args) = group_command(GroupChange::Remove, "alice", "sudo");
+        assert!(args.contains(&"alice".to_owned()));
+    }
+}
