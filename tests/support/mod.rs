@@ -211,6 +211,12 @@ impl Daemon {
         )
     }
 
+    /// Like [`Daemon::start`], with configuration tables (e.g.
+    /// `[admin_sessions]`) besides the top-level lines.
+    pub fn start_with_tables(policy: &str, tables: &str) -> Daemon {
+        Daemon::launch(Some(policy), "device_id = \"e2e-device\"\n", tables)
+    }
+
     /// Starts a daemon managed by a platform: no policy file, this device
     /// id, and `platform_table` as its `[platform]` table's body.
     pub fn start_managed(device_id: &str, platform_table: &str) -> Daemon {

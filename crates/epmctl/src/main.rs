@@ -9,6 +9,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
+mod admin_cmd;
 mod daemon_cmd;
 mod explain;
 mod flows_cmd;
@@ -36,6 +37,7 @@ const DEFAULT_AUDIT_LOG: &str = if cfg!(target_os = "macos") {
         epmctl justify /usr/local/bin/docker --reason \"Build for ticket 42\"\n  \
         epmctl request /usr/bin/wireshark --reason \"Capture for INC-7\" --from 14:00 --until +2h\n  \
         epmctl requests\n  \
+        epmctl admin start --minutes 30 --reason \"Install the printer driver\"\n  \
         epmctl sync\n  \
         epmctl audit tail -f\n  \
         epmctl audit tail -n 50 --decision deny --json\n  \
@@ -138,12 +140,50 @@ enum Command {
         #[arg(long)]
         all: bool,
     },
+    /// Become an administrator for a while, as your policy allows.
+    #[command(subcommand)]
+    Admin(AdminCommand),
     /// Read, follow and verify the audit log.
     #[command(subcommand)]
     Audit(AuditCommand),
     /// Check, explain and show policies.
     #[command(subcommand)]
     Policy(PolicyCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum AdminCommand {
+    /// Join the administrators' group for N minutes.
+    #[command(
+        after_help = "Your organization's policy decides whether you may, for how \
+        long, and whether you must first give a reason or wait for an approver. When the time \
+        is up you are taken out of the group, even across a restart or a reboot; your helper \
+        warns you 5 minutes and 1 minute before. Sudoers entries added for you during the \
+        session are removed.\n\n\
+        Examples:\n  epmctl admin start --minutes 30 --reason \"Install the printer driver\"\n  \
+        epmctl admin start --minutes 60 --wait\n\n\
+        Exit status: 0 started (or request sent); 1 refused; 2 bad input or the daemon cannot \
+        be reached."
+    )]
+    Start {
+        /// How long.
+        #[arg(long, short, value_name = "N")]
+        minutes: u32,
+        /// Why (asked on the terminal when the policy wants one).
+        #[arg(long, short)]
+        reason: Option<String>,
+        /// When approval is needed, wait for it instead of returning.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Show your admin session (or everyone's).
+    Status {
+        /// Everyone's (administrators).
+        #[arg(long)]
+        all: bool,
+    },
+    /// End your admin session now.
+    End,
 }
 
 #[derive(Debug, Subcommand)]
@@ -229,6 +269,13 @@ fn main() -> ExitCode {
         ),
         Command::Requests { all } => flows_cmd::requests(&socket, all, json),
         Command::Grants { all } => flows_cmd::grants(&socket, all, json),
+        Command::Admin(AdminCommand::Start {
+            minutes,
+            reason,
+            wait,
+        }) => admin_cmd::start(&socket, minutes, reason, wait, json),
+        Command::Admin(AdminCommand::Status { all }) => admin_cmd::status(&socket, all, json),
+        Command::Admin(AdminCommand::End) => admin_cmd::end(&socket, json),
         Command::Audit(AuditCommand::Tail {
             lines,
             follow,

@@ -1,0 +1,236 @@
+//! Time-boxed admin sessions end to end: the real epmd and epmctl, a real
+//! group and user made by the test, real gpasswd, real sudoers.d.
+#![allow(clippy::unwrap_used)]
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use epm_e2e::{Daemon, TestUser, capable};
+
+/// A local group made for one test and removed after it.
+struct TestGroup {
+    name: String,
+}
+
+impl TestGroup {
+    fn create(name: &str) -> TestGroup {
+        let _ = Command::new("groupdel").arg(name).output();
+        let out = Command::new("groupadd").arg(name).output().unwrap();
+        assert!(out.status.success(), "groupadd: {}", text(&out));
+        TestGroup { name: name.into() }
+    }
+
+    fn members(&self) -> Vec<String> {
+        let out = Command::new("getent")
+            .args(["group", &self.name])
+            .output()
+            .unwrap();
+        let line = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        line.rsplit(':')
+            .next()
+            .unwrap_or("")
+            .split(',')
+            .filter(|m| !m.is_empty())
+            .map(str::to_owned)
+            .collect()
+    }
+
+    fn has(&self, user: &TestUser) -> bool {
+        self.members().contains(&user.name)
+    }
+}
+
+impl Drop for TestGroup {
+    fn drop(&mut self) {
+        let _ = Command::new("groupdel").arg(&self.name).output();
+    }
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// A daemon whose policy allows `user` sessions of up to 30 minutes in
+/// `group` (with `require`), the sudoers files watched being `sudoers`.
+fn daemon(group: &TestGroup, require: &str, sudoers: &[PathBuf]) -> Daemon {
+    let policy = format!(
+        r#"{{"version": 1, "default_action": "allow", "rules": [],
+            "admin_session": [
+                {{"id": "everyone", "max_minutes": 30, "require": "{require}"}},
+                {{"id": "nobody-else", "scope": {{"users": ["epm-nosess"]}}, "allowed": false,
+                  "message": "Ask the helpdesk for admin rights"}}
+            ]}}"#
+    );
+    let paths: Vec<String> = sudoers
+        .iter()
+        .map(|p| format!("{:?}", p.display().to_string()))
+        .collect();
+    let daemon = Daemon::start_with_tables(
+        &policy,
+        &format!(
+            "[admin_sessions]\ngroup = {:?}\nsudoers_paths = [{}]\n",
+            group.name,
+            paths.join(", ")
+        ),
+    );
+    daemon.open_to_users();
+    daemon
+}
+
+fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !done() {
+        assert!(Instant::now() < deadline, "{what} did not happen within {limit:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn revoked_record(daemon: &Daemon, user: &TestUser) -> serde_json::Value {
+    daemon.wait_for_record("admin_session_revoked", |r| {
+        r["event"] == "admin_session_revoked" && r["user"] == user.name.as_str()
+    })
+}
+
+fn no_sudoers() -> Vec<PathBuf> {
+    vec![PathBuf::from("/nonexistent/epm-sudoers")]
+}
+
+#[test]
+fn a_session_adds_the_user_and_expiry_removes_them() {
+    if !capable() {
+        return;
+    }
+    let group = TestGroup::create("epmtg-expiry");
+    let user = TestUser::create("epm-sess1");
+    let daemon = daemon(&group, "none", &no_sudoers());
+    let out = daemon.epmctl_as(&user, &["admin", "start", "--minutes", "1"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("is an administrator"), "{}", text(&out));
+    assert!(group.has(&user), "added to {}", group.name);
+
+    let status = daemon.epmctl_as(&user, &["admin", "status", "--json"]);
+    let sessions: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(sessions[0]["group"], group.name.as_str(), "{sessions}");
+
+    wait_until("the session's end", Duration::from_secs(90), || !group.has(&user));
+    let record = revoked_record(&daemon, &user);
+    assert_eq!(record["details"]["reason"], "expired", "{record}");
+    assert_eq!(record["details"]["removed_from_group"], true, "{record}");
+    let started = daemon.wait_for_record("admin_session_started", |r| {
+        r["event"] == "admin_session_started" && r["user"] == user.name.as_str()
+    });
+    assert_eq!(started["details"]["minutes"], 1, "{started}");
+}
+
+#[test]
+fn a_session_is_revoked_after_sigkill_and_a_start_past_its_expiry() {
+    if !capable() {
+        return;
+    }
+    let group = TestGroup::create("epmtg-kill");
+    let user = TestUser::create("epm-sess2");
+    let mut daemon = daemon(&group, "none", &no_sudoers());
+    let out = daemon.epmctl_as(&user, &["admin", "start", "--minutes", "1"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(group.has(&user));
+
+    daemon.kill9();
+    std::thread::sleep(Duration::from_secs(65));
+    assert!(group.has(&user), "nobody removed the user while epmd was down");
+    daemon.restart();
+    wait_until("revocation at start", Duration::from_secs(10), || !group.has(&user));
+    let record = revoked_record(&daemon, &user);
+    assert_eq!(record["details"]["reason"], "expired_while_down", "{record}");
+}
+
+#[test]
+fn a_member_before_is_never_removed_and_the_user_can_end_early() {
+    if !capable() {
+        return;
+    }
+    let group = TestGroup::create("epmtg-before");
+    let user = TestUser::create("epm-sess3");
+    let out = Command::new("gpasswd")
+        .args(["--add", &user.name, &group.name])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let daemon = daemon(&group, "justification", &no_sudoers());
+
+    // The policy wants a reason; without a terminal epmctl says how to give it.
+    let out = daemon.epmctl_as(&user, &["admin", "start", "--minutes", "10"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("--reason"), "{}", text(&out));
+
+    let out = daemon.epmctl_as(
+        &user,
+        &["admin", "start", "--minutes", "10", "--reason", "Printer driver for INC-9"],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("already in"), "{}", text(&out));
+    let out = daemon.epmctl_as(&user, &["admin", "end"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let record = revoked_record(&daemon, &user);
+    assert_eq!(record["details"]["reason"], "ended_by_user", "{record}");
+    assert_eq!(record["details"]["removed_from_group"], false, "{record}");
+    assert!(group.has(&user), "a member before stays a member");
+    let started = daemon.wait_for_record("admin_session_started", |r| {
+        r["event"] == "admin_session_started" && r["user"] == user.name.as_str()
+    });
+    assert_eq!(
+        started["details"]["justification"], "Printer driver for INC-9",
+        "{started}"
+    );
+
+    // Over the policy's limit, and a user the policy refuses.
+    let out = daemon.epmctl_as(&user, &["admin", "start", "--minutes", "31", "--reason", "x"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("1 to 30 minutes"), "{}", text(&out));
+    let refused = TestUser::create("epm-nosess");
+    let out = daemon.epmctl_as(&refused, &["admin", "start", "--minutes", "5"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("Ask the helpdesk"), "{}", text(&out));
+    assert!(!group.has(&refused));
+}
+
+#[test]
+fn a_sudoers_file_planted_during_a_session_is_removed_and_audited() {
+    if !capable() {
+        return;
+    }
+    let group = TestGroup::create("epmtg-sudoers");
+    let user = TestUser::create("epm-sess4");
+    let drop_in = PathBuf::from("/etc/sudoers.d");
+    std::fs::create_dir_all(&drop_in).unwrap();
+    let planted = drop_in.join("epm-e2e-planted");
+    let _ = std::fs::remove_file(&planted);
+    let daemon = daemon(&group, "none", std::slice::from_ref(&drop_in));
+    let out = daemon.epmctl_as(&user, &["admin", "start", "--minutes", "10"]);
+    assert!(out.status.success(), "{}", text(&out));
+
+    std::fs::write(
+        &planted,
+        format!("{} ALL=(ALL) NOPASSWD: ALL\n", user.name),
+    )
+    .unwrap();
+    wait_until("removal of the planted file", Duration::from_secs(10), || {
+        !planted.exists()
+    });
+    let record = daemon.wait_for_record("sudoers_change_found", |r| {
+        r["event"] == "sudoers_change_found" && r["user"] == user.name.as_str()
+    });
+    assert_eq!(record["details"]["action"], "removed", "{record}");
+    assert_eq!(
+        record["details"]["file"],
+        planted.display().to_string().as_str(),
+        "{record}"
+    );
+    let out = daemon.epmctl_as(&user, &["admin", "end"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(!group.has(&user));
+}
