@@ -85,7 +85,10 @@ fn daemon(group: &TestGroup, require: &str, sudoers: &[PathBuf]) -> Daemon {
 fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + limit;
     while !done() {
-        assert!(Instant::now() < deadline, "{what} did not happen within {limit:?}");
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not happen within {limit:?}"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
 }
@@ -117,7 +120,9 @@ fn a_session_adds_the_user_and_expiry_removes_them() {
     let sessions: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
     assert_eq!(sessions[0]["group"], group.name.as_str(), "{sessions}");
 
-    wait_until("the session's end", Duration::from_secs(90), || !group.has(&user));
+    wait_until("the session's end", Duration::from_secs(90), || {
+        !group.has(&user)
+    });
     let record = revoked_record(&daemon, &user);
     assert_eq!(record["details"]["reason"], "expired", "{record}");
     assert_eq!(record["details"]["removed_from_group"], true, "{record}");
@@ -141,11 +146,19 @@ fn a_session_is_revoked_after_sigkill_and_a_start_past_its_expiry() {
 
     daemon.kill9();
     std::thread::sleep(Duration::from_secs(65));
-    assert!(group.has(&user), "nobody removed the user while epmd was down");
+    assert!(
+        group.has(&user),
+        "nobody removed the user while epmd was down"
+    );
     daemon.restart();
-    wait_until("revocation at start", Duration::from_secs(10), || !group.has(&user));
+    wait_until("revocation at start", Duration::from_secs(10), || {
+        !group.has(&user)
+    });
     let record = revoked_record(&daemon, &user);
-    assert_eq!(record["details"]["reason"], "expired_while_down", "{record}");
+    assert_eq!(
+        record["details"]["reason"], "expired_while_down",
+        "{record}"
+    );
 }
 
 #[test]
@@ -169,7 +182,14 @@ fn a_member_before_is_never_removed_and_the_user_can_end_early() {
 
     let out = daemon.epmctl_as(
         &user,
-        &["admin", "start", "--minutes", "10", "--reason", "Printer driver for INC-9"],
+        &[
+            "admin",
+            "start",
+            "--minutes",
+            "10",
+            "--reason",
+            "Printer driver for INC-9",
+        ],
     );
     assert!(out.status.success(), "{}", text(&out));
     assert!(text(&out).contains("already in"), "{}", text(&out));
@@ -188,7 +208,10 @@ fn a_member_before_is_never_removed_and_the_user_can_end_early() {
     );
 
     // Over the policy's limit, and a user the policy refuses.
-    let out = daemon.epmctl_as(&user, &["admin", "start", "--minutes", "31", "--reason", "x"]);
+    let out = daemon.epmctl_as(
+        &user,
+        &["admin", "start", "--minutes", "31", "--reason", "x"],
+    );
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     assert!(text(&out).contains("1 to 30 minutes"), "{}", text(&out));
     let refused = TestUser::create("epm-nosess");
@@ -213,14 +236,12 @@ fn a_sudoers_file_planted_during_a_session_is_removed_and_audited() {
     let out = daemon.epmctl_as(&user, &["admin", "start", "--minutes", "10"]);
     assert!(out.status.success(), "{}", text(&out));
 
-    std::fs::write(
-        &planted,
-        format!("{} ALL=(ALL) NOPASSWD: ALL\n", user.name),
-    )
-    .unwrap();
-    wait_until("removal of the planted file", Duration::from_secs(10), || {
-        !planted.exists()
-    });
+    std::fs::write(&planted, format!("{} ALL=(ALL) NOPASSWD: ALL\n", user.name)).unwrap();
+    wait_until(
+        "removal of the planted file",
+        Duration::from_secs(10),
+        || !planted.exists(),
+    );
     let record = daemon.wait_for_record("sudoers_change_found", |r| {
         r["event"] == "sudoers_change_found" && r["user"] == user.name.as_str()
     });

@@ -1,0 +1,326 @@
+//! `epm-sudo`: a sudo **approval plugin**. sudo's own policy (sudoers)
+//! still decides who may use sudo at all; for each command it allows, this
+//! plugin asks `epmd` whether the organization's policy lets this user run
+//! this command as that user, and says no when it does not.
+//!
+//! Installed with one line in `/etc/sudo.conf`:
+//!
+//! ```text
+//! Plugin epm_approval /usr/local/lib/epm/libepm_sudo.so fail=deny
+//! ```
+//!
+//! Options: `socket=PATH` (epmd's control socket), `fail=deny|allow` (what
+//! happens when epmd cannot be reached; `deny` by default), `timeout=SECONDS`
+//! (how long one answer may take; 5 by default).
+//!
+//! The plugin is split in two: this safe core, which parses what sudo
+//! passes and runs the conversation with `epmd` and the user through two
+//! small traits (so it is tested without sudo), and [`ffi`], the C ABI
+//! from `sudo_plugin.h`, declared by hand.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use epm_ipc::{Command, ElevationVerdict};
+use epm_policy::JustificationSpec;
+
+pub mod ffi;
+
+/// How often a user waiting for approvers is asked about again.
+pub const POLL_INTERVAL: Duration = Duration::from_secs(2);
+
+/// What happens when `epmd` cannot be reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailMode {
+    /// sudo refuses every command (the default).
+    Deny,
+    /// sudo goes on, as if this plugin were not installed.
+    Allow,
+}
+
+impl FailMode {
+    fn as_str(self) -> &'static str {
+        match self {
+            FailMode::Deny => "deny",
+            FailMode::Allow => "allow",
+        }
+    }
+}
+
+/// The plugin's options, from its `/etc/sudo.conf` line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Options {
+    /// epmd's control socket.
+    pub socket: PathBuf,
+    /// What happens when epmd cannot be reached.
+    pub fail: FailMode,
+    /// How long one answer may take.
+    pub timeout: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            socket: PathBuf::from(epm_ipc::DEFAULT_SOCKET_PATH),
+            fail: FailMode::Deny,
+            timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+impl Options {
+    /// Parses `key=value` options; an unknown key or a bad value is an
+    /// error naming it (sudo then refuses to run, which is what an
+    /// administrator who mistyped the line must see).
+    pub fn parse<S: AsRef<str>>(options: &[S]) -> Result<Options, String> {
+        let mut parsed = Options::default();
+        for option in options {
+            let option = option.as_ref();
+            let (key, value) = option
+                .split_once('=')
+                .ok_or_else(|| format!("epm: plugin option {option:?} is not key=value"))?;
+            match key {
+                "socket" if value.starts_with('/') => parsed.socket = PathBuf::from(value),
+                "fail" => {
+                    parsed.fail = match value {
+                        "deny" => FailMode::Deny,
+                        "allow" => FailMode::Allow,
+                        _ => return Err(format!("epm: fail={value}: use fail=deny or fail=allow")),
+                    }
+                }
+                "timeout" => {
+                    let seconds: u64 = value
+                        .parse()
+                        .ok()
+                        .filter(|s| (1..=120).contains(s))
+                        .ok_or_else(|| {
+                            format!("epm: timeout={value}: a number of seconds, 1 to 120")
+                        })?;
+                    parsed.timeout = Duration::from_secs(seconds);
+                }
+                _ => {
+                    return Err(format!(
+                        "epm: unknown plugin option {option:?} (known: socket=/PATH, fail=deny|allow, timeout=SECONDS)"
+                    ));
+                }
+            }
+        }
+        Ok(parsed)
+    }
+}
+
+/// The value of `key=` in one of sudo's `key=value` lists.
+pub fn value_of<'a, S: AsRef<str>>(list: &'a [S], key: &str) -> Option<&'a str> {
+    list.iter()
+        .find_map(|entry| entry.as_ref().strip_prefix(key)?.strip_prefix('='))
+}
+
+/// The command sudo is about to run, from `check`'s `command_info` and
+/// `run_argv`.
+pub fn command_from(command_info: &[String], run_argv: &[String]) -> Result<Command, String> {
+    let program = value_of(command_info, "command")
+        .ok_or("sudo gave no command path")?
+        .to_owned();
+    let run_as = match value_of(command_info, "runas_user") {
+        Some(user) => user.to_owned(),
+        None => match value_of(command_info, "runas_uid") {
+            Some("0") | None => "root".to_owned(),
+            Some(uid) => uid
+                .parse()
+                .ok()
+                .and_then(|uid| nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)).ok())
+                .flatten()
+                .map(|user| user.name)
+                .ok_or_else(|| format!("sudo runs the command as uid {uid}, which has no name"))?,
+        },
+    };
+    let mut argv = run_argv.to_vec();
+    if argv.is_empty() {
+        argv.push(program.rsplit('/').next().unwrap_or(&program).to_owned());
+    }
+    Ok(Command {
+        program,
+        argv,
+        run_as,
+    })
+}
+
+/// How the plugin reaches `epmd`.
+pub trait Daemon {
+    /// Sends one `elevate` request.
+    fn elevate(
+        &mut self,
+        command: &Command,
+        reason: Option<&str>,
+    ) -> Result<ElevationVerdict, DaemonError>;
+}
+
+/// Why `epmd` gave no verdict.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DaemonError {
+    /// It cannot be reached: the fail mode decides.
+    Unreachable(String),
+    /// It refused the request (the message says why).
+    Refused(String),
+}
+
+/// How the plugin talks to the user (sudo's conversation function).
+pub trait Terminal {
+    /// Shows a line.
+    fn info(&mut self, text: &str);
+    /// Shows an error line.
+    fn error(&mut self, text: &str);
+    /// Asks a question; `None` if the user gave no answer (end of input,
+    /// Ctrl-C, no terminal).
+    fn ask(&mut self, question: &str) -> Option<String>;
+    /// Whether the user asked to stop (Ctrl-C while waiting).
+    fn cancelled(&mut self) -> bool;
+    /// Waits before asking again.
+    fn pause(&mut self, how_long: Duration);
+}
+
+/// The answer for sudo.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Answer {
+    /// Run it.
+    Approve,
+    /// Do not.
+    Reject,
+}
+
+/// Asks for a justification within the rule's limits: presets by number,
+/// three tries.
+fn ask_reason(
+    terminal: &mut dyn Terminal,
+    question: &str,
+    spec: &JustificationSpec,
+) -> Option<String> {
+    for (i, preset) in spec.presets.iter().enumerate() {
+        terminal.info(&format!("  {}. {preset}", i + 1));
+    }
+    for _ in 0..3 {
+        let answer = terminal.ask(question)?;
+        let answer = answer.trim();
+        let answer = answer
+            .parse::<usize>()
+            .ok()
+            .and_then(|n| spec.presets.get(n.wrapping_sub(1)).cloned())
+            .unwrap_or_else(|| answer.to_owned());
+        match spec.check(&answer) {
+            Ok(answer) => return Some(answer),
+            Err(error) => terminal.error(&error.to_string()),
+        }
+    }
+    None
+}
+
+/// Decides one command: asks `epmd`, and the user when the policy wants a
+/// justification or an approval, until there is an answer.
+pub fn decide(
+    options: &Options,
+    command: &Command,
+    daemon: &mut dyn Daemon,
+    terminal: &mut dyn Terminal,
+) -> Answer {
+    let program = command.argv.first().cloned().unwrap_or_default();
+    let mut reason: Option<String> = None;
+    let mut waiting = false;
+    loop {
+        let verdict = match daemon.elevate(command, reason.as_deref()) {
+            Ok(verdict) => verdict,
+            Err(DaemonError::Unreachable(why)) => {
+                let outcome = match options.fail {
+                    FailMode::Deny => "sudo is denied",
+                    FailMode::Allow => "sudo goes ahead without it",
+                };
+                terminal.error(&format!(
+                    "epm: cannot reach epmd at {}: {why}; {outcome} (fail={})",
+                    options.socket.display(),
+                    options.fail.as_str()
+                ));
+                return match options.fail {
+                    FailMode::Deny => Answer::Reject,
+                    FailMode::Allow => Answer::Approve,
+                };
+            }
+            Err(DaemonError::Refused(message)) => {
+                terminal.error(&format!("epm: {message}"));
+                return Answer::Reject;
+            }
+        };
+        match verdict {
+            ElevationVerdict::Allowed { .. } => return Answer::Approve,
+            ElevationVerdict::Denied { message, .. } => {
+                terminal.error(&format!("epm: {message}"));
+                return Answer::Reject;
+            }
+            ElevationVerdict::NeedsJustification {
+                message,
+                justification,
+                ..
+            }
+            | ElevationVerdict::NeedsApproval {
+                message,
+                justification,
+                ..
+            } => {
+                if reason.is_some() {
+                    terminal.error("epm: epmd asked again for a reason it was given");
+                    return Answer::Reject;
+                }
+                if let Some(message) = message {
+                    terminal.info(&message);
+                }
+                let question = format!("Why do you need to run {program} as {}? ", command.run_as);
+                match ask_reason(terminal, &question, &justification) {
+                    Some(answer) => reason = Some(answer),
+                    None => {
+                        terminal.error("epm: a reason is required; nothing was run");
+                        return Answer::Reject;
+                    }
+                }
+            }
+            ElevationVerdict::Pending { request, .. } => {
+                if !waiting {
+                    terminal.info(&format!(
+                        "Request {} sent to your administrators. Waiting for approval… (Ctrl+C to cancel)",
+                        request.id
+                    ));
+                    waiting = true;
+                }
+                if terminal.cancelled() {
+                    terminal.error(&format!(
+                        "epm: cancelled; request {} stays pending: once approved, run the command again",
+                        request.id
+                    ));
+                    return Answer::Reject;
+                }
+                terminal.pause(POLL_INTERVAL);
+                if terminal.cancelled() {
+                    terminal.error(&format!(
+                        "epm: cancelled; request {} stays pending: once approved, run the command again",
+                        request.id
+                    ));
+                    return Answer::Reject;
+                }
+            }
+            ElevationVerdict::Rejected {
+                request,
+                retry_after,
+                ..
+            } => {
+                let why = request
+                    .state_reason
+                    .map(|r| format!(": {r}"))
+                    .unwrap_or_default();
+                terminal.error(&format!(
+                    "epm: your request was rejected by the administrator{why}. You can ask again after {retry_after}."
+                ));
+                return Answer::Reject;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
