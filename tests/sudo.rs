@@ -1,0 +1,163 @@
+//! sudo under EPM policy, end to end: the real Debian sudo with the EPM
+//! approval plugin loaded from /etc/sudo.conf, the real epmd, a test user
+//! that sudoers lets run anything, so every "no" comes from EPM.
+#![allow(clippy::unwrap_used)]
+
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use epm_e2e::{Daemon, TestUser, capable};
+
+/// The built plugin, next to the test executables.
+fn plugin() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let deps = exe.parent().unwrap();
+    [
+        deps.join("libepm_sudo.so"),
+        deps.parent().unwrap().join("libepm_sudo.so"),
+    ]
+    .into_iter()
+    .find(|p| p.exists())
+    .expect("libepm_sudo.so not built: run `cargo test --workspace` (or `cargo build -p epm-sudo`)")
+}
+
+/// Replaces a system file for the test, and puts the original back on drop.
+struct Replaced {
+    path: PathBuf,
+    original: Option<Vec<u8>>,
+}
+
+impl Replaced {
+    fn write(path: &Path, contents: &str, mode: u32) -> Replaced {
+        use std::os::unix::fs::PermissionsExt;
+        let original = std::fs::read(path).ok();
+        std::fs::write(path, contents).unwrap();
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+        Replaced {
+            path: path.to_owned(),
+            original,
+        }
+    }
+}
+
+impl Drop for Replaced {
+    fn drop(&mut self) {
+        match &self.original {
+            Some(bytes) => {
+                let _ = std::fs::write(&self.path, bytes);
+            }
+            None => {
+                let _ = std::fs::remove_file(&self.path);
+            }
+        }
+    }
+}
+
+fn sudo_as(user: &TestUser, args: &[&str]) -> Output {
+    Command::new("sudo")
+        .arg("-n")
+        .args(args)
+        .uid(user.uid)
+        .gid(user.gid)
+        .env_remove("SUDO_ASKPASS")
+        .output()
+        .unwrap()
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+#[test]
+fn sudo_asks_epmd_for_every_command() {
+    if !capable() {
+        return;
+    }
+    if !Path::new("/usr/bin/sudo").exists() {
+        assert!(
+            std::env::var_os("EPM_E2E").is_none(),
+            "sudo is not installed (apt-get install sudo)"
+        );
+        eprintln!("skipped: sudo is not installed");
+        return;
+    }
+    let user = TestUser::create("epm-sudo1");
+    let policy = r#"{"version": 1, "default_action": "allow", "rules": [],
+        "elevation": [
+            {"id": "id-ok", "action": "allow", "match": {"path": "/usr/bin/id"}},
+            {"id": "no-cat", "action": "deny", "match": {"path": "/usr/bin/cat"},
+             "message": "cat as root is not allowed here"}
+        ]}"#;
+    let mut daemon = Daemon::start(policy, "");
+    daemon.open_to_users();
+
+    let _sudoers = Replaced::write(
+        Path::new("/etc/sudoers.d/epm-e2e-sudo"),
+        &format!("{} ALL=(ALL) NOPASSWD: ALL\n", user.name),
+        0o440,
+    );
+    let _conf = Replaced::write(
+        Path::new("/etc/sudo.conf"),
+        &format!(
+            "Plugin sudoers_policy sudoers.so\nPlugin sudoers_io sudoers.so\n\
+             Plugin epm_approval {} socket={} fail=deny\n",
+            plugin().display(),
+            daemon.socket().display()
+        ),
+        0o644,
+    );
+
+    // Allowed by an elevation rule: runs as root.
+    let out = sudo_as(&user, &["/usr/bin/id", "-u"]);
+    assert!(out.status.success(), "{}\n{}", text(&out), daemon.log());
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "0");
+
+    // Denied: the rule's message, and cat never runs.
+    let out = sudo_as(&user, &["/usr/bin/cat", "/etc/shadow"]);
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("cat as root is not allowed here"),
+        "{}",
+        text(&out)
+    );
+    assert!(
+        !text(&out).contains("root:"),
+        "shadow leaked: {}",
+        text(&out)
+    );
+
+    // No rule: denied too.
+    let out = sudo_as(&user, &["/usr/bin/true"]);
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("no elevation rule allows"),
+        "{}",
+        text(&out)
+    );
+
+    let allowed = daemon.wait_for_record("elevation_allowed", |r| {
+        r["event"] == "elevation_allowed" && r["user"] == user.name.as_str()
+    });
+    assert_eq!(allowed["details"]["via"], "sudo", "{allowed}");
+    assert_eq!(allowed["rule_id"], "id-ok", "{allowed}");
+    let denied = daemon.wait_for_record("elevation_denied", |r| {
+        r["event"] == "elevation_denied" && r["rule_id"] == "no-cat"
+    });
+    assert_eq!(
+        denied["details"]["argv"],
+        serde_json::json!(["/usr/bin/cat", "/etc/shadow"]),
+        "{denied}"
+    );
+
+    // epmd stopped: fail=deny, with a message saying why.
+    daemon.stop();
+    let out = sudo_as(&user, &["/usr/bin/id", "-u"]);
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("cannot reach epmd"), "{}", text(&out));
+    assert!(text(&out).contains("fail=deny"), "{}", text(&out));
+}
