@@ -13,5 +13,6 @@ pub mod gate;
 pub mod names;
 pub mod pipeline;
 pub mod policy_source;
+pub(crate) mod runner;
 pub mod stats;
 pub mod sync;
