@@ -15,11 +15,11 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use epm_audit::{AuditRecord, Follower};
-use epm_ipc::ElevationVerdict;
 use epm_ipc::{
     Counters as WireCounters, ErrorCode, Explanation, Incoming, Latency, PeerCredentials,
     PlatformStatus, PolicyInfo, Request, Response, ServerConnection, StatusReport, SyncOutcome,
 };
+use epm_ipc::{ElevationVerdict, ElevationVia};
 use epm_policy::{Sha256Digest, Subject};
 use epm_store::Store;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
@@ -330,10 +330,57 @@ fn handle_requests(
                 let uid = connection.peer.uid;
                 connection.send(&context.admin_sessions.end(uid))?;
             }
-            Request::Run { .. } | Request::Signal { .. } | Request::Resize(_) => {
+            Request::Run {
+                command,
+                cwd,
+                env,
+                reason,
+                window,
+                tty,
+            } => {
+                // The caller's stdin, stdout and stderr follow in the stream:
+                // take them first, whatever is decided.
+                let stdio = connection.recv_fds(3)?;
+                let uid = connection.peer.uid;
+                let allowed = match context.flows.elevate(
+                    uid,
+                    ElevationVia::Run,
+                    &command,
+                    reason.as_deref(),
+                    window,
+                ) {
+                    Ok(allowed) => allowed,
+                    Err(unmet) => {
+                        connection.send(&unmet.into_response())?;
+                        continue;
+                    }
+                };
+                let spec = crate::runner::RunSpec::new(
+                    &command,
+                    cwd.clone(),
+                    &env,
+                    tty,
+                    allowed.rule_id.clone(),
+                );
+                let started = spec.and_then(|spec| {
+                    crate::runner::run(connection, spec, stdio, |pid| {
+                        audit_run(context, "elevation_started", &allowed, &command, &cwd, pid)
+                            .send();
+                    })
+                });
+                match started {
+                    Ok(end) => audit_run_end(context, &allowed, &command, &cwd, &end),
+                    Err(crate::runner::RunError::Connection(error)) => return Err(error),
+                    Err(error) => {
+                        tracing::info!(uid, program = %command.program, %error, "run refused");
+                        connection.send(&error.response())?;
+                    }
+                }
+            }
+            Request::Signal { .. } | Request::Resize(_) => {
                 connection.send(&error(
-                    ErrorCode::Unsupported,
-                    "elevation is not served yet by this epmd",
+                    ErrorCode::BadRequest,
+                    "signal and resize only while a command started by run is running",
                 ))?;
             }
         }
@@ -685,4 +732,65 @@ fn client_gone(stream: &UnixStream, wait: Duration) -> bool {
         Err(nix::errno::Errno::EINTR) => false,
         Err(_) => true,
     }
+}
+
+/// An `epmctl run` command's start or end, for the audit.
+struct RunRecord<'a> {
+    context: &'a ControlContext,
+    event: epm_audit::AuditEvent,
+}
+
+impl RunRecord<'_> {
+    fn send(self) {
+        self.context.flows.audit_event(self.event);
+    }
+}
+
+fn audit_run<'a>(
+    context: &'a ControlContext,
+    kind: &str,
+    allowed: &crate::flows::ElevationAllowed,
+    command: &epm_ipc::Command,
+    cwd: &str,
+    pid: u32,
+) -> RunRecord<'a> {
+    let mut event = epm_audit::AuditEvent::new(kind)
+        .with_detail("via", "run")
+        .with_detail("run_as", command.run_as.as_str())
+        .with_detail("argv", command.argv.clone())
+        .with_detail("cwd", cwd);
+    if let Some(text) = &allowed.met.justification {
+        event = event.with_detail("justification", text.as_str());
+    }
+    event.pid = Some(pid);
+    event.user = Some(allowed.user.clone());
+    event.path = Some(command.program.clone());
+    event.rule_id = allowed.rule_id.clone();
+    event.device_id = Some(context.decider.device_id().to_owned());
+    RunRecord { context, event }
+}
+
+/// Audits a finished `epmctl run` command: how it ended and how long it
+/// took.
+fn audit_run_end(
+    context: &ControlContext,
+    allowed: &crate::flows::ElevationAllowed,
+    command: &epm_ipc::Command,
+    cwd: &str,
+    end: &crate::runner::RunEnd,
+) {
+    let mut record = audit_run(context, "elevation_ended", allowed, command, cwd, end.pid);
+    let mut event = record
+        .event
+        .with_detail("duration_ms", end.duration.as_millis() as u64)
+        .with_detail("caller_left", end.caller_left)
+        .with_detail("on_pty", end.on_pty);
+    if let Some(code) = end.status.code {
+        event = event.with_detail("exit_code", code);
+    }
+    if let Some(signal) = end.status.signal {
+        event = event.with_detail("signal", signal);
+    }
+    record.event = event;
+    record.send();
 }

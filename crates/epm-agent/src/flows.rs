@@ -259,6 +259,11 @@ impl Flows {
         );
     }
 
+    /// Audits an event of the flows' neighbours (elevated runs).
+    pub fn audit_event(&self, event: AuditEvent) {
+        self.audit.send(event);
+    }
+
     /// The platform's time at check-in: the clock never reads earlier.
     pub fn observe_platform_time(&self, time: Timestamp) {
         self.clock.observe(time);

@@ -14,6 +14,7 @@ pub mod gate;
 pub mod names;
 pub mod pipeline;
 pub mod policy_source;
+pub(crate) mod runner;
 pub mod stats;
 pub mod sudoers;
 pub mod sync;

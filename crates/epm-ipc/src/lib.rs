@@ -113,6 +113,6 @@ pub use message::{
 };
 #[cfg(unix)]
 pub use unix::{
-    Client, ClientError, Connection, DEFAULT_CLIENT_TIMEOUT, DEFAULT_SOCKET_PATH, Incoming,
-    PeerCredentials, ServerConnection, ServerError, peer_credentials,
+    Client, ClientError, Connection, DEFAULT_CLIENT_TIMEOUT, DEFAULT_SOCKET_PATH, FD_MARKER,
+    FdError, Incoming, PeerCredentials, ServerConnection, ServerError, peer_credentials,
 };

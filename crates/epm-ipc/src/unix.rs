@@ -2,6 +2,7 @@
 //! handshake on both sides.
 
 use std::io;
+use std::os::fd::{BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -9,9 +10,12 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::frame::{FrameError, read_frame, write_frame};
+
+mod fds;
 use crate::message::{
     ErrorCode, Message, PROTOCOL_VERSION, Request, Response, decode, encode, shorten,
 };
+pub use fds::{FD_MARKER, FdError};
 
 /// Where `epmd` listens unless configured otherwise (Linux and macOS).
 pub const DEFAULT_SOCKET_PATH: &str = "/var/run/epm/epmd.sock";
@@ -23,6 +27,10 @@ pub const DEFAULT_CLIENT_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the daemon tries to tell a misbehaving client why it is being
 /// disconnected: a client that does not read must not hold the thread.
 const FAREWELL_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// How long the daemon waits for the descriptors that follow a `run`
+/// frame (the client sends them at once).
+const FDS_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Who is on the other end of a socket, as the kernel says (as of the
 /// connect): what the daemon authorizes by.
@@ -140,6 +148,19 @@ impl Connection {
     /// frames.
     pub fn recv_frame(&mut self) -> Result<Option<Vec<u8>>, FrameError> {
         read_frame(&mut self.stream)
+    }
+
+    /// Sends the byte [`FD_MARKER`] carrying `fds` (SCM_RIGHTS): what
+    /// follows a [`Request::Run`] frame.
+    pub fn send_fds(&mut self, fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+        fds::send_fds(&self.stream, fds)
+    }
+
+    /// Receives the byte [`FD_MARKER`] and exactly `expected` descriptors
+    /// (close-on-exec). Any other count is an error, and whatever came is
+    /// closed.
+    pub fn recv_fds(&mut self, expected: usize) -> Result<Vec<OwnedFd>, FdError> {
+        fds::recv_fds(&self.stream, expected)
     }
 }
 
@@ -306,6 +327,24 @@ impl Client {
         }
     }
 
+    /// Sends a request followed by the byte carrying `fds` (for
+    /// [`Request::Run`]: stdin, stdout, stderr).
+    pub fn send_with_fds(
+        &mut self,
+        request: &Request,
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<(), ClientError> {
+        self.connection.send(request)?;
+        self.connection
+            .send_fds(fds)
+            .map_err(|e| ClientError::from(FrameError::from(e)))
+    }
+
+    /// The underlying stream (to poll it while waiting for something else).
+    pub fn stream(&self) -> &UnixStream {
+        self.connection.stream()
+    }
+
     /// Sends a request and receives one response.
     pub fn call(&mut self, request: &Request) -> Result<Response, ClientError> {
         self.send(request)?;
@@ -352,6 +391,10 @@ pub enum ServerError {
     /// The client speaks another protocol version.
     #[error("client protocol {0} is not {PROTOCOL_VERSION}")]
     VersionMismatch(u32),
+    /// The descriptors that must follow a request did not arrive as they
+    /// should.
+    #[error("{0}")]
+    Fds(#[from] FdError),
 }
 
 /// What a client asked for.
@@ -466,6 +509,16 @@ impl ServerConnection {
                 Err(FrameError::UnknownType(kind)) => {
                     return Ok(Some(Incoming::Unsupported(kind)));
                 }
+                // Its descriptors follow in the stream, or not (a broken
+                // client): either way, its place in the stream is lost.
+                Err(error @ FrameError::Invalid { .. }) if invalid_kind(&error) == Some("run") => {
+                    farewell(
+                        &mut self.connection,
+                        ErrorCode::BadRequest,
+                        error.to_string(),
+                    );
+                    return Err(error.into());
+                }
                 Err(error @ FrameError::Invalid { .. }) => {
                     self.connection
                         .send(&Response::error(ErrorCode::BadRequest, error.to_string()))?;
@@ -535,6 +588,35 @@ impl ServerConnection {
     /// leaving while it follows a stream).
     pub fn stream(&self) -> &UnixStream {
         self.connection.stream()
+    }
+
+    /// The caller's descriptors that follow a [`Request::Run`] frame:
+    /// receive them first, whatever is then decided, since they are in the
+    /// stream. Waits at most 10 s. On `Err` the client has been told why
+    /// (where it still listens), whatever came is closed, and the
+    /// connection must be closed: it is out of step.
+    pub fn recv_fds(&mut self, expected: usize) -> Result<Vec<OwnedFd>, ServerError> {
+        let stream = self.connection.stream();
+        let before = stream.read_timeout().ok().flatten();
+        let _ = stream.set_read_timeout(Some(FDS_TIMEOUT));
+        let received = self.connection.recv_fds(expected);
+        let _ = self.connection.stream().set_read_timeout(before);
+        received.map_err(|error| {
+            farewell(
+                &mut self.connection,
+                ErrorCode::BadRequest,
+                error.to_string(),
+            );
+            error.into()
+        })
+    }
+}
+
+/// The `type` of an invalid message.
+fn invalid_kind(error: &FrameError) -> Option<&str> {
+    match error {
+        FrameError::Invalid { kind, .. } => Some(kind),
+        _ => None,
     }
 }
 

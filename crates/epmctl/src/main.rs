@@ -14,6 +14,7 @@ mod daemon_cmd;
 mod explain;
 mod flows_cmd;
 mod policy_check;
+mod run_cmd;
 
 /// Where `epmd` listens when the packaging did not say otherwise.
 const DEFAULT_SOCKET: &str = epm_ipc::DEFAULT_SOCKET_PATH;
@@ -34,6 +35,7 @@ const DEFAULT_AUDIT_LOG: &str = if cfg!(target_os = "macos") {
         Check and explain policies offline, or talk to the local epmd daemon.",
     after_help = "Examples:\n  \
         epmctl status\n  \
+        epmctl run -- apt update\n  \
         epmctl justify /usr/local/bin/docker --reason \"Build for ticket 42\"\n  \
         epmctl request /usr/bin/wireshark --reason \"Capture for INC-7\" --from 14:00 --until +2h\n  \
         epmctl requests\n  \
@@ -75,6 +77,51 @@ enum Command {
         Exit status: 0 when the sync succeeded, 1 when it failed (the error says which step \
         and why) or is still running, 2 when the daemon cannot be reached or is not managed.")]
     Sync,
+    /// Run one command with privileges (as root, or --user), as the
+    /// policy's elevation rules allow.
+    #[command(
+        after_help = "epmd checks the command against the policy's elevation rules, then starts it \
+        itself, as the run-as user, on your terminal (a new pseudo-terminal when stdin and stdout \
+        are terminals; your pipes and files otherwise). Signals you send epmctl (Ctrl+C without \
+        a terminal, kill) reach the command; when epmctl goes away, so does the command.\n\n\
+        A bare CMD is looked up on your PATH (absolute directories only). The command gets \
+        PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin, the run-as user's HOME, \
+        USER, LOGNAME and SHELL, and of your environment only TERM, LANG, LC_*, TZ, COLORTERM \
+        and NO_COLOR. It starts in your current directory (in / when the run-as user cannot \
+        enter it).\n\n\
+        When a rule asks why, you are asked on the terminal (or give --reason). When it needs \
+        approval, a request for the window --from..--until goes to the administrators and epmctl \
+        waits for their answer (Ctrl+C to stop waiting; the request stays).\n\n\
+        Examples:\n  epmctl run -- apt update\n  \
+        epmctl run --reason \"Restart after config change, INC-7\" -- systemctl restart nginx\n  \
+        epmctl run --user postgres -- psql -c 'select 1'\n  \
+        epmctl run --until +2h --reason \"Capture for INC-7\" -- tcpdump -i eth0\n\n\
+        Exit status: the command's (128 + N when signal N ended it); 1 refused, rejected, \
+        cancelled or command not found; 2 bad input or the daemon cannot be reached."
+    )]
+    Run {
+        /// Why you need it (asked on the terminal when a rule wants one and
+        /// this is missing or too short).
+        #[arg(long, short)]
+        reason: Option<String>,
+        /// Run as this user instead of root.
+        #[arg(long, short, value_name = "NAME")]
+        user: Option<String>,
+        /// When an approval window should start, if one is needed.
+        #[arg(long, default_value = "now", value_name = "TIME")]
+        from: String,
+        /// When it should end.
+        #[arg(long, default_value = "+1h", value_name = "TIME")]
+        until: String,
+        /// The command and its arguments.
+        #[arg(
+            required = true,
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "CMD"
+        )]
+        command: Vec<String>,
+    },
     /// Give the reason a program needs before it runs; it is then allowed
     /// once.
     #[command(
@@ -247,6 +294,22 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Status => daemon_cmd::status(&socket, json),
         Command::Sync => daemon_cmd::sync(&socket, json),
+        Command::Run {
+            reason,
+            user,
+            from,
+            until,
+            command,
+        } => run_cmd::run(
+            &socket,
+            run_cmd::RunOptions {
+                command,
+                reason,
+                user,
+                from,
+                until,
+            },
+        ),
         Command::Justify { program, reason } => flows_cmd::justify(&socket, &program, reason, json),
         Command::Request {
             program,

@@ -626,3 +626,105 @@ proptest! {
         let _ = serve_bytes(bytes);
     }
 }
+
+fn run_request() -> Request {
+    Request::Run {
+        command: crate::Command {
+            program: "/bin/true".into(),
+            argv: vec!["true".into()],
+            run_as: "root".into(),
+        },
+        cwd: "/".into(),
+        env: Default::default(),
+        reason: None,
+        window: None,
+        tty: None,
+    }
+}
+
+#[test]
+fn a_run_brings_its_descriptors_and_the_stream_stays_in_step() {
+    use std::os::fd::AsFd;
+    let (_dir, path, listener) = bind();
+    let server = thread::spawn(move || {
+        let (stream, _) = listener.accept().unwrap();
+        let mut conn = ServerConnection::accept(stream, "test", |_| false).unwrap();
+        let Some(Incoming::Request(Request::Run { .. })) = conn.next_request().unwrap() else {
+            panic!("not a run");
+        };
+        let fds = conn.recv_fds(3).unwrap();
+        let mut out = std::fs::File::from(fds.into_iter().nth(1).unwrap());
+        out.write_all(b"hello").unwrap();
+        conn.send(&Response::Exited(crate::ExitStatus {
+            code: Some(0),
+            signal: None,
+        }))
+        .unwrap();
+        let next = conn.next_request().unwrap();
+        assert_eq!(next, Some(Incoming::Request(Request::Status)));
+        conn.send(&Response::End).unwrap();
+    });
+    let mut client = Client::connect(&path, "test").unwrap();
+    let (mut r, w) = std::os::unix::net::UnixStream::pair().unwrap();
+    client
+        .send_with_fds(&run_request(), &[w.as_fd(), w.as_fd(), w.as_fd()])
+        .unwrap();
+    drop(w);
+    assert!(matches!(client.recv().unwrap(), Response::Exited(_)));
+    assert_eq!(client.call(&Request::Status).unwrap(), Response::End);
+    server.join().unwrap();
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut r, &mut text).unwrap();
+    assert_eq!(text, "hello");
+}
+
+#[test]
+fn a_run_without_descriptors_or_invalid_ends_the_connection() {
+    let (_dir, path, listener) = bind();
+    let server = thread::spawn(move || {
+        let mut outcomes = Vec::new();
+        for _ in 0..2 {
+            let (stream, _) = listener.accept().unwrap();
+            let mut conn = ServerConnection::accept(stream, "test", |_| false).unwrap();
+            let outcome = match conn.next_request() {
+                Ok(Some(Incoming::Request(Request::Run { .. }))) => {
+                    conn.recv_fds(3).map(|_| ()).map_err(|e| e.to_string())
+                }
+                Ok(other) => panic!("{other:?}"),
+                Err(error) => Err(error.to_string()),
+            };
+            outcomes.push(outcome);
+        }
+        outcomes
+    });
+    // A run frame followed by a plain byte (no descriptors).
+    let mut client = Client::connect(&path, "test").unwrap();
+    client.send(&run_request()).unwrap();
+    client.connection.stream.write_all(&[FD_MARKER]).unwrap();
+    let err = client.recv().unwrap_err();
+    assert!(
+        matches!(&err, ClientError::Daemon { code: ErrorCode::BadRequest, message } if message.contains("no file descriptors")),
+        "{err}"
+    );
+    // An invalid run frame: its descriptors may follow, so the daemon
+    // cannot stay in step.
+    let mut client = Client::connect(&path, "test").unwrap();
+    write_frame(
+        &mut client.connection.stream,
+        br#"{"type":"run","command":{"program":"/bin/true","argv":[]},"cwd":"/","bogus":1}"#,
+    )
+    .unwrap();
+    let err = client.recv().unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            ClientError::Daemon {
+                code: ErrorCode::BadRequest,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let outcomes = server.join().unwrap();
+    assert!(outcomes.iter().all(Result::is_err), "{outcomes:?}");
+}
