@@ -16,7 +16,7 @@ usage() {
     cat <<'USAGE'
 Options:
   --version V                 package version (required)
-  --bin-dir DIR               holds epmd, epm-helper and epmctl (required)
+  --bin-dir DIR               holds epmd, epm-helper, epmctl and libepm_sudo.dylib (required)
   --app-identity NAME         codesign identity for the binaries (required unless --dry-run)
   --installer-identity NAME   productbuild identity for the package (required unless --dry-run)
   --provisioning-profile FILE embedded in epmd.app; authorizes the ES entitlement (required unless --dry-run)
@@ -49,7 +49,7 @@ fail() { echo "build.sh: $*" >&2; exit 2; }
 [[ -n "$version" ]] || fail "--version is required"
 [[ "$version" =~ ^[0-9]+(\.[0-9]+){0,2}$ ]] || fail "--version must look like 1.2.3, not $version"
 [[ -n "$bin_dir" ]] || fail "--bin-dir is required"
-for binary in epmd epm-helper epmctl; do
+for binary in epmd epm-helper epmctl libepm_sudo.dylib; do
     [[ -f "$bin_dir/$binary" ]] || fail "$bin_dir/$binary is missing: build the release binaries first"
 done
 if ! $dry_run; then
@@ -80,11 +80,14 @@ support="$root/Library/Application Support/EPM"
 
 step "staging the package tree"
 install -d "$support/epmd.app/Contents/MacOS" "$support/EPM Helper.app/Contents/MacOS" "$support/bin" \
-    "$root/Library/LaunchDaemons" "$root/Library/LaunchAgents" "$root/usr/local/bin"
+    "$root/Library/LaunchDaemons" "$root/Library/LaunchAgents" "$root/usr/local/bin" \
+    "$root/usr/local/lib/epm"
 install -m 0755 "$bin_dir/epmd" "$support/epmd.app/Contents/MacOS/epmd"
 install -m 0755 "$bin_dir/epm-helper" "$support/EPM Helper.app/Contents/MacOS/epm-helper"
 install -m 0755 "$bin_dir/epmctl" "$support/bin/epmctl"
 ln -s "../../../Library/Application Support/EPM/bin/epmctl" "$root/usr/local/bin/epmctl"
+# The sudo approval plugin; /etc/sudo.conf is the administrator's to change.
+install -m 0644 "$bin_dir/libepm_sudo.dylib" "$root/usr/local/lib/epm/libepm_sudo.dylib"
 sed "s/@VERSION@/$version/g" "$here/bundles/epmd-Info.plist" >"$support/epmd.app/Contents/Info.plist"
 sed "s/@VERSION@/$version/g" "$here/bundles/helper-Info.plist" >"$support/EPM Helper.app/Contents/Info.plist"
 if [[ -n "$profile" ]]; then
@@ -102,6 +105,8 @@ sed "s/@VERSION@/$version/g" "$here/Distribution.xml" >"$work/Distribution.xml"
 step "signing (hardened runtime, secure timestamp)"
 sign=(codesign --force --options runtime --timestamp --sign "$app_identity")
 run "${sign[@]}" "$support/bin/epmctl"
+# sudo loads plugins with library validation: the plugin must be signed.
+run "${sign[@]}" "$root/usr/local/lib/epm/libepm_sudo.dylib"
 run "${sign[@]}" "$support/EPM Helper.app"
 run "${sign[@]}" --entitlements "$here/entitlements/epmd.entitlements" "$support/epmd.app"
 run codesign --verify --strict --verbose=2 "$support/epmd.app"

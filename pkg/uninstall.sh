@@ -30,7 +30,13 @@ if [[ -n "$user" ]]; then
     bootout_if_loaded "gui/$(id -u "$user")" "$EPM_HELPER_LABEL"
 fi
 bootout_if_loaded system "$EPM_DAEMON_LABEL"
-rm -f "$EPM_DAEMON_PLIST" "$EPM_HELPER_PLIST" /usr/local/bin/epmctl
+# sudo refuses to run when sudo.conf names a plugin that is gone: take the
+# line out first (a copy of the old file stays beside it).
+if [[ -f /etc/sudo.conf ]] && grep -q '^Plugin epm_approval ' /etc/sudo.conf; then
+    cp -p /etc/sudo.conf /etc/sudo.conf.epm-uninstall
+    grep -v '^Plugin epm_approval ' /etc/sudo.conf.epm-uninstall >/etc/sudo.conf || true
+fi
+rm -f "$EPM_DAEMON_PLIST" "$EPM_HELPER_PLIST" /usr/local/bin/epmctl /usr/local/lib/epm/libepm_sudo.dylib
 rm -rf "${EPM_SUPPORT_DIR:?}/epmd.app" "${EPM_SUPPORT_DIR:?}/EPM Helper.app" "${EPM_SUPPORT_DIR:?}/bin"
 if $purge; then
     rm -rf "$EPM_SUPPORT_DIR" "$EPM_LOG_DIR"

@@ -279,7 +279,7 @@ fn the_console_user_is_a_real_user_or_nobody() {
 #[test]
 fn the_package_build_stages_what_launchd_expects() {
     let bin = tempfile::tempdir().unwrap();
-    for name in ["epmd", "epm-helper", "epmctl"] {
+    for name in ["epmd", "epm-helper", "epmctl", "libepm_sudo.dylib"] {
         std::fs::write(bin.path().join(name), "binary").unwrap();
     }
     let out_dir = tempfile::tempdir().unwrap();
@@ -308,6 +308,7 @@ fn the_package_build_stages_what_launchd_expects() {
         "/Library/LaunchDaemons/com.epm.epmd.plist",
         "/Library/LaunchAgents/com.epm.helper.plist",
         "/usr/local/bin/epmctl",
+        "/usr/local/lib/epm/libepm_sudo.dylib",
         "/Library/Application Support/EPM/epmd.toml.default",
         "/Library/Application Support/EPM/uninstall.sh",
         "/Library/Application Support/EPM/scripts/epm-install-lib.sh",
