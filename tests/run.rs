@@ -147,6 +147,20 @@ fn a_denied_command_prints_the_policy_message() {
 
     let out = epmctl_run(&daemon, &user, &["run", "--", "/usr/bin/id", "-u"], b"");
     assert_eq!(stdout(&out), "0\n", "{}", stderr(&out));
+
+    // A copy where others than root could swap it between the decision
+    // and the start is never run as root, whatever the rules say.
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("id");
+    std::fs::copy("/usr/bin/id", &copy).unwrap();
+    let out = epmctl_run(&daemon, &user, &["run", "--", copy.to_str().unwrap()], b"");
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("only root can change"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(stdout(&out), "");
 }
 
 #[test]

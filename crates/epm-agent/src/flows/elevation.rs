@@ -6,6 +6,8 @@
 //! ask its user, so nothing here is refused "now, prompt later": the
 //! client is told what is missing ([`ElevationVerdict`]) and asks again.
 
+use std::path::Path;
+
 use epm_ipc::{Command, ElevationVerdict, ElevationVia, Window};
 
 use super::*;
@@ -361,6 +363,16 @@ impl Flows {
         if !meta.is_file() || meta.permissions().mode() & 0o111 == 0 {
             return Err(bad(format!("{path} is not a program")));
         }
+        // The file is hashed now and run a moment later by path: only a
+        // file nobody but root can replace is the file that will run.
+        if let Err(why) = only_root_can_change(Path::new(path)) {
+            return Err(Unmet::Refused(
+                ErrorCode::Forbidden,
+                format!(
+                    "{path} is not run as root: {why}; install it where only root can change it (e.g. /usr/local/bin)"
+                ),
+            ));
+        }
         let sha256 = crate::decider::hash_file(&file)
             .map_err(|e| Unmet::Refused(ErrorCode::Internal, format!("cannot read {path}: {e}")))?;
         let account = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(caller))
@@ -385,7 +397,59 @@ impl Flows {
     }
 }
 
+/// Why a file someone other than root could replace (or change) is not
+/// one to run as root: the file itself, then every directory up to `/`,
+/// must belong to root and be writable by no one else.
+fn only_root_can_change(path: &Path) -> Result<(), String> {
+    let real = std::fs::canonicalize(path).map_err(|e| format!("cannot resolve it: {e}"))?;
+    let mut next = Some(real.as_path());
+    while let Some(current) = next {
+        let meta = std::fs::metadata(current)
+            .map_err(|e| format!("cannot read {}: {e}", current.display()))?;
+        let mode = meta.permissions().mode();
+        if meta.uid() != 0 {
+            return Err(format!(
+                "{} belongs to uid {}",
+                current.display(),
+                meta.uid()
+            ));
+        }
+        if mode & 0o022 != 0 {
+            return Err(format!(
+                "{} is writable by others than root (mode {:o})",
+                current.display(),
+                mode & 0o7777
+            ));
+        }
+        next = current.parent();
+    }
+    Ok(())
+}
+
 /// Audit event: an elevation may go ahead.
 pub const ELEVATION_ALLOWED: &str = "elevation_allowed";
 /// Audit event: an elevation was refused.
 pub const ELEVATION_DENIED: &str = "elevation_denied";
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::only_root_can_change;
+
+    #[test]
+    fn only_files_root_alone_controls_are_run_as_root() {
+        assert!(only_root_can_change(std::path::Path::new("/bin/sh")).is_ok());
+        let dir = tempfile::tempdir().unwrap();
+        let tool = dir.path().join("tool");
+        std::fs::write(&tool, "#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(&tool, std::fs::Permissions::from_mode(0o755)).unwrap();
+        // /tmp is world-writable (sticky or not, anyone can swap names).
+        let why = only_root_can_change(&tool).unwrap_err();
+        assert!(why.contains("writable by others"), "{why}");
+        std::fs::set_permissions(&tool, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let why = only_root_can_change(&tool).unwrap_err();
+        assert!(why.contains("tool is writable"), "{why}");
+    }
+}
