@@ -10,6 +10,7 @@ pub mod daemon;
 pub mod decider;
 pub mod flows;
 pub mod gate;
+pub mod managed_prefs;
 pub mod names;
 pub mod pipeline;
 pub mod policy_source;
