@@ -16,3 +16,4 @@ pub mod pipeline;
 pub mod policy_source;
 pub mod stats;
 pub mod sync;
+pub mod unified_log;
