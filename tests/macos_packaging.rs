@@ -16,7 +16,9 @@ mod ids {
     pub(super) const DAEMON_BUNDLE_ID: &str = "com.epm.epmd";
     pub(super) const HELPER_BUNDLE_ID: &str = "com.epm.helper";
     pub(super) const MACH_SERVICE: &str = epm_ipc::xpc_frame::MACH_SERVICE_NAME;
-    pub(super) const PREFERENCES_DOMAIN: &str = "com.epm.agent";
+    pub(super) const PREFERENCES_DOMAIN: &str = epm_agent::managed_prefs::DOMAIN;
+    pub(super) const PREFERENCES_KEYS: [&str; 6] = epm_agent::managed_prefs::KEYS;
+    pub(super) const LOG_SUBSYSTEM: &str = epm_agent::unified_log::SUBSYSTEM;
     pub(super) const DAEMON_PROGRAM: &str =
         "/Library/Application Support/EPM/epmd.app/Contents/MacOS/epmd";
     pub(super) const HELPER_PROGRAM: &str =
@@ -221,6 +223,20 @@ fn profiles_target_the_shipped_identities() {
 
     let prefs = &profile_payloads("pkg/profiles/managed-preferences.mobileconfig")[0];
     assert_eq!(string(prefs, "PayloadType"), ids::PREFERENCES_DOMAIN);
+    // Every setting the template carries is one epmd reads (an unknown key
+    // would only be warned about on the Mac, and the setting lost).
+    let settings: Vec<&str> = prefs
+        .keys()
+        .map(String::as_str)
+        .filter(|k| !k.starts_with("Payload"))
+        .collect();
+    for key in &settings {
+        assert!(
+            ids::PREFERENCES_KEYS.contains(key),
+            "{key} is not a key epmd reads: {:?}",
+            ids::PREFERENCES_KEYS
+        );
+    }
     for key in [
         "url",
         "ca_cert_pem",
@@ -230,6 +246,41 @@ fn profiles_target_the_shipped_identities() {
     ] {
         string(prefs, key);
     }
+    // The plist path the template's comment and the docs name.
+    let template =
+        std::fs::read_to_string(repo().join("pkg/profiles/managed-preferences.mobileconfig"))
+            .unwrap();
+    let plist_path = format!(
+        "/Library/Managed Preferences/{}.plist",
+        ids::PREFERENCES_DOMAIN
+    );
+    assert!(template.contains(&plist_path), "{plist_path}");
+}
+
+/// docs/deploy-macos.md documents every managed preference key and the
+/// unified log subsystem the daemon really uses.
+#[test]
+fn the_deployment_guide_names_the_keys_and_the_log_subsystem() {
+    let guide = std::fs::read_to_string(repo().join("docs/deploy-macos.md")).unwrap();
+    for key in ids::PREFERENCES_KEYS {
+        assert!(
+            guide.contains(&format!("| `{key}` |")),
+            "{key} missing from the keys table"
+        );
+    }
+    assert!(guide.contains(&format!(
+        "/Library/Managed Preferences/{}.plist",
+        ids::PREFERENCES_DOMAIN
+    )));
+    assert_eq!(
+        ids::LOG_SUBSYSTEM,
+        ids::DAEMON_LABEL,
+        "the subsystem is the daemon's label"
+    );
+    assert!(
+        guide.contains(&format!("subsystem == \"{}\"", ids::LOG_SUBSYSTEM)),
+        "the log stream predicate"
+    );
 }
 
 #[test]

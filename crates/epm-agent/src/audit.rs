@@ -17,6 +17,7 @@ use epm_store::{OutboxRecord, Store};
 
 use crate::decider::{Decider, Outcome};
 use crate::gate::{ExecFacts, Verdict};
+use crate::unified_log::UnifiedLog;
 
 /// Events waiting for the audit thread.
 const CHANNEL_CAPACITY: usize = 65_536;
@@ -103,6 +104,7 @@ impl AuditWriter {
             batches: 0,
             last_seq,
             device_id,
+            unified_log: UnifiedLog::audit(),
         };
         let handle = std::thread::Builder::new()
             .name("epm-audit".into())
@@ -135,6 +137,8 @@ struct WriterState {
     last_seq: Arc<AtomicU64>,
     /// Every record names its device, whoever built the event.
     device_id: String,
+    /// A copy of each record for the system's log (macOS; else a no-op).
+    unified_log: UnifiedLog,
 }
 
 impl WriterState {
@@ -222,6 +226,9 @@ impl WriterState {
         }
         if let Err(error) = self.log.append(&sealed) {
             tracing::error!(%error, "cannot append to the audit log; records are kept in the store");
+        }
+        for record in &sealed {
+            self.unified_log.record(&record.line);
         }
         if let Some(last) = sealed.last() {
             self.last_seq.store(last.seq, Ordering::Relaxed);

@@ -153,21 +153,12 @@ pub struct PlatformConfig {
     pub sync_interval: Duration,
 }
 
-fn default_sync_interval() -> Duration {
+pub(crate) fn default_sync_interval() -> Duration {
     epm_sync::schedule::DEFAULT_INTERVAL
 }
 
 fn https_url<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
-    let url = String::deserialize(d)?;
-    let rest = url.strip_prefix("https://").ok_or_else(|| {
-        serde::de::Error::custom(format!(
-            "{url:?} must be an https:// URL: the agent talks to the platform over TLS only"
-        ))
-    })?;
-    if rest.trim_matches('/').is_empty() || rest.contains(char::is_whitespace) {
-        return Err(serde::de::Error::custom(format!("{url:?} names no host")));
-    }
-    Ok(url)
+    check_https_url(String::deserialize(d)?).map_err(serde::de::Error::custom)
 }
 
 fn public_key<'de, D: Deserializer<'de>>(d: D) -> Result<PolicyPublicKey, D::Error> {
@@ -177,13 +168,9 @@ fn public_key<'de, D: Deserializer<'de>>(d: D) -> Result<PolicyPublicKey, D::Err
 }
 
 fn token<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
-    let token = String::deserialize(d)?;
-    if token.trim().is_empty() {
-        return Err(serde::de::Error::custom(
-            "must not be empty (omit it once the agent is enrolled)",
-        ));
-    }
-    Ok(Some(token.trim().to_owned()))
+    check_token(&String::deserialize(d)?)
+        .map(Some)
+        .map_err(serde::de::Error::custom)
 }
 
 /// `"5m"`, `"90s"`, `"1h"` or a number of seconds, within 60 s..=30 min.
@@ -200,20 +187,46 @@ fn sync_interval<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> 
         Raw::Seconds(secs) => Duration::from_secs(secs),
         Raw::Text(text) => parse_duration(&text).map_err(serde::de::Error::custom)?,
     };
+    check_sync_interval(duration).map_err(serde::de::Error::custom)
+}
+
+// The checks behind the TOML keys, shared with the managed preferences
+// (`crate::managed_prefs`) so a value means the same from either source.
+
+/// An `https://` URL naming a host.
+pub(crate) fn check_https_url(url: String) -> Result<String, String> {
+    let Some(rest) = url.strip_prefix("https://") else {
+        return Err(format!(
+            "{url:?} must be an https:// URL: the agent talks to the platform over TLS only"
+        ));
+    };
+    if rest.trim_matches('/').is_empty() || rest.contains(char::is_whitespace) {
+        return Err(format!("{url:?} names no host"));
+    }
+    Ok(url)
+}
+
+/// A non-empty enrollment token, trimmed.
+pub(crate) fn check_token(token: &str) -> Result<String, String> {
+    if token.trim().is_empty() {
+        return Err("must not be empty (omit it once the agent is enrolled)".into());
+    }
+    Ok(token.trim().to_owned())
+}
+
+/// A check-in interval within 60 s..=30 min.
+pub(crate) fn check_sync_interval(duration: Duration) -> Result<Duration, String> {
     let (min, max) = (
         epm_sync::schedule::MIN_INTERVAL,
         epm_sync::schedule::MAX_INTERVAL,
     );
     if duration < min || duration > max {
-        return Err(serde::de::Error::custom(format!(
-            "{}s is outside 60s..=30m",
-            duration.as_secs()
-        )));
+        return Err(format!("{}s is outside 60s..=30m", duration.as_secs()));
     }
     Ok(duration)
 }
 
-fn parse_duration(text: &str) -> Result<Duration, String> {
+pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     let split = text
         .find(|c: char| !c.is_ascii_digit())
@@ -328,6 +341,23 @@ pub enum ConfigError {
         /// What is wrong, naming the key.
         message: String,
     },
+    /// The managed preferences (MDM) are unreadable, have a bad value, or
+    /// do not make a whole `[platform]` with the file.
+    #[error(transparent)]
+    Managed(#[from] crate::managed_prefs::PrefsError),
+}
+
+/// A configuration and where its values came from.
+#[derive(Debug, Clone)]
+pub struct LoadedConfig {
+    /// The configuration in force.
+    pub config: Config,
+    /// The managed preferences file, when one was applied.
+    pub managed: Option<PathBuf>,
+    /// The keys (`platform.url`, …) the managed preferences set, over the file.
+    pub overrides: Vec<&'static str>,
+    /// Managed preference keys that were ignored.
+    pub warnings: Vec<String>,
 }
 
 /// toml's error, on one line, led by the line number and the dotted key
@@ -383,6 +413,60 @@ impl Config {
         })
     }
 
+    /// What `epmd` runs with: the file, then this platform's managed
+    /// preferences over it (on macOS, `/Library/Managed Preferences/`;
+    /// elsewhere there are none).
+    pub fn load_system(path: &Path) -> Result<LoadedConfig, ConfigError> {
+        let config = Self::load(path)?;
+        match crate::managed_prefs::system_path() {
+            Some(prefs) => Self::with_managed_prefs(config, &prefs),
+            None => Ok(LoadedConfig {
+                config,
+                managed: None,
+                overrides: Vec::new(),
+                warnings: Vec::new(),
+            }),
+        }
+    }
+
+    /// Lays the managed preferences at `prefs_path`, if that file exists,
+    /// over `config`, and writes a CA they carry as PEM text to the state
+    /// directory (see [`crate::managed_prefs`]).
+    pub fn with_managed_prefs(
+        mut config: Config,
+        prefs_path: &Path,
+    ) -> Result<LoadedConfig, ConfigError> {
+        let fail = |message: String| crate::managed_prefs::PrefsError {
+            origin: prefs_path.display().to_string(),
+            message,
+        };
+        let Some(prefs) = crate::managed_prefs::ManagedPrefs::load(prefs_path)? else {
+            return Ok(LoadedConfig {
+                config,
+                managed: None,
+                overrides: Vec::new(),
+                warnings: Vec::new(),
+            });
+        };
+        let overrides = prefs.apply_to(&mut config).map_err(fail)?;
+        prefs.install_ca(&config).map_err(|e| {
+            let path = config
+                .platform
+                .as_ref()
+                .map(|p| p.ca_cert.display().to_string());
+            fail(format!(
+                "ca_cert_pem: cannot write it to {}: {e}",
+                path.unwrap_or_default()
+            ))
+        })?;
+        Ok(LoadedConfig {
+            config,
+            managed: Some(prefs_path.to_owned()),
+            overrides,
+            warnings: prefs.warnings,
+        })
+    }
+
     /// Parses config text; relative paths are resolved against `base`.
     pub fn parse(text: &str, base: &Path) -> Result<Config, String> {
         let mut config: Config = toml::from_str(text).map_err(|e| describe_toml_error(text, &e))?;
@@ -413,7 +497,7 @@ impl Config {
         }
     }
 
-    fn validate(&self) -> Result<(), String> {
+    pub(crate) fn validate(&self) -> Result<(), String> {
         if self.gate.workers == 0 || self.gate.workers > 64 {
             return Err(format!(
                 "gate.workers: {} is outside 1..=64",
@@ -597,6 +681,18 @@ mod tests {
             let err = Config::parse(&text, Path::new("/")).unwrap_err();
             assert!(err.contains(expected), "{text:?}: {err}");
         }
+    }
+
+    /// The file the macOS package installs as epmd.toml on first install.
+    #[test]
+    fn the_packaged_default_config_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../pkg/epmd.toml.default");
+        let config = Config::load(&path).unwrap();
+        assert_eq!(config.fail_mode, FailMode::Open);
+        assert!(
+            config.platform.is_none(),
+            "MDM's managed preferences add it"
+        );
     }
 
     #[test]

@@ -36,13 +36,20 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let config = match Config::load(&args.config) {
-        Ok(config) => config,
+    let loaded = match Config::load_system(&args.config) {
+        Ok(loaded) => loaded,
         Err(error) => {
             eprintln!("epmd: {error}");
             return ExitCode::from(2);
         }
     };
+    for warning in &loaded.warnings {
+        tracing::warn!("managed preferences: {warning}");
+    }
+    if let Some(managed) = &loaded.managed {
+        tracing::info!(keys = ?loaded.overrides, "settings from managed preferences {}", managed.display());
+    }
+    let config = loaded.config;
     if args.check {
         if let Some(path) = &config.policy_file
             && let Err(errors) = epm_agent::policy_source::read_policy_file(path)
@@ -55,6 +62,11 @@ fn main() -> ExitCode {
         {
             eprintln!("epmd: {error}");
             return ExitCode::from(2);
+        }
+        if let Some(managed) = &loaded.managed {
+            for key in &loaded.overrides {
+                println!("{key}: from {}", managed.display());
+            }
         }
         println!("{}: configuration valid", args.config.display());
         return ExitCode::SUCCESS;

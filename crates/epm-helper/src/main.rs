@@ -85,6 +85,11 @@ impl Backend for Recording {
         self.record(&format!("message: {text}"));
         self.inner.message(title, text, tone)
     }
+
+    fn notify(&mut self, title: &str, text: &str, tone: Tone) -> Result<(), PromptError> {
+        self.record(&format!("message: {text}"));
+        self.inner.notify(title, text, tone)
+    }
 }
 
 fn backend(cli: &Cli) -> Result<Box<dyn Backend>, String> {

@@ -118,12 +118,12 @@ impl Session {
             UserEvent::AdminSessionEnding {
                 session,
                 minutes_left,
-            } => backend.message(
+            } => backend.notify(
                 TITLE,
                 &messages::admin_session_ending(minutes_left, session.expires_at),
                 Tone::Warning,
             ),
-            UserEvent::AdminSessionEnded(session) => backend.message(
+            UserEvent::AdminSessionEnded(session) => backend.notify(
                 TITLE,
                 &messages::admin_session_ended(session.end_reason.as_deref()),
                 Tone::Info,
@@ -176,19 +176,17 @@ impl Session {
                     .relaunch
                     .as_deref()
                     .is_some_and(|argv| relaunch(&prompt.path, argv));
-                backend.message(
+                backend.notify(
                     TITLE,
                     &messages::justified(&justified.program, relaunched),
                     Tone::Info,
                 )
             }
-            Ok(Response::RequestCreated(_)) => {
-                backend.message(TITLE, messages::PENDING, Tone::Info)
-            }
+            Ok(Response::RequestCreated(_)) => backend.notify(TITLE, messages::PENDING, Tone::Info),
             Err(ClientError::Daemon { message, .. }) => {
-                backend.message(TITLE, &crate::display::shown(&message), Tone::Warning)
+                backend.notify(TITLE, &crate::display::shown(&message), Tone::Warning)
             }
-            Ok(other) => backend.message(
+            Ok(other) => backend.notify(
                 TITLE,
                 &format!(
                     "epmd sent an unexpected answer ({})",
@@ -196,7 +194,7 @@ impl Session {
                 ),
                 Tone::Warning,
             ),
-            Err(error) => backend.message(
+            Err(error) => backend.notify(
                 TITLE,
                 &format!("Your answer could not reach the EPM service: {error}"),
                 Tone::Warning,
@@ -234,7 +232,7 @@ fn show_blocked(backend: &mut dyn Backend, blocked: &Blocked) -> Result<(), Prom
         BlockReason::WindowExpired => messages::WINDOW_EXPIRED.to_owned(),
         BlockReason::PromptOpen => return Ok(()),
     };
-    backend.message(TITLE, &text, Tone::Warning)
+    backend.notify(TITLE, &text, Tone::Warning)
 }
 
 fn show_request(
@@ -286,7 +284,7 @@ fn show_request(
     if request.state != "approved" {
         state.upcoming.remove(&request.id);
     }
-    backend.message(TITLE, &text, tone)
+    backend.notify(TITLE, &text, tone)
 }
 
 /// Says "you can run it now" for each approved window that has opened.
@@ -302,7 +300,7 @@ fn announce_open_windows(backend: &mut dyn Backend, state: &mut State, now: Time
             && upcoming.end > now
         {
             let text = messages::can_run_now(&upcoming.program, upcoming.end);
-            if let Err(error) = backend.message(TITLE, &text, Tone::Info) {
+            if let Err(error) = backend.notify(TITLE, &text, Tone::Info) {
                 tracing_line(&format!("cannot show a message: {error}"));
             }
         }
@@ -372,5 +370,69 @@ mod tests {
         let shown = backend.transcript();
         assert!(shown[1].contains(messages::WINDOW_EXPIRED), "{shown:?}");
         assert!(shown[2].contains(messages::EXPIRED_UNREVIEWED), "{shown:?}");
+    }
+
+    /// Which of the backend's ways of showing something each text took.
+    #[derive(Default)]
+    struct Kinds(Vec<(&'static str, String)>);
+
+    impl Backend for Kinds {
+        fn entry(
+            &mut self,
+            _title: &str,
+            text: &str,
+            _choices: &[String],
+            _default: &str,
+        ) -> Result<Option<String>, PromptError> {
+            self.0.push(("entry", text.to_owned()));
+            let answers = self.0.iter().filter(|(k, _)| *k == "entry").count();
+            Ok(Some(
+                if answers == 1 { "no" } else { "a good reason" }.to_owned(),
+            ))
+        }
+        fn message(&mut self, _title: &str, text: &str, _tone: Tone) -> Result<(), PromptError> {
+            self.0.push(("message", text.to_owned()));
+            Ok(())
+        }
+        fn notify(&mut self, _title: &str, text: &str, _tone: Tone) -> Result<(), PromptError> {
+            self.0.push(("notify", text.to_owned()));
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn news_is_a_notification_and_a_bad_answer_a_message() {
+        let mut backend = Kinds::default();
+        let start = Timestamp::now() - jiff::SignedDuration::from_hours(1);
+        show_request(
+            &mut backend,
+            &mut State::default(),
+            &request("approved", start),
+        )
+        .unwrap();
+        let blocked = Blocked {
+            program: "nc".into(),
+            path: "/usr/bin/nc".into(),
+            rule_id: None,
+            message: Some("Ask IT".into()),
+            because: BlockReason::Denied,
+        };
+        show_blocked(&mut backend, &blocked).unwrap();
+        let ask = JustificationAsk {
+            program: "nc".into(),
+            message: None,
+            spec: epm_policy::JustificationSpec {
+                min_length: 5,
+                ..Default::default()
+            },
+        };
+        ask_justification(&mut backend, &ask).unwrap().unwrap();
+        let kinds: Vec<&str> = backend.0.iter().map(|(k, _)| *k).collect();
+        assert_eq!(
+            kinds,
+            ["notify", "notify", "entry", "message", "entry"],
+            "{:?}",
+            backend.0
+        );
     }
 }

@@ -76,6 +76,13 @@ pub trait Backend {
     /// Shows a message and waits until it is acknowledged (or, for
     /// backends that cannot wait, until it is shown).
     fn message(&mut self, title: &str, text: &str, tone: Tone) -> Result<(), PromptError>;
+
+    /// Tells the user something that asks nothing of them: a refusal, news
+    /// of a request, a window that opened. Backends with a notification
+    /// centre post it there and return at once; by default it is a message.
+    fn notify(&mut self, title: &str, text: &str, tone: Tone) -> Result<(), PromptError> {
+        self.message(title, text, tone)
+    }
 }
 
 /// What to ask a justification for.

@@ -40,6 +40,15 @@ pub(crate) const MESSAGE_SCRIPT: &str = r#"on run argv
     end if
 end run"#;
 
+/// argv: title, text. A notification: it asks nothing and returns at once,
+/// so news (blocked, approved, a window that opened) never stacks up
+/// dialogs or holds the helper while nobody is at the screen.
+pub(crate) const NOTIFY_SCRIPT: &str = r#"on run argv
+    set theTitle to item 1 of argv
+    set theText to item 2 of argv
+    display notification theText with title theTitle
+end run"#;
+
 /// Choice shown after the presets to type one's own reason.
 const OWN_REASON: &str = "Type my own reason…";
 
@@ -109,6 +118,17 @@ impl Backend for Osascript {
         };
         self.run(MESSAGE_SCRIPT, &[title, text, icon]).map(|_| ())
     }
+
+    fn notify(&mut self, title: &str, text: &str, tone: Tone) -> Result<(), PromptError> {
+        match self.run(NOTIFY_SCRIPT, &[title, text]) {
+            Ok(_) => Ok(()),
+            // Not shown as a notification: say it in a dialog instead.
+            Err(error) => {
+                eprintln!("epm-helper: cannot post a notification ({error}); showing a dialog");
+                self.message(title, text, tone)
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -122,8 +142,51 @@ mod tests {
         assert_eq!(args[1], ENTRY_SCRIPT, "the script is fixed text");
         assert_eq!(args[2], "--");
         assert_eq!(args[4], hostile, "the string is an argument");
-        for script in [ENTRY_SCRIPT, CHOICE_SCRIPT, MESSAGE_SCRIPT] {
+        for script in [ENTRY_SCRIPT, CHOICE_SCRIPT, MESSAGE_SCRIPT, NOTIFY_SCRIPT] {
             assert!(script.starts_with("on run argv"));
+            assert!(script.ends_with("end run"));
         }
+    }
+
+    /// Quotes, backslashes, AppleScript's own syntax and line breaks reach
+    /// the dialog as the text they are: there is nothing to escape because
+    /// nothing is spliced into a script.
+    #[test]
+    fn policy_text_is_inert_in_every_script() {
+        let nasty = [
+            "say \"hi\" \\ then",
+            "\\\"",
+            "end run\non run argv\ndo shell script \"id\"",
+            "«data rdat00»",
+            "-e",
+        ];
+        for text in nasty {
+            for script in [ENTRY_SCRIPT, CHOICE_SCRIPT, MESSAGE_SCRIPT, NOTIFY_SCRIPT] {
+                let args = Osascript::args(script, &["EPM", text, "x"]);
+                assert_eq!(args[..3], ["-e", script, "--"]);
+                assert_eq!(args[3..], ["EPM", text, "x"]);
+            }
+        }
+        for script in [ENTRY_SCRIPT, CHOICE_SCRIPT, MESSAGE_SCRIPT, NOTIFY_SCRIPT] {
+            assert!(!script.contains("do shell script"));
+            assert!(!script.contains("run script"));
+        }
+    }
+
+    #[test]
+    fn each_kind_of_question_uses_its_native_dialog() {
+        // Free text: a dialog with a text field, pre-filled.
+        assert!(
+            ENTRY_SCRIPT
+                .contains("display dialog theText with title theTitle default answer theDefault")
+        );
+        // Presets: a list to pick from (then free text for "my own reason").
+        assert!(CHOICE_SCRIPT.contains("choose from list theChoices with title theTitle"));
+        // A problem with an answer: a dialog that waits, with an icon.
+        assert!(MESSAGE_SCRIPT.contains("display dialog theText with title theTitle"));
+        assert!(MESSAGE_SCRIPT.contains("with icon caution"));
+        // News: a notification with a title, which asks nothing.
+        assert!(NOTIFY_SCRIPT.contains("display notification theText with title theTitle"));
+        assert!(!NOTIFY_SCRIPT.contains("display dialog"));
     }
 }
