@@ -121,18 +121,21 @@ pub fn command_from(command_info: &[String], run_argv: &[String]) -> Result<Comm
     let program = value_of(command_info, "command")
         .ok_or("sudo gave no command path")?
         .to_owned();
-    let run_as = match value_of(command_info, "runas_user") {
-        Some(user) => user.to_owned(),
-        None => match value_of(command_info, "runas_uid") {
-            Some("0") | None => "root".to_owned(),
-            Some(uid) => uid
-                .parse()
-                .ok()
-                .and_then(|uid| nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)).ok())
-                .flatten()
-                .map(|user| user.name)
-                .ok_or_else(|| format!("sudo runs the command as uid {uid}, which has no name"))?,
-        },
+    // sudo runs the command as runas_euid/runas_uid; runas_user is for
+    // logs only, so it is the fallback.
+    let uid = value_of(command_info, "runas_euid").or_else(|| value_of(command_info, "runas_uid"));
+    let run_as = match uid {
+        Some("0") => "root".to_owned(),
+        Some(uid) => uid
+            .parse()
+            .ok()
+            .and_then(|uid| nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)).ok())
+            .flatten()
+            .map(|user| user.name)
+            .ok_or_else(|| format!("sudo runs the command as uid {uid}, which has no name"))?,
+        None => value_of(command_info, "runas_user")
+            .unwrap_or("root")
+            .to_owned(),
     };
     let mut argv = run_argv.to_vec();
     if argv.is_empty() {
