@@ -16,7 +16,7 @@ use std::time::Instant;
 use crossbeam_channel::{Receiver, Sender, TrySendError, bounded};
 
 use crate::audit::{AuditSink, exec_event, fail_event};
-use crate::decider::Decider;
+use crate::decider::{Decider, Enforced, Outcome};
 use crate::gate::PendingExec;
 use crate::stats::Counters;
 
@@ -45,7 +45,7 @@ impl Intake {
         // answered right here: waking a worker would cost more than deciding.
         let received = Instant::now();
         if let Some(outcome) = self.decider.decide_cached(&pending.facts) {
-            pending.answer(outcome.verdict);
+            pending.answer_decided(outcome.verdict, cacheable(&outcome));
             self.decider.latency.record(received.elapsed());
             self.audit.send(exec_event(&self.decider, &outcome));
             self.decider.answered(&outcome);
@@ -149,13 +149,23 @@ fn work(jobs: &Receiver<Job>, decider: &Decider, audit: &AuditSink) {
                 )
             }
         };
-        pending.answer(verdict);
+        match &outcome {
+            Some(outcome) => pending.answer_decided(verdict, cacheable(outcome)),
+            None => pending.answer(verdict),
+        }
         decider.latency.record(received.elapsed());
         audit.send(event);
         if let Some(outcome) = outcome {
             decider.answered(&outcome);
         }
     }
+}
+
+/// Whether a platform may remember this answer for the same file: only a
+/// plain policy allow. A grant allows one run; a monitor-mode pass must be
+/// seen (and audited) every time.
+fn cacheable(outcome: &Outcome) -> bool {
+    outcome.enforced == Enforced::Allow && outcome.grant.is_none()
 }
 
 #[cfg(test)]
