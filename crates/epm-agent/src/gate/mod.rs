@@ -16,6 +16,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use epm_policy::CdHash;
 
+#[cfg(target_os = "macos")]
+pub mod endpoint_security;
 pub mod es_guard;
 pub mod es_map;
 #[cfg(target_os = "linux")]
