@@ -265,6 +265,48 @@ mod tests {
         assert_eq!(report.records, 2);
     }
 
+    /// Records the verdict and whether it may be cached.
+    struct DecidedRecorder(crossbeam_channel::Sender<(Verdict, Option<bool>)>);
+
+    impl Respond for DecidedRecorder {
+        fn respond(self: Box<Self>, verdict: Verdict) {
+            let _ = self.0.send((verdict, None));
+        }
+
+        fn respond_decided(self: Box<Self>, verdict: Verdict, cacheable: bool) {
+            let _ = self.0.send((verdict, Some(cacheable)));
+        }
+    }
+
+    #[test]
+    fn only_plain_policy_allows_are_marked_cacheable() {
+        let (_dir, decider, writer, sink) = setup(FailMode::Open);
+        let (workers, intake) = Workers::start(1, 16, decider.clone(), sink.clone()).unwrap();
+        let (tx, answers) = crossbeam_channel::unbounded();
+        for path in ["/usr/bin/ls", "/usr/bin/nc", "/usr/bin/ls"] {
+            intake.submit(PendingExec::new(
+                facts(path, None),
+                Box::new(DecidedRecorder(tx.clone())),
+                Verdict::Deny,
+            ));
+            let answer = answers.recv_timeout(Duration::from_secs(5)).unwrap();
+            let expected = if path.ends_with("ls") {
+                (Verdict::Allow, Some(true))
+            } else {
+                (Verdict::Deny, Some(false))
+            };
+            assert_eq!(answer, expected, "{path}");
+        }
+        assert!(
+            Counters::get(&decider.counters.cache_hits) >= 1,
+            "the second ls"
+        );
+        drop(intake);
+        workers.join();
+        drop(sink);
+        writer.stop();
+    }
+
     #[test]
     fn a_full_queue_answers_per_fail_mode_at_once() {
         for (fail_mode, expected) in [
