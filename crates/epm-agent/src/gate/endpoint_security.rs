@@ -160,6 +160,9 @@ impl Drop for RetainedMessage {
 struct EsReply {
     client: Arc<Client>,
     message: RetainedMessage,
+    /// Remembered in the process table if allowed (a denied exec's new
+    /// run never exists, so it would never exit and leave the table).
+    run: Option<(Arc<ProcessTable>, u32, u32, Arc<str>)>,
 }
 
 impl Reply for EsReply {
@@ -174,6 +177,11 @@ impl Reply for EsReply {
         let answered = self
             .client
             .with_live(|c| unsafe { es::es_respond_auth_result(c, message, result, cache) });
+        if verdict == Verdict::Allow
+            && let Some((table, pid, pidversion, path)) = &self.run
+        {
+            table.exec(*pid, *pidversion, path);
+        }
         match answered {
             Some(es_respond_result_t::ES_RESPOND_RESULT_SUCCESS) => {}
             Some(error) => {
@@ -246,39 +254,45 @@ impl Handler {
         };
         let received = Instant::now();
         let epoch = self.cache.epoch();
-        // Registered with the guard before anything else can go wrong, so
-        // this message is answered before its deadline whatever follows.
+        // SAFETY: msg is the live message handed to the handler.
+        let retained = unsafe { RetainedMessage::retain(msg) };
+        let Some(Event::AuthExec(exec)) = message.event() else {
+            let reply = EsReply {
+                client: client.clone(),
+                message: retained,
+                run: None,
+            };
+            reply.reply(self.fallback, false);
+            return;
+        };
+        let mut info = read_exec(&exec);
         let once = Arc::new(AnswerOnce::new(
             EsReply {
                 client: client.clone(),
-                // SAFETY: msg is the live message handed to the handler.
-                message: unsafe { RetainedMessage::retain(msg) },
+                message: retained,
+                run: Some((
+                    self.processes.clone(),
+                    info.target.pid,
+                    info.target.pidversion,
+                    Arc::from(info.target.executable.path.as_str()),
+                )),
             },
             self.fallback,
         ));
+        // Registered with the guard before anything else can go wrong, so
+        // this message is answered before its deadline whatever follows.
         let remaining = message
             .deadline()
             .map(|deadline| deadline.saturating_duration_since(received))
             .unwrap_or(UNKNOWN_DEADLINE);
         self.guard
             .register(received + guard_delay(remaining), once.clone());
-
-        let Some(Event::AuthExec(exec)) = message.event() else {
-            once.answer(self.fallback, AnsweredBy::Gate, false);
-            return;
-        };
-        let mut info = read_exec(&exec);
         if info.target.pid == self.own_pid {
             // Our own re-exec: waiting on ourselves would hang.
             once.answer(Verdict::Allow, AnsweredBy::Gate, false);
             return;
         }
         info.parent_path = self.parent_path(&info.target);
-        self.processes.exec(
-            info.target.pid,
-            info.target.pidversion,
-            &info.target.executable.path,
-        );
         let pending = PendingExec::new(
             es_map::exec_facts(&info),
             Box::new(EsRespond {

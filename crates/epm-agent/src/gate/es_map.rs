@@ -219,8 +219,9 @@ pub trait ProcessObserver: Send + Sync {
 
 /// The executables of the processes the gate let run, by (pid, pid
 /// version), so the parent of a later exec is known without asking the
-/// kernel. Bounded: past `capacity` new entries are not kept (and the
-/// parent is then looked up another way).
+/// kernel. Bounded: when `capacity` is reached (exits missed, execs that
+/// failed after being allowed) it starts over, and parents are looked up
+/// another way until they are seen again.
 #[derive(Debug)]
 pub struct ProcessTable {
     entries: Mutex<HashMap<(u32, u32), Arc<str>>>,
@@ -239,9 +240,10 @@ impl ProcessTable {
     /// Remembers that run `pidversion` of `pid` is `path`.
     pub fn exec(&self, pid: u32, pidversion: u32, path: &str) {
         let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
-        if entries.len() < self.capacity || entries.contains_key(&(pid, pidversion)) {
-            entries.insert((pid, pidversion), Arc::from(path));
+        if entries.len() >= self.capacity && !entries.contains_key(&(pid, pidversion)) {
+            entries.clear();
         }
+        entries.insert((pid, pidversion), Arc::from(path));
     }
 
     /// The executable of run `pidversion` of `pid`, if known.
@@ -452,14 +454,17 @@ mod tests {
         let table = ProcessTable::new(2);
         table.exec(10, 1, "/bin/zsh");
         table.exec(11, 1, "/usr/bin/ssh");
-        table.exec(12, 1, "/full"); // over capacity: not kept
         assert_eq!(table.path(10, 1).as_deref(), Some("/bin/zsh"));
         assert_eq!(table.path(10, 2), None, "another run of the same pid");
-        assert_eq!(table.path(12, 1), None);
         table.exited(10, 1);
         assert_eq!(table.path(10, 1), None);
         assert_eq!(table.len(), 1);
-        table.exec(12, 1, "/now-fits");
-        assert_eq!(table.path(12, 1).as_deref(), Some("/now-fits"));
+        table.exec(12, 1, "/fits");
+        assert_eq!(table.len(), 2);
+        // Full: it starts over rather than grow or refuse.
+        table.exec(13, 1, "/over");
+        assert_eq!(table.len(), 1);
+        assert_eq!(table.path(13, 1).as_deref(), Some("/over"));
+        assert_eq!(table.path(11, 1), None);
     }
 }
