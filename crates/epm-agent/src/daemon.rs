@@ -197,7 +197,7 @@ pub fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
     let shutdown = Shutdown::new().context("cannot create the shutdown switch")?;
     spawn_signal_thread(&config, &shutdown, &decider, &store, &audit, &needs)?;
 
-    let gate = open_gate(&config, decider.fail_verdict(), needs);
+    let gate = open_gate(&config, decider.fail_verdict(), needs, &decider, &store);
     let mut gate = match gate {
         Ok(gate) => gate,
         Err(error) => {
@@ -309,13 +309,16 @@ fn start_sync(platform: &PlatformConfig, context: SyncContext) -> anyhow::Result
     )?)
 }
 
-/// Tells the gate which costly facts the policy in force needs.
+/// Tells the gate which costly facts the policy in force needs, and that
+/// the policy changed (the Endpoint Security gate empties its cache).
+/// Called wherever the policy changes: at start, on SIGHUP, by the sync.
 pub(crate) fn set_fact_needs(needs: &FactNeeds, decider: &Decider) {
     let policy = decider.policy();
     needs.set(
         policy.engine.uses_parent_path(),
         policy.engine.uses_group_scope(),
     );
+    needs.policy_changed();
 }
 
 fn spawn_signal_thread(
@@ -367,6 +370,8 @@ fn open_gate(
     config: &Config,
     fallback: crate::gate::Verdict,
     needs: Arc<FactNeeds>,
+    _decider: &Arc<Decider>,
+    _store: &Arc<Mutex<Store>>,
 ) -> anyhow::Result<Box<dyn ExecGate>> {
     let mut gate =
         crate::gate::fanotify::FanotifyGate::new(config.gate.watch_paths.clone(), fallback)?;
@@ -380,13 +385,140 @@ fn open_gate(
     Ok(Box::new(gate))
 }
 
-#[cfg(not(target_os = "linux"))]
+/// Opens the Endpoint Security gate and ties its cache to the policy: on
+/// every policy change (through [`FactNeeds::policy_changed`], which
+/// [`set_fact_needs`] calls) the cache is emptied and allows are cached
+/// only if the new policy decides a file alike for everyone.
+#[cfg(target_os = "macos")]
+fn open_gate(
+    _config: &Config,
+    fallback: crate::gate::Verdict,
+    needs: Arc<FactNeeds>,
+    decider: &Arc<Decider>,
+    store: &Arc<Mutex<Store>>,
+) -> anyhow::Result<Box<dyn ExecGate>> {
+    let gate = crate::gate::endpoint_security::EndpointSecurityGate::open(fallback, needs.clone())?;
+    let cache = gate.cache();
+    let decider = decider.clone();
+    let store = store.clone();
+    let refresh = move || {
+        let policy = decider.policy();
+        let allowed = !policy.engine.uses_parent_path()
+            && !policy.engine.uses_group_scope()
+            && policy_source::document_in_force(&policy, &store)
+                .is_some_and(|document| es_cache_allowed(&document));
+        cache.policy_changed(allowed);
+        tracing::info!(
+            cache_allows = allowed,
+            "Endpoint Security cache emptied for the policy in force"
+        );
+    };
+    refresh();
+    needs.on_policy_change(Box::new(refresh));
+    tracing::info!("Endpoint Security gate ready");
+    Ok(Box::new(gate))
+}
+
+#[cfg(not(any(target_os = "linux", target_os = "macos")))]
 fn open_gate(
     _config: &Config,
     _fallback: crate::gate::Verdict,
     _needs: Arc<FactNeeds>,
+    _decider: &Arc<Decider>,
+    _store: &Arc<Mutex<Store>>,
 ) -> anyhow::Result<Box<dyn ExecGate>> {
-    anyhow::bail!(
-        "this build of epmd has no exec gate for this platform yet (the Endpoint Security gate is tracked separately)"
-    )
+    anyhow::bail!("this build of epmd has no exec gate for this platform")
+}
+
+/// Whether Endpoint Security may cache allows under this policy document.
+///
+/// Its cache remembers an exec's answer per executable (and the executable
+/// of the process that execs), for every user and every argument list. So
+/// a policy whose answer for one file can depend on who runs it (a rule
+/// scoped to users or groups), on the arguments (`args_regex`) or on the
+/// parent (`parent_path`) must not cache: an allow for one user would
+/// then let everyone through. Devices are fine (one machine). Grants and
+/// monitor-mode passes are never cached whatever the policy (see the
+/// pipeline). A document that cannot be read this way means no caching.
+#[cfg_attr(not(target_os = "macos"), allow(dead_code))]
+pub(crate) fn es_cache_allowed(document: &str) -> bool {
+    use serde::Deserialize;
+    use serde::de::IgnoredAny;
+
+    #[derive(Deserialize)]
+    struct Doc {
+        #[serde(default)]
+        rules: Vec<RuleShape>,
+    }
+    #[derive(Deserialize)]
+    struct RuleShape {
+        #[serde(default, rename = "match")]
+        criteria: Option<CriteriaShape>,
+        #[serde(default)]
+        scope: Option<ScopeShape>,
+    }
+    #[derive(Deserialize)]
+    struct CriteriaShape {
+        #[serde(default)]
+        args_regex: Option<IgnoredAny>,
+        #[serde(default)]
+        parent_path: Option<IgnoredAny>,
+    }
+    #[derive(Deserialize)]
+    struct ScopeShape {
+        #[serde(default)]
+        users: Vec<IgnoredAny>,
+        #[serde(default)]
+        groups: Vec<IgnoredAny>,
+    }
+
+    let Ok(doc) = serde_json::from_str::<Doc>(document) else {
+        return false;
+    };
+    doc.rules.iter().all(|rule| {
+        let criteria_free = rule
+            .criteria
+            .as_ref()
+            .is_none_or(|c| c.args_regex.is_none() && c.parent_path.is_none());
+        let scope_free = rule
+            .scope
+            .as_ref()
+            .is_none_or(|s| s.users.is_empty() && s.groups.is_empty());
+        criteria_free && scope_free
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn allows_are_cached_only_under_a_policy_that_decides_alike_for_everyone() {
+        let cacheable = [
+            r#"{"version": 1, "default_action": "allow"}"#,
+            r#"{"version": 1, "default_action": "deny", "rules": [
+                {"id": "a", "action": "allow", "match": {"team_id": "7Z6EMTD2C6"}},
+                {"id": "b", "action": "justify", "match": {"name": "docker"}},
+                {"id": "c", "action": "deny", "match": {"name": "nc"},
+                 "scope": {"devices": ["mac-1"], "users": [], "groups": []}}]}"#,
+        ];
+        for document in cacheable {
+            assert!(es_cache_allowed(document), "{document}");
+        }
+        let not_cacheable = [
+            r#"{"version": 1, "default_action": "allow", "rules": [
+                {"id": "a", "action": "deny", "match": {"name": "nc"}, "scope": {"users": ["bob"]}}]}"#,
+            r#"{"version": 1, "default_action": "allow", "rules": [
+                {"id": "a", "action": "deny", "match": {"name": "nc"}, "scope": {"groups": ["staff"]}}]}"#,
+            r#"{"version": 1, "default_action": "allow", "rules": [
+                {"id": "a", "action": "deny", "match": {"name": "curl", "args_regex": "-k"}}]}"#,
+            r#"{"version": 1, "default_action": "allow", "rules": [
+                {"id": "a", "action": "deny", "match": {"name": "sh", "parent_path": "/usr/bin/python3"}}]}"#,
+            "not json",
+            r#"{"rules": "not a list"}"#,
+        ];
+        for document in not_cacheable {
+            assert!(!es_cache_allowed(document), "{document}");
+        }
+    }
 }

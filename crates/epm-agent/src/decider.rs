@@ -251,9 +251,10 @@ impl Decider {
     /// answered without waking a worker.
     pub fn decide_cached(&self, facts: &ExecFacts) -> Option<Outcome> {
         let policy = self.policy.load();
-        let sha256 = match facts.content {
-            Some(_) => Some(self.hashes.get(&facts.file)?),
-            None => None,
+        let sha256 = if facts.has_content() {
+            Some(self.hashes.get(&facts.file)?)
+        } else {
+            None
         };
         let decision = self.decisions.get(&self.key(facts, policy.generation))?;
         if self.may_use_grant(&decision) {
@@ -349,13 +350,14 @@ impl Decider {
         if let Some(digest) = self.hashes.get(&facts.file) {
             return Ok(Some(digest));
         }
-        let Some(content) = &facts.content else {
-            return Ok(None);
-        };
-        let digest = hash_file(content).map_err(|source| DecideError::Hash {
+        let hash_error = |source| DecideError::Hash {
             path: facts.path.clone(),
             source,
-        })?;
+        };
+        let Some(content) = facts.content_handle().map_err(hash_error)? else {
+            return Ok(None);
+        };
+        let digest = hash_file(&content).map_err(hash_error)?;
         self.hashes.insert(facts.file, digest);
         Ok(Some(digest))
     }

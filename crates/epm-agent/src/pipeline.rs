@@ -16,7 +16,7 @@ use std::time::Instant;
 use crossbeam_channel::{Receiver, Sender, TrySendError, bounded};
 
 use crate::audit::{AuditSink, exec_event, fail_event};
-use crate::decider::Decider;
+use crate::decider::{Decider, Enforced, Outcome};
 use crate::gate::PendingExec;
 use crate::stats::Counters;
 
@@ -45,7 +45,7 @@ impl Intake {
         // answered right here: waking a worker would cost more than deciding.
         let received = Instant::now();
         if let Some(outcome) = self.decider.decide_cached(&pending.facts) {
-            pending.answer(outcome.verdict);
+            pending.answer_decided(outcome.verdict, cacheable(&outcome));
             self.decider.latency.record(received.elapsed());
             self.audit.send(exec_event(&self.decider, &outcome));
             self.decider.answered(&outcome);
@@ -149,13 +149,23 @@ fn work(jobs: &Receiver<Job>, decider: &Decider, audit: &AuditSink) {
                 )
             }
         };
-        pending.answer(verdict);
+        match &outcome {
+            Some(outcome) => pending.answer_decided(verdict, cacheable(outcome)),
+            None => pending.answer(verdict),
+        }
         decider.latency.record(received.elapsed());
         audit.send(event);
         if let Some(outcome) = outcome {
             decider.answered(&outcome);
         }
     }
+}
+
+/// Whether a platform may remember this answer for the same file: only a
+/// plain policy allow. A grant allows one run; a monitor-mode pass must be
+/// seen (and audited) every time.
+fn cacheable(outcome: &Outcome) -> bool {
+    outcome.enforced == Enforced::Allow && outcome.grant.is_none()
 }
 
 #[cfg(test)]
@@ -253,6 +263,48 @@ mod tests {
         writer.stop();
         let report = epm_audit::verify_dir(dir.path()).unwrap();
         assert_eq!(report.records, 2);
+    }
+
+    /// Records the verdict and whether it may be cached.
+    struct DecidedRecorder(crossbeam_channel::Sender<(Verdict, Option<bool>)>);
+
+    impl Respond for DecidedRecorder {
+        fn respond(self: Box<Self>, verdict: Verdict) {
+            let _ = self.0.send((verdict, None));
+        }
+
+        fn respond_decided(self: Box<Self>, verdict: Verdict, cacheable: bool) {
+            let _ = self.0.send((verdict, Some(cacheable)));
+        }
+    }
+
+    #[test]
+    fn only_plain_policy_allows_are_marked_cacheable() {
+        let (_dir, decider, writer, sink) = setup(FailMode::Open);
+        let (workers, intake) = Workers::start(1, 16, decider.clone(), sink.clone()).unwrap();
+        let (tx, answers) = crossbeam_channel::unbounded();
+        for path in ["/usr/bin/ls", "/usr/bin/nc", "/usr/bin/ls"] {
+            intake.submit(PendingExec::new(
+                facts(path, None),
+                Box::new(DecidedRecorder(tx.clone())),
+                Verdict::Deny,
+            ));
+            let answer = answers.recv_timeout(Duration::from_secs(5)).unwrap();
+            let expected = if path.ends_with("ls") {
+                (Verdict::Allow, Some(true))
+            } else {
+                (Verdict::Deny, Some(false))
+            };
+            assert_eq!(answer, expected, "{path}");
+        }
+        assert!(
+            Counters::get(&decider.counters.cache_hits) >= 1,
+            "the second ls"
+        );
+        drop(intake);
+        workers.join();
+        drop(sink);
+        writer.stop();
     }
 
     #[test]

@@ -10,11 +10,16 @@
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::Arc;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use epm_policy::CdHash;
 
+#[cfg(target_os = "macos")]
+pub mod endpoint_security;
+pub mod es_guard;
+pub mod es_map;
 #[cfg(target_os = "linux")]
 pub mod fanotify;
 pub mod mountinfo;
@@ -77,6 +82,12 @@ pub struct ExecFacts {
     /// causes no gate events (fanotify: such descriptors are not notified).
     /// Closing it early is fine: the gate keeps what it needs to answer.
     pub content: Option<File>,
+    /// Where to read the executable's bytes when the gate has no handle
+    /// (Endpoint Security gives a path, and its handler must not open
+    /// files): the decision worker opens it and checks it is still the file
+    /// version `file`, so a file swapped in meanwhile is never hashed in its
+    /// place.
+    pub content_path: Option<PathBuf>,
 }
 
 impl ExecFacts {
@@ -100,17 +111,106 @@ impl ExecFacts {
             bundle_id: None,
             platform_binary: None,
             content: None,
+            content_path: None,
+        }
+    }
+
+    /// Whether the executable's bytes can be read (to hash them).
+    pub fn has_content(&self) -> bool {
+        self.content.is_some() || self.content_path.is_some()
+    }
+
+    /// A handle on the executable's bytes: the gate's own, or `content_path`
+    /// opened now. An opened file must be the version being executed (same
+    /// device, inode, size, mtime and ctime), else this fails: hashing
+    /// another file would bind the decision to the wrong content.
+    pub fn content_handle(&self) -> std::io::Result<Option<Content<'_>>> {
+        if let Some(file) = &self.content {
+            return Ok(Some(Content::Borrowed(file)));
+        }
+        let Some(path) = &self.content_path else {
+            return Ok(None);
+        };
+        use std::os::unix::fs::OpenOptionsExt;
+        // No symlink in the last component (the gate's path is already
+        // resolved), and never block opening a FIFO put in its place.
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(path)?;
+        let found = FileIdentity::of(&file.metadata()?);
+        if found != self.file {
+            return Err(std::io::Error::other(format!(
+                "{} is no longer the file being executed (it changed or was replaced)",
+                path.display()
+            )));
+        }
+        Ok(Some(Content::Opened(file)))
+    }
+}
+
+/// The executable's bytes, from [`ExecFacts::content_handle`].
+#[derive(Debug)]
+pub enum Content<'a> {
+    /// The gate's handle.
+    Borrowed(&'a File),
+    /// Opened from `content_path`.
+    Opened(File),
+}
+
+impl std::ops::Deref for Content<'_> {
+    type Target = File;
+
+    fn deref(&self) -> &File {
+        match self {
+            Content::Borrowed(file) => file,
+            Content::Opened(file) => file,
+        }
+    }
+}
+
+impl FileIdentity {
+    /// The identity of a file from its metadata.
+    pub fn of(meta: &std::fs::Metadata) -> Self {
+        use std::os::unix::fs::MetadataExt;
+        Self {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            size: meta.size(),
+            mtime_ns: meta
+                .mtime()
+                .saturating_mul(1_000_000_000)
+                .saturating_add(meta.mtime_nsec()),
+            ctime_ns: meta
+                .ctime()
+                .saturating_mul(1_000_000_000)
+                .saturating_add(meta.ctime_nsec()),
         }
     }
 }
 
 /// Which costly facts the policy in force needs. Gates skip the others on
-/// the exec path; the daemon updates this whenever the policy changes.
-#[derive(Debug)]
+/// the exec path; the daemon updates this whenever the policy changes, and
+/// then calls [`FactNeeds::policy_changed`], which tells the gate (the
+/// Endpoint Security gate empties its cache of answers).
 pub struct FactNeeds {
     parent_path: AtomicBool,
     groups: AtomicBool,
     login_uid: AtomicBool,
+    listeners: Mutex<Vec<PolicyListener>>,
+}
+
+/// Called after every policy change, on the thread that changed it.
+pub type PolicyListener = Box<dyn Fn() + Send + Sync>;
+
+impl std::fmt::Debug for FactNeeds {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FactNeeds")
+            .field("parent_path", &self.parent_path())
+            .field("groups", &self.groups())
+            .field("login_uid", &self.login_uid())
+            .finish_non_exhaustive()
+    }
 }
 
 impl FactNeeds {
@@ -120,6 +220,27 @@ impl FactNeeds {
             parent_path: AtomicBool::new(true),
             groups: AtomicBool::new(true),
             login_uid: AtomicBool::new(true),
+            listeners: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Calls `listener` after every policy change from now on.
+    pub fn on_policy_change(&self, listener: PolicyListener) {
+        self.listeners
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(listener);
+    }
+
+    /// The policy in force changed: tells every listener.
+    pub fn policy_changed(&self) {
+        for listener in self
+            .listeners
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+        {
+            listener();
         }
     }
 
@@ -165,6 +286,15 @@ pub enum Verdict {
 pub trait Respond: Send {
     /// Delivers the verdict. Called exactly once.
     fn respond(self: Box<Self>, verdict: Verdict);
+
+    /// Delivers a verdict the policy decided, saying whether the platform
+    /// may remember it for the same file (`cacheable`: an allow that no
+    /// grant, monitor mode or `fail_mode` gave). Called exactly once, instead
+    /// of [`Respond::respond`]. Gates without such a cache ignore the hint.
+    fn respond_decided(self: Box<Self>, verdict: Verdict, cacheable: bool) {
+        let _ = cacheable;
+        self.respond(verdict);
+    }
 }
 
 /// An exec waiting for its answer. Answer it with [`PendingExec::answer`];
@@ -200,6 +330,14 @@ impl PendingExec {
     pub fn answer(mut self, verdict: Verdict) {
         if let Some(responder) = self.responder.take() {
             responder.respond(verdict);
+        }
+    }
+
+    /// Answers with a verdict the policy decided; `cacheable` as in
+    /// [`Respond::respond_decided`].
+    pub fn answer_decided(mut self, verdict: Verdict, cacheable: bool) {
+        if let Some(responder) = self.responder.take() {
+            responder.respond_decided(verdict, cacheable);
         }
     }
 }
@@ -304,4 +442,61 @@ pub trait ExecGate {
         sink: &mut dyn FnMut(PendingExec),
         shutdown: &Shutdown,
     ) -> Result<(), GateError>;
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::io::Write;
+
+    use super::*;
+
+    #[test]
+    fn content_from_a_path_must_be_the_file_version_being_executed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tool");
+        std::fs::write(&path, b"tool v1").unwrap();
+        let identity = FileIdentity::of(&std::fs::metadata(&path).unwrap());
+        let facts = ExecFacts {
+            content_path: Some(path.clone()),
+            ..ExecFacts::new(1, identity, path.display().to_string())
+        };
+        assert!(facts.has_content());
+        let content = facts.content_handle().unwrap().unwrap();
+        assert_eq!(crate::decider::hash_file(&content).unwrap().0.len(), 32);
+        drop(content);
+
+        // Changed since the exec: refused, never hashed in its place.
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap()
+            .write_all(b" v2")
+            .unwrap();
+        let error = facts.content_handle().unwrap_err();
+        assert!(error.to_string().contains("no longer the file"), "{error}");
+
+        // Replaced by a symlink: not followed.
+        std::fs::remove_file(&path).unwrap();
+        std::os::unix::fs::symlink("/bin/sh", &path).unwrap();
+        assert!(facts.content_handle().is_err());
+
+        let none = ExecFacts::new(1, identity, String::new());
+        assert!(!none.has_content());
+        assert!(none.content_handle().unwrap().is_none());
+    }
+
+    #[test]
+    fn policy_listeners_hear_every_change() {
+        let needs = FactNeeds::all();
+        let heard = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = heard.clone();
+        needs.on_policy_change(Box::new(move || {
+            counter.fetch_add(1, Ordering::SeqCst);
+        }));
+        needs.policy_changed();
+        needs.policy_changed();
+        assert_eq!(heard.load(Ordering::SeqCst), 2);
+    }
 }
