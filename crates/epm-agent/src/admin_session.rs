@@ -28,7 +28,7 @@ use jiff::{SignedDuration, Timestamp};
 use crate::audit::AuditSink;
 use crate::config::{AdminSessionsConfig, SudoersChanges};
 use crate::decider::Decider;
-use crate::flows::{Flows, Requirement};
+use crate::flows::{Flows, Requirement, lock};
 use crate::sudoers::{self, Snapshot};
 
 /// How often sessions are checked.
@@ -697,12 +697,6 @@ fn info(session: &AdminSession) -> AdminSessionInfo {
         end_reason: session.revoke_reason.clone(),
         was_member_before: s.was_member_before,
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 #[cfg(test)]

@@ -948,6 +948,29 @@ impl Flows {
         user: &str,
         path: &str,
     ) -> Result<(SubjectIdentity, Subject), Refused> {
+        self.hashed_subject(decider, caller, user, path, |meta, groups| {
+            if meta.is_file() && executable_by(meta, caller, groups) {
+                Ok(())
+            } else {
+                Err((
+                    ErrorCode::BadRequest,
+                    format!("{path} is not a program you can run"),
+                ))
+            }
+        })
+    }
+
+    /// The subject for a file named by a caller: opened once, `admit`ted
+    /// (given its metadata and the caller's group ids), hashed through the
+    /// same descriptor, with the caller's name, groups and this device.
+    fn hashed_subject(
+        &self,
+        decider: &Decider,
+        caller: u32,
+        user: &str,
+        path: &str,
+        admit: impl FnOnce(&std::fs::Metadata, &[u32]) -> Result<(), Refused>,
+    ) -> Result<(SubjectIdentity, Subject), Refused> {
         if !path.starts_with('/') {
             return Err((
                 ErrorCode::BadRequest,
@@ -971,12 +994,7 @@ impl Flows {
                     .collect()
             })
             .unwrap_or_default();
-        if !meta.is_file() || !executable_by(&meta, caller, &groups) {
-            return Err((
-                ErrorCode::BadRequest,
-                format!("{path} is not a program you can run"),
-            ));
-        }
+        admit(&meta, &groups)?;
         let sha256 = crate::decider::hash_file(&file)
             .map_err(|e| (ErrorCode::Internal, format!("cannot read {path}: {e}")))?;
         let subject = Subject {
@@ -1251,7 +1269,9 @@ fn grant_info(id: i64, grant: &NewGrant) -> GrantInfo {
     }
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+/// Locks a mutex, taking it over if a panicking holder poisoned it: one
+/// failed request must not stop the daemon's flows and sessions for good.
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)

@@ -351,49 +351,22 @@ impl Flows {
         command: &Command,
     ) -> Result<(SubjectIdentity, Subject), Unmet> {
         let path = &command.program;
-        let bad = |message: String| Unmet::Refused(ErrorCode::BadRequest, message);
-        if !path.starts_with('/') {
-            return Err(bad(format!("{path:?} is not an absolute path")));
-        }
-        let file = File::open(path)
-            .map_err(|e| Unmet::Refused(ErrorCode::NotFound, format!("cannot open {path}: {e}")))?;
-        let meta = file
-            .metadata()
-            .map_err(|e| Unmet::Refused(ErrorCode::NotFound, format!("cannot read {path}: {e}")))?;
-        if !meta.is_file() || meta.permissions().mode() & 0o111 == 0 {
-            return Err(bad(format!("{path} is not a program")));
-        }
-        // The file is hashed now and run a moment later by path: only a
-        // file nobody but root can replace is the file that will run.
-        if let Err(why) = only_root_can_change(Path::new(path)) {
-            return Err(Unmet::Refused(
-                ErrorCode::Forbidden,
-                format!(
-                    "{path} is not run as root: {why}; install it where only root can change it (e.g. /usr/local/bin)"
-                ),
-            ));
-        }
-        let sha256 = crate::decider::hash_file(&file)
-            .map_err(|e| Unmet::Refused(ErrorCode::Internal, format!("cannot read {path}: {e}")))?;
-        let account = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(caller))
-            .ok()
-            .flatten();
-        let subject = Subject {
-            path: path.clone(),
-            sha256: Some(sha256),
-            uid: caller,
-            user: user.to_owned(),
-            groups: account
-                .as_ref()
-                .map(crate::control::group_names)
-                .unwrap_or_default(),
-            device_id: decider.device_id().to_owned(),
-            ..Subject::default()
+        let admit = |meta: &std::fs::Metadata, _groups: &[u32]| {
+            if !meta.is_file() || meta.permissions().mode() & 0o111 == 0 {
+                return Err((ErrorCode::BadRequest, format!("{path} is not a program")));
+            }
+            // The file is hashed now and run a moment later by path: only a
+            // file nobody but root can replace is the file that will run.
+            only_root_can_change(Path::new(path)).map_err(|why| {
+                (
+                    ErrorCode::Forbidden,
+                    format!(
+                        "{path} is not run as root: {why}; install it where only root can change it (e.g. /usr/local/bin)"
+                    ),
+                )
+            })
         };
-        let identity = grant_identity(&subject).ok_or_else(|| {
-            Unmet::Refused(ErrorCode::Internal, "no identity for the file".to_owned())
-        })?;
-        Ok((identity, subject))
+        Ok(self.hashed_subject(decider, caller, user, path, admit)?)
     }
 }
 
