@@ -15,6 +15,7 @@ mod explain;
 mod flows_cmd;
 mod policy_check;
 mod run_cmd;
+mod verdicts;
 
 /// Where `epmd` listens when the packaging did not say otherwise.
 const DEFAULT_SOCKET: &str = epm_ipc::DEFAULT_SOCKET_PATH;

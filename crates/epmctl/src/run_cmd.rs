@@ -13,24 +13,14 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
 
 use anyhow::Context;
 use epm_helper::display::shown_line;
-use epm_helper::prompt::{self, JustificationAsk, Terminal};
-use epm_helper::when::parse_time;
-use epm_ipc::{
-    Client, ClientError, Command, ElevationVerdict, ErrorCode, ExitStatus, Request, Response,
-    TermSize, Window,
-};
-use epm_policy::{ApprovalSpec, JustificationSpec};
-use jiff::Timestamp;
-use jiff::tz::TimeZone;
+use epm_ipc::{Client, ClientError, Command, ErrorCode, ExitStatus, Request, Response, TermSize};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::termios::{self, SetArg, Termios};
 
-/// How often a request waiting for approvers is asked about again.
-const PENDING_RETRY: Duration = Duration::from_secs(2);
+use crate::verdicts::Answers;
 
 /// Signals forwarded to the command, by the names the daemon takes.
 const FORWARDED: &[(libc::c_int, &str)] = &[
@@ -80,19 +70,18 @@ pub(crate) fn run(socket: &Path, options: RunOptions) -> anyhow::Result<ExitCode
         run_as: options.user.clone().unwrap_or_else(|| "root".into()),
     };
     let mut client = Client::connect(socket, concat!("epmctl ", env!("CARGO_PKG_VERSION")))?;
-    let mut answers = Answers {
-        reason: options.reason.clone(),
-        window: None,
-        sent_reason: false,
-        told_waiting: false,
-    };
+    let mut answers = Answers::new(
+        options.reason.clone(),
+        options.from.clone(),
+        options.until.clone(),
+    );
     loop {
         let request = Request::Run {
             command: command.clone(),
             cwd: cwd.clone(),
             env: passed_env(),
-            reason: answers.reason.clone(),
-            window: answers.window,
+            reason: answers.reason(),
+            window: answers.window(),
             tty,
         };
         let (stdin, stdout, stderr) = (std::io::stdin(), std::io::stdout(), std::io::stderr());
@@ -111,136 +100,10 @@ pub(crate) fn run(socket: &Path, options: RunOptions) -> anyhow::Result<ExitCode
             }
             Err(error) => return Err(error.into()),
         };
-        if let Some(code) = answers.answer(&verdict, &program, &options)? {
+        if let Some(code) = answers.answer(&verdict, &program)? {
             return Ok(code);
         }
     }
-}
-
-/// What this run has told the daemon so far.
-struct Answers {
-    reason: Option<String>,
-    window: Option<Window>,
-    sent_reason: bool,
-    told_waiting: bool,
-}
-
-impl Answers {
-    /// Prepares the next request from the daemon's verdict; `Some`: stop
-    /// with that exit status.
-    fn answer(
-        &mut self,
-        verdict: &ElevationVerdict,
-        program: &str,
-        options: &RunOptions,
-    ) -> anyhow::Result<Option<ExitCode>> {
-        match verdict {
-            ElevationVerdict::Allowed { .. } => {
-                anyhow::bail!("epmd allowed the run but did not start it")
-            }
-            ElevationVerdict::Denied { message, .. } => {
-                eprintln!("epmctl: {}", shown_line(message));
-                Ok(Some(ExitCode::from(1)))
-            }
-            ElevationVerdict::NeedsJustification {
-                message,
-                justification,
-                ..
-            } => {
-                if self.sent_reason {
-                    anyhow::bail!("epmd asked again for a reason after accepting one");
-                }
-                let Some(reason) = self.reason(program, message.as_deref(), justification)? else {
-                    return Ok(Some(cancelled()));
-                };
-                self.reason = Some(reason);
-                self.sent_reason = true;
-                Ok(None)
-            }
-            ElevationVerdict::NeedsApproval {
-                message,
-                justification,
-                max_window_hours,
-                ..
-            } => {
-                if self.window.is_some() {
-                    anyhow::bail!("epmd asked again for approval after a request was sent");
-                }
-                let now = Timestamp::now();
-                let zone = TimeZone::system();
-                let start = parse_time(&options.from, now, &zone).context("--from")?;
-                let end = parse_time(&options.until, now, &zone).context("--until")?;
-                let spec = ApprovalSpec {
-                    max_window_hours: *max_window_hours,
-                    ..ApprovalSpec::default()
-                };
-                if let Err(problem) = spec.check_window(start, end, now) {
-                    anyhow::bail!("the window (--from, --until): {problem}");
-                }
-                let Some(reason) = self.reason(program, message.as_deref(), justification)? else {
-                    return Ok(Some(cancelled()));
-                };
-                self.reason = Some(reason);
-                self.window = Some(Window { start, end });
-                Ok(None)
-            }
-            ElevationVerdict::Pending { request, .. } => {
-                if !self.told_waiting {
-                    eprintln!(
-                        "Request {} sent for approval (window {} to {}).",
-                        request.id, request.start, request.end
-                    );
-                    eprintln!("Waiting for approval… (Ctrl+C to cancel)");
-                    self.told_waiting = true;
-                }
-                std::thread::sleep(PENDING_RETRY);
-                Ok(None)
-            }
-            ElevationVerdict::Rejected {
-                request,
-                retry_after,
-                ..
-            } => {
-                let why = request
-                    .state_reason
-                    .as_deref()
-                    .map(|r| format!(": {}", shown_line(r)))
-                    .unwrap_or_default();
-                eprintln!("epmctl: your request was rejected{why}");
-                eprintln!("You may ask again after {retry_after}.");
-                Ok(Some(ExitCode::from(1)))
-            }
-        }
-    }
-
-    /// `--reason` if it satisfies the rule, else asked on the terminal.
-    fn reason(
-        &self,
-        program: &str,
-        message: Option<&str>,
-        spec: &JustificationSpec,
-    ) -> anyhow::Result<Option<String>> {
-        if let Some(reason) = &self.reason {
-            match spec.check(reason) {
-                Ok(reason) => return Ok(Some(reason)),
-                Err(problem) => eprintln!("epmctl: --reason: {problem}"),
-            }
-        }
-        let mut terminal = Terminal::open_tty().map_err(|_| {
-            anyhow::anyhow!("this command needs a reason: give it with --reason TEXT")
-        })?;
-        let ask = JustificationAsk {
-            program: program.to_owned(),
-            message: message.map(str::to_owned),
-            spec: spec.clone(),
-        };
-        Ok(prompt::ask_justification(&mut terminal, &ask)?)
-    }
-}
-
-fn cancelled() -> ExitCode {
-    eprintln!("epmctl: cancelled");
-    ExitCode::from(1)
 }
 
 /// `name` as the shell would find it: a path as it is (made absolute), a
