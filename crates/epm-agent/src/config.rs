@@ -78,6 +78,34 @@ pub struct Config {
     pub platform: Option<PlatformConfig>,
     /// Time-boxed admin sessions.
     pub admin_sessions: AdminSessionsConfig,
+    /// The XPC service the helper and `epmctl` use on macOS.
+    pub xpc: XpcConfig,
+}
+
+/// `[xpc]`: the control service on macOS (ignored elsewhere). The helper
+/// and `epmctl` reach the daemon here; the socket stays for the sudo
+/// plugin, scripts and `--socket`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct XpcConfig {
+    /// The Mach service name; the daemon's launchd plist must publish it
+    /// under `MachServices`.
+    pub service: String,
+    /// A code-signing requirement every peer must satisfy (macOS 12+), e.g.
+    /// `anchor apple generic and certificate leaf[subject.OU] = "TEAMID"`:
+    /// then only programs signed by that team can talk to the daemon over
+    /// XPC. Unset: any local process, authorized by its uid as on the
+    /// socket.
+    pub peer_requirement: Option<String>,
+}
+
+impl Default for XpcConfig {
+    fn default() -> Self {
+        Self {
+            service: epm_ipc::xpc_frame::MACH_SERVICE_NAME.to_owned(),
+            peer_requirement: None,
+        }
+    }
 }
 
 /// `[admin_sessions]`: how time-boxed admin sessions are carried out.
@@ -296,6 +324,7 @@ impl Default for Config {
             audit: AuditConfig::default(),
             platform: None,
             admin_sessions: AdminSessionsConfig::default(),
+            xpc: XpcConfig::default(),
         }
     }
 }
@@ -534,6 +563,20 @@ impl Config {
         if self.admin_group.trim().is_empty() {
             return Err("admin_group: must not be empty".into());
         }
+        if !is_service_name(&self.xpc.service) {
+            return Err(format!(
+                "xpc.service: {:?} is not a Mach service name (reverse DNS, such as com.epm.epmd.xpc)",
+                self.xpc.service
+            ));
+        }
+        if let Some(requirement) = &self.xpc.peer_requirement
+            && (requirement.trim().is_empty() || requirement.contains('\0'))
+        {
+            return Err(
+                "xpc.peer_requirement: must be a code-signing requirement (omit it to accept any local process)"
+                    .into(),
+            );
+        }
         if self.platform.is_some() && self.policy_file.is_some() {
             return Err(
                 "policy_file and [platform] are exclusive: a managed agent enforces the platform's signed policy; remove one"
@@ -559,9 +602,45 @@ impl Config {
     }
 }
 
+/// A launchd Mach service name: dot-separated labels of letters, digits,
+/// `-` and `_`.
+fn is_service_name(name: &str) -> bool {
+    name.len() <= 128
+        && name.split('.').count() >= 2
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_xpc_section_is_checked() {
+        let config = Config::parse("", Path::new("/")).unwrap();
+        assert_eq!(config.xpc.service, epm_ipc::xpc_frame::MACH_SERVICE_NAME);
+        assert_eq!(config.xpc.peer_requirement, None);
+        let config = Config::parse(
+            "[xpc]\nservice = \"com.example.epmd\"\npeer_requirement = 'anchor apple generic and certificate leaf[subject.OU] = \"ABCDE12345\"'\n",
+            Path::new("/"),
+        )
+        .unwrap();
+        assert_eq!(config.xpc.service, "com.example.epmd");
+        assert!(config.xpc.peer_requirement.unwrap().contains("ABCDE12345"));
+        for (text, named) in [
+            ("[xpc]\nservice = \"epmd\"\n", "xpc.service"),
+            ("[xpc]\nservice = \"com.epm/epmd\"\n", "xpc.service"),
+            ("[xpc]\npeer_requirement = \" \"\n", "xpc.peer_requirement"),
+            ("[xpc]\nrequirement = \"x\"\n", "requirement"),
+        ] {
+            let error = Config::parse(text, Path::new("/")).unwrap_err();
+            assert!(error.contains(named), "{text:?}: {error}");
+        }
+    }
 
     #[test]
     fn empty_file_is_all_defaults() {

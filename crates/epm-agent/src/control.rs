@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::os::fd::AsFd;
+use std::os::fd::BorrowedFd;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -85,19 +85,34 @@ pub fn bind(path: &Path) -> io::Result<UnixListener> {
     Ok(listener)
 }
 
+/// Open control connections per uid, shared by both transports.
+type ConnectionCounts = Arc<Mutex<HashMap<u32, usize>>>;
+
 /// Serves the socket on a thread; each connection gets its own thread.
 pub fn serve(listener: UnixListener, context: Arc<ControlContext>) -> io::Result<JoinHandle<()>> {
-    let per_uid: Arc<Mutex<HashMap<u32, usize>>> = Arc::default();
+    let per_uid = ConnectionCounts::default();
     std::thread::Builder::new()
         .name("epm-control".into())
         .spawn(move || {
             for stream in listener.incoming() {
                 let Ok(stream) = stream else { continue };
+                let Ok(peer) = epm_ipc::peer_credentials(&stream) else {
+                    continue;
+                };
                 let context = context.clone();
                 let per_uid = per_uid.clone();
-                let spawned = std::thread::Builder::new()
-                    .name("epm-client".into())
-                    .spawn(move || serve_connection(stream, &context, &per_uid));
+                let spawned =
+                    std::thread::Builder::new()
+                        .name("epm-client".into())
+                        .spawn(move || {
+                            serve_connection(peer, &context, &per_uid, |is_admin| {
+                                ServerConnection::accept(
+                                    stream,
+                                    env!("CARGO_PKG_VERSION"),
+                                    is_admin,
+                                )
+                            });
+                        });
                 if let Err(error) = spawned {
                     tracing::warn!(%error, "cannot start a thread for a control connection");
                 }
@@ -105,14 +120,38 @@ pub fn serve(listener: UnixListener, context: Arc<ControlContext>) -> io::Result
         })
 }
 
+/// Serves the XPC Mach service `service` (macOS): the same requests as the
+/// socket, each peer on a thread of its own. With `peer_requirement`, XPC
+/// drops any peer whose code signature does not satisfy it, so only our
+/// signed helper and `epmctl` get through. The listener stops when the
+/// returned value is dropped.
+#[cfg(target_os = "macos")]
+pub fn serve_xpc(
+    service: &str,
+    peer_requirement: Option<&str>,
+    context: Arc<ControlContext>,
+) -> Result<epm_ipc::xpc::XpcListener, epm_ipc::xpc::XpcError> {
+    let per_uid = ConnectionCounts::default();
+    epm_ipc::xpc::XpcListener::start(service, peer_requirement, move |connection| {
+        // Already on a thread of its own.
+        let peer = connection.peer();
+        serve_connection(peer, &context, &per_uid, |is_admin| {
+            ServerConnection::accept_xpc(connection, env!("CARGO_PKG_VERSION"), is_admin)
+        });
+    })
+}
+
+/// Serves one client of either transport: counts it against its uid's
+/// quota, runs the handshake (`accept`, given who is an administrator),
+/// then its requests.
 fn serve_connection(
-    stream: UnixStream,
+    peer: PeerCredentials,
     context: &ControlContext,
     per_uid: &Mutex<HashMap<u32, usize>>,
+    accept: impl FnOnce(
+        &dyn Fn(&PeerCredentials) -> bool,
+    ) -> Result<ServerConnection, epm_ipc::ServerError>,
 ) {
-    let Ok(peer) = epm_ipc::peer_credentials(&stream) else {
-        return;
-    };
     {
         let Ok(mut counts) = per_uid.lock() else {
             return;
@@ -127,14 +166,9 @@ fn serve_connection(
         }
         *count += 1;
     }
-    // A client that never sends its hello must not hold a thread forever.
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
-    let result = ServerConnection::accept(stream, env!("CARGO_PKG_VERSION"), |p| {
-        is_admin(p, &context.admin_group)
-    });
-    match result {
+    // The handshake bounds the wait for a hello itself.
+    match accept(&|p| is_admin(p, &context.admin_group)) {
         Ok(mut connection) => {
-            let _ = connection.stream().set_read_timeout(None);
             if let Err(error) = handle_requests(&mut connection, context) {
                 tracing::debug!(uid = peer.uid, %error, "control connection closed");
             }
@@ -680,7 +714,7 @@ fn audit_tail(
     loop {
         // Waiting on the socket doubles as the poll interval and notices a
         // client that went away (readable at end of stream, or hung up).
-        if client_gone(connection.stream(), Duration::from_millis(200)) {
+        if client_gone(connection.readiness(), Duration::from_millis(200)) {
             return Ok(());
         }
         let fresh = match follower.poll() {
@@ -711,7 +745,7 @@ fn subscribe(connection: &mut ServerConnection, flows: &Flows) -> Result<(), epm
                 // Dropped for not reading: close, the helper reconnects.
                 Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return Ok(()),
             }
-            if client_gone(connection.stream(), Duration::ZERO) {
+            if client_gone(connection.readiness(), Duration::ZERO) {
                 return Ok(());
             }
         }
@@ -722,8 +756,8 @@ fn subscribe(connection: &mut ServerConnection, flows: &Flows) -> Result<(), epm
 }
 
 /// Whether the client closed its end, waiting at most `wait` to find out.
-fn client_gone(stream: &UnixStream, wait: Duration) -> bool {
-    let mut fds = [PollFd::new(stream.as_fd(), PollFlags::POLLIN)];
+fn client_gone(readiness: BorrowedFd<'_>, wait: Duration) -> bool {
+    let mut fds = [PollFd::new(readiness, PollFlags::POLLIN)];
     let timeout = PollTimeout::try_from(wait.as_millis() as i32).unwrap_or(PollTimeout::ZERO);
     match poll(&mut fds, timeout) {
         // A following client sends nothing more: readable means end of stream.

@@ -176,23 +176,22 @@ pub fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
 
     let listener = control::bind(&config.socket)
         .with_context(|| format!("cannot listen on {}", config.socket.display()))?;
-    control::serve(
-        listener,
-        Arc::new(ControlContext {
-            decider: decider.clone(),
-            store: store.clone(),
-            audit_dir: audit_dir.clone(),
-            admin_group: config.admin_group.clone(),
-            started,
-            audit_last_seq: last_seq.clone(),
-            queue_capacity: config.gate.queue_capacity,
-            audit_dropped: audit.dropped_counter(),
-            sync,
-            flows,
-            admin_sessions,
-        }),
-    )
-    .context("cannot start the control server")?;
+    let control_context = Arc::new(ControlContext {
+        decider: decider.clone(),
+        store: store.clone(),
+        audit_dir: audit_dir.clone(),
+        admin_group: config.admin_group.clone(),
+        started,
+        audit_last_seq: last_seq.clone(),
+        queue_capacity: config.gate.queue_capacity,
+        audit_dropped: audit.dropped_counter(),
+        sync,
+        flows,
+        admin_sessions,
+    });
+    #[cfg(target_os = "macos")]
+    let _xpc_listener = start_xpc(&config, control_context.clone(), &audit, &device_id);
+    control::serve(listener, control_context).context("cannot start the control server")?;
 
     let shutdown = Shutdown::new().context("cannot create the shutdown switch")?;
     spawn_signal_thread(&config, &shutdown, &decider, &store, &audit, &needs)?;
@@ -244,6 +243,41 @@ pub fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(&config.socket);
     tracing::info!("epmd stopped");
     gate_result.context("the exec gate failed")
+}
+
+/// Serves the XPC service for the helper and `epmctl` (macOS). A
+/// listener that cannot start (a peer requirement on macOS 11, say) must
+/// not stop the exec gate: it is logged and audited as an error, and
+/// clients can still use the socket (`--socket`).
+#[cfg(target_os = "macos")]
+fn start_xpc(
+    config: &Config,
+    context: Arc<ControlContext>,
+    audit: &AuditSink,
+    device_id: &str,
+) -> Option<epm_ipc::xpc::XpcListener> {
+    let requirement = config.xpc.peer_requirement.as_deref();
+    match control::serve_xpc(&config.xpc.service, requirement, context) {
+        Ok(listener) => {
+            tracing::info!(
+                service = %config.xpc.service,
+                peer_requirement = requirement.unwrap_or("none"),
+                "serving XPC"
+            );
+            Some(listener)
+        }
+        Err(error) => {
+            tracing::error!(service = %config.xpc.service, %error, "cannot serve XPC");
+            let mut event = AuditEvent::new(EventKind::ERROR);
+            event.reason = Some(format!(
+                "cannot serve the XPC service {}: {error}; the helper cannot reach epmd",
+                config.xpc.service
+            ));
+            event.device_id = Some(device_id.to_owned());
+            audit.send(event);
+            None
+        }
+    }
 }
 
 /// Makes the JSONL log and the store's outbox agree after a crash: the

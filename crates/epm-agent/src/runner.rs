@@ -395,7 +395,7 @@ pub(crate) fn run(
         .is_err();
     let mut status = None;
     while !caller_left && status.is_none() {
-        match next_event(connection.stream(), &wake) {
+        match next_event(connection.readiness(), &wake) {
             Event::Exited => status = exit_rx.recv().ok(),
             Event::Client => match connection.next_request() {
                 Ok(Some(incoming)) => {
@@ -494,11 +494,11 @@ enum Event {
 }
 
 /// Waits for the command to end or the client to say something (or leave).
-fn next_event(client: &UnixStream, wake: &UnixStream) -> Event {
+fn next_event(client: BorrowedFd<'_>, wake: &UnixStream) -> Event {
     loop {
         let mut fds = [
             PollFd::new(wake.as_fd(), PollFlags::POLLIN),
-            PollFd::new(client.as_fd(), PollFlags::POLLIN),
+            PollFd::new(client, PollFlags::POLLIN),
         ];
         match poll(&mut fds, PollTimeout::NONE) {
             Ok(_) => {

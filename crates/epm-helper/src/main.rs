@@ -36,9 +36,10 @@ enum BackendChoice {
         each entry answers the next question, null cancels it."
 )]
 struct Cli {
-    /// The daemon's control socket.
-    #[arg(long, value_name = "PATH", env = "EPM_SOCKET", default_value = epm_ipc::DEFAULT_SOCKET_PATH)]
-    socket: PathBuf,
+    /// Talk to the daemon over this control socket [default: on macOS the
+    /// XPC service com.epm.epmd.xpc, elsewhere /var/run/epm/epmd.sock].
+    #[arg(long, value_name = "PATH", env = "EPM_SOCKET")]
+    socket: Option<PathBuf>,
     /// How to ask and tell.
     #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
     backend: BackendChoice,
@@ -149,7 +150,7 @@ fn main() -> ExitCode {
         }
     }
     let session = Session {
-        socket: cli.socket,
+        endpoint: epm_ipc::Endpoint::socket_or_default(cli.socket),
         once: cli.once,
     };
     match session.run(backend.as_mut()) {

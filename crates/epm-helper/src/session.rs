@@ -2,12 +2,11 @@
 //! sends, answer prompts, and come back when the daemon restarts.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use epm_ipc::{
-    BlockReason, Blocked, Client, ClientError, Prompt, PromptKind, Request, RequestInfo, Response,
-    UserEvent,
+    BlockReason, Blocked, Client, ClientError, Endpoint, Prompt, PromptKind, Request, RequestInfo,
+    Response, UserEvent,
 };
 use jiff::Timestamp;
 use jiff::tz::TimeZone;
@@ -26,8 +25,8 @@ const TICK: Duration = Duration::from_secs(1);
 /// What the helper needs to run.
 #[derive(Debug)]
 pub struct Session {
-    /// The daemon's control socket.
-    pub socket: PathBuf,
+    /// Where the daemon listens.
+    pub endpoint: Endpoint,
     /// Stop after the first disconnection instead of reconnecting (tests).
     pub once: bool,
 }
@@ -73,7 +72,7 @@ impl Session {
     }
 
     fn serve(&self, backend: &mut dyn Backend, state: &mut State) -> Result<(), ClientError> {
-        let mut events = connect(&self.socket)?;
+        let mut events = connect(&self.endpoint)?;
         match events.call(&Request::Subscribe)? {
             Response::Subscribed { uid } => {
                 tracing_line(&format!("registered with epmd for uid {uid}"));
@@ -169,7 +168,7 @@ impl Session {
                 }
             }
         };
-        let answer = connect(&self.socket).and_then(|mut client| client.call(&request));
+        let answer = connect(&self.endpoint).and_then(|mut client| client.call(&request));
         match answer {
             Ok(Response::Justified(justified)) => {
                 let relaunched = justified
@@ -203,8 +202,8 @@ impl Session {
     }
 }
 
-fn connect(socket: &Path) -> Result<Client, ClientError> {
-    Client::connect(socket, concat!("epm-helper ", env!("CARGO_PKG_VERSION")))
+fn connect(endpoint: &Endpoint) -> Result<Client, ClientError> {
+    Client::connect(endpoint, concat!("epm-helper ", env!("CARGO_PKG_VERSION")))
 }
 
 /// Starts the program again with its original arguments, as this user.

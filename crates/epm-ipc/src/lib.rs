@@ -26,14 +26,15 @@
 //! type with invalid fields gets a `bad_request` error, one of an unknown
 //! type an `unsupported` error, and the connection stays open.
 //!
-//! The messages and [`encode`]/[`decode`] do not depend on the transport,
-//! so another one carries the same bodies: on macOS, the `xpc` module's
-//! Mach-service connections (`XpcListener` for `epmd`, `XpcClient` with the
-//! same `Hello`/`Welcome` handshake for clients), one frame body per XPC
-//! dictionary under the key `"frame"` ([`xpc_frame`], which also holds the
-//! transport's decisions, tested on every platform), with the peer's uid
-//! from its audit token and an optional code-signing requirement on the
-//! peer (macOS 12+).
+//! The messages, [`encode`]/[`decode`] and the protocol around them
+//! ([`ServerConnection`], [`Client`]) do not depend on the transport. Two
+//! carry them: the Unix socket, and on macOS the `xpc` module's Mach-service
+//! connections (`XpcListener` for `epmd`, whose peers
+//! [`ServerConnection::accept_xpc`] serves; [`Client::connect`] to an
+//! [`Endpoint::MachService`]), one frame body per XPC dictionary under the
+//! key `"frame"` ([`xpc_frame`]), with the peer's uid from its audit token
+//! and an optional code-signing requirement on the peer (macOS 12+). The
+//! XPC transport's logic that needs no XPC is tested on every platform.
 //!
 //! # Compatibility
 //!
@@ -93,12 +94,20 @@ mod alloc_probe;
 pub mod elevation;
 pub mod flows;
 mod frame;
+#[cfg(unix)]
+mod link;
+// The XPC transport's inbox: portable, so tested everywhere.
+#[cfg(any(test, target_os = "macos"))]
+mod mailbox;
 mod message;
 #[cfg(unix)]
 mod unix;
 #[cfg(target_os = "macos")]
 pub mod xpc;
 pub mod xpc_frame;
+// The XPC transport's portable half, tested everywhere.
+#[cfg(any(test, target_os = "macos"))]
+mod xpc_inbox;
 
 pub use elevation::{
     AdminSessionInfo, Command, ElevationVerdict, ElevationVia, ExitStatus, TermSize, Window,
@@ -113,6 +122,6 @@ pub use message::{
 };
 #[cfg(unix)]
 pub use unix::{
-    Client, ClientError, Connection, DEFAULT_CLIENT_TIMEOUT, DEFAULT_SOCKET_PATH, FD_MARKER,
-    FdError, Incoming, PeerCredentials, ServerConnection, ServerError, peer_credentials,
+    Client, ClientError, Connection, DEFAULT_CLIENT_TIMEOUT, DEFAULT_SOCKET_PATH, Endpoint,
+    FD_MARKER, FdError, Incoming, PeerCredentials, ServerConnection, ServerError, peer_credentials,
 };

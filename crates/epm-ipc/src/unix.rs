@@ -2,14 +2,15 @@
 //! handshake on both sides.
 
 use std::io;
-use std::os::fd::{BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Serialize;
 
 use crate::frame::{FrameError, read_frame, write_frame};
+use crate::link::Link;
 
 mod fds;
 use crate::message::{
@@ -31,6 +32,10 @@ const FAREWELL_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long the daemon waits for the descriptors that follow a `run`
 /// frame (the client sends them at once).
 const FDS_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a client has to say hello, unless the daemon set its own read
+/// timeout: one that never does must not hold a thread.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Who is on the other end of a socket, as the kernel says (as of the
 /// connect): what the daemon authorizes by.
@@ -164,7 +169,80 @@ impl Connection {
     }
 }
 
+impl Link for Connection {
+    fn send_frame(&mut self, body: &[u8], fds: &[BorrowedFd<'_>]) -> Result<(), FrameError> {
+        write_frame(&mut self.stream, body)?;
+        if !fds.is_empty() {
+            self.send_fds(fds)?;
+        }
+        Ok(())
+    }
+
+    fn recv_frame(&mut self) -> Result<Option<Vec<u8>>, FrameError> {
+        Connection::recv_frame(self)
+    }
+
+    fn recv_fds(&mut self, expected: usize) -> Result<Vec<OwnedFd>, FdError> {
+        Connection::recv_fds(self, expected)
+    }
+
+    fn set_timeouts(&mut self, read: Option<Duration>, write: Option<Duration>) -> io::Result<()> {
+        Connection::set_timeouts(self, read, write)
+    }
+
+    fn read_timeout(&self) -> Option<Duration> {
+        self.stream.read_timeout().ok().flatten()
+    }
+
+    fn readiness(&self) -> BorrowedFd<'_> {
+        self.stream.as_fd()
+    }
+
+    fn peer(&self) -> io::Result<PeerCredentials> {
+        peer_credentials(&self.stream)
+    }
+}
+
 // ---- client -------------------------------------------------------------------
+
+/// Where a client finds `epmd`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    /// The control socket at this path.
+    Socket(PathBuf),
+    /// The XPC Mach service of this name (macOS): `epmd`'s launchd plist
+    /// publishes [`crate::xpc_frame::MACH_SERVICE_NAME`].
+    MachService(String),
+}
+
+impl Endpoint {
+    /// Where `epmd` listens unless configured otherwise: its XPC service on
+    /// macOS (where XPC also checks the client's code signature, when the
+    /// daemon is configured to), the socket [`DEFAULT_SOCKET_PATH`]
+    /// elsewhere.
+    pub fn platform_default() -> Endpoint {
+        if cfg!(target_os = "macos") {
+            Endpoint::MachService(crate::xpc_frame::MACH_SERVICE_NAME.to_owned())
+        } else {
+            Endpoint::Socket(PathBuf::from(DEFAULT_SOCKET_PATH))
+        }
+    }
+
+    /// `socket` when given (a `--socket PATH` option), else
+    /// [`Endpoint::platform_default`].
+    pub fn socket_or_default(socket: Option<PathBuf>) -> Endpoint {
+        socket.map_or_else(Endpoint::platform_default, Endpoint::Socket)
+    }
+}
+
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Endpoint::Socket(path) => write!(f, "the socket {}", path.display()),
+            Endpoint::MachService(name) => write!(f, "the XPC service {name}"),
+        }
+    }
+}
 
 /// Why a client could not talk to the daemon.
 #[derive(Debug, thiserror::Error)]
@@ -185,6 +263,22 @@ pub enum ClientError {
         path: PathBuf,
         /// Why.
         source: io::Error,
+    },
+    /// The XPC service did not answer: `epmd` is not running, launchd does
+    /// not publish the name, or `epmd` refused this client's code
+    /// signature.
+    #[error(
+        "epmd did not answer at the XPC service {0}: it is not running (sudo launchctl print system/com.epm.epmd), or it refused this program's code signature; or pass --socket PATH"
+    )]
+    ServiceUnavailable(String),
+    /// XPC could not be used (another platform, or XPC refused to make the
+    /// connection).
+    #[error("cannot connect to epmd at the XPC service {service}: {reason}")]
+    Xpc {
+        /// The service name.
+        service: String,
+        /// Why.
+        reason: String,
     },
     /// The daemon and this client speak incompatible protocol versions.
     #[error(
@@ -235,10 +329,11 @@ impl From<FrameError> for ClientError {
     }
 }
 
-/// A client's connection to the daemon, after the handshake.
+/// A client's connection to the daemon, after the handshake, over either
+/// transport.
 #[derive(Debug)]
 pub struct Client {
-    connection: Connection,
+    link: Box<dyn Link>,
     /// The uid the daemon saw (and authorizes by).
     pub uid: u32,
     /// Whether the daemon considers us an administrator.
@@ -248,34 +343,40 @@ pub struct Client {
 }
 
 impl Client {
-    /// Connects to the daemon's socket and performs the handshake. `client`
-    /// names this program in the daemon's log, e.g. `epmctl 0.1.0`. Reads
-    /// and writes time out after [`DEFAULT_CLIENT_TIMEOUT`].
-    pub fn connect(path: &Path, client: &str) -> Result<Client, ClientError> {
-        let stream = UnixStream::connect(path).map_err(|source| match source.kind() {
-            io::ErrorKind::NotFound => ClientError::NotRunning(path.to_owned()),
-            io::ErrorKind::ConnectionRefused => ClientError::Refused(path.to_owned()),
-            io::ErrorKind::PermissionDenied => ClientError::PermissionDenied(path.to_owned()),
-            _ => ClientError::Connect {
-                path: path.to_owned(),
-                source,
-            },
-        })?;
-        let mut connection = Connection::new(stream);
-        connection
-            .set_timeouts(Some(DEFAULT_CLIENT_TIMEOUT), Some(DEFAULT_CLIENT_TIMEOUT))
-            .map_err(|source| ClientError::Connect {
-                path: path.to_owned(),
-                source,
-            })?;
-        connection.send(&Request::Hello {
+    /// Connects to the daemon and performs the handshake. `client` names
+    /// this program in the daemon's log, e.g. `epmctl 0.1.0`. Reads and
+    /// writes time out after [`DEFAULT_CLIENT_TIMEOUT`].
+    pub fn connect(endpoint: &Endpoint, client: &str) -> Result<Client, ClientError> {
+        let link = open(endpoint)?;
+        Client::handshake(link, client, || match endpoint {
+            // XPC looks the service up on the first message: a missing or
+            // refusing service shows only as the end of the connection.
+            Endpoint::MachService(name) => ClientError::ServiceUnavailable(name.clone()),
+            Endpoint::Socket(_) => ClientError::Closed,
+        })
+    }
+
+    /// Says hello on `link` and reads the welcome; `closed` says what it
+    /// means when the daemon goes away instead.
+    pub(crate) fn handshake(
+        mut link: Box<dyn Link>,
+        client: &str,
+        closed: impl Fn() -> ClientError,
+    ) -> Result<Client, ClientError> {
+        link.set_timeouts(Some(DEFAULT_CLIENT_TIMEOUT), Some(DEFAULT_CLIENT_TIMEOUT))
+            .map_err(|e| ClientError::Frame(FrameError::Io(e)))?;
+        let hello = encode(&Request::Hello {
             protocol: PROTOCOL_VERSION,
             client: client.to_owned(),
         })?;
-        let Some(welcome) = connection.recv::<Response>()? else {
-            return Err(ClientError::Closed);
+        match link.send_frame(&hello, &[]).map_err(ClientError::from) {
+            Err(ClientError::Closed) => return Err(closed()),
+            other => other?,
+        }
+        let Some(frame) = link.recv_frame()? else {
+            return Err(closed());
         };
-        match welcome {
+        match decode::<Response>(&frame)? {
             Response::Welcome {
                 protocol,
                 uid,
@@ -290,7 +391,7 @@ impl Client {
                     });
                 }
                 Ok(Client {
-                    connection,
+                    link,
                     uid,
                     is_admin,
                     daemon_version,
@@ -314,35 +415,37 @@ impl Client {
 
     /// Sends a request.
     pub fn send(&mut self, request: &Request) -> Result<(), ClientError> {
-        Ok(self.connection.send(request)?)
+        self.send_with_fds(request, &[])
     }
 
     /// Receives the next response; a daemon [`Response::Error`] becomes
     /// [`ClientError::Daemon`].
     pub fn recv(&mut self) -> Result<Response, ClientError> {
-        match self.connection.recv::<Response>()? {
-            None => Err(ClientError::Closed),
-            Some(Response::Error { code, message }) => Err(ClientError::Daemon { code, message }),
-            Some(response) => Ok(response),
+        let Some(frame) = self.link.recv_frame()? else {
+            return Err(ClientError::Closed);
+        };
+        match decode::<Response>(&frame)? {
+            Response::Error { code, message } => Err(ClientError::Daemon { code, message }),
+            response => Ok(response),
         }
     }
 
-    /// Sends a request followed by the byte carrying `fds` (for
-    /// [`Request::Run`]: stdin, stdout, stderr).
+    /// Sends a request with `fds` alongside (for [`Request::Run`]: stdin,
+    /// stdout, stderr): on the socket, a byte carrying them right after the
+    /// frame; over XPC, in the same message.
     pub fn send_with_fds(
         &mut self,
         request: &Request,
         fds: &[BorrowedFd<'_>],
     ) -> Result<(), ClientError> {
-        self.connection.send(request)?;
-        self.connection
-            .send_fds(fds)
-            .map_err(|e| ClientError::from(FrameError::from(e)))
+        let body = encode(request)?;
+        Ok(self.link.send_frame(&body, fds)?)
     }
 
-    /// The underlying stream (to poll it while waiting for something else).
-    pub fn stream(&self) -> &UnixStream {
-        self.connection.stream()
+    /// Polls readable when an answer waits or the daemon is gone: to wait
+    /// for the daemon and something else (a terminal, a signal) at once.
+    pub fn readiness(&self) -> BorrowedFd<'_> {
+        self.link.readiness()
     }
 
     /// Sends a request and receives one response.
@@ -353,21 +456,51 @@ impl Client {
 
     /// Sets how long a read or a write may take; `None` waits forever.
     pub fn set_timeout(&mut self, timeout: Option<Duration>) -> Result<(), ClientError> {
-        self.connection
+        self.link
             .set_timeouts(timeout, timeout)
             .map_err(|e| ClientError::Frame(FrameError::Io(e)))
     }
 
     /// Waits for answers forever (following a stream, which may be quiet
-    /// for hours).
+    /// for hours); a write still gives up after [`DEFAULT_CLIENT_TIMEOUT`].
     pub fn wait_forever(&mut self) {
-        let _ = self.connection.stream().set_read_timeout(None);
+        let _ = self.link.set_timeouts(None, Some(DEFAULT_CLIENT_TIMEOUT));
     }
 
-    /// Who the daemon is, as the kernel says: a caller that must not talk
-    /// to an impostor checks that this is root.
+    /// Who the daemon is, as the kernel (or XPC) says: a caller that must
+    /// not talk to an impostor checks that this is root.
     pub fn daemon_credentials(&self) -> io::Result<PeerCredentials> {
-        peer_credentials(self.connection.stream())
+        self.link.peer()
+    }
+}
+
+/// A connected link to `endpoint`, before the handshake.
+fn open(endpoint: &Endpoint) -> Result<Box<dyn Link>, ClientError> {
+    match endpoint {
+        Endpoint::Socket(path) => {
+            let stream = UnixStream::connect(path).map_err(|source| match source.kind() {
+                io::ErrorKind::NotFound => ClientError::NotRunning(path.to_owned()),
+                io::ErrorKind::ConnectionRefused => ClientError::Refused(path.to_owned()),
+                io::ErrorKind::PermissionDenied => ClientError::PermissionDenied(path.to_owned()),
+                _ => ClientError::Connect {
+                    path: path.to_owned(),
+                    source,
+                },
+            })?;
+            Ok(Box::new(Connection::new(stream)))
+        }
+        #[cfg(target_os = "macos")]
+        Endpoint::MachService(name) => crate::xpc::XpcConnection::connect(name)
+            .map(|connection| Box::new(connection) as Box<dyn Link>)
+            .map_err(|error| ClientError::Xpc {
+                service: name.clone(),
+                reason: error.to_string(),
+            }),
+        #[cfg(not(target_os = "macos"))]
+        Endpoint::MachService(name) => Err(ClientError::Xpc {
+            service: name.clone(),
+            reason: "XPC exists only on macOS; pass --socket PATH".into(),
+        }),
     }
 }
 
@@ -408,14 +541,15 @@ pub enum Incoming {
     Unsupported(String),
 }
 
-/// The daemon's side of one connection, after the handshake.
+/// The daemon's side of one connection, after the handshake, over either
+/// transport.
 ///
 /// The daemon owns the accept loop and the threads; this owns the protocol:
 /// the handshake, telling unknown requests from garbage, and keeping every
 /// frame it sends within [`crate::MAX_FRAME_BYTES`].
 #[derive(Debug)]
 pub struct ServerConnection {
-    connection: Connection,
+    link: Box<dyn Link>,
     /// Who is connected.
     pub peer: PeerCredentials,
     /// Whether the peer may see and do everything.
@@ -426,36 +560,58 @@ pub struct ServerConnection {
 }
 
 impl ServerConnection {
-    /// Reads the client's `Hello`, answers [`Response::Welcome`] with the
-    /// peer's uid and `is_admin(&peer)`, and returns the connection.
+    /// Reads the client's `Hello` on a Unix socket, answers
+    /// [`Response::Welcome`] with the peer's uid and `is_admin(&peer)`, and
+    /// returns the connection.
     ///
     /// On a version mismatch the client is told so, then `Err`. A request
     /// before `Hello`, garbage or an oversized frame is answered with a
     /// `bad_request` error where possible, then `Err`. After any `Err`,
-    /// close the connection. Set a read timeout first, so that a client
-    /// that never says hello cannot hold the thread.
+    /// close the connection. Unless the stream has a read timeout, the
+    /// hello must come within 10 s.
     pub fn accept(
         stream: UnixStream,
         daemon_version: &str,
         is_admin: impl FnOnce(&PeerCredentials) -> bool,
     ) -> Result<ServerConnection, ServerError> {
-        let peer = peer_credentials(&stream).map_err(FrameError::Io)?;
-        let mut connection = Connection::new(stream);
-        let Some(frame) = recv_request_frame(&mut connection)? else {
+        ServerConnection::handshake(Box::new(Connection::new(stream)), daemon_version, is_admin)
+    }
+
+    /// [`ServerConnection::accept`] for a peer of the daemon's XPC
+    /// listener; the peer is who XPC says (its audit token).
+    #[cfg(target_os = "macos")]
+    pub fn accept_xpc(
+        connection: crate::xpc::XpcConnection,
+        daemon_version: &str,
+        is_admin: impl FnOnce(&PeerCredentials) -> bool,
+    ) -> Result<ServerConnection, ServerError> {
+        ServerConnection::handshake(Box::new(connection), daemon_version, is_admin)
+    }
+
+    /// The daemon's handshake on any link.
+    pub(crate) fn handshake(
+        mut link: Box<dyn Link>,
+        daemon_version: &str,
+        is_admin: impl FnOnce(&PeerCredentials) -> bool,
+    ) -> Result<ServerConnection, ServerError> {
+        let peer = link.peer().map_err(FrameError::Io)?;
+        let before = link.read_timeout();
+        if before.is_none() {
+            link.set_timeouts(Some(HELLO_TIMEOUT), None)
+                .map_err(FrameError::Io)?;
+        }
+        let Some(frame) = recv_request_frame(link.as_mut())? else {
             return Err(ServerError::ClosedBeforeHello);
         };
         let (protocol, client) = match decode::<Request>(&frame) {
             Ok(Request::Hello { protocol, client }) => (protocol, client),
             Ok(request) => {
                 let kind = request.type_name();
-                return Err(out_of_order(
-                    &mut connection,
-                    format!("{kind} before hello"),
-                ));
+                return Err(out_of_order(link.as_mut(), format!("{kind} before hello")));
             }
             Err(FrameError::UnknownType(kind)) => {
                 return Err(out_of_order(
-                    &mut connection,
+                    link.as_mut(),
                     format!("{kind:?} before hello"),
                 ));
             }
@@ -466,24 +622,30 @@ impl ServerConnection {
                     && protocol != u64::from(PROTOCOL_VERSION)
                 {
                     let protocol = u32::try_from(protocol).unwrap_or(u32::MAX);
-                    return Err(refuse_version(&mut connection, protocol));
+                    return Err(refuse_version(link.as_mut(), protocol));
                 }
-                farewell(&mut connection, ErrorCode::BadRequest, error.to_string());
+                farewell(link.as_mut(), ErrorCode::BadRequest, error.to_string());
                 return Err(error.into());
             }
         };
         if protocol != PROTOCOL_VERSION {
-            return Err(refuse_version(&mut connection, protocol));
+            return Err(refuse_version(link.as_mut(), protocol));
         }
         let is_admin = is_admin(&peer);
-        connection.send(&Response::Welcome {
-            protocol: PROTOCOL_VERSION,
-            daemon_version: daemon_version.to_owned(),
-            uid: peer.uid,
-            is_admin,
-        })?;
+        send_message(
+            link.as_mut(),
+            &Response::Welcome {
+                protocol: PROTOCOL_VERSION,
+                daemon_version: daemon_version.to_owned(),
+                uid: peer.uid,
+                is_admin,
+            },
+        )?;
+        if before.is_none() {
+            link.set_timeouts(None, None).map_err(FrameError::Io)?;
+        }
         Ok(ServerConnection {
-            connection,
+            link,
             peer,
             is_admin,
             client: shorten(&client),
@@ -497,13 +659,14 @@ impl ServerConnection {
     /// the stream is still in step. `Err` (garbage, oversized, a second
     /// `Hello`, a timeout, a socket error) means: close the connection.
     pub fn next_request(&mut self) -> Result<Option<Incoming>, ServerError> {
+        let link = self.link.as_mut();
         loop {
-            let Some(frame) = recv_request_frame(&mut self.connection)? else {
+            let Some(frame) = recv_request_frame(link)? else {
                 return Ok(None);
             };
             match decode::<Request>(&frame) {
                 Ok(Request::Hello { .. }) => {
-                    return Err(out_of_order(&mut self.connection, "a second hello".into()));
+                    return Err(out_of_order(link, "a second hello".into()));
                 }
                 Ok(request) => return Ok(Some(Incoming::Request(request))),
                 Err(FrameError::UnknownType(kind)) => {
@@ -512,23 +675,17 @@ impl ServerConnection {
                 // Its descriptors follow in the stream, or not (a broken
                 // client): either way, its place in the stream is lost.
                 Err(error @ FrameError::Invalid { .. }) if invalid_kind(&error) == Some("run") => {
-                    farewell(
-                        &mut self.connection,
-                        ErrorCode::BadRequest,
-                        error.to_string(),
-                    );
+                    farewell(link, ErrorCode::BadRequest, error.to_string());
                     return Err(error.into());
                 }
                 Err(error @ FrameError::Invalid { .. }) => {
-                    self.connection
-                        .send(&Response::error(ErrorCode::BadRequest, error.to_string()))?;
+                    send_message(
+                        link,
+                        &Response::error(ErrorCode::BadRequest, error.to_string()),
+                    )?;
                 }
                 Err(error) => {
-                    farewell(
-                        &mut self.connection,
-                        ErrorCode::BadRequest,
-                        error.to_string(),
-                    );
+                    farewell(link, ErrorCode::BadRequest, error.to_string());
                     return Err(error.into());
                 }
             }
@@ -546,12 +703,15 @@ impl ServerConnection {
             return self.send_records(lines);
         }
         match encode(response) {
-            Ok(body) => Ok(write_frame(&mut self.connection.stream, &body)?),
+            Ok(body) => Ok(self.link.send_frame(&body, &[])?),
             Err(error @ FrameError::Oversized { .. }) => {
-                self.connection.send(&Response::error(
-                    ErrorCode::Internal,
-                    format!("the {} answer is too large: {error}", response.type_name()),
-                ))?;
+                send_message(
+                    self.link.as_mut(),
+                    &Response::error(
+                        ErrorCode::Internal,
+                        format!("the {} answer is too large: {error}", response.type_name()),
+                    ),
+                )?;
                 Err(error.into())
             }
             Err(error) => Err(error.into()),
@@ -567,49 +727,57 @@ impl ServerConnection {
             lines: &'a [String],
         }
         match encode(&AuditRecords { lines }) {
-            Ok(body) => Ok(write_frame(&mut self.connection.stream, &body)?),
+            Ok(body) => Ok(self.link.send_frame(&body, &[])?),
             Err(FrameError::Oversized { .. }) if lines.len() > 1 => {
                 let (first, second) = lines.split_at(lines.len() / 2);
                 self.send_records(first)?;
                 self.send_records(second)
             }
             Err(error @ FrameError::Oversized { .. }) => {
-                self.connection.send(&Response::error(
-                    ErrorCode::Internal,
-                    format!("an audit record is too large to send: {error}"),
-                ))?;
+                send_message(
+                    self.link.as_mut(),
+                    &Response::error(
+                        ErrorCode::Internal,
+                        format!("an audit record is too large to send: {error}"),
+                    ),
+                )?;
                 Err(error.into())
             }
             Err(error) => Err(error.into()),
         }
     }
 
-    /// The underlying stream (to set timeouts, or to poll for the client
-    /// leaving while it follows a stream).
-    pub fn stream(&self) -> &UnixStream {
-        self.connection.stream()
+    /// Polls readable when a request waits or the client is gone: to wait
+    /// for the client and something else at once, or to notice that a
+    /// client following a stream (which sends nothing more) left.
+    pub fn readiness(&self) -> BorrowedFd<'_> {
+        self.link.readiness()
     }
 
-    /// The caller's descriptors that follow a [`Request::Run`] frame:
-    /// receive them first, whatever is then decided, since they are in the
-    /// stream. Waits at most 10 s. On `Err` the client has been told why
-    /// (where it still listens), whatever came is closed, and the
-    /// connection must be closed: it is out of step.
+    /// Sets how long reading a request may take; `None` waits forever.
+    pub fn set_read_timeout(&mut self, timeout: Option<Duration>) -> io::Result<()> {
+        self.link.set_timeouts(timeout, None)
+    }
+
+    /// The caller's descriptors that come with a [`Request::Run`]: receive
+    /// them first, whatever is then decided. Waits at most 10 s. On `Err`
+    /// the client has been told why (where it still listens), whatever came
+    /// is closed, and the connection must be closed: it is out of step.
     pub fn recv_fds(&mut self, expected: usize) -> Result<Vec<OwnedFd>, ServerError> {
-        let stream = self.connection.stream();
-        let before = stream.read_timeout().ok().flatten();
-        let _ = stream.set_read_timeout(Some(FDS_TIMEOUT));
-        let received = self.connection.recv_fds(expected);
-        let _ = self.connection.stream().set_read_timeout(before);
+        let before = self.link.read_timeout();
+        let _ = self.link.set_timeouts(Some(FDS_TIMEOUT), None);
+        let received = self.link.recv_fds(expected);
+        let _ = self.link.set_timeouts(before, None);
         received.map_err(|error| {
-            farewell(
-                &mut self.connection,
-                ErrorCode::BadRequest,
-                error.to_string(),
-            );
+            farewell(self.link.as_mut(), ErrorCode::BadRequest, error.to_string());
             error.into()
         })
     }
+}
+
+/// Encodes and sends one message.
+fn send_message<T: Serialize>(link: &mut dyn Link, message: &T) -> Result<(), FrameError> {
+    link.send_frame(&encode(message)?, &[])
 }
 
 /// The `type` of an invalid message.
@@ -622,10 +790,10 @@ fn invalid_kind(error: &FrameError) -> Option<&str> {
 
 /// A frame from the client. An oversized one is answered before the `Err`:
 /// the stream is lost, but the client should learn why.
-fn recv_request_frame(connection: &mut Connection) -> Result<Option<Vec<u8>>, ServerError> {
-    match connection.recv_frame() {
+fn recv_request_frame(link: &mut dyn Link) -> Result<Option<Vec<u8>>, ServerError> {
+    match link.recv_frame() {
         Err(error @ FrameError::Oversized { .. }) => {
-            farewell(connection, ErrorCode::BadRequest, error.to_string());
+            farewell(link, ErrorCode::BadRequest, error.to_string());
             Err(error.into())
         }
         other => Ok(other?),
@@ -641,18 +809,14 @@ fn lenient_hello_protocol(frame: &[u8]) -> Option<u64> {
     value.get("protocol")?.as_u64()
 }
 
-fn out_of_order(connection: &mut Connection, what: String) -> ServerError {
-    farewell(
-        connection,
-        ErrorCode::BadRequest,
-        format!("out of order: {what}"),
-    );
+fn out_of_order(link: &mut dyn Link, what: String) -> ServerError {
+    farewell(link, ErrorCode::BadRequest, format!("out of order: {what}"));
     ServerError::OutOfOrder(what)
 }
 
-fn refuse_version(connection: &mut Connection, protocol: u32) -> ServerError {
+fn refuse_version(link: &mut dyn Link, protocol: u32) -> ServerError {
     farewell(
-        connection,
+        link,
         ErrorCode::VersionMismatch,
         format!("this epmd speaks protocol {PROTOCOL_VERSION}, the client {protocol}"),
     );
@@ -660,9 +824,10 @@ fn refuse_version(connection: &mut Connection, protocol: u32) -> ServerError {
 }
 
 /// Tells the client why it is being disconnected, if it still listens.
-fn farewell(connection: &mut Connection, code: ErrorCode, message: String) {
-    let _ = connection.stream.set_write_timeout(Some(FAREWELL_TIMEOUT));
-    let _ = connection.send(&Response::error(code, message));
+fn farewell(link: &mut dyn Link, code: ErrorCode, message: String) {
+    let read = link.read_timeout();
+    let _ = link.set_timeouts(read, Some(FAREWELL_TIMEOUT));
+    let _ = send_message(link, &Response::error(code, message));
 }
 
 #[cfg(test)]

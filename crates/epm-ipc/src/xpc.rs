@@ -2,9 +2,12 @@
 //! socket, one frame body per XPC dictionary (see [`crate::xpc_frame`]).
 //!
 //! `epmd` listens on the Mach service its launchd plist declares
-//! (`MachServices`), with [`XpcListener::start`]; helpers and `epmctl`
-//! connect with [`XpcClient::connect`] (handshake included) or
-//! [`XpcConnection::connect`] (bare). The peer's uid comes from the
+//! (`MachServices`), with [`XpcListener::start`], and serves each peer
+//! with [`crate::ServerConnection::accept_xpc`]; helpers and `epmctl`
+//! connect with [`crate::Client::connect`] to
+//! [`crate::Endpoint::MachService`]. Both run the same protocol code as
+//! on the Unix socket: this module is only the transport (a
+//! `Link` implementation). The peer's uid comes from the
 //! connection's audit token (`xpc_connection_get_euid`), and the daemon can
 //! require the peer's code signature to satisfy a requirement string
 //! (`xpc_connection_set_peer_code_signing_requirement`, macOS 12+), so only
@@ -12,12 +15,14 @@
 //!
 //! The XPC calls are declared by hand (the XPC crates need the macOS SDK
 //! to build) and kept to the few this needs; everything that can be
-//! decided without XPC is in [`crate::xpc_frame`], tested everywhere. XPC
-//! delivers events on a dispatch queue; the handler blocks only copy the
-//! frame out and hand it to a bounded channel, so callers read with
-//! blocking, timeout-bounded calls like the Unix transport's. A peer that
-//! floods the channel or sends anything but a valid frame is cancelled:
-//! that connection only.
+//! decided without XPC is in [`crate::xpc_frame`] and the inbox in
+//! [`crate::mailbox`], tested everywhere. XPC delivers events on a
+//! dispatch queue; the handler blocks only copy the frame (and dup the
+//! descriptors that came with it, for `run`) out into a bounded inbox
+//! whose readiness descriptor `poll(2)` can wait on, so callers read with
+//! blocking, timeout-bounded calls and poll like on the Unix socket. A
+//! peer that floods the inbox or sends anything but a valid frame is
+//! cancelled: that connection only.
 //!
 //! Memory: every XPC object we keep is an `Object` holding one reference
 //! (released on drop). Objects XPC passes to a handler are borrowed for the
@@ -26,23 +31,18 @@
 //! resumed, uncancelled connections not to be released).
 
 use std::ffi::{CString, c_char, c_int, c_void};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
-use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use block2::RcBlock;
-use serde::Serialize;
 
 use crate::frame::FrameError;
-use crate::message::{ErrorCode, Message, Request, Response, decode, encode};
-use crate::unix::{DEFAULT_CLIENT_TIMEOUT, PeerCredentials};
-use crate::xpc_frame::{
-    FRAME_KEY_C, HandshakeError, Received, Triage, XpcErrorKind, hello, triage, welcome,
-};
-
-/// Messages queued per connection before the peer counts as flooding.
-pub const QUEUE_DEPTH: usize = 64;
+use crate::link::Link;
+use crate::unix::{FdError, PeerCredentials};
+use crate::xpc_frame::{FD_KEYS, FRAME_KEY_C, Received, XpcErrorKind, triage};
+use crate::xpc_inbox::{After, Deliverer, Inbound, inbox};
 
 /// `XPC_CONNECTION_MACH_SERVICE_LISTENER` (<xpc/connection.h>).
 const MACH_SERVICE_LISTENER: u64 = 1 << 0;
@@ -112,6 +112,8 @@ unsafe extern "C" {
         bytes: *const c_void,
         length: usize,
     );
+    fn xpc_dictionary_set_fd(dictionary: XpcObjectRef, key: *const c_char, fd: c_int);
+    fn xpc_dictionary_dup_fd(dictionary: XpcObjectRef, key: *const c_char) -> c_int;
     fn xpc_dictionary_get_data(
         dictionary: XpcObjectRef,
         key: *const c_char,
@@ -123,7 +125,7 @@ unsafe extern "C" {
     fn dispatch_queue_create(label: *const c_char, attr: *mut c_void) -> DispatchQueueRef;
 }
 
-/// Why an XPC operation failed.
+/// Why an XPC connection or listener could not be made.
 #[derive(Debug, thiserror::Error)]
 pub enum XpcError {
     /// A name or requirement contains a NUL byte.
@@ -138,66 +140,16 @@ pub enum XpcError {
         /// The service name.
         service: String,
     },
-    /// The daemon could not reach the service: not running, the name is
-    /// not advertised by a LaunchDaemon, or it refused this client (its
-    /// code signature).
-    #[error(
-        "cannot reach epmd at the XPC service {service:?}: it is not running, or it refused this client"
-    )]
-    Unavailable {
-        /// The service name.
-        service: String,
-    },
+    /// The connection's inbox (a pipe) could not be made: out of
+    /// descriptors, most likely.
+    #[error("cannot make the XPC connection's inbox: {0}")]
+    Inbox(std::io::Error),
     /// A code-signing requirement was given, but this macOS has no
     /// `xpc_connection_set_peer_code_signing_requirement` (before 12).
     #[error(
         "a peer code-signing requirement needs macOS 12 or later (xpc_connection_set_peer_code_signing_requirement)"
     )]
     RequirementUnsupported,
-    /// XPC refused the code-signing requirement (it does not parse).
-    #[error("XPC refused the peer code-signing requirement {requirement:?} (error {code})")]
-    Requirement {
-        /// The requirement given.
-        requirement: String,
-        /// What XPC returned.
-        code: i32,
-    },
-    /// The message could not be encoded: over [`crate::MAX_FRAME_BYTES`],
-    /// or not serializable.
-    #[error("cannot send: {0}")]
-    Frame(#[from] FrameError),
-    /// The peer sent something that is not a message; the connection was
-    /// cancelled.
-    #[error("the peer sent garbage and was disconnected: {0}")]
-    Garbage(String),
-    /// The peer sent more than [`QUEUE_DEPTH`] messages ahead of the reader;
-    /// the connection was cancelled.
-    #[error("the peer sent more than {limit} messages ahead of the reader and was disconnected")]
-    Flooded {
-        /// [`QUEUE_DEPTH`].
-        limit: usize,
-    },
-    /// The connection has ended (the peer went away, or it was cancelled):
-    /// nothing more can be sent on it.
-    #[error("the XPC peer is gone")]
-    PeerGone,
-    /// No message within the timeout.
-    #[error("no message from the XPC peer within {0:?}")]
-    TimedOut(Duration),
-    /// The daemon did not accept our hello.
-    #[error(transparent)]
-    Handshake(#[from] HandshakeError),
-    /// The daemon answered a request with an error.
-    #[error("epmd: {message}")]
-    Daemon {
-        /// The class of failure.
-        code: ErrorCode,
-        /// The daemon's words.
-        message: String,
-    },
-    /// The daemon sent something out of place.
-    #[error("unexpected answer from epmd: {0}")]
-    Protocol(String),
 }
 
 // ---- owned XPC objects --------------------------------------------------------------
@@ -344,71 +296,53 @@ fn c_string(value: &str, what: &'static str) -> Result<CString, XpcError> {
 
 // ---- connections ----------------------------------------------------------------
 
-/// What the handler block hands the reader.
-enum Delivered {
-    Frame(Vec<u8>),
-    Garbage(String),
-}
-
-impl std::fmt::Debug for Delivered {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Delivered::Frame(bytes) => write!(f, "Frame({} bytes)", bytes.len()),
-            Delivered::Garbage(why) => write!(f, "Garbage({why})"),
-        }
-    }
-}
-
-/// The event handler's side of one connection. Dropping the sender is how
-/// the reader learns that nothing more will come (after it has read what
-/// is queued).
-struct Inbox {
+/// The event handler of one connection.
+struct Handler {
     connection: Unowned,
-    sender: Mutex<Option<SyncSender<Delivered>>>,
-    flooded: Arc<AtomicBool>,
+    deliverer: Deliverer,
 }
 
-impl Inbox {
-    /// One event: classify, copy a frame out, cancel on anything else.
-    /// Never blocks (a full queue is a flooding peer) and never panics.
+impl Handler {
     fn deliver(&self, event: XpcObjectRef) {
-        // Only XPC's serial delivery takes this lock: never contended.
-        let mut sender = self.sender.lock().unwrap_or_else(PoisonError::into_inner);
-        let Some(tx) = sender.as_ref() else {
-            // Already ended (cancelled by us): the rest is XPC unwinding.
-            return;
-        };
         // SAFETY: XPC passes a live object, borrowed for this call.
         let received = unsafe { received(event) };
-        match triage(received) {
-            Triage::Frame(bytes) => match tx.try_send(Delivered::Frame(bytes.to_vec())) {
-                Ok(()) => {}
-                Err(TrySendError::Full(_)) => {
-                    self.flooded.store(true, Ordering::Release);
-                    self.connection.cancel();
-                    *sender = None;
-                }
-                Err(TrySendError::Disconnected(_)) => {
-                    // The XpcConnection is gone (its Drop cancels too).
-                    self.connection.cancel();
-                    *sender = None;
-                }
-            },
-            Triage::PeerGone(_) => {
-                // INVALID is the last event anyway; after INTERRUPTED or
-                // TERMINATION_IMMINENT the session is over too: make it
-                // final, so the reader's `None` stays true.
-                self.connection.cancel();
-                *sender = None;
-            }
-            Triage::Garbage(why) => {
-                self.connection.cancel();
-                // Room or not, the reader learns the connection ended.
-                let _ = tx.try_send(Delivered::Garbage(why));
-                *sender = None;
-            }
+        let after = self.deliverer.deliver(triage(received), || {
+            // SAFETY: a frame came in a dictionary: `event` is one, live.
+            unsafe { descriptors(event) }
+        });
+        if after == After::Cancel {
+            self.connection.cancel();
         }
     }
+}
+
+/// The descriptors a dictionary carries under [`FD_KEYS`], in order up to
+/// the first missing one, each owned and close-on-exec.
+///
+/// # Safety
+///
+/// `dictionary` must be a live XPC dictionary.
+unsafe fn descriptors(dictionary: XpcObjectRef) -> Vec<OwnedFd> {
+    let mut fds = Vec::new();
+    for key in FD_KEYS {
+        // SAFETY: a live dictionary per the caller and a C string key; XPC
+        // returns a new descriptor (a dup we own) or -1 when the key is
+        // missing or not a descriptor.
+        let raw = unsafe { xpc_dictionary_dup_fd(dictionary, key.as_ptr()) };
+        if raw < 0 {
+            break;
+        }
+        // SAFETY: a fresh descriptor nobody else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        // The dup is not close-on-exec: a command epmd starts must not
+        // inherit another caller's terminal.
+        let _ = nix::fcntl::fcntl(
+            fd.as_raw_fd(),
+            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+        );
+        fds.push(fd);
+    }
+    fds
 }
 
 /// What XPC handed a handler, for [`triage`].
@@ -452,26 +386,25 @@ unsafe fn received<'a>(event: XpcObjectRef) -> Received<'a> {
 }
 
 /// One XPC connection, either side: the daemon's to one client (from
-/// [`XpcListener`]), or a client's to the daemon ([`XpcConnection::connect`]).
-/// Dropping it cancels the connection.
+/// [`XpcListener`], for [`crate::ServerConnection::accept_xpc`]), or a
+/// client's to the daemon (inside [`crate::Client`], for
+/// [`crate::Endpoint::MachService`]). Dropping it cancels the connection.
 #[derive(Debug)]
 pub struct XpcConnection {
     connection: Object,
-    events: Receiver<Delivered>,
-    flooded: Arc<AtomicBool>,
-    /// The reader has seen the end (or garbage): nothing more to read or send.
-    ended: bool,
+    inbound: Inbound,
 }
 
 impl XpcConnection {
     /// Connects to `epmd`'s Mach service (a LaunchDaemon: the system
-    /// bootstrap), without the handshake ([`XpcClient::connect`] does it).
-    /// This cannot tell whether the service exists: XPC looks it up on the
-    /// first message, and a missing or refusing service shows as the end
-    /// of the connection ([`XpcConnection::recv`] → `Ok(None)`).
-    pub fn connect(service_name: &str) -> Result<XpcConnection, XpcError> {
+    /// bootstrap), without the handshake. This cannot tell whether the
+    /// service exists: XPC looks it up on the first message, and a missing
+    /// or refusing service shows as the end of the connection.
+    pub(crate) fn connect(service_name: &str) -> Result<XpcConnection, XpcError> {
         let name = c_string(service_name, "the service name")?;
         let queue = queue()?;
+        // Made first: nothing can fail once the connection exists.
+        let sides = inbox().map_err(XpcError::Inbox)?;
         // SAFETY: `name` is a C string that outlives the call; `queue` is a
         // live serial queue. We own the returned reference.
         let raw = unsafe {
@@ -481,32 +414,30 @@ impl XpcConnection {
             service: service_name.to_owned(),
         })?;
         // SAFETY: a connection we just created, not resumed yet.
-        Ok(unsafe { XpcConnection::start(connection) })
+        Ok(unsafe { XpcConnection::start(connection, sides) })
     }
 
     /// Sets the handler on a connection we hold a reference to, resumes it,
-    /// and wraps it.
+    /// and wraps it, with its inbox.
     ///
     /// # Safety
     ///
     /// `connection` must be a connection not resumed yet.
-    unsafe fn start(connection: Object) -> XpcConnection {
-        let (tx, rx) = sync_channel(QUEUE_DEPTH);
-        let flooded = Arc::new(AtomicBool::new(false));
-        let inbox = Inbox {
+    unsafe fn start(
+        connection: Object,
+        (deliverer, inbound): (Deliverer, Inbound),
+    ) -> XpcConnection {
+        let handler_state = Handler {
             connection: Unowned(connection.0),
-            sender: Mutex::new(Some(tx)),
-            flooded: Arc::clone(&flooded),
+            deliverer,
         };
-        let block = handler(move |event| inbox.deliver(event));
+        let block = handler(move |event| handler_state.deliver(event));
         // SAFETY: per the caller. The block's `Unowned` pointer is only used
         // while XPC runs this connection's handler, i.e. while XPC holds it.
         unsafe { activate(connection.0, &block) };
         XpcConnection {
             connection,
-            events: rx,
-            flooded,
-            ended: false,
+            inbound,
         }
     }
 
@@ -531,22 +462,42 @@ impl XpcConnection {
         }
     }
 
-    /// Sends one message: a dictionary holding its frame under
-    /// [`crate::xpc_frame::FRAME_KEY`]. XPC queues it and never says
-    /// whether it arrived; a peer that is gone shows on the next
-    /// [`XpcConnection::recv`].
-    pub fn send<T: Serialize>(&mut self, message: &T) -> Result<(), XpcError> {
-        if self.ended {
-            return Err(XpcError::PeerGone);
+    /// Ends the connection: XPC discards unsent messages and delivers no
+    /// more events; the reader sees the end after what is queued.
+    pub fn cancel(&self) {
+        // SAFETY: a live connection we hold a reference to; cancelling
+        // twice is allowed.
+        unsafe { xpc_connection_cancel(self.connection.0) }
+    }
+}
+
+impl Link for XpcConnection {
+    /// One dictionary holding the frame under
+    /// [`crate::xpc_frame::FRAME_KEY`] and the descriptors under
+    /// [`FD_KEYS`]. XPC queues it and never says whether it arrived; a peer
+    /// that is gone shows on the next read.
+    fn send_frame(&mut self, body: &[u8], fds: &[BorrowedFd<'_>]) -> Result<(), FrameError> {
+        if self.inbound.ended() {
+            return Err(FrameError::Io(std::io::ErrorKind::BrokenPipe.into()));
         }
-        let body = encode(message)?;
+        if fds.len() > FD_KEYS.len() {
+            return Err(FrameError::Io(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!(
+                    "an XPC message carries at most {} descriptors, not {}",
+                    FD_KEYS.len(),
+                    fds.len()
+                ),
+            )));
+        }
         // SAFETY: no keys or values; we own the returned reference.
         let raw = unsafe { xpc_dictionary_create(std::ptr::null(), std::ptr::null(), 0) };
         let dictionary = Object::owned(raw).ok_or_else(|| {
             FrameError::Io(std::io::Error::other("xpc_dictionary_create returned NULL"))
         })?;
-        // SAFETY: a live dictionary, a C string key, `body` valid for its
-        // length (XPC copies the bytes); the connection copies the message
+        // SAFETY: a live dictionary and C string keys; `body` is valid for
+        // its length (XPC copies the bytes) and each descriptor is open
+        // for the call (XPC dups it). The connection copies the message
         // logically, and our dictionary reference is released on drop.
         unsafe {
             xpc_dictionary_set_data(
@@ -555,80 +506,42 @@ impl XpcConnection {
                 body.as_ptr().cast(),
                 body.len(),
             );
+            for (key, fd) in FD_KEYS.iter().zip(fds) {
+                xpc_dictionary_set_fd(dictionary.0, key.as_ptr(), fd.as_raw_fd());
+            }
             xpc_connection_send_message(self.connection.0, dictionary.0);
         }
         Ok(())
     }
 
-    /// Receives one message, waiting up to `timeout` (`None`: forever);
-    /// `Ok(None)` when the peer went away (`XPC_ERROR_CONNECTION_INVALID`
-    /// or `_INTERRUPTED`), and from then on. Anything that does not decode
-    /// as a `T` (including a message of a type this side does not know)
-    /// ends the connection: [`XpcError::Garbage`], once. A peer that
-    /// flooded is reported once as [`XpcError::Flooded`]. Then `Ok(None)`.
-    ///
-    /// The daemon reads requests with [`XpcConnection::recv_frame`] and
-    /// [`crate::decode`] instead, to answer a request of an unknown type
-    /// `unsupported` (and one with invalid fields `bad_request`) and keep
-    /// the connection, as the protocol promises newer clients.
-    pub fn recv<T: Message>(&mut self, timeout: Option<Duration>) -> Result<Option<T>, XpcError> {
-        let Some(frame) = self.recv_frame(timeout)? else {
-            return Ok(None);
-        };
-        match decode::<T>(&frame) {
-            Ok(message) => Ok(Some(message)),
-            Err(error) => {
-                self.cancel();
-                self.ended = true;
-                Err(XpcError::Garbage(error.to_string()))
-            }
-        }
+    fn recv_frame(&mut self) -> Result<Option<Vec<u8>>, FrameError> {
+        self.inbound.recv_frame()
     }
 
-    /// Receives one frame body (at most [`crate::MAX_FRAME_BYTES`], not
-    /// decoded), as [`XpcConnection::recv`] does otherwise. A frame that
-    /// does not decode does not end the connection here: the caller
-    /// decides (and calls [`XpcConnection::cancel`] for garbage).
-    pub fn recv_frame(&mut self, timeout: Option<Duration>) -> Result<Option<Vec<u8>>, XpcError> {
-        if self.ended {
-            return Ok(None);
-        }
-        let delivered = match timeout {
-            Some(timeout) => match self.events.recv_timeout(timeout) {
-                Ok(delivered) => delivered,
-                Err(RecvTimeoutError::Timeout) => return Err(XpcError::TimedOut(timeout)),
-                Err(RecvTimeoutError::Disconnected) => return self.end(),
-            },
-            None => match self.events.recv() {
-                Ok(delivered) => delivered,
-                Err(_) => return self.end(),
-            },
-        };
-        match delivered {
-            Delivered::Frame(frame) => Ok(Some(frame)),
-            Delivered::Garbage(why) => {
-                // The handler has cancelled already.
-                self.ended = true;
-                Err(XpcError::Garbage(why))
-            }
-        }
+    fn recv_fds(&mut self, expected: usize) -> Result<Vec<OwnedFd>, FdError> {
+        self.inbound.recv_fds(expected)
     }
 
-    /// The handler has dropped its sender and everything queued was read.
-    fn end<T>(&mut self) -> Result<Option<T>, XpcError> {
-        self.ended = true;
-        if self.flooded.swap(false, Ordering::Acquire) {
-            return Err(XpcError::Flooded { limit: QUEUE_DEPTH });
-        }
-        Ok(None)
+    fn set_timeouts(
+        &mut self,
+        read: Option<Duration>,
+        _write: Option<Duration>,
+    ) -> std::io::Result<()> {
+        // Sending never blocks: XPC queues.
+        self.inbound.set_read_timeout(read);
+        Ok(())
     }
 
-    /// Ends the connection: XPC discards unsent messages and delivers no
-    /// more events; the reader sees the end after what is queued.
-    pub fn cancel(&self) {
-        // SAFETY: a live connection we hold a reference to; cancelling
-        // twice is allowed.
-        unsafe { xpc_connection_cancel(self.connection.0) }
+    fn read_timeout(&self) -> Option<Duration> {
+        self.inbound.read_timeout()
+    }
+
+    fn readiness(&self) -> BorrowedFd<'_> {
+        self.inbound.readiness()
+    }
+
+    fn peer(&self) -> std::io::Result<PeerCredentials> {
+        Ok(XpcConnection::peer(self))
     }
 }
 
@@ -672,10 +585,17 @@ impl Acceptor {
                 return;
             }
         }
+        let Ok(sides) = inbox() else {
+            // Out of descriptors: refuse this peer as above.
+            self.refused.fetch_add(1, Ordering::Relaxed);
+            // SAFETY: a live connection.
+            unsafe { xpc_connection_cancel(event) };
+            return;
+        };
         // SAFETY: the peer is only lent to this call: keep a reference.
         let peer = unsafe { Object::retained(event) };
         // SAFETY: a peer connection not resumed yet.
-        let connection = unsafe { XpcConnection::start(peer) };
+        let connection = unsafe { XpcConnection::start(peer, sides) };
         let on_connection = Arc::clone(&self.on_connection);
         // If no thread can be made, the closure (and the connection in it)
         // is dropped: cancelled, released.
@@ -737,8 +657,9 @@ impl XpcListener {
     }
 
     /// Peers refused because XPC would not take the code-signing
-    /// requirement for them (it did not parse): a configuration error the
-    /// daemon should report if this is not 0.
+    /// requirement for them (it did not parse: a configuration error the
+    /// daemon should report), or because no inbox could be made for them
+    /// (out of descriptors).
     pub fn refused(&self) -> u64 {
         self.refused.load(Ordering::Relaxed)
     }
@@ -758,89 +679,6 @@ pub fn validate_requirement(requirement: &str) -> Result<(), XpcError> {
     c_string(requirement, "the code-signing requirement").map(drop)
 }
 
-// ---- the client ---------------------------------------------------------------
-
-/// A client's connection to the daemon over XPC, after the handshake: the
-/// counterpart of the Unix transport's `Client`.
-#[derive(Debug)]
-pub struct XpcClient {
-    connection: XpcConnection,
-    timeout: Option<Duration>,
-    /// The uid the daemon saw (and authorizes by).
-    pub uid: u32,
-    /// Whether the daemon considers us an administrator.
-    pub is_admin: bool,
-    /// The daemon's version.
-    pub daemon_version: String,
-}
-
-impl XpcClient {
-    /// Connects to the daemon's Mach service (usually
-    /// [`crate::xpc_frame::MACH_SERVICE_NAME`]) and performs the handshake:
-    /// `Hello` with our protocol version, then `Welcome`. `client` names this
-    /// program in the daemon's log, e.g. `epmctl 0.1.0`. Answers are awaited
-    /// for [`DEFAULT_CLIENT_TIMEOUT`] unless changed with
-    /// [`XpcClient::set_timeout`].
-    pub fn connect(service_name: &str, client: &str) -> Result<XpcClient, XpcError> {
-        let mut connection = XpcConnection::connect(service_name)?;
-        let timeout = Some(DEFAULT_CLIENT_TIMEOUT);
-        connection.send(&hello(client))?;
-        let answer = connection.recv::<Response>(timeout)?;
-        let welcomed = welcome(answer).map_err(|error| match error {
-            HandshakeError::Closed => XpcError::Unavailable {
-                service: service_name.to_owned(),
-            },
-            other => XpcError::Handshake(other),
-        })?;
-        Ok(XpcClient {
-            connection,
-            timeout,
-            uid: welcomed.uid,
-            is_admin: welcomed.is_admin,
-            daemon_version: welcomed.daemon_version,
-        })
-    }
-
-    /// Sends a request.
-    pub fn send(&mut self, request: &Request) -> Result<(), XpcError> {
-        self.connection.send(request)
-    }
-
-    /// Receives the next response; a daemon [`Response::Error`] becomes
-    /// [`XpcError::Daemon`], the daemon going away [`XpcError::PeerGone`].
-    pub fn recv(&mut self) -> Result<Response, XpcError> {
-        match self.connection.recv::<Response>(self.timeout)? {
-            None => Err(XpcError::PeerGone),
-            Some(Response::Error { code, message }) => Err(XpcError::Daemon { code, message }),
-            Some(response) => Ok(response),
-        }
-    }
-
-    /// Sends a request and receives one response.
-    pub fn call(&mut self, request: &Request) -> Result<Response, XpcError> {
-        self.send(request)?;
-        self.recv()
-    }
-
-    /// Sets how long [`XpcClient::recv`] waits; `None` waits forever
-    /// (following a stream, which may be quiet for hours).
-    pub fn set_timeout(&mut self, timeout: Option<Duration>) {
-        self.timeout = timeout;
-    }
-
-    /// Who the daemon is, as XPC says: a caller that must not talk to an
-    /// impostor checks that this is root (the privileged bootstrap already
-    /// means only a LaunchDaemon could advertise the service).
-    pub fn daemon_credentials(&self) -> PeerCredentials {
-        self.connection.peer()
-    }
-
-    /// The connection, for a caller that wants the raw messages.
-    pub fn into_connection(self) -> XpcConnection {
-        self.connection
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -856,7 +694,6 @@ mod tests {
         fn send<T: Send>() {}
         fn send_sync<T: Send + Sync>() {}
         send::<XpcConnection>();
-        send::<XpcClient>();
         send_sync::<XpcListener>();
     }
 

@@ -11,7 +11,6 @@
 use std::ffi::CStr;
 
 use crate::frame::{FrameError, MAX_FRAME_BYTES};
-use crate::message::{ErrorCode, Message, PROTOCOL_VERSION, Request, Response, decode};
 
 /// The Mach service `epmd` listens on (its launchd plist's
 /// `MachServices` key; `tests/macos_packaging.rs` checks they agree).
@@ -23,26 +22,10 @@ pub const FRAME_KEY: &str = "frame";
 /// [`FRAME_KEY`] as the C string the XPC calls take.
 pub const FRAME_KEY_C: &CStr = c"frame";
 
-/// What arrived on an XPC connection, once classified.
-#[derive(Debug, PartialEq)]
-pub enum XpcEvent<T> {
-    /// A well-formed message.
-    Message(T),
-    /// The peer went away (or the connection was cancelled): no more will
-    /// come.
-    PeerGone,
-    /// Something that is not a message: the connection is cancelled.
-    Garbage(String),
-}
-
-/// Classifies the body of one dictionary: `None` when it had no data under
-/// [`FRAME_KEY`].
-pub fn classify<T: Message>(frame: Option<&[u8]>) -> XpcEvent<T> {
-    match check(frame).and_then(decode::<T>) {
-        Ok(message) => XpcEvent::Message(message),
-        Err(error) => XpcEvent::Garbage(error.to_string()),
-    }
-}
+/// The keys of the descriptors a message carries beside its frame, in
+/// order (`xpc_dictionary_set_fd`; for `run`: stdin, stdout, stderr). A
+/// message carries at most this many.
+pub const FD_KEYS: [&CStr; 3] = [c"fd.0", c"fd.1", c"fd.2"];
 
 /// The frame's bytes, if present and within the size limit.
 pub fn check(frame: Option<&[u8]>) -> Result<&[u8], FrameError> {
@@ -118,127 +101,10 @@ pub fn triage(received: Received<'_>) -> Triage<'_> {
     }
 }
 
-// ---- the client's handshake -------------------------------------------------------
-
-/// The client's opening message on any transport: `Hello` with our
-/// [`PROTOCOL_VERSION`]. `client` names the program, e.g. `epmctl 0.1.0`.
-pub fn hello(client: &str) -> Request {
-    Request::Hello {
-        protocol: PROTOCOL_VERSION,
-        client: client.to_owned(),
-    }
-}
-
-/// What the daemon told a client that it accepted (its `Welcome`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Welcomed {
-    /// The uid the daemon saw (and authorizes by).
-    pub uid: u32,
-    /// Whether the daemon considers the client an administrator.
-    pub is_admin: bool,
-    /// The daemon's version.
-    pub daemon_version: String,
-}
-
-/// Why the daemon's answer to `Hello` ends the handshake.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum HandshakeError {
-    /// The daemon went away before it answered.
-    #[error("epmd closed the connection before answering hello")]
-    Closed,
-    /// The daemon and this client speak incompatible protocol versions.
-    #[error(
-        "epmd and this client (protocol {client}) cannot talk: {message}; upgrade the older one"
-    )]
-    VersionMismatch {
-        /// The daemon's version, when it said.
-        daemon: Option<u32>,
-        /// Ours ([`PROTOCOL_VERSION`]).
-        client: u32,
-        /// What the daemon said, or what we saw.
-        message: String,
-    },
-    /// The daemon refused with another error.
-    #[error("epmd: {message}")]
-    Daemon {
-        /// The class of failure.
-        code: ErrorCode,
-        /// The daemon's words.
-        message: String,
-    },
-    /// Something other than `Welcome` or an error.
-    #[error("unexpected answer from epmd: {0} instead of welcome")]
-    Protocol(&'static str),
-}
-
-/// Judges the daemon's answer to [`hello`] (`None`: it went away), with the
-/// same rules as the Unix transport's `Client::connect`.
-pub fn welcome(answer: Option<Response>) -> Result<Welcomed, HandshakeError> {
-    match answer {
-        None => Err(HandshakeError::Closed),
-        Some(Response::Welcome {
-            protocol,
-            uid,
-            is_admin,
-            daemon_version,
-        }) => {
-            if protocol != PROTOCOL_VERSION {
-                return Err(HandshakeError::VersionMismatch {
-                    daemon: Some(protocol),
-                    client: PROTOCOL_VERSION,
-                    message: format!("epmd {daemon_version} speaks protocol {protocol}"),
-                });
-            }
-            Ok(Welcomed {
-                uid,
-                is_admin,
-                daemon_version,
-            })
-        }
-        Some(Response::Error {
-            code: ErrorCode::VersionMismatch,
-            message,
-        }) => Err(HandshakeError::VersionMismatch {
-            daemon: None,
-            client: PROTOCOL_VERSION,
-            message,
-        }),
-        Some(Response::Error { code, message }) => Err(HandshakeError::Daemon { code, message }),
-        Some(other) => Err(HandshakeError::Protocol(other.type_name())),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::encode;
-
-    #[test]
-    fn a_frame_from_encode_is_a_message() {
-        let bytes = encode(&Request::Status).unwrap();
-        assert_eq!(
-            classify::<Request>(Some(&bytes)),
-            XpcEvent::Message(Request::Status)
-        );
-    }
-
-    #[test]
-    fn missing_oversized_and_garbage_frames_are_garbage() {
-        assert!(matches!(classify::<Request>(None), XpcEvent::Garbage(_)));
-        let huge = vec![b' '; MAX_FRAME_BYTES + 1];
-        assert!(matches!(
-            classify::<Request>(Some(&huge)),
-            XpcEvent::Garbage(ref why) if why.contains("limit") || why.contains("large") || why.contains("bytes")
-        ));
-        assert!(matches!(
-            classify::<Request>(Some(b"\xff\x00not json")),
-            XpcEvent::Garbage(_)
-        ));
-        assert!(matches!(
-            classify::<Request>(Some(br#"{"no":"type"}"#)),
-            XpcEvent::Garbage(_)
-        ));
-    }
+    use crate::{Request, encode};
 
     #[test]
     fn the_c_key_is_the_key() {
@@ -284,64 +150,5 @@ mod tests {
         ] {
             assert_eq!(triage(Received::Error(kind)), Triage::PeerGone(kind));
         }
-    }
-
-    #[test]
-    fn hello_carries_our_protocol() {
-        assert_eq!(
-            hello("epmctl 0.1.0"),
-            Request::Hello {
-                protocol: PROTOCOL_VERSION,
-                client: "epmctl 0.1.0".into()
-            }
-        );
-    }
-
-    #[test]
-    fn a_welcome_in_our_protocol_is_accepted() {
-        let answer = Response::Welcome {
-            protocol: PROTOCOL_VERSION,
-            daemon_version: "0.1.0".into(),
-            uid: 501,
-            is_admin: false,
-        };
-        assert_eq!(
-            welcome(Some(answer)),
-            Ok(Welcomed {
-                uid: 501,
-                is_admin: false,
-                daemon_version: "0.1.0".into()
-            })
-        );
-    }
-
-    #[test]
-    fn anything_else_ends_the_handshake() {
-        assert_eq!(welcome(None), Err(HandshakeError::Closed));
-        let newer = Response::Welcome {
-            protocol: PROTOCOL_VERSION + 1,
-            daemon_version: "9.0.0".into(),
-            uid: 0,
-            is_admin: true,
-        };
-        assert!(matches!(
-            welcome(Some(newer)),
-            Err(HandshakeError::VersionMismatch { daemon: Some(v), .. }) if v == PROTOCOL_VERSION + 1
-        ));
-        assert!(matches!(
-            welcome(Some(Response::error(ErrorCode::VersionMismatch, "old"))),
-            Err(HandshakeError::VersionMismatch { daemon: None, .. })
-        ));
-        assert_eq!(
-            welcome(Some(Response::error(ErrorCode::Forbidden, "no"))),
-            Err(HandshakeError::Daemon {
-                code: ErrorCode::Forbidden,
-                message: "no".into()
-            })
-        );
-        assert_eq!(
-            welcome(Some(Response::End)),
-            Err(HandshakeError::Protocol("end"))
-        );
     }
 }

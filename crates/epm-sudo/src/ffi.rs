@@ -425,7 +425,7 @@ impl SocketDaemon {
             })?;
         }
         let client = Client::connect(
-            &self.options.socket,
+            &epm_ipc::Endpoint::Socket(self.options.socket.clone()),
             concat!("epm-sudo ", env!("CARGO_PKG_VERSION")),
         );
         if switch && let Err(e) = seteuid(Uid::from_raw(0)) {

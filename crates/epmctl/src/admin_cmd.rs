@@ -1,16 +1,15 @@
 //! `epmctl admin`: time-boxed admin sessions. Start one (meeting the
 //! policy's justification or approval), see it, end it early.
 
-use std::path::Path;
 use std::process::ExitCode;
 
-use epm_ipc::{AdminSessionInfo, Client, ElevationVerdict, Request, Response};
+use epm_ipc::{AdminSessionInfo, Client, ElevationVerdict, Endpoint, Request, Response};
 
 use crate::verdicts::Answers;
 
-fn connect(socket: &Path) -> anyhow::Result<Client> {
+fn connect(endpoint: &Endpoint) -> anyhow::Result<Client> {
     Ok(Client::connect(
-        socket,
+        endpoint,
         concat!("epmctl ", env!("CARGO_PKG_VERSION")),
     )?)
 }
@@ -45,13 +44,13 @@ fn print_session(session: &AdminSessionInfo, json: bool) -> anyhow::Result<()> {
 
 /// `epmctl admin start --minutes N`
 pub(crate) fn start(
-    socket: &Path,
+    endpoint: &Endpoint,
     minutes: u32,
     reason: Option<String>,
     wait: bool,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
-    let mut client = connect(socket)?;
+    let mut client = connect(endpoint)?;
     // An approval is asked for the next hour: the session starts inside it.
     let mut answers = Answers::new(reason, "now".into(), "+1h".into());
     loop {
@@ -98,8 +97,8 @@ pub(crate) fn start(
 }
 
 /// `epmctl admin status [--all]`
-pub(crate) fn status(socket: &Path, all: bool, json: bool) -> anyhow::Result<ExitCode> {
-    let mut client = connect(socket)?;
+pub(crate) fn status(endpoint: &Endpoint, all: bool, json: bool) -> anyhow::Result<ExitCode> {
+    let mut client = connect(endpoint)?;
     let sessions = match client.call(&Request::AdminStatus { all }) {
         Ok(Response::AdminSessions { sessions }) => sessions,
         Ok(other) => anyhow::bail!("epmd sent an unexpected answer: {other:?}"),
@@ -123,8 +122,8 @@ pub(crate) fn status(socket: &Path, all: bool, json: bool) -> anyhow::Result<Exi
 }
 
 /// `epmctl admin end`
-pub(crate) fn end(socket: &Path, json: bool) -> anyhow::Result<ExitCode> {
-    let mut client = connect(socket)?;
+pub(crate) fn end(endpoint: &Endpoint, json: bool) -> anyhow::Result<ExitCode> {
+    let mut client = connect(endpoint)?;
     match client.call(&Request::AdminEnd) {
         Ok(Response::AdminSession(session)) => {
             print_session(&session, json)?;

@@ -1,4 +1,4 @@
-//! Commands that talk to the running daemon over its control socket.
+//! Commands that talk to the running daemon over its control socket (or, on macOS, its XPC service).
 
 use std::io::{IsTerminal, Write};
 use std::path::Path;
@@ -6,18 +6,18 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use epm_audit::AuditRecord;
-use epm_ipc::{Client, Request, Response};
+use epm_ipc::{Client, Endpoint, Request, Response};
 
-fn connect(socket: &Path) -> anyhow::Result<Client> {
+fn connect(endpoint: &Endpoint) -> anyhow::Result<Client> {
     Ok(Client::connect(
-        socket,
+        endpoint,
         concat!("epmctl ", env!("CARGO_PKG_VERSION")),
     )?)
 }
 
 /// `epmctl status`
-pub(crate) fn status(socket: &Path, json: bool) -> anyhow::Result<ExitCode> {
-    let mut client = connect(socket)?;
+pub(crate) fn status(endpoint: &Endpoint, json: bool) -> anyhow::Result<ExitCode> {
+    let mut client = connect(endpoint)?;
     let Response::Status(report) = client.call(&Request::Status)? else {
         anyhow::bail!("epmd sent an unexpected answer to status");
     };
@@ -107,8 +107,8 @@ fn bytes(n: u64) -> String {
 }
 
 /// `epmctl sync`
-pub(crate) fn sync(socket: &Path, json: bool) -> anyhow::Result<ExitCode> {
-    let mut client = connect(socket)?;
+pub(crate) fn sync(endpoint: &Endpoint, json: bool) -> anyhow::Result<ExitCode> {
+    let mut client = connect(endpoint)?;
     // The daemon answers within about a minute (or says the sync goes on).
     client.set_timeout(Some(std::time::Duration::from_secs(90)))?;
     let outcome = match client.call(&Request::Sync)? {
@@ -141,8 +141,8 @@ fn uptime(secs: u64) -> String {
 }
 
 /// `epmctl policy show`
-pub(crate) fn policy_show(socket: &Path, json: bool) -> anyhow::Result<ExitCode> {
-    let mut client = connect(socket)?;
+pub(crate) fn policy_show(endpoint: &Endpoint, json: bool) -> anyhow::Result<ExitCode> {
+    let mut client = connect(endpoint)?;
     let Response::Policy(info) = client.call(&Request::PolicyShow)? else {
         anyhow::bail!("epmd sent an unexpected answer to policy show");
     };
@@ -164,14 +164,14 @@ pub(crate) fn policy_show(socket: &Path, json: bool) -> anyhow::Result<ExitCode>
 
 /// `epmctl policy explain PATH` against the live policy.
 pub(crate) fn policy_explain(
-    socket: &Path,
+    endpoint: &Endpoint,
     path: &Path,
     sha256: Option<String>,
     user: Option<String>,
     groups: Option<Vec<String>>,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
-    let mut client = connect(socket)?;
+    let mut client = connect(endpoint)?;
     let Response::Explanation(e) = client.call(&Request::PolicyExplain {
         path: path.to_string_lossy().into_owned(),
         sha256,
@@ -195,11 +195,11 @@ pub(crate) struct TailOptions {
 
 /// `epmctl audit tail`
 pub(crate) fn audit_tail(
-    socket: &Path,
+    endpoint: &Endpoint,
     options: TailOptions,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
-    let mut client = connect(socket)?;
+    let mut client = connect(endpoint)?;
     if options.follow {
         client.wait_forever();
     }

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use clap::Args;
-use epm_ipc::Explanation;
+use epm_ipc::{Endpoint, Explanation};
 use epm_policy::{Decision, Engine, Sha256Digest, Subject};
 use sha2::{Digest, Sha256};
 
@@ -29,12 +29,12 @@ pub(crate) struct ExplainArgs {
     path: PathBuf,
 }
 
-pub(crate) fn run(args: &ExplainArgs, socket: &Path, json: bool) -> anyhow::Result<ExitCode> {
+pub(crate) fn run(args: &ExplainArgs, endpoint: &Endpoint, json: bool) -> anyhow::Result<ExitCode> {
     let Some(policy) = &args.policy else {
         // The daemon decides; we read and hash the file, with our own rights.
         let subject = local_subject(args)?;
         return crate::daemon_cmd::policy_explain(
-            socket,
+            endpoint,
             Path::new(&subject.path),
             subject.sha256.map(|d| d.to_string()),
             args.user.clone(),

@@ -10,13 +10,13 @@ use std::process::ExitCode;
 use anyhow::Context;
 use epm_helper::messages;
 use epm_helper::when::parse_time;
-use epm_ipc::{Client, GrantInfo, Request, RequestInfo, Response};
+use epm_ipc::{Client, Endpoint, GrantInfo, Request, RequestInfo, Response};
 use jiff::Timestamp;
 use jiff::tz::TimeZone;
 
-fn connect(socket: &Path) -> anyhow::Result<Client> {
+fn connect(endpoint: &Endpoint) -> anyhow::Result<Client> {
     Ok(Client::connect(
-        socket,
+        endpoint,
         concat!("epmctl ", env!("CARGO_PKG_VERSION")),
     )?)
 }
@@ -76,14 +76,14 @@ fn refused(message: &str) -> ExitCode {
 
 /// `epmctl justify PROGRAM --reason TEXT`
 pub(crate) fn justify(
-    socket: &Path,
+    endpoint: &Endpoint,
     program: &Path,
     reason: Option<String>,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
     let path = program_path(program)?;
     let reason = reason_or_ask(reason, &path)?;
-    let mut client = connect(socket)?;
+    let mut client = connect(endpoint)?;
     match call(
         &mut client,
         &Request::Justify {
@@ -121,12 +121,12 @@ pub(crate) struct RequestOptions {
 
 /// `epmctl request …`
 pub(crate) fn request(
-    socket: &Path,
+    endpoint: &Endpoint,
     options: RequestOptions,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
     if let Some(code) = options.code {
-        return offline_code(socket, code, json);
+        return offline_code(endpoint, code, json);
     }
     let program = options
         .program
@@ -137,7 +137,7 @@ pub(crate) fn request(
     let start = parse_time(&options.from, now, &zone).context("--from")?;
     let end = parse_time(&options.until, now, &zone).context("--until")?;
     let reason = reason_or_ask(options.reason, &path)?;
-    let mut client = connect(socket)?;
+    let mut client = connect(endpoint)?;
     if options.offline {
         return match call(
             &mut client,
@@ -198,8 +198,8 @@ pub(crate) fn request(
     }
 }
 
-fn offline_code(socket: &Path, code: String, json: bool) -> anyhow::Result<ExitCode> {
-    let mut client = connect(socket)?;
+fn offline_code(endpoint: &Endpoint, code: String, json: bool) -> anyhow::Result<ExitCode> {
+    let mut client = connect(endpoint)?;
     match call(&mut client, &Request::OfflineCode { code })? {
         Ok(Response::Granted(grant)) => {
             if json {
@@ -218,8 +218,8 @@ fn offline_code(socket: &Path, code: String, json: bool) -> anyhow::Result<ExitC
 }
 
 /// `epmctl requests [--all]`
-pub(crate) fn requests(socket: &Path, all: bool, json: bool) -> anyhow::Result<ExitCode> {
-    let mut client = connect(socket)?;
+pub(crate) fn requests(endpoint: &Endpoint, all: bool, json: bool) -> anyhow::Result<ExitCode> {
+    let mut client = connect(endpoint)?;
     match call(&mut client, &Request::ListRequests { all })? {
         Ok(Response::Requests { requests }) => {
             if json {
@@ -288,8 +288,8 @@ pub(crate) fn state_message(request: &RequestInfo, now: Timestamp) -> Option<Str
 }
 
 /// `epmctl grants [--all]`
-pub(crate) fn grants(socket: &Path, all: bool, json: bool) -> anyhow::Result<ExitCode> {
-    let mut client = connect(socket)?;
+pub(crate) fn grants(endpoint: &Endpoint, all: bool, json: bool) -> anyhow::Result<ExitCode> {
+    let mut client = connect(endpoint)?;
     match call(&mut client, &Request::ListGrants { all })? {
         Ok(Response::Grants { grants }) => {
             if json {

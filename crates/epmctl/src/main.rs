@@ -17,9 +17,6 @@ mod policy_check;
 mod run_cmd;
 mod verdicts;
 
-/// Where `epmd` listens when the packaging did not say otherwise.
-const DEFAULT_SOCKET: &str = epm_ipc::DEFAULT_SOCKET_PATH;
-
 /// Where the packaged daemon writes its audit log.
 const DEFAULT_AUDIT_LOG: &str = if cfg!(target_os = "macos") {
     "/Library/Logs/EPM/audit.jsonl"
@@ -60,9 +57,10 @@ struct Cli {
 /// Options every command takes.
 #[derive(Debug, Args)]
 struct GlobalArgs {
-    /// The daemon's control socket.
-    #[arg(long, global = true, value_name = "PATH", env = "EPM_SOCKET", default_value = DEFAULT_SOCKET)]
-    socket: PathBuf,
+    /// Talk to the daemon over this control socket [default: on macOS the
+    /// XPC service com.epm.epmd.xpc, elsewhere /var/run/epm/epmd.sock].
+    #[arg(long, global = true, value_name = "PATH", env = "EPM_SOCKET")]
+    socket: Option<PathBuf>,
     /// Print machine-readable JSON instead of text.
     #[arg(long, global = true)]
     json: bool,
@@ -292,9 +290,10 @@ enum PolicyCommand {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let GlobalArgs { socket, json } = cli.global;
+    let endpoint = epm_ipc::Endpoint::socket_or_default(socket);
     let result = match cli.command {
-        Command::Status => daemon_cmd::status(&socket, json),
-        Command::Sync => daemon_cmd::sync(&socket, json),
+        Command::Status => daemon_cmd::status(&endpoint, json),
+        Command::Sync => daemon_cmd::sync(&endpoint, json),
         Command::Run {
             reason,
             user,
@@ -302,7 +301,7 @@ fn main() -> ExitCode {
             until,
             command,
         } => run_cmd::run(
-            &socket,
+            &endpoint,
             run_cmd::RunOptions {
                 command,
                 reason,
@@ -311,7 +310,9 @@ fn main() -> ExitCode {
                 until,
             },
         ),
-        Command::Justify { program, reason } => flows_cmd::justify(&socket, &program, reason, json),
+        Command::Justify { program, reason } => {
+            flows_cmd::justify(&endpoint, &program, reason, json)
+        }
         Command::Request {
             program,
             reason,
@@ -320,7 +321,7 @@ fn main() -> ExitCode {
             offline,
             code,
         } => flows_cmd::request(
-            &socket,
+            &endpoint,
             flows_cmd::RequestOptions {
                 program,
                 reason,
@@ -331,22 +332,22 @@ fn main() -> ExitCode {
             },
             json,
         ),
-        Command::Requests { all } => flows_cmd::requests(&socket, all, json),
-        Command::Grants { all } => flows_cmd::grants(&socket, all, json),
+        Command::Requests { all } => flows_cmd::requests(&endpoint, all, json),
+        Command::Grants { all } => flows_cmd::grants(&endpoint, all, json),
         Command::Admin(AdminCommand::Start {
             minutes,
             reason,
             wait,
-        }) => admin_cmd::start(&socket, minutes, reason, wait, json),
-        Command::Admin(AdminCommand::Status { all }) => admin_cmd::status(&socket, all, json),
-        Command::Admin(AdminCommand::End) => admin_cmd::end(&socket, json),
+        }) => admin_cmd::start(&endpoint, minutes, reason, wait, json),
+        Command::Admin(AdminCommand::Status { all }) => admin_cmd::status(&endpoint, all, json),
+        Command::Admin(AdminCommand::End) => admin_cmd::end(&endpoint, json),
         Command::Audit(AuditCommand::Tail {
             lines,
             follow,
             decision,
             user,
         }) => daemon_cmd::audit_tail(
-            &socket,
+            &endpoint,
             daemon_cmd::TailOptions {
                 lines,
                 follow,
@@ -357,8 +358,8 @@ fn main() -> ExitCode {
         ),
         Command::Audit(AuditCommand::Verify { file }) => daemon_cmd::audit_verify(&file, json),
         Command::Policy(PolicyCommand::Check { file }) => policy_check::run(&file, json),
-        Command::Policy(PolicyCommand::Explain(args)) => explain::run(&args, &socket, json),
-        Command::Policy(PolicyCommand::Show) => daemon_cmd::policy_show(&socket, json),
+        Command::Policy(PolicyCommand::Explain(args)) => explain::run(&args, &endpoint, json),
+        Command::Policy(PolicyCommand::Show) => daemon_cmd::policy_show(&endpoint, json),
     };
     match result {
         Ok(code) => code,

@@ -1,6 +1,6 @@
 //! `epmctl run -- CMD [ARGS…]`: run one command with privileges, as the
 //! policy's elevation rules allow. `epmd` starts it on this process's own
-//! stdin, stdout and stderr (passed over the socket); this side answers the
+//! stdin, stdout and stderr (passed to the daemon with the request); this side answers the
 //! rule (a justification, an approval request), then forwards signals and
 //! terminal size changes until the command ends, and exits with its status.
 
@@ -16,7 +16,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Context;
 use epm_helper::display::shown_line;
-use epm_ipc::{Client, ClientError, Command, ErrorCode, ExitStatus, Request, Response, TermSize};
+use epm_ipc::{
+    Client, ClientError, Command, Endpoint, ErrorCode, ExitStatus, Request, Response, TermSize,
+};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::termios::{self, SetArg, Termios};
 
@@ -41,7 +43,7 @@ pub(crate) struct RunOptions {
 }
 
 /// `epmctl run [--reason TEXT] [--user NAME] -- CMD [ARGS…]`
-pub(crate) fn run(socket: &Path, options: RunOptions) -> anyhow::Result<ExitCode> {
+pub(crate) fn run(endpoint: &Endpoint, options: RunOptions) -> anyhow::Result<ExitCode> {
     let Some((name, _)) = options.command.split_first() else {
         anyhow::bail!("name the command to run: epmctl run -- CMD [ARGS…]");
     };
@@ -69,7 +71,7 @@ pub(crate) fn run(socket: &Path, options: RunOptions) -> anyhow::Result<ExitCode
         argv: options.command.clone(),
         run_as: options.user.clone().unwrap_or_else(|| "root".into()),
     };
-    let mut client = Client::connect(socket, concat!("epmctl ", env!("CARGO_PKG_VERSION")))?;
+    let mut client = Client::connect(endpoint, concat!("epmctl ", env!("CARGO_PKG_VERSION")))?;
     let mut answers = Answers::new(
         options.reason.clone(),
         options.from.clone(),
@@ -222,7 +224,7 @@ fn serve(
         let (signalled, answered) = {
             let mut fds = [
                 PollFd::new(wake.as_fd(), PollFlags::POLLIN),
-                PollFd::new(client.stream().as_fd(), PollFlags::POLLIN),
+                PollFd::new(client.readiness(), PollFlags::POLLIN),
             ];
             match poll(&mut fds, PollTimeout::NONE) {
                 Ok(_) | Err(nix::errno::Errno::EINTR) => {}

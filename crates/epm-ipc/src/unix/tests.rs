@@ -1,5 +1,6 @@
 use std::io::Write;
 use std::os::unix::net::UnixListener;
+use std::path::Path;
 use std::thread;
 
 use proptest::prelude::*;
@@ -7,6 +8,12 @@ use proptest::prelude::*;
 use super::*;
 use crate::frame::MAX_FRAME_BYTES;
 use crate::message::tests::{sample_requests, sample_responses};
+
+/// The client's socket, to write what a real client never would (on a
+/// Unix socket, the readiness descriptor is the socket).
+fn raw_stream(client: &Client) -> UnixStream {
+    UnixStream::from(client.readiness().try_clone_to_owned().unwrap())
+}
 
 /// A socket in a fresh directory.
 fn bind() -> (tempfile::TempDir, PathBuf, UnixListener) {
@@ -88,7 +95,7 @@ fn handshake_reports_our_credentials_and_serves_requests() {
         assert_eq!(conn.next_request().unwrap(), None, "clean close");
         (conn.peer, conn.client.clone(), request)
     });
-    let mut client = Client::connect(&path, "test-client 1.0").unwrap();
+    let mut client = Client::connect(&Endpoint::Socket(path.clone()), "test-client 1.0").unwrap();
     let (uid, gid) = ours();
     assert_eq!(client.uid, uid);
     assert!(client.is_admin, "as the closure said");
@@ -140,9 +147,9 @@ fn every_request_and_response_crosses_a_socket() {
 fn unknown_request_types_are_unsupported_not_fatal() {
     let (_dir, path, listener) = bind();
     let server = serve_one(listener);
-    let mut client = Client::connect(&path, "test").unwrap();
+    let mut client = Client::connect(&Endpoint::Socket(path.clone()), "test").unwrap();
     write_frame(
-        &mut client.connection.stream,
+        &mut raw_stream(&client),
         br#"{"type":"grant_sudo","minutes":5}"#,
     )
     .unwrap();
@@ -177,9 +184,9 @@ fn unknown_request_types_are_unsupported_not_fatal() {
 fn an_invalid_request_is_answered_bad_request_and_the_connection_stays() {
     let (_dir, path, listener) = bind();
     let server = serve_one(listener);
-    let mut client = Client::connect(&path, "test").unwrap();
+    let mut client = Client::connect(&Endpoint::Socket(path.clone()), "test").unwrap();
     write_frame(
-        &mut client.connection.stream,
+        &mut raw_stream(&client),
         br#"{"type":"audit_tail","lines":5,"follow":false,"usr":"bob"}"#,
     )
     .unwrap();
@@ -310,7 +317,7 @@ fn the_client_names_a_version_mismatch() {
             "this epmd speaks protocol 2, the client 1",
         ),
     );
-    let err = Client::connect(&path, "t").unwrap_err();
+    let err = Client::connect(&Endpoint::Socket(path.clone()), "t").unwrap_err();
     assert!(
         matches!(
             err,
@@ -347,7 +354,7 @@ fn the_client_names_a_version_mismatch() {
             is_admin: true,
         },
     );
-    let err = Client::connect(&path, "t").unwrap_err();
+    let err = Client::connect(&Endpoint::Socket(path.clone()), "t").unwrap_err();
     assert!(
         matches!(
             err,
@@ -363,7 +370,7 @@ fn the_client_names_a_version_mismatch() {
     // Something else than a welcome.
     let (_dir, path, listener) = bind();
     let daemon = fake_daemon(listener, Response::End);
-    let err = Client::connect(&path, "t").unwrap_err();
+    let err = Client::connect(&Endpoint::Socket(path.clone()), "t").unwrap_err();
     assert_eq!(
         err.to_string(),
         "unexpected answer from epmd: end instead of welcome"
@@ -393,8 +400,8 @@ fn garbage_and_oversized_frames_end_only_that_connection() {
     ] {
         let (_dir, path, listener) = bind();
         let server = serve_one(listener);
-        let mut client = Client::connect(&path, "test").unwrap();
-        client.connection.stream.write_all(&bad).unwrap();
+        let mut client = Client::connect(&Endpoint::Socket(path.clone()), "test").unwrap();
+        raw_stream(&client).write_all(&bad).unwrap();
         let err = server.join().unwrap().unwrap_err();
         assert_eq!(err.to_string(), why);
         let told = client.recv().unwrap_err();
@@ -489,7 +496,7 @@ fn an_answer_too_large_becomes_an_error_the_client_sees() {
 
 #[test]
 fn connecting_to_nothing_says_the_daemon_is_not_running() {
-    let err = Client::connect(Path::new("/nonexistent/epmd.sock"), "t").unwrap_err();
+    let err = Client::connect(&Endpoint::Socket("/nonexistent/epmd.sock".into()), "t").unwrap_err();
     assert_eq!(
         err.to_string(),
         "epmd is not running (no socket at /nonexistent/epmd.sock); start it, or pass --socket PATH"
@@ -497,7 +504,7 @@ fn connecting_to_nothing_says_the_daemon_is_not_running() {
 
     let (_dir, path, listener) = bind();
     drop(listener);
-    let err = Client::connect(&path, "t").unwrap_err();
+    let err = Client::connect(&Endpoint::Socket(path.clone()), "t").unwrap_err();
     assert!(matches!(err, ClientError::Refused(_)), "{err}");
     assert!(err.to_string().contains("a stale socket?"), "{err}");
 }
@@ -506,7 +513,7 @@ fn connecting_to_nothing_says_the_daemon_is_not_running() {
 fn a_daemon_that_hangs_up_is_closed_not_a_broken_pipe() {
     let (_dir, path, listener) = bind();
     let daemon = thread::spawn(move || drop(listener.accept().unwrap()));
-    let err = Client::connect(&path, "t").unwrap_err();
+    let err = Client::connect(&Endpoint::Socket(path.clone()), "t").unwrap_err();
     daemon.join().unwrap();
     assert!(matches!(err, ClientError::Closed), "{err}");
     assert_eq!(err.to_string(), "epmd closed the connection");
@@ -516,7 +523,7 @@ fn a_daemon_that_hangs_up_is_closed_not_a_broken_pipe() {
 fn a_silent_daemon_times_out() {
     let (_dir, path, listener) = bind();
     let server = serve_one(listener);
-    let mut client = Client::connect(&path, "t").unwrap();
+    let mut client = Client::connect(&Endpoint::Socket(path.clone()), "t").unwrap();
     client.set_timeout(Some(Duration::from_millis(50))).unwrap();
     // Nothing was asked, so nothing comes.
     let err = client.recv().unwrap_err();
@@ -537,7 +544,7 @@ fn a_permission_denied_socket_is_named() {
     }
     let (dir, path, _listener) = bind();
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o000)).unwrap();
-    let err = Client::connect(&path, "t").unwrap_err();
+    let err = Client::connect(&Endpoint::Socket(path.clone()), "t").unwrap_err();
     assert!(matches!(err, ClientError::PermissionDenied(_)), "{err}");
     drop(dir);
 }
@@ -664,7 +671,7 @@ fn a_run_brings_its_descriptors_and_the_stream_stays_in_step() {
         assert_eq!(next, Some(Incoming::Request(Request::Status)));
         conn.send(&Response::End).unwrap();
     });
-    let mut client = Client::connect(&path, "test").unwrap();
+    let mut client = Client::connect(&Endpoint::Socket(path.clone()), "test").unwrap();
     let (mut r, w) = std::os::unix::net::UnixStream::pair().unwrap();
     client
         .send_with_fds(&run_request(), &[w.as_fd(), w.as_fd(), w.as_fd()])
@@ -698,9 +705,9 @@ fn a_run_without_descriptors_or_invalid_ends_the_connection() {
         outcomes
     });
     // A run frame followed by a plain byte (no descriptors).
-    let mut client = Client::connect(&path, "test").unwrap();
+    let mut client = Client::connect(&Endpoint::Socket(path.clone()), "test").unwrap();
     client.send(&run_request()).unwrap();
-    client.connection.stream.write_all(&[FD_MARKER]).unwrap();
+    raw_stream(&client).write_all(&[FD_MARKER]).unwrap();
     let err = client.recv().unwrap_err();
     assert!(
         matches!(&err, ClientError::Daemon { code: ErrorCode::BadRequest, message } if message.contains("no file descriptors")),
@@ -708,9 +715,9 @@ fn a_run_without_descriptors_or_invalid_ends_the_connection() {
     );
     // An invalid run frame: its descriptors may follow, so the daemon
     // cannot stay in step.
-    let mut client = Client::connect(&path, "test").unwrap();
+    let mut client = Client::connect(&Endpoint::Socket(path.clone()), "test").unwrap();
     write_frame(
-        &mut client.connection.stream,
+        &mut raw_stream(&client),
         br#"{"type":"run","command":{"program":"/bin/true","argv":[]},"cwd":"/","bogus":1}"#,
     )
     .unwrap();
