@@ -256,13 +256,21 @@ impl Decider {
         } else {
             None
         };
-        let decision = self.decisions.get(&self.key(facts, policy.generation))?;
+        // Asking the user directory may block: a worker's job.
+        let directory = match facts.groups_from_directory {
+            true => Some(self.names.member_groups_if_cached(facts.uid, facts.gid)?),
+            false => None,
+        };
+        let groups = supplementary(facts, directory.as_ref());
+        let decision = self
+            .decisions
+            .get(&self.key(facts, groups, policy.generation))?;
         if self.may_use_grant(&decision) {
             // Consuming a grant writes the store: a worker's job.
             return None;
         }
         Counters::bump(&self.counters.cache_hits);
-        Some(self.conclude(facts, sha256, decision, true))
+        Some(self.conclude(facts, groups, sha256, decision, true))
     }
 
     /// Decides one exec. Never blocks on anything but reading the
@@ -271,23 +279,29 @@ impl Decider {
     pub fn decide(&self, facts: &ExecFacts) -> Result<Outcome, DecideError> {
         let policy = self.policy.load();
         let sha256 = self.sha256_of(facts)?;
-        let key = self.key(facts, policy.generation);
+        let directory = facts
+            .groups_from_directory
+            .then(|| self.names.member_groups(facts.uid, facts.gid));
+        let groups = supplementary(facts, directory.as_ref());
+        let key = self.key(facts, groups, policy.generation);
         if let Some(decision) = self.decisions.get(&key) {
             Counters::bump(&self.counters.cache_hits);
-            return Ok(self.conclude(facts, sha256, decision, true));
+            return Ok(self.conclude(facts, groups, sha256, decision, true));
         }
         Counters::bump(&self.counters.cache_misses);
-        let decision = policy.engine.evaluate(&self.subject(facts, sha256));
+        let decision = policy.engine.evaluate(&self.subject(facts, groups, sha256));
         self.decisions.insert(key, decision.clone());
-        Ok(self.conclude(facts, sha256, decision, false))
+        Ok(self.conclude(facts, groups, sha256, decision, false))
     }
 
-    fn key(&self, facts: &ExecFacts, generation: u64) -> DecisionKey {
+    /// The cache key: the groups are part of the context, so a user added
+    /// to a group (an admin session) is judged anew.
+    fn key(&self, facts: &ExecFacts, groups: &[u32], generation: u64) -> DecisionKey {
         DecisionKey {
             file: facts.file,
             generation,
             uid: facts.uid,
-            context: self.context_fingerprint(facts),
+            context: self.context_fingerprint(facts, groups),
         }
     }
 
@@ -303,11 +317,12 @@ impl Decider {
     fn conclude(
         &self,
         facts: &ExecFacts,
+        groups: &[u32],
         sha256: Option<Sha256Digest>,
         decision: Decision,
         cached: bool,
     ) -> Outcome {
-        let subject = self.subject(facts, sha256);
+        let subject = self.subject(facts, groups, sha256);
         // justify and approve need a grant that the interactive flows
         // create; without one the exec is refused, and the audit says which
         // it needs.
@@ -362,13 +377,13 @@ impl Decider {
         Ok(Some(digest))
     }
 
-    fn context_fingerprint(&self, facts: &ExecFacts) -> u64 {
+    fn context_fingerprint(&self, facts: &ExecFacts, groups: &[u32]) -> u64 {
         let mut hasher = self.fingerprint.build_hasher();
         // The path too: one inode can have several paths (hard links), and
         // path rules may treat them differently.
         facts.path.hash(&mut hasher);
         facts.gid.hash(&mut hasher);
-        facts.groups.hash(&mut hasher);
+        groups.hash(&mut hasher);
         facts.parent_path.hash(&mut hasher);
         facts.argv.hash(&mut hasher);
         facts.cdhash.hash(&mut hasher);
@@ -379,9 +394,15 @@ impl Decider {
         hasher.finish()
     }
 
-    fn subject(&self, facts: &ExecFacts, sha256: Option<Sha256Digest>) -> Subject {
-        let mut groups: Vec<String> = Vec::with_capacity(facts.groups.len() + 1);
-        for gid in std::iter::once(facts.gid).chain(facts.groups.iter().copied()) {
+    /// `groups`: the supplementary groups to judge by ([`supplementary`]).
+    fn subject(
+        &self,
+        facts: &ExecFacts,
+        supplementary: &[u32],
+        sha256: Option<Sha256Digest>,
+    ) -> Subject {
+        let mut groups: Vec<String> = Vec::with_capacity(supplementary.len() + 1);
+        for gid in std::iter::once(facts.gid).chain(supplementary.iter().copied()) {
             if let Some(name) = self.names.group(gid)
                 && !groups.iter().any(|g| **g == *name)
             {
@@ -410,6 +431,13 @@ impl Decider {
             device_id: self.device_id.clone(),
         }
     }
+}
+
+/// The supplementary groups to judge `facts` by: the gate's, or the user
+/// directory's when the gate could not see them
+/// ([`ExecFacts::groups_from_directory`]).
+fn supplementary<'a>(facts: &'a ExecFacts, directory: Option<&'a Arc<[u32]>>) -> &'a [u32] {
+    directory.map_or(&facts.groups, |groups| groups)
 }
 
 /// Hashes a file through an already-open handle, from offset 0 whatever the
@@ -473,6 +501,49 @@ mod tests {
 
     fn digest_of(bytes: &[u8]) -> String {
         hex::encode(Sha256::digest(bytes))
+    }
+
+    #[test]
+    fn a_gate_without_groups_gets_the_users_from_the_directory() {
+        let decider = Decider::new(
+            state(&deny_digest(&digest_of(b"x"), 1), 1),
+            Mode::Enforce,
+            FailMode::Open,
+            "dev".into(),
+            64,
+        );
+        let file = tempfile::tempfile().unwrap();
+        let nogroup = 65_534;
+        let mut facts = facts(&file, "/x");
+        // What the process had does not count when the gate could not see
+        // it; what the directory says about uid 0 (root) does.
+        facts.groups = vec![nogroup];
+        facts.groups_from_directory = true;
+        let directory = decider.names.member_groups(0, 0);
+        let subject = decider.subject(&facts, supplementary(&facts, Some(&directory)), None);
+        let expected: Vec<String> = decider
+            .names
+            .member_groups(0, 0)
+            .iter()
+            .filter_map(|&gid| decider.names.group(gid).map(|n| n.to_string()))
+            .collect();
+        assert_eq!(subject.groups, expected);
+        assert!(subject.groups.contains(&"root".to_owned()));
+        facts.groups_from_directory = false;
+        let subject = decider.subject(&facts, supplementary(&facts, None), None);
+        assert_eq!(subject.groups.len(), 2, "{:?}", subject.groups);
+
+        // The gate thread never asks the directory: a user whose groups are
+        // not known yet goes to a worker, which asks and caches.
+        let mut daemon_user = ExecFacts {
+            content: None,
+            ..facts
+        };
+        (daemon_user.uid, daemon_user.gid) = (1, 1);
+        daemon_user.groups_from_directory = true;
+        assert!(decider.decide_cached(&daemon_user).is_none());
+        assert!(!decider.decide(&daemon_user).unwrap().cached);
+        assert!(decider.decide_cached(&daemon_user).is_some());
     }
 
     #[test]

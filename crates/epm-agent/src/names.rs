@@ -1,4 +1,4 @@
-//! uid → user name and gid → group name, cached.
+//! uid → user name, gid → group name and a user's groups, cached.
 //!
 //! Resolution goes through the system's user database (NSS on Linux,
 //! Directory Services on macOS), which can be slow (LDAP) and is on the exec
@@ -14,12 +14,14 @@ const TTL: Duration = Duration::from_secs(60);
 const MAX_ENTRIES: usize = 4096;
 
 type Entry = (Option<Arc<str>>, Instant);
+type GroupsEntry = (Arc<[u32]>, Instant);
 
 /// Cached user and group names.
 #[derive(Debug, Default)]
 pub struct Names {
     users: Mutex<HashMap<u32, Entry>>,
     groups: Mutex<HashMap<u32, Entry>>,
+    memberships: Mutex<HashMap<(u32, u32), GroupsEntry>>,
 }
 
 impl Names {
@@ -29,7 +31,7 @@ impl Names {
             nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
                 .ok()
                 .flatten()
-                .map(|u| u.name)
+                .map(|u| Arc::from(u.name))
         })
     }
 
@@ -39,26 +41,93 @@ impl Names {
             nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(gid))
                 .ok()
                 .flatten()
-                .map(|g| g.name)
+                .map(|g| Arc::from(g.name))
         })
     }
 }
 
-fn cached(
-    map: &Mutex<HashMap<u32, Entry>>,
-    id: u32,
-    resolve: impl FnOnce() -> Option<String>,
-) -> Option<Arc<str>> {
+impl Names {
+    /// The groups the user directory says `uid` belongs to, `gid` (its
+    /// primary group) first; empty for a uid the directory does not know.
+    /// For gates that cannot see a process's own groups (Endpoint
+    /// Security): on macOS, `getgrouplist` asks Open Directory, which
+    /// includes groups the user is in only by way of another group.
+    pub fn member_groups(&self, uid: u32, gid: u32) -> Arc<[u32]> {
+        cached(&self.memberships, (uid, gid), || match self.user(uid) {
+            Some(name) => Arc::from(group_list(&name, gid)),
+            None => Arc::from([]),
+        })
+    }
+}
+
+impl Names {
+    /// [`Names::member_groups`] if it is known and fresh, without asking the
+    /// directory (for a thread that must not block).
+    pub fn member_groups_if_cached(&self, uid: u32, gid: u32) -> Option<Arc<[u32]>> {
+        let map = self.memberships.lock().ok()?;
+        let (groups, at) = map.get(&(uid, gid))?;
+        (at.elapsed() < TTL).then(|| groups.clone())
+    }
+}
+
+/// `getgrouplist(3)` for `user`.
+fn group_list(user: &str, gid: u32) -> Vec<u32> {
+    group_list_from(user, gid, 32)
+}
+
+/// `getgrouplist(3)` with room for `room` groups at first, growing the
+/// buffer until they fit.
+// The casts convert on Apple (`int`) and are no-ops elsewhere (`gid_t`).
+#[allow(clippy::unnecessary_cast)]
+fn group_list_from(user: &str, gid: u32, mut room: nix::libc::c_int) -> Vec<u32> {
+    // Apple declares the groups as `int`, everyone else as `gid_t`.
+    #[cfg(target_vendor = "apple")]
+    type RawGid = nix::libc::c_int;
+    #[cfg(not(target_vendor = "apple"))]
+    type RawGid = nix::libc::gid_t;
+    let Ok(user) = std::ffi::CString::new(user) else {
+        return Vec::new();
+    };
+    loop {
+        let mut groups: Vec<RawGid> = vec![0; room as usize];
+        let mut count = room;
+        // SAFETY: a C string, and a buffer of `count` elements of the type
+        // the platform declares; getgrouplist writes at most `count` and
+        // sets `count` to what it wrote (or, on Linux, to what it needs).
+        let found = unsafe {
+            nix::libc::getgrouplist(
+                user.as_ptr(),
+                gid as RawGid,
+                groups.as_mut_ptr(),
+                &mut count,
+            )
+        };
+        if found >= 0 {
+            groups.truncate(usize::try_from(count).unwrap_or(0));
+            return groups.into_iter().map(|g| g as u32).collect();
+        }
+        if room >= 65_536 {
+            return vec![gid];
+        }
+        room = room.saturating_mul(4).max(count).max(1);
+    }
+}
+
+fn cached<K: std::hash::Hash + Eq + Copy, V: Clone>(
+    map: &Mutex<HashMap<K, (V, Instant)>>,
+    id: K,
+    resolve: impl FnOnce() -> V,
+) -> V {
     let now = Instant::now();
     if let Ok(map) = map.lock()
-        && let Some((name, at)) = map.get(&id)
+        && let Some((value, at)) = map.get(&id)
         && now.duration_since(*at) < TTL
     {
-        return name.clone();
+        return value.clone();
     }
     // Resolve without holding the lock: a slow directory must not stall
     // other workers that only need cached names.
-    let name: Option<Arc<str>> = resolve().map(Arc::from);
+    let value = resolve();
     if let Ok(mut map) = map.lock() {
         if map.len() >= MAX_ENTRIES {
             map.retain(|_, (_, at)| now.duration_since(*at) < TTL);
@@ -66,9 +135,9 @@ fn cached(
                 map.clear();
             }
         }
-        map.insert(id, (name.clone(), now));
+        map.insert(id, (value.clone(), now));
     }
-    name
+    value
 }
 
 #[cfg(test)]
@@ -90,5 +159,36 @@ mod tests {
         assert_eq!(names.user(3_999_999_999), None);
         // Cached: the second answer is the same.
         assert_eq!(names.user(0).as_deref(), Some("root"));
+    }
+
+    #[test]
+    fn a_users_groups_are_what_id_says() {
+        let names = Names::default();
+        let root = names.member_groups(0, 0);
+        let id = std::process::Command::new("id")
+            .args(["-G", "root"])
+            .output()
+            .unwrap();
+        let mut expected: Vec<u32> = String::from_utf8(id.stdout)
+            .unwrap()
+            .split_whitespace()
+            .map(|g| g.parse().unwrap())
+            .collect();
+        let mut got = root.to_vec();
+        expected.sort_unstable();
+        got.sort_unstable();
+        assert_eq!(got, expected);
+        assert_eq!(root.first(), Some(&0), "the primary group comes first");
+        assert!(names.member_groups(3_999_999_999, 3_999_999_999).is_empty());
+        assert_eq!(names.member_groups_if_cached(0, 0), Some(root));
+        assert_eq!(names.member_groups_if_cached(0, 65_534), None);
+    }
+
+    #[test]
+    fn a_list_longer_than_the_buffer_is_read_whole() {
+        // No room at first: the loop must grow the buffer, not give up.
+        assert_eq!(group_list_from("root", 0, 0), group_list("root", 0));
+        // A user the directory does not know is in its primary group only.
+        assert_eq!(group_list("no-such-user-epm", 12345), [12345]);
     }
 }

@@ -113,6 +113,7 @@ pub fn exec_facts(exec: &EsExecInfo) -> ExecFacts {
     ExecFacts {
         uid: target.ruid,
         gid: target.rgid,
+        groups_from_directory: true,
         login_uid: (target.auid != AU_DEFAUDITID).then_some(target.auid),
         ppid: target.ppid,
         parent_path: exec.parent_path.clone(),
@@ -337,6 +338,10 @@ mod tests {
             (facts.uid, facts.gid, facts.login_uid),
             (502, 20, Some(502)),
             "the real uid: who ran it, even through setuid"
+        );
+        assert!(
+            facts.groups.is_empty() && facts.groups_from_directory,
+            "ES has no supplementary groups: the worker asks the directory"
         );
         assert_eq!(facts.ppid, 400);
         assert_eq!(facts.parent_path.as_deref(), Some("/bin/zsh"));

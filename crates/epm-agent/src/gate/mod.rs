@@ -60,6 +60,10 @@ pub struct ExecFacts {
     pub gid: u32,
     /// Supplementary group ids.
     pub groups: Vec<u32>,
+    /// The gate could not tell the process's supplementary groups
+    /// (Endpoint Security carries only the uid and gid): the decision
+    /// worker takes the user's from the user directory instead (cached).
+    pub groups_from_directory: bool,
     /// Login (audit) uid: the human behind `sudo` or `su`, when known.
     pub login_uid: Option<u32>,
     /// Parent process id (of the process as it execs: the new program's parent).
@@ -101,6 +105,7 @@ impl ExecFacts {
             uid: 0,
             gid: 0,
             groups: Vec::new(),
+            groups_from_directory: false,
             login_uid: None,
             ppid: 0,
             parent_path: None,
