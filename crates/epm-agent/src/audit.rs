@@ -15,7 +15,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, bounded};
 use epm_audit::{AuditEvent, AuditLog, Chain, EventKind, SealedRecord};
 use epm_store::{OutboxRecord, Store};
 
-use crate::decider::{Decider, Outcome};
+use crate::decider::{Decider, Enforced, Outcome};
 use crate::gate::{ExecFacts, Verdict};
 use crate::unified_log::UnifiedLog;
 
@@ -310,6 +310,33 @@ pub fn exec_event(decider: &Decider, outcome: &Outcome) -> AuditEvent {
             event = event.with_detail("request_id", request.as_str());
         }
     }
+    event
+}
+
+/// The audit event for an exec the platform let run from its cache of our
+/// allows ([`crate::gate::PendingExec::observed`]): an allow, whatever the
+/// policy says now (it ran), marked `answered_by: es_cache`; when the
+/// policy has changed under the cache, the reason says so.
+pub fn observed_event(decider: &Decider, outcome: &Outcome) -> AuditEvent {
+    let mut event = exec_event(decider, outcome).with_detail("answered_by", "es_cache");
+    if outcome.enforced != Enforced::Allow {
+        event.reason = Some(format!(
+            "allowed from the Endpoint Security cache before a policy change reached it; the policy in force says: {}",
+            event.reason.unwrap_or_default()
+        ));
+        event.decision = Some(Enforced::Allow.as_str().to_owned());
+    }
+    event
+}
+
+/// The audit event for an exec the platform let run from its cache, when
+/// it could not be decided again (its file is gone, say).
+pub fn observed_fail_event(decider: &Decider, facts: &ExecFacts, why: &str) -> AuditEvent {
+    let mut event =
+        fail_event(decider, facts, Verdict::Allow, why).with_detail("answered_by", "es_cache");
+    event.reason = Some(format!(
+        "allowed from the Endpoint Security cache; cannot decide it again: {why}"
+    ));
     event
 }
 

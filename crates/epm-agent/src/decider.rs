@@ -270,13 +270,24 @@ impl Decider {
             return None;
         }
         Counters::bump(&self.counters.cache_hits);
-        Some(self.conclude(facts, groups, sha256, decision, true))
+        Some(self.conclude(facts, groups, sha256, decision, true, Grants::Use))
     }
 
     /// Decides one exec. Never blocks on anything but reading the
     /// executable (to hash it, once per file version) and the user database
     /// (cached).
     pub fn decide(&self, facts: &ExecFacts) -> Result<Outcome, DecideError> {
+        self.decide_with(facts, Grants::Use)
+    }
+
+    /// Decides, for the audit, an exec the platform already let run from
+    /// its cache of allows this daemon decided: the policy's decision, but
+    /// never a grant (the exec used none, and it must not use one up).
+    pub fn decide_observed(&self, facts: &ExecFacts) -> Result<Outcome, DecideError> {
+        self.decide_with(facts, Grants::Ignore)
+    }
+
+    fn decide_with(&self, facts: &ExecFacts, grants: Grants) -> Result<Outcome, DecideError> {
         let policy = self.policy.load();
         let sha256 = self.sha256_of(facts)?;
         let directory = facts
@@ -286,12 +297,12 @@ impl Decider {
         let key = self.key(facts, groups, policy.generation);
         if let Some(decision) = self.decisions.get(&key) {
             Counters::bump(&self.counters.cache_hits);
-            return Ok(self.conclude(facts, groups, sha256, decision, true));
+            return Ok(self.conclude(facts, groups, sha256, decision, true, grants));
         }
         Counters::bump(&self.counters.cache_misses);
         let decision = policy.engine.evaluate(&self.subject(facts, groups, sha256));
         self.decisions.insert(key, decision.clone());
-        Ok(self.conclude(facts, groups, sha256, decision, false))
+        Ok(self.conclude(facts, groups, sha256, decision, false, grants))
     }
 
     /// The cache key: the groups are part of the context, so a user added
@@ -321,13 +332,14 @@ impl Decider {
         sha256: Option<Sha256Digest>,
         decision: Decision,
         cached: bool,
+        grants: Grants,
     ) -> Outcome {
         let subject = self.subject(facts, groups, sha256);
         // justify and approve need a grant that the interactive flows
         // create; without one the exec is refused, and the audit says which
         // it needs.
         let grant = match (
-            self.may_use_grant(&decision),
+            grants == Grants::Use && self.may_use_grant(&decision),
             self.interactive.get(),
             &decision.rule_id,
             grant_identity(&subject),
@@ -431,6 +443,13 @@ impl Decider {
             device_id: self.device_id.clone(),
         }
     }
+}
+
+/// Whether a `justify` or `approve` decision may use up a grant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Grants {
+    Use,
+    Ignore,
 }
 
 /// The supplementary groups to judge `facts` by: the gate's, or the user

@@ -3,9 +3,12 @@
 //!
 //! Cache hits are answered on the gate's thread; everything else (hashing,
 //! evaluation) goes to a worker. Every exec handed to [`Intake::submit`] is
-//! answered exactly once: from the caches; by a worker; at once per `fail_mode` when the queue is full; per `fail_mode`
-//! when deciding fails or panics; or by `PendingExec`'s drop guard if
-//! anything else goes wrong.
+//! answered exactly once: from the caches; by a worker; at once per
+//! `fail_mode` when the queue is full; per `fail_mode` when deciding fails
+//! or panics; or by `PendingExec`'s drop guard if anything else goes wrong.
+//! An exec the platform already let run ([`PendingExec::observed`]) is
+//! only decided again by a worker, for the audit: every exec is audited,
+//! including those Endpoint Security answered from its own cache.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
@@ -15,7 +18,7 @@ use std::time::Instant;
 
 use crossbeam_channel::{Receiver, Sender, TrySendError, bounded};
 
-use crate::audit::{AuditSink, exec_event, fail_event};
+use crate::audit::{AuditSink, exec_event, fail_event, observed_event, observed_fail_event};
 use crate::decider::{Decider, Enforced, Outcome};
 use crate::gate::PendingExec;
 use crate::stats::Counters;
@@ -44,6 +47,9 @@ impl Intake {
         // The common case, a file version and context decided before, is
         // answered right here: waking a worker would cost more than deciding.
         let received = Instant::now();
+        if pending.is_observed() {
+            return self.observe(pending, received);
+        }
         if let Some(outcome) = self.decider.decide_cached(&pending.facts) {
             pending.answer_decided(outcome.verdict, cacheable(&outcome));
             self.decider.latency.record(received.elapsed());
@@ -67,6 +73,28 @@ impl Intake {
         let event = fail_event(&self.decider, &job.pending.facts, verdict, why);
         job.pending.answer(verdict);
         self.audit.send(event);
+    }
+}
+
+impl Intake {
+    /// Queues an exec that already ran for a worker to audit; a full queue
+    /// loses only its audit record, which is logged and audited as such.
+    fn observe(&self, pending: PendingExec, received: Instant) {
+        let counters = &self.decider.counters;
+        counters.queue_depth.fetch_add(1, Ordering::Relaxed);
+        let Err(error) = self.queue.try_send(Job { pending, received }) else {
+            return;
+        };
+        counters.queue_depth.fetch_sub(1, Ordering::Relaxed);
+        Counters::bump(&counters.overflow);
+        let why = match error {
+            TrySendError::Full(_) => "decision queue full",
+            TrySendError::Disconnected(_) => "daemon shutting down",
+        };
+        let facts = &error.into_inner().pending.facts;
+        tracing::warn!(path = %facts.path, why, "an exec Endpoint Security allowed from its cache is audited without a decision");
+        self.audit
+            .send(observed_fail_event(&self.decider, facts, why));
     }
 }
 
@@ -117,6 +145,10 @@ impl Workers {
 fn work(jobs: &Receiver<Job>, decider: &Decider, audit: &AuditSink) {
     while let Ok(Job { pending, received }) = jobs.recv() {
         decider.counters.queue_depth.fetch_sub(1, Ordering::Relaxed);
+        if pending.is_observed() {
+            audit.send(audit_observed(decider, &pending));
+            continue;
+        }
         // The PendingExec stays outside the closure: if deciding panics,
         // this thread still owns it and answers per fail_mode below.
         let result = catch_unwind(AssertUnwindSafe(|| decider.decide(&pending.facts)));
@@ -157,6 +189,20 @@ fn work(jobs: &Receiver<Job>, decider: &Decider, audit: &AuditSink) {
         audit.send(event);
         if let Some(outcome) = outcome {
             decider.answered(&outcome);
+        }
+    }
+}
+
+/// The record of an exec that already ran: decided again without grants.
+fn audit_observed(decider: &Decider, pending: &PendingExec) -> epm_audit::AuditEvent {
+    let facts = &pending.facts;
+    match catch_unwind(AssertUnwindSafe(|| decider.decide_observed(facts))) {
+        Ok(Ok(outcome)) => observed_event(decider, &outcome),
+        Ok(Err(error)) => observed_fail_event(decider, facts, &error.to_string()),
+        Err(_) => {
+            tracing::error!(path = %facts.path, "deciding panicked");
+            Counters::bump(&decider.counters.worker_panics);
+            observed_fail_event(decider, facts, "internal error: deciding panicked")
         }
     }
 }
@@ -263,6 +309,53 @@ mod tests {
         writer.stop();
         let report = epm_audit::verify_dir(dir.path()).unwrap();
         assert_eq!(report.records, 2);
+    }
+
+    #[test]
+    fn execs_the_platform_let_run_are_audited_as_allowed_from_its_cache() {
+        let (dir, decider, writer, sink) = setup(FailMode::Closed);
+        let (workers, intake) = Workers::start(1, 16, decider.clone(), sink.clone()).unwrap();
+        // One the policy allows, and one it no longer allows (a policy
+        // change that reached the daemon before the platform's cache).
+        intake.submit(PendingExec::observed(facts("/usr/bin/ls", None)));
+        intake.submit(PendingExec::observed(facts("/usr/bin/nc", None)));
+        drop(intake);
+        workers.join();
+        assert!(sink.flush(Duration::from_secs(5)));
+        drop(sink);
+        writer.stop();
+        let lines = epm_audit::tail(dir.path(), 10).unwrap();
+        let records: Vec<epm_audit::AuditRecord> = lines
+            .iter()
+            .map(|l| epm_audit::AuditRecord::parse(l).unwrap())
+            .collect();
+        assert_eq!(records.len(), 2);
+        for record in &records {
+            let event = &record.event;
+            assert_eq!(
+                event.decision.as_deref(),
+                Some("allow"),
+                "it ran: {event:?}"
+            );
+            assert_eq!(
+                event
+                    .details
+                    .as_ref()
+                    .and_then(|d| d.get("answered_by"))
+                    .and_then(|v| v.as_str()),
+                Some("es_cache")
+            );
+        }
+        let nc = records
+            .iter()
+            .find(|r| r.event.path.as_deref() == Some("/usr/bin/nc"))
+            .unwrap();
+        let reason = nc.event.reason.as_deref().unwrap();
+        assert!(
+            reason.contains("before a policy change reached it"),
+            "{reason}"
+        );
+        assert_eq!(nc.event.rule_id.as_deref(), Some("no-nc"));
     }
 
     /// Records the verdict and whether it may be cached.

@@ -1,5 +1,6 @@
 //! The macOS exec gate: an Endpoint Security client subscribed to
-//! `AUTH_EXEC`, and to `NOTIFY_EXIT` to follow processes.
+//! `AUTH_EXEC`, to `NOTIFY_EXEC` to audit the execs Endpoint Security let
+//! run from its cache, and to `NOTIFY_EXIT` to follow processes.
 //!
 //! Thin by design, like the fanotify gate: the handler copies the message
 //! into the plain structs of [`es_map`] (which map it to [`ExecFacts`] and
@@ -23,7 +24,10 @@
 //! policy allows it ([`EsCache`]); the daemon calls
 //! [`EsCache::policy_changed`] on every policy change, which empties the
 //! cache. Denies are never cached, so every refused attempt is seen and
-//! audited.
+//! audited. An exec allowed from the cache is never asked about, but it
+//! is notified: a `NOTIFY_EXEC` the gate was not asked about first
+//! ([`AskedExecs`]) goes on as [`PendingExec::observed`], decided again by
+//! a worker for the audit only, so every exec is audited.
 //!
 //! # Lifetime
 //! The client is created and deleted on the daemon's thread (Apple asks
@@ -52,7 +56,8 @@ use super::es_guard::{
     AnswerOnce, AnsweredBy, DeadlineGuard, EsCache, GuardHandle, Reply, guard_delay,
 };
 use super::es_map::{
-    self, EsExecInfo, EsFileInfo, EsProcessInfo, NewClientFailure, ProcessObserver, ProcessTable,
+    self, AskedExecs, EsExecInfo, EsFileInfo, EsProcessInfo, NewClientFailure, ProcessObserver,
+    ProcessTable,
 };
 use super::{ExecGate, FactNeeds, GateError, PendingExec, Respond, Shutdown, Verdict};
 
@@ -62,6 +67,9 @@ const QUEUE: usize = 4096;
 
 /// Processes whose executable the gate remembers, for parent paths.
 const PROCESS_TABLE: usize = 65_536;
+
+/// Execs asked about and not yet notified (denied ones never are).
+const ASKED_CAPACITY: usize = 16_384;
 
 /// Assumed when a message's deadline cannot be read.
 const UNKNOWN_DEADLINE: Duration = Duration::from_secs(5);
@@ -223,6 +231,7 @@ struct Handler {
     needs: Arc<FactNeeds>,
     processes: Arc<ProcessTable>,
     observers: RwLock<Vec<Arc<dyn ProcessObserver>>>,
+    asked: AskedExecs,
     fallback: Verdict,
     own_pid: u32,
     overflows: AtomicU64,
@@ -235,6 +244,8 @@ impl Handler {
         let event_type = message.event_type();
         if event_type == es_event_type_t::ES_EVENT_TYPE_AUTH_EXEC {
             self.on_exec(msg, &message);
+        } else if event_type == es_event_type_t::ES_EVENT_TYPE_NOTIFY_EXEC {
+            self.on_executed(&message);
         } else if event_type == es_event_type_t::ES_EVENT_TYPE_NOTIFY_EXIT {
             let token = message.process().audit_token();
             let (pid, pidversion) = token_ids(&token);
@@ -266,6 +277,7 @@ impl Handler {
             return;
         };
         let mut info = read_exec(&exec);
+        self.asked.asked(info.target.pid, info.target.pidversion);
         let once = Arc::new(AnswerOnce::new(
             EsReply {
                 client: client.clone(),
@@ -311,6 +323,33 @@ impl Handler {
                         "the Endpoint Security gate's queue is full; execs answered per fail_mode");
                 }
                 pending.answer(self.fallback);
+            }
+        }
+    }
+
+    /// An exec has happened. One the gate was not asked about was allowed
+    /// from Endpoint Security's cache: remember the process, and hand the
+    /// exec on to be audited. Nothing to answer, so no deadline.
+    fn on_executed(&self, message: &Message) {
+        let Some(Event::NotifyExec(exec)) = message.event() else {
+            return;
+        };
+        let mut info = read_exec(&exec);
+        let (pid, pidversion) = (info.target.pid, info.target.pidversion);
+        if pid == self.own_pid || self.asked.executed(pid, pidversion) {
+            return;
+        }
+        self.processes
+            .exec(pid, pidversion, &info.target.executable.path);
+        info.parent_path = self.parent_path(&info.target);
+        let observed = PendingExec::observed(es_map::exec_facts(&info));
+        if self.queue.try_send(observed).is_err() {
+            let overflows = self.overflows.fetch_add(1, Ordering::Relaxed) + 1;
+            if overflows.is_power_of_two() {
+                tracing::warn!(
+                    overflows,
+                    "the Endpoint Security gate's queue is full; an exec allowed from the cache is not audited"
+                );
             }
         }
     }
@@ -462,6 +501,7 @@ impl EndpointSecurityGate {
             needs,
             processes: processes.clone(),
             observers: RwLock::new(vec![processes as Arc<dyn ProcessObserver>]),
+            asked: AskedExecs::new(ASKED_CAPACITY),
             fallback,
             own_pid: std::process::id(),
             overflows: AtomicU64::new(0),
@@ -568,6 +608,7 @@ impl ExecGate for EndpointSecurityGate {
     ) -> Result<(), GateError> {
         self.subscribe(&[
             es_event_type_t::ES_EVENT_TYPE_AUTH_EXEC,
+            es_event_type_t::ES_EVENT_TYPE_NOTIFY_EXEC,
             es_event_type_t::ES_EVENT_TYPE_NOTIFY_EXIT,
         ])?;
         while !shutdown.is_requested() {

@@ -3,7 +3,7 @@
 //! pure functions, so the logic is tested on Linux. The macOS gate
 //! (`endpoint_security`) only copies the message into these structs.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -279,10 +279,92 @@ impl ProcessObserver for ProcessTable {
     }
 }
 
+/// The execs Endpoint Security asked the daemon about (`AUTH_EXEC`), by
+/// the new run's (pid, pid version), until their `NOTIFY_EXEC`. An exec
+/// that is notified without having been asked was allowed from Endpoint
+/// Security's cache of the daemon's allows: the gate hands it on to be
+/// audited ([`super::PendingExec::observed`]), so every exec is audited,
+/// as on Linux. Bounded: a denied exec is never notified, so the oldest
+/// entries go first; one that goes before its notification (a flood of
+/// denials meanwhile) is audited twice, never missed.
+#[derive(Debug)]
+pub struct AskedExecs {
+    entries: Mutex<Asked>,
+    capacity: usize,
+}
+
+/// A run: (pid, pid version).
+type Run = (u32, u32);
+
+/// The runs asked about, as a set and in the order they came.
+type Asked = (HashSet<Run>, VecDeque<Run>);
+
+impl AskedExecs {
+    /// Remembers at most `capacity` execs.
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            entries: Mutex::new((HashSet::new(), VecDeque::new())),
+            capacity: capacity.max(1),
+        }
+    }
+
+    /// Endpoint Security asked about run `pidversion` of `pid`.
+    pub fn asked(&self, pid: u32, pidversion: u32) {
+        let mut guard = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
+        let (set, order) = &mut *guard;
+        if !set.insert((pid, pidversion)) {
+            return;
+        }
+        order.push_back((pid, pidversion));
+        while order.len() > self.capacity {
+            if let Some(oldest) = order.pop_front() {
+                set.remove(&oldest);
+            }
+        }
+    }
+
+    /// Run `pidversion` of `pid` was executed: whether the daemon was
+    /// asked about it (forgotten from here on). `false`: the cache let it
+    /// run.
+    pub fn executed(&self, pid: u32, pidversion: u32) -> bool {
+        let mut guard = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
+        let (set, order) = &mut *guard;
+        if !set.remove(&(pid, pidversion)) {
+            return false;
+        }
+        order.retain(|&entry| entry != (pid, pidversion));
+        true
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_exec_notified_without_being_asked_came_from_the_cache() {
+        let asked = AskedExecs::new(3);
+        asked.asked(100, 1);
+        assert!(asked.executed(100, 1), "asked, then run");
+        assert!(!asked.executed(100, 1), "a second run of the same is news");
+        assert!(!asked.executed(200, 1), "never asked: the cache let it run");
+        // Denied execs are never notified: the oldest make room.
+        for pid in 1..=4 {
+            asked.asked(pid, 9);
+        }
+        assert!(
+            !asked.executed(1, 9),
+            "forgotten: audited twice, not missed"
+        );
+        assert!(asked.executed(4, 9));
+        assert!(asked.executed(2, 9));
+        // A run asked twice (a retried message) is remembered once.
+        asked.asked(5, 1);
+        asked.asked(5, 1);
+        assert!(asked.executed(5, 1));
+        assert!(!asked.executed(5, 1));
+    }
 
     fn signed_exec() -> EsExecInfo {
         EsExecInfo {

@@ -310,6 +310,7 @@ pub struct PendingExec {
     pub facts: ExecFacts,
     responder: Option<Box<dyn Respond>>,
     fallback: Verdict,
+    observed: bool,
 }
 
 impl std::fmt::Debug for PendingExec {
@@ -317,6 +318,7 @@ impl std::fmt::Debug for PendingExec {
         f.debug_struct("PendingExec")
             .field("facts", &self.facts)
             .field("fallback", &self.fallback)
+            .field("observed", &self.observed)
             .finish_non_exhaustive()
     }
 }
@@ -328,7 +330,25 @@ impl PendingExec {
             facts,
             responder: Some(responder),
             fallback,
+            observed: false,
         }
+    }
+
+    /// An exec the platform let run without asking, from its own cache of
+    /// allows the daemon decided (Endpoint Security): nothing to answer,
+    /// only to audit, like every other exec.
+    pub fn observed(facts: ExecFacts) -> Self {
+        Self {
+            facts,
+            responder: None,
+            fallback: Verdict::Allow,
+            observed: true,
+        }
+    }
+
+    /// Whether this exec already ran ([`PendingExec::observed`]).
+    pub fn is_observed(&self) -> bool {
+        self.observed
     }
 
     /// Answers the exec. Consumes the value, so it cannot answer twice.
