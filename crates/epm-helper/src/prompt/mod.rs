@@ -8,6 +8,8 @@
 mod osascript;
 mod scripted;
 mod terminal;
+#[cfg(target_os = "macos")]
+mod user_notifications;
 mod zenity;
 
 use epm_policy::{ApprovalSpec, JustificationSpec};

@@ -120,6 +120,12 @@ impl Backend for Osascript {
     }
 
     fn notify(&mut self, title: &str, text: &str, tone: Tone) -> Result<(), PromptError> {
+        // As the helper's own app, where it can: see user_notifications.
+        #[cfg(target_os = "macos")]
+        match super::user_notifications::post(title, text) {
+            Ok(()) => return Ok(()),
+            Err(error) => eprintln!("epm-helper: {error}; posting through osascript"),
+        }
         match self.run(NOTIFY_SCRIPT, &[title, text]) {
             Ok(_) => Ok(()),
             // Not shown as a notification: say it in a dialog instead.
