@@ -59,6 +59,8 @@ pub struct ControlContext {
     pub flows: Arc<Flows>,
     /// Time-boxed admin sessions.
     pub admin_sessions: Arc<crate::admin_session::AdminSessions>,
+    /// Open connections per uid, over both transports (start empty).
+    pub connections: ConnectionCounts,
 }
 
 /// Binds the control socket: any local user may connect (permissions are
@@ -86,11 +88,10 @@ pub fn bind(path: &Path) -> io::Result<UnixListener> {
 }
 
 /// Open control connections per uid, shared by both transports.
-type ConnectionCounts = Arc<Mutex<HashMap<u32, usize>>>;
+pub type ConnectionCounts = Arc<Mutex<HashMap<u32, usize>>>;
 
 /// Serves the socket on a thread; each connection gets its own thread.
 pub fn serve(listener: UnixListener, context: Arc<ControlContext>) -> io::Result<JoinHandle<()>> {
-    let per_uid = ConnectionCounts::default();
     std::thread::Builder::new()
         .name("epm-control".into())
         .spawn(move || {
@@ -100,12 +101,11 @@ pub fn serve(listener: UnixListener, context: Arc<ControlContext>) -> io::Result
                     continue;
                 };
                 let context = context.clone();
-                let per_uid = per_uid.clone();
                 let spawned =
                     std::thread::Builder::new()
                         .name("epm-client".into())
                         .spawn(move || {
-                            serve_connection(peer, &context, &per_uid, |is_admin| {
+                            serve_connection(peer, &context, |is_admin| {
                                 ServerConnection::accept(
                                     stream,
                                     env!("CARGO_PKG_VERSION"),
@@ -131,27 +131,26 @@ pub fn serve_xpc(
     peer_requirement: Option<&str>,
     context: Arc<ControlContext>,
 ) -> Result<epm_ipc::xpc::XpcListener, epm_ipc::xpc::XpcError> {
-    let per_uid = ConnectionCounts::default();
     epm_ipc::xpc::XpcListener::start(service, peer_requirement, move |connection| {
         // Already on a thread of its own.
         let peer = connection.peer();
-        serve_connection(peer, &context, &per_uid, |is_admin| {
+        serve_connection(peer, &context, |is_admin| {
             ServerConnection::accept_xpc(connection, env!("CARGO_PKG_VERSION"), is_admin)
         });
     })
 }
 
 /// Serves one client of either transport: counts it against its uid's
-/// quota, runs the handshake (`accept`, given who is an administrator),
-/// then its requests.
+/// quota (shared by both), runs the handshake (`accept`, given who is an
+/// administrator), then its requests.
 fn serve_connection(
     peer: PeerCredentials,
     context: &ControlContext,
-    per_uid: &Mutex<HashMap<u32, usize>>,
     accept: impl FnOnce(
         &dyn Fn(&PeerCredentials) -> bool,
     ) -> Result<ServerConnection, epm_ipc::ServerError>,
 ) {
+    let per_uid = &context.connections;
     {
         let Ok(mut counts) = per_uid.lock() else {
             return;

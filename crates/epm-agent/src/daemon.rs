@@ -188,6 +188,7 @@ pub fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
         sync,
         flows,
         admin_sessions,
+        connections: Default::default(),
     });
     #[cfg(target_os = "macos")]
     let _xpc_listener = start_xpc(&config, control_context.clone(), &audit, &device_id);
