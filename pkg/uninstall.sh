@@ -37,6 +37,7 @@ if [[ -f /etc/sudo.conf ]] && grep -q '^Plugin epm_approval ' /etc/sudo.conf; th
     grep -v '^Plugin epm_approval ' /etc/sudo.conf.epm-uninstall >/etc/sudo.conf || true
 fi
 rm -f "$EPM_DAEMON_PLIST" "$EPM_HELPER_PLIST" /usr/local/bin/epmctl /usr/local/lib/epm/libepm_sudo.dylib
+"$LSREGISTER" -u "$EPM_HELPER_APP" 2>/dev/null || true
 rm -rf "${EPM_SUPPORT_DIR:?}/epmd.app" "${EPM_SUPPORT_DIR:?}/EPM Helper.app" "${EPM_SUPPORT_DIR:?}/bin"
 if $purge; then
     rm -rf "$EPM_SUPPORT_DIR" "$EPM_LOG_DIR"

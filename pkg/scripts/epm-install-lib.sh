@@ -10,6 +10,8 @@ EPM_DAEMON_PLIST="/Library/LaunchDaemons/${EPM_DAEMON_LABEL}.plist"
 EPM_HELPER_PLIST="/Library/LaunchAgents/${EPM_HELPER_LABEL}.plist"
 EPM_SUPPORT_DIR="/Library/Application Support/EPM"
 EPM_LOG_DIR="/Library/Logs/EPM"
+EPM_HELPER_APP="${EPM_SUPPORT_DIR}/EPM Helper.app"
+LSREGISTER="/System/Library/Frameworks/CoreServices.framework/Frameworks/LaunchServices.framework/Support/lsregister"
 
 # The user logged in at the console, read from `scutil` output on stdin
 # (`show State:/Users/ConsoleUser`). Prints nothing when nobody is: the login

@@ -330,12 +330,12 @@ pub fn observed_event(decider: &Decider, outcome: &Outcome) -> AuditEvent {
 }
 
 /// The audit event for an exec the platform let run from its cache, when
-/// it could not be decided again (its file is gone, say).
+/// it was not decided again (its file is gone, or the workers are busy).
 pub fn observed_fail_event(decider: &Decider, facts: &ExecFacts, why: &str) -> AuditEvent {
     let mut event =
         fail_event(decider, facts, Verdict::Allow, why).with_detail("answered_by", "es_cache");
     event.reason = Some(format!(
-        "allowed from the Endpoint Security cache; cannot decide it again: {why}"
+        "allowed from the Endpoint Security cache; not decided again: {why}"
     ));
     event
 }

@@ -569,13 +569,8 @@ impl Config {
                 self.xpc.service
             ));
         }
-        if let Some(requirement) = &self.xpc.peer_requirement
-            && (requirement.trim().is_empty() || requirement.contains('\0'))
-        {
-            return Err(
-                "xpc.peer_requirement: must be a code-signing requirement (omit it to accept any local process)"
-                    .into(),
-            );
+        if let Some(requirement) = &self.xpc.peer_requirement {
+            check_peer_requirement(requirement)?;
         }
         if self.platform.is_some() && self.policy_file.is_some() {
             return Err(
@@ -600,6 +595,27 @@ impl Config {
     pub fn store_path(&self) -> PathBuf {
         self.state_dir.join("epm.sqlite")
     }
+}
+
+/// `xpc.peer_requirement`: XPC would refuse every peer, silently, for a
+/// requirement that does not parse, so it is checked here, naming the key
+/// (on macOS by the Security framework itself).
+fn check_peer_requirement(requirement: &str) -> Result<(), String> {
+    if requirement.trim().is_empty() || requirement.contains('\0') {
+        return Err(
+            "xpc.peer_requirement: must be a code-signing requirement (omit it to accept any local process)"
+                .into(),
+        );
+    }
+    #[cfg(target_os = "macos")]
+    if let Err(error) =
+        requirement.parse::<security_framework::os::macos::code_signing::SecRequirement>()
+    {
+        return Err(format!(
+            "xpc.peer_requirement: not a code-signing requirement macOS accepts ({error}): {requirement:?}"
+        ));
+    }
+    Ok(())
 }
 
 /// A launchd Mach service name: dot-separated labels of letters, digits,

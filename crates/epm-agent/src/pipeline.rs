@@ -77,22 +77,34 @@ impl Intake {
 }
 
 impl Intake {
-    /// Queues an exec that already ran for a worker to audit; a full queue
-    /// loses only its audit record, which is logged and audited as such.
+    /// Queues an exec that already ran for a worker to decide again and
+    /// audit; when the queue is busy it is audited at once, without a
+    /// decision.
     fn observe(&self, pending: PendingExec, received: Instant) {
         let counters = &self.decider.counters;
-        counters.queue_depth.fetch_add(1, Ordering::Relaxed);
-        let Err(error) = self.queue.try_send(Job { pending, received }) else {
-            return;
+        // Half the queue stays free for execs waiting for an answer: a burst
+        // of cached execs (a build) must never push those into fail_mode.
+        // Past that, the record says what ran, without a decision.
+        let busy = self
+            .queue
+            .capacity()
+            .is_some_and(|capacity| self.queue.len() >= capacity / 2);
+        let (pending, why) = if busy {
+            (pending, "decision queue busy")
+        } else {
+            counters.queue_depth.fetch_add(1, Ordering::Relaxed);
+            let Err(error) = self.queue.try_send(Job { pending, received }) else {
+                return;
+            };
+            counters.queue_depth.fetch_sub(1, Ordering::Relaxed);
+            let why = match error {
+                TrySendError::Full(_) => "decision queue full",
+                TrySendError::Disconnected(_) => "daemon shutting down",
+            };
+            (error.into_inner().pending, why)
         };
-        counters.queue_depth.fetch_sub(1, Ordering::Relaxed);
-        Counters::bump(&counters.overflow);
-        let why = match error {
-            TrySendError::Full(_) => "decision queue full",
-            TrySendError::Disconnected(_) => "daemon shutting down",
-        };
-        let facts = &error.into_inner().pending.facts;
-        tracing::warn!(path = %facts.path, why, "an exec Endpoint Security allowed from its cache is audited without a decision");
+        let facts = &pending.facts;
+        tracing::debug!(path = %facts.path, why, "an exec Endpoint Security allowed from its cache is audited without a decision");
         self.audit
             .send(observed_fail_event(&self.decider, facts, why));
     }
@@ -356,6 +368,30 @@ mod tests {
             "{reason}"
         );
         assert_eq!(nc.event.rule_id.as_deref(), Some("no-nc"));
+    }
+
+    #[test]
+    fn a_busy_queue_audits_cached_execs_without_deciding_them() {
+        let (dir, decider, writer, sink) = setup(FailMode::Closed);
+        // A queue of one: half of it is none, so it is always busy for
+        // execs that already ran.
+        let (workers, intake) = Workers::start(1, 1, decider.clone(), sink.clone()).unwrap();
+        intake.submit(PendingExec::observed(facts("/usr/bin/ls", None)));
+        drop(intake);
+        workers.join();
+        assert!(sink.flush(Duration::from_secs(5)));
+        drop(sink);
+        writer.stop();
+        let lines = epm_audit::tail(dir.path(), 10).unwrap();
+        assert_eq!(lines.len(), 1);
+        let event = epm_audit::AuditRecord::parse(&lines[0]).unwrap().event;
+        assert_eq!(event.decision.as_deref(), Some("allow"));
+        let reason = event.reason.unwrap();
+        assert!(
+            reason.contains("not decided again: decision queue busy"),
+            "{reason}"
+        );
+        assert_eq!(event.path.as_deref(), Some("/usr/bin/ls"));
     }
 
     /// Records the verdict and whether it may be cached.

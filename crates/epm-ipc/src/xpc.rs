@@ -42,7 +42,7 @@ use crate::frame::FrameError;
 use crate::link::Link;
 use crate::unix::{FdError, PeerCredentials};
 use crate::xpc_frame::{FD_KEYS, FRAME_KEY_C, Received, XpcErrorKind, triage};
-use crate::xpc_inbox::{After, Deliverer, Inbound, inbox};
+use crate::xpc_inbox::{After, Deliverer, InFlight, Inbound, inbox};
 
 /// `XPC_CONNECTION_MACH_SERVICE_LISTENER` (<xpc/connection.h>).
 const MACH_SERVICE_LISTENER: u64 = 1 << 0;
@@ -98,6 +98,7 @@ unsafe extern "C" {
     fn xpc_connection_resume(connection: XpcObjectRef);
     fn xpc_connection_cancel(connection: XpcObjectRef);
     fn xpc_connection_send_message(connection: XpcObjectRef, message: XpcObjectRef);
+    fn xpc_connection_send_barrier(connection: XpcObjectRef, barrier: &block2::Block<dyn Fn()>);
     fn xpc_connection_get_euid(connection: XpcObjectRef) -> u32;
     fn xpc_connection_get_egid(connection: XpcObjectRef) -> u32;
     fn xpc_connection_get_pid(connection: XpcObjectRef) -> i32;
@@ -393,6 +394,7 @@ unsafe fn received<'a>(event: XpcObjectRef) -> Received<'a> {
 pub struct XpcConnection {
     connection: Object,
     inbound: Inbound,
+    in_flight: Arc<InFlight>,
 }
 
 impl XpcConnection {
@@ -438,6 +440,7 @@ impl XpcConnection {
         XpcConnection {
             connection,
             inbound,
+            in_flight: Arc::default(),
         }
     }
 
@@ -490,11 +493,20 @@ impl Link for XpcConnection {
                 ),
             )));
         }
+        if !self.in_flight.start() {
+            // As a socket's write timeout: the peer is not reading.
+            return Err(FrameError::TimedOut);
+        }
+        let in_flight = Arc::clone(&self.in_flight);
+        let handed_on = RcBlock::new(move || in_flight.done());
         // SAFETY: no keys or values; we own the returned reference.
         let raw = unsafe { xpc_dictionary_create(std::ptr::null(), std::ptr::null(), 0) };
-        let dictionary = Object::owned(raw).ok_or_else(|| {
-            FrameError::Io(std::io::Error::other("xpc_dictionary_create returned NULL"))
-        })?;
+        let Some(dictionary) = Object::owned(raw) else {
+            self.in_flight.done();
+            return Err(FrameError::Io(std::io::Error::other(
+                "xpc_dictionary_create returned NULL",
+            )));
+        };
         // SAFETY: a live dictionary and C string keys; `body` is valid for
         // its length (XPC copies the bytes) and each descriptor is open
         // for the call (XPC dups it). The connection copies the message
@@ -510,6 +522,8 @@ impl Link for XpcConnection {
                 xpc_dictionary_set_fd(dictionary.0, key.as_ptr(), fd.as_raw_fd());
             }
             xpc_connection_send_message(self.connection.0, dictionary.0);
+            // Runs once the message is handed on (XPC copies the block).
+            xpc_connection_send_barrier(self.connection.0, &handed_on);
         }
         Ok(())
     }
@@ -547,8 +561,25 @@ impl Link for XpcConnection {
 
 impl Drop for XpcConnection {
     fn drop(&mut self) {
-        // Cancel before our reference goes (then `connection` is released).
-        self.cancel();
+        if self.inbound.ended() {
+            // Over already: nothing left to deliver.
+            self.cancel();
+            return;
+        }
+        // Cancelling discards what is not sent yet, such as the daemon's
+        // last word to a client it turns away: cancel from a barrier, after
+        // everything sent so far has gone. The block holds its own
+        // reference until it has run; ours goes now.
+        // SAFETY: a live connection we hold a reference to.
+        let keep = unsafe { Object::retained(self.connection.0) };
+        let cancel_after = RcBlock::new(move || {
+            // SAFETY: `keep` holds the connection alive; cancelling twice
+            // is allowed.
+            unsafe { xpc_connection_cancel(keep.0) }
+        });
+        // SAFETY: a live connection; XPC copies the block and releases it
+        // (and with it `keep`) after running it.
+        unsafe { xpc_connection_send_barrier(self.connection.0, &cancel_after) };
     }
 }
 

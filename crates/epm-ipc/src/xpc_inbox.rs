@@ -18,6 +18,39 @@ use crate::xpc_frame::Triage;
 /// Messages queued per connection before the peer counts as flooding.
 pub(crate) const QUEUE_DEPTH: usize = 64;
 
+/// Messages sent on a connection and not yet handed to the system, before
+/// the peer counts as not reading (the socket's write timeout, for XPC).
+pub(crate) const IN_FLIGHT_LIMIT: usize = 1024;
+
+/// Counts a connection's messages in flight. XPC's send never blocks and
+/// never fails: it queues in this process's memory, so a peer that stops
+/// reading (a helper stuck in a dialog) would make the daemon grow without
+/// bound. Each send is counted, and a barrier after it (run once XPC has
+/// handed the message on) uncounts it.
+#[derive(Debug, Default)]
+pub(crate) struct InFlight {
+    count: std::sync::atomic::AtomicUsize,
+}
+
+impl InFlight {
+    /// Counts one more message; `false` (nothing counted) when
+    /// [`IN_FLIGHT_LIMIT`] are already in flight.
+    pub(crate) fn start(&self) -> bool {
+        self.count
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < IN_FLIGHT_LIMIT).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    /// One message was handed on.
+    pub(crate) fn done(&self) {
+        let _ = self
+            .count
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+    }
+}
+
 /// What the handler hands the reader.
 pub(crate) enum Delivered {
     /// A frame, with the descriptors that came beside it.

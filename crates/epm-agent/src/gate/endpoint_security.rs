@@ -342,13 +342,20 @@ impl Handler {
         self.processes
             .exec(pid, pidversion, &info.target.executable.path);
         info.parent_path = self.parent_path(&info.target);
-        let observed = PendingExec::observed(es_map::exec_facts(&info));
-        if self.queue.try_send(observed).is_err() {
+        // Half the queue stays free for execs waiting for an answer: a
+        // burst of cached execs (a build) must never push those into
+        // fail_mode.
+        let sent = self.queue.len() < QUEUE / 2
+            && self
+                .queue
+                .try_send(PendingExec::observed(es_map::exec_facts(&info)))
+                .is_ok();
+        if !sent {
             let overflows = self.overflows.fetch_add(1, Ordering::Relaxed) + 1;
             if overflows.is_power_of_two() {
                 tracing::warn!(
                     overflows,
-                    "the Endpoint Security gate's queue is full; an exec allowed from the cache is not audited"
+                    "the Endpoint Security gate's queue is busy; an exec allowed from the cache is not audited"
                 );
             }
         }

@@ -316,6 +316,9 @@ impl AskedExecs {
             return;
         }
         order.push_back((pid, pidversion));
+        // The order may still list runs already notified (forgotten from
+        // the set only, so that forgetting is O(1)); a run's pid version
+        // is never reused, so popping one of those forgets nothing else.
         while order.len() > self.capacity {
             if let Some(oldest) = order.pop_front() {
                 set.remove(&oldest);
@@ -327,13 +330,11 @@ impl AskedExecs {
     /// asked about it (forgotten from here on). `false`: the cache let it
     /// run.
     pub fn executed(&self, pid: u32, pidversion: u32) -> bool {
-        let mut guard = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
-        let (set, order) = &mut *guard;
-        if !set.remove(&(pid, pidversion)) {
-            return false;
-        }
-        order.retain(|&entry| entry != (pid, pidversion));
-        true
+        self.entries
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .0
+            .remove(&(pid, pidversion))
     }
 }
 

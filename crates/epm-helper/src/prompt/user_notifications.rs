@@ -13,7 +13,7 @@
 //! docs/deploy-macos.md.
 
 use std::ffi::{CStr, CString, c_char};
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{RecvTimeoutError, sync_channel};
 use std::time::Duration;
 
@@ -84,59 +84,70 @@ unsafe fn describe(error: *mut AnyObject) -> String {
     }
 }
 
-/// Whether this process is an app bundle (the notification center needs
-/// one to know whose notifications these are).
+/// Whether this process runs from an app bundle with an identifier: the
+/// notification center raises an exception (which aborts, being raised
+/// where it cannot be caught) for a process LaunchServices has no bundle
+/// for, so anything else never reaches it. The installer registers the
+/// helper's bundle with LaunchServices (`postinstall`).
 fn in_a_bundle() -> Result<bool, PromptError> {
     let bundle_class = class(c"NSBundle")?;
-    // SAFETY: `+[NSBundle mainBundle]` and `-bundleIdentifier` return
-    // objects owned elsewhere (or nil); only their presence is used.
-    let identifier: *mut AnyObject = unsafe {
+    // SAFETY: `+[NSBundle mainBundle]`, `-bundleIdentifier` and
+    // `-bundlePath` return objects owned elsewhere (or nil), read at once
+    // inside the caller's autorelease pool.
+    unsafe {
         let bundle: *mut AnyObject = msg_send![bundle_class, mainBundle];
         if bundle.is_null() {
             return Ok(false);
         }
-        msg_send![bundle, bundleIdentifier]
-    };
-    Ok(!identifier.is_null())
+        let identifier: *mut AnyObject = msg_send![bundle, bundleIdentifier];
+        let path: *mut AnyObject = msg_send![bundle, bundlePath];
+        if identifier.is_null() || path.is_null() {
+            return Ok(false);
+        }
+        let path: *const c_char = msg_send![path, UTF8String];
+        Ok(!path.is_null() && CStr::from_ptr(path).to_bytes().ends_with(b".app"))
+    }
 }
 
-/// Asks once per process to show alerts (MDM's notifications profile
-/// answers for the user); the answer is kept.
+/// Asks to show alerts (MDM's notifications profile answers for the
+/// user). Only a yes is kept: a user who has not answered yet, or who
+/// allows notifications later, is asked again at the next one (macOS
+/// shows its question once, then answers from the setting at once).
 fn authorized(center: &AnyObject) -> Result<(), PromptError> {
-    static ANSWER: OnceLock<Result<(), String>> = OnceLock::new();
-    ANSWER
-        .get_or_init(|| {
-            let (tx, rx) = sync_channel(1);
-            let block = RcBlock::new(move |granted: Bool, error: *mut AnyObject| {
-                let answer = if granted.as_bool() {
-                    Ok(())
-                } else {
-                    // SAFETY: the center passes NULL or a live NSError.
-                    Err(format!("notifications not allowed: {}", unsafe {
-                        describe(error)
-                    }))
-                };
-                let _ = tx.try_send(answer);
-            });
-            // SAFETY: `-requestAuthorizationWithOptions:completionHandler:`
-            // takes an NSUInteger and a `void (^)(BOOL, NSError *)` block,
-            // which it copies; the block only sends on a channel.
-            let () = unsafe {
-                msg_send![center, requestAuthorizationWithOptions: ALERT_AND_SOUND,
-                    completionHandler: &*block]
-            };
-            match rx.recv_timeout(ANSWER_WAIT) {
-                Ok(answer) => answer,
-                Err(RecvTimeoutError::Timeout) => {
-                    Err("the notification center did not answer the authorization request".into())
-                }
-                Err(RecvTimeoutError::Disconnected) => {
-                    Err("the authorization request was dropped".into())
-                }
-            }
-        })
-        .clone()
-        .map_err(failed)
+    static GRANTED: AtomicBool = AtomicBool::new(false);
+    if GRANTED.load(Ordering::Relaxed) {
+        return Ok(());
+    }
+    let (tx, rx) = sync_channel(1);
+    let block = RcBlock::new(move |granted: Bool, error: *mut AnyObject| {
+        let answer = if granted.as_bool() {
+            Ok(())
+        } else {
+            // SAFETY: the center passes NULL or a live NSError.
+            Err(format!("notifications not allowed: {}", unsafe {
+                describe(error)
+            }))
+        };
+        let _ = tx.try_send(answer);
+    });
+    // SAFETY: `-requestAuthorizationWithOptions:completionHandler:` takes an
+    // NSUInteger and a `void (^)(BOOL, NSError *)` block, which it copies;
+    // the block only sends on a channel.
+    let () = unsafe {
+        msg_send![center, requestAuthorizationWithOptions: ALERT_AND_SOUND,
+            completionHandler: &*block]
+    };
+    let answer = match rx.recv_timeout(ANSWER_WAIT) {
+        Ok(answer) => answer,
+        // The user has not answered macOS's question yet: this one goes
+        // another way, and the next asks again.
+        Err(RecvTimeoutError::Timeout) => Err("notifications not allowed yet".into()),
+        Err(RecvTimeoutError::Disconnected) => Err("the authorization request was dropped".into()),
+    };
+    if answer.is_ok() {
+        GRANTED.store(true, Ordering::Relaxed);
+    }
+    answer.map_err(failed)
 }
 
 /// Posts one notification now, as the helper's bundle.

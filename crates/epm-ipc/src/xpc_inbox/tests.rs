@@ -330,3 +330,17 @@ fn a_service_that_never_answers_is_unavailable() {
         "{error}"
     );
 }
+
+#[test]
+fn a_peer_that_does_not_read_is_cut_off_after_the_in_flight_limit() {
+    let in_flight = InFlight::default();
+    for _ in 0..IN_FLIGHT_LIMIT {
+        assert!(in_flight.start());
+    }
+    assert!(!in_flight.start(), "the limit holds");
+    in_flight.done();
+    assert!(in_flight.start(), "room again once one is handed on");
+    let empty = InFlight::default();
+    empty.done();
+    assert!(empty.start(), "never below zero");
+}
