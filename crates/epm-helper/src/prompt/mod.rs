@@ -124,6 +124,10 @@ pub struct ApprovalAnswer {
 
 const TITLE: &str = "Endpoint Privilege Management";
 
+/// The choice after a list of presets (reasons, window starts and lengths)
+/// that asks for one's own text instead.
+pub(crate) const TYPE_MY_OWN: &str = "Type my own…";
+
 /// Asks for a justification until it satisfies the rule, the user cancels,
 /// or [`MAX_ATTEMPTS`] answers were refused.
 pub fn ask_justification(
@@ -172,32 +176,39 @@ pub fn ask_approval(
         None => return Ok(None),
     };
     let max = ask.approval.max_window_hours;
-    // Every rule allows at least one hour (validation), so +1h is always a valid default.
-    let default_end = "+1h";
     for _ in 0..MAX_ATTEMPTS {
+        let starts = start_presets(now, zone);
         let Some(start_text) = backend.entry(
             TITLE,
-            "When should the window start? (now, +30m, 14:30, 2026-12-01 09:00)",
-            &[],
-            "now",
+            "When should the window start? Pick one, or type a time (now, +30m, 14:30, 2026-12-01 09:00).",
+            &labels(&starts),
+            "Now",
         )?
         else {
             return Ok(None);
         };
+        let start = match chosen(&starts, &start_text, now, zone) {
+            Ok(start) => start,
+            Err(problem) => {
+                backend.message(TITLE, &capitalized(&problem.to_string()), Tone::Warning)?;
+                continue;
+            }
+        };
+        let ends = end_presets(start, max, zone);
         let Some(end_text) = backend.entry(
             TITLE,
-            &format!("When should it end? (at most {max} hours after the start)"),
-            &[],
-            default_end,
+            &format!(
+                "How long? Pick one, or type when it ends: +2h (after the start), 17:00 or 2026-12-01 09:00. At most {max} hours."
+            ),
+            &labels(&ends),
+            ends.first().map_or("+1h", |(label, _)| label.as_str()),
         )?
         else {
             return Ok(None);
         };
-        let problem = match (
-            parse_time(&start_text, now, zone),
-            parse_time(&end_text, now, zone),
-        ) {
-            (Ok(start), Ok(end)) => match ask.approval.check_window(start, end, now) {
+        // A typed +N counts from the start: "how long".
+        let problem = match chosen(&ends, &end_text, start, zone) {
+            Ok(end) => match ask.approval.check_window(start, end, now) {
                 Ok(()) => {
                     return Ok(Some(ApprovalAnswer {
                         justification,
@@ -207,11 +218,89 @@ pub fn ask_approval(
                 }
                 Err(problem) => problem.to_string(),
             },
-            (Err(problem), _) | (_, Err(problem)) => problem.to_string(),
+            Err(problem) => problem.to_string(),
         };
         backend.message(TITLE, &capitalized(&problem), Tone::Warning)?;
     }
     Ok(None)
+}
+
+/// A ready-made answer: what the list shows, and the time it means. The
+/// dialogs have no date picker, so nobody should have to type a time.
+type Preset = (String, Timestamp);
+
+/// Window starts: now, soon, and tomorrow morning.
+fn start_presets(now: Timestamp, zone: &TimeZone) -> Vec<Preset> {
+    let mut presets = vec![("Now".to_owned(), now)];
+    for (minutes, label) in [
+        (30, "In 30 minutes"),
+        (60, "In 1 hour"),
+        (120, "In 2 hours"),
+    ] {
+        if let Ok(at) = now.checked_add(jiff::SignedDuration::from_mins(minutes)) {
+            presets.push((format!("{label} ({})", clock(at, now, zone)), at));
+        }
+    }
+    let tomorrow_nine = now
+        .to_zoned(zone.clone())
+        .date()
+        .tomorrow()
+        .and_then(|day| day.at(9, 0, 0, 0).to_zoned(zone.clone()))
+        .map(|at| at.timestamp());
+    if let Ok(at) = tomorrow_nine {
+        presets.push(("Tomorrow at 09:00".to_owned(), at));
+    }
+    presets
+}
+
+/// Window lengths from `start`, as long as the rule allows.
+fn end_presets(start: Timestamp, max_hours: u32, zone: &TimeZone) -> Vec<Preset> {
+    [1, 2, 4, 8, 24]
+        .into_iter()
+        .filter(|&hours| hours <= max_hours)
+        .filter_map(|hours| {
+            let end = start
+                .checked_add(jiff::SignedDuration::from_hours(i64::from(hours)))
+                .ok()?;
+            let length = if hours == 1 {
+                "1 hour".to_owned()
+            } else {
+                format!("{hours} hours")
+            };
+            Some((
+                format!("For {length} (until {})", clock(end, start, zone)),
+                end,
+            ))
+        })
+        .collect()
+}
+
+/// `14:30`, or `Tue 09:00` when not on the same day as `near`.
+fn clock(at: Timestamp, near: Timestamp, zone: &TimeZone) -> String {
+    let (at, near) = (at.to_zoned(zone.clone()), near.to_zoned(zone.clone()));
+    if at.date() == near.date() {
+        at.strftime("%H:%M").to_string()
+    } else {
+        at.strftime("%a %H:%M").to_string()
+    }
+}
+
+fn labels(presets: &[Preset]) -> Vec<String> {
+    presets.iter().map(|(label, _)| label.clone()).collect()
+}
+
+/// The time a preset's label means, or the time typed (`+N` counting
+/// from `from`).
+fn chosen(
+    presets: &[Preset],
+    answer: &str,
+    from: Timestamp,
+    zone: &TimeZone,
+) -> Result<Timestamp, crate::when::TimeError> {
+    match presets.iter().find(|(label, _)| label == answer.trim()) {
+        Some((_, at)) => Ok(*at),
+        None => parse_time(answer, from, zone),
+    }
 }
 
 fn capitalized(text: &str) -> String {
@@ -260,7 +349,11 @@ mod tests {
             .unwrap();
         assert_eq!(answer.justification, "Capture for ticket 4411");
         assert_eq!(answer.start.to_string(), "2026-11-22T11:00:00Z");
-        assert_eq!(answer.end.to_string(), "2026-11-22T13:00:00Z");
+        assert_eq!(
+            answer.end.to_string(),
+            "2026-11-22T14:00:00Z",
+            "+3h after the start"
+        );
         let shown = backend.transcript().join("\n");
         assert!(
             shown.contains("The justification needs at least 5 characters (it has 2)"),
@@ -269,6 +362,44 @@ mod tests {
         assert!(
             shown.contains("The window can be at most 4 hours long (this one is 5h)"),
             "{shown}"
+        );
+    }
+
+    #[test]
+    fn windows_can_be_picked_from_presets_the_rule_allows() {
+        let mut backend = Scripted::from_answers(vec![
+            Some("Capture for ticket 4411".into()),
+            Some("In 2 hours (12:00)".into()),
+            Some("For 4 hours (until 16:00)".into()),
+        ]);
+        let answer = ask_approval(&mut backend, &approval_ask(), now(), &TimeZone::UTC)
+            .unwrap()
+            .unwrap();
+        assert_eq!(answer.start.to_string(), "2026-11-22T12:00:00Z");
+        assert_eq!(answer.end.to_string(), "2026-11-22T16:00:00Z");
+        let shown = backend.transcript().join("\n");
+        assert!(shown.contains("Tomorrow at 09:00"), "{shown}");
+        // The rule allows 4 hours: no longer lengths are offered.
+        assert!(!shown.contains("For 8 hours"), "{shown}");
+        let starts = labels(&start_presets(now(), &TimeZone::UTC));
+        assert_eq!(
+            starts,
+            [
+                "Now",
+                "In 30 minutes (10:30)",
+                "In 1 hour (11:00)",
+                "In 2 hours (12:00)",
+                "Tomorrow at 09:00"
+            ]
+        );
+        let late: Timestamp = "2026-11-22T23:00:00Z".parse().unwrap();
+        let ends = labels(&end_presets(late, 2, &TimeZone::UTC));
+        assert_eq!(
+            ends,
+            [
+                "For 1 hour (until Mon 00:00)",
+                "For 2 hours (until Mon 01:00)"
+            ]
         );
     }
 

@@ -49,9 +49,6 @@ pub(crate) const NOTIFY_SCRIPT: &str = r#"on run argv
     display notification theText with title theTitle
 end run"#;
 
-/// Choice shown after the presets to type one's own reason.
-const OWN_REASON: &str = "Type my own reason…";
-
 impl Osascript {
     /// The full argument list for `osascript`: the fixed script, then the
     /// strings as `argv`.
@@ -99,10 +96,10 @@ impl Backend for Osascript {
         if !choices.is_empty() {
             let mut strings: Vec<&str> = vec![title, text];
             strings.extend(choices.iter().map(String::as_str));
-            strings.push(OWN_REASON);
+            strings.push(super::TYPE_MY_OWN);
             match self.run(CHOICE_SCRIPT, &strings)? {
                 None => return Ok(None),
-                Some(picked) if picked != OWN_REASON && !picked.is_empty() => {
+                Some(picked) if picked != super::TYPE_MY_OWN && !picked.is_empty() => {
                     return Ok(Some(picked));
                 }
                 Some(_) => {}

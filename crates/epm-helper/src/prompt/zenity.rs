@@ -11,9 +11,6 @@ pub struct Zenity {
     program: PathBuf,
 }
 
-/// Choice shown after the presets to type one's own reason.
-const OWN_REASON: &str = "Type my own reason…";
-
 impl Zenity {
     /// `zenity` from `PATH`, if there is one and a display to show it on.
     pub fn detect() -> Option<Zenity> {
@@ -47,7 +44,7 @@ impl Zenity {
             "--hide-header".into(),
         ];
         args.extend(choices.iter().cloned());
-        args.push(OWN_REASON.into());
+        args.push(super::TYPE_MY_OWN.into());
         args
     }
 
@@ -112,7 +109,7 @@ impl Backend for Zenity {
         if !choices.is_empty() {
             match self.run(&Zenity::list_args(title, text, choices))? {
                 None => return Ok(None),
-                Some(picked) if picked != OWN_REASON && !picked.is_empty() => {
+                Some(picked) if picked != super::TYPE_MY_OWN && !picked.is_empty() => {
                     return Ok(Some(picked));
                 }
                 Some(_) => {}
