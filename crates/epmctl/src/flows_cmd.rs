@@ -135,7 +135,7 @@ pub(crate) fn request(
     let now = Timestamp::now();
     let zone = TimeZone::system();
     let start = parse_time(&options.from, now, &zone).context("--from")?;
-    let end = parse_time(&options.until, now, &zone).context("--until")?;
+    let end = parse_time(&options.until, start, &zone).context("--until")?;
     let reason = reason_or_ask(options.reason, &path)?;
     let mut client = connect(endpoint)?;
     if options.offline {

@@ -163,7 +163,7 @@ enum Command {
         /// When the window starts.
         #[arg(long, default_value = "now", value_name = "TIME")]
         from: String,
-        /// When the window ends.
+        /// When the window ends; a delay such as +2h counts from --from.
         #[arg(long, default_value = "+1h", value_name = "TIME")]
         until: String,
         /// Print a challenge for an administrator instead of sending the
