@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use epm_e2e::{Daemon, TestUser, capable};
+use epm_e2e::{Daemon, Helper, TestUser, capable};
 
 /// A local group made for one test and removed after it.
 struct TestGroup {
@@ -111,10 +111,13 @@ fn a_session_adds_the_user_and_expiry_removes_them() {
     let group = TestGroup::create("epmtg-expiry");
     let user = TestUser::create("epm-sess1");
     let daemon = daemon(&group, "none", &no_sudoers());
+    // The user's helper is told before the end, and when it came.
+    let helper = Helper::start(&daemon, &user, &[]);
     let out = daemon.epmctl_as(&user, &["admin", "start", "--minutes", "1"]);
     assert!(out.status.success(), "{}", text(&out));
     assert!(text(&out).contains("is an administrator"), "{}", text(&out));
     assert!(group.has(&user), "added to {}", group.name);
+    helper.wait_for("Your administrator rights end in 1 minute", 1);
 
     let status = daemon.epmctl_as(&user, &["admin", "status", "--json"]);
     let sessions: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
@@ -126,6 +129,7 @@ fn a_session_adds_the_user_and_expiry_removes_them() {
     let record = revoked_record(&daemon, &user);
     assert_eq!(record["details"]["reason"], "expired", "{record}");
     assert_eq!(record["details"]["removed_from_group"], true, "{record}");
+    helper.wait_for("Your administrator rights have ended: its time is up.", 1);
     let started = daemon.wait_for_record("admin_session_started", |r| {
         r["event"] == "admin_session_started" && r["user"] == user.name.as_str()
     });
