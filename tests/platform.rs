@@ -116,6 +116,11 @@ fn a_bundle_signed_with_another_key_is_refused_and_the_last_good_policy_stays() 
         other.to_pkcs8_pem().unwrap(),
     )
     .unwrap();
+    std::fs::write(
+        platform.data_dir().join("signing-key.pub"),
+        format!("{}\n", other.public_key()),
+    )
+    .unwrap();
     platform.restart();
     platform.push(&policy(2, "allow", &[]), &[]);
     let (ok, text) = sync(&daemon);
@@ -127,6 +132,75 @@ fn a_bundle_signed_with_another_key_is_refused_and_the_last_good_policy_stays() 
     assert!(
         reason.contains("signed by") || reason.contains("signature"),
         "{reason}"
+    );
+}
+
+#[test]
+fn the_signing_key_is_rotated_without_a_refused_bundle() {
+    if !capable() {
+        return;
+    }
+    let mut platform = Platform::start();
+    let mut daemon = managed(&platform, "e2e-rotate");
+    let program = daemon.mount.install("/usr/bin/true", "tool");
+    platform.push(
+        &policy(1, "allow", &[deny_sha256("no-tool", &sha256_of(&program))]),
+        &[],
+    );
+    synced(&daemon);
+    assert!(denied(&run(&program)));
+    let pinned = |keys: &[&str]| {
+        let list: Vec<String> = keys.iter().map(|k| format!("{k:?}")).collect();
+        format!("policy_public_key = [{}]", list.join(", "))
+    };
+    let old = platform.ok(&["signing-key", "show"]);
+    let old = old
+        .lines()
+        .next()
+        .unwrap()
+        .trim_start_matches("in use: ")
+        .to_owned();
+
+    // 1-2. The next key waits; agents pin both.
+    let new = platform.ok(&["signing-key", "next"]).trim().to_owned();
+    daemon.stop();
+    daemon.edit_config(|config| {
+        config.replace(
+            &format!("policy_public_key = {old:?}"),
+            &pinned(&[&old, &new]),
+        )
+    });
+    daemon.restart();
+    synced(&daemon);
+    assert!(denied(&run(&program)), "still the policy in force");
+
+    // 3. The platform signs with the next key: the bundle in force is
+    // signed anew at the next check-in.
+    platform.kill();
+    assert_eq!(platform.ok(&["signing-key", "promote"]).trim(), new);
+    platform.restart();
+    synced(&daemon);
+
+    // 4. Agents drop the old key: what they hold is signed with the new
+    // one, so the policy in force stays, and the next is enforced.
+    daemon.stop();
+    daemon.edit_config(|config| config.replace(&pinned(&[&old, &new]), &pinned(&[&new])));
+    daemon.restart();
+    assert!(
+        denied(&run(&program)),
+        "policy 1 stays in force: {}",
+        daemon.log()
+    );
+    synced(&daemon);
+    platform.push(&policy(2, "allow", &[]), &[]);
+    synced(&daemon);
+    assert!(!denied(&run(&program)), "policy 2, signed with the new key");
+    assert!(
+        !daemon
+            .audit()
+            .iter()
+            .any(|r| r["event"] == "policy_rejected"),
+        "no bundle was refused on the way"
     );
 }
 

@@ -464,6 +464,13 @@ impl Daemon {
         }
     }
 
+    /// Rewrites the configuration file (for the next start) with `edit`.
+    pub fn edit_config(&self, edit: impl FnOnce(String) -> String) {
+        let path = self.dir.path().join("epmd.toml");
+        let config = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(&path, edit(config)).unwrap();
+    }
+
     /// Starts the daemon again on the same state.
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "stop or kill the daemon first");

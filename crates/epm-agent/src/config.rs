@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use epm_api::sign::PolicyPublicKey;
+use epm_api::sign::{PolicyKeys, PolicyPublicKey};
 use serde::{Deserialize, Deserializer};
 
 /// What the daemon does with a decision other than allow.
@@ -170,9 +170,10 @@ pub struct PlatformConfig {
     pub url: String,
     /// The platform's CA certificate (PEM): the only one trusted.
     pub ca_cert: PathBuf,
-    /// The key bundles and grants must be signed with (`ed25519:<base64>`).
-    #[serde(deserialize_with = "public_key")]
-    pub policy_public_key: PolicyPublicKey,
+    /// The key bundles and grants must be signed with (`ed25519:<base64>`),
+    /// or a list of up to four while the platform's key is rotated.
+    #[serde(deserialize_with = "public_keys")]
+    pub policy_public_key: PolicyKeys,
     /// One-time token for the first enrollment; unused once enrolled.
     #[serde(default, deserialize_with = "token")]
     pub enrollment_token: Option<String>,
@@ -189,10 +190,32 @@ fn https_url<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
     check_https_url(String::deserialize(d)?).map_err(serde::de::Error::custom)
 }
 
-fn public_key<'de, D: Deserializer<'de>>(d: D) -> Result<PolicyPublicKey, D::Error> {
-    String::deserialize(d)?
-        .parse()
-        .map_err(serde::de::Error::custom)
+fn public_keys<'de, D: Deserializer<'de>>(d: D) -> Result<PolicyKeys, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMore {
+        One(String),
+        More(Vec<String>),
+    }
+    let texts = match OneOrMore::deserialize(d).map_err(|_| {
+        serde::de::Error::custom("expected a key `ed25519:<base64>` or a list of them")
+    })? {
+        OneOrMore::One(text) => vec![text],
+        OneOrMore::More(texts) => texts,
+    };
+    parse_keys(texts.iter().map(String::as_str)).map_err(serde::de::Error::custom)
+}
+
+/// `policy_public_key`'s keys: one, or several while the platform's
+/// signing key is rotated.
+pub(crate) fn parse_keys<'a>(
+    texts: impl IntoIterator<Item = &'a str>,
+) -> Result<PolicyKeys, String> {
+    let keys = texts
+        .into_iter()
+        .map(|text| text.parse::<PolicyPublicKey>().map_err(|e| e.to_string()))
+        .collect::<Result<Vec<_>, _>>()?;
+    PolicyKeys::new(keys).map_err(|e| e.to_string())
 }
 
 fn token<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
@@ -733,6 +756,25 @@ mod tests {
             let p = config.platform.unwrap();
             assert_eq!(p.sync_interval, Duration::from_secs(secs), "{text}");
             assert_eq!(p.enrollment_token.as_deref(), Some("tok"));
+        }
+    }
+
+    #[test]
+    fn a_rotation_pins_two_keys() {
+        const NEXT: &str = "ed25519:A6EHv/POEL4dcN0Y50vAmWfk1jCbpQ1fHdyGZBJVMbg=";
+        let text = platform("").replace(&format!("\"{KEY}\""), &format!("[\"{KEY}\", \"{NEXT}\"]"));
+        let config = Config::parse(&text, Path::new("/")).unwrap();
+        let keys = config.platform.unwrap().policy_public_key;
+        assert_eq!(keys.to_string(), format!("{KEY}, {NEXT}"));
+        for (list, expected) in [
+            ("[]".to_owned(), "at least one policy public key"),
+            (format!("[\"{KEY}\", \"ed25519:AAAA\"]"), "32 bytes"),
+            ("7".to_owned(), "a key `ed25519:<base64>` or a list of them"),
+        ] {
+            let text = platform("").replace(&format!("\"{KEY}\""), &list);
+            let err = Config::parse(&text, Path::new("/")).unwrap_err();
+            assert!(err.contains(expected), "{list}: {err}");
+            assert!(err.contains("platform.policy_public_key"), "{list}: {err}");
         }
     }
 

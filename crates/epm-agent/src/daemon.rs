@@ -151,7 +151,7 @@ pub fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
             start_sync(
                 platform,
                 SyncContext {
-                    key: platform.policy_public_key,
+                    key: platform.policy_public_key.clone(),
                     device_id: device_id.clone(),
                     enrollment_token: platform.enrollment_token.clone(),
                     credentials: epm_sync::credentials::platform_store(&config.state_dir),

@@ -12,7 +12,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use epm_api::sign::PolicyPublicKey;
+use epm_api::sign::PolicyKeys;
 use plist::Value;
 
 use crate::config::{self, Config, PlatformConfig};
@@ -67,8 +67,8 @@ pub struct ManagedPrefs {
     pub ca_cert_pem: Option<String>,
     /// `ca_cert`: an absolute path to the CA certificate.
     pub ca_cert: Option<PathBuf>,
-    /// `policy_public_key`.
-    pub policy_public_key: Option<PolicyPublicKey>,
+    /// `policy_public_key`: a string, or an array of strings.
+    pub policy_public_key: Option<PolicyKeys>,
     /// `enrollment_token`.
     pub enrollment_token: Option<String>,
     /// `sync_interval`.
@@ -139,7 +139,14 @@ impl ManagedPrefs {
                 self.ca_cert = Some(path);
             }
             "policy_public_key" => {
-                self.policy_public_key = Some(string(value)?.parse().map_err(|e| format!("{e}"))?);
+                // A string, or an array of them while the key is rotated.
+                let keys = match value {
+                    Value::Array(items) => {
+                        items.iter().map(string).collect::<Result<Vec<_>, _>>()?
+                    }
+                    other => vec![string(other)?],
+                };
+                self.policy_public_key = Some(config::parse_keys(keys)?);
             }
             "enrollment_token" => {
                 self.enrollment_token = Some(config::check_token(string(value)?)?)
@@ -208,6 +215,7 @@ impl ManagedPrefs {
                         .ok_or_else(|| missing("ca_cert_pem (or ca_cert)"))?,
                     policy_public_key: self
                         .policy_public_key
+                        .clone()
                         .ok_or_else(|| missing("policy_public_key"))?,
                     enrollment_token: None,
                     sync_interval: config::default_sync_interval(),
@@ -223,8 +231,8 @@ impl ManagedPrefs {
             platform.ca_cert = ca_cert;
             set.push("platform.ca_cert");
         }
-        if let Some(key) = self.policy_public_key {
-            platform.policy_public_key = key;
+        if let Some(keys) = &self.policy_public_key {
+            platform.policy_public_key = keys.clone();
             set.push("platform.policy_public_key");
         }
         if let Some(token) = &self.enrollment_token {

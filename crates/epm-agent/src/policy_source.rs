@@ -8,7 +8,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use epm_api::SignedEnvelope;
-use epm_api::sign::PolicyPublicKey;
+use epm_api::sign::PolicyKeys;
 use epm_audit::{AuditEvent, EventKind};
 use epm_policy::{Action, Engine};
 use epm_store::{Store, StoredPolicy};
@@ -211,7 +211,7 @@ pub type BundleInForce = (CurrentBundle, Option<String>);
 /// used: a managed agent enforces signed policies only. Also returns the
 /// bundle in force and its ETag, for the sync's rollback check.
 pub fn initial_signed(
-    key: &PolicyPublicKey,
+    key: &PolicyKeys,
     device_id: &str,
     store: &Arc<Mutex<Store>>,
 ) -> (PolicyState, Vec<AuditEvent>, Option<BundleInForce>) {

@@ -22,7 +22,7 @@ use epm_api::agent::{
     LocalUser, PolicyState as PlatformPolicy, RequestState as ApiRequestState, RequestStatus,
     RequestSubject, RequestSubmit, Window,
 };
-use epm_api::sign::PolicyPublicKey;
+use epm_api::sign::PolicyKeys;
 use epm_api::{MAX_AUDIT_UPLOAD_BYTES, SignedEnvelope};
 use epm_store::{GrantSource, NewGrant, RequestState, Store, StoredPolicy};
 use epm_sync::credentials::CredentialStore;
@@ -128,8 +128,9 @@ pub struct SyncStatus {
 /// Everything a cycle needs from the daemon.
 #[derive(Debug)]
 pub struct SyncContext {
-    /// The pinned key bundles and grants must be signed with.
-    pub key: PolicyPublicKey,
+    /// The pinned keys (two during a rotation) bundles and grants must be
+    /// signed with.
+    pub key: PolicyKeys,
     /// This device.
     pub device_id: String,
     /// One-time token, used when not yet enrolled.

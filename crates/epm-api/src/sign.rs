@@ -72,9 +72,9 @@ pub enum SignatureError {
         found: SignedKind,
     },
     /// Signed by a key other than the pinned one.
-    #[error("signed by {found}, but the pinned key is {pinned}")]
+    #[error("signed by {found}, which is not a pinned key (policy_public_key: {pinned})")]
     WrongKey {
-        /// The pinned key.
+        /// The pinned key or keys.
         pinned: String,
         /// The key the envelope names.
         found: String,
@@ -248,6 +248,98 @@ impl PolicyPublicKey {
     }
 }
 
+/// The platform keys an agent trusts: one, or during a rotation of the
+/// platform's signing key two (the key in use and the next one, or the
+/// last one and the new one). An envelope must name one of them and be
+/// signed by it. Written as one key or a list (`policy_public_key`).
+#[derive(Clone, PartialEq, Eq)]
+pub struct PolicyKeys(Vec<PolicyPublicKey>);
+
+impl PolicyKeys {
+    /// The most keys trusted at once: a rotation needs two.
+    pub const MAX: usize = 4;
+
+    /// Trusts `keys` (duplicates count once): at least one, at most
+    /// [`PolicyKeys::MAX`].
+    pub fn new(keys: impl IntoIterator<Item = PolicyPublicKey>) -> Result<PolicyKeys, KeyError> {
+        let mut unique: Vec<PolicyPublicKey> = Vec::new();
+        for key in keys {
+            if !unique.contains(&key) {
+                unique.push(key);
+            }
+        }
+        match unique.len() {
+            0 => Err(KeyError("at least one policy public key is needed".into())),
+            n if n > Self::MAX => Err(KeyError(format!(
+                "at most {} policy public keys are trusted at once (a rotation needs two), not {n}",
+                Self::MAX
+            ))),
+            _ => Ok(PolicyKeys(unique)),
+        }
+    }
+
+    /// The keys, in the order given.
+    pub fn keys(&self) -> &[PolicyPublicKey] {
+        &self.0
+    }
+
+    /// Checks the envelope's kind and signature by the trusted key it
+    /// names, then parses the payload. Nothing of the payload is parsed
+    /// before the signature holds.
+    pub fn open<T: DeserializeOwned>(
+        &self,
+        kind: SignedKind,
+        envelope: &SignedEnvelope,
+    ) -> Result<T, SignatureError> {
+        self.verify(kind, envelope)?;
+        serde_json::from_str(&envelope.payload)
+            .map_err(|source| SignatureError::Payload { kind, source })
+    }
+
+    /// Checks the envelope's kind and signature only.
+    pub fn verify(
+        &self,
+        kind: SignedKind,
+        envelope: &SignedEnvelope,
+    ) -> Result<(), SignatureError> {
+        match self.0.iter().find(|key| key.to_string() == envelope.key) {
+            Some(key) => key.verify(kind, envelope),
+            None if envelope.kind != kind => Err(SignatureError::WrongKind {
+                expected: kind,
+                found: envelope.kind,
+            }),
+            None => Err(SignatureError::WrongKey {
+                pinned: self.to_string(),
+                found: envelope.key.chars().take(80).collect(),
+            }),
+        }
+    }
+}
+
+impl From<PolicyPublicKey> for PolicyKeys {
+    fn from(key: PolicyPublicKey) -> PolicyKeys {
+        PolicyKeys(vec![key])
+    }
+}
+
+impl fmt::Display for PolicyKeys {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, key) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(", ")?;
+            }
+            write!(f, "{key}")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for PolicyKeys {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PolicyKeys({self})")
+    }
+}
+
 fn signed_bytes(kind: SignedKind, payload: &str) -> Vec<u8> {
     let domain = kind.domain();
     let mut bytes = Vec::with_capacity(domain.len() + payload.len());
@@ -260,6 +352,54 @@ fn signed_bytes(kind: SignedKind, payload: &str) -> Vec<u8> {
 mod tests {
     use super::*;
     use crate::Grant;
+
+    #[test]
+    fn during_a_rotation_either_trusted_key_opens_and_no_other() {
+        let old = PolicySigningKey::generate();
+        let new = PolicySigningKey::generate();
+        let stranger = PolicySigningKey::generate();
+        let trusted = PolicyKeys::new([old.public_key(), new.public_key()]).unwrap();
+        for key in [&old, &new] {
+            let envelope = key.sign(SignedKind::Grant, &Grant::example()).unwrap();
+            assert_eq!(
+                trusted.open::<Grant>(SignedKind::Grant, &envelope).unwrap(),
+                Grant::example()
+            );
+            let err = trusted
+                .open::<Grant>(SignedKind::PolicyBundle, &envelope)
+                .unwrap_err();
+            assert!(matches!(err, SignatureError::WrongKind { .. }), "{err}");
+        }
+        let envelope = stranger.sign(SignedKind::Grant, &Grant::example()).unwrap();
+        let err = trusted
+            .open::<Grant>(SignedKind::Grant, &envelope)
+            .unwrap_err();
+        assert!(matches!(err, SignatureError::WrongKey { .. }), "{err}");
+        assert!(
+            err.to_string().contains(&new.public_key().to_string()),
+            "{err}"
+        );
+        // Naming a trusted key does not help a stranger: the signature is checked.
+        let mut forged = envelope;
+        forged.key = old.public_key().to_string();
+        let err = trusted
+            .open::<Grant>(SignedKind::Grant, &forged)
+            .unwrap_err();
+        assert!(matches!(err, SignatureError::Invalid), "{err}");
+    }
+
+    #[test]
+    fn a_key_list_is_one_to_four_keys() {
+        assert!(PolicyKeys::new([]).is_err());
+        let key = PolicySigningKey::generate().public_key();
+        assert_eq!(PolicyKeys::new([key, key]).unwrap().keys().len(), 1);
+        let five: Vec<PolicyPublicKey> = (0..5)
+            .map(|_| PolicySigningKey::generate().public_key())
+            .collect();
+        let err = PolicyKeys::new(five).unwrap_err();
+        assert!(err.to_string().contains("at most 4"), "{err}");
+        assert_eq!(PolicyKeys::from(key).to_string(), key.to_string());
+    }
 
     #[test]
     fn a_signed_grant_opens_with_its_key_only() {

@@ -51,6 +51,9 @@ pub enum KeysError {
         /// Why.
         source: rcgen::Error,
     },
+    /// A signing-key rotation step cannot be taken now.
+    #[error("{0}")]
+    Rotation(String),
     /// A key file does not parse.
     #[error("{path}: {message}")]
     Invalid {
@@ -60,6 +63,10 @@ pub enum KeysError {
         message: String,
     },
 }
+
+/// The next signing key of a rotation, and its public half.
+const NEXT_KEY: &str = "signing-key-next.pem";
+const NEXT_PUB: &str = "signing-key-next.pub";
 
 const KEY_FILES: [&str; 6] = [
     "ca.pem",
@@ -176,9 +183,98 @@ impl DataDir {
         Ok(true)
     }
 
-    /// The bundle-signing key.
+    /// The bundle-signing key in use. Its public half must be
+    /// `signing-key.pub`'s (what agents were given): a start with a pair
+    /// that disagrees (a rotation cut short) is refused, not signed with.
     pub fn signing_key(&self) -> Result<PolicySigningKey, KeysError> {
-        let path = self.file("signing-key.pem");
+        let key = self.read_signing_key("signing-key.pem")?;
+        let path = self.file("signing-key.pub");
+        let public = fs::read_to_string(&path).map_err(|source| KeysError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        if public.trim() != key.public_key().to_string() {
+            return Err(KeysError::Invalid {
+                path,
+                message: format!(
+                    "does not hold the public half of signing-key.pem ({}): restore the pair from a backup, or finish the rotation",
+                    key.public_key()
+                ),
+            });
+        }
+        Ok(key)
+    }
+
+    /// The next bundle-signing key, made for a rotation and not in use
+    /// yet, if there is one.
+    pub fn next_signing_key(&self) -> Result<Option<PolicySigningKey>, KeysError> {
+        if !self.file(NEXT_KEY).exists() {
+            return Ok(None);
+        }
+        self.read_signing_key(NEXT_KEY).map(Some)
+    }
+
+    /// Makes the next bundle-signing key beside the one in use
+    /// (`signing-key-next.pem`, `.pub`), the first step of a rotation:
+    /// agents must pin it too before it is put in use. Refuses when one is
+    /// already waiting.
+    pub fn make_next_signing_key(&self) -> Result<PolicySigningKey, KeysError> {
+        if self.file(NEXT_KEY).exists() || self.file(NEXT_PUB).exists() {
+            return Err(KeysError::Rotation(format!(
+                "a next signing key is already waiting in {}: give agents its public key, then promote it",
+                self.dir.display()
+            )));
+        }
+        let next = PolicySigningKey::generate();
+        let pem = next.to_pkcs8_pem().map_err(|e| KeysError::Invalid {
+            path: self.file(NEXT_KEY),
+            message: e.to_string(),
+        })?;
+        self.write_new(NEXT_KEY, &pem, 0o600)?;
+        self.write_new(NEXT_PUB, &format!("{}\n", next.public_key()), 0o644)?;
+        Ok(next)
+    }
+
+    /// Puts the next signing key in use: the current pair is kept as
+    /// `signing-key-retired-<unix time>.pem` (and `.pub`), then the next
+    /// pair replaces it. Returns (the retired key, the key now in use).
+    /// The server loads the key at start: restart it.
+    pub fn promote_next_signing_key(
+        &self,
+    ) -> Result<(PolicySigningKey, PolicySigningKey), KeysError> {
+        let next = self.next_signing_key()?.ok_or_else(|| {
+            KeysError::Rotation(format!(
+                "no next signing key in {}: make one first (signing-key next)",
+                self.dir.display()
+            ))
+        })?;
+        let current = self.signing_key()?;
+        let stamp = jiff::Timestamp::now().as_second();
+        let io = |path: PathBuf| move |source| KeysError::Io { path, source };
+        for (from, to) in [
+            (
+                "signing-key.pem",
+                format!("signing-key-retired-{stamp}.pem"),
+            ),
+            (
+                "signing-key.pub",
+                format!("signing-key-retired-{stamp}.pub"),
+            ),
+        ] {
+            // A link first: the key set stays whole if anything fails.
+            fs::hard_link(self.file(from), self.file(&to)).map_err(io(self.file(&to)))?;
+        }
+        // Each rename replaces a file whole; the private key goes first, so
+        // a crash between leaves a pair the server refuses to start with
+        // (the .pub no longer matches), never one it signs wrongly with.
+        for (from, to) in [(NEXT_KEY, "signing-key.pem"), (NEXT_PUB, "signing-key.pub")] {
+            fs::rename(self.file(from), self.file(to)).map_err(io(self.file(to)))?;
+        }
+        Ok((current, next))
+    }
+
+    fn read_signing_key(&self, name: &str) -> Result<PolicySigningKey, KeysError> {
+        let path = self.file(name);
         let pem = fs::read_to_string(&path).map_err(|source| KeysError::Io {
             path: path.clone(),
             source,
@@ -241,6 +337,36 @@ mod tests {
         let ca = fs::read(data.ca_cert()).unwrap();
         assert!(!data.ensure_keys(&hosts).unwrap(), "second start reuses");
         assert_eq!(fs::read(data.ca_cert()).unwrap(), ca);
+
+        // A rotation: the next key waits beside the one in use, then
+        // replaces it; the old pair is kept.
+        let before = data.signing_key().unwrap().public_key();
+        assert!(data.next_signing_key().unwrap().is_none());
+        let next = data.make_next_signing_key().unwrap().public_key();
+        assert_ne!(next, before);
+        let err = data.make_next_signing_key().unwrap_err().to_string();
+        assert!(err.contains("already waiting"), "{err}");
+        assert_eq!(
+            data.signing_key().unwrap().public_key(),
+            before,
+            "not in use yet"
+        );
+        let (retired, current) = data.promote_next_signing_key().unwrap();
+        assert_eq!((retired.public_key(), current.public_key()), (before, next));
+        assert_eq!(data.signing_key().unwrap().public_key(), next);
+        assert!(data.next_signing_key().unwrap().is_none());
+        let kept: Vec<String> = fs::read_dir(tmp.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|name| name.starts_with("signing-key-retired-"))
+            .collect();
+        assert_eq!(kept.len(), 2, "{kept:?}");
+        let err = data.promote_next_signing_key().unwrap_err().to_string();
+        assert!(err.contains("no next signing key"), "{err}");
+        // A pair that disagrees is refused, never signed with.
+        fs::write(data.file("signing-key.pub"), format!("{before}\n")).unwrap();
+        let err = data.signing_key().unwrap_err().to_string();
+        assert!(err.contains("does not hold the public half"), "{err}");
 
         fs::remove_file(data.file("server.pem")).unwrap();
         let err = data.ensure_keys(&hosts).unwrap_err().to_string();

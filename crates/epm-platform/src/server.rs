@@ -299,7 +299,16 @@ async fn current_bundle(
 ) -> ApiResult<BundleRow> {
     let revision = state.db.policy_revision()?;
     let users_sha256 = users_hash(users);
-    let fresh = |row: &BundleRow| row.revision == revision && row.users_sha256 == users_sha256;
+    // A bundle signed with a key rotated out since is signed anew, so that
+    // agents can drop the old key once they have synced.
+    let signer = state.signing.public_key().to_string();
+    let signed_now = |row: &BundleRow| {
+        serde_json::from_str::<SignedEnvelope>(&row.envelope)
+            .is_ok_and(|envelope| envelope.key == signer)
+    };
+    let fresh = |row: &BundleRow| {
+        row.revision == revision && row.users_sha256 == users_sha256 && signed_now(row)
+    };
     if let Some(row) = state.db.bundle(device_id)?
         && fresh(&row)
     {
@@ -348,6 +357,7 @@ async fn current_bundle(
     };
     if let Some(row) = &existing
         && row.content_sha256 == merged.content_sha256
+        && signed_now(row)
     {
         state.db.touch_bundle(device_id, revision, &users_sha256)?;
         return Ok(BundleRow {

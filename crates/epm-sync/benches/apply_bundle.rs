@@ -62,7 +62,7 @@ fn apply_bundle(c: &mut Criterion) {
     // The agent receives the envelope as JSON text: parse that too.
     let wire = serde_json::to_string(&envelope).unwrap();
     eprintln!("bundle: {RULES} rules, {} bytes on the wire", wire.len());
-    let pinned = key.public_key();
+    let pinned = epm_api::sign::PolicyKeys::from(key.public_key());
     let mut group = c.benchmark_group("apply_bundle");
     group.sample_size(10);
     group.bench_function("verify_open_compile_100k_rules", |b| {

@@ -2,7 +2,7 @@
 //! sent. Pure given its inputs, so the daemon, its start-up re-check and
 //! the benchmark all run exactly this.
 
-use epm_api::sign::{PolicyPublicKey, SignatureError, SignedKind};
+use epm_api::sign::{PolicyKeys, SignatureError, SignedKind};
 use epm_api::{BUNDLE_FORMAT, BundleSource, Grant, PolicyBundle, SignedEnvelope};
 use epm_policy::Engine;
 use jiff::Timestamp;
@@ -107,7 +107,7 @@ impl AcceptedBundle {
 /// device, the version against `current` (no rollback; the same version
 /// must be the same bytes), then compiles the policy.
 pub fn accept_bundle(
-    key: &PolicyPublicKey,
+    key: &PolicyKeys,
     device_id: &str,
     current: Option<CurrentBundle>,
     envelope: &SignedEnvelope,
@@ -194,7 +194,7 @@ pub enum GrantError {
 /// against the pinned key and this device. Matching it to the local request
 /// (user, binary) is the caller's, who holds that request.
 pub fn accept_grant(
-    key: &PolicyPublicKey,
+    key: &PolicyKeys,
     device_id: &str,
     request_id: &str,
     envelope: &SignedEnvelope,
@@ -250,12 +250,17 @@ mod tests {
     fn a_good_bundle_is_accepted_and_compiled() {
         let key = PolicySigningKey::generate();
         let envelope = signed(&key, &bundle("d1", 3, &policy(3)));
-        let accepted = accept_bundle(&key.public_key(), "d1", None, &envelope).unwrap();
+        let accepted = accept_bundle(&key.public_key().into(), "d1", None, &envelope).unwrap();
         assert_eq!(accepted.version, 3);
         assert_eq!(accepted.engine.rule_count(), 1);
         assert_eq!(accepted.document, policy(3));
         // The same bundle again is fine; another with its version is not.
-        let again = accept_bundle(&key.public_key(), "d1", Some(accepted.current()), &envelope);
+        let again = accept_bundle(
+            &key.public_key().into(),
+            "d1",
+            Some(accepted.current()),
+            &envelope,
+        );
         assert!(again.is_ok());
         let mut changed = bundle("d1", 3, &policy(3));
         changed.sources.push(BundleSource {
@@ -264,7 +269,7 @@ mod tests {
             rules: 1,
         });
         let err = accept_bundle(
-            &key.public_key(),
+            &key.public_key().into(),
             "d1",
             Some(accepted.current()),
             &signed(&key, &changed),
@@ -280,7 +285,7 @@ mod tests {
     fn each_refusal_is_distinct_and_named() {
         let key = PolicySigningKey::generate();
         let other = PolicySigningKey::generate();
-        let pinned = key.public_key();
+        let pinned = PolicyKeys::from(key.public_key());
         let current = Some(CurrentBundle {
             version: 5,
             payload_sha256: [0; 32],
@@ -324,7 +329,7 @@ mod tests {
         let key = PolicySigningKey::generate();
         let grant = Grant::example();
         let envelope = key.sign(SignedKind::Grant, &grant).unwrap();
-        let pinned = key.public_key();
+        let pinned = PolicyKeys::from(key.public_key());
         assert_eq!(
             accept_grant(&pinned, "mac-0042", "req-1", &envelope).unwrap(),
             grant
@@ -339,7 +344,7 @@ mod tests {
         ));
         let other = PolicySigningKey::generate();
         assert!(matches!(
-            accept_grant(&other.public_key(), "mac-0042", "req-1", &envelope),
+            accept_grant(&other.public_key().into(), "mac-0042", "req-1", &envelope),
             Err(GrantError::Signature(_))
         ));
     }

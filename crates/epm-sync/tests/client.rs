@@ -268,7 +268,7 @@ async fn policy_fetch_sends_the_etag_and_understands_304() {
         panic!("expected a bundle");
     };
     assert_eq!(etag.as_deref(), Some("\"e7\""));
-    let accepted = accept_bundle(&key.public_key(), "d1", None, &envelope).unwrap();
+    let accepted = accept_bundle(&key.public_key().into(), "d1", None, &envelope).unwrap();
     assert_eq!(accepted.version, 7);
 
     server.reply(paths::AGENT_POLICY, Reply::NotModified);
@@ -288,7 +288,7 @@ async fn bad_bundles_are_each_refused_with_their_own_reason() {
     let key = PolicySigningKey::generate();
     let other = PolicySigningKey::generate();
     let current = accept_bundle(
-        &key.public_key(),
+        &key.public_key().into(),
         "d1",
         None,
         &serde_json::from_str(&envelope_json(&key, "d1", 5, &deny_nc(5))).unwrap(),
@@ -340,7 +340,8 @@ async fn bad_bundles_are_each_refused_with_their_own_reason() {
         else {
             panic!("expected a bundle");
         };
-        let err = accept_bundle(&key.public_key(), "d1", Some(current), &envelope).unwrap_err();
+        let err =
+            accept_bundle(&key.public_key().into(), "d1", Some(current), &envelope).unwrap_err();
         assert!(expected(&err), "unexpected: {err}");
     }
 }

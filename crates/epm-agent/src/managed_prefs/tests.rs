@@ -142,6 +142,43 @@ fn wrong_types_and_bad_values_name_the_key() {
 }
 
 #[test]
+fn a_key_list_pins_every_key_during_a_rotation() {
+    let keys = [
+        "ed25519:11qYAYKxCrfVS/7TyWQHOg7hcvPapiMlrwIaaPcHURo=",
+        "ed25519:A6EHv/POEL4dcN0Y50vAmWfk1jCbpQ1fHdyGZBJVMbg=",
+    ];
+    let mut dict = plist::Dictionary::new();
+    dict.insert(
+        "policy_public_key".into(),
+        Value::Array(keys.iter().map(|k| Value::String((*k).into())).collect()),
+    );
+    let mut bytes = Vec::new();
+    Value::Dictionary(dict.clone())
+        .to_writer_xml(&mut bytes)
+        .unwrap();
+    let prefs = ManagedPrefs::from_bytes(&bytes, "test").unwrap();
+    assert_eq!(
+        prefs.policy_public_key.unwrap().to_string(),
+        keys.join(", ")
+    );
+    dict.insert(
+        "policy_public_key".into(),
+        Value::Array(vec![
+            Value::String(keys[0].into()),
+            Value::Integer(3.into()),
+        ]),
+    );
+    let mut bytes = Vec::new();
+    Value::Dictionary(dict).to_writer_xml(&mut bytes).unwrap();
+    let err = ManagedPrefs::from_bytes(&bytes, "test").unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("policy_public_key: expected a string, found an integer"),
+        "{err}"
+    );
+}
+
+#[test]
 fn ca_path_and_pem_are_exclusive() {
     let mut dict = plist::Dictionary::new();
     dict.insert("ca_cert".into(), Value::String("/ca.pem".into()));

@@ -232,7 +232,7 @@ impl Agent {
         SyncCycle::new(
             self.platform.clone(),
             SyncContext {
-                key: self.key.public_key(),
+                key: self.key.public_key().into(),
                 device_id: DEVICE.into(),
                 enrollment_token: Some("token".into()),
                 credentials: Box::new(FileStore::new(self.dir.path().join("creds.json"))),
@@ -389,14 +389,14 @@ fn a_new_bundle_is_enforced_stored_and_reverified_at_restart() {
 
     // A restart enforces it again, after checking its signature.
     let (state, events, current) =
-        policy_source::initial_signed(&agent.key.public_key(), DEVICE, &agent.store);
+        policy_source::initial_signed(&agent.key.public_key().into(), DEVICE, &agent.store);
     assert_eq!(state.engine.version(), 2);
     assert_eq!(current.unwrap().0.version, 2);
     assert_eq!(events.len(), 1);
     // With another pinned key, it is refused and the built-in policy starts.
     let other = PolicySigningKey::generate();
     let (state, events, current) =
-        policy_source::initial_signed(&other.public_key(), DEVICE, &agent.store);
+        policy_source::initial_signed(&other.public_key().into(), DEVICE, &agent.store);
     assert_eq!(
         (state.engine.version(), state.source.as_str()),
         (0, "builtin")
