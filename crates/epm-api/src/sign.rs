@@ -208,9 +208,7 @@ impl PolicyPublicKey {
         kind: SignedKind,
         envelope: &SignedEnvelope,
     ) -> Result<T, SignatureError> {
-        self.verify(kind, envelope)?;
-        serde_json::from_str(&envelope.payload)
-            .map_err(|source| SignatureError::Payload { kind, source })
+        PolicyKeys::from(*self).open(kind, envelope)
     }
 
     /// Checks the envelope's kind and signature only.
