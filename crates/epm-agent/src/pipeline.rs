@@ -323,6 +323,26 @@ mod tests {
         assert_eq!(report.records, 2);
     }
 
+    /// Drains the pipeline and the audit; the records written.
+    fn finish(
+        dir: &tempfile::TempDir,
+        intake: Intake,
+        workers: Workers,
+        sink: AuditSink,
+        writer: AuditWriter,
+    ) -> Vec<epm_audit::AuditRecord> {
+        drop(intake);
+        workers.join();
+        assert!(sink.flush(Duration::from_secs(5)));
+        drop(sink);
+        writer.stop();
+        epm_audit::tail(dir.path(), 100)
+            .unwrap()
+            .iter()
+            .map(|line| epm_audit::AuditRecord::parse(line).unwrap())
+            .collect()
+    }
+
     #[test]
     fn execs_the_platform_let_run_are_audited_as_allowed_from_its_cache() {
         let (dir, decider, writer, sink) = setup(FailMode::Closed);
@@ -331,16 +351,7 @@ mod tests {
         // change that reached the daemon before the platform's cache).
         intake.submit(PendingExec::observed(facts("/usr/bin/ls", None)));
         intake.submit(PendingExec::observed(facts("/usr/bin/nc", None)));
-        drop(intake);
-        workers.join();
-        assert!(sink.flush(Duration::from_secs(5)));
-        drop(sink);
-        writer.stop();
-        let lines = epm_audit::tail(dir.path(), 10).unwrap();
-        let records: Vec<epm_audit::AuditRecord> = lines
-            .iter()
-            .map(|l| epm_audit::AuditRecord::parse(l).unwrap())
-            .collect();
+        let records = finish(&dir, intake, workers, sink, writer);
         assert_eq!(records.len(), 2);
         for record in &records {
             let event = &record.event;
@@ -377,14 +388,9 @@ mod tests {
         // execs that already ran.
         let (workers, intake) = Workers::start(1, 1, decider.clone(), sink.clone()).unwrap();
         intake.submit(PendingExec::observed(facts("/usr/bin/ls", None)));
-        drop(intake);
-        workers.join();
-        assert!(sink.flush(Duration::from_secs(5)));
-        drop(sink);
-        writer.stop();
-        let lines = epm_audit::tail(dir.path(), 10).unwrap();
-        assert_eq!(lines.len(), 1);
-        let event = epm_audit::AuditRecord::parse(&lines[0]).unwrap().event;
+        let records = finish(&dir, intake, workers, sink, writer);
+        assert_eq!(records.len(), 1);
+        let event = records[0].event.clone();
         assert_eq!(event.decision.as_deref(), Some("allow"));
         let reason = event.reason.unwrap();
         assert!(
