@@ -65,6 +65,27 @@ fn sudo_as(user: &TestUser, args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// sudo run by `user` on a new pseudo-terminal (`script`), with `input`
+/// typed on it.
+fn sudo_on_a_terminal(user: &TestUser, program: &str, input: &str) -> Output {
+    use std::io::Write;
+    let mut child = Command::new("script")
+        .args(["-qec", &format!("sudo {program}"), "/dev/null"])
+        .uid(user.uid)
+        .gid(user.gid)
+        .env_remove("SUDO_ASKPASS")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The terminal holds what is typed until the plugin reads its line.
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(input.as_bytes()).unwrap();
+    drop(stdin);
+    child.wait_with_output().unwrap()
+}
+
 fn text(out: &Output) -> String {
     format!(
         "{}{}",
@@ -90,6 +111,8 @@ fn sudo_asks_epmd_for_every_command() {
     let policy = r#"{"version": 1, "default_action": "allow", "rules": [],
         "elevation": [
             {"id": "id-ok", "action": "allow", "match": {"path": "/usr/bin/id"}},
+            {"id": "whoami-why", "action": "justify", "match": {"path": "/usr/bin/whoami"},
+             "justification": {"min_length": 10}},
             {"id": "no-cat", "action": "deny", "match": {"path": "/usr/bin/cat"},
              "message": "cat as root is not allowed here"}
         ]}"#;
@@ -130,6 +153,21 @@ fn sudo_asks_epmd_for_every_command() {
         "shadow leaked: {}",
         text(&out)
     );
+
+    // A justification, typed at the plugin's question on a real terminal.
+    let out = sudo_on_a_terminal(&user, "/usr/bin/whoami", "Checking root for INC-9\n");
+    assert!(out.status.success(), "{}\n{}", text(&out), daemon.log());
+    assert!(text(&out).contains("root"), "{}", text(&out));
+    let justified = daemon.wait_for_record("elevation_allowed", |r| {
+        r["event"] == "elevation_allowed" && r["rule_id"] == "whoami-why"
+    });
+    assert_eq!(
+        justified["details"]["justification"], "Checking root for INC-9",
+        "{justified}"
+    );
+    // Without a terminal to ask on, nothing runs.
+    let out = sudo_as(&user, &["/usr/bin/whoami"]);
+    assert!(!out.status.success(), "{}", text(&out));
 
     // No rule: denied too.
     let out = sudo_as(&user, &["/usr/bin/true"]);
