@@ -54,9 +54,16 @@ stop_epmd() {
 echo "measuring $runs execs without a listener..." >&2
 base=$($loop_bin "$runs")
 
+# epmd's own CPU time (clock ticks) and voluntary context switches (all its
+# threads), to see what it costs the machine besides the exec's wait.
+epmd_cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$epmd_pid/stat"; }
+epmd_switches() { cat /proc/"$epmd_pid"/task/*/status | awk '/^voluntary_ctxt_switches/ { n += $2 } END { print n }'; }
+
 echo "measuring $runs execs with epmd enforcing 10000 rules..." >&2
 start_epmd 10000
+ticks_before=$(epmd_cpu_ticks) switches_before=$(epmd_switches)
 with_epmd=$($loop_bin "$runs")
+ticks=$(($(epmd_cpu_ticks) - ticks_before)) switches=$(($(epmd_switches) - switches_before))
 status=$($bin/epmctl --socket "$work/epmd.sock" status --json)
 stop_epmd
 
@@ -107,6 +114,8 @@ echo "machine: $(nproc) cores, $(awk -F': ' '/model name/ { print $2; exit }' /p
 awk -v b="$base" 'BEGIN { printf "no listener: %.1f us/exec\n", b }'
 awk -v b="$base" -v e="$with_epmd" \
     'BEGIN { printf "epmd (10000 rules): %.1f us/exec (+%.1f us, x%.2f)\n", e, e-b, e/b }'
+awk -v t="$ticks" -v hz="$(getconf CLK_TCK)" -v s="$switches" -v r="$runs" \
+    'BEGIN { printf "epmd CPU: %.1f us per exec; %.1f voluntary context switches per exec\n", t * 1e6 / hz / r, s / r }'
 echo "$fapolicyd_line"
 echo "epmd decision latency: p50 ${p50} us, p99 ${p99} us"
 awk -v r="$rss_kb" 'BEGIN { printf "epmd RSS with 100000 rules: %.1f MB\n", r/1024 }'

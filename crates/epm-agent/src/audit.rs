@@ -152,15 +152,12 @@ impl WriterState {
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => stop = true,
             }
-            // Gather more, up to one batch, for at most LINGER after the
-            // first event; a flush or stop request ends the wait at once.
-            let deadline = std::time::Instant::now() + LINGER;
-            while events.len() < MAX_BATCH && !stop && acks.is_empty() && !events.is_empty() {
-                let left = deadline.saturating_duration_since(std::time::Instant::now());
-                match rx.recv_timeout(left) {
-                    Ok(message) => stop |= take(message, &mut events, &mut acks),
-                    Err(_) => break,
-                }
+            // Let a batch gather for LINGER after its first event, asleep
+            // rather than waiting on the channel: a receiver waiting there
+            // is woken by every event, a context switch per exec on a busy
+            // machine. A flush or stop waits at most LINGER.
+            if !stop && acks.is_empty() && !events.is_empty() {
+                std::thread::sleep(LINGER);
             }
             while events.len() < MAX_BATCH && !stop {
                 match rx.try_recv() {
