@@ -480,7 +480,7 @@ impl Link for XpcConnection {
     /// [`FD_KEYS`]. XPC queues it and never says whether it arrived; a peer
     /// that is gone shows on the next read.
     fn send_frame(&mut self, body: &[u8], fds: &[BorrowedFd<'_>]) -> Result<(), FrameError> {
-        if self.inbound.ended() {
+        if self.inbound.over() {
             return Err(FrameError::Io(std::io::ErrorKind::BrokenPipe.into()));
         }
         if fds.len() > FD_KEYS.len() {
@@ -561,8 +561,9 @@ impl Link for XpcConnection {
 
 impl Drop for XpcConnection {
     fn drop(&mut self) {
-        if self.inbound.ended() {
-            // Over already: nothing left to deliver.
+        if self.inbound.over() {
+            // Over already (cancelled, or the peer left): nothing to deliver,
+            // and a barrier might never run.
             self.cancel();
             return;
         }

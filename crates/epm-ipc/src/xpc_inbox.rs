@@ -87,6 +87,7 @@ pub(crate) enum After {
 pub(crate) struct Deliverer {
     posting: Mutex<Option<Posting<Delivered>>>,
     flooded: Arc<AtomicBool>,
+    over: Arc<AtomicBool>,
 }
 
 impl Deliverer {
@@ -123,6 +124,7 @@ impl Deliverer {
             }
         }
         *posting = None;
+        self.over.store(true, Ordering::Release);
         After::Cancel
     }
 }
@@ -132,6 +134,8 @@ impl Deliverer {
 pub(crate) struct Inbound {
     inbox: Mailbox<Delivered>,
     flooded: Arc<AtomicBool>,
+    /// The handler has ended the connection (told to cancel it).
+    over: Arc<AtomicBool>,
     /// How long a read waits (`None`: forever).
     read_timeout: Option<Duration>,
     /// The descriptors that came with the last frame read.
@@ -146,14 +150,17 @@ pub(crate) struct Inbound {
 pub(crate) fn inbox() -> std::io::Result<(Deliverer, Inbound)> {
     let (posting, inbox) = mailbox(QUEUE_DEPTH)?;
     let flooded = Arc::new(AtomicBool::new(false));
+    let over = Arc::new(AtomicBool::new(false));
     Ok((
         Deliverer {
             posting: Mutex::new(Some(posting)),
             flooded: Arc::clone(&flooded),
+            over: Arc::clone(&over),
         },
         Inbound {
             inbox,
             flooded,
+            over,
             read_timeout: None,
             fds: Vec::new(),
             ended: false,
@@ -207,9 +214,11 @@ impl Inbound {
         }
     }
 
-    /// Whether the end has been read: nothing more can be sent either.
-    pub(crate) fn ended(&self) -> bool {
-        self.ended
+    /// Whether the connection is over: its end has been read, or the
+    /// handler has ended it (what is queued may still be read). Nothing
+    /// more can be sent.
+    pub(crate) fn over(&self) -> bool {
+        self.ended || self.over.load(Ordering::Acquire)
     }
 
     pub(crate) fn set_read_timeout(&mut self, timeout: Option<Duration>) {

@@ -39,7 +39,7 @@ impl Drop for MemoryLink {
 
 impl Link for MemoryLink {
     fn send_frame(&mut self, body: &[u8], fds: &[BorrowedFd<'_>]) -> Result<(), FrameError> {
-        if self.inbound.ended() {
+        if self.inbound.over() {
             return Err(FrameError::Io(std::io::ErrorKind::BrokenPipe.into()));
         }
         let dups = fds
@@ -274,6 +274,10 @@ fn garbage_ends_that_connection_and_says_why() {
     assert_eq!(
         to_daemon.deliver(triage(Received::Dictionary(None)), Vec::new),
         After::Cancel
+    );
+    assert!(
+        to_daemon.over.load(Ordering::Acquire),
+        "the link knows it is over"
     );
     let error = daemon.join().unwrap().unwrap_err();
     assert!(
