@@ -51,9 +51,12 @@ impl Intake {
             return self.observe(pending, received);
         }
         if let Some(outcome) = self.decider.decide_cached(&pending.facts) {
+            let audited = audited(&pending, &outcome);
             pending.answer_decided(outcome.verdict, cacheable(&outcome));
             self.decider.latency.record(received.elapsed());
-            self.audit.send(exec_event(&self.decider, &outcome));
+            if audited {
+                self.audit.send(exec_event(&self.decider, &outcome));
+            }
             self.decider.answered(&outcome);
             return;
         }
@@ -193,12 +196,15 @@ fn work(jobs: &Receiver<Job>, decider: &Decider, audit: &AuditSink) {
                 )
             }
         };
+        let audited = outcome.as_ref().is_none_or(|o| audited(&pending, o));
         match &outcome {
             Some(outcome) => pending.answer_decided(verdict, cacheable(outcome)),
             None => pending.answer(verdict),
         }
         decider.latency.record(received.elapsed());
-        audit.send(event);
+        if audited {
+            audit.send(event);
+        }
         if let Some(outcome) = outcome {
             decider.answered(&outcome);
         }
@@ -217,6 +223,12 @@ fn audit_observed(decider: &Decider, pending: &PendingExec) -> epm_audit::AuditE
             observed_fail_event(decider, facts, "internal error: deciding panicked")
         }
     }
+}
+
+/// Whether this decision gets an audit record: all do, but an allowed
+/// interpreter load, whose program's record stands for the exec.
+fn audited(pending: &PendingExec, outcome: &Outcome) -> bool {
+    pending.facts.interpreter_of.is_none() || outcome.enforced != Enforced::Allow
 }
 
 /// Whether a platform may remember this answer for the same file: only a
@@ -379,6 +391,38 @@ mod tests {
             "{reason}"
         );
         assert_eq!(nc.event.rule_id.as_deref(), Some("no-nc"));
+    }
+
+    #[test]
+    fn an_allowed_interpreter_load_is_not_a_second_exec_record() {
+        let (dir, decider, writer, sink) = setup(FailMode::Open);
+        let (workers, intake) = Workers::start(1, 16, decider.clone(), sink.clone()).unwrap();
+        let (tx, verdicts) = crossbeam_channel::unbounded();
+        let interpreter_load = |path: &str| {
+            let mut facts = facts(path, None);
+            facts.interpreter_of = Some("/usr/bin/ls".into());
+            PendingExec::new(facts, Box::new(Recorder(tx.clone())), Verdict::Deny)
+        };
+        let program = PendingExec::new(
+            facts("/usr/bin/ls", None),
+            Box::new(Recorder(tx.clone())),
+            Verdict::Deny,
+        );
+        intake.submit(program);
+        intake.submit(interpreter_load("/lib64/ld-linux-x86-64.so.2"));
+        // Refused, it is recorded: someone must see why the exec failed.
+        intake.submit(interpreter_load("/usr/bin/nc"));
+        let mut got: Vec<Verdict> = (0..3)
+            .map(|_| verdicts.recv_timeout(Duration::from_secs(5)).unwrap())
+            .collect();
+        got.sort_by_key(|v| *v == Verdict::Allow);
+        assert_eq!(got, [Verdict::Deny, Verdict::Allow, Verdict::Allow]);
+        let records = finish(&dir, intake, workers, sink, writer);
+        let paths: Vec<_> = records
+            .iter()
+            .filter_map(|r| r.event.path.clone())
+            .collect();
+        assert_eq!(paths, ["/usr/bin/ls", "/usr/bin/nc"], "{records:?}");
     }
 
     #[test]

@@ -127,6 +127,8 @@ pub struct FanotifyGate {
     own_pid: u32,
     fallback: Verdict,
     needs: Arc<FactNeeds>,
+    /// Dynamic programs waiting for their interpreter's event.
+    interpreter_loads: std::sync::Mutex<super::interp::InterpreterLoads>,
 }
 
 fn io_error(what: impl Into<String>, source: std::io::Error) -> GateError {
@@ -187,6 +189,7 @@ impl FanotifyGate {
             own_pid: std::process::id(),
             fallback: config.fallback,
             needs: Arc::new(FactNeeds::all()),
+            interpreter_loads: Default::default(),
         };
         gate.refresh_mounts()
             .map_err(|e| io_error("cannot read /proc/self/mountinfo", e))?;
@@ -422,7 +425,10 @@ impl FanotifyGate {
             return;
         }
         match gather_facts(pid, responder.event_fd.as_fd(), pidfd.as_ref(), &self.needs) {
-            Ok(facts) => sink(PendingExec::new(facts, Box::new(responder), self.fallback)),
+            Ok(mut facts) => {
+                facts.interpreter_of = self.interpreter_of(pid, &facts);
+                sink(PendingExec::new(facts, Box::new(responder), self.fallback));
+            }
             Err(Unusable::Gone) => {
                 // The process was killed while we looked (its exec fails
                 // anyway) and its pid may be reused: decide nothing on facts
@@ -435,6 +441,32 @@ impl FanotifyGate {
                 responder.answer(self.fallback);
             }
         }
+    }
+}
+
+impl FanotifyGate {
+    /// Whether this event is the interpreter load of the process's last
+    /// program (see [`super::interp`]), and if not, remembers the
+    /// interpreter this one names.
+    fn interpreter_of(&self, pid: u32, facts: &ExecFacts) -> Option<String> {
+        let mut loads = self
+            .interpreter_loads
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        loads.event(
+            pid,
+            (facts.file.dev, facts.file.ino),
+            &facts.path,
+            |head| {
+                use std::os::unix::fs::FileExt;
+                facts.content.as_ref()?.read_at(head, 0).ok()
+            },
+            |path| {
+                std::fs::metadata(path)
+                    .ok()
+                    .map(|meta| (meta.dev(), meta.ino()))
+            },
+        )
     }
 }
 

@@ -22,6 +22,7 @@ pub mod es_guard;
 pub mod es_map;
 #[cfg(target_os = "linux")]
 pub mod fanotify;
+pub mod interp;
 pub mod mountinfo;
 pub mod procfs;
 
@@ -60,6 +61,11 @@ pub struct ExecFacts {
     pub gid: u32,
     /// Supplementary group ids.
     pub groups: Vec<u32>,
+    /// This event is not an exec but the interpreter load of this program,
+    /// in the same exec (Linux: see [`interp`]): decided like any other,
+    /// audited only when refused, since the program's own record stands for
+    /// the exec.
+    pub interpreter_of: Option<String>,
     /// The gate could not tell the process's supplementary groups
     /// (Endpoint Security carries only the uid and gid): the decision
     /// worker takes the user's from the user directory instead (cached).
@@ -106,6 +112,7 @@ impl ExecFacts {
             gid: 0,
             groups: Vec::new(),
             groups_from_directory: false,
+            interpreter_of: None,
             login_uid: None,
             ppid: 0,
             parent_path: None,
