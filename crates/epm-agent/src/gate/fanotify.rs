@@ -447,13 +447,15 @@ impl FanotifyGate {
 impl FanotifyGate {
     /// Whether this event is the interpreter load of the process's last
     /// program (see [`super::interp`]), and if not, remembers the
-    /// interpreter this one names.
+    /// interpreter this one names. Only a system loader counts (owned by
+    /// root, writable by nobody else): an interpreter a user could have
+    /// written is code worth its own record.
     fn interpreter_of(&self, pid: u32, facts: &ExecFacts) -> Option<String> {
         let mut loads = self
             .interpreter_loads
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        loads.event(
+        let program = loads.event(
             pid,
             (facts.file.dev, facts.file.ino),
             &facts.path,
@@ -466,7 +468,9 @@ impl FanotifyGate {
                     .ok()
                     .map(|meta| (meta.dev(), meta.ino()))
             },
-        )
+        )?;
+        let meta = facts.content.as_ref()?.metadata().ok()?;
+        (meta.uid() == 0 && meta.mode() & 0o022 == 0).then_some(program)
     }
 }
 
