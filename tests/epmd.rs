@@ -326,6 +326,33 @@ fn garbage_and_oversized_frames_leave_the_daemon_serving() {
 }
 
 #[test]
+fn a_user_over_the_connection_quota_is_told_why_and_served_again_later() {
+    if !capable() {
+        return;
+    }
+    let daemon = Daemon::start(&policy(1, "allow", &[]), "");
+    let endpoint = epm_ipc::Endpoint::Socket(daemon.socket());
+    // Sixteen open connections (say, audit followers) fill root's quota.
+    let held: Vec<epm_ipc::Client> = (0..16)
+        .map(|_| epm_ipc::Client::connect(&endpoint, "e2e follower").unwrap())
+        .collect();
+    let out = daemon.epmctl(&["status"]);
+    assert!(!out.status.success());
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("too many connections from your user (16 open)"),
+        "{said}"
+    );
+    drop(held);
+    // Served again once they are closed (the daemon notices as it reads).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !daemon.epmctl(&["status"]).status.success() {
+        assert!(std::time::Instant::now() < deadline, "still refused");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+#[test]
 fn users_see_only_their_own_audit_records_and_not_the_policy() {
     if !capable() {
         return;

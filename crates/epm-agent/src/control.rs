@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use epm_audit::{AuditRecord, Follower};
 use epm_ipc::{
-    Counters as WireCounters, ErrorCode, Explanation, Incoming, Latency, PeerCredentials,
+    Arrival, Counters as WireCounters, ErrorCode, Explanation, Incoming, Latency, PeerCredentials,
     PlatformStatus, PolicyInfo, Request, Response, ServerConnection, StatusReport, SyncOutcome,
 };
 use epm_ipc::{ElevationVerdict, ElevationVia};
@@ -96,23 +96,13 @@ pub fn serve(listener: UnixListener, context: Arc<ControlContext>) -> io::Result
         .name("epm-control".into())
         .spawn(move || {
             for stream in listener.incoming() {
-                let Ok(stream) = stream else { continue };
-                let Ok(peer) = epm_ipc::peer_credentials(&stream) else {
+                let Ok(arrival) = stream.and_then(Arrival::socket) else {
                     continue;
                 };
                 let context = context.clone();
-                let spawned =
-                    std::thread::Builder::new()
-                        .name("epm-client".into())
-                        .spawn(move || {
-                            serve_connection(peer, &context, |is_admin| {
-                                ServerConnection::accept(
-                                    stream,
-                                    env!("CARGO_PKG_VERSION"),
-                                    is_admin,
-                                )
-                            });
-                        });
+                let spawned = std::thread::Builder::new()
+                    .name("epm-client".into())
+                    .spawn(move || serve_connection(arrival, &context));
                 if let Err(error) = spawned {
                     tracing::warn!(%error, "cannot start a thread for a control connection");
                 }
@@ -133,23 +123,15 @@ pub fn serve_xpc(
 ) -> Result<epm_ipc::xpc::XpcListener, epm_ipc::xpc::XpcError> {
     epm_ipc::xpc::XpcListener::start(service, peer_requirement, move |connection| {
         // Already on a thread of its own.
-        let peer = connection.peer();
-        serve_connection(peer, &context, |is_admin| {
-            ServerConnection::accept_xpc(connection, env!("CARGO_PKG_VERSION"), is_admin)
-        });
+        serve_connection(Arrival::xpc(connection), &context);
     })
 }
 
 /// Serves one client of either transport: counts it against its uid's
-/// quota (shared by both), runs the handshake (`accept`, given who is an
-/// administrator), then its requests.
-fn serve_connection(
-    peer: PeerCredentials,
-    context: &ControlContext,
-    accept: impl FnOnce(
-        &dyn Fn(&PeerCredentials) -> bool,
-    ) -> Result<ServerConnection, epm_ipc::ServerError>,
-) {
+/// quota (shared by both; over it, the client is told so), runs the
+/// handshake, then its requests.
+fn serve_connection(arrival: Arrival, context: &ControlContext) {
+    let peer = arrival.peer();
     let per_uid = &context.connections;
     {
         let Ok(mut counts) = per_uid.lock() else {
@@ -157,16 +139,26 @@ fn serve_connection(
         };
         let count = counts.entry(peer.uid).or_default();
         if *count >= MAX_CONNECTIONS_PER_UID {
+            drop(counts);
             tracing::warn!(
                 uid = peer.uid,
                 "too many control connections from one user; refusing"
+            );
+            arrival.refuse(
+                ErrorCode::TryLater,
+                &format!(
+                    "too many connections from your user ({MAX_CONNECTIONS_PER_UID} open); close some (an `epmctl audit tail -f`?) and try again"
+                ),
             );
             return;
         }
         *count += 1;
     }
     // The handshake bounds the wait for a hello itself.
-    match accept(&|p| is_admin(p, &context.admin_group)) {
+    let accepted = arrival.accept(env!("CARGO_PKG_VERSION"), |p| {
+        is_admin(p, &context.admin_group)
+    });
+    match accepted {
         Ok(mut connection) => {
             if let Err(error) = handle_requests(&mut connection, context) {
                 tracing::debug!(uid = peer.uid, %error, "control connection closed");

@@ -29,8 +29,8 @@
 //! The messages, [`encode`]/[`decode`] and the protocol around them
 //! ([`ServerConnection`], [`Client`]) do not depend on the transport. Two
 //! carry them: the Unix socket, and on macOS the `xpc` module's Mach-service
-//! connections (`XpcListener` for `epmd`, whose peers
-//! [`ServerConnection::accept_xpc`] serves; [`Client::connect`] to an
+//! connections (`XpcListener` for `epmd`, whose peers arrive as an
+//! [`Arrival`]; [`Client::connect`] to an
 //! [`Endpoint::MachService`]), one frame body per XPC dictionary under the
 //! key `"frame"` ([`xpc_frame`]), with the peer's uid from its audit token
 //! and an optional code-signing requirement on the peer (macOS 12+). The
@@ -122,6 +122,7 @@ pub use message::{
 };
 #[cfg(unix)]
 pub use unix::{
-    Client, ClientError, Connection, DEFAULT_CLIENT_TIMEOUT, DEFAULT_SOCKET_PATH, Endpoint,
-    FD_MARKER, FdError, Incoming, PeerCredentials, ServerConnection, ServerError, peer_credentials,
+    Arrival, Client, ClientError, Connection, DEFAULT_CLIENT_TIMEOUT, DEFAULT_SOCKET_PATH,
+    Endpoint, FD_MARKER, FdError, Incoming, PeerCredentials, ServerConnection, ServerError,
+    peer_credentials,
 };

@@ -577,17 +577,6 @@ impl ServerConnection {
         ServerConnection::handshake(Box::new(Connection::new(stream)), daemon_version, is_admin)
     }
 
-    /// [`ServerConnection::accept`] for a peer of the daemon's XPC
-    /// listener; the peer is who XPC says (its audit token).
-    #[cfg(target_os = "macos")]
-    pub fn accept_xpc(
-        connection: crate::xpc::XpcConnection,
-        daemon_version: &str,
-        is_admin: impl FnOnce(&PeerCredentials) -> bool,
-    ) -> Result<ServerConnection, ServerError> {
-        ServerConnection::handshake(Box::new(connection), daemon_version, is_admin)
-    }
-
     /// The daemon's handshake on any link.
     pub(crate) fn handshake(
         mut link: Box<dyn Link>,
@@ -772,6 +761,69 @@ impl ServerConnection {
             farewell(self.link.as_mut(), ErrorCode::BadRequest, error.to_string());
             error.into()
         })
+    }
+}
+
+/// A client that has connected, over either transport, before its hello:
+/// the daemon checks who it is, then accepts or refuses it.
+#[derive(Debug)]
+pub struct Arrival {
+    link: Box<dyn Link>,
+    peer: PeerCredentials,
+}
+
+/// How long a refused client has to say hello before it is dropped.
+const REFUSE_WAIT: Duration = Duration::from_secs(2);
+
+impl Arrival {
+    /// A client on the Unix socket; its peer from SO_PEERCRED /
+    /// getpeereid.
+    pub fn socket(stream: UnixStream) -> io::Result<Arrival> {
+        let peer = peer_credentials(&stream)?;
+        Ok(Arrival {
+            link: Box::new(Connection::new(stream)),
+            peer,
+        })
+    }
+
+    /// A peer of the daemon's XPC listener; its peer from its audit token.
+    #[cfg(target_os = "macos")]
+    pub fn xpc(connection: crate::xpc::XpcConnection) -> Arrival {
+        let peer = connection.peer();
+        Arrival {
+            link: Box::new(connection),
+            peer,
+        }
+    }
+
+    /// A client on any link (tests).
+    #[cfg(test)]
+    pub(crate) fn from_link(link: Box<dyn Link>, peer: PeerCredentials) -> Arrival {
+        Arrival { link, peer }
+    }
+
+    /// Who connected, as the kernel (or XPC) says.
+    pub fn peer(&self) -> PeerCredentials {
+        self.peer
+    }
+
+    /// The handshake, as [`ServerConnection::accept`] does it.
+    pub fn accept(
+        self,
+        daemon_version: &str,
+        is_admin: impl FnOnce(&PeerCredentials) -> bool,
+    ) -> Result<ServerConnection, ServerError> {
+        ServerConnection::handshake(self.link, daemon_version, is_admin)
+    }
+
+    /// Answers the client's hello with an error instead of a welcome (a
+    /// full quota, say), so its connect fails saying why; waits at most 2 s
+    /// for the hello.
+    pub fn refuse(mut self, code: ErrorCode, message: &str) {
+        let _ = self.link.set_timeouts(Some(REFUSE_WAIT), Some(REFUSE_WAIT));
+        if let Ok(Some(_hello)) = self.link.recv_frame() {
+            let _ = send_message(self.link.as_mut(), &Response::error(code, message));
+        }
     }
 }
 

@@ -3,7 +3,7 @@
 //!
 //! `epmd` listens on the Mach service its launchd plist declares
 //! (`MachServices`), with [`XpcListener::start`], and serves each peer
-//! with [`crate::ServerConnection::accept_xpc`]; helpers and `epmctl`
+//! as an [`crate::Arrival`]; helpers and `epmctl`
 //! connect with [`crate::Client::connect`] to
 //! [`crate::Endpoint::MachService`]. Both run the same protocol code as
 //! on the Unix socket: this module is only the transport (a
@@ -387,7 +387,7 @@ unsafe fn received<'a>(event: XpcObjectRef) -> Received<'a> {
 }
 
 /// One XPC connection, either side: the daemon's to one client (from
-/// [`XpcListener`], for [`crate::ServerConnection::accept_xpc`]), or a
+/// [`XpcListener`], for [`crate::Arrival::xpc`]), or a
 /// client's to the daemon (inside [`crate::Client`], for
 /// [`crate::Endpoint::MachService`]). Dropping it cancels the connection.
 #[derive(Debug)]

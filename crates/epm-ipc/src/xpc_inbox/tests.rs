@@ -319,6 +319,22 @@ fn a_flooding_peer_is_cut_off_after_the_queue() {
 }
 
 #[test]
+fn a_refused_client_is_told_why() {
+    let (client_end, daemon_end) = pair();
+    let daemon = thread::spawn(move || {
+        let peer = daemon_end.peer().unwrap();
+        crate::unix::Arrival::from_link(Box::new(daemon_end), peer)
+            .refuse(ErrorCode::TryLater, "too many connections");
+    });
+    let error = connect(client_end).unwrap_err();
+    daemon.join().unwrap();
+    assert!(
+        matches!(&error, ClientError::Daemon { code: ErrorCode::TryLater, message } if message == "too many connections"),
+        "{error}"
+    );
+}
+
+#[test]
 fn a_service_that_never_answers_is_unavailable() {
     let (client_end, daemon_end) = pair();
     drop(daemon_end);
