@@ -325,6 +325,87 @@ fn garbage_and_oversized_frames_leave_the_daemon_serving() {
     assert!(ran(&run(&nc)), "still gating");
 }
 
+/// Removes a path when dropped.
+struct Removed(std::path::PathBuf);
+
+impl Drop for Removed {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+#[test]
+fn a_rule_on_the_loader_stops_programs_run_through_it_not_programs_it_loads() {
+    if !capable() {
+        return;
+    }
+    let daemon = Daemon::start(
+        &policy(
+            1,
+            "allow",
+            &[rule("no-loader", "deny", r#"{"name": "epm-ld"}"#)],
+        ),
+        "",
+    );
+    // The system's dynamic loader, copied into the gated mount.
+    let program = std::fs::read("/bin/true").unwrap();
+    let head = &program[..program.len().min(epm_agent::gate::interp::HEAD_BYTES)];
+    let interp = epm_agent::gate::interp::interpreter(head)
+        .expect("/bin/true is dynamically linked")
+        .to_owned();
+    let ld = daemon.mount.install(&interp, "epm-ld");
+    // A copy of true whose PT_INTERP names that copy, through a symlink
+    // short enough to fit where the system loader's name was.
+    let link = Removed(std::path::PathBuf::from(format!(
+        "/tmp/epmld{}",
+        std::process::id()
+    )));
+    let _ = std::fs::remove_file(&link.0);
+    std::os::unix::fs::symlink(&ld, &link.0).unwrap();
+    let short = link.0.to_str().unwrap().as_bytes();
+    assert!(
+        short.len() <= interp.len(),
+        "{short:?} is longer than {interp}"
+    );
+    let mut named = interp.clone().into_bytes();
+    named.push(0);
+    let at = program
+        .windows(named.len())
+        .position(|w| w == named.as_slice())
+        .unwrap();
+    let mut patched = program.clone();
+    patched[at..at + named.len()].fill(0);
+    patched[at..at + short.len()].copy_from_slice(short);
+    let tool = daemon.mount.path().join("tool");
+    std::fs::write(&tool, &patched).unwrap();
+    std::fs::set_permissions(&tool, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+
+    // Loading for an allowed program, the loader is part of that exec.
+    assert!(ran(&run(&tool)), "{}", daemon.log());
+    // Run directly, it is refused.
+    let direct = std::process::Command::new(&ld)
+        .arg("/bin/true")
+        .stdout(std::process::Stdio::null())
+        .status();
+    assert!(denied(&direct), "{direct:?}");
+    let refused = daemon.wait_for_record("the loader run directly", |r| {
+        r["event"] == "exec" && r["rule_id"] == "no-loader"
+    });
+    assert_eq!(refused["decision"], "deny", "{refused}");
+    // The program has one record; its loader none.
+    let records = daemon.audit();
+    let for_tool = records
+        .iter()
+        .filter(|r| r["event"] == "exec" && r["path"] == tool.to_str().unwrap())
+        .count();
+    assert_eq!(for_tool, 1, "{records:?}");
+    let loads = records
+        .iter()
+        .filter(|r| r["event"] == "exec" && r["path"] == ld.to_str().unwrap())
+        .count();
+    assert_eq!(loads, 1, "only the direct run: {records:?}");
+}
+
 #[test]
 fn a_user_over_the_connection_quota_is_told_why_and_served_again_later() {
     if !capable() {
