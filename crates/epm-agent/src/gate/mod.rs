@@ -61,9 +61,10 @@ pub struct ExecFacts {
     pub gid: u32,
     /// Supplementary group ids.
     pub groups: Vec<u32>,
-    /// This event is not an exec but a system loader loading for this
-    /// program, in the same exec (Linux: see [`interp`]): the program's
-    /// decision was the exec's, so it is allowed and not recorded again.
+    /// This event is not an exec but the interpreter load of this program,
+    /// in the same exec (Linux: see [`interp`]): decided like any other,
+    /// audited only when refused, since the program's own record stands for
+    /// the exec.
     pub interpreter_of: Option<String>,
     /// The gate could not tell the process's supplementary groups
     /// (Endpoint Security carries only the uid and gid): the decision
