@@ -325,6 +325,96 @@ fn garbage_and_oversized_frames_leave_the_daemon_serving() {
     assert!(ran(&run(&nc)), "still gating");
 }
 
+/// Removes a path when dropped.
+struct Removed(std::path::PathBuf);
+
+impl Drop for Removed {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// A copy of /bin/true on the daemon's mount, as `name`, whose PT_INTERP
+/// names `interpreter` through a symlink short enough to fit where the
+/// system loader's name was; the symlink goes with the returned guard.
+fn with_interpreter(
+    daemon: &Daemon,
+    name: &str,
+    interpreter: &Path,
+) -> (std::path::PathBuf, Removed) {
+    let program = std::fs::read("/bin/true").unwrap();
+    let head = &program[..program.len().min(epm_agent::gate::interp::HEAD_BYTES)];
+    let named =
+        epm_agent::gate::interp::interpreter(head).expect("/bin/true is dynamically linked");
+    let link = Removed(std::path::PathBuf::from(format!(
+        "/tmp/epmi{}{name}",
+        std::process::id()
+    )));
+    let _ = std::fs::remove_file(&link.0);
+    std::os::unix::fs::symlink(interpreter, &link.0).unwrap();
+    let short = link.0.to_str().unwrap().as_bytes();
+    assert!(
+        short.len() <= named.len(),
+        "{short:?} is longer than {named}"
+    );
+    let mut old = named.as_bytes().to_vec();
+    old.push(0);
+    let at = program
+        .windows(old.len())
+        .position(|w| w == old.as_slice())
+        .unwrap();
+    let mut patched = program.clone();
+    patched[at..at + old.len()].fill(0);
+    patched[at..at + short.len()].copy_from_slice(short);
+    let path = daemon.mount.path().join(name);
+    std::fs::write(&path, &patched).unwrap();
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    (path, link)
+}
+
+#[test]
+fn a_loader_is_part_of_its_programs_exec_and_any_other_interpreter_is_decided() {
+    if !capable() {
+        return;
+    }
+    let daemon = Daemon::start(
+        &policy(
+            1,
+            "allow",
+            &[rule("no-id", "deny", r#"{"name": "epm-id"}"#)],
+        ),
+        "",
+    );
+    let head = std::fs::read("/bin/true").unwrap();
+    let loader = epm_agent::gate::interp::interpreter(&head[..epm_agent::gate::interp::HEAD_BYTES])
+        .unwrap()
+        .to_owned();
+    let ld = daemon.mount.install(&loader, "epm-ld");
+    let denied_program = daemon.mount.install("/usr/bin/id", "epm-id");
+
+    // The loader, on the gated mount: one record, the program's.
+    let (tool, _link) = with_interpreter(&daemon, "tool", &ld);
+    assert!(ran(&run(&tool)), "{}", daemon.log());
+    daemon.wait_for_record("the program", |r| {
+        r["event"] == "exec" && r["path"] == tool.to_str().unwrap()
+    });
+    // A program naming a denied program as its interpreter does not run it.
+    let (sneaky, _link2) = with_interpreter(&daemon, "sneaky", &denied_program);
+    assert!(
+        denied(&run(&sneaky)),
+        "the denied program ran as an interpreter"
+    );
+    daemon.wait_for_record("the refused interpreter", |r| {
+        r["event"] == "exec" && r["rule_id"] == "no-id" && r["decision"] == "deny"
+    });
+    let loads = daemon
+        .audit()
+        .iter()
+        .filter(|r| r["event"] == "exec" && r["path"] == ld.to_str().unwrap())
+        .count();
+    assert_eq!(loads, 0, "the loader's load is part of the program's exec");
+}
+
 #[test]
 fn a_user_over_the_connection_quota_is_told_why_and_served_again_later() {
     if !capable() {

@@ -448,8 +448,9 @@ impl FanotifyGate {
     /// Whether this event is the interpreter load of the process's last
     /// program (see [`super::interp`]), and if not, remembers the
     /// interpreter this one names. Only a system loader counts (owned by
-    /// root, writable by nobody else): an interpreter a user could have
-    /// written is code worth its own record.
+    /// root, writable by nobody else, and a loader: see
+    /// [`super::interp::is_loader`]); any other interpreter is code worth
+    /// its own record.
     fn interpreter_of(&self, pid: u32, facts: &ExecFacts) -> Option<String> {
         let mut loads = self
             .interpreter_loads
@@ -469,8 +470,14 @@ impl FanotifyGate {
                     .map(|meta| (meta.dev(), meta.ino()))
             },
         )?;
-        let meta = facts.content.as_ref()?.metadata().ok()?;
-        (meta.uid() == 0 && meta.mode() & 0o022 == 0).then_some(program)
+        let content = facts.content.as_ref()?;
+        let meta = content.metadata().ok()?;
+        if meta.uid() != 0 || meta.mode() & 0o022 != 0 {
+            return None;
+        }
+        let mut head = [0u8; super::interp::HEAD_BYTES];
+        let read = std::os::unix::fs::FileExt::read_at(content, &mut head, 0).ok()?;
+        super::interp::is_loader(head.get(..read)?).then_some(program)
     }
 }
 

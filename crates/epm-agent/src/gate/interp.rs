@@ -80,6 +80,25 @@ pub fn interpreter(head: &[u8]) -> Option<&str> {
     None
 }
 
+/// Whether an ELF file looks like a dynamic loader: a shared object
+/// (`ET_DYN`) that names no interpreter itself. A program that names
+/// another program as its interpreter (any file can be named) runs that
+/// program's code, which is worth a record of its own.
+pub fn is_loader(head: &[u8]) -> bool {
+    const ET_DYN: u16 = 3;
+    if head.get(..4) != Some(b"\x7fELF".as_slice()) || interpreter(head).is_some() {
+        return false;
+    }
+    let Some(&[a, b]) = head.get(0x10..0x12) else {
+        return false;
+    };
+    let e_type = match head.get(5) {
+        Some(2) => u16::from_be_bytes([a, b]),
+        _ => u16::from_le_bytes([a, b]),
+    };
+    e_type == ET_DYN
+}
+
 /// A file by device and inode.
 pub type FileKey = (u64, u64);
 
@@ -202,6 +221,28 @@ mod tests {
         for len in 0..whole.len() {
             let _ = interpreter(&whole[..len]);
         }
+    }
+
+    #[test]
+    fn only_a_shared_object_naming_no_interpreter_is_a_loader() {
+        let mut loader = elf64(b"/x\0");
+        // No PT_INTERP: the second program header becomes PT_NULL.
+        loader[64 + 56..64 + 60].copy_from_slice(&0u32.to_le_bytes());
+        loader[0x10] = 3; // ET_DYN
+        assert!(is_loader(&loader));
+        loader[0x10] = 2; // ET_EXEC
+        assert!(!is_loader(&loader));
+        let mut pie = elf64(b"/lib64/ld.so\0");
+        pie[0x10] = 3;
+        assert!(!is_loader(&pie), "a PIE program names its loader");
+        assert!(!is_loader(b"#!/bin/sh\n"));
+        assert!(!is_loader(b"\x7fELF"));
+        // This machine's loader is one, its programs are not.
+        let true_head = std::fs::read("/bin/true").unwrap();
+        let head = &true_head[..true_head.len().min(HEAD_BYTES)];
+        assert!(!is_loader(head));
+        let ld = std::fs::read(interpreter(head).unwrap()).unwrap();
+        assert!(is_loader(&ld[..ld.len().min(HEAD_BYTES)]));
     }
 
     #[test]
