@@ -235,15 +235,6 @@ impl Endpoint {
     }
 }
 
-impl std::fmt::Display for Endpoint {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Endpoint::Socket(path) => write!(f, "the socket {}", path.display()),
-            Endpoint::MachService(name) => write!(f, "the XPC service {name}"),
-        }
-    }
-}
-
 /// Why a client could not talk to the daemon.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -574,16 +565,18 @@ impl ServerConnection {
         daemon_version: &str,
         is_admin: impl FnOnce(&PeerCredentials) -> bool,
     ) -> Result<ServerConnection, ServerError> {
-        ServerConnection::handshake(Box::new(Connection::new(stream)), daemon_version, is_admin)
+        Arrival::socket(stream)
+            .map_err(FrameError::Io)?
+            .accept(daemon_version, is_admin)
     }
 
-    /// The daemon's handshake on any link.
-    pub(crate) fn handshake(
+    /// The daemon's handshake on any link, with the peer it connected as.
+    fn handshake(
         mut link: Box<dyn Link>,
+        peer: PeerCredentials,
         daemon_version: &str,
         is_admin: impl FnOnce(&PeerCredentials) -> bool,
     ) -> Result<ServerConnection, ServerError> {
-        let peer = link.peer().map_err(FrameError::Io)?;
         let before = link.read_timeout();
         if before.is_none() {
             link.set_timeouts(Some(HELLO_TIMEOUT), None)
@@ -813,7 +806,7 @@ impl Arrival {
         daemon_version: &str,
         is_admin: impl FnOnce(&PeerCredentials) -> bool,
     ) -> Result<ServerConnection, ServerError> {
-        ServerConnection::handshake(self.link, daemon_version, is_admin)
+        ServerConnection::handshake(self.link, self.peer, daemon_version, is_admin)
     }
 
     /// Answers the client's hello with an error instead of a welcome (a

@@ -15,7 +15,9 @@ use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use super::*;
 use crate::link::Link;
 use crate::message::{ErrorCode, Message, Request, Response};
-use crate::unix::{Client, ClientError, Incoming, PeerCredentials, ServerConnection, ServerError};
+use crate::unix::{
+    Arrival, Client, ClientError, Incoming, PeerCredentials, ServerConnection, ServerError,
+};
 use crate::xpc_frame::{Received, XpcErrorKind, triage};
 
 /// One end of an in-memory XPC-like connection.
@@ -106,7 +108,8 @@ fn connect(link: MemoryLink) -> Result<Client, ClientError> {
 }
 
 fn accept(link: MemoryLink) -> Result<ServerConnection, ServerError> {
-    ServerConnection::handshake(Box::new(link), "9.9.9", |peer| peer.uid == 0)
+    let peer = link.peer().unwrap();
+    Arrival::from_link(Box::new(link), peer).accept("9.9.9", |peer| peer.uid == 0)
 }
 
 fn readable(fd: BorrowedFd<'_>, wait: PollTimeout) -> bool {
@@ -323,7 +326,7 @@ fn a_refused_client_is_told_why() {
     let (client_end, daemon_end) = pair();
     let daemon = thread::spawn(move || {
         let peer = daemon_end.peer().unwrap();
-        crate::unix::Arrival::from_link(Box::new(daemon_end), peer)
+        Arrival::from_link(Box::new(daemon_end), peer)
             .refuse(ErrorCode::TryLater, "too many connections");
     });
     let error = connect(client_end).unwrap_err();
