@@ -60,31 +60,39 @@ impl Intake {
             self.decider.answered(&outcome);
             return;
         }
-        counters.queue_depth.fetch_add(1, Ordering::Relaxed);
-        let job = Job { pending, received };
-        let (job, why) = match self.queue.try_send(job) {
-            Ok(()) => return,
-            Err(TrySendError::Full(job)) => {
-                Counters::bump(&counters.overflow);
-                (job, "decision queue full")
-            }
-            Err(TrySendError::Disconnected(job)) => (job, "daemon shutting down"),
+        let Some((pending, refused)) = self.enqueue(pending, received) else {
+            return;
         };
-        counters.queue_depth.fetch_sub(1, Ordering::Relaxed);
+        if refused == Refused::Full {
+            Counters::bump(&counters.overflow);
+        }
         Counters::bump(&counters.fail_mode_answers);
         let verdict = self.decider.fail_verdict();
-        let event = fail_event(&self.decider, &job.pending.facts, verdict, why);
-        job.pending.answer(verdict);
+        let event = fail_event(&self.decider, &pending.facts, verdict, refused.why());
+        pending.answer(verdict);
         self.audit.send(event);
     }
-}
 
-impl Intake {
+    /// Hands an exec to the workers, counted in the queue depth; gives it
+    /// back, and why, when the queue cannot take it.
+    fn enqueue(&self, pending: PendingExec, received: Instant) -> Option<(PendingExec, Refused)> {
+        let depth = &self.decider.counters.queue_depth;
+        depth.fetch_add(1, Ordering::Relaxed);
+        let Err(error) = self.queue.try_send(Job { pending, received }) else {
+            return None;
+        };
+        depth.fetch_sub(1, Ordering::Relaxed);
+        let refused = match error {
+            TrySendError::Full(_) => Refused::Full,
+            TrySendError::Disconnected(_) => Refused::Closed,
+        };
+        Some((error.into_inner().pending, refused))
+    }
+
     /// Queues an exec that already ran for a worker to decide again and
     /// audit; when the queue is busy it is audited at once, without a
     /// decision.
     fn observe(&self, pending: PendingExec, received: Instant) {
-        let counters = &self.decider.counters;
         // Half the queue stays free for execs waiting for an answer: a burst
         // of cached execs (a build) must never push those into fail_mode.
         // Past that, the record says what ran, without a decision.
@@ -95,21 +103,31 @@ impl Intake {
         let (pending, why) = if busy {
             (pending, "decision queue busy")
         } else {
-            counters.queue_depth.fetch_add(1, Ordering::Relaxed);
-            let Err(error) = self.queue.try_send(Job { pending, received }) else {
-                return;
-            };
-            counters.queue_depth.fetch_sub(1, Ordering::Relaxed);
-            let why = match error {
-                TrySendError::Full(_) => "decision queue full",
-                TrySendError::Disconnected(_) => "daemon shutting down",
-            };
-            (error.into_inner().pending, why)
+            match self.enqueue(pending, received) {
+                None => return,
+                Some((pending, refused)) => (pending, refused.why()),
+            }
         };
         let facts = &pending.facts;
         tracing::debug!(path = %facts.path, why, "an exec Endpoint Security allowed from its cache is audited without a decision");
         self.audit
             .send(observed_fail_event(&self.decider, facts, why));
+    }
+}
+
+/// Why the decision queue did not take an exec.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refused {
+    Full,
+    Closed,
+}
+
+impl Refused {
+    fn why(self) -> &'static str {
+        match self {
+            Refused::Full => "decision queue full",
+            Refused::Closed => "daemon shutting down",
+        }
     }
 }
 
