@@ -44,9 +44,7 @@ impl Names {
                 .map(|g| Arc::from(g.name))
         })
     }
-}
 
-impl Names {
     /// The groups the user directory says `uid` belongs to, `gid` (its
     /// primary group) first; empty for a uid the directory does not know.
     /// For gates that cannot see a process's own groups (Endpoint
@@ -58,15 +56,11 @@ impl Names {
             None => Arc::from([]),
         })
     }
-}
 
-impl Names {
     /// [`Names::member_groups`] if it is known and fresh, without asking the
     /// directory (for a thread that must not block).
     pub fn member_groups_if_cached(&self, uid: u32, gid: u32) -> Option<Arc<[u32]>> {
-        let map = self.memberships.lock().ok()?;
-        let (groups, at) = map.get(&(uid, gid))?;
-        (at.elapsed() < TTL).then(|| groups.clone())
+        fresh(&self.memberships, (uid, gid), Instant::now())
     }
 }
 
@@ -119,11 +113,8 @@ fn cached<K: std::hash::Hash + Eq + Copy, V: Clone>(
     resolve: impl FnOnce() -> V,
 ) -> V {
     let now = Instant::now();
-    if let Ok(map) = map.lock()
-        && let Some((value, at)) = map.get(&id)
-        && now.duration_since(*at) < TTL
-    {
-        return value.clone();
+    if let Some(value) = fresh(map, id, now) {
+        return value;
     }
     // Resolve without holding the lock: a slow directory must not stall
     // other workers that only need cached names.
@@ -138,6 +129,17 @@ fn cached<K: std::hash::Hash + Eq + Copy, V: Clone>(
         map.insert(id, (value.clone(), now));
     }
     value
+}
+
+/// The value cached for `id`, if it is younger than [`TTL`] at `now`.
+fn fresh<K: std::hash::Hash + Eq, V: Clone>(
+    map: &Mutex<HashMap<K, (V, Instant)>>,
+    id: K,
+    now: Instant,
+) -> Option<V> {
+    let map = map.lock().ok()?;
+    let (value, at) = map.get(&id)?;
+    (now.duration_since(*at) < TTL).then(|| value.clone())
 }
 
 #[cfg(test)]
