@@ -59,6 +59,23 @@ fn ns_string(text: &str) -> Result<Retained<AnyObject>, PromptError> {
     string.ok_or_else(|| failed("cannot make an NSString"))
 }
 
+/// The text of an `NSString` (`None` for nil or no UTF-8 form).
+///
+/// # Safety
+///
+/// `string` must be NULL or a live `NSString`.
+unsafe fn text(string: *mut AnyObject) -> Option<String> {
+    if string.is_null() {
+        return None;
+    }
+    // SAFETY: a live NSString per the caller; `UTF8String` returns a C
+    // string that lives as long as the string, copied out at once.
+    unsafe {
+        let utf8: *const c_char = msg_send![string, UTF8String];
+        (!utf8.is_null()).then(|| CStr::from_ptr(utf8).to_string_lossy().into_owned())
+    }
+}
+
 /// The `localizedDescription` of an `NSError`, for messages.
 ///
 /// # Safety
@@ -69,19 +86,9 @@ unsafe fn describe(error: *mut AnyObject) -> String {
         return "unknown error".into();
     }
     // SAFETY: a live NSError per the caller; `localizedDescription`
-    // returns an NSString it owns, and `UTF8String` a C string that lives
-    // as long as that string (copied out at once, inside the pool).
-    unsafe {
-        let description: *mut AnyObject = msg_send![error, localizedDescription];
-        if description.is_null() {
-            return "unknown error".into();
-        }
-        let text: *const c_char = msg_send![description, UTF8String];
-        if text.is_null() {
-            return "unknown error".into();
-        }
-        CStr::from_ptr(text).to_string_lossy().into_owned()
-    }
+    // returns an NSString it owns (or nil), read inside the pool.
+    let description = unsafe { text(msg_send![error, localizedDescription]) };
+    description.unwrap_or_else(|| "unknown error".into())
 }
 
 /// Whether this process runs from an app bundle with an identifier: the
@@ -100,12 +107,8 @@ fn in_a_bundle() -> Result<bool, PromptError> {
             return Ok(false);
         }
         let identifier: *mut AnyObject = msg_send![bundle, bundleIdentifier];
-        let path: *mut AnyObject = msg_send![bundle, bundlePath];
-        if identifier.is_null() || path.is_null() {
-            return Ok(false);
-        }
-        let path: *const c_char = msg_send![path, UTF8String];
-        Ok(!path.is_null() && CStr::from_ptr(path).to_bytes().ends_with(b".app"))
+        let path = text(msg_send![bundle, bundlePath]);
+        Ok(!identifier.is_null() && path.is_some_and(|path| path.ends_with(".app")))
     }
 }
 
