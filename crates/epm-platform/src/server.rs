@@ -289,6 +289,19 @@ fn users_hash(users: &[LocalUser]) -> Vec<u8> {
     Sha256::digest(serde_json::to_vec(&sorted).unwrap_or_default()).to_vec()
 }
 
+/// The key a stored envelope names, read without copying its payload
+/// (checked at every check-in; a bundle can be megabytes).
+fn signer_of(envelope: &str) -> Option<std::borrow::Cow<'_, str>> {
+    #[derive(serde::Deserialize)]
+    struct Signer<'a> {
+        #[serde(borrow)]
+        key: std::borrow::Cow<'a, str>,
+    }
+    serde_json::from_str::<Signer<'_>>(envelope)
+        .ok()
+        .map(|signer| signer.key)
+}
+
 /// The device's current bundle, rebuilt only when a document that could
 /// apply to it, or its users, changed; the version moves only when the
 /// merged content does.
@@ -302,10 +315,7 @@ async fn current_bundle(
     // A bundle signed with a key rotated out since is signed anew, so that
     // agents can drop the old key once they have synced.
     let signer = state.signing.public_key().to_string();
-    let signed_now = |row: &BundleRow| {
-        serde_json::from_str::<SignedEnvelope>(&row.envelope)
-            .is_ok_and(|envelope| envelope.key == signer)
-    };
+    let signed_now = |row: &BundleRow| signer_of(&row.envelope).is_some_and(|key| key == signer);
     let fresh = |row: &BundleRow| {
         row.revision == revision && row.users_sha256 == users_sha256 && signed_now(row)
     };
