@@ -58,6 +58,19 @@ fn wait_for_count(daemon: &Daemon, decision: &str, n: usize) -> usize {
     }
 }
 
+/// A tool on the daemon's mount that the platform's policy 1 denies by its
+/// SHA-256, enforced after one sync.
+fn tool_denied_by_the_platform(platform: &Platform, daemon: &Daemon) -> std::path::PathBuf {
+    let program = daemon.mount.install("/usr/bin/true", "tool");
+    platform.push(
+        &policy(1, "allow", &[deny_sha256("no-tool", &sha256_of(&program))]),
+        &[],
+    );
+    synced(daemon);
+    assert!(denied(&run(&program)), "denied after one sync");
+    program
+}
+
 fn managed(platform: &Platform, device: &str) -> Daemon {
     let daemon = Daemon::start_managed(device, &platform.agent_table());
     synced(&daemon);
@@ -99,13 +112,7 @@ fn a_bundle_signed_with_another_key_is_refused_and_the_last_good_policy_stays() 
     }
     let mut platform = Platform::start();
     let daemon = managed(&platform, "e2e-forged");
-    let program = daemon.mount.install("/usr/bin/true", "tool");
-    platform.push(
-        &policy(1, "allow", &[deny_sha256("no-tool", &sha256_of(&program))]),
-        &[],
-    );
-    synced(&daemon);
-    assert!(denied(&run(&program)));
+    let program = tool_denied_by_the_platform(&platform, &daemon);
 
     // The platform's signing key is replaced (stolen database, rogue
     // server): what it signs now must not be enforced.
@@ -142,13 +149,7 @@ fn the_signing_key_is_rotated_without_a_refused_bundle() {
     }
     let mut platform = Platform::start();
     let mut daemon = managed(&platform, "e2e-rotate");
-    let program = daemon.mount.install("/usr/bin/true", "tool");
-    platform.push(
-        &policy(1, "allow", &[deny_sha256("no-tool", &sha256_of(&program))]),
-        &[],
-    );
-    synced(&daemon);
-    assert!(denied(&run(&program)));
+    let program = tool_denied_by_the_platform(&platform, &daemon);
     let pinned = |keys: &[&str]| {
         let list: Vec<String> = keys.iter().map(|k| format!("{k:?}")).collect();
         format!("policy_public_key = [{}]", list.join(", "))
@@ -211,12 +212,7 @@ fn with_the_platform_down_the_agent_enforces_and_uploads_its_backlog_later() {
     }
     let mut platform = Platform::start();
     let daemon = managed(&platform, "e2e-offline");
-    let program = daemon.mount.install("/usr/bin/true", "tool");
-    platform.push(
-        &policy(1, "allow", &[deny_sha256("no-tool", &sha256_of(&program))]),
-        &[],
-    );
-    synced(&daemon);
+    let program = tool_denied_by_the_platform(&platform, &daemon);
 
     platform.kill();
     for _ in 0..5 {
