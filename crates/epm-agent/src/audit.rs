@@ -292,6 +292,9 @@ pub fn exec_event(decider: &Decider, outcome: &Outcome) -> AuditEvent {
     event.uid = Some(subject.uid);
     event.user = Some(subject.user.clone());
     event.path = Some(subject.path.clone());
+    if !subject.path_origin.trusted() {
+        event = event.with_detail("path_origin", subject.path_origin.as_str());
+    }
     event.sha256 = subject.sha256.map(|d| d.to_string());
     event.device_id = Some(decider.device_id().to_owned());
     event.policy_version = Some(decision.policy_version);
@@ -356,5 +359,8 @@ pub fn fail_event(decider: &Decider, facts: &ExecFacts, verdict: Verdict, why: &
     event.path = Some(facts.path.clone());
     event.device_id = Some(decider.device_id().to_owned());
     event.policy_version = Some(decider.policy().engine.version());
+    if !facts.path_origin.trusted() {
+        event = event.with_detail("path_origin", facts.path_origin.as_str());
+    }
     event.with_detail("fail_mode", true)
 }

@@ -394,6 +394,7 @@ impl Decider {
         // The path too: one inode can have several paths (hard links), and
         // path rules may treat them differently.
         facts.path.hash(&mut hasher);
+        facts.path_origin.hash(&mut hasher);
         facts.gid.hash(&mut hasher);
         groups.hash(&mut hasher);
         facts.parent_path.hash(&mut hasher);
@@ -423,6 +424,7 @@ impl Decider {
         }
         Subject {
             path: facts.path.clone(),
+            path_origin: facts.path_origin,
             sha256,
             cdhash: facts.cdhash,
             team_id: facts.team_id.clone(),

@@ -94,9 +94,10 @@ impl Residual {
             Residual::Sha256(d) => subject.sha256.as_ref() == Some(d),
             Residual::SigningId(v) => subject.signing_id.as_deref() == Some(&**v),
             Residual::TeamId(v) => subject.team_id.as_deref() == Some(&**v),
-            Residual::Path(v) => subject.path == **v,
-            Residual::PathGlob(m) => m.is_match(&subject.path),
-            Residual::Name(v) => name == &**v,
+            // A path the user may have forged meets no path criterion.
+            Residual::Path(v) => subject.path_origin.trusted() && subject.path == **v,
+            Residual::PathGlob(m) => subject.path_origin.trusted() && m.is_match(&subject.path),
+            Residual::Name(v) => subject.path_origin.trusted() && name == &**v,
             Residual::BundleId(v) => subject.bundle_id.as_deref() == Some(&**v),
             Residual::PlatformBinary(v) => subject.platform_binary == Some(*v),
             Residual::ArgsRegex(re) => subject
@@ -548,6 +549,16 @@ impl Engine {
         self.uses_group_scope
     }
 
+    /// Whether any rule that does not allow is keyed by content (`sha256`,
+    /// `cdhash`): then a file whose content cannot be pinned (served by a
+    /// FUSE process, a memfd still writable) might be such a program
+    /// whatever the daemon read, and must not be allowed by default.
+    pub fn restricts_by_content(&self) -> bool {
+        self.rules.iter().any(|r| {
+            r.action != Action::Allow && matches!(r.key, Criterion::Sha256 | Criterion::Cdhash)
+        })
+    }
+
     /// The policy's version.
     pub fn version(&self) -> u64 {
         self.version
@@ -646,10 +657,15 @@ impl Engine {
             if best.is_some() {
                 break 'levels;
             }
+            // A path the user may have forged matches no path rule.
+            let path = subject
+                .path_origin
+                .trusted()
+                .then_some(subject.path.as_str());
             let string_levels: [(&StringIndex, Option<&str>); 3] = [
                 (&self.by_signing_id, subject.signing_id.as_deref()),
                 (&self.by_team_id, subject.team_id.as_deref()),
-                (&self.by_path, Some(subject.path.as_str())),
+                (&self.by_path, path),
             ];
             for (map, value) in string_levels {
                 if let Some(b) = value.and_then(|v| map.get(v)) {
@@ -659,10 +675,13 @@ impl Engine {
                     break 'levels;
                 }
             }
+            let Some(path) = path else {
+                break 'levels;
+            };
             if !self.glob_rules.is_empty() {
                 let hits: Vec<u32> = self
                     .globs
-                    .matches(&subject.path)
+                    .matches(path)
                     .into_iter()
                     .filter_map(|g| self.glob_rules.get(g).copied())
                     .collect();

@@ -43,7 +43,7 @@ pub use model::{
     Action, AdminSessionRule, ApprovalLevel, ApprovalSpec, ApprovalTerms, Criteria, Criterion,
     ElevationRule, JustificationSpec, Policy, Rule, Scope, ScopeMatch, Section, SessionRequirement,
 };
-pub use subject::Subject;
+pub use subject::{PathOrigin, Subject};
 pub use validate::{MAX_RULES, PolicyError, PolicyErrors};
 
 #[cfg(test)]

@@ -39,6 +39,43 @@ pub struct Subject {
     pub groups: Vec<String>,
     /// This device's identifier.
     pub device_id: String,
+    /// Whose name `path` is: only a path the daemon has checked in its own
+    /// mount namespace is matched by `path`, `path_glob` and `name` rules.
+    pub path_origin: PathOrigin,
+}
+
+/// Where a [`Subject`]'s path comes from, and so whether path rules may
+/// match it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum PathOrigin {
+    /// The daemon's own view: the path names the executed file in the
+    /// daemon's mount namespace. Path, glob and name rules apply.
+    #[default]
+    Local,
+    /// Read in another mount namespace (or root) than the daemon's, where
+    /// the user may have mounted anything anywhere: the path is theirs to
+    /// forge, so path, glob and name rules do not match it.
+    OtherNamespace,
+    /// A file with no path at all (a memfd, or another kernel-internal
+    /// file): its "name" is its creator's choice, so path, glob and name
+    /// rules do not match it.
+    Anonymous,
+}
+
+impl PathOrigin {
+    /// Whether path, glob and name rules may match the path.
+    pub fn trusted(self) -> bool {
+        self == PathOrigin::Local
+    }
+
+    /// How audit records name it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PathOrigin::Local => "local",
+            PathOrigin::OtherNamespace => "other_mount_namespace",
+            PathOrigin::Anonymous => "anonymous",
+        }
+    }
 }
 
 impl Subject {

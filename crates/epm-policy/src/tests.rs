@@ -42,6 +42,7 @@ fn subject() -> Subject {
         user: "alice".into(),
         groups: vec!["staff".into(), "dev".into()],
         device_id: "mac-0042".into(),
+        path_origin: Default::default(),
     }
 }
 
@@ -1000,4 +1001,53 @@ mod elevation {
             assert!(errors.contains(expected), "{expected}\nnot in\n{errors}");
         }
     }
+}
+
+#[test]
+fn a_path_the_user_may_have_forged_matches_no_path_rule() {
+    let engine = Engine::from_json(&format!(
+        r#"{{"version": 1, "default_action": "deny", "rules": [
+            {{"id": "by-path", "action": "allow", "match": {{"path": "/usr/bin/nc"}}}},
+            {{"id": "by-glob", "action": "allow", "match": {{"path_glob": "**/*"}}}},
+            {{"id": "by-name", "action": "allow", "match": {{"name": "nc"}}}},
+            {{"id": "hash-and-glob", "action": "allow", "match": {{"sha256": "{SHA_B}", "path_glob": "/usr/**"}}}},
+            {{"id": "by-hash", "action": "deny", "match": {{"sha256": "{SHA_A}"}}}}]}}"#
+    ))
+    .unwrap();
+    let local = Subject {
+        sha256: None,
+        cdhash: None,
+        team_id: None,
+        signing_id: None,
+        ..subject()
+    };
+    assert_eq!(decide(&engine, &local).1.as_deref(), Some("by-path"));
+    for origin in [PathOrigin::OtherNamespace, PathOrigin::Anonymous] {
+        let forged = Subject {
+            path_origin: origin,
+            ..local.clone()
+        };
+        assert_eq!(decide(&engine, &forged), (Action::Deny, None), "{origin:?}");
+        // Content still decides: a residual path criterion does not hold.
+        let hashed = Subject {
+            sha256: Some(SHA_B.parse().unwrap()),
+            ..forged.clone()
+        };
+        assert_eq!(decide(&engine, &hashed), (Action::Deny, None), "{origin:?}");
+        let denied = Subject {
+            sha256: Some(SHA_A.parse().unwrap()),
+            ..forged
+        };
+        assert_eq!(decide(&engine, &denied).1.as_deref(), Some("by-hash"));
+    }
+    assert!(engine.restricts_by_content());
+    assert!(
+        !Engine::from_json(&format!(
+            r#"{{"version": 1, "default_action": "allow", "rules": [
+            {{"id": "ok", "action": "allow", "match": {{"sha256": "{SHA_A}"}}}},
+            {{"id": "no-nc", "action": "deny", "match": {{"name": "nc"}}}}]}}"#
+        ))
+        .unwrap()
+        .restricts_by_content()
+    );
 }

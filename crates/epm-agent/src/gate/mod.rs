@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use epm_policy::CdHash;
+use epm_policy::{CdHash, PathOrigin};
 
 #[cfg(target_os = "macos")]
 pub mod endpoint_security;
@@ -54,6 +54,9 @@ pub struct ExecFacts {
     /// Its path (lossy UTF-8). On Linux it is the kernel's name for the
     /// open file, so a file unlinked meanwhile ends in " (deleted)".
     pub path: String,
+    /// Whose name `path` is: path, glob and name rules match only a path
+    /// checked in the daemon's own mount namespace.
+    pub path_origin: PathOrigin,
     /// Real user id of the process: the user who ran the program, even
     /// through a setuid helper, which is whom a policy's user scope means.
     pub uid: u32,
@@ -108,6 +111,7 @@ impl ExecFacts {
             pid,
             file,
             path,
+            path_origin: PathOrigin::Local,
             uid: 0,
             gid: 0,
             groups: Vec::new(),
