@@ -243,6 +243,11 @@ impl Daemon {
             "{tables}\n[gate]\nwatch_paths = [{:?}]\n",
             mount.path().display().to_string()
         ));
+        // The kernel hook holds execs machine-wide unless scoped: a test
+        // that wants it says so (and scopes it to its own cgroup).
+        if !tables.contains("[kernel_hook]") {
+            config.push_str("[kernel_hook]\nenabled = false\n");
+        }
         std::fs::write(dir.path().join("epmd.toml"), config).unwrap();
         let mut daemon = Daemon {
             mount,

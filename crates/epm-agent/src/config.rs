@@ -80,6 +80,34 @@ pub struct Config {
     pub admin_sessions: AdminSessionsConfig,
     /// The XPC service the helper and `epmctl` use on macOS.
     pub xpc: XpcConfig,
+    /// The kernel exec hook (Linux): what fanotify cannot see.
+    pub kernel_hook: KernelHookConfig,
+}
+
+/// `[kernel_hook]`: the BPF LSM hook that holds execs fanotify cannot see
+/// (memfds, private mount namespaces, FUSE, `ld.so PROGRAM`) until epmd
+/// decides them. Linux only; ignored elsewhere.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KernelHookConfig {
+    /// Load the hook where the kernel allows it (default). Off, or where it
+    /// cannot load, epmd gates with fanotify alone and reports each exposure.
+    pub enabled: bool,
+    /// Hold only execs of processes in this cgroup (v2) subtree: a knob for
+    /// tests and staged roll-outs. Default: every process on the machine.
+    pub cgroup: Option<PathBuf>,
+    /// At most this many execs held at once per user; more fail with EAGAIN.
+    pub max_held_per_uid: u32,
+}
+
+impl Default for KernelHookConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            cgroup: None,
+            max_held_per_uid: 64,
+        }
+    }
 }
 
 /// `[xpc]`: the control service on macOS (ignored elsewhere). The helper
@@ -348,6 +376,7 @@ impl Default for Config {
             platform: None,
             admin_sessions: AdminSessionsConfig::default(),
             xpc: XpcConfig::default(),
+            kernel_hook: KernelHookConfig::default(),
         }
     }
 }
@@ -558,6 +587,14 @@ impl Config {
         }
         if self.gate.queue_capacity == 0 {
             return Err("gate.queue_capacity: must be at least 1".into());
+        }
+        if let Some(cgroup) = &self.kernel_hook.cgroup
+            && !cgroup.is_absolute()
+        {
+            return Err(format!(
+                "kernel_hook.cgroup: {} is not an absolute path (a cgroup v2 directory)",
+                cgroup.display()
+            ));
         }
         if self.gate.watch_paths.is_empty() {
             return Err(

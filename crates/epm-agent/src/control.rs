@@ -61,6 +61,8 @@ pub struct ControlContext {
     pub admin_sessions: Arc<crate::admin_session::AdminSessions>,
     /// Open connections per uid, over both transports (start empty).
     pub connections: ConnectionCounts,
+    /// The kernel exec hook's state and the exposures it leaves.
+    pub kernel_hook: crate::kernel_hook::SharedStatus,
 }
 
 /// Binds the control socket: any local user may connect (permissions are
@@ -534,6 +536,7 @@ fn status(context: &ControlContext) -> StatusReport {
             .sync
             .as_deref()
             .map(|sync| Box::new(platform_status(sync))),
+        kernel_hook: Some(crate::kernel_hook::snapshot(&context.kernel_hook)),
     }
 }
 

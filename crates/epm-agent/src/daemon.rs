@@ -59,11 +59,19 @@ pub fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
     let chain = reconcile(&store, &mut log)?;
     let last_seq = Arc::new(AtomicU64::new(chain.next_seq().saturating_sub(1)));
 
+    // Loaded (verified) now, attached once fanotify's marks are in place:
+    // the start record says whether it runs, and what is exposed if not.
+    let kernel_hook = crate::kernel_hook::prepare(&config.kernel_hook);
+    let hook_status = crate::kernel_hook::snapshot(&kernel_hook.status);
+    for line in crate::kernel_hook::describe(&hook_status) {
+        tracing::info!("{line}");
+    }
     let mut first_events = Vec::new();
     let mut started_event = AuditEvent::new(EventKind::DAEMON_STARTED)
         .with_detail("version", env!("CARGO_PKG_VERSION"))
         .with_detail("config", config_path.display().to_string())
-        .with_detail("fail_mode", config.fail_mode.as_str());
+        .with_detail("fail_mode", config.fail_mode.as_str())
+        .with_detail("kernel_hook", crate::kernel_hook::audit_value(&hook_status));
     started_event.mode = Some(config.mode.as_str().to_owned());
     started_event.device_id = Some(device_id.clone());
     started_event.pid = Some(std::process::id());
@@ -189,6 +197,7 @@ pub fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
         flows,
         admin_sessions,
         connections: Default::default(),
+        kernel_hook: kernel_hook.status.clone(),
     });
     #[cfg(target_os = "macos")]
     let _xpc_listener = start_xpc(&config, control_context.clone(), &audit, &device_id);
@@ -197,7 +206,13 @@ pub fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
     let shutdown = Shutdown::new().context("cannot create the shutdown switch")?;
     spawn_signal_thread(&config, &shutdown, &decider, &store, &audit, &needs)?;
 
-    let gate = open_gate(&config, decider.fail_verdict(), needs, &decider, &store);
+    let gate = open_gate(
+        &config,
+        decider.fail_verdict(),
+        needs.clone(),
+        &decider,
+        &store,
+    );
     let mut gate = match gate {
         Ok(gate) => gate,
         Err(error) => {
@@ -214,6 +229,18 @@ pub fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
             return Err(error);
         }
     };
+    // The marks are placed: the hook may now hold what they do not cover.
+    #[cfg(target_os = "linux")]
+    let hook_thread = crate::kernel_hook::start(
+        kernel_hook,
+        intake.clone(),
+        decider.clone(),
+        audit.clone(),
+        needs,
+        shutdown.clone(),
+    );
+    #[cfg(not(target_os = "linux"))]
+    drop((kernel_hook, needs));
     tracing::info!(
         mode = config.mode.as_str(),
         fail_mode = config.fail_mode.as_str(),
@@ -225,6 +252,11 @@ pub fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
 
     // Stop taking events; answer what is queued; then flush the audit.
     drop(gate);
+    #[cfg(target_os = "linux")]
+    if let Some(hook_thread) = hook_thread {
+        shutdown.request();
+        hook_thread.join();
+    }
     drop(intake);
     workers.join();
     let mut stopped = AuditEvent::new(EventKind::DAEMON_STOPPED);

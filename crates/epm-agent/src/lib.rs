@@ -11,6 +11,7 @@ pub mod daemon;
 pub mod decider;
 pub mod flows;
 pub mod gate;
+pub mod kernel_hook;
 pub mod managed_prefs;
 pub mod names;
 pub mod pipeline;

@@ -68,6 +68,13 @@ fn main() -> ExitCode {
                 println!("{key}: from {}", managed.display());
             }
         }
+        // Loads (and verifies) the kernel hook without attaching it.
+        let hook = epm_agent::kernel_hook::prepare(&config.kernel_hook);
+        for line in
+            epm_agent::kernel_hook::describe(&epm_agent::kernel_hook::snapshot(&hook.status))
+        {
+            println!("{line}");
+        }
         println!("{}: configuration valid", args.config.display());
         return ExitCode::SUCCESS;
     }

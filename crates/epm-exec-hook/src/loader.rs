@@ -98,11 +98,18 @@ fn take_log() -> String {
 }
 
 fn refused(what: &'static str, source: libbpf_rs::Error) -> LoadError {
-    LoadError::Refused {
-        what,
-        source,
-        log: take_log(),
+    let mut log = take_log();
+    if source.kind() == libbpf_rs::ErrorKind::PermissionDenied {
+        // Root with CAP_BPF and CAP_PERFMON is refused before the verifier
+        // runs: the kernel does not allow BPF LSM (trampoline) programs.
+        let lockdown = std::fs::read_to_string("/sys/kernel/security/lockdown").unwrap_or_default();
+        log.push_str(&format!(
+            "\n  this kernel does not let even root load BPF LSM programs (as `bpftool feature probe` \
+             shows: program_type lsm NOT available); kernel lockdown: {}",
+            lockdown.trim()
+        ));
     }
+    LoadError::Refused { what, source, log }
 }
 
 /// The hook, loaded and configured but not attached yet: nothing is held

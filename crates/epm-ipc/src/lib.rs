@@ -117,8 +117,9 @@ pub use flows::{
 };
 pub use frame::{FrameError, MAX_FRAME_BYTES, read_frame, write_frame};
 pub use message::{
-    Counters, ErrorCode, Explanation, Latency, Message, PROTOCOL_VERSION, PlatformStatus,
-    PolicyInfo, Request, Response, StatusReport, SyncOutcome, decode, encode,
+    Counters, ErrorCode, Explanation, ExposureStatus, KernelHookStatus, Latency, Message,
+    PROTOCOL_VERSION, PlatformStatus, PolicyInfo, Request, Response, StatusReport, SyncOutcome,
+    decode, encode,
 };
 #[cfg(unix)]
 pub use unix::{

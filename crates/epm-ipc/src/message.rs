@@ -453,6 +453,37 @@ pub struct StatusReport {
     /// (Boxed: most daemons are standalone, and it would double every response's size.)
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub platform: Option<Box<PlatformStatus>>,
+    /// The kernel exec hook (Linux) and the exposures fanotify alone leaves.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel_hook: Option<KernelHookStatus>,
+}
+
+/// The kernel exec hook, in [`StatusReport`]: whether it runs, and for each
+/// way to run a program that fanotify cannot see, whether it is covered.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct KernelHookStatus {
+    /// `active`, `disabled` (by configuration) or `unavailable`.
+    pub state: String,
+    /// Why it is not active, or what it holds (its scope).
+    pub detail: String,
+    /// Each exposure and what closes it.
+    pub exposures: Vec<ExposureStatus>,
+    /// Execs the hook refused because it could not record them.
+    pub unrecorded_refusals: u64,
+}
+
+/// One way to run a program that fanotify alone cannot see.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ExposureStatus {
+    /// `memfd`, `user_namespaces`, `fuse` or `loader`.
+    pub name: String,
+    /// `covered` (by the kernel hook), `closed` (by the machine's
+    /// settings) or `open`.
+    pub state: String,
+    /// The setting that closes it without the hook.
+    pub setting: String,
 }
 
 /// A managed daemon's link to its platform, in [`StatusReport`].
@@ -951,6 +982,16 @@ pub(crate) mod tests {
                     next_sync_at: Some("2026-11-22T10:00:05Z".into()),
                     acked_seq: 7,
                 })),
+                kernel_hook: Some(KernelHookStatus {
+                    state: "unavailable".into(),
+                    detail: "no BPF LSM".into(),
+                    exposures: vec![ExposureStatus {
+                        name: "memfd".into(),
+                        state: "open".into(),
+                        setting: "sysctl vm.memfd_noexec=2".into(),
+                    }],
+                    unrecorded_refusals: 0,
+                }),
             }),
             Response::AuditRecords {
                 lines: vec!["{\"seq\":1}".into(), "{}".into()],

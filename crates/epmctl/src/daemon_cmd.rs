@@ -71,6 +71,27 @@ pub(crate) fn status(endpoint: &Endpoint, json: bool) -> anyhow::Result<ExitCode
         bytes(report.audit_outbox_bytes),
         c.audit_dropped
     );
+    if let Some(hook) = &report.kernel_hook {
+        println!("  kernel hook: {} ({})", hook.state, hook.detail);
+        if hook.unrecorded_refusals > 0 {
+            println!(
+                "               {} execs refused unrecorded (event buffer full)",
+                hook.unrecorded_refusals
+            );
+        }
+        for exposure in &hook.exposures {
+            match exposure.state.as_str() {
+                "covered" => println!(
+                    "  exposure:    {}: covered by the kernel hook",
+                    exposure.name
+                ),
+                state => println!(
+                    "  exposure:    {}: {state} (closed by: {})",
+                    exposure.name, exposure.setting
+                ),
+            }
+        }
+    }
     match &report.platform {
         None => println!("  platform:    none (standalone)"),
         Some(p) => {
