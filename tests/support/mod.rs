@@ -70,6 +70,7 @@ fn sources_of(binary: &str) -> &'static [&'static str] {
     match binary {
         "epmd" => &[
             "epm-agent",
+            "epm-exec-hook",
             "epm-api",
             "epm-audit",
             "epm-ipc",
@@ -80,6 +81,7 @@ fn sources_of(binary: &str) -> &'static [&'static str] {
         "epmctl" => &["epmctl", "epm-audit", "epm-helper", "epm-ipc", "epm-policy"],
         "epm-helper" => &["epm-helper", "epm-ipc", "epm-policy"],
         "epm-e2e-ipc" => &["epm-ipc", "epm-policy"],
+        "epm-e2e-memfd-exec" => &[],
         "epm-platform" => &["epm-platform", "epm-api", "epm-policy"],
         _ => &[],
     }
