@@ -161,11 +161,12 @@ impl ExecEvent {
         }
     }
 
-    /// Marks a test event as a memfd's.
+    /// Sets a test event's flags: a memfd's, a FUSE file's, still writable.
     pub fn with_flags(mut self, kernel_internal: bool, fuse: bool, writable: bool) -> ExecEvent {
-        self.flags = u32::from(kernel_internal) * FLAG_KERNEL_INTERNAL
-            | u32::from(fuse) * FLAG_FUSE
-            | u32::from(writable) * FLAG_WRITABLE;
+        let flag = |on: bool, bit: u32| if on { bit } else { 0 };
+        self.flags = flag(kernel_internal, FLAG_KERNEL_INTERNAL)
+            | flag(fuse, FLAG_FUSE)
+            | flag(writable, FLAG_WRITABLE);
         self
     }
 }

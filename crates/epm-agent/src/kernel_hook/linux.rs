@@ -461,9 +461,10 @@ fn unique_mount_id(point: &Path, id: u64) -> Option<u64> {
         .ok()?;
     let query = |mask: u32| -> Option<u64> {
         use std::os::fd::AsRawFd;
+        // SAFETY: statx is plain integers: all zeroes is a valid value.
+        let mut buf: libc::statx = unsafe { std::mem::zeroed() };
         // SAFETY: statx(2) with AT_EMPTY_PATH on a descriptor we own,
         // writing one statx struct we own.
-        let mut buf: libc::statx = unsafe { std::mem::zeroed() };
         let rc = unsafe {
             libc::statx(
                 dir.as_raw_fd(),
