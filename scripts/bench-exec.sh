@@ -2,7 +2,10 @@
 # Exec overhead of epmd: fork + exec + wait of /bin/true, RUNS times, with no
 # listener, with epmd enforcing a 10 000-rule policy on every mount, and with
 # fapolicyd when it is installed. Also epmd's RSS with 100 000 rules and its
-# decision latency from `epmctl status`. Needs root (fanotify).
+# decision latency from `epmctl status`. epmd runs with its default kernel
+# exec hook (where the kernel allows it; the output says whether it ran), and
+# once more with `[kernel_hook] enabled = false`, so the hook's own cost on
+# ordinary execs is the difference. Needs root (fanotify).
 #
 # Usage: sudo scripts/bench-exec.sh [RUNS]     (default 3000)
 set -euo pipefail
@@ -28,7 +31,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-start_epmd() { # $1 = rule count
+start_epmd() { # $1 = rule count, $2 = kernel hook (true/false)
     python3 scripts/gen-policy.py "$1" >"$work/policy.json"
     cat >"$work/epmd.toml" <<TOML
 state_dir = "$work/state"
@@ -36,6 +39,8 @@ socket = "$work/epmd.sock"
 policy_file = "$work/policy.json"
 [gate]
 watch_paths = ["/"]
+[kernel_hook]
+enabled = ${2:-true}
 TOML
     rm -rf "$work/state"
     $bin/epmd --config "$work/epmd.toml" 2>"$work/epmd.log" &
@@ -59,12 +64,18 @@ base=$($loop_bin "$runs")
 epmd_cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$epmd_pid/stat"; }
 epmd_switches() { cat /proc/"$epmd_pid"/task/*/status | awk '/^voluntary_ctxt_switches/ { n += $2 } END { print n }'; }
 
+echo "measuring $runs execs with epmd enforcing 10000 rules, without the kernel hook..." >&2
+start_epmd 10000 false
+without_hook=$($loop_bin "$runs")
+stop_epmd
+
 echo "measuring $runs execs with epmd enforcing 10000 rules..." >&2
 start_epmd 10000
 ticks_before=$(epmd_cpu_ticks) switches_before=$(epmd_switches)
 with_epmd=$($loop_bin "$runs")
 ticks=$(($(epmd_cpu_ticks) - ticks_before)) switches=$(($(epmd_switches) - switches_before))
 status=$($bin/epmctl --socket "$work/epmd.sock" status --json)
+hook_state=$(python3 -c 'import json,sys; h=json.load(sys.stdin).get("kernel_hook") or {}; print(h.get("state", "n/a"))' <<<"$status")
 stop_epmd
 
 fapolicyd_line="fapolicyd: not installed"
@@ -112,8 +123,10 @@ p99=$(python3 -c 'import json,sys; print(json.load(sys.stdin)["latency_us"]["p99
 
 echo "machine: $(nproc) cores, $(awk -F': ' '/model name/ { print $2; exit }' /proc/cpuinfo), Linux $(uname -r), $(date -u +%Y-%m-%d)"
 awk -v b="$base" 'BEGIN { printf "no listener: %.1f us/exec\n", b }'
-awk -v b="$base" -v e="$with_epmd" \
-    'BEGIN { printf "epmd (10000 rules): %.1f us/exec (+%.1f us, x%.2f)\n", e, e-b, e/b }'
+awk -v b="$base" -v e="$without_hook" \
+    'BEGIN { printf "epmd (10000 rules, kernel hook off): %.1f us/exec (+%.1f us, x%.2f)\n", e, e-b, e/b }'
+awk -v b="$base" -v e="$with_epmd" -v h="$hook_state" \
+    'BEGIN { printf "epmd (10000 rules, kernel hook %s): %.1f us/exec (+%.1f us, x%.2f)\n", h, e, e-b, e/b }'
 awk -v t="$ticks" -v hz="$(getconf CLK_TCK)" -v s="$switches" -v r="$runs" \
     'BEGIN { printf "epmd CPU: %.1f us per exec; %.1f voluntary context switches per exec\n", t * 1e6 / hz / r, s / r }'
 echo "$fapolicyd_line"

@@ -81,6 +81,7 @@ fn closed_by_settings(name: &str) -> bool {
 }
 
 /// The status of a hook that does not run, for `reason`.
+#[cfg_attr(not(target_os = "linux"), allow(dead_code))]
 fn not_running(state: &str, reason: String) -> KernelHookStatus {
     KernelHookStatus {
         state: state.to_owned(),

@@ -7,11 +7,18 @@
 //! `fexecve`. Exits 126 with the exec's errno on stderr when the exec fails.
 #![allow(clippy::unwrap_used)]
 
-use std::ffi::CString;
-use std::io::Write;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-
+#[cfg(not(target_os = "linux"))]
 fn main() {
+    eprintln!("memfds are Linux's");
+    std::process::exit(2);
+}
+
+#[cfg(target_os = "linux")]
+fn main() {
+    use std::ffi::CString;
+    use std::io::Write;
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
     let args: Vec<String> = std::env::args().collect();
     let (program, how, seal) = (&args[1], args[2].as_str(), args[3].as_str());
     let bytes = std::fs::read(program).unwrap();
