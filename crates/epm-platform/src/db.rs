@@ -1705,6 +1705,77 @@ mod tests {
     use super::*;
 
     #[test]
+    fn an_existing_database_gets_roles_by_migration() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("platform.db");
+        {
+            // A database as the platform wrote it before roles existed.
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(SCHEMA).unwrap();
+            for (name, level, at) in [
+                ("first", Some(1u32), "2026-01-01T00:00:00Z"),
+                ("approver", Some(2), "2026-01-02T00:00:00Z"),
+                ("manager", None, "2026-01-03T00:00:00Z"),
+                ("minted", Some(u32::MAX), "2026-01-04T00:00:00Z"),
+            ] {
+                conn.execute(
+                    "INSERT INTO admins (name, token_sha256, approver_level, created_at) VALUES (?1, ?2, ?3, ?4)",
+                    params![name, secret_hash(name), level, at],
+                )
+                .unwrap();
+            }
+            conn.execute(
+                "INSERT INTO enroll_tokens (token_sha256, uses_left, expires_at, created_by, created_at) VALUES (?1, 3, '2099-01-01T00:00:00Z', 'first', '2026-01-01T00:00:00Z')",
+                [secret_hash("ept_old")],
+            )
+            .unwrap();
+        }
+        let db = Db::open(&path).unwrap();
+        let roles: Vec<(String, AdminRole, Option<u32>, Vec<String>)> = db
+            .admins()
+            .unwrap()
+            .into_iter()
+            .map(|a| (a.name, a.role, a.approver_level, a.endpoint_users))
+            .collect();
+        assert_eq!(
+            roles,
+            [
+                (
+                    "approver".into(),
+                    AdminRole::Approver,
+                    Some(2),
+                    vec!["approver".into()]
+                ),
+                (
+                    "first".into(),
+                    AdminRole::Owner,
+                    Some(1),
+                    vec!["first".into()]
+                ),
+                (
+                    "manager".into(),
+                    AdminRole::PolicyAdmin,
+                    None,
+                    vec!["manager".into()]
+                ),
+                (
+                    "minted".into(),
+                    AdminRole::Auditor,
+                    None,
+                    vec!["minted".into()]
+                ),
+            ]
+        );
+        let tokens = db.enroll_tokens().unwrap();
+        assert_eq!(tokens.len(), 1);
+        assert!(tokens[0].id.starts_with("etk_"), "{:?}", tokens[0]);
+        drop(db);
+        // Opening again runs nothing twice.
+        let again = Db::open(&path).unwrap();
+        assert_eq!(again.admins().unwrap().len(), 4);
+    }
+
+    #[test]
     fn stored_times_sort_as_text_in_time_order() {
         let whole: Timestamp = "2026-11-22T10:00:59Z".parse().unwrap();
         let later = whole + jiff::SignedDuration::from_millis(500);
