@@ -655,9 +655,9 @@ fn a_device_is_not_taken_over_by_enrolling_its_id_again() {
     assert_eq!(status, 401, "reset credentials are void");
     let (status, taken) = platform.enroll("e2e-takeover", &token, None);
     assert_eq!(status, 200, "{taken}");
-    assert_eq!(
+    assert_ne!(
         taken["agent_id"], stored["agent_id"],
-        "the same agent, audit and requests"
+        "a new agent of the device: its audit starts afresh"
     );
     assert!(
         !platform
@@ -1189,6 +1189,8 @@ fn admins_tokens_and_devices_can_be_revoked() {
     let requests = platform.requests();
     assert_eq!(requests[0]["state"], "revoked", "{requests:?}");
     let reset = RestAgent::enroll(&platform, "e2e-reset");
+    let (status, request) = reset.submit(&platform, "r1", "capture", "alice", now, now + HOUR);
+    assert_eq!(status, 200, "{request}");
     platform.ok(&["devices", "reset", "e2e-reset"]);
     let (status, _) = platform.call(
         "POST",
@@ -1197,6 +1199,11 @@ fn admins_tokens_and_devices_can_be_revoked() {
         Some(&checkin),
     );
     assert_eq!(status, 401);
+    let requests = platform.requests();
+    assert!(
+        requests.iter().all(|r| r["state"] == "revoked"),
+        "{requests:?}"
+    );
 
     for logged in [
         "disabled admin bob",
@@ -1204,7 +1211,7 @@ fn admins_tokens_and_devices_can_be_revoked() {
         "rotated the token of admin bob",
         "revoked enrollment token",
         "removed device e2e-removed; 1 pending or approved request(s) revoked",
-        "reset device e2e-reset",
+        "reset device e2e-reset: its credentials are void until it enrolls again; 1 pending or approved request(s) revoked",
     ] {
         assert!(
             !platform.activity_with(logged).is_empty(),

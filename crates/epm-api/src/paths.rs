@@ -52,8 +52,9 @@ pub const ADMIN_DEVICES: &str = "/api/v1/admin/devices";
 /// `DELETE`: forget a device: its credentials stop working, its pending and
 /// approved requests are revoked; its audit stays.
 pub const ADMIN_DEVICE: &str = "/api/v1/admin/devices/{device_id}";
-/// `POST`: void a device's credentials and let the next enrollment with a
-/// valid token take its id (a reinstalled machine).
+/// `POST`: void a device's credentials, revoke its pending and approved
+/// requests, and let the next enrollment with a valid token take its id as
+/// a new agent (a reinstalled machine).
 pub const ADMIN_DEVICE_RESET: &str = "/api/v1/admin/devices/{device_id}/reset";
 /// `GET` → the policy documents and their scopes.
 pub const ADMIN_POLICIES: &str = "/api/v1/admin/policies";

@@ -76,7 +76,9 @@ pub enum Enrollment {
     New,
     /// An enrolled device that showed its current credentials.
     Renewed,
-    /// A device an admin reset (`devices reset`), taken by this enrollment.
+    /// A device an admin reset (`devices reset`), taken by this enrollment
+    /// as a new agent (a new agent id and audit sequence; the old agent's
+    /// audit stays under the device).
     AfterReset {
         /// The admin who reset it.
         by: String,
@@ -748,12 +750,24 @@ impl Db {
         rand::rngs::OsRng.fill_bytes(&mut offline_key);
         let now = Timestamp::now().to_string();
         let agent_id = match existing {
-            // The same agent id: its audit and requests stay; the old secret
-            // stops working.
-            Some((agent_id, ..)) => {
+            // The same agent, showing its credentials: its audit sequence
+            // and requests go on; the old secret stops working.
+            Some((agent_id, ..)) if outcome == Enrollment::Renewed => {
                 tx.execute(
-                    "UPDATE agents SET secret_sha256 = ?2, next_secret_sha256 = NULL, reset_by = NULL, offline_key = ?3, hostname = ?4, os = ?5, agent_version = ?6, enrolled_at = ?7 WHERE agent_id = ?1",
+                    "UPDATE agents SET secret_sha256 = ?2, next_secret_sha256 = NULL, offline_key = ?3, hostname = ?4, os = ?5, agent_version = ?6, enrolled_at = ?7 WHERE agent_id = ?1",
                     params![agent_id, secret_hash(&secret), offline_key.to_vec(), request.hostname, request.os, request.agent_version, now],
+                )?;
+                agent_id
+            }
+            // After a reset, whoever enrolls is a new agent of the device: a
+            // reinstalled machine numbers its audit from 1 again, which the
+            // old agent's records must not shadow.
+            Some((old_id, ..)) => {
+                let agent_id = new_id("agt_");
+                tx.execute(
+                    "UPDATE agents SET agent_id = ?2, secret_sha256 = ?3, next_secret_sha256 = NULL, reset_by = NULL, offline_key = ?4, hostname = ?5, os = ?6, agent_version = ?7, enrolled_at = ?8,
+                     last_checkin = NULL, policy_version = NULL, outbox_pending = 0, audit_floor = 0, audit_acked = 0 WHERE agent_id = ?1",
+                    params![old_id, agent_id, secret_hash(&secret), offline_key.to_vec(), request.hostname, request.os, request.agent_version, now],
                 )?;
                 agent_id
             }
@@ -849,9 +863,11 @@ impl Db {
             )
             .optional()?
             .ok_or_else(|| DbError::NotFound(format!("no enrolled device {device_id:?}")))?;
-        let revoked = tx.execute(
-            "UPDATE requests SET state = 'revoked', current_level = 0, reason = ?2, decided_by = ?3, updated_at = ?4 WHERE agent_id = ?1 AND state IN ('pending', 'approved')",
-            params![agent_id, format!("device {device_id} was removed from the platform"), by.name, Timestamp::now().to_string()],
+        let revoked = Db::revoke_open_requests(
+            &tx,
+            &agent_id,
+            &format!("device {device_id} was removed from the platform"),
+            &by.name,
         )?;
         tx.execute("DELETE FROM bundles WHERE device_id = ?1", [device_id])?;
         tx.execute("DELETE FROM agents WHERE agent_id = ?1", [&agent_id])?;
@@ -859,22 +875,48 @@ impl Db {
         Ok(revoked)
     }
 
-    /// Voids a device's credentials now and lets the next enrollment with a
-    /// valid token take its id (the same agent id, audit and requests).
-    pub fn reset_device(&self, device_id: &str, by: &Admin) -> Result<()> {
+    /// Voids a device's credentials now, revokes its pending and approved
+    /// requests, and lets the next enrollment with a valid token take its id
+    /// as a new agent. Returns how many requests were revoked.
+    pub fn reset_device(&self, device_id: &str, by: &Admin) -> Result<usize> {
         by.require(Capability::ManageFleet)?;
         // A hash nobody knows the secret of.
         let void = secret_hash(&new_token("void_"));
-        let changed = self.conn().execute(
-            "UPDATE agents SET secret_sha256 = ?2, next_secret_sha256 = NULL, reset_by = ?3 WHERE device_id = ?1",
-            params![device_id, void, by.name],
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let agent_id: String = tx
+            .query_row(
+                "SELECT agent_id FROM agents WHERE device_id = ?1",
+                [device_id],
+                |r| r.get(0),
+            )
+            .optional()?
+            .ok_or_else(|| DbError::NotFound(format!("no enrolled device {device_id:?}")))?;
+        tx.execute(
+            "UPDATE agents SET secret_sha256 = ?2, next_secret_sha256 = NULL, reset_by = ?3 WHERE agent_id = ?1",
+            params![agent_id, void, by.name],
         )?;
-        if changed == 0 {
-            return Err(DbError::NotFound(format!(
-                "no enrolled device {device_id:?}"
-            )));
-        }
-        Ok(())
+        let revoked = Db::revoke_open_requests(
+            &tx,
+            &agent_id,
+            &format!("device {device_id} was reset on the platform"),
+            &by.name,
+        )?;
+        tx.commit()?;
+        Ok(revoked)
+    }
+
+    /// Revokes an agent's pending and approved requests; returns how many.
+    fn revoke_open_requests(
+        tx: &rusqlite::Transaction<'_>,
+        agent_id: &str,
+        reason: &str,
+        by: &str,
+    ) -> Result<usize> {
+        Ok(tx.execute(
+            "UPDATE requests SET state = 'revoked', current_level = 0, reason = ?2, decided_by = ?3, updated_at = ?4 WHERE agent_id = ?1 AND state IN ('pending', 'approved')",
+            params![agent_id, reason, by, Timestamp::now().to_string()],
+        )?)
     }
 
     /// The agent of a device.

@@ -93,11 +93,11 @@ impl<K: std::hash::Hash + Eq + Clone> Rate<K> {
         }
     }
 
-    /// Per second with bursts of `burst` times that; 0: no limit.
+    /// `rate` per second with bursts of `burst` times that; 0: no limit.
     pub fn per_second(rate: u32, burst: u32) -> Rate<K> {
-        Rate::new(NonZeroU32::new(rate).map(|r| {
-            Quota::per_second(r)
-                .allow_burst(r.saturating_mul(NonZeroU32::MIN.saturating_add(burst - 1)))
+        Rate::new(NonZeroU32::new(rate).map(|per_second| {
+            let burst = NonZeroU32::new(rate.saturating_mul(burst)).unwrap_or(per_second);
+            Quota::per_second(per_second).allow_burst(burst)
         }))
     }
 
@@ -678,5 +678,55 @@ impl<B: http_body::Body + Unpin> http_body::Body for TrackedBody<B> {
 
     fn size_hint(&self) -> http_body::SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clients_are_counted_by_address_and_ipv6_by_its_64() {
+        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:bbbb::9".parse().unwrap();
+        assert_eq!(client_of(a), client_of(b));
+        let mapped: IpAddr = "::ffff:192.0.2.7".parse().unwrap();
+        assert_eq!(client_of(mapped), "192.0.2.7".parse::<IpAddr>().unwrap());
+    }
+
+    #[test]
+    fn calls_are_cut_and_made_inert() {
+        assert_eq!(call_text("GET", "/a", 80), "GET /a");
+        let long = format!("/{}", "é".repeat(100));
+        let cut = call_text("GET", &long, 80);
+        assert!(cut.ends_with('…') && cut.len() <= 4 + 80 + 3, "{cut}");
+        assert_eq!(call_text("GET", "/a\u{202e}b", 80), "GET /a?b");
+    }
+
+    #[test]
+    fn refused_calls_past_the_key_budget_share_one_row() {
+        let log = RefusedLog::default();
+        for i in 0..MAX_REFUSED_KEYS + 100 {
+            log.note(None, "anonymous", "GET", &format!("/api/v1/admin/{i}"), 401);
+        }
+        let counts = lock(&log.counts);
+        assert_eq!(counts.len(), MAX_REFUSED_KEYS + 1);
+        let catch_all = counts.iter().find(|(k, _)| k.source == "*").unwrap();
+        assert_eq!(catch_all.1.0, 100);
+    }
+
+    #[test]
+    fn a_rate_of_zero_is_no_limit_and_others_refuse_with_a_wait() {
+        let none: Rate<String> = Rate::per_second(0, 2);
+        assert!((0..10_000).all(|_| none.take(&"a".into(), 1).is_ok()));
+        let hourly: Rate<String> = Rate::per_hour(10);
+        assert!(hourly.take(&"a".into(), 10).is_ok());
+        assert!(matches!(hourly.take(&"a".into(), 1), Err(Some(_))));
+        assert!(hourly.take(&"b".into(), 1).is_ok(), "per key");
+        assert_eq!(
+            hourly.take(&"c".into(), 11),
+            Err(None),
+            "more than a whole hour"
+        );
     }
 }

@@ -339,9 +339,10 @@ enum DevicesCommand {
         /// Device id.
         device_id: String,
     },
-    /// Void a device's credentials now and let the next enrollment with a
-    /// valid token take its id (a reinstalled machine). Without a reset,
-    /// enrolling an enrolled device id again needs its current credentials.
+    /// Void a device's credentials now, revoke its pending and approved
+    /// requests, and let the next enrollment with a valid token take its id
+    /// as a new agent (a reinstalled machine). Without a reset, enrolling an
+    /// enrolled device id again needs its current credentials.
     Reset {
         /// Device id.
         device_id: String,

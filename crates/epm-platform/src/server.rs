@@ -1166,8 +1166,9 @@ async fn remove_device(
     ))
 }
 
-/// Reset a device: its credentials stop working now, and the next
-/// enrollment with a valid token takes its id (owner or policy admin).
+/// Reset a device: its credentials stop working now, its pending and
+/// approved requests are revoked, and the next enrollment with a valid token
+/// takes its id as a new agent (owner or policy admin).
 #[utoipa::path(post, path = "/api/v1/admin/devices/{device_id}/reset", tag = "admin", params(("device_id" = String, Path, description = "device id")),
     responses((status = 204), (status = 403, body = ApiErrorBody), (status = 404, body = ApiErrorBody)), security(("bearer" = [])))]
 async fn reset_device(
@@ -1176,10 +1177,12 @@ async fn reset_device(
     Path(device_id): Path<String>,
 ) -> ApiResult<Response> {
     path_name("device_id", &device_id)?;
-    state.db.reset_device(&device_id, &admin)?;
+    let revoked = state.db.reset_device(&device_id, &admin)?;
     Ok(with_detail(
         StatusCode::NO_CONTENT,
-        format!("reset device {device_id}: its credentials are void until it enrolls again"),
+        format!(
+            "reset device {device_id}: its credentials are void until it enrolls again; {revoked} pending or approved request(s) revoked"
+        ),
     ))
 }
 
