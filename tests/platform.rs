@@ -830,7 +830,7 @@ fn tls_connection(
     let socket = socket(
         AddressFamily::Inet,
         SockType::Stream,
-        SockFlag::SOCK_CLOEXEC,
+        SockFlag::empty(),
         None,
     )
     .unwrap();

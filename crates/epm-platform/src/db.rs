@@ -716,22 +716,39 @@ impl Db {
             }
             Some(_) => {}
         }
-        let existing: Option<(String, Vec<u8>, Option<Vec<u8>>, Option<String>)> = tx
+        /// The device's agent as enrollment sees it.
+        struct Enrolled {
+            agent_id: String,
+            secret: Vec<u8>,
+            next: Option<Vec<u8>>,
+            reset_by: Option<String>,
+        }
+        let existing = tx
             .query_row(
                 "SELECT agent_id, secret_sha256, next_secret_sha256, reset_by FROM agents WHERE device_id = ?1",
                 [&request.device_id],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+                |r| {
+                    Ok(Enrolled {
+                        agent_id: r.get(0)?,
+                        secret: r.get(1)?,
+                        next: r.get(2)?,
+                        reset_by: r.get(3)?,
+                    })
+                },
             )
             .optional()?;
         let outcome = match &existing {
             None => Enrollment::New,
-            Some((_, _, _, Some(by))) => Enrollment::AfterReset { by: by.clone() },
-            Some((agent_id, secret, next, None)) => {
+            Some(Enrolled {
+                reset_by: Some(by), ..
+            }) => Enrollment::AfterReset { by: by.clone() },
+            Some(enrolled) => {
                 let shown = presented
                     .and_then(|bearer| bearer.split_once('.'))
-                    .filter(|(id, _)| id == agent_id)
+                    .filter(|(id, _)| *id == enrolled.agent_id)
                     .map(|(_, secret)| secret_hash(secret));
-                if shown.is_some_and(|h| h == *secret || next.as_ref() == Some(&h)) {
+                if shown.is_some_and(|h| h == enrolled.secret || enrolled.next.as_ref() == Some(&h))
+                {
                     Enrollment::Renewed
                 } else {
                     return Err(DbError::Conflict(format!(
@@ -752,7 +769,7 @@ impl Db {
         let agent_id = match existing {
             // The same agent, showing its credentials: its audit sequence
             // and requests go on; the old secret stops working.
-            Some((agent_id, ..)) if outcome == Enrollment::Renewed => {
+            Some(Enrolled { agent_id, .. }) if outcome == Enrollment::Renewed => {
                 tx.execute(
                     "UPDATE agents SET secret_sha256 = ?2, next_secret_sha256 = NULL, offline_key = ?3, hostname = ?4, os = ?5, agent_version = ?6, enrolled_at = ?7 WHERE agent_id = ?1",
                     params![agent_id, secret_hash(&secret), offline_key.to_vec(), request.hostname, request.os, request.agent_version, now],
@@ -762,7 +779,9 @@ impl Db {
             // After a reset, whoever enrolls is a new agent of the device: a
             // reinstalled machine numbers its audit from 1 again, which the
             // old agent's records must not shadow.
-            Some((old_id, ..)) => {
+            Some(Enrolled {
+                agent_id: old_id, ..
+            }) => {
                 let agent_id = new_id("agt_");
                 tx.execute(
                     "UPDATE agents SET agent_id = ?2, secret_sha256 = ?3, next_secret_sha256 = NULL, reset_by = NULL, offline_key = ?4, hostname = ?5, os = ?6, agent_version = ?7, enrolled_at = ?8,
@@ -855,14 +874,7 @@ impl Db {
         by.require(Capability::ManageFleet)?;
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let agent_id: String = tx
-            .query_row(
-                "SELECT agent_id FROM agents WHERE device_id = ?1",
-                [device_id],
-                |r| r.get(0),
-            )
-            .optional()?
-            .ok_or_else(|| DbError::NotFound(format!("no enrolled device {device_id:?}")))?;
+        let agent_id = Db::agent_id_of(&tx, device_id)?;
         let revoked = Db::revoke_open_requests(
             &tx,
             &agent_id,
@@ -884,14 +896,7 @@ impl Db {
         let void = secret_hash(&new_token("void_"));
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let agent_id: String = tx
-            .query_row(
-                "SELECT agent_id FROM agents WHERE device_id = ?1",
-                [device_id],
-                |r| r.get(0),
-            )
-            .optional()?
-            .ok_or_else(|| DbError::NotFound(format!("no enrolled device {device_id:?}")))?;
+        let agent_id = Db::agent_id_of(&tx, device_id)?;
         tx.execute(
             "UPDATE agents SET secret_sha256 = ?2, next_secret_sha256 = NULL, reset_by = ?3 WHERE agent_id = ?1",
             params![agent_id, void, by.name],
@@ -904,6 +909,17 @@ impl Db {
         )?;
         tx.commit()?;
         Ok(revoked)
+    }
+
+    /// The agent id of an enrolled device.
+    fn agent_id_of(tx: &rusqlite::Transaction<'_>, device_id: &str) -> Result<String> {
+        tx.query_row(
+            "SELECT agent_id FROM agents WHERE device_id = ?1",
+            [device_id],
+            |r| r.get(0),
+        )
+        .optional()?
+        .ok_or_else(|| DbError::NotFound(format!("no enrolled device {device_id:?}")))
     }
 
     /// Revokes an agent's pending and approved requests; returns how many.

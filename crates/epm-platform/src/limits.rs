@@ -413,7 +413,7 @@ impl GateState {
             return;
         }
         let mut clients: Vec<(IpAddr, u64)> = tally.clients.into_iter().collect();
-        clients.sort_by(|a, b| b.1.cmp(&a.1));
+        clients.sort_by_key(|c| std::cmp::Reverse(c.1));
         let clients: Vec<String> = clients
             .iter()
             .map(|(ip, n)| format!("{ip} ({n})"))
