@@ -152,10 +152,17 @@ impl Platform {
 
     /// A REST client trusting only this platform's CA.
     pub fn http(&self) -> reqwest::blocking::Client {
+        self.http_from("127.0.0.1".parse().unwrap())
+    }
+
+    /// [`Platform::http`] from another local address (any of 127.0.0.0/8),
+    /// so a test's attacker is another client than its admin.
+    pub fn http_from(&self, source: std::net::IpAddr) -> reqwest::blocking::Client {
         let ca = std::fs::read(self.data().join("ca.pem")).unwrap();
         reqwest::blocking::Client::builder()
             .tls_built_in_root_certs(false)
             .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
+            .local_address(source)
             .timeout(Duration::from_secs(60))
             .build()
             .unwrap()
