@@ -20,7 +20,12 @@ bin=target/release/epm-platform
 
 EPM_ADMIN_TOKEN="$("$bin" admin create --data "$work/data" --name bench --approver-level 1)"
 export EPM_ADMIN_TOKEN
-EPM_LOG=warn "$bin" serve --data "$work/data" --listen "127.0.0.1:$port" &
+# The load generator is one address standing for a whole fleet: lift the
+# per-client connection cap and the call rates, which would otherwise (and
+# rightly) stop one client asking this much.
+EPM_LOG=warn "$bin" serve --data "$work/data" --listen "127.0.0.1:$port" \
+    --max-connections-per-client "$((agents + 64))" --max-connections "$((agents + 1024))" \
+    --calls-per-second-per-client 0 --calls-per-second-per-identity 0 &
 server=$!
 for _ in $(seq 100); do
     "$bin" --url "https://127.0.0.1:$port" --data "$work/data" admin list >/dev/null 2>&1 && break

@@ -288,11 +288,12 @@ fn an_approval_with_two_levels_allows_one_run() {
         return;
     }
     let platform = Platform::start();
-    let second = platform.admin("second-level", 2);
     let user = TestUser::create("epme2eappr");
     let (daemon, tool) = managed(&platform, "e2e-flows-two-levels", |tool| {
         vec![approve_rule(tool, 2, 1)]
     });
+    // After the policy: an approver's level is at most the rules' highest.
+    let second = platform.admin("second-level", 2);
     let helper = Helper::start(
         &daemon,
         &user,

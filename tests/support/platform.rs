@@ -6,6 +6,8 @@ use std::process::{Child, Command, Output, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use serde_json::Value;
+
 use super::binary;
 
 /// A running platform.
@@ -14,13 +16,21 @@ pub struct Platform {
     dir: tempfile::TempDir,
     port: u16,
     child: Option<Child>,
-    /// The token of admin `e2e` (approver level 1).
+    serve_args: Vec<String>,
+    /// The token of admin `e2e`: the owner (the first admin), approving at
+    /// level 1.
     pub admin_token: String,
 }
 
 impl Platform {
-    /// Makes an admin offline, then serves on a free port.
+    /// Makes the first admin (the owner) offline, then serves on a free
+    /// port.
     pub fn start() -> Platform {
+        Platform::start_with(&[])
+    }
+
+    /// [`Platform::start`] with more `serve` arguments (limits).
+    pub fn start_with(serve_args: &[&str]) -> Platform {
         let dir = tempfile::Builder::new()
             .prefix("epm-e2e-platform-")
             .tempdir()
@@ -54,6 +64,7 @@ impl Platform {
             dir,
             port,
             child: None,
+            serve_args: serve_args.iter().map(|a| (*a).to_owned()).collect(),
             admin_token,
         };
         platform.spawn();
@@ -83,6 +94,7 @@ impl Platform {
                 "--data",
             ])
             .arg(self.data())
+            .args(&self.serve_args)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -123,6 +135,140 @@ impl Platform {
             .env("EPM_ADMIN_TOKEN", token)
             .output()
             .unwrap()
+    }
+
+    /// Creates another admin with these `admin create` arguments (`--role`,
+    /// `--approver-level`, `--endpoint-user`); returns its token.
+    pub fn admin_with(&self, name: &str, args: &[&str]) -> String {
+        let mut all = vec!["admin", "create", "--name", name];
+        all.extend_from_slice(args);
+        self.ok(&all).trim().to_owned()
+    }
+
+    /// The port it listens on (127.0.0.1).
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// A REST client trusting only this platform's CA.
+    pub fn http(&self) -> reqwest::blocking::Client {
+        self.http_from("127.0.0.1".parse().unwrap())
+    }
+
+    /// [`Platform::http`] from another local address (any of 127.0.0.0/8),
+    /// so a test's attacker is another client than its admin.
+    pub fn http_from(&self, source: std::net::IpAddr) -> reqwest::blocking::Client {
+        let ca = std::fs::read(self.data().join("ca.pem")).unwrap();
+        reqwest::blocking::Client::builder()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
+            .local_address(source)
+            .timeout(Duration::from_secs(60))
+            .build()
+            .unwrap()
+    }
+
+    /// One REST call: the status and the JSON answer (or the text as a
+    /// JSON string).
+    pub fn call(
+        &self,
+        method: &str,
+        path: &str,
+        bearer: Option<&str>,
+        body: Option<&Value>,
+    ) -> (u16, Value) {
+        self.call_raw(method, path, bearer, body.map(Value::to_string))
+    }
+
+    /// [`Platform::call`] with a body sent as is.
+    pub fn call_raw(
+        &self,
+        method: &str,
+        path: &str,
+        bearer: Option<&str>,
+        body: Option<String>,
+    ) -> (u16, Value) {
+        let mut request = self
+            .http()
+            .request(method.parse().unwrap(), format!("{}{path}", self.url()));
+        if let Some(bearer) = bearer {
+            request = request.bearer_auth(bearer);
+        }
+        if let Some(body) = body {
+            request = request
+                .header("content-type", "application/json")
+                .body(body);
+        }
+        let response = request.send().unwrap();
+        let status = response.status().as_u16();
+        let text = response.text().unwrap();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    /// A new enrollment token for `uses` devices.
+    pub fn enroll_token(&self, uses: u32) -> String {
+        self.ok(&[
+            "enroll-token",
+            "create",
+            "--uses",
+            &uses.to_string(),
+            "--expires",
+            "1h",
+        ])
+        .trim()
+        .to_owned()
+    }
+
+    /// Enrolls `device` over REST with `token`, showing `current` (a bearer
+    /// `<agent_id>.<secret>`) when given.
+    pub fn enroll(&self, device: &str, token: &str, current: Option<&str>) -> (u16, Value) {
+        let body = serde_json::json!({"enrollment_token": token, "device_id": device,
+            "hostname": device, "os": "linux", "agent_version": "e2e"});
+        self.call("POST", "/api/v1/agent/enroll", current, Some(&body))
+    }
+
+    /// The activity log as the owner reads it.
+    pub fn activity(&self) -> Value {
+        let (status, page) = self.call(
+            "GET",
+            "/api/v1/admin/activity",
+            Some(&self.admin_token),
+            None,
+        );
+        assert_eq!(status, 200, "{page}");
+        page
+    }
+
+    /// Waits (the counts are written every 2 s) until the refused-call
+    /// counts hold a row for which `pred` holds; returns it.
+    pub fn wait_for_refused(&self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let page = self.activity();
+            if let Some(row) = page["refused"].as_array().unwrap().iter().find(|r| pred(r)) {
+                return row.clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no refused-call count for {what}: {page}"
+            );
+            thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// The activity entries (admins' calls, one by one) whose detail
+    /// contains `text`.
+    pub fn activity_with(&self, text: &str) -> Vec<Value> {
+        self.activity()["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["detail"].as_str().is_some_and(|d| d.contains(text)))
+            .cloned()
+            .collect()
     }
 
     /// Creates another admin approving at `level`; returns its token.

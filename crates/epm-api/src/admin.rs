@@ -13,26 +13,122 @@ use utoipa::{IntoParams, ToSchema};
 use crate::SubjectIdentity;
 use crate::agent::{RequestState, RequestSubject, Window};
 
+/// What an admin may do. Each role is the least that one job needs; an
+/// approver level is separate (see [`AdminInfo::approver_level`]) and only
+/// the owner and approvers may have one.
+///
+/// | role | reads everything | policies, enrollment tokens, devices | approves at its level | manages admins |
+/// | --- | --- | --- | --- | --- |
+/// | `owner` | yes | yes | with a level | yes |
+/// | `policy_admin` | yes | yes | no | no |
+/// | `approver` | yes | no | yes (needs a level) | no |
+/// | `auditor` | yes | no | no | no |
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum AdminRole {
+    /// Everything, including creating admins and changing their roles.
+    Owner,
+    /// Policies, enrollment tokens and devices; cannot approve.
+    PolicyAdmin,
+    /// Approves, denies and revokes requests and answers offline
+    /// challenges at its level.
+    Approver,
+    /// Reads only.
+    Auditor,
+}
+
+impl AdminRole {
+    /// Every role, most powerful first.
+    pub const ALL: [AdminRole; 4] = [
+        AdminRole::Owner,
+        AdminRole::PolicyAdmin,
+        AdminRole::Approver,
+        AdminRole::Auditor,
+    ];
+
+    /// The name used in JSON, the CLI and the database.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AdminRole::Owner => "owner",
+            AdminRole::PolicyAdmin => "policy_admin",
+            AdminRole::Approver => "approver",
+            AdminRole::Auditor => "auditor",
+        }
+    }
+
+    /// Whether an admin of this role may have an approver level (an
+    /// approver must).
+    pub fn may_approve(self) -> bool {
+        matches!(self, AdminRole::Owner | AdminRole::Approver)
+    }
+}
+
+impl fmt::Display for AdminRole {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for AdminRole {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<AdminRole, String> {
+        AdminRole::ALL
+            .into_iter()
+            .find(|r| r.as_str() == text)
+            .ok_or_else(|| {
+                format!("unknown role {text:?}: one of owner, policy_admin, approver, auditor")
+            })
+    }
+}
+
 /// `GET /api/v1/admin/whoami`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct WhoAmI {
     /// Admin name.
     pub name: String,
+    /// What this admin may do.
+    pub role: AdminRole,
     /// The approval level this admin approves at; none: cannot approve.
     pub approver_level: Option<u32>,
+    /// The endpoint user names that are this admin: requests of these users
+    /// are not theirs to approve.
+    pub endpoint_users: Vec<String>,
 }
 
-/// `POST /api/v1/admin/admins`.
+/// `POST /api/v1/admin/admins` (owner only).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateAdmin {
     /// Unique name.
     pub name: String,
-    /// The approval level (1-based) this admin approves at; none for an admin
-    /// who manages but cannot approve.
+    /// The role; without one, `approver` when a level is given, else
+    /// `auditor` (the first admin of an empty database is the `owner`).
+    #[serde(default)]
+    pub role: Option<AdminRole>,
+    /// The approval level (1-based) this admin approves at: from 1 to the
+    /// highest level any stored rule uses (at least 1), at most 16.
     #[serde(default)]
     pub approver_level: Option<u32>,
+    /// The endpoint user names that are this admin (default: the admin's
+    /// name): nobody approves their own requests.
+    #[serde(default)]
+    pub endpoint_users: Option<Vec<String>>,
+}
+
+/// `PUT /api/v1/admin/admins/{name}` (owner only): the admin's role, level
+/// and endpoint users, replaced as a whole.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateAdmin {
+    /// The role.
+    pub role: AdminRole,
+    /// The approval level, or none.
+    #[serde(default)]
+    pub approver_level: Option<u32>,
+    /// The endpoint user names that are this admin.
+    pub endpoint_users: Vec<String>,
 }
 
 /// An admin account.
@@ -41,14 +137,21 @@ pub struct CreateAdmin {
 pub struct AdminInfo {
     /// Unique name.
     pub name: String,
+    /// What this admin may do.
+    pub role: AdminRole,
     /// Approval level, if an approver.
     pub approver_level: Option<u32>,
+    /// The endpoint user names that are this admin.
+    pub endpoint_users: Vec<String>,
+    /// Disabled admins' tokens are refused.
+    pub disabled: bool,
     /// Created.
     #[schema(value_type = String, format = DateTime)]
     pub created_at: Timestamp,
 }
 
-/// `POST /api/v1/admin/admins` answer: the token is shown once.
+/// `POST /api/v1/admin/admins` and `…/rotate-token` answer: the token is
+/// shown once.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AdminCreated {
@@ -72,6 +175,8 @@ pub struct CreateEnrollToken {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EnrollTokenCreated {
+    /// Its public id, to list and revoke it.
+    pub id: String,
     /// Give it to agents (`[platform] enrollment_token`).
     pub token: String,
     /// Uses.
@@ -79,6 +184,27 @@ pub struct EnrollTokenCreated {
     /// Expiry.
     #[schema(value_type = String, format = DateTime)]
     pub expires_at: Timestamp,
+}
+
+/// An enrollment token, without its secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EnrollTokenInfo {
+    /// Public id.
+    pub id: String,
+    /// Enrollments left.
+    pub uses_left: u32,
+    /// Expiry.
+    #[schema(value_type = String, format = DateTime)]
+    pub expires_at: Timestamp,
+    /// Who made it.
+    pub created_by: String,
+    /// When.
+    #[schema(value_type = String, format = DateTime)]
+    pub created_at: Timestamp,
+    /// Who revoked it, if revoked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_by: Option<String>,
 }
 
 /// Which devices a policy document reaches.
@@ -115,9 +241,11 @@ impl FromStr for PolicyScope {
         let (kind, name) = text.split_once(':').ok_or_else(|| {
             format!("scope {text:?}: write general, device:ID, user:NAME or group:NAME")
         })?;
-        if name.is_empty() || name.len() > 256 || name.chars().any(char::is_control) {
+        if let Err(problem) = crate::validate::name(kind, name, crate::validate::MAX_NAME_BYTES) {
             return Err(format!(
-                "scope {text:?}: the name after {kind}: must be 1 to 256 printable characters"
+                "scope {:?}: the name after {kind}: must be 1 to 256 bytes of printable characters ({})",
+                crate::validate::printable(text),
+                problem.problem
             ));
         }
         match kind {
@@ -189,6 +317,9 @@ pub struct DeviceInfo {
     pub outbox_pending: u64,
     /// Users the agent reported.
     pub users: Vec<String>,
+    /// Reset by an admin (`devices reset`): its credentials are void and
+    /// the next enrollment with a valid token takes the device over.
+    pub reset_pending: bool,
 }
 
 /// `GET /api/v1/admin/requests` query.
@@ -331,12 +462,51 @@ pub struct Activity {
     pub detail: Option<String>,
 }
 
+/// `GET /api/v1/admin/activity` query.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct ActivityQuery {
+    /// Only this admin's calls (`local` for the offline CLI, `device:ID`
+    /// for enrollments).
+    pub admin: Option<String>,
+    /// At most this many of the newest (default and most 1000).
+    pub limit: Option<u32>,
+}
+
+/// Calls refused before anyone was authenticated (no, unknown or disabled
+/// token) or over a rate limit, counted together: one row per source,
+/// call, status and hour, so a flood of them adds rows slowly and never
+/// pushes admins' own entries out.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RefusedCalls {
+    /// The hour these were counted in.
+    #[schema(value_type = String, format = DateTime)]
+    pub hour: Timestamp,
+    /// The last one.
+    #[schema(value_type = String, format = DateTime)]
+    pub last_at: Timestamp,
+    /// The client's address (an IPv6 client by its /64).
+    pub source: String,
+    /// `anonymous`, `disabled:NAME`, or the admin or agent over its rate.
+    pub who: String,
+    /// `METHOD path`, the path cut to 80 bytes.
+    pub call: String,
+    /// HTTP status returned.
+    pub status: u16,
+    /// How many.
+    pub count: u64,
+}
+
 /// `GET /api/v1/admin/activity` answer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ActivityPage {
-    /// Oldest first.
+    /// Admins' calls, oldest first.
     pub entries: Vec<Activity>,
+    /// Refused anonymous and rate-limited calls, counted; newest 100.
+    #[serde(default)]
+    pub refused: Vec<RefusedCalls>,
 }
 
 /// `POST /api/v1/admin/offline-codes`.
@@ -350,12 +520,22 @@ pub struct OfflineCodeRequest {
 }
 
 /// `POST /api/v1/admin/offline-codes` answer: what the code allows, for the
-/// admin to confirm before reading it out.
+/// admin to confirm before reading it out. A challenge is approved like a
+/// request (the platform keeps one for it): the code comes only once every
+/// level of the rule has approved (200); until then the answer has no code
+/// and names the level waiting (202).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct OfflineCodeResponse {
-    /// `XXXXX-XXXXX`.
-    pub code: String,
+    /// `XXXXX-XXXXX`, once fully approved.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
+    /// The platform's request for this challenge.
+    pub request_id: String,
+    /// The level waiting for approvers (1-based); `0` once approved.
+    pub current_level: u32,
+    /// Approvers needed at each level.
+    pub levels: Vec<u32>,
     /// Device.
     pub device_id: String,
     /// User.
@@ -383,7 +563,14 @@ mod tests {
         ] {
             assert_eq!(text.parse::<PolicyScope>().unwrap().to_string(), text);
         }
-        for bad in ["", "device", "device:", "host:x", "user:\u{7}"] {
+        for bad in [
+            "",
+            "device",
+            "device:",
+            "host:x",
+            "user:\u{7}",
+            "user:a\u{202e}b",
+        ] {
             let err = bad.parse::<PolicyScope>().unwrap_err();
             assert!(err.contains("scope"), "{err}");
         }

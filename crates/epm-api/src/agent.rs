@@ -19,8 +19,9 @@ use crate::{SignedEnvelope, SubjectIdentity};
 pub struct EnrollRequest {
     /// From `epm-platform enroll-token create`.
     pub enrollment_token: String,
-    /// The device's id (the agent's `device_id` setting). Enrolling a
-    /// device id again replaces its credentials.
+    /// The device's id (the agent's `device_id` setting). Enrolling an
+    /// enrolled device id again needs its current credentials as the bearer
+    /// (they are replaced) or an admin's reset of the device.
     pub device_id: String,
     /// Host name, for display.
     pub hostname: String,

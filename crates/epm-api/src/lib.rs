@@ -15,6 +15,8 @@
 //! - [`offline`]: challenge and response codes for approvals while the
 //!   platform is unreachable.
 //! - [`paths`]: every route, as the constants both sides use.
+//! - [`validate`]: the limits on what the platform accepts (lengths,
+//!   characters, list sizes, integers), one check per request type.
 //!
 //! ```
 //! use epm_api::{sign::{PolicySigningKey, SignedKind}, Grant};
@@ -36,6 +38,7 @@ mod error;
 pub mod offline;
 pub mod paths;
 pub mod sign;
+pub mod validate;
 
 pub use bundle::{BUNDLE_FORMAT, BundleSource, Grant, PolicyBundle, SubjectIdentity};
 pub use error::{ApiError, ApiErrorBody};

@@ -23,14 +23,39 @@ pub const AGENT_REQUESTS: &str = "/api/v1/agent/requests";
 /// `GET` → [`crate::agent::RequestStatus`].
 pub const AGENT_REQUEST: &str = "/api/v1/agent/requests/{id}";
 
+/// `POST` with the agent's current credentials → new
+/// [`crate::agent::AgentCredentials`] (same id and offline key, a new
+/// secret). The old secret keeps working until the new one is first used,
+/// so a crash before the agent stored the answer does not lock it out.
+pub const AGENT_ROTATE: &str = "/api/v1/agent/credentials/rotate";
+
 /// `GET` → [`crate::admin::WhoAmI`].
 pub const ADMIN_WHOAMI: &str = "/api/v1/admin/whoami";
 /// `GET` list, `POST` [`crate::admin::CreateAdmin`].
 pub const ADMIN_ADMINS: &str = "/api/v1/admin/admins";
-/// `POST` [`crate::admin::CreateEnrollToken`].
+/// `PUT` [`crate::admin::UpdateAdmin`] (owner only).
+pub const ADMIN_ADMIN: &str = "/api/v1/admin/admins/{name}";
+/// `POST`: the admin's token is refused from now on (owner only).
+pub const ADMIN_ADMIN_DISABLE: &str = "/api/v1/admin/admins/{name}/disable";
+/// `POST`: undoes a disable (owner only).
+pub const ADMIN_ADMIN_ENABLE: &str = "/api/v1/admin/admins/{name}/enable";
+/// `POST` → [`crate::admin::AdminCreated`] with a new token; the old one is
+/// refused (the owner for anyone, every admin for themselves).
+pub const ADMIN_ADMIN_ROTATE_TOKEN: &str = "/api/v1/admin/admins/{name}/rotate-token";
+/// `GET` → [`crate::admin::EnrollTokenInfo`] list, `POST`
+/// [`crate::admin::CreateEnrollToken`].
 pub const ADMIN_ENROLL_TOKENS: &str = "/api/v1/admin/enroll-tokens";
+/// `POST`: the token enrolls nothing more.
+pub const ADMIN_ENROLL_TOKEN_REVOKE: &str = "/api/v1/admin/enroll-tokens/{id}/revoke";
 /// `GET` → [`crate::admin::DeviceInfo`] list.
 pub const ADMIN_DEVICES: &str = "/api/v1/admin/devices";
+/// `DELETE`: forget a device: its credentials stop working, its pending and
+/// approved requests are revoked; its audit stays.
+pub const ADMIN_DEVICE: &str = "/api/v1/admin/devices/{device_id}";
+/// `POST`: void a device's credentials, revoke its pending and approved
+/// requests, and let the next enrollment with a valid token take its id as
+/// a new agent (a reinstalled machine).
+pub const ADMIN_DEVICE_RESET: &str = "/api/v1/admin/devices/{device_id}/reset";
 /// `GET` → the policy documents and their scopes.
 pub const ADMIN_POLICIES: &str = "/api/v1/admin/policies";
 /// `PUT` a policy document for a scope, `GET` it, `DELETE` it. The scope is
@@ -68,11 +93,20 @@ pub const ALL: &[(&str, &str)] = &[
     ("POST", AGENT_AUDIT),
     ("POST", AGENT_REQUESTS),
     ("GET", AGENT_REQUEST),
+    ("POST", AGENT_ROTATE),
     ("GET", ADMIN_WHOAMI),
     ("GET", ADMIN_ADMINS),
     ("POST", ADMIN_ADMINS),
+    ("PUT", ADMIN_ADMIN),
+    ("POST", ADMIN_ADMIN_DISABLE),
+    ("POST", ADMIN_ADMIN_ENABLE),
+    ("POST", ADMIN_ADMIN_ROTATE_TOKEN),
+    ("GET", ADMIN_ENROLL_TOKENS),
     ("POST", ADMIN_ENROLL_TOKENS),
+    ("POST", ADMIN_ENROLL_TOKEN_REVOKE),
     ("GET", ADMIN_DEVICES),
+    ("DELETE", ADMIN_DEVICE),
+    ("POST", ADMIN_DEVICE_RESET),
     ("GET", ADMIN_DEVICE_BUNDLE),
     ("GET", ADMIN_POLICIES),
     ("PUT", ADMIN_POLICY),

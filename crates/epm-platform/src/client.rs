@@ -101,6 +101,24 @@ impl AdminClient {
         self.call(Method::POST, path, Some(body)).await
     }
 
+    /// `PUT path` with a JSON body.
+    pub async fn put<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T, ClientError> {
+        self.call(Method::PUT, path, Some(body)).await
+    }
+
+    /// `POST path` with an empty JSON object, for an answer without a body
+    /// (204).
+    pub async fn post_empty(&self, path: &str) -> Result<(), ClientError> {
+        let request = self
+            .request(Method::POST, path)?
+            .json(&serde_json::json!({}));
+        self.send_no_body(path, request).await
+    }
+
     /// `PUT path` with JSON text sent as is.
     pub async fn put_text<T: DeserializeOwned>(
         &self,
@@ -116,15 +134,20 @@ impl AdminClient {
 
     /// `DELETE path`.
     pub async fn delete(&self, path: &str) -> Result<(), ClientError> {
+        let request = self.request(Method::DELETE, path)?;
+        self.send_no_body(path, request).await
+    }
+
+    async fn send_no_body(
+        &self,
+        path: &str,
+        request: reqwest::RequestBuilder,
+    ) -> Result<(), ClientError> {
         let url = format!("{}{path}", self.base);
-        let response = self
-            .request(Method::DELETE, path)?
-            .send()
-            .await
-            .map_err(|e| ClientError::Transport {
-                url: url.clone(),
-                message: error_chain(&e),
-            })?;
+        let response = request.send().await.map_err(|e| ClientError::Transport {
+            url: url.clone(),
+            message: error_chain(&e),
+        })?;
         if response.status().is_success() {
             return Ok(());
         }

@@ -10,7 +10,8 @@ use base64::Engine as _;
 use base64::engine::general_purpose::{STANDARD as BASE64, URL_SAFE_NO_PAD as BASE64URL};
 use epm_api::SignedEnvelope;
 use epm_api::admin::{
-    Activity, AdminInfo, AdminRequest, Approval, DeviceInfo, PolicyEntry, PolicyScope,
+    Activity, AdminCreated, AdminInfo, AdminRequest, AdminRole, Approval, CreateAdmin, DeviceInfo,
+    EnrollTokenInfo, PolicyEntry, PolicyScope, RefusedCalls, UpdateAdmin,
 };
 use epm_api::agent::{
     AgentCredentials, EnrollRequest, LocalUser, RequestState, RequestStatus, RequestSubject, Window,
@@ -21,6 +22,8 @@ use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
 use sha2::{Digest, Sha256};
 
 use crate::merge::ScopedDocument;
+pub use crate::roles::Admin;
+use crate::roles::{Capability, check_role_and_level};
 
 /// A database failure, or a refusal the API turns into a 4xx.
 #[derive(Debug, thiserror::Error)]
@@ -47,13 +50,55 @@ pub enum DbError {
 
 type Result<T> = std::result::Result<T, DbError>;
 
-/// An authenticated admin.
-#[derive(Debug, Clone)]
-pub struct Admin {
-    /// Name.
-    pub name: String,
-    /// Approval level.
-    pub approver_level: Option<u32>,
+/// Who a bearer admin token belongs to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenOwner {
+    /// An enabled admin.
+    Admin(Admin),
+    /// A disabled admin, by name: refused.
+    Disabled(String),
+}
+
+/// Who changes admins: an owner over the API, or someone with the data
+/// directory (the offline CLI), who could edit the database anyway.
+#[derive(Debug, Clone, Copy)]
+pub enum Actor<'a> {
+    /// `epm-platform admin create --data DIR` with no server involved.
+    Local,
+    /// An admin over the API; must be an owner.
+    Admin(&'a Admin),
+}
+
+/// How an enrollment went, for the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Enrollment {
+    /// A device id seen for the first time.
+    New,
+    /// An enrolled device that showed its current credentials.
+    Renewed,
+    /// A device an admin reset (`devices reset`), taken by this enrollment
+    /// as a new agent (a new agent id and audit sequence; the old agent's
+    /// audit stays under the device).
+    AfterReset {
+        /// The admin who reset it.
+        by: String,
+    },
+}
+
+/// One hour's count of refused calls from one source, as the activity
+/// log's aggregator flushes it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct RefusedKey {
+    /// Start of the hour.
+    pub hour: String,
+    /// Client address (IPv6 by /64).
+    pub source: String,
+    /// `anonymous`, `disabled:NAME`, or who went over a rate.
+    pub who: String,
+    /// `METHOD path`, cut.
+    pub call: String,
+    /// HTTP status.
+    pub status: u16,
 }
 
 /// An authenticated agent.
@@ -88,6 +133,8 @@ pub struct Db {
     conn: Mutex<Connection>,
 }
 
+/// The first schema. Never edited: every later change is a migration in
+/// [`MIGRATIONS`], so an existing database and a new one end up the same.
 const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS admins (
     name TEXT PRIMARY KEY,
@@ -189,6 +236,49 @@ CREATE TABLE IF NOT EXISTS activity (
 );
 "#;
 
+/// Schema changes after [`SCHEMA`], in order; `PRAGMA user_version` is how
+/// many have run. Each runs in one transaction with the version bump.
+const MIGRATIONS: &[&str] = &[
+    // 1: roles, revocation and device identity (issue 21). Existing admins
+    // get the least role that keeps their work: the first admin made is
+    // the owner, admins with an approver level approve, the others manage
+    // policies and the fleet. Levels outside 1..=16 (only reachable through
+    // the old unchecked API) are dropped, and their approvers become auditors.
+    r#"
+    ALTER TABLE admins ADD COLUMN role TEXT;
+    ALTER TABLE admins ADD COLUMN endpoint_users TEXT;
+    ALTER TABLE admins ADD COLUMN disabled_by TEXT;
+    UPDATE admins SET endpoint_users = json_array(name);
+    UPDATE admins SET role = CASE
+        WHEN name = (SELECT name FROM admins ORDER BY created_at, name LIMIT 1) THEN 'owner'
+        WHEN approver_level IS NOT NULL THEN 'approver'
+        ELSE 'policy_admin' END;
+    UPDATE admins SET approver_level = NULL,
+        role = CASE role WHEN 'approver' THEN 'auditor' ELSE role END
+        WHERE approver_level < 1 OR approver_level > 16;
+    ALTER TABLE enroll_tokens ADD COLUMN id TEXT;
+    ALTER TABLE enroll_tokens ADD COLUMN revoked_by TEXT;
+    UPDATE enroll_tokens SET id = 'etk_' || lower(hex(randomblob(9)));
+    CREATE UNIQUE INDEX enroll_tokens_id ON enroll_tokens (id);
+    ALTER TABLE agents ADD COLUMN next_secret_sha256 BLOB;
+    ALTER TABLE agents ADD COLUMN reset_by TEXT;
+    CREATE INDEX activity_admin ON activity (admin, id);
+    CREATE TABLE refused_calls (
+        hour TEXT NOT NULL,
+        source TEXT NOT NULL,
+        who TEXT NOT NULL,
+        call TEXT NOT NULL,
+        status INTEGER NOT NULL,
+        count INTEGER NOT NULL,
+        last_at TEXT NOT NULL,
+        PRIMARY KEY (hour, source, who, call, status)
+    );
+    "#,
+];
+
+/// Refused-call rows kept: the oldest go first.
+const MAX_REFUSED_ROWS: u64 = 10_000;
+
 /// SHA-256 of a secret, as stored.
 pub fn secret_hash(secret: &str) -> Vec<u8> {
     Sha256::digest(secret.as_bytes()).to_vec()
@@ -228,6 +318,34 @@ fn json_col<T: serde::de::DeserializeOwned>(row: &Row<'_>, index: usize) -> rusq
     })
 }
 
+/// An admin from `name, role, approver_level, endpoint_users, disabled_by,
+/// created_at`.
+fn admin_info(row: &Row<'_>) -> rusqlite::Result<AdminInfo> {
+    let role: String = row.get(1)?;
+    Ok(AdminInfo {
+        name: row.get(0)?,
+        role: role.parse().map_err(|e: String| {
+            rusqlite::Error::FromSqlConversionFailure(1, rusqlite::types::Type::Text, e.into())
+        })?,
+        approver_level: row.get(2)?,
+        endpoint_users: json_col(row, 3)?,
+        disabled: row.get::<_, Option<String>>(4)?.is_some(),
+        created_at: ts(row, 5)?,
+    })
+}
+
+/// An admin's powers in words, for the activity log.
+fn describe_admin(admin: &AdminInfo) -> String {
+    format!(
+        "role {}, approver level {}, endpoint users [{}]",
+        admin.role,
+        admin
+            .approver_level
+            .map_or_else(|| "none".to_owned(), |l| l.to_string()),
+        admin.endpoint_users.join(", ")
+    )
+}
+
 fn to_json<T: serde::Serialize>(value: &T) -> String {
     // The types stored here serialize infallibly (strings, numbers, vectors).
     serde_json::to_string(value).unwrap_or_else(|_| "null".into())
@@ -247,15 +365,34 @@ impl Db {
                 .open(path)
                 .map_err(|e| DbError::Invalid(format!("{}: {e}", path.display())))?;
         }
-        let conn = Connection::open(path)?;
+        let mut conn = Connection::open(path)?;
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.execute_batch(SCHEMA)?;
+        Db::migrate(&mut conn)?;
         Ok(Db {
             conn: Mutex::new(conn),
         })
+    }
+
+    fn migrate(conn: &mut Connection) -> Result<()> {
+        let done: usize = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        if done > MIGRATIONS.len() {
+            return Err(DbError::Invalid(format!(
+                "the database is at schema version {done}, newer than this epm-platform knows ({}); use a newer epm-platform",
+                MIGRATIONS.len()
+            )));
+        }
+        for (index, migration) in MIGRATIONS.iter().enumerate().skip(done) {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            tx.execute_batch(migration)?;
+            tx.pragma_update(None, "user_version", index + 1)?;
+            tx.commit()?;
+            tracing::info!("database migrated to schema version {}", index + 1);
+        }
+        Ok(())
     }
 
     fn conn(&self) -> MutexGuard<'_, Connection> {
@@ -266,12 +403,45 @@ impl Db {
 
     // ---- admins -------------------------------------------------------
 
-    /// Creates an admin and returns its token (shown once).
-    pub fn create_admin(
-        &self,
-        name: &str,
-        approver_level: Option<u32>,
-    ) -> Result<(AdminInfo, String)> {
+    /// The highest approval level any stored rule, elevation rule or admin
+    /// session entry uses (0 when none).
+    pub fn highest_approval_level(&self) -> Result<u32> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT document FROM policies")?;
+        let documents = stmt.query_map([], |r| r.get::<_, String>(0))?;
+        let mut highest = 0;
+        for document in documents {
+            highest = highest.max(crate::merge::highest_approval_level(&document?));
+        }
+        Ok(highest)
+    }
+
+    fn admin_row(conn: &Connection, name: &str) -> Result<Option<(AdminInfo, Option<String>)>> {
+        Ok(conn
+            .query_row(
+                "SELECT name, role, approver_level, endpoint_users, disabled_by, created_at FROM admins WHERE name = ?1",
+                [name],
+                |r| Ok((admin_info(r)?, r.get(4)?)),
+            )
+            .optional()?)
+    }
+
+    fn enabled_owners(conn: &Connection) -> Result<u64> {
+        Ok(conn.query_row(
+            "SELECT COUNT(*) FROM admins WHERE role = 'owner' AND disabled_by IS NULL",
+            [],
+            |r| r.get(0),
+        )?)
+    }
+
+    /// Creates an admin and returns it with its token (shown once). Only an
+    /// owner, or the offline CLI, may; the first admin of an empty database
+    /// is the owner unless a role is given. Returns what to log too.
+    pub fn create_admin(&self, by: Actor<'_>, new: &CreateAdmin) -> Result<(AdminCreated, String)> {
+        if let Actor::Admin(admin) = by {
+            admin.require(Capability::ManageAdmins)?;
+        }
+        let name = new.name.as_str();
         if name.is_empty()
             || name.len() > 64
             || !name
@@ -279,113 +449,315 @@ impl Db {
                 .all(|c| c.is_ascii_alphanumeric() || "._-@".contains(c))
         {
             return Err(DbError::Invalid(format!(
-                "admin name {name:?}: use 1 to 64 letters, digits, '.', '_', '-' or '@'"
+                "admin name {:?}: use 1 to 64 letters, digits, '.', '_', '-' or '@'",
+                epm_api::validate::printable(name)
             )));
         }
-        if approver_level == Some(0) {
-            return Err(DbError::Invalid("approver levels start at 1".into()));
-        }
+        let highest = self.highest_approval_level()?;
+        let endpoint_users = new
+            .endpoint_users
+            .clone()
+            .unwrap_or_else(|| vec![name.to_owned()]);
         let token = new_token("epa_");
         let now = Timestamp::now();
-        let inserted = self.conn().execute(
-            "INSERT INTO admins (name, token_sha256, approver_level, created_at) VALUES (?1, ?2, ?3, ?4) ON CONFLICT (name) DO NOTHING",
-            params![name, secret_hash(&token), approver_level, now.to_string()],
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let empty: bool = tx.query_row("SELECT COUNT(*) = 0 FROM admins", [], |r| r.get(0))?;
+        let role = match (new.role, new.approver_level) {
+            (Some(role), _) => role,
+            (None, _) if empty => AdminRole::Owner,
+            (None, Some(_)) => AdminRole::Approver,
+            (None, None) => AdminRole::Auditor,
+        };
+        check_role_and_level(role, new.approver_level, highest)?;
+        let inserted = tx.execute(
+            "INSERT INTO admins (name, token_sha256, approver_level, created_at, role, endpoint_users) VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (name) DO NOTHING",
+            params![name, secret_hash(&token), new.approver_level, now.to_string(), role.as_str(), to_json(&endpoint_users)],
         )?;
         if inserted == 0 {
             return Err(DbError::Conflict(format!("an admin named {name:?} exists")));
         }
-        Ok((
-            AdminInfo {
-                name: name.into(),
-                approver_level,
-                created_at: now,
-            },
-            token,
-        ))
+        tx.commit()?;
+        let admin = AdminInfo {
+            name: name.into(),
+            role,
+            approver_level: new.approver_level,
+            endpoint_users,
+            disabled: false,
+            created_at: now,
+        };
+        let detail = format!("created admin {}: {}", name, describe_admin(&admin));
+        Ok((AdminCreated { admin, token }, detail))
     }
 
-    /// The admin a bearer token belongs to.
-    pub fn admin_by_token(&self, token: &str) -> Result<Option<Admin>> {
+    /// Replaces an admin's role, level and endpoint users (owner only).
+    /// Returns the admin and the change, before → after, for the log.
+    pub fn update_admin(
+        &self,
+        by: &Admin,
+        name: &str,
+        update: &UpdateAdmin,
+    ) -> Result<(AdminInfo, String)> {
+        by.require(Capability::ManageAdmins)?;
+        let highest = self.highest_approval_level()?;
+        check_role_and_level(update.role, update.approver_level, highest)?;
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let (before, _) = Db::admin_row(&tx, name)?
+            .ok_or_else(|| DbError::NotFound(format!("no admin {name:?}")))?;
+        if before.role == AdminRole::Owner
+            && update.role != AdminRole::Owner
+            && !before.disabled
+            && Db::enabled_owners(&tx)? <= 1
+        {
+            return Err(DbError::Conflict(format!(
+                "{name} is the last enabled owner: make another owner first"
+            )));
+        }
+        tx.execute(
+            "UPDATE admins SET role = ?2, approver_level = ?3, endpoint_users = ?4 WHERE name = ?1",
+            params![
+                name,
+                update.role.as_str(),
+                update.approver_level,
+                to_json(&update.endpoint_users)
+            ],
+        )?;
+        let (after, _) = Db::admin_row(&tx, name)?
+            .ok_or_else(|| DbError::NotFound(format!("no admin {name:?}")))?;
+        tx.commit()?;
+        let detail = format!(
+            "changed admin {name}: {} → {}",
+            describe_admin(&before),
+            describe_admin(&after)
+        );
+        Ok((after, detail))
+    }
+
+    /// Disables or enables an admin (owner only); the last enabled owner
+    /// cannot be disabled.
+    pub fn set_admin_disabled(&self, by: &Admin, name: &str, disabled: bool) -> Result<AdminInfo> {
+        by.require(Capability::ManageAdmins)?;
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let (before, _) = Db::admin_row(&tx, name)?
+            .ok_or_else(|| DbError::NotFound(format!("no admin {name:?}")))?;
+        if before.disabled == disabled {
+            return Err(DbError::Conflict(format!(
+                "admin {name} is already {}",
+                if disabled { "disabled" } else { "enabled" }
+            )));
+        }
+        if disabled && before.role == AdminRole::Owner && Db::enabled_owners(&tx)? <= 1 {
+            return Err(DbError::Conflict(format!(
+                "{name} is the last enabled owner: make another owner first"
+            )));
+        }
+        tx.execute(
+            "UPDATE admins SET disabled_by = ?2 WHERE name = ?1",
+            params![name, disabled.then_some(by.name.as_str())],
+        )?;
+        let (after, _) = Db::admin_row(&tx, name)?
+            .ok_or_else(|| DbError::NotFound(format!("no admin {name:?}")))?;
+        tx.commit()?;
+        Ok(after)
+    }
+
+    /// A new token for `name`; the old one is refused from now on. The
+    /// owner rotates anyone's, every admin their own.
+    pub fn rotate_admin_token(&self, by: &Admin, name: &str) -> Result<AdminCreated> {
+        if by.name != name {
+            by.require(Capability::ManageAdmins)?;
+        }
+        let token = new_token("epa_");
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let changed = tx.execute(
+            "UPDATE admins SET token_sha256 = ?2 WHERE name = ?1",
+            params![name, secret_hash(&token)],
+        )?;
+        if changed == 0 {
+            return Err(DbError::NotFound(format!("no admin {name:?}")));
+        }
+        let (admin, _) = Db::admin_row(&tx, name)?
+            .ok_or_else(|| DbError::NotFound(format!("no admin {name:?}")))?;
+        tx.commit()?;
+        Ok(AdminCreated { admin, token })
+    }
+
+    /// Who a bearer token belongs to.
+    pub fn admin_by_token(&self, token: &str) -> Result<Option<TokenOwner>> {
         Ok(self
             .conn()
             .query_row(
-                "SELECT name, approver_level FROM admins WHERE token_sha256 = ?1",
+                "SELECT name, role, approver_level, endpoint_users, disabled_by, created_at FROM admins WHERE token_sha256 = ?1",
                 [secret_hash(token)],
-                |r| {
-                    Ok(Admin {
-                        name: r.get(0)?,
-                        approver_level: r.get(1)?,
-                    })
-                },
+                |r| Ok((admin_info(r)?, r.get::<_, Option<String>>(4)?)),
             )
-            .optional()?)
+            .optional()?
+            .map(|(info, disabled_by)| match disabled_by {
+                Some(_) => TokenOwner::Disabled(info.name),
+                None => TokenOwner::Admin(Admin {
+                    name: info.name,
+                    role: info.role,
+                    approver_level: info.approver_level,
+                    endpoint_users: info.endpoint_users,
+                }),
+            }))
     }
 
     /// Every admin.
     pub fn admins(&self) -> Result<Vec<AdminInfo>> {
         let conn = self.conn();
-        let mut stmt =
-            conn.prepare("SELECT name, approver_level, created_at FROM admins ORDER BY name")?;
-        let rows = stmt.query_map([], |r| {
-            Ok(AdminInfo {
-                name: r.get(0)?,
-                approver_level: r.get(1)?,
-                created_at: ts(r, 2)?,
-            })
-        })?;
+        let mut stmt = conn.prepare(
+            "SELECT name, role, approver_level, endpoint_users, disabled_by, created_at FROM admins ORDER BY name",
+        )?;
+        let rows = stmt.query_map([], admin_info)?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
     // ---- enrollment ---------------------------------------------------
 
-    /// Creates an enrollment token.
+    /// Creates an enrollment token; returns its id and the token.
     pub fn create_enroll_token(
         &self,
         uses: u32,
         expires_at: Timestamp,
-        by: &str,
-    ) -> Result<String> {
+        by: &Admin,
+    ) -> Result<(String, String)> {
+        by.require(Capability::ManageFleet)?;
         if uses == 0 {
             return Err(DbError::Invalid(
                 "an enrollment token needs at least one use".into(),
             ));
         }
         let token = new_token("ept_");
+        let id = new_id("etk_");
         self.conn().execute(
-            "INSERT INTO enroll_tokens (token_sha256, uses_left, expires_at, created_by, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![secret_hash(&token), uses, expires_at.to_string(), by, Timestamp::now().to_string()],
+            "INSERT INTO enroll_tokens (token_sha256, uses_left, expires_at, created_by, created_at, id) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![secret_hash(&token), uses, expires_at.to_string(), by.name, Timestamp::now().to_string(), id],
         )?;
-        Ok(token)
+        Ok((id, token))
     }
 
-    /// Uses one enrollment and makes (or renews) the device's credentials.
-    pub fn enroll(&self, request: &EnrollRequest) -> Result<AgentCredentials> {
-        if request.device_id.is_empty()
-            || request.device_id.len() > 256
-            || request.device_id.chars().any(char::is_control)
-        {
-            return Err(DbError::Invalid(
-                "device_id must be 1 to 256 printable characters".into(),
-            ));
+    /// Every enrollment token, newest first.
+    pub fn enroll_tokens(&self) -> Result<Vec<EnrollTokenInfo>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT id, uses_left, expires_at, created_by, created_at, revoked_by FROM enroll_tokens ORDER BY created_at DESC, id",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok(EnrollTokenInfo {
+                id: r.get(0)?,
+                uses_left: r.get(1)?,
+                expires_at: ts(r, 2)?,
+                created_by: r.get(3)?,
+                created_at: ts(r, 4)?,
+                revoked_by: r.get(5)?,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Revokes an enrollment token: it enrolls nothing more.
+    pub fn revoke_enroll_token(&self, id: &str, by: &Admin) -> Result<()> {
+        by.require(Capability::ManageFleet)?;
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let revoked: Option<Option<String>> = tx
+            .query_row(
+                "SELECT revoked_by FROM enroll_tokens WHERE id = ?1",
+                [id],
+                |r| r.get(0),
+            )
+            .optional()?;
+        match revoked {
+            None => return Err(DbError::NotFound(format!("no enrollment token {id:?}"))),
+            Some(Some(who)) => {
+                return Err(DbError::Conflict(format!(
+                    "enrollment token {id} was already revoked by {who}"
+                )));
+            }
+            Some(None) => {}
         }
+        tx.execute(
+            "UPDATE enroll_tokens SET revoked_by = ?2, uses_left = 0 WHERE id = ?1",
+            params![id, by.name],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Uses one enrollment and makes the device's credentials. A device id
+    /// already enrolled is taken only with its current credentials
+    /// (`presented`, the bearer `<agent_id>.<secret>`) or after an admin
+    /// reset it; otherwise nothing changes and the answer says why.
+    pub fn enroll(
+        &self,
+        request: &EnrollRequest,
+        presented: Option<&str>,
+    ) -> Result<(AgentCredentials, Enrollment)> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let token = tx
             .query_row(
-                "SELECT uses_left, expires_at FROM enroll_tokens WHERE token_sha256 = ?1",
+                "SELECT uses_left, expires_at, revoked_by FROM enroll_tokens WHERE token_sha256 = ?1",
                 [secret_hash(&request.enrollment_token)],
-                |r| Ok((r.get::<_, u32>(0)?, ts(r, 1)?)),
+                |r| Ok((r.get::<_, u32>(0)?, ts(r, 1)?, r.get::<_, Option<String>>(2)?)),
             )
             .optional()?;
         let refused = |why: &str| DbError::Unauthorized(format!("enrollment refused: {why}"));
         match token {
             None => return Err(refused("unknown enrollment token")),
-            Some((0, _)) => return Err(refused("this enrollment token is used up")),
-            Some((_, expires)) if expires <= Timestamp::now() => {
+            Some((_, _, Some(_))) => return Err(refused("this enrollment token was revoked")),
+            Some((0, _, _)) => return Err(refused("this enrollment token is used up")),
+            Some((_, expires, _)) if expires <= Timestamp::now() => {
                 return Err(refused("this enrollment token has expired"));
             }
             Some(_) => {}
         }
+        /// The device's agent as enrollment sees it.
+        struct Enrolled {
+            agent_id: String,
+            secret: Vec<u8>,
+            next: Option<Vec<u8>>,
+            reset_by: Option<String>,
+        }
+        let existing = tx
+            .query_row(
+                "SELECT agent_id, secret_sha256, next_secret_sha256, reset_by FROM agents WHERE device_id = ?1",
+                [&request.device_id],
+                |r| {
+                    Ok(Enrolled {
+                        agent_id: r.get(0)?,
+                        secret: r.get(1)?,
+                        next: r.get(2)?,
+                        reset_by: r.get(3)?,
+                    })
+                },
+            )
+            .optional()?;
+        let outcome = match &existing {
+            None => Enrollment::New,
+            Some(Enrolled {
+                reset_by: Some(by), ..
+            }) => Enrollment::AfterReset { by: by.clone() },
+            Some(enrolled) => {
+                let shown = presented
+                    .and_then(|bearer| bearer.split_once('.'))
+                    .filter(|(id, _)| *id == enrolled.agent_id)
+                    .map(|(_, secret)| secret_hash(secret));
+                if shown.is_some_and(|h| h == enrolled.secret || enrolled.next.as_ref() == Some(&h))
+                {
+                    Enrollment::Renewed
+                } else {
+                    return Err(DbError::Conflict(format!(
+                        "device {:?} is already enrolled: enrolling it again needs its current credentials (Authorization: Bearer <agent_id>.<secret>) or an admin's `epm-platform devices reset {}`; nothing was changed",
+                        request.device_id, request.device_id
+                    )));
+                }
+            }
+        };
         tx.execute(
             "UPDATE enroll_tokens SET uses_left = uses_left - 1 WHERE token_sha256 = ?1",
             [secret_hash(&request.enrollment_token)],
@@ -393,20 +765,28 @@ impl Db {
         let secret = new_token("");
         let mut offline_key = [0u8; 32];
         rand::rngs::OsRng.fill_bytes(&mut offline_key);
-        let existing: Option<String> = tx
-            .query_row(
-                "SELECT agent_id FROM agents WHERE device_id = ?1",
-                [&request.device_id],
-                |r| r.get(0),
-            )
-            .optional()?;
+        let now = Timestamp::now().to_string();
         let agent_id = match existing {
-            // Enrolling a device again renews its credentials and keeps its
-            // audit and requests; the old secret stops working.
-            Some(agent_id) => {
+            // The same agent, showing its credentials: its audit sequence
+            // and requests go on; the old secret stops working.
+            Some(Enrolled { agent_id, .. }) if outcome == Enrollment::Renewed => {
                 tx.execute(
-                    "UPDATE agents SET secret_sha256 = ?2, offline_key = ?3, hostname = ?4, os = ?5, agent_version = ?6, enrolled_at = ?7 WHERE agent_id = ?1",
-                    params![agent_id, secret_hash(&secret), offline_key.to_vec(), request.hostname, request.os, request.agent_version, Timestamp::now().to_string()],
+                    "UPDATE agents SET secret_sha256 = ?2, next_secret_sha256 = NULL, offline_key = ?3, hostname = ?4, os = ?5, agent_version = ?6, enrolled_at = ?7 WHERE agent_id = ?1",
+                    params![agent_id, secret_hash(&secret), offline_key.to_vec(), request.hostname, request.os, request.agent_version, now],
+                )?;
+                agent_id
+            }
+            // After a reset, whoever enrolls is a new agent of the device: a
+            // reinstalled machine numbers its audit from 1 again, which the
+            // old agent's records must not shadow.
+            Some(Enrolled {
+                agent_id: old_id, ..
+            }) => {
+                let agent_id = new_id("agt_");
+                tx.execute(
+                    "UPDATE agents SET agent_id = ?2, secret_sha256 = ?3, next_secret_sha256 = NULL, reset_by = NULL, offline_key = ?4, hostname = ?5, os = ?6, agent_version = ?7, enrolled_at = ?8,
+                     last_checkin = NULL, policy_version = NULL, outbox_pending = 0, audit_floor = 0, audit_acked = 0 WHERE agent_id = ?1",
+                    params![old_id, agent_id, secret_hash(&secret), offline_key.to_vec(), request.hostname, request.os, request.agent_version, now],
                 )?;
                 agent_id
             }
@@ -414,38 +794,145 @@ impl Db {
                 let agent_id = new_id("agt_");
                 tx.execute(
                     "INSERT INTO agents (agent_id, device_id, secret_sha256, offline_key, hostname, os, agent_version, enrolled_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-                    params![agent_id, request.device_id, secret_hash(&secret), offline_key.to_vec(), request.hostname, request.os, request.agent_version, Timestamp::now().to_string()],
+                    params![agent_id, request.device_id, secret_hash(&secret), offline_key.to_vec(), request.hostname, request.os, request.agent_version, now],
                 )?;
                 agent_id
             }
         };
         tx.commit()?;
+        Ok((
+            AgentCredentials {
+                agent_id,
+                agent_secret: secret,
+                offline_key: BASE64.encode(offline_key),
+            },
+            outcome,
+        ))
+    }
+
+    /// The agent a bearer `<agent_id>.<secret>` belongs to. The secret a
+    /// rotation made becomes the only one at its first use.
+    pub fn agent_by_bearer(&self, bearer: &str) -> Result<Option<Agent>> {
+        let Some((agent_id, secret)) = bearer.split_once('.') else {
+            return Ok(None);
+        };
+        let hash = secret_hash(secret);
+        let conn = self.conn();
+        let found = conn
+            .query_row(
+                "SELECT agent_id, device_id, users, next_secret_sha256 = ?2 FROM agents WHERE agent_id = ?1 AND (secret_sha256 = ?2 OR next_secret_sha256 = ?2)",
+                params![agent_id, hash],
+                |r| {
+                    Ok((
+                        Agent {
+                            agent_id: r.get(0)?,
+                            device_id: r.get(1)?,
+                            users: json_col(r, 2)?,
+                        },
+                        r.get::<_, Option<bool>>(3)?.unwrap_or(false),
+                    ))
+                },
+            )
+            .optional()?;
+        let Some((agent, rotated)) = found else {
+            return Ok(None);
+        };
+        if rotated {
+            conn.execute(
+                "UPDATE agents SET secret_sha256 = next_secret_sha256, next_secret_sha256 = NULL WHERE agent_id = ?1 AND next_secret_sha256 = ?2",
+                params![agent.agent_id, hash],
+            )?;
+        }
+        Ok(Some(agent))
+    }
+
+    /// A new secret for an agent (same id and offline key). The current
+    /// secret keeps working until the new one is first used.
+    pub fn rotate_agent_secret(&self, agent: &Agent) -> Result<AgentCredentials> {
+        let secret = new_token("");
+        let conn = self.conn();
+        conn.execute(
+            "UPDATE agents SET next_secret_sha256 = ?2 WHERE agent_id = ?1",
+            params![agent.agent_id, secret_hash(&secret)],
+        )?;
+        let offline_key: Vec<u8> = conn.query_row(
+            "SELECT offline_key FROM agents WHERE agent_id = ?1",
+            [&agent.agent_id],
+            |r| r.get(0),
+        )?;
         Ok(AgentCredentials {
-            agent_id,
+            agent_id: agent.agent_id.clone(),
             agent_secret: secret,
             offline_key: BASE64.encode(offline_key),
         })
     }
 
-    /// The agent a bearer `<agent_id>.<secret>` belongs to.
-    pub fn agent_by_bearer(&self, bearer: &str) -> Result<Option<Agent>> {
-        let Some((agent_id, secret)) = bearer.split_once('.') else {
-            return Ok(None);
-        };
-        Ok(self
-            .conn()
-            .query_row(
-                "SELECT agent_id, device_id, users FROM agents WHERE agent_id = ?1 AND secret_sha256 = ?2",
-                params![agent_id, secret_hash(secret)],
-                |r| {
-                    Ok(Agent {
-                        agent_id: r.get(0)?,
-                        device_id: r.get(1)?,
-                        users: json_col(r, 2)?,
-                    })
-                },
-            )
-            .optional()?)
+    /// Forgets a device: its credentials stop working, its bundle goes, its
+    /// pending and approved requests are revoked; its audit stays. Returns
+    /// how many requests were revoked.
+    pub fn remove_device(&self, device_id: &str, by: &Admin) -> Result<usize> {
+        by.require(Capability::ManageFleet)?;
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let agent_id = Db::agent_id_of(&tx, device_id)?;
+        let revoked = Db::revoke_open_requests(
+            &tx,
+            &agent_id,
+            &format!("device {device_id} was removed from the platform"),
+            &by.name,
+        )?;
+        tx.execute("DELETE FROM bundles WHERE device_id = ?1", [device_id])?;
+        tx.execute("DELETE FROM agents WHERE agent_id = ?1", [&agent_id])?;
+        tx.commit()?;
+        Ok(revoked)
+    }
+
+    /// Voids a device's credentials now, revokes its pending and approved
+    /// requests, and lets the next enrollment with a valid token take its id
+    /// as a new agent. Returns how many requests were revoked.
+    pub fn reset_device(&self, device_id: &str, by: &Admin) -> Result<usize> {
+        by.require(Capability::ManageFleet)?;
+        // A hash nobody knows the secret of.
+        let void = secret_hash(&new_token("void_"));
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let agent_id = Db::agent_id_of(&tx, device_id)?;
+        tx.execute(
+            "UPDATE agents SET secret_sha256 = ?2, next_secret_sha256 = NULL, reset_by = ?3 WHERE agent_id = ?1",
+            params![agent_id, void, by.name],
+        )?;
+        let revoked = Db::revoke_open_requests(
+            &tx,
+            &agent_id,
+            &format!("device {device_id} was reset on the platform"),
+            &by.name,
+        )?;
+        tx.commit()?;
+        Ok(revoked)
+    }
+
+    /// The agent id of an enrolled device.
+    fn agent_id_of(tx: &rusqlite::Transaction<'_>, device_id: &str) -> Result<String> {
+        tx.query_row(
+            "SELECT agent_id FROM agents WHERE device_id = ?1",
+            [device_id],
+            |r| r.get(0),
+        )
+        .optional()?
+        .ok_or_else(|| DbError::NotFound(format!("no enrolled device {device_id:?}")))
+    }
+
+    /// Revokes an agent's pending and approved requests; returns how many.
+    fn revoke_open_requests(
+        tx: &rusqlite::Transaction<'_>,
+        agent_id: &str,
+        reason: &str,
+        by: &str,
+    ) -> Result<usize> {
+        Ok(tx.execute(
+            "UPDATE requests SET state = 'revoked', current_level = 0, reason = ?2, decided_by = ?3, updated_at = ?4 WHERE agent_id = ?1 AND state IN ('pending', 'approved')",
+            params![agent_id, reason, by, Timestamp::now().to_string()],
+        )?)
     }
 
     /// The agent of a device.
@@ -507,7 +994,7 @@ impl Db {
     pub fn devices(&self) -> Result<Vec<DeviceInfo>> {
         let conn = self.conn();
         let mut stmt = conn.prepare(
-            "SELECT a.device_id, a.agent_id, a.hostname, a.os, a.agent_version, a.enrolled_at, a.last_checkin, a.policy_version, COALESCE(b.version, 0), a.audit_acked, a.outbox_pending, a.users
+            "SELECT a.device_id, a.agent_id, a.hostname, a.os, a.agent_version, a.enrolled_at, a.last_checkin, a.policy_version, COALESCE(b.version, 0), a.audit_acked, a.outbox_pending, a.users, a.reset_by IS NOT NULL
              FROM agents a LEFT JOIN bundles b ON b.device_id = a.device_id ORDER BY a.device_id",
         )?;
         let rows = stmt.query_map([], |r| {
@@ -528,6 +1015,7 @@ impl Db {
                 audit_acked_seq: r.get(9)?,
                 outbox_pending: r.get(10)?,
                 users: users.into_iter().map(|u| u.name).collect(),
+                reset_pending: r.get(12)?,
             })
         })?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
@@ -566,8 +1054,10 @@ impl Db {
         scope: &PolicyScope,
         document: &str,
         rules: u64,
-        by: &str,
+        by: &Admin,
     ) -> Result<PolicyEntry> {
+        by.require(Capability::ManagePolicies)?;
+        let by = by.name.as_str();
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let revision = Db::bump_revision(&tx)?;
@@ -588,7 +1078,8 @@ impl Db {
     }
 
     /// Deletes a scope's document; `false` if there was none.
-    pub fn delete_policy(&self, scope: &PolicyScope) -> Result<bool> {
+    pub fn delete_policy(&self, scope: &PolicyScope, by: &Admin) -> Result<bool> {
+        by.require(Capability::ManagePolicies)?;
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let deleted = tx.execute("DELETE FROM policies WHERE scope = ?1", [scope.to_string()])?;
@@ -975,9 +1466,16 @@ impl Db {
         )?)
     }
 
-    /// Records `admin`'s approval. Returns the request and whether it is now
-    /// fully approved (the caller then signs and stores the grant).
-    pub fn approve(&self, id: &str, admin: &Admin) -> Result<(AdminRequest, bool)> {
+    /// Records `admin`'s approval, judged by the rule's levels as they are
+    /// in the device's policy now (`terms`). Returns the request and
+    /// whether it is now fully approved (the caller then signs the grant).
+    pub fn approve(
+        &self,
+        id: &str,
+        admin: &Admin,
+        terms: &CurrentTerms,
+    ) -> Result<(AdminRequest, bool)> {
+        admin.require(Capability::Approve)?;
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let request = Db::request_row(&tx, id)?.request;
@@ -987,21 +1485,11 @@ impl Db {
                 request.state
             )));
         }
-        let level = request.current_level;
-        match admin.approver_level {
-            None => {
-                return Err(DbError::Forbidden(format!(
-                    "{} is not an approver",
-                    admin.name
-                )));
-            }
-            Some(own) if own != level => {
-                return Err(DbError::Forbidden(format!(
-                    "request {id} waits for level {level} approvers; {} approves at level {own}",
-                    admin.name
-                )));
-            }
-            Some(_) => {}
+        if admin.is_endpoint_user(&request.user) {
+            return Err(DbError::Forbidden(format!(
+                "request {id} is from {}, which is {} on endpoints: nobody approves their own request",
+                request.user, admin.name
+            )));
         }
         if request.approvals.iter().any(|a| a.admin == admin.name) {
             return Err(DbError::Conflict(format!(
@@ -1010,42 +1498,47 @@ impl Db {
             )));
         }
         let now = Timestamp::now().to_string();
-        tx.execute(
-            "INSERT INTO approvals (request_id, admin, level, at) VALUES (?1, ?2, ?3, ?4)",
-            params![id, admin.name, level, now],
-        )?;
-        let at_level = request
-            .approvals
-            .iter()
-            .filter(|a| a.level == level)
-            .count() as u32
-            + 1;
-        let needed = request
-            .levels
-            .get(level.saturating_sub(1) as usize)
-            .copied()
-            .unwrap_or(1);
-        let last_level = level as usize >= request.levels.len();
-        let done = at_level >= needed && last_level;
+        let waiting = waiting_level(&terms.levels, &request.approvals);
+        if waiting != 0 {
+            let own = admin.approver_level.unwrap_or(0);
+            if own != waiting {
+                return Err(DbError::Forbidden(format!(
+                    "request {id} waits for level {waiting} approvers; {} approves at level {own}",
+                    admin.name
+                )));
+            }
+            tx.execute(
+                "INSERT INTO approvals (request_id, admin, level, at) VALUES (?1, ?2, ?3, ?4)",
+                params![id, admin.name, waiting, now],
+            )?;
+        }
+        let approvals = Db::request_row(&tx, id)?.request.approvals;
+        let next = waiting_level(&terms.levels, &approvals);
+        let done = next == 0;
         if done {
             tx.execute(
-                "UPDATE requests SET state = 'approved', current_level = 0, decided_by = ?2, updated_at = ?3 WHERE id = ?1",
-                params![id, admin.name, now],
-            )?;
-        } else if at_level >= needed {
-            tx.execute(
-                "UPDATE requests SET current_level = current_level + 1, updated_at = ?2 WHERE id = ?1",
-                params![id, now],
+                "UPDATE requests SET state = 'approved', current_level = 0, levels = ?2, uses = ?3, decided_by = ?4, updated_at = ?5 WHERE id = ?1",
+                params![id, to_json(&terms.levels), terms.uses, admin.name, now],
             )?;
         } else {
             tx.execute(
-                "UPDATE requests SET updated_at = ?2 WHERE id = ?1",
-                params![id, now],
+                "UPDATE requests SET current_level = ?2, levels = ?3, uses = ?4, updated_at = ?5 WHERE id = ?1",
+                params![id, next, to_json(&terms.levels), terms.uses, now],
             )?;
         }
         let request = Db::request_row(&tx, id)?.request;
         tx.commit()?;
         Ok((request, done))
+    }
+
+    /// Closes a pending request the platform can no longer approve (its
+    /// rule left the device's policy, or its window no longer fits it).
+    pub fn close_request(&self, id: &str, reason: &str) -> Result<()> {
+        self.conn().execute(
+            "UPDATE requests SET state = 'denied', current_level = 0, reason = ?2, decided_by = 'platform', updated_at = ?3 WHERE id = ?1 AND state = 'pending'",
+            params![id, reason, Timestamp::now().to_string()],
+        )?;
+        Ok(())
     }
 
     /// How many executions an approval of this request allows.
@@ -1068,6 +1561,7 @@ impl Db {
 
     /// Denies a pending request (an approver of its current level).
     pub fn deny(&self, id: &str, admin: &Admin, reason: &str) -> Result<AdminRequest> {
+        admin.require(Capability::Approve)?;
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let request = Db::request_row(&tx, id)?.request;
@@ -1077,20 +1571,12 @@ impl Db {
                 request.state
             )));
         }
-        match admin.approver_level {
-            None => {
-                return Err(DbError::Forbidden(format!(
-                    "{} is not an approver",
-                    admin.name
-                )));
-            }
-            Some(own) if own != request.current_level => {
-                return Err(DbError::Forbidden(format!(
-                    "request {id} waits for level {} approvers; {} approves at level {own}",
-                    request.current_level, admin.name
-                )));
-            }
-            Some(_) => {}
+        let own = admin.approver_level.unwrap_or(0);
+        if own != request.current_level {
+            return Err(DbError::Forbidden(format!(
+                "request {id} waits for level {} approvers; {} approves at level {own}",
+                request.current_level, admin.name
+            )));
         }
         tx.execute(
             "UPDATE requests SET state = 'denied', current_level = 0, reason = ?2, decided_by = ?3, updated_at = ?4 WHERE id = ?1",
@@ -1103,12 +1589,7 @@ impl Db {
 
     /// Revokes an approved request (any approver).
     pub fn revoke(&self, id: &str, admin: &Admin, reason: Option<&str>) -> Result<AdminRequest> {
-        if admin.approver_level.is_none() {
-            return Err(DbError::Forbidden(format!(
-                "{} is not an approver",
-                admin.name
-            )));
-        }
+        admin.require(Capability::Approve)?;
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let request = Db::request_row(&tx, id)?.request;
@@ -1156,14 +1637,15 @@ impl Db {
         Ok(())
     }
 
-    /// The newest `limit` activity entries, oldest first.
-    pub fn activity(&self, limit: u32) -> Result<Vec<Activity>> {
+    /// The newest `limit` activity entries, oldest first; only `admin`'s
+    /// when given.
+    pub fn activity(&self, limit: u32, admin: Option<&str>) -> Result<Vec<Activity>> {
         let conn = self.conn();
         let mut stmt = conn.prepare(
-            "SELECT id, at, admin, call, status, detail FROM activity ORDER BY id DESC LIMIT ?1",
+            "SELECT id, at, admin, call, status, detail FROM activity WHERE ?2 IS NULL OR admin = ?2 ORDER BY id DESC LIMIT ?1",
         )?;
         let mut rows: Vec<Activity> = stmt
-            .query_map([limit], |r| {
+            .query_map(params![limit, admin], |r| {
                 Ok(Activity {
                     id: r.get(0)?,
                     at: ts(r, 1)?,
@@ -1177,6 +1659,78 @@ impl Db {
         rows.reverse();
         Ok(rows)
     }
+
+    /// Adds counted refused calls (one row per key and hour) and drops the
+    /// oldest rows past [`MAX_REFUSED_ROWS`].
+    pub fn record_refused(&self, counts: &[(RefusedKey, u64, Timestamp)]) -> Result<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        {
+            let mut upsert = tx.prepare_cached(
+                "INSERT INTO refused_calls (hour, source, who, call, status, count, last_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                 ON CONFLICT (hour, source, who, call, status) DO UPDATE SET count = count + ?6, last_at = ?7",
+            )?;
+            for (key, count, last) in counts {
+                upsert.execute(params![
+                    key.hour,
+                    key.source,
+                    key.who,
+                    key.call,
+                    key.status,
+                    count,
+                    sortable(*last)
+                ])?;
+            }
+        }
+        tx.execute(
+            "DELETE FROM refused_calls WHERE rowid IN (SELECT rowid FROM refused_calls ORDER BY hour DESC, last_at DESC LIMIT -1 OFFSET ?1)",
+            [MAX_REFUSED_ROWS],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The newest `limit` counts of refused calls, newest first.
+    pub fn refused_calls(&self, limit: u32) -> Result<Vec<RefusedCalls>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT hour, last_at, source, who, call, status, count FROM refused_calls ORDER BY last_at DESC LIMIT ?1",
+        )?;
+        let rows = stmt.query_map([limit], |r| {
+            Ok(RefusedCalls {
+                hour: ts(r, 0)?,
+                last_at: ts(r, 1)?,
+                source: r.get(2)?,
+                who: r.get(3)?,
+                call: r.get(4)?,
+                status: r.get(5)?,
+                count: r.get(6)?,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+}
+
+/// A rule's approval terms as they are in a device's policy now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CurrentTerms {
+    /// Approvers needed at each level.
+    pub levels: Vec<u32>,
+    /// Executions one approval allows.
+    pub uses: u32,
+}
+
+/// The first level (1-based) with fewer approvals than it needs; `0` when
+/// every level has its approvers.
+fn waiting_level(levels: &[u32], approvals: &[Approval]) -> u32 {
+    for (index, needed) in levels.iter().enumerate() {
+        let level = index as u32 + 1;
+        let given = approvals.iter().filter(|a| a.level == level).count() as u32;
+        if given < *needed {
+            return level;
+        }
+    }
+    0
 }
 
 /// A request row with what only the platform sees.
@@ -1207,6 +1761,77 @@ impl StoredRequest {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_existing_database_gets_roles_by_migration() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("platform.db");
+        {
+            // A database as the platform wrote it before roles existed.
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(SCHEMA).unwrap();
+            for (name, level, at) in [
+                ("first", Some(1u32), "2026-01-01T00:00:00Z"),
+                ("approver", Some(2), "2026-01-02T00:00:00Z"),
+                ("manager", None, "2026-01-03T00:00:00Z"),
+                ("minted", Some(u32::MAX), "2026-01-04T00:00:00Z"),
+            ] {
+                conn.execute(
+                    "INSERT INTO admins (name, token_sha256, approver_level, created_at) VALUES (?1, ?2, ?3, ?4)",
+                    params![name, secret_hash(name), level, at],
+                )
+                .unwrap();
+            }
+            conn.execute(
+                "INSERT INTO enroll_tokens (token_sha256, uses_left, expires_at, created_by, created_at) VALUES (?1, 3, '2099-01-01T00:00:00Z', 'first', '2026-01-01T00:00:00Z')",
+                [secret_hash("ept_old")],
+            )
+            .unwrap();
+        }
+        let db = Db::open(&path).unwrap();
+        let roles: Vec<(String, AdminRole, Option<u32>, Vec<String>)> = db
+            .admins()
+            .unwrap()
+            .into_iter()
+            .map(|a| (a.name, a.role, a.approver_level, a.endpoint_users))
+            .collect();
+        assert_eq!(
+            roles,
+            [
+                (
+                    "approver".into(),
+                    AdminRole::Approver,
+                    Some(2),
+                    vec!["approver".into()]
+                ),
+                (
+                    "first".into(),
+                    AdminRole::Owner,
+                    Some(1),
+                    vec!["first".into()]
+                ),
+                (
+                    "manager".into(),
+                    AdminRole::PolicyAdmin,
+                    None,
+                    vec!["manager".into()]
+                ),
+                (
+                    "minted".into(),
+                    AdminRole::Auditor,
+                    None,
+                    vec!["minted".into()]
+                ),
+            ]
+        );
+        let tokens = db.enroll_tokens().unwrap();
+        assert_eq!(tokens.len(), 1);
+        assert!(tokens[0].id.starts_with("etk_"), "{:?}", tokens[0]);
+        drop(db);
+        // Opening again runs nothing twice.
+        let again = Db::open(&path).unwrap();
+        assert_eq!(again.admins().unwrap().len(), 4);
+    }
 
     #[test]
     fn stored_times_sort_as_text_in_time_order() {

@@ -9,7 +9,9 @@
 pub mod client;
 pub mod db;
 pub mod keys;
+pub mod limits;
 pub mod merge;
+pub mod roles;
 pub mod server;
 
 use std::path::Path;

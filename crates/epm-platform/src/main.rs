@@ -7,23 +7,27 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use epm_api::admin::{
-    ActivityPage, AdminCreated, AdminRequest, AuditPage, CreateAdmin, CreateEnrollToken,
-    DenyRequest, DeviceInfo, EnrollTokenCreated, OfflineCodeRequest, OfflineCodeResponse,
-    PolicyEntry, PolicyPushed, PolicyScope, RevokeRequest,
+    ActivityPage, AdminCreated, AdminInfo, AdminRequest, AdminRole, AuditPage, CreateAdmin,
+    CreateEnrollToken, DenyRequest, DeviceInfo, EnrollTokenCreated, EnrollTokenInfo,
+    OfflineCodeRequest, OfflineCodeResponse, PolicyEntry, PolicyPushed, PolicyScope, RevokeRequest,
+    UpdateAdmin,
 };
 use epm_api::agent::RequestState;
 use epm_api::paths;
+use epm_api::validate::printable;
 use epm_platform::client::{AdminClient, ClientError};
-use epm_platform::db::Db;
+use epm_platform::db::{Actor, Db};
 use epm_platform::keys::DataDir;
+use epm_platform::limits::Limits;
 use epm_platform::server::{self, AppState};
 
 const EXAMPLES: &str = "\
 First start, on one machine:
   epm-platform serve --data /var/lib/epm-platform --listen 0.0.0.0:8443 --hostname epm.example.com
   epm-platform admin create --data /var/lib/epm-platform --name alice --approver-level 1
-  export EPM_ADMIN_TOKEN=epa_…   # printed by the previous command
+  export EPM_ADMIN_TOKEN=epa_…   # printed by the previous command; alice is the owner
   epm-platform --data /var/lib/epm-platform enroll-token create --uses 50 --expires 7d
+  epm-platform --data /var/lib/epm-platform admin create --name bob --role approver --approver-level 1
 
 Then, from any machine with ca.pem:
   epm-platform --url https://epm.example.com:8443 --ca ca.pem policy push company.json
@@ -98,6 +102,13 @@ enum Command {
     },
     /// The platform's own audit of admin calls.
     Activity {
+        /// Only this admin's calls (`local`, `device:ID` for enrollments).
+        #[arg(long)]
+        admin: Option<String>,
+        /// Print the counts of refused anonymous and rate-limited calls
+        /// instead.
+        #[arg(long)]
+        refused: bool,
         /// Print JSON lines.
         #[arg(long)]
         json: bool,
@@ -134,6 +145,35 @@ struct Serve {
     /// Address and port to listen on.
     #[arg(long, default_value = "127.0.0.1:8443")]
     listen: SocketAddr,
+    /// Open connections in all; past it the connection idle the longest
+    /// is closed, and a new one is refused only when all are busy.
+    #[arg(long, default_value_t = Limits::default().max_connections)]
+    max_connections: usize,
+    /// Open connections from one address (IPv6: one /64).
+    #[arg(long, default_value_t = Limits::default().max_connections_per_client)]
+    max_connections_per_client: usize,
+    /// Close a connection with no request in flight for this long: 30s, 2m.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    idle_timeout: Duration,
+    /// Calls per second from one address (bursts of twice that; 0: no limit).
+    #[arg(long, default_value_t = Limits::default().calls_per_second_per_client)]
+    calls_per_second_per_client: u32,
+    /// Calls per second by one agent or admin (bursts of six times that; 0:
+    /// no limit).
+    #[arg(long, default_value_t = Limits::default().calls_per_second_per_identity)]
+    calls_per_second_per_identity: u32,
+    /// Audit records one agent may upload per hour.
+    #[arg(long, default_value_t = Limits::default().audit_records_per_hour)]
+    audit_records_per_hour: u32,
+    /// Audit MiB one agent may upload per hour.
+    #[arg(long, default_value_t = Limits::default().audit_mib_per_hour)]
+    audit_mib_per_hour: u32,
+    /// Offline challenges one admin may answer per hour.
+    #[arg(long, default_value_t = Limits::default().offline_codes_per_hour)]
+    offline_codes_per_hour: u32,
+    /// How far ahead a requested window may start: 30d, 12h.
+    #[arg(long, default_value = "30d", value_parser = parse_duration)]
+    max_window_lead: Duration,
     /// Names (and IP addresses) in the generated server certificate; repeat
     /// for several. Used only when the certificate is first made.
     #[arg(long = "hostname", default_values = ["localhost", "127.0.0.1"])]
@@ -148,21 +188,70 @@ struct Serve {
 
 #[derive(Debug, Subcommand)]
 enum AdminCommand {
-    /// Create an admin and print its token (shown once). With --data and no
-    /// server needed, this makes the first admin.
+    /// Create an admin and print its token (shown once); owners only. With
+    /// --data and no server needed, this makes the first admin, the owner.
     Create {
         /// Unique name.
         #[arg(long)]
         name: String,
-        /// The approval level this admin approves at (1 = first level).
+        /// owner, policy_admin, approver or auditor (default: approver with
+        /// --approver-level, else auditor; the first admin is the owner).
+        #[arg(long)]
+        role: Option<AdminRole>,
+        /// The approval level this admin approves at (1 = first level; at
+        /// most the highest level a stored rule has).
         #[arg(long)]
         approver_level: Option<u32>,
+        /// An endpoint login name that is this admin (repeat; default: the
+        /// admin's name). Nobody approves a request of their own user.
+        #[arg(long = "endpoint-user")]
+        endpoint_users: Vec<String>,
         /// Print JSON.
         #[arg(long)]
         json: bool,
     },
     /// List admins.
-    List,
+    List {
+        /// Print JSON lines.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Change an admin's role, level or endpoint users (owner only; what is
+    /// not given stays).
+    Update {
+        /// The admin.
+        name: String,
+        /// The new role.
+        #[arg(long)]
+        role: Option<AdminRole>,
+        /// The new approval level.
+        #[arg(long, conflicts_with = "no_approver_level")]
+        approver_level: Option<u32>,
+        /// No approval level any more.
+        #[arg(long)]
+        no_approver_level: bool,
+        /// The endpoint login names that are this admin (repeat; replaces
+        /// the list).
+        #[arg(long = "endpoint-user")]
+        endpoint_users: Vec<String>,
+    },
+    /// Refuse an admin's token from now on (owner only).
+    Disable {
+        /// The admin.
+        name: String,
+    },
+    /// Accept a disabled admin's token again (owner only).
+    Enable {
+        /// The admin.
+        name: String,
+    },
+    /// Give an admin a new token and refuse the old one (the owner for
+    /// anyone, every admin for themselves). Prints the token, shown once.
+    #[command(name = "rotate-token")]
+    RotateToken {
+        /// The admin.
+        name: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -178,6 +267,17 @@ enum EnrollTokenCommand {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// List enrollment tokens (their ids, never the secrets).
+    List {
+        /// Print JSON lines.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a token by its id: it enrolls nothing more.
+    Revoke {
+        /// The token's id (etk_…), from `create` or `list`.
+        id: String,
     },
 }
 
@@ -232,6 +332,20 @@ enum DevicesCommand {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// Forget a device: its credentials stop working, its pending and
+    /// approved requests are revoked; its audit stays.
+    Remove {
+        /// Device id.
+        device_id: String,
+    },
+    /// Void a device's credentials now, revoke its pending and approved
+    /// requests, and let the next enrollment with a valid token take its id
+    /// as a new agent (a reinstalled machine). Without a reset, enrolling an
+    /// enrolled device id again needs its current credentials.
+    Reset {
+        /// Device id.
+        device_id: String,
     },
 }
 
@@ -418,81 +532,17 @@ fn print_json<T: serde::Serialize>(value: &T) -> Result<(), Failure> {
     Ok(())
 }
 
-/// Untrusted text on one terminal line.
+/// Untrusted text on one terminal line: control and bidirectional
+/// formatting characters are shown as `?`.
 fn line(text: &str) -> String {
-    text.chars()
-        .map(|c| if c.is_control() { '?' } else { c })
-        .collect()
+    printable(text).into_owned()
 }
 
 async fn run(cli: Cli) -> Result<(), Failure> {
     let remote = &cli.remote;
     match cli.command {
         Command::Serve(serve) => run_serve(remote, serve).await,
-        Command::Admin(AdminCommand::Create {
-            name,
-            approver_level,
-            json,
-        }) => {
-            let created: AdminCreated = if remote.data.is_some()
-                && remote.ca.is_none()
-                && std::env::var_os("EPM_ADMIN_TOKEN").is_none()
-            {
-                // Offline: straight into the database, so the first admin can be made.
-                let data = data_dir(remote)?;
-                let db = Db::open(&data.database()).map_err(other)?;
-                let (admin, token) = db
-                    .create_admin(&name, approver_level)
-                    .map_err(|e| Failure::Refused(e.to_string()))?;
-                db.record_activity(
-                    "local",
-                    "admin create (offline)",
-                    200,
-                    Some(&format!(
-                        "created admin {name} (approver level {approver_level:?})"
-                    )),
-                )
-                .map_err(other)?;
-                AdminCreated { admin, token }
-            } else {
-                client(remote)?
-                    .post(
-                        paths::ADMIN_ADMINS,
-                        &CreateAdmin {
-                            name,
-                            approver_level,
-                        },
-                    )
-                    .await?
-            };
-            if json {
-                return print_json(&created);
-            }
-            println!("{}", created.token);
-            eprintln!(
-                "admin {} created{}; the token above is shown once: export EPM_ADMIN_TOKEN=<token>",
-                created.admin.name,
-                created
-                    .admin
-                    .approver_level
-                    .map(|l| format!(", approves at level {l}"))
-                    .unwrap_or_default()
-            );
-            Ok(())
-        }
-        Command::Admin(AdminCommand::List) => {
-            let admins: Vec<epm_api::admin::AdminInfo> =
-                client(remote)?.get(paths::ADMIN_ADMINS).await?;
-            for a in admins {
-                println!(
-                    "{}\t{}",
-                    a.name,
-                    a.approver_level
-                        .map_or("-".into(), |l| format!("level {l}"))
-                );
-            }
-            Ok(())
-        }
+        Command::Admin(command) => run_admin(remote, command).await,
         Command::EnrollToken(EnrollTokenCommand::Create {
             uses,
             expires,
@@ -512,9 +562,38 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             }
             println!("{}", created.token);
             eprintln!(
-                "enrollment token for {} device(s), valid until {}",
-                created.uses, created.expires_at
+                "enrollment token {} for {} device(s), valid until {}",
+                created.id, created.uses, created.expires_at
             );
+            Ok(())
+        }
+        Command::EnrollToken(EnrollTokenCommand::List { json }) => {
+            let tokens: Vec<EnrollTokenInfo> =
+                client(remote)?.get(paths::ADMIN_ENROLL_TOKENS).await?;
+            for t in &tokens {
+                if json {
+                    print_json(t)?;
+                } else {
+                    println!(
+                        "{}\t{} use(s) left\texpires {}\tby {}{}",
+                        t.id,
+                        t.uses_left,
+                        t.expires_at,
+                        line(&t.created_by),
+                        t.revoked_by
+                            .as_deref()
+                            .map(|who| format!("\trevoked by {}", line(who)))
+                            .unwrap_or_default()
+                    );
+                }
+            }
+            Ok(())
+        }
+        Command::EnrollToken(EnrollTokenCommand::Revoke { id }) => {
+            client(remote)?
+                .post_empty(&paths::ADMIN_ENROLL_TOKEN_REVOKE.replace("{id}", &encode(&id)))
+                .await?;
+            println!("revoked enrollment token {id}");
             Ok(())
         }
         Command::Policy(PolicyCommand::Push { file, scope }) => {
@@ -567,7 +646,24 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     d.audit_acked_seq,
                     d.outbox_pending
                 );
+                if d.reset_pending {
+                    println!("\t(reset: waits to enroll again)");
+                }
             }
+            Ok(())
+        }
+        Command::Devices(DevicesCommand::Remove { device_id }) => {
+            client(remote)?
+                .delete(&paths::ADMIN_DEVICE.replace("{device_id}", &encode(&device_id)))
+                .await?;
+            println!("removed device {device_id}");
+            Ok(())
+        }
+        Command::Devices(DevicesCommand::Reset { device_id }) => {
+            client(remote)?
+                .post_empty(&paths::ADMIN_DEVICE_RESET.replace("{device_id}", &encode(&device_id)))
+                .await?;
+            println!("reset device {device_id}: it enrolls again with an enrollment token");
             Ok(())
         }
         Command::Requests(command) => run_requests(remote, command).await,
@@ -622,22 +718,60 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     },
                 )
                 .await?;
-            println!("{}", answer.code);
-            eprintln!(
-                "allows {} on {} to run {} {} (rule {}) from {} until {}, once",
+            let what = format!(
+                "{} on {} to run {} {} (rule {}) from {} until {}",
                 line(&answer.user),
                 line(&answer.device_id),
-                answer.identity.kind,
+                line(&answer.identity.kind),
                 line(&answer.identity.value),
                 line(&answer.rule_id),
                 answer.window.start,
                 answer.window.end
             );
+            match &answer.code {
+                Some(code) => {
+                    println!("{code}");
+                    eprintln!("allows {what}, once");
+                }
+                None => eprintln!(
+                    "approved at your level; level {} of {} waits: its approvers run the same command (or `requests approve {}`), then the code is given. It will allow {what}",
+                    answer.current_level,
+                    answer.levels.len(),
+                    answer.request_id
+                ),
+            }
             Ok(())
         }
         Command::SigningKey(command) => signing_key(remote, command),
-        Command::Activity { json } => {
-            let page: ActivityPage = client(remote)?.get(paths::ADMIN_ACTIVITY).await?;
+        Command::Activity {
+            admin,
+            refused,
+            json,
+        } => {
+            let path = match &admin {
+                Some(admin) => format!("{}?admin={}", paths::ADMIN_ACTIVITY, encode(admin)),
+                None => paths::ADMIN_ACTIVITY.to_owned(),
+            };
+            let page: ActivityPage = client(remote)?.get(&path).await?;
+            if refused {
+                for r in page.refused {
+                    if json {
+                        print_json(&r)?;
+                    } else {
+                        println!(
+                            "{}\t{}\t{}\t{}\t{}\t{} time(s), last {}",
+                            r.hour,
+                            line(&r.source),
+                            line(&r.who),
+                            line(&r.call),
+                            r.status,
+                            r.count,
+                            r.last_at
+                        );
+                    }
+                }
+                return Ok(());
+            }
             for e in page.entries {
                 if json {
                     print_json(&e)?;
@@ -646,7 +780,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                         "{}\t{}\t{}\t{}\t{}",
                         e.at,
                         line(&e.admin),
-                        e.call,
+                        line(&e.call),
                         e.status,
                         line(e.detail.as_deref().unwrap_or(""))
                     );
@@ -700,6 +834,153 @@ fn pretty_record(device: &str, raw: &str) -> String {
         field("path"),
         field("rule_id")
     )
+}
+
+fn describe(admin: &AdminInfo) -> String {
+    format!(
+        "{}\t{}\t{}\tendpoint users: {}{}",
+        line(&admin.name),
+        admin.role,
+        admin
+            .approver_level
+            .map_or("-".into(), |l| format!("level {l}")),
+        line(&admin.endpoint_users.join(", ")),
+        if admin.disabled { "\tdisabled" } else { "" }
+    )
+}
+
+async fn run_admin(remote: &Remote, command: AdminCommand) -> Result<(), Failure> {
+    match command {
+        AdminCommand::Create {
+            name,
+            role,
+            approver_level,
+            endpoint_users,
+            json,
+        } => {
+            let request = CreateAdmin {
+                name,
+                role,
+                approver_level,
+                endpoint_users: (!endpoint_users.is_empty()).then_some(endpoint_users),
+            };
+            let created: AdminCreated = if remote.data.is_some()
+                && remote.ca.is_none()
+                && std::env::var_os("EPM_ADMIN_TOKEN").is_none()
+            {
+                // Offline: straight into the database, so the first admin can
+                // be made. Whoever can write the data directory owns the
+                // platform anyway.
+                use epm_api::validate::Validate;
+                request
+                    .validate()
+                    .map_err(|e| Failure::Refused(e.to_string()))?;
+                let data = data_dir(remote)?;
+                let db = Db::open(&data.database()).map_err(other)?;
+                let (created, detail) = db
+                    .create_admin(Actor::Local, &request)
+                    .map_err(|e| Failure::Refused(e.to_string()))?;
+                db.record_activity("local", "admin create (offline)", 200, Some(&detail))
+                    .map_err(other)?;
+                created
+            } else {
+                client(remote)?.post(paths::ADMIN_ADMINS, &request).await?
+            };
+            if json {
+                return print_json(&created);
+            }
+            println!("{}", created.token);
+            eprintln!(
+                "admin {} created, {}{}; the token above is shown once: export EPM_ADMIN_TOKEN=<token>",
+                created.admin.name,
+                created.admin.role,
+                created
+                    .admin
+                    .approver_level
+                    .map(|l| format!(", approves at level {l}"))
+                    .unwrap_or_default()
+            );
+            Ok(())
+        }
+        AdminCommand::List { json } => {
+            let admins: Vec<AdminInfo> = client(remote)?.get(paths::ADMIN_ADMINS).await?;
+            for a in &admins {
+                if json {
+                    print_json(a)?;
+                } else {
+                    println!("{}", describe(a));
+                }
+            }
+            Ok(())
+        }
+        AdminCommand::Update {
+            name,
+            role,
+            approver_level,
+            no_approver_level,
+            endpoint_users,
+        } => {
+            let client = client(remote)?;
+            let admins: Vec<AdminInfo> = client.get(paths::ADMIN_ADMINS).await?;
+            let current = admins
+                .into_iter()
+                .find(|a| a.name == name)
+                .ok_or_else(|| Failure::Refused(format!("no admin {name:?}")))?;
+            let update = UpdateAdmin {
+                role: role.unwrap_or(current.role),
+                approver_level: match (approver_level, no_approver_level) {
+                    (Some(level), _) => Some(level),
+                    (None, true) => None,
+                    (None, false) => current.approver_level,
+                },
+                endpoint_users: if endpoint_users.is_empty() {
+                    current.endpoint_users
+                } else {
+                    endpoint_users
+                },
+            };
+            let after: AdminInfo = client
+                .put(
+                    &paths::ADMIN_ADMIN.replace("{name}", &encode(&name)),
+                    &update,
+                )
+                .await?;
+            println!("{}", describe(&after));
+            Ok(())
+        }
+        AdminCommand::Disable { name } => {
+            set_disabled(remote, &name, paths::ADMIN_ADMIN_DISABLE).await
+        }
+        AdminCommand::Enable { name } => {
+            set_disabled(remote, &name, paths::ADMIN_ADMIN_ENABLE).await
+        }
+        AdminCommand::RotateToken { name } => {
+            let created: AdminCreated = client(remote)?
+                .post(
+                    &paths::ADMIN_ADMIN_ROTATE_TOKEN.replace("{name}", &encode(&name)),
+                    &serde_json::json!({}),
+                )
+                .await?;
+            println!("{}", created.token);
+            eprintln!(
+                "a new token for {}, shown once; the old one is refused from now on",
+                created.admin.name
+            );
+            Ok(())
+        }
+    }
+}
+
+/// `admin disable` or `admin enable` (`route`).
+async fn set_disabled(remote: &Remote, name: &str, route: &str) -> Result<(), Failure> {
+    let after: AdminInfo = client(remote)?
+        .post(
+            &route.replace("{name}", &encode(name)),
+            &serde_json::json!({}),
+        )
+        .await?;
+    println!("{}", describe(&after));
+    Ok(())
 }
 
 async fn run_requests(remote: &Remote, command: RequestsCommand) -> Result<(), Failure> {
@@ -798,7 +1079,19 @@ async fn run_serve(remote: &Remote, serve: Serve) -> Result<(), Failure> {
     let tls = epm_platform::tls_config(&cert, &key).await.map_err(other)?;
     let db = Db::open(&data.database())
         .map_err(|e| other(format!("{}: {e}", data.database().display())))?;
-    let state = AppState::new(db, data.signing_key().map_err(other)?);
+    let limits = Limits {
+        max_connections: serve.max_connections,
+        max_connections_per_client: serve.max_connections_per_client,
+        idle_timeout: serve.idle_timeout,
+        calls_per_second_per_client: serve.calls_per_second_per_client,
+        calls_per_second_per_identity: serve.calls_per_second_per_identity,
+        audit_records_per_hour: serve.audit_records_per_hour,
+        audit_mib_per_hour: serve.audit_mib_per_hour,
+        offline_codes_per_hour: serve.offline_codes_per_hour,
+        max_window_lead: serve.max_window_lead,
+        ..Limits::default()
+    };
+    let state = AppState::with_limits(db, data.signing_key().map_err(other)?, limits);
     let handle = axum_server::Handle::new();
     let shutdown = handle.clone();
     tokio::spawn(async move {

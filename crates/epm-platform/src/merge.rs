@@ -159,6 +159,23 @@ fn scoped_rule(rule: Value, scope: &PolicyScope, scope_text: &str) -> Option<Val
     Some(Value::Object(rule))
 }
 
+/// The most approval levels any rule, elevation rule or admin-session entry
+/// of a policy document asks for (0 when none says; an `approve` rule
+/// without `approval` has one).
+pub fn highest_approval_level(document: &str) -> u32 {
+    let Ok(Value::Object(top)) = serde_json::from_str::<Value>(document) else {
+        return 0;
+    };
+    ["rules", "elevation", "admin_session"]
+        .iter()
+        .filter_map(|section| top.get(*section)?.as_array())
+        .flatten()
+        .filter_map(|entry| entry.pointer("/approval/levels")?.as_array())
+        .map(|levels| u32::try_from(levels.len()).unwrap_or(u32::MAX))
+        .max()
+        .unwrap_or(0)
+}
+
 /// The bundle payload (the JSON text that gets signed) for `device_id` at
 /// `version`: a [`epm_api::PolicyBundle`], written directly so the rules are
 /// not parsed and serialized again per device.
@@ -190,6 +207,25 @@ mod tests {
             revision,
             document: json.into(),
         }
+    }
+
+    #[test]
+    fn the_highest_approval_level_counts_every_section() {
+        let two = r#"{"approval": {"levels": [{"approvers": 1}, {"approvers": 2}]}}"#;
+        let three =
+            r#"{"approval": {"levels": [{"approvers": 1}, {"approvers": 1}, {"approvers": 1}]}}"#;
+        assert_eq!(
+            highest_approval_level(&format!(r#"{{"rules": [{two}]}}"#)),
+            2
+        );
+        assert_eq!(
+            highest_approval_level(&format!(
+                r#"{{"rules": [{two}], "admin_session": [{three}]}}"#
+            )),
+            3
+        );
+        assert_eq!(highest_approval_level(r#"{"rules": []}"#), 0);
+        assert_eq!(highest_approval_level("not json"), 0);
     }
 
     #[test]

@@ -3,30 +3,33 @@
 //! ([`crate::merge`]) hold the logic.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Path, Query, Request, State};
+use axum::extract::{
+    ConnectInfo, DefaultBodyLimit, FromRequest, FromRequestParts, Path, Query, Request, State,
+};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header, request::Parts};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
+use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
 use epm_api::admin::{
-    ActivityPage, AdminCreated, AdminInfo, AdminRequest, AuditPage, AuditQuery, CreateAdmin,
-    CreateEnrollToken, DenyRequest, DeviceInfo, EnrollTokenCreated, FleetAuditRecord,
-    OfflineCodeRequest, OfflineCodeResponse, PolicyEntry, PolicyPushed, PolicyScope, RequestQuery,
-    RevokeRequest, WhoAmI,
+    ActivityPage, ActivityQuery, AdminCreated, AdminInfo, AdminRequest, AuditPage, AuditQuery,
+    CreateAdmin, CreateEnrollToken, DenyRequest, DeviceInfo, EnrollTokenCreated, EnrollTokenInfo,
+    FleetAuditRecord, OfflineCodeRequest, OfflineCodeResponse, PolicyEntry, PolicyPushed,
+    PolicyScope, RequestQuery, RevokeRequest, UpdateAdmin, WhoAmI,
 };
 use epm_api::agent::{
     AgentCredentials, AuditAck, AuditUpload, CheckinRequest, CheckinResponse, EnrollRequest,
-    LocalUser, PolicyState, RequestState, RequestStatus, RequestSubmit, Window,
+    LocalUser, PolicyState, RequestState, RequestStatus, RequestSubject, RequestSubmit, Window,
 };
 use epm_api::offline::OfflineChallenge;
 use epm_api::sign::{PolicySigningKey, SignedKind};
+use epm_api::validate::{self, Validate};
 use epm_api::{ApiError, ApiErrorBody, Grant, PolicyBundle, SignedEnvelope, paths};
 use jiff::Timestamp;
 use serde::de::DeserializeOwned;
@@ -34,8 +37,12 @@ use sha2::{Digest, Sha256};
 use tokio::sync::Notify;
 use utoipa::OpenApi;
 
-use crate::db::{Admin, Agent, BundleRow, Db, DbError};
+use crate::db::{
+    Actor, Admin, Agent, BundleRow, CurrentTerms, Db, DbError, Enrollment, TokenOwner,
+};
+use crate::limits::{ConnectionGate, Limits, Rates, RefusedLog};
 use crate::merge::{self, Merged};
+use crate::roles::Capability;
 
 /// Merged policies by the (scope, revision) list they were made from: most
 /// devices share the same few document sets.
@@ -48,17 +55,29 @@ pub struct AppState {
     pub db: Db,
     /// The bundle and grant signing key.
     pub signing: PolicySigningKey,
+    /// What the server bounds.
+    pub limits: Limits,
+    rates: Rates,
+    refused: RefusedLog,
     audit_arrived: Notify,
     merged: MergeCache,
     build: tokio::sync::Mutex<()>,
 }
 
 impl AppState {
-    /// State over an opened database and key.
+    /// State over an opened database and key, with the default limits.
     pub fn new(db: Db, signing: PolicySigningKey) -> Arc<AppState> {
+        AppState::with_limits(db, signing, Limits::default())
+    }
+
+    /// State with these limits.
+    pub fn with_limits(db: Db, signing: PolicySigningKey, limits: Limits) -> Arc<AppState> {
         Arc::new(AppState {
             db,
             signing,
+            rates: Rates::new(&limits),
+            limits,
+            refused: RefusedLog::default(),
             audit_arrived: Notify::new(),
             merged: Mutex::new(HashMap::new()),
             build: tokio::sync::Mutex::new(()),
@@ -75,6 +94,7 @@ type Shared = Arc<AppState>;
 pub struct Failure {
     status: StatusCode,
     error: ApiError,
+    retry_after: Option<Duration>,
 }
 
 impl Failure {
@@ -86,13 +106,42 @@ impl Failure {
                 message: message.into(),
                 details: Vec::new(),
             },
+            retry_after: None,
+        }
+    }
+
+    fn invalid(message: impl Into<String>) -> Failure {
+        Failure::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_request", message)
+    }
+
+    fn internal(message: impl Into<String>) -> Failure {
+        Failure::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
+    }
+
+    /// 429, with `Retry-After` when waiting helps.
+    fn rate_limited(message: impl Into<String>, retry_after: Option<Duration>) -> Failure {
+        Failure {
+            retry_after,
+            ..Failure::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", message)
         }
     }
 }
 
 impl IntoResponse for Failure {
     fn into_response(self) -> Response {
-        (self.status, Json(ApiErrorBody { error: self.error })).into_response()
+        let mut response = (self.status, Json(ApiErrorBody { error: self.error })).into_response();
+        if let Some(wait) = self.retry_after
+            && let Ok(value) = HeaderValue::from_str(&wait.as_secs().max(1).to_string())
+        {
+            response.headers_mut().insert(header::RETRY_AFTER, value);
+        }
+        response
+    }
+}
+
+impl From<validate::Invalid> for Failure {
+    fn from(e: validate::Invalid) -> Failure {
+        Failure::invalid(e.to_string())
     }
 }
 
@@ -120,19 +169,45 @@ impl From<DbError> for Failure {
 
 type ApiResult<T> = Result<T, Failure>;
 
-/// A JSON body whose every rejection is an [`ApiErrorBody`].
+/// A JSON body, checked by [`Validate`]; every rejection is an
+/// [`ApiErrorBody`].
 #[derive(Debug)]
 pub struct ApiJson<T>(pub T);
 
-impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
+impl<S: Send + Sync, T: DeserializeOwned + Validate> FromRequest<S> for ApiJson<T> {
     type Rejection = Failure;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Failure> {
         match Json::<T>::from_request(req, state).await {
-            Ok(Json(value)) => Ok(ApiJson(value)),
+            Ok(Json(value)) => {
+                value.validate()?;
+                Ok(ApiJson(value))
+            }
             Err(rejection) => Err(json_failure(&rejection)),
         }
     }
+}
+
+/// A query string, checked by [`Validate`]; every rejection is an
+/// [`ApiErrorBody`].
+#[derive(Debug)]
+pub struct ApiQuery<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned + Validate> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = Failure;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Failure> {
+        let Query(value) = Query::<T>::from_request_parts(parts, state)
+            .await
+            .map_err(|rejection| Failure::invalid(rejection.body_text()))?;
+        value.validate()?;
+        Ok(ApiQuery(value))
+    }
+}
+
+/// A path parameter (an id or a name), checked like any other name.
+fn path_name(field: &str, value: &str) -> ApiResult<()> {
+    Ok(validate::name(field, value, validate::MAX_NAME_BYTES)?)
 }
 
 fn json_failure(rejection: &JsonRejection) -> Failure {
@@ -177,7 +252,27 @@ fn bearer(parts: &Parts) -> Option<&str> {
         .map(str::trim)
 }
 
-/// The admin calling.
+/// The client's address, when the server knows it.
+fn client_ip(extensions: &axum::http::Extensions) -> Option<IpAddr> {
+    extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|info| info.0.ip())
+}
+
+/// Takes one call from `who`'s allowance (`admin:NAME`, `agent:ID`).
+fn identity_rate(state: &Shared, who: String) -> ApiResult<()> {
+    state.rates.identity.take(&who, 1).map_err(|wait| {
+        Failure::rate_limited(
+            format!(
+                "{who} is over its rate of {} calls per second; slow down",
+                state.limits.calls_per_second_per_identity
+            ),
+            wait,
+        )
+    })
+}
+
+/// The admin calling: an enabled admin within its call rate.
 #[derive(Debug)]
 pub struct AdminAuth(pub Admin);
 
@@ -192,21 +287,26 @@ impl FromRequestParts<Shared> for AdminAuth {
                 "an admin bearer token is required (Authorization: Bearer epa_…)",
             )
         })?;
-        state
-            .db
-            .admin_by_token(token)?
-            .map(AdminAuth)
-            .ok_or_else(|| {
-                Failure::new(
-                    StatusCode::UNAUTHORIZED,
-                    "unauthorized",
-                    "unknown admin token",
-                )
-            })
+        match state.db.admin_by_token(token)? {
+            Some(TokenOwner::Admin(admin)) => {
+                identity_rate(state, format!("admin:{}", admin.name))?;
+                Ok(AdminAuth(admin))
+            }
+            Some(TokenOwner::Disabled(name)) => Err(Failure::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                format!("admin {name} is disabled"),
+            )),
+            None => Err(Failure::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "unknown admin token",
+            )),
+        }
     }
 }
 
-/// The agent calling.
+/// The agent calling, within its call rate.
 #[derive(Debug)]
 pub struct AgentAuth(pub Agent);
 
@@ -221,17 +321,15 @@ impl FromRequestParts<Shared> for AgentAuth {
                 "agent credentials are required (Authorization: Bearer <agent_id>.<secret>)",
             )
         })?;
-        state
-            .db
-            .agent_by_bearer(token)?
-            .map(AgentAuth)
-            .ok_or_else(|| {
-                Failure::new(
-                    StatusCode::UNAUTHORIZED,
-                    "unauthorized",
-                    "unknown or replaced agent credentials: enroll the agent again",
-                )
-            })
+        let agent = state.db.agent_by_bearer(token)?.ok_or_else(|| {
+            Failure::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "unknown, replaced or reset agent credentials: enroll the agent again",
+            )
+        })?;
+        identity_rate(state, format!("agent:{}", agent.agent_id))?;
+        Ok(AgentAuth(agent))
     }
 }
 
@@ -245,33 +343,87 @@ fn with_detail<T: IntoResponse>(body: T, detail: String) -> Response {
     response
 }
 
-/// Records every admin call, failed ones included.
+/// Bytes of a path kept in an activity entry.
+const MAX_ACTIVITY_PATH: usize = 200;
+
+/// Records every admin call: an authenticated admin's one by one, refused
+/// anonymous ones (no, unknown or disabled token) and calls over a rate
+/// counted per source and hour ([`RefusedLog`]).
 async fn record_activity(State(state): State<Shared>, request: Request, next: Next) -> Response {
     let path = request.uri().path().to_owned();
     if !path.starts_with("/api/v1/admin/") {
         return next.run(request).await;
     }
-    let call = format!("{} {path}", request.method());
-    let admin = request
+    let method = request.method().to_string();
+    let source = client_ip(request.extensions());
+    let owner = request
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .and_then(|token| state.db.admin_by_token(token.trim()).ok().flatten())
-        .map_or_else(|| "anonymous".to_owned(), |a| a.name);
+        .and_then(|token| state.db.admin_by_token(token.trim()).ok().flatten());
     let response = next.run(request).await;
-    let detail = response
-        .extensions()
-        .get::<ActivityDetail>()
-        .map(|d| d.0.clone());
-    if let Err(e) =
-        state
-            .db
-            .record_activity(&admin, &call, response.status().as_u16(), detail.as_deref())
-    {
-        tracing::error!("cannot record admin activity {call}: {e}");
+    let status = response.status();
+    let counted = matches!(
+        status,
+        StatusCode::UNAUTHORIZED | StatusCode::TOO_MANY_REQUESTS
+    );
+    match owner {
+        Some(TokenOwner::Admin(admin)) if !counted => {
+            let detail = response
+                .extensions()
+                .get::<ActivityDetail>()
+                .map(|d| d.0.clone());
+            let call = crate::limits::call_text(&method, &path, MAX_ACTIVITY_PATH);
+            if let Err(e) =
+                state
+                    .db
+                    .record_activity(&admin.name, &call, status.as_u16(), detail.as_deref())
+            {
+                tracing::error!("cannot record admin activity {call}: {e}");
+            }
+        }
+        Some(TokenOwner::Admin(admin)) => {
+            state
+                .refused
+                .note(source, &admin.name, &method, &path, status.as_u16())
+        }
+        Some(TokenOwner::Disabled(name)) => state.refused.note(
+            source,
+            &format!("disabled:{name}"),
+            &method,
+            &path,
+            status.as_u16(),
+        ),
+        None => state
+            .refused
+            .note(source, "anonymous", &method, &path, status.as_u16()),
     }
     response
+}
+
+/// Refuses a client over its call rate (per address) before any work.
+async fn limit_rate(State(state): State<Shared>, request: Request, next: Next) -> Response {
+    if let Some(ip) = client_ip(request.extensions())
+        && let Err(wait) = state.rates.client.take(&crate::limits::client_of(ip), 1)
+    {
+        state.refused.note(
+            Some(ip),
+            "over the client rate",
+            request.method().as_str(),
+            request.uri().path(),
+            StatusCode::TOO_MANY_REQUESTS.as_u16(),
+        );
+        return Failure::rate_limited(
+            format!(
+                "this address is over its rate of {} calls per second",
+                state.limits.calls_per_second_per_client
+            ),
+            wait,
+        )
+        .into_response();
+    }
+    next.run(request).await
 }
 
 // ---- bundles --------------------------------------------------------
@@ -402,19 +554,101 @@ fn etag(version: u64) -> String {
 
 // ---- agent handlers -------------------------------------------------
 
-/// Enroll a device.
+/// Enroll a device. A device id already enrolled is taken only with its
+/// current credentials (as the bearer) or after an admin reset it.
 #[utoipa::path(post, path = "/api/v1/agent/enroll", tag = "agent", request_body = EnrollRequest,
-    responses((status = 200, body = AgentCredentials), (status = 401, body = ApiErrorBody)))]
+    responses((status = 200, body = AgentCredentials), (status = 401, body = ApiErrorBody), (status = 409, body = ApiErrorBody, description = "the device is enrolled: show its credentials or have it reset")))]
 async fn enroll(
     State(state): State<Shared>,
+    ConnectInfoOpt(source): ConnectInfoOpt,
+    headers: HeaderMap,
     ApiJson(request): ApiJson<EnrollRequest>,
 ) -> ApiResult<Json<AgentCredentials>> {
-    let credentials = state.db.enroll(&request)?;
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let who = format!("device:{}", request.device_id);
+    let (credentials, how) = match state.db.enroll(&request, presented) {
+        Ok(done) => done,
+        Err(e) => {
+            // Refusals are counted, not logged one by one: a flood of them
+            // must not push real entries out.
+            let refused = match &e {
+                DbError::Conflict(_) => Some(StatusCode::CONFLICT.as_u16()),
+                DbError::Unauthorized(_) => Some(StatusCode::UNAUTHORIZED.as_u16()),
+                _ => None,
+            };
+            if let Some(code) = refused {
+                state
+                    .refused
+                    .note(source, &who, "POST", paths::AGENT_ENROLL, code);
+                tracing::warn!(device_id = request.device_id, "enrollment refused: {e}");
+            }
+            return Err(e.into());
+        }
+    };
+    let how = match how {
+        Enrollment::New => "new device".to_owned(),
+        Enrollment::Renewed => "enrolled again with its current credentials".to_owned(),
+        Enrollment::AfterReset { by } => format!("enrolled again after {by} reset it"),
+    };
+    let detail = format!(
+        "device {} enrolled as agent {} ({how}) from {}; host {}, {}, agent {}",
+        request.device_id,
+        credentials.agent_id,
+        source.map_or_else(|| "unknown".to_owned(), |ip| ip.to_string()),
+        request.hostname,
+        request.os,
+        request.agent_version
+    );
+    if let Err(e) = state.db.record_activity(
+        &who,
+        &format!("POST {}", paths::AGENT_ENROLL),
+        200,
+        Some(&detail),
+    ) {
+        tracing::error!("cannot record an enrollment: {e}");
+    }
     tracing::info!(
         device_id = request.device_id,
         agent_id = credentials.agent_id,
-        "enrolled"
+        "enrolled ({how})"
     );
+    Ok(Json(credentials))
+}
+
+/// The client's address as an extractor (absent when the server was not
+/// started with connection info, as in unit tests of the router).
+#[derive(Debug)]
+struct ConnectInfoOpt(Option<IpAddr>);
+
+impl<S: Send + Sync> FromRequestParts<S> for ConnectInfoOpt {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(ConnectInfoOpt(client_ip(&parts.extensions)))
+    }
+}
+
+/// Rotate the agent's secret: a new one for the same agent id and offline
+/// key. The current secret works until the new one is first used.
+#[utoipa::path(post, path = "/api/v1/agent/credentials/rotate", tag = "agent",
+    responses((status = 200, body = AgentCredentials), (status = 401, body = ApiErrorBody)), security(("bearer" = [])))]
+async fn rotate_agent(
+    State(state): State<Shared>,
+    AgentAuth(agent): AgentAuth,
+) -> ApiResult<Json<AgentCredentials>> {
+    let credentials = state.db.rotate_agent_secret(&agent)?;
+    if let Err(e) = state.db.record_activity(
+        &format!("device:{}", agent.device_id),
+        &format!("POST {}", paths::AGENT_ROTATE),
+        200,
+        Some(&format!("agent {} rotated its secret", agent.agent_id)),
+    ) {
+        tracing::error!("cannot record a secret rotation: {e}");
+    }
     Ok(Json(credentials))
 }
 
@@ -431,7 +665,7 @@ async fn checkin(
     state.db.expire_requests(Timestamp::now())?;
     let bundle = current_bundle(&state, &agent.device_id, &request.users).await?;
     let mut requests = Vec::new();
-    for id in request.pending_requests.iter().take(1000) {
+    for id in &request.pending_requests {
         match state.db.request_status(&agent.agent_id, id) {
             Ok(status) if status.state != RequestState::Pending => requests.push(status),
             Ok(_) => {}
@@ -463,8 +697,7 @@ async fn policy(
 ) -> ApiResult<Response> {
     let bundle = current_bundle(&state, &agent.device_id, &agent.users).await?;
     let tag = etag(bundle.version);
-    let tag_header = HeaderValue::from_str(&tag)
-        .map_err(|e| Failure::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
+    let tag_header = HeaderValue::from_str(&tag).map_err(|e| Failure::internal(e.to_string()))?;
     let matches = headers
         .get(header::IF_NONE_MATCH)
         .and_then(|v| v.to_str().ok())
@@ -486,12 +719,15 @@ async fn policy(
         .into_response())
 }
 
-/// Upload audit records.
+/// Upload audit records: at most 1000 in one call, and per agent at most
+/// the hourly quotas of records and bytes (429 with `Retry-After` past
+/// them; nothing is stored, the agent sends them again later).
 #[utoipa::path(post, path = "/api/v1/agent/audit", tag = "agent", request_body = AuditUpload,
-    responses((status = 200, body = AuditAck), (status = 413, body = ApiErrorBody), (status = 422, body = ApiErrorBody)), security(("bearer" = [])))]
+    responses((status = 200, body = AuditAck), (status = 413, body = ApiErrorBody), (status = 422, body = ApiErrorBody), (status = 429, body = ApiErrorBody)), security(("bearer" = [])))]
 async fn upload_audit(
     State(state): State<Shared>,
     AgentAuth(agent): AgentAuth,
+    ConnectInfoOpt(source): ConnectInfoOpt,
     ApiJson(upload): ApiJson<AuditUpload>,
 ) -> ApiResult<Json<AuditAck>> {
     #[derive(serde::Deserialize)]
@@ -501,34 +737,57 @@ async fn upload_audit(
         decision: Option<serde_json::Value>,
     }
     let mut records = Vec::with_capacity(upload.records.len());
+    let mut bytes: u64 = 0;
     for (index, raw) in upload.records.iter().enumerate() {
         let text = raw.get();
+        bytes += text.len() as u64;
         let head: Head = match serde_json::from_str::<serde_json::Value>(text) {
-            Ok(serde_json::Value::Object(_)) => serde_json::from_str(text).map_err(|e| {
-                Failure::new(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    "invalid_request",
-                    format!("record {index}: {e}"),
-                )
-            })?,
+            Ok(serde_json::Value::Object(_)) => serde_json::from_str(text)
+                .map_err(|e| Failure::invalid(format!("record {index}: {e}")))?,
             _ => {
-                return Err(Failure::new(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    "invalid_request",
-                    format!("record {index} is not a JSON object; nothing was stored"),
-                ));
+                return Err(Failure::invalid(format!(
+                    "record {index} is not a JSON object; nothing was stored"
+                )));
             }
         };
         if head.seq == 0 {
-            return Err(Failure::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "invalid_request",
-                format!("record {index}: seq starts at 1"),
-            ));
+            return Err(Failure::invalid(format!("record {index}: seq starts at 1")));
         }
-        let decision = head.decision.and_then(|d| d.as_str().map(str::to_owned));
+        validate::integer(&format!("records[{index}].seq"), head.seq)?;
+        // Only a short decision is indexed for filtering.
+        let decision = head
+            .decision
+            .and_then(|d| d.as_str().map(str::to_owned))
+            .filter(|d| d.len() <= 64);
         records.push((head.seq, decision, text));
     }
+    let key = agent.agent_id.clone();
+    let over = |what: &str, limit: u64, wait: Option<Duration>| {
+        state.refused.note(
+            source,
+            &format!("device:{}", agent.device_id),
+            "POST",
+            paths::AGENT_AUDIT,
+            StatusCode::TOO_MANY_REQUESTS.as_u16(),
+        );
+        Failure::rate_limited(
+            format!(
+                "audit quota: this agent may upload {limit} {what} per hour; nothing was stored, send them again later"
+            ),
+            wait,
+        )
+    };
+    state
+        .rates
+        .audit_records
+        .take(&key, u32::try_from(records.len()).unwrap_or(u32::MAX))
+        .map_err(|wait| over("records", state.limits.audit_records_per_hour.into(), wait))?;
+    let kib = u32::try_from(bytes.div_ceil(1024)).unwrap_or(u32::MAX);
+    state
+        .rates
+        .audit_kib
+        .take(&key, kib)
+        .map_err(|wait| over("MiB", state.limits.audit_mib_per_hour.into(), wait))?;
     let (acked_seq, stored, duplicates) =
         state
             .db
@@ -583,6 +842,99 @@ fn check_request_identity(
     Ok(())
 }
 
+/// A rule as the device's current bundle has it.
+struct RuleNow {
+    terms: epm_policy::ApprovalTerms,
+    bundle_version: u64,
+}
+
+/// The approval terms of `rule_id` in `device_id`'s current bundle: the
+/// outer error is the platform failing, the inner one why the rule cannot
+/// be approved (not in the policy, not an approval rule, no such device).
+async fn rule_now(
+    state: &Shared,
+    device_id: &str,
+    users: Option<&[LocalUser]>,
+    rule_id: &str,
+) -> ApiResult<Result<RuleNow, String>> {
+    let agent_users;
+    let users = match users {
+        Some(users) => users,
+        None => match state.db.agent_by_device(device_id)? {
+            Some(agent) => {
+                agent_users = agent.users;
+                &agent_users
+            }
+            None => return Ok(Err(format!("device {device_id:?} is not enrolled"))),
+        },
+    };
+    let bundle = current_bundle(state, device_id, users).await?;
+    let envelope: SignedEnvelope =
+        serde_json::from_str(&bundle.envelope).map_err(|e| Failure::internal(e.to_string()))?;
+    let opened: PolicyBundle = state
+        .signing
+        .public_key()
+        .open(SignedKind::PolicyBundle, &envelope)
+        .map_err(|e| Failure::internal(e.to_string()))?;
+    let policy = epm_policy::Policy::from_json(opened.policy.get())
+        .map_err(|e| Failure::internal(e.to_string()))?;
+    Ok(match policy.approval_terms(rule_id) {
+        None => Err(format!(
+            "rule {rule_id:?} is not in device {device_id}'s policy (version {})",
+            bundle.version
+        )),
+        Some(terms) if !terms.requires_approval => Err(format!(
+            "rule {rule_id:?} does not require approval in device {device_id}'s policy (version {})",
+            bundle.version
+        )),
+        Some(terms) => Ok(RuleNow {
+            terms,
+            bundle_version: bundle.version,
+        }),
+    })
+}
+
+/// A window as the rule and the platform allow it: ending after it starts,
+/// at most the rule's `max_window_hours` long, not ended, and starting at
+/// most [`Limits::max_window_lead`] ahead. A new request's window (`fresh`)
+/// must not start in the past either; one approved later, or read from an
+/// offline challenge, may have started.
+fn check_window(
+    state: &Shared,
+    approval: &epm_policy::ApprovalSpec,
+    start: Timestamp,
+    end: Timestamp,
+    fresh: bool,
+) -> Result<(), String> {
+    let now = Timestamp::now();
+    if fresh {
+        approval
+            .check_window(start, end, now)
+            .map_err(|e| e.to_string())?;
+    } else if end <= start {
+        return Err("the window ends before it starts".into());
+    } else if start.duration_until(end)
+        > jiff::SignedDuration::from_hours(i64::from(approval.max_window_hours))
+    {
+        return Err(format!(
+            "the window is longer than the rule's {} hours",
+            approval.max_window_hours
+        ));
+    }
+    if end <= now {
+        return Err("the window has already ended".into());
+    }
+    let lead = jiff::SignedDuration::try_from(state.limits.max_window_lead)
+        .unwrap_or(jiff::SignedDuration::MAX);
+    if start > now + lead {
+        return Err(format!(
+            "the window starts more than {} days ahead (the platform's limit)",
+            state.limits.max_window_lead.as_secs() / 86_400
+        ));
+    }
+    Ok(())
+}
+
 /// Ask for approval.
 #[utoipa::path(post, path = "/api/v1/agent/requests", tag = "agent", request_body = RequestSubmit,
     responses((status = 200, body = RequestStatus), (status = 422, body = ApiErrorBody)), security(("bearer" = [])))]
@@ -591,47 +943,33 @@ async fn submit_request(
     AgentAuth(agent): AgentAuth,
     ApiJson(submit): ApiJson<RequestSubmit>,
 ) -> ApiResult<Json<RequestStatus>> {
-    let invalid = |m: String| Failure::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_request", m);
-    let bundle = current_bundle(&state, &agent.device_id, &agent.users).await?;
-    let envelope: SignedEnvelope =
-        serde_json::from_str(&bundle.envelope).map_err(|e| invalid(e.to_string()))?;
-    let opened: PolicyBundle = state
-        .signing
-        .public_key()
-        .open(SignedKind::PolicyBundle, &envelope)
-        .map_err(|e| Failure::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
-    let policy = epm_policy::Policy::from_json(opened.policy.get())
-        .map_err(|e| Failure::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
-    let terms = policy.approval_terms(&submit.rule_id).ok_or_else(|| {
-        invalid(format!(
-            "rule {:?} is not in this device's policy (version {})",
-            submit.rule_id, bundle.version
-        ))
-    })?;
-    if !terms.requires_approval {
-        return Err(invalid(format!(
-            "rule {:?} does not require approval",
-            submit.rule_id
-        )));
-    }
-    let approval = terms.approval;
+    let rule = rule_now(
+        &state,
+        &agent.device_id,
+        Some(&agent.users),
+        &submit.rule_id,
+    )
+    .await?
+    .map_err(Failure::invalid)?;
+    let terms = rule.terms;
     terms
         .justification
         .check(&submit.justification)
-        .map_err(|e| invalid(e.to_string()))?;
-    let now = Timestamp::now();
-    approval
-        .check_window(submit.window.start, submit.window.end, now)
-        .map_err(|e| invalid(e.to_string()))?;
-    if submit.window.end <= now {
-        return Err(invalid("the window has already ended".into()));
-    }
+        .map_err(|e| Failure::invalid(e.to_string()))?;
+    check_window(
+        &state,
+        &terms.approval,
+        submit.window.start,
+        submit.window.end,
+        true,
+    )
+    .map_err(Failure::invalid)?;
     check_request_identity(&submit.subject.identity, terms.section, terms.max_minutes)
-        .map_err(invalid)?;
-    let levels: Vec<u32> = approval.levels.iter().map(|l| l.approvers).collect();
+        .map_err(Failure::invalid)?;
+    let levels: Vec<u32> = terms.approval.levels.iter().map(|l| l.approvers).collect();
     let status = state
         .db
-        .submit_request(&agent, &submit, &levels, approval.uses)?;
+        .submit_request(&agent, &submit, &levels, terms.approval.uses)?;
     tracing::info!(
         device_id = agent.device_id,
         request = status.id,
@@ -649,6 +987,7 @@ async fn agent_request(
     AgentAuth(agent): AgentAuth,
     Path(id): Path<String>,
 ) -> ApiResult<Json<RequestStatus>> {
+    path_name("id", &id)?;
     state.db.expire_requests(Timestamp::now())?;
     Ok(Json(state.db.request_status(&agent.agent_id, &id)?))
 }
@@ -660,7 +999,9 @@ async fn agent_request(
 async fn whoami(AdminAuth(admin): AdminAuth) -> Json<WhoAmI> {
     Json(WhoAmI {
         name: admin.name,
+        role: admin.role,
         approver_level: admin.approver_level,
+        endpoint_users: admin.endpoint_users,
     })
 }
 
@@ -673,25 +1014,88 @@ async fn list_admins(
     Ok(Json(state.db.admins()?))
 }
 
-/// Create an admin.
+/// Create an admin (owner only).
 #[utoipa::path(post, path = "/api/v1/admin/admins", tag = "admin", request_body = CreateAdmin,
-    responses((status = 200, body = AdminCreated), (status = 409, body = ApiErrorBody)), security(("bearer" = [])))]
+    responses((status = 200, body = AdminCreated), (status = 403, body = ApiErrorBody), (status = 409, body = ApiErrorBody), (status = 422, body = ApiErrorBody)), security(("bearer" = [])))]
 async fn create_admin(
     State(state): State<Shared>,
-    _admin: AdminAuth,
+    AdminAuth(admin): AdminAuth,
     ApiJson(body): ApiJson<CreateAdmin>,
 ) -> ApiResult<Response> {
-    let (admin, token) = state.db.create_admin(&body.name, body.approver_level)?;
-    let detail = format!(
-        "created admin {} (approver level {:?})",
-        admin.name, admin.approver_level
-    );
-    Ok(with_detail(Json(AdminCreated { admin, token }), detail))
+    let (created, detail) = state.db.create_admin(Actor::Admin(&admin), &body)?;
+    Ok(with_detail(Json(created), detail))
 }
 
-/// Create an enrollment token.
+/// Change an admin's role, approver level and endpoint users (owner
+/// only); the activity log keeps the values before and after.
+#[utoipa::path(put, path = "/api/v1/admin/admins/{name}", tag = "admin", params(("name" = String, Path, description = "admin name")), request_body = UpdateAdmin,
+    responses((status = 200, body = AdminInfo), (status = 403, body = ApiErrorBody), (status = 404, body = ApiErrorBody), (status = 409, body = ApiErrorBody), (status = 422, body = ApiErrorBody)), security(("bearer" = [])))]
+async fn update_admin(
+    State(state): State<Shared>,
+    AdminAuth(admin): AdminAuth,
+    Path(name): Path<String>,
+    ApiJson(body): ApiJson<UpdateAdmin>,
+) -> ApiResult<Response> {
+    path_name("name", &name)?;
+    let (after, detail) = state.db.update_admin(&admin, &name, &body)?;
+    Ok(with_detail(Json(after), detail))
+}
+
+/// Disable an admin: its token is refused from now on (owner only).
+#[utoipa::path(post, path = "/api/v1/admin/admins/{name}/disable", tag = "admin", params(("name" = String, Path, description = "admin name")),
+    responses((status = 200, body = AdminInfo), (status = 403, body = ApiErrorBody), (status = 404, body = ApiErrorBody), (status = 409, body = ApiErrorBody)), security(("bearer" = [])))]
+async fn disable_admin(
+    State(state): State<Shared>,
+    AdminAuth(admin): AdminAuth,
+    Path(name): Path<String>,
+) -> ApiResult<Response> {
+    path_name("name", &name)?;
+    let after = state.db.set_admin_disabled(&admin, &name, true)?;
+    Ok(with_detail(Json(after), format!("disabled admin {name}")))
+}
+
+/// Enable a disabled admin (owner only).
+#[utoipa::path(post, path = "/api/v1/admin/admins/{name}/enable", tag = "admin", params(("name" = String, Path, description = "admin name")),
+    responses((status = 200, body = AdminInfo), (status = 403, body = ApiErrorBody), (status = 404, body = ApiErrorBody), (status = 409, body = ApiErrorBody)), security(("bearer" = [])))]
+async fn enable_admin(
+    State(state): State<Shared>,
+    AdminAuth(admin): AdminAuth,
+    Path(name): Path<String>,
+) -> ApiResult<Response> {
+    path_name("name", &name)?;
+    let after = state.db.set_admin_disabled(&admin, &name, false)?;
+    Ok(with_detail(Json(after), format!("enabled admin {name}")))
+}
+
+/// A new token for an admin; the old one is refused from now on (the
+/// owner for anyone, every admin for themselves).
+#[utoipa::path(post, path = "/api/v1/admin/admins/{name}/rotate-token", tag = "admin", params(("name" = String, Path, description = "admin name")),
+    responses((status = 200, body = AdminCreated), (status = 403, body = ApiErrorBody), (status = 404, body = ApiErrorBody)), security(("bearer" = [])))]
+async fn rotate_admin_token(
+    State(state): State<Shared>,
+    AdminAuth(admin): AdminAuth,
+    Path(name): Path<String>,
+) -> ApiResult<Response> {
+    path_name("name", &name)?;
+    let created = state.db.rotate_admin_token(&admin, &name)?;
+    Ok(with_detail(
+        Json(created),
+        format!("rotated the token of admin {name}; the old one is refused"),
+    ))
+}
+
+/// Every enrollment token (never the secret).
+#[utoipa::path(get, path = "/api/v1/admin/enroll-tokens", tag = "admin", responses((status = 200, body = Vec<EnrollTokenInfo>)), security(("bearer" = [])))]
+async fn list_enroll_tokens(
+    State(state): State<Shared>,
+    _admin: AdminAuth,
+) -> ApiResult<Json<Vec<EnrollTokenInfo>>> {
+    Ok(Json(state.db.enroll_tokens()?))
+}
+
+/// Create an enrollment token (owner or policy admin).
 #[utoipa::path(post, path = "/api/v1/admin/enroll-tokens", tag = "admin", request_body = CreateEnrollToken,
-    responses((status = 200, body = EnrollTokenCreated)), security(("bearer" = [])))]
+    responses((status = 200, body = EnrollTokenCreated), (status = 403, body = ApiErrorBody)), security(("bearer" = [])))]
 async fn create_enroll_token(
     State(state): State<Shared>,
     AdminAuth(admin): AdminAuth,
@@ -700,28 +1104,39 @@ async fn create_enroll_token(
     let seconds = i64::try_from(body.expires_in_seconds)
         .ok()
         .filter(|s| (60..=366 * 86_400).contains(s))
-        .ok_or_else(|| {
-            Failure::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "invalid_request",
-                "expires_in_seconds: from 60 seconds to 366 days",
-            )
-        })?;
+        .ok_or_else(|| Failure::invalid("expires_in_seconds: from 60 seconds to 366 days"))?;
     let expires_at = Timestamp::now() + jiff::SignedDuration::from_secs(seconds);
-    let token = state
+    let (id, token) = state
         .db
-        .create_enroll_token(body.uses, expires_at, &admin.name)?;
+        .create_enroll_token(body.uses, expires_at, &admin)?;
     let detail = format!(
-        "enrollment token for {} devices, expires {expires_at}",
+        "enrollment token {id} for {} devices, expires {expires_at}",
         body.uses
     );
     Ok(with_detail(
         Json(EnrollTokenCreated {
+            id,
             token,
             uses: body.uses,
             expires_at,
         }),
         detail,
+    ))
+}
+
+/// Revoke an enrollment token (owner or policy admin).
+#[utoipa::path(post, path = "/api/v1/admin/enroll-tokens/{id}/revoke", tag = "admin", params(("id" = String, Path, description = "enrollment token id (etk_…)")),
+    responses((status = 204), (status = 403, body = ApiErrorBody), (status = 404, body = ApiErrorBody), (status = 409, body = ApiErrorBody)), security(("bearer" = [])))]
+async fn revoke_enroll_token(
+    State(state): State<Shared>,
+    AdminAuth(admin): AdminAuth,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    path_name("id", &id)?;
+    state.db.revoke_enroll_token(&id, &admin)?;
+    Ok(with_detail(
+        StatusCode::NO_CONTENT,
+        format!("revoked enrollment token {id}"),
     ))
 }
 
@@ -734,6 +1149,43 @@ async fn devices(
     Ok(Json(state.db.devices()?))
 }
 
+/// Remove a device: its credentials stop working, its pending and
+/// approved requests are revoked, its audit stays (owner or policy admin).
+#[utoipa::path(delete, path = "/api/v1/admin/devices/{device_id}", tag = "admin", params(("device_id" = String, Path, description = "device id")),
+    responses((status = 204), (status = 403, body = ApiErrorBody), (status = 404, body = ApiErrorBody)), security(("bearer" = [])))]
+async fn remove_device(
+    State(state): State<Shared>,
+    AdminAuth(admin): AdminAuth,
+    Path(device_id): Path<String>,
+) -> ApiResult<Response> {
+    path_name("device_id", &device_id)?;
+    let revoked = state.db.remove_device(&device_id, &admin)?;
+    Ok(with_detail(
+        StatusCode::NO_CONTENT,
+        format!("removed device {device_id}; {revoked} pending or approved request(s) revoked"),
+    ))
+}
+
+/// Reset a device: its credentials stop working now, its pending and
+/// approved requests are revoked, and the next enrollment with a valid token
+/// takes its id as a new agent (owner or policy admin).
+#[utoipa::path(post, path = "/api/v1/admin/devices/{device_id}/reset", tag = "admin", params(("device_id" = String, Path, description = "device id")),
+    responses((status = 204), (status = 403, body = ApiErrorBody), (status = 404, body = ApiErrorBody)), security(("bearer" = [])))]
+async fn reset_device(
+    State(state): State<Shared>,
+    AdminAuth(admin): AdminAuth,
+    Path(device_id): Path<String>,
+) -> ApiResult<Response> {
+    path_name("device_id", &device_id)?;
+    let revoked = state.db.reset_device(&device_id, &admin)?;
+    Ok(with_detail(
+        StatusCode::NO_CONTENT,
+        format!(
+            "reset device {device_id}: its credentials are void until it enrolls again; {revoked} pending or approved request(s) revoked"
+        ),
+    ))
+}
+
 /// The bundle one device receives.
 #[utoipa::path(get, path = "/api/v1/admin/devices/{device_id}/bundle", tag = "admin", params(("device_id" = String, Path, description = "device id")),
     responses((status = 200, body = SignedEnvelope), (status = 404, body = ApiErrorBody)), security(("bearer" = [])))]
@@ -742,24 +1194,15 @@ async fn device_bundle(
     _admin: AdminAuth,
     Path(device_id): Path<String>,
 ) -> ApiResult<Response> {
-    let device = state
-        .db
-        .devices()?
-        .into_iter()
-        .find(|d| d.device_id == device_id)
-        .ok_or_else(|| {
-            Failure::new(
-                StatusCode::NOT_FOUND,
-                "not_found",
-                format!("no enrolled device {device_id:?}"),
-            )
-        })?;
-    let users: Vec<LocalUser> = state
-        .db
-        .agent_by_device(&device.device_id)?
-        .map(|a| a.users)
-        .unwrap_or_default();
-    let bundle = current_bundle(&state, &device_id, &users).await?;
+    path_name("device_id", &device_id)?;
+    let agent = state.db.agent_by_device(&device_id)?.ok_or_else(|| {
+        Failure::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no enrolled device {device_id:?}"),
+        )
+    })?;
+    let bundle = current_bundle(&state, &device_id, &agent.users).await?;
     Ok((
         [(header::CONTENT_TYPE, epm_api::CONTENT_TYPE_JSON)],
         bundle.envelope,
@@ -781,11 +1224,11 @@ fn parse_scope(text: &str) -> ApiResult<PolicyScope> {
         .map_err(|e: String| Failure::new(StatusCode::BAD_REQUEST, "invalid_request", e))
 }
 
-/// Push a policy document for a scope.
+/// Push a policy document for a scope (owner or policy admin).
 #[utoipa::path(put, path = "/api/v1/admin/policies/{scope}", tag = "admin",
     params(("scope" = String, Path, description = "general, device:ID, user:NAME or group:NAME")),
     request_body(content = Object, description = "a policy document (docs/policy.md)"),
-    responses((status = 200, body = PolicyPushed), (status = 422, body = ApiErrorBody)), security(("bearer" = [])))]
+    responses((status = 200, body = PolicyPushed), (status = 403, body = ApiErrorBody), (status = 422, body = ApiErrorBody)), security(("bearer" = [])))]
 async fn put_policy(
     State(state): State<Shared>,
     AdminAuth(admin): AdminAuth,
@@ -793,6 +1236,8 @@ async fn put_policy(
     headers: HeaderMap,
     body: Bytes,
 ) -> ApiResult<Response> {
+    // Before reading megabytes of policy for someone who may not push it.
+    admin.require(Capability::ManagePolicies)?;
     let scope = parse_scope(&scope)?;
     require_json(&headers)?;
     let text = std::str::from_utf8(&body)
@@ -819,13 +1264,24 @@ async fn put_policy(
                 failure.error.details = errors.errors().iter().map(ToString::to_string).collect();
                 failure
             })?;
+            let levels = merge::highest_approval_level(&text);
+            if levels > validate::MAX_APPROVAL_LEVEL {
+                return Err(Failure::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "invalid_policy",
+                    format!(
+                        "a rule has {levels} approval levels; the platform has approvers for at most {}; nothing was stored",
+                        validate::MAX_APPROVAL_LEVEL
+                    ),
+                ));
+            }
             let warnings = policy.lint().iter().map(ToString::to_string).collect();
             Ok((policy.rules.len() as u64, warnings))
         }
     })
     .await
-    .map_err(|e| Failure::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))??;
-    let entry = state.db.put_policy(&scope, &text, rules, &admin.name)?;
+    .map_err(|e| Failure::internal(e.to_string()))??;
+    let entry = state.db.put_policy(&scope, &text, rules, &admin)?;
     let detail = format!("pushed {scope} revision {} ({rules} rules)", entry.revision);
     Ok(with_detail(Json(PolicyPushed { entry, warnings }), detail))
 }
@@ -853,16 +1309,16 @@ async fn get_policy(
         .into_response())
 }
 
-/// Delete a scope's policy document.
+/// Delete a scope's policy document (owner or policy admin).
 #[utoipa::path(delete, path = "/api/v1/admin/policies/{scope}", tag = "admin", params(("scope" = String, Path, description = "general, device:ID, user:NAME or group:NAME")),
-    responses((status = 204), (status = 404, body = ApiErrorBody)), security(("bearer" = [])))]
+    responses((status = 204), (status = 403, body = ApiErrorBody), (status = 404, body = ApiErrorBody)), security(("bearer" = [])))]
 async fn delete_policy(
     State(state): State<Shared>,
-    _admin: AdminAuth,
+    AdminAuth(admin): AdminAuth,
     Path(scope): Path<String>,
 ) -> ApiResult<Response> {
     let scope = parse_scope(&scope)?;
-    if !state.db.delete_policy(&scope)? {
+    if !state.db.delete_policy(&scope, &admin)? {
         return Err(Failure::new(
             StatusCode::NOT_FOUND,
             "not_found",
@@ -881,7 +1337,7 @@ async fn delete_policy(
 async fn list_requests(
     State(state): State<Shared>,
     _admin: AdminAuth,
-    Query(query): Query<RequestQuery>,
+    ApiQuery(query): ApiQuery<RequestQuery>,
 ) -> ApiResult<Json<Vec<AdminRequest>>> {
     state.db.expire_requests(Timestamp::now())?;
     Ok(Json(
@@ -897,20 +1353,68 @@ async fn get_request(
     _admin: AdminAuth,
     Path(id): Path<String>,
 ) -> ApiResult<Json<AdminRequest>> {
+    path_name("id", &id)?;
     state.db.expire_requests(Timestamp::now())?;
     Ok(Json(state.db.request(&id)?))
 }
 
-/// Approve at the caller's level.
-#[utoipa::path(post, path = "/api/v1/admin/requests/{id}/approve", tag = "admin", params(("id" = String, Path, description = "request id")),
-    responses((status = 200, body = AdminRequest), (status = 403, body = ApiErrorBody), (status = 409, body = ApiErrorBody)), security(("bearer" = [])))]
-async fn approve(
-    State(state): State<Shared>,
-    AdminAuth(admin): AdminAuth,
-    Path(id): Path<String>,
-) -> ApiResult<Response> {
+/// Checks a pending request against its rule as the device's policy has
+/// it now; a request the rule no longer allows is closed (denied by the
+/// platform, with the reason) and the answer is 409.
+async fn recheck_pending(state: &Shared, request: &AdminRequest) -> ApiResult<CurrentTerms> {
+    let rule = rule_now(state, &request.device_id, None, &request.rule_id).await?;
+    let checked = rule.and_then(|rule| {
+        check_window(
+            state,
+            &rule.terms.approval,
+            request.window.start,
+            request.window.end,
+            false,
+        )
+        .map(|()| rule)
+    });
+    match checked {
+        Ok(rule) => Ok(CurrentTerms {
+            levels: rule
+                .terms
+                .approval
+                .levels
+                .iter()
+                .map(|l| l.approvers)
+                .collect(),
+            uses: rule.terms.approval.uses,
+        }),
+        Err(why) => {
+            state.db.close_request(&request.id, &why)?;
+            Err(Failure::new(
+                StatusCode::CONFLICT,
+                "conflict",
+                format!(
+                    "request {} cannot be approved and was closed: {why}",
+                    request.id
+                ),
+            ))
+        }
+    }
+}
+
+/// Records `admin`'s approval of a pending request after checking it
+/// against the device's policy now; signs the grant when it completes.
+async fn approve_checked(
+    state: &Shared,
+    id: &str,
+    admin: &Admin,
+) -> ApiResult<(AdminRequest, bool)> {
+    admin.require(Capability::Approve)?;
     state.db.expire_requests(Timestamp::now())?;
-    let (request, done) = state.db.approve(&id, &admin)?;
+    let request = state.db.request(id)?;
+    if request.state != RequestState::Pending {
+        return Err(
+            DbError::Conflict(format!("request {id} is {}, not pending", request.state)).into(),
+        );
+    }
+    let terms = recheck_pending(state, &request).await?;
+    let (request, done) = state.db.approve(id, admin, &terms)?;
     if done {
         let grant = Grant {
             request_id: request.id.clone(),
@@ -920,14 +1424,30 @@ async fn approve(
             rule_id: request.rule_id.clone(),
             not_before: request.window.start,
             not_after: request.window.end,
-            uses: state.db.request_uses(&id)?,
+            uses: state.db.request_uses(id)?,
             issued_at: Timestamp::now(),
         };
-        let envelope = state.signing.sign(SignedKind::Grant, &grant).map_err(|e| {
-            Failure::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
-        })?;
-        state.db.set_grant(&id, &envelope)?;
+        let envelope = state
+            .signing
+            .sign(SignedKind::Grant, &grant)
+            .map_err(|e| Failure::internal(e.to_string()))?;
+        state.db.set_grant(id, &envelope)?;
     }
+    Ok((request, done))
+}
+
+/// Approve at the caller's level. The rule is checked again against the
+/// device's current policy; nobody approves a request of their own
+/// endpoint user name.
+#[utoipa::path(post, path = "/api/v1/admin/requests/{id}/approve", tag = "admin", params(("id" = String, Path, description = "request id")),
+    responses((status = 200, body = AdminRequest), (status = 403, body = ApiErrorBody), (status = 409, body = ApiErrorBody)), security(("bearer" = [])))]
+async fn approve(
+    State(state): State<Shared>,
+    AdminAuth(admin): AdminAuth,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    path_name("id", &id)?;
+    let (request, done) = approve_checked(&state, &id, &admin).await?;
     let detail = if done {
         format!("approved {id}: fully approved, grant issued")
     } else {
@@ -948,10 +1468,9 @@ async fn deny(
     Path(id): Path<String>,
     ApiJson(body): ApiJson<DenyRequest>,
 ) -> ApiResult<Response> {
+    path_name("id", &id)?;
     if body.reason.trim().is_empty() {
-        return Err(Failure::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "invalid_request",
+        return Err(Failure::invalid(
             "a denial needs a reason the user will read",
         ));
     }
@@ -972,6 +1491,7 @@ async fn revoke(
     Path(id): Path<String>,
     ApiJson(body): ApiJson<RevokeRequest>,
 ) -> ApiResult<Response> {
+    path_name("id", &id)?;
     state.db.expire_requests(Timestamp::now())?;
     let request = state.db.revoke(&id, &admin, body.reason.as_deref())?;
     Ok(with_detail(Json(request), format!("revoked {id}")))
@@ -983,7 +1503,7 @@ async fn revoke(
 async fn fleet_audit(
     State(state): State<Shared>,
     _admin: AdminAuth,
-    Query(query): Query<AuditQuery>,
+    ApiQuery(query): ApiQuery<AuditQuery>,
 ) -> ApiResult<Json<AuditPage>> {
     let limit = query.limit.unwrap_or(100).clamp(1, 1000);
     let wait = Duration::from_secs(u64::from(query.wait.unwrap_or(0).min(60)));
@@ -1011,13 +1531,8 @@ async fn fleet_audit(
                     Ok(FleetAuditRecord {
                         cursor,
                         device_id,
-                        record: serde_json::value::RawValue::from_string(record).map_err(|e| {
-                            Failure::new(
-                                StatusCode::INTERNAL_SERVER_ERROR,
-                                "internal",
-                                e.to_string(),
-                            )
-                        })?,
+                        record: serde_json::value::RawValue::from_string(record)
+                            .map_err(|e| Failure::internal(e.to_string()))?,
                     })
                 })
                 .collect::<ApiResult<Vec<_>>>()?;
@@ -1027,70 +1542,201 @@ async fn fleet_audit(
     }
 }
 
-/// The platform's own audit of admin calls.
-#[utoipa::path(get, path = "/api/v1/admin/activity", tag = "admin", responses((status = 200, body = ActivityPage)), security(("bearer" = [])))]
-async fn activity(State(state): State<Shared>, _admin: AdminAuth) -> ApiResult<Json<ActivityPage>> {
+/// The platform's own audit: admins' calls one by one, and refused
+/// anonymous or rate-limited calls counted per source and hour.
+#[utoipa::path(get, path = "/api/v1/admin/activity", tag = "admin", params(ActivityQuery), responses((status = 200, body = ActivityPage)), security(("bearer" = [])))]
+async fn activity(
+    State(state): State<Shared>,
+    _admin: AdminAuth,
+    ApiQuery(query): ApiQuery<ActivityQuery>,
+) -> ApiResult<Json<ActivityPage>> {
+    let limit = query.limit.unwrap_or(1000).clamp(1, 1000);
     Ok(Json(ActivityPage {
-        entries: state.db.activity(1000)?,
+        entries: state.db.activity(limit, query.admin.as_deref())?,
+        refused: state.db.refused_calls(100)?,
     }))
 }
 
-/// Answer an offline challenge.
+/// Answer an offline challenge. The challenge is approved like a request
+/// (the platform keeps one for it, found again by the challenge): its rule
+/// must be in the device's current policy, its window must fit the rule,
+/// and the code comes only once every level has approved (200); until then
+/// the answer names the level waiting (202). Limited per admin and hour.
 #[utoipa::path(post, path = "/api/v1/admin/offline-codes", tag = "admin", request_body = OfflineCodeRequest,
-    responses((status = 200, body = OfflineCodeResponse), (status = 403, body = ApiErrorBody), (status = 422, body = ApiErrorBody)), security(("bearer" = [])))]
+    responses((status = 200, body = OfflineCodeResponse), (status = 202, body = OfflineCodeResponse, description = "approved at the caller's level; more levels must approve"),
+        (status = 403, body = ApiErrorBody), (status = 409, body = ApiErrorBody), (status = 422, body = ApiErrorBody), (status = 429, body = ApiErrorBody)), security(("bearer" = [])))]
 async fn offline_code(
     State(state): State<Shared>,
     AdminAuth(admin): AdminAuth,
     ApiJson(body): ApiJson<OfflineCodeRequest>,
 ) -> ApiResult<Response> {
-    if admin.approver_level.is_none() {
-        return Err(Failure::new(
-            StatusCode::FORBIDDEN,
-            "forbidden",
-            format!("{} is not an approver", admin.name),
-        ));
+    admin.require(Capability::Approve)?;
+    state
+        .rates
+        .offline_codes
+        .take(&admin.name, 1)
+        .map_err(|wait| {
+            Failure::rate_limited(
+                format!(
+                    "{} answered {} offline challenges in the last hour, the most allowed",
+                    admin.name, state.limits.offline_codes_per_hour
+                ),
+                wait,
+            )
+        })?;
+    let challenge =
+        OfflineChallenge::decode(&body.challenge).map_err(|e| Failure::invalid(e.to_string()))?;
+    if challenge.device_id != body.device_id {
+        return Err(Failure::invalid(format!(
+            "the challenge comes from device {:?}, not {:?}",
+            validate::printable(&challenge.device_id),
+            body.device_id
+        )));
     }
-    let challenge = OfflineChallenge::decode(&body.challenge).map_err(|e| {
+    validate::name("challenge.user", &challenge.user, validate::MAX_NAME_BYTES)?;
+    validate::name(
+        "challenge.rule_id",
+        &challenge.rule_id,
+        validate::MAX_NAME_BYTES,
+    )?;
+    let agent = state.db.agent_by_device(&body.device_id)?.ok_or_else(|| {
         Failure::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "invalid_request",
-            e.to_string(),
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no enrolled device {:?}", body.device_id),
         )
     })?;
-    if challenge.device_id != body.device_id {
-        return Err(Failure::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "invalid_request",
-            format!(
-                "the challenge comes from device {:?}, not {:?}",
-                challenge.device_id, body.device_id
-            ),
-        ));
+    let rule = rule_now(
+        &state,
+        &agent.device_id,
+        Some(&agent.users),
+        &challenge.rule_id,
+    )
+    .await?
+    .map_err(Failure::invalid)?;
+    check_request_identity(
+        &challenge.identity,
+        rule.terms.section,
+        rule.terms.max_minutes,
+    )
+    .map_err(Failure::invalid)?;
+    check_window(
+        &state,
+        &rule.terms.approval,
+        challenge.not_before,
+        challenge.not_after,
+        false,
+    )
+    .map_err(Failure::invalid)?;
+    if admin.is_endpoint_user(&challenge.user) {
+        return Err(DbError::Forbidden(format!(
+            "the challenge is from {}, which is {} on endpoints: nobody approves their own request",
+            challenge.user, admin.name
+        ))
+        .into());
     }
-    let key = state.db.offline_key(&body.device_id)?;
-    let code = challenge.code(&key);
-    let detail = format!(
-        "offline code for {} on {}: rule {}, {} {}, {}..{}",
+    // The platform's request for this challenge: the same challenge text
+    // finds the same request, so each level's approvers answer it in turn.
+    let encoded = challenge.encode();
+    let local_id = format!(
+        "offline:{}",
+        hex::encode(&Sha256::digest(encoded.as_bytes())[..16])
+    );
+    let levels: Vec<u32> = rule
+        .terms
+        .approval
+        .levels
+        .iter()
+        .map(|l| l.approvers)
+        .collect();
+    let submit = RequestSubmit {
+        local_id,
+        rule_id: challenge.rule_id.clone(),
+        policy_version: rule.bundle_version,
+        user: challenge.user.clone(),
+        subject: RequestSubject {
+            identity: challenge.identity.clone(),
+            path: "(offline challenge)".into(),
+            team_id: None,
+            signing_id: None,
+        },
+        justification: format!(
+            "offline challenge {} read out to an approver",
+            challenge.nonce
+        ),
+        window: Window {
+            start: challenge.not_before,
+            end: challenge.not_after,
+        },
+    };
+    let status = state
+        .db
+        .submit_request(&agent, &submit, &levels, rule.terms.approval.uses)?;
+    let mut request = state.db.request(&status.id)?;
+    if request.state == RequestState::Pending
+        && !request.approvals.iter().any(|a| a.admin == admin.name)
+    {
+        request = approve_checked(&state, &request.id, &admin).await?.0;
+    }
+    let code = match request.state {
+        RequestState::Approved => Some(challenge.code(&state.db.offline_key(&agent.device_id)?)),
+        RequestState::Pending => None,
+        other => {
+            return Err(Failure::new(
+                StatusCode::CONFLICT,
+                "conflict",
+                format!(
+                    "the challenge's request {} is {other}{}",
+                    request.id,
+                    request
+                        .reason
+                        .as_deref()
+                        .map(|r| format!(": {r}"))
+                        .unwrap_or_default()
+                ),
+            ));
+        }
+    };
+    let what = format!(
+        "{} on {}: rule {}, {} {}, {}..{} (request {})",
         challenge.user,
         challenge.device_id,
         challenge.rule_id,
         challenge.identity.kind,
         challenge.identity.value,
         challenge.not_before,
-        challenge.not_after
+        challenge.not_after,
+        request.id
     );
+    let (status, detail) = match &code {
+        Some(_) => (StatusCode::OK, format!("offline code issued for {what}")),
+        None => (
+            StatusCode::ACCEPTED,
+            format!(
+                "offline challenge approved at level {} for {what}; level {} waits",
+                admin.approver_level.unwrap_or(0),
+                request.current_level
+            ),
+        ),
+    };
     Ok(with_detail(
-        Json(OfflineCodeResponse {
-            code,
-            device_id: challenge.device_id,
-            user: challenge.user,
-            identity: challenge.identity,
-            rule_id: challenge.rule_id,
-            window: Window {
-                start: challenge.not_before,
-                end: challenge.not_after,
-            },
-        }),
+        (
+            status,
+            Json(OfflineCodeResponse {
+                code,
+                request_id: request.id,
+                current_level: request.current_level,
+                levels: request.levels,
+                device_id: challenge.device_id,
+                user: challenge.user,
+                identity: challenge.identity,
+                rule_id: challenge.rule_id,
+                window: Window {
+                    start: challenge.not_before,
+                    end: challenge.not_after,
+                },
+            }),
+        ),
         detail,
     ))
 }
@@ -1123,9 +1769,11 @@ async fn method_not_allowed() -> Failure {
 #[derive(OpenApi, Debug)]
 #[openapi(
     info(title = "EPM platform API", description = "Agents and admins of the EPM reference platform. See docs/api.md."),
-    paths(enroll, checkin, policy, upload_audit, submit_request, agent_request, whoami, list_admins, create_admin,
-        create_enroll_token, devices, device_bundle, list_policies, put_policy, get_policy, delete_policy, list_requests,
-        get_request, approve, deny, revoke, fleet_audit, activity, offline_code),
+    paths(enroll, checkin, policy, upload_audit, submit_request, agent_request, rotate_agent, whoami, list_admins,
+        create_admin, update_admin, disable_admin, enable_admin, rotate_admin_token, list_enroll_tokens,
+        create_enroll_token, revoke_enroll_token, devices, remove_device, reset_device, device_bundle, list_policies,
+        put_policy, get_policy, delete_policy, list_requests, get_request, approve, deny, revoke, fleet_audit,
+        activity, offline_code),
     modifiers(&BearerAuth),
     tags((name = "agent", description = "Called by epmd"), (name = "admin", description = "Called by admins and epm-platform's CLI"))
 )]
@@ -1158,10 +1806,21 @@ pub fn router(state: Shared) -> Router {
         )
         .route(paths::AGENT_REQUESTS, post(submit_request))
         .route(paths::AGENT_REQUEST, get(agent_request))
+        .route(paths::AGENT_ROTATE, post(rotate_agent))
         .route(paths::ADMIN_WHOAMI, get(whoami))
         .route(paths::ADMIN_ADMINS, get(list_admins).post(create_admin))
-        .route(paths::ADMIN_ENROLL_TOKENS, post(create_enroll_token))
+        .route(paths::ADMIN_ADMIN, put(update_admin))
+        .route(paths::ADMIN_ADMIN_DISABLE, post(disable_admin))
+        .route(paths::ADMIN_ADMIN_ENABLE, post(enable_admin))
+        .route(paths::ADMIN_ADMIN_ROTATE_TOKEN, post(rotate_admin_token))
+        .route(
+            paths::ADMIN_ENROLL_TOKENS,
+            get(list_enroll_tokens).post(create_enroll_token),
+        )
+        .route(paths::ADMIN_ENROLL_TOKEN_REVOKE, post(revoke_enroll_token))
         .route(paths::ADMIN_DEVICES, get(devices))
+        .route(paths::ADMIN_DEVICE, delete(remove_device))
+        .route(paths::ADMIN_DEVICE_RESET, post(reset_device))
         .route(paths::ADMIN_DEVICE_BUNDLE, get(device_bundle))
         .route(paths::ADMIN_POLICIES, get(list_policies))
         .route(
@@ -1186,6 +1845,9 @@ pub fn router(state: Shared) -> Router {
             state.clone(),
             record_activity,
         ))
+        // Outside the activity log: a client over its rate costs no
+        // database work (its calls are counted in memory).
+        .layer(middleware::from_fn_with_state(state.clone(), limit_rate))
         // Bodies must arrive in time (a slow-loris upload), and no call may
         // hold a connection past the longest long poll by much.
         .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
@@ -1213,7 +1875,30 @@ pub fn spawn_expiry(state: Shared) {
     });
 }
 
-/// Serves HTTPS on `listen` until `shutdown` resolves.
+/// Every 2 s the refused-call counts go to the activity log; every 10 s
+/// connection refusals are logged and idle rate-limit keys forgotten.
+fn spawn_upkeep(state: Shared, gate: ConnectionGate) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(2));
+        let mut ticks: u64 = 0;
+        loop {
+            tick.tick().await;
+            ticks += 1;
+            let flushing = state.clone();
+            // SQLite blocks: off the async threads.
+            let _ = tokio::task::spawn_blocking(move || flushing.refused.flush(&flushing.db)).await;
+            if ticks.is_multiple_of(5) {
+                gate.report();
+                state.rates.forget_idle();
+            }
+        }
+    });
+}
+
+/// Serves HTTPS on `listen` until the handle shuts it down, within the
+/// state's [`Limits`]: connection caps and idle timeouts (under TLS, so a
+/// handshake never finished counts too), HTTP/1 header and HTTP/2
+/// keep-alive timeouts, and at most 32 concurrent HTTP/2 streams.
 pub async fn serve(
     state: Shared,
     listen: SocketAddr,
@@ -1221,13 +1906,30 @@ pub async fn serve(
     handle: axum_server::Handle,
 ) -> std::io::Result<()> {
     spawn_expiry(state.clone());
-    let app = router(state);
-    let mut server = axum_server::bind_rustls(listen, tls).handle(handle);
+    let gate = ConnectionGate::new(&state.limits);
+    spawn_upkeep(state.clone(), gate.clone());
+    let app = router(state.clone());
+    let acceptor = axum_server::tls_rustls::RustlsAcceptor::new(tls)
+        .handshake_timeout(state.limits.handshake_timeout)
+        .acceptor(gate);
+    let mut server = axum_server::bind(listen).acceptor(acceptor).handle(handle);
+    let builder = server.http_builder();
     // A client must send its headers within 10 s (slow-loris).
-    server
-        .http_builder()
+    builder
         .http1()
         .timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(Duration::from_secs(10));
-    server.serve(app.into_make_service()).await
+    // HTTP/2: a peer that stops answering pings is dropped; few streams
+    // per connection.
+    builder
+        .http2()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .keep_alive_interval(Duration::from_secs(20))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .max_concurrent_streams(32);
+    let served = server
+        .serve(app.into_make_service_with_connect_info::<SocketAddr>())
+        .await;
+    state.refused.flush(&state.db);
+    served
 }

@@ -4,13 +4,14 @@
 
 use std::time::Duration;
 
+use epm_api::admin::CreateAdmin;
 use epm_api::agent::{
     AgentCredentials, AuditAck, CheckinRequest, CheckinResponse, EnrollRequest, LocalUser,
     RequestStatus, RequestSubject, RequestSubmit, Window,
 };
 use epm_api::sign::{PolicyPublicKey, SignedKind};
 use epm_api::{ApiErrorBody, Grant, PolicyBundle, SignedEnvelope, SubjectIdentity, paths};
-use epm_platform::db::Db;
+use epm_platform::db::{Actor, Db};
 use epm_platform::keys::DataDir;
 use epm_platform::server::{self, ApiDoc, AppState};
 use jiff::{SignedDuration, Timestamp};
@@ -73,12 +74,21 @@ impl TestPlatform {
         }
     }
 
+    /// An admin made offline: the first is the owner, later ones approve
+    /// at `level` or only read.
     fn admin(&self, name: &str, level: Option<u32>) -> String {
+        let request = CreateAdmin {
+            name: name.into(),
+            role: None,
+            approver_level: level,
+            endpoint_users: None,
+        };
         Db::open(&self.data.database())
             .unwrap()
-            .create_admin(name, level)
+            .create_admin(Actor::Local, &request)
             .unwrap()
-            .1
+            .0
+            .token
     }
 
     async fn call(
@@ -129,6 +139,16 @@ impl TestPlatform {
     }
 
     async fn enroll(&self, admin: &str, device: &str) -> AgentCredentials {
+        self.enroll_as(admin, device, None).await
+    }
+
+    /// Enrolls `device`, showing `current` credentials when it is enrolled.
+    async fn enroll_as(
+        &self,
+        admin: &str,
+        device: &str,
+        current: Option<&AgentCredentials>,
+    ) -> AgentCredentials {
         let token = self
             .ok(
                 Method::POST,
@@ -140,11 +160,12 @@ impl TestPlatform {
             .as_str()
             .unwrap()
             .to_owned();
+        let bearer = current.map(agent_bearer);
         let (status, value) = self
             .call(
                 Method::POST,
                 paths::AGENT_ENROLL,
-                None,
+                bearer.as_deref(),
                 Some(
                     serde_json::to_value(EnrollRequest {
                         enrollment_token: token,
@@ -248,7 +269,8 @@ async fn every_route_is_in_the_openapi_document_and_served() {
         let concrete = path
             .replace("{id}", "x")
             .replace("{scope}", "general")
-            .replace("{device_id}", "x");
+            .replace("{device_id}", "x")
+            .replace("{name}", "x");
         let (status, body) = platform
             .call(method.parse().unwrap(), &concrete, None, Some(json!({})))
             .await;
@@ -347,9 +369,10 @@ async fn bad_input_gets_a_json_4xx_and_stores_nothing() {
         .await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
 
-    // Re-enrolling replaces the secret: the old one is refused.
+    // Re-enrolling (with the current credentials) replaces the secret: the
+    // old one is refused.
     let first = platform.enroll(&admin, "mac-1").await;
-    let second = platform.enroll(&admin, "mac-1").await;
+    let second = platform.enroll_as(&admin, "mac-1", Some(&first)).await;
     assert_eq!(first.agent_id, second.agent_id);
     let (status, body) = platform
         .call(
@@ -428,28 +451,38 @@ async fn bad_input_gets_a_json_4xx_and_stores_nothing() {
     assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{body}");
     assert_eq!(body["error"]["code"], "too_large");
 
-    // Every admin call, refused ones included, is in the activity log.
-    let activity = platform
-        .ok(Method::GET, paths::ADMIN_ACTIVITY, &admin, None)
-        .await;
-    let calls: Vec<(String, u64)> = activity["entries"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| {
-            (
-                e["call"].as_str().unwrap().to_owned(),
-                e["status"].as_u64().unwrap(),
-            )
-        })
-        .collect();
+    // Every admin call, refused ones included, is in the activity log:
+    // admins' one by one, unauthenticated ones counted (flushed every 2 s).
+    let calls = |activity: &Value, list: &str| -> Vec<(String, u64)> {
+        activity[list]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                (
+                    e["call"].as_str().unwrap().to_owned(),
+                    e["status"].as_u64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    let mut activity = Value::Null;
+    for _ in 0..50 {
+        activity = platform
+            .ok(Method::GET, paths::ADMIN_ACTIVITY, &admin, None)
+            .await;
+        if !activity["refused"].as_array().unwrap().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert!(
-        calls.contains(&("PUT /api/v1/admin/policies/general".into(), 422)),
-        "{calls:?}"
+        calls(&activity, "entries").contains(&("PUT /api/v1/admin/policies/general".into(), 422)),
+        "{activity}"
     );
     assert!(
-        calls.contains(&("GET /api/v1/admin/devices".into(), 401)),
-        "{calls:?}"
+        calls(&activity, "refused").contains(&("GET /api/v1/admin/devices".into(), 401)),
+        "{activity}"
     );
     platform.handle.shutdown();
 }
@@ -691,12 +724,13 @@ fn submit(local_id: &str, start: Timestamp, end: Timestamp) -> Value {
 async fn approval_levels_rejection_expiry_and_revocation() {
     let platform = TestPlatform::start().await;
     let pusher = platform.admin("pusher", None);
-    let l1a = platform.admin("l1a", Some(1));
-    let l1b = platform.admin("l1b", Some(1));
-    let l2 = platform.admin("l2", Some(2));
+    // Approvers after the policy: no level beyond the rules' is accepted.
     platform
         .push(&pusher, "general", approval_policy(&[2, 1], 3))
         .await;
+    let l1a = platform.admin("l1a", Some(1));
+    let l1b = platform.admin("l1b", Some(1));
+    let l2 = platform.admin("l2", Some(2));
     let agent = platform.enroll(&pusher, "mac-1").await;
     let bearer = agent_bearer(&agent);
     platform.checkin(&agent, &["alice"], &[]).await;

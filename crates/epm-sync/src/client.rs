@@ -23,7 +23,7 @@ const BUNDLE_TIMEOUT_FACTOR: u32 = 4;
 
 /// Why a call to the platform failed. Each names the step (`enroll`,
 /// `check-in`, `policy fetch`, `audit upload`, `request submit`,
-/// `request status`) and the URL.
+/// `request status`, `credential rotation`) and the URL.
 #[derive(Debug, thiserror::Error)]
 pub enum SyncError {
     /// The `ca_cert` file is missing or holds no certificate.
@@ -263,6 +263,26 @@ impl PlatformClient {
     pub async fn enroll(&self, request: &EnrollRequest) -> Result<EnrollResponse, SyncError> {
         let call = Call::new(self, "enroll", Method::POST, epm_api::paths::AGENT_ENROLL);
         call.json(self.post(&call, None, request)?).await
+    }
+
+    /// `POST /agent/credentials/rotate`: a new secret for the same agent id
+    /// and offline key. The current secret keeps working until the new one
+    /// is first used, so store the answer before using it.
+    pub async fn rotate_credentials(
+        &self,
+        credentials: &AgentCredentials,
+    ) -> Result<AgentCredentials, SyncError> {
+        let call = Call::new(
+            self,
+            "credential rotation",
+            Method::POST,
+            epm_api::paths::AGENT_ROTATE,
+        );
+        let request = self
+            .request(&call, Some(credentials))
+            .header(CONTENT_TYPE, CONTENT_TYPE_JSON)
+            .body("{}");
+        call.json(request).await
     }
 
     /// `POST /agent/checkin`.

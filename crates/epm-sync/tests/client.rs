@@ -251,6 +251,22 @@ async fn a_well_behaved_platform_is_understood() {
         body,
         r#"{"oldest_kept_seq":1,"records":[{"seq":1},{"seq":2}]}"#
     );
+
+    server.reply(
+        paths::AGENT_ROTATE,
+        Reply::Json(
+            200,
+            r#"{"agent_id":"agent-1","agent_secret":"new","offline_key":"a2V5"}"#.into(),
+        ),
+    );
+    let rotated = client.rotate_credentials(&credentials()).await.unwrap();
+    assert_eq!(rotated.agent_secret, "new");
+    let seen = server.shared.seen.lock().unwrap().authorization.clone();
+    assert_eq!(
+        seen.as_deref(),
+        Some("Bearer agent-1.secret"),
+        "sent with the current secret"
+    );
 }
 
 #[tokio::test]
