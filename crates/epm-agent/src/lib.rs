@@ -15,6 +15,7 @@ pub mod managed_prefs;
 pub mod names;
 pub mod pipeline;
 pub mod policy_source;
+pub mod program;
 pub(crate) mod runner;
 pub mod stats;
 pub mod sudoers;

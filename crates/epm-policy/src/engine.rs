@@ -146,13 +146,35 @@ fn scope_match(scope: Option<&Scope>, subject: &Subject) -> Option<ScopeMatch> {
 
 /// The elevation rules, one engine per run-as user: a rule only ever
 /// decides elevations to its own `run_as`.
+/// Edit rules (`"edit": true`, for sudoedit) are kept apart: they decide
+/// editing a file, never running a command, and the other way round.
 #[derive(Debug, Default)]
 struct ElevationEngines {
     by_run_as: HashMap<String, Engine>,
+    edit_by_run_as: HashMap<String, Engine>,
+    /// Each rule's extra environment variables, by id.
+    env: HashMap<String, Vec<String>>,
 }
 
 impl ElevationEngines {
     fn new(rules: Vec<ElevationRule>, version: u64) -> Result<Self, PolicyErrors> {
+        let (edit, run): (Vec<_>, Vec<_>) = rules.into_iter().partition(|r| r.edit);
+        let env = run
+            .iter()
+            .filter(|r| !r.env.is_empty())
+            .map(|r| (r.id.clone(), r.env.clone()))
+            .collect();
+        Ok(Self {
+            by_run_as: Self::compile(run, version)?,
+            edit_by_run_as: Self::compile(edit, version)?,
+            env,
+        })
+    }
+
+    fn compile(
+        rules: Vec<ElevationRule>,
+        version: u64,
+    ) -> Result<HashMap<String, Engine>, PolicyErrors> {
         let mut grouped: HashMap<String, Vec<Rule>> = HashMap::new();
         for rule in rules {
             let as_rule = rule.as_rule();
@@ -169,7 +191,7 @@ impl ElevationEngines {
             engine.arguments_first = true;
             by_run_as.insert(run_as, engine);
         }
-        Ok(Self { by_run_as })
+        Ok(by_run_as)
     }
 }
 
@@ -580,7 +602,23 @@ impl Engine {
     /// user, ranked like exec rules; no matching rule means `deny`.
     /// `subject.argv` is the command line, which `args_regex` matches.
     pub fn evaluate_elevation(&self, subject: &Subject, run_as: &str) -> Decision {
-        match self.elevation.by_run_as.get(run_as) {
+        self.elevation_in(&self.elevation.by_run_as, subject, run_as)
+    }
+
+    /// Decides editing a file as `run_as` (sudoedit): the edit rules for
+    /// that user, on `subject.path`, the edited file; no matching rule
+    /// means `deny`.
+    pub fn evaluate_edit(&self, subject: &Subject, run_as: &str) -> Decision {
+        self.elevation_in(&self.elevation.edit_by_run_as, subject, run_as)
+    }
+
+    fn elevation_in(
+        &self,
+        engines: &HashMap<String, Engine>,
+        subject: &Subject,
+        run_as: &str,
+    ) -> Decision {
+        match engines.get(run_as) {
             Some(engine) => engine.evaluate(subject),
             None => Decision {
                 action: Action::Deny,
@@ -593,17 +631,26 @@ impl Engine {
         }
     }
 
-    /// Looks an elevation rule up by id, with the user it runs as.
+    /// Looks an elevation rule (edit rules too) up by id, with the user it
+    /// runs as.
     pub fn elevation_rule(&self, id: &str) -> Option<(RuleInfo<'_>, &str)> {
-        self.elevation
+        let elevation = &self.elevation;
+        elevation
             .by_run_as
             .iter()
+            .chain(elevation.edit_by_run_as.iter())
             .find_map(|(run_as, engine)| Some((engine.rule(id)?, run_as.as_str())))
+    }
+
+    /// The variables, beyond the allow-list, that elevation rule `id` lets
+    /// sudo pass to its command (its `env`).
+    pub fn elevation_env(&self, id: &str) -> &[String] {
+        self.elevation.env.get(id).map_or(&[], Vec::as_slice)
     }
 
     /// Whether the policy has any elevation rule.
     pub fn has_elevation_rules(&self) -> bool {
-        !self.elevation.by_run_as.is_empty()
+        !self.elevation.by_run_as.is_empty() || !self.elevation.edit_by_run_as.is_empty()
     }
 
     /// The admin-session entry for this user: the one whose scope matches

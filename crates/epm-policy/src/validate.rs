@@ -188,6 +188,7 @@ fn check_elevation_rules(
                 message: format!("{:?} is not a user name", rule.run_as),
             });
         }
+        check_elevation_extras(&rule, &label, &mut found);
         for mut error in found {
             error.field = section_field(SECTION, &error.field);
             errors.push(error);
@@ -195,6 +196,62 @@ fn check_elevation_rules(
         rules.push(rule);
     }
     rules
+}
+
+/// An elevation rule's `env` and `edit`.
+fn check_elevation_extras(rule: &ElevationRule, label: &str, found: &mut Vec<PolicyError>) {
+    let mut error = |field: &str, message: String| {
+        found.push(PolicyError {
+            rule: Some(label.to_owned()),
+            field: field.into(),
+            message,
+        });
+    };
+    for name in &rule.env {
+        if !crate::env::valid_name(name) {
+            error("env", format!("{name:?} is not a variable name"));
+        } else if crate::env::never_passed(name) {
+            error(
+                "env",
+                format!(
+                    "{name} makes the dynamic loader run other code: it is never passed to a command run as another user"
+                ),
+            );
+        }
+    }
+    if rule.env.len() > 64 {
+        error("env", format!("{} variables: at most 64", rule.env.len()));
+    }
+    if rule.edit {
+        let c = &rule.criteria;
+        let about_content = c.sha256.is_some()
+            || c.cdhash.is_some()
+            || c.team_id.is_some()
+            || c.signing_id.is_some()
+            || c.bundle_id.is_some()
+            || c.platform_binary.is_some()
+            || c.args_regex.is_some()
+            || c.parent_path.is_some();
+        if about_content {
+            error(
+                "match",
+                "an edit rule matches the edited file by path, path_glob or name only".into(),
+            );
+        }
+        if rule.action == Action::Approve {
+            error(
+                "action",
+                "an edit rule is allow, justify or deny (approvals bind a program's content)"
+                    .into(),
+            );
+        }
+        if !rule.env.is_empty() {
+            error(
+                "env",
+                "an edit rule runs no command: env does not apply".into(),
+            );
+        }
+    }
 }
 
 fn check_admin_session(
