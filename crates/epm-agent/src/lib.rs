@@ -17,6 +17,7 @@ pub mod pipeline;
 pub mod policy_source;
 pub mod program;
 pub(crate) mod runner;
+pub mod session_leftovers;
 pub mod stats;
 pub mod sudoers;
 pub mod sync;
