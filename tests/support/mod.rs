@@ -9,6 +9,7 @@
 
 pub mod platform;
 pub mod run;
+pub mod sudo;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
@@ -579,6 +580,54 @@ fn wait_for_exit(child: &mut Child, path: &Path) -> std::io::Result<ExitStatus> 
             );
         }
         thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// A local group made for one test and removed after it.
+#[derive(Debug)]
+pub struct TestGroup {
+    /// Its name.
+    pub name: String,
+}
+
+impl TestGroup {
+    /// Creates the group (replacing a leftover of an earlier run).
+    pub fn create(name: &str) -> TestGroup {
+        let _ = Command::new("groupdel").arg(name).output();
+        let out = Command::new("groupadd").arg(name).output().unwrap();
+        assert!(
+            out.status.success(),
+            "groupadd: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        TestGroup { name: name.into() }
+    }
+
+    /// Its listed members.
+    pub fn members(&self) -> Vec<String> {
+        let out = Command::new("getent")
+            .args(["group", &self.name])
+            .output()
+            .unwrap();
+        let line = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        line.rsplit(':')
+            .next()
+            .unwrap_or("")
+            .split(',')
+            .filter(|m| !m.is_empty())
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// Whether `user` is a listed member.
+    pub fn has(&self, user: &TestUser) -> bool {
+        self.members().contains(&user.name)
+    }
+}
+
+impl Drop for TestGroup {
+    fn drop(&mut self) {
+        let _ = Command::new("groupdel").arg(&self.name).output();
     }
 }
 

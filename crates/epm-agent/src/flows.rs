@@ -263,6 +263,28 @@ impl Flows {
         self.audit.send(event);
     }
 
+    /// Audits a refused request of a user (`kind`: what was refused), so
+    /// attempts leave a trace even when nothing was decided.
+    pub(crate) fn audit_refusal(
+        &self,
+        kind: &str,
+        uid: u32,
+        user: &str,
+        path: &str,
+        rule_id: Option<&str>,
+        why: &str,
+    ) {
+        let mut event = AuditEvent::new(kind);
+        event.uid = Some(uid);
+        event.user = Some(user.to_owned());
+        event.path = Some(path.to_owned());
+        event.rule_id = rule_id.map(str::to_owned);
+        event.decision = Some("deny".into());
+        event.reason = Some(why.to_owned());
+        event.device_id = Some(self.device_id.clone());
+        self.audit.send(event);
+    }
+
     /// The platform's time at check-in: the clock never reads earlier.
     pub fn observe_platform_time(&self, time: Timestamp) {
         self.clock.observe(time);
@@ -460,10 +482,17 @@ impl Flows {
         if target.action != Action::Justify {
             return Err(wrong_flow(&target));
         }
-        let reason = target
-            .justification
-            .check(reason)
-            .map_err(|e| (ErrorCode::BadRequest, e.to_string()))?;
+        let reason = target.justification.check(reason).map_err(|e| {
+            self.audit_refusal(
+                "justification_refused",
+                target.uid,
+                &target.user,
+                &target.path,
+                Some(&target.rule_id),
+                &e.to_string(),
+            );
+            (ErrorCode::BadRequest, e.to_string())
+        })?;
         let now = self.clock.now();
         let grant = NewGrant {
             uid: target.uid,
@@ -895,7 +924,11 @@ impl Flows {
             }
             (None, Some(path)) => {
                 let user = self.user_name(caller);
-                let (identity, subject) = self.subject_for_path(&decider, caller, &user, &path)?;
+                let (identity, subject) = self
+                    .subject_for_path(&decider, caller, &user, &path)
+                    .inspect_err(|(_, why)| {
+                        self.audit_refusal("flow_request_refused", caller, &user, &path, None, why);
+                    })?;
                 let decision = policy.engine.evaluate(&subject);
                 let Some(rule_id) = decision.rule_id.as_deref().map(str::to_owned) else {
                     return Err((

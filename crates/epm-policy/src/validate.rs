@@ -493,6 +493,24 @@ impl Policy {
                 ));
             }
         }
+        for rule in self
+            .elevation
+            .iter()
+            .filter(|r| !r.edit && r.action != Action::Deny)
+        {
+            let weak = match rule.criteria.key() {
+                Some(crate::model::Criterion::Name) => Some("match.name"),
+                Some(crate::model::Criterion::PathGlob) => Some("match.path_glob"),
+                _ => None,
+            };
+            if let Some(field) = weak {
+                warnings.push(PolicyError {
+                    rule: Some(rule.id.clone()),
+                    field: format!("elevation: {field}"),
+                    message: "weaker than path or sha256: any root-owned program with that name, or under that glob, is elevated, including ones installed later; name the program by path (or sha256)".into(),
+                });
+            }
+        }
         warnings
     }
 }

@@ -130,10 +130,17 @@ impl Flows {
                         justification: requirement.justification.clone(),
                     }));
                 };
-                let reason = requirement
-                    .justification
-                    .check(reason)
-                    .map_err(|e| Unmet::Refused(ErrorCode::BadRequest, e.to_string()))?;
+                let reason = requirement.justification.check(reason).map_err(|e| {
+                    self.audit_refusal(
+                        "justification_refused",
+                        requirement.uid,
+                        &requirement.user,
+                        &requirement.what,
+                        Some(&requirement.rule_id),
+                        &e.to_string(),
+                    );
+                    Unmet::Refused(ErrorCode::BadRequest, e.to_string())
+                })?;
                 Ok(Met {
                     justification: Some(reason),
                     ..Met::default()
