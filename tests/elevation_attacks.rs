@@ -75,7 +75,7 @@ fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
     }
 }
 
-/// 1. Rules match the resolved path: a symlink named like an allowed
+/// Item 1: Rules match the resolved path: a symlink named like an allowed
 /// program, `..` under a `**` glob, and a deny written for the real path
 /// of a shell named another way.
 #[test]
@@ -122,7 +122,7 @@ fn item1_rules_match_the_canonical_path_not_the_callers() {
     assert_eq!(stdout(&out), "0\n", "{}", text(&out));
 }
 
-/// 2. Check then exec: a symlink flipped between the allowed program and
+/// Item 2: Check then exec: a symlink flipped between the allowed program and
 /// the user's own, 300 times; the user's program never runs as root.
 #[test]
 fn item2_a_symlink_flipper_never_gets_its_program_run() {
@@ -147,11 +147,13 @@ fn item2_a_symlink_flipper_never_gets_its_program_run() {
     std::os::unix::fs::chown(&mine, Some(user.uid), Some(user.gid)).unwrap();
     std::fs::set_permissions(&mine, std::fs::Permissions::from_mode(0o755)).unwrap();
     let link = dir.join("tool");
+    // Renamed into place, so the link always exists (epmctl itself says
+    // "command not found" for a missing one, without asking epmd).
     let mut flipper = Command::new("/bin/sh")
         .args([
             "-c",
             &format!(
-                "cd {}; while :; do ln -sfn /usr/bin/id tool; ln -sfn mine tool; done",
+                "cd {}; while :; do ln -sfn /usr/bin/id a; mv -T a tool; ln -sfn mine b; mv -T b tool; done",
                 dir.display()
             ),
         ])
@@ -210,7 +212,7 @@ fn sudo_setup(user: &TestUser, policy: &str) -> (Daemon, Replaced, Replaced) {
     (daemon, sudoers, conf)
 }
 
-/// 3. sudo's environment: what sudo would pass is decided too.
+/// Item 3: sudo's environment: what sudo would pass is decided too.
 #[test]
 fn item3_sudo_refuses_an_environment_no_rule_allows() {
     if !capable() || !sudo_installed() {
@@ -243,7 +245,7 @@ fn item3_sudo_refuses_an_environment_no_rule_allows() {
     assert_eq!(stdout(&out), "0\n", "{}\n{}", text(&out), daemon.log());
 }
 
-/// 4. sudoedit is decided on the file, never on the editor.
+/// Item 4: sudoedit is decided on the file, never on the editor.
 #[test]
 fn item4_sudoedit_is_decided_on_the_edited_file() {
     if !capable() || !sudo_installed() {
@@ -323,7 +325,7 @@ fn session_setup(group: &TestGroup, scan: &Path) -> (Daemon, Replaced) {
     (daemon, sudoers)
 }
 
-/// 5. Sudoers planted during a session in every spelling, a symlink in
+/// Item 5: Sudoers planted during a session in every spelling, a symlink in
 /// sudoers.d, and a setuid shell: none survives the session.
 #[test]
 fn item5_nothing_planted_during_a_session_survives_it() {
@@ -400,7 +402,7 @@ fn item5_nothing_planted_during_a_session_survives_it() {
     assert!(!text(&out).contains("NOPASSWD"), "{}", text(&out));
 }
 
-/// 6. A process started with the session's group (newgrp, sg) does not
+/// Item 6: A process started with the session's group (newgrp, sg) does not
 /// keep it after the session.
 #[test]
 fn item6_processes_carrying_the_group_end_with_the_session() {
@@ -435,7 +437,7 @@ fn item6_processes_carrying_the_group_end_with_the_session() {
     assert_eq!(found[0]["details"]["command"], "sleep", "{found:?}");
 }
 
-/// 7. justify and run open the named file with the caller's own rights:
+/// Item 7: justify and run open the named file with the caller's own rights:
 /// nothing about a file in a directory they cannot read comes back.
 #[test]
 fn item7_files_the_caller_cannot_reach_stay_unknown() {
@@ -491,7 +493,7 @@ fn ipc_as(daemon: &Daemon, user: &TestUser, request: &serde_json::Value) -> Outp
         .unwrap()
 }
 
-/// 8. Invisible justifications and forged `via: sudo` records.
+/// Item 8: Invisible justifications and forged `via: sudo` records.
 #[test]
 fn item8_invisible_reasons_and_forged_sudo_requests_are_refused() {
     if !capable() {

@@ -264,12 +264,16 @@ fn check_spelling(path: &str) -> Result<(), ProgramError> {
     Ok(())
 }
 
+// The casts convert on macOS (`dev_t` is `i32`, `mode_t` `u16`) and are
+// no-ops on Linux.
+#[allow(clippy::unnecessary_cast)]
 fn same_file(fd: &OwnedFd, meta: &std::fs::Metadata) -> bool {
     nix::sys::stat::fstat(fd.as_raw_fd())
         .is_ok_and(|st| st.st_dev as u64 == meta.dev() && st.st_ino as u64 == meta.ino())
 }
 
 /// Owned by root and writable by nobody else (group or others).
+#[allow(clippy::unnecessary_cast)]
 fn root_only(st: &nix::sys::stat::FileStat) -> Result<(), String> {
     let mode = st.st_mode as u32;
     if st.st_uid != 0 {

@@ -229,7 +229,7 @@ mod tests {
         );
         for padded in [
             format!("ok{zero_width}"),
-            format!("o\u{2060}\u{FEFF}\u{AD}\u{200D}k\u{3164}\u{3164}\u{3164}"),
+            "o\u{2060}\u{FEFF}\u{AD}\u{200D}k\u{3164}\u{3164}\u{3164}".to_owned(),
             "ok          .".to_owned(),
             "e\u{301}e\u{301}e\u{301}e\u{301}e\u{301}".to_owned(),
         ] {
