@@ -30,7 +30,7 @@
 //! macOS, which has no per-thread file-system ids, the daemon checks the
 //! search bits of every directory on the canonical path for the caller.
 
-use std::ffi::{CString, OsStr};
+use std::ffi::OsStr;
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -557,7 +557,8 @@ pub fn permitted(meta: &std::fs::Metadata, caller: &Caller, bit: u32) -> bool {
 /// caller.
 #[cfg(target_os = "linux")]
 fn as_caller(path: &str, caller: &Caller, flags: libc::c_int) -> io::Result<OwnedFd> {
-    let path = CString::new(path).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let path =
+        std::ffi::CString::new(path).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
     if caller.uid == 0 {
         // SAFETY: a valid C string; the descriptor is ours.
         let fd = unsafe { libc::open(path.as_ptr(), flags) };

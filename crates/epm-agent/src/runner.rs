@@ -699,7 +699,21 @@ struct ExecImage;
 
 #[cfg(not(any(target_os = "linux", target_os = "android")))]
 impl ExecImage {
-    fn new(_spec: &RunSpec) -> Result<Option<ExecImage>, RunError> {
+    /// No image: the path is executed, once it is checked to still name
+    /// the file that was decided on (a script the same way).
+    fn new(spec: &RunSpec) -> Result<Option<ExecImage>, RunError> {
+        use std::os::unix::fs::MetadataExt;
+        let _script_runs_by_path_too = spec.script;
+        if let Some(file) = &spec.checked {
+            let checked = file.metadata().map_err(setup("the checked program"))?;
+            let now = std::fs::metadata(&spec.program).map_err(setup("the program"))?;
+            if (checked.dev(), checked.ino()) != (now.dev(), now.ino()) {
+                return Err(RunError::Invalid(format!(
+                    "{} changed since it was checked",
+                    spec.program
+                )));
+            }
+        }
         Ok(None)
     }
 
