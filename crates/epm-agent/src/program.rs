@@ -430,6 +430,36 @@ fn walk_root_controlled(path: &str) -> Result<Walked, ProgramError> {
     })
 }
 
+/// Other names for `canonical` that rules spell out: for each of
+/// `spellings` (a rule's path, or a glob's fixed directory) that resolves,
+/// through directories and links only root can change, to `canonical` or
+/// to a directory above it, the same file under that spelling (`/bin/bash`
+/// for `/usr/bin/bash` where `/bin` is root's link to `/usr/bin`). Root
+/// chose every link on the way, so the spelling is as good as the path.
+pub fn spelled_by_rules(canonical: &str, spellings: &[String]) -> Vec<String> {
+    let mut names = Vec::new();
+    for spelling in spellings {
+        if spelling == canonical || check_spelling(spelling).is_err() {
+            continue;
+        }
+        let resolved = match walk_root_controlled(spelling) {
+            Ok(Walked::File { canonical: c, .. }) if c == canonical => Some(String::new()),
+            Ok(Walked::Directory { canonical: c, .. }) => canonical
+                .strip_prefix(c.as_str())
+                .filter(|rest| rest.starts_with('/') || c == "/")
+                .map(str::to_owned),
+            _ => None,
+        };
+        if let Some(rest) = resolved {
+            let name = format!("{}{rest}", spelling.trim_end_matches('/'));
+            if name != canonical && !names.contains(&name) {
+                names.push(name);
+            }
+        }
+    }
+    names
+}
+
 /// The canonical path of a file to edit as another user (sudoedit): its
 /// directory must be reachable by the caller and root's alone all the way
 /// (so nobody else can swap the file sudoedit writes back), and the file,
@@ -664,6 +694,24 @@ mod tests {
         // The same file may still be named for a grant.
         let program = Program::for_caller(tool.to_str().unwrap(), &root()).unwrap();
         assert!(program.script);
+    }
+
+    #[test]
+    fn rules_spelled_through_roots_links_name_the_canonical_file() {
+        let sh = std::fs::canonicalize("/bin/sh").unwrap();
+        let sh = sh.to_str().unwrap();
+        let dir = std::fs::canonicalize("/bin").unwrap();
+        let spellings = ["/bin".to_owned(), "/bin/sh".to_owned(), "/tmp".to_owned()];
+        let names = spelled_by_rules(sh, &spellings);
+        if dir != std::path::Path::new("/bin") {
+            // Merged /usr: /bin is root's link to /usr/bin.
+            let under_bin = format!("/bin/{}", sh.rsplit('/').next().unwrap());
+            assert!(names.contains(&under_bin), "{names:?}");
+        }
+        if sh != "/bin/sh" {
+            assert!(names.contains(&"/bin/sh".to_owned()), "{names:?}");
+        }
+        assert!(!names.iter().any(|n| n.starts_with("/tmp")), "{names:?}");
     }
 
     #[test]

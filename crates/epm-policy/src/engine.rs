@@ -154,10 +154,18 @@ struct ElevationEngines {
     edit_by_run_as: HashMap<String, Engine>,
     /// Each rule's extra environment variables, by id.
     env: HashMap<String, Vec<String>>,
+    /// The paths the rules spell out, for the daemon to resolve.
+    spellings: Vec<String>,
 }
 
 impl ElevationEngines {
     fn new(rules: Vec<ElevationRule>, version: u64) -> Result<Self, PolicyErrors> {
+        let mut spellings: Vec<String> = rules
+            .iter()
+            .filter_map(|r| literal_spelling(&r.criteria))
+            .collect();
+        spellings.sort();
+        spellings.dedup();
         let (edit, run): (Vec<_>, Vec<_>) = rules.into_iter().partition(|r| r.edit);
         let env = run
             .iter()
@@ -168,6 +176,7 @@ impl ElevationEngines {
             by_run_as: Self::compile(run, version)?,
             edit_by_run_as: Self::compile(edit, version)?,
             env,
+            spellings,
         })
     }
 
@@ -193,6 +202,18 @@ impl ElevationEngines {
         }
         Ok(by_run_as)
     }
+}
+
+/// The path a rule spells out literally: its `path`, or its
+/// `path_glob`'s directory before the first wildcard.
+fn literal_spelling(criteria: &crate::model::Criteria) -> Option<String> {
+    if let Some(path) = &criteria.path {
+        return Some(path.clone());
+    }
+    let glob = criteria.path_glob.as_deref()?;
+    let fixed = &glob[..glob.find(['*', '?', '[', '{']).unwrap_or(glob.len())];
+    let dir = &fixed[..fixed.rfind('/')?];
+    (!dir.is_empty()).then(|| dir.to_owned())
 }
 
 /// The admin-session entry that applies to a user.
@@ -640,6 +661,16 @@ impl Engine {
             .iter()
             .chain(elevation.edit_by_run_as.iter())
             .find_map(|(run_as, engine)| Some((engine.rule(id)?, run_as.as_str())))
+    }
+
+    /// The paths elevation rules spell out literally: each `path`, and
+    /// each `path_glob`'s directory before its first wildcard. Rules are
+    /// matched against a program's canonical path; the daemon resolves
+    /// these (through links only root can change) so that a rule written
+    /// as `/bin/*sh` also decides `/usr/bin/bash` where `/bin` is a link
+    /// to `/usr/bin`.
+    pub fn elevation_spellings(&self) -> &[String] {
+        &self.elevation.spellings
     }
 
     /// The variables, beyond the allow-list, that elevation rule `id` lets

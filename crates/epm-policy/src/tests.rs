@@ -1030,6 +1030,10 @@ mod elevation {
         let allowed = engine.evaluate_elevation(&java, "root");
         assert_eq!(allowed.action, Action::Allow);
         assert_eq!(engine.elevation_env("java"), ["JAVA_HOME"]);
+        assert_eq!(
+            engine.elevation_spellings(),
+            ["/etc/hosts", "/usr/bin/java"]
+        );
         assert!(engine.elevation_env("hosts").is_empty());
         assert!(engine.elevation_rule("hosts").is_some());
     }

@@ -15,8 +15,7 @@ pub(crate) fn run(file: &Path, json: bool) -> anyhow::Result<ExitCode> {
         Policy::from_json(&text).and_then(|policy| Engine::new(policy.clone()).map(|_| policy));
     match checked {
         Ok(policy) => {
-            let mut warnings = policy.lint();
-            warnings.extend(spelling_warnings(&policy));
+            let warnings = policy.lint();
             if json {
                 let value = serde_json::json!({
                     "valid": true,
@@ -86,36 +85,4 @@ fn error_json(error: &PolicyError) -> serde_json::Value {
         "field": error.field,
         "message": error.message,
     })
-}
-
-/// Elevation rules are matched against the program's canonical path (and
-/// root's own spelling of it, where the user used one): a rule written with
-/// a path that is a symlink on this machine misses the program named by its
-/// real path. Says so for each `path` and each glob's literal directory.
-fn spelling_warnings(policy: &Policy) -> Vec<PolicyError> {
-    let mut warnings = Vec::new();
-    for rule in &policy.elevation {
-        let c = &rule.criteria;
-        let literal = c.path.clone().or_else(|| {
-            let glob = c.path_glob.as_deref()?;
-            let fixed = &glob[..glob.find(['*', '?', '[', '{']).unwrap_or(glob.len())];
-            Some(fixed[..fixed.rfind('/')?].to_owned()).filter(|d| !d.is_empty())
-        });
-        let Some(literal) = literal else { continue };
-        let Ok(real) = std::fs::canonicalize(&literal) else {
-            continue;
-        };
-        if real != Path::new(&literal) {
-            warnings.push(PolicyError {
-                rule: Some(rule.id.clone()),
-                field: "elevation: match".into(),
-                message: format!(
-                    "on this machine {literal} resolves to {}: elevation rules match the canonical path, so the program named by its real path does not match this spelling; write {}",
-                    real.display(),
-                    real.display()
-                ),
-            });
-        }
-    }
-    warnings
 }

@@ -12,6 +12,7 @@ use epm_ipc::{Command, ElevationVerdict, ElevationVia, Window};
 use sha2::Digest as _;
 
 use super::*;
+use crate::program;
 
 /// How long the approval window is when the client does not say: an hour,
 /// or the rule's longest window if shorter.
@@ -310,7 +311,15 @@ impl Flows {
             argv: Some(command.argv.clone()),
             ..Subject::default()
         };
-        let decision = decide_on_names(&mut subject, &program.names, |s| {
+        let mut names = program.names.clone();
+        for name in
+            program::spelled_by_rules(&program.canonical, policy.engine.elevation_spellings())
+        {
+            if !names.contains(&name) {
+                names.push(name);
+            }
+        }
+        let decision = decide_on_names(&mut subject, &names, |s| {
             policy.engine.evaluate_elevation(s, &command.run_as)
         });
         let rule_id = decision.rule_id.as_deref().map(str::to_owned);
@@ -435,7 +444,7 @@ impl Flows {
         let policy = record.decider.policy();
         let mut strictest: Option<epm_policy::Decision> = None;
         for path in &canonical {
-            let subject = Subject {
+            let mut subject = Subject {
                 path: path.clone(),
                 uid: record.caller,
                 user: record.user.to_owned(),
@@ -443,7 +452,14 @@ impl Flows {
                 device_id: record.decider.device_id().to_owned(),
                 ..Subject::default()
             };
-            let decision = policy.engine.evaluate_edit(&subject, &run_as);
+            let mut names = vec![path.clone()];
+            names.extend(program::spelled_by_rules(
+                path,
+                policy.engine.elevation_spellings(),
+            ));
+            let decision = decide_on_names(&mut subject, &names, |s| {
+                policy.engine.evaluate_edit(s, &run_as)
+            });
             if decision.action == Action::Deny {
                 let text = decision.message.as_deref().map_or_else(
                     || match decision.rule_id {
