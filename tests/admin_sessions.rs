@@ -4,9 +4,9 @@
 
 use std::path::PathBuf;
 use std::process::{Command, Output};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use epm_e2e::{Daemon, Helper, TestGroup, TestUser, capable};
+use epm_e2e::{Daemon, Helper, TestGroup, TestUser, capable, wait_until};
 
 fn text(out: &Output) -> String {
     format!(
@@ -41,17 +41,6 @@ fn daemon(group: &TestGroup, require: &str, sudoers: &[PathBuf]) -> Daemon {
     );
     daemon.open_to_users();
     daemon
-}
-
-fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !done() {
-        assert!(
-            Instant::now() < deadline,
-            "{what} did not happen within {limit:?}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }
 
 fn revoked_record(daemon: &Daemon, user: &TestUser) -> serde_json::Value {

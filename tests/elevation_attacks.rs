@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use epm_e2e::run::{epmctl_run, stderr, stdout};
 use epm_e2e::sudo::{Replaced, sudo_as, sudo_installed};
-use epm_e2e::{Daemon, TestGroup, TestUser, binary, capable};
+use epm_e2e::{Daemon, TestGroup, TestUser, binary, capable, wait_until};
 
 fn text(out: &Output) -> String {
     format!("{}{}", stdout(out), stderr(out))
@@ -65,14 +65,6 @@ fn audited(daemon: &Daemon, event: &str, user: &TestUser, count: usize) -> Vec<s
     );
     std::thread::sleep(Duration::from_millis(100));
     records(daemon, event, user)
-}
-
-fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !done() {
-        assert!(Instant::now() < deadline, "no {what} within {limit:?}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 /// Item 1: Rules match the resolved path: a symlink named like an allowed

@@ -502,6 +502,19 @@ impl Drop for Daemon {
     }
 }
 
+/// Waits until `done`, checking every 100 ms, and fails the test naming
+/// `what` after `limit`.
+pub fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !done() {
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not happen within {limit:?}"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// A policy document with the given default and rules (JSON fragments).
 pub fn policy(version: u64, default_action: &str, rules: &[String]) -> String {
     format!(

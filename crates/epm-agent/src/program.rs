@@ -373,21 +373,19 @@ fn walk_root_controlled(path: &str) -> Result<Walked, ProgramError> {
             }
             continue;
         }
-        if kind == SFlag::S_IFDIR {
-            let fd = owned(
-                openat(
-                    Some(dir.as_raw_fd()),
-                    name_os,
-                    directory_flags(),
-                    Mode::empty(),
-                )
-                .map_err(sys)?,
-            );
+        // Opens the entry looked at, as that very entry, and root's alone.
+        let open_checked = |flags: OFlag| -> Result<OwnedFd, ProgramError> {
+            let fd =
+                owned(openat(Some(dir.as_raw_fd()), name_os, flags, Mode::empty()).map_err(sys)?);
             let opened = nix::sys::stat::fstat(fd.as_raw_fd()).map_err(sys)?;
             if opened.st_ino != st.st_ino || opened.st_dev != st.st_dev {
                 return Err(ProgramError::Changed(path.to_owned()));
             }
             root_only(&opened).map_err(|why| not_root(&here, why))?;
+            Ok(fd)
+        };
+        if kind == SFlag::S_IFDIR {
+            let fd = open_checked(directory_flags())?;
             dirs.push((fd, here));
             continue;
         }
@@ -400,20 +398,8 @@ fn walk_root_controlled(path: &str) -> Result<Walked, ProgramError> {
         if kind != SFlag::S_IFREG {
             return Err(ProgramError::NotAProgram(path.to_owned()));
         }
-        let fd = owned(
-            openat(
-                Some(dir.as_raw_fd()),
-                name_os,
-                OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_NOCTTY,
-                Mode::empty(),
-            )
-            .map_err(sys)?,
-        );
-        let opened = nix::sys::stat::fstat(fd.as_raw_fd()).map_err(sys)?;
-        if opened.st_ino != st.st_ino || opened.st_dev != st.st_dev {
-            return Err(ProgramError::Changed(path.to_owned()));
-        }
-        root_only(&opened).map_err(|why| not_root(&here, why))?;
+        let fd =
+            open_checked(OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_NOCTTY)?;
         return Ok(Walked::File {
             file: File::from(fd),
             canonical: here,
