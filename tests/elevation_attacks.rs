@@ -501,7 +501,7 @@ fn item7_files_the_caller_cannot_reach_stay_unknown() {
                 "reason": "ticket 4411 needs it", "start": "2030-01-01T00:00:00Z",
                 "end": "2030-01-01T01:00:00Z"}),
         ] {
-            let out = ipc_as(&daemon, &user, &request);
+            let out = daemon.ipc_as(&user, &request);
             assert!(text(&out).contains("\"error\""), "{}", text(&out));
             assert!(!text(&out).contains("sha256"), "{}", text(&out));
             said.push(text(&out).replace(path, "PATH"));
@@ -511,18 +511,6 @@ fn item7_files_the_caller_cannot_reach_stay_unknown() {
     assert_eq!(answers[0], answers[1], "existence leaks");
     assert!(answers[0][0].contains("Permission denied"), "{answers:?}");
     assert_eq!(audited(&daemon, "flow_request_refused", &user, 4).len(), 4);
-}
-
-/// One raw request over the socket as `user` (`epm-e2e-ipc`).
-fn ipc_as(daemon: &Daemon, user: &TestUser, request: &serde_json::Value) -> Output {
-    Command::new(binary("epm-e2e-ipc"))
-        .arg(daemon.socket())
-        .arg("call")
-        .arg(request.to_string())
-        .uid(user.uid)
-        .gid(user.gid)
-        .output()
-        .unwrap()
 }
 
 /// Item 8: Invisible justifications and forged `via: sudo` records.
@@ -551,7 +539,7 @@ fn item8_invisible_reasons_and_forged_sudo_requests_are_refused() {
     let forged = serde_json::json!({"type": "elevate", "via": "sudo", "for_uid": user.uid,
         "command": {"program": "/usr/bin/id", "argv": ["id"], "run_as": "root"},
         "reason": "a perfectly long reason"});
-    let out = ipc_as(&daemon, &user, &forged);
+    let out = daemon.ipc_as(&user, &forged);
     assert!(text(&out).contains("forbidden"), "{}", text(&out));
     let refused = audited(&daemon, "request_refused", &user, 1);
     assert_eq!(refused.len(), 1, "{refused:?}");

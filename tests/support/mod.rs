@@ -362,6 +362,21 @@ impl Daemon {
             .unwrap()
     }
 
+    /// Sends one raw request as `user` (`epm-e2e-ipc … call`), as a client
+    /// that skips epmctl's own checks would; its answer is one JSON line on
+    /// stdout.
+    pub fn ipc_as(&self, user: &TestUser, request: &serde_json::Value) -> Output {
+        use std::os::unix::process::CommandExt;
+        Command::new(binary("epm-e2e-ipc"))
+            .arg(self.socket())
+            .arg("call")
+            .arg(request.to_string())
+            .uid(user.uid)
+            .gid(user.gid)
+            .output()
+            .unwrap()
+    }
+
     /// Runs `epmctl --socket <ours> ARGS`.
     pub fn epmctl(&self, args: &[&str]) -> Output {
         Command::new(binary("epmctl"))
