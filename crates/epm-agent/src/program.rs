@@ -82,9 +82,10 @@ pub struct Program {
     pub file: File,
     /// Its canonical path: no symlink, no `.` or `..`.
     pub canonical: String,
-    /// The names rules may match: the canonical path, and the caller's
-    /// spelling when every link in it is root's (for elevation only).
-    pub names: Vec<String>,
+    /// The caller's spelling, when it differs from the canonical path
+    /// (for elevation, every link in it is root's): a rule may deny the
+    /// program under it, never allow it.
+    pub requested: Option<String>,
     /// Its version (device, inode, size, times).
     pub identity: FileIdentity,
     /// SHA-256 of its bytes, read through [`Program::file`].
@@ -190,12 +191,8 @@ impl Program {
         if !meta.is_file() || meta.permissions().mode() & 0o111 == 0 {
             return Err(ProgramError::NotAProgram(path.to_owned()));
         }
-        let mut names = vec![canonical.clone()];
-        if path != canonical {
-            // Every link on the way was root's: the spelling is root's too.
-            names.push(path.to_owned());
-        }
-        Program::finish(path, file, canonical, names)
+        let requested = (path != canonical).then(|| path.to_owned());
+        Program::finish(path, file, canonical, requested)
     }
 
     /// Opens a file the caller names for a grant: whatever they can reach,
@@ -213,15 +210,15 @@ impl Program {
         if !meta.is_file() {
             return Err(ProgramError::NotAProgram(path.to_owned()));
         }
-        let names = vec![canonical.clone()];
-        Program::finish(path, file, canonical, names)
+        let requested = (path != canonical).then(|| path.to_owned());
+        Program::finish(path, file, canonical, requested)
     }
 
     fn finish(
         path: &str,
         file: File,
         canonical: String,
-        names: Vec<String>,
+        requested: Option<String>,
     ) -> Result<Program, ProgramError> {
         let meta = io_error(path, file.metadata())?;
         let sha256 = io_error(path, crate::decider::hash_file(&file))?;
@@ -241,7 +238,7 @@ impl Program {
             gid: meta.gid(),
             file,
             canonical,
-            names,
+            requested,
         })
     }
 }
@@ -656,7 +653,7 @@ mod tests {
         let program = Program::for_elevation("/bin/sh", &root()).unwrap();
         let expected = std::fs::canonicalize("/bin/sh").unwrap();
         assert_eq!(program.canonical, expected.to_str().unwrap());
-        assert!(program.names.contains(&"/bin/sh".to_owned()));
+        assert_eq!(program.requested.as_deref(), Some("/bin/sh"));
         assert!(!program.script);
         assert_eq!(
             program.sha256,

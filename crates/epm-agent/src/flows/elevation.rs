@@ -311,15 +311,13 @@ impl Flows {
             argv: Some(command.argv.clone()),
             ..Subject::default()
         };
-        let mut names = program.names.clone();
-        for name in
-            program::spelled_by_rules(&program.canonical, policy.engine.elevation_spellings())
-        {
-            if !names.contains(&name) {
-                names.push(name);
-            }
-        }
-        let decision = decide_on_names(&mut subject, &names, |s| {
+        let mut names = vec![program.canonical.clone()];
+        names.extend(program::spelled_by_rules(
+            &program.canonical,
+            policy.engine.elevation_spellings(),
+        ));
+        let theirs: Vec<String> = program.requested.iter().cloned().collect();
+        let decision = decide_on_names(&mut subject, &names, &theirs, |s| {
             policy.engine.evaluate_elevation(s, &command.run_as)
         });
         let rule_id = decision.rule_id.as_deref().map(str::to_owned);
@@ -457,7 +455,7 @@ impl Flows {
                 path,
                 policy.engine.elevation_spellings(),
             ));
-            let decision = decide_on_names(&mut subject, &names, |s| {
+            let decision = decide_on_names(&mut subject, &names, &[], |s| {
                 policy.engine.evaluate_edit(s, &run_as)
             });
             if decision.action == Action::Deny {
@@ -585,31 +583,41 @@ impl ElevationRecord<'_> {
     }
 }
 
-/// Evaluates `subject` under each of `names` (the canonical path first):
-/// a rule that denies under any name wins; otherwise the first name a rule
-/// decides; otherwise the canonical path's default. `subject.path` ends as
-/// the canonical path.
+/// Evaluates `subject` under each of `names` (the canonical path first,
+/// then the rules' own spellings of it) and each of `deny_only` (the
+/// caller's spelling, root's too but chosen by the caller): a rule that
+/// denies under any of them wins; otherwise the first of `names` a rule
+/// decides; otherwise the canonical path's default. An allow never comes
+/// from the caller's choice of spelling. `subject.path` ends as the
+/// canonical path.
 fn decide_on_names(
     subject: &mut Subject,
     names: &[String],
+    deny_only: &[String],
     evaluate: impl Fn(&Subject) -> epm_policy::Decision,
 ) -> epm_policy::Decision {
-    let mut decided: Vec<epm_policy::Decision> = Vec::with_capacity(names.len());
-    for name in names {
+    let mut decided: Vec<(bool, epm_policy::Decision)> = Vec::new();
+    for (name, may_allow) in names
+        .iter()
+        .map(|n| (n, true))
+        .chain(deny_only.iter().map(|n| (n, false)))
+    {
         subject.path.clone_from(name);
-        decided.push(evaluate(subject));
+        decided.push((may_allow, evaluate(subject)));
     }
     if let Some(first) = names.first() {
         subject.path.clone_from(first);
     }
-    let by_rule = |d: &&epm_policy::Decision| d.rule_id.is_some();
     let chosen = decided
         .iter()
-        .filter(by_rule)
-        .find(|d| d.action == Action::Deny)
-        .or_else(|| decided.iter().find(by_rule))
+        .find(|(_, d)| d.rule_id.is_some() && d.action == Action::Deny)
+        .or_else(|| {
+            decided
+                .iter()
+                .find(|(may_allow, d)| *may_allow && d.rule_id.is_some())
+        })
         .or(decided.first())
-        .cloned();
+        .map(|(_, d)| d.clone());
     chosen.unwrap_or_else(|| evaluate(subject))
 }
 
@@ -708,22 +716,30 @@ mod tests {
     }
 
     #[test]
-    fn a_deny_under_any_root_spelling_wins() {
-        let names = ["/usr/bin/dash".to_owned(), "/bin/sh".to_owned()];
+    fn a_deny_under_any_spelling_wins_and_an_allow_needs_the_real_one() {
+        let names = ["/usr/bin/dash".to_owned()];
+        let theirs = ["/bin/sh".to_owned()];
         let mut subject = Subject::default();
         let by_name = |s: &Subject| match s.path.as_str() {
             "/bin/sh" => decision(Action::Deny, Some("no-sh")),
             _ => decision(Action::Allow, Some("dash")),
         };
-        let chosen = decide_on_names(&mut subject, &names, by_name);
+        let chosen = decide_on_names(&mut subject, &names, &theirs, by_name);
         assert_eq!(chosen.rule_id.as_deref(), Some("no-sh"));
         assert_eq!(subject.path, "/usr/bin/dash", "the canonical path stays");
         let only_spelling = |s: &Subject| match s.path.as_str() {
             "/bin/sh" => decision(Action::Allow, Some("sh")),
             _ => decision(Action::Deny, None),
         };
-        let chosen = decide_on_names(&mut subject, &names, only_spelling);
-        assert_eq!(chosen.rule_id.as_deref(), Some("sh"));
+        let chosen = decide_on_names(&mut subject, &names, &theirs, only_spelling);
+        assert_eq!(chosen.rule_id, None, "the caller's spelling allows nothing");
+        let rules_spelling = ["/usr/bin/dash".to_owned(), "/bin/sh".to_owned()];
+        let chosen = decide_on_names(&mut subject, &rules_spelling, &[], only_spelling);
+        assert_eq!(
+            chosen.rule_id.as_deref(),
+            Some("sh"),
+            "a rule's own spelling does"
+        );
     }
 
     #[test]
