@@ -13,6 +13,16 @@
 //! happens when epmd cannot be reached; `deny` by default), `timeout=SECONDS`
 //! (how long one answer may take; 5 by default).
 //!
+//! What it sends `epmd` for each command: the command path sudo executes
+//! (absolute, without `..`: `epmd` refuses it unless every directory on
+//! the way and the file are root's alone), the arguments, the whole
+//! environment sudo gives the command (`run_envp`, decided against the
+//! allow-list `epmctl run` keeps and the rule's `env`), and for sudoedit
+//! the files to edit (decided by edit rules, never the editor). It
+//! connects as root and names the invoking user; `epmd` accepts that only
+//! from a root peer whose real uid is that user. docs/elevation.md says
+//! exactly what is checked.
+//!
 //! The plugin is split in two: this safe core, which parses what sudo
 //! passes and runs the conversation with `epmd` and the user through two
 //! small traits (so it is tested without sudo), and [`ffi`], the C ABI
