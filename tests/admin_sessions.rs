@@ -4,48 +4,9 @@
 
 use std::path::PathBuf;
 use std::process::{Command, Output};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use epm_e2e::{Daemon, Helper, TestUser, capable};
-
-/// A local group made for one test and removed after it.
-struct TestGroup {
-    name: String,
-}
-
-impl TestGroup {
-    fn create(name: &str) -> TestGroup {
-        let _ = Command::new("groupdel").arg(name).output();
-        let out = Command::new("groupadd").arg(name).output().unwrap();
-        assert!(out.status.success(), "groupadd: {}", text(&out));
-        TestGroup { name: name.into() }
-    }
-
-    fn members(&self) -> Vec<String> {
-        let out = Command::new("getent")
-            .args(["group", &self.name])
-            .output()
-            .unwrap();
-        let line = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-        line.rsplit(':')
-            .next()
-            .unwrap_or("")
-            .split(',')
-            .filter(|m| !m.is_empty())
-            .map(str::to_owned)
-            .collect()
-    }
-
-    fn has(&self, user: &TestUser) -> bool {
-        self.members().contains(&user.name)
-    }
-}
-
-impl Drop for TestGroup {
-    fn drop(&mut self) {
-        let _ = Command::new("groupdel").arg(&self.name).output();
-    }
-}
+use epm_e2e::{Daemon, Helper, TestGroup, TestUser, capable, wait_until};
 
 fn text(out: &Output) -> String {
     format!(
@@ -80,17 +41,6 @@ fn daemon(group: &TestGroup, require: &str, sudoers: &[PathBuf]) -> Daemon {
     );
     daemon.open_to_users();
     daemon
-}
-
-fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !done() {
-        assert!(
-            Instant::now() < deadline,
-            "{what} did not happen within {limit:?}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }
 
 fn revoked_record(daemon: &Daemon, user: &TestUser) -> serde_json::Value {

@@ -231,16 +231,7 @@ fn subscriber(daemon: &Daemon, user: &TestUser) -> (Child, mpsc::Receiver<serde_
 }
 
 fn call_as(daemon: &Daemon, user: &TestUser, request: &serde_json::Value) -> serde_json::Value {
-    use std::os::unix::process::CommandExt;
-    let out = Command::new(binary("epm-e2e-ipc"))
-        .arg(daemon.socket())
-        .arg("call")
-        .arg(request.to_string())
-        .uid(user.uid)
-        .gid(user.gid)
-        .output()
-        .unwrap();
-    serde_json::from_slice(&out.stdout).unwrap()
+    serde_json::from_slice(&daemon.ipc_as(user, request).stdout).unwrap()
 }
 
 #[test]

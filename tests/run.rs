@@ -23,7 +23,7 @@ fn daemon(policy: &str) -> Daemon {
 const RUN_POLICY: &str = r#"{"version":1,"default_action":"allow","rules":[],"elevation":[
     {"id":"id","action":"allow","match":{"name":"id"}},
     {"id":"id-nobody","action":"allow","match":{"name":"id"},"run_as":"nobody"},
-    {"id":"sh","action":"allow","match":{"name":"sh"}},
+    {"id":"sh","action":"allow","match":{"path":"/bin/sh"}},
     {"id":"cat","action":"allow","match":{"name":"cat"}}]}"#;
 
 #[test]

@@ -4,66 +4,11 @@
 #![allow(clippy::unwrap_used)]
 
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
+use epm_e2e::sudo::{Replaced, sudo_as};
 use epm_e2e::{Daemon, TestUser, capable};
-
-/// The built plugin, next to the test executables.
-fn plugin() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let deps = exe.parent().unwrap();
-    [
-        deps.join("libepm_sudo.so"),
-        deps.parent().unwrap().join("libepm_sudo.so"),
-    ]
-    .into_iter()
-    .find(|p| p.exists())
-    .expect("libepm_sudo.so not built: run `cargo test --workspace` (or `cargo build -p epm-sudo`)")
-}
-
-/// Replaces a system file for the test, and puts the original back on drop.
-struct Replaced {
-    path: PathBuf,
-    original: Option<Vec<u8>>,
-}
-
-impl Replaced {
-    fn write(path: &Path, contents: &str, mode: u32) -> Replaced {
-        use std::os::unix::fs::PermissionsExt;
-        let original = std::fs::read(path).ok();
-        std::fs::write(path, contents).unwrap();
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
-        Replaced {
-            path: path.to_owned(),
-            original,
-        }
-    }
-}
-
-impl Drop for Replaced {
-    fn drop(&mut self) {
-        match &self.original {
-            Some(bytes) => {
-                let _ = std::fs::write(&self.path, bytes);
-            }
-            None => {
-                let _ = std::fs::remove_file(&self.path);
-            }
-        }
-    }
-}
-
-fn sudo_as(user: &TestUser, args: &[&str]) -> Output {
-    Command::new("sudo")
-        .arg("-n")
-        .args(args)
-        .uid(user.uid)
-        .gid(user.gid)
-        .env_remove("SUDO_ASKPASS")
-        .output()
-        .unwrap()
-}
 
 /// sudo run by `user` on a new pseudo-terminal (`script`), with `input`
 /// typed on it.
@@ -124,16 +69,7 @@ fn sudo_asks_epmd_for_every_command() {
         &format!("{} ALL=(ALL) NOPASSWD: ALL\n", user.name),
         0o440,
     );
-    let _conf = Replaced::write(
-        Path::new("/etc/sudo.conf"),
-        &format!(
-            "Plugin sudoers_policy sudoers.so\nPlugin sudoers_io sudoers.so\n\
-             Plugin epm_approval {} socket={} fail=deny\n",
-            plugin().display(),
-            daemon.socket().display()
-        ),
-        0o644,
-    );
+    let _conf = Replaced::sudo_conf(&daemon.socket());
 
     // Allowed by an elevation rule: runs as root.
     let out = sudo_as(&user, &["/usr/bin/id", "-u"]);

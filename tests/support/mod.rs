@@ -9,6 +9,7 @@
 
 pub mod platform;
 pub mod run;
+pub mod sudo;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
@@ -368,6 +369,21 @@ impl Daemon {
             .unwrap()
     }
 
+    /// Sends one raw request as `user` (`epm-e2e-ipc … call`), as a client
+    /// that skips epmctl's own checks would; its answer is one JSON line on
+    /// stdout.
+    pub fn ipc_as(&self, user: &TestUser, request: &serde_json::Value) -> Output {
+        use std::os::unix::process::CommandExt;
+        Command::new(binary("epm-e2e-ipc"))
+            .arg(self.socket())
+            .arg("call")
+            .arg(request.to_string())
+            .uid(user.uid)
+            .gid(user.gid)
+            .output()
+            .unwrap()
+    }
+
     /// Runs `epmctl --socket <ours> ARGS`.
     pub fn epmctl(&self, args: &[&str]) -> Output {
         Command::new(binary("epmctl"))
@@ -508,6 +524,19 @@ impl Drop for Daemon {
     }
 }
 
+/// Waits until `done`, checking every 100 ms, and fails the test naming
+/// `what` after `limit`.
+pub fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !done() {
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not happen within {limit:?}"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// A policy document with the given default and rules (JSON fragments).
 pub fn policy(version: u64, default_action: &str, rules: &[String]) -> String {
     format!(
@@ -586,6 +615,54 @@ fn wait_for_exit(child: &mut Child, path: &Path) -> std::io::Result<ExitStatus> 
             );
         }
         thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// A local group made for one test and removed after it.
+#[derive(Debug)]
+pub struct TestGroup {
+    /// Its name.
+    pub name: String,
+}
+
+impl TestGroup {
+    /// Creates the group (replacing a leftover of an earlier run).
+    pub fn create(name: &str) -> TestGroup {
+        let _ = Command::new("groupdel").arg(name).output();
+        let out = Command::new("groupadd").arg(name).output().unwrap();
+        assert!(
+            out.status.success(),
+            "groupadd: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        TestGroup { name: name.into() }
+    }
+
+    /// Its listed members.
+    pub fn members(&self) -> Vec<String> {
+        let out = Command::new("getent")
+            .args(["group", &self.name])
+            .output()
+            .unwrap();
+        let line = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        line.rsplit(':')
+            .next()
+            .unwrap_or("")
+            .split(',')
+            .filter(|m| !m.is_empty())
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// Whether `user` is a listed member.
+    pub fn has(&self, user: &TestUser) -> bool {
+        self.members().contains(&user.name)
+    }
+}
+
+impl Drop for TestGroup {
+    fn drop(&mut self) {
+        let _ = Command::new("groupdel").arg(&self.name).output();
     }
 }
 

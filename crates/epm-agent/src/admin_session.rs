@@ -26,9 +26,10 @@ use epm_store::{AdminSession, IdentityKind, NewAdminSession, Store, SubjectIdent
 use jiff::{SignedDuration, Timestamp};
 
 use crate::audit::AuditSink;
-use crate::config::{AdminSessionsConfig, SudoersChanges};
+use crate::config::{AdminSessionsConfig, SessionProcesses, SudoersChanges};
 use crate::decider::Decider;
 use crate::flows::{Flows, Requirement, lock};
+use crate::session_leftovers;
 use crate::sudoers::{self, Snapshot};
 
 /// How often sessions are checked.
@@ -53,6 +54,10 @@ pub mod events {
     pub const SUDOERS_CHANGE: &str = "sudoers_change_found";
     /// A group change failed (it is retried).
     pub const FAILED: &str = "admin_session_error";
+    /// A setuid or setgid file made during the session.
+    pub const SETUID_FILE: &str = "setuid_file_found";
+    /// A process that still carried the admin group at the session's end.
+    pub const GROUP_PROCESS: &str = "admin_group_process_found";
 }
 
 /// Adding users to groups and taking them out: the platform's directory.
@@ -351,6 +356,10 @@ impl AdminSessions {
             }
         }
         self.check_sudoers(session);
+        if leave_group && !s.was_member_before {
+            self.end_group_processes(session);
+            self.check_setuid_files(session);
+        }
         let now = self.now();
         match lock(&self.store).revoke_admin_session(session.id, now, reason) {
             Ok(_) => {}
@@ -381,6 +390,102 @@ impl AdminSessions {
         true
     }
 
+    /// The user's processes that still carry the session's group once the
+    /// user left it ([`session_leftovers::processes_with_group`]): ended
+    /// (SIGKILL) or reported, per the configuration, each audited.
+    fn end_group_processes(&self, session: &AdminSession) {
+        let s = &session.session;
+        let Some(gid) = nix::unistd::Group::from_name(&s.group)
+            .ok()
+            .flatten()
+            .map(|g| g.gid.as_raw())
+        else {
+            return;
+        };
+        let action = self.config.session_processes;
+        for process in session_leftovers::processes_with_group(s.uid, gid) {
+            let outcome = match action {
+                SessionProcesses::End => nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(process.pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                )
+                .map_err(|e| e.to_string()),
+                SessionProcesses::Report => Ok(()),
+            };
+            let mut event = AuditEvent::new(events::GROUP_PROCESS)
+                .with_detail("session_id", session.id)
+                .with_detail("group", s.group.as_str())
+                .with_detail("command", process.command.as_str())
+                .with_detail(
+                    "action",
+                    if outcome.is_ok() {
+                        action.as_str()
+                    } else {
+                        "end_failed"
+                    },
+                );
+            event.uid = Some(s.uid);
+            event.user = Some(s.user.clone());
+            event.pid = Some(process.pid);
+            event.reason = outcome.err();
+            tracing::warn!(
+                pid = process.pid,
+                user = s.user,
+                "a process kept the admin group after the session"
+            );
+            self.audit.send(event);
+        }
+    }
+
+    /// Setuid and setgid files made during the session under the scan
+    /// paths ([`session_leftovers::new_setuid_files`]): their bits taken
+    /// off or reported, per the configuration, each audited.
+    fn check_setuid_files(&self, session: &AdminSession) {
+        let s = &session.session;
+        let scan = session_leftovers::new_setuid_files(
+            &self.config.setuid_scan_paths,
+            s.started_at.as_second(),
+            self.config.setuid_scan_limit,
+        );
+        if scan.truncated {
+            tracing::warn!(
+                visited = scan.visited,
+                "the setuid scan stopped at its limit"
+            );
+            let mut event = AuditEvent::new(events::SETUID_FILE)
+                .with_detail("session_id", session.id)
+                .with_detail("action", "scan_truncated")
+                .with_detail("visited", scan.visited);
+            event.uid = Some(s.uid);
+            event.user = Some(s.user.clone());
+            event.reason = Some("the scan reached setuid_scan_limit before its end".into());
+            self.audit.send(event);
+        }
+        for file in &scan.found {
+            let outcome = match self.config.setuid_changes {
+                SudoersChanges::Remove => session_leftovers::strip_setuid(file),
+                SudoersChanges::Report => Ok(()),
+            };
+            let action = match (&outcome, self.config.setuid_changes) {
+                (Err(_), _) => "remove_failed",
+                (Ok(()), SudoersChanges::Remove) => "bits_removed",
+                (Ok(()), SudoersChanges::Report) => "reported",
+            };
+            let mut event = AuditEvent::new(events::SETUID_FILE)
+                .with_detail("session_id", session.id)
+                .with_detail("file", file.path.display().to_string())
+                .with_detail("mode", format!("{:o}", file.mode))
+                .with_detail("owner_uid", file.uid)
+                .with_detail("action", action);
+            event.uid = Some(s.uid);
+            event.user = Some(s.user.clone());
+            event.path = Some(file.path.display().to_string());
+            event.reason = outcome.err().map(|e| e.to_string());
+            tracing::warn!(file = %file.path.display(), user = s.user, action, "setuid file made during an admin session");
+            self.audit.send(event);
+        }
+    }
+
     /// Finds sudoers entries for the session's user added since its start;
     /// takes them out or reports them, per the configuration.
     fn check_sudoers(&self, session: &AdminSession) {
@@ -390,8 +495,7 @@ impl AdminSessions {
         if now == baseline {
             return;
         }
-        let groups = user_groups(&s.user);
-        for finding in sudoers::findings(&baseline, &now, &s.user, &groups) {
+        for finding in sudoers::findings(&baseline, &now, &account(s.uid, &s.user)) {
             let outcome = match self.config.sudoers_changes {
                 SudoersChanges::Report => Ok(()),
                 SudoersChanges::Remove => sudoers::remove(&finding),
@@ -676,12 +780,27 @@ impl AdminSessions {
     }
 }
 
-fn user_groups(user: &str) -> Vec<String> {
-    nix::unistd::User::from_name(user)
-        .ok()
-        .flatten()
-        .map(|u| crate::control::group_names(&u))
-        .unwrap_or_default()
+/// Whom sudoers findings are judged for: the user, their uid, their
+/// groups (names and ids).
+fn account(uid: u32, user: &str) -> sudoers::Account {
+    let entry = nix::unistd::User::from_name(user).ok().flatten();
+    sudoers::Account {
+        user: user.to_owned(),
+        uid,
+        groups: entry
+            .as_ref()
+            .map(crate::control::group_names)
+            .unwrap_or_default(),
+        gids: entry
+            .as_ref()
+            .map(|u| {
+                crate::control::group_ids(u)
+                    .into_iter()
+                    .map(|g| g.as_raw())
+                    .collect()
+            })
+            .unwrap_or_default(),
+    }
 }
 
 fn info(session: &AdminSession) -> AdminSessionInfo {

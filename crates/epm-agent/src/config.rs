@@ -149,6 +149,39 @@ pub struct AdminSessionsConfig {
     /// The sudoers files and directories compared with their state at the
     /// start of each session.
     pub sudoers_paths: Vec<PathBuf>,
+    /// What to do with a setuid or setgid file made during a session under
+    /// [`AdminSessionsConfig::setuid_scan_paths`]: `remove` its setuid and
+    /// setgid bits (the default) or only `report` it.
+    pub setuid_changes: SudoersChanges,
+    /// Where a session's end looks for new setuid and setgid files (each
+    /// tree on its own file system only).
+    pub setuid_scan_paths: Vec<PathBuf>,
+    /// The most entries one end-of-session scan visits, all paths together.
+    pub setuid_scan_limit: u64,
+    /// What to do with the user's processes that still carry the admin
+    /// group when the session ends (`newgrp`, `sg`): `end` them (the
+    /// default) or only `report` them.
+    pub session_processes: SessionProcesses,
+}
+
+/// `admin_sessions.session_processes`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SessionProcesses {
+    /// SIGKILL them, and audit each.
+    End,
+    /// Only audit each.
+    Report,
+}
+
+impl SessionProcesses {
+    /// The name used in audit records.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SessionProcesses::End => "ended",
+            SessionProcesses::Report => "reported",
+        }
+    }
 }
 
 /// `admin_sessions.sudoers_changes`.
@@ -185,6 +218,23 @@ impl Default for AdminSessionsConfig {
                 PathBuf::from("/etc/sudoers"),
                 PathBuf::from("/etc/sudoers.d"),
             ],
+            setuid_changes: SudoersChanges::Remove,
+            setuid_scan_paths: [
+                "/home",
+                "/Users",
+                "/root",
+                "/tmp",
+                "/var/tmp",
+                "/dev/shm",
+                "/usr/local",
+                "/opt",
+                "/srv",
+            ]
+            .into_iter()
+            .map(PathBuf::from)
+            .collect(),
+            setuid_scan_limit: 200_000,
+            session_processes: SessionProcesses::End,
         }
     }
 }

@@ -25,7 +25,7 @@ use epm_store::Store;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
 use crate::decider::Decider;
-use crate::flows::Flows;
+use crate::flows::{Flows, SudoRequest};
 use crate::stats::Counters;
 use crate::sync::{SYNC_REPLY_WAIT, SyncHandle, SyncNowReply};
 
@@ -134,12 +134,13 @@ pub fn serve_xpc(
 /// handshake, then its requests.
 fn serve_connection(arrival: Arrival, context: &ControlContext) {
     let peer = arrival.peer();
+    let accountable = accountable_uid(&peer);
     let per_uid = &context.connections;
     {
         let Ok(mut counts) = per_uid.lock() else {
             return;
         };
-        let count = counts.entry(peer.uid).or_default();
+        let count = counts.entry(accountable).or_default();
         if *count >= MAX_CONNECTIONS_PER_UID {
             drop(counts);
             tracing::warn!(
@@ -169,10 +170,76 @@ fn serve_connection(arrival: Arrival, context: &ControlContext) {
         Err(error) => tracing::info!(uid = peer.uid, %error, "control connection refused"),
     }
     if let Ok(mut counts) = per_uid.lock()
-        && let Some(count) = counts.get_mut(&peer.uid)
+        && let Some(count) = counts.get_mut(&accountable)
     {
         *count = count.saturating_sub(1);
     }
+}
+
+/// Who an `elevate` request is for: only the sudo plugin sends it, from
+/// inside sudo, which runs it as root. So the peer must be root (a user's
+/// own client never is: the kernel reports the effective uid at connect),
+/// and on Linux the peer process's real uid (sudo's invoking user) must be
+/// the user it names. `Err` says why not, for the caller and the audit.
+fn sudo_plugin_caller(
+    peer: PeerCredentials,
+    via: ElevationVia,
+    for_uid: Option<u32>,
+) -> Result<u32, String> {
+    if via != ElevationVia::Sudo {
+        return Err("elevate is the sudo plugin's request; epmctl run sends run".into());
+    }
+    if peer.uid != 0 {
+        return Err(
+            "elevate is accepted only from the sudo plugin, which sudo runs as root".into(),
+        );
+    }
+    let Some(uid) = for_uid else {
+        return Ok(0);
+    };
+    if cfg!(target_os = "linux") {
+        let real = peer.pid.and_then(real_uid_of);
+        if real != Some(uid) {
+            return Err(format!(
+                "elevate for uid {uid} from a process whose real uid is {}: not sudo run by that user",
+                real.map_or_else(|| "unknown".to_owned(), |r| r.to_string())
+            ));
+        }
+    }
+    Ok(uid)
+}
+
+/// The real uid of process `pid` (Linux), from `/proc/PID/status`.
+fn real_uid_of(pid: u32) -> Option<u32> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    crate::gate::procfs::parse_status(&text).map(|s| s.uid)
+}
+
+/// The uid a connection counts against: the peer's, except that root's
+/// connections from a process run by a user (sudo's plugin) count against
+/// that user, so no user can fill root's quota with waiting sudo commands.
+fn accountable_uid(peer: &PeerCredentials) -> u32 {
+    if peer.uid == 0 && cfg!(target_os = "linux") {
+        return peer.pid.and_then(real_uid_of).unwrap_or(0);
+    }
+    peer.uid
+}
+
+/// Audits a request refused for who sent it.
+fn audit_refused_request(context: &ControlContext, peer: PeerCredentials, kind: &str, why: &str) {
+    let mut event = epm_audit::AuditEvent::new("request_refused").with_detail("request", kind);
+    event.uid = Some(peer.uid);
+    event.user = context
+        .decider
+        .names()
+        .user(peer.uid)
+        .map(|n| n.to_string());
+    event.pid = peer.pid;
+    event.reason = Some(why.to_owned());
+    event.decision = Some("deny".into());
+    event.device_id = Some(context.decider.device_id().to_owned());
+    tracing::warn!(uid = peer.uid, kind, why, "request refused");
+    context.flows.audit_event(event);
 }
 
 /// root, or a member of the admin group.
@@ -317,19 +384,36 @@ fn handle_requests(
                 command,
                 reason,
                 window,
+                for_uid,
+                env,
+                edit,
             } => {
-                let uid = connection.peer.uid;
-                let response =
-                    match context
-                        .flows
-                        .elevate(uid, via, &command, reason.as_deref(), window)
-                    {
-                        Ok(allowed) => Response::Elevation(ElevationVerdict::Allowed {
-                            rule_id: allowed.rule_id,
-                            grant_id: allowed.met.grant_id,
-                        }),
-                        Err(unmet) => unmet.into_response(),
-                    };
+                let uid = match sudo_plugin_caller(connection.peer, via, for_uid) {
+                    Ok(uid) => uid,
+                    Err(refusal) => {
+                        audit_refused_request(context, connection.peer, "elevate", &refusal);
+                        connection.send(&error(ErrorCode::Forbidden, refusal))?;
+                        continue;
+                    }
+                };
+                let sudo = SudoRequest {
+                    env: &env,
+                    edit: edit.as_deref(),
+                };
+                let response = match context.flows.elevate(
+                    uid,
+                    via,
+                    &command,
+                    Some(sudo),
+                    reason.as_deref(),
+                    window,
+                ) {
+                    Ok(allowed) => Response::Elevation(ElevationVerdict::Allowed {
+                        rule_id: allowed.rule_id,
+                        grant_id: allowed.met.grant_id,
+                    }),
+                    Err(unmet) => unmet.into_response(),
+                };
                 connection.send(&response)?;
             }
             Request::AdminStart {
@@ -369,10 +453,11 @@ fn handle_requests(
                 // take them first, whatever is decided.
                 let stdio = connection.recv_fds(3)?;
                 let uid = connection.peer.uid;
-                let allowed = match context.flows.elevate(
+                let mut allowed = match context.flows.elevate(
                     uid,
                     ElevationVia::Run,
                     &command,
+                    None,
                     reason.as_deref(),
                     window,
                 ) {
@@ -382,8 +467,13 @@ fn handle_requests(
                         continue;
                     }
                 };
+                let Some(program) = allowed.program.take() else {
+                    connection.send(&error(ErrorCode::Internal, "no program was checked"))?;
+                    continue;
+                };
                 let spec = crate::runner::RunSpec::new(
                     &command,
+                    program,
                     cwd.clone(),
                     &env,
                     tty,
@@ -790,9 +880,12 @@ fn audit_run<'a>(
     if let Some(text) = &allowed.met.justification {
         event = event.with_detail("justification", text.as_str());
     }
+    if allowed.path != command.program {
+        event = event.with_detail("requested_path", command.program.as_str());
+    }
     event.pid = Some(pid);
     event.user = Some(allowed.user.clone());
-    event.path = Some(command.program.clone());
+    event.path = Some(allowed.path.clone());
     event.rule_id = allowed.rule_id.clone();
     event.device_id = Some(context.decider.device_id().to_owned());
     RunRecord { context, event }

@@ -14,8 +14,6 @@
 //! others (admins may list everyone's).
 
 use std::collections::{HashMap, VecDeque};
-use std::fs::File;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -39,10 +37,11 @@ use jiff::{SignedDuration, Timestamp};
 use crate::audit::AuditSink;
 use crate::clock::{FLOOR_META_KEY, TrustedClock};
 use crate::decider::{Decider, Interactive, Outcome, UsedGrant, grant_identity};
+use crate::program::{Caller, Program};
 
 mod elevation;
 pub use elevation::{
-    ELEVATION_ALLOWED, ELEVATION_DENIED, ElevationAllowed, Met, Requirement, Unmet,
+    ELEVATION_ALLOWED, ELEVATION_DENIED, ElevationAllowed, Met, Requirement, SudoRequest, Unmet,
 };
 
 /// How long a justification grant waits for the run it allows.
@@ -264,6 +263,28 @@ impl Flows {
         self.audit.send(event);
     }
 
+    /// Audits a refused request of a user (`kind`: what was refused), so
+    /// attempts leave a trace even when nothing was decided.
+    pub(crate) fn audit_refusal(
+        &self,
+        kind: &str,
+        uid: u32,
+        user: &str,
+        path: &str,
+        rule_id: Option<&str>,
+        why: &str,
+    ) {
+        let mut event = AuditEvent::new(kind);
+        event.uid = Some(uid);
+        event.user = Some(user.to_owned());
+        event.path = Some(path.to_owned());
+        event.rule_id = rule_id.map(str::to_owned);
+        event.decision = Some("deny".into());
+        event.reason = Some(why.to_owned());
+        event.device_id = Some(self.device_id.clone());
+        self.audit.send(event);
+    }
+
     /// The platform's time at check-in: the clock never reads earlier.
     pub fn observe_platform_time(&self, time: Timestamp) {
         self.clock.observe(time);
@@ -461,10 +482,17 @@ impl Flows {
         if target.action != Action::Justify {
             return Err(wrong_flow(&target));
         }
-        let reason = target
-            .justification
-            .check(reason)
-            .map_err(|e| (ErrorCode::BadRequest, e.to_string()))?;
+        let reason = target.justification.check(reason).map_err(|e| {
+            self.audit_refusal(
+                "justification_refused",
+                target.uid,
+                &target.user,
+                &target.path,
+                Some(&target.rule_id),
+                &e.to_string(),
+            );
+            (ErrorCode::BadRequest, e.to_string())
+        })?;
         let now = self.clock.now();
         let grant = NewGrant {
             uid: target.uid,
@@ -896,7 +924,11 @@ impl Flows {
             }
             (None, Some(path)) => {
                 let user = self.user_name(caller);
-                let (identity, subject) = self.subject_for_path(&decider, caller, &user, &path)?;
+                let (identity, subject) = self
+                    .subject_for_path(&decider, caller, &user, &path)
+                    .inspect_err(|(_, why)| {
+                        self.audit_refusal("flow_request_refused", caller, &user, &path, None, why);
+                    })?;
                 let decision = policy.engine.evaluate(&subject);
                 let Some(rule_id) = decision.rule_id.as_deref().map(str::to_owned) else {
                     return Err((
@@ -948,8 +980,8 @@ impl Flows {
         user: &str,
         path: &str,
     ) -> Result<(SubjectIdentity, Subject), Refused> {
-        self.hashed_subject(decider, caller, user, path, |meta, groups| {
-            if meta.is_file() && executable_by(meta, caller, groups) {
+        self.hashed_subject(decider, caller, user, path, |meta, ids| {
+            if meta.is_file() && crate::program::permitted(meta, ids, 1) {
                 Ok(())
             } else {
                 Err((
@@ -960,52 +992,32 @@ impl Flows {
         })
     }
 
-    /// The subject for a file named by a caller: opened once, `admit`ted
-    /// (given its metadata and the caller's group ids), hashed through the
-    /// same descriptor, with the caller's name, groups and this device.
+    /// The subject for a file named by a caller for a grant: opened once
+    /// with the caller's own credentials ([`Program::for_caller`]), so a
+    /// file they cannot reach stays unknown to them, `admit`ted (given its
+    /// metadata and the caller's group ids), hashed through the same
+    /// descriptor, with the caller's name, groups and this device.
     fn hashed_subject(
         &self,
         decider: &Decider,
         caller: u32,
         user: &str,
         path: &str,
-        admit: impl FnOnce(&std::fs::Metadata, &[u32]) -> Result<(), Refused>,
+        admit: impl FnOnce(&std::fs::Metadata, &Caller) -> Result<(), Refused>,
     ) -> Result<(SubjectIdentity, Subject), Refused> {
-        if !path.starts_with('/') {
-            return Err((
-                ErrorCode::BadRequest,
-                format!("{path:?} is not an absolute path"),
-            ));
-        }
-        let file = File::open(path)
-            .map_err(|e| (ErrorCode::NotFound, format!("cannot open {path}: {e}")))?;
-        let meta = file
+        let ids = Caller::of(caller, decider.names());
+        let program = Program::for_caller(path, &ids).map_err(|e| (e.code(), e.to_string()))?;
+        let meta = program
+            .file
             .metadata()
             .map_err(|e| (ErrorCode::NotFound, format!("cannot read {path}: {e}")))?;
-        let account = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(caller))
-            .ok()
-            .flatten();
-        let groups: Vec<u32> = account
-            .as_ref()
-            .map(|a| {
-                crate::control::group_ids(a)
-                    .into_iter()
-                    .map(|g| g.as_raw())
-                    .collect()
-            })
-            .unwrap_or_default();
-        admit(&meta, &groups)?;
-        let sha256 = crate::decider::hash_file(&file)
-            .map_err(|e| (ErrorCode::Internal, format!("cannot read {path}: {e}")))?;
+        admit(&meta, &ids)?;
         let subject = Subject {
-            path: path.to_owned(),
-            sha256: Some(sha256),
+            path: program.canonical.clone(),
+            sha256: Some(program.sha256),
             uid: caller,
             user: user.to_owned(),
-            groups: account
-                .as_ref()
-                .map(crate::control::group_names)
-                .unwrap_or_default(),
+            groups: group_names(decider, &ids.groups),
             device_id: decider.device_id().to_owned(),
             ..Subject::default()
         };
@@ -1174,23 +1186,18 @@ fn situation_name(reason: &BlockReason) -> &'static str {
     }
 }
 
-fn same_identity(a: &SubjectIdentity, b: &SubjectIdentity) -> bool {
-    a.kind == b.kind && a.value.eq_ignore_ascii_case(&b.value)
+/// The names of `gids`, in order, without repeats (unknown ids left out).
+fn group_names(decider: &Decider, gids: &[u32]) -> Vec<String> {
+    let mut names: Vec<String> = gids
+        .iter()
+        .filter_map(|&gid| decider.names().group(gid).map(|n| n.to_string()))
+        .collect();
+    names.dedup();
+    names
 }
 
-/// Whether the mode bits let `uid` (with `groups`) execute the file.
-fn executable_by(meta: &std::fs::Metadata, uid: u32, groups: &[u32]) -> bool {
-    let mode = meta.permissions().mode();
-    if uid == 0 {
-        return mode & 0o111 != 0;
-    }
-    if meta.uid() == uid {
-        mode & 0o100 != 0
-    } else if groups.contains(&meta.gid()) {
-        mode & 0o010 != 0
-    } else {
-        mode & 0o001 != 0
-    }
+fn same_identity(a: &SubjectIdentity, b: &SubjectIdentity) -> bool {
+    a.kind == b.kind && a.value.eq_ignore_ascii_case(&b.value)
 }
 
 fn wrong_flow(target: &Target) -> Refused {
@@ -1382,28 +1389,5 @@ mod tests {
         );
         // Expired unreviewed: nothing was approved, just ask.
         assert_eq!(situation(&[expired], &[], at(200)), Situation::Ask);
-    }
-
-    #[test]
-    fn execute_permission_follows_owner_group_other() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("tool");
-        std::fs::write(&path, b"x").unwrap();
-        let owner = std::fs::metadata(&path).unwrap().uid();
-        let group = std::fs::metadata(&path).unwrap().gid();
-        let set = |mode| {
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
-            std::fs::metadata(&path).unwrap()
-        };
-        let stranger = owner + 1000;
-        assert!(executable_by(&set(0o700), owner, &[]));
-        assert!(!executable_by(&set(0o700), stranger, &[]));
-        assert!(executable_by(&set(0o710), stranger, &[group]));
-        assert!(executable_by(&set(0o701), stranger, &[]));
-        assert!(!executable_by(&set(0o644), stranger, &[group]));
-        assert!(
-            !executable_by(&set(0o644), 0, &[]),
-            "root needs an x bit too"
-        );
     }
 }

@@ -21,8 +21,8 @@
 //! stopped), then SIGKILL after [`HANGUP_GRACE`]. On Linux the command
 //! itself also gets SIGKILL if `epmd` dies (`PR_SET_PDEATHSIG`).
 //!
-//! **Environment**: the command gets only [`KEPT_ENV`] (and `LC_*`) from
-//! the caller, with values that cannot name files or format strings (as
+//! **Environment**: the command gets only [`epm_policy::env::KEPT_ENV`]
+//! (and `LC_*`) from the caller, with values that cannot name files or format strings (as
 //! sudo checks them: no `/` or `%`; `TZ` only as a zone name or under
 //! `/usr/share/zoneinfo/`), plus `HOME`, `USER`, `LOGNAME` and `SHELL` of
 //! the run-as user and `PATH` = [`SECURE_PATH`].
@@ -42,24 +42,24 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Child, Stdio};
-use std::sync::mpsc;
+use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
 use epm_ipc::{
     Command, ErrorCode, ExitStatus, Incoming, Request, Response, ServerConnection, ServerError,
     TermSize,
 };
+use epm_policy::env::keeps_variable;
 use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::signal::{Signal, killpg};
+use std::fs::File;
+
+use crate::program::Program;
 use nix::unistd::Pid;
 
 /// The `PATH` a command gets, whatever the caller's.
 pub(crate) const SECURE_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
-
-/// Caller environment variables a command keeps (and every `LC_*`), when
-/// their values are safe (see the module documentation).
-pub(crate) const KEPT_ENV: &[&str] = &["TERM", "LANG", "TZ", "COLORTERM", "NO_COLOR"];
 
 /// How long a command has to end after SIGHUP, once its caller is gone,
 /// before SIGKILL.
@@ -168,26 +168,6 @@ fn groups_of(user: &nix::unistd::User) -> Vec<u32> {
     }
 }
 
-/// Whether a caller's variable is passed on (see the module documentation).
-pub(crate) fn keeps_variable(name: &str, value: &str) -> bool {
-    let listed = KEPT_ENV.contains(&name)
-        || (name.len() > 3
-            && name.starts_with("LC_")
-            && name[3..]
-                .bytes()
-                .all(|b| b.is_ascii_uppercase() || b == b'_'));
-    if !listed || value.len() > 1024 || value.chars().any(char::is_control) {
-        return false;
-    }
-    if name == "TZ" {
-        let zone = value.strip_prefix(':').unwrap_or(value);
-        return !zone.contains("..")
-            && !zone.contains('%')
-            && (!zone.starts_with('/') || zone.starts_with("/usr/share/zoneinfo/"));
-    }
-    !value.contains('/') && !value.contains('%')
-}
-
 /// The command's whole environment.
 pub(crate) fn command_env(
     caller: &BTreeMap<String, String>,
@@ -209,8 +189,16 @@ pub(crate) fn command_env(
 /// What to run, for whom, and how.
 #[derive(Debug, Clone)]
 pub(crate) struct RunSpec {
-    /// Absolute path of the program.
+    /// The program's canonical path (for messages; what macOS executes).
     pub(crate) program: String,
+    /// The program as the daemon checked it: on Linux the command is
+    /// this descriptor, executed with `execveat(fd, "", AT_EMPTY_PATH)`, so
+    /// nothing that happens to the path meanwhile changes what runs. `None`
+    /// only in tests, which run a path.
+    pub(crate) checked: Option<Arc<File>>,
+    /// The program is a `#!` script: its interpreter reads it through
+    /// `/dev/fd/N`, so the descriptor stays open across the exec.
+    pub(crate) script: bool,
     /// Its arguments, `argv[0]` first.
     pub(crate) argv: Vec<String>,
     /// Who it runs as.
@@ -230,27 +218,24 @@ impl RunSpec {
     /// caller's environment.
     pub(crate) fn new(
         command: &Command,
+        program: Program,
         cwd: String,
         caller_env: &BTreeMap<String, String>,
         tty: Option<TermSize>,
         rule_id: Option<String>,
     ) -> Result<RunSpec, RunError> {
-        if !command.program.starts_with('/') {
-            return Err(RunError::Invalid(format!(
-                "the program must be an absolute path, not {:?}",
-                command.program
-            )));
-        }
         let nul = |s: &String| s.contains('\0');
-        if nul(&command.program) || command.argv.iter().any(nul) || nul(&cwd) {
+        if command.argv.iter().any(nul) || nul(&cwd) {
             return Err(RunError::Invalid(
-                "the program, its arguments and the directory may not contain NUL".into(),
+                "the arguments and the directory may not contain NUL".into(),
             ));
         }
         let run_as = RunAs::resolve(&command.run_as)?;
         let env = command_env(caller_env, &run_as);
         Ok(RunSpec {
-            program: command.program.clone(),
+            program: program.canonical,
+            checked: Some(Arc::new(program.file)),
+            script: program.script,
             argv: command.argv.clone(),
             run_as,
             cwd,
@@ -579,6 +564,7 @@ fn spawn(spec: &RunSpec, stdio: [OwnedFd; 3], controlling_tty: bool) -> Result<C
     )
     .into_bytes();
     let fd_limit = descriptor_limit();
+    let image = ExecImage::new(spec)?;
     #[cfg(any(target_os = "linux", target_os = "android"))]
     let daemon_pid = nix::unistd::getpid().as_raw();
     let child_setup = move || -> io::Result<()> {
@@ -614,12 +600,126 @@ fn spawn(spec: &RunSpec, stdio: [OwnedFd; 3], controlling_tty: bool) -> Result<C
             }
         }
         close_on_exec_from(3, fd_limit);
-        Ok(())
+        match &image {
+            Some(image) => Err(image.exec()),
+            None => Ok(()),
+        }
     };
     // SAFETY: the closure makes only async-signal-safe calls (system calls
     // on prepared buffers; no allocation, no locks).
     unsafe { command.pre_exec(child_setup) };
     command.spawn().map_err(|e| spawn_error(&spec.program, &e))
+}
+
+/// The checked program's descriptor with everything its exec needs,
+/// prepared before the fork (the child may not allocate).
+#[cfg(any(target_os = "linux", target_os = "android"))]
+struct ExecImage {
+    fd: RawFd,
+    script: bool,
+    _strings: Vec<CString>,
+    argv: Vec<*const libc::c_char>,
+    envp: Vec<*const libc::c_char>,
+}
+
+// SAFETY: the pointers point into `_strings`, owned by the same value and
+// never changed; the child that uses them is a copy of this process.
+#[cfg(any(target_os = "linux", target_os = "android"))]
+unsafe impl Send for ExecImage {}
+// SAFETY: as above; nothing is written through the pointers.
+#[cfg(any(target_os = "linux", target_os = "android"))]
+unsafe impl Sync for ExecImage {}
+
+#[cfg(any(target_os = "linux", target_os = "android"))]
+impl ExecImage {
+    /// `None` when the spec has no checked file (tests).
+    fn new(spec: &RunSpec) -> Result<Option<ExecImage>, RunError> {
+        let Some(file) = &spec.checked else {
+            return Ok(None);
+        };
+        let invalid = |_| RunError::Invalid("NUL in an argument or variable".into());
+        let argv: Vec<CString> = spec
+            .argv
+            .iter()
+            .map(|a| CString::new(a.as_str()))
+            .collect::<Result<_, _>>()
+            .map_err(invalid)?;
+        let envp: Vec<CString> = spec
+            .env
+            .iter()
+            .map(|(k, v)| CString::new(format!("{k}={v}")))
+            .collect::<Result<_, _>>()
+            .map_err(invalid)?;
+        let pointers = |list: &[CString]| {
+            list.iter()
+                .map(|s| s.as_ptr())
+                .chain(std::iter::once(std::ptr::null()))
+                .collect::<Vec<_>>()
+        };
+        let (argv_ptrs, envp_ptrs) = (pointers(&argv), pointers(&envp));
+        let mut strings = argv;
+        strings.extend(envp);
+        Ok(Some(ExecImage {
+            fd: file.as_raw_fd(),
+            script: spec.script,
+            _strings: strings,
+            argv: argv_ptrs,
+            envp: envp_ptrs,
+        }))
+    }
+
+    /// Executes the descriptor (in the child, after the setup); returns
+    /// only on failure. A script keeps its descriptor open across the exec
+    /// (its interpreter opens `/dev/fd/N`); a binary's closes with it.
+    fn exec(&self) -> io::Error {
+        // SAFETY: async-signal-safe system calls on prepared, NUL-terminated
+        // arrays that live as long as `self`.
+        unsafe {
+            if self.script {
+                libc::fcntl(self.fd, libc::F_SETFD, 0);
+            }
+            libc::syscall(
+                libc::SYS_execveat,
+                self.fd,
+                c"".as_ptr(),
+                self.argv.as_ptr(),
+                self.envp.as_ptr(),
+                libc::AT_EMPTY_PATH,
+            );
+        }
+        io::Error::last_os_error()
+    }
+}
+
+/// macOS cannot execute a descriptor (no `fexecve`): the command is the
+/// canonical path, whose every directory the daemon checked is root's
+/// alone, so only root could swap it between the check and the exec.
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+struct ExecImage;
+
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+impl ExecImage {
+    /// No image: the path is executed, once it is checked to still name
+    /// the file that was decided on (a script the same way).
+    fn new(spec: &RunSpec) -> Result<Option<ExecImage>, RunError> {
+        use std::os::unix::fs::MetadataExt;
+        let _script_runs_by_path_too = spec.script;
+        if let Some(file) = &spec.checked {
+            let checked = file.metadata().map_err(setup("the checked program"))?;
+            let now = std::fs::metadata(&spec.program).map_err(setup("the program"))?;
+            if (checked.dev(), checked.ino()) != (now.dev(), now.ino()) {
+                return Err(RunError::Invalid(format!(
+                    "{} changed since it was checked",
+                    spec.program
+                )));
+            }
+        }
+        Ok(None)
+    }
+
+    fn exec(&self) -> io::Error {
+        io::Error::from(io::ErrorKind::Unsupported)
+    }
 }
 
 /// The highest descriptor number to mark close-on-exec, when the kernel

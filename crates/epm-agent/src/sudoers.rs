@@ -1,11 +1,16 @@
 //! Watching sudoers during admin sessions: a temporary administrator can
 //! make themselves permanent by planting a sudoers entry (the classic being
-//! `alice ALL=(ALL) NOPASSWD: ALL` in `/etc/sudoers.d`). Each session keeps
-//! the sudoers files' lines at its start; lines added since that grant its
-//! user something are found, audited, and (by default) taken out again.
-//!
-//! The analysis is pure and works on lines, so it is tested here without
-//! touching `/etc`.
+//! `alice ALL=(ALL) NOPASSWD: ALL` in `/etc/sudoers.d`, or the same written
+//! as `#1001 ALL=…`, `root, "alice" ALL=…`, through an alias, or as a
+//! symlink in `sudoers.d`). Each session keeps the sudoers files' contents
+//! at its start ([`Snapshot`]: symlinks recorded as such, with their
+//! target's lines). A file that changed since is read by sudo's own parser
+//! (`cvtsudoers -f json`), before and after, and the entries the change
+//! added are judged on the parsed structure: a user specification for the
+//! user (by name or uid), `ALL`, one of their groups, an alias or netgroup
+//! (which could name them), any new `Defaults`, any changed alias, and any
+//! `@include` directive count. No text pattern decides. Where the parser is
+//! missing or cannot read the file, the change counts (safe side).
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -62,6 +67,24 @@ fn read_into(path: &Path, files: &mut BTreeMap<String, Vec<String>>) {
     let Ok(meta) = fs::symlink_metadata(path) else {
         return;
     };
+    // sudo follows a symlink in sudoers.d: record it as one, with what it
+    // points at, so planting or re-pointing one is a change.
+    let link = meta
+        .file_type()
+        .is_symlink()
+        .then(|| fs::read_link(path).ok())
+        .flatten();
+    let meta = match (&link, fs::metadata(path)) {
+        (Some(_), Ok(target)) => target,
+        (Some(target), Err(_)) => {
+            files.insert(
+                path.to_string_lossy().into_owned(),
+                vec![format!("# epm: symbolic link to {}", target.display())],
+            );
+            return;
+        }
+        (None, _) => meta,
+    };
     if !meta.is_file() {
         return;
     }
@@ -75,10 +98,12 @@ fn read_into(path: &Path, files: &mut BTreeMap<String, Vec<String>>) {
             Err(_) => return,
         }
     };
-    files.insert(
-        path.to_string_lossy().into_owned(),
-        text.lines().map(str::to_owned).collect(),
-    );
+    let mut lines: Vec<String> = link
+        .map(|target| format!("# epm: symbolic link to {}", target.display()))
+        .into_iter()
+        .collect();
+    lines.extend(text.lines().map(str::to_owned));
+    files.insert(path.to_string_lossy().into_owned(), lines);
 }
 
 /// Lines added to one file since the baseline that grant the user
@@ -93,69 +118,157 @@ pub struct Finding {
     pub lines: Vec<String>,
 }
 
-/// What changed between `baseline` and `now` in the user's favour.
-pub fn findings(
-    baseline: &Snapshot,
-    now: &Snapshot,
-    user: &str,
-    groups: &[String],
-) -> Vec<Finding> {
+/// Who a finding is judged for.
+#[derive(Debug, Clone, Default)]
+pub struct Account {
+    /// User name.
+    pub user: String,
+    /// User id.
+    pub uid: u32,
+    /// Group names.
+    pub groups: Vec<String>,
+    /// Group ids.
+    pub gids: Vec<u32>,
+}
+
+/// What changed between `baseline` and `now` in the user's favour, as
+/// sudo's parser reads each changed file before and after.
+pub fn findings(baseline: &Snapshot, now: &Snapshot, account: &Account) -> Vec<Finding> {
     let mut found = Vec::new();
     for (path, lines) in &now.0 {
         let before = baseline.0.get(path);
+        if before == Some(lines) {
+            continue;
+        }
         let added: Vec<String> = lines
             .iter()
             .filter(|line| before.is_none_or(|old| !old.contains(line)))
-            .filter(|line| concerns(line, user, groups))
             .cloned()
             .collect();
-        if !added.is_empty() {
+        let includes = added.iter().any(|l| {
+            let l = l.trim_start();
+            l.starts_with("#include") || l.starts_with("@include")
+        });
+        let concerns = includes
+            || match (parse(lines), parse(before.map_or(&[][..], Vec::as_slice))) {
+                (Some(after), Some(before)) => new_entries(&before, &after)
+                    .iter()
+                    .any(|(section, entry)| entry_concerns(section, entry, account)),
+                // Unreadable to sudo's parser: count it.
+                _ => true,
+            };
+        if concerns {
             found.push(Finding {
                 path: path.clone(),
                 new_file: before.is_none(),
-                lines: added,
+                lines: if added.is_empty() {
+                    lines.clone()
+                } else {
+                    added
+                },
             });
         }
     }
     found
 }
 
-/// Whether a sudoers line could give `user` rights: a user specification
-/// for them, for `ALL`, or for one of their groups (`%group`), an alias
-/// naming them, or an include (which can pull in anything).
-pub fn concerns(line: &str, user: &str, groups: &[String]) -> bool {
-    let line = line.trim();
-    // `#include` and `#includedir` are directives, not comments.
-    if line.starts_with("#include") || line.starts_with("@include") {
-        return true;
+/// sudo's parser's reading of one sudoers text, as JSON (`None` when
+/// `cvtsudoers` is missing or cannot read it). The text goes through a
+/// private temporary file; its includes are read as sudo would.
+fn parse(lines: &[String]) -> Option<serde_json::Value> {
+    let mut file = tempfile::Builder::new()
+        .prefix("epm-sudoers-")
+        .tempfile()
+        .ok()?;
+    for line in lines {
+        writeln!(file, "{line}").ok()?;
     }
-    let code = match line.split_once('#') {
-        Some((code, _)) => code.trim(),
-        None => line,
-    };
-    if code.is_empty() || code.starts_with("Defaults") {
-        return false;
+    file.flush().ok()?;
+    let output = std::process::Command::new(CVTSUDOERS)
+        .args(["-f", "json", "-i", "sudoers"])
+        .arg(file.path())
+        .stdin(std::process::Stdio::null())
+        .output()
+        .ok()?;
+    if !output.status.success() {
+        return None;
     }
-    let words: Vec<&str> = code
-        .split(|c: char| c.is_whitespace() || c == ',' || c == '=' || c == ':')
-        .filter(|w| !w.is_empty())
-        .collect();
-    let Some(first) = words.first() else {
-        return false;
-    };
-    if first.ends_with("_Alias") {
-        return words.iter().skip(2).any(|w| names_user(w, user, groups));
+    if output.stdout.iter().all(u8::is_ascii_whitespace) {
+        // Nothing in it (comments only).
+        return Some(serde_json::Value::Object(serde_json::Map::new()));
     }
-    names_user(first, user, groups)
+    serde_json::from_slice(&output.stdout).ok()
 }
 
-fn names_user(word: &str, user: &str, groups: &[String]) -> bool {
-    let word = word.trim_start_matches('!');
-    word == user
-        || word == "ALL"
-        || word
-            .strip_prefix('%')
-            .is_some_and(|g| groups.iter().any(|mine| mine == g))
+/// sudo's converter, which parses sudoers exactly as sudo does.
+const CVTSUDOERS: &str = "cvtsudoers";
+
+/// What `after` has that `before` has not: new entries of each list
+/// (`User_Specs`, `Defaults`), new or changed entries of each map (the
+/// aliases), with the section's name.
+fn new_entries(
+    before: &serde_json::Value,
+    after: &serde_json::Value,
+) -> Vec<(String, serde_json::Value)> {
+    let mut found = Vec::new();
+    let Some(sections) = after.as_object() else {
+        return found;
+    };
+    for (section, entries) in sections {
+        let old = before.get(section);
+        match entries {
+            serde_json::Value::Array(list) => {
+                for entry in list {
+                    let known = old
+                        .and_then(|o| o.as_array())
+                        .is_some_and(|o| o.contains(entry));
+                    if !known {
+                        found.push((section.clone(), entry.clone()));
+                    }
+                }
+            }
+            serde_json::Value::Object(map) => {
+                for (name, value) in map {
+                    if old.and_then(|o| o.get(name)) != Some(value) {
+                        found.push((section.clone(), value.clone()));
+                    }
+                }
+            }
+            other => {
+                if old != Some(other) {
+                    found.push((section.clone(), other.clone()));
+                }
+            }
+        }
+    }
+    found
+}
+
+/// Whether a parsed entry could give the account something: a user
+/// specification whose user list names them (by name, uid, `ALL`, one of
+/// their groups, or an alias or netgroup, which could), anything else but
+/// a user specification (a `Defaults`, an alias) always.
+fn entry_concerns(section: &str, entry: &serde_json::Value, account: &Account) -> bool {
+    if section != "User_Specs" {
+        return true;
+    }
+    let Some(users) = entry.get("User_List").and_then(|u| u.as_array()) else {
+        return true;
+    };
+    users.iter().any(|member| {
+        if member.get("negated").and_then(serde_json::Value::as_bool) == Some(true) {
+            return false;
+        }
+        let text = |key: &str| member.get(key).and_then(serde_json::Value::as_str);
+        let number = |key: &str| member.get(key).and_then(serde_json::Value::as_u64);
+        text("username").is_some_and(|n| n == account.user || n == "ALL")
+            || number("userid").is_some_and(|n| n == u64::from(account.uid))
+            || text("usergroup").is_some_and(|g| account.groups.iter().any(|m| m == g))
+            || number("usergid").is_some_and(|g| account.gids.iter().any(|&m| u64::from(m) == g))
+            || ["useralias", "netgroup", "nonunixgroup", "nonunixgroupid"]
+                .iter()
+                .any(|key| member.get(*key).is_some())
+    })
 }
 
 /// Takes a finding out: a new file is deleted; from an existing file only
@@ -193,50 +306,79 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
-    fn groups() -> Vec<String> {
-        vec!["alice".into(), "staff".into()]
+    fn alice() -> Account {
+        Account {
+            user: "alice".into(),
+            uid: 4242,
+            groups: vec!["alice".into(), "staff".into()],
+            gids: vec![4242, 50],
+        }
+    }
+
+    fn parser_here() -> bool {
+        let here = std::process::Command::new(CVTSUDOERS)
+            .arg("-V")
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !here {
+            eprintln!("skipped: cvtsudoers (sudo's parser) is not installed");
+        }
+        here
+    }
+
+    fn added(line: &str) -> Vec<Finding> {
+        let mut baseline = Snapshot::default();
+        baseline
+            .0
+            .insert("/etc/sudoers".into(), vec!["root ALL=(ALL) ALL".into()]);
+        let mut now = baseline.clone();
+        now.0.get_mut("/etc/sudoers").unwrap().push(line.to_owned());
+        findings(&baseline, &now, &alice())
     }
 
     #[test]
-    fn lines_that_give_the_user_rights() {
+    fn sudos_parser_finds_every_spelling_of_the_user() {
+        if !parser_here() {
+            return;
+        }
         for line in [
             "alice ALL=(ALL) NOPASSWD: ALL",
-            "alice,bob ALL=(ALL) ALL",
+            "#4242 ALL=(ALL) NOPASSWD: ALL",
+            "root, \"alice\" ALL=(ALL) ALL",
+            "root,alice ALL=(ALL) ALL",
             "%staff ALL=(ALL:ALL) NOPASSWD:ALL",
+            "%#50 ALL=(ALL) ALL",
             "ALL ALL=(ALL) NOPASSWD: ALL",
             "User_Alias TEMPS = bob, alice",
-            "#includedir /tmp/evil",
-            "@include /home/alice/sudoers",
-            "  alice   ALL = (root) /usr/bin/apt  # comment",
+            "Defaults:alice !authenticate",
+            "Defaults env_keep += LD_PRELOAD",
+            "@includedir /tmp/evil",
+            "this is not sudoers (",
         ] {
-            assert!(concerns(line, "alice", &groups()), "{line}");
+            assert_eq!(added(line).len(), 1, "{line}");
         }
         for line in [
             "# alice ALL=(ALL) ALL",
             "bob ALL=(ALL) ALL",
             "%admins ALL=(ALL) ALL",
-            "Defaults env_reset",
-            "Defaults:alice !requiretty",
             "",
-            "malice ALL=(ALL) ALL",
         ] {
-            assert!(!concerns(line, "alice", &groups()), "{line}");
+            assert!(added(line).is_empty(), "{line}");
         }
     }
 
     #[test]
-    fn only_added_lines_count_and_new_files_are_marked() {
+    fn only_changed_files_count_and_new_files_are_marked() {
+        if !parser_here() {
+            return;
+        }
         let mut baseline = Snapshot::default();
         baseline.0.insert(
             "/etc/sudoers".into(),
             vec!["root ALL=(ALL) ALL".into(), "%staff ALL=(ALL) ALL".into()],
         );
         let mut now = baseline.clone();
-        assert!(findings(&baseline, &now, "alice", &groups()).is_empty());
-        now.0
-            .get_mut("/etc/sudoers")
-            .unwrap()
-            .push("alice ALL=(ALL) NOPASSWD: ALL".into());
+        assert!(findings(&baseline, &now, &alice()).is_empty());
         now.0.insert(
             "/etc/sudoers.d/zz".into(),
             vec!["# planted".into(), "alice ALL=(ALL) NOPASSWD: ALL".into()],
@@ -245,26 +387,19 @@ mod tests {
             "/etc/sudoers.d/bob".into(),
             vec!["bob ALL=(ALL) ALL".into()],
         );
-        let found = findings(&baseline, &now, "alice", &groups());
+        let found = findings(&baseline, &now, &alice());
         assert_eq!(
             found,
-            vec![
-                Finding {
-                    path: "/etc/sudoers".into(),
-                    new_file: false,
-                    lines: vec!["alice ALL=(ALL) NOPASSWD: ALL".into()],
-                },
-                Finding {
-                    path: "/etc/sudoers.d/zz".into(),
-                    new_file: true,
-                    lines: vec!["alice ALL=(ALL) NOPASSWD: ALL".into()],
-                },
-            ]
+            vec![Finding {
+                path: "/etc/sudoers.d/zz".into(),
+                new_file: true,
+                lines: vec!["# planted".into(), "alice ALL=(ALL) NOPASSWD: ALL".into()],
+            }]
         );
     }
 
     #[test]
-    fn snapshots_read_files_and_directories_and_removal_keeps_other_lines() {
+    fn snapshots_read_files_directories_and_symlinks_and_removal_keeps_other_lines() {
         let dir = tempfile::tempdir().unwrap();
         let main = dir.path().join("sudoers");
         let drop_in = dir.path().join("sudoers.d");
@@ -280,9 +415,24 @@ mod tests {
         );
 
         fs::write(&main, "root ALL=(ALL) ALL\nalice ALL=(ALL) NOPASSWD: ALL\n").unwrap();
-        fs::write(drop_in.join("evil"), "alice ALL=(ALL) NOPASSWD: ALL\n").unwrap();
-        let found = findings(&baseline, &Snapshot::take(&paths), "alice", &groups());
-        assert_eq!(found.len(), 2);
+        let elsewhere = dir.path().join("elsewhere");
+        fs::write(&elsewhere, "alice ALL=(ALL) NOPASSWD: ALL\n").unwrap();
+        std::os::unix::fs::symlink(&elsewhere, drop_in.join("link")).unwrap();
+        let now = Snapshot::take(&paths);
+        let link = now.0[&drop_in.join("link").display().to_string()].clone();
+        assert!(link[0].starts_with("# epm: symbolic link to "), "{link:?}");
+        let found = vec![
+            Finding {
+                path: main.display().to_string(),
+                new_file: false,
+                lines: vec!["alice ALL=(ALL) NOPASSWD: ALL".into()],
+            },
+            Finding {
+                path: drop_in.join("link").display().to_string(),
+                new_file: true,
+                lines: link,
+            },
+        ];
         for finding in &found {
             remove(finding).unwrap();
         }
@@ -291,8 +441,9 @@ mod tests {
             fs::metadata(&main).unwrap().permissions().mode() & 0o777,
             0o440
         );
-        assert!(!drop_in.join("evil").exists());
-        assert!(findings(&baseline, &Snapshot::take(&paths), "alice", &groups()).is_empty());
+        assert!(fs::symlink_metadata(drop_in.join("link")).is_err());
+        assert!(elsewhere.exists(), "the link goes, not what it pointed at");
+        assert_eq!(Snapshot::take(&paths), baseline);
         assert_eq!(Snapshot::from_json(Some("garbage")), Snapshot::default());
     }
 }

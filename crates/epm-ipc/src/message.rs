@@ -160,11 +160,16 @@ pub enum Request {
         #[serde(default)]
         all: bool,
     },
-    /// May the caller run `command` as another user? From the sudo
-    /// approval plugin → [`Response::Elevation`]. An allowed answer has
-    /// already used any grant it needed: it is good for one run.
+    /// May `for_uid` run `command` as another user? From the sudo
+    /// approval plugin only → [`Response::Elevation`]. An allowed answer
+    /// has already used any grant it needed: it is good for one run.
     ///
-    /// `{"type":"elevate","via":"sudo","command":{"program":"/usr/bin/apt","argv":["apt","update"],"run_as":"root"}}`
+    /// Only root may send it (sudo runs the plugin as root), and `epmd`
+    /// checks that the sending process's real uid is `for_uid` (sudo's
+    /// invoking user): a user's own client cannot write `via: sudo`
+    /// records. `epmctl run` uses [`Request::Run`].
+    ///
+    /// `{"type":"elevate","via":"sudo","for_uid":1000,"command":{"program":"/usr/bin/apt","argv":["apt","update"],"run_as":"root"},"env":["PATH=/usr/bin"]}`
     Elevate {
         /// What asks.
         via: crate::elevation::ElevationVia,
@@ -176,6 +181,17 @@ pub enum Request {
         /// The approval window, once asked for.
         #[serde(default)]
         window: Option<crate::elevation::Window>,
+        /// The user sudo runs the command for (its real uid).
+        #[serde(default)]
+        for_uid: Option<u32>,
+        /// The whole environment sudo will give the command (`run_envp`,
+        /// `NAME=value` each).
+        #[serde(default)]
+        env: Vec<String>,
+        /// For `sudoedit`: the files to edit (the command is then sudo's
+        /// editor, which is not what is decided).
+        #[serde(default)]
+        edit: Option<Vec<String>>,
     },
     /// Run `command` privileged, for the caller (`epmctl run`). On the Unix
     /// socket the frame is followed by one byte carrying the caller's

@@ -24,7 +24,7 @@ pub enum AnswerError {
     JustificationTooShort {
         /// The rule's minimum.
         min: u32,
-        /// Characters given, after trimming.
+        /// Visible characters given ([`visible_length`]).
         got: usize,
     },
     /// Over the rule's maximum.
@@ -32,7 +32,7 @@ pub enum AnswerError {
     JustificationTooLong {
         /// The rule's maximum.
         max: u32,
-        /// Characters given, after trimming.
+        /// Visible characters given ([`visible_length`]).
         got: usize,
     },
     /// Control or bidirectional-override characters, which could disguise
@@ -57,7 +57,8 @@ pub enum AnswerError {
 
 impl JustificationSpec {
     /// Checks a justification and returns it trimmed. Lengths count
-    /// characters, not bytes; new lines and tabs are allowed.
+    /// visible characters ([`visible_length`]), not bytes or code points;
+    /// new lines and tabs are allowed.
     ///
     /// ```
     /// use epm_policy::JustificationSpec;
@@ -73,7 +74,10 @@ impl JustificationSpec {
         if text.chars().any(is_disguising) {
             return Err(AnswerError::JustificationControlCharacters);
         }
-        let got = text.chars().count();
+        let got = visible_length(text);
+        if got == 0 {
+            return Err(AnswerError::EmptyJustification);
+        }
         if got < self.min_length as usize {
             return Err(AnswerError::JustificationTooShort {
                 min: self.min_length,
@@ -88,6 +92,40 @@ impl JustificationSpec {
         }
         Ok(text.to_owned())
     }
+}
+
+/// How many characters a reader sees in `text`: user-perceived characters
+/// (extended grapheme clusters, so `é` written as `e` and a combining
+/// accent is one), after dropping the invisible ones (Unicode format
+/// characters, category Cf: zero-width spaces and joiners, soft hyphens,
+/// word joiners, and the blank Hangul fillers), with each run of white
+/// space counted once. Twelve zero-width spaces have length 0.
+///
+/// ```
+/// use epm_policy::visible_length;
+/// assert_eq!(visible_length("ticket 42"), 9);
+/// assert_eq!(visible_length(&"\u{200B}".repeat(12)), 0);
+/// assert_eq!(visible_length("e\u{301}t\u{E9}"), 3);
+/// ```
+pub fn visible_length(text: &str) -> usize {
+    use unicode_properties::{GeneralCategory, UnicodeGeneralCategory};
+    use unicode_segmentation::UnicodeSegmentation;
+    let invisible = |c: char| {
+        c.general_category() == GeneralCategory::Format
+            // Default-ignorable letters that render as nothing.
+            || matches!(c, '\u{115F}' | '\u{1160}' | '\u{3164}' | '\u{FFA0}')
+    };
+    let shown: String = text.chars().filter(|&c| !invisible(c)).collect();
+    let mut count = 0;
+    let mut after_space = false;
+    for cluster in shown.graphemes(true) {
+        let space = cluster.chars().all(char::is_whitespace);
+        if !(space && after_space) {
+            count += 1;
+        }
+        after_space = space;
+    }
+    count
 }
 
 /// Control characters other than new line and tab, and the Unicode
@@ -176,6 +214,34 @@ mod tests {
             Err(AnswerError::JustificationTooLong { max: 5, got: 6 })
         );
         assert_eq!(spec.check(" \n\t "), Err(AnswerError::EmptyJustification));
+    }
+
+    #[test]
+    fn invisible_characters_do_not_count_towards_the_minimum() {
+        let spec = JustificationSpec {
+            min_length: 10,
+            ..JustificationSpec::default()
+        };
+        let zero_width = "\u{200B}".repeat(12);
+        assert_eq!(
+            spec.check(&zero_width),
+            Err(AnswerError::EmptyJustification)
+        );
+        for padded in [
+            format!("ok{zero_width}"),
+            "o\u{2060}\u{FEFF}\u{AD}\u{200D}k\u{3164}\u{3164}\u{3164}".to_owned(),
+            "ok          .".to_owned(),
+            "e\u{301}e\u{301}e\u{301}e\u{301}e\u{301}".to_owned(),
+        ] {
+            assert!(
+                matches!(
+                    spec.check(&padded),
+                    Err(AnswerError::JustificationTooShort { .. })
+                ),
+                "{padded:?}"
+            );
+        }
+        assert!(spec.check("Ticket 4411 needs it").is_ok());
     }
 
     #[test]

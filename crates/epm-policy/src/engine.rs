@@ -147,13 +147,44 @@ fn scope_match(scope: Option<&Scope>, subject: &Subject) -> Option<ScopeMatch> {
 
 /// The elevation rules, one engine per run-as user: a rule only ever
 /// decides elevations to its own `run_as`.
+/// Edit rules (`"edit": true`, for sudoedit) are kept apart: they decide
+/// editing a file, never running a command, and the other way round.
 #[derive(Debug, Default)]
 struct ElevationEngines {
     by_run_as: HashMap<String, Engine>,
+    edit_by_run_as: HashMap<String, Engine>,
+    /// Each rule's extra environment variables, by id.
+    env: HashMap<String, Vec<String>>,
+    /// The paths the rules spell out, for the daemon to resolve.
+    spellings: Vec<String>,
 }
 
 impl ElevationEngines {
     fn new(rules: Vec<ElevationRule>, version: u64) -> Result<Self, PolicyErrors> {
+        let mut spellings: Vec<String> = rules
+            .iter()
+            .filter_map(|r| literal_spelling(&r.criteria))
+            .collect();
+        spellings.sort();
+        spellings.dedup();
+        let (edit, run): (Vec<_>, Vec<_>) = rules.into_iter().partition(|r| r.edit);
+        let env = run
+            .iter()
+            .filter(|r| !r.env.is_empty())
+            .map(|r| (r.id.clone(), r.env.clone()))
+            .collect();
+        Ok(Self {
+            by_run_as: Self::compile(run, version)?,
+            edit_by_run_as: Self::compile(edit, version)?,
+            env,
+            spellings,
+        })
+    }
+
+    fn compile(
+        rules: Vec<ElevationRule>,
+        version: u64,
+    ) -> Result<HashMap<String, Engine>, PolicyErrors> {
         let mut grouped: HashMap<String, Vec<Rule>> = HashMap::new();
         for rule in rules {
             let as_rule = rule.as_rule();
@@ -170,8 +201,20 @@ impl ElevationEngines {
             engine.arguments_first = true;
             by_run_as.insert(run_as, engine);
         }
-        Ok(Self { by_run_as })
+        Ok(by_run_as)
     }
+}
+
+/// The path a rule spells out literally: its `path`, or its
+/// `path_glob`'s directory before the first wildcard.
+fn literal_spelling(criteria: &crate::model::Criteria) -> Option<String> {
+    if let Some(path) = &criteria.path {
+        return Some(path.clone());
+    }
+    let glob = criteria.path_glob.as_deref()?;
+    let fixed = &glob[..glob.find(['*', '?', '[', '{']).unwrap_or(glob.len())];
+    let dir = &fixed[..fixed.rfind('/')?];
+    (!dir.is_empty()).then(|| dir.to_owned())
 }
 
 /// The admin-session entry that applies to a user.
@@ -591,7 +634,23 @@ impl Engine {
     /// user, ranked like exec rules; no matching rule means `deny`.
     /// `subject.argv` is the command line, which `args_regex` matches.
     pub fn evaluate_elevation(&self, subject: &Subject, run_as: &str) -> Decision {
-        match self.elevation.by_run_as.get(run_as) {
+        self.elevation_in(&self.elevation.by_run_as, subject, run_as)
+    }
+
+    /// Decides editing a file as `run_as` (sudoedit): the edit rules for
+    /// that user, on `subject.path`, the edited file; no matching rule
+    /// means `deny`.
+    pub fn evaluate_edit(&self, subject: &Subject, run_as: &str) -> Decision {
+        self.elevation_in(&self.elevation.edit_by_run_as, subject, run_as)
+    }
+
+    fn elevation_in(
+        &self,
+        engines: &HashMap<String, Engine>,
+        subject: &Subject,
+        run_as: &str,
+    ) -> Decision {
+        match engines.get(run_as) {
             Some(engine) => engine.evaluate(subject),
             None => Decision {
                 action: Action::Deny,
@@ -604,17 +663,36 @@ impl Engine {
         }
     }
 
-    /// Looks an elevation rule up by id, with the user it runs as.
+    /// Looks an elevation rule (edit rules too) up by id, with the user it
+    /// runs as.
     pub fn elevation_rule(&self, id: &str) -> Option<(RuleInfo<'_>, &str)> {
-        self.elevation
+        let elevation = &self.elevation;
+        elevation
             .by_run_as
             .iter()
+            .chain(elevation.edit_by_run_as.iter())
             .find_map(|(run_as, engine)| Some((engine.rule(id)?, run_as.as_str())))
+    }
+
+    /// The paths elevation rules spell out literally: each `path`, and
+    /// each `path_glob`'s directory before its first wildcard. Rules are
+    /// matched against a program's canonical path; the daemon resolves
+    /// these (through links only root can change) so that a rule written
+    /// as `/bin/*sh` also decides `/usr/bin/bash` where `/bin` is a link
+    /// to `/usr/bin`.
+    pub fn elevation_spellings(&self) -> &[String] {
+        &self.elevation.spellings
+    }
+
+    /// The variables, beyond the allow-list, that elevation rule `id` lets
+    /// sudo pass to its command (its `env`).
+    pub fn elevation_env(&self, id: &str) -> &[String] {
+        self.elevation.env.get(id).map_or(&[], Vec::as_slice)
     }
 
     /// Whether the policy has any elevation rule.
     pub fn has_elevation_rules(&self) -> bool {
-        !self.elevation.by_run_as.is_empty()
+        !self.elevation.by_run_as.is_empty() || !self.elevation.edit_by_run_as.is_empty()
     }
 
     /// The admin-session entry for this user: the one whose scope matches

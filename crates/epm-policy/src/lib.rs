@@ -32,11 +32,12 @@
 mod answers;
 mod digest;
 mod engine;
+pub mod env;
 mod model;
 mod subject;
 mod validate;
 
-pub use answers::{AnswerError, START_GRACE};
+pub use answers::{AnswerError, START_GRACE, visible_length};
 pub use digest::{CdHash, DigestError, Sha256Digest};
 pub use engine::{AdminSessionMatch, Decision, Engine, RuleInfo};
 pub use model::{

@@ -383,6 +383,16 @@ pub struct ElevationRule {
     /// How approval works (`approve` rules).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub approval: Option<ApprovalSpec>,
+    /// Environment variables, beyond the allow-list
+    /// ([`crate::env::KEPT_ENV`]), that sudo may pass to the command when
+    /// this rule decides. Loader variables (`LD_*`, `DYLD_*`) are refused.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<String>,
+    /// An edit rule: it decides `sudoedit FILE` (editing FILE as
+    /// `run_as`) on the edited file's path, never on the editor, and takes
+    /// no part in deciding commands. Without one, sudoedit is refused.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub edit: bool,
 }
 
 impl ElevationRule {

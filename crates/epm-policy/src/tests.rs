@@ -1001,6 +1001,67 @@ mod elevation {
             assert!(errors.contains(expected), "{expected}\nnot in\n{errors}");
         }
     }
+
+    #[test]
+    fn edit_rules_decide_files_and_never_commands() {
+        let engine = Engine::from_json(
+            r#"{"version": 1, "default_action": "allow", "rules": [],
+            "elevation": [
+                { "id": "hosts", "action": "allow", "edit": true,
+                  "match": { "path": "/etc/hosts" } },
+                { "id": "java", "action": "allow", "match": { "path": "/usr/bin/java" },
+                  "env": ["JAVA_HOME"] }
+            ]}"#,
+        )
+        .unwrap();
+        let file = Subject {
+            path: "/etc/hosts".into(),
+            ..Subject::default()
+        };
+        assert_eq!(engine.evaluate_edit(&file, "root").action, Action::Allow);
+        assert_eq!(
+            engine.evaluate_elevation(&file, "root").action,
+            Action::Deny
+        );
+        let java = Subject {
+            path: "/usr/bin/java".into(),
+            ..Subject::default()
+        };
+        assert_eq!(engine.evaluate_edit(&java, "root").action, Action::Deny);
+        let allowed = engine.evaluate_elevation(&java, "root");
+        assert_eq!(allowed.action, Action::Allow);
+        assert_eq!(engine.elevation_env("java"), ["JAVA_HOME"]);
+        assert_eq!(
+            engine.elevation_spellings(),
+            ["/etc/hosts", "/usr/bin/java"]
+        );
+        assert!(engine.elevation_env("hosts").is_empty());
+        assert!(engine.elevation_rule("hosts").is_some());
+    }
+
+    #[test]
+    fn env_and_edit_are_checked() {
+        let errors = Policy::from_json(
+            r#"{"version": 1, "default_action": "allow", "rules": [],
+            "elevation": [
+                { "id": "pre", "action": "allow", "match": { "path": "/usr/bin/id" },
+                  "env": ["LD_PRELOAD", "A-B"] },
+                { "id": "ed", "action": "approve", "edit": true, "env": ["X"],
+                  "match": { "sha256": "abababababababababababababababababababababababababababababababab" } }
+            ]}"#,
+        )
+        .unwrap_err()
+        .to_string();
+        for expected in [
+            r#"rule "pre": elevation: env: LD_PRELOAD makes the dynamic loader run other code"#,
+            r#"rule "pre": elevation: env: "A-B" is not a variable name"#,
+            r#"rule "ed": elevation: match: an edit rule matches the edited file by path"#,
+            r#"rule "ed": elevation: action: an edit rule is allow, justify or deny"#,
+            r#"rule "ed": elevation: env: an edit rule runs no command"#,
+        ] {
+            assert!(errors.contains(expected), "{expected}\nnot in\n{errors}");
+        }
+    }
 }
 
 #[test]

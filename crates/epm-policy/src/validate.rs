@@ -188,6 +188,7 @@ fn check_elevation_rules(
                 message: format!("{:?} is not a user name", rule.run_as),
             });
         }
+        check_elevation_extras(&rule, &label, &mut found);
         for mut error in found {
             error.field = section_field(SECTION, &error.field);
             errors.push(error);
@@ -195,6 +196,62 @@ fn check_elevation_rules(
         rules.push(rule);
     }
     rules
+}
+
+/// An elevation rule's `env` and `edit`.
+fn check_elevation_extras(rule: &ElevationRule, label: &str, found: &mut Vec<PolicyError>) {
+    let mut error = |field: &str, message: String| {
+        found.push(PolicyError {
+            rule: Some(label.to_owned()),
+            field: field.into(),
+            message,
+        });
+    };
+    for name in &rule.env {
+        if !crate::env::valid_name(name) {
+            error("env", format!("{name:?} is not a variable name"));
+        } else if crate::env::never_passed(name) {
+            error(
+                "env",
+                format!(
+                    "{name} makes the dynamic loader run other code: it is never passed to a command run as another user"
+                ),
+            );
+        }
+    }
+    if rule.env.len() > 64 {
+        error("env", format!("{} variables: at most 64", rule.env.len()));
+    }
+    if rule.edit {
+        let c = &rule.criteria;
+        let about_content = c.sha256.is_some()
+            || c.cdhash.is_some()
+            || c.team_id.is_some()
+            || c.signing_id.is_some()
+            || c.bundle_id.is_some()
+            || c.platform_binary.is_some()
+            || c.args_regex.is_some()
+            || c.parent_path.is_some();
+        if about_content {
+            error(
+                "match",
+                "an edit rule matches the edited file by path, path_glob or name only".into(),
+            );
+        }
+        if rule.action == Action::Approve {
+            error(
+                "action",
+                "an edit rule is allow, justify or deny (approvals bind a program's content)"
+                    .into(),
+            );
+        }
+        if !rule.env.is_empty() {
+            error(
+                "env",
+                "an edit rule runs no command: env does not apply".into(),
+            );
+        }
+    }
 }
 
 fn check_admin_session(
@@ -434,6 +491,24 @@ impl Policy {
                     "match.args_regex",
                     "never matches on Linux, where argv is not known when the exec is decided",
                 ));
+            }
+        }
+        for rule in self
+            .elevation
+            .iter()
+            .filter(|r| !r.edit && r.action != Action::Deny)
+        {
+            let weak = match rule.criteria.key() {
+                Some(crate::model::Criterion::Name) => Some("match.name"),
+                Some(crate::model::Criterion::PathGlob) => Some("match.path_glob"),
+                _ => None,
+            };
+            if let Some(field) = weak {
+                warnings.push(PolicyError {
+                    rule: Some(rule.id.clone()),
+                    field: format!("elevation: {field}"),
+                    message: "weaker than path or sha256: any root-owned program with that name, or under that glob, is elevated, including ones installed later; name the program by path (or sha256)".into(),
+                });
             }
         }
         warnings

@@ -13,9 +13,9 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use epm_ipc::{Client, ClientError, Command, ElevationVerdict, ElevationVia, Request, Response};
+use epm_ipc::{Client, ClientError, ElevationVerdict, ElevationVia, Request, Response};
 use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, SigmaskHow, Signal};
-use nix::unistd::{Uid, geteuid, seteuid};
+use nix::unistd::geteuid;
 
 use crate::{Answer, Daemon, DaemonError, Options, Terminal};
 
@@ -235,28 +235,28 @@ unsafe extern "C" fn plugin_show_version(_verbose: c_int) -> c_int {
 unsafe extern "C" fn plugin_check(
     command_info: CStrings,
     run_argv: CStrings,
-    _run_envp: CStrings,
+    run_envp: CStrings,
     errstr: *mut *const c_char,
 ) -> c_int {
     let result = catch_unwind(AssertUnwindSafe(|| {
         // SAFETY: sudo passes NULL-terminated lists of C strings.
-        let (command_info, run_argv) = unsafe { (strings(command_info), strings(run_argv)) };
+        let (command_info, run_argv, run_envp) =
+            unsafe { (strings(command_info), strings(run_argv), strings(run_envp)) };
         let (conversation, options, uid) = {
             let session = lock(&SESSION);
             let session = session.as_ref().ok_or("epm: check before open")?;
             (session.conversation, session.options.clone(), session.uid)
         };
-        let command = crate::command_from(&command_info, &run_argv)?;
+        let elevation = crate::Elevation::from_check(&command_info, &run_argv, &run_envp)?;
         let mut daemon = SocketDaemon {
             options: options.clone(),
             uid,
-            client: None,
         };
         let mut terminal = Conversing { conversation };
         let _signals = InterruptWatch::start();
         Ok::<_, String>(crate::decide(
             &options,
-            &command,
+            &elevation,
             &mut daemon,
             &mut terminal,
         ))
@@ -400,47 +400,28 @@ impl Drop for InterruptWatch {
     }
 }
 
-/// `epmd` over its control socket.
+/// `epmd` over its control socket, one connection per question (a user
+/// waiting for approvers holds none).
 #[derive(Debug)]
 struct SocketDaemon {
     options: Options,
+    /// The invoking user (sudo's real uid).
     uid: u32,
-    client: Option<Client>,
 }
 
 impl SocketDaemon {
-    /// Connects as the invoking user: sudo runs with effective uid 0 and
-    /// the kernel reports the effective uid of the connecting process, so
-    /// the plugin takes the user's uid as effective uid for the connect
-    /// (the saved uid stays 0, so it can come back). `epmd` then decides
-    /// for the user, as for any of their own requests, and cannot be told
-    /// a user by whoever is talking.
+    /// Connects as sudo runs the plugin: as root. `epmd` accepts `elevate`
+    /// only from root, and checks that this process's real uid is the user
+    /// the request names, so a user's own client cannot pass for sudo.
+    /// Only root's `epmd` is trusted with the answer.
     fn connect(&self) -> Result<Client, DaemonError> {
         let unreachable = |e: ClientError| DaemonError::Unreachable(e.to_string());
-        let root = geteuid().is_root();
-        let switch = root && self.uid != 0;
-        if switch {
-            seteuid(Uid::from_raw(self.uid)).map_err(|e| {
-                DaemonError::Unreachable(format!("cannot take uid {}: {e}", self.uid))
-            })?;
-        }
-        let client = Client::connect(
+        let mut client = Client::connect(
             &epm_ipc::Endpoint::Socket(self.options.socket.clone()),
             concat!("epm-sudo ", env!("CARGO_PKG_VERSION")),
-        );
-        if switch && let Err(e) = seteuid(Uid::from_raw(0)) {
-            // Cannot happen with a saved uid of 0; if it does, stop.
-            return Err(DaemonError::Refused(format!("cannot return to root: {e}")));
-        }
-        let mut client = client.map_err(unreachable)?;
-        if client.uid != self.uid {
-            return Err(DaemonError::Refused(format!(
-                "epmd saw uid {} on the socket, not {}",
-                client.uid, self.uid
-            )));
-        }
-        if root {
-            // Only root's epmd is trusted with the answer.
+        )
+        .map_err(unreachable)?;
+        if geteuid().is_root() {
             match client.daemon_credentials() {
                 Ok(peer) if peer.uid == 0 => {}
                 Ok(peer) => {
@@ -463,20 +444,18 @@ impl SocketDaemon {
 impl Daemon for SocketDaemon {
     fn elevate(
         &mut self,
-        command: &Command,
+        elevation: &crate::Elevation,
         reason: Option<&str>,
     ) -> Result<ElevationVerdict, DaemonError> {
-        if self.client.is_none() {
-            self.client = Some(self.connect()?);
-        }
-        let Some(client) = self.client.as_mut() else {
-            return Err(DaemonError::Unreachable("not connected".into()));
-        };
+        let mut client = self.connect()?;
         let request = Request::Elevate {
             via: ElevationVia::Sudo,
-            command: command.clone(),
+            command: elevation.command.clone(),
             reason: reason.map(str::to_owned),
             window: None,
+            for_uid: Some(self.uid),
+            env: elevation.env.clone(),
+            edit: elevation.edit.clone(),
         };
         match client.call(&request) {
             Ok(Response::Elevation(verdict)) => Ok(verdict),
@@ -484,10 +463,7 @@ impl Daemon for SocketDaemon {
                 "epmd sent an unexpected answer: {other:?}"
             ))),
             Err(ClientError::Daemon { message, .. }) => Err(DaemonError::Refused(message)),
-            Err(error) => {
-                self.client = None;
-                Err(DaemonError::Unreachable(error.to_string()))
-            }
+            Err(error) => Err(DaemonError::Unreachable(error.to_string())),
         }
     }
 }

@@ -13,6 +13,16 @@
 //! happens when epmd cannot be reached; `deny` by default), `timeout=SECONDS`
 //! (how long one answer may take; 5 by default).
 //!
+//! What it sends `epmd` for each command: the command path sudo executes
+//! (absolute, without `..`: `epmd` refuses it unless every directory on
+//! the way and the file are root's alone), the arguments, the whole
+//! environment sudo gives the command (`run_envp`, decided against the
+//! allow-list `epmctl run` keeps and the rule's `env`), and for sudoedit
+//! the files to edit (decided by edit rules, never the editor). It
+//! connects as root and names the invoking user; `epmd` accepts that only
+//! from a root peer whose real uid is that user. docs/elevation.md says
+//! exactly what is checked.
+//!
 //! The plugin is split in two: this safe core, which parses what sudo
 //! passes and runs the conversation with `epmd` and the user through two
 //! small traits (so it is tested without sudo), and [`ffi`], the C ABI
@@ -115,12 +125,75 @@ pub fn value_of<'a, S: AsRef<str>>(list: &'a [S], key: &str) -> Option<&'a str> 
         .find_map(|entry| entry.as_ref().strip_prefix(key)?.strip_prefix('='))
 }
 
+/// Everything sudo is about to do, as `epmd` decides it: the command, the
+/// whole environment sudo gives it, and for sudoedit the files to edit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Elevation {
+    /// The command (for sudoedit: sudo's editor, which is not decided on).
+    pub command: Command,
+    /// `run_envp`, `NAME=value` each.
+    pub env: Vec<String>,
+    /// sudoedit's files (`sudoedit=true` in `command_info`).
+    pub edit: Option<Vec<String>>,
+}
+
+impl Elevation {
+    /// From `check`'s three lists. For sudoedit the files are the
+    /// arguments after the editor's `--` (how sudoers hands them on).
+    pub fn from_check(
+        command_info: &[String],
+        run_argv: &[String],
+        run_envp: &[String],
+    ) -> Result<Elevation, String> {
+        let command = command_from(command_info, run_argv)?;
+        let edit = match value_of(command_info, "sudoedit") {
+            Some("true") => {
+                let files: Vec<String> = run_argv
+                    .iter()
+                    .skip_while(|a| *a != "--")
+                    .skip(1)
+                    .cloned()
+                    .collect();
+                if files.is_empty() {
+                    return Err("epm: sudoedit: cannot tell the files from sudo's arguments".into());
+                }
+                Some(files)
+            }
+            _ => None,
+        };
+        Ok(Elevation {
+            command,
+            env: run_envp.to_vec(),
+            edit,
+        })
+    }
+
+    /// What the user is asked about: the program, or the edited files.
+    fn what(&self) -> String {
+        match &self.edit {
+            Some(files) => format!("edit {}", files.join(" ")),
+            None => format!(
+                "run {}",
+                self.command.argv.first().cloned().unwrap_or_default()
+            ),
+        }
+    }
+}
+
 /// The command sudo is about to run, from `check`'s `command_info` and
-/// `run_argv`.
+/// `run_argv`. The path must be absolute and free of `..`; `epmd` then
+/// opens it itself and refuses it unless every directory on the way and
+/// the file are root's alone, so the file sudo executes by that path is
+/// the file `epmd` decided on.
 pub fn command_from(command_info: &[String], run_argv: &[String]) -> Result<Command, String> {
     let program = value_of(command_info, "command")
         .ok_or("sudo gave no command path")?
         .to_owned();
+    if !program.starts_with('/') || program.split('/').any(|c| c == "..") {
+        return Err(format!(
+            "epm: sudo's command path {program:?} is not absolute and canonical"
+        ));
+    }
     // sudo runs the command as runas_euid/runas_uid; runas_user is for
     // logs only, so it is the fallback.
     let uid = value_of(command_info, "runas_euid").or_else(|| value_of(command_info, "runas_uid"));
@@ -153,7 +226,7 @@ pub trait Daemon {
     /// Sends one `elevate` request.
     fn elevate(
         &mut self,
-        command: &Command,
+        elevation: &Elevation,
         reason: Option<&str>,
     ) -> Result<ElevationVerdict, DaemonError>;
 }
@@ -221,15 +294,16 @@ fn ask_reason(
 /// justification or an approval, until there is an answer.
 pub fn decide(
     options: &Options,
-    command: &Command,
+    elevation: &Elevation,
     daemon: &mut dyn Daemon,
     terminal: &mut dyn Terminal,
 ) -> Answer {
-    let program = command.argv.first().cloned().unwrap_or_default();
+    let what = elevation.what();
+    let run_as = &elevation.command.run_as;
     let mut reason: Option<String> = None;
     let mut waiting = false;
     loop {
-        let verdict = match daemon.elevate(command, reason.as_deref()) {
+        let verdict = match daemon.elevate(elevation, reason.as_deref()) {
             Ok(verdict) => verdict,
             Err(DaemonError::Unreachable(why)) => {
                 let outcome = match options.fail {
@@ -274,7 +348,7 @@ pub fn decide(
                 if let Some(message) = message {
                     terminal.info(&message);
                 }
-                let question = format!("Why do you need to run {program} as {}? ", command.run_as);
+                let question = format!("Why do you need to {what} as {run_as}? ");
                 match ask_reason(terminal, &question, &justification) {
                     Some(answer) => reason = Some(answer),
                     None => {

@@ -16,7 +16,7 @@ struct FakeDaemon {
 impl Daemon for FakeDaemon {
     fn elevate(
         &mut self,
-        _command: &Command,
+        _elevation: &Elevation,
         reason: Option<&str>,
     ) -> Result<ElevationVerdict, DaemonError> {
         self.reasons.push(reason.map(str::to_owned));
@@ -59,6 +59,14 @@ fn command() -> Command {
     }
 }
 
+fn elevation() -> Elevation {
+    Elevation {
+        command: command(),
+        env: Vec::new(),
+        edit: None,
+    }
+}
+
 fn request(state: &str) -> RequestInfo {
     RequestInfo {
         id: "r-1".into(),
@@ -86,7 +94,7 @@ fn run(
         answers: answers.into(),
         ..FakeDaemon::default()
     };
-    let answer = decide(&Options::default(), &command(), &mut daemon, terminal);
+    let answer = decide(&Options::default(), &elevation(), &mut daemon, terminal);
     (answer, daemon)
 }
 
@@ -127,6 +135,30 @@ fn the_command_comes_from_command_info_and_run_argv() {
         ("root", vec!["id".to_owned()])
     );
     assert!(command_from(&[], &argv).is_err());
+    for bad in ["command=id", "command=/usr/bin/../bin/sh"] {
+        assert!(command_from(&[bad.to_owned()], &argv).is_err(), "{bad}");
+    }
+}
+
+#[test]
+fn sudoedit_is_about_the_files_and_the_environment_goes_along() {
+    let info: Vec<String> = ["command=/usr/bin/vi", "runas_uid=0", "sudoedit=true"]
+        .map(String::from)
+        .to_vec();
+    let argv: Vec<String> = ["vi", "--", "/etc/hosts", "/etc/motd"]
+        .map(String::from)
+        .to_vec();
+    let env = vec!["PATH=/usr/bin".to_owned()];
+    let elevation = Elevation::from_check(&info, &argv, &env).unwrap();
+    assert_eq!(
+        elevation.edit,
+        Some(vec!["/etc/hosts".to_owned(), "/etc/motd".to_owned()])
+    );
+    assert_eq!(elevation.env, env);
+    assert_eq!(elevation.what(), "edit /etc/hosts /etc/motd");
+    assert!(Elevation::from_check(&info, &["vi".to_owned()], &[]).is_err());
+    let plain = Elevation::from_check(&info[..2], &argv, &[]).unwrap();
+    assert_eq!(plain.edit, None);
 }
 
 #[test]
@@ -261,7 +293,7 @@ fn an_unreachable_daemon_follows_the_fail_mode() {
         ..Options::default()
     };
     assert_eq!(
-        decide(&open, &command(), &mut daemon, &mut terminal),
+        decide(&open, &elevation(), &mut daemon, &mut terminal),
         Answer::Approve
     );
 }

@@ -193,14 +193,25 @@ fn sudo_loads_the_plugin_and_check_follows_epmd() {
         assert_eq!(opened, 1);
         let command_info = CList::new(&["command=/usr/bin/cat", "runas_user=root"]);
         let argv = CList::new(&["cat", "/etc/shadow"]);
+        let envp = CList::new(&["PATH=/usr/bin", "LD_PRELOAD=/tmp/x.so"]);
         // SAFETY: as above.
         let checked = unsafe {
-            (plugin.check.unwrap())(command_info.ptr(), argv.ptr(), empty.ptr(), &mut errstr)
+            (plugin.check.unwrap())(command_info.ptr(), argv.ptr(), envp.ptr(), &mut errstr)
         };
         assert_eq!(checked, expected, "{name}");
         let request = server.join().unwrap().unwrap();
         match request {
-            Request::Elevate { command, via, .. } => {
+            Request::Elevate {
+                command,
+                via,
+                env,
+                for_uid,
+                edit,
+                ..
+            } => {
+                assert_eq!(env, ["PATH=/usr/bin", "LD_PRELOAD=/tmp/x.so"], "all of it");
+                assert_eq!(for_uid, Some(nix::unistd::getuid().as_raw()));
+                assert_eq!(edit, None);
                 assert_eq!(command.program, "/usr/bin/cat");
                 assert_eq!(command.argv, ["cat", "/etc/shadow"]);
                 assert_eq!(via, epm_ipc::ElevationVia::Sudo);

@@ -85,9 +85,12 @@ enum Command {
         a terminal, kill) reach the command; when epmctl goes away, so does the command.\n\n\
         A bare CMD is looked up on your PATH (absolute directories only). The command gets \
         PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin, the run-as user's HOME, \
-        USER, LOGNAME and SHELL, and of your environment only TERM, LANG, LC_*, TZ, COLORTERM \
-        and NO_COLOR. It starts in your current directory (in / when the run-as user cannot \
-        enter it).\n\n\
+        USER, LOGNAME and SHELL, and of your environment only TERM, LANG, LANGUAGE, LC_*, TZ, \
+        COLORTERM, NO_COLOR and DISPLAY (values that name no file). It starts in your current \
+        directory (in / when the run-as user cannot enter it).\n\n\
+        epmd opens the program itself and runs exactly that file: its path must be absolute, \
+        without `..`, and only root may be able to change it or any directory on the way (no \
+        symlink in a directory you can write). Rules match its real (canonical) path.\n\n\
         When a rule asks why, you are asked on the terminal (or give --reason). When it needs \
         approval, a request for the window --from..--until goes to the administrators and epmctl \
         waits for their answer (Ctrl+C to stop waiting; the request stays).\n\n\

@@ -133,10 +133,7 @@ fn is_executable(path: &Path) -> bool {
 /// else of this environment leaves the process.
 fn passed_env() -> BTreeMap<String, String> {
     std::env::vars()
-        .filter(|(name, _)| {
-            ["TERM", "LANG", "TZ", "COLORTERM", "NO_COLOR"].contains(&name.as_str())
-                || name.starts_with("LC_")
-        })
+        .filter(|(name, value)| epm_policy::env::keeps_variable(name, value))
         .collect()
 }
 
