@@ -290,6 +290,13 @@ impl<P: Platform> SyncCycle<P> {
                     credentials.agent_id
                 ));
                 self.context.audit.send(event);
+                // Committed before this cycle's upload reads the outbox, so
+                // the platform hears of the enrollment in the same cycle.
+                if !self.context.audit.flush(Duration::from_secs(5)) {
+                    tracing::warn!(
+                        "the enrollment record is not committed yet; it goes with the next upload"
+                    );
+                }
                 credentials
             }
         };

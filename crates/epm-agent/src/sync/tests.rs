@@ -309,19 +309,20 @@ fn enrolls_once_and_marks_only_acknowledged_records_uploaded() {
     agent.audit(5);
     agent.platform.state().ack_cap = Some(3);
     let mut cycle = agent.cycle();
+    // Seq 6 is the enrollment's own record, committed before the upload.
     let err = run(&mut cycle).unwrap_err();
-    assert!(err.contains("acknowledged up to seq 3 of 1..=5"), "{err}");
-    assert_eq!(agent.pending(), [4, 5]);
+    assert!(err.contains("acknowledged up to seq 3 of 1..=6"), "{err}");
+    assert_eq!(agent.pending(), [4, 5, 6]);
     assert!(agent.dir.path().join("creds.json").exists());
 
     agent.platform.state().ack_cap = None;
     let summary = run(&mut cycle).unwrap();
-    assert!(summary.starts_with("uploaded 2 audit records"), "{summary}");
+    assert!(summary.starts_with("uploaded 3 audit records"), "{summary}");
     assert!(agent.pending().is_empty());
     // A new cycle (a restart) reads the saved credentials: no second enrollment.
     run(&mut agent.cycle()).unwrap();
     assert_eq!(agent.platform.state().enrolls, 1);
-    assert_eq!(agent.platform.state().audit.len(), 5);
+    assert_eq!(agent.platform.state().audit.len(), 6);
 }
 
 #[test]
@@ -335,15 +336,16 @@ fn a_reply_lost_mid_upload_only_causes_a_harmless_resend() {
         err.contains("audit upload https://fake: transfer failed"),
         "{err}"
     );
-    // The platform has them, but the agent does not know: still pending.
-    assert_eq!(agent.pending(), [1, 2, 3, 4]);
+    // The platform has them (and seq 5, the enrollment's record), but the
+    // agent does not know: still pending.
+    assert_eq!(agent.pending(), [1, 2, 3, 4, 5]);
     run(&mut cycle).unwrap();
     assert!(agent.pending().is_empty());
     let state = agent.platform.state();
-    assert_eq!(state.duplicates, 4, "the re-sent batch was deduplicated");
+    assert_eq!(state.duplicates, 5, "the re-sent batch was deduplicated");
     assert_eq!(
         state.audit.keys().copied().collect::<Vec<_>>(),
-        [1, 2, 3, 4]
+        [1, 2, 3, 4, 5]
     );
 }
 
