@@ -141,6 +141,10 @@ pub(crate) const MIGRATIONS: &[&str] = &[
      CREATE INDEX requests_by_uid ON requests (uid, state);
      ALTER TABLE admin_sessions ADD COLUMN rule_id TEXT;
      ALTER TABLE admin_sessions ADD COLUMN sudoers_baseline TEXT;",
+    // 5: whose audit record each is, so that pruning an outbox over its
+    // budget takes the records of the user who filled it, not everyone's.
+    "ALTER TABLE audit_outbox ADD COLUMN uid INTEGER;
+     CREATE INDEX audit_pending_by_uid ON audit_outbox (uploaded, uid, seq);",
 ];
 
 /// The schema version this code writes.
