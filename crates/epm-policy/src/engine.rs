@@ -94,9 +94,9 @@ impl Residual {
             Residual::Sha256(d) => subject.sha256.as_ref() == Some(d),
             Residual::SigningId(v) => subject.signing_id.as_deref() == Some(&**v),
             Residual::TeamId(v) => subject.team_id.as_deref() == Some(&**v),
-            Residual::Path(v) => subject.path == **v,
-            Residual::PathGlob(m) => m.is_match(&subject.path),
-            Residual::Name(v) => name == &**v,
+            Residual::Path(v) => !subject.path_unverified && subject.path == **v,
+            Residual::PathGlob(m) => !subject.path_unverified && m.is_match(&subject.path),
+            Residual::Name(v) => !subject.path_unverified && name == &**v,
             Residual::BundleId(v) => subject.bundle_id.as_deref() == Some(&**v),
             Residual::PlatformBinary(v) => subject.platform_binary == Some(*v),
             Residual::ArgsRegex(re) => subject
@@ -646,10 +646,12 @@ impl Engine {
             if best.is_some() {
                 break 'levels;
             }
+            // A path that does not name the executed file identifies nothing.
+            let path = (!subject.path_unverified).then_some(subject.path.as_str());
             let string_levels: [(&StringIndex, Option<&str>); 3] = [
                 (&self.by_signing_id, subject.signing_id.as_deref()),
                 (&self.by_team_id, subject.team_id.as_deref()),
-                (&self.by_path, Some(subject.path.as_str())),
+                (&self.by_path, path),
             ];
             for (map, value) in string_levels {
                 if let Some(b) = value.and_then(|v| map.get(v)) {
@@ -658,6 +660,9 @@ impl Engine {
                 if best.is_some() {
                     break 'levels;
                 }
+            }
+            if subject.path_unverified {
+                break 'levels;
             }
             if !self.glob_rules.is_empty() {
                 let hits: Vec<u32> = self

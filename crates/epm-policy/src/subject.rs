@@ -10,6 +10,11 @@ use crate::digest::{CdHash, Sha256Digest};
 pub struct Subject {
     /// Absolute path of the executable (lossy UTF-8 where the OS path is not).
     pub path: String,
+    /// `path` does not name the executed file where the gate can check it
+    /// (Linux: it was read in another mount namespace, where a user may
+    /// mount anything anywhere, or the file was moved or deleted): `path`,
+    /// `path_glob` and `name` criteria never hold, whatever it says.
+    pub path_unverified: bool,
     /// SHA-256 of the executable's bytes, when computed.
     pub sha256: Option<Sha256Digest>,
     /// Apple CDHash, from the code signature.
