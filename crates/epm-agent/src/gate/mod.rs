@@ -23,6 +23,7 @@ pub mod es_map;
 #[cfg(target_os = "linux")]
 pub mod fanotify;
 pub mod interp;
+pub mod lease;
 pub mod mountinfo;
 pub mod procfs;
 
@@ -44,6 +45,58 @@ pub struct FileIdentity {
     pub ctime_ns: i64,
 }
 
+/// Whether an exec's path names the executed file in the daemon's own
+/// mount namespace. A user with a user namespace can mount anything
+/// anywhere in their own mount namespace (a directory of theirs over
+/// `/usr/local/bin`), and the kernel names a file by its path there: such a
+/// path identifies nothing, so no path, glob or name rule may match it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum PathCheck {
+    /// `stat` of the path here finds the executed file (or the platform
+    /// has no mount namespaces).
+    #[default]
+    Verified,
+    /// The file is on a mount the daemon's namespace does not have: the
+    /// path was read in another mount namespace.
+    OtherMountNamespace,
+    /// The path names another file here, or none (moved or deleted since).
+    NotFoundHere,
+}
+
+impl PathCheck {
+    /// Whether path, glob and name rules may match the path.
+    pub fn verified(self) -> bool {
+        self == PathCheck::Verified
+    }
+
+    /// The `details.path_check` of an audit record; `None` when verified.
+    pub fn audit_name(self) -> Option<&'static str> {
+        match self {
+            PathCheck::Verified => None,
+            PathCheck::OtherMountNamespace => Some("other_mount_namespace"),
+            PathCheck::NotFoundHere => Some("not_this_file_here"),
+        }
+    }
+}
+
+/// What keeps the executable's bytes from changing between the hash and
+/// the run (see [`lease`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Stability {
+    /// A read lease on the gate's handle (Linux), taken before the file
+    /// was identified: nobody had the file open for writing, and nobody
+    /// can open it for writing until the exec has denied writers itself.
+    Leased,
+    /// Someone had the file open for writing when the exec was seen, so
+    /// no lease: the worker takes one once they are gone and hashes again
+    /// under it, or answers per `fail_mode`.
+    OpenForWriting,
+    /// No lease here (another platform, a file system without leases):
+    /// the file's version is compared before and after hashing.
+    #[default]
+    VersionChecked,
+}
+
 /// What a gate knows about one exec.
 #[derive(Debug)]
 pub struct ExecFacts {
@@ -54,6 +107,10 @@ pub struct ExecFacts {
     /// Its path (lossy UTF-8). On Linux it is the kernel's name for the
     /// open file, so a file unlinked meanwhile ends in " (deleted)".
     pub path: String,
+    /// Whether `path` names this file in the daemon's mount namespace.
+    pub path_check: PathCheck,
+    /// What keeps the content from changing until the exec denies writers.
+    pub stability: Stability,
     /// Real user id of the process: the user who ran the program, even
     /// through a setuid helper, which is whom a policy's user scope means.
     pub uid: u32,
@@ -108,6 +165,8 @@ impl ExecFacts {
             pid,
             file,
             path,
+            path_check: PathCheck::Verified,
+            stability: Stability::VersionChecked,
             uid: 0,
             gid: 0,
             groups: Vec::new(),
@@ -182,6 +241,23 @@ impl std::ops::Deref for Content<'_> {
 }
 
 impl FileIdentity {
+    /// The identity of an open file now.
+    pub fn of_file(file: &File) -> std::io::Result<Self> {
+        Ok(Self::of(&file.metadata()?))
+    }
+
+    /// Whether this version may have been written again within the same
+    /// timestamp tick as its last change (`changed_by` is when hashing
+    /// began, nanoseconds since the epoch): file systems with coarse
+    /// timestamps (1 to 2 s on FAT, a tick elsewhere) keep `mtime` and
+    /// `ctime` across such a write, so a digest of a version this young is
+    /// not remembered for later execs (as git does with "racily clean"
+    /// index entries).
+    pub fn is_racy(&self, changed_by: i64) -> bool {
+        const COARSEST_TICK_NS: i64 = 2_000_000_000;
+        self.ctime_ns.max(self.mtime_ns) >= changed_by.saturating_sub(COARSEST_TICK_NS)
+    }
+
     /// The identity of a file from its metadata.
     pub fn of(meta: &std::fs::Metadata) -> Self {
         use std::os::unix::fs::MetadataExt;
