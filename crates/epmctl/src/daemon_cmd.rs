@@ -55,8 +55,13 @@ pub(crate) fn status(endpoint: &Endpoint, json: bool) -> anyhow::Result<ExitCode
     );
     println!("  queue:       {} of {}", c.queue_depth, c.queue_capacity);
     println!(
-        "  fail mode:   {} answers ({} overflow, {} panics)",
-        c.fail_mode_answers, c.overflow, c.worker_panics
+        "  fail mode:   {} answers ({} overflow, {} over a user's share, {} over a user's hashing budget, {} changing files, {} panics)",
+        c.fail_mode_answers,
+        c.overflow,
+        c.over_share,
+        c.hash_budget,
+        c.unstable_content,
+        c.worker_panics
     );
     println!(
         "  latency:     p50 {}, p99 {}, max {}",
