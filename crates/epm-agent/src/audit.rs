@@ -42,6 +42,9 @@ pub const USER_RATE_BYTES: u64 = 512 * 1024;
 pub const USER_BURST_BYTES: u64 = 16 * 1024 * 1024;
 /// Most records sealed into one batch (one transaction, one write).
 const MAX_BATCH: usize = 2048;
+/// Most bytes of records in one batch: a batch is held three times over
+/// while it is written (events, sealed lines, the outbox's copy).
+const MAX_BATCH_BYTES: u64 = 4 * 1024 * 1024;
 /// How long a batch waits for more events after its first: at most this
 /// much is uncommitted at a crash, and commits (two fsyncs each) stay under
 /// 1000 / LINGER per second however busy the machine is.
@@ -312,8 +315,9 @@ impl WriterState {
         let mut acks: Vec<Sender<()>> = Vec::new();
         loop {
             let mut stop = false;
+            let mut bytes = 0;
             match rx.recv_timeout(Duration::from_secs(1)) {
-                Ok(message) => stop |= self.take(message, &mut events, &mut acks),
+                Ok(message) => stop |= self.take(message, &mut events, &mut acks, &mut bytes),
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => stop = true,
             }
@@ -324,9 +328,11 @@ impl WriterState {
             if !stop && acks.is_empty() && !events.is_empty() {
                 std::thread::sleep(LINGER);
             }
-            while events.len() < MAX_BATCH && !stop {
+            while !stop && events.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
                 match rx.try_recv() {
-                    Ok(message) => stop |= self.take(message, &mut events, &mut acks),
+                    Ok(message) => {
+                        stop |= self.take(message, &mut events, &mut acks, &mut bytes);
+                    }
                     Err(_) => break,
                 }
             }
@@ -335,9 +341,25 @@ impl WriterState {
                 let _ = ack.send(());
             }
             if stop {
-                // Anything queued behind Stop is written too.
-                while let Ok(message) = rx.try_recv() {
-                    self.take(message, &mut events, &mut acks);
+                // Anything queued behind Stop is written too, a batch at a
+                // time.
+                loop {
+                    let mut bytes = 0;
+                    while events.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
+                        match rx.try_recv() {
+                            Ok(message) => {
+                                self.take(message, &mut events, &mut acks, &mut bytes);
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    if events.is_empty() && acks.is_empty() {
+                        break;
+                    }
+                    self.write(&mut events);
+                    for ack in acks.drain(..) {
+                        let _ = ack.send(());
+                    }
                 }
                 self.write(&mut events);
                 return;
@@ -345,16 +367,19 @@ impl WriterState {
         }
     }
 
-    /// Files a message; true when it asks the thread to stop.
+    /// Files a message, counting its bytes; true when it asks the thread
+    /// to stop.
     fn take(
         &self,
         message: Message,
         events: &mut Vec<AuditEvent>,
         acks: &mut Vec<Sender<()>>,
+        bytes: &mut u64,
     ) -> bool {
         match message {
-            Message::Event(event, bytes) => {
-                self.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
+            Message::Event(event, size) => {
+                self.queued_bytes.fetch_sub(size, Ordering::Relaxed);
+                *bytes += size;
                 events.push(*event);
                 false
             }
@@ -396,7 +421,10 @@ impl WriterState {
                 e.device_id.get_or_insert_with(|| self.device_id.clone());
                 // Records made here (counts, drops) are bounded too.
                 e.bound();
-                uids.push(e.uid);
+                // The daemon's own reports of a user's flood are pruned
+                // last, with the daemon's records, not first with theirs.
+                let own = e.event == AUDIT_RATE_LIMITED || e.event == EventKind::AUDIT_DROPPED;
+                uids.push(if own { None } else { e.uid });
                 self.chain.seal(e, now)
             })
             .collect();

@@ -792,7 +792,7 @@ fn audit_run<'a>(
     let mut event = epm_audit::AuditEvent::new(kind)
         .with_detail("via", "run")
         .with_detail("run_as", command.run_as.as_str())
-        .with_detail("argv", command.argv.clone())
+        .with_string_list("argv", &command.argv)
         .with_detail("cwd", cwd);
     if let Some(text) = &allowed.met.justification {
         event = event.with_detail("justification", text.as_str());

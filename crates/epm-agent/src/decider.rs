@@ -553,6 +553,10 @@ impl Decider {
         let mut stability = facts.stability;
         for attempt in 0..2 {
             let before = FileIdentity::of_file(&content).map_err(hash_error)?;
+            if before != facts.file {
+                // Written (or its mode changed) since the exec: another version.
+                return Err(unstable("changed after the exec started"));
+            }
             if !self.hash_budget.spend(facts.uid, before.size) {
                 return Err(DecideError::HashBudget {
                     uid: facts.uid,
@@ -574,10 +578,12 @@ impl Decider {
             // asked for the lease meanwhile) the version must not have moved.
             let still = match stability {
                 Stability::Leased if lease::holds(&content) => true,
-                Stability::Leased | Stability::VersionChecked => before == after,
+                Stability::Leased | Stability::OnlyRootWrites | Stability::VersionChecked => {
+                    before == after
+                }
                 Stability::OpenForWriting => false,
             };
-            if still && before == facts.file {
+            if still {
                 let racy = i64::try_from(started)
                     .map(|at| before.is_racy(at))
                     .unwrap_or(true);
@@ -585,10 +591,6 @@ impl Decider {
                     self.hashes.insert(facts.file, digest);
                 }
                 return Ok(Some(digest));
-            }
-            if still {
-                // Written between the exec and the hash: another version.
-                return Err(unstable("changed after the exec started"));
             }
             if attempt == 0 && lease::take(&content) == Stability::Leased {
                 // The writer is gone: hash what is there now, under a lease.

@@ -123,7 +123,76 @@ fn cut_value(value: &mut Value, budget: usize) -> bool {
     }
 }
 
+/// Hashes text as it is written, and counts it.
+struct Digesting {
+    hasher: Sha256,
+    bytes: usize,
+}
+
+impl std::fmt::Write for Digesting {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        self.hasher.update(s.as_bytes());
+        self.bytes += s.len();
+        Ok(())
+    }
+}
+
 impl AuditEvent {
+    /// Adds `key` to `details`: the strings `items` (a command's arguments,
+    /// say) as [`AuditEvent::bound`] would keep them, without ever copying
+    /// what is left out, so a list of any size costs only its kept part. A
+    /// cut is noted in `details.truncated` as `bound` notes it.
+    pub fn with_string_list(self, key: &str, items: &[String]) -> Self {
+        let mut kept = Vec::new();
+        let mut left = MAX_VALUE_BYTES.saturating_sub(2);
+        let mut cut = items.len() > MAX_VALUE_ITEMS;
+        for item in items.iter().take(MAX_VALUE_ITEMS) {
+            let text = match cut_string(item, left.min(MAX_STRING_BYTES)) {
+                Some(shorter) => {
+                    cut = true;
+                    shorter
+                }
+                None => item.clone(),
+            };
+            // As `approx_value_bytes` counts it, in an array.
+            let used = text.len() + 3;
+            if used > left {
+                cut = true;
+                break;
+            }
+            left -= used;
+            kept.push(text);
+        }
+        let mut event = self.with_detail(key, kept);
+        if cut {
+            let mut digest = Digesting {
+                hasher: Sha256::new(),
+                bytes: 0,
+            };
+            let _ = std::fmt::Write::write_char(&mut digest, '[');
+            for (index, item) in items.iter().enumerate() {
+                if index > 0 {
+                    let _ = std::fmt::Write::write_char(&mut digest, ',');
+                }
+                let _ = crate::chain::write_string_to(item, &mut digest);
+            }
+            let _ = std::fmt::Write::write_char(&mut digest, ']');
+            let note = truncation_note(digest.bytes, digest.hasher.finalize().into());
+            let details = event.details.get_or_insert_with(Default::default);
+            match details.get_mut("truncated") {
+                Some(Value::Object(notes)) => {
+                    notes.insert(key.to_owned(), note);
+                }
+                _ => {
+                    let mut notes = Map::new();
+                    notes.insert(key.to_owned(), note);
+                    details.insert("truncated".into(), Value::Object(notes));
+                }
+            }
+        }
+        event
+    }
+
     /// Cuts every string to [`MAX_STRING_BYTES`] and every array or object
     /// in `details` to [`MAX_VALUE_BYTES`], noting each cut in
     /// `details.truncated` (see the module documentation). Returns whether
@@ -297,6 +366,22 @@ mod tests {
         let sealed = chain.seal(event, jiff::Timestamp::UNIX_EPOCH);
         crate::verify_lines([sealed.line.as_str()]).unwrap();
         assert!(sealed.line.len() < 64 * 1024);
+    }
+
+    #[test]
+    fn a_string_list_is_kept_as_bound_keeps_it_without_copying_the_rest() {
+        let huge: Vec<String> = std::iter::once("tool".to_owned())
+            .chain((0..200).map(|i| format!("{i:05}{}", "b".repeat(8 * 1024))))
+            .collect();
+        let direct = AuditEvent::new("x").with_string_list("argv", &huge);
+        let mut bounded = AuditEvent::new("x").with_detail("argv", huge.clone());
+        assert!(bounded.bound());
+        assert_eq!(direct, bounded, "the same record either way");
+        let mut again = direct.clone();
+        assert!(!again.bound(), "already within bounds");
+        let small = vec!["ls".to_owned(), "-l".to_owned()];
+        let event = AuditEvent::new("x").with_string_list("argv", &small);
+        assert_eq!(event, AuditEvent::new("x").with_detail("argv", small));
     }
 
     #[test]

@@ -304,15 +304,16 @@ pub(crate) fn audit_verify(target: &Path, json: bool) -> anyhow::Result<ExitCode
         let live = target
             .file_name()
             .is_some_and(|n| n == epm_audit::LIVE_FILE);
-        let files = if live {
-            epm_audit::log_files(dir).with_context(|| format!("cannot list {}", dir.display()))?
-        } else {
-            vec![target.to_owned()]
-        };
         if !target.exists() {
             anyhow::bail!("no audit log at {}", target.display());
         }
-        epm_audit::verify_files(&files)
+        if live {
+            // The whole log, consistent while the daemon rotates it.
+            epm_audit::log_files(dir).with_context(|| format!("cannot list {}", dir.display()))?;
+            epm_audit::verify_dir(dir)
+        } else {
+            epm_audit::verify_files(&[target.to_owned()])
+        }
     };
     match result {
         Ok(report) => {

@@ -5,6 +5,10 @@
 //! - `epm-e2e-ipc SOCKET subscribe`: prints every message as a JSON line.
 //! - `epm-e2e-ipc SOCKET call JSON`: sends one request, prints the answer
 //!   (errors too) as one JSON line.
+//! - `epm-e2e-ipc SOCKET flood COUNT BYTES`: sends COUNT `elevate`
+//!   requests of `/usr/bin/true` whose arguments total about BYTES (up to
+//!   the frame limit), one after the other, and prints how many were
+//!   answered: a user flooding the daemon's audit.
 #![allow(clippy::unwrap_used)]
 
 use std::io::Write;
@@ -24,6 +28,37 @@ fn main() {
         })
         .unwrap();
     let _welcome: Option<Response> = connection.recv().unwrap();
+    if command == "flood" {
+        let count: usize = args[3].parse().unwrap();
+        let bytes: usize = args[4].parse().unwrap();
+        // Arguments of up to 8 KiB each (what a record keeps of one).
+        let piece = bytes.clamp(16, 8 * 1024);
+        let argv: Vec<String> = std::iter::once("true".to_owned())
+            .chain((0..bytes / piece).map(|i| format!("{i:08}{}", "a".repeat(piece - 8))))
+            .collect();
+        let mut answered = 0;
+        for _ in 0..count {
+            let request = Request::Elevate {
+                via: epm_ipc::ElevationVia::Sudo,
+                command: epm_ipc::Command {
+                    program: "/usr/bin/true".into(),
+                    argv: argv.clone(),
+                    run_as: "root".into(),
+                },
+                reason: None,
+                window: None,
+            };
+            if connection.send(&request).is_err() {
+                break;
+            }
+            match connection.recv::<Response>() {
+                Ok(Some(_)) => answered += 1,
+                _ => break,
+            }
+        }
+        println!("{answered}");
+        return;
+    }
     let request: Request = match command {
         "subscribe" => Request::Subscribe,
         "call" => serde_json::from_str(&args[3]).unwrap(),

@@ -259,7 +259,7 @@ impl Flows {
             let mut event = AuditEvent::new(kind)
                 .with_detail("via", via.as_str())
                 .with_detail("run_as", command.run_as.as_str())
-                .with_detail("argv", command.argv.clone());
+                .with_string_list("argv", &command.argv);
             event.uid = Some(caller);
             event.user = Some(user.clone());
             event.path = Some(command.program.clone());

@@ -468,8 +468,14 @@ impl FanotifyGate {
                     Pairing::Expecting(event) => Some(event),
                     Pairing::None => None,
                 };
+                // A file a user can write keeps its lease past an allow: the
+                // gate's, or the one a worker takes once a writer is gone.
+                let leasable = matches!(
+                    facts.stability,
+                    Stability::Leased | Stability::OpenForWriting
+                );
                 responder.after = Some(AfterAnswer {
-                    keeper: (facts.stability == Stability::Leased).then(|| self.keeper.clone()),
+                    keeper: leasable.then(|| self.keeper.clone()),
                     pidfd,
                     file: (facts.file.dev, facts.file.ino),
                     interpreter: expecting.map(|event| (self.interpreter_loads.clone(), event)),
@@ -612,8 +618,12 @@ impl LeaseKeeper {
     fn hold(&self, lease: HeldLease) {
         let (state, wake) = &*self.shared;
         let mut state = state.lock().unwrap_or_else(PoisonError::into_inner);
+        if state.stop {
+            // The gate is gone (the daemon is stopping): nothing to wait for.
+            return;
+        }
         if state.held.len() >= MAX_HELD_LEASES {
-            tracing::warn!("too many execs waiting to deny writers; releasing the oldest lease");
+            tracing::debug!("too many execs waiting to deny writers; releasing the oldest lease");
             state.held.remove(0);
         }
         state.held.push(lease);
@@ -775,9 +785,15 @@ fn gather_facts(
     // a number closed early would go to the next event, so two waiting events
     // could share it and an answer could reach the wrong exec.
     let content = File::from(event_fd.try_clone_to_owned().map_err(Unusable::File)?);
-    // The lease first: the version read next is then the one that runs.
-    let stability = lease::take(&content);
+    // A file a user could write gets a lease first: the version read next
+    // is then the one that runs.
     let meta = content.metadata().map_err(Unusable::File)?;
+    let (stability, meta) = if lease::only_root_writes(&meta) {
+        (Stability::OnlyRootWrites, meta)
+    } else {
+        let stability = lease::take(&content);
+        (stability, content.metadata().map_err(Unusable::File)?)
+    };
     let identity = FileIdentity::of(&meta);
     let path = fd_path(event_fd);
     let path_check = check_path(&path, &identity, &content, own_mounts);

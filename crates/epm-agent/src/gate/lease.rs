@@ -26,11 +26,21 @@
 //!
 //! File systems without leases (and other platforms) fall back to
 //! comparing the file's version before and after hashing
-//! ([`Stability::VersionChecked`]).
+//! ([`Stability::VersionChecked`]). A file only root can write needs no
+//! lease ([`only_root_writes`]): that is most execs, the system's own
+//! programs, which then cost nothing more.
 
 use std::fs::File;
 
 use super::Stability;
+
+/// Whether only root can write the file `meta` describes: owned by root,
+/// no group or other write bit (an ACL that grants anyone write shows as a
+/// group write bit). Such a file needs no lease: no user can change it.
+pub fn only_root_writes(meta: &std::fs::Metadata) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    meta.uid() == 0 && meta.mode() & 0o022 == 0
+}
 
 /// Takes a read lease on the file behind `file`, which the kernel opened
 /// read-only for the gate; says what keeps its content still.

@@ -83,6 +83,10 @@ impl PathCheck {
 /// the run (see [`lease`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Stability {
+    /// Owned by root and writable by nobody else (no group or other write
+    /// bit, which an ACL granting write would show): only root can change
+    /// it, so no lease is taken (most execs: the system's programs).
+    OnlyRootWrites,
     /// A read lease on the gate's handle (Linux), taken before the file
     /// was identified: nobody had the file open for writing, and nobody
     /// can open it for writing until the exec has denied writers itself.
