@@ -8,6 +8,7 @@
 //! test (a watchdog kills it if any exec waits 10 s). Each test prints
 //! what it measured: what the attack got, epmd's RSS, and how long the
 //! execs of everyone else waited meanwhile.
+#![cfg(target_os = "linux")] // fanotify, user namespaces, x86_64 programs
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
 use std::ffi::CString;

@@ -449,7 +449,6 @@ impl Daemon {
     }
 
     fn spawn(&mut self) {
-        use std::os::unix::process::CommandExt;
         let watch = self.watch;
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -470,7 +469,9 @@ impl Daemon {
             )
             .stdout(Stdio::null())
             .stderr(log);
+        #[cfg(target_os = "linux")]
         if watch == Watch::Everything {
+            use std::os::unix::process::CommandExt;
             // SAFETY: prctl is async-signal-safe; nothing else runs between
             // fork and exec here.
             unsafe {

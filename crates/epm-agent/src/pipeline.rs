@@ -16,7 +16,7 @@
 //! Any user can make execs that miss every cache (a large file of their
 //! own, changed before each run), so no user may take the queue or the
 //! workers from the others: each user (by real uid) may have at most
-//! [`FairQueue::user_share`] execs queued or being decided, past which
+//! a sixteenth of the queue (at least 16) queued or being decided, past which
 //! their own new execs are answered per `fail_mode`; workers take users in
 //! turn, one exec each; and a user's execs occupy at most all workers but
 //! one at a time. Root is exempt from both limits (but not from the turns).

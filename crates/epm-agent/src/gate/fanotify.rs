@@ -46,10 +46,10 @@
 //!   [`mountinfo::WATCHED_FS_TYPES`] for why user FUSE mounts are left out).
 //!
 //! # What runs is what was decided
-//! Each event's file gets a read lease before it is identified (see
-//! [`super::lease`]), held past the answer until the exec has denied
-//! writers itself ([`LeaseKeeper`]), so the bytes hashed are the bytes that
-//! run. Its path is checked in the daemon's own mount namespace
+//! Each event's file, unless only root can write it, gets a read lease
+//! before it is identified (see [`super::lease`]), held past the answer
+//! until the exec has denied writers itself (`LeaseKeeper`), so the bytes
+//! hashed are the bytes that run. Its path is checked in the daemon's own mount namespace
 //! ([`PathCheck`]): a user with a user namespace can mount their own
 //! directory over `/usr/local/bin` there, and the kernel names the file by
 //! that path.
