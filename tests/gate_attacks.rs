@@ -12,7 +12,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
 use std::ffi::CString;
-use std::io::{BufRead, Write};
+use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -513,24 +513,49 @@ fn in_parallel<T: Send + 'static>(
     })
 }
 
-/// Another user's execs, measured: of a program decided before (a cache
-/// hit) and of a new file each time (hashed by a worker).
+/// Another user's execs, measured by a shell of theirs (so no fork of this
+/// busy test process is timed): of a program decided before (a cache hit)
+/// and of a new copy of it each time (a new file: hashed by a worker).
+/// `dir` is theirs and holds `known`.
 fn victim_execs(victim: &TestUser, dir: &Path, count: usize) -> (Latencies, Latencies, Vec<Ran>) {
+    let script = format!(
+        r#"cd {dir}
+for i in $(seq {count}); do
+  s=$EPOCHREALTIME; ./known; c=$?; e=$EPOCHREALTIME; echo "known $c $s $e"
+  cp known new-$i
+  s=$EPOCHREALTIME; ./new-$i; c=$?; e=$EPOCHREALTIME; echo "new $c $s $e"
+  rm -f new-$i; sleep 0.02
+done"#,
+        dir = dir.display()
+    );
+    let out = Command::new("bash")
+        .args(["-c", &script])
+        .uid(victim.uid)
+        .gid(victim.gid)
+        .stderr(Stdio::null())
+        .output()
+        .unwrap();
     let (mut cached, mut fresh, mut outcomes) = (Vec::new(), Vec::new(), Vec::new());
-    let known = dir.join("known");
-    for i in 0..count {
-        let (ran, took) = exec_as(victim, &known);
-        cached.push(took);
-        outcomes.push(ran);
-        let new = dir.join(format!("new-{}-{i}", std::process::id()));
-        std::fs::write(&new, tiny_program(0, 8192)).unwrap();
-        std::fs::set_permissions(&new, std::fs::Permissions::from_mode(0o755)).unwrap();
-        let (ran, took) = exec_as(victim, &new);
-        fresh.push(took);
-        outcomes.push(ran);
-        let _ = std::fs::remove_file(&new);
-        std::thread::sleep(Duration::from_millis(20));
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let fields: Vec<&str> = line.split(' ').collect();
+        let [kind, code, start, end] = fields[..] else {
+            continue;
+        };
+        let took =
+            Duration::from_secs_f64(end.parse::<f64>().unwrap() - start.parse::<f64>().unwrap());
+        // bash says 126 when the exec failed (EPERM included).
+        outcomes.push(match code {
+            "0" => Ran::Exited(0),
+            "126" => Ran::Failed(libc::EPERM),
+            other => Ran::Exited(other.parse().unwrap_or(-1)),
+        });
+        if kind == "known" {
+            cached.push(took);
+        } else {
+            fresh.push(took);
+        }
     }
+    assert_eq!(outcomes.len(), 2 * count, "{out:?}");
     (Latencies::of(&cached), Latencies::of(&fresh), outcomes)
 }
 

@@ -351,7 +351,10 @@ impl Workers {
             let audit = audit.clone();
             let spawned = std::thread::Builder::new()
                 .name(format!("epm-decide-{index}"))
-                .spawn(move || work(&queue, &decider, &audit));
+                .spawn(move || {
+                    crate::gate::raise_exec_path_priority();
+                    work(&queue, &decider, &audit)
+                });
             match spawned {
                 Ok(handle) => handles.push(handle),
                 Err(error) => {

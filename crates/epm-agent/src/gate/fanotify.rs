@@ -1027,6 +1027,7 @@ impl ExecGate for FanotifyGate {
         sink: &mut dyn FnMut(PendingExec),
         shutdown: &Shutdown,
     ) -> Result<(), GateError> {
+        super::raise_exec_path_priority();
         let mut buf = vec![0u8; READ_BUFFER];
         let fan = Arc::clone(&self.fan);
         while !shutdown.is_requested() {
