@@ -27,10 +27,27 @@ use epm_e2e::{Daemon, Latencies, TestUser, binary, capable, policy};
 /// exec's wait, and their policies would meet.
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
-fn one_at_a_time() -> MutexGuard<'static, ()> {
-    ONE_AT_A_TIME
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
+/// How every test here starts: `None` when it cannot run here (it
+/// skipped, or failed under `EPM_E2E=1`), else its turn.
+fn my_turn() -> Option<MutexGuard<'static, ()>> {
+    if !capable() || !runs_tiny_programs() {
+        return None;
+    }
+    Some(
+        ONE_AT_A_TIME
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner),
+    )
+}
+
+/// A daemon gating every mount whose policy allows everything but the
+/// program `denied` (by its digest, as rule `id`).
+fn daemon_denying(id: &str, denied: &[u8], top_level: &str, tables: &str) -> Daemon {
+    Daemon::start_gating_everything(
+        &policy(1, "allow", &[deny_digest(id, &sha_of(denied))]),
+        top_level,
+        tables,
+    )
 }
 
 /// epmd's resident size must stay under this, whatever a user sends.
@@ -194,19 +211,14 @@ fn finish(daemon: &mut Daemon, test: &str) {
 /// the gate hashes it. What runs must always be what was hashed.
 #[test]
 fn writing_a_program_while_it_is_checked_never_runs_other_bytes() {
-    if !capable() || !runs_tiny_programs() {
+    let Some(_turn) = my_turn() else {
         return;
-    }
-    let _one = one_at_a_time();
+    };
     let allowed = tiny_program(0, 64 * 1024);
     let mut swapped = allowed.clone();
     swapped[EXIT_CODE_AT as usize] = 42;
     let digest = sha_of;
-    let mut daemon = Daemon::start_gating_everything(
-        &policy(1, "allow", &[deny_digest("epg-swapped", &digest(&swapped))]),
-        "fail_mode = \"closed\"",
-        "",
-    );
+    let mut daemon = daemon_denying("epg-swapped", &swapped, "fail_mode = \"closed\"", "");
     let attacker = TestUser::create("epg-race");
     let home = home_of(&daemon, &attacker);
     let program = home.join("tool");
@@ -349,10 +361,9 @@ fn has_user_namespaces(user: &TestUser) -> bool {
 /// match a rule that allows `/usr/local/bin/…`.
 #[test]
 fn a_path_from_a_users_own_mount_namespace_matches_no_path_rule() {
-    if !capable() || !runs_tiny_programs() {
+    let Some(_turn) = my_turn() else {
         return;
-    }
-    let _one = one_at_a_time();
+    };
     let attacker = TestUser::create("epg-ns");
     if !has_user_namespaces(&attacker) {
         return;
@@ -425,10 +436,9 @@ fn system_loader() -> String {
 /// direct, run of the loader pass as that interpreter load, unrecorded.
 #[test]
 fn a_failed_exec_naming_the_loader_leaves_no_pairing_for_a_direct_loader_run() {
-    if !capable() || !runs_tiny_programs() {
+    let Some(_turn) = my_turn() else {
         return;
-    }
-    let _one = one_at_a_time();
+    };
     let loader = system_loader();
     // The gate names files by their resolved path.
     let loader_path = std::fs::canonicalize(&loader)
@@ -440,11 +450,7 @@ fn a_failed_exec_naming_the_loader_leaves_no_pairing_for_a_direct_loader_run() {
     let foreign = elf(0, 4096, Some(&loader), 40);
     // Names the loader, would load it, but the policy denies it.
     let refused = elf(0, 4096, Some(&loader), 62);
-    let mut daemon = Daemon::start_gating_everything(
-        &policy(1, "allow", &[deny_digest("epg-refused", &sha_of(&refused))]),
-        "fail_mode = \"closed\"",
-        "",
-    );
+    let mut daemon = daemon_denying("epg-refused", &refused, "fail_mode = \"closed\"", "");
     let attacker = TestUser::create("epg-ld");
     let home = home_of(&daemon, &attacker);
     let victim_program = home.join("their-true");
@@ -569,13 +575,13 @@ const BIG_BYTES: usize = 16 * 1024 * 1024;
 /// answered per fail mode; everyone else's are answered as usual.
 #[test]
 fn a_user_flooding_the_gate_is_answered_per_fail_mode_alone() {
-    if !capable() || !runs_tiny_programs() {
+    let Some(_turn) = my_turn() else {
         return;
-    }
-    let _one = one_at_a_time();
+    };
     let denied = tiny_program(42, 4096);
-    let mut daemon = Daemon::start_gating_everything(
-        &policy(1, "allow", &[deny_digest("epg-denied", &sha_of(&denied))]),
+    let mut daemon = daemon_denying(
+        "epg-denied",
+        &denied,
         "fail_mode = \"closed\"",
         "[gate]\nqueue_capacity = 256",
     );
@@ -683,13 +689,13 @@ fn a_user_flooding_the_gate_is_answered_per_fail_mode_alone() {
 /// disk and the daemon's memory.
 #[test]
 fn a_flood_of_huge_requests_stays_bounded_and_costs_others_no_record() {
-    if !capable() || !runs_tiny_programs() {
+    let Some(_turn) = my_turn() else {
         return;
-    }
-    let _one = one_at_a_time();
+    };
     let denied = tiny_program(42, 4096);
-    let mut daemon = Daemon::start_gating_everything(
-        &policy(1, "allow", &[deny_digest("epg-denied", &sha_of(&denied))]),
+    let mut daemon = daemon_denying(
+        "epg-denied",
+        &denied,
         "",
         "[audit]\nmax_file_bytes = 1048576\nkeep_files = 3\noutbox_max_bytes = 4194304",
     );
@@ -862,10 +868,9 @@ fn sha_of(bytes: &[u8]) -> String {
 /// log under load never reports a break that is not there.
 #[test]
 fn verify_while_the_log_rotates_under_load_never_raises_a_false_alarm() {
-    if !capable() || !runs_tiny_programs() {
+    let Some(_turn) = my_turn() else {
         return;
-    }
-    let _one = one_at_a_time();
+    };
     let mut daemon = Daemon::start_gating_everything(
         &policy(1, "allow", &[]),
         "",
