@@ -9,12 +9,13 @@
 //! Everything is bounded in bytes, whatever users send: each event is cut
 //! to size before it is queued ([`AuditEvent::bound`]), the channel holds at
 //! most [`CHANNEL_MAX_BYTES`], and each user (by uid; root and the daemon's
-//! own records are exempt) may add at most [`USER_RATE_BYTES`] a second
-//! (with a burst of [`USER_BURST_BYTES`]). Past that, that user's records
-//! are counted instead of written, and an `audit_rate_limited` record per
-//! second says how many, of which kinds, so a flood from one user costs
-//! nobody else a record. The outbox's disk budget is checked after every
-//! batch; pruning takes from the user with the most records waiting.
+//! own records are exempt) may add at most [`AuditLimits::user_rate_bytes`]
+//! a second (with bursts of [`AuditLimits::user_burst_bytes`]). Past that,
+//! that user's records are counted instead of written, and an
+//! `audit_rate_limited` record per second says how many, of which kinds, so
+//! a flood from one user costs nobody else a record. The outbox's disk
+//! budget is checked after every batch; pruning takes from the user with
+//! the most records waiting.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -36,10 +37,26 @@ const CHANNEL_CAPACITY: usize = 65_536;
 /// [`AuditEvent::approx_bytes`]): what bounds the daemon's memory under a
 /// flood of large records.
 pub const CHANNEL_MAX_BYTES: u64 = 32 * 1024 * 1024;
-/// What one user may add to the audit per second, sustained.
-pub const USER_RATE_BYTES: u64 = 512 * 1024;
-/// What one user may add at once before [`USER_RATE_BYTES`] applies.
-pub const USER_BURST_BYTES: u64 = 16 * 1024 * 1024;
+/// The audit's budgets (`[audit]` in the configuration).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AuditLimits {
+    /// Disk budget of the store's outbox.
+    pub outbox_max_bytes: u64,
+    /// What one user may add to the audit per second, sustained.
+    pub user_rate_bytes: u64,
+    /// What one user may add at once before `user_rate_bytes` applies.
+    pub user_burst_bytes: u64,
+}
+
+impl Default for AuditLimits {
+    fn default() -> Self {
+        Self {
+            outbox_max_bytes: 256 * 1024 * 1024,
+            user_rate_bytes: 512 * 1024,
+            user_burst_bytes: 16 * 1024 * 1024,
+        }
+    }
+}
 /// Most records sealed into one batch (one transaction, one write).
 const MAX_BATCH: usize = 2048;
 /// Most bytes of records in one batch: a batch is held three times over
@@ -84,34 +101,46 @@ struct OverBudget {
 }
 
 /// Per-user byte budgets (a token bucket each).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct UserLimiter {
+    rate: f64,
+    burst: f64,
     users: Mutex<HashMap<u32, UserBudget>>,
 }
 
 impl UserLimiter {
+    fn new(limits: &AuditLimits) -> Self {
+        Self {
+            rate: limits.user_rate_bytes as f64,
+            burst: limits.user_burst_bytes as f64,
+            users: Mutex::default(),
+        }
+    }
+
     /// Whether `uid` may add an event of `bytes` now; if not, it is counted
     /// for the next report instead.
     fn admit(&self, uid: u32, bytes: u64, event: &AuditEvent) -> bool {
         let now = Instant::now();
+        let (rate, burst) = (self.rate, self.burst);
         let mut users = self.users.lock().unwrap_or_else(PoisonError::into_inner);
         if users.len() >= MAX_TRACKED_USERS && !users.contains_key(&uid) {
             users.retain(|_, budget| {
-                let refilled = budget.tokens
-                    + now.duration_since(budget.refilled).as_secs_f64() * USER_RATE_BYTES as f64;
-                budget.over.is_some() || refilled < (USER_BURST_BYTES as f64)
+                let refilled =
+                    budget.tokens + now.duration_since(budget.refilled).as_secs_f64() * rate;
+                budget.over.is_some() || refilled < burst
             });
         }
         let budget = users.entry(uid).or_insert(UserBudget {
-            tokens: USER_BURST_BYTES as f64,
+            tokens: burst,
             refilled: now,
             over: None,
         });
         let elapsed = now.duration_since(budget.refilled).as_secs_f64();
-        budget.tokens =
-            (budget.tokens + elapsed * USER_RATE_BYTES as f64).min(USER_BURST_BYTES as f64);
+        budget.tokens = (budget.tokens + elapsed * rate).min(burst);
         budget.refilled = now;
-        if budget.tokens >= bytes as f64 {
+        // A record larger than the whole burst still goes in when the
+        // budget is full, leaving it in debt.
+        if budget.tokens >= (bytes as f64).min(burst) {
             budget.tokens -= bytes as f64;
             return true;
         }
@@ -163,7 +192,7 @@ impl UserLimiter {
                     "{} records of uid {uid} ({} bytes) past its audit budget of {} KiB/s were counted, not written",
                     over.count,
                     over.bytes,
-                    USER_RATE_BYTES / 1024
+                    self.rate as u64 / 1024
                 ));
                 event
             })
@@ -243,19 +272,19 @@ impl AuditWriter {
         store: Arc<Mutex<Store>>,
         log: AuditLog,
         chain: Chain,
-        outbox_max_bytes: u64,
+        limits: AuditLimits,
         last_seq: Arc<AtomicU64>,
         device_id: String,
     ) -> std::io::Result<(AuditWriter, AuditSink)> {
         let (tx, rx) = bounded(CHANNEL_CAPACITY);
         let dropped = Arc::new(AtomicU64::new(0));
         let queued_bytes = Arc::new(AtomicU64::new(0));
-        let limiter = Arc::new(UserLimiter::default());
+        let limiter = Arc::new(UserLimiter::new(&limits));
         let mut state = WriterState {
             store,
             log,
             chain,
-            outbox_max_bytes,
+            outbox_max_bytes: limits.outbox_max_bytes,
             dropped: dropped.clone(),
             dropped_reported: 0,
             queued_bytes: queued_bytes.clone(),

@@ -534,7 +534,10 @@ mod tests {
             Arc::new(Mutex::new(store)),
             log,
             Chain::genesis(),
-            1 << 20,
+            crate::audit::AuditLimits {
+                outbox_max_bytes: 1 << 20,
+                ..Default::default()
+            },
             Arc::new(std::sync::atomic::AtomicU64::new(0)),
             "d".into(),
         )
