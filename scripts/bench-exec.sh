@@ -8,10 +8,20 @@
 # ordinary execs is the difference. Needs root (fanotify).
 #
 # Usage: sudo scripts/bench-exec.sh [RUNS]     (default 3000)
+#
+# EPMD_BEFORE=/path/to/an/older/epmd also measures that binary, in the same
+# run, right before this tree's (the exec overhead before and after a
+# change): build the older tree's `cargo build --release -p epm-agent --bin
+# epmd` elsewhere and point at it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 runs=${1:-3000}
+before_bin=${EPMD_BEFORE:-}
+if [[ -n $before_bin && ! -x $before_bin ]]; then
+    echo "EPMD_BEFORE=$before_bin is not an executable" >&2
+    exit 1
+fi
 if [[ $(id -u) -ne 0 ]]; then
     echo "bench-exec.sh needs root: fanotify permission events need CAP_SYS_ADMIN" >&2
     exit 1
@@ -31,7 +41,8 @@ cleanup() {
 }
 trap cleanup EXIT
 
-start_epmd() { # $1 = rule count, $2 = kernel hook (true/false)
+start_epmd() { # $1 = rule count, $2 = the epmd binary (default: this tree's), $3 = kernel hook (true/false, default true)
+    local epmd=${2:-$bin/epmd}
     python3 scripts/gen-policy.py "$1" >"$work/policy.json"
     cat >"$work/epmd.toml" <<TOML
 state_dir = "$work/state"
@@ -40,10 +51,10 @@ policy_file = "$work/policy.json"
 [gate]
 watch_paths = ["/"]
 [kernel_hook]
-enabled = ${2:-true}
+enabled = ${3:-true}
 TOML
     rm -rf "$work/state"
-    $bin/epmd --config "$work/epmd.toml" 2>"$work/epmd.log" &
+    "$epmd" --config "$work/epmd.toml" 2>"$work/epmd.log" &
     epmd_pid=$!
     for _ in $(seq 1 200); do
         if $bin/epmctl --socket "$work/epmd.sock" status >/dev/null 2>&1; then return 0; fi
@@ -64,16 +75,40 @@ base=$($loop_bin "$runs")
 epmd_cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$epmd_pid/stat"; }
 epmd_switches() { cat /proc/"$epmd_pid"/task/*/status | awk '/^voluntary_ctxt_switches/ { n += $2 } END { print n }'; }
 
-echo "measuring $runs execs with epmd enforcing 10000 rules, without the kernel hook..." >&2
-start_epmd 10000 false
-without_hook=$($loop_bin "$runs")
-stop_epmd
+# A program a user could write (owned by nobody): since issue 15 epmd takes
+# a read lease on such a file for each exec, which system programs (only
+# root writes them) do not need.
+user_program=$work/user-true
+cp /bin/true "$user_program"
+chown 65534:65534 "$user_program"
+chmod 0755 "$user_program"
+base_user=$($loop_bin "$runs" "$user_program")
 
+# Sets per_exec (µs), ticks (epmd's CPU) and switches (its voluntary
+# context switches) for the loop under one epmd, left running, and
+# per_user_exec for the loop of the user's program.
+measure_epmd() { # $1 = the epmd binary, $2 = kernel hook (true/false)
+    start_epmd 10000 "$1" "${2:-true}"
+    local ticks_before switches_before
+    ticks_before=$(epmd_cpu_ticks) switches_before=$(epmd_switches)
+    per_exec=$($loop_bin "$runs")
+    ticks=$(($(epmd_cpu_ticks) - ticks_before)) switches=$(($(epmd_switches) - switches_before))
+    per_user_exec=$($loop_bin "$runs" "$user_program")
+}
+
+if [[ -n $before_bin ]]; then
+    echo "measuring $runs execs with the earlier epmd ($before_bin) enforcing 10000 rules..." >&2
+    measure_epmd "$before_bin"
+    before_epmd=$per_exec before_ticks=$ticks before_switches=$switches before_user=$per_user_exec
+    stop_epmd
+fi
+echo "measuring $runs execs with epmd enforcing 10000 rules, without the kernel hook..." >&2
+measure_epmd "$bin/epmd" false
+without_hook=$per_exec
+stop_epmd
 echo "measuring $runs execs with epmd enforcing 10000 rules..." >&2
-start_epmd 10000
-ticks_before=$(epmd_cpu_ticks) switches_before=$(epmd_switches)
-with_epmd=$($loop_bin "$runs")
-ticks=$(($(epmd_cpu_ticks) - ticks_before)) switches=$(($(epmd_switches) - switches_before))
+measure_epmd "$bin/epmd"
+with_epmd=$per_exec with_user=$per_user_exec
 status=$($bin/epmctl --socket "$work/epmd.sock" status --json)
 hook_state=$(python3 -c 'import json,sys; h=json.load(sys.stdin).get("kernel_hook") or {}; print(h.get("state", "n/a"))' <<<"$status")
 stop_epmd
@@ -123,12 +158,22 @@ p99=$(python3 -c 'import json,sys; print(json.load(sys.stdin)["latency_us"]["p99
 
 echo "machine: $(nproc) cores, $(awk -F': ' '/model name/ { print $2; exit }' /proc/cpuinfo), Linux $(uname -r), $(date -u +%Y-%m-%d)"
 awk -v b="$base" 'BEGIN { printf "no listener: %.1f us/exec\n", b }'
+if [[ -n $before_bin ]]; then
+    awk -v b="$base" -v e="$before_epmd" \
+        'BEGIN { printf "earlier epmd (10000 rules): %.1f us/exec (+%.1f us, x%.2f)\n", e, e-b, e/b }'
+    awk -v t="$before_ticks" -v hz="$(getconf CLK_TCK)" -v s="$before_switches" -v r="$runs" \
+        'BEGIN { printf "earlier epmd CPU: %.1f us per exec; %.1f voluntary context switches per exec\n", t * 1e6 / hz / r, s / r }'
+    awk -v b="$base_user" -v e="$before_user" \
+        'BEGIN { printf "earlier epmd, a program a user can write: %.1f us/exec (+%.1f us)\n", e, e-b }'
+fi
 awk -v b="$base" -v e="$without_hook" \
     'BEGIN { printf "epmd (10000 rules, kernel hook off): %.1f us/exec (+%.1f us, x%.2f)\n", e, e-b, e/b }'
 awk -v b="$base" -v e="$with_epmd" -v h="$hook_state" \
     'BEGIN { printf "epmd (10000 rules, kernel hook %s): %.1f us/exec (+%.1f us, x%.2f)\n", h, e, e-b, e/b }'
 awk -v t="$ticks" -v hz="$(getconf CLK_TCK)" -v s="$switches" -v r="$runs" \
     'BEGIN { printf "epmd CPU: %.1f us per exec; %.1f voluntary context switches per exec\n", t * 1e6 / hz / r, s / r }'
+awk -v b="$base_user" -v e="$with_user" \
+    'BEGIN { printf "epmd, a program a user can write (leased): %.1f us/exec (+%.1f us)\n", e, e-b }'
 echo "$fapolicyd_line"
 echo "epmd decision latency: p50 ${p50} us, p99 ${p99} us"
 awk -v r="$rss_kb" 'BEGIN { printf "epmd RSS with 100000 rules: %.1f MB\n", r/1024 }'

@@ -195,13 +195,147 @@ pub fn ran(result: &std::io::Result<ExitStatus>) -> bool {
     result.is_ok()
 }
 
-/// A running `epmd` gating its own tmpfs, with its state in a temp dir.
+/// A running `epmd` gating its own tmpfs (or, for the attack tests, every
+/// mount of the machine), with its state in a temp dir.
 #[derive(Debug)]
 pub struct Daemon {
-    /// The gated mount.
+    /// The gated mount (with [`Daemon::start_gating_everything`], one mount
+    /// among all the others).
     pub mount: Tmpfs,
     dir: tempfile::TempDir,
     child: Option<Child>,
+    watch: Watch,
+    /// Running while a daemon that gates every mount runs.
+    watchdog: Option<Watchdog>,
+}
+
+/// What a daemon gates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Watch {
+    /// Its own tmpfs only: a broken daemon cannot hang the machine.
+    OwnMount,
+    /// `watch_paths = ["/"]`: every exec on the machine waits for it.
+    Everything,
+}
+
+/// Keeps a daemon that gates the whole machine from hanging it: execs
+/// `/bin/true` every 200 ms and kills the daemon (`SIGKILL`: the kernel
+/// then lets every waiting exec go) if one waits longer than 10 s. Its
+/// probes measure what every other exec on the machine waits meanwhile.
+#[derive(Debug)]
+struct Watchdog {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    probes: std::sync::Arc<std::sync::Mutex<Vec<Duration>>>,
+    threads: Vec<thread::JoinHandle<()>>,
+}
+
+impl Watchdog {
+    const LIMIT: Duration = Duration::from_secs(10);
+
+    fn start(pid: u32) -> Watchdog {
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        use std::sync::{Arc, Mutex};
+        let stop = Arc::new(AtomicBool::new(false));
+        let probes = Arc::new(Mutex::new(Vec::new()));
+        // Milliseconds since `epoch` when the running probe began; 0: none.
+        let started = Arc::new(AtomicU64::new(0));
+        let epoch = Instant::now();
+        let prober = {
+            let (stop, probes, started) = (stop.clone(), probes.clone(), started.clone());
+            thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let at = Instant::now();
+                    started.store(
+                        at.duration_since(epoch).as_millis() as u64 + 1,
+                        Ordering::SeqCst,
+                    );
+                    let _ = Command::new("/bin/true").status();
+                    started.store(0, Ordering::SeqCst);
+                    probes.lock().unwrap().push(at.elapsed());
+                    thread::sleep(Duration::from_millis(200));
+                }
+            })
+        };
+        let killer = {
+            let stop = stop.clone();
+            thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let began = started.load(Ordering::SeqCst);
+                    let now = Instant::now().duration_since(epoch).as_millis() as u64 + 1;
+                    if began != 0 && now.saturating_sub(began) > Self::LIMIT.as_millis() as u64 {
+                        eprintln!(
+                            "watchdog: an exec waited more than {:?}; killing epmd",
+                            Self::LIMIT
+                        );
+                        let _ = nix::sys::signal::kill(
+                            nix::unistd::Pid::from_raw(pid as i32),
+                            nix::sys::signal::Signal::SIGKILL,
+                        );
+                        return;
+                    }
+                    thread::sleep(Duration::from_millis(100));
+                }
+            })
+        };
+        Watchdog {
+            stop,
+            probes,
+            threads: vec![prober, killer],
+        }
+    }
+
+    fn stop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Latency of a set of execs, for the test output.
+#[derive(Debug, Clone, Copy)]
+pub struct Latencies {
+    /// How many.
+    pub count: usize,
+    /// Median.
+    pub p50: Duration,
+    /// 99th percentile.
+    pub p99: Duration,
+    /// Longest.
+    pub max: Duration,
+}
+
+impl Latencies {
+    /// The latencies of `samples` (none: all zero).
+    pub fn of(samples: &[Duration]) -> Latencies {
+        let mut sorted = samples.to_vec();
+        sorted.sort();
+        let at = |q: f64| {
+            sorted
+                .get(((sorted.len() as f64 * q).ceil() as usize).saturating_sub(1))
+                .copied()
+                .unwrap_or_default()
+        };
+        Latencies {
+            count: sorted.len(),
+            p50: at(0.5),
+            p99: at(0.99),
+            max: sorted.last().copied().unwrap_or_default(),
+        }
+    }
+}
+
+impl std::fmt::Display for Latencies {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} execs: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+            self.count,
+            self.p50.as_secs_f64() * 1e3,
+            self.p99.as_secs_f64() * 1e3,
+            self.max.as_secs_f64() * 1e3
+        )
+    }
 }
 
 impl Daemon {
@@ -231,7 +365,31 @@ impl Daemon {
         )
     }
 
+    /// Starts a daemon gating every mount of the machine (`watch_paths =
+    /// ["/"]`), for tests that attack the gate as a user would. Every exec
+    /// on the machine waits for it, other people's too: its `policy` must
+    /// allow everything but what the test denies. It dies with the test
+    /// process, and a watchdog kills it if any exec waits 10 s. `tables`
+    /// may end with a `[gate]` table: its keys join `watch_paths`.
+    pub fn start_gating_everything(policy: &str, top_level: &str, tables: &str) -> Daemon {
+        Daemon::launch_watching(
+            Some(policy),
+            &format!("{top_level}\ndevice_id = \"e2e-device\"\n"),
+            tables,
+            Watch::Everything,
+        )
+    }
+
     fn launch(policy: Option<&str>, top_level: &str, tables: &str) -> Daemon {
+        Daemon::launch_watching(policy, top_level, tables, Watch::OwnMount)
+    }
+
+    fn launch_watching(
+        policy: Option<&str>,
+        top_level: &str,
+        tables: &str,
+        watch: Watch,
+    ) -> Daemon {
         let mount = Tmpfs::new();
         let dir = tempfile::Builder::new()
             .prefix("epm-e2e-state-")
@@ -242,9 +400,17 @@ impl Daemon {
             std::fs::write(dir.path().join("policy.json"), policy).unwrap();
             config.push_str("policy_file = \"policy.json\"\n");
         }
+        let watched = match watch {
+            Watch::OwnMount => mount.path().display().to_string(),
+            Watch::Everything => "/".to_owned(),
+        };
+        // The test's own [gate] keys go into the one [gate] table.
+        let (tables, gate) = match tables.split_once("[gate]\n") {
+            Some((before, gate)) => (before.to_owned(), gate.to_owned()),
+            None => (tables.to_owned(), String::new()),
+        };
         config.push_str(&format!(
-            "{tables}\n[gate]\nwatch_paths = [{:?}]\n",
-            mount.path().display().to_string()
+            "{tables}\n[gate]\nwatch_paths = [{watched:?}]\n{gate}\n"
         ));
         // The kernel hook holds execs machine-wide unless scoped: a test
         // that wants it says so (and scopes it to its own cgroup).
@@ -256,26 +422,82 @@ impl Daemon {
             mount,
             dir,
             child: None,
+            watch,
+            watchdog: None,
         };
         daemon.spawn();
         daemon
     }
 
+    /// The daemon's pid.
+    pub fn process_id(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// The daemon's resident set size, in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.process_id())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap()
+    }
+
+    /// What the watchdog's probe execs (root's `/bin/true`, every 200 ms)
+    /// waited since the daemon started: what everyone else's execs waited.
+    pub fn probe_latencies(&self) -> Latencies {
+        let probes = self
+            .watchdog
+            .as_ref()
+            .map(|w| w.probes.lock().unwrap().clone())
+            .unwrap_or_default();
+        Latencies::of(&probes)
+    }
+
     fn spawn(&mut self) {
+        let watch = self.watch;
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.dir.path().join("epmd.log"))
             .unwrap();
-        let child = Command::new(binary("epmd"))
+        let mut command = Command::new(binary("epmd"));
+        command
             .arg("--config")
             .arg(self.dir.path().join("epmd.toml"))
-            .env("EPM_LOG", "debug")
+            .env(
+                "EPM_LOG",
+                if watch == Watch::Everything {
+                    "info"
+                } else {
+                    "debug"
+                },
+            )
             .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
+            .stderr(log);
+        #[cfg(target_os = "linux")]
+        if watch == Watch::Everything {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: prctl is async-signal-safe; nothing else runs between
+            // fork and exec here.
+            unsafe {
+                command.pre_exec(|| {
+                    // Gone with the thread that started it (the test's), so a
+                    // killed test never leaves a daemon gating the machine.
+                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let child = command.spawn().unwrap();
         let policy_records_before = self.policy_records();
+        if watch == Watch::Everything {
+            self.watchdog = Some(Watchdog::start(child.id()));
+        }
         self.child = Some(child);
         self.wait_ready(policy_records_before);
     }
@@ -467,6 +689,7 @@ impl Daemon {
 
     /// SIGTERM and wait for a clean exit.
     pub fn stop(&mut self) {
+        self.stop_watchdog();
         if let Some(mut child) = self.child.take() {
             let pid = nix::unistd::Pid::from_raw(child.id() as i32);
             nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
@@ -481,6 +704,7 @@ impl Daemon {
 
     /// SIGKILL: no chance to flush or clean up.
     pub fn kill9(&mut self) {
+        self.stop_watchdog();
         if let Some(mut child) = self.child.take() {
             child.kill().unwrap();
             let _ = child.wait();
@@ -515,8 +739,19 @@ fn wait_with_deadline(child: &mut Child, limit: Duration) -> ExitStatus {
     }
 }
 
+impl Daemon {
+    /// Stops the watchdog before its daemon goes (its pid must not be
+    /// signalled once it may name another process).
+    fn stop_watchdog(&mut self) {
+        if let Some(mut watchdog) = self.watchdog.take() {
+            watchdog.stop();
+        }
+    }
+}
+
 impl Drop for Daemon {
     fn drop(&mut self) {
+        self.stop_watchdog();
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();

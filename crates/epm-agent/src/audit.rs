@@ -5,11 +5,23 @@
 //! Workers hand events over through a bounded channel without blocking, so
 //! audit IO never delays an exec's answer; a full channel drops the event,
 //! counts it, and the next batch carries an `audit_dropped` record.
+//!
+//! Everything is bounded in bytes, whatever users send: each event is cut
+//! to size before it is queued ([`AuditEvent::bound`]), the channel holds at
+//! most [`CHANNEL_MAX_BYTES`], and each user (by uid; root and the daemon's
+//! own records are exempt) may add at most [`AuditLimits::user_rate_bytes`]
+//! a second (with bursts of [`AuditLimits::user_burst_bytes`]). Past that,
+//! that user's records are counted instead of written, and an
+//! `audit_rate_limited` record per second says how many, of which kinds, so
+//! a flood from one user costs nobody else a record. The outbox's disk
+//! budget is checked after every batch; pruning takes from the user with
+//! the most records waiting.
 
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, bounded};
 use epm_audit::{AuditEvent, AuditLog, Chain, EventKind, SealedRecord};
@@ -21,21 +33,171 @@ use crate::unified_log::UnifiedLog;
 
 /// Events waiting for the audit thread.
 const CHANNEL_CAPACITY: usize = 65_536;
+/// Bytes of events waiting for the audit thread (by
+/// [`AuditEvent::approx_bytes`]): what bounds the daemon's memory under a
+/// flood of large records.
+pub const CHANNEL_MAX_BYTES: u64 = 32 * 1024 * 1024;
+/// The audit's budgets (`[audit]` in the configuration).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AuditLimits {
+    /// Disk budget of the store's outbox.
+    pub outbox_max_bytes: u64,
+    /// What one user may add to the audit per second, sustained.
+    pub user_rate_bytes: u64,
+    /// What one user may add at once before `user_rate_bytes` applies.
+    pub user_burst_bytes: u64,
+}
+
+impl Default for AuditLimits {
+    fn default() -> Self {
+        Self {
+            outbox_max_bytes: 256 * 1024 * 1024,
+            user_rate_bytes: 512 * 1024,
+            user_burst_bytes: 16 * 1024 * 1024,
+        }
+    }
+}
 /// Most records sealed into one batch (one transaction, one write).
 const MAX_BATCH: usize = 2048;
-/// Check the outbox's disk budget every this many batches.
-const PRUNE_EVERY: u64 = 64;
+/// Most bytes of records in one batch: a batch is held three times over
+/// while it is written (events, sealed lines, the outbox's copy).
+const MAX_BATCH_BYTES: u64 = 4 * 1024 * 1024;
 /// How long a batch waits for more events after its first: at most this
 /// much is uncommitted at a crash, and commits (two fsyncs each) stay under
 /// 1000 / LINGER per second however busy the machine is.
 const LINGER: Duration = Duration::from_millis(20);
+/// The event that counts a user's records past their budget.
+pub const AUDIT_RATE_LIMITED: &str = "audit_rate_limited";
+/// Users remembered by the limiter; past this, those back at full budget
+/// with nothing to report are forgotten.
+const MAX_TRACKED_USERS: usize = 4096;
 
 #[derive(Debug)]
 enum Message {
-    Event(Box<AuditEvent>),
+    /// An event and the bytes it was counted as in the channel.
+    Event(Box<AuditEvent>, u64),
     /// Reply once everything sent before has been written.
     Flush(Sender<()>),
     Stop,
+}
+
+/// One user's audit budget, and what was counted past it.
+#[derive(Debug)]
+struct UserBudget {
+    tokens: f64,
+    refilled: Instant,
+    over: Option<OverBudget>,
+}
+
+/// Records of one user not written individually since the last report.
+#[derive(Debug)]
+struct OverBudget {
+    since: jiff::Timestamp,
+    count: u64,
+    bytes: u64,
+    /// By `event:decision` (`exec:allow`, `elevation_denied:deny`, ...).
+    kinds: BTreeMap<String, u64>,
+    user: Option<String>,
+}
+
+/// Per-user byte budgets (a token bucket each).
+#[derive(Debug)]
+struct UserLimiter {
+    rate: f64,
+    burst: f64,
+    users: Mutex<HashMap<u32, UserBudget>>,
+}
+
+impl UserLimiter {
+    fn new(limits: &AuditLimits) -> Self {
+        Self {
+            rate: limits.user_rate_bytes as f64,
+            burst: limits.user_burst_bytes as f64,
+            users: Mutex::default(),
+        }
+    }
+
+    /// Whether `uid` may add an event of `bytes` now; if not, it is counted
+    /// for the next report instead.
+    fn admit(&self, uid: u32, bytes: u64, event: &AuditEvent) -> bool {
+        let now = Instant::now();
+        let (rate, burst) = (self.rate, self.burst);
+        let mut users = self.users.lock().unwrap_or_else(PoisonError::into_inner);
+        if users.len() >= MAX_TRACKED_USERS && !users.contains_key(&uid) {
+            users.retain(|_, budget| {
+                let refilled =
+                    budget.tokens + now.duration_since(budget.refilled).as_secs_f64() * rate;
+                budget.over.is_some() || refilled < burst
+            });
+        }
+        let budget = users.entry(uid).or_insert(UserBudget {
+            tokens: burst,
+            refilled: now,
+            over: None,
+        });
+        let elapsed = now.duration_since(budget.refilled).as_secs_f64();
+        budget.tokens = (budget.tokens + elapsed * rate).min(burst);
+        budget.refilled = now;
+        // A record larger than the whole burst still goes in when the
+        // budget is full, leaving it in debt.
+        if budget.tokens >= (bytes as f64).min(burst) {
+            budget.tokens -= bytes as f64;
+            return true;
+        }
+        let over = budget.over.get_or_insert_with(|| OverBudget {
+            since: jiff::Timestamp::now(),
+            count: 0,
+            bytes: 0,
+            kinds: BTreeMap::new(),
+            user: None,
+        });
+        over.count += 1;
+        over.bytes += bytes;
+        if over.user.is_none() {
+            over.user = event.user.clone();
+        }
+        let kind = match &event.decision {
+            Some(decision) => format!("{}:{decision}", event.event),
+            None => event.event.clone(),
+        };
+        if over.kinds.len() < 64 || over.kinds.contains_key(&kind) {
+            *over.kinds.entry(kind).or_default() += 1;
+        }
+        false
+    }
+
+    /// One `audit_rate_limited` record per user with records counted
+    /// since the last call.
+    fn reports(&self) -> Vec<AuditEvent> {
+        let mut users = self.users.lock().unwrap_or_else(PoisonError::into_inner);
+        let now = jiff::Timestamp::now();
+        users
+            .iter_mut()
+            .filter_map(|(uid, budget)| Some((*uid, budget.over.take()?)))
+            .map(|(uid, over)| {
+                let kinds: serde_json::Map<String, serde_json::Value> = over
+                    .kinds
+                    .into_iter()
+                    .map(|(kind, n)| (kind, n.into()))
+                    .collect();
+                let mut event = AuditEvent::new(AUDIT_RATE_LIMITED)
+                    .with_detail("count", over.count)
+                    .with_detail("bytes", over.bytes)
+                    .with_detail("kinds", kinds)
+                    .with_detail("since", over.since.to_string())
+                    .with_detail("until", now.to_string());
+                event.uid = Some(uid);
+                event.user = over.user;
+                event.reason = Some(format!(
+                    "{} records of uid {uid} ({} bytes) past its audit budget of {} KiB/s were counted, not written",
+                    over.count,
+                    over.bytes,
+                    self.rate as u64 / 1024
+                ));
+                event
+            })
+            .collect()
+    }
 }
 
 /// Hands events to the audit thread. Cheap to clone; never blocks.
@@ -43,13 +205,30 @@ enum Message {
 pub struct AuditSink {
     tx: Sender<Message>,
     dropped: Arc<AtomicU64>,
+    queued_bytes: Arc<AtomicU64>,
+    limiter: Arc<UserLimiter>,
 }
 
 impl AuditSink {
-    /// Queues an event; when the queue is full the event is counted as
-    /// dropped and reported in the next batch.
-    pub fn send(&self, event: AuditEvent) {
-        if self.tx.try_send(Message::Event(Box::new(event))).is_err() {
+    /// Queues an event, cut to size; when the queue is full the event is
+    /// counted as dropped and reported in the next batch. A user's event
+    /// past their budget is counted for an `audit_rate_limited` record.
+    pub fn send(&self, mut event: AuditEvent) {
+        event.bound();
+        let bytes = event.approx_bytes() as u64;
+        if let Some(uid) = event.uid.filter(|&uid| uid != 0)
+            && !self.limiter.admit(uid, bytes, &event)
+        {
+            return;
+        }
+        let queued = self.queued_bytes.fetch_add(bytes, Ordering::Relaxed);
+        if queued.saturating_add(bytes) > CHANNEL_MAX_BYTES
+            || self
+                .tx
+                .try_send(Message::Event(Box::new(event), bytes))
+                .is_err()
+        {
+            self.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -73,6 +252,11 @@ impl AuditSink {
     pub fn dropped_counter(&self) -> Arc<AtomicU64> {
         self.dropped.clone()
     }
+
+    /// Bytes of events waiting for the audit thread now.
+    pub fn queued_bytes(&self) -> u64 {
+        self.queued_bytes.load(Ordering::Relaxed)
+    }
 }
 
 /// The running audit thread.
@@ -88,20 +272,24 @@ impl AuditWriter {
         store: Arc<Mutex<Store>>,
         log: AuditLog,
         chain: Chain,
-        outbox_max_bytes: u64,
+        limits: AuditLimits,
         last_seq: Arc<AtomicU64>,
         device_id: String,
     ) -> std::io::Result<(AuditWriter, AuditSink)> {
         let (tx, rx) = bounded(CHANNEL_CAPACITY);
         let dropped = Arc::new(AtomicU64::new(0));
+        let queued_bytes = Arc::new(AtomicU64::new(0));
+        let limiter = Arc::new(UserLimiter::new(&limits));
         let mut state = WriterState {
             store,
             log,
             chain,
-            outbox_max_bytes,
+            outbox_max_bytes: limits.outbox_max_bytes,
             dropped: dropped.clone(),
             dropped_reported: 0,
-            batches: 0,
+            queued_bytes: queued_bytes.clone(),
+            limiter: limiter.clone(),
+            last_report: Instant::now(),
             last_seq,
             device_id,
             unified_log: UnifiedLog::audit(),
@@ -114,7 +302,12 @@ impl AuditWriter {
                 tx: tx.clone(),
                 handle,
             },
-            AuditSink { tx, dropped },
+            AuditSink {
+                tx,
+                dropped,
+                queued_bytes,
+                limiter,
+            },
         ))
     }
 
@@ -133,7 +326,11 @@ struct WriterState {
     outbox_max_bytes: u64,
     dropped: Arc<AtomicU64>,
     dropped_reported: u64,
-    batches: u64,
+    /// Shared with the sinks: what the channel holds.
+    queued_bytes: Arc<AtomicU64>,
+    limiter: Arc<UserLimiter>,
+    /// When the limiter's counts were last written.
+    last_report: Instant,
     last_seq: Arc<AtomicU64>,
     /// Every record names its device, whoever built the event.
     device_id: String,
@@ -147,8 +344,9 @@ impl WriterState {
         let mut acks: Vec<Sender<()>> = Vec::new();
         loop {
             let mut stop = false;
+            let mut bytes = 0;
             match rx.recv_timeout(Duration::from_secs(1)) {
-                Ok(message) => stop |= take(message, &mut events, &mut acks),
+                Ok(message) => stop |= self.take(message, &mut events, &mut acks, &mut bytes),
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => stop = true,
             }
@@ -159,9 +357,11 @@ impl WriterState {
             if !stop && acks.is_empty() && !events.is_empty() {
                 std::thread::sleep(LINGER);
             }
-            while events.len() < MAX_BATCH && !stop {
+            while !stop && events.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
                 match rx.try_recv() {
-                    Ok(message) => stop |= take(message, &mut events, &mut acks),
+                    Ok(message) => {
+                        stop |= self.take(message, &mut events, &mut acks, &mut bytes);
+                    }
                     Err(_) => break,
                 }
             }
@@ -170,9 +370,25 @@ impl WriterState {
                 let _ = ack.send(());
             }
             if stop {
-                // Anything queued behind Stop is written too.
-                while let Ok(message) = rx.try_recv() {
-                    take(message, &mut events, &mut acks);
+                // Anything queued behind Stop is written too, a batch at a
+                // time.
+                loop {
+                    let mut bytes = 0;
+                    while events.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
+                        match rx.try_recv() {
+                            Ok(message) => {
+                                self.take(message, &mut events, &mut acks, &mut bytes);
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    if events.is_empty() && acks.is_empty() {
+                        break;
+                    }
+                    self.write(&mut events);
+                    for ack in acks.drain(..) {
+                        let _ = ack.send(());
+                    }
                 }
                 self.write(&mut events);
                 return;
@@ -180,7 +396,37 @@ impl WriterState {
         }
     }
 
+    /// Files a message, counting its bytes; true when it asks the thread
+    /// to stop.
+    fn take(
+        &self,
+        message: Message,
+        events: &mut Vec<AuditEvent>,
+        acks: &mut Vec<Sender<()>>,
+        bytes: &mut u64,
+    ) -> bool {
+        match message {
+            Message::Event(event, size) => {
+                self.queued_bytes.fetch_sub(size, Ordering::Relaxed);
+                *bytes += size;
+                events.push(*event);
+                false
+            }
+            Message::Flush(ack) => {
+                acks.push(ack);
+                false
+            }
+            Message::Stop => true,
+        }
+    }
+
     fn write(&mut self, events: &mut Vec<AuditEvent>) {
+        // Each user's records counted past their budget, once a second (and
+        // before a flush is answered, or at a stop).
+        if self.last_report.elapsed() >= Duration::from_secs(1) || events.is_empty() {
+            self.last_report = Instant::now();
+            events.extend(self.limiter.reports());
+        }
         let dropped = self.dropped.load(Ordering::Relaxed);
         if dropped > self.dropped_reported {
             let count = dropped - self.dropped_reported;
@@ -197,19 +443,28 @@ impl WriterState {
             return;
         }
         let now = jiff::Timestamp::now();
+        let mut uids = Vec::with_capacity(events.len());
         let sealed: Vec<SealedRecord> = events
             .drain(..)
             .map(|mut e| {
                 e.device_id.get_or_insert_with(|| self.device_id.clone());
+                // Records made here (counts, drops) are bounded too.
+                e.bound();
+                // The daemon's own reports of a user's flood are pruned
+                // last, with the daemon's records, not first with theirs.
+                let own = e.event == AUDIT_RATE_LIMITED || e.event == EventKind::AUDIT_DROPPED;
+                uids.push(if own { None } else { e.uid });
                 self.chain.seal(e, now)
             })
             .collect();
         let outbox: Vec<OutboxRecord> = sealed
             .iter()
-            .map(|r| OutboxRecord {
+            .zip(uids)
+            .map(|(r, uid)| OutboxRecord {
                 seq: r.seq,
                 hash: r.hash.clone(),
                 line: r.line.clone(),
+                uid,
             })
             .collect();
         // The outbox first: it is what a restart continues from.
@@ -230,24 +485,39 @@ impl WriterState {
         if let Some(last) = sealed.last() {
             self.last_seq.store(last.seq, Ordering::Relaxed);
         }
-        self.batches += 1;
-        if self.batches.is_multiple_of(PRUNE_EVERY) {
-            self.prune();
-        }
+        self.prune();
     }
 
+    /// Keeps the outbox within its budget, checked after every batch (one
+    /// read of a counter); once over it, prunes to seven eighths of it, so
+    /// the next batches do not prune again at once.
     fn prune(&mut self) {
         let pruned = match self.store.lock() {
-            Ok(mut store) => store.prune_audit(self.outbox_max_bytes),
+            Ok(mut store) => match store.outbox_bytes() {
+                Ok(bytes) if bytes > self.outbox_max_bytes => {
+                    store.prune_audit(self.outbox_max_bytes - self.outbox_max_bytes / 8)
+                }
+                Ok(_) => return,
+                Err(error) => Err(error),
+            },
             Err(_) => return,
         };
         match pruned {
             Ok(pruned) if pruned.not_uploaded > 0 => {
+                let by_uid: serde_json::Map<String, serde_json::Value> = pruned
+                    .not_uploaded_by_uid
+                    .iter()
+                    .map(|(uid, n)| {
+                        let key = uid.map_or_else(|| "daemon".to_owned(), |u| u.to_string());
+                        (key, (*n).into())
+                    })
+                    .collect();
                 let mut event = AuditEvent::new(EventKind::AUDIT_DROPPED)
                     .with_detail("count", pruned.not_uploaded)
-                    .with_detail("cause", "outbox over its disk budget");
+                    .with_detail("cause", "outbox over its disk budget")
+                    .with_detail("by_uid", by_uid);
                 event.reason = Some(format!(
-                    "{} audit records were dropped from the outbox before upload: it exceeded its disk budget",
+                    "{} audit records were dropped from the outbox before upload: it exceeded its disk budget (those of the users with the most records waiting go first; see by_uid)",
                     pruned.not_uploaded
                 ));
                 let mut events = vec![event];
@@ -256,21 +526,6 @@ impl WriterState {
             Ok(_) => {}
             Err(error) => tracing::warn!(%error, "cannot prune the audit outbox"),
         }
-    }
-}
-
-/// Files a message; true when it asks the thread to stop.
-fn take(message: Message, events: &mut Vec<AuditEvent>, acks: &mut Vec<Sender<()>>) -> bool {
-    match message {
-        Message::Event(event) => {
-            events.push(*event);
-            false
-        }
-        Message::Flush(ack) => {
-            acks.push(ack);
-            false
-        }
-        Message::Stop => true,
     }
 }
 

@@ -400,6 +400,11 @@ pub struct AuditConfig {
     /// Disk budget of the store's audit outbox; past it the oldest records
     /// are dropped and an `audit_dropped` record says how many.
     pub outbox_max_bytes: u64,
+    /// What one user may add to the audit per second; past it (and the
+    /// burst), their records are counted in `audit_rate_limited` records.
+    pub user_rate_bytes: u64,
+    /// What one user may add at once before `user_rate_bytes` applies.
+    pub user_burst_bytes: u64,
 }
 
 impl Default for Config {
@@ -449,6 +454,8 @@ impl Default for AuditConfig {
             max_file_bytes: 16 * 1024 * 1024,
             keep_files: 10,
             outbox_max_bytes: 256 * 1024 * 1024,
+            user_rate_bytes: crate::audit::AuditLimits::default().user_rate_bytes,
+            user_burst_bytes: crate::audit::AuditLimits::default().user_burst_bytes,
         }
     }
 }
@@ -663,6 +670,18 @@ impl Config {
                 self.audit.outbox_max_bytes
             ));
         }
+        if self.audit.user_rate_bytes < 1024 {
+            return Err(format!(
+                "audit.user_rate_bytes: {} is below the minimum of 1024",
+                self.audit.user_rate_bytes
+            ));
+        }
+        if self.audit.user_burst_bytes < 64 * 1024 {
+            return Err(format!(
+                "audit.user_burst_bytes: {} is below the minimum of 65536",
+                self.audit.user_burst_bytes
+            ));
+        }
         if self
             .device_id
             .as_deref()
@@ -802,6 +821,8 @@ mod tests {
             ("[gate]\nworkers = 0", "gate.workers: 0 is outside 1..=64"),
             ("[gate]\nbogus = 0", "unknown field `bogus`"),
             ("[audit]\nmax_file_bytes = 10", "audit.max_file_bytes"),
+            ("[audit]\nuser_rate_bytes = 10", "audit.user_rate_bytes"),
+            ("[audit]\nuser_burst_bytes = 1024", "audit.user_burst_bytes"),
             ("device_id = \"\"", "device_id: must not be empty"),
             ("mode = ", "line 1"),
         ] {

@@ -481,12 +481,19 @@ fn handle_requests(
                 );
                 let started = spec.and_then(|spec| {
                     crate::runner::run(connection, spec, stdio, |pid| {
-                        audit_run(context, "elevation_started", &allowed, &command, &cwd, pid)
-                            .send();
+                        audit_run(
+                            context,
+                            "elevation_started",
+                            &allowed,
+                            (uid, pid),
+                            &command,
+                            &cwd,
+                        )
+                        .send();
                     })
                 });
                 match started {
-                    Ok(end) => audit_run_end(context, &allowed, &command, &cwd, &end),
+                    Ok(end) => audit_run_end(context, &allowed, uid, &command, &cwd, &end),
                     Err(crate::runner::RunError::Connection(error)) => return Err(error),
                     Err(error) => {
                         tracing::info!(uid, program = %command.program, %error, "run refused");
@@ -608,6 +615,9 @@ fn status(context: &ControlContext) -> StatusReport {
             queue_capacity: context.queue_capacity as u64,
             fail_mode_answers: Counters::get(&c.fail_mode_answers),
             overflow: Counters::get(&c.overflow),
+            over_share: Counters::get(&c.over_share),
+            hash_budget: Counters::get(&c.hash_budget),
+            unstable_content: Counters::get(&c.unstable_content),
             worker_panics: Counters::get(&c.worker_panics),
             audit_dropped: context.audit_dropped.load(Ordering::Relaxed),
         },
@@ -868,14 +878,14 @@ fn audit_run<'a>(
     context: &'a ControlContext,
     kind: &str,
     allowed: &crate::flows::ElevationAllowed,
+    (uid, pid): (u32, u32),
     command: &epm_ipc::Command,
     cwd: &str,
-    pid: u32,
 ) -> RunRecord<'a> {
     let mut event = epm_audit::AuditEvent::new(kind)
         .with_detail("via", "run")
         .with_detail("run_as", command.run_as.as_str())
-        .with_detail("argv", command.argv.clone())
+        .with_string_list("argv", &command.argv)
         .with_detail("cwd", cwd);
     if let Some(text) = &allowed.met.justification {
         event = event.with_detail("justification", text.as_str());
@@ -884,6 +894,7 @@ fn audit_run<'a>(
         event = event.with_detail("requested_path", command.program.as_str());
     }
     event.pid = Some(pid);
+    event.uid = Some(uid);
     event.user = Some(allowed.user.clone());
     event.path = Some(allowed.path.clone());
     event.rule_id = allowed.rule_id.clone();
@@ -896,11 +907,19 @@ fn audit_run<'a>(
 fn audit_run_end(
     context: &ControlContext,
     allowed: &crate::flows::ElevationAllowed,
+    uid: u32,
     command: &epm_ipc::Command,
     cwd: &str,
     end: &crate::runner::RunEnd,
 ) {
-    let mut record = audit_run(context, "elevation_ended", allowed, command, cwd, end.pid);
+    let mut record = audit_run(
+        context,
+        "elevation_ended",
+        allowed,
+        (uid, end.pid),
+        command,
+        cwd,
+    );
     let mut event = record
         .event
         .with_detail("duration_ms", end.duration.as_millis() as u64)

@@ -109,7 +109,11 @@ pub fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
         store.clone(),
         log,
         chain,
-        config.audit.outbox_max_bytes,
+        crate::audit::AuditLimits {
+            outbox_max_bytes: config.audit.outbox_max_bytes,
+            user_rate_bytes: config.audit.user_rate_bytes,
+            user_burst_bytes: config.audit.user_burst_bytes,
+        },
         last_seq.clone(),
         device_id.clone(),
     )

@@ -4,10 +4,12 @@
 //! Every exec gate (fanotify, Endpoint Security) feeds this same code, so it
 //! is tested on Linux without any gate at all.
 
+use std::collections::HashMap;
 use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hash, Hasher};
 use std::io;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, PoisonError};
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use epm_policy::{Action, Decision, Engine, Sha256Digest, Subject};
@@ -16,7 +18,7 @@ use quick_cache::sync::Cache;
 use sha2::{Digest, Sha256};
 
 use crate::config::{FailMode, Mode};
-use crate::gate::{ExecFacts, FileIdentity, Verdict};
+use crate::gate::{ExecFacts, FileIdentity, Stability, Verdict, lease};
 use crate::names::Names;
 use crate::stats::{Counters, LatencyHistogram};
 
@@ -130,6 +132,133 @@ pub enum DecideError {
         /// Why.
         source: io::Error,
     },
+    /// What would run could not be pinned down: the file changed while it
+    /// was hashed, or stayed open for writing (so could change after).
+    #[error("{path} {why}: what would run is not what was hashed")]
+    Unstable {
+        /// The executable.
+        path: String,
+        /// What happened.
+        why: &'static str,
+    },
+    /// This user has hashed more than their share lately.
+    #[error(
+        "uid {uid} is over its hashing budget ({} MiB/s): {path} ({size} bytes) was not hashed",
+        HASH_RATE_BYTES >> 20
+    )]
+    HashBudget {
+        /// The user.
+        uid: u32,
+        /// The executable.
+        path: String,
+        /// Its size.
+        size: u64,
+    },
+    /// Hashing took longer than [`HASH_TIME_LIMIT`].
+    #[error("hashing {path} took longer than {} s", HASH_TIME_LIMIT.as_secs())]
+    HashTooSlow {
+        /// The executable.
+        path: String,
+    },
+}
+
+/// What each user (but root) may hash per second, sustained: enough for
+/// any program a person starts, far from what keeps a worker busy.
+pub const HASH_RATE_BYTES: u64 = 128 * 1024 * 1024;
+/// What a user may hash at once before [`HASH_RATE_BYTES`] applies. One
+/// file larger than this is still hashed when the budget is full, and
+/// leaves it in debt for as long as it takes to earn it back.
+pub const HASH_BURST_BYTES: u64 = 1024 * 1024 * 1024;
+/// Longest a single hash may take (a file on a slow or stalled device).
+pub const HASH_TIME_LIMIT: Duration = Duration::from_secs(30);
+
+/// Per-user hashing budgets: a token bucket of bytes each.
+#[derive(Debug)]
+struct HashBudget {
+    rate: f64,
+    burst: f64,
+    users: Mutex<HashMap<u32, (f64, Instant)>>,
+}
+
+impl Default for HashBudget {
+    fn default() -> Self {
+        Self {
+            rate: HASH_RATE_BYTES as f64,
+            burst: HASH_BURST_BYTES as f64,
+            users: Mutex::default(),
+        }
+    }
+}
+
+impl HashBudget {
+    /// Whether `uid` may hash `bytes` now (and if so, spends them). Root
+    /// is never limited.
+    fn spend(&self, uid: u32, bytes: u64) -> bool {
+        if uid == 0 {
+            return true;
+        }
+        let now = Instant::now();
+        let mut users = self.users.lock().unwrap_or_else(PoisonError::into_inner);
+        let (rate, burst) = (self.rate, self.burst);
+        if users.len() >= 4096 && !users.contains_key(&uid) {
+            // Forget users whose budget is full again.
+            users.retain(|_, (tokens, at)| {
+                *tokens + now.duration_since(*at).as_secs_f64() * rate < burst
+            });
+        }
+        let (tokens, at) = users.entry(uid).or_insert((burst, now));
+        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * rate).min(burst);
+        *at = now;
+        if *tokens <= 0.0 {
+            return false;
+        }
+        *tokens -= bytes as f64;
+        true
+    }
+}
+
+/// File versions being hashed right now: a second exec of the same
+/// version waits for the first one's digest instead of hashing it again.
+#[derive(Debug, Default)]
+struct InFlight {
+    hashing: Mutex<HashMap<FileIdentity, usize>>,
+    done: Condvar,
+}
+
+/// Marks one file version as being hashed until dropped.
+struct Hashing<'a> {
+    in_flight: &'a InFlight,
+    file: FileIdentity,
+}
+
+impl InFlight {
+    /// Waits while another worker hashes `file`, then marks it as ours.
+    fn begin(&self, file: FileIdentity) -> Hashing<'_> {
+        let mut hashing = self.hashing.lock().unwrap_or_else(PoisonError::into_inner);
+        while hashing.contains_key(&file) {
+            hashing = self
+                .done
+                .wait(hashing)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        hashing.insert(file, 1);
+        Hashing {
+            in_flight: self,
+            file,
+        }
+    }
+}
+
+impl Drop for Hashing<'_> {
+    fn drop(&mut self) {
+        let mut hashing = self
+            .in_flight
+            .hashing
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        hashing.remove(&self.file);
+        self.in_flight.done.notify_all();
+    }
 }
 
 /// Everything the decision workers share.
@@ -141,6 +270,8 @@ pub struct Decider {
     device_id: String,
     hashes: Cache<FileIdentity, Sha256Digest>,
     decisions: Cache<DecisionKey, Decision>,
+    hash_budget: HashBudget,
+    in_flight: InFlight,
     names: Names,
     fingerprint: RandomState,
     interactive: OnceLock<Arc<dyn Interactive>>,
@@ -152,10 +283,13 @@ pub struct Decider {
 
 /// Everything a cached decision depends on. Group list and parent path are
 /// folded into a keyed fingerprint (random keys per daemon run, so nobody can
-/// craft a collision) to keep keys small and lookups allocation-free.
+/// craft a collision) to keep keys small and lookups allocation-free. The
+/// digest is part of it: a file version is only an identity as long as its
+/// timestamps tell its contents apart.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct DecisionKey {
     file: FileIdentity,
+    sha256: Option<Sha256Digest>,
     generation: u64,
     uid: u32,
     context: u64,
@@ -178,6 +312,8 @@ impl Decider {
             device_id,
             hashes: Cache::new(cache_entries),
             decisions: Cache::new(cache_entries),
+            hash_budget: HashBudget::default(),
+            in_flight: InFlight::default(),
             names: Names::default(),
             fingerprint: RandomState::new(),
             interactive: OnceLock::new(),
@@ -250,6 +386,10 @@ impl Decider {
     /// never made. The gate thread calls this first, so the common case is
     /// answered without waking a worker.
     pub fn decide_cached(&self, facts: &ExecFacts) -> Option<Outcome> {
+        // A file someone had open for writing is hashed again, by a worker.
+        if facts.stability == Stability::OpenForWriting {
+            return None;
+        }
         let policy = self.policy.load();
         let sha256 = if facts.has_content() {
             Some(self.hashes.get(&facts.file)?)
@@ -264,7 +404,7 @@ impl Decider {
         let groups = supplementary(facts, directory.as_ref());
         let decision = self
             .decisions
-            .get(&self.key(facts, groups, policy.generation))?;
+            .get(&self.key(facts, groups, sha256, policy.generation))?;
         if self.may_use_grant(&decision) {
             // Consuming a grant writes the store: a worker's job.
             return None;
@@ -294,7 +434,7 @@ impl Decider {
             .groups_from_directory
             .then(|| self.names.member_groups(facts.uid, facts.gid));
         let groups = supplementary(facts, directory.as_ref());
-        let key = self.key(facts, groups, policy.generation);
+        let key = self.key(facts, groups, sha256, policy.generation);
         if let Some(decision) = self.decisions.get(&key) {
             Counters::bump(&self.counters.cache_hits);
             return Ok(self.conclude(facts, groups, sha256, decision, true, grants));
@@ -307,9 +447,16 @@ impl Decider {
 
     /// The cache key: the groups are part of the context, so a user added
     /// to a group (an admin session) is judged anew.
-    fn key(&self, facts: &ExecFacts, groups: &[u32], generation: u64) -> DecisionKey {
+    fn key(
+        &self,
+        facts: &ExecFacts,
+        groups: &[u32],
+        sha256: Option<Sha256Digest>,
+        generation: u64,
+    ) -> DecisionKey {
         DecisionKey {
             file: facts.file,
+            sha256,
             generation,
             uid: facts.uid,
             context: self.context_fingerprint(facts, groups),
@@ -371,10 +518,17 @@ impl Decider {
         }
     }
 
-    /// The SHA-256 of the executable, from the cache when this exact file
-    /// version (device, inode, size, mtime, ctime) was hashed before.
+    /// The SHA-256 of what will run: from the cache when this exact file
+    /// version (device, inode, size, mtime, ctime) was hashed before;
+    /// otherwise hashed once per version (a second exec of a version being
+    /// hashed waits for the first), within the user's hashing budget, and
+    /// only while the content is known to stay as hashed (see
+    /// [`crate::gate::lease`]). A file that changed while it was hashed is
+    /// hashed once more, under a lease if one can be taken now; then it is
+    /// an error, answered per `fail_mode`.
     fn sha256_of(&self, facts: &ExecFacts) -> Result<Option<Sha256Digest>, DecideError> {
-        if let Some(digest) = self.hashes.get(&facts.file) {
+        let trust_identity = facts.stability != Stability::OpenForWriting;
+        if trust_identity && let Some(digest) = self.hashes.get(&facts.file) {
             return Ok(Some(digest));
         }
         let hash_error = |source| DecideError::Hash {
@@ -384,15 +538,73 @@ impl Decider {
         let Some(content) = facts.content_handle().map_err(hash_error)? else {
             return Ok(None);
         };
-        let digest = hash_file(&content).map_err(hash_error)?;
-        self.hashes.insert(facts.file, digest);
-        Ok(Some(digest))
+        let _hashing = self.in_flight.begin(facts.file);
+        if trust_identity && let Some(digest) = self.hashes.get(&facts.file) {
+            return Ok(Some(digest));
+        }
+        let unstable = |why| DecideError::Unstable {
+            path: facts.path.clone(),
+            why,
+        };
+        let mut stability = facts.stability;
+        for attempt in 0..2 {
+            let before = FileIdentity::of_file(&content).map_err(hash_error)?;
+            if before != facts.file {
+                // Written (or its mode changed) since the exec: another version.
+                return Err(unstable("changed after the exec started"));
+            }
+            if !self.hash_budget.spend(facts.uid, before.size) {
+                return Err(DecideError::HashBudget {
+                    uid: facts.uid,
+                    path: facts.path.clone(),
+                    size: before.size,
+                });
+            }
+            let started = jiff::Timestamp::now().as_nanosecond();
+            let digest = hash_file_within(&content, Instant::now() + HASH_TIME_LIMIT).map_err(
+                |e| match e.kind() {
+                    io::ErrorKind::TimedOut => DecideError::HashTooSlow {
+                        path: facts.path.clone(),
+                    },
+                    _ => hash_error(e),
+                },
+            )?;
+            let after = FileIdentity::of_file(&content).map_err(hash_error)?;
+            // Leased: nobody could write. Otherwise (or when a writer
+            // asked for the lease meanwhile) the version must not have moved.
+            let still = match stability {
+                Stability::Leased if lease::holds(&content) => true,
+                Stability::Leased | Stability::OnlyRootWrites | Stability::VersionChecked => {
+                    before == after
+                }
+                Stability::OpenForWriting => false,
+            };
+            if still {
+                let racy = i64::try_from(started)
+                    .map(|at| before.is_racy(at))
+                    .unwrap_or(true);
+                if !racy {
+                    self.hashes.insert(facts.file, digest);
+                }
+                return Ok(Some(digest));
+            }
+            if attempt == 0 && lease::take(&content) == Stability::Leased {
+                // The writer is gone: hash what is there now, under a lease.
+                stability = Stability::Leased;
+                continue;
+            }
+            return Err(unstable(match stability {
+                Stability::OpenForWriting => "stayed open for writing",
+                _ => "changed while it was hashed",
+            }));
+        }
+        Err(unstable("kept changing while it was hashed"))
     }
 
     fn context_fingerprint(&self, facts: &ExecFacts, groups: &[u32]) -> u64 {
         let mut hasher = self.fingerprint.build_hasher();
         // The path too: one inode can have several paths (hard links), and
-        // path rules may treat them differently.
+        // path rules may treat them differently; and whether it was checked.
         facts.path.hash(&mut hasher);
         facts.path_origin.hash(&mut hasher);
         facts.gid.hash(&mut hasher);
@@ -464,11 +676,22 @@ fn supplementary<'a>(facts: &'a ExecFacts, directory: Option<&'a Arc<[u32]>>) ->
 /// Hashes a file through an already-open handle, from offset 0 whatever the
 /// handle's position, without changing it (positioned reads).
 pub fn hash_file(file: &std::fs::File) -> io::Result<Sha256Digest> {
+    hash_file_within(file, Instant::now() + Duration::from_secs(u32::MAX.into()))
+}
+
+/// [`hash_file`], giving up with `TimedOut` once `deadline` has passed.
+pub fn hash_file_within(file: &std::fs::File, deadline: Instant) -> io::Result<Sha256Digest> {
     use std::os::unix::fs::FileExt;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 128 * 1024];
     let mut offset = 0u64;
     loop {
+        if Instant::now() > deadline {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "hashing took too long",
+            ));
+        }
         let n = match file.read_at(&mut buf, offset) {
             Ok(0) => break,
             Ok(n) => n,
@@ -522,6 +745,207 @@ mod tests {
 
     fn digest_of(bytes: &[u8]) -> String {
         hex::encode(Sha256::digest(bytes))
+    }
+
+    fn allow_all() -> Decider {
+        Decider::new(
+            state(r#"{"version": 1, "default_action": "allow"}"#, 1),
+            Mode::Enforce,
+            FailMode::Closed,
+            "d".into(),
+            64,
+        )
+    }
+
+    /// A file of ours, and the gate's view of an exec of it.
+    fn exec_of(dir: &std::path::Path, content: &[u8]) -> (std::path::PathBuf, ExecFacts) {
+        // Each its own file: another write to a leased file would wait.
+        let path = dir.join(format!(
+            "tool-{}",
+            hex::encode(&Sha256::digest(content)[..8])
+        ));
+        std::fs::write(&path, content).unwrap();
+        let file = std::fs::File::open(&path).unwrap();
+        let stability = lease::take(&file);
+        let facts = ExecFacts {
+            stability,
+            ..facts(&file, &path.display().to_string())
+        };
+        (path, facts)
+    }
+
+    #[test]
+    fn a_leased_file_is_hashed_once_and_writers_wait() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, facts) = exec_of(dir.path(), b"tool v1");
+        if facts.stability == Stability::VersionChecked {
+            eprintln!("no leases here");
+            return;
+        }
+        assert_eq!(facts.stability, Stability::Leased);
+        let decider = allow_all();
+        let outcome = decider.decide(&facts).unwrap();
+        assert_eq!(
+            outcome.subject.sha256.unwrap().to_string(),
+            digest_of(b"tool v1")
+        );
+        // Nobody can start writing while the gate holds the lease.
+        use std::os::unix::fs::OpenOptionsExt;
+        let writer = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&path);
+        assert_eq!(writer.unwrap_err().raw_os_error(), Some(libc::EWOULDBLOCK));
+    }
+
+    #[test]
+    fn a_file_changed_after_the_exec_began_is_never_allowed_on_its_old_hash() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, mut facts) = exec_of(dir.path(), b"allowed bytes");
+        // No lease (as on a file system without them): the version check
+        // is all there is. A write after the gate identified the file:
+        facts.stability = Stability::VersionChecked;
+        facts.content = Some(std::fs::File::open(&path).unwrap());
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .write_all(b"evil")
+            .unwrap();
+        let decider = Decider::new(
+            state(&deny_digest(&digest_of(b"evilwed bytes"), 1), 1),
+            Mode::Enforce,
+            FailMode::Closed,
+            "d".into(),
+            64,
+        );
+        let error = decider.decide(&facts).unwrap_err();
+        assert!(
+            matches!(error, DecideError::Unstable { why, .. } if why.contains("changed after")),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn a_file_open_for_writing_is_hashed_again_under_a_lease_or_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tool");
+        let mut writer = std::fs::File::create(&path).unwrap();
+        writer.write_all(b"v1").unwrap();
+        let file = std::fs::File::open(&path).unwrap();
+        let stability = lease::take(&file);
+        if stability == Stability::VersionChecked {
+            eprintln!("no leases here");
+            return;
+        }
+        assert_eq!(stability, Stability::OpenForWriting);
+        let facts = ExecFacts {
+            stability,
+            ..facts(&file, &path.display().to_string())
+        };
+        let decider = allow_all();
+        let error = decider.decide(&facts).unwrap_err();
+        assert!(
+            matches!(error, DecideError::Unstable { why, .. } if why.contains("open for writing")),
+            "{error}"
+        );
+        assert!(
+            decider.decide_cached(&facts).is_none(),
+            "never from a cache"
+        );
+        // The writer is gone: hashed under a lease now.
+        drop(writer);
+        let outcome = decider.decide(&facts).unwrap();
+        assert_eq!(
+            outcome.subject.sha256.unwrap().to_string(),
+            digest_of(b"v1")
+        );
+    }
+
+    #[test]
+    fn each_user_hashes_within_a_budget_and_root_is_not_limited() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut decider = allow_all();
+        decider.hash_budget = HashBudget {
+            rate: 1.0,
+            burst: 100.0,
+            users: Mutex::default(),
+        };
+        let mut versions = Vec::new();
+        for i in 0..3u8 {
+            let (_, mut facts) = exec_of(dir.path(), &[i; 80]);
+            facts.uid = 1000;
+            versions.push(facts);
+        }
+        // The first spends the burst (80 of 100), the second takes it into
+        // debt, the third finds it spent.
+        assert!(decider.decide(&versions[0]).is_ok());
+        assert!(decider.decide(&versions[1]).is_ok());
+        let error = decider.decide(&versions[2]).unwrap_err();
+        assert!(
+            matches!(error, DecideError::HashBudget { uid: 1000, .. }),
+            "{error}"
+        );
+        let mut root = exec_of(dir.path(), &[9; 80]).1;
+        root.uid = 0;
+        assert!(decider.decide(&root).is_ok());
+        let mut other = exec_of(dir.path(), &[8; 80]).1;
+        other.uid = 1001;
+        assert!(decider.decide(&other).is_ok(), "another user has their own");
+    }
+
+    #[test]
+    fn a_version_younger_than_the_coarsest_timestamp_is_not_remembered() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, fresh) = exec_of(dir.path(), b"just written");
+        let decider = allow_all();
+        decider.decide(&fresh).unwrap();
+        assert!(
+            decider.hashes.get(&fresh.file).is_none(),
+            "racy: hashed again next time"
+        );
+        let old = FileIdentity {
+            ctime_ns: 1_000_000_000,
+            mtime_ns: 1_000_000_000,
+            ..fresh.file
+        };
+        assert!(!old.is_racy(jiff::Timestamp::now().as_nanosecond() as i64));
+        assert!(
+            fresh
+                .file
+                .is_racy(jiff::Timestamp::now().as_nanosecond() as i64)
+        );
+        // A system binary, unchanged for long, is remembered.
+        let system = std::fs::File::open("/bin/true").unwrap();
+        let facts = facts(&system, "/bin/true");
+        decider.decide(&facts).unwrap();
+        assert!(decider.hashes.get(&facts.file).is_some());
+    }
+
+    #[test]
+    fn a_path_from_another_mount_namespace_matches_no_path_rule() {
+        let policy = r#"{"version": 1, "default_action": "deny", "rules": [
+            {"id": "local-tools", "action": "allow", "match": {"path_glob": "/usr/local/bin/*"}}]}"#;
+        let decider = Decider::new(
+            state(policy, 1),
+            Mode::Enforce,
+            FailMode::Closed,
+            "d".into(),
+            64,
+        );
+        let file = std::fs::File::open("/bin/true").unwrap();
+        let mut facts = facts(&file, "/usr/local/bin/tool");
+        assert_eq!(decider.decide(&facts).unwrap().verdict, Verdict::Allow);
+        facts.path_origin = epm_policy::PathOrigin::OtherNamespace;
+        let outcome = decider.decide(&facts).unwrap();
+        assert_eq!(outcome.verdict, Verdict::Deny, "not the cached allow");
+        assert_eq!(outcome.decision.rule_id, None);
+        let event = crate::audit::exec_event(&decider, &outcome);
+        assert_eq!(
+            event.details.unwrap()["path_origin"],
+            "other_mount_namespace"
+        );
     }
 
     #[test]

@@ -1,25 +1,35 @@
-//! The decision pipeline between a gate and the decider: a bounded queue,
-//! worker threads, the answer first and the audit after.
+//! The decision pipeline between a gate and the decider: a queue shared
+//! fairly between users, worker threads, the answer first and the audit
+//! after.
 //!
 //! Cache hits are answered on the gate's thread; everything else (hashing,
 //! evaluation) goes to a worker. Every exec handed to [`Intake::submit`] is
 //! answered exactly once: from the caches; by a worker; at once per
-//! `fail_mode` when the queue is full; per `fail_mode` when deciding fails
-//! or panics; or by `PendingExec`'s drop guard if anything else goes wrong.
-//! An exec the platform already let run ([`PendingExec::observed`]) is
-//! only decided again by a worker, for the audit: every exec is audited,
-//! including those Endpoint Security answered from its own cache.
+//! `fail_mode` when the queue is full or its user is over their share; per
+//! `fail_mode` when deciding fails or panics; or by `PendingExec`'s drop
+//! guard if anything else goes wrong. An exec the platform already let run
+//! ([`PendingExec::observed`]) is only decided again by a worker, for the
+//! audit: every exec is audited, including those Endpoint Security
+//! answered from its own cache.
+//!
+//! # Fairness
+//! Any user can make execs that miss every cache (a large file of their
+//! own, changed before each run), so no user may take the queue or the
+//! workers from the others: each user (by real uid) may have at most
+//! a sixteenth of the queue (at least 16) queued or being decided, past which
+//! their own new execs are answered per `fail_mode`; workers take users in
+//! turn, one exec each; and a user's execs occupy at most all workers but
+//! one at a time. Root is exempt from both limits (but not from the turns).
 
+use std::collections::{HashMap, VecDeque};
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use crossbeam_channel::{Receiver, Sender, TrySendError, bounded};
-
 use crate::audit::{AuditSink, exec_event, fail_event, observed_event, observed_fail_event};
-use crate::decider::{Decider, Enforced, Outcome};
+use crate::decider::{DecideError, Decider, Enforced, Outcome};
 use crate::gate::PendingExec;
 use crate::stats::Counters;
 
@@ -30,17 +40,195 @@ struct Job {
     received: Instant,
 }
 
+impl Job {
+    fn uid(&self) -> u32 {
+        self.pending.facts.uid
+    }
+}
+
+/// One user's execs in the queue.
+#[derive(Debug, Default)]
+struct UserJobs {
+    queued: VecDeque<Box<Job>>,
+    /// Taken by a worker and not finished yet.
+    running: usize,
+}
+
+#[derive(Debug, Default)]
+struct QueueState {
+    users: HashMap<u32, UserJobs>,
+    /// Users with queued execs, in the order they get their next turn.
+    turns: VecDeque<u32>,
+    queued: usize,
+    closed: bool,
+}
+
+/// The decision queue: bounded in all and per user, served one user at a
+/// time in turn (see the module documentation).
+#[derive(Debug)]
+struct FairQueue {
+    state: Mutex<QueueState>,
+    ready: Condvar,
+    capacity: usize,
+    user_share: usize,
+    user_workers: usize,
+    /// Intakes alive: the queue closes when the last is dropped.
+    intakes: AtomicUsize,
+}
+
+impl FairQueue {
+    fn new(capacity: usize, workers: usize) -> Self {
+        let capacity = capacity.max(1);
+        Self {
+            state: Mutex::default(),
+            ready: Condvar::new(),
+            capacity,
+            user_share: Self::user_share(capacity),
+            user_workers: workers.saturating_sub(1).max(1),
+            intakes: AtomicUsize::new(0),
+        }
+    }
+
+    /// How many execs one user (but root) may have queued or being decided:
+    /// a sixteenth of the queue (at least 16, at most all of it), so a
+    /// dozen users could flood at once and still leave room for everyone.
+    fn user_share(capacity: usize) -> usize {
+        (capacity / 16).max(16).min(capacity)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, QueueState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn len(&self) -> usize {
+        self.lock().queued
+    }
+
+    /// Queues a job; gives it back, and why, when it cannot be taken.
+    fn push(&self, job: Box<Job>) -> Result<(), (Box<Job>, Refused)> {
+        let mut state = self.lock();
+        if state.closed {
+            return Err((job, Refused::Closed));
+        }
+        if state.queued >= self.capacity {
+            return Err((job, Refused::Full));
+        }
+        let uid = job.uid();
+        let user = state.users.entry(uid).or_default();
+        if uid != 0 && user.queued.len() + user.running >= self.user_share {
+            return Err((job, Refused::OverShare));
+        }
+        let first = user.queued.is_empty();
+        user.queued.push_back(job);
+        if first {
+            state.turns.push_back(uid);
+        }
+        state.queued += 1;
+        drop(state);
+        self.ready.notify_one();
+        Ok(())
+    }
+
+    /// The next job, from the first user in turn who may have one more
+    /// decided now; waits for one. `None` once closed and drained.
+    fn pop(&self) -> Option<Box<Job>> {
+        let mut state = self.lock();
+        loop {
+            if let Some(job) = self.take_next(&mut state) {
+                return Some(job);
+            }
+            if state.closed && state.queued == 0 {
+                return None;
+            }
+            state = self
+                .ready
+                .wait(state)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+
+    fn take_next(&self, state: &mut QueueState) -> Option<Box<Job>> {
+        let index = state.turns.iter().position(|uid| {
+            *uid == 0
+                || state
+                    .users
+                    .get(uid)
+                    .is_some_and(|user| user.running < self.user_workers)
+        })?;
+        let uid = state.turns.remove(index)?;
+        let user = state.users.get_mut(&uid)?;
+        let job = user.queued.pop_front()?;
+        user.running += 1;
+        if !user.queued.is_empty() {
+            state.turns.push_back(uid);
+        }
+        state.queued -= 1;
+        Some(job)
+    }
+
+    /// A job of `uid` taken by [`FairQueue::pop`] is done.
+    fn finished(&self, uid: u32) {
+        let mut state = self.lock();
+        if let Some(user) = state.users.get_mut(&uid) {
+            user.running = user.running.saturating_sub(1);
+            if user.running == 0 && user.queued.is_empty() {
+                state.users.remove(&uid);
+            }
+        }
+        drop(state);
+        // A worker may be waiting for this user's next turn.
+        self.ready.notify_one();
+    }
+
+    fn close(&self) {
+        self.lock().closed = true;
+        self.ready.notify_all();
+    }
+}
+
+/// Calls [`FairQueue::finished`] however deciding ends.
+struct Taken<'a> {
+    queue: &'a FairQueue,
+    uid: u32,
+}
+
+impl Drop for Taken<'_> {
+    fn drop(&mut self) {
+        self.queue.finished(self.uid);
+    }
+}
+
 /// The gate-facing end: hands execs in, never blocks.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Intake {
-    queue: Sender<Job>,
+    queue: Arc<FairQueue>,
     decider: Arc<Decider>,
     audit: AuditSink,
 }
 
+impl Clone for Intake {
+    fn clone(&self) -> Self {
+        self.queue.intakes.fetch_add(1, Ordering::SeqCst);
+        Self {
+            queue: self.queue.clone(),
+            decider: self.decider.clone(),
+            audit: self.audit.clone(),
+        }
+    }
+}
+
+impl Drop for Intake {
+    fn drop(&mut self) {
+        if self.queue.intakes.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.queue.close();
+        }
+    }
+}
+
 impl Intake {
-    /// Queues an exec for a worker; when the queue is full the exec is
-    /// answered per `fail_mode` at once, counted and audited.
+    /// Queues an exec for a worker; when the queue is full, or the exec's
+    /// user is over their share of it, the exec is answered per
+    /// `fail_mode` at once, counted and audited.
     pub fn submit(&self, pending: PendingExec) {
         let counters = &self.decider.counters;
         Counters::bump(&counters.execs_seen);
@@ -63,12 +251,15 @@ impl Intake {
         let Some((pending, refused)) = self.enqueue(pending, received) else {
             return;
         };
-        if refused == Refused::Full {
-            Counters::bump(&counters.overflow);
+        match refused {
+            Refused::Full => Counters::bump(&counters.overflow),
+            Refused::OverShare => Counters::bump(&counters.over_share),
+            Refused::Closed => {}
         }
         Counters::bump(&counters.fail_mode_answers);
         let verdict = self.decider.fail_verdict();
-        let event = fail_event(&self.decider, &pending.facts, verdict, refused.why());
+        let why = refused.why(pending.facts.uid);
+        let event = fail_event(&self.decider, &pending.facts, verdict, &why);
         pending.answer(verdict);
         self.audit.send(event);
     }
@@ -78,15 +269,11 @@ impl Intake {
     fn enqueue(&self, pending: PendingExec, received: Instant) -> Option<(PendingExec, Refused)> {
         let depth = &self.decider.counters.queue_depth;
         depth.fetch_add(1, Ordering::Relaxed);
-        let Err(error) = self.queue.try_send(Job { pending, received }) else {
+        let Err((job, refused)) = self.queue.push(Box::new(Job { pending, received })) else {
             return None;
         };
         depth.fetch_sub(1, Ordering::Relaxed);
-        let refused = match error {
-            TrySendError::Full(_) => Refused::Full,
-            TrySendError::Disconnected(_) => Refused::Closed,
-        };
-        Some((error.into_inner().pending, refused))
+        Some((job.pending, refused))
     }
 
     /// Queues an exec that already ran for a worker to decide again and
@@ -96,22 +283,22 @@ impl Intake {
         // Half the queue stays free for execs waiting for an answer: a burst
         // of cached execs (a build) must never push those into fail_mode.
         // Past that, the record says what ran, without a decision.
-        let busy = self
-            .queue
-            .capacity()
-            .is_some_and(|capacity| self.queue.len() >= capacity / 2);
+        let busy = self.queue.len() >= self.queue.capacity / 2;
         let (pending, why) = if busy {
-            (pending, "decision queue busy")
+            (pending, "decision queue busy".to_owned())
         } else {
             match self.enqueue(pending, received) {
                 None => return,
-                Some((pending, refused)) => (pending, refused.why()),
+                Some((pending, refused)) => {
+                    let why = refused.why(pending.facts.uid);
+                    (pending, why)
+                }
             }
         };
         let facts = &pending.facts;
         tracing::debug!(path = %facts.path, why, "an exec Endpoint Security allowed from its cache is audited without a decision");
         self.audit
-            .send(observed_fail_event(&self.decider, facts, why));
+            .send(observed_fail_event(&self.decider, facts, &why));
     }
 }
 
@@ -119,14 +306,18 @@ impl Intake {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Refused {
     Full,
+    OverShare,
     Closed,
 }
 
 impl Refused {
-    fn why(self) -> &'static str {
+    fn why(self, uid: u32) -> String {
         match self {
-            Refused::Full => "decision queue full",
-            Refused::Closed => "daemon shutting down",
+            Refused::Full => "decision queue full".to_owned(),
+            Refused::OverShare => {
+                format!("uid {uid} is over its share of the decision queue")
+            }
+            Refused::Closed => "daemon shutting down".to_owned(),
         }
     }
 }
@@ -145,25 +336,38 @@ impl Workers {
         decider: Arc<Decider>,
         audit: AuditSink,
     ) -> std::io::Result<(Workers, Intake)> {
-        let (queue, jobs) = bounded::<Job>(capacity.max(1));
+        let count = count.max(1);
+        let queue = Arc::new(FairQueue::new(capacity, count));
+        queue.intakes.store(1, Ordering::SeqCst);
+        let intake = Intake {
+            queue: queue.clone(),
+            decider: decider.clone(),
+            audit: audit.clone(),
+        };
         let mut handles = Vec::with_capacity(count);
-        for index in 0..count.max(1) {
-            let jobs = jobs.clone();
+        for index in 0..count {
+            let queue = queue.clone();
             let decider = decider.clone();
             let audit = audit.clone();
-            let handle = std::thread::Builder::new()
+            let spawned = std::thread::Builder::new()
                 .name(format!("epm-decide-{index}"))
-                .spawn(move || work(&jobs, &decider, &audit))?;
-            handles.push(handle);
+                .spawn(move || {
+                    crate::gate::raise_exec_path_priority();
+                    work(&queue, &decider, &audit)
+                });
+            match spawned {
+                Ok(handle) => handles.push(handle),
+                Err(error) => {
+                    // The intake's drop closes the queue; those started stop.
+                    drop(intake);
+                    for handle in handles {
+                        let _ = handle.join();
+                    }
+                    return Err(error);
+                }
+            }
         }
-        Ok((
-            Workers { handles },
-            Intake {
-                queue,
-                decider,
-                audit,
-            },
-        ))
+        Ok((Workers { handles }, intake))
     }
 
     /// Waits for the workers to drain the queue and exit; the queue closes
@@ -175,8 +379,13 @@ impl Workers {
     }
 }
 
-fn work(jobs: &Receiver<Job>, decider: &Decider, audit: &AuditSink) {
-    while let Ok(Job { pending, received }) = jobs.recv() {
+fn work(queue: &FairQueue, decider: &Decider, audit: &AuditSink) {
+    while let Some(job) = queue.pop() {
+        let _taken = Taken {
+            queue,
+            uid: job.uid(),
+        };
+        let Job { pending, received } = *job;
         decider.counters.queue_depth.fetch_sub(1, Ordering::Relaxed);
         if pending.is_observed() {
             audit.send(audit_observed(decider, &pending));
@@ -194,6 +403,13 @@ fn work(jobs: &Receiver<Job>, decider: &Decider, audit: &AuditSink) {
             Ok(Err(error)) => {
                 tracing::warn!(%error, "exec answered per fail_mode");
                 Counters::bump(&decider.counters.fail_mode_answers);
+                match &error {
+                    DecideError::HashBudget { .. } => Counters::bump(&decider.counters.hash_budget),
+                    DecideError::Unstable { .. } => {
+                        Counters::bump(&decider.counters.unstable_content)
+                    }
+                    DecideError::Hash { .. } | DecideError::HashTooSlow { .. } => {}
+                }
                 let verdict = decider.fail_verdict();
                 (
                     verdict,
@@ -318,7 +534,10 @@ mod tests {
             Arc::new(Mutex::new(store)),
             log,
             Chain::genesis(),
-            1 << 20,
+            crate::audit::AuditLimits {
+                outbox_max_bytes: 1 << 20,
+                ..Default::default()
+            },
             Arc::new(std::sync::atomic::AtomicU64::new(0)),
             "d".into(),
         )
@@ -512,12 +731,7 @@ mod tests {
         ] {
             let (_dir, decider, writer, sink) = setup(fail_mode);
             // No workers: a queue of one fills with the first exec.
-            let (queue, _jobs) = bounded::<Job>(1);
-            let intake = Intake {
-                queue,
-                decider: decider.clone(),
-                audit: sink.clone(),
-            };
+            let intake = intake_without_workers(1, &decider, &sink);
             let (tx, verdicts) = crossbeam_channel::unbounded();
             for _ in 0..2 {
                 intake.submit(PendingExec::new(
@@ -536,6 +750,97 @@ mod tests {
             drop(sink);
             writer.stop();
         }
+    }
+
+    /// An intake whose queue no worker serves.
+    fn intake_without_workers(capacity: usize, decider: &Arc<Decider>, sink: &AuditSink) -> Intake {
+        let queue = Arc::new(FairQueue::new(capacity, 2));
+        queue.intakes.store(1, Ordering::SeqCst);
+        Intake {
+            queue,
+            decider: decider.clone(),
+            audit: sink.clone(),
+        }
+    }
+
+    fn exec_of(uid: u32, path: &str, tx: &crossbeam_channel::Sender<Verdict>) -> PendingExec {
+        let mut facts = facts(path, None);
+        facts.uid = uid;
+        PendingExec::new(facts, Box::new(Recorder(tx.clone())), Verdict::Deny)
+    }
+
+    #[test]
+    fn a_user_over_their_share_is_answered_per_fail_mode_and_nobody_else() {
+        let (_dir, decider, writer, sink) = setup(FailMode::Closed);
+        let intake = intake_without_workers(64, &decider, &sink);
+        let share = FairQueue::user_share(64);
+        assert_eq!(share, 16);
+        let (tx, verdicts) = crossbeam_channel::unbounded();
+        for _ in 0..share {
+            intake.submit(exec_of(1000, "/home/m/big", &tx));
+        }
+        assert!(verdicts.try_recv().is_err(), "all queued");
+        intake.submit(exec_of(1000, "/home/m/big", &tx));
+        assert_eq!(
+            verdicts.recv_timeout(Duration::from_secs(1)).unwrap(),
+            Verdict::Deny
+        );
+        assert_eq!(Counters::get(&decider.counters.over_share), 1);
+        // Another user and root still get in.
+        intake.submit(exec_of(1001, "/usr/bin/ls", &tx));
+        intake.submit(exec_of(0, "/usr/bin/ls", &tx));
+        assert!(verdicts.try_recv().is_err());
+        assert_eq!(intake.queue.len(), share + 2);
+        drop(intake);
+        assert!(sink.flush(Duration::from_secs(5)));
+        drop(sink);
+        writer.stop();
+        let records: Vec<epm_audit::AuditRecord> = epm_audit::tail(_dir.path(), 100)
+            .unwrap()
+            .iter()
+            .map(|line| epm_audit::AuditRecord::parse(line).unwrap())
+            .collect();
+        let over = records.iter().find(|r| r.event.uid == Some(1000)).unwrap();
+        assert!(
+            over.event
+                .reason
+                .as_deref()
+                .unwrap()
+                .contains("uid 1000 is over its share"),
+            "{over:?}"
+        );
+    }
+
+    #[test]
+    fn workers_take_users_in_turn_and_leave_one_worker_to_others() {
+        let queue = FairQueue::new(64, 2);
+        let (tx, _verdicts) = crossbeam_channel::unbounded();
+        let job = |uid| {
+            Box::new(Job {
+                pending: exec_of(uid, "/x", &tx),
+                received: Instant::now(),
+            })
+        };
+        for _ in 0..5 {
+            queue.push(job(1000)).unwrap();
+        }
+        queue.push(job(1001)).unwrap();
+        queue.push(job(0)).unwrap();
+        queue.push(job(0)).unwrap();
+        let first = queue.pop().unwrap();
+        assert_eq!(first.uid(), 1000);
+        // 1000 has its one worker: the others go next, in turn.
+        let order: Vec<u32> = (0..3).map(|_| queue.pop().unwrap().uid()).collect();
+        assert_eq!(order, [1001, 0, 0]);
+        queue.finished(1001);
+        queue.finished(0);
+        queue.finished(0);
+        // Only 1000 has work left, and it is at its limit: nothing to take
+        // until its running exec is done.
+        assert!(queue.take_next(&mut queue.lock()).is_none());
+        queue.finished(first.uid());
+        assert_eq!(queue.pop().unwrap().uid(), 1000);
+        queue.close();
     }
 
     #[test]

@@ -25,6 +25,15 @@ pub struct Counters {
     pub fail_mode_answers: AtomicU64,
     /// Execs refused by a full queue.
     pub overflow: AtomicU64,
+    /// Execs answered per `fail_mode` because their user had more than
+    /// their share of the decision queue.
+    pub over_share: AtomicU64,
+    /// Execs answered per `fail_mode` because their user had hashed more
+    /// than their budget lately.
+    pub hash_budget: AtomicU64,
+    /// Execs answered per `fail_mode` because the file changed while it
+    /// was hashed or stayed open for writing.
+    pub unstable_content: AtomicU64,
     /// Worker panics caught.
     pub worker_panics: AtomicU64,
     /// Execs waiting for a worker right now.

@@ -448,6 +448,9 @@ impl<P: Platform> SyncCycle<P> {
             ("would_deny", &c.would_deny),
             ("fail_mode_answers", &c.fail_mode_answers),
             ("overflow", &c.overflow),
+            ("over_share", &c.over_share),
+            ("hash_budget", &c.hash_budget),
+            ("unstable_content", &c.unstable_content),
             ("worker_panics", &c.worker_panics),
         ]
         .into_iter()

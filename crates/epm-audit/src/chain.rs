@@ -180,27 +180,33 @@ fn write_object(map: &Map<String, Value>, out: &mut String) {
 /// characters U+0000..U+001F as `\b \t \n \f \r` or `\u00xx` (lowercase),
 /// everything else (DEL and non-ASCII included) as raw UTF-8.
 fn write_string(s: &str, out: &mut String) {
+    let _ = write_string_to(s, out);
+}
+
+/// [`write_string`] to any writer (a hasher, say): never fails but for
+/// the writer.
+pub(crate) fn write_string_to(s: &str, out: &mut impl std::fmt::Write) -> std::fmt::Result {
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    out.push('"');
+    out.write_char('"')?;
     for c in s.chars() {
         match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\u{8}' => out.push_str("\\b"),
-            '\t' => out.push_str("\\t"),
-            '\n' => out.push_str("\\n"),
-            '\u{c}' => out.push_str("\\f"),
-            '\r' => out.push_str("\\r"),
+            '"' => out.write_str("\\\"")?,
+            '\\' => out.write_str("\\\\")?,
+            '\u{8}' => out.write_str("\\b")?,
+            '\t' => out.write_str("\\t")?,
+            '\n' => out.write_str("\\n")?,
+            '\u{c}' => out.write_str("\\f")?,
+            '\r' => out.write_str("\\r")?,
             c if (c as u32) < 0x20 => {
                 let byte = c as u32 as usize;
-                out.push_str("\\u00");
-                out.push(char::from(HEX[byte >> 4]));
-                out.push(char::from(HEX[byte & 0xf]));
+                out.write_str("\\u00")?;
+                out.write_char(char::from(HEX[byte >> 4]))?;
+                out.write_char(char::from(HEX[byte & 0xf]))?;
             }
-            c => out.push(c),
+            c => out.write_char(c)?,
         }
     }
-    out.push('"');
+    out.write_char('"')
 }
 
 fn sha256_hex(text: &str) -> String {

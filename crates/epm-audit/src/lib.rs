@@ -48,16 +48,26 @@
 //!
 //! [`AuditLog`] writes `audit.jsonl` in a directory and rotates it to
 //! `audit-<seq of its first record, 20 digits>.jsonl` before it would grow
-//! past [`LogOptions::max_file_bytes`], keeping the newest
-//! [`LogOptions::keep_files`] rotated files. [`read_records`], [`tail`],
-//! [`Follower`] and [`verify_dir`] read those files with no writer running.
+//! past [`LogOptions::max_file_bytes`] (splitting a batch if need be),
+//! keeping the newest [`LogOptions::keep_files`] rotated files and no more
+//! than [`LogOptions::max_total_bytes`] in all. [`read_records`], [`tail`],
+//! [`Follower`] and [`verify_dir`] read those files with no writer running;
+//! [`verify_dir`] also while one writes and rotates.
+//!
+//! # Size
+//!
+//! [`AuditEvent::bound`] cuts any string or `details` value that users
+//! could make large, naming each cut with the full value's length and
+//! SHA-256, so a record stays within tens of KiB whatever its input.
 
+mod bound;
 mod chain;
 mod log;
 mod read;
 mod record;
 mod verify;
 
+pub use bound::{MAX_STRING_BYTES, MAX_VALUE_BYTES, MAX_VALUE_ITEMS};
 pub use chain::{Chain, GENESIS_HASH, SealedRecord, hash_line};
 pub use log::{AuditLog, LIVE_FILE, LogOptions, OpenReport, log_files};
 pub use read::{

@@ -25,13 +25,24 @@ const DIR_MODE: u32 = 0o750;
 /// Rotation settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LogOptions {
-    /// Rotate before a batch would take a non-empty live file past this
-    /// many bytes. A single batch larger than this still goes whole into
-    /// the fresh file. Default 16 MiB.
+    /// No file grows past this many bytes: a batch that would take the
+    /// live file past it is split, the rest going to a fresh file. Only a
+    /// single record longer than this (records are bounded, see
+    /// [`crate::MAX_STRING_BYTES`]) makes a file larger, alone. Default 16 MiB.
     pub max_file_bytes: u64,
     /// Rotated files kept; older ones are deleted after each rotation.
     /// 0 acts as 1. Default 10.
     pub keep_files: usize,
+}
+
+impl LogOptions {
+    /// The most bytes the log keeps, rotated files and live file together:
+    /// `max_file_bytes × (keep_files + 1)`. Retention deletes the oldest
+    /// rotated files past it, and past `keep_files`.
+    pub fn max_total_bytes(&self) -> u64 {
+        let files = u64::try_from(self.keep_files.max(1)).unwrap_or(u64::MAX);
+        self.max_file_bytes.saturating_mul(files.saturating_add(1))
+    }
 }
 
 impl Default for LogOptions {
@@ -304,15 +315,53 @@ impl AuditLog {
         &self.dir
     }
 
-    /// Appends a batch with one write and one `fdatasync`, rotating first if
-    /// the batch would take the live file past its size limit.
+    /// Appends a batch with one `fdatasync`, rotating whenever the next
+    /// records would take the live file past its size limit (so a large
+    /// batch is split across files, each written with one write).
     ///
-    /// Records are written as given: the caller seals them in order. If the
+    /// Records are written as given: the caller seals them in order. If a
     /// write fails, the file is cut back to where it was, so a later batch
     /// does not land on half a line; if only the sync fails, the records
     /// are in the file but may not survive a crash, and an error is
     /// returned.
     pub fn append(&mut self, records: &[SealedRecord]) -> io::Result<()> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        if self.file.is_none() {
+            self.reopen()?;
+        }
+        let mut rest = records;
+        while !rest.is_empty() {
+            let room = self.options.max_file_bytes.saturating_sub(self.size);
+            let mut fits = 0;
+            let mut len = 0u64;
+            for record in rest {
+                let next = record.line.len() as u64 + 1;
+                // An empty file takes at least one record, however long.
+                if len + next > room && !(fits == 0 && self.size == 0) {
+                    break;
+                }
+                len += next;
+                fits += 1;
+            }
+            if fits == 0 {
+                self.rotate()?;
+                continue;
+            }
+            let (chunk, after) = rest.split_at(fits);
+            self.write_chunk(chunk)?;
+            rest = after;
+        }
+        let Some(file) = &self.file else {
+            return Ok(());
+        };
+        file.sync_data()
+            .map_err(|e| io_context(&self.live, "cannot sync", e))
+    }
+
+    /// Writes records to the live file with one write.
+    fn write_chunk(&mut self, records: &[SealedRecord]) -> io::Result<()> {
         let (Some(first), Some(last)) = (records.first(), records.last()) else {
             return Ok(());
         };
@@ -320,13 +369,6 @@ impl AuditLog {
         for record in records {
             buf.extend_from_slice(record.line.as_bytes());
             buf.push(b'\n');
-        }
-        let len = buf.len() as u64;
-        if self.file.is_none() {
-            self.reopen()?;
-        }
-        if self.size > 0 && self.size.saturating_add(len) > self.options.max_file_bytes {
-            self.rotate()?;
         }
         let Some(file) = &mut self.file else {
             return Err(io::Error::other(format!(
@@ -338,11 +380,10 @@ impl AuditLog {
             let _ = file.set_len(self.size);
             return Err(io_context(&self.live, "cannot write", e));
         }
-        self.size += len;
+        self.size += buf.len() as u64;
         self.first_seq.get_or_insert(first.seq);
         self.last = Some((last.seq, last.hash.clone()));
-        file.sync_data()
-            .map_err(|e| io_context(&self.live, "cannot sync", e))
+        Ok(())
     }
 
     /// Opens the live file again after a failed rotation.
@@ -372,6 +413,12 @@ impl AuditLog {
                 ),
             ));
         }
+        // What was written to the file being rotated is made durable first:
+        // only the last file of a batch is synced after the batch.
+        if let Some(file) = &self.file {
+            file.sync_data()
+                .map_err(|e| io_context(&self.live, "cannot sync", e))?;
+        }
         fs::rename(&self.live, &rotated).map_err(|e| io_context(&self.live, "cannot rotate", e))?;
         match open_live(&self.live) {
             Ok(file) => self.file = Some(file),
@@ -391,7 +438,8 @@ impl AuditLog {
         Ok(())
     }
 
-    /// Deletes the oldest rotated files beyond `keep_files`. Best effort: a
+    /// Deletes the oldest rotated files beyond `keep_files`, and beyond
+    /// [`LogOptions::max_total_bytes`] with the live file. Best effort: a
     /// failure leaves a file for the next rotation to try again, and must
     /// not fail an append whose records are already written.
     fn prune(&self) {
@@ -402,9 +450,17 @@ impl AuditLog {
             .iter()
             .filter(|p| rotated_first_seq(p).is_some())
             .collect();
-        let excess = rotated.len().saturating_sub(self.options.keep_files);
-        for old in rotated.iter().take(excess) {
-            let _ = fs::remove_file(old);
+        let mut total = self.size;
+        let mut kept = 0usize;
+        // Newest first: keep what fits, delete everything older.
+        for path in rotated.iter().rev() {
+            let bytes = fs::metadata(path).map_or(0, |m| m.len());
+            total = total.saturating_add(bytes);
+            if kept < self.options.keep_files && total <= self.options.max_total_bytes() {
+                kept += 1;
+                continue;
+            }
+            let _ = fs::remove_file(path);
         }
     }
 }

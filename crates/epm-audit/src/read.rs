@@ -189,17 +189,38 @@ fn open_if_exists(path: &Path) -> io::Result<Option<File>> {
 /// Lines of several files in order, with the index of the file each comes from.
 pub(crate) struct RawLines {
     files: Vec<PathBuf>,
+    /// Files opened beforehand (a consistent snapshot of a log being
+    /// written), by index; the others are opened by path when reached.
+    opened: Vec<Option<File>>,
     next_file: usize,
     current: Option<(usize, ForwardLines<File>)>,
 }
 
 impl RawLines {
     pub(crate) fn new(files: Vec<PathBuf>) -> Self {
+        let opened = files.iter().map(|_| None).collect();
         Self {
             files,
+            opened,
             next_file: 0,
             current: None,
         }
+    }
+
+    /// Lines of files already open, read up to their end as they grow.
+    pub(crate) fn opened(files: Vec<(PathBuf, File)>) -> Self {
+        let (files, opened) = files.into_iter().map(|(p, f)| (p, Some(f))).unzip();
+        Self {
+            files,
+            opened,
+            next_file: 0,
+            current: None,
+        }
+    }
+
+    /// How many files.
+    pub(crate) fn len(&self) -> usize {
+        self.files.len()
     }
 
     pub(crate) fn path(&self, index: usize) -> &Path {
@@ -208,14 +229,16 @@ impl RawLines {
             .map_or(Path::new(""), PathBuf::as_path)
     }
 
-    /// `(file index, 1-based line number, line)`. After an error the next
-    /// call goes on with the next file.
-    pub(crate) fn next_line(&mut self) -> io::Result<Option<(usize, usize, LineBytes)>> {
+    /// `(file index, 1-based line number, line, whether a newline ended
+    /// it)`. After an error the next call goes on with the next file.
+    pub(crate) fn next_line(&mut self) -> io::Result<Option<(usize, usize, LineBytes, bool)>> {
         loop {
             if let Some((index, lines)) = &mut self.current {
                 let index = *index;
                 match lines.next_line() {
-                    Ok(Some((line_no, bytes, _))) => return Ok(Some((index, line_no, bytes))),
+                    Ok(Some((line_no, bytes, ended))) => {
+                        return Ok(Some((index, line_no, bytes, ended)));
+                    }
                     Ok(None) => self.current = None,
                     Err(e) => {
                         self.current = None;
@@ -228,7 +251,10 @@ impl RawLines {
                 return Ok(None);
             };
             self.next_file += 1;
-            let file = File::open(path).map_err(|e| io_context(path, "cannot open", e))?;
+            let file = match self.opened.get_mut(index).and_then(Option::take) {
+                Some(file) => file,
+                None => File::open(path).map_err(|e| io_context(path, "cannot open", e))?,
+            };
             self.current = Some((index, ForwardLines::new(file)));
         }
     }
@@ -274,7 +300,7 @@ impl Iterator for Records {
 
     fn next(&mut self) -> Option<Self::Item> {
         loop {
-            let (index, line, bytes) = match self.lines.next_line() {
+            let (index, line, bytes, _) = match self.lines.next_line() {
                 Ok(Some(next)) => next,
                 Ok(None) => return None,
                 Err(e) => return Some(Err(e)),

@@ -1,13 +1,15 @@
 //! Chain verification: name the first record that breaks the chain.
 
 use std::fmt;
+use std::fs::File;
 use std::io;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
 use crate::chain::{GENESIS_HASH, canonical_json, hash_record};
-use crate::log::{log_files, rotated_first_seq};
+use crate::log::{LIVE_FILE, io_context, log_files, rotated_first_seq};
 use crate::read::{MAX_LINE_BYTES, RawLines};
 
 /// A chain that verified.
@@ -253,11 +255,15 @@ pub fn verify_lines<'a>(
 /// Blank lines are skipped. Content never causes an `Err(Io)`: a line that
 /// is not UTF-8, not JSON or too long is a [`BreakKind::Unparsable`] break.
 pub fn verify_files(files: &[PathBuf]) -> Result<VerifyReport, VerifyError> {
+    verify_lines_of(RawLines::new(files.to_vec()))
+}
+
+fn verify_lines_of(mut lines: RawLines) -> Result<VerifyReport, VerifyError> {
     let mut verifier = Verifier::new();
-    let any_rotated = files.iter().any(|p| rotated_first_seq(p).is_some());
-    let mut lines = RawLines::new(files.to_vec());
+    let count = lines.len();
+    let any_rotated = (0..count).any(|i| rotated_first_seq(lines.path(i)).is_some());
     let mut opened: Option<usize> = None;
-    while let Some((index, line_no, line)) = lines.next_line()? {
+    while let Some((index, line_no, line, ended)) = lines.next_line()? {
         if line
             .as_deref()
             .is_some_and(|l| l.iter().all(u8::is_ascii_whitespace))
@@ -265,6 +271,11 @@ pub fn verify_files(files: &[PathBuf]) -> Result<VerifyReport, VerifyError> {
             continue;
         }
         let path = lines.path(index);
+        // The live file's last line without its newline is a batch being
+        // written right now, not a record yet.
+        if !ended && path.file_name().is_some_and(|n| n == LIVE_FILE) {
+            continue;
+        }
         let expected_first = if opened != Some(index) {
             opened = Some(index);
             match rotated_first_seq(path) {
@@ -277,11 +288,62 @@ pub fn verify_files(files: &[PathBuf]) -> Result<VerifyReport, VerifyError> {
         };
         verifier.line(Some(path), line_no, line.as_deref(), expected_first)?;
     }
-    verifier.report.files = files.len();
+    verifier.report.files = count;
     Ok(verifier.report)
 }
 
+/// How many times [`verify_dir`] takes a new snapshot of a log that
+/// changed while it was being opened.
+const SNAPSHOT_ATTEMPTS: usize = 20;
+
+/// The log's files, opened, when nothing was rotated or deleted while they
+/// were: `None` when the set changed (try again).
+fn snapshot(dir: &Path) -> io::Result<Option<Vec<(PathBuf, File)>>> {
+    let names = log_files(dir)?;
+    let mut opened = Vec::with_capacity(names.len());
+    for path in &names {
+        match File::open(path) {
+            Ok(file) => opened.push((path.clone(), file)),
+            // Deleted by retention, or renamed by a rotation, meanwhile.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_context(path, "cannot open", e)),
+        }
+    }
+    // The same names, and the live file still the one opened: no rotation
+    // happened in between, so the opened files are one consistent log.
+    if log_files(dir)? != names {
+        return Ok(None);
+    }
+    if let Some((path, file)) = opened.last()
+        && path.file_name().is_some_and(|n| n == LIVE_FILE)
+    {
+        let open = file
+            .metadata()
+            .map_err(|e| io_context(path, "cannot stat", e))?;
+        match std::fs::metadata(path) {
+            Ok(now) if (now.dev(), now.ino()) == (open.dev(), open.ino()) => {}
+            Ok(_) => return Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_context(path, "cannot stat", e)),
+        }
+    }
+    Ok(Some(opened))
+}
+
 /// Verifies the whole log in `dir`: rotated files, then the live file.
+///
+/// Safe while `epmd` writes and rotates the log: the files are opened
+/// together and checked to be one consistent set (nothing rotated or
+/// deleted while they were opened, else they are opened again), and a
+/// last line the writer has not finished is not a record yet.
 pub fn verify_dir(dir: &Path) -> Result<VerifyReport, VerifyError> {
-    verify_files(&log_files(dir)?)
+    for _ in 0..SNAPSHOT_ATTEMPTS {
+        if let Some(files) = snapshot(dir)? {
+            return verify_lines_of(RawLines::opened(files));
+        }
+    }
+    Err(VerifyError::Io(io::Error::other(format!(
+        "{}: the log kept rotating while it was opened ({SNAPSHOT_ATTEMPTS} tries); try again",
+        dir.display()
+    ))))
 }

@@ -575,6 +575,15 @@ pub struct Counters {
     pub fail_mode_answers: u64,
     /// Execs refused because the queue was full.
     pub overflow: u64,
+    /// Execs answered per fail mode because their user had more than their
+    /// share of the decision queue.
+    pub over_share: u64,
+    /// Execs answered per fail mode because their user was over their
+    /// hashing budget.
+    pub hash_budget: u64,
+    /// Execs answered per fail mode because the file changed while it was
+    /// hashed, or stayed open for writing.
+    pub unstable_content: u64,
     /// Decision panics caught.
     pub worker_panics: u64,
     /// Audit records lost because the audit queue was full (records dropped
@@ -978,6 +987,9 @@ pub(crate) mod tests {
                     queue_capacity: 8,
                     fail_mode_answers: 9,
                     overflow: 10,
+                    over_share: 13,
+                    hash_budget: 14,
+                    unstable_content: 15,
                     worker_panics: 11,
                     audit_dropped: 12,
                 },

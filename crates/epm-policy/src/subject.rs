@@ -40,7 +40,8 @@ pub struct Subject {
     /// This device's identifier.
     pub device_id: String,
     /// Whose name `path` is: only a path the daemon has checked in its own
-    /// mount namespace is matched by `path`, `path_glob` and `name` rules.
+    /// mount namespace (Linux: `stat` of it there finds the executed file)
+    /// is matched by `path`, `path_glob` and `name` rules.
     pub path_origin: PathOrigin,
 }
 
@@ -56,6 +57,10 @@ pub enum PathOrigin {
     /// the user may have mounted anything anywhere: the path is theirs to
     /// forge, so path, glob and name rules do not match it.
     OtherNamespace,
+    /// Read where the daemon can check it, but it names another file there,
+    /// or none (moved or deleted since): it identifies nothing, so path,
+    /// glob and name rules do not match it.
+    NotFoundHere,
     /// A file with no path at all (a memfd, or another kernel-internal
     /// file): its "name" is its creator's choice, so path, glob and name
     /// rules do not match it.
@@ -73,6 +78,7 @@ impl PathOrigin {
         match self {
             PathOrigin::Local => "local",
             PathOrigin::OtherNamespace => "other_mount_namespace",
+            PathOrigin::NotFoundHere => "not_this_file_here",
             PathOrigin::Anonymous => "anonymous",
         }
     }

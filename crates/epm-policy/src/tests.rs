@@ -113,6 +113,30 @@ fn each_criterion_matches_and_mismatches() {
 }
 
 #[test]
+fn an_unverified_path_matches_no_path_glob_or_name_rule() {
+    let e = engine(&format!(
+        r#"{{"id": "by-path", "action": "allow", "match": {{"path": "/usr/bin/nc"}}}},
+           {{"id": "by-glob", "action": "allow", "match": {{"path_glob": "/usr/**"}}}},
+           {{"id": "by-name", "action": "allow", "match": {{"name": "nc"}}}},
+           {{"id": "named-and-hashed", "action": "allow", "match": {{"sha256": "{SHA_B}", "name": "nc"}}}}"#
+    ));
+    let mut forged = subject();
+    forged.path_origin = PathOrigin::NotFoundHere;
+    let decision = e.evaluate(&forged);
+    assert_eq!(decision.rule_id, None, "the default decides: {decision:?}");
+    // The digest still identifies it, and a rule that also names a path
+    // criterion does not hold.
+    forged.sha256 = Some(SHA_B.parse().unwrap());
+    assert_eq!(e.evaluate(&forged).rule_id, None);
+    let by_digest = deny_if(&format!(r#"{{"sha256": "{SHA_A}"}}"#));
+    forged.sha256 = Some(SHA_A.parse().unwrap());
+    assert_eq!(
+        decide(&by_digest, &forged),
+        (Action::Deny, Some("r".into()))
+    );
+}
+
+#[test]
 fn digests_compare_case_insensitively() {
     let e = deny_if(&format!(r#"{{"sha256": "{}"}}"#, SHA_A.to_uppercase()));
     assert_eq!(decide(&e, &subject()).0, Action::Deny);

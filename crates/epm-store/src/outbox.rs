@@ -16,6 +16,10 @@ pub struct OutboxRecord {
     pub hash: String,
     /// The exact JSON line, without its newline.
     pub line: String,
+    /// The user the record is about (its `uid`), when it is about one:
+    /// pruning takes from the user with the most records first.
+    #[serde(default)]
+    pub uid: Option<u32>,
 }
 
 /// The outbox's size.
@@ -30,12 +34,15 @@ pub struct OutboxStats {
 }
 
 /// What pruning the outbox dropped.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub struct Pruned {
     /// Records removed in all.
     pub records: u64,
     /// Of those, records never uploaded: lost to the platform.
     pub not_uploaded: u64,
+    /// The records never uploaded, by the user they were about (`None`:
+    /// the daemon's own records).
+    pub not_uploaded_by_uid: Vec<(Option<u32>, u64)>,
 }
 
 /// The running total of `length(line)`: summing a large outbox on every
@@ -47,6 +54,7 @@ fn record_from_row(r: &Row<'_>) -> rusqlite::Result<OutboxRecord> {
         seq: r.get(0)?,
         hash: r.get(1)?,
         line: r.get(2)?,
+        uid: r.get(3)?,
     })
 }
 
@@ -60,11 +68,13 @@ impl Store {
         let mut bytes: i64 = 0;
         {
             let mut stmt = tx
-                .prepare_cached("INSERT INTO audit_outbox (seq, hash, line) VALUES (?1, ?2, ?3)")
+                .prepare_cached(
+                    "INSERT INTO audit_outbox (seq, hash, line, uid) VALUES (?1, ?2, ?3, ?4)",
+                )
                 .map_err(query_err(OP))?;
             for record in records {
                 let seq = to_i64(OP, "sequence number", record.seq)?;
-                stmt.execute(params![seq, record.hash, record.line])
+                stmt.execute(params![seq, record.hash, record.line, record.uid])
                     .map_err(query_err(OP))?;
                 bytes = bytes.saturating_add(i64::try_from(record.line.len()).unwrap_or(i64::MAX));
             }
@@ -126,6 +136,14 @@ impl Store {
         Ok(changed as u64)
     }
 
+    /// Bytes of record text held: what [`Store::prune_audit`] compares
+    /// with its budget (one read of a counter, cheap enough per batch).
+    pub fn outbox_bytes(&self) -> Result<u64> {
+        let bytes = read_counter(&self.conn, BYTES_COUNTER)
+            .map_err(query_err("read the audit_outbox size"))?;
+        Ok(u64::try_from(bytes).unwrap_or(0))
+    }
+
     /// The outbox's size.
     pub fn outbox_stats(&self) -> Result<OutboxStats> {
         const OP: &str = "audit_outbox stats";
@@ -145,9 +163,13 @@ impl Store {
         })
     }
 
-    /// Drops the oldest records until the outbox's text fits `max_bytes`:
-    /// uploaded ones first, then the oldest not uploaded (the caller audits
-    /// that loss from [`Pruned::not_uploaded`]). The newest record always
+    /// Drops records until the outbox's text fits `max_bytes`: uploaded
+    /// ones first, oldest first; then records not uploaded, always from the
+    /// user who has the most bytes of them waiting (oldest first, down to
+    /// the next user's level, then the next), and the daemon's own records
+    /// (no uid) last. So a user who floods the audit loses their own
+    /// records before anyone else loses one. The caller audits the loss
+    /// from [`Pruned::not_uploaded_by_uid`]. The newest record always
     /// stays, as the chain continues from it, so a budget smaller than that
     /// one record is exceeded by it alone.
     pub fn prune_audit(&mut self, max_bytes: u64) -> Result<Pruned> {
@@ -166,47 +188,57 @@ impl Store {
         };
         let mut pruned = Pruned::default();
         let mut freed: i64 = 0;
-        for uploaded in [true, false] {
-            if excess <= 0 {
-                break;
-            }
-            // Walks the (uploaded, seq) index oldest first and stops as soon
-            // as enough is freed; the victims are then one seq range.
-            let mut last_victim = None;
-            let mut count: u64 = 0;
-            {
-                let mut scan = tx
-                    .prepare_cached(
-                        "SELECT seq, length(CAST(line AS BLOB)) FROM audit_outbox
-                         WHERE uploaded = ?1 AND seq < ?2 ORDER BY seq",
-                    )
-                    .map_err(query_err(OP))?;
-                let mut rows = scan
-                    .query(params![uploaded, newest])
-                    .map_err(query_err(OP))?;
-                while excess > 0 {
-                    let Some(row) = rows.next().map_err(query_err(OP))? else {
-                        break;
-                    };
-                    let seq: i64 = row.get(0).map_err(query_err(OP))?;
-                    let len: i64 = row.get(1).map_err(query_err(OP))?;
-                    excess -= len;
-                    freed += len;
-                    count += 1;
-                    last_victim = Some(seq);
-                }
-            }
-            if let Some(last) = last_victim {
-                tx.execute(
-                    "DELETE FROM audit_outbox WHERE uploaded = ?1 AND seq <= ?2",
-                    params![uploaded, last],
+        // Uploaded records, oldest first: nothing is lost.
+        let (count, bytes) = delete_oldest(&tx, Victims::Uploaded, newest, excess)?;
+        pruned.records += count;
+        freed += bytes;
+        excess -= bytes;
+        // Records not uploaded: level the users down, heaviest first.
+        while excess > 0 {
+            let mut heaviest = tx
+                .prepare_cached(
+                    "SELECT uid, SUM(length(CAST(line AS BLOB))) AS bytes FROM audit_outbox
+                     WHERE uploaded = 0 AND seq < ?1
+                     GROUP BY uid ORDER BY (uid IS NULL), bytes DESC LIMIT 2",
                 )
                 .map_err(query_err(OP))?;
-                pruned.records += count;
-                if !uploaded {
-                    pruned.not_uploaded += count;
-                }
+            let top: Vec<(Option<i64>, i64)> = heaviest
+                .query_map([newest], |r| Ok((r.get(0)?, r.get(1)?)))
+                .map_err(query_err(OP))?
+                .collect::<rusqlite::Result<_>>()
+                .map_err(query_err(OP))?;
+            drop(heaviest);
+            let Some(&(uid, uid_bytes)) = top.first() else {
+                break;
+            };
+            // Down to the next user's level (at least one record), or as
+            // much as the budget needs, whichever is less.
+            let level = match top.get(1) {
+                Some(&(Some(_), next)) if uid.is_some() => next,
+                _ => 0,
+            };
+            let want = excess.min((uid_bytes - level).max(1));
+            let victims = match uid {
+                Some(uid) => Victims::NotUploadedOf(uid),
+                None => Victims::NotUploadedDaemon,
+            };
+            let (count, bytes) = delete_oldest(&tx, victims, newest, want)?;
+            if count == 0 {
+                break;
             }
+            pruned.records += count;
+            pruned.not_uploaded += count;
+            let uid = uid.and_then(|u| u32::try_from(u).ok());
+            match pruned
+                .not_uploaded_by_uid
+                .iter_mut()
+                .find(|(u, _)| *u == uid)
+            {
+                Some((_, n)) => *n += count,
+                None => pruned.not_uploaded_by_uid.push((uid, count)),
+            }
+            freed += bytes;
+            excess -= bytes;
         }
         add_counter(&tx, BYTES_COUNTER, -freed).map_err(query_err(OP))?;
         tx.commit().map_err(query_err(OP))?;
@@ -222,7 +254,7 @@ impl Store {
         let mut stmt = self
             .conn
             .prepare_cached(&format!(
-                "SELECT seq, hash, line FROM audit_outbox {filter}"
+                "SELECT seq, hash, line, uid FROM audit_outbox {filter}"
             ))
             .map_err(query_err(OP))?;
         let rows = stmt
@@ -230,6 +262,65 @@ impl Store {
             .map_err(query_err(OP))?;
         rows.collect::<rusqlite::Result<_>>().map_err(query_err(OP))
     }
+}
+
+/// Which records [`delete_oldest`] takes.
+#[derive(Debug, Clone, Copy)]
+enum Victims {
+    Uploaded,
+    NotUploadedOf(i64),
+    NotUploadedDaemon,
+}
+
+/// Deletes the oldest records of `victims` before `newest` until `want`
+/// bytes are freed (or none are left); returns how many, and their bytes.
+/// Walks an index oldest first and stops as soon as enough is freed, so the
+/// victims are one seq range of that kind.
+fn delete_oldest(tx: &Connection, victims: Victims, newest: i64, want: i64) -> Result<(u64, i64)> {
+    const OP: &str = "prune audit_outbox";
+    let filter = match victims {
+        Victims::Uploaded => "uploaded = 1",
+        Victims::NotUploadedOf(_) => "uploaded = 0 AND uid = ?2",
+        Victims::NotUploadedDaemon => "uploaded = 0 AND uid IS NULL",
+    };
+    let uid = match victims {
+        Victims::NotUploadedOf(uid) => Some(uid),
+        _ => None,
+    };
+    let mut last_victim = None;
+    let (mut count, mut freed) = (0u64, 0i64);
+    {
+        let mut scan = tx
+            .prepare_cached(&format!(
+                "SELECT seq, length(CAST(line AS BLOB)) FROM audit_outbox
+                 WHERE {filter} AND seq < ?1 ORDER BY seq"
+            ))
+            .map_err(query_err(OP))?;
+        let mut rows = match uid {
+            Some(uid) => scan.query(params![newest, uid]),
+            None => scan.query(params![newest]),
+        }
+        .map_err(query_err(OP))?;
+        while freed < want {
+            let Some(row) = rows.next().map_err(query_err(OP))? else {
+                break;
+            };
+            let seq: i64 = row.get(0).map_err(query_err(OP))?;
+            let len: i64 = row.get(1).map_err(query_err(OP))?;
+            freed += len;
+            count += 1;
+            last_victim = Some(seq);
+        }
+    }
+    if let Some(last) = last_victim {
+        let sql = format!("DELETE FROM audit_outbox WHERE {filter} AND seq <= ?1");
+        match uid {
+            Some(uid) => tx.execute(&sql, params![last, uid]),
+            None => tx.execute(&sql, params![last]),
+        }
+        .map_err(query_err(OP))?;
+    }
+    Ok((count, freed))
 }
 
 fn add_counter(conn: &Connection, name: &str, delta: i64) -> rusqlite::Result<()> {

@@ -141,6 +141,11 @@ pub(crate) const MIGRATIONS: &[&str] = &[
      CREATE INDEX requests_by_uid ON requests (uid, state);
      ALTER TABLE admin_sessions ADD COLUMN rule_id TEXT;
      ALTER TABLE admin_sessions ADD COLUMN sudoers_baseline TEXT;",
+    // 5: whose audit record each is, so that pruning an outbox over its
+    // budget takes the records of the user who filled it, not everyone's.
+    // No index: pruning is rare, and walks the pending records in order
+    // anyway, while every record written would pay for one.
+    "ALTER TABLE audit_outbox ADD COLUMN uid INTEGER;",
 ];
 
 /// The schema version this code writes.

@@ -95,7 +95,7 @@ fn the_oldest_kept_audit_seq_follows_pruning() {
         pruned,
         Pruned {
             records: 2,
-            not_uploaded: 0
+            ..Pruned::default()
         }
     );
     assert_eq!(store.oldest_audit_seq().unwrap(), Some(3));
@@ -125,6 +125,7 @@ fn record(seq: u64, len: usize) -> OutboxRecord {
         seq,
         hash: format!("{seq:064x}"),
         line: "x".repeat(len),
+        uid: None,
     }
 }
 
@@ -1032,6 +1033,7 @@ fn outbox_bytes_are_utf8_bytes() {
             seq: 1,
             hash: "h".into(),
             line: line.clone(),
+            uid: None,
         }])
         .unwrap();
     assert_eq!(store.outbox_stats().unwrap().bytes, line.len() as u64);
@@ -1066,7 +1068,7 @@ fn pruning_drops_uploaded_records_first_and_respects_the_budget() {
         store.prune_audit(850).unwrap(),
         Pruned {
             records: 2,
-            not_uploaded: 0
+            ..Pruned::default()
         }
     );
     assert_eq!(
@@ -1078,7 +1080,8 @@ fn pruning_drops_uploaded_records_first_and_respects_the_budget() {
         store.prune_audit(550).unwrap(),
         Pruned {
             records: 3,
-            not_uploaded: 2
+            not_uploaded: 2,
+            not_uploaded_by_uid: vec![(None, 2)],
         }
     );
     assert_eq!(seqs(&store.audit_since(0, 100).unwrap()), [6, 7, 8, 9, 10]);
@@ -1102,7 +1105,7 @@ fn pruning_never_drops_the_newest_record() {
         store.prune_audit(0).unwrap(),
         Pruned {
             records: 4,
-            not_uploaded: 0
+            ..Pruned::default()
         }
     );
     assert_eq!(
@@ -1116,6 +1119,49 @@ fn pruning_never_drops_the_newest_record() {
     assert_eq!(store.prune_audit(0).unwrap().records, 1);
     assert_eq!(seqs(&store.audit_since(0, 10).unwrap()), [6]);
     assert_eq!(store.outbox_stats().unwrap().bytes, stored_bytes(&store));
+}
+
+#[test]
+fn a_user_who_floods_the_outbox_loses_their_own_records_first() {
+    let (_dir, mut store) = open_temp();
+    let of = |seq: u64, uid: Option<u32>| OutboxRecord {
+        uid,
+        ..record(seq, 100)
+    };
+    // Others' records, the daemon's, then a flood from uid 1001.
+    let mut records = vec![of(1, Some(1000)), of(2, None), of(3, Some(1002))];
+    records.extend((4..=20).map(|seq| of(seq, Some(1001))));
+    records.push(of(21, Some(1000)));
+    store.append_audit(&records).unwrap();
+    let pruned = store.prune_audit(1000).unwrap();
+    assert_eq!(pruned.not_uploaded, 11);
+    assert_eq!(pruned.not_uploaded_by_uid, vec![(Some(1001), 11)]);
+    let kept = store.audit_since(0, 100).unwrap();
+    for seq in [1, 2, 3, 21] {
+        assert!(kept.iter().any(|r| r.seq == seq), "{seq} was pruned");
+    }
+    assert_eq!(kept.iter().filter(|r| r.uid == Some(1001)).count(), 6);
+    // Past the flood, users are levelled down, heaviest first, and the
+    // daemon's own records go last.
+    let pruned = store.prune_audit(300).unwrap();
+    let first = pruned.not_uploaded_by_uid[0];
+    assert!(first.0 == Some(1001) && first.1 >= 4, "{pruned:?}");
+    assert!(
+        !pruned
+            .not_uploaded_by_uid
+            .iter()
+            .any(|(uid, _)| uid.is_none())
+    );
+    assert!(
+        store
+            .audit_since(0, 100)
+            .unwrap()
+            .iter()
+            .any(|r| r.seq == 2),
+        "the daemon's record stays"
+    );
+    assert_eq!(store.outbox_stats().unwrap().bytes, stored_bytes(&store));
+    assert_eq!(store.outbox_bytes().unwrap(), stored_bytes(&store));
 }
 
 #[test]

@@ -55,8 +55,13 @@ pub(crate) fn status(endpoint: &Endpoint, json: bool) -> anyhow::Result<ExitCode
     );
     println!("  queue:       {} of {}", c.queue_depth, c.queue_capacity);
     println!(
-        "  fail mode:   {} answers ({} overflow, {} panics)",
-        c.fail_mode_answers, c.overflow, c.worker_panics
+        "  fail mode:   {} answers ({} overflow, {} over a user's share, {} over a user's hashing budget, {} changing files, {} panics)",
+        c.fail_mode_answers,
+        c.overflow,
+        c.over_share,
+        c.hash_budget,
+        c.unstable_content,
+        c.worker_panics
     );
     println!(
         "  latency:     p50 {}, p99 {}, max {}",
@@ -320,15 +325,16 @@ pub(crate) fn audit_verify(target: &Path, json: bool) -> anyhow::Result<ExitCode
         let live = target
             .file_name()
             .is_some_and(|n| n == epm_audit::LIVE_FILE);
-        let files = if live {
-            epm_audit::log_files(dir).with_context(|| format!("cannot list {}", dir.display()))?
-        } else {
-            vec![target.to_owned()]
-        };
         if !target.exists() {
             anyhow::bail!("no audit log at {}", target.display());
         }
-        epm_audit::verify_files(&files)
+        if live {
+            // The whole log, consistent while the daemon rotates it.
+            epm_audit::log_files(dir).with_context(|| format!("cannot list {}", dir.display()))?;
+            epm_audit::verify_dir(dir)
+        } else {
+            epm_audit::verify_files(&[target.to_owned()])
+        }
     };
     match result {
         Ok(report) => {

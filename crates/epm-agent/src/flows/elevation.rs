@@ -520,7 +520,7 @@ impl ElevationRecord<'_> {
         let mut event = AuditEvent::new(kind)
             .with_detail("via", self.via.as_str())
             .with_detail("run_as", self.command.run_as.as_str())
-            .with_detail("argv", self.command.argv.clone());
+            .with_string_list("argv", &self.command.argv);
         if self.path != self.command.program && self.edit.is_none() {
             event = event.with_detail("requested_path", self.command.program.as_str());
         }

@@ -45,17 +45,28 @@
 //! - file-system types not in the watched list (see
 //!   [`mountinfo::WATCHED_FS_TYPES`] for why user FUSE mounts are left out).
 //!
+//! # What runs is what was decided
+//! Each event's file, unless only root can write it, gets a read lease
+//! before it is identified (see [`super::lease`]), held past the answer
+//! until the exec has denied writers itself (`LeaseKeeper`), so the bytes
+//! hashed are the bytes that run. Its path is checked in the daemon's own mount namespace
+//! ([`PathOrigin`]): a user with a user namespace can mount their own
+//! directory over `/usr/local/bin` there, and the kernel names the file by
+//! that path.
+//!
 //! nix's fanotify API serves to create the group, mark and answer; reading
 //! uses libc directly because nix's reader drops the info records (and so
 //! leaks the pidfds the kernel installs with `FAN_REPORT_PIDFD`).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
@@ -63,12 +74,15 @@ use nix::sys::fanotify::{
     EventFFlags, Fanotify, FanotifyResponse, InitFlags, MarkFlags, MaskFlags, Response,
 };
 
+use epm_policy::PathOrigin;
+
+use super::interp::{InterpreterLoads, Pairing};
 use super::mountinfo::{self, Mount, WatchScope};
-use super::procfs;
 use super::{
     ExecFacts, ExecGate, FactNeeds, FileIdentity, GateError, PendingExec, Respond, Shutdown,
-    Verdict,
+    Stability, Verdict,
 };
+use super::{lease, procfs};
 
 pub use super::mountinfo::MarkScope;
 
@@ -128,7 +142,12 @@ pub struct FanotifyGate {
     fallback: Verdict,
     needs: Arc<FactNeeds>,
     /// Dynamic programs waiting for their interpreter's event.
-    interpreter_loads: std::sync::Mutex<super::interp::InterpreterLoads>,
+    interpreter_loads: Arc<Mutex<InterpreterLoads>>,
+    /// Every mount of the daemon's own mount namespace, by id: a file on
+    /// any other mount was opened in another namespace.
+    own_mounts: HashSet<u64>,
+    /// Holds leases past the answer.
+    keeper: LeaseKeeper,
 }
 
 fn io_error(what: impl Into<String>, source: std::io::Error) -> GateError {
@@ -190,6 +209,9 @@ impl FanotifyGate {
             fallback: config.fallback,
             needs: Arc::new(FactNeeds::all()),
             interpreter_loads: Default::default(),
+            own_mounts: HashSet::new(),
+            keeper: LeaseKeeper::start()
+                .map_err(|e| io_error("cannot start the lease keeper thread", e))?,
         };
         gate.refresh_mounts()
             .map_err(|e| io_error("cannot read /proc/self/mountinfo", e))?;
@@ -284,6 +306,7 @@ impl FanotifyGate {
         // Reading to the end also re-arms the POLLPRI notification.
         self.mountinfo.read_to_string(&mut text)?;
         let mounts = mountinfo::parse(&text);
+        self.own_mounts = mounts.iter().map(|m| m.id).collect();
         self.marks
             .retain(|id, _| mounts.iter().any(|m| m.id == *id));
         for mount in &mounts {
@@ -413,20 +436,52 @@ impl FanotifyGate {
         if meta.mask & libc::FAN_OPEN_EXEC_PERM == 0 {
             return; // Nothing else is marked.
         }
-        let responder = FanotifyResponder {
+        let mut responder = FanotifyResponder {
             fan: Arc::clone(&self.fan),
             event_fd,
+            pid: 0,
+            after: None,
         };
         // The event pid is the thread group id, so this covers every thread.
         let pid = u32::try_from(meta.pid).unwrap_or(0);
+        responder.pid = pid;
         if pid == self.own_pid {
             // A daemon that gated its own exec would wait on itself.
             responder.answer(Verdict::Allow);
             return;
         }
-        match gather_facts(pid, responder.event_fd.as_fd(), pidfd.as_ref(), &self.needs) {
+        match gather_facts(
+            pid,
+            responder.event_fd.as_fd(),
+            pidfd.as_ref(),
+            &self.needs,
+            &self.own_mounts,
+        ) {
             Ok(mut facts) => {
-                facts.interpreter_of = self.interpreter_of(pid, &facts);
+                let pairing = self.pairing(pid, &facts);
+                let expecting = match pairing {
+                    Pairing::LoadOf(program) => {
+                        // The program's exec got this far: it has denied
+                        // writers to the program, whose lease can go.
+                        self.keeper.release(pid);
+                        facts.interpreter_of = Some(program);
+                        None
+                    }
+                    Pairing::Expecting(event) => Some(event),
+                    Pairing::None => None,
+                };
+                // A file a user can write keeps its lease past an allow: the
+                // gate's, or the one a worker takes once a writer is gone.
+                let leasable = matches!(
+                    facts.stability,
+                    Stability::Leased | Stability::OpenForWriting
+                );
+                responder.after = Some(AfterAnswer {
+                    keeper: leasable.then(|| self.keeper.clone()),
+                    pidfd,
+                    file: (facts.file.dev, facts.file.ino),
+                    interpreter: expecting.map(|event| (self.interpreter_loads.clone(), event)),
+                });
                 sink(PendingExec::new(facts, Box::new(responder), self.fallback));
             }
             Err(Unusable::Gone) => {
@@ -446,17 +501,17 @@ impl FanotifyGate {
 
 impl FanotifyGate {
     /// Whether this event is the interpreter load of the process's last
-    /// program (see [`super::interp`]), and if not, remembers the
-    /// interpreter this one names. Only a system loader counts (owned by
-    /// root, writable by nobody else, and a loader: see
+    /// program (see [`super::interp`]), and if not, whether it names an
+    /// interpreter to expect. Only a system loader counts as a load (owned
+    /// by root, writable by nobody else, and a loader: see
     /// [`super::interp::is_loader`]); any other interpreter is code worth
     /// its own record.
-    fn interpreter_of(&self, pid: u32, facts: &ExecFacts) -> Option<String> {
+    fn pairing(&self, pid: u32, facts: &ExecFacts) -> Pairing {
         let mut loads = self
             .interpreter_loads
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let program = loads.event(
+            .unwrap_or_else(PoisonError::into_inner);
+        let pairing = loads.event(
             pid,
             (facts.file.dev, facts.file.ino),
             &facts.path,
@@ -469,15 +524,166 @@ impl FanotifyGate {
                     .ok()
                     .map(|meta| (meta.dev(), meta.ino()))
             },
-        )?;
-        let content = facts.content.as_ref()?;
-        let meta = content.metadata().ok()?;
-        if meta.uid() != 0 || meta.mode() & 0o022 != 0 {
-            return None;
+        );
+        drop(loads);
+        let Pairing::LoadOf(program) = pairing else {
+            return pairing;
+        };
+        let is_system_loader = || {
+            let content = facts.content.as_ref()?;
+            let meta = content.metadata().ok()?;
+            if meta.uid() != 0 || meta.mode() & 0o022 != 0 {
+                return None;
+            }
+            let mut head = [0u8; super::interp::HEAD_BYTES];
+            let read = std::os::unix::fs::FileExt::read_at(content, &mut head, 0).ok()?;
+            super::interp::is_loader(head.get(..read)?).then_some(())
+        };
+        match is_system_loader() {
+            Some(()) => Pairing::LoadOf(program),
+            None => Pairing::None,
         }
-        let mut head = [0u8; super::interp::HEAD_BYTES];
-        let read = std::os::unix::fs::FileExt::read_at(content, &mut head, 0).ok()?;
-        super::interp::is_loader(head.get(..read)?).then_some(program)
+    }
+}
+
+/// How long a lease is kept past the answer at most, waiting for the
+/// exec to deny writers (microseconds after the answer, normally).
+const LEASE_HOLD_LIMIT: Duration = Duration::from_secs(5);
+/// Leases kept past their answer at most; past this, the oldest goes.
+const MAX_HELD_LEASES: usize = 8192;
+/// How often held leases are checked.
+const LEASE_CHECK_EVERY: Duration = Duration::from_millis(1);
+
+/// A lease kept past its answer.
+#[derive(Debug)]
+struct HeldLease {
+    pid: u32,
+    /// A descriptor of the event's open file, which carries the lease:
+    /// closing it releases the lease.
+    _lease: OwnedFd,
+    pidfd: Option<OwnedFd>,
+    /// The executed file, by device and inode.
+    exe: (u64, u64),
+    since: Instant,
+}
+
+impl HeldLease {
+    /// Whether the exec has denied writers to the file, or never will:
+    /// the process runs it now (the kernel denies writers to a running
+    /// program's file; a process that was already running this file
+    /// already did), or it is gone, or the limit passed.
+    fn done(&self) -> bool {
+        if self.since.elapsed() > LEASE_HOLD_LIMIT {
+            return true;
+        }
+        if let Some(pidfd) = &self.pidfd
+            && !pidfd_alive(pidfd.as_fd())
+        {
+            return true;
+        }
+        match std::fs::metadata(format!("/proc/{}/exe", self.pid)) {
+            Ok(meta) => (meta.dev(), meta.ino()) == self.exe,
+            Err(_) => self.pidfd.is_none(),
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct KeeperState {
+    held: Vec<HeldLease>,
+    stop: bool,
+}
+
+/// Keeps each allowed exec's lease until the exec has denied writers (see
+/// [`super::lease`]): a thread checks every [`LEASE_CHECK_EVERY`] whether
+/// each process now runs its file (or is gone), and the interpreter's
+/// event of a dynamic program releases its lease at once.
+#[derive(Debug, Clone)]
+struct LeaseKeeper {
+    shared: Arc<(Mutex<KeeperState>, Condvar)>,
+    thread: Arc<Mutex<Option<JoinHandle<()>>>>,
+}
+
+impl LeaseKeeper {
+    fn start() -> std::io::Result<Self> {
+        let shared: Arc<(Mutex<KeeperState>, Condvar)> = Arc::default();
+        let state = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("epm-leases".into())
+            .spawn(move || keep_leases(&state))?;
+        Ok(Self {
+            shared,
+            thread: Arc::new(Mutex::new(Some(thread))),
+        })
+    }
+
+    fn hold(&self, lease: HeldLease) {
+        let (state, wake) = &*self.shared;
+        let mut state = state.lock().unwrap_or_else(PoisonError::into_inner);
+        if state.stop {
+            // The gate is gone (the daemon is stopping): nothing to wait for.
+            return;
+        }
+        if state.held.len() >= MAX_HELD_LEASES {
+            tracing::debug!("too many execs waiting to deny writers; releasing the oldest lease");
+            state.held.remove(0);
+        }
+        state.held.push(lease);
+        wake.notify_one();
+    }
+
+    /// `pid`'s exec has denied writers: its leases can go.
+    fn release(&self, pid: u32) {
+        let (state, _) = &*self.shared;
+        state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .held
+            .retain(|held| held.pid != pid);
+    }
+
+    /// Stops the thread, releasing every lease.
+    fn stop(&self) {
+        let (state, wake) = &*self.shared;
+        state.lock().unwrap_or_else(PoisonError::into_inner).stop = true;
+        wake.notify_all();
+        if let Some(thread) = self
+            .thread
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+        {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn keep_leases(shared: &(Mutex<KeeperState>, Condvar)) {
+    let (state, wake) = shared;
+    loop {
+        let mut guard = state.lock().unwrap_or_else(PoisonError::into_inner);
+        while guard.held.is_empty() && !guard.stop {
+            guard = wake.wait(guard).unwrap_or_else(PoisonError::into_inner);
+        }
+        if guard.stop {
+            guard.held.clear();
+            return;
+        }
+        drop(guard);
+        std::thread::sleep(LEASE_CHECK_EVERY);
+        // Checked outside the lock, which the gate's thread takes per event.
+        let mut held =
+            std::mem::take(&mut state.lock().unwrap_or_else(PoisonError::into_inner).held);
+        held.retain(|lease| !lease.done());
+        let mut guard = state.lock().unwrap_or_else(PoisonError::into_inner);
+        held.append(&mut guard.held);
+        guard.held = held;
+    }
+}
+
+impl Drop for FanotifyGate {
+    fn drop(&mut self) {
+        self.keeper.stop();
     }
 }
 
@@ -573,6 +779,7 @@ fn gather_facts(
     event_fd: BorrowedFd<'_>,
     pidfd: Option<&OwnedFd>,
     needs: &FactNeeds,
+    own_mounts: &HashSet<u64>,
 ) -> Result<ExecFacts, Unusable> {
     // The content handle is a duplicate: a worker may close it once it has
     // hashed the file, while the event's own fd stays open until the answer
@@ -580,21 +787,18 @@ fn gather_facts(
     // a number closed early would go to the next event, so two waiting events
     // could share it and an answer could reach the wrong exec.
     let content = File::from(event_fd.try_clone_to_owned().map_err(Unusable::File)?);
+    // A file a user could write gets a lease first: the version read next
+    // is then the one that runs.
     let meta = content.metadata().map_err(Unusable::File)?;
-    let identity = FileIdentity {
-        dev: meta.dev(),
-        ino: meta.ino(),
-        size: meta.size(),
-        mtime_ns: meta
-            .mtime()
-            .saturating_mul(1_000_000_000)
-            .saturating_add(meta.mtime_nsec()),
-        ctime_ns: meta
-            .ctime()
-            .saturating_mul(1_000_000_000)
-            .saturating_add(meta.ctime_nsec()),
+    let (stability, meta) = if lease::only_root_writes(&meta) {
+        (Stability::OnlyRootWrites, meta)
+    } else {
+        let stability = lease::take(&content);
+        (stability, content.metadata().map_err(Unusable::File)?)
     };
+    let identity = FileIdentity::of(&meta);
     let path = fd_path(event_fd);
+    let path_origin = check_path(&path, &identity, &content, own_mounts);
     // At FAN_OPEN_EXEC_PERM time /proc/PID still shows the process before
     // the exec: its credentials and parent are right, its exe/cmdline are the
     // old program's, which is why the file comes from the event fd.
@@ -620,10 +824,10 @@ fn gather_facts(
     }
     // The parent is not pinned by our pidfd: if it exits now, this names
     // whatever has its pid next, which takes a pid wrap-around to matter.
+    // Its path, like the program's, must name its file here.
     let parent_path = (needs.parent_path() && status.ppid > 0)
-        .then(|| std::fs::read_link(format!("/proc/{}/exe", status.ppid)).ok())
-        .flatten()
-        .map(|p| p.to_string_lossy().into_owned());
+        .then(|| verified_exe_path(status.ppid))
+        .flatten();
     Ok(ExecFacts {
         uid: status.uid,
         gid: status.gid,
@@ -632,8 +836,59 @@ fn gather_facts(
         ppid: status.ppid,
         parent_path,
         content: Some(content),
+        path_origin,
+        stability,
         ..ExecFacts::new(pid, identity, path)
     })
+}
+
+/// Whether `path` (the kernel's name for the open `file`) names that file
+/// in the daemon's mount namespace, and if not, why.
+fn check_path(
+    path: &str,
+    identity: &FileIdentity,
+    file: &File,
+    own_mounts: &HashSet<u64>,
+) -> PathOrigin {
+    // No symlink is followed at the end: the kernel's name is resolved.
+    if let Ok(meta) = std::fs::symlink_metadata(path)
+        && (meta.dev(), meta.ino()) == (identity.dev, identity.ino)
+    {
+        return PathOrigin::Local;
+    }
+    match mount_id(file) {
+        Some(id) if !own_mounts.contains(&id) => PathOrigin::OtherNamespace,
+        _ => PathOrigin::NotFoundHere,
+    }
+}
+
+/// The id of the mount `file` was opened on (`statx`, Linux 5.8).
+fn mount_id(file: &File) -> Option<u64> {
+    // SAFETY: an all-zero statx is a valid value to be overwritten.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: statx with AT_EMPTY_PATH on a descriptor we own writes one
+    // struct statx we own; the path is a NUL-terminated empty string.
+    let rc = unsafe {
+        libc::statx(
+            file.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            libc::STATX_MNT_ID,
+            &raw mut stx,
+        )
+    };
+    (rc == 0 && stx.stx_mask & libc::STATX_MNT_ID != 0).then_some(stx.stx_mnt_id)
+}
+
+/// The path of `pid`'s executable, when that path names the same file in
+/// the daemon's mount namespace.
+fn verified_exe_path(pid: u32) -> Option<String> {
+    let link = format!("/proc/{pid}/exe");
+    let path = std::fs::read_link(&link).ok()?;
+    let exe = std::fs::metadata(&link).ok()?;
+    let here = std::fs::symlink_metadata(&path).ok()?;
+    ((exe.dev(), exe.ino()) == (here.dev(), here.ino()))
+        .then(|| path.to_string_lossy().into_owned())
 }
 
 /// `struct pidfd_info` from <linux/pidfd.h>, first published version (64
@@ -708,14 +963,50 @@ struct FanotifyResponder {
     fan: Arc<Fanotify>,
     /// Kept open until the answer is written: its number names the event.
     event_fd: OwnedFd,
+    pid: u32,
+    /// What an allow sets in motion, for events that went to the sink.
+    after: Option<AfterAnswer>,
+}
+
+/// What the gate's other parts need to hear about an answer.
+struct AfterAnswer {
+    /// Keeps the event's lease past an allow (when it has one).
+    keeper: Option<LeaseKeeper>,
+    pidfd: Option<OwnedFd>,
+    file: (u64, u64),
+    /// The pairing to arm on an allow (and drop on a deny): this event's
+    /// program names an interpreter.
+    interpreter: Option<(Arc<Mutex<InterpreterLoads>>, u64)>,
 }
 
 impl FanotifyResponder {
-    fn answer(self, verdict: Verdict) {
+    fn answer(mut self, verdict: Verdict) {
         let response = match verdict {
             Verdict::Allow => Response::FAN_ALLOW,
             Verdict::Deny => Response::FAN_DENY,
         };
+        let allowed = verdict == Verdict::Allow;
+        // Before the answer reaches the kernel, which then goes on at once.
+        if let Some(after) = self.after.take() {
+            if let Some((loads, event)) = &after.interpreter {
+                loads
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .answered(self.pid, *event, allowed);
+            }
+            if allowed
+                && let Some(keeper) = &after.keeper
+                && let Ok(file) = self.event_fd.try_clone()
+            {
+                keeper.hold(HeldLease {
+                    pid: self.pid,
+                    _lease: file,
+                    pidfd: after.pidfd,
+                    exe: after.file,
+                    since: Instant::now(),
+                });
+            }
+        }
         if let Err(e) = self
             .fan
             .write_response(FanotifyResponse::new(self.event_fd.as_fd(), response))
@@ -738,6 +1029,7 @@ impl ExecGate for FanotifyGate {
         sink: &mut dyn FnMut(PendingExec),
         shutdown: &Shutdown,
     ) -> Result<(), GateError> {
+        super::raise_exec_path_priority();
         let mut buf = vec![0u8; READ_BUFFER];
         let fan = Arc::clone(&self.fan);
         while !shutdown.is_requested() {

@@ -10,6 +10,16 @@
 //! symlink) is its interpreter loading. Anything else, including running
 //! the loader directly (`ld.so PROGRAM`), stays an exec.
 //!
+//! A pairing must never outlive the exec it belongs to, or a later direct
+//! run of the loader by the same process would pass for an interpreter
+//! load and go unrecorded. So it is armed only when the program is
+//! allowed (a refused exec never loads its interpreter), only for a
+//! program the kernel will go on to load (the checks `load_elf_binary`
+//! makes before it opens the interpreter: this machine's architecture and
+//! word size, an executable or shared object, sane program headers, a
+//! NUL-terminated interpreter name), and it expires at the process's next
+//! event for any other file and [`PAIRING_TTL`] after the answer.
+//!
 //! Portable and pure (the file system is asked through a closure), so it is
 //! tested on every platform.
 
@@ -26,11 +36,36 @@ const RESOLVE_TTL: Duration = Duration::from_secs(60);
 /// How much of a program is read for its `PT_INTERP`: the program headers
 /// and the interpreter's name come right after the ELF header.
 pub const HEAD_BYTES: usize = 2048;
+/// How long after a program is allowed its interpreter's event may come:
+/// the kernel opens the interpreter right after the answer, in the same
+/// system call. Past this, the load is recorded as an exec of its own.
+pub const PAIRING_TTL: Duration = Duration::from_secs(1);
+
+/// `e_machine` of programs this machine runs natively.
+#[cfg(target_arch = "x86_64")]
+const NATIVE_MACHINE: Option<u16> = Some(62); // EM_X86_64
+#[cfg(target_arch = "aarch64")]
+const NATIVE_MACHINE: Option<u16> = Some(183); // EM_AARCH64
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+const NATIVE_MACHINE: Option<u16> = None;
+/// The kernel's `PATH_MAX`: a longer `PT_INTERP` fails the exec.
+const PATH_MAX: u64 = 4096;
 
 /// The program interpreter an ELF executable names, from its first bytes:
 /// `None` for anything else (a static program, a script, a header cut short
 /// or made up). Never panics, whatever the bytes.
 pub fn interpreter(head: &[u8]) -> Option<&str> {
+    interpreter_with(head, false)
+}
+
+/// The interpreter the kernel will open for this program, when it execs
+/// here: [`interpreter`] with the checks `load_elf_binary` makes first, so
+/// a program that fails its exec before that open never arms a pairing.
+pub fn loaded_interpreter(head: &[u8]) -> Option<&str> {
+    interpreter_with(head, true)
+}
+
+fn interpreter_with(head: &[u8], as_kernel: bool) -> Option<&str> {
     if head.get(..4)? != b"\x7fELF" {
         return None;
     }
@@ -58,6 +93,23 @@ pub fn interpreter(head: &[u8]) -> Option<&str> {
     } else {
         (uint(0x1C, 4)?, uint(0x2A, 2)?, uint(0x2C, 2)?)
     };
+    if as_kernel {
+        const ET_EXEC: u64 = 2;
+        const ET_DYN: u64 = 3;
+        let native = cfg!(target_pointer_width = "64") == wide
+            && cfg!(target_endian = "big") == big
+            && NATIVE_MACHINE.is_some_and(|m| uint(0x12, 2) == Some(u64::from(m)));
+        let phdr_size = if wide { 56 } else { 32 };
+        let e_type = uint(0x10, 2)?;
+        if !native
+            || !(e_type == ET_EXEC || e_type == ET_DYN)
+            || phentsize != phdr_size
+            || phnum == 0
+            || phnum * phdr_size > 4096
+        {
+            return None;
+        }
+    }
     for index in 0..phnum {
         let at = usize::try_from(phoff.checked_add(index.checked_mul(phentsize)?)?).ok()?;
         const PT_INTERP: u64 = 3;
@@ -69,9 +121,15 @@ pub fn interpreter(head: &[u8]) -> Option<&str> {
         } else {
             (uint(at + 0x04, 4)?, uint(at + 0x10, 4)?)
         };
+        if as_kernel && !(2..=PATH_MAX).contains(&size) {
+            return None;
+        }
         let start = usize::try_from(offset).ok()?;
         let end = start.checked_add(usize::try_from(size).ok()?)?;
         let text = head.get(start..end)?;
+        if as_kernel && text.last() != Some(&0) {
+            return None;
+        }
         let text = text.split(|&b| b == 0).next()?;
         return std::str::from_utf8(text)
             .ok()
@@ -102,23 +160,48 @@ pub fn is_loader(head: &[u8]) -> bool {
 /// A file by device and inode.
 pub type FileKey = (u64, u64);
 
+/// What one event is, for [`InterpreterLoads`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Pairing {
+    /// The interpreter load of this program (its path).
+    LoadOf(String),
+    /// A program that names an interpreter: its load is expected once the
+    /// program is allowed ([`InterpreterLoads::answered`] with this number).
+    Expecting(u64),
+    /// Neither.
+    None,
+}
+
+/// An interpreter a process is about to load.
+#[derive(Debug)]
+struct Expected {
+    /// Which event of the process named it.
+    event: u64,
+    interpreter: FileKey,
+    program: String,
+    /// When the program was allowed; `None` until then.
+    armed: Option<Instant>,
+}
+
 /// Pairs programs with their interpreter's load; see the module docs.
 #[derive(Debug, Default)]
 pub struct InterpreterLoads {
-    /// pid → the interpreter it is about to load, and the program's path.
-    pending: HashMap<u32, (FileKey, String)>,
+    /// pid → the interpreter it is about to load.
+    pending: HashMap<u32, Expected>,
     /// Interpreter path → its file, and when that was looked up.
     resolved: HashMap<String, (Option<FileKey>, Instant)>,
+    /// Numbers the expecting events.
+    events: u64,
 }
 
 impl InterpreterLoads {
     /// One exec event of `pid` for `file` at `path`. When it is the
-    /// interpreter load of that process's last program, returns that
-    /// program's path. Otherwise, when the file's first bytes (`read_head`
-    /// fills a buffer of [`HEAD_BYTES`] and says how many it read) name an
-    /// interpreter, remembers it for the process's next event;
-    /// `resolve` gives that path's file (following symlinks), asked at most
-    /// once a minute per path.
+    /// interpreter load of that process's last program, allowed less than
+    /// [`PAIRING_TTL`] ago, says so. Otherwise, when the file's first
+    /// bytes (`read_head` fills a buffer of [`HEAD_BYTES`] and says how
+    /// many it read) name an interpreter the kernel will load, remembers it
+    /// for the process's next event; `resolve` gives that path's file
+    /// (following symlinks), asked at most once a minute per path.
     pub fn event(
         &mut self,
         pid: u32,
@@ -126,15 +209,27 @@ impl InterpreterLoads {
         path: &str,
         read_head: impl FnOnce(&mut [u8]) -> Option<usize>,
         resolve: impl FnOnce(&str) -> Option<FileKey>,
-    ) -> Option<String> {
-        if let Some((interp, program)) = self.pending.remove(&pid)
-            && interp == file
+    ) -> Pairing {
+        if let Some(expected) = self.pending.remove(&pid)
+            && expected.interpreter == file
+            && expected.armed.is_some_and(|at| at.elapsed() < PAIRING_TTL)
         {
-            return Some(program);
+            return Pairing::LoadOf(expected.program);
         }
+        self.expect(pid, path, read_head, resolve)
+            .map_or(Pairing::None, Pairing::Expecting)
+    }
+
+    fn expect(
+        &mut self,
+        pid: u32,
+        path: &str,
+        read_head: impl FnOnce(&mut [u8]) -> Option<usize>,
+        resolve: impl FnOnce(&str) -> Option<FileKey>,
+    ) -> Option<u64> {
         let mut head = [0u8; HEAD_BYTES];
         let read = read_head(&mut head)?;
-        let interp = interpreter(head.get(..read)?)?;
+        let interp = loaded_interpreter(head.get(..read)?)?;
         let now = Instant::now();
         let key = match self.resolved.get(interp) {
             Some((key, at)) if now.duration_since(*at) < RESOLVE_TTL => *key,
@@ -150,8 +245,34 @@ impl InterpreterLoads {
         if self.pending.len() >= CAPACITY {
             self.pending.clear();
         }
-        self.pending.insert(pid, (key, path.to_owned()));
-        None
+        self.events += 1;
+        self.pending.insert(
+            pid,
+            Expected {
+                event: self.events,
+                interpreter: key,
+                program: path.to_owned(),
+                armed: None,
+            },
+        );
+        Some(self.events)
+    }
+
+    /// The program of event `event` ([`Pairing::Expecting`]) of `pid` was
+    /// answered: allowed, its interpreter's load may come now; refused, it
+    /// never will. Called before the answer reaches the kernel. Nothing
+    /// happens when the process has had another event since.
+    pub fn answered(&mut self, pid: u32, event: u64, allowed: bool) {
+        if self.pending.get(&pid).is_none_or(|e| e.event != event) {
+            return;
+        }
+        if allowed {
+            if let Some(expected) = self.pending.get_mut(&pid) {
+                expected.armed = Some(Instant::now());
+            }
+        } else {
+            self.pending.remove(&pid);
+        }
     }
 }
 
@@ -245,43 +366,140 @@ mod tests {
         assert!(is_loader(&ld[..ld.len().min(HEAD_BYTES)]));
     }
 
+    /// This machine's kind of ELF header, naming `interp`.
+    fn native(interp: &[u8]) -> Vec<u8> {
+        let mut head = elf64(interp);
+        head[0x10] = 3; // ET_DYN
+        head[0x12..0x14].copy_from_slice(&NATIVE_MACHINE.unwrap_or(62).to_le_bytes());
+        head
+    }
+
     #[test]
-    fn a_programs_next_event_for_its_interpreter_is_its_load() {
+    fn a_programs_next_event_for_its_interpreter_is_its_load_once_allowed() {
         let mut loads = InterpreterLoads::default();
         let ld: FileKey = (1, 42);
         let resolve = |path: &str| (path == "/lib64/ld.so").then_some(ld);
-        let program = |buf: &mut [u8]| fill(buf, &elf64(b"/lib64/ld.so\0"));
+        let program = |buf: &mut [u8]| fill(buf, &native(b"/lib64/ld.so\0"));
+        let none = |_: &mut [u8]| None;
+        let Pairing::Expecting(ls) = loads.event(7, (1, 5), "/usr/bin/ls", program, resolve) else {
+            panic!("a dynamic program expects its interpreter");
+        };
+        loads.answered(7, ls, true);
         assert_eq!(
-            loads.event(7, (1, 5), "/usr/bin/ls", program, resolve),
-            None
-        );
-        assert_eq!(
-            loads.event(7, ld, "/usr/lib/ld.so", |_: &mut [u8]| None, resolve),
-            Some("/usr/bin/ls".to_owned())
+            loads.event(7, ld, "/usr/lib/ld.so", none, resolve),
+            Pairing::LoadOf("/usr/bin/ls".to_owned())
         );
         // Running the loader directly is an exec.
         assert_eq!(
-            loads.event(7, ld, "/usr/lib/ld.so", |_: &mut [u8]| None, resolve),
-            None
+            loads.event(7, ld, "/usr/lib/ld.so", none, resolve),
+            Pairing::None
         );
         // Another process's event for the loader is not this one's load.
+        let Pairing::Expecting(cat) = loads.event(8, (1, 6), "/usr/bin/cat", program, resolve)
+        else {
+            panic!();
+        };
+        loads.answered(8, cat, true);
         assert_eq!(
-            loads.event(8, (1, 6), "/usr/bin/cat", program, resolve),
-            None
-        );
-        assert_eq!(
-            loads.event(9, ld, "/usr/lib/ld.so", |_: &mut [u8]| None, resolve),
-            None
+            loads.event(9, ld, "/usr/lib/ld.so", none, resolve),
+            Pairing::None
         );
         // A program whose exec failed: its process's next exec is an exec.
         assert_eq!(
-            loads.event(8, (1, 7), "/usr/bin/id", |_: &mut [u8]| None, resolve),
-            None
+            loads.event(8, (1, 7), "/usr/bin/id", none, resolve),
+            Pairing::None
         );
         assert_eq!(
-            loads.event(8, ld, "/usr/lib/ld.so", |_: &mut [u8]| None, resolve),
-            None
+            loads.event(8, ld, "/usr/lib/ld.so", none, resolve),
+            Pairing::None
         );
+    }
+
+    #[test]
+    fn a_refused_or_unanswered_program_leaves_no_pairing_behind() {
+        let mut loads = InterpreterLoads::default();
+        let ld: FileKey = (1, 42);
+        let resolve = |_: &str| Some(ld);
+        let program = |buf: &mut [u8]| fill(buf, &native(b"/lib64/ld.so\0"));
+        let none = |_: &mut [u8]| None;
+        // Refused: its interpreter is never loaded, so the process's next
+        // run of the loader is an exec of its own.
+        let Pairing::Expecting(first) = loads.event(7, (1, 5), "/tmp/nc", program, resolve) else {
+            panic!();
+        };
+        loads.answered(7, first, false);
+        assert_eq!(
+            loads.event(7, ld, "/lib/ld.so", none, resolve),
+            Pairing::None
+        );
+        // Not answered yet (impossible for the kernel's own load, which
+        // waits for the answer): no pairing either.
+        loads.event(7, (1, 5), "/tmp/nc", program, resolve);
+        assert_eq!(
+            loads.event(7, ld, "/lib/ld.so", none, resolve),
+            Pairing::None
+        );
+        // Allowed too long ago: the load is recorded as an exec.
+        let Pairing::Expecting(old) = loads.event(7, (1, 5), "/tmp/nc", program, resolve) else {
+            panic!();
+        };
+        loads.answered(7, old, true);
+        loads.pending.get_mut(&7).unwrap().armed = Some(Instant::now() - PAIRING_TTL);
+        assert_eq!(
+            loads.event(7, ld, "/lib/ld.so", none, resolve),
+            Pairing::None
+        );
+        // An answer for an older event of the process arms nothing.
+        let Pairing::Expecting(older) = loads.event(7, (1, 5), "/tmp/a", program, resolve) else {
+            panic!();
+        };
+        let Pairing::Expecting(_newer) = loads.event(7, (1, 6), "/tmp/b", program, resolve) else {
+            panic!();
+        };
+        loads.answered(7, older, true);
+        assert_eq!(
+            loads.event(7, ld, "/lib/ld.so", none, resolve),
+            Pairing::None
+        );
+    }
+
+    #[test]
+    fn a_program_the_kernel_would_not_load_expects_no_interpreter() {
+        let resolve = |_: &str| Some((1, 42));
+        let mut loads = InterpreterLoads::default();
+        let mut cases: Vec<(&str, Vec<u8>)> = Vec::new();
+        let mut foreign = native(b"/lib64/ld.so\0");
+        foreign[0x12] = 40; // EM_ARM
+        cases.push(("another architecture", foreign));
+        let mut unterminated = native(b"/lib64/ld.so");
+        unterminated[0x100 + 12] = b'x';
+        cases.push(("a name without its NUL", unterminated));
+        let mut core = native(b"/lib64/ld.so\0");
+        core[0x10] = 4; // ET_CORE
+        cases.push(("not a program", core));
+        let mut phentsize = native(b"/lib64/ld.so\0");
+        phentsize[0x36] = 57;
+        cases.push(("odd program headers", phentsize));
+        let mut short = native(b"/\0");
+        short[64 + 56 + 0x20..64 + 56 + 0x28].copy_from_slice(&1u64.to_le_bytes());
+        cases.push(("a one-byte name", short));
+        for (what, head) in cases {
+            assert_eq!(loaded_interpreter(&head), None, "{what}");
+            assert_eq!(
+                loads.event(
+                    7,
+                    (1, 5),
+                    "/tmp/x",
+                    |buf: &mut [u8]| fill(buf, &head),
+                    resolve
+                ),
+                Pairing::None,
+                "{what}"
+            );
+        }
+        // This machine's own programs are loaded.
+        let true_head = std::fs::read("/bin/true").unwrap();
+        assert!(loaded_interpreter(&true_head[..true_head.len().min(HEAD_BYTES)]).is_some());
     }
 
     #[test]
@@ -293,7 +511,7 @@ mod tests {
                 pid,
                 (1, u64::from(pid)),
                 "/p",
-                |buf: &mut [u8]| fill(buf, &elf64(b"/lib/ld.so\0")),
+                |buf: &mut [u8]| fill(buf, &native(b"/lib/ld.so\0")),
                 |_| {
                     lookups += 1;
                     Some((1, 99))

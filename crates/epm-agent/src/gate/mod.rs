@@ -23,6 +23,7 @@ pub mod es_map;
 #[cfg(target_os = "linux")]
 pub mod fanotify;
 pub mod interp;
+pub mod lease;
 pub mod mountinfo;
 pub mod procfs;
 
@@ -44,6 +45,28 @@ pub struct FileIdentity {
     pub ctime_ns: i64,
 }
 
+/// What keeps the executable's bytes from changing between the hash and
+/// the run (see [`lease`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Stability {
+    /// Owned by root and writable by nobody else (no group or other write
+    /// bit, which an ACL granting write would show): only root can change
+    /// it, so no lease is taken (most execs: the system's programs).
+    OnlyRootWrites,
+    /// A read lease on the gate's handle (Linux), taken before the file
+    /// was identified: nobody had the file open for writing, and nobody
+    /// can open it for writing until the exec has denied writers itself.
+    Leased,
+    /// Someone had the file open for writing when the exec was seen, so
+    /// no lease: the worker takes one once they are gone and hashes again
+    /// under it, or answers per `fail_mode`.
+    OpenForWriting,
+    /// No lease here (another platform, a file system without leases):
+    /// the file's version is compared before and after hashing.
+    #[default]
+    VersionChecked,
+}
+
 /// What a gate knows about one exec.
 #[derive(Debug)]
 pub struct ExecFacts {
@@ -57,6 +80,8 @@ pub struct ExecFacts {
     /// Whose name `path` is: path, glob and name rules match only a path
     /// checked in the daemon's own mount namespace.
     pub path_origin: PathOrigin,
+    /// What keeps the content from changing until the exec denies writers.
+    pub stability: Stability,
     /// Real user id of the process: the user who ran the program, even
     /// through a setuid helper, which is whom a policy's user scope means.
     pub uid: u32,
@@ -112,6 +137,7 @@ impl ExecFacts {
             file,
             path,
             path_origin: PathOrigin::Local,
+            stability: Stability::VersionChecked,
             uid: 0,
             gid: 0,
             groups: Vec::new(),
@@ -186,6 +212,23 @@ impl std::ops::Deref for Content<'_> {
 }
 
 impl FileIdentity {
+    /// The identity of an open file now.
+    pub fn of_file(file: &File) -> std::io::Result<Self> {
+        Ok(Self::of(&file.metadata()?))
+    }
+
+    /// Whether this version may have been written again within the same
+    /// timestamp tick as its last change (`changed_by` is when hashing
+    /// began, nanoseconds since the epoch): file systems with coarse
+    /// timestamps (1 to 2 s on FAT, a tick elsewhere) keep `mtime` and
+    /// `ctime` across such a write, so a digest of a version this young is
+    /// not remembered for later execs (as git does with "racily clean"
+    /// index entries).
+    pub fn is_racy(&self, changed_by: i64) -> bool {
+        const COARSEST_TICK_NS: i64 = 2_000_000_000;
+        self.ctime_ns.max(self.mtime_ns) >= changed_by.saturating_sub(COARSEST_TICK_NS)
+    }
+
     /// The identity of a file from its metadata.
     pub fn of(meta: &std::fs::Metadata) -> Self {
         use std::os::unix::fs::MetadataExt;
@@ -384,6 +427,31 @@ impl Drop for PendingExec {
             tracing::warn!(pid = self.facts.pid, path = %self.facts.path, verdict = ?self.fallback,
                 "exec dropped unanswered; answering with the fallback verdict");
             responder.respond(self.fallback);
+        }
+    }
+}
+
+/// How much nicer than everything else the threads on the exec path run
+/// (Linux `nice`): every exec on the machine waits for them, so a user
+/// whose own processes keep the CPUs busy (a flood of execs) must not be
+/// able to slow them down for everyone else.
+pub const EXEC_PATH_NICE: i32 = -10;
+
+/// Raises the calling thread's scheduling priority to
+/// [`EXEC_PATH_NICE`] (Linux: per thread; elsewhere nothing). A failure is
+/// logged: the gate works without it, only less well under load.
+pub fn raise_exec_path_priority() {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: gettid has no arguments; setpriority takes plain integers
+        // and, given a thread id, changes only that thread.
+        let rc = unsafe {
+            let tid = libc::gettid();
+            libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, EXEC_PATH_NICE)
+        };
+        if rc != 0 {
+            tracing::warn!(error = %std::io::Error::last_os_error(),
+                "cannot raise the exec path's scheduling priority");
         }
     }
 }

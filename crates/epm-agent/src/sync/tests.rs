@@ -208,7 +208,10 @@ impl Agent {
             store.clone(),
             log,
             Chain::genesis(),
-            1 << 20,
+            crate::audit::AuditLimits {
+                outbox_max_bytes: 1 << 20,
+                ..Default::default()
+            },
             Arc::new(AtomicU64::new(0)),
             DEVICE.into(),
         )
