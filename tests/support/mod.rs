@@ -7,6 +7,7 @@
 //! a missing capability is a failure instead.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a harness fails loudly by design
 
+pub mod browser;
 pub mod platform;
 pub mod run;
 

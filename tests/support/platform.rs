@@ -137,6 +137,31 @@ impl Platform {
             .unwrap()
     }
 
+    /// Sets `name`'s console password with `admin set-password` (over the
+    /// API, as the owner), the password on stdin.
+    pub fn set_password(&self, name: &str, password: &str) {
+        use std::io::Write;
+        let mut child = Command::new(binary("epm-platform"))
+            .args(["--url", &self.url(), "--data"])
+            .arg(self.data())
+            .args(["admin", "set-password", "--name", name])
+            .env("EPM_ADMIN_TOKEN", &self.admin_token)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        writeln!(stdin, "{password}").unwrap();
+        drop(stdin);
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "set-password {name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// Creates another admin with these `admin create` arguments (`--role`,
     /// `--approver-level`, `--endpoint-user`); returns its token.
     pub fn admin_with(&self, name: &str, args: &[&str]) -> String {

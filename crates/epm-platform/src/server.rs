@@ -862,15 +862,14 @@ struct RuleNow {
     bundle_version: u64,
 }
 
-/// The approval terms of `rule_id` in `device_id`'s current bundle: the
-/// outer error is the platform failing, the inner one why the rule cannot
-/// be approved (not in the policy, not an approval rule, no such device).
-async fn rule_now(
+/// The policy `device_id`'s current bundle holds, and the bundle's
+/// version: the outer error is the platform failing, the inner one that
+/// the device is not enrolled.
+async fn device_policy(
     state: &Shared,
     device_id: &str,
     users: Option<&[LocalUser]>,
-    rule_id: &str,
-) -> ApiResult<Result<RuleNow, String>> {
+) -> ApiResult<Result<(epm_policy::Policy, u64), String>> {
     let agent_users;
     let users = match users {
         Some(users) => users,
@@ -892,20 +891,66 @@ async fn rule_now(
         .map_err(|e| Failure::internal(e.to_string()))?;
     let policy = epm_policy::Policy::from_json(opened.policy.get())
         .map_err(|e| Failure::internal(e.to_string()))?;
+    Ok(Ok((policy, bundle.version)))
+}
+
+/// The approval terms of `rule_id` in `device_id`'s current bundle: the
+/// outer error is the platform failing, the inner one why the rule cannot
+/// be approved (not in the policy, not an approval rule, no such device).
+async fn rule_now(
+    state: &Shared,
+    device_id: &str,
+    users: Option<&[LocalUser]>,
+    rule_id: &str,
+) -> ApiResult<Result<RuleNow, String>> {
+    let (policy, version) = match device_policy(state, device_id, users).await? {
+        Ok(found) => found,
+        Err(why) => return Ok(Err(why)),
+    };
     Ok(match policy.approval_terms(rule_id) {
         None => Err(format!(
-            "rule {rule_id:?} is not in device {device_id}'s policy (version {})",
-            bundle.version
+            "rule {rule_id:?} is not in device {device_id}'s policy (version {version})"
         )),
         Some(terms) if !terms.requires_approval => Err(format!(
-            "rule {rule_id:?} does not require approval in device {device_id}'s policy (version {})",
-            bundle.version
+            "rule {rule_id:?} does not require approval in device {device_id}'s policy (version {version})"
         )),
         Some(terms) => Ok(RuleNow {
             terms,
-            bundle_version: bundle.version,
+            bundle_version: version,
         }),
     })
+}
+
+/// The message of `rule_id` (a rule, elevation rule or admin-session
+/// entry) in `device_id`'s current policy, for the console's request page;
+/// `None` when it has none or is no longer there.
+pub(crate) async fn rule_message(
+    state: &Shared,
+    device_id: &str,
+    rule_id: &str,
+) -> ApiResult<Option<String>> {
+    let Ok((policy, _)) = device_policy(state, device_id, None).await? else {
+        return Ok(None);
+    };
+    Ok(policy
+        .rules
+        .iter()
+        .find(|r| r.id == rule_id)
+        .and_then(|r| r.message.clone())
+        .or_else(|| {
+            policy
+                .elevation
+                .iter()
+                .find(|r| r.id == rule_id)
+                .and_then(|r| r.message.clone())
+        })
+        .or_else(|| {
+            policy
+                .admin_session
+                .iter()
+                .find(|r| r.id == rule_id)
+                .and_then(|r| r.message.clone())
+        }))
 }
 
 /// A window as the rule and the platform allow it: ending after it starts,

@@ -685,6 +685,9 @@ async fn render_request(
         Ok((request, uses, audit))
     })
     .await?;
+    let message = crate::server::rule_message(state, &request.device_id, &request.rule_id)
+        .await
+        .unwrap_or_else(|_| None);
     let admin = &signed.admin;
     let title = format!("Request from {}", request.user);
     let markup = page(state, signed, &title, Nav::Inbox, |chrome| {
@@ -707,7 +710,8 @@ async fn render_request(
                         dt { (identity_label) } dd.mono.break { (request.subject.identity.value) }
                         @if let Some(team) = &request.subject.team_id { dt { "Team id" } dd.mono { (team) } }
                         @if let Some(signing) = &request.subject.signing_id { dt { "Signing id" } dd.mono { (signing) } }
-                        dt { "Rule" } dd { a href=(format!("/console/history?rule={}", encode(&request.rule_id))) { (request.rule_id) } }
+                        dt { "Rule" } dd { a href=(format!("/console/history?rule={}", encode(&request.rule_id))) { (request.rule_id) }
+                            @if let Some(message) = &message { div.small.muted { "“" (message) "”" } } }
                         dt { "State" } dd { (view::state_badge(request.state))
                             @if let Some(by) = &request.decided_by { span.muted { " by " (by) } } }
                         @if let Some(reason) = &request.reason { dt { "Reason" } dd.just { (reason) } }
@@ -761,6 +765,7 @@ fn request_actions(chrome: &Chrome<'_>, request: &AdminRequest, uses: u32, mine:
                     }
                 }
                 div.grid {
+                    @if mine {
                     form.card.stack method="post" action=(format!("{base}/approve")) {
                         h2 { "Approve" }
                         (csrf_field(chrome.csrf))
@@ -771,11 +776,14 @@ fn request_actions(chrome: &Chrome<'_>, request: &AdminRequest, uses: u32, mine:
                         }
                         button.primary #approve type="submit" { "Approve at level " (admin.approver_level.unwrap_or(0)) }
                     }
+                    }
+                    @if admin.approver_level == Some(request.current_level) {
                     form.card.stack method="post" action=(format!("{base}/deny")) {
                         h2 { "Deny" }
                         (csrf_field(chrome.csrf))
                         label { "Reason (the user reads it)" textarea name="reason" rows="3" required maxlength="4096" {} }
                         button.danger #deny type="submit" { "Deny" }
+                    }
                     }
                 }
             }

@@ -239,6 +239,7 @@ pub struct Signed {
 #[derive(Debug)]
 pub struct NotSignedIn {
     end: Option<SessionEnd>,
+    background: bool,
     method: Method,
     path: String,
     source: Option<IpAddr>,
@@ -254,6 +255,15 @@ impl IntoResponse for NotSignedIn {
             Some(SessionEnd::Lifetime) => "lifetime",
             Some(SessionEnd::Disabled) => "disabled",
         };
+        if self.background {
+            // The page's script: it tells the admin, the cookie stays for
+            // the next page to explain.
+            return (
+                StatusCode::UNAUTHORIZED,
+                axum::Json(serde_json::json!({ "signed_out": why })),
+            )
+                .into_response();
+        }
         if self.method == Method::GET || self.method == Method::HEAD {
             let mut response = Redirect::to(&format!("/console/sign-in?why={why}")).into_response();
             if self.end.is_some() {
@@ -288,8 +298,12 @@ impl FromRequestParts<Shared> for Signed {
     type Rejection = NotSignedIn;
 
     async fn from_request_parts(parts: &mut Parts, state: &Shared) -> Result<Self, NotSignedIn> {
+        // The page script's polls say so: they must not keep an idle
+        // session alive.
+        let background = parts.headers.contains_key("x-epm-background");
         let refuse = |end| NotSignedIn {
             end,
+            background,
             method: parts.method.clone(),
             path: parts.uri.path().to_owned(),
             source: client_ip(parts),
@@ -301,7 +315,10 @@ impl FromRequestParts<Shared> for Signed {
         let (idle, lifetime) = (state.console.idle, state.console.lifetime);
         let lookup = {
             let token = token.clone();
-            blocking(state, move |db| db.session(&token, idle, lifetime)).await
+            blocking(state, move |db| {
+                db.session(&token, idle, lifetime, !background)
+            })
+            .await
         };
         let session = match lookup {
             Ok(Ok(session)) => session,
@@ -353,7 +370,7 @@ impl Signed {
 /// no referrer leaving the platform, no caching of pages; and a POST from
 /// another origin is refused before any handler runs.
 async fn console_headers(request: Request, next: Next) -> Response {
-    if request.method() == Method::POST && !same_origin(request.headers()) {
+    if request.method() == Method::POST && !same_origin(request.headers(), request.uri()) {
         return Refusal::new(
             StatusCode::FORBIDDEN,
             "Form refused",
@@ -391,8 +408,9 @@ async fn console_headers(request: Request, next: Next) -> Response {
     response
 }
 
-/// Whether a request's `Origin` (when sent) is the host it was sent to.
-fn same_origin(headers: &HeaderMap) -> bool {
+/// Whether a request's `Origin` (when sent) is the host it was sent to
+/// (the `Host` header in HTTP/1, the `:authority` in HTTP/2).
+fn same_origin(headers: &HeaderMap, uri: &axum::http::Uri) -> bool {
     let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) else {
         // Browsers send Origin with every cross-site POST; its absence is
         // a same-site navigation or a non-browser client.
@@ -401,6 +419,7 @@ fn same_origin(headers: &HeaderMap) -> bool {
     let host = headers
         .get(header::HOST)
         .and_then(|v| v.to_str().ok())
+        .or_else(|| uri.authority().map(|a| a.as_str()))
         .unwrap_or("");
     origin.strip_prefix("https://") == Some(host)
 }

@@ -129,7 +129,7 @@ pub(super) fn layout(chrome: &Chrome<'_>, title: &str, active: Nav, body: Markup
                     (body)
                 }
                 footer {
-                    "Times in " (chrome.zone_name) " and UTC · "
+                    "Times in " (chrome.zone_name) @if chrome.zone_name != "UTC" { " and UTC" } " · "
                     a href="/api/v1/openapi.json" { "REST API" }
                 }
             }
@@ -302,7 +302,7 @@ pub(super) fn request_row(chrome: &Chrome<'_>, request: &AdminRequest, mine: boo
     html! {
         tr.mine[mine] {
             td { a href=(format!("/console/requests/{}", request.id)) { strong { (request.user) } } div.small.muted { (request.id) } }
-            td { (request.device_id) }
+            td.device { (request.device_id) }
             td.path { span.mono { (request.subject.path) } div.small.muted { "rule " (request.rule_id) } }
             td.just { (request.justification) }
             td { (state_badge(request.state))

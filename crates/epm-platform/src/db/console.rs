@@ -333,12 +333,14 @@ impl Db {
 
     /// The session of cookie `token`, if it still signs its admin in: used
     /// within `idle` and younger than `lifetime`, its admin enabled. A live
-    /// session's last use becomes now; an ended one is deleted.
+    /// session's last use becomes now when `touch` (not for a page's
+    /// background polls).
     pub fn session(
         &self,
         token: &str,
         idle: std::time::Duration,
         lifetime: std::time::Duration,
+        touch: bool,
     ) -> Result<std::result::Result<SessionRow, SessionEnd>> {
         let hash = secret_hash(token);
         let conn = self.conn();
@@ -376,17 +378,17 @@ impl Db {
         } else {
             None
         };
+        // An ended session stays refused until `prune_sessions` forgets it,
+        // so the admin is told why (idle, too old) rather than "unknown".
         if let Some(end) = end {
-            conn.execute(
-                "DELETE FROM console_sessions WHERE token_sha256 = ?1",
-                [&hash],
-            )?;
             return Ok(Err(end));
         }
-        conn.execute(
-            "UPDATE console_sessions SET last_seen = ?2 WHERE token_sha256 = ?1",
-            params![hash, sortable(now)],
-        )?;
+        if touch {
+            conn.execute(
+                "UPDATE console_sessions SET last_seen = ?2 WHERE token_sha256 = ?1",
+                params![hash, sortable(now)],
+            )?;
+        }
         Ok(Ok(SessionRow {
             admin: Admin {
                 name: info.name,
@@ -395,7 +397,7 @@ impl Db {
                 endpoint_users: info.endpoint_users,
             },
             created_at,
-            last_seen: now,
+            last_seen: if touch { now } else { last_seen },
             time_zone,
         }))
     }

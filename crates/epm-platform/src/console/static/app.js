@@ -41,7 +41,8 @@
     if (el) el.textContent = value > 0 ? String(value) : "";
   }
 
-  // Polls /console/live; when the requests changed, reloads the inbox's
+  // Polls /console/live (marked as background, so polling does not keep an
+// idle session alive); when the requests changed, reloads the inbox's
   // list in place and marks the new rows.
   function followInbox() {
     var inbox = document.getElementById("inbox");
@@ -53,8 +54,11 @@
     function tick() {
       if (busy || document.hidden) return;
       busy = true;
-      fetch("/console/live", { credentials: "same-origin", headers: { Accept: "application/json" } })
-        .then(function (r) { return r.ok ? r.json() : null; })
+      fetch("/console/live", { credentials: "same-origin", headers: { Accept: "application/json", "X-EPM-Background": "1" } })
+        .then(function (r) {
+          if (r.status === 401) { signedOut(); return null; }
+          return r.ok ? r.json() : null;
+        })
         .then(function (live) {
           if (!live) return null;
           setCount("count-mine", live.mine);
@@ -62,7 +66,7 @@
           if (!inbox || live.stamp === inbox.getAttribute("data-stamp")) return null;
           var seen = {};
           inbox.querySelectorAll("tbody tr a[href]").forEach(function (a) { seen[a.getAttribute("href")] = true; });
-          return fetch("/console/inbox?fragment=1", { credentials: "same-origin" })
+          return fetch("/console/inbox?fragment=1", { credentials: "same-origin", headers: { "X-EPM-Background": "1" } })
             .then(function (r) { return r.ok ? r.text() : null; })
             .then(function (html) {
               if (html === null) return;
@@ -81,7 +85,22 @@
         .catch(function () {})
         .then(function () { busy = false; });
     }
-    setInterval(tick, 3000);
+    var timer = setInterval(tick, 3000);
+    function signedOut() {
+      clearInterval(timer);
+      var main = document.getElementById("main");
+      if (!main || document.getElementById("signed-out")) return;
+      var note = document.createElement("p");
+      note.id = "signed-out";
+      note.className = "alert error";
+      note.setAttribute("role", "alert");
+      note.appendChild(document.createTextNode("Your session has ended. "));
+      var link = document.createElement("a");
+      link.href = "/console/sign-in";
+      link.textContent = "Sign in again";
+      note.appendChild(link);
+      main.insertBefore(note, main.firstChild);
+    }
   }
 
   // The audit page's live tail: new matching records are added on top.
@@ -92,7 +111,7 @@
     var timer = null;
     function tick() {
       var url = toggle.getAttribute("data-rows") + "&after=" + encodeURIComponent(toggle.getAttribute("data-after"));
-      fetch(url, { credentials: "same-origin" })
+      fetch(url, { credentials: "same-origin", headers: { "X-EPM-Background": "1" } })
         .then(function (r) {
           if (!r.ok) return null;
           var after = r.headers.get("x-epm-after");
