@@ -1663,7 +1663,7 @@ fn editor(chrome: &Chrome<'_>, scope: &PolicyScope, text: &str, base: Option<&st
             (csrf_field(chrome.csrf))
             input type="hidden" name="scope" value=(scope.to_string());
             input type="hidden" name="base" value=(base.map(fingerprint).unwrap_or_default());
-            label { "Document (" a href="https://github.com/epm-project/epm/blob/main/docs/policy.md" { "format" } ")"
+            label { span { "Document " span.muted { "(the format is docs/policy.md's)" } }
                 textarea.code-input name="document" rows="24" spellcheck="false" autocapitalize="off" { (text) } }
             div.toolbar { button.primary type="submit" { "Check and show the changes" } a.button.ghost href="/console/policies" { "Cancel" } }
         }
