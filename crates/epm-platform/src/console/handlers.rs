@@ -687,7 +687,7 @@ async fn render_request(
     .await?;
     let message = crate::server::rule_message(state, &request.device_id, &request.rule_id)
         .await
-        .unwrap_or_else(|_| None);
+        .unwrap_or(None);
     let admin = &signed.admin;
     let title = format!("Request from {}", request.user);
     let markup = page(state, signed, &title, Nav::Inbox, |chrome| {

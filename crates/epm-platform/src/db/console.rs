@@ -215,7 +215,7 @@ impl Db {
                     let info = admin_info(r)?;
                     let disabled: Option<String> = r.get(4)?;
                     Ok(Credentials {
-                        admin: disabled.is_none().then(|| Admin {
+                        admin: disabled.is_none().then_some(Admin {
                             name: info.name,
                             role: info.role,
                             approver_level: info.approver_level,
@@ -506,14 +506,19 @@ impl Db {
             .collect()
     }
 
-    /// A fingerprint of the requests' state: it changes whenever a request
-    /// is made or changes, so a page knows when to refresh.
+    /// A fingerprint of what the inbox shows: the pending requests, the
+    /// level each waits for and every approval given. It changes when a
+    /// request arrives, moves on a level or leaves the inbox, so a page
+    /// knows when to refresh (and only then).
     pub fn requests_stamp(&self) -> Result<String> {
-        Ok(self.conn().query_row(
-            "SELECT COUNT(*) || '/' || COALESCE(MAX(updated_at), '') || '/' || COALESCE(SUM(state = 'pending'), 0) FROM requests",
+        use sha2::Digest as _;
+        let text: String = self.conn().query_row(
+            "SELECT COALESCE((SELECT group_concat(id || ':' || current_level, ',') FROM (SELECT id, current_level FROM requests WHERE state = 'pending' ORDER BY id)), '')
+                    || '/' || (SELECT COUNT(*) FROM approvals)",
             [],
             |r| r.get(0),
-        )?)
+        )?;
+        Ok(hex::encode(&sha2::Sha256::digest(text.as_bytes())[..12]))
     }
 
     // ---- audit --------------------------------------------------------
