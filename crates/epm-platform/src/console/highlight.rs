@@ -233,7 +233,7 @@ mod tests {
         assert_eq!(lines.len(), DOCUMENT.lines().count());
         let html = render_line(&lines[9]).into_string();
         assert!(
-            html.contains(r#"<span class="key">"action"</span>"#),
+            html.contains(r#"<span class="key">&quot;action&quot;</span>"#),
             "{html}"
         );
         assert!(html.contains("&lt;script&gt;"), "{html}");
