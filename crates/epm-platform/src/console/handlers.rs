@@ -451,22 +451,26 @@ async fn sign_in(
         Err(why) => {
             console.accounts.fail(&name);
             console.addresses.fail(&address);
-            let who = if why == "no such admin" {
-                "anonymous".to_owned()
+            if why == "no such admin" {
+                // Counted, not stored one by one: made-up names are
+                // endless, admins are not.
+                state.refused.note(
+                    source,
+                    "console:sign-in:unknown-admin",
+                    "POST",
+                    "/console/sign-in",
+                    StatusCode::UNAUTHORIZED.as_u16(),
+                );
             } else {
-                name.clone()
-            };
-            record(
-                &state,
-                &who,
-                call,
-                StatusCode::UNAUTHORIZED,
-                format!(
-                    "failed console sign-in as {} from {address}: {why}",
-                    validate::printable(&name)
-                ),
-            )
-            .await;
+                record(
+                    &state,
+                    &name,
+                    call,
+                    StatusCode::UNAUTHORIZED,
+                    format!("failed console sign-in as {name} from {address}: {why}"),
+                )
+                .await;
+            }
             let message = match why {
                 "no authenticator code" => "Enter the code your authenticator app shows.",
                 "wrong authenticator code" | "an authenticator code used before" => {
