@@ -1116,6 +1116,29 @@ async fn devices(
     Ok(markup.into_response())
 }
 
+/// Runs an action's database work as the signed-in admin; a refusal is
+/// logged (and returned to be shown).
+async fn attempt<T: Send + 'static>(
+    state: &Shared,
+    signed: &Signed,
+    path: &str,
+    work: impl FnOnce(&crate::db::Db, &Admin) -> Result<T, crate::db::DbError> + Send + 'static,
+) -> Result<T, Refusal> {
+    let admin = signed.admin.clone();
+    let done = blocking(state, move |db| work(db, &admin)).await;
+    if let Err(refusal) = &done {
+        record(
+            state,
+            &signed.admin.name,
+            format!("POST {path}"),
+            refusal.status,
+            format!("refused: {}", refusal.message),
+        )
+        .await;
+    }
+    done
+}
+
 /// Runs an admin action, logs it, and redirects to `to` with `?done=`;
 /// a refusal is logged and shown.
 async fn act(
@@ -1126,31 +1149,16 @@ async fn act(
     done: &str,
     work: impl FnOnce(&crate::db::Db, &Admin) -> Result<String, crate::db::DbError> + Send + 'static,
 ) -> Result<Response, Refusal> {
-    let admin = signed.admin.clone();
-    match blocking(state, move |db| work(db, &admin)).await {
-        Ok(detail) => {
-            record(
-                state,
-                &signed.admin.name,
-                format!("POST {path}"),
-                StatusCode::SEE_OTHER,
-                detail,
-            )
-            .await;
-            Ok(see_other(&format!("{to}?done={done}")))
-        }
-        Err(refusal) => {
-            record(
-                state,
-                &signed.admin.name,
-                format!("POST {path}"),
-                refusal.status,
-                format!("refused: {}", refusal.message),
-            )
-            .await;
-            Err(refusal)
-        }
-    }
+    let detail = attempt(state, signed, &path, work).await?;
+    record(
+        state,
+        &signed.admin.name,
+        format!("POST {path}"),
+        StatusCode::SEE_OTHER,
+        detail,
+    )
+    .await;
+    Ok(see_other(&format!("{to}?done={done}")))
 }
 
 async fn reset_device(
@@ -1991,30 +1999,15 @@ async fn create_enroll_token(
     let uses = number("uses", &form.form.uses, 1_000_000)?;
     let hours = number("hours", &form.form.hours, 366 * 24)?;
     let expires = Timestamp::now() + jiff::SignedDuration::from_hours(i64::from(hours));
-    let admin = signed.admin.clone();
-    let made = blocking(&state, move |db| {
-        db.create_enroll_token(uses, expires, &admin)
+    let path = "/console/enroll-tokens";
+    let (id, token) = attempt(&state, &signed, path, move |db, admin| {
+        db.create_enroll_token(uses, expires, admin)
     })
-    .await;
-    let path = "POST /console/enroll-tokens".to_owned();
-    let (id, token) = match made {
-        Ok(made) => made,
-        Err(refusal) => {
-            record(
-                &state,
-                &signed.admin.name,
-                path,
-                refusal.status,
-                format!("refused: {}", refusal.message),
-            )
-            .await;
-            return Err(refusal);
-        }
-    };
+    .await?;
     record(
         &state,
         &signed.admin.name,
-        path,
+        format!("POST {path}"),
         StatusCode::OK,
         format!("enrollment token {id} for {uses} devices, expires {expires} (console)"),
     )
@@ -2163,30 +2156,15 @@ async fn create_admin(
         endpoint_users: form.endpoint_users(),
     };
     request.validate().map_err(invalid)?;
-    let admin = signed.admin.clone();
-    let made = blocking(&state, move |db| {
-        db.create_admin(Actor::Admin(&admin), &request)
+    let path = "/console/admins";
+    let (created, detail) = attempt(&state, &signed, path, move |db, admin| {
+        db.create_admin(Actor::Admin(admin), &request)
     })
-    .await;
-    let path = "POST /console/admins".to_owned();
-    let (created, detail) = match made {
-        Ok(made) => made,
-        Err(refusal) => {
-            record(
-                &state,
-                &signed.admin.name,
-                path,
-                refusal.status,
-                format!("refused: {}", refusal.message),
-            )
-            .await;
-            return Err(refusal);
-        }
-    };
+    .await?;
     record(
         &state,
         &signed.admin.name,
-        path,
+        format!("POST {path}"),
         StatusCode::OK,
         format!("{detail} (console)"),
     )
@@ -2431,30 +2409,18 @@ async fn create_webhook(
     let url = field(&form.form.url).unwrap_or_default();
     validate::name("url", &url, 2048).map_err(invalid)?;
     check_webhook_url(&url).map_err(invalid)?;
-    let admin = signed.admin.clone();
-    let made = {
+    let path = "/console/webhooks";
+    let (id, secret) = {
         let url = url.clone();
-        blocking(&state, move |db| db.create_webhook(&admin, &url)).await
-    };
-    let path = "POST /console/webhooks".to_owned();
-    let (id, secret) = match made {
-        Ok(made) => made,
-        Err(refusal) => {
-            record(
-                &state,
-                &signed.admin.name,
-                path,
-                refusal.status,
-                format!("refused: {}", refusal.message),
-            )
-            .await;
-            return Err(refusal);
-        }
+        attempt(&state, &signed, path, move |db, admin| {
+            db.create_webhook(admin, &url)
+        })
+        .await?
     };
     record(
         &state,
         &signed.admin.name,
-        path,
+        format!("POST {path}"),
         StatusCode::OK,
         format!("added webhook {id} to {url} (console)"),
     )
