@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use epm_e2e::browser::{Browser, browser_capable};
-use epm_e2e::platform::Platform;
+use epm_e2e::platform::{Platform, RestAgent};
 use epm_e2e::{Daemon, TestUser, capable, denied, policy, ran};
 use serde_json::{Value, json};
 
@@ -39,58 +39,25 @@ fn platform_with(serve_args: &[&str]) -> Platform {
     platform
 }
 
-/// An agent spoken for over REST, reporting `user`.
-struct RestAgent {
-    bearer: String,
-}
-
-impl RestAgent {
-    fn enroll(platform: &Platform, device: &str, user: &str) -> RestAgent {
-        let token = platform.enroll_token(1);
-        let (status, credentials) = platform.enroll(device, &token, None);
-        assert_eq!(status, 200, "{credentials}");
-        let agent = RestAgent {
-            bearer: format!(
-                "{}.{}",
-                credentials["agent_id"].as_str().unwrap(),
-                credentials["agent_secret"].as_str().unwrap()
-            ),
-        };
-        let body = json!({"audit_last_seq": 0, "outbox_pending": 0,
-            "users": [{"name": user, "groups": ["staff"]}]});
-        let (status, answer) = platform.call(
-            "POST",
-            "/api/v1/agent/checkin",
-            Some(&agent.bearer),
-            Some(&body),
-        );
-        assert_eq!(status, 200, "{answer}");
-        agent
-    }
-
-    fn request(
-        &self,
-        platform: &Platform,
-        local_id: &str,
-        user: &str,
-        path: &str,
-        why: &str,
-    ) -> String {
-        let start = jiff::Timestamp::now() + jiff::SignedDuration::from_mins(5);
-        let end = start + jiff::SignedDuration::from_hours(2);
-        let body = json!({"local_id": local_id, "rule_id": "capture", "policy_version": 1, "user": user,
-            "subject": {"identity": {"kind": "sha256", "value": format!("{:0>64}", hex_of(local_id))},
-                "path": path, "team_id": "UBF8T346G9", "signing_id": "org.wireshark.Wireshark"},
-            "justification": why, "window": {"start": start, "end": end}});
-        let (status, answer) = platform.call(
-            "POST",
-            "/api/v1/agent/requests",
-            Some(&self.bearer),
-            Some(&body),
-        );
-        assert_eq!(status, 200, "{answer}");
-        answer["id"].as_str().unwrap().to_owned()
-    }
+/// Submits a request of `agent`'s for rule `capture`, a window from five
+/// minutes on; returns its id.
+fn ask(
+    agent: &RestAgent,
+    platform: &Platform,
+    local_id: &str,
+    user: &str,
+    path: &str,
+    why: &str,
+) -> String {
+    let start = jiff::Timestamp::now() + jiff::SignedDuration::from_mins(5);
+    let end = start + jiff::SignedDuration::from_hours(2);
+    let body = json!({"local_id": local_id, "rule_id": "capture", "policy_version": 1, "user": user,
+        "subject": {"identity": {"kind": "sha256", "value": hex_of(local_id)},
+            "path": path, "team_id": "UBF8T346G9", "signing_id": "org.wireshark.Wireshark"},
+        "justification": why, "window": {"start": start, "end": end}});
+    let (status, answer) = agent.submit_body(platform, &body);
+    assert_eq!(status, 200, "{answer}");
+    answer["id"].as_str().unwrap().to_owned()
 }
 
 fn hex_of(text: &str) -> String {
@@ -147,9 +114,10 @@ fn a_request_appears_in_the_inbox_without_a_reload_and_its_text_stays_inert() {
         ),
         &[],
     );
-    let first = RestAgent::enroll(&platform, "mac-0042", "alice");
-    let second = RestAgent::enroll(&platform, "lnx-build-7", "bob");
-    first.request(
+    let first = RestAgent::enroll_for(&platform, "mac-0042", "alice");
+    let second = RestAgent::enroll_for(&platform, "lnx-build-7", "bob");
+    ask(
+        &first,
         &platform,
         "one",
         "alice",
@@ -164,7 +132,8 @@ fn a_request_appears_in_the_inbox_without_a_reload_and_its_text_stays_inert() {
     // New requests arrive while the page stays open: the script polls.
     let hostile =
         "<script>window.pwned = 1</script><img src=x onerror=\"window.pwned = 2\"> need it";
-    let id = second.request(
+    let id = ask(
+        &second,
         &platform,
         "two",
         "bob",
@@ -230,7 +199,8 @@ fn a_request_appears_in_the_inbox_without_a_reload_and_its_text_stays_inert() {
 }
 
 fn third_request(platform: &Platform, agent: &RestAgent) {
-    agent.request(
+    ask(
+        agent,
         platform,
         "three",
         "alice",

@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 use std::os::unix::process::CommandExt;
 use std::process::Command;
 
-use epm_e2e::platform::Platform;
+use epm_e2e::platform::{Platform, RestAgent};
 use epm_e2e::{Daemon, TestUser, capable, denied, policy, ran, run, sha256_of};
 use serde_json::{Value, json};
 
@@ -345,74 +345,6 @@ fn approve_rule(id: &str, program: &str, levels: &[u32], max_hours: u32) -> Stri
             "approval": {{"levels": [{}], "max_window_hours": {max_hours}, "uses": 1}}}}"#,
         levels.join(", ")
     )
-}
-
-/// An agent spoken for over REST: enrolled with a fresh token, reporting
-/// user `alice`.
-struct RestAgent {
-    device: String,
-    bearer: String,
-    credentials: Value,
-}
-
-impl RestAgent {
-    fn enroll(platform: &Platform, device: &str) -> RestAgent {
-        let token = platform.enroll_token(1);
-        let (status, credentials) = platform.enroll(device, &token, None);
-        assert_eq!(status, 200, "{credentials}");
-        let agent = RestAgent {
-            device: device.into(),
-            bearer: format!(
-                "{}.{}",
-                credentials["agent_id"].as_str().unwrap(),
-                credentials["agent_secret"].as_str().unwrap()
-            ),
-            credentials,
-        };
-        agent.checkin(platform);
-        agent
-    }
-
-    fn checkin(&self, platform: &Platform) -> Value {
-        let body = json!({"audit_last_seq": 0, "outbox_pending": 0,
-            "users": [{"name": "alice", "groups": ["staff"]}]});
-        let (status, answer) = platform.call(
-            "POST",
-            "/api/v1/agent/checkin",
-            Some(&self.bearer),
-            Some(&body),
-        );
-        assert_eq!(status, 200, "{answer}");
-        answer
-    }
-
-    fn offline_key(&self) -> Vec<u8> {
-        use base64::Engine as _;
-        base64::engine::general_purpose::STANDARD
-            .decode(self.credentials["offline_key"].as_str().unwrap())
-            .unwrap()
-    }
-
-    /// Submits a request for `rule`; returns the status and answer.
-    fn submit(
-        &self,
-        platform: &Platform,
-        local_id: &str,
-        rule: &str,
-        user: &str,
-        start: jiff::Timestamp,
-        end: jiff::Timestamp,
-    ) -> (u16, Value) {
-        let body = json!({"local_id": local_id, "rule_id": rule, "policy_version": 1, "user": user,
-            "subject": {"identity": {"kind": "sha256", "value": "ab".repeat(32)}, "path": "/usr/bin/wireshark"},
-            "justification": "Capture for ticket 4411", "window": {"start": start, "end": end}});
-        platform.call(
-            "POST",
-            "/api/v1/agent/requests",
-            Some(&self.bearer),
-            Some(&body),
-        )
-    }
 }
 
 fn stderr(out: &std::process::Output) -> String {
