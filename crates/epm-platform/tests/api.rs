@@ -1240,8 +1240,21 @@ async fn console_pages_are_guarded_and_roles_decide_what_each_admin_may_do() {
         StatusCode::UNPROCESSABLE_ENTITY,
         "more uses than the rule: {location}"
     );
+    let shorter = (start + SignedDuration::from_hours(1)).to_string();
+    let later = (start + SignedDuration::from_hours(5)).to_string();
+    let (status, _) = owner_console
+        .post(&format!("{path}/approve"), &[("end", later.as_str())])
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "a window is only shortened"
+    );
     let (status, location) = owner_console
-        .post(&format!("{path}/approve"), &[("uses", "2")])
+        .post(
+            &format!("{path}/approve"),
+            &[("uses", "2"), ("end", shorter.as_str())],
+        )
         .await;
     assert_eq!(status, StatusCode::SEE_OTHER, "{location}");
     assert!(location.ends_with("done=approved-fully"), "{location}");
@@ -1261,6 +1274,7 @@ async fn console_pages_are_guarded_and_roles_decide_what_each_admin_may_do() {
         .open(SignedKind::Grant, &status.grant.unwrap())
         .unwrap();
     assert_eq!(grant.uses, 2);
+    assert_eq!(grant.not_after, start + SignedDuration::from_hours(1));
     // Every action is in the activity log, with what it did.
     let activity = platform
         .ok(
