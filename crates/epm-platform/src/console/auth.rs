@@ -23,7 +23,8 @@ pub fn check_new_password(password: &str) -> Result<(), String> {
 }
 
 /// The argon2id hash of `password` in PHC form, with a random salt and
-/// the crate's default cost (19 MiB, 2 passes): blocking, tens of ms.
+/// the crate's default cost (19 MiB, 2 passes): blocking work, for the
+/// blocking pool.
 pub fn hash_password(password: &str) -> Result<String, String> {
     check_new_password(password)?;
     let salt = SaltString::generate(&mut rand::rngs::OsRng);
