@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 use std::os::unix::process::CommandExt;
 use std::process::Command;
 
-use epm_e2e::platform::Platform;
+use epm_e2e::platform::{Platform, RestAgent};
 use epm_e2e::{Daemon, TestUser, capable, denied, policy, ran, run, sha256_of};
 use serde_json::{Value, json};
 
@@ -345,74 +345,6 @@ fn approve_rule(id: &str, program: &str, levels: &[u32], max_hours: u32) -> Stri
             "approval": {{"levels": [{}], "max_window_hours": {max_hours}, "uses": 1}}}}"#,
         levels.join(", ")
     )
-}
-
-/// An agent spoken for over REST: enrolled with a fresh token, reporting
-/// user `alice`.
-struct RestAgent {
-    device: String,
-    bearer: String,
-    credentials: Value,
-}
-
-impl RestAgent {
-    fn enroll(platform: &Platform, device: &str) -> RestAgent {
-        let token = platform.enroll_token(1);
-        let (status, credentials) = platform.enroll(device, &token, None);
-        assert_eq!(status, 200, "{credentials}");
-        let agent = RestAgent {
-            device: device.into(),
-            bearer: format!(
-                "{}.{}",
-                credentials["agent_id"].as_str().unwrap(),
-                credentials["agent_secret"].as_str().unwrap()
-            ),
-            credentials,
-        };
-        agent.checkin(platform);
-        agent
-    }
-
-    fn checkin(&self, platform: &Platform) -> Value {
-        let body = json!({"audit_last_seq": 0, "outbox_pending": 0,
-            "users": [{"name": "alice", "groups": ["staff"]}]});
-        let (status, answer) = platform.call(
-            "POST",
-            "/api/v1/agent/checkin",
-            Some(&self.bearer),
-            Some(&body),
-        );
-        assert_eq!(status, 200, "{answer}");
-        answer
-    }
-
-    fn offline_key(&self) -> Vec<u8> {
-        use base64::Engine as _;
-        base64::engine::general_purpose::STANDARD
-            .decode(self.credentials["offline_key"].as_str().unwrap())
-            .unwrap()
-    }
-
-    /// Submits a request for `rule`; returns the status and answer.
-    fn submit(
-        &self,
-        platform: &Platform,
-        local_id: &str,
-        rule: &str,
-        user: &str,
-        start: jiff::Timestamp,
-        end: jiff::Timestamp,
-    ) -> (u16, Value) {
-        let body = json!({"local_id": local_id, "rule_id": rule, "policy_version": 1, "user": user,
-            "subject": {"identity": {"kind": "sha256", "value": "ab".repeat(32)}, "path": "/usr/bin/wireshark"},
-            "justification": "Capture for ticket 4411", "window": {"start": start, "end": end}});
-        platform.call(
-            "POST",
-            "/api/v1/agent/requests",
-            Some(&self.bearer),
-            Some(&body),
-        )
-    }
 }
 
 fn stderr(out: &std::process::Output) -> String {
@@ -1346,4 +1278,113 @@ fn approvals_recheck_the_rule_and_every_input_is_bounded() {
     let shown = platform.ok(&["audit", "tail", "--device", "e2e-bounded"]);
     assert!(shown.contains("path=/tmp/mac-?gnp.exe"), "{shown}");
     assert!(!shown.contains('\u{202e}'), "{shown}");
+}
+
+// ---- the web console against strangers (issue 18) ----------------------
+
+/// One sign-in attempt as a browser would make it: the form's pre-session
+/// cookie and CSRF token, then the post. Returns the status and the
+/// `Retry-After` header.
+fn console_sign_in(
+    http: &reqwest::blocking::Client,
+    url: &str,
+    name: &str,
+    password: &str,
+) -> (u16, Option<String>) {
+    let page = http.get(format!("{url}/console/sign-in")).send().unwrap();
+    let cookie = page
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find(|v| v.starts_with("__Host-epm-sign-in="))
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_owned();
+    let body = page.text().unwrap();
+    let at = body.find(r#"name="csrf" value=""#).unwrap() + r#"name="csrf" value=""#.len();
+    let csrf = &body[at..][..body[at..].find('"').unwrap()];
+    let answer = http
+        .post(format!("{url}/console/sign-in"))
+        .header("cookie", cookie)
+        .form(&[("csrf", csrf), ("name", name), ("password", password)])
+        .send()
+        .unwrap();
+    let retry = answer
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    (answer.status().as_u16(), retry)
+}
+
+/// Issue 18: a stranger guessing an admin's console password from another
+/// address gets five tries in 15 minutes, each logged, then only counted
+/// refusals; the admin's API token keeps working, and a made-up session
+/// cookie signs nobody in.
+#[test]
+fn console_password_guessing_is_bounded_logged_and_leaves_the_api_alone() {
+    let platform = Platform::start();
+    let password = "the owner's long passphrase";
+    platform.set_password("e2e", password);
+    let stranger = reqwest::blocking::Client::builder()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(
+            reqwest::Certificate::from_pem(
+                &std::fs::read(platform.data_dir().join("ca.pem")).unwrap(),
+            )
+            .unwrap(),
+        )
+        .local_address("127.0.0.7".parse::<std::net::IpAddr>().unwrap())
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let url = platform.url();
+    let mut statuses = Vec::new();
+    for guess in 0..12 {
+        statuses.push(console_sign_in(
+            &stranger,
+            &url,
+            "e2e",
+            &format!("guess number {guess}"),
+        ));
+    }
+    assert!(statuses[..5].iter().all(|s| s.0 == 401), "{statuses:?}");
+    assert!(
+        statuses[5..].iter().all(|s| s.0 == 429 && s.1.is_some()),
+        "locked with Retry-After: {statuses:?}"
+    );
+    // Even the right password, for the rest of the window.
+    assert_eq!(console_sign_in(&stranger, &url, "e2e", password).0, 429);
+    // Five failures one by one, the rest counted.
+    let logged = platform.activity_with("failed console sign-in as e2e from 127.0.0.7");
+    assert_eq!(logged.len(), 5, "{logged:?}");
+    platform.wait_for_refused("the locked-out tries", |r| {
+        r["who"] == "console:sign-in:e2e" && r["status"] == 429 && r["count"].as_u64() >= Some(7)
+    });
+    // The API does not care.
+    let (status, me) = platform.call(
+        "GET",
+        "/api/v1/admin/whoami",
+        Some(&platform.admin_token),
+        None,
+    );
+    assert_eq!(status, 200, "{me}");
+    // A made-up cookie is no session.
+    let page = stranger
+        .get(format!("{url}/console/inbox"))
+        .header("cookie", format!("__Host-epm-session={}", "A".repeat(43)))
+        .send()
+        .unwrap();
+    assert_eq!(page.status().as_u16(), 303);
+    assert!(
+        page.headers()["location"]
+            .to_str()
+            .unwrap()
+            .starts_with("/console/sign-in"),
+        "{:?}",
+        page.headers()
+    );
 }

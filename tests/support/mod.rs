@@ -7,6 +7,7 @@
 //! a missing capability is a failure instead.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a harness fails loudly by design
 
+pub mod browser;
 pub mod platform;
 pub mod run;
 pub mod sudo;
@@ -88,14 +89,20 @@ fn sources_of(binary: &str) -> &'static [&'static str] {
     }
 }
 
-/// The most recently modified Rust source or manifest below `dir`.
+/// The most recently modified Rust source, embedded asset or manifest
+/// below `dir`.
 fn newest_source(dir: &Path) -> Option<(std::time::SystemTime, PathBuf)> {
     let mut newest: Option<(std::time::SystemTime, PathBuf)> = None;
     for entry in std::fs::read_dir(dir).ok()?.flatten() {
         let path = entry.path();
         let candidate = if path.is_dir() {
             newest_source(&path)
-        } else if path.extension().is_some_and(|e| e == "rs") || path.ends_with("Cargo.toml") {
+        } else if path
+            .extension()
+            // The console's stylesheet and script are compiled in too.
+            .is_some_and(|e| e == "rs" || e == "css" || e == "js")
+            || path.ends_with("Cargo.toml")
+        {
             entry
                 .metadata()
                 .and_then(|m| m.modified())

@@ -137,6 +137,31 @@ impl Platform {
             .unwrap()
     }
 
+    /// Sets `name`'s console password with `admin set-password` (over the
+    /// API, as the owner), the password on stdin.
+    pub fn set_password(&self, name: &str, password: &str) {
+        use std::io::Write;
+        let mut child = Command::new(binary("epm-platform"))
+            .args(["--url", &self.url(), "--data"])
+            .arg(self.data())
+            .args(["admin", "set-password", "--name", name])
+            .env("EPM_ADMIN_TOKEN", &self.admin_token)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        writeln!(stdin, "{password}").unwrap();
+        drop(stdin);
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "set-password {name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// Creates another admin with these `admin create` arguments (`--role`,
     /// `--approver-level`, `--endpoint-user`); returns its token.
     pub fn admin_with(&self, name: &str, args: &[&str]) -> String {
@@ -364,5 +389,95 @@ impl Platform {
 impl Drop for Platform {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// An agent spoken for over REST: enrolled with a fresh token, reporting
+/// one user (`alice` unless told).
+#[derive(Debug)]
+pub struct RestAgent {
+    /// Its device id.
+    pub device: String,
+    /// `<agent_id>.<secret>`.
+    pub bearer: String,
+    /// The enrollment's answer.
+    pub credentials: Value,
+    user: String,
+}
+
+impl RestAgent {
+    /// Enrolls `device`, reporting user `alice`.
+    pub fn enroll(platform: &Platform, device: &str) -> RestAgent {
+        RestAgent::enroll_for(platform, device, "alice")
+    }
+
+    /// Enrolls `device`, reporting `user`, and checks in once.
+    pub fn enroll_for(platform: &Platform, device: &str, user: &str) -> RestAgent {
+        let token = platform.enroll_token(1);
+        let (status, credentials) = platform.enroll(device, &token, None);
+        assert_eq!(status, 200, "{credentials}");
+        let agent = RestAgent {
+            device: device.into(),
+            bearer: format!(
+                "{}.{}",
+                credentials["agent_id"].as_str().unwrap(),
+                credentials["agent_secret"].as_str().unwrap()
+            ),
+            credentials,
+            user: user.into(),
+        };
+        agent.checkin(platform);
+        agent
+    }
+
+    /// A check-in reporting its user; the answer.
+    pub fn checkin(&self, platform: &Platform) -> Value {
+        let body = serde_json::json!({"audit_last_seq": 0, "outbox_pending": 0,
+            "users": [{"name": self.user, "groups": ["staff"]}]});
+        let (status, answer) = platform.call(
+            "POST",
+            "/api/v1/agent/checkin",
+            Some(&self.bearer),
+            Some(&body),
+        );
+        assert_eq!(status, 200, "{answer}");
+        answer
+    }
+
+    /// The device's offline-code key.
+    pub fn offline_key(&self) -> Vec<u8> {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD
+            .decode(self.credentials["offline_key"].as_str().unwrap())
+            .unwrap()
+    }
+
+    /// Submits a request for `rule` for `/usr/bin/wireshark`; returns the
+    /// status and answer.
+    pub fn submit(
+        &self,
+        platform: &Platform,
+        local_id: &str,
+        rule: &str,
+        user: &str,
+        start: jiff::Timestamp,
+        end: jiff::Timestamp,
+    ) -> (u16, Value) {
+        self.submit_body(
+            platform,
+            &serde_json::json!({"local_id": local_id, "rule_id": rule, "policy_version": 1, "user": user,
+                "subject": {"identity": {"kind": "sha256", "value": "ab".repeat(32)}, "path": "/usr/bin/wireshark"},
+                "justification": "Capture for ticket 4411", "window": {"start": start, "end": end}}),
+        )
+    }
+
+    /// Submits a request body as given; returns the status and answer.
+    pub fn submit_body(&self, platform: &Platform, body: &Value) -> (u16, Value) {
+        platform.call(
+            "POST",
+            "/api/v1/agent/requests",
+            Some(&self.bearer),
+            Some(body),
+        )
     }
 }

@@ -161,6 +161,22 @@ pub struct AdminCreated {
     pub token: String,
 }
 
+/// `PUT /api/v1/admin/admins/{name}/password`: the admin's password for the
+/// web console (12 to 1024 bytes), stored as an argon2id hash; setting it
+/// ends the admin's console sessions.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SetPassword {
+    /// The new password.
+    pub password: String,
+}
+
+impl fmt::Debug for SetPassword {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SetPassword { password: <hidden> }")
+    }
+}
+
 /// `POST /api/v1/admin/enroll-tokens`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]

@@ -82,6 +82,10 @@ pub const ADMIN_ACTIVITY: &str = "/api/v1/admin/activity";
 /// `POST` [`crate::admin::OfflineCodeRequest`] → [`crate::admin::OfflineCodeResponse`].
 pub const ADMIN_OFFLINE_CODES: &str = "/api/v1/admin/offline-codes";
 
+/// `PUT` [`crate::admin::SetPassword`] → 204: an admin's console password
+/// (the owner for anyone, every admin for themselves).
+pub const ADMIN_ADMIN_PASSWORD: &str = "/api/v1/admin/admins/{name}/password";
+
 /// Every route with its methods: the router serves exactly these, and a
 /// test checks that the OpenAPI document describes each.
 pub const ALL: &[(&str, &str)] = &[
@@ -101,6 +105,7 @@ pub const ALL: &[(&str, &str)] = &[
     ("POST", ADMIN_ADMIN_DISABLE),
     ("POST", ADMIN_ADMIN_ENABLE),
     ("POST", ADMIN_ADMIN_ROTATE_TOKEN),
+    ("PUT", ADMIN_ADMIN_PASSWORD),
     ("GET", ADMIN_ENROLL_TOKENS),
     ("POST", ADMIN_ENROLL_TOKENS),
     ("POST", ADMIN_ENROLL_TOKEN_REVOKE),

@@ -30,7 +30,7 @@ use std::borrow::Cow;
 
 use crate::admin::{
     ActivityQuery, AuditQuery, CreateAdmin, CreateEnrollToken, DenyRequest, OfflineCodeRequest,
-    RequestQuery, RevokeRequest, UpdateAdmin,
+    RequestQuery, RevokeRequest, SetPassword, UpdateAdmin,
 };
 use crate::agent::{AuditUpload, CheckinRequest, EnrollRequest, RequestSubmit};
 
@@ -286,6 +286,25 @@ impl Validate for UpdateAdmin {
     fn validate(&self) -> Result<(), Invalid> {
         approver_level(self.approver_level)?;
         endpoint_users(&self.endpoint_users)
+    }
+}
+
+/// The shortest console password accepted, in bytes.
+pub const MIN_PASSWORD_BYTES: usize = 12;
+/// The longest console password accepted, in bytes (hashing it is bounded
+/// work).
+pub const MAX_PASSWORD_BYTES: usize = 1024;
+
+impl Validate for SetPassword {
+    fn validate(&self) -> Result<(), Invalid> {
+        let len = self.password.len();
+        if !(MIN_PASSWORD_BYTES..=MAX_PASSWORD_BYTES).contains(&len) {
+            return Err(invalid(
+                "password",
+                format!("{len} bytes; use {MIN_PASSWORD_BYTES} to {MAX_PASSWORD_BYTES}"),
+            ));
+        }
+        Ok(())
     }
 }
 

@@ -119,6 +119,16 @@ impl AdminClient {
         self.send_no_body(path, request).await
     }
 
+    /// `PUT path` with a JSON body, for an answer without a body (204).
+    pub async fn put_no_content<B: Serialize>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<(), ClientError> {
+        let request = self.request(Method::PUT, path)?.json(body);
+        self.send_no_body(path, request).await
+    }
+
     /// `PUT path` with JSON text sent as is.
     pub async fn put_text<T: DeserializeOwned>(
         &self,

@@ -21,6 +21,13 @@ use rand::RngCore;
 use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
 use sha2::{Digest, Sha256};
 
+mod console;
+
+pub use console::{
+    AuditFilter, AuditRow, Credentials, Delivery, MAX_DELIVERY_ATTEMPTS, RequestFilter, SessionEnd,
+    SessionRow, WebhookInfo,
+};
+
 use crate::merge::ScopedDocument;
 pub use crate::roles::Admin;
 use crate::roles::{Capability, check_role_and_level};
@@ -131,6 +138,19 @@ pub struct BundleRow {
 #[derive(Debug)]
 pub struct Db {
     conn: Mutex<Connection>,
+    /// The console's address, for the links webhooks carry.
+    console_url: Mutex<String>,
+}
+
+/// How an approver narrows what they approve: an earlier end of the
+/// window, fewer uses. Neither can widen what was asked or what the rule
+/// allows.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Narrowing {
+    /// The window ends at this time instead.
+    pub end: Option<Timestamp>,
+    /// At most this many executions.
+    pub uses: Option<u32>,
 }
 
 /// The first schema. Never edited: every later change is a migration in
@@ -274,6 +294,47 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (hour, source, who, call, status)
     );
     "#,
+    // 2: the web console (issue 18): passwords (argon2id PHC strings) and
+    // TOTP secrets, sessions (the cookie's SHA-256 only), an approver's
+    // narrowing of uses, and the webhooks' outbox.
+    r#"
+    ALTER TABLE admins ADD COLUMN password_hash TEXT;
+    ALTER TABLE admins ADD COLUMN totp_secret TEXT;
+    ALTER TABLE admins ADD COLUMN totp_last_step INTEGER;
+    CREATE TABLE console_sessions (
+        token_sha256 BLOB PRIMARY KEY,
+        admin TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        last_seen TEXT NOT NULL,
+        source TEXT NOT NULL,
+        time_zone TEXT
+    );
+    CREATE INDEX console_sessions_admin ON console_sessions (admin, created_at);
+    ALTER TABLE requests ADD COLUMN max_uses INTEGER;
+    CREATE TABLE webhooks (
+        id TEXT PRIMARY KEY,
+        url TEXT NOT NULL,
+        secret TEXT NOT NULL,
+        created_by TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        disabled_by TEXT
+    );
+    CREATE TABLE webhook_deliveries (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        webhook_id TEXT NOT NULL,
+        event TEXT NOT NULL,
+        request_id TEXT NOT NULL,
+        body TEXT NOT NULL,
+        state TEXT NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_at TEXT NOT NULL,
+        last_status INTEGER,
+        last_error TEXT,
+        created_at TEXT NOT NULL,
+        delivered_at TEXT
+    );
+    CREATE INDEX webhook_deliveries_due ON webhook_deliveries (state, next_at);
+    "#,
 ];
 
 /// Refused-call rows kept: the oldest go first.
@@ -374,7 +435,27 @@ impl Db {
         Db::migrate(&mut conn)?;
         Ok(Db {
             conn: Mutex::new(conn),
+            console_url: Mutex::new("https://localhost:8443".into()),
         })
+    }
+
+    /// The address the console is reached at (`https://host:port`), for
+    /// the links in webhook bodies.
+    pub fn set_console_url(&self, url: &str) {
+        *self.console_url.lock().unwrap_or_else(|p| p.into_inner()) = url.to_owned();
+    }
+
+    fn console_url(&self) -> String {
+        self.console_url
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Queues `event` of request `id` for every webhook, inside `tx`.
+    fn notify(&self, tx: &rusqlite::Transaction<'_>, event: &str, id: &str) -> Result<()> {
+        let request = Db::request_row(tx, id)?.request;
+        console::enqueue_webhooks(tx, &self.console_url(), event, &request)
     }
 
     fn migrate(conn: &mut Connection) -> Result<()> {
@@ -875,7 +956,7 @@ impl Db {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let agent_id = Db::agent_id_of(&tx, device_id)?;
-        let revoked = Db::revoke_open_requests(
+        let revoked = self.revoke_open_requests(
             &tx,
             &agent_id,
             &format!("device {device_id} was removed from the platform"),
@@ -901,7 +982,7 @@ impl Db {
             "UPDATE agents SET secret_sha256 = ?2, next_secret_sha256 = NULL, reset_by = ?3 WHERE agent_id = ?1",
             params![agent_id, void, by.name],
         )?;
-        let revoked = Db::revoke_open_requests(
+        let revoked = self.revoke_open_requests(
             &tx,
             &agent_id,
             &format!("device {device_id} was reset on the platform"),
@@ -924,15 +1005,27 @@ impl Db {
 
     /// Revokes an agent's pending and approved requests; returns how many.
     fn revoke_open_requests(
+        &self,
         tx: &rusqlite::Transaction<'_>,
         agent_id: &str,
         reason: &str,
         by: &str,
     ) -> Result<usize> {
-        Ok(tx.execute(
+        let ids: Vec<String> = {
+            let mut stmt = tx.prepare(
+                "SELECT id FROM requests WHERE agent_id = ?1 AND state IN ('pending', 'approved')",
+            )?;
+            stmt.query_map([agent_id], |r| r.get(0))?
+                .collect::<rusqlite::Result<_>>()?
+        };
+        tx.execute(
             "UPDATE requests SET state = 'revoked', current_level = 0, reason = ?2, decided_by = ?3, updated_at = ?4 WHERE agent_id = ?1 AND state IN ('pending', 'approved')",
             params![agent_id, reason, by, Timestamp::now().to_string()],
-        )?)
+        )?;
+        for id in &ids {
+            self.notify(tx, "revoked", id)?;
+        }
+        Ok(ids.len())
     }
 
     /// The agent of a device.
@@ -1346,6 +1439,7 @@ impl Db {
                         sortable(submit.window.end), to_json(&levels), uses, now
                     ],
                 )?;
+                self.notify(&tx, "created", &id)?;
                 id
             }
         };
@@ -1459,11 +1553,33 @@ impl Db {
     /// Expires pending and approved requests whose window ended; returns
     /// how many.
     pub fn expire_requests(&self, now: Timestamp) -> Result<usize> {
+        let mut conn = self.conn();
         // Both sides are written by `sortable`, so text order is time order.
-        Ok(self.conn().execute(
+        let due: bool = conn.query_row(
+            "SELECT EXISTS (SELECT 1 FROM requests WHERE state IN ('pending', 'approved') AND window_end <= ?1)",
+            [sortable(now)],
+            |r| r.get(0),
+        )?;
+        if !due {
+            return Ok(0);
+        }
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let ids: Vec<String> = {
+            let mut stmt = tx.prepare(
+                "SELECT id FROM requests WHERE state IN ('pending', 'approved') AND window_end <= ?1",
+            )?;
+            stmt.query_map([sortable(now)], |r| r.get(0))?
+                .collect::<rusqlite::Result<_>>()?
+        };
+        tx.execute(
             "UPDATE requests SET state = 'expired', current_level = 0, updated_at = ?1 WHERE state IN ('pending', 'approved') AND window_end <= ?1",
             [sortable(now)],
-        )?)
+        )?;
+        for id in &ids {
+            self.notify(&tx, "expired", id)?;
+        }
+        tx.commit()?;
+        Ok(ids.len())
     }
 
     /// Records `admin`'s approval, judged by the rule's levels as they are
@@ -1474,6 +1590,7 @@ impl Db {
         id: &str,
         admin: &Admin,
         terms: &CurrentTerms,
+        narrowing: Narrowing,
     ) -> Result<(AdminRequest, bool)> {
         admin.require(Capability::Approve)?;
         let mut conn = self.conn();
@@ -1498,6 +1615,27 @@ impl Db {
             )));
         }
         let now = Timestamp::now().to_string();
+        if let Some(end) = narrowing.end {
+            if end > request.window.end {
+                return Err(DbError::Invalid(format!(
+                    "the window can only be shortened: it ends at {} and {end} is later",
+                    request.window.end
+                )));
+            }
+            if end <= request.window.start.max(Timestamp::now()) {
+                return Err(DbError::Invalid(format!(
+                    "the shortened window would end at {end}, before it starts or in the past"
+                )));
+            }
+        }
+        if let Some(uses) = narrowing.uses
+            && (uses == 0 || uses > terms.uses)
+        {
+            return Err(DbError::Invalid(format!(
+                "uses can only be lowered: from 1 to the rule's {}",
+                terms.uses
+            )));
+        }
         let waiting = waiting_level(&terms.levels, &request.approvals);
         if waiting != 0 {
             let own = admin.approver_level.unwrap_or(0);
@@ -1510,6 +1648,18 @@ impl Db {
             tx.execute(
                 "INSERT INTO approvals (request_id, admin, level, at) VALUES (?1, ?2, ?3, ?4)",
                 params![id, admin.name, waiting, now],
+            )?;
+        }
+        if let Some(end) = narrowing.end {
+            tx.execute(
+                "UPDATE requests SET window_end = ?2 WHERE id = ?1",
+                params![id, sortable(end)],
+            )?;
+        }
+        if let Some(uses) = narrowing.uses {
+            tx.execute(
+                "UPDATE requests SET max_uses = MIN(COALESCE(max_uses, ?2), ?2) WHERE id = ?1",
+                params![id, uses],
             )?;
         }
         let approvals = Db::request_row(&tx, id)?.request.approvals;
@@ -1526,6 +1676,9 @@ impl Db {
                 params![id, next, to_json(&terms.levels), terms.uses, now],
             )?;
         }
+        if done {
+            self.notify(&tx, "approved", id)?;
+        }
         let request = Db::request_row(&tx, id)?.request;
         tx.commit()?;
         Ok((request, done))
@@ -1534,20 +1687,26 @@ impl Db {
     /// Closes a pending request the platform can no longer approve (its
     /// rule left the device's policy, or its window no longer fits it).
     pub fn close_request(&self, id: &str, reason: &str) -> Result<()> {
-        self.conn().execute(
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        if tx.execute(
             "UPDATE requests SET state = 'denied', current_level = 0, reason = ?2, decided_by = 'platform', updated_at = ?3 WHERE id = ?1 AND state = 'pending'",
             params![id, reason, Timestamp::now().to_string()],
-        )?;
+        )? == 1
+        {
+            self.notify(&tx, "denied", id)?;
+        }
+        tx.commit()?;
         Ok(())
     }
 
     /// How many executions an approval of this request allows.
     pub fn request_uses(&self, id: &str) -> Result<u32> {
-        Ok(self
-            .conn()
-            .query_row("SELECT uses FROM requests WHERE id = ?1", [id], |r| {
-                r.get(0)
-            })?)
+        Ok(self.conn().query_row(
+            "SELECT MIN(uses, COALESCE(max_uses, uses)) FROM requests WHERE id = ?1",
+            [id],
+            |r| r.get(0),
+        )?)
     }
 
     /// Stores the signed grant of an approved request.
@@ -1582,6 +1741,7 @@ impl Db {
             "UPDATE requests SET state = 'denied', current_level = 0, reason = ?2, decided_by = ?3, updated_at = ?4 WHERE id = ?1",
             params![id, reason, admin.name, Timestamp::now().to_string()],
         )?;
+        self.notify(&tx, "denied", id)?;
         let request = Db::request_row(&tx, id)?.request;
         tx.commit()?;
         Ok(request)
@@ -1603,6 +1763,7 @@ impl Db {
             "UPDATE requests SET state = 'revoked', reason = ?2, decided_by = ?3, updated_at = ?4 WHERE id = ?1",
             params![id, reason, admin.name, Timestamp::now().to_string()],
         )?;
+        self.notify(&tx, "revoked", id)?;
         let request = Db::request_row(&tx, id)?.request;
         tx.commit()?;
         Ok(request)

@@ -3,16 +3,19 @@
 //! One process, one SQLite file, HTTPS only. `epm-platform serve` makes its
 //! CA, server certificate and bundle-signing key at first start
 //! ([`keys`]), then serves the agent and admin API ([`server`]) defined in
-//! `epm-api`. The same binary is the admin CLI ([`client`]). `docs/api.md`
-//! is the API's guide.
+//! `epm-api`, and the approvers' web console ([`console`]) on the same
+//! listener. The same binary is the admin CLI ([`client`]). `docs/api.md`
+//! is the API's guide, `docs/console.md` the console's.
 
 pub mod client;
+pub mod console;
 pub mod db;
 pub mod keys;
 pub mod limits;
 pub mod merge;
 pub mod roles;
 pub mod server;
+pub mod webhooks;
 
 use std::path::Path;
 

@@ -60,6 +60,18 @@ pub struct Limits {
     pub offline_codes_per_hour: u32,
     /// How far ahead a requested window may start.
     pub max_window_lead: Duration,
+    /// A console session unused this long ends.
+    pub session_idle: Duration,
+    /// A console session ends this long after sign-in.
+    pub session_lifetime: Duration,
+    /// Failed console sign-ins one account may have per
+    /// [`Limits::sign_in_window`] before it is locked for the rest of it
+    /// (0: no limit).
+    pub sign_in_failures_per_account: u32,
+    /// Failed console sign-ins from one address per window (0: no limit).
+    pub sign_in_failures_per_address: u32,
+    /// The window failed sign-ins are counted in.
+    pub sign_in_window: Duration,
 }
 
 impl Default for Limits {
@@ -75,6 +87,11 @@ impl Default for Limits {
             audit_mib_per_hour: 256,
             offline_codes_per_hour: 30,
             max_window_lead: Duration::from_secs(30 * 86_400),
+            session_idle: Duration::from_secs(30 * 60),
+            session_lifetime: Duration::from_secs(12 * 3600),
+            sign_in_failures_per_account: 5,
+            sign_in_failures_per_address: 20,
+            sign_in_window: Duration::from_secs(15 * 60),
         }
     }
 }

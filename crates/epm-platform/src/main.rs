@@ -10,7 +10,7 @@ use epm_api::admin::{
     ActivityPage, AdminCreated, AdminInfo, AdminRequest, AdminRole, AuditPage, CreateAdmin,
     CreateEnrollToken, DenyRequest, DeviceInfo, EnrollTokenCreated, EnrollTokenInfo,
     OfflineCodeRequest, OfflineCodeResponse, PolicyEntry, PolicyPushed, PolicyScope, RevokeRequest,
-    UpdateAdmin,
+    SetPassword, UpdateAdmin,
 };
 use epm_api::agent::RequestState;
 use epm_api::paths;
@@ -28,6 +28,7 @@ First start, on one machine:
   export EPM_ADMIN_TOKEN=epa_…   # printed by the previous command; alice is the owner
   epm-platform --data /var/lib/epm-platform enroll-token create --uses 50 --expires 7d
   epm-platform --data /var/lib/epm-platform admin create --name bob --role approver --approver-level 1
+  epm-platform admin set-password --data /var/lib/epm-platform --name alice   # then open https://epm.example.com:8443/console/
 
 Then, from any machine with ca.pem:
   epm-platform --url https://epm.example.com:8443 --ca ca.pem policy push company.json
@@ -174,6 +175,24 @@ struct Serve {
     /// How far ahead a requested window may start: 30d, 12h.
     #[arg(long, default_value = "30d", value_parser = parse_duration)]
     max_window_lead: Duration,
+    /// A console session unused this long ends: 30m.
+    #[arg(long, default_value = "30m", value_parser = parse_duration)]
+    session_idle_timeout: Duration,
+    /// A console session ends this long after sign-in: 12h.
+    #[arg(long, default_value = "12h", value_parser = parse_duration)]
+    session_lifetime: Duration,
+    /// Failed console sign-ins one account may have per 15 minutes before
+    /// it is locked for the rest of them (0: no limit).
+    #[arg(long, default_value_t = Limits::default().sign_in_failures_per_account)]
+    sign_in_failures_per_account: u32,
+    /// Failed console sign-ins from one address per 15 minutes (0: no
+    /// limit).
+    #[arg(long, default_value_t = Limits::default().sign_in_failures_per_address)]
+    sign_in_failures_per_address: u32,
+    /// The console's address as approvers reach it, for the links in
+    /// webhook bodies (default: https://<first --hostname>:<port>).
+    #[arg(long)]
+    console_url: Option<String>,
     /// Names (and IP addresses) in the generated server certificate; repeat
     /// for several. Used only when the certificate is first made.
     #[arg(long = "hostname", default_values = ["localhost", "127.0.0.1"])]
@@ -206,9 +225,33 @@ enum AdminCommand {
         /// admin's name). Nobody approves a request of their own user.
         #[arg(long = "endpoint-user")]
         endpoint_users: Vec<String>,
+        /// Read a console password for the new admin from stdin (one line).
+        #[arg(long)]
+        password_stdin: bool,
         /// Print JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// Set an admin's password for the web console, read from stdin (one
+    /// line, 12 to 1024 bytes); the owner sets anyone's, every admin their
+    /// own. Ends the admin's console sessions. With --data and no token,
+    /// works on the database directly.
+    #[command(name = "set-password")]
+    SetPassword {
+        /// The admin.
+        #[arg(long)]
+        name: String,
+    },
+    /// Turn on TOTP (an authenticator app's six-digit codes, RFC 6238) for
+    /// an admin's console sign-in, or off with --off. Works on --data, on
+    /// the server: prints the secret and the otpauth:// URI once.
+    Totp {
+        /// The admin.
+        #[arg(long)]
+        name: String,
+        /// Turn it off.
+        #[arg(long)]
+        off: bool,
     },
     /// List admins.
     List {
@@ -856,18 +899,17 @@ async fn run_admin(remote: &Remote, command: AdminCommand) -> Result<(), Failure
             role,
             approver_level,
             endpoint_users,
+            password_stdin,
             json,
         } => {
+            let password = password_stdin.then(read_password).transpose()?;
             let request = CreateAdmin {
                 name,
                 role,
                 approver_level,
                 endpoint_users: (!endpoint_users.is_empty()).then_some(endpoint_users),
             };
-            let created: AdminCreated = if remote.data.is_some()
-                && remote.ca.is_none()
-                && std::env::var_os("EPM_ADMIN_TOKEN").is_none()
-            {
+            let created: AdminCreated = if offline(remote) {
                 // Offline: straight into the database, so the first admin can
                 // be made. Whoever can write the data directory owns the
                 // platform anyway.
@@ -886,6 +928,9 @@ async fn run_admin(remote: &Remote, command: AdminCommand) -> Result<(), Failure
             } else {
                 client(remote)?.post(paths::ADMIN_ADMINS, &request).await?
             };
+            if let Some(password) = password {
+                set_password(remote, &created.admin.name, password).await?;
+            }
             if json {
                 return print_json(&created);
             }
@@ -900,6 +945,36 @@ async fn run_admin(remote: &Remote, command: AdminCommand) -> Result<(), Failure
                     .map(|l| format!(", approves at level {l}"))
                     .unwrap_or_default()
             );
+            Ok(())
+        }
+        AdminCommand::SetPassword { name } => {
+            let password = read_password()?;
+            set_password(remote, &name, password).await?;
+            eprintln!("the console password of {name} is set; its console sessions ended");
+            Ok(())
+        }
+        AdminCommand::Totp { name, off } => {
+            let data = data_dir(remote)?;
+            let db = Db::open(&data.database()).map_err(other)?;
+            let secret = (!off).then(epm_platform::console::auth::new_totp_secret);
+            db.set_totp(None, &name, secret.as_deref())
+                .map_err(|e| Failure::Refused(e.to_string()))?;
+            let detail = if off {
+                format!("turned TOTP off for admin {name}")
+            } else {
+                format!("turned TOTP on for admin {name}")
+            };
+            db.record_activity("local", "admin totp (offline)", 200, Some(&detail))
+                .map_err(other)?;
+            match secret {
+                Some(secret) => {
+                    println!("{}", epm_platform::console::auth::totp_uri(&secret, &name));
+                    eprintln!(
+                        "TOTP is on for {name}: add the URI above (or the secret {secret}) to an authenticator app; it is shown once. Console sign-ins now need its six-digit code"
+                    );
+                }
+                None => eprintln!("TOTP is off for {name}"),
+            }
             Ok(())
         }
         AdminCommand::List { json } => {
@@ -969,6 +1044,53 @@ async fn run_admin(remote: &Remote, command: AdminCommand) -> Result<(), Failure
             Ok(())
         }
     }
+}
+
+/// Whether an admin command works on the database directly: `--data`
+/// given, and neither `--ca` nor a token (whoever can write the data
+/// directory owns the platform anyway).
+fn offline(remote: &Remote) -> bool {
+    remote.data.is_some() && remote.ca.is_none() && std::env::var_os("EPM_ADMIN_TOKEN").is_none()
+}
+
+/// One line from stdin: the password (the line break is not part of it).
+fn read_password() -> Result<String, Failure> {
+    let mut line = String::new();
+    std::io::stdin()
+        .read_line(&mut line)
+        .map_err(|e| other(format!("cannot read the password from stdin: {e}")))?;
+    let password = line.strip_suffix('\n').unwrap_or(&line);
+    let password = password.strip_suffix('\r').unwrap_or(password).to_owned();
+    epm_platform::console::auth::check_new_password(&password).map_err(Failure::Refused)?;
+    Ok(password)
+}
+
+/// Sets `name`'s console password: on the database with `--data` alone,
+/// else over the API.
+async fn set_password(remote: &Remote, name: &str, password: String) -> Result<(), Failure> {
+    if offline(remote) {
+        let data = data_dir(remote)?;
+        let phc =
+            epm_platform::console::auth::hash_password(&password).map_err(Failure::Refused)?;
+        let db = Db::open(&data.database()).map_err(other)?;
+        db.set_password(None, name, &phc, None)
+            .map_err(|e| Failure::Refused(e.to_string()))?;
+        db.record_activity(
+            "local",
+            "admin set-password (offline)",
+            200,
+            Some(&format!("set the console password of admin {name}")),
+        )
+        .map_err(other)?;
+        return Ok(());
+    }
+    client(remote)?
+        .put_no_content(
+            &paths::ADMIN_ADMIN_PASSWORD.replace("{name}", &encode(name)),
+            &SetPassword { password },
+        )
+        .await?;
+    Ok(())
 }
 
 /// `admin disable` or `admin enable` (`route`).
@@ -1089,8 +1211,22 @@ async fn run_serve(remote: &Remote, serve: Serve) -> Result<(), Failure> {
         audit_mib_per_hour: serve.audit_mib_per_hour,
         offline_codes_per_hour: serve.offline_codes_per_hour,
         max_window_lead: serve.max_window_lead,
+        session_idle: serve.session_idle_timeout,
+        session_lifetime: serve.session_lifetime,
+        sign_in_failures_per_account: serve.sign_in_failures_per_account,
+        sign_in_failures_per_address: serve.sign_in_failures_per_address,
         ..Limits::default()
     };
+    let console_url = serve.console_url.clone().unwrap_or_else(|| {
+        let host = serve.hostnames.first().map_or("localhost", String::as_str);
+        let host = if host.contains(':') {
+            format!("[{host}]")
+        } else {
+            host.to_owned()
+        };
+        format!("https://{host}:{}", serve.listen.port())
+    });
+    db.set_console_url(&console_url);
     let state = AppState::with_limits(db, data.signing_key().map_err(other)?, limits);
     let handle = axum_server::Handle::new();
     let shutdown = handle.clone();
@@ -1107,7 +1243,7 @@ async fn run_serve(remote: &Remote, serve: Serve) -> Result<(), Failure> {
         shutdown.graceful_shutdown(Some(Duration::from_secs(5)));
     });
     tracing::info!(
-        "serving https://{} (data {})",
+        "serving https://{} (data {}); the console is at {console_url}/console/",
         serve.listen,
         data.dir.display()
     );

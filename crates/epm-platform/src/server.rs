@@ -21,7 +21,7 @@ use epm_api::admin::{
     ActivityPage, ActivityQuery, AdminCreated, AdminInfo, AdminRequest, AuditPage, AuditQuery,
     CreateAdmin, CreateEnrollToken, DenyRequest, DeviceInfo, EnrollTokenCreated, EnrollTokenInfo,
     FleetAuditRecord, OfflineCodeRequest, OfflineCodeResponse, PolicyEntry, PolicyPushed,
-    PolicyScope, RequestQuery, RevokeRequest, UpdateAdmin, WhoAmI,
+    PolicyScope, RequestQuery, RevokeRequest, SetPassword, UpdateAdmin, WhoAmI,
 };
 use epm_api::agent::{
     AgentCredentials, AuditAck, AuditUpload, CheckinRequest, CheckinResponse, EnrollRequest,
@@ -38,7 +38,7 @@ use tokio::sync::Notify;
 use utoipa::OpenApi;
 
 use crate::db::{
-    Actor, Admin, Agent, BundleRow, CurrentTerms, Db, DbError, Enrollment, TokenOwner,
+    Actor, Admin, Agent, BundleRow, CurrentTerms, Db, DbError, Enrollment, Narrowing, TokenOwner,
 };
 use crate::limits::{ConnectionGate, Limits, Rates, RefusedLog};
 use crate::merge::{self, Merged};
@@ -58,7 +58,10 @@ pub struct AppState {
     /// What the server bounds.
     pub limits: Limits,
     rates: Rates,
-    refused: RefusedLog,
+    /// Refused calls, counted for the activity log.
+    pub(crate) refused: RefusedLog,
+    /// The web console's sessions and sign-in limits.
+    pub console: crate::console::ConsoleState,
     audit_arrived: Notify,
     merged: MergeCache,
     build: tokio::sync::Mutex<()>,
@@ -76,6 +79,7 @@ impl AppState {
             db,
             signing,
             rates: Rates::new(&limits),
+            console: crate::console::ConsoleState::new(&limits),
             limits,
             refused: RefusedLog::default(),
             audit_arrived: Notify::new(),
@@ -108,6 +112,16 @@ impl Failure {
             },
             retry_after: None,
         }
+    }
+
+    /// The status and the message, for another front end (the console).
+    pub(crate) fn parts(self) -> (StatusCode, String) {
+        let mut message = self.error.message;
+        for detail in self.error.details {
+            message.push_str("; ");
+            message.push_str(&detail);
+        }
+        (self.status, message)
     }
 
     fn invalid(message: impl Into<String>) -> Failure {
@@ -848,15 +862,14 @@ struct RuleNow {
     bundle_version: u64,
 }
 
-/// The approval terms of `rule_id` in `device_id`'s current bundle: the
-/// outer error is the platform failing, the inner one why the rule cannot
-/// be approved (not in the policy, not an approval rule, no such device).
-async fn rule_now(
+/// The policy `device_id`'s current bundle holds, and the bundle's
+/// version: the outer error is the platform failing, the inner one that
+/// the device is not enrolled.
+async fn device_policy(
     state: &Shared,
     device_id: &str,
     users: Option<&[LocalUser]>,
-    rule_id: &str,
-) -> ApiResult<Result<RuleNow, String>> {
+) -> ApiResult<Result<(epm_policy::Policy, u64), String>> {
     let agent_users;
     let users = match users {
         Some(users) => users,
@@ -878,20 +891,66 @@ async fn rule_now(
         .map_err(|e| Failure::internal(e.to_string()))?;
     let policy = epm_policy::Policy::from_json(opened.policy.get())
         .map_err(|e| Failure::internal(e.to_string()))?;
+    Ok(Ok((policy, bundle.version)))
+}
+
+/// The approval terms of `rule_id` in `device_id`'s current bundle: the
+/// outer error is the platform failing, the inner one why the rule cannot
+/// be approved (not in the policy, not an approval rule, no such device).
+async fn rule_now(
+    state: &Shared,
+    device_id: &str,
+    users: Option<&[LocalUser]>,
+    rule_id: &str,
+) -> ApiResult<Result<RuleNow, String>> {
+    let (policy, version) = match device_policy(state, device_id, users).await? {
+        Ok(found) => found,
+        Err(why) => return Ok(Err(why)),
+    };
     Ok(match policy.approval_terms(rule_id) {
         None => Err(format!(
-            "rule {rule_id:?} is not in device {device_id}'s policy (version {})",
-            bundle.version
+            "rule {rule_id:?} is not in device {device_id}'s policy (version {version})"
         )),
         Some(terms) if !terms.requires_approval => Err(format!(
-            "rule {rule_id:?} does not require approval in device {device_id}'s policy (version {})",
-            bundle.version
+            "rule {rule_id:?} does not require approval in device {device_id}'s policy (version {version})"
         )),
         Some(terms) => Ok(RuleNow {
             terms,
-            bundle_version: bundle.version,
+            bundle_version: version,
         }),
     })
+}
+
+/// The message of `rule_id` (a rule, elevation rule or admin-session
+/// entry) in `device_id`'s current policy, for the console's request page;
+/// `None` when it has none or is no longer there.
+pub(crate) async fn rule_message(
+    state: &Shared,
+    device_id: &str,
+    rule_id: &str,
+) -> ApiResult<Option<String>> {
+    let Ok((policy, _)) = device_policy(state, device_id, None).await? else {
+        return Ok(None);
+    };
+    Ok(policy
+        .rules
+        .iter()
+        .find(|r| r.id == rule_id)
+        .and_then(|r| r.message.clone())
+        .or_else(|| {
+            policy
+                .elevation
+                .iter()
+                .find(|r| r.id == rule_id)
+                .and_then(|r| r.message.clone())
+        })
+        .or_else(|| {
+            policy
+                .admin_session
+                .iter()
+                .find(|r| r.id == rule_id)
+                .and_then(|r| r.message.clone())
+        }))
 }
 
 /// A window as the rule and the platform allow it: ending after it starts,
@@ -1081,6 +1140,42 @@ async fn rotate_admin_token(
     Ok(with_detail(
         Json(created),
         format!("rotated the token of admin {name}; the old one is refused"),
+    ))
+}
+
+/// Set an admin's console password (the owner for anyone, every admin
+/// for themselves); the admin's console sessions end.
+#[utoipa::path(put, path = "/api/v1/admin/admins/{name}/password", tag = "admin", params(("name" = String, Path, description = "admin name")), request_body = SetPassword,
+    responses((status = 204), (status = 403, body = ApiErrorBody), (status = 404, body = ApiErrorBody), (status = 422, body = ApiErrorBody)), security(("bearer" = [])))]
+async fn set_admin_password(
+    State(state): State<Shared>,
+    AdminAuth(admin): AdminAuth,
+    Path(name): Path<String>,
+    ApiJson(body): ApiJson<SetPassword>,
+) -> ApiResult<Response> {
+    path_name("name", &name)?;
+    if admin.name != name {
+        admin.require(Capability::ManageAdmins)?;
+    }
+    let _permit = state
+        .console
+        .hashing()
+        .acquire()
+        .await
+        .map_err(|e| Failure::internal(e.to_string()))?;
+    let phc =
+        tokio::task::spawn_blocking(move || crate::console::auth::hash_password(&body.password))
+            .await
+            .map_err(|e| Failure::internal(e.to_string()))?
+            .map_err(Failure::invalid)?;
+    drop(_permit);
+    let (who, target, shared) = (admin.clone(), name.clone(), state.clone());
+    tokio::task::spawn_blocking(move || shared.db.set_password(Some(&who), &target, &phc, None))
+        .await
+        .map_err(|e| Failure::internal(e.to_string()))??;
+    Ok(with_detail(
+        StatusCode::NO_CONTENT,
+        format!("set the console password of admin {name}; their console sessions ended"),
     ))
 }
 
@@ -1399,11 +1494,14 @@ async fn recheck_pending(state: &Shared, request: &AdminRequest) -> ApiResult<Cu
 }
 
 /// Records `admin`'s approval of a pending request after checking it
-/// against the device's policy now; signs the grant when it completes.
-async fn approve_checked(
+/// against the device's policy now, narrowed as the approver chose; signs
+/// the grant when it completes. The API and the console both approve
+/// through here.
+pub(crate) async fn approve_checked(
     state: &Shared,
     id: &str,
     admin: &Admin,
+    narrowing: Narrowing,
 ) -> ApiResult<(AdminRequest, bool)> {
     admin.require(Capability::Approve)?;
     state.db.expire_requests(Timestamp::now())?;
@@ -1414,7 +1512,7 @@ async fn approve_checked(
         );
     }
     let terms = recheck_pending(state, &request).await?;
-    let (request, done) = state.db.approve(id, admin, &terms)?;
+    let (request, done) = state.db.approve(id, admin, &terms, narrowing)?;
     if done {
         let grant = Grant {
             request_id: request.id.clone(),
@@ -1447,7 +1545,7 @@ async fn approve(
     Path(id): Path<String>,
 ) -> ApiResult<Response> {
     path_name("id", &id)?;
-    let (request, done) = approve_checked(&state, &id, &admin).await?;
+    let (request, done) = approve_checked(&state, &id, &admin, Narrowing::default()).await?;
     let detail = if done {
         format!("approved {id}: fully approved, grant issued")
     } else {
@@ -1676,7 +1774,9 @@ async fn offline_code(
     if request.state == RequestState::Pending
         && !request.approvals.iter().any(|a| a.admin == admin.name)
     {
-        request = approve_checked(&state, &request.id, &admin).await?.0;
+        request = approve_checked(&state, &request.id, &admin, Narrowing::default())
+            .await?
+            .0;
     }
     let code = match request.state {
         RequestState::Approved => Some(challenge.code(&state.db.offline_key(&agent.device_id)?)),
@@ -1749,12 +1849,16 @@ async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
     Json(ApiDoc::openapi())
 }
 
-async fn not_found() -> Failure {
+async fn not_found(uri: axum::http::Uri) -> Response {
+    if uri.path().starts_with("/console") {
+        return crate::console::not_found().await;
+    }
     Failure::new(
         StatusCode::NOT_FOUND,
         "not_found",
         "no such route; see /api/v1/openapi.json",
     )
+    .into_response()
 }
 
 async fn method_not_allowed() -> Failure {
@@ -1770,7 +1874,7 @@ async fn method_not_allowed() -> Failure {
 #[openapi(
     info(title = "EPM platform API", description = "Agents and admins of the EPM reference platform. See docs/api.md."),
     paths(enroll, checkin, policy, upload_audit, submit_request, agent_request, rotate_agent, whoami, list_admins,
-        create_admin, update_admin, disable_admin, enable_admin, rotate_admin_token, list_enroll_tokens,
+        create_admin, update_admin, disable_admin, enable_admin, rotate_admin_token, set_admin_password, list_enroll_tokens,
         create_enroll_token, revoke_enroll_token, devices, remove_device, reset_device, device_bundle, list_policies,
         put_policy, get_policy, delete_policy, list_requests, get_request, approve, deny, revoke, fleet_audit,
         activity, offline_code),
@@ -1813,6 +1917,7 @@ pub fn router(state: Shared) -> Router {
         .route(paths::ADMIN_ADMIN_DISABLE, post(disable_admin))
         .route(paths::ADMIN_ADMIN_ENABLE, post(enable_admin))
         .route(paths::ADMIN_ADMIN_ROTATE_TOKEN, post(rotate_admin_token))
+        .route(paths::ADMIN_ADMIN_PASSWORD, put(set_admin_password))
         .route(
             paths::ADMIN_ENROLL_TOKENS,
             get(list_enroll_tokens).post(create_enroll_token),
@@ -1838,6 +1943,7 @@ pub fn router(state: Shared) -> Router {
         .route(paths::ADMIN_AUDIT, get(fleet_audit))
         .route(paths::ADMIN_ACTIVITY, get(activity))
         .route(paths::ADMIN_OFFLINE_CODES, post(offline_code))
+        .merge(crate::console::router())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(epm_api::MAX_JSON_BYTES))
@@ -1906,6 +2012,8 @@ pub async fn serve(
     handle: axum_server::Handle,
 ) -> std::io::Result<()> {
     spawn_expiry(state.clone());
+    crate::console::spawn_upkeep(state.clone());
+    crate::webhooks::spawn(state.clone());
     let gate = ConnectionGate::new(&state.limits);
     spawn_upkeep(state.clone(), gate.clone());
     let app = router(state.clone());

@@ -960,3 +960,523 @@ async fn a_client_trusting_another_ca_cannot_connect() {
     platform.handle.shutdown();
     other.handle.shutdown();
 }
+
+// ---- the web console (issue 18) ---------------------------------------
+
+/// A browser-like client of the console: no redirects followed, the
+/// session cookie and CSRF token kept by hand.
+struct ConsoleClient {
+    http: reqwest::Client,
+    base: String,
+    cookie: String,
+    csrf: String,
+}
+
+/// The value of `name="csrf"` in a page.
+fn csrf_in(page: &str) -> String {
+    let start = page.find(r#"name="csrf" value=""#).unwrap() + r#"name="csrf" value=""#.len();
+    page[start..][..page[start..].find('"').unwrap()].to_owned()
+}
+
+/// The value a `Set-Cookie` header gives `name`.
+fn set_cookie(response: &reqwest::Response, name: &str) -> Option<String> {
+    response
+        .headers()
+        .get_all(reqwest::header::SET_COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find_map(|v| v.strip_prefix(&format!("{name}=")))
+        .map(|v| v.split(';').next().unwrap_or("").to_owned())
+}
+
+impl TestPlatform {
+    fn console_http(&self) -> reqwest::Client {
+        let ca =
+            reqwest::Certificate::from_pem(&std::fs::read(self.data.ca_cert()).unwrap()).unwrap();
+        reqwest::Client::builder()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(ca)
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .unwrap()
+    }
+
+    fn set_password(&self, name: &str, password: &str) {
+        let phc = epm_platform::console::auth::hash_password(password).unwrap();
+        Db::open(&self.data.database())
+            .unwrap()
+            .set_password(None, name, &phc, None)
+            .unwrap();
+    }
+
+    /// Signs in; the response when refused.
+    async fn sign_in(
+        &self,
+        name: &str,
+        password: &str,
+        code: &str,
+    ) -> Result<ConsoleClient, (StatusCode, String)> {
+        let http = self.console_http();
+        let page = http
+            .get(format!("{}/console/sign-in", self.url))
+            .send()
+            .await
+            .unwrap();
+        let pre = set_cookie(&page, "__Host-epm-sign-in").unwrap();
+        let csrf = csrf_in(&page.text().await.unwrap());
+        let response = http
+            .post(format!("{}/console/sign-in", self.url))
+            .header("cookie", format!("__Host-epm-sign-in={pre}"))
+            .form(&[
+                ("csrf", csrf.as_str()),
+                ("name", name),
+                ("password", password),
+                ("code", code),
+                ("tz", "Europe/Paris"),
+            ])
+            .send()
+            .await
+            .unwrap();
+        if response.status() != StatusCode::SEE_OTHER {
+            return Err((response.status(), response.text().await.unwrap()));
+        }
+        let cookie = set_cookie(&response, "__Host-epm-session").unwrap();
+        let mut client = ConsoleClient {
+            http,
+            base: self.url.clone(),
+            cookie,
+            csrf: String::new(),
+        };
+        let (_, inbox) = client.get("/console/inbox").await;
+        client.csrf = csrf_in(&inbox);
+        Ok(client)
+    }
+}
+
+impl ConsoleClient {
+    async fn get(&self, path: &str) -> (StatusCode, String) {
+        let response = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .header("cookie", format!("__Host-epm-session={}", self.cookie))
+            .send()
+            .await
+            .unwrap();
+        (response.status(), response.text().await.unwrap())
+    }
+
+    /// Posts a form with this session's CSRF token.
+    async fn post(&self, path: &str, form: &[(&str, &str)]) -> (StatusCode, String) {
+        let mut fields = vec![("csrf", self.csrf.as_str())];
+        fields.extend_from_slice(form);
+        self.post_raw(path, &fields, Some(&self.cookie), None).await
+    }
+
+    async fn post_raw(
+        &self,
+        path: &str,
+        form: &[(&str, &str)],
+        cookie: Option<&str>,
+        origin: Option<&str>,
+    ) -> (StatusCode, String) {
+        let mut request = self.http.post(format!("{}{path}", self.base)).form(form);
+        if let Some(cookie) = cookie {
+            request = request.header("cookie", format!("__Host-epm-session={cookie}"));
+        }
+        if let Some(origin) = origin {
+            request = request.header("origin", origin);
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status();
+        let location = response
+            .headers()
+            .get("location")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let body = response.text().await.unwrap();
+        (status, location.unwrap_or(body))
+    }
+}
+
+const PASSWORD: &str = "correct horse battery";
+
+#[tokio::test]
+async fn console_pages_are_guarded_and_roles_decide_what_each_admin_may_do() {
+    let platform = TestPlatform::start().await;
+    let owner = platform.admin("owner", Some(1));
+    platform
+        .push(&owner, "general", approval_policy(&[1], 3))
+        .await;
+    platform.admin("auditor", None);
+    platform.set_password("owner", PASSWORD);
+    platform.set_password("auditor", PASSWORD);
+    let agent = platform.enroll(&owner, "mac-1").await;
+    platform.checkin(&agent, &["alice"], &[]).await;
+    let start = Timestamp::now() + SignedDuration::from_mins(1);
+    let mut hostile = submit("x", start, start + SignedDuration::from_hours(4));
+    hostile["justification"] = json!("<script>alert(1)</script>");
+    let request: RequestStatus = serde_json::from_value(
+        platform
+            .ok(
+                Method::POST,
+                paths::AGENT_REQUESTS,
+                &agent_bearer(&agent),
+                Some(hostile),
+            )
+            .await,
+    )
+    .unwrap();
+
+    // Every page: no framing, no inline script, no sniffing, no referrer out.
+    let response = platform
+        .console_http()
+        .get(format!("{}/console/sign-in", platform.url))
+        .send()
+        .await
+        .unwrap();
+    let headers = response.headers();
+    let csp = headers["content-security-policy"].to_str().unwrap();
+    assert!(
+        csp.contains("script-src 'self'") && !csp.contains("unsafe-inline"),
+        "{csp}"
+    );
+    assert!(csp.contains("frame-ancestors 'none'"), "{csp}");
+    assert_eq!(headers["x-content-type-options"], "nosniff");
+    assert_eq!(headers["referrer-policy"], "same-origin");
+    let cookie = headers["set-cookie"].to_str().unwrap();
+    assert!(
+        cookie.contains("HttpOnly")
+            && cookie.contains("Secure")
+            && cookie.contains("SameSite=Strict"),
+        "{cookie}"
+    );
+
+    // Wrong passwords and unknown admins get the same answer.
+    for (name, password) in [("owner", "not the password!"), ("nobody", PASSWORD)] {
+        let (status, page) = platform.sign_in(name, password, "").await.err().unwrap();
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        assert!(page.contains("Wrong name or password."), "{page}");
+    }
+    let auditor = platform.sign_in("auditor", PASSWORD, "").await.unwrap();
+    let owner_console = platform.sign_in("owner", PASSWORD, "").await.unwrap();
+    // Without a session, a page sends to the sign-in; an action is refused.
+    let anonymous = ConsoleClient {
+        cookie: "forged".into(),
+        ..platform.sign_in("owner", PASSWORD, "").await.unwrap()
+    };
+    let (status, location) = anonymous.get("/console/inbox").await;
+    assert_eq!(status, StatusCode::SEE_OTHER, "{location}");
+
+    // The justification is text on the page, not markup.
+    let path = format!("/console/requests/{}", request.id);
+    let (status, page) = auditor.get(&path).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(!page.contains("<script>alert(1)"), "{page}");
+    assert!(page.contains("&lt;script&gt;alert(1)&lt;/script&gt;"));
+    assert!(
+        !page.contains("Approve at level"),
+        "an auditor gets no approve button"
+    );
+
+    // An auditor reads but cannot approve, even by posting the form.
+    let (status, body) = auditor.post(&format!("{path}/approve"), &[]).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert!(body.contains("auditor"), "{body}");
+    // Nor create admins or tokens.
+    let (status, _) = auditor
+        .post("/console/admins", &[("name", "minted"), ("role", "owner")])
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, _) = auditor
+        .post("/console/enroll-tokens", &[("uses", "1"), ("hours", "1")])
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+
+    // CSRF: a forged token, another session's token, another origin.
+    for (csrf, origin) in [
+        ("forged", None),
+        (auditor.csrf.as_str(), None),
+        (owner_console.csrf.as_str(), Some("https://evil.example")),
+    ] {
+        let (status, body) = owner_console
+            .post_raw(
+                &format!("{path}/approve"),
+                &[("csrf", csrf)],
+                Some(&owner_console.cookie),
+                origin,
+            )
+            .await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+        assert!(body.contains("Form refused"), "{body}");
+    }
+    // No cookie at all.
+    let (status, body) = owner_console
+        .post_raw(
+            &format!("{path}/approve"),
+            &[("csrf", owner_console.csrf.as_str())],
+            None,
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+    assert_eq!(
+        platform
+            .ok(
+                Method::GET,
+                &format!("/api/v1/admin/requests/{}", request.id),
+                &owner,
+                None
+            )
+            .await["state"],
+        "pending"
+    );
+
+    // The owner approves, narrowing the uses; the grant says so.
+    let (status, location) = owner_console
+        .post(&format!("{path}/approve"), &[("uses", "4")])
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "more uses than the rule: {location}"
+    );
+    let shorter = (start + SignedDuration::from_hours(1)).to_string();
+    let later = (start + SignedDuration::from_hours(5)).to_string();
+    let (status, _) = owner_console
+        .post(&format!("{path}/approve"), &[("end", later.as_str())])
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "a window is only shortened"
+    );
+    let (status, location) = owner_console
+        .post(
+            &format!("{path}/approve"),
+            &[("uses", "2"), ("end", shorter.as_str())],
+        )
+        .await;
+    assert_eq!(status, StatusCode::SEE_OTHER, "{location}");
+    assert!(location.ends_with("done=approved-fully"), "{location}");
+    let status: RequestStatus = serde_json::from_value(
+        platform
+            .ok(
+                Method::GET,
+                &paths::AGENT_REQUEST.replace("{id}", &request.id),
+                &agent_bearer(&agent),
+                None,
+            )
+            .await,
+    )
+    .unwrap();
+    let grant: Grant = platform
+        .public_key()
+        .open(SignedKind::Grant, &status.grant.unwrap())
+        .unwrap();
+    assert_eq!(grant.uses, 2);
+    assert_eq!(grant.not_after, start + SignedDuration::from_hours(1));
+    // Every action is in the activity log, with what it did.
+    let activity = platform
+        .ok(
+            Method::GET,
+            "/api/v1/admin/activity?admin=owner",
+            &owner,
+            None,
+        )
+        .await;
+    let details: Vec<&str> = activity["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["detail"].as_str())
+        .collect();
+    assert!(
+        details
+            .iter()
+            .any(|d| d.contains("fully approved, grant issued (console)")),
+        "{details:?}"
+    );
+    assert!(
+        details.iter().any(|d| d.starts_with("refused:")),
+        "{details:?}"
+    );
+
+    // Sign out everywhere ends both of the owner's sessions.
+    let (status, _) = owner_console
+        .post("/console/sign-out-everywhere", &[])
+        .await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+    let (status, _) = owner_console.get("/console/inbox").await;
+    assert_eq!(status, StatusCode::SEE_OTHER, "signed out");
+    let (status, _) = anonymous.get("/console/inbox").await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+    platform.handle.shutdown();
+}
+
+#[tokio::test]
+async fn console_sign_in_takes_a_totp_code_once() {
+    let platform = TestPlatform::start().await;
+    platform.admin("owner", Some(1));
+    platform.set_password("owner", PASSWORD);
+    let secret = epm_platform::console::auth::new_totp_secret();
+    Db::open(&platform.data.database())
+        .unwrap()
+        .set_totp(None, "owner", Some(&secret))
+        .unwrap();
+    let now = Timestamp::now().as_second().unsigned_abs();
+    let code = epm_platform::console::auth::totp_code(&secret, now).unwrap();
+    let (status, page) = platform.sign_in("owner", PASSWORD, "").await.err().unwrap();
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert!(page.contains("authenticator app"), "{page}");
+    let wrong = if code == "000000" { "111111" } else { "000000" };
+    assert!(platform.sign_in("owner", PASSWORD, wrong).await.is_err());
+    assert!(platform.sign_in("owner", PASSWORD, &code).await.is_ok());
+    let (_, page) = platform
+        .sign_in("owner", PASSWORD, &code)
+        .await
+        .err()
+        .unwrap();
+    assert!(page.contains("already used"), "a code works once: {page}");
+    platform.handle.shutdown();
+}
+
+#[tokio::test]
+async fn webhooks_get_signed_events_with_a_link_and_failures_are_retried() {
+    use axum::routing::post;
+    let platform = TestPlatform::start().await;
+    let owner = platform.admin("owner", Some(1));
+    platform
+        .push(&owner, "general", approval_policy(&[1], 1))
+        .await;
+    platform.set_password("owner", PASSWORD);
+    // A receiver that fails its first call.
+    let (sender, mut received) =
+        tokio::sync::mpsc::unbounded_channel::<(axum::http::HeaderMap, String)>();
+    let calls = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let receiver = axum::Router::new().route(
+        "/hook",
+        post(move |headers: axum::http::HeaderMap, body: String| {
+            let (sender, calls) = (sender.clone(), calls.clone());
+            async move {
+                let _ = sender.send((headers, body));
+                if calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+                    StatusCode::INTERNAL_SERVER_ERROR
+                } else {
+                    StatusCode::NO_CONTENT
+                }
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hook = format!(
+        "http://127.0.0.1:{}/hook",
+        listener.local_addr().unwrap().port()
+    );
+    tokio::spawn(async move { axum::serve(listener, receiver).await });
+    let console = platform.sign_in("owner", PASSWORD, "").await.unwrap();
+    let (status, _) = console
+        .post("/console/webhooks", &[("url", "http://example.com/hook")])
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "plain http only to this machine"
+    );
+    let (status, page) = console.post("/console/webhooks", &[("url", &hook)]).await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    let secret_at = page.find("whs_").unwrap();
+    let secret = &page[secret_at..][..page[secret_at..].find('"').unwrap()];
+
+    let agent = platform.enroll(&owner, "mac-1").await;
+    platform.checkin(&agent, &["alice"], &[]).await;
+    let start = Timestamp::now() + SignedDuration::from_mins(1);
+    let request: RequestStatus = serde_json::from_value(
+        platform
+            .ok(
+                Method::POST,
+                paths::AGENT_REQUESTS,
+                &agent_bearer(&agent),
+                Some(submit("w", start, start + SignedDuration::from_hours(1))),
+            )
+            .await,
+    )
+    .unwrap();
+    let (headers, body) = tokio::time::timeout(Duration::from_secs(10), received.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(headers["x-epm-event"], "request.created");
+    assert_eq!(
+        headers["x-epm-signature"].to_str().unwrap(),
+        epm_platform::webhooks::signature(secret, body.as_bytes())
+    );
+    let event: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(event["request"]["id"], request.id);
+    assert!(
+        event["link"]
+            .as_str()
+            .unwrap()
+            .ends_with(&format!("/console/requests/{}", request.id)),
+        "{event}"
+    );
+    // The endpoint answered 500: the delivery waits for its retry.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let log = Db::open(&platform.data.database())
+        .unwrap()
+        .deliveries(10)
+        .unwrap();
+    assert_eq!(
+        (log[0].state.as_str(), log[0].attempts, log[0].last_status),
+        ("pending", 1, Some(500)),
+        "{log:?}"
+    );
+    assert!(log[0].next_at > Timestamp::now(), "backoff");
+    let (_, page) = console.get("/console/webhooks").await;
+    assert!(page.contains("HTTP 500"), "the delivery log shows it");
+    platform.handle.shutdown();
+}
+
+#[tokio::test]
+async fn console_exports_the_filtered_audit_with_formulas_defused() {
+    let platform = TestPlatform::start().await;
+    let owner = platform.admin("owner", Some(1));
+    platform.set_password("owner", PASSWORD);
+    let agent = platform.enroll(&owner, "mac-1").await;
+    let records: Vec<Value> = [("allow", "/bin/ls"), ("deny", "=cmd|' /C calc'!A0"), ("deny", "/usr/bin/nc")]
+        .iter()
+        .enumerate()
+        .map(|(i, (decision, path))| json!({"seq": i + 1, "time": "2026-11-22T10:00:00Z", "event": "exec", "decision": decision, "user": "alice", "path": path, "device_id": "mac-1"}))
+        .collect();
+    platform
+        .ok(
+            Method::POST,
+            paths::AGENT_AUDIT,
+            &agent_bearer(&agent),
+            Some(json!({"oldest_kept_seq": 1, "records": records})),
+        )
+        .await;
+    let console = platform.sign_in("owner", PASSWORD, "").await.unwrap();
+    let (status, csv) = console.get("/console/audit/export.csv?decision=deny").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        csv.lines().count(),
+        3,
+        "a header and the two denials: {csv}"
+    );
+    assert!(csv.contains("\"'=cmd|"), "a formula is defused: {csv}");
+    let (_, jsonl) = console.get("/console/audit/export.jsonl?q=nc").await;
+    let lines: Vec<Value> = jsonl
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 1, "{jsonl}");
+    assert_eq!(lines[0]["path"], "/usr/bin/nc");
+    let (_, page) = console
+        .get("/console/audit?user=alice&decision=allow")
+        .await;
+    assert!(
+        page.contains("/bin/ls") && !page.contains("/usr/bin/nc"),
+        "{page}"
+    );
+    platform.handle.shutdown();
+}
