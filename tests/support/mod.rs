@@ -185,11 +185,31 @@ pub fn sha256_of(path: &Path) -> String {
 
 /// Runs a program with a deadline; a hang fails the test instead of the suite.
 pub fn run(path: &Path) -> std::io::Result<ExitStatus> {
-    let mut child = Command::new(path)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?;
+    let mut command = Command::new(path);
+    command.stdout(Stdio::null()).stderr(Stdio::null());
+    let mut child = spawn_when_not_busy(&mut command)?;
     wait_for_exit(&mut child, path)
+}
+
+/// Spawns `command`, retrying for a while when the exec fails with
+/// `ETXTBSY`.
+///
+/// Tests write a program and then run it, while other tests of the same
+/// binary fork: a child forked between our `open` for writing and `close`
+/// inherits the writable descriptor until its own exec, and under a gated
+/// mount that exec waits for a decision. The kernel refuses to run a file
+/// open for writing anywhere, so our exec can fail with `ETXTBSY` through no
+/// fault of the code under test.
+pub fn spawn_when_not_busy(command: &mut Command) -> std::io::Result<Child> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match command.spawn() {
+            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && Instant::now() < deadline => {
+                thread::sleep(Duration::from_millis(20));
+            }
+            result => return result,
+        }
+    }
 }
 
 /// Whether an exec failed with EPERM (what a fanotify deny looks like).
@@ -827,12 +847,13 @@ impl TestUser {
     /// Runs a program as this user with a deadline, like [`run`].
     pub fn run(&self, path: &Path) -> std::io::Result<ExitStatus> {
         use std::os::unix::process::CommandExt;
-        let mut child = Command::new(path)
+        let mut command = Command::new(path);
+        command
             .uid(self.uid)
             .gid(self.gid)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()?;
+            .stderr(Stdio::null());
+        let mut child = spawn_when_not_busy(&mut command)?;
         wait_for_exit(&mut child, path)
     }
 }
