@@ -143,9 +143,12 @@ unsafe fn set_error(errstr: *mut *const c_char, message: &str) {
 
 /// Copies a NULL-terminated `char *[]` into owned strings.
 ///
+/// Public for the fuzz targets (`fuzz/`) only; not part of the plugin's API.
+///
 /// # Safety
 /// `list` is null or a NULL-terminated array of valid C strings.
-unsafe fn strings(list: CStrings) -> Vec<String> {
+#[doc(hidden)]
+pub unsafe fn strings(list: *const *const c_char) -> Vec<String> {
     let mut out = Vec::new();
     if list.is_null() {
         return out;
