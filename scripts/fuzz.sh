@@ -86,33 +86,50 @@ seed() {
 echo "building the fuzz targets (nightly, sanitizer: $sanitizer)"
 cargo +nightly fuzz build --debug-assertions --sanitizer "$sanitizer" --target-dir "$target_dir"
 
-summary=()
-failed=0
-for target in "${targets[@]}"; do
-    seed "$target"
+# Runs one target; leaves its summary line in fuzz/artifacts/TARGET/summary.
+run() {
+    local target=$1 binary log before after executions per_second corpus status=0
     binary=$target_dir/$triple/release/$target
     log=fuzz/artifacts/$target/last-run.log
-    before=$(find "fuzz/artifacts/$target" -type f ! -name '*.log' | wc -l)
-    echo "fuzzing $target for ${seconds}s"
-    status=0
+    before=$(find "fuzz/artifacts/$target" -type f ! -name last-run.log ! -name summary | wc -l)
     "$binary" "fuzz/corpus/$target" \
         -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 \
         -print_final_stats=1 -artifact_prefix="fuzz/artifacts/$target/" \
         >"$log" 2>&1 || status=$?
-    after=$(find "fuzz/artifacts/$target" -type f ! -name '*.log' | wc -l)
+    after=$(find "fuzz/artifacts/$target" -type f ! -name last-run.log ! -name summary | wc -l)
     executions=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)
     per_second=$(sed -n 's/^stat::average_exec_per_sec: *//p' "$log" | tail -1)
     corpus=$(find "fuzz/corpus/$target" -type f | wc -l)
-    crashes=$((after - before))
-    if ((status != 0 || crashes > 0)); then
-        failed=1
+    printf '%-16s %6ss %12s %8s/s %7s %8s %5s\n' "$target" "$seconds" "${executions:-?}" \
+        "${per_second:-?}" "$corpus" "$((after - before))" "$status" \
+        >"fuzz/artifacts/$target/summary"
+    if ((status != 0 || after > before)); then
         echo "$target: exit $status, see $log" >&2
         grep -m 20 -E 'panicked|ERROR|SUMMARY|Test unit written' "$log" >&2 || true
     fi
-    summary+=("$(printf '%-16s %6ss %12s %8s/s %7s %8s' "$target" "$seconds" \
-        "${executions:-?}" "${per_second:-?}" "$corpus" "$crashes")")
-done
+}
 
-printf '\n%-16s %7s %12s %10s %7s %8s\n' target time executions speed corpus crashes
-printf '%s\n' "${summary[@]}"
+# EPM_FUZZ_PARALLEL=1 runs the targets at once (each for SECONDS of wall
+# time, sharing the cores); by default they run one after the other.
+for target in "${targets[@]}"; do
+    seed "$target"
+    echo "fuzzing $target for ${seconds}s"
+    if [[ ${EPM_FUZZ_PARALLEL:-0} == 1 ]]; then
+        run "$target" &
+    else
+        run "$target"
+    fi
+done
+wait
+
+failed=0
+printf '\n%-16s %7s %12s %10s %7s %8s %5s\n' target time executions speed corpus crashes exit
+for target in "${targets[@]}"; do
+    line=$(cat "fuzz/artifacts/$target/summary")
+    echo "$line"
+    read -r _ _ _ _ _ crashes status <<<"$line"
+    if ((crashes > 0 || status != 0)); then
+        failed=1
+    fi
+done
 exit "$failed"
