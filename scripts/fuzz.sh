@@ -122,6 +122,12 @@ for target in "${targets[@]}"; do
 done
 wait
 
+# The audit target's scratch directories, of processes that have exited.
+for scratch in /dev/shm/epm-fuzz-audit-* "${TMPDIR:-/tmp}"/epm-fuzz-audit-*; do
+    [[ -d $scratch ]] || continue
+    kill -0 "${scratch##*-}" 2>/dev/null || rm -rf "$scratch"
+done
+
 failed=0
 printf '\n%-16s %7s %12s %10s %7s %8s %5s\n' target time executions speed corpus crashes exit
 for target in "${targets[@]}"; do
