@@ -787,6 +787,15 @@ fn audit_tail(
             .max(lines);
         match epm_audit::tail(&context.audit_dir, scan) {
             Ok(recent) => {
+                // What the tail shows, the follower must not show again.
+                if let Some(follower) = &mut follower
+                    && let Some(seq) = recent
+                        .iter()
+                        .rev()
+                        .find_map(|l| AuditRecord::parse(l).ok().map(|r| r.seq))
+                {
+                    follower.skip_through(seq);
+                }
                 let mut matching: Vec<String> =
                     recent.into_iter().filter(|l| filter.admits(l)).collect();
                 let keep = matching.len().saturating_sub(lines);
