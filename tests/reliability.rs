@@ -390,7 +390,7 @@ fn a_full_state_directory_keeps_execs_answered_and_loses_no_acknowledged_record(
     // Room again: everything kept is written, with a record of the failure.
     std::fs::remove_file(&filler).unwrap();
     assert!(denied(&run(&nc)));
-    daemon.wait_for_record("for the failure report", |r| {
+    let failure = daemon.wait_for_record("for the failure report", |r| {
         r["event"] == "error"
             && r["reason"]
                 .as_str()
@@ -415,7 +415,9 @@ fn a_full_state_directory_keeps_execs_answered_and_loses_no_acknowledged_record(
         "the denies made while the disk was full were written once it had room: {denies}"
     );
     println!(
-        "full disk: {denies_while_full} denies and {denies_while_full} allows answered in {answered_in:?} on a full state directory; {denies} deny records after it had room; {} records, no hole",
+        "full disk: {denies_while_full} denies and {denies_while_full} allows answered in {answered_in:?} on a full state directory; store refused {} batches, log {}; {denies} deny records after it had room; {} records, no hole",
+        failure["details"]["store_batches_failed"],
+        failure["details"]["log_batches_failed"],
         seqs.len()
     );
     drop(tmpfs);

@@ -287,6 +287,7 @@ impl AuditWriter {
         // happens ([`WriterState::retention`]).
         let mut log = log;
         log.set_caller_retention(true);
+        let unclean_stop = previous_run_unclean(&store);
         let mut state = WriterState {
             store,
             log,
@@ -304,6 +305,7 @@ impl AuditWriter {
             lost_unwritable: 0,
             failing: None,
             in_retention: false,
+            unclean_stop,
         };
         let handle = std::thread::Builder::new()
             .name("epm-audit".into())
@@ -356,6 +358,32 @@ struct WriterState {
     failing: Option<Failing>,
     /// A retention record is being written (no second one for it).
     in_retention: bool,
+    /// The previous run ended without a stop record: said once, after the
+    /// start records.
+    unclean_stop: Option<AuditEvent>,
+}
+
+/// An `audit_dropped` record when the chain's last record is not a clean
+/// stop (`daemon_stopped`, or `error` when the gate could not start): the
+/// previous run was killed or crashed, and the records it still had
+/// queued, not yet committed, were lost. How many cannot be known.
+fn previous_run_unclean(store: &Arc<Mutex<Store>>) -> Option<AuditEvent> {
+    let store = store.lock().ok()?;
+    let (seq, _) = store.last_audit().ok()??;
+    let last = store.audit_since(seq.saturating_sub(1), 1).ok()?;
+    let record = epm_audit::AuditRecord::parse(&last.first()?.line).ok()?;
+    let event = record.event.event.as_str();
+    if event == EventKind::DAEMON_STOPPED || event == EventKind::ERROR {
+        return None;
+    }
+    let mut dropped = AuditEvent::new(EventKind::AUDIT_DROPPED)
+        .with_detail("count", serde_json::Value::Null)
+        .with_detail("cause", "unclean stop")
+        .with_detail("last_seq_before", seq);
+    dropped.reason = Some(format!(
+        "the previous run of epmd ended without a stop record after seq {seq} (killed, crashed or power lost): records it had not yet committed (the batch being gathered and the queue) were lost; how many is not known"
+    ));
+    Some(dropped)
 }
 
 /// Audit writes that failed, reported once writing works again.
@@ -480,6 +508,11 @@ impl WriterState {
         if !self.unwritten.is_empty() {
             events.splice(0..0, std::mem::take(&mut self.unwritten));
         }
+        if !events.is_empty()
+            && let Some(event) = self.unclean_stop.take()
+        {
+            events.push(event);
+        }
         if events.is_empty() {
             return;
         }
@@ -490,7 +523,9 @@ impl WriterState {
                     "{} was deleted, renamed or replaced while epmd wrote it; the records it held are written again from the store",
                     self.log.dir().join(epm_audit::LIVE_FILE).display()
                 ));
-                tracing::error!("the audit log was deleted or replaced under epmd; writing its records again from the store");
+                tracing::error!(
+                    "the audit log was deleted or replaced under epmd; writing its records again from the store"
+                );
                 events.insert(0, event);
             }
             Ok(false) => {}

@@ -303,7 +303,11 @@ fn verify_lines_of(mut lines: RawLines) -> Result<VerifyReport, VerifyError> {
     let mut verifier = Verifier::new();
     let count = lines.len();
     let any_rotated = (0..count).any(|i| rotated_first_seq(lines.path(i)).is_some());
-    let with_live = count > 0 && lines.path(count - 1).file_name().is_some_and(|n| n == LIVE_FILE);
+    let with_live = count > 0
+        && lines
+            .path(count - 1)
+            .file_name()
+            .is_some_and(|n| n == LIVE_FILE);
     let mut with_records = vec![false; count];
     // Where the first record is, to name it if retention does not explain it.
     let mut first_at: Option<(PathBuf, usize)> = None;
