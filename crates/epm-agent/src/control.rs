@@ -667,12 +667,17 @@ fn explain(
         Err(e) => return error(ErrorCode::BadRequest, format!("sha256: {e}")),
     };
     let user_name = user.or(own_name).unwrap_or_default();
-    let account = nix::unistd::User::from_name(&user_name).ok().flatten();
-    let groups = groups.unwrap_or_else(|| account.as_ref().map(group_names).unwrap_or_default());
+    let account = epm_os::users::Account::by_name(&user_name);
+    let groups = groups.unwrap_or_else(|| {
+        account
+            .as_ref()
+            .map(epm_os::users::Account::group_names)
+            .unwrap_or_default()
+    });
     let subject = Subject {
         path,
         sha256,
-        uid: account.as_ref().map_or(peer.uid, |a| a.uid.as_raw()),
+        uid: account.as_ref().map_or(peer.uid, |a| a.uid),
         user: user_name.clone(),
         groups: groups.clone(),
         device_id: context.decider.device_id().to_owned(),
@@ -692,29 +697,6 @@ fn explain(
         groups,
         device_id: context.decider.device_id().to_owned(),
     })
-}
-
-/// A user's group ids, primary first.
-pub fn group_ids(user: &nix::unistd::User) -> Vec<nix::unistd::Gid> {
-    #[cfg(target_os = "linux")]
-    let gids = std::ffi::CString::new(user.name.as_str())
-        .ok()
-        .and_then(|name| nix::unistd::getgrouplist(&name, user.gid).ok())
-        .unwrap_or_else(|| vec![user.gid]);
-    #[cfg(not(target_os = "linux"))]
-    let gids = vec![user.gid];
-    gids
-}
-
-/// The names of a user's groups, primary first.
-pub fn group_names(user: &nix::unistd::User) -> Vec<String> {
-    let mut names: Vec<String> = group_ids(user)
-        .into_iter()
-        .filter_map(|gid| nix::unistd::Group::from_gid(gid).ok().flatten())
-        .map(|g| g.name)
-        .collect();
-    names.dedup();
-    names
 }
 
 /// Which audit records a caller gets.

@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use anyhow::{Context, bail};
 use clap::Args;
 use epm_ipc::{Endpoint, Explanation};
+use epm_os::users::Account;
 use epm_policy::{Decision, Engine, Sha256Digest, Subject};
 use sha2::{Digest, Sha256};
 
@@ -72,12 +73,9 @@ fn local_subject(args: &ExplainArgs) -> anyhow::Result<Subject> {
     let path = std::fs::canonicalize(&path).unwrap_or(path);
     let sha256 = hash_file(&path)?;
 
-    let me = nix::unistd::User::from_uid(nix::unistd::getuid())
-        .ok()
-        .flatten();
     let user = match &args.user {
-        Some(name) => nix::unistd::User::from_name(name).ok().flatten(),
-        None => me,
+        Some(name) => Account::by_name(name),
+        None => Account::by_uid(nix::unistd::getuid().as_raw()),
     };
     let user_name = args
         .user
@@ -86,7 +84,7 @@ fn local_subject(args: &ExplainArgs) -> anyhow::Result<Subject> {
         .unwrap_or_default();
     let groups = match &args.groups {
         Some(groups) => groups.clone(),
-        None => user.as_ref().map(group_names).unwrap_or_default(),
+        None => user.as_ref().map(Account::group_names).unwrap_or_default(),
     };
     let device_id = match &args.device {
         Some(device) => device.clone(),
@@ -98,7 +96,7 @@ fn local_subject(args: &ExplainArgs) -> anyhow::Result<Subject> {
     Ok(Subject {
         path: path.to_string_lossy().into_owned(),
         sha256: Some(sha256),
-        uid: user.as_ref().map_or(u32::MAX, |u| u.uid.as_raw()),
+        uid: user.as_ref().map_or(u32::MAX, |u| u.uid),
         user: user_name,
         groups,
         device_id,
@@ -124,25 +122,6 @@ fn hash_file(path: &Path) -> anyhow::Result<Sha256Digest> {
         hasher.update(&buf[..n]);
     }
     Ok(Sha256Digest(hasher.finalize().into()))
-}
-
-fn group_names(user: &nix::unistd::User) -> Vec<String> {
-    let Ok(name) = std::ffi::CString::new(user.name.as_str()) else {
-        return Vec::new();
-    };
-    #[cfg(not(target_os = "macos"))]
-    let gids = nix::unistd::getgrouplist(&name, user.gid).unwrap_or_else(|_| vec![user.gid]);
-    // nix does not offer getgrouplist on macOS; the primary group is the
-    // honest minimum there, and --groups overrides it.
-    #[cfg(target_os = "macos")]
-    let gids = {
-        let _ = name;
-        vec![user.gid]
-    };
-    gids.into_iter()
-        .filter_map(|gid| nix::unistd::Group::from_gid(gid).ok().flatten())
-        .map(|g| g.name)
-        .collect()
 }
 
 /// The explanation of a local decision, in the same shape the daemon sends.
