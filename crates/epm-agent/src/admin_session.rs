@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use epm_audit::AuditEvent;
 use epm_ipc::{AdminSessionInfo, ElevationVerdict, ErrorCode, Response, UserEvent, Window};
-use epm_policy::{Action, SessionRequirement, Subject};
+use epm_policy::{Action, SessionRequirement};
 use epm_store::{AdminSession, IdentityKind, NewAdminSession, Store, SubjectIdentity};
 use jiff::{SignedDuration, Timestamp};
 
@@ -569,13 +569,12 @@ impl AdminSessions {
             ));
         }
         let user = account.name.clone();
-        let subject = Subject {
+        let subject = crate::subject::of_user(crate::subject::Asker {
             uid: caller,
             user: user.clone(),
             groups: account.group_names(),
             device_id: decider.device_id().to_owned(),
-            ..Subject::default()
-        };
+        });
         let policy = decider.policy();
         let entry = policy
             .engine

@@ -677,11 +677,12 @@ fn explain(
     let subject = Subject {
         path,
         sha256,
-        uid: account.as_ref().map_or(peer.uid, |a| a.uid),
-        user: user_name.clone(),
-        groups: groups.clone(),
-        device_id: context.decider.device_id().to_owned(),
-        ..Subject::default()
+        ..crate::subject::of_user(crate::subject::Asker {
+            uid: account.as_ref().map_or(peer.uid, |a| a.uid),
+            user: user_name.clone(),
+            groups: groups.clone(),
+            device_id: context.decider.device_id().to_owned(),
+        })
     };
     let decision = context.decider.policy().engine.evaluate(&subject);
     Response::Explanation(Explanation {

@@ -38,6 +38,7 @@ use crate::audit::AuditSink;
 use crate::clock::{FLOOR_META_KEY, TrustedClock};
 use crate::decider::{Decider, Interactive, Outcome, UsedGrant, grant_identity};
 use crate::program::{Caller, Program};
+use crate::subject;
 
 mod elevation;
 pub use elevation::{
@@ -1012,15 +1013,14 @@ impl Flows {
             .metadata()
             .map_err(|e| (ErrorCode::NotFound, format!("cannot read {path}: {e}")))?;
         admit(&meta, &ids)?;
-        let subject = Subject {
-            path: program.canonical.clone(),
-            sha256: Some(program.sha256),
+        let asker = subject::Asker {
             uid: caller,
             user: user.to_owned(),
             groups: group_names(decider, &ids.groups),
             device_id: decider.device_id().to_owned(),
-            ..Subject::default()
         };
+        let subject = subject::of_program(&program, asker)
+            .map_err(|e| (ErrorCode::Conflict, format!("cannot read {path}: {e}")))?;
         let identity = grant_identity(&subject)
             .ok_or_else(|| (ErrorCode::Internal, "no identity for the file".to_owned()))?;
         Ok((identity, subject))

@@ -19,6 +19,7 @@ pub mod program;
 pub(crate) mod runner;
 pub mod session_leftovers;
 pub mod stats;
+pub mod subject;
 pub mod sudoers;
 pub mod sync;
 

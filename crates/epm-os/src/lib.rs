@@ -1,6 +1,7 @@
 //! The operating system's facts, in one place: who a user is and which
 //! groups they are in ([`users`]), the platform's default paths
-//! ([`paths`]), and the macOS unified log ([`unified_log`]).
+//! ([`paths`]), a program file's code signature ([`signature`]) and the
+//! macOS unified log ([`unified_log`]).
 //!
 //! Every EPM component that asks "what are this user's groups" asks
 //! [`users`], so the exec path, `policy explain`, justifications, admin
@@ -17,5 +18,6 @@
 //! ```
 
 pub mod paths;
+pub mod signature;
 pub mod unified_log;
 pub mod users;

@@ -343,7 +343,10 @@ mod tests {
     #[test]
     fn group_names_keep_order_and_drop_repeats_and_unknowns() {
         let root = group_name(0).unwrap();
-        assert_eq!(group_names(&[0, 3_999_999_999, 0]), std::slice::from_ref(&root));
+        assert_eq!(
+            group_names(&[0, 3_999_999_999, 0]),
+            std::slice::from_ref(&root)
+        );
         let account = Account::by_uid(0).unwrap();
         assert_eq!(account.name, "root");
         assert_eq!(account.group_names().first(), Some(&root));

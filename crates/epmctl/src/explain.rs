@@ -9,7 +9,7 @@ use anyhow::{Context, bail};
 use clap::Args;
 use epm_ipc::{Endpoint, Explanation};
 use epm_os::users::Account;
-use epm_policy::{Decision, Engine, Sha256Digest, Subject};
+use epm_policy::{CdHash, Decision, Engine, Sha256Digest, Subject};
 use sha2::{Digest, Sha256};
 
 #[derive(Debug, Args)]
@@ -64,14 +64,24 @@ pub(crate) fn run(args: &ExplainArgs, endpoint: &Endpoint, json: bool) -> anyhow
     Ok(ExitCode::SUCCESS)
 }
 
-/// Fills a subject the way the Linux exec gate would: path and SHA-256 from
-/// the file; user, groups and device from the arguments or this machine.
+/// Fills a subject the way the exec gate would: path, SHA-256 and (on macOS)
+/// what its code signature proves, from the file; user, groups and device
+/// from the arguments or this machine.
 fn local_subject(args: &ExplainArgs) -> anyhow::Result<Subject> {
     let path = std::path::absolute(&args.path)
         .with_context(|| format!("cannot resolve {}", args.path.display()))?;
     // The gate sees the file the kernel opens, i.e. after symlinks.
     let path = std::fs::canonicalize(&path).unwrap_or(path);
-    let sha256 = hash_file(&path)?;
+    let file =
+        std::fs::File::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
+    let sha256 = hash_file(&path, &file)?;
+    // What the macOS exec gate would see of its signature (nothing elsewhere).
+    let signature = epm_os::signature::of_file(&path, &file)
+        .with_context(|| format!("cannot read the signature of {}", path.display()))?;
+    let proven = signature
+        .as_ref()
+        .map(epm_os::signature::CodeSignature::proven)
+        .unwrap_or_default();
 
     let user = match &args.user {
         Some(name) => Account::by_name(name),
@@ -96,6 +106,10 @@ fn local_subject(args: &ExplainArgs) -> anyhow::Result<Subject> {
     Ok(Subject {
         path: path.to_string_lossy().into_owned(),
         sha256: Some(sha256),
+        cdhash: proven.cdhash.map(CdHash),
+        team_id: proven.team_id,
+        signing_id: proven.signing_id,
+        platform_binary: signature.map(|s| s.platform_binary),
         uid: user.as_ref().map_or(u32::MAX, |u| u.uid),
         user: user_name,
         groups,
@@ -104,9 +118,7 @@ fn local_subject(args: &ExplainArgs) -> anyhow::Result<Subject> {
     })
 }
 
-fn hash_file(path: &Path) -> anyhow::Result<Sha256Digest> {
-    let mut file =
-        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+fn hash_file(path: &Path, mut file: &std::fs::File) -> anyhow::Result<Sha256Digest> {
     if !file.metadata()?.is_file() {
         bail!("{} is not a regular file", path.display());
     }
