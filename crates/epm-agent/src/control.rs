@@ -26,6 +26,7 @@ use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
 use crate::decider::Decider;
 use crate::flows::{Flows, SudoRequest};
+use crate::grant_error::GrantError;
 use crate::stats::Counters;
 use crate::sync::{SYNC_REPLY_WAIT, SyncHandle, SyncNowReply};
 
@@ -333,7 +334,8 @@ fn handle_requests(
                 reason,
             } => {
                 let uid = connection.peer.uid;
-                connection.send(&context.flows.justify(uid, prompt, path, &reason))?;
+                let response = context.flows.justify(uid, prompt, path, &reason);
+                connection.send(&response.unwrap_or_else(Response::from))?;
             }
             Request::RequestApproval {
                 prompt,
@@ -346,7 +348,7 @@ fn handle_requests(
                 let response = context
                     .flows
                     .request_approval(uid, prompt, path, &reason, start, end);
-                connection.send(&response)?;
+                connection.send(&response.unwrap_or_else(Response::from))?;
             }
             Request::OfflineChallenge {
                 path,
@@ -358,11 +360,12 @@ fn handle_requests(
                 let response = context
                     .flows
                     .offline_challenge(uid, path, &reason, start, end);
-                connection.send(&response)?;
+                connection.send(&response.unwrap_or_else(Response::from))?;
             }
             Request::OfflineCode { code } => {
                 let uid = connection.peer.uid;
-                connection.send(&context.flows.offline_code(uid, &code))?;
+                let response = context.flows.offline_code(uid, &code);
+                connection.send(&response.unwrap_or_else(Response::from))?;
             }
             Request::ListRequests { all } | Request::ListGrants { all }
                 if all && !connection.is_admin =>
@@ -510,6 +513,21 @@ fn handle_requests(
         }
     }
     Ok(())
+}
+
+/// The one place a refused grant, flow or elevation becomes a wire reply.
+impl From<GrantError> for Response {
+    fn from(error: GrantError) -> Response {
+        let code = match &error {
+            GrantError::BadRequest(_) => ErrorCode::BadRequest,
+            GrantError::NotFound(_) => ErrorCode::NotFound,
+            GrantError::Forbidden(_) => ErrorCode::Forbidden,
+            GrantError::Conflict(_) => ErrorCode::Conflict,
+            GrantError::TryLater(_) => ErrorCode::TryLater,
+            GrantError::Internal(_) => ErrorCode::Internal,
+        };
+        Response::error(code, error.to_string())
+    }
 }
 
 fn error(code: ErrorCode, message: impl Into<String>) -> Response {
@@ -916,4 +934,25 @@ fn audit_run_end(
     }
     record.event = event;
     record.send();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refused_grant_becomes_the_error_reply_of_its_kind_with_its_message() {
+        let cases = [
+            (GrantError::BadRequest("b".into()), ErrorCode::BadRequest),
+            (GrantError::NotFound("n".into()), ErrorCode::NotFound),
+            (GrantError::Forbidden("f".into()), ErrorCode::Forbidden),
+            (GrantError::Conflict("c".into()), ErrorCode::Conflict),
+            (GrantError::TryLater("t".into()), ErrorCode::TryLater),
+            (GrantError::Internal("i".into()), ErrorCode::Internal),
+        ];
+        for (refused, code) in cases {
+            let message = refused.to_string();
+            assert_eq!(Response::from(refused), Response::error(code, message));
+        }
+    }
 }

@@ -11,6 +11,7 @@ pub mod daemon;
 pub mod decider;
 pub mod flows;
 pub mod gate;
+pub mod grant_error;
 pub mod kernel_hook;
 pub mod managed_prefs;
 pub mod pipeline;
