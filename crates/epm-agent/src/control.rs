@@ -276,23 +276,7 @@ fn handle_requests(
             Request::Hello { .. } => {}
             Request::Status => connection.send(&Response::Status(status(context)))?,
             Request::PolicyShow => {
-                let response = if connection.is_admin {
-                    let mut info = policy_info(&context.decider);
-                    let policy = context.decider.policy();
-                    match crate::policy_source::document_in_force(&policy, &context.store) {
-                        Some(document) => {
-                            info.document = Some(document);
-                            Response::Policy(info)
-                        }
-                        None => error(
-                            ErrorCode::NotFound,
-                            "the policy in force is not in the store (it could not be saved; see the daemon's log)",
-                        ),
-                    }
-                } else {
-                    forbidden("only root and members of the admin group may read the policy")
-                };
-                connection.send(&response)?;
+                connection.send(&policy_show(context, connection.is_admin))?;
             }
             Request::PolicyExplain {
                 path,
@@ -382,43 +366,7 @@ fn handle_requests(
                 let uid = connection.peer.uid;
                 connection.send(&context.flows.list_grants(uid, all))?;
             }
-            Request::Elevate {
-                via,
-                command,
-                reason,
-                window,
-                for_uid,
-                env,
-                edit,
-            } => {
-                let uid = match sudo_plugin_caller(connection.peer, via, for_uid) {
-                    Ok(uid) => uid,
-                    Err(refusal) => {
-                        audit_refused_request(context, connection.peer, "elevate", &refusal);
-                        connection.send(&error(ErrorCode::Forbidden, refusal))?;
-                        continue;
-                    }
-                };
-                let sudo = SudoRequest {
-                    env: &env,
-                    edit: edit.as_deref(),
-                };
-                let response = match context.flows.elevate(
-                    uid,
-                    via,
-                    &command,
-                    Some(sudo),
-                    reason.as_deref(),
-                    window,
-                ) {
-                    Ok(allowed) => Response::Elevation(ElevationVerdict::Allowed {
-                        rule_id: allowed.rule_id,
-                        grant_id: allowed.met.grant_id,
-                    }),
-                    Err(unmet) => unmet.into_response(),
-                };
-                connection.send(&response)?;
-            }
+            request @ Request::Elevate { .. } => serve_elevate(connection, context, request)?,
             Request::AdminStart {
                 minutes,
                 reason,
@@ -444,66 +392,7 @@ fn handle_requests(
                 let uid = connection.peer.uid;
                 connection.send(&context.admin_sessions.end(uid))?;
             }
-            Request::Run {
-                command,
-                cwd,
-                env,
-                reason,
-                window,
-                tty,
-            } => {
-                // The caller's stdin, stdout and stderr follow in the stream:
-                // take them first, whatever is decided.
-                let stdio = connection.recv_fds(3)?;
-                let uid = connection.peer.uid;
-                let mut allowed = match context.flows.elevate(
-                    uid,
-                    ElevationVia::Run,
-                    &command,
-                    None,
-                    reason.as_deref(),
-                    window,
-                ) {
-                    Ok(allowed) => allowed,
-                    Err(unmet) => {
-                        connection.send(&unmet.into_response())?;
-                        continue;
-                    }
-                };
-                let Some(program) = allowed.program.take() else {
-                    connection.send(&error(ErrorCode::Internal, "no program was checked"))?;
-                    continue;
-                };
-                let spec = crate::runner::RunSpec::new(
-                    &command,
-                    program,
-                    cwd.clone(),
-                    &env,
-                    tty,
-                    allowed.rule_id.clone(),
-                );
-                let started = spec.and_then(|spec| {
-                    crate::runner::run(connection, spec, stdio, |pid| {
-                        audit_run(
-                            context,
-                            "elevation_started",
-                            &allowed,
-                            (uid, pid),
-                            &command,
-                            &cwd,
-                        )
-                        .send();
-                    })
-                });
-                match started {
-                    Ok(end) => audit_run_end(context, &allowed, uid, &command, &cwd, &end),
-                    Err(crate::runner::RunError::Connection(error)) => return Err(error),
-                    Err(error) => {
-                        tracing::info!(uid, program = %command.program, %error, "run refused");
-                        connection.send(&error.response())?;
-                    }
-                }
-            }
+            request @ Request::Run { .. } => serve_run(connection, context, request)?,
             Request::Signal { .. } | Request::Resize(_) => {
                 connection.send(&error(
                     ErrorCode::BadRequest,
@@ -512,6 +401,144 @@ fn handle_requests(
             }
         }
     }
+    Ok(())
+}
+
+/// [`Request::PolicyShow`]: the policy in force, for admins only.
+fn policy_show(context: &ControlContext, is_admin: bool) -> Response {
+    if is_admin {
+        let mut info = policy_info(&context.decider);
+        let policy = context.decider.policy();
+        match crate::policy_source::document_in_force(&policy, &context.store) {
+            Some(document) => {
+                info.document = Some(document);
+                Response::Policy(info)
+            }
+            None => error(
+                ErrorCode::NotFound,
+                "the policy in force is not in the store (it could not be saved; see the daemon's log)",
+            ),
+        }
+    } else {
+        forbidden("only root and members of the admin group may read the policy")
+    }
+}
+
+/// [`Request::Run`]: decides the elevation, then runs the command on the
+/// caller's descriptors (or a pty) and audits its start and end.
+fn serve_run(
+    connection: &mut ServerConnection,
+    context: &ControlContext,
+    request: Request,
+) -> Result<(), epm_ipc::ServerError> {
+    let Request::Run {
+        command,
+        cwd,
+        env,
+        reason,
+        window,
+        tty,
+    } = request
+    else {
+        return Ok(());
+    };
+    // The caller's stdin, stdout and stderr follow in the stream:
+    // take them first, whatever is decided.
+    let stdio = connection.recv_fds(3)?;
+    let uid = connection.peer.uid;
+    let mut allowed = match context.flows.elevate(
+        uid,
+        ElevationVia::Run,
+        &command,
+        None,
+        reason.as_deref(),
+        window,
+    ) {
+        Ok(allowed) => allowed,
+        Err(unmet) => {
+            connection.send(&unmet.into_response())?;
+            return Ok(());
+        }
+    };
+    let Some(program) = allowed.program.take() else {
+        connection.send(&error(ErrorCode::Internal, "no program was checked"))?;
+        return Ok(());
+    };
+    let spec = crate::runner::RunSpec::new(
+        &command,
+        program,
+        cwd.clone(),
+        &env,
+        tty,
+        allowed.rule_id.clone(),
+    );
+    let started = spec.and_then(|spec| {
+        crate::runner::run(connection, spec, stdio, |pid| {
+            audit_run(
+                context,
+                "elevation_started",
+                &allowed,
+                (uid, pid),
+                &command,
+                &cwd,
+            )
+            .send();
+        })
+    });
+    match started {
+        Ok(end) => audit_run_end(context, &allowed, uid, &command, &cwd, &end),
+        Err(crate::runner::RunError::Connection(error)) => return Err(error),
+        Err(error) => {
+            tracing::info!(uid, program = %command.program, %error, "run refused");
+            connection.send(&error.response())?;
+        }
+    }
+    Ok(())
+}
+
+/// [`Request::Elevate`] (the sudo plugin): only root's sudo may name
+/// another user; answers with the verdict.
+fn serve_elevate(
+    connection: &mut ServerConnection,
+    context: &ControlContext,
+    request: Request,
+) -> Result<(), epm_ipc::ServerError> {
+    let Request::Elevate {
+        via,
+        command,
+        reason,
+        window,
+        for_uid,
+        env,
+        edit,
+    } = request
+    else {
+        return Ok(());
+    };
+    let uid = match sudo_plugin_caller(connection.peer, via, for_uid) {
+        Ok(uid) => uid,
+        Err(refusal) => {
+            audit_refused_request(context, connection.peer, "elevate", &refusal);
+            connection.send(&error(ErrorCode::Forbidden, refusal))?;
+            return Ok(());
+        }
+    };
+    let sudo = SudoRequest {
+        env: &env,
+        edit: edit.as_deref(),
+    };
+    let response =
+        match context
+            .flows
+            .elevate(uid, via, &command, Some(sudo), reason.as_deref(), window)
+        {
+            Ok(allowed) => Response::Elevation(ElevationVerdict::Allowed {
+                rule_id: allowed.rule_id,
+                grant_id: allowed.met.grant_id,
+            }),
+            Err(unmet) => unmet.into_response(),
+        };
+    connection.send(&response)?;
     Ok(())
 }
 
