@@ -520,13 +520,14 @@ impl Daemon {
                 });
             }
         }
+        let readies_before = self.log().matches("epmd ready").count();
         let child = command.spawn().unwrap();
         let policy_records_before = self.policy_records();
         if watch == Watch::Everything {
             self.watchdog = Some(Watchdog::start(child.id()));
         }
         self.child = Some(child);
-        self.wait_ready(policy_records_before);
+        self.wait_ready(policy_records_before, readies_before);
     }
 
     /// How many policy_loaded / policy_rejected records the log holds.
@@ -552,10 +553,14 @@ impl Daemon {
             .sum()
     }
 
-    /// Ready means answering on the control socket *and* having audited the
-    /// startup policy: audit batches linger, so without the second condition
-    /// a later [`Daemon::reload`] could mistake the startup record for its own.
-    fn wait_ready(&mut self, policy_records_before: usize) {
+    /// Ready means answering on the control socket, having audited the
+    /// startup policy (audit batches linger, so without it a later
+    /// [`Daemon::reload`] could mistake the startup record for its own),
+    /// *and* having its gate in place (logged `epmd ready`): the socket
+    /// answers before the fanotify marks are placed, so an exec at once
+    /// could run ungated, and a test that saw it run and then reloaded a
+    /// deny could see the deny's exec run too.
+    fn wait_ready(&mut self, policy_records_before: usize, readies_before: usize) {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             if let Some(child) = &mut self.child
@@ -565,6 +570,7 @@ impl Daemon {
             }
             if self.epmctl(&["status", "--json"]).status.success()
                 && self.policy_records() > policy_records_before
+                && self.log().matches("epmd ready").count() > readies_before
             {
                 return;
             }

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use epm_audit::AuditEvent;
 use epm_ipc::{AdminSessionInfo, ElevationVerdict, ErrorCode, Response, UserEvent, Window};
-use epm_policy::{Action, SessionRequirement, Subject};
+use epm_policy::{Action, SessionRequirement};
 use epm_store::{AdminSession, IdentityKind, NewAdminSession, Store, SubjectIdentity};
 use jiff::{SignedDuration, Timestamp};
 
@@ -556,15 +556,12 @@ impl AdminSessions {
             .decider
             .upgrade()
             .ok_or_else(|| Response::error(ErrorCode::Internal, "the daemon is stopping"))?;
-        let account = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(caller))
-            .ok()
-            .flatten()
-            .ok_or_else(|| {
-                Response::error(
-                    ErrorCode::NotFound,
-                    format!("uid {caller} has no account on this machine"),
-                )
-            })?;
+        let account = epm_os::users::Account::by_uid(caller).ok_or_else(|| {
+            Response::error(
+                ErrorCode::NotFound,
+                format!("uid {caller} has no account on this machine"),
+            )
+        })?;
         if caller == 0 {
             return Err(Response::error(
                 ErrorCode::BadRequest,
@@ -572,13 +569,12 @@ impl AdminSessions {
             ));
         }
         let user = account.name.clone();
-        let subject = Subject {
+        let subject = crate::subject::of_user(crate::subject::Asker {
             uid: caller,
             user: user.clone(),
-            groups: crate::control::group_names(&account),
+            groups: account.group_names(),
             device_id: decider.device_id().to_owned(),
-            ..Subject::default()
-        };
+        });
         let policy = decider.policy();
         let entry = policy
             .engine
@@ -783,23 +779,14 @@ impl AdminSessions {
 /// Whom sudoers findings are judged for: the user, their uid, their
 /// groups (names and ids).
 fn account(uid: u32, user: &str) -> sudoers::Account {
-    let entry = nix::unistd::User::from_name(user).ok().flatten();
+    let gids = epm_os::users::Account::by_name(user)
+        .map(|entry| entry.groups())
+        .unwrap_or_default();
     sudoers::Account {
         user: user.to_owned(),
         uid,
-        groups: entry
-            .as_ref()
-            .map(crate::control::group_names)
-            .unwrap_or_default(),
-        gids: entry
-            .as_ref()
-            .map(|u| {
-                crate::control::group_ids(u)
-                    .into_iter()
-                    .map(|g| g.as_raw())
-                    .collect()
-            })
-            .unwrap_or_default(),
+        groups: epm_os::users::group_names(&gids),
+        gids,
     }
 }
 

@@ -66,6 +66,9 @@ const MAX_BATCH_BYTES: u64 = 4 * 1024 * 1024;
 /// much is uncommitted at a crash, and commits (two fsyncs each) stay under
 /// 1000 / LINGER per second however busy the machine is.
 const LINGER: Duration = Duration::from_millis(20);
+/// Most events kept in memory while neither the store nor the log takes a
+/// write (a full disk); past it, events are counted as lost.
+const MAX_UNWRITTEN: usize = 65_536;
 /// The event that counts a user's records past their budget.
 pub const AUDIT_RATE_LIMITED: &str = "audit_rate_limited";
 /// Users remembered by the limiter; past this, those back at full budget
@@ -280,6 +283,11 @@ impl AuditWriter {
         let dropped = Arc::new(AtomicU64::new(0));
         let queued_bytes = Arc::new(AtomicU64::new(0));
         let limiter = Arc::new(UserLimiter::new(&limits));
+        // Each retention deletion is recorded in the chain before it
+        // happens ([`WriterState::retention`]).
+        let mut log = log;
+        log.set_caller_retention(true);
+        let unclean_stop = previous_run_unclean(&store);
         let mut state = WriterState {
             store,
             log,
@@ -293,6 +301,11 @@ impl AuditWriter {
             last_seq,
             device_id,
             unified_log: UnifiedLog::audit(),
+            unwritten: Vec::new(),
+            lost_unwritable: 0,
+            failing: None,
+            in_retention: false,
+            unclean_stop,
         };
         let handle = std::thread::Builder::new()
             .name("epm-audit".into())
@@ -336,6 +349,49 @@ struct WriterState {
     device_id: String,
     /// A copy of each record for the system's log (macOS; else a no-op).
     unified_log: UnifiedLog,
+    /// Events of batches that neither the store nor the log took (a full
+    /// disk): unsealed again, written first by the next batch.
+    unwritten: Vec<AuditEvent>,
+    /// Events past [`MAX_UNWRITTEN`] while writes failed, not yet reported.
+    lost_unwritable: u64,
+    /// Writes are failing (or failed since the last report).
+    failing: Option<Failing>,
+    /// A retention record is being written (no second one for it).
+    in_retention: bool,
+    /// The previous run ended without a stop record: said once, after the
+    /// start records.
+    unclean_stop: Option<AuditEvent>,
+}
+
+/// An `audit_dropped` record when the chain's last record is not a clean
+/// stop (`daemon_stopped`, or `error` when the gate could not start): the
+/// previous run was killed or crashed, and the records it still had
+/// queued, not yet committed, were lost. How many cannot be known.
+fn previous_run_unclean(store: &Arc<Mutex<Store>>) -> Option<AuditEvent> {
+    let store = store.lock().ok()?;
+    let (seq, _) = store.last_audit().ok()??;
+    let last = store.audit_since(seq.saturating_sub(1), 1).ok()?;
+    let record = epm_audit::AuditRecord::parse(&last.first()?.line).ok()?;
+    let event = record.event.event.as_str();
+    if event == EventKind::DAEMON_STOPPED || event == EventKind::ERROR {
+        return None;
+    }
+    let mut dropped = AuditEvent::new(EventKind::AUDIT_DROPPED)
+        .with_detail("count", serde_json::Value::Null)
+        .with_detail("cause", "unclean stop")
+        .with_detail("last_seq_before", seq);
+    dropped.reason = Some(format!(
+        "the previous run of epmd ended without a stop record after seq {seq} (killed, crashed or power lost): records it had not yet committed (the batch being gathered and the queue) were lost; how many is not known"
+    ));
+    Some(dropped)
+}
+
+/// Audit writes that failed, reported once writing works again.
+struct Failing {
+    since: jiff::Timestamp,
+    error: String,
+    store_batches: u64,
+    log_batches: u64,
 }
 
 impl WriterState {
@@ -428,6 +484,16 @@ impl WriterState {
             events.extend(self.limiter.reports());
         }
         let dropped = self.dropped.load(Ordering::Relaxed);
+        if self.lost_unwritable > 0 {
+            let count = std::mem::take(&mut self.lost_unwritable);
+            let mut event = AuditEvent::new(EventKind::AUDIT_DROPPED)
+                .with_detail("count", count)
+                .with_detail("cause", "audit storage failing");
+            event.reason = Some(format!(
+                "{count} audit records were lost: neither the store nor the log took writes, and memory kept {MAX_UNWRITTEN} records at most"
+            ));
+            events.push(event);
+        }
         if dropped > self.dropped_reported {
             let count = dropped - self.dropped_reported;
             self.dropped_reported = dropped;
@@ -439,9 +505,33 @@ impl WriterState {
             ));
             events.push(event);
         }
+        if !self.unwritten.is_empty() {
+            events.splice(0..0, std::mem::take(&mut self.unwritten));
+        }
+        if !events.is_empty()
+            && let Some(event) = self.unclean_stop.take()
+        {
+            events.push(event);
+        }
         if events.is_empty() {
             return;
         }
+        match self.log.check_live() {
+            Ok(true) => {
+                let mut event = AuditEvent::new(EventKind::AUDIT_LOG_REPLACED);
+                event.reason = Some(format!(
+                    "{} was deleted, renamed or replaced while epmd wrote it; the records it held are written again from the store",
+                    self.log.dir().join(epm_audit::LIVE_FILE).display()
+                ));
+                tracing::error!(
+                    "the audit log was deleted or replaced under epmd; writing its records again from the store"
+                );
+                events.insert(0, event);
+            }
+            Ok(false) => {}
+            Err(error) => tracing::error!(%error, "cannot check the audit log"),
+        }
+        let chain_before = self.chain.clone();
         let now = jiff::Timestamp::now();
         let mut uids = Vec::with_capacity(events.len());
         let sealed: Vec<SealedRecord> = events
@@ -468,16 +558,45 @@ impl WriterState {
             })
             .collect();
         // The outbox first: it is what a restart continues from.
-        match self.store.lock() {
-            Ok(mut store) => {
-                if let Err(error) = store.append_audit(&outbox) {
-                    tracing::error!(%error, "cannot commit audit records to the store; they are only in the log");
-                }
-            }
-            Err(_) => tracing::error!("store lock poisoned; audit records are only in the log"),
+        let stored = match self.store.lock() {
+            Ok(mut store) => store.append_audit(&outbox).map_err(|e| e.to_string()),
+            Err(_) => Err("store lock poisoned".to_owned()),
+        };
+        if let Err(error) = &stored {
+            tracing::error!(%error, "cannot commit audit records to the store");
         }
-        if let Err(error) = self.log.append(&sealed) {
-            tracing::error!(%error, "cannot append to the audit log; records are kept in the store");
+        let first = sealed.first().map_or(0, |r| r.seq);
+        // A batch whose log write failed before left a gap: fill it from the
+        // store first, or this batch would land after a hole.
+        let logged = self
+            .fill_log(first)
+            .and_then(|()| self.log.append(&sealed).map_err(|e| e.to_string()));
+        if let Err(error) = &logged {
+            tracing::error!(%error, "cannot append to the audit log");
+        }
+        if let (Err(store_error), Err(_)) = (&stored, &logged) {
+            // Nowhere durable: undo the seal and keep the events for the
+            // next batch, so the chain has no hole and nothing is lost
+            // unless memory runs out of room too.
+            self.chain = chain_before;
+            let mut events: Vec<AuditEvent> = sealed
+                .iter()
+                .filter_map(|r| epm_audit::AuditRecord::parse(&r.line).ok())
+                .map(|r| r.event)
+                .collect();
+            if events.len() > MAX_UNWRITTEN {
+                self.lost_unwritable += (events.len() - MAX_UNWRITTEN) as u64;
+                events.truncate(MAX_UNWRITTEN);
+            }
+            self.unwritten = events;
+            self.note_failure(store_error, true, true);
+            return;
+        }
+        if let Err(error) = &stored {
+            self.note_failure(error, true, false);
+        }
+        if let Err(error) = &logged {
+            self.note_failure(error, false, true);
         }
         for record in &sealed {
             self.unified_log.record(&record.line);
@@ -485,7 +604,101 @@ impl WriterState {
         if let Some(last) = sealed.last() {
             self.last_seq.store(last.seq, Ordering::Relaxed);
         }
+        if stored.is_ok()
+            && logged.is_ok()
+            && let Some(failing) = self.failing.take()
+        {
+            let mut event = AuditEvent::new(EventKind::ERROR)
+                .with_detail("since", failing.since.to_string())
+                .with_detail("store_batches_failed", failing.store_batches)
+                .with_detail("log_batches_failed", failing.log_batches);
+            event.reason = Some(format!(
+                "audit writes failed from {} until now ({}): batches the store refused are in the log only; batches the log refused were written to it again from the store; batches both refused were kept in memory and written now",
+                failing.since, failing.error
+            ));
+            self.write(&mut vec![event]);
+        }
+        if logged.is_ok() {
+            self.retention();
+        }
         self.prune();
+    }
+
+    fn note_failure(&mut self, error: &str, store: bool, log: bool) {
+        let failing = self.failing.get_or_insert_with(|| Failing {
+            since: jiff::Timestamp::now(),
+            error: error.to_owned(),
+            store_batches: 0,
+            log_batches: 0,
+        });
+        failing.store_batches += u64::from(store);
+        failing.log_batches += u64::from(log);
+    }
+
+    /// Writes to the log, from the store's outbox, the records before
+    /// `before` that it lacks (a batch whose log write failed, or a live
+    /// file deleted under the writer). Records the outbox no longer has
+    /// cannot be written again; the log then has a hole `verify` reports.
+    fn fill_log(&mut self, before: u64) -> Result<(), String> {
+        loop {
+            let have = self.log.last_seq().unwrap_or(0);
+            if have.saturating_add(1) >= before {
+                return Ok(());
+            }
+            let missing = match self.store.lock() {
+                Ok(store) => store.audit_since(have, 1000).map_err(|e| e.to_string())?,
+                Err(_) => return Err("store lock poisoned".to_owned()),
+            };
+            let missing: Vec<SealedRecord> = missing
+                .into_iter()
+                .filter(|r| r.seq < before)
+                .map(|r| SealedRecord {
+                    seq: r.seq,
+                    hash: r.hash,
+                    line: r.line,
+                })
+                .collect();
+            if missing.is_empty() {
+                return Ok(());
+            }
+            self.log.append(&missing).map_err(|e| e.to_string())?;
+            tracing::warn!(
+                records = missing.len(),
+                "wrote audit records the log lacked again from the store"
+            );
+        }
+    }
+
+    /// Retention of rotated files, recorded in the chain before the files
+    /// go: `verify` accepts a log starting after seq 1 only as far as such
+    /// a record says. If the record cannot be written, nothing is deleted.
+    fn retention(&mut self) {
+        if self.in_retention {
+            return;
+        }
+        let Some(plan) = self.log.retention_due() else {
+            return;
+        };
+        let names: Vec<String> = plan
+            .files
+            .iter()
+            .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .collect();
+        let mut event = AuditEvent::new(EventKind::AUDIT_RETENTION)
+            .with_detail("first_kept_seq", plan.first_kept_seq)
+            .with_detail("files", names.clone());
+        event.reason = Some(format!(
+            "retention deletes {} rotated audit files; the log keeps seq {} on",
+            names.len(),
+            plan.first_kept_seq
+        ));
+        self.in_retention = true;
+        let before = self.log.last_seq();
+        self.write(&mut vec![event]);
+        self.in_retention = false;
+        if self.log.last_seq() > before {
+            self.log.apply_retention(&plan);
+        }
     }
 
     /// Keeps the outbox within its budget, checked after every batch (one

@@ -207,12 +207,7 @@ impl SudoersChanges {
 impl Default for AdminSessionsConfig {
     fn default() -> Self {
         Self {
-            group: if cfg!(target_os = "macos") {
-                "admin"
-            } else {
-                "sudo"
-            }
-            .to_owned(),
+            group: epm_os::paths::ADMIN_SESSION_GROUP.to_owned(),
             sudoers_changes: SudoersChanges::Remove,
             sudoers_paths: vec![
                 PathBuf::from("/etc/sudoers"),
@@ -410,22 +405,13 @@ pub struct AuditConfig {
 impl Default for Config {
     fn default() -> Self {
         Self {
-            state_dir: PathBuf::from(if cfg!(target_os = "macos") {
-                "/Library/Application Support/EPM"
-            } else {
-                "/var/lib/epm"
-            }),
-            socket: PathBuf::from("/var/run/epm/epmd.sock"),
+            state_dir: PathBuf::from(epm_os::paths::STATE_DIR),
+            socket: PathBuf::from(epm_os::paths::SOCKET),
             mode: Mode::Enforce,
             fail_mode: FailMode::Open,
             policy_file: None,
             device_id: None,
-            admin_group: if cfg!(target_os = "macos") {
-                "admin"
-            } else {
-                "adm"
-            }
-            .to_owned(),
+            admin_group: epm_os::paths::ADMIN_GROUP.to_owned(),
             gate: GateConfig::default(),
             audit: AuditConfig::default(),
             platform: None,
@@ -715,8 +701,8 @@ impl Config {
     pub fn audit_dir(&self) -> PathBuf {
         match &self.audit.dir {
             Some(dir) => dir.clone(),
-            None if cfg!(target_os = "macos") => PathBuf::from("/Library/Logs/EPM"),
-            None => self.state_dir.clone(),
+            None => epm_os::paths::SYSTEM_AUDIT_DIR
+                .map_or_else(|| self.state_dir.clone(), PathBuf::from),
         }
     }
 

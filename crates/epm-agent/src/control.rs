@@ -26,6 +26,7 @@ use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
 use crate::decider::Decider;
 use crate::flows::{Flows, SudoRequest};
+use crate::grant_error::GrantError;
 use crate::stats::Counters;
 use crate::sync::{SYNC_REPLY_WAIT, SyncHandle, SyncNowReply};
 
@@ -275,23 +276,7 @@ fn handle_requests(
             Request::Hello { .. } => {}
             Request::Status => connection.send(&Response::Status(status(context)))?,
             Request::PolicyShow => {
-                let response = if connection.is_admin {
-                    let mut info = policy_info(&context.decider);
-                    let policy = context.decider.policy();
-                    match crate::policy_source::document_in_force(&policy, &context.store) {
-                        Some(document) => {
-                            info.document = Some(document);
-                            Response::Policy(info)
-                        }
-                        None => error(
-                            ErrorCode::NotFound,
-                            "the policy in force is not in the store (it could not be saved; see the daemon's log)",
-                        ),
-                    }
-                } else {
-                    forbidden("only root and members of the admin group may read the policy")
-                };
-                connection.send(&response)?;
+                connection.send(&policy_show(context, connection.is_admin))?;
             }
             Request::PolicyExplain {
                 path,
@@ -333,7 +318,8 @@ fn handle_requests(
                 reason,
             } => {
                 let uid = connection.peer.uid;
-                connection.send(&context.flows.justify(uid, prompt, path, &reason))?;
+                let response = context.flows.justify(uid, prompt, path, &reason);
+                connection.send(&response.unwrap_or_else(Response::from))?;
             }
             Request::RequestApproval {
                 prompt,
@@ -346,7 +332,7 @@ fn handle_requests(
                 let response = context
                     .flows
                     .request_approval(uid, prompt, path, &reason, start, end);
-                connection.send(&response)?;
+                connection.send(&response.unwrap_or_else(Response::from))?;
             }
             Request::OfflineChallenge {
                 path,
@@ -358,11 +344,12 @@ fn handle_requests(
                 let response = context
                     .flows
                     .offline_challenge(uid, path, &reason, start, end);
-                connection.send(&response)?;
+                connection.send(&response.unwrap_or_else(Response::from))?;
             }
             Request::OfflineCode { code } => {
                 let uid = connection.peer.uid;
-                connection.send(&context.flows.offline_code(uid, &code))?;
+                let response = context.flows.offline_code(uid, &code);
+                connection.send(&response.unwrap_or_else(Response::from))?;
             }
             Request::ListRequests { all } | Request::ListGrants { all }
                 if all && !connection.is_admin =>
@@ -379,43 +366,7 @@ fn handle_requests(
                 let uid = connection.peer.uid;
                 connection.send(&context.flows.list_grants(uid, all))?;
             }
-            Request::Elevate {
-                via,
-                command,
-                reason,
-                window,
-                for_uid,
-                env,
-                edit,
-            } => {
-                let uid = match sudo_plugin_caller(connection.peer, via, for_uid) {
-                    Ok(uid) => uid,
-                    Err(refusal) => {
-                        audit_refused_request(context, connection.peer, "elevate", &refusal);
-                        connection.send(&error(ErrorCode::Forbidden, refusal))?;
-                        continue;
-                    }
-                };
-                let sudo = SudoRequest {
-                    env: &env,
-                    edit: edit.as_deref(),
-                };
-                let response = match context.flows.elevate(
-                    uid,
-                    via,
-                    &command,
-                    Some(sudo),
-                    reason.as_deref(),
-                    window,
-                ) {
-                    Ok(allowed) => Response::Elevation(ElevationVerdict::Allowed {
-                        rule_id: allowed.rule_id,
-                        grant_id: allowed.met.grant_id,
-                    }),
-                    Err(unmet) => unmet.into_response(),
-                };
-                connection.send(&response)?;
-            }
+            request @ Request::Elevate { .. } => serve_elevate(connection, context, request)?,
             Request::AdminStart {
                 minutes,
                 reason,
@@ -441,66 +392,7 @@ fn handle_requests(
                 let uid = connection.peer.uid;
                 connection.send(&context.admin_sessions.end(uid))?;
             }
-            Request::Run {
-                command,
-                cwd,
-                env,
-                reason,
-                window,
-                tty,
-            } => {
-                // The caller's stdin, stdout and stderr follow in the stream:
-                // take them first, whatever is decided.
-                let stdio = connection.recv_fds(3)?;
-                let uid = connection.peer.uid;
-                let mut allowed = match context.flows.elevate(
-                    uid,
-                    ElevationVia::Run,
-                    &command,
-                    None,
-                    reason.as_deref(),
-                    window,
-                ) {
-                    Ok(allowed) => allowed,
-                    Err(unmet) => {
-                        connection.send(&unmet.into_response())?;
-                        continue;
-                    }
-                };
-                let Some(program) = allowed.program.take() else {
-                    connection.send(&error(ErrorCode::Internal, "no program was checked"))?;
-                    continue;
-                };
-                let spec = crate::runner::RunSpec::new(
-                    &command,
-                    program,
-                    cwd.clone(),
-                    &env,
-                    tty,
-                    allowed.rule_id.clone(),
-                );
-                let started = spec.and_then(|spec| {
-                    crate::runner::run(connection, spec, stdio, |pid| {
-                        audit_run(
-                            context,
-                            "elevation_started",
-                            &allowed,
-                            (uid, pid),
-                            &command,
-                            &cwd,
-                        )
-                        .send();
-                    })
-                });
-                match started {
-                    Ok(end) => audit_run_end(context, &allowed, uid, &command, &cwd, &end),
-                    Err(crate::runner::RunError::Connection(error)) => return Err(error),
-                    Err(error) => {
-                        tracing::info!(uid, program = %command.program, %error, "run refused");
-                        connection.send(&error.response())?;
-                    }
-                }
-            }
+            request @ Request::Run { .. } => serve_run(connection, context, request)?,
             Request::Signal { .. } | Request::Resize(_) => {
                 connection.send(&error(
                     ErrorCode::BadRequest,
@@ -510,6 +402,159 @@ fn handle_requests(
         }
     }
     Ok(())
+}
+
+/// [`Request::PolicyShow`]: the policy in force, for admins only.
+fn policy_show(context: &ControlContext, is_admin: bool) -> Response {
+    if is_admin {
+        let mut info = policy_info(&context.decider);
+        let policy = context.decider.policy();
+        match crate::policy_source::document_in_force(&policy, &context.store) {
+            Some(document) => {
+                info.document = Some(document);
+                Response::Policy(info)
+            }
+            None => error(
+                ErrorCode::NotFound,
+                "the policy in force is not in the store (it could not be saved; see the daemon's log)",
+            ),
+        }
+    } else {
+        forbidden("only root and members of the admin group may read the policy")
+    }
+}
+
+/// [`Request::Run`]: decides the elevation, then runs the command on the
+/// caller's descriptors (or a pty) and audits its start and end.
+fn serve_run(
+    connection: &mut ServerConnection,
+    context: &ControlContext,
+    request: Request,
+) -> Result<(), epm_ipc::ServerError> {
+    let Request::Run {
+        command,
+        cwd,
+        env,
+        reason,
+        window,
+        tty,
+    } = request
+    else {
+        return Ok(());
+    };
+    // The caller's stdin, stdout and stderr follow in the stream:
+    // take them first, whatever is decided.
+    let stdio = connection.recv_fds(3)?;
+    let uid = connection.peer.uid;
+    let mut allowed = match context.flows.elevate(
+        uid,
+        ElevationVia::Run,
+        &command,
+        None,
+        reason.as_deref(),
+        window,
+    ) {
+        Ok(allowed) => allowed,
+        Err(unmet) => {
+            connection.send(&unmet.into_response())?;
+            return Ok(());
+        }
+    };
+    let Some(program) = allowed.program.take() else {
+        connection.send(&error(ErrorCode::Internal, "no program was checked"))?;
+        return Ok(());
+    };
+    let spec = crate::runner::RunSpec::new(
+        &command,
+        program,
+        cwd.clone(),
+        &env,
+        tty,
+        allowed.rule_id.clone(),
+    );
+    let started = spec.and_then(|spec| {
+        crate::runner::run(connection, spec, stdio, |pid| {
+            audit_run(
+                context,
+                "elevation_started",
+                &allowed,
+                (uid, pid),
+                &command,
+                &cwd,
+            )
+            .send();
+        })
+    });
+    match started {
+        Ok(end) => audit_run_end(context, &allowed, uid, &command, &cwd, &end),
+        Err(crate::runner::RunError::Connection(error)) => return Err(error),
+        Err(error) => {
+            tracing::info!(uid, program = %command.program, %error, "run refused");
+            connection.send(&error.response())?;
+        }
+    }
+    Ok(())
+}
+
+/// [`Request::Elevate`] (the sudo plugin): only root's sudo may name
+/// another user; answers with the verdict.
+fn serve_elevate(
+    connection: &mut ServerConnection,
+    context: &ControlContext,
+    request: Request,
+) -> Result<(), epm_ipc::ServerError> {
+    let Request::Elevate {
+        via,
+        command,
+        reason,
+        window,
+        for_uid,
+        env,
+        edit,
+    } = request
+    else {
+        return Ok(());
+    };
+    let uid = match sudo_plugin_caller(connection.peer, via, for_uid) {
+        Ok(uid) => uid,
+        Err(refusal) => {
+            audit_refused_request(context, connection.peer, "elevate", &refusal);
+            connection.send(&error(ErrorCode::Forbidden, refusal))?;
+            return Ok(());
+        }
+    };
+    let sudo = SudoRequest {
+        env: &env,
+        edit: edit.as_deref(),
+    };
+    let response =
+        match context
+            .flows
+            .elevate(uid, via, &command, Some(sudo), reason.as_deref(), window)
+        {
+            Ok(allowed) => Response::Elevation(ElevationVerdict::Allowed {
+                rule_id: allowed.rule_id,
+                grant_id: allowed.met.grant_id,
+            }),
+            Err(unmet) => unmet.into_response(),
+        };
+    connection.send(&response)?;
+    Ok(())
+}
+
+/// The one place a refused grant, flow or elevation becomes a wire reply.
+impl From<GrantError> for Response {
+    fn from(error: GrantError) -> Response {
+        let code = match &error {
+            GrantError::BadRequest(_) => ErrorCode::BadRequest,
+            GrantError::NotFound(_) => ErrorCode::NotFound,
+            GrantError::Forbidden(_) => ErrorCode::Forbidden,
+            GrantError::Conflict(_) => ErrorCode::Conflict,
+            GrantError::TryLater(_) => ErrorCode::TryLater,
+            GrantError::Internal(_) => ErrorCode::Internal,
+        };
+        Response::error(code, error.to_string())
+    }
 }
 
 fn error(code: ErrorCode, message: impl Into<String>) -> Response {
@@ -667,16 +712,22 @@ fn explain(
         Err(e) => return error(ErrorCode::BadRequest, format!("sha256: {e}")),
     };
     let user_name = user.or(own_name).unwrap_or_default();
-    let account = nix::unistd::User::from_name(&user_name).ok().flatten();
-    let groups = groups.unwrap_or_else(|| account.as_ref().map(group_names).unwrap_or_default());
+    let account = epm_os::users::Account::by_name(&user_name);
+    let groups = groups.unwrap_or_else(|| {
+        account
+            .as_ref()
+            .map(epm_os::users::Account::group_names)
+            .unwrap_or_default()
+    });
     let subject = Subject {
         path,
         sha256,
-        uid: account.as_ref().map_or(peer.uid, |a| a.uid.as_raw()),
-        user: user_name.clone(),
-        groups: groups.clone(),
-        device_id: context.decider.device_id().to_owned(),
-        ..Subject::default()
+        ..crate::subject::of_user(crate::subject::Asker {
+            uid: account.as_ref().map_or(peer.uid, |a| a.uid),
+            user: user_name.clone(),
+            groups: groups.clone(),
+            device_id: context.decider.device_id().to_owned(),
+        })
     };
     let decision = context.decider.policy().engine.evaluate(&subject);
     Response::Explanation(Explanation {
@@ -692,29 +743,6 @@ fn explain(
         groups,
         device_id: context.decider.device_id().to_owned(),
     })
-}
-
-/// A user's group ids, primary first.
-pub fn group_ids(user: &nix::unistd::User) -> Vec<nix::unistd::Gid> {
-    #[cfg(target_os = "linux")]
-    let gids = std::ffi::CString::new(user.name.as_str())
-        .ok()
-        .and_then(|name| nix::unistd::getgrouplist(&name, user.gid).ok())
-        .unwrap_or_else(|| vec![user.gid]);
-    #[cfg(not(target_os = "linux"))]
-    let gids = vec![user.gid];
-    gids
-}
-
-/// The names of a user's groups, primary first.
-pub fn group_names(user: &nix::unistd::User) -> Vec<String> {
-    let mut names: Vec<String> = group_ids(user)
-        .into_iter()
-        .filter_map(|gid| nix::unistd::Group::from_gid(gid).ok().flatten())
-        .map(|g| g.name)
-        .collect();
-    names.dedup();
-    names
 }
 
 /// Which audit records a caller gets.
@@ -787,6 +815,15 @@ fn audit_tail(
             .max(lines);
         match epm_audit::tail(&context.audit_dir, scan) {
             Ok(recent) => {
+                // What the tail shows, the follower must not show again.
+                if let Some(follower) = &mut follower
+                    && let Some(seq) = recent
+                        .iter()
+                        .rev()
+                        .find_map(|l| AuditRecord::parse(l).ok().map(|r| r.seq))
+                {
+                    follower.skip_through(seq);
+                }
                 let mut matching: Vec<String> =
                     recent.into_iter().filter(|l| filter.admits(l)).collect();
                 let keep = matching.len().saturating_sub(lines);
@@ -933,4 +970,25 @@ fn audit_run_end(
     }
     record.event = event;
     record.send();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refused_grant_becomes_the_error_reply_of_its_kind_with_its_message() {
+        let cases = [
+            (GrantError::BadRequest("b".into()), ErrorCode::BadRequest),
+            (GrantError::NotFound("n".into()), ErrorCode::NotFound),
+            (GrantError::Forbidden("f".into()), ErrorCode::Forbidden),
+            (GrantError::Conflict("c".into()), ErrorCode::Conflict),
+            (GrantError::TryLater("t".into()), ErrorCode::TryLater),
+            (GrantError::Internal("i".into()), ErrorCode::Internal),
+        ];
+        for (refused, code) in cases {
+            let message = refused.to_string();
+            assert_eq!(Response::from(refused), Response::error(code, message));
+        }
+    }
 }

@@ -205,10 +205,12 @@ pub fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
     });
     #[cfg(target_os = "macos")]
     let _xpc_listener = start_xpc(&config, control_context.clone(), &audit, &device_id);
-    control::serve(listener, control_context).context("cannot start the control server")?;
-
+    // Signals are handled before the socket answers: a client that sees
+    // the daemon up may send SIGHUP at once, and SIGHUP's default action
+    // would end the daemon.
     let shutdown = Shutdown::new().context("cannot create the shutdown switch")?;
     spawn_signal_thread(&config, &shutdown, &decider, &store, &audit, &needs)?;
+    control::serve(listener, control_context).context("cannot start the control server")?;
 
     let gate = open_gate(
         &config,

@@ -37,7 +37,9 @@ use jiff::{SignedDuration, Timestamp};
 use crate::audit::AuditSink;
 use crate::clock::{FLOOR_META_KEY, TrustedClock};
 use crate::decider::{Decider, Interactive, Outcome, UsedGrant, grant_identity};
+pub use crate::grant_error::GrantError;
 use crate::program::{Caller, Program};
+use crate::subject;
 
 mod elevation;
 pub use elevation::{
@@ -119,7 +121,7 @@ impl std::fmt::Debug for Nudge {
 type Subscriber = (u64, Sender<UserEvent>);
 
 /// A failed flow request: the error code and the message for the user.
-type Refused = (ErrorCode, String);
+type Refused = GrantError;
 
 /// The interactive flows' shared state.
 #[derive(Debug)]
@@ -464,19 +466,6 @@ impl Flows {
         prompt: Option<u64>,
         path: Option<String>,
         reason: &str,
-    ) -> Response {
-        match self.try_justify(caller, prompt, path, reason) {
-            Ok(response) => response,
-            Err((code, message)) => Response::error(code, message),
-        }
-    }
-
-    fn try_justify(
-        &self,
-        caller: u32,
-        prompt: Option<u64>,
-        path: Option<String>,
-        reason: &str,
     ) -> Result<Response, Refused> {
         let target = self.target(caller, prompt, path)?;
         if target.action != Action::Justify {
@@ -491,7 +480,7 @@ impl Flows {
                 Some(&target.rule_id),
                 &e.to_string(),
             );
-            (ErrorCode::BadRequest, e.to_string())
+            GrantError::BadRequest(e.to_string())
         })?;
         let now = self.clock.now();
         let grant = NewGrant {
@@ -527,21 +516,6 @@ impl Flows {
         reason: &str,
         start: Timestamp,
         end: Timestamp,
-    ) -> Response {
-        match self.try_request_approval(caller, prompt, path, reason, start, end) {
-            Ok(response) => response,
-            Err((code, message)) => Response::error(code, message),
-        }
-    }
-
-    fn try_request_approval(
-        &self,
-        caller: u32,
-        prompt: Option<u64>,
-        path: Option<String>,
-        reason: &str,
-        start: Timestamp,
-        end: Timestamp,
     ) -> Result<Response, Refused> {
         let target = self.target(caller, prompt, path)?;
         if target.action != Action::Approve {
@@ -564,8 +538,7 @@ impl Flows {
     ) -> Result<Request, Refused> {
         let reason = self.check_approval_answer(target, reason, start, end)?;
         if lock(&self.nudge).is_none() {
-            return Err((
-                ErrorCode::BadRequest,
+            return Err(GrantError::BadRequest(
                 "this device is not managed by a platform, so nobody can approve a request: \
                  ask an administrator for an offline code (epmctl request --offline PATH)"
                     .into(),
@@ -577,28 +550,22 @@ impl Flows {
         if let Some(open) = mine.iter().find(|r| {
             same_identity(&r.identity, &target.identity) && r.state == RequestState::Pending
         }) {
-            return Err((
-                ErrorCode::Conflict,
-                format!(
-                    "a request for {} is already pending administrator review (request {})",
-                    program_name(&open.path),
-                    open.id
-                ),
-            ));
+            return Err(GrantError::Conflict(format!(
+                "a request for {} is already pending administrator review (request {})",
+                program_name(&open.path),
+                open.id
+            )));
         }
         if let Some(rejected) = mine.iter().find(|r| {
             same_identity(&r.identity, &target.identity)
                 && r.state == RequestState::Denied
                 && r.updated_at + REJECTION_COOL_DOWN > now
         }) {
-            return Err((
-                ErrorCode::TryLater,
-                format!(
-                    "your last request for {} was rejected by the administrator; you can ask again after {}",
-                    program_name(&rejected.path),
-                    rejected.updated_at + REJECTION_COOL_DOWN
-                ),
-            ));
+            return Err(GrantError::TryLater(format!(
+                "your last request for {} was rejected by the administrator; you can ask again after {}",
+                program_name(&rejected.path),
+                rejected.updated_at + REJECTION_COOL_DOWN
+            )));
         }
         let request = Request {
             id: store.new_request_id().map_err(internal)?,
@@ -640,30 +607,16 @@ impl Flows {
         let reason = target
             .justification
             .check(reason)
-            .map_err(|e| (ErrorCode::BadRequest, e.to_string()))?;
+            .map_err(|e| GrantError::BadRequest(e.to_string()))?;
         target
             .approval
             .check_window(start, end, self.clock.now())
-            .map_err(|e| (ErrorCode::BadRequest, e.to_string()))?;
+            .map_err(|e| GrantError::BadRequest(e.to_string()))?;
         Ok(reason)
     }
 
     /// [`epm_ipc::Request::OfflineChallenge`].
     pub fn offline_challenge(
-        &self,
-        caller: u32,
-        path: String,
-        reason: &str,
-        start: Timestamp,
-        end: Timestamp,
-    ) -> Response {
-        match self.try_offline_challenge(caller, path, reason, start, end) {
-            Ok(response) => response,
-            Err((code, message)) => Response::error(code, message),
-        }
-    }
-
-    fn try_offline_challenge(
         &self,
         caller: u32,
         path: String,
@@ -712,14 +665,7 @@ impl Flows {
     }
 
     /// [`epm_ipc::Request::OfflineCode`].
-    pub fn offline_code(&self, caller: u32, code: &str) -> Response {
-        match self.try_offline_code(caller, code) {
-            Ok(response) => response,
-            Err((code, message)) => Response::error(code, message),
-        }
-    }
-
-    fn try_offline_code(&self, caller: u32, code: &str) -> Result<Response, Refused> {
+    pub fn offline_code(&self, caller: u32, code: &str) -> Result<Response, Refused> {
         let key = self.offline_key()?;
         {
             let mut failures = lock(&self.offline_failures);
@@ -734,13 +680,10 @@ impl Flows {
                 let wait = mine.front().map_or(OFFLINE_TRY_WINDOW, |at| {
                     OFFLINE_TRY_WINDOW.saturating_sub(at.elapsed())
                 });
-                return Err((
-                    ErrorCode::TryLater,
-                    format!(
-                        "too many wrong codes; try again in {} minutes",
-                        wait.as_secs().div_ceil(60).max(1)
-                    ),
-                ));
+                return Err(GrantError::TryLater(format!(
+                    "too many wrong codes; try again in {} minutes",
+                    wait.as_secs().div_ceil(60).max(1)
+                )));
             }
         }
         let now = self.clock.now();
@@ -764,8 +707,7 @@ impl Flows {
             event.user = Some(user);
             event.reason = Some("the code answers none of the user's open challenges".into());
             self.audit.send(event);
-            return Err((
-                ErrorCode::Forbidden,
+            return Err(GrantError::Forbidden(
                 "this code does not answer any of your open challenges: it may be mistyped, \
                  used already, expired, or made for another user or device"
                     .into(),
@@ -776,7 +718,7 @@ impl Flows {
             .use_offline_challenge(&record.nonce, now)
             .map_err(internal)?
         {
-            return Err((ErrorCode::Forbidden, "this code was used already".into()));
+            return Err(GrantError::Forbidden("this code was used already".into()));
         }
         let kind = match challenge.identity.kind.as_str() {
             "cdhash" => epm_store::IdentityKind::Cdhash,
@@ -823,9 +765,7 @@ impl Flows {
 
     fn offline_key(&self) -> Result<Vec<u8>, Refused> {
         let not_enrolled = || {
-            (
-                ErrorCode::BadRequest,
-                "offline codes need this device to be enrolled with a platform (the key is made at enrollment)"
+            GrantError::BadRequest("offline codes need this device to be enrolled with a platform (the key is made at enrollment)"
                     .to_owned(),
             )
         };
@@ -834,21 +774,11 @@ impl Flows {
             .as_ref()
             .ok_or_else(not_enrolled)?
             .load()
-            .map_err(|e| {
-                (
-                    ErrorCode::Internal,
-                    format!("cannot read the enrollment: {e}"),
-                )
-            })?
+            .map_err(|e| GrantError::Internal(format!("cannot read the enrollment: {e}")))?
             .ok_or_else(not_enrolled)?;
         base64::engine::general_purpose::STANDARD
             .decode(credentials.offline_key.as_bytes())
-            .map_err(|_| {
-                (
-                    ErrorCode::Internal,
-                    "the stored offline key is corrupt".into(),
-                )
-            })
+            .map_err(|_| GrantError::Internal("the stored offline key is corrupt".into()))
     }
 
     /// [`epm_ipc::Request::ListRequests`]: the caller's, or everyone's.
@@ -896,7 +826,7 @@ impl Flows {
         let decider = self
             .decider
             .upgrade()
-            .ok_or_else(|| (ErrorCode::Internal, "the daemon is stopping".to_owned()))?;
+            .ok_or_else(|| GrantError::Internal("the daemon is stopping".to_owned()))?;
         let policy = decider.policy();
         let (uid, user, identity, path, argv, rule_id, prompt) = match (prompt, path) {
             (Some(id), None) => {
@@ -906,9 +836,7 @@ impl Flows {
                     .cloned()
                     // Another user's prompt reads as no prompt at all.
                     .ok_or_else(|| {
-                        (
-                            ErrorCode::NotFound,
-                            format!("no open prompt {id} for you: it was answered, expired, or is not yours; run the program again"),
+                        GrantError::NotFound(format!("no open prompt {id} for you: it was answered, expired, or is not yours; run the program again"),
                         )
                     })?;
                 let _ = record.kind;
@@ -926,35 +854,35 @@ impl Flows {
                 let user = self.user_name(caller);
                 let (identity, subject) = self
                     .subject_for_path(&decider, caller, &user, &path)
-                    .inspect_err(|(_, why)| {
-                        self.audit_refusal("flow_request_refused", caller, &user, &path, None, why);
+                    .inspect_err(|why| {
+                        self.audit_refusal(
+                            "flow_request_refused",
+                            caller,
+                            &user,
+                            &path,
+                            None,
+                            &why.to_string(),
+                        );
                     })?;
                 let decision = policy.engine.evaluate(&subject);
                 let Some(rule_id) = decision.rule_id.as_deref().map(str::to_owned) else {
-                    return Err((
-                        ErrorCode::BadRequest,
-                        format!(
-                            "no rule asks for a justification or an approval for {path}: the policy's default ({}) applies",
-                            decision.action.as_str()
-                        ),
-                    ));
+                    return Err(GrantError::BadRequest(format!(
+                        "no rule asks for a justification or an approval for {path}: the policy's default ({}) applies",
+                        decision.action.as_str()
+                    )));
                 };
                 (caller, user, identity, path, None, rule_id, None)
             }
             _ => {
-                return Err((
-                    ErrorCode::BadRequest,
+                return Err(GrantError::BadRequest(
                     "name either a prompt or a path".into(),
                 ));
             }
         };
         let rule = policy.engine.rule(&rule_id).ok_or_else(|| {
-            (
-                ErrorCode::NotFound,
-                format!(
-                    "the policy changed since (rule {rule_id:?} is gone): run the program again"
-                ),
-            )
+            GrantError::NotFound(format!(
+                "the policy changed since (rule {rule_id:?} is gone): run the program again"
+            ))
         })?;
         Ok(Target {
             uid,
@@ -984,10 +912,9 @@ impl Flows {
             if meta.is_file() && crate::program::permitted(meta, ids, 1) {
                 Ok(())
             } else {
-                Err((
-                    ErrorCode::BadRequest,
-                    format!("{path} is not a program you can run"),
-                ))
+                Err(GrantError::BadRequest(format!(
+                    "{path} is not a program you can run"
+                )))
             }
         })
     }
@@ -1006,23 +933,22 @@ impl Flows {
         admit: impl FnOnce(&std::fs::Metadata, &Caller) -> Result<(), Refused>,
     ) -> Result<(SubjectIdentity, Subject), Refused> {
         let ids = Caller::of(caller, decider.names());
-        let program = Program::for_caller(path, &ids).map_err(|e| (e.code(), e.to_string()))?;
+        let program = Program::for_caller(path, &ids)?;
         let meta = program
             .file
             .metadata()
-            .map_err(|e| (ErrorCode::NotFound, format!("cannot read {path}: {e}")))?;
+            .map_err(|e| GrantError::NotFound(format!("cannot read {path}: {e}")))?;
         admit(&meta, &ids)?;
-        let subject = Subject {
-            path: program.canonical.clone(),
-            sha256: Some(program.sha256),
+        let asker = subject::Asker {
             uid: caller,
             user: user.to_owned(),
             groups: group_names(decider, &ids.groups),
             device_id: decider.device_id().to_owned(),
-            ..Subject::default()
         };
+        let subject = subject::of_program(&program, asker)
+            .map_err(|e| GrantError::Conflict(format!("cannot read {path}: {e}")))?;
         let identity = grant_identity(&subject)
-            .ok_or_else(|| (ErrorCode::Internal, "no identity for the file".to_owned()))?;
+            .ok_or_else(|| GrantError::Internal("no identity for the file".to_owned()))?;
         Ok((identity, subject))
     }
 
@@ -1046,7 +972,7 @@ impl Flows {
     fn lock_store(&self) -> Result<std::sync::MutexGuard<'_, Store>, Refused> {
         self.store
             .lock()
-            .map_err(|_| (ErrorCode::Internal, "store lock poisoned".to_owned()))
+            .map_err(|_| GrantError::Internal("store lock poisoned".to_owned()))
     }
 }
 
@@ -1214,11 +1140,11 @@ fn wrong_flow(target: &Target) -> Refused {
             format!("{program} needs an approval, not a justification: use `epmctl request`")
         }
     };
-    (ErrorCode::BadRequest, message)
+    GrantError::BadRequest(message)
 }
 
 fn internal(error: impl std::fmt::Display) -> Refused {
-    (ErrorCode::Internal, error.to_string())
+    GrantError::Internal(error.to_string())
 }
 
 fn flow_event(kind: &str, target: &Target, justification: Option<&str>) -> AuditEvent {

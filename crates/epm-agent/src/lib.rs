@@ -11,15 +11,21 @@ pub mod daemon;
 pub mod decider;
 pub mod flows;
 pub mod gate;
+pub mod grant_error;
 pub mod kernel_hook;
 pub mod managed_prefs;
-pub mod names;
 pub mod pipeline;
 pub mod policy_source;
 pub mod program;
 pub(crate) mod runner;
 pub mod session_leftovers;
 pub mod stats;
+pub mod subject;
 pub mod sudoers;
 pub mod sync;
-pub mod unified_log;
+
+// The user directory and the unified log live in epm-os; these names keep
+// the exec path's `crate::names` and the audit writer's `crate::unified_log`
+// paths working while those modules are being changed elsewhere.
+pub use epm_os::unified_log;
+pub use epm_os::users as names;

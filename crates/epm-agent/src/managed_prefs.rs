@@ -39,13 +39,7 @@ pub const MANAGED_CA_FILE: &str = "managed-ca.pem";
 /// Where the system puts this domain's managed preferences; `None` where
 /// there is no such thing (every platform but macOS).
 pub fn system_path() -> Option<PathBuf> {
-    if cfg!(target_os = "macos") {
-        Some(PathBuf::from(format!(
-            "/Library/Managed Preferences/{DOMAIN}.plist"
-        )))
-    } else {
-        None
-    }
+    epm_os::paths::MANAGED_PREFERENCES_DIR.map(|dir| PathBuf::from(format!("{dir}/{DOMAIN}.plist")))
 }
 
 /// A managed-preferences file that cannot be used.

@@ -61,11 +61,8 @@ pub struct Caller {
 impl Caller {
     /// The caller `uid` as the user directory knows it (no groups for a
     /// uid it does not know).
-    pub fn of(uid: u32, names: &crate::names::Names) -> Caller {
-        let gid = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
-            .ok()
-            .flatten()
-            .map_or(u32::MAX, |u| u.gid.as_raw());
+    pub fn of(uid: u32, names: &epm_os::users::Names) -> Caller {
+        let gid = epm_os::users::Account::by_uid(uid).map_or(u32::MAX, |u| u.gid);
         Caller {
             uid,
             gid,

@@ -127,45 +127,18 @@ impl RunAs {
     }
 }
 
-/// A user's groups, primary first (getgrouplist).
+/// The groups a command runs with: the user's ([`epm_os::users::groups_of`]),
+/// primary first, as many as `setgroups` takes.
 fn groups_of(user: &nix::unistd::User) -> Vec<u32> {
-    let Ok(name) = CString::new(user.name.as_str()) else {
-        return vec![user.gid.as_raw()];
-    };
-    #[cfg(any(target_os = "linux", target_os = "android"))]
-    {
-        nix::unistd::getgrouplist(&name, user.gid)
-            .map(|gids| gids.into_iter().map(|g| g.as_raw()).collect())
-            .unwrap_or_else(|_| vec![user.gid.as_raw()])
+    let mut gids = epm_os::users::groups_of(&user.name, user.gid.as_raw());
+    // setgroups takes at most NGROUPS_MAX (16) groups on macOS.
+    if cfg!(target_vendor = "apple") {
+        gids.truncate(16);
     }
-    #[cfg(target_vendor = "apple")]
-    {
-        // setgroups takes at most NGROUPS_MAX (16) groups on macOS.
-        let mut groups = [0 as libc::c_int; 64];
-        let mut count = groups.len() as libc::c_int;
-        // SAFETY: `name` is a valid C string; `groups` has room for `count`
-        // entries, and getgrouplist writes at most that many (it returns -1
-        // when it had to stop), setting `count` to how many it wrote.
-        let _ = unsafe {
-            libc::getgrouplist(
-                name.as_ptr(),
-                user.gid.as_raw() as libc::c_int,
-                groups.as_mut_ptr(),
-                &mut count,
-            )
-        };
-        let count = usize::try_from(count).unwrap_or(0).min(16);
-        let mut gids: Vec<u32> = groups[..count].iter().map(|&g| g as u32).collect();
-        if gids.is_empty() {
-            gids.push(user.gid.as_raw());
-        }
-        gids
+    if gids.is_empty() {
+        gids.push(user.gid.as_raw());
     }
-    #[cfg(not(any(target_os = "linux", target_os = "android", target_vendor = "apple")))]
-    {
-        let _ = name;
-        vec![user.gid.as_raw()]
-    }
+    gids
 }
 
 /// The command's whole environment.

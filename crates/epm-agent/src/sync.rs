@@ -777,59 +777,15 @@ fn os_name() -> String {
         .to_owned()
 }
 
-/// The device's people: accounts with a uid at or above the platform's
-/// first regular uid (Linux 1000, macOS 501), with their groups, from the
-/// passwd database.
+/// The device's people, with their groups ([`epm_os::users::local_users`]).
 pub fn local_users() -> Vec<LocalUser> {
-    const MAX_USERS: usize = 1000;
-    let first_uid: u32 = if cfg!(target_os = "macos") { 501 } else { 1000 };
-    let nobody = 65_534;
-    let mut users: Vec<LocalUser> = passwd_entries()
+    epm_os::users::local_users()
         .into_iter()
-        .filter(|(_, uid)| *uid >= first_uid && *uid != nobody)
-        .take(MAX_USERS)
-        .filter_map(|(name, _)| nix::unistd::User::from_name(&name).ok().flatten())
         .map(|user| LocalUser {
-            groups: crate::control::group_names(&user),
             name: user.name,
+            groups: user.groups,
         })
-        .collect();
-    users.sort_by(|a, b| a.name.cmp(&b.name));
-    users.dedup_by(|a, b| a.name == b.name);
-    users
-}
-
-/// Every (name, uid) in the passwd database.
-fn passwd_entries() -> Vec<(String, u32)> {
-    // getpwent walks process-wide state: one walker at a time.
-    static WALK: Mutex<()> = Mutex::new(());
-    let _guard = WALK
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let mut entries = Vec::new();
-    // SAFETY: setpwent/getpwent/endpwent are called under WALK, so no other
-    // thread of this process walks the database meanwhile; each entry's
-    // fields are copied before the next call may overwrite them, and a
-    // null pw_name is skipped.
-    unsafe {
-        libc::setpwent();
-        loop {
-            let entry = libc::getpwent();
-            if entry.is_null() {
-                break;
-            }
-            let name_ptr = (*entry).pw_name;
-            if name_ptr.is_null() {
-                continue;
-            }
-            let name = std::ffi::CStr::from_ptr(name_ptr)
-                .to_string_lossy()
-                .into_owned();
-            entries.push((name, (*entry).pw_uid));
-        }
-        libc::endpwent();
-    }
-    entries
+        .collect()
 }
 
 /// What an `epmctl sync` gets back.

@@ -69,7 +69,7 @@ mod verify;
 
 pub use bound::{MAX_STRING_BYTES, MAX_VALUE_BYTES, MAX_VALUE_ITEMS};
 pub use chain::{Chain, GENESIS_HASH, SealedRecord, hash_line};
-pub use log::{AuditLog, LIVE_FILE, LogOptions, OpenReport, log_files};
+pub use log::{AuditLog, LIVE_FILE, LogOptions, OpenReport, Retention, log_files};
 pub use read::{
     Follower, LogEntry, MAX_LINE_BYTES, ParseError, Records, read_files, read_records, tail,
 };

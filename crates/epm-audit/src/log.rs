@@ -5,7 +5,7 @@
 
 use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::io::{self, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -64,6 +64,18 @@ pub struct OpenReport {
     pub torn_bytes_removed: u64,
 }
 
+/// Rotated files that retention is about to delete, and the first record
+/// the log keeps after it ([`AuditLog::retention_due`]). The daemon seals a
+/// record of it into the chain *before* the files go, so `verify` can tell
+/// retention from someone deleting the oldest files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Retention {
+    /// The files to delete, oldest first.
+    pub files: Vec<PathBuf>,
+    /// The seq of the oldest record kept.
+    pub first_kept_seq: u64,
+}
+
 /// The log writer. One per daemon; readers need none.
 #[derive(Debug)]
 pub struct AuditLog {
@@ -79,6 +91,9 @@ pub struct AuditLog {
     first_seq: Option<u64>,
     /// The log's last record: seq and hash.
     last: Option<(u64, String)>,
+    /// Retention is left to the caller ([`AuditLog::retention_due`],
+    /// [`AuditLog::apply_retention`]) rather than done at each rotation.
+    caller_retention: bool,
 }
 
 /// An io error that names the path and what was being done.
@@ -296,6 +311,7 @@ impl AuditLog {
             size,
             first_seq,
             last,
+            caller_retention: false,
         };
         Ok((log, report))
     }
@@ -386,16 +402,54 @@ impl AuditLog {
         Ok(())
     }
 
-    /// Opens the live file again after a failed rotation.
+    /// Opens the live file again (after a failed rotation, or when the
+    /// one open is no longer `audit.jsonl`), and finds the log's last
+    /// record anew.
     fn reopen(&mut self) -> io::Result<()> {
         let file = open_live(&self.live)?;
+        sync_dir(&self.dir);
         self.size = file
             .metadata()
             .map_err(|e| io_context(&self.live, "cannot stat", e))?
             .len();
         self.first_seq = first_record_seq(&self.live)?;
+        self.last = last_record(&self.dir, &file, self.size)?;
         self.file = Some(file);
         Ok(())
+    }
+
+    /// Checks that the file open is still `audit.jsonl`. When it was
+    /// deleted, renamed or replaced under the writer (which would keep
+    /// writing into a file nobody can read), opens `audit.jsonl` again
+    /// (creating it) and returns true: [`AuditLog::last_seq`] then says
+    /// what the log holds now, so the caller can write again, from its
+    /// own copy, the records that were lost with the file.
+    pub fn check_live(&mut self) -> io::Result<bool> {
+        let Some(file) = &self.file else {
+            return Ok(false);
+        };
+        let open = file
+            .metadata()
+            .map_err(|e| io_context(&self.live, "cannot stat", e))?;
+        let same = match fs::symlink_metadata(&self.live) {
+            Ok(now) => (now.dev(), now.ino()) == (open.dev(), open.ino()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => false,
+            Err(e) => return Err(io_context(&self.live, "cannot stat", e)),
+        };
+        if same {
+            return Ok(false);
+        }
+        self.file = None;
+        self.reopen()?;
+        Ok(true)
+    }
+
+    /// Leaves retention to the caller: rotations no longer delete old
+    /// files; [`AuditLog::retention_due`] says which to delete, and
+    /// [`AuditLog::apply_retention`] deletes them. The daemon does this so
+    /// that each deletion is recorded in the chain before it happens.
+    pub fn set_caller_retention(&mut self, on: bool) {
+        self.caller_retention = on;
     }
 
     fn rotate(&mut self) -> io::Result<()> {
@@ -434,7 +488,9 @@ impl AuditLog {
         sync_dir(&self.dir);
         self.size = 0;
         self.first_seq = None;
-        self.prune();
+        if !self.caller_retention {
+            self.prune();
+        }
         Ok(())
     }
 
@@ -443,24 +499,61 @@ impl AuditLog {
     /// failure leaves a file for the next rotation to try again, and must
     /// not fail an append whose records are already written.
     fn prune(&self) {
-        let Ok(files) = log_files(&self.dir) else {
-            return;
-        };
+        if let Some(plan) = self.retention_due() {
+            self.delete(&plan);
+        }
+    }
+
+    /// The rotated files retention would delete now (beyond `keep_files`,
+    /// and beyond [`LogOptions::max_total_bytes`] with the live file), and
+    /// the first record kept; `None` when nothing is due.
+    pub fn retention_due(&self) -> Option<Retention> {
+        let files = log_files(&self.dir).ok()?;
         let rotated: Vec<&PathBuf> = files
             .iter()
             .filter(|p| rotated_first_seq(p).is_some())
             .collect();
         let mut total = self.size;
         let mut kept = 0usize;
+        let mut doomed = Vec::new();
+        let mut first_kept = None;
         // Newest first: keep what fits, delete everything older.
         for path in rotated.iter().rev() {
             let bytes = fs::metadata(path).map_or(0, |m| m.len());
             total = total.saturating_add(bytes);
-            if kept < self.options.keep_files && total <= self.options.max_total_bytes() {
+            if doomed.is_empty()
+                && kept < self.options.keep_files
+                && total <= self.options.max_total_bytes()
+            {
                 kept += 1;
+                first_kept = rotated_first_seq(path);
                 continue;
             }
+            doomed.push((*path).clone());
+        }
+        if doomed.is_empty() {
+            return None;
+        }
+        doomed.reverse();
+        let first_kept_seq = first_kept
+            .or(self.first_seq)
+            .or(self.last_seq().map(|s| s + 1))?;
+        Some(Retention {
+            files: doomed,
+            first_kept_seq,
+        })
+    }
+
+    /// Deletes the files of a [`Retention`] from [`AuditLog::retention_due`].
+    /// Best effort: a file that cannot be deleted is tried again next time.
+    pub fn apply_retention(&mut self, plan: &Retention) {
+        self.delete(plan);
+    }
+
+    fn delete(&self, plan: &Retention) {
+        for path in &plan.files {
             let _ = fs::remove_file(path);
         }
+        sync_dir(&self.dir);
     }
 }

@@ -514,12 +514,29 @@ impl Follower {
 
     /// Complete lines appended since the last call, oldest first (possibly
     /// none). Text that is not UTF-8 is replaced by U+FFFD.
+    ///
+    /// A record is returned once: one whose seq is not above the last
+    /// returned (or passed to [`Follower::skip_through`]) is left out, so
+    /// a record read both from a rotated file and from the live file around
+    /// a rotation, or already printed by a tail read after the follower
+    /// started, is not printed twice. Lines that are not records pass.
     pub fn poll(&mut self) -> io::Result<Vec<String>> {
-        let lines = self.poll_files()?;
-        if let Some(seq) = last_seq_in(&lines) {
-            self.last_seq = Some(seq);
-        }
+        let mut lines = self.poll_files()?;
+        lines.retain(|line| match (seq_of(line.as_bytes()), self.last_seq) {
+            (Some(seq), Some(last)) if seq <= last => false,
+            (Some(seq), _) => {
+                self.last_seq = Some(seq);
+                true
+            }
+            (None, _) => true,
+        });
         Ok(lines)
+    }
+
+    /// Records up to `seq` were already shown (by a tail read after this
+    /// follower started): [`Follower::poll`] leaves them out.
+    pub fn skip_through(&mut self, seq: u64) {
+        self.last_seq = Some(self.last_seq.map_or(seq, |last| last.max(seq)));
     }
 
     fn poll_files(&mut self) -> io::Result<Vec<String>> {

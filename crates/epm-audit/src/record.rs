@@ -34,6 +34,14 @@ impl EventKind {
     pub const AUDIT_DROPPED: &str = "audit_dropped";
     /// A corrupt store was moved aside and replaced.
     pub const STORE_RECOVERED: &str = "store_recovered";
+    /// Retention is about to delete the oldest rotated files:
+    /// `details.first_kept_seq` is the first record kept, `details.files`
+    /// the files. `verify` accepts a log that starts after seq 1 only up
+    /// to the newest such record's `first_kept_seq`.
+    pub const AUDIT_RETENTION: &str = "audit_retention";
+    /// The live file was deleted, renamed or replaced under the running
+    /// daemon; the records it held were written again from the store.
+    pub const AUDIT_LOG_REPLACED: &str = "audit_log_replaced";
 
     /// The name as written.
     pub fn as_str(&self) -> &str {

@@ -219,9 +219,132 @@ fn retention_keeps_the_newest_files_and_the_rest_still_verifies() {
     );
     let files = log_files(dir.path()).unwrap();
     assert_eq!(files.len(), 3, "{files:?}");
+    // Retention by the library alone leaves no record of it in the chain:
+    // from the files, it looks like someone deleting the oldest ones.
+    let found = broken(dir.path());
+    assert!(
+        matches!(found.kind, BreakKind::NotRetention { kept_from: None }),
+        "{found}"
+    );
+    // One rotated file alone still verifies from the seq in its name.
+    assert!(verify_files(&files[..1]).unwrap().records > 0);
+}
+
+/// Writes `records` records as the daemon does: retention left to the
+/// caller, which seals an `audit_retention` record before deleting.
+fn write_log_recording_retention(dir: &Path, records: u64, options: LogOptions) -> u64 {
+    let (mut log, _) = AuditLog::open(dir, options).unwrap();
+    log.set_caller_retention(true);
+    let mut chain = Chain::genesis();
+    let mut i = 0;
+    while i < records {
+        let batch: Vec<SealedRecord> = (0..7)
+            .map(|_| {
+                i += 1;
+                chain.seal(event(i), time())
+            })
+            .collect();
+        log.append(&batch).unwrap();
+        if let Some(plan) = log.retention_due() {
+            let record = AuditEvent::new(EventKind::AUDIT_RETENTION)
+                .with_detail("first_kept_seq", plan.first_kept_seq);
+            log.append(&[chain.seal(record, time())]).unwrap();
+            log.apply_retention(&plan);
+        }
+    }
+    chain.next_seq() - 1
+}
+
+#[test]
+fn recorded_retention_verifies_and_deleting_one_more_file_does_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = LogOptions {
+        max_file_bytes: 4096,
+        keep_files: 2,
+    };
+    let last = write_log_recording_retention(dir.path(), 200, options);
     let report = verify_dir(dir.path()).unwrap();
     assert!(!report.starts_at_genesis);
-    assert_eq!(report.last_seq, Some(200));
+    assert_eq!(report.last_seq, Some(last));
+    // Now the oldest kept file goes too, as an intruder would delete it.
+    let files = log_files(dir.path()).unwrap();
+    assert!(files.len() >= 3, "{files:?}");
+    std::fs::remove_file(&files[0]).unwrap();
+    let found = broken(dir.path());
+    assert!(
+        matches!(found.kind, BreakKind::NotRetention { kept_from: Some(_) }),
+        "{found}"
+    );
+    assert!(found.to_string().contains("not by retention"), "{found}");
+}
+
+#[test]
+fn an_empty_log_or_an_empty_rotated_file_is_not_intact() {
+    let dir = tempfile::tempdir().unwrap();
+    AuditLog::open(dir.path(), LogOptions::default()).unwrap();
+    let found = broken(dir.path());
+    assert_eq!(found.kind, BreakKind::NoRecords);
+    assert!(found.to_string().contains("no records"), "{found}");
+
+    let dir = tempfile::tempdir().unwrap();
+    write_log(dir.path(), 200, small_files());
+    let files = log_files(dir.path()).unwrap();
+    std::fs::write(&files[1], "").unwrap();
+    let found = broken(dir.path());
+    assert!(
+        found.kind == BreakKind::NoRecords || matches!(found.kind, BreakKind::Gap { .. }),
+        "{found}"
+    );
+    // Emptying the only rotated file is caught too.
+    let dir = tempfile::tempdir().unwrap();
+    write_log(dir.path(), 200, small_files());
+    let files = log_files(dir.path()).unwrap();
+    for file in &files[..files.len() - 1] {
+        std::fs::write(file, "").unwrap();
+    }
+    assert_eq!(broken(dir.path()).kind, BreakKind::NoRecords);
+}
+
+#[test]
+fn a_live_file_deleted_under_the_writer_is_noticed_and_reopened() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut log, _) = AuditLog::open(dir.path(), LogOptions::default()).unwrap();
+    let mut chain = Chain::genesis();
+    log.append(&[chain.seal(event(1), time())]).unwrap();
+    assert!(!log.check_live().unwrap(), "nothing happened yet");
+    std::fs::remove_file(dir.path().join(LIVE_FILE)).unwrap();
+    assert!(log.check_live().unwrap(), "the deletion is noticed");
+    assert_eq!(log.last_seq(), None, "the log holds nothing now");
+    assert!(dir.path().join(LIVE_FILE).exists(), "a new live file");
+    // Replaced by another file: noticed too.
+    std::fs::rename(dir.path().join(LIVE_FILE), dir.path().join("x")).unwrap();
+    std::fs::write(dir.path().join(LIVE_FILE), "").unwrap();
+    assert!(log.check_live().unwrap());
+}
+
+#[test]
+fn a_follower_never_returns_a_record_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut log, _) = AuditLog::open(dir.path(), small_files()).unwrap();
+    let mut chain = Chain::genesis();
+    let mut follower = Follower::from_end(dir.path()).unwrap();
+    let batch: Vec<SealedRecord> = (1..=3).map(|i| chain.seal(event(i), time())).collect();
+    log.append(&batch).unwrap();
+    // A tail read after the follower started showed records 1..=2.
+    follower.skip_through(2);
+    let seqs = |lines: Vec<String>| -> Vec<u64> {
+        lines
+            .iter()
+            .map(|l| AuditRecord::parse(l).unwrap().seq)
+            .collect()
+    };
+    assert_eq!(seqs(follower.poll().unwrap()), [3]);
+    let mut seen = Vec::new();
+    for i in 4..=60 {
+        log.append(&[chain.seal(event(i), time())]).unwrap();
+        seen.extend(seqs(follower.poll().unwrap()));
+    }
+    assert_eq!(seen, (4..=60).collect::<Vec<_>>());
 }
 
 #[test]
@@ -928,11 +1051,14 @@ fn verify_while_the_writer_rotates_never_reports_a_break() {
         keep_files: 5,
     };
     let (mut log, _) = AuditLog::open(dir.path(), options).unwrap();
+    // As epmd does at once (daemon_started): an empty log is not intact.
+    let mut chain = Chain::genesis();
+    log.append(&[chain.seal(event(0), time())]).unwrap();
+    log.set_caller_retention(true);
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let writer = {
         let stop = stop.clone();
         std::thread::spawn(move || {
-            let mut chain = Chain::genesis();
             let mut i = 0;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 let batch: Vec<SealedRecord> = (0..5)
@@ -942,6 +1068,12 @@ fn verify_while_the_writer_rotates_never_reports_a_break() {
                     })
                     .collect();
                 log.append(&batch).unwrap();
+                if let Some(plan) = log.retention_due() {
+                    let record = AuditEvent::new(EventKind::AUDIT_RETENTION)
+                        .with_detail("first_kept_seq", plan.first_kept_seq);
+                    log.append(&[chain.seal(record, time())]).unwrap();
+                    log.apply_retention(&plan);
+                }
             }
             i
         })

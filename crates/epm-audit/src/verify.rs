@@ -55,6 +55,18 @@ pub enum BreakKind {
         /// The previous record's sequence number.
         previous: u64,
     },
+    /// The log starts after seq 1, and no `audit_retention` record says
+    /// retention deleted that far (`kept_from`: the first record the newest
+    /// one says was kept, or `None` when there is none): the oldest files
+    /// or records were deleted by someone else.
+    NotRetention {
+        /// The first record retention kept, per its newest record.
+        kept_from: Option<u64>,
+    },
+    /// The log, or a rotated file, holds no record: `epmd` writes one at
+    /// its first start and rotates only files with records, so its
+    /// records were deleted.
+    NoRecords,
 }
 
 /// The first record that breaks the chain.
@@ -75,7 +87,11 @@ impl fmt::Display for ChainBreak {
         if let Some(file) = &self.file {
             write!(f, "{}:", file.display())?;
         }
-        write!(f, "line {}", self.line)?;
+        if self.line == 0 {
+            write!(f, " the whole file")?;
+        } else {
+            write!(f, "line {}", self.line)?;
+        }
         if let Some(seq) = self.seq {
             write!(f, " (seq {seq})")?;
         }
@@ -100,6 +116,20 @@ impl fmt::Display for ChainBreak {
                 f,
                 ": follows seq {previous}: records were reordered or duplicated"
             ),
+            BreakKind::NotRetention {
+                kept_from: Some(kept),
+            } => write!(
+                f,
+                ": records before this one were deleted, and not by retention (it kept seq {kept} on)"
+            ),
+            BreakKind::NotRetention { kept_from: None } => write!(
+                f,
+                ": records before this one were deleted, and not by retention (no audit_retention record)"
+            ),
+            BreakKind::NoRecords => write!(
+                f,
+                ": no records: epmd never leaves its log or a rotated file empty, so they were deleted"
+            ),
         }
     }
 }
@@ -118,6 +148,8 @@ pub enum VerifyError {
 struct Verifier {
     previous: Option<(u64, String)>,
     report: VerifyReport,
+    /// The newest `audit_retention` record's `first_kept_seq`.
+    retention_kept_from: Option<u64>,
 }
 
 fn is_sha256_hex(text: &str) -> bool {
@@ -128,6 +160,7 @@ impl Verifier {
     fn new() -> Self {
         Self {
             previous: None,
+            retention_kept_from: None,
             report: VerifyReport {
                 files: 0,
                 records: 0,
@@ -172,6 +205,14 @@ impl Verifier {
         let Value::Object(record) = value else {
             return Err(unparsable("not a JSON object".into()));
         };
+        if record.get("event").and_then(Value::as_str) == Some(crate::EventKind::AUDIT_RETENTION)
+            && let Some(kept) = record
+                .get("details")
+                .and_then(|d| d.get("first_kept_seq"))
+                .and_then(Value::as_u64)
+        {
+            self.retention_kept_from = Some(kept);
+        }
         let stored = record
             .get("hash")
             .and_then(Value::as_str)
@@ -262,6 +303,14 @@ fn verify_lines_of(mut lines: RawLines) -> Result<VerifyReport, VerifyError> {
     let mut verifier = Verifier::new();
     let count = lines.len();
     let any_rotated = (0..count).any(|i| rotated_first_seq(lines.path(i)).is_some());
+    let with_live = count > 0
+        && lines
+            .path(count - 1)
+            .file_name()
+            .is_some_and(|n| n == LIVE_FILE);
+    let mut with_records = vec![false; count];
+    // Where the first record is, to name it if retention does not explain it.
+    let mut first_at: Option<(PathBuf, usize)> = None;
     let mut opened: Option<usize> = None;
     while let Some((index, line_no, line, ended)) = lines.next_line()? {
         if line
@@ -292,6 +341,48 @@ fn verify_lines_of(mut lines: RawLines) -> Result<VerifyReport, VerifyError> {
             None
         };
         verifier.line(Some(path), line_no, line.as_deref(), expected_first)?;
+        if first_at.is_none() {
+            first_at = Some((path.to_owned(), line_no));
+        }
+        if let Some(seen) = with_records.get_mut(index) {
+            *seen = true;
+        }
+    }
+    // A rotated file without a record: its records were deleted (an empty
+    // one would also turn off the check that the live file starts at 1).
+    if let Some(empty) =
+        (0..count).find(|&i| !with_records[i] && rotated_first_seq(lines.path(i)).is_some())
+    {
+        return Err(VerifyError::Broken(ChainBreak {
+            file: Some(lines.path(empty).to_owned()),
+            line: 0,
+            seq: None,
+            kind: BreakKind::NoRecords,
+        }));
+    }
+    if verifier.report.records == 0 && count > 0 {
+        return Err(VerifyError::Broken(ChainBreak {
+            file: Some(lines.path(count - 1).to_owned()),
+            line: 0,
+            seq: None,
+            kind: BreakKind::NoRecords,
+        }));
+    }
+    // The whole log starts after seq 1: only retention may have deleted
+    // the records before, and it records how far before it deletes.
+    if with_live
+        && let (Some(first), Some((file, line))) = (verifier.report.first_seq, first_at)
+        && first > 1
+        && verifier.retention_kept_from.is_none_or(|kept| first > kept)
+    {
+        return Err(VerifyError::Broken(ChainBreak {
+            file: Some(file),
+            line,
+            seq: Some(first),
+            kind: BreakKind::NotRetention {
+                kept_from: verifier.retention_kept_from,
+            },
+        }));
     }
     verifier.report.files = count;
     Ok(verifier.report)

@@ -8,7 +8,8 @@ use std::process::ExitCode;
 use anyhow::{Context, bail};
 use clap::Args;
 use epm_ipc::{Endpoint, Explanation};
-use epm_policy::{Decision, Engine, Sha256Digest, Subject};
+use epm_os::users::Account;
+use epm_policy::{CdHash, Decision, Engine, Sha256Digest, Subject};
 use sha2::{Digest, Sha256};
 
 #[derive(Debug, Args)]
@@ -63,21 +64,28 @@ pub(crate) fn run(args: &ExplainArgs, endpoint: &Endpoint, json: bool) -> anyhow
     Ok(ExitCode::SUCCESS)
 }
 
-/// Fills a subject the way the Linux exec gate would: path and SHA-256 from
-/// the file; user, groups and device from the arguments or this machine.
+/// Fills a subject the way the exec gate would: path, SHA-256 and (on macOS)
+/// what its code signature proves, from the file; user, groups and device
+/// from the arguments or this machine.
 fn local_subject(args: &ExplainArgs) -> anyhow::Result<Subject> {
     let path = std::path::absolute(&args.path)
         .with_context(|| format!("cannot resolve {}", args.path.display()))?;
     // The gate sees the file the kernel opens, i.e. after symlinks.
     let path = std::fs::canonicalize(&path).unwrap_or(path);
-    let sha256 = hash_file(&path)?;
+    let file =
+        std::fs::File::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
+    let sha256 = hash_file(&path, &file)?;
+    // What the macOS exec gate would see of its signature (nothing elsewhere).
+    let signature = epm_os::signature::of_file(&path, &file)
+        .with_context(|| format!("cannot read the signature of {}", path.display()))?;
+    let proven = signature
+        .as_ref()
+        .map(epm_os::signature::CodeSignature::proven)
+        .unwrap_or_default();
 
-    let me = nix::unistd::User::from_uid(nix::unistd::getuid())
-        .ok()
-        .flatten();
     let user = match &args.user {
-        Some(name) => nix::unistd::User::from_name(name).ok().flatten(),
-        None => me,
+        Some(name) => Account::by_name(name),
+        None => Account::by_uid(nix::unistd::getuid().as_raw()),
     };
     let user_name = args
         .user
@@ -86,7 +94,7 @@ fn local_subject(args: &ExplainArgs) -> anyhow::Result<Subject> {
         .unwrap_or_default();
     let groups = match &args.groups {
         Some(groups) => groups.clone(),
-        None => user.as_ref().map(group_names).unwrap_or_default(),
+        None => user.as_ref().map(Account::group_names).unwrap_or_default(),
     };
     let device_id = match &args.device {
         Some(device) => device.clone(),
@@ -98,7 +106,11 @@ fn local_subject(args: &ExplainArgs) -> anyhow::Result<Subject> {
     Ok(Subject {
         path: path.to_string_lossy().into_owned(),
         sha256: Some(sha256),
-        uid: user.as_ref().map_or(u32::MAX, |u| u.uid.as_raw()),
+        cdhash: proven.cdhash.map(CdHash),
+        team_id: proven.team_id,
+        signing_id: proven.signing_id,
+        platform_binary: signature.map(|s| s.platform_binary),
+        uid: user.as_ref().map_or(u32::MAX, |u| u.uid),
         user: user_name,
         groups,
         device_id,
@@ -106,9 +118,7 @@ fn local_subject(args: &ExplainArgs) -> anyhow::Result<Subject> {
     })
 }
 
-fn hash_file(path: &Path) -> anyhow::Result<Sha256Digest> {
-    let mut file =
-        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+fn hash_file(path: &Path, mut file: &std::fs::File) -> anyhow::Result<Sha256Digest> {
     if !file.metadata()?.is_file() {
         bail!("{} is not a regular file", path.display());
     }
@@ -124,25 +134,6 @@ fn hash_file(path: &Path) -> anyhow::Result<Sha256Digest> {
         hasher.update(&buf[..n]);
     }
     Ok(Sha256Digest(hasher.finalize().into()))
-}
-
-fn group_names(user: &nix::unistd::User) -> Vec<String> {
-    let Ok(name) = std::ffi::CString::new(user.name.as_str()) else {
-        return Vec::new();
-    };
-    #[cfg(not(target_os = "macos"))]
-    let gids = nix::unistd::getgrouplist(&name, user.gid).unwrap_or_else(|_| vec![user.gid]);
-    // nix does not offer getgrouplist on macOS; the primary group is the
-    // honest minimum there, and --groups overrides it.
-    #[cfg(target_os = "macos")]
-    let gids = {
-        let _ = name;
-        vec![user.gid]
-    };
-    gids.into_iter()
-        .filter_map(|gid| nix::unistd::Group::from_gid(gid).ok().flatten())
-        .map(|g| g.name)
-        .collect()
 }
 
 /// The explanation of a local decision, in the same shape the daemon sends.

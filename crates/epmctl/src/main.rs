@@ -18,11 +18,7 @@ mod run_cmd;
 mod verdicts;
 
 /// Where the packaged daemon writes its audit log.
-const DEFAULT_AUDIT_LOG: &str = if cfg!(target_os = "macos") {
-    "/Library/Logs/EPM/audit.jsonl"
-} else {
-    "/var/lib/epm/audit.jsonl"
-};
+const DEFAULT_AUDIT_LOG: &str = epm_os::paths::AUDIT_LOG;
 
 #[derive(Debug, Parser)]
 #[command(

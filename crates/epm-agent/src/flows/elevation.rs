@@ -59,7 +59,7 @@ pub enum Unmet {
     /// Tell the client.
     Verdict(Box<ElevationVerdict>),
     /// The request itself failed.
-    Refused(ErrorCode, String),
+    Refused(GrantError),
 }
 
 impl Unmet {
@@ -67,7 +67,7 @@ impl Unmet {
     pub fn into_response(self) -> Response {
         match self {
             Unmet::Verdict(verdict) => Response::Elevation(*verdict),
-            Unmet::Refused(code, message) => Response::error(code, message),
+            Unmet::Refused(error) => Response::from(error),
         }
     }
 }
@@ -78,9 +78,9 @@ impl Unmet {
     }
 }
 
-impl From<Refused> for Unmet {
-    fn from((code, message): Refused) -> Self {
-        Unmet::Refused(code, message)
+impl From<GrantError> for Unmet {
+    fn from(error: GrantError) -> Self {
+        Unmet::Refused(error)
     }
 }
 
@@ -140,7 +140,7 @@ impl Flows {
                         Some(&requirement.rule_id),
                         &e.to_string(),
                     );
-                    Unmet::Refused(ErrorCode::BadRequest, e.to_string())
+                    Unmet::Refused(GrantError::BadRequest(e.to_string()))
                 })?;
                 Ok(Met {
                     justification: Some(reason),
@@ -173,10 +173,9 @@ impl Flows {
                     rule_id: requirement.rule_id.clone(),
                     request: request_info(&request),
                 }),
-                Ok(Ok(None)) => Unmet::Refused(
-                    ErrorCode::Internal,
-                    format!("request {request_id} vanished"),
-                ),
+                Ok(Ok(None)) => Unmet::Refused(GrantError::Internal(format!(
+                    "request {request_id} vanished"
+                ))),
                 Ok(Err(error)) => internal(error).into(),
                 Err(refused) => refused.into(),
             }
@@ -271,12 +270,11 @@ impl Flows {
         let decider = self
             .decider
             .upgrade()
-            .ok_or_else(|| Unmet::Refused(ErrorCode::Internal, "the daemon is stopping".into()))?;
+            .ok_or_else(|| Unmet::Refused(GrantError::Internal("the daemon is stopping".into())))?;
         if command.argv.is_empty() {
-            return Err(Unmet::Refused(
-                ErrorCode::BadRequest,
+            return Err(Unmet::Refused(GrantError::BadRequest(
                 "argv is empty: it holds at least the program's name".into(),
-            ));
+            )));
         }
         let user = self.user_name(caller);
         let ids = Caller::of(caller, decider.names());
@@ -345,7 +343,7 @@ impl Flows {
             }
         }
         let identity = grant_identity(&subject)
-            .ok_or_else(|| Unmet::Refused(ErrorCode::Internal, "no identity".into()))?;
+            .ok_or_else(|| Unmet::Refused(GrantError::Internal("no identity".into())))?;
         let met = self.meet_rule(
             &record,
             &decision,
@@ -383,7 +381,7 @@ impl Flows {
         let (rule, _) = policy
             .engine
             .elevation_rule(id)
-            .ok_or_else(|| Unmet::Refused(ErrorCode::Internal, format!("rule {id:?} vanished")))?;
+            .ok_or_else(|| Unmet::Refused(GrantError::Internal(format!("rule {id:?} vanished"))))?;
         let requirement = Requirement {
             uid: record.caller,
             user: record.user.to_owned(),

@@ -1,9 +1,12 @@
-//! uid → user name, gid → group name and a user's groups, cached.
+//! Users and their groups: uid → user name, gid → group name, a user's
+//! groups (the one `getgrouplist` of EPM) and the machine's local accounts.
 //!
 //! Resolution goes through the system's user database (NSS on Linux,
-//! Directory Services on macOS), which can be slow (LDAP) and is on the exec
-//! path, so answers are cached for a short time: long enough that a burst of
+//! Directory Services on macOS), which can be slow (LDAP). [`Names`] caches
+//! answers for a short time, for the exec path: long enough that a burst of
 //! execs costs one lookup, short enough that a renamed user is seen soon.
+//! The free functions ask the database each time, for requests that are
+//! rare (a justification, `policy explain`, an admin session).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -52,7 +55,7 @@ impl Names {
     /// includes groups the user is in only by way of another group.
     pub fn member_groups(&self, uid: u32, gid: u32) -> Arc<[u32]> {
         cached(&self.memberships, (uid, gid), || match self.user(uid) {
-            Some(name) => Arc::from(group_list(&name, gid)),
+            Some(name) => Arc::from(groups_of(&name, gid)),
             None => Arc::from([]),
         })
     }
@@ -64,9 +67,152 @@ impl Names {
     }
 }
 
-/// `getgrouplist(3)` for `user`.
-fn group_list(user: &str, gid: u32) -> Vec<u32> {
+/// The groups the user directory says `user` belongs to, `gid` (its
+/// primary group) first: `getgrouplist(3)`, the whole list (on macOS, Open
+/// Directory's, including groups the user is in by way of another group).
+/// A user the directory does not know is in `gid` only.
+pub fn groups_of(user: &str, gid: u32) -> Vec<u32> {
     group_list_from(user, gid, 32)
+}
+
+/// The names of `gids`, in order, without repeats; ids the group database
+/// does not know are left out.
+pub fn group_names(gids: &[u32]) -> Vec<String> {
+    let mut names: Vec<String> = Vec::with_capacity(gids.len());
+    for &gid in gids {
+        if let Some(name) = group_name(gid)
+            && !names.contains(&name)
+        {
+            names.push(name);
+        }
+    }
+    names
+}
+
+/// The name of group `gid`, if the group database has it.
+pub fn group_name(gid: u32) -> Option<String> {
+    nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(gid))
+        .ok()
+        .flatten()
+        .map(|g| g.name)
+}
+
+/// An account as the user database knows it, with its groups.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Account {
+    /// User name.
+    pub name: String,
+    /// User id.
+    pub uid: u32,
+    /// Primary group id.
+    pub gid: u32,
+    /// Home directory.
+    pub home: std::path::PathBuf,
+    /// Login shell (may be empty).
+    pub shell: String,
+}
+
+impl Account {
+    /// The account named `name`, if the user database has one.
+    pub fn by_name(name: &str) -> Option<Account> {
+        nix::unistd::User::from_name(name)
+            .ok()
+            .flatten()
+            .map(Account::from)
+    }
+
+    /// The account of `uid`, if the user database has one.
+    pub fn by_uid(uid: u32) -> Option<Account> {
+        nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+            .ok()
+            .flatten()
+            .map(Account::from)
+    }
+
+    /// Its group ids, primary first ([`groups_of`]).
+    pub fn groups(&self) -> Vec<u32> {
+        groups_of(&self.name, self.gid)
+    }
+
+    /// Its group names, primary first, without repeats.
+    pub fn group_names(&self) -> Vec<String> {
+        group_names(&self.groups())
+    }
+}
+
+impl From<nix::unistd::User> for Account {
+    fn from(user: nix::unistd::User) -> Account {
+        Account {
+            name: user.name,
+            uid: user.uid.as_raw(),
+            gid: user.gid.as_raw(),
+            home: user.dir,
+            shell: user.shell.to_string_lossy().into_owned(),
+        }
+    }
+}
+
+/// A person's account on this machine, with their group names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalUser {
+    /// User name.
+    pub name: String,
+    /// Group names, primary first.
+    pub groups: Vec<String>,
+}
+
+/// The device's people: accounts with a uid at or above the platform's
+/// first regular uid ([`crate::paths::FIRST_REGULAR_UID`]), `nobody` left
+/// out, at most 1000, sorted by name, with their groups.
+pub fn local_users() -> Vec<LocalUser> {
+    const MAX_USERS: usize = 1000;
+    let nobody = 65_534;
+    let mut users: Vec<LocalUser> = passwd_entries()
+        .into_iter()
+        .filter(|(_, uid)| *uid >= crate::paths::FIRST_REGULAR_UID && *uid != nobody)
+        .take(MAX_USERS)
+        .filter_map(|(name, _)| Account::by_name(&name))
+        .map(|account| LocalUser {
+            groups: account.group_names(),
+            name: account.name,
+        })
+        .collect();
+    users.sort_by(|a, b| a.name.cmp(&b.name));
+    users.dedup_by(|a, b| a.name == b.name);
+    users
+}
+
+/// Every (name, uid) in the passwd database.
+fn passwd_entries() -> Vec<(String, u32)> {
+    // getpwent walks process-wide state: one walker at a time.
+    static WALK: Mutex<()> = Mutex::new(());
+    let _guard = WALK
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut entries = Vec::new();
+    // SAFETY: setpwent/getpwent/endpwent are called under WALK, so no other
+    // thread of this process walks the database meanwhile; each entry's
+    // fields are copied before the next call may overwrite them, and a
+    // null pw_name is skipped.
+    unsafe {
+        libc::setpwent();
+        loop {
+            let entry = libc::getpwent();
+            if entry.is_null() {
+                break;
+            }
+            let name_ptr = (*entry).pw_name;
+            if name_ptr.is_null() {
+                continue;
+            }
+            let name = std::ffi::CStr::from_ptr(name_ptr)
+                .to_string_lossy()
+                .into_owned();
+            entries.push((name, (*entry).pw_uid));
+        }
+        libc::endpwent();
+    }
+    entries
 }
 
 /// `getgrouplist(3)` with room for `room` groups at first, growing the
@@ -189,8 +335,29 @@ mod tests {
     #[test]
     fn a_list_longer_than_the_buffer_is_read_whole() {
         // No room at first: the loop must grow the buffer, not give up.
-        assert_eq!(group_list_from("root", 0, 0), group_list("root", 0));
+        assert_eq!(group_list_from("root", 0, 0), groups_of("root", 0));
         // A user the directory does not know is in its primary group only.
-        assert_eq!(group_list("no-such-user-epm", 12345), [12345]);
+        assert_eq!(groups_of("no-such-user-epm", 12345), [12345]);
+    }
+
+    #[test]
+    fn group_names_keep_order_and_drop_repeats_and_unknowns() {
+        let root = group_name(0).unwrap();
+        assert_eq!(
+            group_names(&[0, 3_999_999_999, 0]),
+            std::slice::from_ref(&root)
+        );
+        let account = Account::by_uid(0).unwrap();
+        assert_eq!(account.name, "root");
+        assert_eq!(account.group_names().first(), Some(&root));
+        assert_eq!(Account::by_name("root"), Some(account));
+        assert_eq!(Account::by_name("no-such-user-epm"), None);
+    }
+
+    #[test]
+    fn local_users_are_people_not_system_accounts() {
+        let users = local_users();
+        assert!(users.iter().all(|u| u.name != "root" && u.name != "nobody"));
+        assert!(users.windows(2).all(|w| w[0].name < w[1].name));
     }
 }
