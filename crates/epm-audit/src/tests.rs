@@ -966,3 +966,39 @@ fn verify_while_the_writer_rotates_never_reports_a_break() {
     );
     verify_dir(dir.path()).unwrap();
 }
+
+/// The live file may end in a line still being written: verify skips it
+/// while it could still become a record, wherever the write stopped (even
+/// inside a character), and checks it once it cannot (a newline
+/// overwritten by another byte is a change, not a write in progress).
+#[test]
+fn verify_skips_an_unfinished_last_line_but_not_a_damaged_one() {
+    let dir = tempfile::tempdir().unwrap();
+    write_log(dir.path(), 4, LogOptions::default());
+    let live = dir.path().join(LIVE_FILE);
+    let complete = std::fs::read(&live).unwrap();
+
+    let mut next = Chain::genesis();
+    let sealed: Vec<SealedRecord> = (1..=5)
+        .map(|i| next.seal(event(i).with_user("zoë"), time()))
+        .collect();
+    let fifth = sealed[4].line.as_bytes();
+    for cut in 1..fifth.len() {
+        let mut bytes = complete.clone();
+        bytes.extend_from_slice(&fifth[..cut]);
+        std::fs::write(&live, &bytes).unwrap();
+        let report = verify_dir(dir.path()).unwrap_or_else(|e| panic!("cut at {cut}: {e}"));
+        assert_eq!(report.last_seq, Some(4), "cut at {cut}");
+    }
+
+    let last_newline = complete.len() - 1;
+    for byte in [0u8, b' ', b'x', b'}', b'"'] {
+        let mut bytes = complete.clone();
+        bytes[last_newline] = byte;
+        std::fs::write(&live, &bytes).unwrap();
+        assert!(
+            matches!(verify_dir(dir.path()), Err(VerifyError::Broken(_))),
+            "the last newline overwritten by {byte:#04x} must be a break"
+        );
+    }
+}
