@@ -521,18 +521,20 @@ impl Daemon {
             }
         }
         let readies_before = self.log().matches("epmd ready").count();
+        let policy_record_before = self.last_policy_record();
         let child = command.spawn().unwrap();
-        let policy_records_before = self.policy_records();
         if watch == Watch::Everything {
             self.watchdog = Some(Watchdog::start(child.id()));
         }
         self.child = Some(child);
-        self.wait_ready(policy_records_before, readies_before);
+        self.wait_ready(policy_record_before, readies_before);
     }
 
-    /// How many policy_loaded / policy_rejected records the log holds.
-    /// Read from the files, so it works while the daemon is down.
-    fn policy_records(&self) -> usize {
+    /// The sequence number of the newest policy_loaded / policy_rejected
+    /// record in the log (0 when there is none). Read from the files, so it
+    /// works while the daemon is down; a number, not a count, because
+    /// retention deletes old files and a count can go down.
+    fn last_policy_record(&self) -> u64 {
         let Ok(entries) = std::fs::read_dir(self.state_dir()) else {
             return 0;
         };
@@ -548,9 +550,12 @@ impl Daemon {
                     .lines()
                     .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
                     .filter(|r| r["event"] == "policy_loaded" || r["event"] == "policy_rejected")
-                    .count()
+                    .filter_map(|r| r["seq"].as_u64())
+                    .max()
+                    .unwrap_or(0)
             })
-            .sum()
+            .max()
+            .unwrap_or(0)
     }
 
     /// Ready means answering on the control socket, having audited the
@@ -560,7 +565,7 @@ impl Daemon {
     /// answers before the fanotify marks are placed, so an exec at once
     /// could run ungated, and a test that saw it run and then reloaded a
     /// deny could see the deny's exec run too.
-    fn wait_ready(&mut self, policy_records_before: usize, readies_before: usize) {
+    fn wait_ready(&mut self, policy_record_before: u64, readies_before: usize) {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             if let Some(child) = &mut self.child
@@ -569,7 +574,7 @@ impl Daemon {
                 panic!("epmd exited at start ({status}):\n{}", self.log());
             }
             if self.epmctl(&["status", "--json"]).status.success()
-                && self.policy_records() > policy_records_before
+                && self.last_policy_record() > policy_record_before
                 && self.log().matches("epmd ready").count() > readies_before
             {
                 return;

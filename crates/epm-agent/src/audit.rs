@@ -783,13 +783,19 @@ pub fn exec_event(decider: &Decider, outcome: &Outcome) -> AuditEvent {
 
 /// The audit event for an exec the platform let run from its cache of our
 /// allows ([`crate::gate::PendingExec::observed`]): an allow, whatever the
-/// policy says now (it ran), marked `answered_by: es_cache`; when the
-/// policy has changed under the cache, the reason says so.
-pub fn observed_event(decider: &Decider, outcome: &Outcome) -> AuditEvent {
-    let mut event = exec_event(decider, outcome).with_detail("answered_by", "es_cache");
+/// policy says now (it ran), marked `answered_by: es_cache` (or
+/// `kernel_cache`, Linux); when the policy has changed under the cache,
+/// the reason says so.
+pub fn observed_event(
+    decider: &Decider,
+    outcome: &Outcome,
+    by: crate::gate::AnsweredBy,
+) -> AuditEvent {
+    let mut event = exec_event(decider, outcome).with_detail("answered_by", by.as_str());
     if outcome.enforced != Enforced::Allow {
         event.reason = Some(format!(
-            "allowed from the Endpoint Security cache before a policy change reached it; the policy in force says: {}",
+            "allowed from {} before a policy change reached it; the policy in force says: {}",
+            by.what(),
             event.reason.unwrap_or_default()
         ));
         event.decision = Some(Enforced::Allow.as_str().to_owned());
@@ -799,11 +805,17 @@ pub fn observed_event(decider: &Decider, outcome: &Outcome) -> AuditEvent {
 
 /// The audit event for an exec the platform let run from its cache, when
 /// it was not decided again (its file is gone, or the workers are busy).
-pub fn observed_fail_event(decider: &Decider, facts: &ExecFacts, why: &str) -> AuditEvent {
+pub fn observed_fail_event(
+    decider: &Decider,
+    facts: &ExecFacts,
+    why: &str,
+    by: crate::gate::AnsweredBy,
+) -> AuditEvent {
     let mut event =
-        fail_event(decider, facts, Verdict::Allow, why).with_detail("answered_by", "es_cache");
+        fail_event(decider, facts, Verdict::Allow, why).with_detail("answered_by", by.as_str());
     event.reason = Some(format!(
-        "allowed from the Endpoint Security cache; not decided again: {why}"
+        "allowed from {}; not decided again: {why}",
+        by.what()
     ));
     event
 }

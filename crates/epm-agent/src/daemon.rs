@@ -443,12 +443,15 @@ fn open_gate(
     config: &Config,
     fallback: crate::gate::Verdict,
     needs: Arc<FactNeeds>,
-    _decider: &Arc<Decider>,
+    decider: &Arc<Decider>,
     _store: &Arc<Mutex<Store>>,
 ) -> anyhow::Result<Box<dyn ExecGate>> {
     let mut gate =
         crate::gate::fanotify::FanotifyGate::new(config.gate.watch_paths.clone(), fallback)?;
     gate.set_fact_needs(needs);
+    // From now on every policy change empties the kernel's cache of allows
+    // before it takes effect (gate::kernel_cache).
+    gate.kernel_cache().connect(decider);
     if !gate.has_pidfd() {
         tracing::warn!(
             "this kernel does not report pidfds (Linux < 5.15): /proc facts may race with pid reuse"

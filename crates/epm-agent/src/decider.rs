@@ -76,6 +76,16 @@ pub trait Interactive: Send + Sync + std::fmt::Debug {
     fn refused(&self, outcome: &Outcome);
 }
 
+/// Puts a new policy in force for the decider (`put_in_force`), with
+/// whatever must happen first under the same lock: the Linux gate empties
+/// its kernel cache of allows there, so no allow the kernel remembers
+/// outlives the policy that made it (`crate::gate::kernel_cache`).
+pub trait PolicySwap: Send + Sync + std::fmt::Debug {
+    /// Called once per policy change with the new generation; must call
+    /// `put_in_force` exactly once.
+    fn swap(&self, generation: u64, put_in_force: &mut dyn FnMut());
+}
+
 /// The grant an exec used.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UsedGrant {
@@ -119,6 +129,10 @@ pub struct Outcome {
     pub cached: bool,
     /// The grant that let a `justify` or `approve` exec run.
     pub grant: Option<UsedGrant>,
+    /// A plain policy allow of a file the gate could cache in the kernel
+    /// ([`ExecFacts::kernel_cache_candidate`]) that the policy decides
+    /// alike for everyone: the generation of that policy.
+    pub per_file: Option<u64>,
 }
 
 /// Why an exec could not be decided: it is answered per `fail_mode`.
@@ -275,6 +289,7 @@ pub struct Decider {
     names: Names,
     fingerprint: RandomState,
     interactive: OnceLock<Arc<dyn Interactive>>,
+    policy_swap: OnceLock<Arc<dyn PolicySwap>>,
     /// Counters for `epmctl status`.
     pub counters: Counters,
     /// Decision latency, gate read to answer.
@@ -317,6 +332,7 @@ impl Decider {
             names: Names::default(),
             fingerprint: RandomState::new(),
             interactive: OnceLock::new(),
+            policy_swap: OnceLock::new(),
             counters: Counters::default(),
             latency: LatencyHistogram::default(),
         }
@@ -343,9 +359,29 @@ impl Decider {
         self.policy.load_full()
     }
 
-    /// Replaces the policy; decisions of the old one are never reused.
+    /// Replaces the policy; decisions of the old one are never reused,
+    /// in the decider's caches or in the kernel's ([`PolicySwap`]).
     pub fn set_policy(&self, policy: PolicyState) {
-        self.policy.store(Arc::new(policy));
+        let Some(swap) = self.policy_swap.get() else {
+            self.policy.store(Arc::new(policy));
+            return;
+        };
+        let generation = policy.generation;
+        let mut policy = Some(policy);
+        swap.swap(generation, &mut || {
+            if let Some(policy) = policy.take() {
+                self.policy.store(Arc::new(policy));
+            }
+        });
+        if let Some(policy) = policy {
+            self.policy.store(Arc::new(policy));
+        }
+    }
+
+    /// Routes every later policy change through `swap` (once; later calls
+    /// are ignored).
+    pub fn set_policy_swap(&self, swap: Arc<dyn PolicySwap>) {
+        let _ = self.policy_swap.set(swap);
     }
 
     /// The next policy generation number.
@@ -386,6 +422,15 @@ impl Decider {
     /// never made. The gate thread calls this first, so the common case is
     /// answered without waking a worker.
     pub fn decide_cached(&self, facts: &ExecFacts) -> Option<Outcome> {
+        self.decide_cached_with(facts, Grants::Use)
+    }
+
+    /// [`Decider::decide_observed`] from the caches alone: `None` on a miss.
+    pub fn decide_cached_observed(&self, facts: &ExecFacts) -> Option<Outcome> {
+        self.decide_cached_with(facts, Grants::Ignore)
+    }
+
+    fn decide_cached_with(&self, facts: &ExecFacts, grants: Grants) -> Option<Outcome> {
         // A file someone had open for writing is hashed again, by a worker.
         if facts.stability == Stability::OpenForWriting {
             return None;
@@ -405,12 +450,12 @@ impl Decider {
         let decision = self
             .decisions
             .get(&self.key(facts, groups, sha256, policy.generation))?;
-        if self.may_use_grant(&decision) {
+        if grants == Grants::Use && self.may_use_grant(&decision) {
             // Consuming a grant writes the store: a worker's job.
             return None;
         }
         Counters::bump(&self.counters.cache_hits);
-        Some(self.conclude(facts, groups, sha256, decision, true, Grants::Use))
+        Some(self.conclude(&policy, facts, groups, sha256, decision, true, grants))
     }
 
     /// Decides one exec. Never blocks on anything but reading the
@@ -437,12 +482,12 @@ impl Decider {
         let key = self.key(facts, groups, sha256, policy.generation);
         if let Some(decision) = self.decisions.get(&key) {
             Counters::bump(&self.counters.cache_hits);
-            return Ok(self.conclude(facts, groups, sha256, decision, true, grants));
+            return Ok(self.conclude(&policy, facts, groups, sha256, decision, true, grants));
         }
         Counters::bump(&self.counters.cache_misses);
         let decision = policy.engine.evaluate(&self.subject(facts, groups, sha256));
         self.decisions.insert(key, decision.clone());
-        Ok(self.conclude(facts, groups, sha256, decision, false, grants))
+        Ok(self.conclude(&policy, facts, groups, sha256, decision, false, grants))
     }
 
     /// The cache key: the groups are part of the context, so a user added
@@ -472,8 +517,10 @@ impl Decider {
     }
 
     /// Applies grants and the mode to a policy decision and counts it.
+    #[allow(clippy::too_many_arguments)]
     fn conclude(
         &self,
+        policy: &PolicyState,
         facts: &ExecFacts,
         groups: &[u32],
         sha256: Option<Sha256Digest>,
@@ -508,6 +555,14 @@ impl Decider {
             Enforced::WouldDeny => &self.counters.would_deny,
         };
         Counters::bump(counter);
+        // Asked only where the gate could use it: the query looks at every
+        // rule that could match the file.
+        let per_file = (facts.kernel_cache_candidate
+            && enforced == Enforced::Allow
+            && decision.action == Action::Allow
+            && grant.is_none()
+            && policy.engine.decides_alike_for_everyone(&subject))
+        .then_some(policy.generation);
         Outcome {
             verdict,
             enforced,
@@ -515,6 +570,7 @@ impl Decider {
             subject,
             cached,
             grant,
+            per_file,
         }
     }
 

@@ -30,7 +30,7 @@ use std::time::Instant;
 
 use crate::audit::{AuditSink, exec_event, fail_event, observed_event, observed_fail_event};
 use crate::decider::{DecideError, Decider, Enforced, Outcome};
-use crate::gate::PendingExec;
+use crate::gate::{AnsweredBy, PendingExec};
 use crate::stats::Counters;
 
 /// One exec waiting for a worker, with the time the gate handed it over.
@@ -240,7 +240,7 @@ impl Intake {
         }
         if let Some(outcome) = self.decider.decide_cached(&pending.facts) {
             let audited = audited(&pending, &outcome);
-            pending.answer_decided(outcome.verdict, cacheable(&outcome));
+            pending.answer_per_file(outcome.verdict, cacheable(&outcome), outcome.per_file);
             self.decider.latency.record(received.elapsed());
             if audited {
                 self.audit.send(exec_event(&self.decider, &outcome));
@@ -280,6 +280,14 @@ impl Intake {
     /// audit; when the queue is busy it is audited at once, without a
     /// decision.
     fn observe(&self, pending: PendingExec, received: Instant) {
+        let by = pending.answered_by().unwrap_or(AnsweredBy::EsCache);
+        // Decided before (the usual case for a cached file): audited here,
+        // without waking a worker.
+        if let Some(outcome) = self.decider.decide_cached_observed(&pending.facts) {
+            let event = observed_event(&self.decider, &outcome, by);
+            self.audit.send(unknown_user(event, &pending.facts));
+            return;
+        }
         // Half the queue stays free for execs waiting for an answer: a burst
         // of cached execs (a build) must never push those into fail_mode.
         // Past that, the record says what ran, without a decision.
@@ -296,9 +304,9 @@ impl Intake {
             }
         };
         let facts = &pending.facts;
-        tracing::debug!(path = %facts.path, why, "an exec Endpoint Security allowed from its cache is audited without a decision");
-        self.audit
-            .send(observed_fail_event(&self.decider, facts, &why));
+        tracing::debug!(path = %facts.path, why, cache = by.as_str(), "an exec allowed from a platform cache is audited without a decision");
+        let event = observed_fail_event(&self.decider, facts, &why, by);
+        self.audit.send(unknown_user(event, facts));
     }
 }
 
@@ -388,7 +396,10 @@ fn work(queue: &FairQueue, decider: &Decider, audit: &AuditSink) {
         let Job { pending, received } = *job;
         decider.counters.queue_depth.fetch_sub(1, Ordering::Relaxed);
         if pending.is_observed() {
-            audit.send(audit_observed(decider, &pending));
+            audit.send(unknown_user(
+                audit_observed(decider, &pending),
+                &pending.facts,
+            ));
             continue;
         }
         // The PendingExec stays outside the closure: if deciding panics,
@@ -432,7 +443,7 @@ fn work(queue: &FairQueue, decider: &Decider, audit: &AuditSink) {
         };
         let audited = outcome.as_ref().is_none_or(|o| audited(&pending, o));
         match &outcome {
-            Some(outcome) => pending.answer_decided(verdict, cacheable(outcome)),
+            Some(outcome) => pending.answer_per_file(verdict, cacheable(outcome), outcome.per_file),
             None => pending.answer(verdict),
         }
         decider.latency.record(received.elapsed());
@@ -448,15 +459,32 @@ fn work(queue: &FairQueue, decider: &Decider, audit: &AuditSink) {
 /// The record of an exec that already ran: decided again without grants.
 fn audit_observed(decider: &Decider, pending: &PendingExec) -> epm_audit::AuditEvent {
     let facts = &pending.facts;
+    let by = pending.answered_by().unwrap_or(AnsweredBy::EsCache);
     match catch_unwind(AssertUnwindSafe(|| decider.decide_observed(facts))) {
-        Ok(Ok(outcome)) => observed_event(decider, &outcome),
-        Ok(Err(error)) => observed_fail_event(decider, facts, &error.to_string()),
+        Ok(Ok(outcome)) => observed_event(decider, &outcome, by),
+        Ok(Err(error)) => observed_fail_event(decider, facts, &error.to_string(), by),
         Err(_) => {
             tracing::error!(path = %facts.path, "deciding panicked");
             Counters::bump(&decider.counters.worker_panics);
-            observed_fail_event(decider, facts, "internal error: deciding panicked")
+            observed_fail_event(decider, facts, "internal error: deciding panicked", by)
         }
     }
+}
+
+/// The record of an exec that already ran, whose process had exited before
+/// the gate read it: its user is not known (the gate could read nothing),
+/// and the record says so rather than name root.
+fn unknown_user(
+    mut event: epm_audit::AuditEvent,
+    facts: &crate::gate::ExecFacts,
+) -> epm_audit::AuditEvent {
+    if facts.process_gone {
+        event.uid = None;
+        event.user = None;
+        event.ppid = None;
+        event = event.with_detail("process", "exited before its exec was read: user unknown");
+    }
+    event
 }
 
 /// Whether this decision gets an audit record: all do, but an allowed

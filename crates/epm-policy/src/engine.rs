@@ -793,6 +793,76 @@ impl Engine {
         }
     }
 
+    /// Whether this policy decides the file `subject` names alike for
+    /// every user, group, parent and argument list: no rule that could
+    /// match the file (its identity criteria, path included, hold for
+    /// it) has a user or group scope, an `args_regex` or a `parent_path`.
+    /// Then [`Engine::evaluate`] gives every process the same decision for
+    /// this file, on this device, under this policy, and a gate may
+    /// remember it per file (the Linux kernel cache of allows). Every
+    /// specificity level is looked at, not only the deciding one, so the
+    /// answer is conservative. The subject's user, groups, parent and argv
+    /// are ignored; its path must be trusted ([`PathOrigin::Local`]), or
+    /// the answer is `false`.
+    ///
+    /// [`PathOrigin::Local`]: crate::PathOrigin::Local
+    pub fn decides_alike_for_everyone(&self, subject: &Subject) -> bool {
+        if !subject.path_origin.trusted() {
+            return false;
+        }
+        let name = subject.name();
+        let alike = |candidates: &[u32]| {
+            candidates.iter().all(|&index| {
+                let Some(rule) = self.rules.get(index as usize) else {
+                    return true;
+                };
+                let file_criteria_hold = rule.residual.iter().all(|r| match r {
+                    Residual::ArgsRegex(_) | Residual::ParentPath(_) => true,
+                    other => other.holds(subject, name),
+                });
+                if !file_criteria_hold {
+                    // Never matches this file, whoever runs it.
+                    return true;
+                }
+                let depends_on_process = rule
+                    .residual
+                    .iter()
+                    .any(|r| matches!(r, Residual::ArgsRegex(_) | Residual::ParentPath(_)));
+                let depends_on_user = rule
+                    .scope
+                    .as_ref()
+                    .is_some_and(|s| !s.users.is_empty() || !s.groups.is_empty());
+                !depends_on_process && !depends_on_user
+            })
+        };
+        let bucket = |b: Option<&Bucket>| b.map_or(&[][..], Bucket::as_slice).to_vec();
+        let mut levels: Vec<Vec<u32>> = Vec::with_capacity(7);
+        if let Some(d) = &subject.cdhash {
+            levels.push(bucket(self.by_cdhash.get(d)));
+        }
+        if let Some(d) = &subject.sha256 {
+            levels.push(bucket(self.by_sha256.get(d)));
+        }
+        if let Some(v) = &subject.signing_id {
+            levels.push(bucket(self.by_signing_id.get(v.as_str())));
+        }
+        if let Some(v) = &subject.team_id {
+            levels.push(bucket(self.by_team_id.get(v.as_str())));
+        }
+        levels.push(bucket(self.by_path.get(subject.path.as_str())));
+        if !self.glob_rules.is_empty() {
+            levels.push(
+                self.globs
+                    .matches(&subject.path)
+                    .into_iter()
+                    .filter_map(|g| self.glob_rules.get(g).copied())
+                    .collect(),
+            );
+        }
+        levels.push(bucket(self.by_name.get(name)));
+        levels.iter().all(|level| alike(level))
+    }
+
     /// Checks candidates of one specificity level and keeps the best match:
     /// the most specific scope, then the strictest action, then the earliest
     /// rule (so that evaluation is deterministic).

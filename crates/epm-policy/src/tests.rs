@@ -1136,3 +1136,78 @@ fn a_path_the_user_may_have_forged_matches_no_path_rule() {
         .restricts_by_content()
     );
 }
+
+// ---- per-file subject independence (the kernel cache of allows) -------------
+
+#[test]
+fn a_file_is_decided_alike_for_everyone_only_when_no_rule_that_matches_it_looks_at_the_process() {
+    let engine = engine(&format!(
+        r#"{{"id": "no-nc-for-bob", "action": "deny", "match": {{"name": "nc"}}, "scope": {{"users": ["bob"]}}}},
+           {{"id": "curl-k", "action": "deny", "match": {{"name": "curl", "args_regex": "-k"}}}},
+           {{"id": "sh-from-py", "action": "deny", "match": {{"name": "sh", "parent_path": "/usr/bin/python3"}}}},
+           {{"id": "staff-tools", "action": "allow", "match": {{"path_glob": "/opt/staff/*"}}, "scope": {{"groups": ["staff"]}}}},
+           {{"id": "on-this-mac", "action": "deny", "match": {{"name": "ssh"}}, "scope": {{"devices": ["mac-0042"]}}}},
+           {{"id": "hash-for-bob", "action": "allow", "match": {{"sha256": "{SHA_B}"}}, "scope": {{"users": ["bob"]}}}},
+           {{"id": "other-path", "action": "deny", "match": {{"name": "ls", "path": "/opt/ls"}}, "scope": {{"users": ["bob"]}}}}"#
+    ));
+    let file = |path: &str, sha: &str| Subject {
+        path: path.into(),
+        sha256: Some(sha.parse().unwrap()),
+        cdhash: None,
+        team_id: None,
+        signing_id: None,
+        ..subject()
+    };
+    // Some rule that could match the file looks at the user, the
+    // arguments, the parent or the groups: not alike.
+    for path in ["/usr/bin/nc", "/usr/bin/curl", "/bin/sh", "/opt/staff/x"] {
+        assert!(
+            !engine.decides_alike_for_everyone(&file(path, SHA_A)),
+            "{path}"
+        );
+    }
+    assert!(
+        !engine.decides_alike_for_everyone(&file("/usr/bin/true", SHA_B)),
+        "by digest"
+    );
+    // Only rules that cannot match this file, or device scopes: alike.
+    for path in [
+        "/usr/bin/true",
+        "/usr/bin/ssh",
+        "/usr/bin/ls",
+        "/opt/other/x",
+    ] {
+        assert!(
+            engine.decides_alike_for_everyone(&file(path, SHA_A)),
+            "{path}"
+        );
+    }
+    // A path the daemon could not check is never remembered per file.
+    let forged = Subject {
+        path_origin: PathOrigin::OtherNamespace,
+        ..file("/usr/bin/true", SHA_A)
+    };
+    assert!(!engine.decides_alike_for_everyone(&forged));
+
+    // What "alike" promises: the same decision whoever runs it.
+    let alike = file("/usr/bin/ssh", SHA_A);
+    let first = engine.evaluate(&alike);
+    for (user, groups, parent, argv) in [
+        ("bob", vec![], None, None),
+        (
+            "carol",
+            vec!["staff".to_owned()],
+            Some("/usr/bin/python3"),
+            Some(vec!["-k".to_owned()]),
+        ),
+    ] {
+        let other = Subject {
+            user: user.into(),
+            groups,
+            parent_path: parent.map(Into::into),
+            argv,
+            ..alike.clone()
+        };
+        assert_eq!(engine.evaluate(&other), first);
+    }
+}

@@ -77,10 +77,11 @@ use nix::sys::fanotify::{
 use epm_policy::PathOrigin;
 
 use super::interp::{InterpreterLoads, Pairing};
+use super::kernel_cache::{KernelCache, Notified};
 use super::mountinfo::{self, Mount, WatchScope};
 use super::{
-    ExecFacts, ExecGate, FactNeeds, FileIdentity, GateError, PendingExec, Respond, Shutdown,
-    Stability, Verdict,
+    AnsweredBy, ExecFacts, ExecGate, FactNeeds, FileIdentity, GateError, PendingExec, Respond,
+    Shutdown, Stability, Verdict,
 };
 use super::{lease, procfs};
 
@@ -148,6 +149,11 @@ pub struct FanotifyGate {
     own_mounts: HashSet<u64>,
     /// Holds leases past the answer.
     keeper: LeaseKeeper,
+    /// Allows the kernel answers itself (see [`super::kernel_cache`]).
+    kernel: Arc<KernelCache>,
+    /// Whether the kernel reports every write of files on a device (a
+    /// local file system), by device: a cached allow relies on it.
+    local_devices: Mutex<HashMap<u64, bool>>,
 }
 
 fn io_error(what: impl Into<String>, source: std::io::Error) -> GateError {
@@ -199,8 +205,12 @@ impl FanotifyGate {
             .into_iter()
             .map(|p| std::fs::canonicalize(&p).unwrap_or(p))
             .collect();
+        let fan = Arc::new(fan);
+        let interpreter_loads: Arc<Mutex<InterpreterLoads>> = Arc::default();
         let mut gate = Self {
-            fan: Arc::new(fan),
+            kernel: Arc::new(KernelCache::new(fan.clone(), interpreter_loads.clone())),
+            local_devices: Mutex::default(),
+            fan,
             mountinfo,
             scope: WatchScope::new(watch_paths, config.fs_types),
             marks: HashMap::new(),
@@ -208,7 +218,7 @@ impl FanotifyGate {
             own_pid: std::process::id(),
             fallback: config.fallback,
             needs: Arc::new(FactNeeds::all()),
-            interpreter_loads: Default::default(),
+            interpreter_loads,
             own_mounts: HashSet::new(),
             keeper: LeaseKeeper::start()
                 .map_err(|e| io_error("cannot start the lease keeper thread", e))?,
@@ -263,6 +273,12 @@ impl FanotifyGate {
     /// fact is gathered.
     pub fn set_fact_needs(&mut self, needs: Arc<FactNeeds>) {
         self.needs = needs;
+    }
+
+    /// The kernel cache of allows: connect it to the decider
+    /// ([`KernelCache::connect`]) to start caching.
+    pub fn kernel_cache(&self) -> Arc<KernelCache> {
+        self.kernel.clone()
     }
 
     /// Whether the kernel reports pidfds with events.
@@ -434,6 +450,10 @@ impl FanotifyGate {
         // else owns it.
         let event_fd = unsafe { OwnedFd::from_raw_fd(meta.fd) };
         if meta.mask & libc::FAN_OPEN_EXEC_PERM == 0 {
+            if meta.mask & libc::FAN_OPEN_EXEC != 0 {
+                let pid = u32::try_from(meta.pid).unwrap_or(0);
+                self.handle_cached_exec(pid, event_fd, pidfd, sink);
+            }
             return; // Nothing else is marked.
         }
         let mut responder = FanotifyResponder {
@@ -441,6 +461,7 @@ impl FanotifyGate {
             event_fd,
             pid: 0,
             after: None,
+            per_file: None,
         };
         // The event pid is the thread group id, so this covers every thread.
         let pid = u32::try_from(meta.pid).unwrap_or(0);
@@ -476,11 +497,15 @@ impl FanotifyGate {
                     facts.stability,
                     Stability::Leased | Stability::OpenForWriting
                 );
+                facts.kernel_cache_candidate =
+                    facts.kernel_cache_candidate && self.is_local_device(&facts);
                 responder.after = Some(AfterAnswer {
                     keeper: leasable.then(|| self.keeper.clone()),
                     pidfd,
                     file: (facts.file.dev, facts.file.ino),
                     interpreter: expecting.map(|event| (self.interpreter_loads.clone(), event)),
+                    kernel: self.kernel.clone(),
+                    candidate_path: facts.kernel_cache_candidate.then(|| facts.path.clone()),
                 });
                 sink(PendingExec::new(facts, Box::new(responder), self.fallback));
             }
@@ -500,6 +525,113 @@ impl FanotifyGate {
 }
 
 impl FanotifyGate {
+    /// Whether the kernel reports every write to files of this exec's file
+    /// system (asked once per device): a local file system, where a write
+    /// clears a cached allow. Network and user-space file systems, and
+    /// overlays (whose lower layers change underneath), are not.
+    fn is_local_device(&self, facts: &ExecFacts) -> bool {
+        let mut devices = self
+            .local_devices
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(local) = devices.get(&facts.file.dev) {
+            return *local;
+        }
+        let Some(content) = &facts.content else {
+            return false;
+        };
+        let local = nix::sys::statfs::fstatfs(content).is_ok_and(|fs| {
+            const LOCAL: [i64; 9] = [
+                0xEF53,      // ext2/3/4
+                0x5846_5342, // xfs
+                0x9123_683E, // btrfs
+                0x0102_1994, // tmpfs
+                0xF2F5_2010, // f2fs
+                0x7371_7368, // squashfs
+                0xE0F5_E1E2, // erofs
+                0x858_458F6, // ramfs
+                0x2FC1_2FC1, // zfs
+            ];
+            #[allow(clippy::unnecessary_cast)]
+            let kind = fs.filesystem_type().0 as i64;
+            LOCAL.contains(&kind)
+        });
+        if devices.len() >= 1024 {
+            devices.clear();
+        }
+        devices.insert(facts.file.dev, local);
+        local
+    }
+
+    /// A `FAN_OPEN_EXEC` notification: an exec of a file with a cached
+    /// allow (see [`super::kernel_cache`]). One the gate was asked about is
+    /// audited already; any other ran on the kernel's cached allow and is
+    /// decided again, without grants, for its record.
+    fn handle_cached_exec(
+        &self,
+        pid: u32,
+        event_fd: OwnedFd,
+        pidfd: Option<OwnedFd>,
+        sink: &mut dyn FnMut(PendingExec),
+    ) {
+        if pid == self.own_pid {
+            return;
+        }
+        let content = File::from(event_fd);
+        let Ok(meta) = content.metadata() else {
+            return;
+        };
+        let key = (meta.dev(), meta.ino());
+        let entry = match self.kernel.notified(pid, key) {
+            Notified::Asked => return,
+            Notified::Cached(entry) => entry,
+        };
+        let path = fd_path(content.as_fd());
+        let pairing = self
+            .interpreter_loads
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .ran(pid, key, &path, entry.as_ref().and_then(|e| e.interpreter));
+        let system_loader = entry.as_ref().is_some_and(|e| e.system_loader);
+        let interpreter_of = match pairing {
+            // Its program's record stands for the exec.
+            Pairing::LoadOf(_) if system_loader => return,
+            _ => None,
+        };
+        let same_path = entry.as_ref().is_some_and(|e| e.path == path);
+        if entry.is_some() && (!same_path || !lease::only_root_writes(&meta) || meta.nlink() != 1) {
+            // Renamed, linked, or made writable by others since it was
+            // cached: the next exec is asked again.
+            self.kernel.forget(content.as_fd(), key);
+        }
+        let identity = FileIdentity::of(&meta);
+        let path_origin = if same_path {
+            PathOrigin::Local
+        } else {
+            check_path(&path, &identity, &content, &self.own_mounts)
+        };
+        let process = process_facts(pid, pidfd.as_ref(), &self.needs);
+        let gone = process.is_none();
+        let (status, login_uid, parent_path) = process.unwrap_or_default();
+        sink(PendingExec::observed_from(
+            ExecFacts {
+                uid: status.uid,
+                gid: status.gid,
+                groups: status.groups,
+                login_uid,
+                ppid: status.ppid,
+                parent_path,
+                content: Some(content),
+                path_origin,
+                stability: Stability::OnlyRootWrites,
+                interpreter_of,
+                process_gone: gone,
+                ..ExecFacts::new(pid, identity, path)
+            },
+            AnsweredBy::KernelCache,
+        ));
+    }
+
     /// Whether this event is the interpreter load of the process's last
     /// program (see [`super::interp`]), and if not, whether it names an
     /// interpreter to expect. Only a system loader counts as a load (owned
@@ -799,36 +931,19 @@ fn gather_facts(
     let identity = FileIdentity::of(&meta);
     let path = fd_path(event_fd);
     let path_origin = check_path(&path, &identity, &content, own_mounts);
+    // A candidate for the kernel cache of allows (the gate checks the file
+    // system too): only root can change it, it has no other name, and the
+    // path names it here.
+    let kernel_cache_candidate = stability == Stability::OnlyRootWrites
+        && meta.nlink() == 1
+        && path_origin == PathOrigin::Local;
     // At FAN_OPEN_EXEC_PERM time /proc/PID still shows the process before
     // the exec: its credentials and parent are right, its exe/cmdline are the
     // old program's, which is why the file comes from the event fd.
-    let mut buf = [0u8; 4096];
-    // Credentials and parent from the pidfd where the kernel offers them
-    // (race-free, no /proc text); /proc/PID/status when groups are needed or
-    // the kernel is older than 6.13.
-    let from_pidfd = pidfd.and_then(|p| pidfd_info(p.as_fd(), pid));
-    let status = match from_pidfd {
-        Some(status) if !needs.groups() => Some(status),
-        _ => read_small(&format!("/proc/{pid}/status"), &mut buf).and_then(procfs::parse_status),
-    };
-    let status = status.unwrap_or_default();
-    let login_uid = if needs.login_uid() {
-        read_small(&format!("/proc/{pid}/loginuid"), &mut buf).and_then(procfs::parse_loginuid)
-    } else {
-        None
-    };
-    if let Some(pidfd) = pidfd
-        && !pidfd_alive(pidfd.as_fd())
-    {
-        return Err(Unusable::Gone);
-    }
-    // The parent is not pinned by our pidfd: if it exits now, this names
-    // whatever has its pid next, which takes a pid wrap-around to matter.
-    // Its path, like the program's, must name its file here.
-    let parent_path = (needs.parent_path() && status.ppid > 0)
-        .then(|| verified_exe_path(status.ppid))
-        .flatten();
+    let (status, login_uid, parent_path) =
+        process_facts(pid, pidfd, needs).ok_or(Unusable::Gone)?;
     Ok(ExecFacts {
+        kernel_cache_candidate,
         uid: status.uid,
         gid: status.gid,
         groups: status.groups,
@@ -840,6 +955,44 @@ fn gather_facts(
         stability,
         ..ExecFacts::new(pid, identity, path)
     })
+}
+
+/// The credentials, parent and login uid of `pid` (what `needs` asks of
+/// them), or `None` when the process is gone (its pid may be reused).
+fn process_facts(
+    pid: u32,
+    pidfd: Option<&OwnedFd>,
+    needs: &FactNeeds,
+) -> Option<(procfs::ProcStatus, Option<u32>, Option<String>)> {
+    let mut buf = [0u8; 4096];
+    // Credentials and parent from the pidfd where the kernel offers them
+    // (race-free, no /proc text); /proc/PID/status when groups are needed or
+    // the kernel is older than 6.13.
+    let from_pidfd = pidfd.and_then(|p| pidfd_info(p.as_fd(), pid));
+    let status = match from_pidfd {
+        Some(status) if !needs.groups() => Some(status),
+        _ => read_small(&format!("/proc/{pid}/status"), &mut buf).and_then(procfs::parse_status),
+    };
+    // Nothing to read: the process is gone (its exec was answered by the
+    // kernel's cache, or it was killed while blocked in its exec).
+    let status = status?;
+    let login_uid = if needs.login_uid() {
+        read_small(&format!("/proc/{pid}/loginuid"), &mut buf).and_then(procfs::parse_loginuid)
+    } else {
+        None
+    };
+    if let Some(pidfd) = pidfd
+        && !pidfd_alive(pidfd.as_fd())
+    {
+        return None;
+    }
+    // The parent is not pinned by our pidfd: if it exits now, this names
+    // whatever has its pid next, which takes a pid wrap-around to matter.
+    // Its path, like the program's, must name its file here.
+    let parent_path = (needs.parent_path() && status.ppid > 0)
+        .then(|| verified_exe_path(status.ppid))
+        .flatten();
+    Some((status, login_uid, parent_path))
 }
 
 /// Whether `path` (the kernel's name for the open `file`) names that file
@@ -966,6 +1119,9 @@ struct FanotifyResponder {
     pid: u32,
     /// What an allow sets in motion, for events that went to the sink.
     after: Option<AfterAnswer>,
+    /// The policy decided the file alike for everyone, under this
+    /// generation: the kernel may answer its next execs.
+    per_file: Option<u64>,
 }
 
 /// What the gate's other parts need to hear about an answer.
@@ -977,6 +1133,9 @@ struct AfterAnswer {
     /// The pairing to arm on an allow (and drop on a deny): this event's
     /// program names an interpreter.
     interpreter: Option<(Arc<Mutex<InterpreterLoads>>, u64)>,
+    kernel: Arc<KernelCache>,
+    /// The file's path, when the kernel may cache its allow.
+    candidate_path: Option<String>,
 }
 
 impl FanotifyResponder {
@@ -993,6 +1152,20 @@ impl FanotifyResponder {
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
                     .answered(self.pid, *event, allowed);
+            }
+            if allowed {
+                match (self.per_file, &after.candidate_path) {
+                    (Some(generation), Some(path)) => {
+                        after.kernel.remember(
+                            generation,
+                            self.pid,
+                            self.event_fd.as_fd(),
+                            after.file,
+                            path,
+                        );
+                    }
+                    _ => after.kernel.note_answered(self.pid, after.file),
+                }
             }
             if allowed
                 && let Some(keeper) = &after.keeper
@@ -1019,6 +1192,16 @@ impl FanotifyResponder {
 
 impl Respond for FanotifyResponder {
     fn respond(self: Box<Self>, verdict: Verdict) {
+        self.answer(verdict);
+    }
+
+    fn respond_decided_per_file(
+        mut self: Box<Self>,
+        verdict: Verdict,
+        _cacheable: bool,
+        per_file: Option<u64>,
+    ) {
+        self.per_file = per_file;
         self.answer(verdict);
     }
 }

@@ -230,8 +230,19 @@ impl InterpreterLoads {
         let mut head = [0u8; HEAD_BYTES];
         let read = read_head(&mut head)?;
         let interp = loaded_interpreter(head.get(..read)?)?;
+        let key = self.resolve(interp, resolve)?;
+        Some(self.expect_key(pid, key, path, None))
+    }
+
+    /// The file an interpreter path names now (`resolve` is asked at most
+    /// once a minute per path).
+    pub fn resolve(
+        &mut self,
+        interp: &str,
+        resolve: impl FnOnce(&str) -> Option<FileKey>,
+    ) -> Option<FileKey> {
         let now = Instant::now();
-        let key = match self.resolved.get(interp) {
+        match self.resolved.get(interp) {
             Some((key, at)) if now.duration_since(*at) < RESOLVE_TTL => *key,
             _ => {
                 let key = resolve(interp);
@@ -241,7 +252,34 @@ impl InterpreterLoads {
                 self.resolved.insert(interp.to_owned(), (key, now));
                 key
             }
-        }?;
+        }
+    }
+
+    /// An exec of `pid` for `file` at `path` that already ran, answered by
+    /// the kernel from its cache of allows ([`super::kernel_cache`]), whose
+    /// interpreter (when it names one) is already known: the interpreter
+    /// load of the process's last program, or a program whose interpreter's
+    /// load may come now (armed at once: it was allowed).
+    pub fn ran(
+        &mut self,
+        pid: u32,
+        file: FileKey,
+        path: &str,
+        interpreter: Option<FileKey>,
+    ) -> Pairing {
+        if let Some(expected) = self.pending.remove(&pid)
+            && expected.interpreter == file
+            && expected.armed.is_some_and(|at| at.elapsed() < PAIRING_TTL)
+        {
+            return Pairing::LoadOf(expected.program);
+        }
+        match interpreter {
+            Some(key) => Pairing::Expecting(self.expect_key(pid, key, path, Some(Instant::now()))),
+            None => Pairing::None,
+        }
+    }
+
+    fn expect_key(&mut self, pid: u32, key: FileKey, path: &str, armed: Option<Instant>) -> u64 {
         if self.pending.len() >= CAPACITY {
             self.pending.clear();
         }
@@ -252,10 +290,10 @@ impl InterpreterLoads {
                 event: self.events,
                 interpreter: key,
                 program: path.to_owned(),
-                armed: None,
+                armed,
             },
         );
-        Some(self.events)
+        self.events
     }
 
     /// The program of event `event` ([`Pairing::Expecting`]) of `pid` was

@@ -23,6 +23,8 @@ pub mod es_map;
 #[cfg(target_os = "linux")]
 pub mod fanotify;
 pub mod interp;
+#[cfg(target_os = "linux")]
+pub mod kernel_cache;
 pub mod lease;
 pub mod mountinfo;
 pub mod procfs;
@@ -100,6 +102,14 @@ pub struct ExecFacts {
     pub groups_from_directory: bool,
     /// Login (audit) uid: the human behind `sudo` or `su`, when known.
     pub login_uid: Option<u32>,
+    /// The gate could let the kernel answer this file's next execs itself
+    /// (Linux: [`kernel_cache`]; a file only root can write, with one link,
+    /// on a local file system, at a path checked here) if the policy
+    /// allows it for everyone: the decider then says whether it does.
+    pub kernel_cache_candidate: bool,
+    /// The process had exited when the gate read its exec (one the kernel
+    /// answered from its cache): its user is not known.
+    pub process_gone: bool,
     /// Parent process id (of the process as it execs: the new program's parent).
     pub ppid: u32,
     /// Parent's executable.
@@ -144,6 +154,8 @@ impl ExecFacts {
             groups_from_directory: false,
             interpreter_of: None,
             login_uid: None,
+            kernel_cache_candidate: false,
+            process_gone: false,
             ppid: 0,
             parent_path: None,
             argv: None,
@@ -354,6 +366,49 @@ pub trait Respond: Send {
         let _ = cacheable;
         self.respond(verdict);
     }
+
+    /// [`Respond::respond_decided`], saying too whether the policy decides
+    /// this file alike for everyone (`per_file`: the policy generation it
+    /// was decided under), so that a gate with a per-file cache in the
+    /// kernel (Linux: [`kernel_cache`]) may let the kernel answer the
+    /// file's next execs itself. Others ignore it.
+    fn respond_decided_per_file(
+        self: Box<Self>,
+        verdict: Verdict,
+        cacheable: bool,
+        per_file: Option<u64>,
+    ) {
+        let _ = per_file;
+        self.respond_decided(verdict, cacheable);
+    }
+}
+
+/// Which platform cache let an exec run without asking the daemon.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AnsweredBy {
+    /// Endpoint Security's cache (macOS).
+    EsCache,
+    /// The kernel's ignore marks on files the policy allows for everyone
+    /// (Linux: [`kernel_cache`]).
+    KernelCache,
+}
+
+impl AnsweredBy {
+    /// How audit records name it (`answered_by`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AnsweredBy::EsCache => "es_cache",
+            AnsweredBy::KernelCache => "kernel_cache",
+        }
+    }
+
+    /// What it is, in words, for a record's reason.
+    pub fn what(self) -> &'static str {
+        match self {
+            AnsweredBy::EsCache => "the Endpoint Security cache",
+            AnsweredBy::KernelCache => "the kernel's cache of allows",
+        }
+    }
 }
 
 /// An exec waiting for its answer. Answer it with [`PendingExec::answer`];
@@ -364,7 +419,7 @@ pub struct PendingExec {
     pub facts: ExecFacts,
     responder: Option<Box<dyn Respond>>,
     fallback: Verdict,
-    observed: bool,
+    observed: Option<AnsweredBy>,
 }
 
 impl std::fmt::Debug for PendingExec {
@@ -384,7 +439,7 @@ impl PendingExec {
             facts,
             responder: Some(responder),
             fallback,
-            observed: false,
+            observed: None,
         }
     }
 
@@ -392,16 +447,27 @@ impl PendingExec {
     /// allows the daemon decided (Endpoint Security): nothing to answer,
     /// only to audit, like every other exec.
     pub fn observed(facts: ExecFacts) -> Self {
+        Self::observed_from(facts, AnsweredBy::EsCache)
+    }
+
+    /// An exec that `cache` let run without asking the daemon: only to
+    /// audit.
+    pub fn observed_from(facts: ExecFacts, cache: AnsweredBy) -> Self {
         Self {
             facts,
             responder: None,
             fallback: Verdict::Allow,
-            observed: true,
+            observed: Some(cache),
         }
     }
 
     /// Whether this exec already ran ([`PendingExec::observed`]).
     pub fn is_observed(&self) -> bool {
+        self.observed.is_some()
+    }
+
+    /// Which cache let this exec run, when it already ran.
+    pub fn answered_by(&self) -> Option<AnsweredBy> {
         self.observed
     }
 
@@ -417,6 +483,14 @@ impl PendingExec {
     pub fn answer_decided(mut self, verdict: Verdict, cacheable: bool) {
         if let Some(responder) = self.responder.take() {
             responder.respond_decided(verdict, cacheable);
+        }
+    }
+
+    /// Answers with a verdict the policy decided; `cacheable` and
+    /// `per_file` as in [`Respond::respond_decided_per_file`].
+    pub fn answer_per_file(mut self, verdict: Verdict, cacheable: bool, per_file: Option<u64>) {
+        if let Some(responder) = self.responder.take() {
+            responder.respond_decided_per_file(verdict, cacheable, per_file);
         }
     }
 }
