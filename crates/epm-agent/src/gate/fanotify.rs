@@ -587,17 +587,14 @@ impl FanotifyGate {
             Notified::Cached(entry) => entry,
         };
         let path = fd_path(content.as_fd());
-        let pairing = self
-            .interpreter_loads
+        // Arms the pairing for the interpreter this program names. The
+        // system loader is never cached (see `KernelCache::remember`), so
+        // its load comes as a permission event and is paired there; an
+        // interpreter answered here is other code, with a record of its own.
+        self.interpreter_loads
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .ran(pid, key, &path, entry.as_ref().and_then(|e| e.interpreter));
-        let system_loader = entry.as_ref().is_some_and(|e| e.system_loader);
-        let interpreter_of = match pairing {
-            // Its program's record stands for the exec.
-            Pairing::LoadOf(_) if system_loader => return,
-            _ => None,
-        };
         let same_path = entry.as_ref().is_some_and(|e| e.path == path);
         if entry.is_some() && (!same_path || !lease::only_root_writes(&meta) || meta.nlink() != 1) {
             // Renamed, linked, or made writable by others since it was
@@ -624,7 +621,6 @@ impl FanotifyGate {
                 content: Some(content),
                 path_origin,
                 stability: Stability::OnlyRootWrites,
-                interpreter_of,
                 process_gone: gone,
                 ..ExecFacts::new(pid, identity, path)
             },

@@ -63,6 +63,15 @@
 //! notification of an asked exec is dropped. Every other notification is an
 //! exec the kernel answered from the cache. An interpreter's load is paired
 //! with its program as for permission events ([`super::interp`]).
+//!
+//! # Never the dynamic loader
+//! `ld.so PROGRAM` runs code the gate never sees, so a direct run of the
+//! loader must have a record that names its user. A notification is read
+//! after the exec, when a short-lived process may be gone with its
+//! credentials; a permission event is read while it waits. The loader is
+//! therefore never cached: every dynamically linked exec still asks once
+//! for its loader, answered in user space from the pairing with its
+//! program.
 
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, BorrowedFd};
@@ -89,10 +98,6 @@ pub struct Entry {
     pub path: String,
     /// The interpreter the kernel loads for it, when it names one.
     pub interpreter: Option<FileKey>,
-    /// A dynamic loader (a shared object naming no interpreter), owned by
-    /// root and writable by nobody else: its loads as an interpreter get
-    /// no record of their own.
-    pub system_loader: bool,
 }
 
 /// What a notification is.
@@ -174,6 +179,16 @@ impl KernelCache {
         let mut head = [0u8; HEAD_BYTES];
         let read = nix::sys::uio::pread(fd, &mut head, 0).unwrap_or(0);
         let head = &head[..read];
+        if is_loader(head) {
+            // Never the dynamic loader: run directly (`ld.so PROGRAM`) it
+            // runs code the gate never sees, so that run's record must name
+            // its user, and only a permission event is read while the
+            // process is sure to exist (a notification can come after a
+            // short-lived process is gone). Its loads as an interpreter are
+            // answered from the pairing with their program, in user space.
+            self.note_answered(pid, key);
+            return false;
+        }
         let interpreter = loaded_interpreter(head).and_then(|interp| {
             self.loads
                 .lock()
@@ -188,7 +203,6 @@ impl KernelCache {
         let entry = Entry {
             path: path.to_owned(),
             interpreter,
-            system_loader: is_loader(head),
         };
         let mut state = self.lock();
         if state.generation != Some(generation) || state.cached.len() >= MAX_CACHED {
