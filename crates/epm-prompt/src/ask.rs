@@ -1,25 +1,13 @@
-//! Asking the user, through whichever backend this session has.
+//! Asking the user, through whichever backend the caller has.
 //!
 //! A [`Backend`] only knows two things: ask for one line of text (with
 //! optional ready-made choices) and show a message. The flows — ask, check
 //! with the rule, explain what to fix, ask again — are written once here on
 //! top of them, so every backend behaves the same.
 
-mod osascript;
-mod scripted;
-mod terminal;
-#[cfg(target_os = "macos")]
-mod user_notifications;
-mod zenity;
-
 use epm_policy::{ApprovalSpec, JustificationSpec};
 use jiff::Timestamp;
 use jiff::tz::TimeZone;
-
-pub use osascript::Osascript;
-pub use scripted::Scripted;
-pub use terminal::Terminal;
-pub use zenity::Zenity;
 
 use crate::display::shown_line;
 use crate::when::parse_time;
@@ -126,7 +114,7 @@ const TITLE: &str = "Endpoint Privilege Management";
 
 /// The choice after a list of presets (reasons, window starts and lengths)
 /// that asks for one's own text instead.
-pub(crate) const TYPE_MY_OWN: &str = "Type my own…";
+pub const TYPE_MY_OWN: &str = "Type my own…";
 
 /// Asks for a justification until it satisfies the rule, the user cancels,
 /// or [`MAX_ATTEMPTS`] answers were refused.
@@ -314,6 +302,7 @@ fn capitalized(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::Scripted;
 
     fn now() -> Timestamp {
         "2026-11-22T10:00:00Z".parse().unwrap()

@@ -1,4 +1,4 @@
-//! What the helper says, word for word. `docs/user-guide.md` quotes these.
+//! What EPM says to a person, word for word. `docs/user-guide.md` quotes these.
 
 use jiff::Timestamp;
 

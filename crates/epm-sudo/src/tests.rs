@@ -3,6 +3,7 @@
 use std::collections::VecDeque;
 
 use epm_ipc::RequestInfo;
+use epm_policy::JustificationSpec;
 use jiff::Timestamp;
 
 use super::*;
@@ -155,7 +156,11 @@ fn sudoedit_is_about_the_files_and_the_environment_goes_along() {
         Some(vec!["/etc/hosts".to_owned(), "/etc/motd".to_owned()])
     );
     assert_eq!(elevation.env, env);
-    assert_eq!(elevation.what(), "edit /etc/hosts /etc/motd");
+    assert!(
+        elevation.what().starts_with("Editing /etc/hosts /etc/motd as "),
+        "{}",
+        elevation.what()
+    );
     assert!(Elevation::from_check(&info, &["vi".to_owned()], &[]).is_err());
     let plain = Elevation::from_check(&info[..2], &argv, &[]).unwrap();
     assert_eq!(plain.edit, None);

@@ -6,11 +6,11 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use epm_helper::display::shown_line;
-use epm_helper::prompt::{self, JustificationAsk, Terminal};
-use epm_helper::when::parse_time;
 use epm_ipc::{ElevationVerdict, Window};
 use epm_policy::{ApprovalSpec, JustificationSpec};
+use epm_prompt::display::shown_line;
+use epm_prompt::when::parse_time;
+use epm_prompt::{self as prompt, JustificationAsk, Terminal};
 use jiff::Timestamp;
 use jiff::tz::TimeZone;
 
