@@ -157,7 +157,9 @@ fn sudoedit_is_about_the_files_and_the_environment_goes_along() {
     );
     assert_eq!(elevation.env, env);
     assert!(
-        elevation.what().starts_with("Editing /etc/hosts /etc/motd as "),
+        elevation
+            .what()
+            .starts_with("Editing /etc/hosts /etc/motd as "),
         "{}",
         elevation.what()
     );
