@@ -33,6 +33,7 @@ use std::time::Duration;
 
 use epm_ipc::{Command, ElevationVerdict};
 use epm_prompt::display::shown_line;
+use epm_prompt::messages;
 use epm_prompt::{Backend, JustificationAsk, PromptError, Tone};
 
 pub mod ffi;
@@ -376,10 +377,7 @@ pub fn decide(
             }
             ElevationVerdict::Pending { request, .. } => {
                 if !waiting {
-                    terminal.info(&format!(
-                        "Request {} sent to your administrators. Waiting for approval… (Ctrl+C to cancel)",
-                        request.id
-                    ));
+                    terminal.info(&messages::waiting_for_approval(&request.id));
                     waiting = true;
                 }
                 if terminal.cancelled() {
@@ -403,12 +401,9 @@ pub fn decide(
                 retry_after,
                 ..
             } => {
-                let why = request
-                    .state_reason
-                    .map(|r| format!(": {}", shown_line(&r)))
-                    .unwrap_or_default();
                 terminal.error(&format!(
-                    "epm: your request was rejected by the administrator{why}. You can ask again after {retry_after}."
+                    "epm: {}",
+                    messages::request_rejected(request.state_reason.as_deref(), retry_after)
                 ));
                 return Answer::Reject;
             }

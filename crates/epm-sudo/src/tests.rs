@@ -304,3 +304,52 @@ fn an_unreachable_daemon_follows_the_fail_mode() {
         Answer::Approve
     );
 }
+
+/// Text from a policy, an approver or a file name reaches sudo's terminal
+/// escaped, as it reaches the helper's and `epmctl`'s: a rule message or a
+/// reason cannot clear the screen or reverse the text around it.
+#[test]
+fn untrusted_text_is_shown_escaped() {
+    let hostile = "ok\u{1b}[2J\u{202e}txt.exe";
+    let escaped = "ok\\u{1b}[2J\\u{202e}txt.exe";
+
+    let denied = ElevationVerdict::Denied {
+        rule_id: Some("x".into()),
+        message: hostile.into(),
+    };
+    let mut terminal = FakeTerminal::default();
+    assert_eq!(run(vec![Ok(denied)], &mut terminal).0, Answer::Reject);
+    assert_eq!(terminal.said, [format!("error: epm: {escaped}")]);
+
+    let mut request = request("denied");
+    request.state_reason = Some(hostile.into());
+    let rejected = ElevationVerdict::Rejected {
+        rule_id: "apt".into(),
+        request,
+        retry_after: Timestamp::UNIX_EPOCH,
+    };
+    let mut terminal = FakeTerminal::default();
+    run(vec![Ok(rejected)], &mut terminal);
+    assert!(terminal.said[0].contains(escaped), "{:?}", terminal.said);
+
+    let needs = ElevationVerdict::NeedsJustification {
+        rule_id: "apt".into(),
+        message: Some(hostile.into()),
+        justification: JustificationSpec {
+            presets: vec![hostile.into()],
+            ..JustificationSpec::default()
+        },
+    };
+    let mut terminal = FakeTerminal::default();
+    run(vec![Ok(needs)], &mut terminal);
+    assert!(
+        terminal.said.iter().all(|line| !line.contains('\u{1b}')),
+        "{:?}",
+        terminal.said
+    );
+    assert!(
+        terminal.said.contains(&format!("info:   1) {escaped}")),
+        "{:?}",
+        terminal.said
+    );
+}
