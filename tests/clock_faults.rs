@@ -417,7 +417,7 @@ fn an_admin_session_ends_on_time_or_early_by_the_jump_when_the_clock_moves_less(
     let record = revocation(&daemon, &user, 1);
     assert_eq!(record["details"]["reason"], "expired", "{record}");
     assert!(
-        back >= Duration::from_secs(59) && back <= Duration::from_secs(63),
+        back >= Duration::from_secs(59) && back <= Duration::from_secs(66),
         "ended {back:.1?} after its start"
     );
     eprintln!("clock -45s: a 1-minute session ended {back:.1?} after its start; {record}");
@@ -434,7 +434,7 @@ fn an_admin_session_ends_on_time_or_early_by_the_jump_when_the_clock_moves_less(
     let record = revocation(&daemon, &user, 2);
     assert_eq!(record["details"]["reason"], "expired", "{record}");
     assert!(
-        forward >= Duration::from_secs(14) && forward <= Duration::from_secs(18),
+        forward >= Duration::from_secs(14) && forward <= Duration::from_secs(21),
         "ended {forward:.1?} after its start"
     );
     eprintln!("clock +45s: a 1-minute session ended {forward:.1?} after its start; {record}");

@@ -179,77 +179,94 @@ fn a_platform_killed_during_audit_uploads_ends_with_every_record_exactly_once() 
     const KILLS: usize = 20;
     let mut rng = Rng::from_env();
     let mut platform = Platform::start();
-    let device = "e2e-upload-kills";
-    let daemon = managed(&platform, device);
-    let program = daemon.mount.install("/usr/bin/true", "tool");
+    // Two agents uploading at once: the platform's batches interleave.
+    let devices = ["e2e-upload-kills-a", "e2e-upload-kills-b"];
+    let daemons: Vec<Daemon> = devices.iter().map(|d| managed(&platform, d)).collect();
     let started = Instant::now();
-    let load = Load::start(&program);
+    let loads: Vec<Load> = daemons
+        .iter()
+        .map(|d| Load::start(&d.mount.install("/usr/bin/true", "tool")))
+        .collect();
     let (mut syncs_failed, mut syncs_ok) = (0, 0);
     for kill in 0..KILLS {
         // A backlog worth more than one batch (500 records) now and then.
         std::thread::sleep(Duration::from_millis(200 + rng.below(800)));
-        let syncing = sync_in_background(&daemon);
-        // A random point: before the call, in the TLS handshake, while the
-        // batch is inserted, between the commit and the answer, between
+        let mut syncing = Vec::new();
+        for daemon in &daemons {
+            syncing.push(sync_in_background(daemon));
+            std::thread::sleep(Duration::from_millis(rng.below(50)));
+        }
+        // A random point: before the call, in the TLS handshake, while a
+        // batch is inserted, between its commit and the answer, between
         // two batches, or after the cycle.
         let delay = rng.below(400);
         std::thread::sleep(Duration::from_millis(delay));
         platform.kill();
-        let out = syncing.wait_with_output().unwrap();
-        if out.status.success() {
-            syncs_ok += 1;
-        } else {
-            syncs_failed += 1;
+        let mut outcomes = Vec::new();
+        for child in syncing {
+            let out = child.wait_with_output().unwrap();
+            if out.status.success() {
+                syncs_ok += 1;
+                outcomes.push("had finished".to_owned());
+            } else {
+                syncs_failed += 1;
+                outcomes.push(format!("failed: {}", text(&out).trim()));
+            }
         }
         eprintln!(
-            "kill {kill}: after {delay} ms; sync {}",
-            if out.status.success() {
-                "had finished".to_owned()
-            } else {
-                format!("failed: {}", text(&out).trim())
-            }
+            "kill {kill}: after {delay} ms; syncs: {}",
+            outcomes.join("; ")
         );
         platform.restart();
     }
-    let execs = load.stop();
-    let written = settled_seq(&daemon);
-    // Everything goes up now; a cycle uploads every batch pending.
-    synced(&daemon);
-    synced(&daemon);
+    let execs: u64 = loads.into_iter().map(Load::stop).sum();
+    let mut total = 0;
+    for (daemon, device) in daemons.iter().zip(devices) {
+        let written = settled_seq(daemon);
+        // Everything goes up now; a cycle uploads every batch pending.
+        synced(daemon);
+        synced(daemon);
 
-    let agent = agent_records(&daemon);
-    let uploaded = platform_records(&platform, device);
-    let mut seen: BTreeMap<u64, &Value> = BTreeMap::new();
-    for (seq, record) in &uploaded {
+        let agent = agent_records(daemon);
+        let uploaded = platform_records(&platform, device);
+        let mut seen: BTreeMap<u64, &Value> = BTreeMap::new();
+        for (seq, record) in &uploaded {
+            assert!(
+                seen.insert(*seq, record).is_none(),
+                "{device}: seq {seq} is on the platform twice"
+            );
+        }
+        let last = *seen.keys().last().unwrap();
         assert!(
-            seen.insert(*seq, record).is_none(),
-            "seq {seq} is on the platform twice"
+            last >= written,
+            "{device}: the platform holds up to seq {last}, the agent had written {written}"
         );
+        let missing: Vec<u64> = (1..=last).filter(|s| !seen.contains_key(s)).collect();
+        assert!(missing.is_empty(), "{device}: lost on the way: {missing:?}");
+        for (seq, record) in &seen {
+            let own = agent.get(seq).unwrap_or_else(|| {
+                panic!("{device}: seq {seq} on the platform is not in the agent's log")
+            });
+            assert_eq!(
+                *record, own,
+                "{device}: seq {seq} differs from the agent's record"
+            );
+        }
+        let status = daemon.status();
+        assert_eq!(
+            status["platform"]["acked_seq"].as_u64(),
+            Some(last),
+            "{device}: the platform acknowledged all it holds: {status}"
+        );
+        eprintln!(
+            "{device}: {written} records written, {} on the platform, each once, equal to the agent's",
+            seen.len()
+        );
+        total += seen.len();
     }
-    let last = *seen.keys().last().unwrap();
-    assert!(
-        last >= written,
-        "the platform holds up to seq {last}, the agent had written {written}"
-    );
-    let missing: Vec<u64> = (1..=last).filter(|s| !seen.contains_key(s)).collect();
-    assert!(missing.is_empty(), "lost on the way: {missing:?}");
-    for (seq, record) in &seen {
-        let own = agent
-            .get(seq)
-            .unwrap_or_else(|| panic!("seq {seq} on the platform is not in the agent's log"));
-        assert_eq!(*record, own, "seq {seq} differs from the agent's record");
-    }
-    let status = daemon.status();
-    assert_eq!(
-        status["platform"]["acked_seq"].as_u64(),
-        Some(last),
-        "the platform acknowledged all it holds: {status}"
-    );
     eprintln!(
-        "{KILLS} platform kills in {:.0?}: {execs} execs, {written} records written, {} on the platform (each once, equal to the agent's), {syncs_failed} syncs cut by the kill, {syncs_ok} had finished; status: {}",
+        "{KILLS} platform kills in {:.0?}: 2 agents, {execs} execs, {total} records on the platform (each once, equal to the agents'), {syncs_failed} syncs cut by a kill, {syncs_ok} had finished",
         started.elapsed(),
-        seen.len(),
-        status["platform"]
     );
 }
 
