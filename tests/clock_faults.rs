@@ -233,6 +233,33 @@ fn tool_execs(daemon: &Daemon, n: usize) -> Vec<serde_json::Value> {
     }
 }
 
+/// Waits for the `n`-th `clock_jump` record (1-based) and checks it says
+/// the clock moved by about `by`.
+fn jump_record(daemon: &Daemon, n: usize, by: SignedDuration) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let records: Vec<serde_json::Value> = daemon
+            .audit()
+            .into_iter()
+            .filter(|r| r["event"] == "clock_jump")
+            .collect();
+        if let Some(record) = records.get(n - 1) {
+            let seconds = record["details"]["seconds"].as_i64().unwrap();
+            assert!(
+                (seconds - by.as_secs()).abs() <= 5,
+                "a jump of {by:+} recorded as {seconds} s: {record}"
+            );
+            return record.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no clock_jump record {n}\n{}",
+            daemon.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 #[test]
 fn a_window_that_ended_does_not_reopen_when_the_clock_goes_back() {
     let Some(clock) = FakeClock::install() else {
@@ -252,6 +279,10 @@ fn a_window_that_ended_does_not_reopen_when_the_clock_goes_back() {
     // Back to before the window, then back into it: it stays closed.
     clock.set(secs(-3600));
     assert!(denied(&user.run(&tool)), "clock an hour back: still closed");
+    // The jump is recorded (the next check, within a second) before the
+    // clock moves again, so the check sees this step alone.
+    let jump = jump_record(&daemon, 1, secs(-3600));
+    eprintln!("{jump}");
     clock.set(-(Timestamp::now().duration_since(start) - secs(2)));
     assert!(
         denied(&user.run(&tool)),
@@ -385,6 +416,9 @@ fn an_admin_session_ends_at_once_when_the_clock_jumps_a_minute_or_more_either_wa
         let took = jumped.elapsed();
         let record = revocation(&daemon, &user, n);
         assert_eq!(record["details"]["reason"], "clock_jump", "{record}");
+        // Each jump recorded: this one, and setting the clock right after
+        // the first.
+        jump_record(&daemon, 2 * n - 1, jump);
         assert_eq!(record["details"]["removed_from_group"], true, "{record}");
         eprintln!(
             "clock {jump:+}: session ended {took:.1?} after the jump; {}",
