@@ -23,12 +23,23 @@ use epm_e2e::platform::Platform;
 use epm_e2e::{Daemon, TestGroup, TestUser, capable, denied, policy, ran, wait_until};
 use jiff::{SignedDuration, Timestamp};
 
-const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1";
+/// Where Debian's `faketime` puts the library (its multiarch directory).
+const LIBFAKETIME_IN: &str = "faketime/libfaketimeMT.so.1";
+
+/// The library, in whichever `/usr/lib/<arch>/` holds it.
+fn libfaketime() -> Option<PathBuf> {
+    std::fs::read_dir("/usr/lib")
+        .ok()?
+        .flatten()
+        .map(|dir| dir.path().join(LIBFAKETIME_IN))
+        .find(|path| path.exists())
+}
 
 /// `epmd`'s wall clock, moved by the test. Held for the whole test: the
 /// offset file is one for the process.
 struct FakeClock {
     file: PathBuf,
+    library: PathBuf,
     _turn: MutexGuard<'static, ()>,
 }
 
@@ -39,21 +50,25 @@ impl FakeClock {
         if !capable() {
             return None;
         }
-        if !Path::new(LIBFAKETIME).exists() {
+        let Some(library) = libfaketime() else {
             assert_ne!(
                 std::env::var("EPM_E2E").as_deref(),
                 Ok("1"),
-                "EPM_E2E=1 but {LIBFAKETIME} is missing: apt-get install faketime"
+                "EPM_E2E=1 but /usr/lib/*/{LIBFAKETIME_IN} is missing: apt-get install faketime"
             );
-            eprintln!("skipped: {LIBFAKETIME} is missing (apt-get install faketime)");
+            eprintln!("skipped: /usr/lib/*/{LIBFAKETIME_IN} is missing (apt-get install faketime)");
             return None;
-        }
+        };
         static TURN: Mutex<()> = Mutex::new(());
         let turn = TURN
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let file = std::env::temp_dir().join(format!("epm-e2e-faketime-{}", std::process::id()));
-        let clock = FakeClock { file, _turn: turn };
+        let clock = FakeClock {
+            file,
+            library,
+            _turn: turn,
+        };
         clock.set(SignedDuration::ZERO);
         Some(clock)
     }
@@ -74,7 +89,7 @@ impl FakeClock {
             "NO_FAKE_STAT",
         ];
         let values: [&std::ffi::OsStr; 5] = [
-            LIBFAKETIME.as_ref(),
+            self.library.as_os_str(),
             self.file.as_os_str(),
             // Read at every call: a jump is seen at once.
             "1".as_ref(),
@@ -92,13 +107,22 @@ impl FakeClock {
                 std::env::set_var(name, value);
             }
         }
-        let started = start();
-        // SAFETY: as above.
-        unsafe {
-            for name in VARS {
-                std::env::remove_var(name);
+        /// Takes the variables out again, even if `start` panics: the
+        /// next test's platform must not run with them.
+        struct Unset;
+        impl Drop for Unset {
+            fn drop(&mut self) {
+                // SAFETY: as above.
+                unsafe {
+                    for name in VARS {
+                        std::env::remove_var(name);
+                    }
+                }
             }
         }
+        let unset = Unset;
+        let started = start();
+        drop(unset);
         started
     }
 
