@@ -58,9 +58,10 @@ pub mod events {
     pub const SETUID_FILE: &str = "setuid_file_found";
     /// A process that still carried the admin group at the session's end.
     pub const GROUP_PROCESS: &str = "admin_group_process_found";
-    /// The wall clock was set (a jump past [`super::CLOCK_JUMP`]), whether
-    /// or not a session was open: windows and expiry are judged by the
-    /// trusted clock, and the log should say why times in it jump.
+    /// The wall clock was set (a jump past [`super::CLOCK_JUMP`]; forward,
+    /// it may also be the machine waking from sleep), whether or not a
+    /// session was open: windows and expiry are judged by the trusted
+    /// clock, and the log should say why times in it jump.
     pub const CLOCK_JUMP: &str = "clock_jump";
 }
 
@@ -287,11 +288,19 @@ impl AdminSessions {
         if let Some(by) = jumped {
             self.audit.send(
                 AuditEvent::new(events::CLOCK_JUMP)
-                    .with_reason(format!(
-                        "the wall clock was set {} by about {} s",
-                        if by.is_negative() { "back" } else { "forward" },
-                        by.as_secs().unsigned_abs()
-                    ))
+                    .with_reason(if by.is_negative() {
+                        format!(
+                            "the wall clock was set back by about {} s",
+                            by.as_secs().unsigned_abs()
+                        )
+                    } else {
+                        // The monotonic clock stops while the machine
+                        // sleeps; the wall clock does not.
+                        format!(
+                            "the wall clock moved about {} s ahead of the monotonic clock: it was set forward, or the machine slept",
+                            by.as_secs()
+                        )
+                    })
                     .with_detail("seconds", by.as_secs())
                     .with_detail("wall_before", before.to_string())
                     .with_detail("wall_after", wall.to_string())
