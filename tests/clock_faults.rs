@@ -143,7 +143,9 @@ impl FakeClock {
 
 impl Drop for FakeClock {
     fn drop(&mut self) {
-        let _ = std::fs::write(&self.file, "+0\n");
+        // Dropped after the test's daemon (declared first); the next test
+        // writes the file again. Without it libfaketime keeps the real time.
+        let _ = std::fs::remove_file(&self.file);
     }
 }
 
