@@ -58,6 +58,11 @@ pub mod events {
     pub const SETUID_FILE: &str = "setuid_file_found";
     /// A process that still carried the admin group at the session's end.
     pub const GROUP_PROCESS: &str = "admin_group_process_found";
+    /// The wall clock was set (a jump past [`super::CLOCK_JUMP`]; forward,
+    /// it may also be the machine waking from sleep), whether or not a
+    /// session was open: windows and expiry are judged by the trusted
+    /// clock, and the log should say why times in it jump.
+    pub const CLOCK_JUMP: &str = "clock_jump";
 }
 
 /// Adding users to groups and taking them out: the platform's directory.
@@ -269,14 +274,40 @@ impl AdminSessions {
     fn tick(&self) {
         let _changes = lock(&self.changes);
         let (mono, wall) = (Instant::now(), Timestamp::now());
-        let jumped = {
+        let (jumped, before) = {
             let mut last = lock(&self.last_tick);
+            let before = last.1;
             let mono_step = mono.duration_since(last.0);
-            let wall_step = last.1.duration_until(wall);
+            let wall_step = before.duration_until(wall);
             *last = (mono, wall);
             let mono_step = SignedDuration::try_from(mono_step).unwrap_or(SignedDuration::MAX);
-            (wall_step - mono_step).abs() > SignedDuration::try_from(CLOCK_JUMP).unwrap_or_default()
+            let jumped = (wall_step - mono_step).abs()
+                > SignedDuration::try_from(CLOCK_JUMP).unwrap_or_default();
+            (jumped.then_some(wall_step - mono_step), before)
         };
+        if let Some(by) = jumped {
+            self.audit.send(
+                AuditEvent::new(events::CLOCK_JUMP)
+                    .with_reason(if by.is_negative() {
+                        format!(
+                            "the wall clock was set back by about {} s",
+                            by.as_secs().unsigned_abs()
+                        )
+                    } else {
+                        // The monotonic clock stops while the machine
+                        // sleeps; the wall clock does not.
+                        format!(
+                            "the wall clock moved about {} s ahead of the monotonic clock: it was set forward, or the machine slept",
+                            by.as_secs()
+                        )
+                    })
+                    .with_detail("seconds", by.as_secs())
+                    .with_detail("wall_before", before.to_string())
+                    .with_detail("wall_after", wall.to_string())
+                    .with_detail("trusted_now", self.now().to_string()),
+            );
+        }
+        let jumped = jumped.is_some();
         let now = self.now();
         for session in self.active() {
             if jumped {

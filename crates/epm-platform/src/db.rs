@@ -1584,13 +1584,17 @@ impl Db {
 
     /// Records `admin`'s approval, judged by the rule's levels as they are
     /// in the device's policy now (`terms`). Returns the request and
-    /// whether it is now fully approved (the caller then signs the grant).
+    /// whether it is now fully approved. The approval that completes it
+    /// stores the grant `sign` makes (from the request and its uses) in
+    /// the same transaction: a platform killed in between must not leave a
+    /// request approved without a grant, which its agent could never use.
     pub fn approve(
         &self,
         id: &str,
         admin: &Admin,
         terms: &CurrentTerms,
         narrowing: Narrowing,
+        sign: impl FnOnce(&AdminRequest, u32) -> std::result::Result<SignedEnvelope, String>,
     ) -> Result<(AdminRequest, bool)> {
         admin.require(Capability::Approve)?;
         let mut conn = self.conn();
@@ -1677,6 +1681,19 @@ impl Db {
             )?;
         }
         if done {
+            let uses: u32 = tx.query_row(
+                "SELECT MIN(uses, COALESCE(max_uses, uses)) FROM requests WHERE id = ?1",
+                [id],
+                |r| r.get(0),
+            )?;
+            // A grant that cannot be made cannot be stored: the approval
+            // rolls back (an internal error, logged).
+            let envelope = sign(&Db::request_row(&tx, id)?.request, uses)
+                .map_err(|e| rusqlite::Error::ToSqlConversionFailure(e.into()))?;
+            tx.execute(
+                "UPDATE requests SET grant_envelope = ?2 WHERE id = ?1",
+                params![id, to_json(&envelope)],
+            )?;
             self.notify(&tx, "approved", id)?;
         }
         let request = Db::request_row(&tx, id)?.request;
@@ -1707,15 +1724,6 @@ impl Db {
             [id],
             |r| r.get(0),
         )?)
-    }
-
-    /// Stores the signed grant of an approved request.
-    pub fn set_grant(&self, id: &str, envelope: &SignedEnvelope) -> Result<()> {
-        self.conn().execute(
-            "UPDATE requests SET grant_envelope = ?2 WHERE id = ?1",
-            params![id, to_json(envelope)],
-        )?;
-        Ok(())
     }
 
     /// Denies a pending request (an approver of its current level).

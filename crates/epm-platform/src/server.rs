@@ -1495,7 +1495,7 @@ async fn recheck_pending(state: &Shared, request: &AdminRequest) -> ApiResult<Cu
 
 /// Records `admin`'s approval of a pending request after checking it
 /// against the device's policy now, narrowed as the approver chose; signs
-/// the grant when it completes. The API and the console both approve
+/// the grant when it completes (stored with the approval, atomically). The API and the console both approve
 /// through here.
 pub(crate) async fn approve_checked(
     state: &Shared,
@@ -1512,25 +1512,25 @@ pub(crate) async fn approve_checked(
         );
     }
     let terms = recheck_pending(state, &request).await?;
-    let (request, done) = state.db.approve(id, admin, &terms, narrowing)?;
-    if done {
-        let grant = Grant {
-            request_id: request.id.clone(),
-            device_id: request.device_id.clone(),
-            user: request.user.clone(),
-            identity: request.subject.identity.clone(),
-            rule_id: request.rule_id.clone(),
-            not_before: request.window.start,
-            not_after: request.window.end,
-            uses: state.db.request_uses(id)?,
-            issued_at: Timestamp::now(),
-        };
-        let envelope = state
-            .signing
-            .sign(SignedKind::Grant, &grant)
-            .map_err(|e| Failure::internal(e.to_string()))?;
-        state.db.set_grant(id, &envelope)?;
-    }
+    let (request, done) = state
+        .db
+        .approve(id, admin, &terms, narrowing, |request, uses| {
+            let grant = Grant {
+                request_id: request.id.clone(),
+                device_id: request.device_id.clone(),
+                user: request.user.clone(),
+                identity: request.subject.identity.clone(),
+                rule_id: request.rule_id.clone(),
+                not_before: request.window.start,
+                not_after: request.window.end,
+                uses,
+                issued_at: Timestamp::now(),
+            };
+            state
+                .signing
+                .sign(SignedKind::Grant, &grant)
+                .map_err(|e| format!("signing the grant of {}: {e}", request.id))
+        })?;
     Ok((request, done))
 }
 
