@@ -169,7 +169,7 @@ impl From<DbError> for Failure {
             DbError::Invalid(m) => {
                 Failure::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_request", m)
             }
-            DbError::Sqlite(e) => {
+            DbError::Sql(e) => {
                 tracing::error!("database: {e}");
                 Failure::new(
                     StatusCode::INTERNAL_SERVER_ERROR,
