@@ -388,7 +388,22 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX webhook_deliveries_due ON webhook_deliveries (state, next_at);
     "#,
+    // 3: merged policies by the documents they were merged from (issue
+    // 19): on PostgreSQL one merge serves every instance.
+    r#"
+    CREATE TABLE merged_policies (
+        documents_sha256 BLOB PRIMARY KEY,
+        merged TEXT NOT NULL,
+        created_at TEXT NOT NULL
+    );
+    "#,
 ];
+
+/// Merged policies kept in the database.
+const MAX_MERGED: u64 = 256;
+
+/// Audit records per INSERT statement.
+const AUDIT_BATCH: usize = 50;
 
 /// Refused-call rows kept: the oldest go first.
 const MAX_REFUSED_ROWS: u64 = 10_000;
@@ -516,10 +531,9 @@ impl Db {
         })
     }
 
-    /// Calls `changed(channel)` whenever any instance sharing this
-    /// database stores audit (`audit`) or changes a request (`requests`).
-    /// SQLite has one instance: the server notifies itself, this is a
-    /// no-op there.
+    /// Calls `changed("audit")` whenever any instance sharing this
+    /// database stores audit, and once after the listener reconnects.
+    /// SQLite has one instance, which wakes its own waiters: a no-op there.
     pub fn listen(&self, changed: sql::Listener) {
         if let Store::Postgres(pg) = &self.store {
             postgres::listen(pg, changed);
@@ -1153,9 +1167,10 @@ impl Db {
         agent: &Agent,
         request: &epm_api::agent::CheckinRequest,
     ) -> Result<u64> {
-        let conn = self.conn()?;
-        conn.execute(
-            "UPDATE agents SET last_checkin = ?2, policy_version = ?3, outbox_pending = ?4, users = ?5, counters = ?6 WHERE agent_id = ?1",
+        // One statement, one round trip: the check-in is the fleet's most
+        // frequent call.
+        self.conn()?.query_row(
+            "UPDATE agents SET last_checkin = ?2, policy_version = ?3, outbox_pending = ?4, users = ?5, counters = ?6 WHERE agent_id = ?1 RETURNING audit_acked",
             params![
                 agent.agent_id,
                 Timestamp::now().to_string(),
@@ -1164,12 +1179,10 @@ impl Db {
                 to_json(&request.users),
                 to_json(&request.counters)
             ],
-        )?;
-        Ok(conn.query_row(
-            "SELECT audit_acked FROM agents WHERE agent_id = ?1",
-            [&agent.agent_id],
             |r| r.get(0),
-        )?)
+        )
+        .optional()?
+        .ok_or_else(|| DbError::NotFound(format!("no agent {:?}", agent.agent_id)))
     }
 
     /// A device's offline-code key.
@@ -1367,12 +1380,50 @@ impl Db {
             .optional()?)
     }
 
-    /// Stores a device's bundle.
-    pub fn put_bundle(&self, device_id: &str, row: &BundleRow) -> Result<()> {
-        self.conn()?.execute(
+    /// Stores a device's bundle if the stored one is still `previous`
+    /// (its version; `None`: there was none). `false` when another
+    /// instance stored one first: then that one stands, so each version
+    /// (the ETag) has one envelope fleet-wide.
+    pub fn put_bundle(
+        &self,
+        device_id: &str,
+        row: &BundleRow,
+        previous: Option<u64>,
+    ) -> Result<bool> {
+        let changed = self.conn()?.execute(
             "INSERT INTO bundles (device_id, version, content_sha256, revision, users_sha256, envelope) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-             ON CONFLICT (device_id) DO UPDATE SET version = ?2, content_sha256 = ?3, revision = ?4, users_sha256 = ?5, envelope = ?6",
-            params![device_id, row.version, row.content_sha256, row.revision, row.users_sha256, row.envelope],
+             ON CONFLICT (device_id) DO UPDATE SET version = ?2, content_sha256 = ?3, revision = ?4, users_sha256 = ?5, envelope = ?6
+             WHERE bundles.version = ?7",
+            params![device_id, row.version, row.content_sha256, row.revision, row.users_sha256, row.envelope, previous.map_or(-1, |v| i64::try_from(v).unwrap_or(i64::MAX))],
+        )?;
+        Ok(changed == 1)
+    }
+
+    /// The policy merged from a set of documents, if any instance merged
+    /// it before (`key`: the SHA-256 of the documents' scopes and
+    /// revisions).
+    pub fn merged_policy(&self, key: &[u8]) -> Result<Option<String>> {
+        Ok(self
+            .conn()?
+            .query_row(
+                "SELECT merged FROM merged_policies WHERE documents_sha256 = ?1",
+                [key],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
+    /// Keeps a merged policy for every instance; the oldest go past
+    /// [`MAX_MERGED`] (a policy change makes new ones).
+    pub fn put_merged_policy(&self, key: &[u8], merged: &str) -> Result<()> {
+        let conn = self.conn()?;
+        conn.execute(
+            "INSERT INTO merged_policies (documents_sha256, merged, created_at) VALUES (?1, ?2, ?3) ON CONFLICT (documents_sha256) DO NOTHING",
+            params![key, merged, sortable(Timestamp::now())],
+        )?;
+        conn.execute(
+            "DELETE FROM merged_policies WHERE documents_sha256 IN (SELECT documents_sha256 FROM merged_policies ORDER BY created_at DESC LIMIT -1 OFFSET ?1)",
+            params![MAX_MERGED],
         )?;
         Ok(())
     }
@@ -1397,27 +1448,41 @@ impl Db {
         records: &[(u64, Option<String>, &str)],
     ) -> Result<(u64, u64, u64)> {
         let mut conn = self.conn()?;
-        let tx = conn.transaction()?;
-        let (mut stored, mut duplicates) = (0, 0);
-        {
-            let mut insert = tx.prepare_cached(
-                "INSERT INTO audit (agent_id, device_id, seq, decision, record) VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (agent_id, seq) DO NOTHING",
-            )?;
-            for (seq, decision, record) in records {
-                if insert.execute(params![
-                    agent.agent_id,
-                    agent.device_id,
-                    seq,
-                    decision,
-                    record
-                ])? == 1
-                {
-                    stored += 1;
-                } else {
-                    duplicates += 1;
+        // Uploads of different agents do not wait for each other; two of
+        // one agent (a retry reaching another instance) take turns on the
+        // agent's row, so the acknowledgement only moves forward.
+        let tx = conn.transaction_concurrent()?;
+        tx.query_row(
+            "SELECT audit_acked FROM agents WHERE agent_id = ?1 FOR UPDATE",
+            [&agent.agent_id],
+            |r| r.get::<_, u64>(0),
+        )
+        .optional()?
+        .ok_or_else(|| DbError::NotFound(format!("no agent {:?}", agent.agent_id)))?;
+        // Rows in statements of at most AUDIT_BATCH: one round trip per
+        // batch, and a bounded set of statement shapes to prepare.
+        let mut stored: u64 = 0;
+        for chunk in records.chunks(AUDIT_BATCH) {
+            let mut sql = String::from(
+                "INSERT INTO audit (agent_id, device_id, seq, decision, record) VALUES ",
+            );
+            let mut values = Vec::with_capacity(chunk.len() * 3 + 2);
+            values.push(sql::ToValue::to_value(&agent.agent_id));
+            values.push(sql::ToValue::to_value(&agent.device_id));
+            for (i, (seq, decision, record)) in chunk.iter().enumerate() {
+                let n = 3 + i * 3;
+                if i > 0 {
+                    sql.push_str(", ");
                 }
+                sql.push_str(&format!("(?1, ?2, ?{n}, ?{}, ?{})", n + 1, n + 2));
+                values.push(sql::ToValue::to_value(seq));
+                values.push(sql::ToValue::to_value(decision));
+                values.push(sql::ToValue::to_value(record));
             }
+            sql.push_str(" ON CONFLICT (agent_id, seq) DO NOTHING");
+            stored += tx.execute(&sql, values)? as u64;
         }
+        let duplicates = records.len() as u64 - stored;
         // The agent no longer holds records before oldest_kept_seq: waiting
         // for them would stall the acknowledgement forever.
         let floor = oldest_kept_seq.saturating_sub(1);
@@ -1684,6 +1749,31 @@ impl Db {
         }
         tx.commit()?;
         Ok(ids.len())
+    }
+
+    /// The periodic expiry sweep: on PostgreSQL one instance at a time
+    /// (an advisory lock; the others skip this round), so a fleet of
+    /// instances does not repeat the same work every 30 s.
+    pub fn sweep_expired(&self, now: Timestamp) -> Result<usize> {
+        let conn = self.conn()?;
+        if !conn.is_postgres() {
+            drop(conn);
+            return self.expire_requests(now);
+        }
+        let locked: bool = conn.query_row(
+            &format!("SELECT pg_try_advisory_lock({})", sql::SWEEP_LOCK),
+            params![],
+            |r| r.get(0),
+        )?;
+        if !locked {
+            return Ok(0);
+        }
+        let swept = self.expire_requests(now);
+        conn.execute(
+            &format!("SELECT pg_advisory_unlock({})", sql::SWEEP_LOCK),
+            params![],
+        )?;
+        swept
     }
 
     /// Records `admin`'s approval, judged by the rule's levels as they are

@@ -17,7 +17,10 @@ use super::{DbError, Result};
 pub(super) const POOL_SIZE: usize = 24;
 
 /// The channels [`listen`] reports.
-pub(super) const CHANNELS: &[&str] = &["epm_audit", "epm_requests"];
+/// Only audit has waiters (the long-poll tail): request states are read
+/// from the database at each check-in and console refresh, so every
+/// instance sees them without a notification.
+pub(super) const CHANNELS: &[&str] = &["epm_audit"];
 
 /// PostgreSQL's migrations, in order; `epm_schema.version` is how many
 /// ran. Never edit one: add the next.
@@ -176,6 +179,15 @@ const MIGRATIONS: &[&str] = &[
         delivered_at TEXT
     );
     CREATE INDEX webhook_deliveries_due ON webhook_deliveries (state, next_at);
+    "#,
+    // 2: merged policies by the documents they were merged from: one
+    // merge per document set serves every instance.
+    r#"
+    CREATE TABLE merged_policies (
+        documents_sha256 BYTEA PRIMARY KEY,
+        merged TEXT NOT NULL,
+        created_at TEXT NOT NULL
+    );
     "#,
 ];
 

@@ -749,7 +749,7 @@ impl<'a> Conn<'a> {
         let params = params.into_values();
         match &self.inner {
             Inner::Sqlite(conn) => blocking(|| {
-                let mut stmt = conn.prepare_cached(sql)?;
+                let mut stmt = conn.prepare_cached(for_sqlite(sql))?;
                 let columns = stmt.column_count();
                 let mut rows =
                     stmt.query(rusqlite::params_from_iter(params.iter().map(sqlite_value)))?;
@@ -858,6 +858,12 @@ impl<'a> Conn<'a> {
 pub const WRITER_LOCK: i64 = 0x6570_6d2d_7772;
 /// The advisory lock key of the expiry sweep ("epm-sw").
 pub const SWEEP_LOCK: i64 = 0x6570_6d2d_7377;
+
+/// SQLite locks the whole database for a write transaction: a row lock
+/// (`FOR UPDATE`, PostgreSQL's) is implied there and not in its grammar.
+fn for_sqlite(sql: &str) -> &str {
+    sql.strip_suffix(" FOR UPDATE").unwrap_or(sql)
+}
 
 fn sqlite_value(v: &Value) -> rusqlite::types::Value {
     match v {
