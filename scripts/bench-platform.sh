@@ -49,7 +49,7 @@ postgres_server() {
         return
     fi
     if [ -z "$pgdata" ]; then
-        pgbin="$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)"
+        pgbin="$(find /usr/lib/postgresql -maxdepth 2 -name bin -type d | sort -V | tail -1)"
         pgdata="$work/pgdata"
         mkdir -p "$pgdata" && chown postgres "$pgdata" "$work" && chmod 755 "$work"
         su postgres -c "$pgbin/initdb -D '$pgdata' --no-locale -E UTF8 -A trust -U postgres" >/dev/null
