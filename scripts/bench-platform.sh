@@ -29,7 +29,13 @@ work="$(mktemp -d)"
 servers=()
 pgdata=""
 pgbin=""
+pg_server=""
 cleanup() {
+    local status=$?
+    if [ "$status" -ne 0 ] && [ -s "$work/server.log" ]; then
+        echo "the servers' log, last lines:" >&2
+        tail -20 "$work/server.log" >&2
+    fi
     for pid in "${servers[@]}"; do kill "$pid" 2>/dev/null || true; done
     wait 2>/dev/null || true
     if [ -n "$pgdata" ]; then
@@ -43,19 +49,21 @@ cargo build --release -q -p epm-platform --bin epm-platform --example loadgen
 bin=target/release/epm-platform
 python3 scripts/gen-policy.py "$rules" >"$work/policy.json"
 
-postgres_server() {
+# Sets $pg_server: EPM_BENCH_POSTGRES_URL, or a private cluster started
+# once (not in a subshell: cleanup must see $pgdata to stop it).
+start_postgres() {
     if [ -n "${EPM_BENCH_POSTGRES_URL:-}" ]; then
-        echo "$EPM_BENCH_POSTGRES_URL"
+        pg_server="$EPM_BENCH_POSTGRES_URL"
         return
     fi
     if [ -z "$pgdata" ]; then
         pgbin="$(find /usr/lib/postgresql -maxdepth 2 -name bin -type d | sort -V | tail -1)"
         pgdata="$work/pgdata"
-        mkdir -p "$pgdata" && chown postgres "$pgdata" "$work" && chmod 755 "$work"
+        mkdir -p "$pgdata" && chown postgres "$pgdata" && chmod 755 "$work"
         su postgres -c "$pgbin/initdb -D '$pgdata' --no-locale -E UTF8 -A trust -U postgres" >/dev/null
         su postgres -c "$pgbin/pg_ctl -D '$pgdata' -l '$pgdata/log' -w -o '-p 55439 -k /tmp -c listen_addresses=127.0.0.1 -c max_connections=200' start" >/dev/null
     fi
-    echo "postgres://postgres@127.0.0.1:55439/postgres"
+    pg_server="postgres://postgres@127.0.0.1:55439/postgres"
 }
 
 # Starts $3 instances on data directory $1 and database $2, one after the
@@ -98,16 +106,18 @@ for backend in "${backends[@]}"; do
     case "$backend" in
         sqlite) database="sqlite://$data/platform.db"; instances=1 ;;
         postgres | postgres2)
-            server="$(postgres_server)"
+            start_postgres
             name="epm_bench_$$_$run"
-            psql -q "$server" -c "CREATE DATABASE $name" >/dev/null
-            database="${server%/*}/$name"
+            psql -q "$pg_server" -c "CREATE DATABASE $name" >/dev/null
+            database="${pg_server%/*}/$name"
             instances=1
             [ "$backend" = postgres2 ] && instances=2
             ;;
         *) echo "unknown backend $backend: sqlite, postgres or postgres2" >&2; exit 2 ;;
     esac
     mkdir -p "$data"
+    # Ports of their own per run: the last run's may linger a moment.
+    port=$((18443 + run * 10))
     EPM_ADMIN_TOKEN="$("$bin" admin create --data "$data" --database "$database" --name bench --approver-level 1)"
     export EPM_ADMIN_TOKEN
     start_instances "$data" "$database" "$instances"
