@@ -118,6 +118,8 @@ for backend in "${backends[@]}"; do
     mkdir -p "$data"
     # Ports of their own per run: the last run's may linger a moment.
     port=$((18443 + run * 10))
+    # Offline (no token in the environment): the first admin of this database.
+    unset EPM_ADMIN_TOKEN
     EPM_ADMIN_TOKEN="$("$bin" admin create --data "$data" --database "$database" --name bench --approver-level 1)"
     export EPM_ADMIN_TOKEN
     start_instances "$data" "$database" "$instances"
