@@ -2122,6 +2122,28 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_database_is_named_by_url_or_path_and_other_schemes_are_refused() {
+        assert_eq!(
+            Database::parse("sqlite:///var/lib/epm/platform.db").unwrap(),
+            Database::Sqlite("/var/lib/epm/platform.db".into())
+        );
+        assert_eq!(
+            Database::parse("/srv/platform.db").unwrap(),
+            Database::Sqlite("/srv/platform.db".into())
+        );
+        assert!(matches!(
+            Database::parse("postgresql://epm@db/epm").unwrap(),
+            Database::Postgres(_)
+        ));
+        let refused = Database::parse("mysql://root:hunter2@db/epm")
+            .unwrap_err()
+            .to_string();
+        assert!(refused.contains("postgres://"), "{refused}");
+        assert!(!refused.contains("hunter2"), "{refused}");
+        assert!(Database::parse("sqlite://").is_err());
+    }
+
+    #[test]
     fn an_existing_database_gets_roles_by_migration() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("platform.db");

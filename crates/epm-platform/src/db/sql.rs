@@ -951,3 +951,61 @@ impl Drop for Tx<'_, '_> {
 
 /// Shared notification of changes made by any instance.
 pub type Listener = Arc<dyn Fn(&str) + Send + Sync>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placeholders_become_dollars_outside_quotes_only() {
+        assert_eq!(
+            translate("SELECT a FROM t WHERE b = ?1 AND c = '?2' AND \"d?\" = ?12"),
+            "SELECT a FROM t WHERE b = $1 AND c = '?2' AND \"d?\" = $12"
+        );
+    }
+
+    #[test]
+    fn sqlite_functions_are_rewritten_with_their_arguments() {
+        assert_eq!(
+            translate("WHERE julianday(json_extract(record, '$.time')) >= julianday(?7)"),
+            "WHERE CAST(CAST((record::jsonb ->> 'time') AS TEXT) AS timestamptz) >= CAST(CAST($7 AS TEXT) AS timestamptz)"
+        );
+        assert_eq!(
+            translate("DELETE FROM t WHERE rowid IN (SELECT rowid FROM t LIMIT -1 OFFSET ?1)"),
+            "DELETE FROM t WHERE ctid IN (SELECT ctid FROM t LIMIT ALL OFFSET $1)"
+        );
+        // An unbalanced call is left as it is rather than cut.
+        assert_eq!(translate("SELECT julianday(x"), "SELECT julianday(x");
+    }
+
+    #[test]
+    fn a_url_in_a_message_hides_its_password() {
+        assert_eq!(
+            redact("postgres://epm:s3cret@db.internal:5432/epm"),
+            "postgres://epm:***@db.internal:5432/epm"
+        );
+        assert_eq!(
+            redact("postgres://epm@db.internal/epm"),
+            "postgres://epm@db.internal/epm"
+        );
+    }
+
+    #[test]
+    fn nulls_keep_their_kind_and_values_convert_back() {
+        assert_eq!(None::<u64>.to_value(), Value::Null(Kind::Int));
+        assert_eq!(None::<&str>.to_value(), Value::Null(Kind::Text));
+        assert_eq!(Some(3u32).to_value(), Value::Int(3));
+        assert_eq!(u64::MAX.to_value(), Value::Int(i64::MAX), "saturates");
+        let row = Row {
+            values: vec![
+                Value::Int(-1),
+                Value::Null(Kind::Text),
+                Value::Text("x".into()),
+            ],
+        };
+        assert!(row.get::<_, u32>(0).is_err(), "a negative is no u32");
+        assert_eq!(row.get::<_, Option<String>>(1).unwrap(), None);
+        assert!(row.get::<_, i64>(2).is_err(), "text is no integer");
+        assert!(row.get::<_, String>(3).is_err(), "no such column");
+    }
+}
