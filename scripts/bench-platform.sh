@@ -1,41 +1,134 @@
 #!/usr/bin/env bash
-# Platform load benchmark: one epm-platform on 127.0.0.1, AGENTS simulated
-# agents enrolled, then all of them checking in back to back for SECONDS.
-# Prints check-ins per second and latency. Record results in
-# docs/performance.md with the machine and the date.
+# Platform load benchmark: AGENTS simulated agents over TLS against
+#   sqlite     one epm-platform on an SQLite file,
+#   postgres   one epm-platform on PostgreSQL,
+#   postgres2  two epm-platform instances on one PostgreSQL database
+#              (agents spread over both, as a load balancer would),
+# each measured twice for SECONDS: (a) check-ins with an unchanged bundle,
+# (b) check-ins that each upload 100 audit records. Prints check-ins per
+# second and p50/p99 latency. Record results in docs/scale.md with the
+# machine, the date and what else ran on it.
 #
-#   scripts/bench-platform.sh [AGENTS] [SECONDS] [RULES]
+#   scripts/bench-platform.sh [AGENTS] [SECONDS] [RULES] [BACKENDS...]
+#
+# PostgreSQL: EPM_BENCH_POSTGRES_URL (a server where this user may CREATE
+# DATABASE), else a private cluster is started in a temporary directory as
+# the `postgres` user (Debian's postgresql package, run as root) and
+# stopped at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 agents="${1:-1000}"
 seconds="${2:-20}"
 rules="${3:-1000}"
+shift $(($# < 3 ? $# : 3))
+backends=("$@")
+[ ${#backends[@]} -gt 0 ] || backends=(sqlite postgres postgres2)
 port=18443
 work="$(mktemp -d)"
-trap 'kill "${server:-0}" 2>/dev/null || true; rm -rf "$work"' EXIT
+servers=()
+pgdata=""
+pgbin=""
+pg_server=""
+cleanup() {
+    local status=$?
+    if [ "$status" -ne 0 ] && [ -s "$work/server.log" ]; then
+        echo "the servers' log, last lines:" >&2
+        tail -20 "$work/server.log" >&2
+    fi
+    for pid in "${servers[@]}"; do kill "$pid" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    if [ -n "$pgdata" ]; then
+        su postgres -c "$pgbin/pg_ctl -D '$pgdata' -m fast stop" >/dev/null 2>&1 || true
+    fi
+    rm -rf "$work"
+}
+trap cleanup EXIT
 
 cargo build --release -q -p epm-platform --bin epm-platform --example loadgen
 bin=target/release/epm-platform
-
-EPM_ADMIN_TOKEN="$("$bin" admin create --data "$work/data" --name bench --approver-level 1)"
-export EPM_ADMIN_TOKEN
-# The load generator is one address standing for a whole fleet: lift the
-# per-client connection cap and the call rates, which would otherwise (and
-# rightly) stop one client asking this much.
-EPM_LOG=warn "$bin" serve --data "$work/data" --listen "127.0.0.1:$port" \
-    --max-connections-per-client "$((agents + 64))" --max-connections "$((agents + 1024))" \
-    --calls-per-second-per-client 0 --calls-per-second-per-identity 0 &
-server=$!
-for _ in $(seq 100); do
-    "$bin" --url "https://127.0.0.1:$port" --data "$work/data" admin list >/dev/null 2>&1 && break
-    sleep 0.1
-done
-
 python3 scripts/gen-policy.py "$rules" >"$work/policy.json"
-"$bin" --url "https://127.0.0.1:$port" --data "$work/data" policy push "$work/policy.json"
-token="$("$bin" --url "https://127.0.0.1:$port" --data "$work/data" enroll-token create --uses "$agents" --expires 1h)"
 
-echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(date -u +%Y-%m-%d)"
-echo "policy: $rules rules; agents: $agents; steady state for ${seconds}s"
-target/release/examples/loadgen "https://127.0.0.1:$port" "$work/data/ca.pem" "$token" "$agents" "$seconds"
+# Sets $pg_server: EPM_BENCH_POSTGRES_URL, or a private cluster started
+# once (not in a subshell: cleanup must see $pgdata to stop it).
+start_postgres() {
+    if [ -n "${EPM_BENCH_POSTGRES_URL:-}" ]; then
+        pg_server="$EPM_BENCH_POSTGRES_URL"
+        return
+    fi
+    if [ -z "$pgdata" ]; then
+        pgbin="$(find /usr/lib/postgresql -maxdepth 2 -name bin -type d | sort -V | tail -1)"
+        pgdata="$work/pgdata"
+        mkdir -p "$pgdata" && chown postgres "$pgdata" && chmod 755 "$work"
+        su postgres -c "$pgbin/initdb -D '$pgdata' --no-locale -E UTF8 -A trust -U postgres" >/dev/null
+        su postgres -c "$pgbin/pg_ctl -D '$pgdata' -l '$pgdata/log' -w -o '-p 55439 -k /tmp -c listen_addresses=127.0.0.1 -c max_connections=200' start" >/dev/null
+    fi
+    pg_server="postgres://postgres@127.0.0.1:55439/postgres"
+}
+
+# Starts $3 instances on data directory $1 and database $2, one after the
+# other (the first makes the keys the others share); sets $urls.
+start_instances() {
+    local data="$1" database="$2" n="$3" i u list=()
+    for i in $(seq 0 $((n - 1))); do
+        u="https://127.0.0.1:$((port + i))"
+        # The load generator is one address standing for a whole fleet:
+        # lift the per-client connection cap and the call and audit rates,
+        # which would otherwise (and rightly) stop one client asking this much.
+        EPM_LOG=warn "$bin" serve --data "$data" --database "$database" \
+            --listen "127.0.0.1:$((port + i))" \
+            --max-connections-per-client "$((agents + 64))" --max-connections "$((agents + 1024))" \
+            --calls-per-second-per-client 0 --calls-per-second-per-identity 0 \
+            --audit-records-per-hour 100000000 --audit-mib-per-hour 100000 \
+            >>"$work/server.log" 2>&1 &
+        servers+=($!)
+        for _ in $(seq 300); do
+            "$bin" --url "$u" --data "$data" admin list >/dev/null 2>&1 && break
+            sleep 0.1
+        done
+        list+=("$u")
+    done
+    urls="$(IFS=,; echo "${list[*]}")"
+}
+
+stop_instances() {
+    for pid in "${servers[@]}"; do kill "$pid" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    servers=()
+}
+
+echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), load $(cut -d' ' -f1-3 /proc/loadavg), $(date -u +%Y-%m-%dT%H:%MZ)"
+echo "policy: $rules rules; agents: $agents; steady state for ${seconds}s per measurement"
+run=0
+for backend in "${backends[@]}"; do
+    run=$((run + 1))
+    data="$work/data-$run"
+    case "$backend" in
+        sqlite) database="sqlite://$data/platform.db"; instances=1 ;;
+        postgres | postgres2)
+            start_postgres
+            name="epm_bench_$$_$run"
+            psql -q "$pg_server" -c "CREATE DATABASE $name" >/dev/null
+            database="${pg_server%/*}/$name"
+            instances=1
+            [ "$backend" = postgres2 ] && instances=2
+            ;;
+        *) echo "unknown backend $backend: sqlite, postgres or postgres2" >&2; exit 2 ;;
+    esac
+    mkdir -p "$data"
+    # Ports of their own per run: the last run's may linger a moment.
+    port=$((18443 + run * 10))
+    # Offline (no token in the environment): the first admin of this database.
+    unset EPM_ADMIN_TOKEN
+    EPM_ADMIN_TOKEN="$("$bin" admin create --data "$data" --database "$database" --name bench --approver-level 1)"
+    export EPM_ADMIN_TOKEN
+    start_instances "$data" "$database" "$instances"
+    first="${urls%%,*}"
+    "$bin" --url "$first" --data "$data" policy push "$work/policy.json" >/dev/null
+    token="$("$bin" --url "$first" --data "$data" enroll-token create --uses "$((agents * 2))" --expires 1h)"
+    echo "== $backend ($instances instance(s))"
+    for mode in checkin audit100; do
+        target/release/examples/loadgen "$urls" "$data/ca.pem" "$token" "$agents" "$seconds" "$mode"
+    done
+    stop_instances
+done

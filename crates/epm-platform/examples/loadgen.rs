@@ -3,8 +3,14 @@
 //! for a while, and prints check-ins per second with latency percentiles.
 //!
 //! ```text
-//! cargo run --release -p epm-platform --example loadgen -- URL CA_PEM ENROLL_TOKEN AGENTS SECONDS
+//! cargo run --release -p epm-platform --example loadgen -- URLS CA_PEM ENROLL_TOKEN AGENTS SECONDS [MODE]
 //! ```
+//!
+//! URLS is one URL or several, comma-separated (instances behind no load
+//! balancer: agent i talks to URL i mod n, as a balancer spreading
+//! connections would). MODE `checkin` (default): check-ins with an
+//! unchanged bundle. MODE `audit100`: each round is a check-in and an
+//! upload of 100 new audit records, measured together.
 #![allow(clippy::unwrap_used)]
 
 use std::sync::Arc;
@@ -16,11 +22,20 @@ use epm_api::paths;
 #[tokio::main]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
-    if args.len() != 6 {
-        eprintln!("usage: loadgen URL CA_PEM ENROLL_TOKEN AGENTS SECONDS");
+    if !(6..=7).contains(&args.len()) {
+        eprintln!("usage: loadgen URLS CA_PEM ENROLL_TOKEN AGENTS SECONDS [checkin|audit100]");
         std::process::exit(2);
     }
-    let (url, ca, token) = (args[1].clone(), &args[2], args[3].clone());
+    let urls: Vec<String> = args[1].split(',').map(str::to_owned).collect();
+    let (ca, token) = (&args[2], args[3].clone());
+    let audit = match args.get(6).map(String::as_str) {
+        None | Some("checkin") => false,
+        Some("audit100") => true,
+        Some(other) => {
+            eprintln!("loadgen: mode {other:?}: use checkin or audit100");
+            std::process::exit(2);
+        }
+    };
     let agents: usize = args[4].parse().unwrap();
     let seconds: u64 = args[5].parse().unwrap();
     epm_platform::install_crypto_provider();
@@ -34,11 +49,11 @@ async fn main() {
     let started = Instant::now();
     let mut enrolls = Vec::new();
     for i in 0..agents {
-        let (http, url, token) = (http.clone(), url.clone(), token.clone());
+        let (http, url, token) = (http.clone(), urls[i % urls.len()].clone(), token.clone());
         enrolls.push(tokio::spawn(async move {
             let request = EnrollRequest {
                 enrollment_token: token,
-                device_id: format!("load-{i:05}"),
+                device_id: format!("load-{}-{i:05}", if audit { "audit" } else { "checkin" }),
                 hostname: format!("load-{i:05}"),
                 os: "linux".into(),
                 agent_version: "loadgen".into(),
@@ -73,11 +88,16 @@ async fn main() {
     let warm = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut tasks = Vec::new();
     for (i, agent) in credentials.into_iter().enumerate() {
-        let (http, url, latencies, warm) =
-            (http.clone(), url.clone(), latencies.clone(), warm.clone());
+        let (http, url, latencies, warm) = (
+            http.clone(),
+            urls[i % urls.len()].clone(),
+            latencies.clone(),
+            warm.clone(),
+        );
         tasks.push(tokio::spawn(async move {
             let mut version = None;
             let mut first = true;
+            let mut seq: u64 = 0;
             while Instant::now() < deadline {
                 let request = CheckinRequest {
                     policy_version: version,
@@ -104,6 +124,34 @@ async fn main() {
                 );
                 let answer: CheckinResponse = response.json().await.unwrap();
                 version = Some(answer.policy.version);
+                if audit && !first {
+                    // What an agent's outbox sends: records of a few
+                    // hundred bytes, numbered on.
+                    let records: Vec<serde_json::Value> = (0..100)
+                        .map(|_| {
+                            seq += 1;
+                            serde_json::json!({
+                                "seq": seq, "event": "exec", "decision": "allow",
+                                "time": jiff::Timestamp::now(), "user": format!("user{}", i % 50),
+                                "path": "/usr/bin/true", "rule_id": null,
+                                "sha256": "ab".repeat(32), "hash": "cd".repeat(32),
+                            })
+                        })
+                        .collect();
+                    let response = http
+                        .post(format!("{url}{}", paths::AGENT_AUDIT))
+                        .bearer_auth(format!("{}.{}", agent.agent_id, agent.agent_secret))
+                        .json(&serde_json::json!({"oldest_kept_seq": 1, "records": records}))
+                        .send()
+                        .await
+                        .unwrap();
+                    assert!(
+                        response.status().is_success(),
+                        "audit upload: {}",
+                        response.status()
+                    );
+                    let _ = response.bytes().await;
+                }
                 if first {
                     first = false;
                     warm.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -122,7 +170,9 @@ async fn main() {
     latencies.sort();
     let pct = |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)];
     println!(
-        "agents={agents} check-ins={} in {elapsed:.1} s: {:.0} check-ins/s, p50 {:.1} ms, p99 {:.1} ms",
+        "{} agents={agents} instances={} check-ins={} in {elapsed:.1} s: {:.0} check-ins/s, p50 {:.1} ms, p99 {:.1} ms",
+        if audit { "audit100" } else { "unchanged" },
+        urls.len(),
         latencies.len(),
         latencies.len() as f64 / elapsed,
         pct(0.50).as_secs_f64() * 1e3,

@@ -4,7 +4,7 @@
 //! transaction; secrets are stored as SHA-256 only.
 
 use std::path::Path;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::Mutex;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::{STANDARD as BASE64, URL_SAFE_NO_PAD as BASE64URL};
@@ -18,10 +18,13 @@ use epm_api::agent::{
 };
 use jiff::Timestamp;
 use rand::RngCore;
-use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
+use rusqlite::Connection;
 use sha2::{Digest, Sha256};
+use sql::{Conn, OptionalExtension, Row, params};
 
 mod console;
+mod postgres;
+pub mod sql;
 
 pub use console::{
     AuditFilter, AuditRow, Credentials, Delivery, MAX_DELIVERY_ATTEMPTS, RequestFilter, SessionEnd,
@@ -35,9 +38,9 @@ use crate::roles::{Capability, check_role_and_level};
 /// A database failure, or a refusal the API turns into a 4xx.
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
-    /// SQLite failed.
+    /// The database failed (SQLite or PostgreSQL).
     #[error("database: {0}")]
-    Sqlite(#[from] rusqlite::Error),
+    Sql(#[from] sql::SqlError),
     /// Not found.
     #[error("{0}")]
     NotFound(String),
@@ -134,10 +137,60 @@ pub struct BundleRow {
     pub envelope: String,
 }
 
+/// Where the platform keeps its state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Database {
+    /// One SQLite file: one instance.
+    Sqlite(std::path::PathBuf),
+    /// A PostgreSQL URL: any number of instances.
+    Postgres(String),
+}
+
+impl Database {
+    /// `sqlite://PATH`, a bare path, or `postgres://…`/`postgresql://…`.
+    pub fn parse(url: &str) -> Result<Database> {
+        if let Some(path) = url.strip_prefix("sqlite://") {
+            if path.is_empty() {
+                return Err(DbError::Invalid(
+                    "sqlite:// needs a path: sqlite:///var/lib/epm-platform/platform.db".into(),
+                ));
+            }
+            Ok(Database::Sqlite(path.into()))
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Ok(Database::Postgres(url.to_owned()))
+        } else if url.contains("://") {
+            Err(DbError::Invalid(format!(
+                "database {:?}: use sqlite://PATH or postgres://USER@HOST/DATABASE",
+                sql::redact(url)
+            )))
+        } else {
+            Ok(Database::Sqlite(url.into()))
+        }
+    }
+}
+
+/// SQLite's own errors while migrating, before the connection is shared.
+enum MigrateError {
+    Sqlite(rusqlite::Error),
+    Db(DbError),
+}
+
+impl From<rusqlite::Error> for MigrateError {
+    fn from(e: rusqlite::Error) -> Self {
+        MigrateError::Sqlite(e)
+    }
+}
+
+#[derive(Debug)]
+enum Store {
+    Sqlite(Mutex<Connection>),
+    Postgres(sql::Pg),
+}
+
 /// The platform database.
 #[derive(Debug)]
 pub struct Db {
-    conn: Mutex<Connection>,
+    store: Store,
     /// The console's address, for the links webhooks carry.
     console_url: Mutex<String>,
 }
@@ -335,7 +388,22 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX webhook_deliveries_due ON webhook_deliveries (state, next_at);
     "#,
+    // 3: merged policies by the documents they were merged from (issue
+    // 19): on PostgreSQL one merge serves every instance.
+    r#"
+    CREATE TABLE merged_policies (
+        documents_sha256 BLOB PRIMARY KEY,
+        merged TEXT NOT NULL,
+        created_at TEXT NOT NULL
+    );
+    "#,
 ];
+
+/// Merged policies kept in the database.
+const MAX_MERGED: u64 = 256;
+
+/// Audit records per INSERT statement.
+const AUDIT_BATCH: usize = 50;
 
 /// Refused-call rows kept: the oldest go first.
 const MAX_REFUSED_ROWS: u64 = 10_000;
@@ -365,29 +433,26 @@ fn sortable(ts: Timestamp) -> String {
     format!("{ts:.9}")
 }
 
-fn ts(row: &Row<'_>, index: usize) -> rusqlite::Result<Timestamp> {
+fn ts(row: &Row, index: usize) -> sql::Result<Timestamp> {
     let text: String = row.get(index)?;
-    text.parse().map_err(|e: jiff::Error| {
-        rusqlite::Error::FromSqlConversionFailure(index, rusqlite::types::Type::Text, Box::new(e))
-    })
+    text.parse()
+        .map_err(|e: jiff::Error| sql::SqlError::conversion(index, e))
 }
 
-fn json_col<T: serde::de::DeserializeOwned>(row: &Row<'_>, index: usize) -> rusqlite::Result<T> {
+fn json_col<T: serde::de::DeserializeOwned>(row: &Row, index: usize) -> sql::Result<T> {
     let text: String = row.get(index)?;
-    serde_json::from_str(&text).map_err(|e| {
-        rusqlite::Error::FromSqlConversionFailure(index, rusqlite::types::Type::Text, Box::new(e))
-    })
+    serde_json::from_str(&text).map_err(|e| sql::SqlError::conversion(index, e))
 }
 
 /// An admin from `name, role, approver_level, endpoint_users, disabled_by,
 /// created_at`.
-fn admin_info(row: &Row<'_>) -> rusqlite::Result<AdminInfo> {
+fn admin_info(row: &Row) -> sql::Result<AdminInfo> {
     let role: String = row.get(1)?;
     Ok(AdminInfo {
         name: row.get(0)?,
-        role: role.parse().map_err(|e: String| {
-            rusqlite::Error::FromSqlConversionFailure(1, rusqlite::types::Type::Text, e.into())
-        })?,
+        role: role
+            .parse()
+            .map_err(|e: String| sql::SqlError::conversion(1, e))?,
         approver_level: row.get(2)?,
         endpoint_users: json_col(row, 3)?,
         disabled: row.get::<_, Option<String>>(4)?.is_some(),
@@ -413,7 +478,16 @@ fn to_json<T: serde::Serialize>(value: &T) -> String {
 }
 
 impl Db {
-    /// Opens (and creates) the database.
+    /// Opens the database `url` names: `sqlite://PATH` (or a bare path)
+    /// or `postgres://…` / `postgresql://…`.
+    pub fn open_url(url: &str) -> Result<Db> {
+        match Database::parse(url)? {
+            Database::Sqlite(path) => Db::open(&path),
+            Database::Postgres(url) => Db::open_postgres(&url),
+        }
+    }
+
+    /// Opens (and creates) an SQLite database.
     pub fn open(path: &Path) -> Result<Db> {
         // The database holds every device's offline key: owner only.
         if !path.exists() {
@@ -426,17 +500,52 @@ impl Db {
                 .open(path)
                 .map_err(|e| DbError::Invalid(format!("{}: {e}", path.display())))?;
         }
-        let mut conn = Connection::open(path)?;
-        conn.busy_timeout(std::time::Duration::from_secs(10))?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", "NORMAL")?;
-        conn.pragma_update(None, "foreign_keys", "ON")?;
-        conn.execute_batch(SCHEMA)?;
-        Db::migrate(&mut conn)?;
+        let sqlite = |e: rusqlite::Error| DbError::Sql(e.into());
+        let mut conn = Connection::open(path).map_err(sqlite)?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))
+            .map_err(sqlite)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(sqlite)?;
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(sqlite)?;
+        conn.pragma_update(None, "foreign_keys", "ON")
+            .map_err(sqlite)?;
+        conn.execute_batch(SCHEMA).map_err(sqlite)?;
+        Db::migrate(&mut conn).map_err(|e| match e {
+            MigrateError::Sqlite(e) => sqlite(e),
+            MigrateError::Db(e) => e,
+        })?;
         Ok(Db {
-            conn: Mutex::new(conn),
+            store: Store::Sqlite(Mutex::new(conn)),
             console_url: Mutex::new("https://localhost:8443".into()),
         })
+    }
+
+    /// Connects to a PostgreSQL database and brings its schema up to date
+    /// (under an advisory lock: instances starting together migrate once).
+    pub fn open_postgres(url: &str) -> Result<Db> {
+        let pg = postgres::open(url)?;
+        Ok(Db {
+            store: Store::Postgres(pg),
+            console_url: Mutex::new("https://localhost:8443".into()),
+        })
+    }
+
+    /// Calls `changed("audit")` whenever any instance sharing this
+    /// database stores audit, and once after the listener reconnects.
+    /// SQLite has one instance, which wakes its own waiters: a no-op there.
+    pub fn listen(&self, changed: sql::Listener) {
+        if let Store::Postgres(pg) = &self.store {
+            postgres::listen(pg, changed);
+        }
+    }
+
+    /// Which database this is, for the log: `sqlite` or `postgres`.
+    pub fn kind(&self) -> &'static str {
+        match self.store {
+            Store::Sqlite(_) => "sqlite",
+            Store::Postgres(_) => "postgres",
+        }
     }
 
     /// The address the console is reached at (`https://host:port`), for
@@ -453,21 +562,21 @@ impl Db {
     }
 
     /// Queues `event` of request `id` for every webhook, inside `tx`.
-    fn notify(&self, tx: &rusqlite::Transaction<'_>, event: &str, id: &str) -> Result<()> {
+    fn notify(&self, tx: &Conn<'_>, event: &str, id: &str) -> Result<()> {
         let request = Db::request_row(tx, id)?.request;
         console::enqueue_webhooks(tx, &self.console_url(), event, &request)
     }
 
-    fn migrate(conn: &mut Connection) -> Result<()> {
+    fn migrate(conn: &mut Connection) -> std::result::Result<(), MigrateError> {
         let done: usize = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
         if done > MIGRATIONS.len() {
-            return Err(DbError::Invalid(format!(
+            return Err(MigrateError::Db(DbError::Invalid(format!(
                 "the database is at schema version {done}, newer than this epm-platform knows ({}); use a newer epm-platform",
                 MIGRATIONS.len()
-            )));
+            ))));
         }
         for (index, migration) in MIGRATIONS.iter().enumerate().skip(done) {
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
             tx.execute_batch(migration)?;
             tx.pragma_update(None, "user_version", index + 1)?;
             tx.commit()?;
@@ -476,10 +585,15 @@ impl Db {
         Ok(())
     }
 
-    fn conn(&self) -> MutexGuard<'_, Connection> {
-        // A panic while holding the lock leaves SQLite consistent (each
-        // write is a transaction), so a poisoned lock is still usable.
-        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    fn conn(&self) -> Result<Conn<'_>> {
+        match &self.store {
+            // A panic while holding the lock leaves SQLite consistent (each
+            // write is a transaction), so a poisoned lock is still usable.
+            Store::Sqlite(conn) => Ok(Conn::sqlite(sql::blocking(|| {
+                conn.lock().unwrap_or_else(|p| p.into_inner())
+            }))),
+            Store::Postgres(pg) => Ok(Conn::postgres(pg)?),
+        }
     }
 
     // ---- admins -------------------------------------------------------
@@ -487,9 +601,9 @@ impl Db {
     /// The highest approval level any stored rule, elevation rule or admin
     /// session entry uses (0 when none).
     pub fn highest_approval_level(&self) -> Result<u32> {
-        let conn = self.conn();
+        let conn = self.conn()?;
         let mut stmt = conn.prepare("SELECT document FROM policies")?;
-        let documents = stmt.query_map([], |r| r.get::<_, String>(0))?;
+        let documents = stmt.query_map(params![], |r| r.get::<_, String>(0))?;
         let mut highest = 0;
         for document in documents {
             highest = highest.max(crate::merge::highest_approval_level(&document?));
@@ -497,7 +611,7 @@ impl Db {
         Ok(highest)
     }
 
-    fn admin_row(conn: &Connection, name: &str) -> Result<Option<(AdminInfo, Option<String>)>> {
+    fn admin_row(conn: &Conn<'_>, name: &str) -> Result<Option<(AdminInfo, Option<String>)>> {
         Ok(conn
             .query_row(
                 "SELECT name, role, approver_level, endpoint_users, disabled_by, created_at FROM admins WHERE name = ?1",
@@ -507,10 +621,10 @@ impl Db {
             .optional()?)
     }
 
-    fn enabled_owners(conn: &Connection) -> Result<u64> {
+    fn enabled_owners(conn: &Conn<'_>) -> Result<u64> {
         Ok(conn.query_row(
             "SELECT COUNT(*) FROM admins WHERE role = 'owner' AND disabled_by IS NULL",
-            [],
+            params![],
             |r| r.get(0),
         )?)
     }
@@ -541,9 +655,10 @@ impl Db {
             .unwrap_or_else(|| vec![name.to_owned()]);
         let token = new_token("epa_");
         let now = Timestamp::now();
-        let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let empty: bool = tx.query_row("SELECT COUNT(*) = 0 FROM admins", [], |r| r.get(0))?;
+        let mut conn = self.conn()?;
+        let tx = conn.transaction()?;
+        let empty: bool =
+            tx.query_row("SELECT COUNT(*) = 0 FROM admins", params![], |r| r.get(0))?;
         let role = match (new.role, new.approver_level) {
             (Some(role), _) => role,
             (None, _) if empty => AdminRole::Owner,
@@ -582,8 +697,8 @@ impl Db {
         by.require(Capability::ManageAdmins)?;
         let highest = self.highest_approval_level()?;
         check_role_and_level(update.role, update.approver_level, highest)?;
-        let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut conn = self.conn()?;
+        let tx = conn.transaction()?;
         let (before, _) = Db::admin_row(&tx, name)?
             .ok_or_else(|| DbError::NotFound(format!("no admin {name:?}")))?;
         if before.role == AdminRole::Owner
@@ -619,8 +734,8 @@ impl Db {
     /// cannot be disabled.
     pub fn set_admin_disabled(&self, by: &Admin, name: &str, disabled: bool) -> Result<AdminInfo> {
         by.require(Capability::ManageAdmins)?;
-        let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut conn = self.conn()?;
+        let tx = conn.transaction()?;
         let (before, _) = Db::admin_row(&tx, name)?
             .ok_or_else(|| DbError::NotFound(format!("no admin {name:?}")))?;
         if before.disabled == disabled {
@@ -651,8 +766,8 @@ impl Db {
             by.require(Capability::ManageAdmins)?;
         }
         let token = new_token("epa_");
-        let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut conn = self.conn()?;
+        let tx = conn.transaction()?;
         let changed = tx.execute(
             "UPDATE admins SET token_sha256 = ?2 WHERE name = ?1",
             params![name, secret_hash(&token)],
@@ -669,7 +784,7 @@ impl Db {
     /// Who a bearer token belongs to.
     pub fn admin_by_token(&self, token: &str) -> Result<Option<TokenOwner>> {
         Ok(self
-            .conn()
+            .conn()?
             .query_row(
                 "SELECT name, role, approver_level, endpoint_users, disabled_by, created_at FROM admins WHERE token_sha256 = ?1",
                 [secret_hash(token)],
@@ -689,12 +804,12 @@ impl Db {
 
     /// Every admin.
     pub fn admins(&self) -> Result<Vec<AdminInfo>> {
-        let conn = self.conn();
+        let conn = self.conn()?;
         let mut stmt = conn.prepare(
             "SELECT name, role, approver_level, endpoint_users, disabled_by, created_at FROM admins ORDER BY name",
         )?;
-        let rows = stmt.query_map([], admin_info)?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+        let rows = stmt.query_map(params![], admin_info)?;
+        Ok(rows.collect::<sql::Result<_>>()?)
     }
 
     // ---- enrollment ---------------------------------------------------
@@ -714,7 +829,7 @@ impl Db {
         }
         let token = new_token("ept_");
         let id = new_id("etk_");
-        self.conn().execute(
+        self.conn()?.execute(
             "INSERT INTO enroll_tokens (token_sha256, uses_left, expires_at, created_by, created_at, id) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             params![secret_hash(&token), uses, expires_at.to_string(), by.name, Timestamp::now().to_string(), id],
         )?;
@@ -723,11 +838,11 @@ impl Db {
 
     /// Every enrollment token, newest first.
     pub fn enroll_tokens(&self) -> Result<Vec<EnrollTokenInfo>> {
-        let conn = self.conn();
+        let conn = self.conn()?;
         let mut stmt = conn.prepare(
             "SELECT id, uses_left, expires_at, created_by, created_at, revoked_by FROM enroll_tokens ORDER BY created_at DESC, id",
         )?;
-        let rows = stmt.query_map([], |r| {
+        let rows = stmt.query_map(params![], |r| {
             Ok(EnrollTokenInfo {
                 id: r.get(0)?,
                 uses_left: r.get(1)?,
@@ -737,14 +852,14 @@ impl Db {
                 revoked_by: r.get(5)?,
             })
         })?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+        Ok(rows.collect::<sql::Result<_>>()?)
     }
 
     /// Revokes an enrollment token: it enrolls nothing more.
     pub fn revoke_enroll_token(&self, id: &str, by: &Admin) -> Result<()> {
         by.require(Capability::ManageFleet)?;
-        let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut conn = self.conn()?;
+        let tx = conn.transaction()?;
         let revoked: Option<Option<String>> = tx
             .query_row(
                 "SELECT revoked_by FROM enroll_tokens WHERE id = ?1",
@@ -778,8 +893,8 @@ impl Db {
         request: &EnrollRequest,
         presented: Option<&str>,
     ) -> Result<(AgentCredentials, Enrollment)> {
-        let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut conn = self.conn()?;
+        let tx = conn.transaction()?;
         let token = tx
             .query_row(
                 "SELECT uses_left, expires_at, revoked_by FROM enroll_tokens WHERE token_sha256 = ?1",
@@ -898,7 +1013,7 @@ impl Db {
             return Ok(None);
         };
         let hash = secret_hash(secret);
-        let conn = self.conn();
+        let conn = self.conn()?;
         let found = conn
             .query_row(
                 "SELECT agent_id, device_id, users, next_secret_sha256 = ?2 FROM agents WHERE agent_id = ?1 AND (secret_sha256 = ?2 OR next_secret_sha256 = ?2)",
@@ -931,7 +1046,7 @@ impl Db {
     /// secret keeps working until the new one is first used.
     pub fn rotate_agent_secret(&self, agent: &Agent) -> Result<AgentCredentials> {
         let secret = new_token("");
-        let conn = self.conn();
+        let conn = self.conn()?;
         conn.execute(
             "UPDATE agents SET next_secret_sha256 = ?2 WHERE agent_id = ?1",
             params![agent.agent_id, secret_hash(&secret)],
@@ -953,8 +1068,8 @@ impl Db {
     /// how many requests were revoked.
     pub fn remove_device(&self, device_id: &str, by: &Admin) -> Result<usize> {
         by.require(Capability::ManageFleet)?;
-        let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut conn = self.conn()?;
+        let tx = conn.transaction()?;
         let agent_id = Db::agent_id_of(&tx, device_id)?;
         let revoked = self.revoke_open_requests(
             &tx,
@@ -975,8 +1090,8 @@ impl Db {
         by.require(Capability::ManageFleet)?;
         // A hash nobody knows the secret of.
         let void = secret_hash(&new_token("void_"));
-        let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut conn = self.conn()?;
+        let tx = conn.transaction()?;
         let agent_id = Db::agent_id_of(&tx, device_id)?;
         tx.execute(
             "UPDATE agents SET secret_sha256 = ?2, next_secret_sha256 = NULL, reset_by = ?3 WHERE agent_id = ?1",
@@ -993,7 +1108,7 @@ impl Db {
     }
 
     /// The agent id of an enrolled device.
-    fn agent_id_of(tx: &rusqlite::Transaction<'_>, device_id: &str) -> Result<String> {
+    fn agent_id_of(tx: &Conn<'_>, device_id: &str) -> Result<String> {
         tx.query_row(
             "SELECT agent_id FROM agents WHERE device_id = ?1",
             [device_id],
@@ -1006,7 +1121,7 @@ impl Db {
     /// Revokes an agent's pending and approved requests; returns how many.
     fn revoke_open_requests(
         &self,
-        tx: &rusqlite::Transaction<'_>,
+        tx: &Conn<'_>,
         agent_id: &str,
         reason: &str,
         by: &str,
@@ -1016,7 +1131,7 @@ impl Db {
                 "SELECT id FROM requests WHERE agent_id = ?1 AND state IN ('pending', 'approved')",
             )?;
             stmt.query_map([agent_id], |r| r.get(0))?
-                .collect::<rusqlite::Result<_>>()?
+                .collect::<sql::Result<_>>()?
         };
         tx.execute(
             "UPDATE requests SET state = 'revoked', current_level = 0, reason = ?2, decided_by = ?3, updated_at = ?4 WHERE agent_id = ?1 AND state IN ('pending', 'approved')",
@@ -1031,7 +1146,7 @@ impl Db {
     /// The agent of a device.
     pub fn agent_by_device(&self, device_id: &str) -> Result<Option<Agent>> {
         Ok(self
-            .conn()
+            .conn()?
             .query_row(
                 "SELECT agent_id, device_id, users FROM agents WHERE device_id = ?1",
                 [device_id],
@@ -1052,9 +1167,10 @@ impl Db {
         agent: &Agent,
         request: &epm_api::agent::CheckinRequest,
     ) -> Result<u64> {
-        let conn = self.conn();
-        conn.execute(
-            "UPDATE agents SET last_checkin = ?2, policy_version = ?3, outbox_pending = ?4, users = ?5, counters = ?6 WHERE agent_id = ?1",
+        // One statement, one round trip: the check-in is the fleet's most
+        // frequent call.
+        self.conn()?.query_row(
+            "UPDATE agents SET last_checkin = ?2, policy_version = ?3, outbox_pending = ?4, users = ?5, counters = ?6 WHERE agent_id = ?1 RETURNING audit_acked",
             params![
                 agent.agent_id,
                 Timestamp::now().to_string(),
@@ -1063,17 +1179,15 @@ impl Db {
                 to_json(&request.users),
                 to_json(&request.counters)
             ],
-        )?;
-        Ok(conn.query_row(
-            "SELECT audit_acked FROM agents WHERE agent_id = ?1",
-            [&agent.agent_id],
             |r| r.get(0),
-        )?)
+        )
+        .optional()?
+        .ok_or_else(|| DbError::NotFound(format!("no agent {:?}", agent.agent_id)))
     }
 
     /// A device's offline-code key.
     pub fn offline_key(&self, device_id: &str) -> Result<Vec<u8>> {
-        self.conn()
+        self.conn()?
             .query_row(
                 "SELECT offline_key FROM agents WHERE device_id = ?1",
                 [device_id],
@@ -1085,12 +1199,12 @@ impl Db {
 
     /// Every device.
     pub fn devices(&self) -> Result<Vec<DeviceInfo>> {
-        let conn = self.conn();
+        let conn = self.conn()?;
         let mut stmt = conn.prepare(
             "SELECT a.device_id, a.agent_id, a.hostname, a.os, a.agent_version, a.enrolled_at, a.last_checkin, a.policy_version, COALESCE(b.version, 0), a.audit_acked, a.outbox_pending, a.users, a.reset_by IS NOT NULL
              FROM agents a LEFT JOIN bundles b ON b.device_id = a.device_id ORDER BY a.device_id",
         )?;
-        let rows = stmt.query_map([], |r| {
+        let rows = stmt.query_map(params![], |r| {
             let users: Vec<LocalUser> = json_col(r, 11)?;
             Ok(DeviceInfo {
                 device_id: r.get(0)?,
@@ -1111,19 +1225,18 @@ impl Db {
                 reset_pending: r.get(12)?,
             })
         })?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+        Ok(rows.collect::<sql::Result<_>>()?)
     }
 
     // ---- policies -----------------------------------------------------
 
-    fn bump_revision(tx: &rusqlite::Transaction<'_>) -> Result<u64> {
+    fn bump_revision(tx: &Conn<'_>) -> Result<u64> {
         tx.execute(
-            "INSERT INTO counters (name, value) VALUES ('policy_revision', 1) ON CONFLICT (name) DO UPDATE SET value = value + 1",
-            [],
+            "INSERT INTO counters (name, value) VALUES ('policy_revision', 1) ON CONFLICT (name) DO UPDATE SET value = counters.value + 1", params![],
         )?;
         Ok(tx.query_row(
             "SELECT value FROM counters WHERE name = 'policy_revision'",
-            [],
+            params![],
             |r| r.get(0),
         )?)
     }
@@ -1131,10 +1244,10 @@ impl Db {
     /// The revision of the last policy change (0: none yet).
     pub fn policy_revision(&self) -> Result<u64> {
         Ok(self
-            .conn()
+            .conn()?
             .query_row(
                 "SELECT value FROM counters WHERE name = 'policy_revision'",
-                [],
+                params![],
                 |r| r.get(0),
             )
             .optional()?
@@ -1151,8 +1264,8 @@ impl Db {
     ) -> Result<PolicyEntry> {
         by.require(Capability::ManagePolicies)?;
         let by = by.name.as_str();
-        let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut conn = self.conn()?;
+        let tx = conn.transaction()?;
         let revision = Db::bump_revision(&tx)?;
         let now = Timestamp::now();
         tx.execute(
@@ -1173,8 +1286,8 @@ impl Db {
     /// Deletes a scope's document; `false` if there was none.
     pub fn delete_policy(&self, scope: &PolicyScope, by: &Admin) -> Result<bool> {
         by.require(Capability::ManagePolicies)?;
-        let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut conn = self.conn()?;
+        let tx = conn.transaction()?;
         let deleted = tx.execute("DELETE FROM policies WHERE scope = ?1", [scope.to_string()])?;
         if deleted > 0 {
             Db::bump_revision(&tx)?;
@@ -1185,11 +1298,11 @@ impl Db {
 
     /// Every document's entry.
     pub fn policies(&self) -> Result<Vec<PolicyEntry>> {
-        let conn = self.conn();
+        let conn = self.conn()?;
         let mut stmt = conn.prepare(
             "SELECT scope, revision, rules, pushed_by, pushed_at FROM policies ORDER BY scope",
         )?;
-        let rows = stmt.query_map([], |r| {
+        let rows = stmt.query_map(params![], |r| {
             Ok(PolicyEntry {
                 scope: r.get(0)?,
                 revision: r.get(1)?,
@@ -1198,13 +1311,13 @@ impl Db {
                 pushed_at: ts(r, 4)?,
             })
         })?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+        Ok(rows.collect::<sql::Result<_>>()?)
     }
 
     /// One scope's document.
     pub fn policy_document(&self, scope: &PolicyScope) -> Result<Option<String>> {
         Ok(self
-            .conn()
+            .conn()?
             .query_row(
                 "SELECT document FROM policies WHERE scope = ?1",
                 [scope.to_string()],
@@ -1228,7 +1341,7 @@ impl Db {
         }
         scopes.sort();
         scopes.dedup();
-        let conn = self.conn();
+        let conn = self.conn()?;
         let mut stmt =
             conn.prepare_cached("SELECT revision, document FROM policies WHERE scope = ?1")?;
         let mut documents = Vec::new();
@@ -1250,7 +1363,7 @@ impl Db {
     /// A device's stored bundle.
     pub fn bundle(&self, device_id: &str) -> Result<Option<BundleRow>> {
         Ok(self
-            .conn()
+            .conn()?
             .query_row(
                 "SELECT version, content_sha256, revision, users_sha256, envelope FROM bundles WHERE device_id = ?1",
                 [device_id],
@@ -1267,19 +1380,57 @@ impl Db {
             .optional()?)
     }
 
-    /// Stores a device's bundle.
-    pub fn put_bundle(&self, device_id: &str, row: &BundleRow) -> Result<()> {
-        self.conn().execute(
+    /// Stores a device's bundle if the stored one is still `previous`
+    /// (its version; `None`: there was none). `false` when another
+    /// instance stored one first: then that one stands, so each version
+    /// (the ETag) has one envelope fleet-wide.
+    pub fn put_bundle(
+        &self,
+        device_id: &str,
+        row: &BundleRow,
+        previous: Option<u64>,
+    ) -> Result<bool> {
+        let changed = self.conn()?.execute(
             "INSERT INTO bundles (device_id, version, content_sha256, revision, users_sha256, envelope) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-             ON CONFLICT (device_id) DO UPDATE SET version = ?2, content_sha256 = ?3, revision = ?4, users_sha256 = ?5, envelope = ?6",
-            params![device_id, row.version, row.content_sha256, row.revision, row.users_sha256, row.envelope],
+             ON CONFLICT (device_id) DO UPDATE SET version = ?2, content_sha256 = ?3, revision = ?4, users_sha256 = ?5, envelope = ?6
+             WHERE bundles.version = ?7",
+            params![device_id, row.version, row.content_sha256, row.revision, row.users_sha256, row.envelope, previous.map_or(-1, |v| i64::try_from(v).unwrap_or(i64::MAX))],
+        )?;
+        Ok(changed == 1)
+    }
+
+    /// The policy merged from a set of documents, if any instance merged
+    /// it before (`key`: the SHA-256 of the documents' scopes and
+    /// revisions).
+    pub fn merged_policy(&self, key: &[u8]) -> Result<Option<String>> {
+        Ok(self
+            .conn()?
+            .query_row(
+                "SELECT merged FROM merged_policies WHERE documents_sha256 = ?1",
+                [key],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
+    /// Keeps a merged policy for every instance; the oldest go past
+    /// [`MAX_MERGED`] (a policy change makes new ones).
+    pub fn put_merged_policy(&self, key: &[u8], merged: &str) -> Result<()> {
+        let conn = self.conn()?;
+        conn.execute(
+            "INSERT INTO merged_policies (documents_sha256, merged, created_at) VALUES (?1, ?2, ?3) ON CONFLICT (documents_sha256) DO NOTHING",
+            params![key, merged, sortable(Timestamp::now())],
+        )?;
+        conn.execute(
+            "DELETE FROM merged_policies WHERE documents_sha256 IN (SELECT documents_sha256 FROM merged_policies ORDER BY created_at DESC LIMIT -1 OFFSET ?1)",
+            params![MAX_MERGED],
         )?;
         Ok(())
     }
 
     /// Notes that a bundle is current for a newer revision or users.
     pub fn touch_bundle(&self, device_id: &str, revision: u64, users_sha256: &[u8]) -> Result<()> {
-        self.conn().execute(
+        self.conn()?.execute(
             "UPDATE bundles SET revision = ?2, users_sha256 = ?3 WHERE device_id = ?1",
             params![device_id, revision, users_sha256],
         )?;
@@ -1296,33 +1447,47 @@ impl Db {
         oldest_kept_seq: u64,
         records: &[(u64, Option<String>, &str)],
     ) -> Result<(u64, u64, u64)> {
-        let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let (mut stored, mut duplicates) = (0, 0);
-        {
-            let mut insert = tx.prepare_cached(
-                "INSERT INTO audit (agent_id, device_id, seq, decision, record) VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (agent_id, seq) DO NOTHING",
-            )?;
-            for (seq, decision, record) in records {
-                if insert.execute(params![
-                    agent.agent_id,
-                    agent.device_id,
-                    seq,
-                    decision,
-                    record
-                ])? == 1
-                {
-                    stored += 1;
-                } else {
-                    duplicates += 1;
+        let mut conn = self.conn()?;
+        // Uploads of different agents do not wait for each other; two of
+        // one agent (a retry reaching another instance) take turns on the
+        // agent's row, so the acknowledgement only moves forward.
+        let tx = conn.transaction_concurrent()?;
+        tx.query_row(
+            "SELECT audit_acked FROM agents WHERE agent_id = ?1 FOR UPDATE",
+            [&agent.agent_id],
+            |r| r.get::<_, u64>(0),
+        )
+        .optional()?
+        .ok_or_else(|| DbError::NotFound(format!("no agent {:?}", agent.agent_id)))?;
+        // Rows in statements of at most AUDIT_BATCH: one round trip per
+        // batch, and a bounded set of statement shapes to prepare.
+        let mut stored: u64 = 0;
+        for chunk in records.chunks(AUDIT_BATCH) {
+            let mut sql = String::from(
+                "INSERT INTO audit (agent_id, device_id, seq, decision, record) VALUES ",
+            );
+            let mut values = Vec::with_capacity(chunk.len() * 3 + 2);
+            values.push(sql::ToValue::to_value(&agent.agent_id));
+            values.push(sql::ToValue::to_value(&agent.device_id));
+            for (i, (seq, decision, record)) in chunk.iter().enumerate() {
+                let n = 3 + i * 3;
+                if i > 0 {
+                    sql.push_str(", ");
                 }
+                sql.push_str(&format!("(?1, ?2, ?{n}, ?{}, ?{})", n + 1, n + 2));
+                values.push(sql::ToValue::to_value(seq));
+                values.push(sql::ToValue::to_value(decision));
+                values.push(sql::ToValue::to_value(record));
             }
+            sql.push_str(" ON CONFLICT (agent_id, seq) DO NOTHING");
+            stored += tx.execute(&sql, values)? as u64;
         }
+        let duplicates = records.len() as u64 - stored;
         // The agent no longer holds records before oldest_kept_seq: waiting
         // for them would stall the acknowledgement forever.
         let floor = oldest_kept_seq.saturating_sub(1);
         tx.execute(
-            "UPDATE agents SET audit_floor = MAX(audit_floor, ?2), audit_acked = MAX(audit_acked, ?2) WHERE agent_id = ?1",
+            "UPDATE agents SET audit_floor = CASE WHEN audit_floor > ?2 THEN audit_floor ELSE ?2 END, audit_acked = CASE WHEN audit_acked > ?2 THEN audit_acked ELSE ?2 END WHERE agent_id = ?1",
             params![agent.agent_id, floor],
         )?;
         let mut acked: u64 = tx.query_row(
@@ -1337,7 +1502,7 @@ impl Db {
             loop {
                 let seqs: Vec<u64> = next
                     .query_map(params![agent.agent_id, acked], |r| r.get(0))?
-                    .collect::<rusqlite::Result<_>>()?;
+                    .collect::<sql::Result<_>>()?;
                 let before = acked;
                 for seq in &seqs {
                     if *seq == acked + 1 {
@@ -1355,6 +1520,10 @@ impl Db {
             "UPDATE agents SET audit_acked = ?2 WHERE agent_id = ?1",
             params![agent.agent_id, acked],
         )?;
+        if stored > 0 {
+            // Audit tails waiting on other instances see it at commit.
+            postgres::notify(&tx, "epm_audit")?;
+        }
         tx.commit()?;
         Ok((acked, stored, duplicates))
     }
@@ -1367,7 +1536,7 @@ impl Db {
         decision: Option<&str>,
         limit: u32,
     ) -> Result<Vec<(u64, String, String)>> {
-        let conn = self.conn();
+        let conn = self.conn()?;
         let filter = "(?2 IS NULL OR device_id = ?2) AND (?3 IS NULL OR decision = ?3)";
         let rows: Vec<(u64, String, String)> = match after {
             Some(after) => {
@@ -1377,17 +1546,17 @@ impl Db {
                 stmt.query_map(params![after, device, decision, limit], |r| {
                     Ok((r.get(0)?, r.get(1)?, r.get(2)?))
                 })?
-                .collect::<rusqlite::Result<_>>()?
+                .collect::<sql::Result<_>>()?
             }
             None => {
                 let mut stmt = conn.prepare_cached(&format!(
-                    "SELECT cursor, device_id, record FROM audit WHERE ?1 IS NULL AND {filter} ORDER BY cursor DESC LIMIT ?4"
+                    "SELECT cursor, device_id, record FROM audit WHERE CAST(?1 AS BIGINT) IS NULL AND {filter} ORDER BY cursor DESC LIMIT ?4"
                 ))?;
                 let mut newest: Vec<(u64, String, String)> = stmt
                     .query_map(params![Option::<u64>::None, device, decision, limit], |r| {
                         Ok((r.get(0)?, r.get(1)?, r.get(2)?))
                     })?
-                    .collect::<rusqlite::Result<_>>()?;
+                    .collect::<sql::Result<_>>()?;
                 newest.reverse();
                 newest
             }
@@ -1397,11 +1566,11 @@ impl Db {
 
     /// The newest audit cursor.
     pub fn audit_head(&self) -> Result<u64> {
-        Ok(self
-            .conn()
-            .query_row("SELECT COALESCE(MAX(cursor), 0) FROM audit", [], |r| {
-                r.get(0)
-            })?)
+        Ok(self.conn()?.query_row(
+            "SELECT COALESCE(MAX(cursor), 0) FROM audit",
+            params![],
+            |r| r.get(0),
+        )?)
     }
 
     // ---- requests -----------------------------------------------------
@@ -1416,8 +1585,8 @@ impl Db {
         levels: &[u32],
         uses: u32,
     ) -> Result<RequestStatus> {
-        let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut conn = self.conn()?;
+        let tx = conn.transaction()?;
         let existing: Option<String> = tx
             .query_row(
                 "SELECT id FROM requests WHERE agent_id = ?1 AND local_id = ?2",
@@ -1431,7 +1600,7 @@ impl Db {
                 let id = new_id("req_");
                 let now = Timestamp::now().to_string();
                 tx.execute(
-                    "INSERT INTO requests (id, agent_id, local_id, device_id, user, rule_id, subject, justification, window_start, window_end, state, levels, current_level, uses, created_at, updated_at)
+                    "INSERT INTO requests (id, agent_id, local_id, device_id, \"user\", rule_id, subject, justification, window_start, window_end, state, levels, current_level, uses, created_at, updated_at)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, 'pending', ?11, 1, ?12, ?13, ?13)",
                     params![
                         id, agent.agent_id, submit.local_id, agent.device_id, submit.user, submit.rule_id,
@@ -1448,10 +1617,10 @@ impl Db {
         self.request_status(&agent.agent_id, &id)
     }
 
-    fn request_row(conn: &Connection, id: &str) -> Result<StoredRequest> {
+    fn request_row(conn: &Conn<'_>, id: &str) -> Result<StoredRequest> {
         let row = conn
             .query_row(
-                "SELECT id, device_id, user, rule_id, subject, justification, window_start, window_end, state, levels, current_level, reason, decided_by, created_at, updated_at, agent_id, grant_envelope, local_id FROM requests WHERE id = ?1",
+                "SELECT id, device_id, \"user\", rule_id, subject, justification, window_start, window_end, state, levels, current_level, reason, decided_by, created_at, updated_at, agent_id, grant_envelope, local_id FROM requests WHERE id = ?1",
                 [id],
                 |r| {
                     let state: String = r.get(8)?;
@@ -1469,7 +1638,7 @@ impl Db {
                                 end: ts(r, 7)?,
                             },
                             state: state.parse().map_err(|e: String| {
-                                rusqlite::Error::FromSqlConversionFailure(8, rusqlite::types::Type::Text, e.into())
+                                sql::SqlError::conversion(8, e)
                             })?,
                             levels: json_col(r, 9)?,
                             current_level: r.get(10)?,
@@ -1503,7 +1672,7 @@ impl Db {
                     at: ts(r, 2)?,
                 })
             })?
-            .collect::<rusqlite::Result<_>>()?;
+            .collect::<sql::Result<_>>()?;
         Ok(StoredRequest {
             agent_id,
             local_id,
@@ -1514,7 +1683,7 @@ impl Db {
 
     /// A request as its agent sees it; another agent's is not found.
     pub fn request_status(&self, agent_id: &str, id: &str) -> Result<RequestStatus> {
-        let conn = self.conn();
+        let conn = self.conn()?;
         let stored = Db::request_row(&conn, id)?;
         if stored.agent_id != agent_id {
             return Err(DbError::NotFound(format!("no request {id:?}")));
@@ -1524,7 +1693,7 @@ impl Db {
 
     /// One request, for admins.
     pub fn request(&self, id: &str) -> Result<AdminRequest> {
-        let conn = self.conn();
+        let conn = self.conn()?;
         Ok(Db::request_row(&conn, id)?.request)
     }
 
@@ -1535,16 +1704,16 @@ impl Db {
         device: Option<&str>,
     ) -> Result<Vec<AdminRequest>> {
         let ids: Vec<String> = {
-            let conn = self.conn();
+            let conn = self.conn()?;
             let mut stmt = conn.prepare(
                 "SELECT id FROM requests WHERE (?1 IS NULL OR state = ?1) AND (?2 IS NULL OR device_id = ?2) ORDER BY created_at DESC, id",
             )?;
             stmt.query_map(params![state.map(RequestState::as_str), device], |r| {
                 r.get(0)
             })?
-            .collect::<rusqlite::Result<_>>()?
+            .collect::<sql::Result<_>>()?
         };
-        let conn = self.conn();
+        let conn = self.conn()?;
         ids.iter()
             .map(|id| Ok(Db::request_row(&conn, id)?.request))
             .collect()
@@ -1553,7 +1722,7 @@ impl Db {
     /// Expires pending and approved requests whose window ended; returns
     /// how many.
     pub fn expire_requests(&self, now: Timestamp) -> Result<usize> {
-        let mut conn = self.conn();
+        let mut conn = self.conn()?;
         // Both sides are written by `sortable`, so text order is time order.
         let due: bool = conn.query_row(
             "SELECT EXISTS (SELECT 1 FROM requests WHERE state IN ('pending', 'approved') AND window_end <= ?1)",
@@ -1563,13 +1732,13 @@ impl Db {
         if !due {
             return Ok(0);
         }
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let tx = conn.transaction()?;
         let ids: Vec<String> = {
             let mut stmt = tx.prepare(
                 "SELECT id FROM requests WHERE state IN ('pending', 'approved') AND window_end <= ?1",
             )?;
             stmt.query_map([sortable(now)], |r| r.get(0))?
-                .collect::<rusqlite::Result<_>>()?
+                .collect::<sql::Result<_>>()?
         };
         tx.execute(
             "UPDATE requests SET state = 'expired', current_level = 0, updated_at = ?1 WHERE state IN ('pending', 'approved') AND window_end <= ?1",
@@ -1580,6 +1749,31 @@ impl Db {
         }
         tx.commit()?;
         Ok(ids.len())
+    }
+
+    /// The periodic expiry sweep: on PostgreSQL one instance at a time
+    /// (an advisory lock; the others skip this round), so a fleet of
+    /// instances does not repeat the same work every 30 s.
+    pub fn sweep_expired(&self, now: Timestamp) -> Result<usize> {
+        let conn = self.conn()?;
+        if !conn.is_postgres() {
+            drop(conn);
+            return self.expire_requests(now);
+        }
+        let locked: bool = conn.query_row(
+            &format!("SELECT pg_try_advisory_lock({})", sql::SWEEP_LOCK),
+            params![],
+            |r| r.get(0),
+        )?;
+        if !locked {
+            return Ok(0);
+        }
+        let swept = self.expire_requests(now);
+        conn.execute(
+            &format!("SELECT pg_advisory_unlock({})", sql::SWEEP_LOCK),
+            params![],
+        )?;
+        swept
     }
 
     /// Records `admin`'s approval, judged by the rule's levels as they are
@@ -1597,8 +1791,8 @@ impl Db {
         sign: impl FnOnce(&AdminRequest, u32) -> std::result::Result<SignedEnvelope, String>,
     ) -> Result<(AdminRequest, bool)> {
         admin.require(Capability::Approve)?;
-        let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut conn = self.conn()?;
+        let tx = conn.transaction()?;
         let request = Db::request_row(&tx, id)?.request;
         if request.state != RequestState::Pending {
             return Err(DbError::Conflict(format!(
@@ -1662,7 +1856,7 @@ impl Db {
         }
         if let Some(uses) = narrowing.uses {
             tx.execute(
-                "UPDATE requests SET max_uses = MIN(COALESCE(max_uses, ?2), ?2) WHERE id = ?1",
+                "UPDATE requests SET max_uses = CASE WHEN max_uses IS NOT NULL AND max_uses < ?2 THEN max_uses ELSE ?2 END WHERE id = ?1",
                 params![id, uses],
             )?;
         }
@@ -1682,14 +1876,14 @@ impl Db {
         }
         if done {
             let uses: u32 = tx.query_row(
-                "SELECT MIN(uses, COALESCE(max_uses, uses)) FROM requests WHERE id = ?1",
+                "SELECT CASE WHEN max_uses IS NOT NULL AND max_uses < uses THEN max_uses ELSE uses END FROM requests WHERE id = ?1",
                 [id],
                 |r| r.get(0),
             )?;
             // A grant that cannot be made cannot be stored: the approval
             // rolls back (an internal error, logged).
             let envelope = sign(&Db::request_row(&tx, id)?.request, uses)
-                .map_err(|e| rusqlite::Error::ToSqlConversionFailure(e.into()))?;
+                .map_err(|e| DbError::Sql(rusqlite::Error::ToSqlConversionFailure(e.into()).into()))?;
             tx.execute(
                 "UPDATE requests SET grant_envelope = ?2 WHERE id = ?1",
                 params![id, to_json(&envelope)],
@@ -1704,8 +1898,8 @@ impl Db {
     /// Closes a pending request the platform can no longer approve (its
     /// rule left the device's policy, or its window no longer fits it).
     pub fn close_request(&self, id: &str, reason: &str) -> Result<()> {
-        let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut conn = self.conn()?;
+        let tx = conn.transaction()?;
         if tx.execute(
             "UPDATE requests SET state = 'denied', current_level = 0, reason = ?2, decided_by = 'platform', updated_at = ?3 WHERE id = ?1 AND state = 'pending'",
             params![id, reason, Timestamp::now().to_string()],
@@ -1719,8 +1913,8 @@ impl Db {
 
     /// How many executions an approval of this request allows.
     pub fn request_uses(&self, id: &str) -> Result<u32> {
-        Ok(self.conn().query_row(
-            "SELECT MIN(uses, COALESCE(max_uses, uses)) FROM requests WHERE id = ?1",
+        Ok(self.conn()?.query_row(
+            "SELECT CASE WHEN max_uses IS NOT NULL AND max_uses < uses THEN max_uses ELSE uses END FROM requests WHERE id = ?1",
             [id],
             |r| r.get(0),
         )?)
@@ -1729,8 +1923,8 @@ impl Db {
     /// Denies a pending request (an approver of its current level).
     pub fn deny(&self, id: &str, admin: &Admin, reason: &str) -> Result<AdminRequest> {
         admin.require(Capability::Approve)?;
-        let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut conn = self.conn()?;
+        let tx = conn.transaction()?;
         let request = Db::request_row(&tx, id)?.request;
         if request.state != RequestState::Pending {
             return Err(DbError::Conflict(format!(
@@ -1758,8 +1952,8 @@ impl Db {
     /// Revokes an approved request (any approver).
     pub fn revoke(&self, id: &str, admin: &Admin, reason: Option<&str>) -> Result<AdminRequest> {
         admin.require(Capability::Approve)?;
-        let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut conn = self.conn()?;
+        let tx = conn.transaction()?;
         let request = Db::request_row(&tx, id)?.request;
         if request.state != RequestState::Approved {
             return Err(DbError::Conflict(format!(
@@ -1779,7 +1973,11 @@ impl Db {
 
     /// Marks an agent's approved requests used.
     pub fn mark_used(&self, agent: &Agent, ids: &[String]) -> Result<()> {
-        let conn = self.conn();
+        if ids.is_empty() {
+            // Most check-ins: no connection taken.
+            return Ok(());
+        }
+        let conn = self.conn()?;
         for id in ids {
             conn.execute(
                 "UPDATE requests SET state = 'used', updated_at = ?3 WHERE id = ?1 AND agent_id = ?2 AND state = 'approved'",
@@ -1799,7 +1997,7 @@ impl Db {
         status: u16,
         detail: Option<&str>,
     ) -> Result<()> {
-        self.conn().execute(
+        self.conn()?.execute(
             "INSERT INTO activity (at, admin, call, status, detail) VALUES (?1, ?2, ?3, ?4, ?5)",
             params![Timestamp::now().to_string(), admin, call, status, detail],
         )?;
@@ -1809,7 +2007,7 @@ impl Db {
     /// The newest `limit` activity entries, oldest first; only `admin`'s
     /// when given.
     pub fn activity(&self, limit: u32, admin: Option<&str>) -> Result<Vec<Activity>> {
-        let conn = self.conn();
+        let conn = self.conn()?;
         let mut stmt = conn.prepare(
             "SELECT id, at, admin, call, status, detail FROM activity WHERE ?2 IS NULL OR admin = ?2 ORDER BY id DESC LIMIT ?1",
         )?;
@@ -1824,7 +2022,7 @@ impl Db {
                     detail: r.get(5)?,
                 })
             })?
-            .collect::<rusqlite::Result<_>>()?;
+            .collect::<sql::Result<_>>()?;
         rows.reverse();
         Ok(rows)
     }
@@ -1832,12 +2030,12 @@ impl Db {
     /// Adds counted refused calls (one row per key and hour) and drops the
     /// oldest rows past [`MAX_REFUSED_ROWS`].
     pub fn record_refused(&self, counts: &[(RefusedKey, u64, Timestamp)]) -> Result<()> {
-        let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut conn = self.conn()?;
+        let tx = conn.transaction()?;
         {
             let mut upsert = tx.prepare_cached(
                 "INSERT INTO refused_calls (hour, source, who, call, status, count, last_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
-                 ON CONFLICT (hour, source, who, call, status) DO UPDATE SET count = count + ?6, last_at = ?7",
+                 ON CONFLICT (hour, source, who, call, status) DO UPDATE SET count = refused_calls.count + ?6, last_at = ?7",
             )?;
             for (key, count, last) in counts {
                 upsert.execute(params![
@@ -1861,7 +2059,7 @@ impl Db {
 
     /// The newest `limit` counts of refused calls, newest first.
     pub fn refused_calls(&self, limit: u32) -> Result<Vec<RefusedCalls>> {
-        let conn = self.conn();
+        let conn = self.conn()?;
         let mut stmt = conn.prepare(
             "SELECT hour, last_at, source, who, call, status, count FROM refused_calls ORDER BY last_at DESC LIMIT ?1",
         )?;
@@ -1876,7 +2074,7 @@ impl Db {
                 count: r.get(6)?,
             })
         })?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+        Ok(rows.collect::<sql::Result<_>>()?)
     }
 }
 
@@ -1932,6 +2130,28 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_database_is_named_by_url_or_path_and_other_schemes_are_refused() {
+        assert_eq!(
+            Database::parse("sqlite:///var/lib/epm/platform.db").unwrap(),
+            Database::Sqlite("/var/lib/epm/platform.db".into())
+        );
+        assert_eq!(
+            Database::parse("/srv/platform.db").unwrap(),
+            Database::Sqlite("/srv/platform.db".into())
+        );
+        assert!(matches!(
+            Database::parse("postgresql://epm@db/epm").unwrap(),
+            Database::Postgres(_)
+        ));
+        let refused = Database::parse("mysql://root:hunter2@db/epm")
+            .unwrap_err()
+            .to_string();
+        assert!(refused.contains("postgres://"), "{refused}");
+        assert!(!refused.contains("hunter2"), "{refused}");
+        assert!(Database::parse("sqlite://").is_err());
+    }
+
+    #[test]
     fn an_existing_database_gets_roles_by_migration() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("platform.db");
@@ -1947,7 +2167,7 @@ mod tests {
             ] {
                 conn.execute(
                     "INSERT INTO admins (name, token_sha256, approver_level, created_at) VALUES (?1, ?2, ?3, ?4)",
-                    params![name, secret_hash(name), level, at],
+                    rusqlite::params![name, secret_hash(name), level, at],
                 )
                 .unwrap();
             }

@@ -67,6 +67,11 @@ struct Remote {
     /// and as the default place of ca.pem).
     #[arg(long, global = true, env = "EPM_PLATFORM_DATA")]
     data: Option<PathBuf>,
+    /// Where the state is kept: sqlite://PATH (default:
+    /// <--data>/platform.db, one instance) or postgres://USER@HOST/DB
+    /// (any number of instances sharing it; see docs/scale.md).
+    #[arg(long, global = true, env = "EPM_PLATFORM_DATABASE")]
+    database: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -553,6 +558,16 @@ fn data_dir(remote: &Remote) -> Result<DataDir, Failure> {
     DataDir::open(dir).map_err(other)
 }
 
+/// The database `--database` names, or the data directory's SQLite file.
+fn open_db(remote: &Remote, data: &DataDir) -> Result<Db, Failure> {
+    match remote.database.as_deref().filter(|d| !d.is_empty()) {
+        Some(url) => Db::open_url(url)
+            .map_err(|e| other(format!("{}: {e}", epm_platform::db::sql::redact(url)))),
+        None => Db::open(&data.database())
+            .map_err(|e| other(format!("{}: {e}", data.database().display()))),
+    }
+}
+
 fn client(remote: &Remote) -> Result<AdminClient, Failure> {
     let ca: PathBuf = match (&remote.ca, &remote.data) {
         (Some(ca), _) => ca.clone(),
@@ -918,7 +933,7 @@ async fn run_admin(remote: &Remote, command: AdminCommand) -> Result<(), Failure
                     .validate()
                     .map_err(|e| Failure::Refused(e.to_string()))?;
                 let data = data_dir(remote)?;
-                let db = Db::open(&data.database()).map_err(other)?;
+                let db = open_db(remote, &data)?;
                 let (created, detail) = db
                     .create_admin(Actor::Local, &request)
                     .map_err(|e| Failure::Refused(e.to_string()))?;
@@ -955,7 +970,7 @@ async fn run_admin(remote: &Remote, command: AdminCommand) -> Result<(), Failure
         }
         AdminCommand::Totp { name, off } => {
             let data = data_dir(remote)?;
-            let db = Db::open(&data.database()).map_err(other)?;
+            let db = open_db(remote, &data)?;
             let secret = (!off).then(epm_platform::console::auth::new_totp_secret);
             db.set_totp(None, &name, secret.as_deref())
                 .map_err(|e| Failure::Refused(e.to_string()))?;
@@ -1072,7 +1087,7 @@ async fn set_password(remote: &Remote, name: &str, password: String) -> Result<(
         let data = data_dir(remote)?;
         let phc =
             epm_platform::console::auth::hash_password(&password).map_err(Failure::Refused)?;
-        let db = Db::open(&data.database()).map_err(other)?;
+        let db = open_db(remote, &data)?;
         db.set_password(None, name, &phc, None)
             .map_err(|e| Failure::Refused(e.to_string()))?;
         db.record_activity(
@@ -1199,8 +1214,7 @@ async fn run_serve(remote: &Remote, serve: Serve) -> Result<(), Failure> {
         _ => (data.file("server.pem"), data.file("server-key.pem")),
     };
     let tls = epm_platform::tls_config(&cert, &key).await.map_err(other)?;
-    let db = Db::open(&data.database())
-        .map_err(|e| other(format!("{}: {e}", data.database().display())))?;
+    let db = open_db(remote, &data)?;
     let limits = Limits {
         max_connections: serve.max_connections,
         max_connections_per_client: serve.max_connections_per_client,
@@ -1243,9 +1257,10 @@ async fn run_serve(remote: &Remote, serve: Serve) -> Result<(), Failure> {
         shutdown.graceful_shutdown(Some(Duration::from_secs(5)));
     });
     tracing::info!(
-        "serving https://{} (data {}); the console is at {console_url}/console/",
+        "serving https://{} (data {}, {} database); the console is at {console_url}/console/",
         serve.listen,
-        data.dir.display()
+        data.dir.display(),
+        state.db.kind()
     );
     server::serve(state, serve.listen, tls, handle)
         .await

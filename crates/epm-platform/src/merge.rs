@@ -25,8 +25,9 @@ pub struct ScopedDocument {
 }
 
 /// The merged policy, without its version (the device's bundle version is
-/// filled in when the bundle is signed).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// filled in when the bundle is signed). Serialized, it is what the
+/// database keeps for every instance (`merged_policies`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Merged {
     /// The device document's default, else the general one's, else `allow`.
     pub default_action: String,

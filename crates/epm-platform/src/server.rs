@@ -75,7 +75,7 @@ impl AppState {
 
     /// State with these limits.
     pub fn with_limits(db: Db, signing: PolicySigningKey, limits: Limits) -> Arc<AppState> {
-        Arc::new(AppState {
+        let state = Arc::new(AppState {
             db,
             signing,
             rates: Rates::new(&limits),
@@ -85,7 +85,15 @@ impl AppState {
             audit_arrived: Notify::new(),
             merged: Mutex::new(HashMap::new()),
             build: tokio::sync::Mutex::new(()),
-        })
+        });
+        // Audit uploaded to another instance wakes this one's tails too.
+        let weak = Arc::downgrade(&state);
+        state.db.listen(Arc::new(move |_channel: &str| {
+            if let Some(state) = weak.upgrade() {
+                state.audit_arrived.notify_waiters();
+            }
+        }));
+        state
     }
 }
 
@@ -169,7 +177,7 @@ impl From<DbError> for Failure {
             DbError::Invalid(m) => {
                 Failure::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_request", m)
             }
-            DbError::Sqlite(e) => {
+            DbError::Sql(e) => {
                 tracing::error!("database: {e}");
                 Failure::new(
                     StatusCode::INTERNAL_SERVER_ERROR,
@@ -508,6 +516,16 @@ async fn current_bundle(
         .unwrap_or_else(|p| p.into_inner())
         .get(&key)
         .cloned();
+    // Then the database's: another instance may have merged this set.
+    let key_sha256 = documents_key(&key);
+    let cached = match cached {
+        Some(merged) => Some(merged),
+        None => state
+            .db
+            .merged_policy(&key_sha256)?
+            .and_then(|text| serde_json::from_str::<Merged>(&text).ok())
+            .map(Arc::new),
+    };
     let merged = match cached {
         Some(merged) => merged,
         None => {
@@ -521,16 +539,28 @@ async fn current_bundle(
                     )
                 })?
                 .map_err(|e| Failure::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e))?;
+            if let Ok(text) = serde_json::to_string(&merged) {
+                state.db.put_merged_policy(&key_sha256, &text)?;
+            }
             let merged = Arc::new(merged);
             let mut cache = state.merged.lock().unwrap_or_else(|p| p.into_inner());
             // A handful of distinct document sets is the common case.
             if cache.len() >= 32 {
                 cache.clear();
             }
-            cache.insert(key, merged.clone());
+            cache.insert(key.clone(), merged.clone());
             merged
         }
     };
+    {
+        let mut cache = state.merged.lock().unwrap_or_else(|p| p.into_inner());
+        if !cache.contains_key(&key) {
+            if cache.len() >= 32 {
+                cache.clear();
+            }
+            cache.insert(key, merged.clone());
+        }
+    }
     if let Some(row) = &existing
         && row.content_sha256 == merged.content_sha256
         && signed_now(row)
@@ -542,7 +572,8 @@ async fn current_bundle(
             ..row.clone()
         });
     }
-    let version = existing.map_or(1, |row| row.version + 1);
+    let previous = existing.as_ref().map(|row| row.version);
+    let version = previous.map_or(1, |v| v + 1);
     let payload = merge::bundle_payload(device_id, version, Timestamp::now(), &merged)
         .map_err(|e| Failure::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
     let envelope = state
@@ -557,9 +588,28 @@ async fn current_bundle(
             Failure::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
         })?,
     };
-    state.db.put_bundle(device_id, &row)?;
+    if !state.db.put_bundle(device_id, &row, previous)? {
+        // Another instance built this device's bundle meanwhile: serve
+        // that one, so a version has one envelope whichever instance
+        // answers.
+        return state.db.bundle(device_id)?.ok_or_else(|| {
+            Failure::internal(format!("the bundle of {device_id} vanished while building"))
+        });
+    }
     tracing::info!(device_id, version, "bundle built");
     Ok(row)
+}
+
+/// The database key of a merged document set: SHA-256 over each
+/// document's scope and revision.
+fn documents_key(key: &[(String, u64)]) -> Vec<u8> {
+    let mut hash = Sha256::new();
+    for (scope, revision) in key {
+        hash.update((scope.len() as u64).to_be_bytes());
+        hash.update(scope.as_bytes());
+        hash.update(revision.to_be_bytes());
+    }
+    hash.finalize().to_vec()
 }
 
 fn etag(version: u64) -> String {
@@ -1972,7 +2022,7 @@ pub fn spawn_expiry(state: Shared) {
         let mut tick = tokio::time::interval(Duration::from_secs(30));
         loop {
             tick.tick().await;
-            match state.db.expire_requests(Timestamp::now()) {
+            match state.db.sweep_expired(Timestamp::now()) {
                 Ok(0) => {}
                 Ok(n) => tracing::info!("{n} request(s) expired"),
                 Err(e) => tracing::error!("expiring requests: {e}"),

@@ -11,13 +11,15 @@ use epm_api::agent::{
 };
 use epm_api::sign::{PolicyPublicKey, SignedKind};
 use epm_api::{ApiErrorBody, Grant, PolicyBundle, SignedEnvelope, SubjectIdentity, paths};
-use epm_platform::db::{Actor, Db};
+use epm_platform::db::Actor;
 use epm_platform::keys::DataDir;
 use epm_platform::server::{self, ApiDoc, AppState};
 use jiff::{SignedDuration, Timestamp};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use utoipa::OpenApi;
+
+mod common;
 
 struct TestPlatform {
     _dir: tempfile::TempDir,
@@ -40,7 +42,7 @@ impl TestPlatform {
         let tls = epm_platform::tls_config(&data.file("server.pem"), &data.file("server-key.pem"))
             .await
             .unwrap();
-        let db = Db::open(&data.database()).unwrap();
+        let db = common::open_db(&data);
         let state = AppState::new(db, data.signing_key().unwrap());
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
@@ -83,8 +85,7 @@ impl TestPlatform {
             approver_level: level,
             endpoint_users: None,
         };
-        Db::open(&self.data.database())
-            .unwrap()
+        common::open_db(&self.data)
             .create_admin(Actor::Local, &request)
             .unwrap()
             .0
@@ -1003,8 +1004,7 @@ impl TestPlatform {
 
     fn set_password(&self, name: &str, password: &str) {
         let phc = epm_platform::console::auth::hash_password(password).unwrap();
-        Db::open(&self.data.database())
-            .unwrap()
+        common::open_db(&self.data)
             .set_password(None, name, &phc, None)
             .unwrap();
     }
@@ -1319,8 +1319,7 @@ async fn console_sign_in_takes_a_totp_code_once() {
     platform.admin("owner", Some(1));
     platform.set_password("owner", PASSWORD);
     let secret = epm_platform::console::auth::new_totp_secret();
-    Db::open(&platform.data.database())
-        .unwrap()
+    common::open_db(&platform.data)
         .set_totp(None, "owner", Some(&secret))
         .unwrap();
     let now = Timestamp::now().as_second().unsigned_abs();
@@ -1421,10 +1420,7 @@ async fn webhooks_get_signed_events_with_a_link_and_failures_are_retried() {
     );
     // The endpoint answered 500: the delivery waits for its retry.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let log = Db::open(&platform.data.database())
-        .unwrap()
-        .deliveries(10)
-        .unwrap();
+    let log = common::open_db(&platform.data).deliveries(10).unwrap();
     assert_eq!(
         (log[0].state.as_str(), log[0].attempts, log[0].last_status),
         ("pending", 1, Some(500)),

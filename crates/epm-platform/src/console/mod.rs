@@ -119,7 +119,7 @@ impl From<DbError> for Refusal {
             DbError::Invalid(m) => {
                 Refusal::new(StatusCode::UNPROCESSABLE_ENTITY, "Not accepted", m)
             }
-            DbError::Sqlite(e) => Refusal::internal(format!("database: {e}")),
+            DbError::Sql(e) => Refusal::internal(format!("database: {e}")),
         }
     }
 }

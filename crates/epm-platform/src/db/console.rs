@@ -4,10 +4,10 @@
 //! rules (who may do what) stay where the API's are: [`crate::roles`] and
 //! the methods of [`Db`] both front ends call.
 
+use super::sql::{self, Conn, OptionalExtension, Row, params};
 use epm_api::admin::{Activity, AdminRequest};
 use epm_api::agent::RequestState;
 use jiff::Timestamp;
-use rusqlite::{OptionalExtension, params};
 
 use super::{Admin, Db, DbError, Result, admin_info, new_id, secret_hash, sortable, ts};
 use crate::roles::Capability;
@@ -151,14 +151,14 @@ const MAX_SESSIONS_PER_ADMIN: u32 = 16;
 
 /// The console's request for one event: `created`, `approved`, …
 pub(super) fn enqueue_webhooks(
-    tx: &rusqlite::Transaction<'_>,
+    tx: &Conn<'_>,
     console_url: &str,
     event: &str,
     request: &AdminRequest,
 ) -> Result<()> {
     let has_hooks: bool = tx.query_row(
         "SELECT EXISTS (SELECT 1 FROM webhooks WHERE disabled_by IS NULL)",
-        [],
+        params![],
         |r| r.get(0),
     )?;
     if !has_hooks {
@@ -180,7 +180,7 @@ pub(super) fn enqueue_webhooks(
     Ok(())
 }
 
-fn delivery(r: &rusqlite::Row<'_>) -> rusqlite::Result<Delivery> {
+fn delivery(r: &Row) -> sql::Result<Delivery> {
     Ok(Delivery {
         id: r.get(0)?,
         webhook_id: r.get(1)?,
@@ -207,7 +207,7 @@ impl Db {
     /// admin.
     pub fn credentials(&self, name: &str) -> Result<Option<Credentials>> {
         Ok(self
-            .conn()
+            .conn()?
             .query_row(
                 "SELECT name, role, approver_level, endpoint_users, disabled_by, created_at, password_hash, totp_secret, totp_last_step FROM admins WHERE name = ?1",
                 [name],
@@ -246,8 +246,8 @@ impl Db {
         {
             by.require(Capability::ManageAdmins)?;
         }
-        let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let mut conn = self.conn()?;
+        let tx = conn.transaction()?;
         let changed = tx.execute(
             "UPDATE admins SET password_hash = ?2 WHERE name = ?1",
             params![name, phc],
@@ -256,7 +256,7 @@ impl Db {
             return Err(DbError::NotFound(format!("no admin {name:?}")));
         }
         tx.execute(
-            "DELETE FROM console_sessions WHERE admin = ?1 AND token_sha256 IS NOT ?2",
+            "DELETE FROM console_sessions WHERE admin = ?1 AND token_sha256 IS DISTINCT FROM ?2",
             params![name, keep.map(secret_hash)],
         )?;
         tx.commit()?;
@@ -272,8 +272,8 @@ impl Db {
         {
             by.require(Capability::ManageAdmins)?;
         }
-        let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let mut conn = self.conn()?;
+        let tx = conn.transaction()?;
         let changed = tx.execute(
             "UPDATE admins SET totp_secret = ?2, totp_last_step = NULL WHERE name = ?1",
             params![name, secret],
@@ -289,7 +289,7 @@ impl Db {
     /// Records that the TOTP code of `step` was used: `false` when that
     /// step (or a later one) was used already, so a code works once.
     pub fn use_totp_step(&self, name: &str, step: u64) -> Result<bool> {
-        Ok(self.conn().execute(
+        Ok(self.conn()?.execute(
             "UPDATE admins SET totp_last_step = ?2 WHERE name = ?1 AND (totp_last_step IS NULL OR totp_last_step < ?2)",
             params![name, step],
         )? == 1)
@@ -297,12 +297,12 @@ impl Db {
 
     /// Which admins have a password and TOTP set: (name, password, totp).
     pub fn sign_in_methods(&self) -> Result<Vec<(String, bool, bool)>> {
-        let conn = self.conn();
+        let conn = self.conn()?;
         let mut stmt = conn.prepare(
             "SELECT name, password_hash IS NOT NULL, totp_secret IS NOT NULL FROM admins ORDER BY name",
         )?;
-        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+        let rows = stmt.query_map(params![], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+        Ok(rows.collect::<sql::Result<_>>()?)
     }
 
     // ---- sessions -----------------------------------------------------
@@ -317,8 +317,8 @@ impl Db {
         time_zone: Option<&str>,
     ) -> Result<()> {
         let now = sortable(Timestamp::now());
-        let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let mut conn = self.conn()?;
+        let tx = conn.transaction()?;
         tx.execute(
             "INSERT INTO console_sessions (token_sha256, admin, created_at, last_seen, source, time_zone) VALUES (?1, ?2, ?3, ?3, ?4, ?5)",
             params![secret_hash(token), admin, now, source, time_zone],
@@ -343,7 +343,7 @@ impl Db {
         touch: bool,
     ) -> Result<std::result::Result<SessionRow, SessionEnd>> {
         let hash = secret_hash(token);
-        let conn = self.conn();
+        let conn = self.conn()?;
         let found = conn
             .query_row(
                 "SELECT a.name, a.role, a.approver_level, a.endpoint_users, a.disabled_by, a.created_at, s.created_at, s.last_seen, s.time_zone
@@ -404,7 +404,7 @@ impl Db {
 
     /// Ends one session.
     pub fn end_session(&self, token: &str) -> Result<()> {
-        self.conn().execute(
+        self.conn()?.execute(
             "DELETE FROM console_sessions WHERE token_sha256 = ?1",
             [secret_hash(token)],
         )?;
@@ -414,7 +414,7 @@ impl Db {
     /// Ends every session of `admin`; returns how many.
     pub fn end_sessions(&self, admin: &str) -> Result<usize> {
         Ok(self
-            .conn()
+            .conn()?
             .execute("DELETE FROM console_sessions WHERE admin = ?1", [admin])?)
     }
 
@@ -433,7 +433,7 @@ impl Db {
                     .unwrap_or(Timestamp::MIN),
             )
         };
-        Ok(self.conn().execute(
+        Ok(self.conn()?.execute(
             "DELETE FROM console_sessions WHERE last_seen < ?1 OR created_at < ?2",
             params![before(idle), before(lifetime)],
         )?)
@@ -449,8 +449,8 @@ impl Db {
         offset: u64,
         limit: u32,
     ) -> Result<(Vec<AdminRequest>, u64)> {
-        let conn = self.conn();
-        let clause = "(?1 IS NULL OR state = ?1) AND (?2 IS NULL OR user = ?2) AND (?3 IS NULL OR device_id = ?3) AND (?4 IS NULL OR rule_id = ?4)
+        let conn = self.conn()?;
+        let clause = "(?1 IS NULL OR state = ?1) AND (?2 IS NULL OR \"user\" = ?2) AND (?3 IS NULL OR device_id = ?3) AND (?4 IS NULL OR rule_id = ?4)
              AND (?5 IS NULL OR julianday(created_at) >= julianday(?5)) AND (?6 IS NULL OR julianday(created_at) < julianday(?6))";
         let args = params![
             filter.state.map(RequestState::as_str),
@@ -482,7 +482,7 @@ impl Db {
                 ],
                 |r| r.get(0),
             )?
-            .collect::<rusqlite::Result<_>>()?
+            .collect::<sql::Result<_>>()?
         };
         let requests = ids
             .iter()
@@ -493,13 +493,13 @@ impl Db {
 
     /// Pending requests, oldest first (the inbox).
     pub fn pending_requests(&self) -> Result<Vec<AdminRequest>> {
-        let conn = self.conn();
+        let conn = self.conn()?;
         let ids: Vec<String> = {
             let mut stmt = conn.prepare(
                 "SELECT id FROM requests WHERE state = 'pending' ORDER BY julianday(created_at), id LIMIT 1000",
             )?;
-            stmt.query_map([], |r| r.get(0))?
-                .collect::<rusqlite::Result<_>>()?
+            stmt.query_map(params![], |r| r.get(0))?
+                .collect::<sql::Result<_>>()?
         };
         ids.iter()
             .map(|id| Ok(Db::request_row(&conn, id)?.request))
@@ -512,10 +512,9 @@ impl Db {
     /// knows when to refresh (and only then).
     pub fn requests_stamp(&self) -> Result<String> {
         use sha2::Digest as _;
-        let text: String = self.conn().query_row(
-            "SELECT COALESCE((SELECT group_concat(id || ':' || current_level, ',') FROM (SELECT id, current_level FROM requests WHERE state = 'pending' ORDER BY id)), '')
-                    || '/' || (SELECT COUNT(*) FROM approvals)",
-            [],
+        let text: String = self.conn()?.query_row(
+            "SELECT COALESCE((SELECT group_concat(id || ':' || current_level, ',') FROM (SELECT id, current_level FROM requests WHERE state = 'pending' ORDER BY id) AS pending), '')
+                    || '/' || (SELECT COUNT(*) FROM approvals)", params![],
             |r| r.get(0),
         )?;
         Ok(hex::encode(&sha2::Sha256::digest(text.as_bytes())[..12]))
@@ -532,7 +531,7 @@ impl Db {
         after: Option<u64>,
         limit: u32,
     ) -> Result<Vec<AuditRow>> {
-        let conn = self.conn();
+        let conn = self.conn()?;
         let mut stmt = conn.prepare_cached(
             "SELECT cursor, device_id, record FROM audit
              WHERE (?1 IS NULL OR cursor < ?1) AND (?2 IS NULL OR cursor > ?2)
@@ -565,12 +564,12 @@ impl Db {
                 })
             },
         )?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+        Ok(rows.collect::<sql::Result<_>>()?)
     }
 
     /// One audit record by its cursor.
     pub fn audit_record(&self, cursor: u64) -> Result<AuditRow> {
-        self.conn()
+        self.conn()?
             .query_row(
                 "SELECT cursor, device_id, record FROM audit WHERE cursor = ?1",
                 [cursor],
@@ -596,7 +595,7 @@ impl Db {
         path: &str,
         limit: u32,
     ) -> Result<Vec<AuditRow>> {
-        let conn = self.conn();
+        let conn = self.conn()?;
         let mut stmt = conn.prepare_cached(
             "SELECT cursor, device_id, record FROM audit WHERE device_id = ?1 AND json_extract(record, '$.user') = ?2
                AND (json_extract(record, '$.path') = ?4 OR (?3 IS NOT NULL AND json_extract(record, '$.sha256') = ?3))
@@ -609,7 +608,7 @@ impl Db {
                 record: r.get(2)?,
             })
         })?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+        Ok(rows.collect::<sql::Result<_>>()?)
     }
 
     // ---- activity -----------------------------------------------------
@@ -622,7 +621,7 @@ impl Db {
         before: Option<u64>,
         limit: u32,
     ) -> Result<Vec<Activity>> {
-        let conn = self.conn();
+        let conn = self.conn()?;
         let mut stmt = conn.prepare(
             "SELECT id, at, admin, call, status, detail FROM activity WHERE (?1 IS NULL OR admin = ?1) AND (?2 IS NULL OR id < ?2) ORDER BY id DESC LIMIT ?3",
         )?;
@@ -636,7 +635,7 @@ impl Db {
                 detail: r.get(5)?,
             })
         })?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+        Ok(rows.collect::<sql::Result<_>>()?)
     }
 
     // ---- webhooks -----------------------------------------------------
@@ -646,7 +645,7 @@ impl Db {
         by.require(Capability::ManageAdmins)?;
         let id = new_id("whk_");
         let secret = super::new_token("whs_");
-        self.conn().execute(
+        self.conn()?.execute(
             "INSERT INTO webhooks (id, url, secret, created_by, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
             params![id, url, secret, by.name, sortable(Timestamp::now())],
         )?;
@@ -656,8 +655,8 @@ impl Db {
     /// Removes a webhook and its pending deliveries (owner only).
     pub fn delete_webhook(&self, by: &Admin, id: &str) -> Result<()> {
         by.require(Capability::ManageAdmins)?;
-        let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let mut conn = self.conn()?;
+        let tx = conn.transaction()?;
         if tx.execute("DELETE FROM webhooks WHERE id = ?1", [id])? == 0 {
             return Err(DbError::NotFound(format!("no webhook {id:?}")));
         }
@@ -671,11 +670,11 @@ impl Db {
 
     /// Every webhook.
     pub fn webhooks(&self) -> Result<Vec<WebhookInfo>> {
-        let conn = self.conn();
+        let conn = self.conn()?;
         let mut stmt = conn.prepare(
             "SELECT id, url, created_by, created_at FROM webhooks WHERE disabled_by IS NULL ORDER BY created_at",
         )?;
-        let rows = stmt.query_map([], |r| {
+        let rows = stmt.query_map(params![], |r| {
             Ok(WebhookInfo {
                 id: r.get(0)?,
                 url: r.get(1)?,
@@ -683,23 +682,23 @@ impl Db {
                 created_at: ts(r, 3)?,
             })
         })?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+        Ok(rows.collect::<sql::Result<_>>()?)
     }
 
     /// Deliveries whose next try is due, oldest first.
     pub fn due_deliveries(&self, limit: u32) -> Result<Vec<Delivery>> {
-        let conn = self.conn();
+        let conn = self.conn()?;
         let mut stmt = conn.prepare_cached(&format!(
             "SELECT {DELIVERY_COLUMNS} FROM webhook_deliveries d JOIN webhooks w ON w.id = d.webhook_id
              WHERE d.state = 'pending' AND d.next_at <= ?1 ORDER BY d.next_at LIMIT ?2"
         ))?;
         let rows = stmt.query_map(params![sortable(Timestamp::now()), limit], delivery)?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+        Ok(rows.collect::<sql::Result<_>>()?)
     }
 
     /// The newest deliveries (the delivery log), secrets blanked.
     pub fn deliveries(&self, limit: u32) -> Result<Vec<Delivery>> {
-        let conn = self.conn();
+        let conn = self.conn()?;
         let mut stmt = conn.prepare(&format!(
             "SELECT {DELIVERY_COLUMNS} FROM webhook_deliveries d LEFT JOIN webhooks w ON w.id = d.webhook_id ORDER BY d.id DESC LIMIT ?1"
         ))?;
@@ -711,7 +710,7 @@ impl Db {
                 ..delivery_loose(r)?
             })
         })?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+        Ok(rows.collect::<sql::Result<_>>()?)
     }
 
     /// Records one try: delivered, or failed with the next try at
@@ -729,7 +728,7 @@ impl Db {
             (false, Some(_)) => "pending",
             (false, None) => "failed",
         };
-        self.conn().execute(
+        self.conn()?.execute(
             "UPDATE webhook_deliveries SET state = ?2, attempts = attempts + 1, last_status = ?3, last_error = ?4, next_at = COALESCE(?5, next_at), delivered_at = CASE WHEN ?2 = 'delivered' THEN ?6 END WHERE id = ?1",
             params![id, state, status, error, retry_at.map(sortable), sortable(Timestamp::now())],
         )?;
@@ -739,7 +738,7 @@ impl Db {
 
 /// A delivery row whose webhook may be gone (url and secret columns
 /// nullable).
-fn delivery_loose(r: &rusqlite::Row<'_>) -> rusqlite::Result<Delivery> {
+fn delivery_loose(r: &Row) -> sql::Result<Delivery> {
     Ok(Delivery {
         id: r.get(0)?,
         webhook_id: r.get(1)?,
