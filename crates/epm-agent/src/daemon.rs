@@ -451,7 +451,7 @@ fn open_gate(
     gate.set_fact_needs(needs);
     // From now on every policy change empties the kernel's cache of allows
     // before it takes effect (gate::kernel_cache).
-    gate.kernel_cache().connect(decider);
+    gate.kernel_cache().connect(decider.as_ref());
     if !gate.has_pidfd() {
         tracing::warn!(
             "this kernel does not report pidfds (Linux < 5.15): /proc facts may race with pid reuse"

@@ -76,15 +76,9 @@ pub trait Interactive: Send + Sync + std::fmt::Debug {
     fn refused(&self, outcome: &Outcome);
 }
 
-/// Puts a new policy in force for the decider (`put_in_force`), with
-/// whatever must happen first under the same lock: the Linux gate empties
-/// its kernel cache of allows there, so no allow the kernel remembers
-/// outlives the policy that made it (`crate::gate::kernel_cache`).
-pub trait PolicySwap: Send + Sync + std::fmt::Debug {
-    /// Called once per policy change with the new generation; must call
-    /// `put_in_force` exactly once.
-    fn swap(&self, generation: u64, put_in_force: &mut dyn FnMut());
-}
+// The gate owns the hook it needs around a policy change (its kernel cache
+// of allows); the decider calls it.
+pub use epm_gate::PolicySwap;
 
 /// The grant an exec used.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -308,6 +302,16 @@ struct DecisionKey {
     generation: u64,
     uid: u32,
     context: u64,
+}
+
+impl epm_gate::PolicyGenerations for Decider {
+    fn route_swaps_through(&self, swap: Arc<dyn PolicySwap>) {
+        self.set_policy_swap(swap);
+    }
+
+    fn generation_in_force(&self) -> u64 {
+        self.policy().generation
+    }
 }
 
 impl Decider {

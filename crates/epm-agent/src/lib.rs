@@ -10,7 +10,6 @@ pub mod control;
 pub mod daemon;
 pub mod decider;
 pub mod flows;
-pub mod gate;
 pub mod grant_error;
 pub mod kernel_hook;
 pub mod managed_prefs;
@@ -29,3 +28,7 @@ pub mod sync;
 // paths working while those modules are being changed elsewhere.
 pub use epm_os::unified_log;
 pub use epm_os::users as names;
+
+// The exec gates are their own crate; `epm_agent::gate` keeps naming them
+// for the end-to-end tests and examples that reach them through the agent.
+pub use epm_gate as gate;

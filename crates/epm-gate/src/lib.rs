@@ -6,7 +6,8 @@
 //! Both deliver an event that is answered later, possibly from another
 //! thread, so a gate hands out [`PendingExec`] values that carry the facts
 //! and know how to answer. The decision itself is platform-neutral
-//! (`crate::decider`).
+//! (the agent's decider): this crate knows its platform and nothing about
+//! policy.
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -28,6 +29,26 @@ pub mod kernel_cache;
 pub mod lease;
 pub mod mountinfo;
 pub mod procfs;
+
+/// Puts a new policy in force for its owner (`put_in_force`), with
+/// whatever must happen first under the same lock: the Linux gate empties
+/// its kernel cache of allows there, so no allow the kernel remembers
+/// outlives the policy that made it (`kernel_cache`). The gate knows a
+/// policy only by its generation number.
+pub trait PolicySwap: Send + Sync + std::fmt::Debug {
+    /// Called once per policy change with the new generation; must call
+    /// `put_in_force` exactly once.
+    fn swap(&self, generation: u64, put_in_force: &mut dyn FnMut());
+}
+
+/// The owner of the policy in force (the daemon's decider), as the gate
+/// sees it: a generation number, and a place to hook [`PolicySwap`].
+pub trait PolicyGenerations {
+    /// Routes every later policy change through `swap`.
+    fn route_swaps_through(&self, swap: Arc<dyn PolicySwap>);
+    /// The generation of the policy in force.
+    fn generation_in_force(&self) -> u64;
+}
 
 /// One version of one file: a change of content changes `mtime`/`ctime`
 /// (and usually `size`), a replacement changes `ino`. Keys the hash and
@@ -641,7 +662,9 @@ mod tests {
         };
         assert!(facts.has_content());
         let content = facts.content_handle().unwrap().unwrap();
-        assert_eq!(crate::decider::hash_file(&content).unwrap().0.len(), 32);
+        let mut read = Vec::new();
+        std::io::Read::read_to_end(&mut &*content, &mut read).unwrap();
+        assert_eq!(read, b"tool v1");
         drop(content);
 
         // Changed since the exec: refused, never hashed in its place.

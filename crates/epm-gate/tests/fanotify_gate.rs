@@ -16,8 +16,8 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use epm_agent::gate::fanotify::{FanotifyGate, MarkScope};
-use epm_agent::gate::{ExecGate, FileIdentity, PendingExec, Shutdown, Verdict};
+use epm_gate::fanotify::{FanotifyGate, MarkScope};
+use epm_gate::{ExecGate, FileIdentity, PendingExec, Shutdown, Verdict};
 use nix::mount::{MntFlags, MsFlags};
 
 /// How long one exec may take before the test calls it a hang.

@@ -81,7 +81,7 @@ use std::time::{Duration, Instant};
 use nix::sys::fanotify::Fanotify;
 
 use super::interp::{FileKey, HEAD_BYTES, InterpreterLoads, is_loader, loaded_interpreter};
-use crate::decider::PolicySwap;
+use crate::{PolicyGenerations, PolicySwap};
 
 /// Files cached at most; past this, new allows are not cached until the
 /// next policy change (each is a mark in the kernel).
@@ -148,10 +148,10 @@ impl KernelCache {
 
     /// Routes every policy change of `decider` through this cache, and
     /// starts caching decisions of the policy in force.
-    pub fn connect(self: &Arc<Self>, decider: &crate::decider::Decider) {
-        decider.set_policy_swap(self.clone());
+    pub fn connect(self: &Arc<Self>, decider: &dyn PolicyGenerations) {
+        decider.route_swaps_through(self.clone());
         let mut state = self.lock();
-        state.generation = Some(decider.policy().generation);
+        state.generation = Some(decider.generation_in_force());
     }
 
     /// How many files are cached.
