@@ -12,16 +12,16 @@ use epm_store::Store;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
-use crate::admin_session::{AdminSessions, SystemGroups};
-use crate::audit::{AuditSink, AuditWriter};
 use crate::config::{Config, PlatformConfig};
 use crate::control::{self, ControlContext};
-use crate::decider::Decider;
-use crate::flows::Flows;
+use crate::exec::audit::{AuditSink, AuditWriter};
+use crate::exec::decider::Decider;
+use crate::exec::pipeline::Workers;
 use crate::gate::{ExecGate, FactNeeds, Shutdown};
-use crate::pipeline::Workers;
-use crate::policy_source;
-use crate::sync::{SyncContext, SyncCycle, SyncHandle};
+use crate::grants::admin_session::{AdminSessions, SystemGroups};
+use crate::grants::flows::Flows;
+use crate::managed::policy_source;
+use crate::managed::sync::{SyncContext, SyncCycle, SyncHandle};
 use epm_sync::{ClientOptions, PlatformClient};
 
 /// Runs the daemon until SIGTERM or SIGINT.
@@ -61,9 +61,9 @@ pub fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
 
     // Loaded (verified) now, attached once fanotify's marks are in place:
     // the start record says whether it runs, and what is exposed if not.
-    let kernel_hook = crate::kernel_hook::prepare(&config.kernel_hook);
-    let hook_status = crate::kernel_hook::snapshot(&kernel_hook.status);
-    for line in crate::kernel_hook::describe(&hook_status) {
+    let kernel_hook = crate::exec::kernel_hook::prepare(&config.kernel_hook);
+    let hook_status = crate::exec::kernel_hook::snapshot(&kernel_hook.status);
+    for line in crate::exec::kernel_hook::describe(&hook_status) {
         tracing::info!("{line}");
     }
     let mut first_events = Vec::new();
@@ -71,7 +71,10 @@ pub fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
         .with_detail("version", env!("CARGO_PKG_VERSION"))
         .with_detail("config", config_path.display().to_string())
         .with_detail("fail_mode", config.fail_mode.as_str())
-        .with_detail("kernel_hook", crate::kernel_hook::audit_value(&hook_status));
+        .with_detail(
+            "kernel_hook",
+            crate::exec::kernel_hook::audit_value(&hook_status),
+        );
     started_event.mode = Some(config.mode.as_str().to_owned());
     started_event.device_id = Some(device_id.clone());
     started_event.pid = Some(std::process::id());
@@ -109,7 +112,7 @@ pub fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
         store.clone(),
         log,
         chain,
-        crate::audit::AuditLimits {
+        crate::exec::audit::AuditLimits {
             outbox_max_bytes: config.audit.outbox_max_bytes,
             user_rate_bytes: config.audit.user_rate_bytes,
             user_burst_bytes: config.audit.user_burst_bytes,
@@ -237,7 +240,7 @@ pub fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
     };
     // The marks are placed: the hook may now hold what they do not cover.
     #[cfg(target_os = "linux")]
-    let hook_thread = crate::kernel_hook::start(
+    let hook_thread = crate::exec::kernel_hook::start(
         kernel_hook,
         intake.clone(),
         decider.clone(),
@@ -375,7 +378,7 @@ fn start_sync(platform: &PlatformConfig, context: SyncContext) -> anyhow::Result
     let client = PlatformClient::new(&platform.url, &platform.ca_cert, ClientOptions::default())?;
     let cycle = SyncCycle::new(client, context);
     tracing::info!(url = %platform.url, "platform sync starting");
-    Ok(crate::sync::spawn(
+    Ok(crate::managed::sync::spawn(
         cycle,
         platform.url.clone(),
         platform.sync_interval,

@@ -3,7 +3,7 @@
 //! epm_ipc::Response`), so flows name the kind of failure, never an error
 //! code of the protocol.
 
-use crate::program::ProgramError;
+use crate::grants::program::ProgramError;
 
 /// A refused grant, flow or elevation request; the message is for the
 /// caller and names what to do.

@@ -18,9 +18,9 @@ use quick_cache::sync::Cache;
 use sha2::{Digest, Sha256};
 
 use crate::config::{FailMode, Mode};
+use crate::exec::stats::{Counters, LatencyHistogram};
 use crate::gate::{ExecFacts, FileIdentity, Stability, Verdict, lease};
 use crate::names::Names;
-use crate::stats::{Counters, LatencyHistogram};
 
 /// The policy in force, swapped atomically on reload.
 #[derive(Debug)]
@@ -1001,7 +1001,7 @@ mod tests {
         let outcome = decider.decide(&facts).unwrap();
         assert_eq!(outcome.verdict, Verdict::Deny, "not the cached allow");
         assert_eq!(outcome.decision.rule_id, None);
-        let event = crate::audit::exec_event(&decider, &outcome);
+        let event = crate::exec::audit::exec_event(&decider, &outcome);
         assert_eq!(
             event.details.unwrap()["path_origin"],
             "other_mount_namespace"

@@ -218,7 +218,7 @@ impl Program {
         requested: Option<String>,
     ) -> Result<Program, ProgramError> {
         let meta = io_error(path, file.metadata())?;
-        let sha256 = io_error(path, crate::decider::hash_file(&file))?;
+        let sha256 = io_error(path, crate::exec::decider::hash_file(&file))?;
         let mut magic = [0u8; 2];
         let script = matches!(file.read_at(&mut magic, 0), Ok(2)) && &magic == b"#!";
         // Hashed, then checked again: a file written meanwhile is refused.
@@ -654,7 +654,7 @@ mod tests {
         assert!(!program.script);
         assert_eq!(
             program.sha256,
-            crate::decider::hash_file(&File::open(&expected).unwrap()).unwrap()
+            crate::exec::decider::hash_file(&File::open(&expected).unwrap()).unwrap()
         );
     }
 

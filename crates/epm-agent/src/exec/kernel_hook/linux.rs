@@ -16,10 +16,10 @@ use epm_exec_hook::{EventKind as HookEvent, ExecEvent, ExecHook, Verdicts, kerne
 use epm_policy::PathOrigin;
 
 use super::{Prepared, SharedStatus, not_running};
-use crate::audit::AuditSink;
-use crate::decider::Decider;
+use crate::exec::audit::AuditSink;
+use crate::exec::decider::Decider;
+use crate::exec::pipeline::Intake;
 use crate::gate::{ExecFacts, FactNeeds, FileIdentity, PendingExec, Respond, Shutdown, Verdict};
-use crate::pipeline::Intake;
 
 /// At most this many descriptors of a held process are looked at to find
 /// the file it execs (a memfd, or a file opened and run with fexecve).

@@ -12,7 +12,7 @@ use epm_ipc::{Command, ElevationVerdict, ElevationVia, Window};
 use sha2::Digest as _;
 
 use super::*;
-use crate::program;
+use crate::grants::program;
 
 /// How long the approval window is when the client does not say: an hour,
 /// or the rule's longest window if shorter.
@@ -427,7 +427,7 @@ impl Flows {
         }
         let mut canonical = Vec::with_capacity(files.len());
         for file in files {
-            match crate::program::edit_target(file, ids) {
+            match crate::grants::program::edit_target(file, ids) {
                 Ok(path) => canonical.push(path),
                 Err(error) => {
                     record.edit = Some(files.to_vec());

@@ -15,9 +15,9 @@ use epm_store::{IdentityKind, Request, SubjectIdentity};
 use epm_sync::credentials::FileStore;
 
 use super::*;
-use crate::audit::AuditWriter;
 use crate::config::{FailMode, Mode};
-use crate::decider::PolicyState;
+use crate::exec::audit::AuditWriter;
+use crate::exec::decider::PolicyState;
 
 const DEVICE: &str = "dev-1";
 
@@ -208,7 +208,7 @@ impl Agent {
             store.clone(),
             log,
             Chain::genesis(),
-            crate::audit::AuditLimits {
+            crate::exec::audit::AuditLimits {
                 outbox_max_bytes: 1 << 20,
                 ..Default::default()
             },

@@ -34,12 +34,12 @@ use epm_store::{
 use epm_sync::credentials::CredentialStore;
 use jiff::{SignedDuration, Timestamp};
 
-use crate::audit::AuditSink;
-use crate::clock::{FLOOR_META_KEY, TrustedClock};
-use crate::decider::{Decider, Interactive, Outcome, UsedGrant, grant_identity};
-pub use crate::grant_error::GrantError;
-use crate::program::{Caller, Program};
-use crate::subject;
+use crate::exec::audit::AuditSink;
+use crate::exec::decider::{Decider, Interactive, Outcome, UsedGrant, grant_identity};
+use crate::grants::clock::{FLOOR_META_KEY, TrustedClock};
+pub use crate::grants::grant_error::GrantError;
+use crate::grants::program::{Caller, Program};
+use crate::grants::subject;
 
 mod elevation;
 pub use elevation::{
@@ -156,7 +156,7 @@ impl Flows {
             .lock()
             .ok()
             .and_then(|s| s.meta(FLOOR_META_KEY).ok().flatten());
-        let clock = Arc::new(TrustedClock::new(crate::clock::parse_floor(
+        let clock = Arc::new(TrustedClock::new(crate::grants::clock::parse_floor(
             floor.as_deref(),
         )));
         let (refusals, incoming) = bounded(1024);
@@ -909,7 +909,7 @@ impl Flows {
         path: &str,
     ) -> Result<(SubjectIdentity, Subject), Refused> {
         self.hashed_subject(decider, caller, user, path, |meta, ids| {
-            if meta.is_file() && crate::program::permitted(meta, ids, 1) {
+            if meta.is_file() && crate::grants::program::permitted(meta, ids, 1) {
                 Ok(())
             } else {
                 Err(GrantError::BadRequest(format!(

@@ -29,11 +29,11 @@ use epm_sync::credentials::CredentialStore;
 use epm_sync::{CurrentBundle, PlatformClient, PolicyFetch, SyncError};
 use jiff::Timestamp;
 
-use crate::audit::AuditSink;
-use crate::decider::Decider;
+use crate::exec::audit::AuditSink;
+use crate::exec::decider::Decider;
+use crate::exec::stats::Counters;
 use crate::gate::FactNeeds;
-use crate::policy_source;
-use crate::stats::Counters;
+use crate::managed::policy_source;
 
 /// Most audit records in one upload.
 const MAX_BATCH_RECORDS: usize = 500;
@@ -155,7 +155,7 @@ pub struct SyncContext {
     pub fact_needs: Option<Arc<FactNeeds>>,
     /// Told of request changes (the user's helper shows them) and of the
     /// platform's time (`None` in tests without them).
-    pub flows: Option<Arc<crate::flows::Flows>>,
+    pub flows: Option<Arc<crate::grants::flows::Flows>>,
 }
 
 /// A bundle the agent refused, remembered so the same one is not fetched,

@@ -27,7 +27,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, bounded};
 use epm_audit::{AuditEvent, AuditLog, Chain, EventKind, SealedRecord};
 use epm_store::{OutboxRecord, Store};
 
-use crate::decider::{Decider, Enforced, Outcome};
+use crate::exec::decider::{Decider, Enforced, Outcome};
 use crate::gate::{ExecFacts, Verdict};
 use crate::unified_log::UnifiedLog;
 

@@ -5,6 +5,8 @@
 //! misspelt `mode = "enforce"` silently ignored would leave a fleet in
 //! monitor mode.
 
+pub mod managed_prefs;
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -315,7 +317,7 @@ fn sync_interval<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> 
 }
 
 // The checks behind the TOML keys, shared with the managed preferences
-// (`crate::managed_prefs`) so a value means the same from either source.
+// (`crate::config::managed_prefs`) so a value means the same from either source.
 
 /// An `https://` URL naming a host.
 pub(crate) fn check_https_url(url: String) -> Result<String, String> {
@@ -440,8 +442,8 @@ impl Default for AuditConfig {
             max_file_bytes: 16 * 1024 * 1024,
             keep_files: 10,
             outbox_max_bytes: 256 * 1024 * 1024,
-            user_rate_bytes: crate::audit::AuditLimits::default().user_rate_bytes,
-            user_burst_bytes: crate::audit::AuditLimits::default().user_burst_bytes,
+            user_rate_bytes: crate::exec::audit::AuditLimits::default().user_rate_bytes,
+            user_burst_bytes: crate::exec::audit::AuditLimits::default().user_burst_bytes,
         }
     }
 }
@@ -468,7 +470,7 @@ pub enum ConfigError {
     /// The managed preferences (MDM) are unreadable, have a bad value, or
     /// do not make a whole `[platform]` with the file.
     #[error(transparent)]
-    Managed(#[from] crate::managed_prefs::PrefsError),
+    Managed(#[from] crate::config::managed_prefs::PrefsError),
 }
 
 /// A configuration and where its values came from.
@@ -542,7 +544,7 @@ impl Config {
     /// elsewhere there are none).
     pub fn load_system(path: &Path) -> Result<LoadedConfig, ConfigError> {
         let config = Self::load(path)?;
-        match crate::managed_prefs::system_path() {
+        match crate::config::managed_prefs::system_path() {
             Some(prefs) => Self::with_managed_prefs(config, &prefs),
             None => Ok(LoadedConfig {
                 config,
@@ -555,16 +557,16 @@ impl Config {
 
     /// Lays the managed preferences at `prefs_path`, if that file exists,
     /// over `config`, and writes a CA they carry as PEM text to the state
-    /// directory (see [`crate::managed_prefs`]).
+    /// directory (see [`crate::config::managed_prefs`]).
     pub fn with_managed_prefs(
         mut config: Config,
         prefs_path: &Path,
     ) -> Result<LoadedConfig, ConfigError> {
-        let fail = |message: String| crate::managed_prefs::PrefsError {
+        let fail = |message: String| crate::config::managed_prefs::PrefsError {
             origin: prefs_path.display().to_string(),
             message,
         };
-        let Some(prefs) = crate::managed_prefs::ManagedPrefs::load(prefs_path)? else {
+        let Some(prefs) = crate::config::managed_prefs::ManagedPrefs::load(prefs_path)? else {
             return Ok(LoadedConfig {
                 config,
                 managed: None,

@@ -3,6 +3,8 @@
 //! by the uid the kernel reports for the socket peer, never by anything the
 //! caller says.
 
+pub(crate) mod runner;
+
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::BorrowedFd;
@@ -24,11 +26,11 @@ use epm_policy::{Sha256Digest, Subject};
 use epm_store::Store;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
-use crate::decider::Decider;
-use crate::flows::{Flows, SudoRequest};
-use crate::grant_error::GrantError;
-use crate::stats::Counters;
-use crate::sync::{SYNC_REPLY_WAIT, SyncHandle, SyncNowReply};
+use crate::exec::decider::Decider;
+use crate::exec::stats::Counters;
+use crate::grants::flows::{Flows, SudoRequest};
+use crate::grants::grant_error::GrantError;
+use crate::managed::sync::{SYNC_REPLY_WAIT, SyncHandle, SyncNowReply};
 
 /// Connections one uid may hold open at once (a follower each, typically).
 const MAX_CONNECTIONS_PER_UID: usize = 16;
@@ -59,11 +61,11 @@ pub struct ControlContext {
     /// Prompts, justifications, approval requests, offline codes.
     pub flows: Arc<Flows>,
     /// Time-boxed admin sessions.
-    pub admin_sessions: Arc<crate::admin_session::AdminSessions>,
+    pub admin_sessions: Arc<crate::grants::admin_session::AdminSessions>,
     /// Open connections per uid, over both transports (start empty).
     pub connections: ConnectionCounts,
     /// The kernel exec hook's state and the exposures it leaves.
-    pub kernel_hook: crate::kernel_hook::SharedStatus,
+    pub kernel_hook: crate::exec::kernel_hook::SharedStatus,
 }
 
 /// Binds the control socket: any local user may connect (permissions are
@@ -409,7 +411,7 @@ fn policy_show(context: &ControlContext, is_admin: bool) -> Response {
     if is_admin {
         let mut info = policy_info(&context.decider);
         let policy = context.decider.policy();
-        match crate::policy_source::document_in_force(&policy, &context.store) {
+        match crate::managed::policy_source::document_in_force(&policy, &context.store) {
             Some(document) => {
                 info.document = Some(document);
                 Response::Policy(info)
@@ -464,7 +466,7 @@ fn serve_run(
         connection.send(&error(ErrorCode::Internal, "no program was checked"))?;
         return Ok(());
     };
-    let spec = crate::runner::RunSpec::new(
+    let spec = crate::control::runner::RunSpec::new(
         &command,
         program,
         cwd.clone(),
@@ -473,7 +475,7 @@ fn serve_run(
         allowed.rule_id.clone(),
     );
     let started = spec.and_then(|spec| {
-        crate::runner::run(connection, spec, stdio, |pid| {
+        crate::control::runner::run(connection, spec, stdio, |pid| {
             audit_run(
                 context,
                 "elevation_started",
@@ -487,7 +489,7 @@ fn serve_run(
     });
     match started {
         Ok(end) => audit_run_end(context, &allowed, uid, &command, &cwd, &end),
-        Err(crate::runner::RunError::Connection(error)) => return Err(error),
+        Err(crate::control::runner::RunError::Connection(error)) => return Err(error),
         Err(error) => {
             tracing::info!(uid, program = %command.program, %error, "run refused");
             connection.send(&error.response())?;
@@ -681,7 +683,7 @@ fn status(context: &ControlContext) -> StatusReport {
             .sync
             .as_deref()
             .map(|sync| Box::new(platform_status(sync))),
-        kernel_hook: Some(crate::kernel_hook::snapshot(&context.kernel_hook)),
+        kernel_hook: Some(crate::exec::kernel_hook::snapshot(&context.kernel_hook)),
     }
 }
 
@@ -722,7 +724,7 @@ fn explain(
     let subject = Subject {
         path,
         sha256,
-        ..crate::subject::of_user(crate::subject::Asker {
+        ..crate::grants::subject::of_user(crate::grants::subject::Asker {
             uid: account.as_ref().map_or(peer.uid, |a| a.uid),
             user: user_name.clone(),
             groups: groups.clone(),
@@ -914,7 +916,7 @@ impl RunRecord<'_> {
 fn audit_run<'a>(
     context: &'a ControlContext,
     kind: &str,
-    allowed: &crate::flows::ElevationAllowed,
+    allowed: &crate::grants::flows::ElevationAllowed,
     (uid, pid): (u32, u32),
     command: &epm_ipc::Command,
     cwd: &str,
@@ -943,11 +945,11 @@ fn audit_run<'a>(
 /// took.
 fn audit_run_end(
     context: &ControlContext,
-    allowed: &crate::flows::ElevationAllowed,
+    allowed: &crate::grants::flows::ElevationAllowed,
     uid: u32,
     command: &epm_ipc::Command,
     cwd: &str,
-    end: &crate::runner::RunEnd,
+    end: &crate::control::runner::RunEnd,
 ) {
     let mut record = audit_run(
         context,

@@ -9,7 +9,7 @@
 //! clock jump, `epmctl admin end`, or, for a session found expired at
 //! start, at once. A user who was in the group before their first session
 //! is never removed. Sudoers files are compared with their state at the
-//! session's start during and at the end of the session ([`crate::sudoers`]).
+//! session's start during and at the end of the session ([`crate::grants::sudoers`]).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -25,12 +25,12 @@ use epm_policy::{Action, SessionRequirement};
 use epm_store::{AdminSession, IdentityKind, NewAdminSession, Store, SubjectIdentity};
 use jiff::{SignedDuration, Timestamp};
 
-use crate::audit::AuditSink;
 use crate::config::{AdminSessionsConfig, SessionProcesses, SudoersChanges};
-use crate::decider::Decider;
-use crate::flows::{Flows, Requirement, lock};
-use crate::session_leftovers;
-use crate::sudoers::{self, Snapshot};
+use crate::exec::audit::AuditSink;
+use crate::exec::decider::Decider;
+use crate::grants::flows::{Flows, Requirement, lock};
+use crate::grants::session_leftovers;
+use crate::grants::sudoers::{self, Snapshot};
 
 /// How often sessions are checked.
 const TICK: Duration = Duration::from_secs(1);
@@ -569,7 +569,7 @@ impl AdminSessions {
             ));
         }
         let user = account.name.clone();
-        let subject = crate::subject::of_user(crate::subject::Asker {
+        let subject = crate::grants::subject::of_user(crate::grants::subject::Asker {
             uid: caller,
             user: user.clone(),
             groups: account.group_names(),

@@ -28,10 +28,10 @@ use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use crate::audit::{AuditSink, exec_event, fail_event, observed_event, observed_fail_event};
-use crate::decider::{DecideError, Decider, Enforced, Outcome};
+use crate::exec::audit::{AuditSink, exec_event, fail_event, observed_event, observed_fail_event};
+use crate::exec::decider::{DecideError, Decider, Enforced, Outcome};
+use crate::exec::stats::Counters;
 use crate::gate::{AnsweredBy, PendingExec};
-use crate::stats::Counters;
 
 /// One exec waiting for a worker, with the time the gate handed it over.
 #[derive(Debug)]
@@ -510,9 +510,9 @@ mod tests {
     use epm_store::Store;
 
     use super::*;
-    use crate::audit::AuditWriter;
     use crate::config::{FailMode, Mode};
-    use crate::decider::PolicyState;
+    use crate::exec::audit::AuditWriter;
+    use crate::exec::decider::PolicyState;
     use crate::gate::{ExecFacts, FileIdentity, Respond, Verdict};
 
     /// Records the verdict it is given.
@@ -562,7 +562,7 @@ mod tests {
             Arc::new(Mutex::new(store)),
             log,
             Chain::genesis(),
-            crate::audit::AuditLimits {
+            crate::exec::audit::AuditLimits {
                 outbox_max_bytes: 1 << 20,
                 ..Default::default()
             },

@@ -2,7 +2,7 @@
 //! policy in the store, else a built-in allow-everything policy — and what
 //! happens on reload (SIGHUP): a bad file never replaces a good policy. A
 //! managed agent (`[platform]`) starts from its last signed bundle instead
-//! ([`initial_signed`]) and gets new ones from `crate::sync`.
+//! ([`initial_signed`]) and gets new ones from `crate::managed::sync`.
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -14,7 +14,7 @@ use epm_policy::{Action, Engine};
 use epm_store::{Store, StoredPolicy};
 use epm_sync::CurrentBundle;
 
-use crate::decider::{Decider, PolicyState};
+use crate::exec::decider::{Decider, PolicyState};
 
 /// The policy enforced when there is no other: allow and audit everything,
 /// the way administrators are advised to start.

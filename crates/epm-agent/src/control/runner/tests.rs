@@ -82,7 +82,7 @@ fn an_unknown_user_is_refused() {
         argv: vec!["x".into()],
         run_as: "no-such-user-epm".into(),
     };
-    let root = crate::program::Caller {
+    let root = crate::grants::program::Caller {
         uid: 0,
         gid: 0,
         groups: vec![0],

@@ -14,7 +14,7 @@
 use epm_os::signature::CodeSignature;
 use epm_policy::{CdHash, Sha256Digest, Subject};
 
-use crate::program::Program;
+use crate::grants::program::Program;
 
 /// Who asks, as the policy sees them.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -77,7 +77,7 @@ pub fn of_program(program: &Program, asker: Asker) -> std::io::Result<Subject> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::decider::grant_identity;
+    use crate::exec::decider::grant_identity;
     use crate::gate::es_map::{CS_SIGNED, CS_VALID, EsExecInfo, exec_facts};
     use epm_store::{IdentityKind, SubjectIdentity};
 

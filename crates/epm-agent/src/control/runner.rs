@@ -55,7 +55,7 @@ use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::signal::{Signal, killpg};
 use std::fs::File;
 
-use crate::program::Program;
+use crate::grants::program::Program;
 use nix::unistd::Pid;
 
 /// The `PATH` a command gets, whatever the caller's.

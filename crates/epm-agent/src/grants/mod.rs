@@ -1,0 +1,15 @@
+//! Grants and the conversations that make them: justify, approval,
+//! offline codes, elevation ([`flows`]), admin sessions
+//! ([`admin_session`], with [`sudoers`] and [`session_leftovers`]), the one
+//! [`subject`] for a file a caller names, and the [`program`] a user asks
+//! to run. Errors are [`grant_error::GrantError`]; the control module
+//! turns them into replies.
+
+pub mod admin_session;
+pub mod clock;
+pub mod flows;
+pub mod grant_error;
+pub mod program;
+pub mod session_leftovers;
+pub mod subject;
+pub mod sudoers;
