@@ -159,8 +159,7 @@ pub fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
     )
     .context("cannot start the decision workers")?;
 
-    let needs = Arc::new(FactNeeds::all());
-    set_fact_needs(&needs, &decider);
+    let needs = decider.fact_needs();
     let sync = match &config.platform {
         Some(platform) => Some(Arc::new(
             start_sync(
@@ -176,7 +175,6 @@ pub fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
                     audit_last_seq: last_seq.clone(),
                     status: Arc::default(),
                     current: platform_bundle,
-                    fact_needs: Some(needs.clone()),
                     flows: Some(flows.clone()),
                 },
             )
@@ -212,7 +210,7 @@ pub fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
     // the daemon up may send SIGHUP at once, and SIGHUP's default action
     // would end the daemon.
     let shutdown = Shutdown::new().context("cannot create the shutdown switch")?;
-    spawn_signal_thread(&config, &shutdown, &decider, &store, &audit, &needs)?;
+    spawn_signal_thread(&config, &shutdown, &decider, &store, &audit)?;
     control::serve(listener, control_context).context("cannot start the control server")?;
 
     let gate = open_gate(
@@ -385,25 +383,12 @@ fn start_sync(platform: &PlatformConfig, context: SyncContext) -> anyhow::Result
     )?)
 }
 
-/// Tells the gate which costly facts the policy in force needs, and that
-/// the policy changed (the Endpoint Security gate empties its cache).
-/// Called wherever the policy changes: at start, on SIGHUP, by the sync.
-pub(crate) fn set_fact_needs(needs: &FactNeeds, decider: &Decider) {
-    let policy = decider.policy();
-    needs.set(
-        policy.engine.uses_parent_path(),
-        policy.engine.uses_group_scope(),
-    );
-    needs.policy_changed();
-}
-
 fn spawn_signal_thread(
     config: &Config,
     shutdown: &Shutdown,
     decider: &Arc<Decider>,
     store: &Arc<Mutex<Store>>,
     audit: &AuditSink,
-    needs: &Arc<FactNeeds>,
 ) -> anyhow::Result<()> {
     let mut signals =
         Signals::new([SIGTERM, SIGINT, SIGHUP]).context("cannot install signal handlers")?;
@@ -412,7 +397,6 @@ fn spawn_signal_thread(
     let store = store.clone();
     let audit = audit.clone();
     let policy_file = config.policy_file.clone();
-    let needs = needs.clone();
     std::thread::Builder::new()
         .name("epm-signals".into())
         .spawn(move || {
@@ -421,7 +405,6 @@ fn spawn_signal_thread(
                     SIGHUP => match &policy_file {
                         Some(path) => {
                             let event = policy_source::reload(path, &decider, &store);
-                            set_fact_needs(&needs, &decider);
                             audit.send(event);
                             audit.flush(Duration::from_secs(5));
                         }
@@ -466,7 +449,7 @@ fn open_gate(
 
 /// Opens the Endpoint Security gate and ties its cache to the policy: on
 /// every policy change (through [`FactNeeds::policy_changed`], which
-/// [`set_fact_needs`] calls) the cache is emptied and allows are cached
+/// [`Decider::set_policy`] calls) the cache is emptied and allows are cached
 /// only if the new policy decides a file alike for everyone.
 #[cfg(target_os = "macos")]
 fn open_gate(

@@ -19,7 +19,7 @@ use sha2::{Digest, Sha256};
 
 use crate::config::{FailMode, Mode};
 use crate::exec::stats::{Counters, LatencyHistogram};
-use crate::gate::{ExecFacts, FileIdentity, Stability, Verdict, lease};
+use crate::gate::{ExecFacts, FactNeeds, FileIdentity, Stability, Verdict, lease};
 use crate::names::Names;
 
 /// The policy in force, swapped atomically on reload.
@@ -284,6 +284,9 @@ pub struct Decider {
     fingerprint: RandomState,
     interactive: OnceLock<Arc<dyn Interactive>>,
     policy_swap: OnceLock<Arc<dyn PolicySwap>>,
+    /// What the gates must gather for the policy in force; kept current by
+    /// [`Decider::set_policy`], so no caller has to remember.
+    needs: Arc<FactNeeds>,
     /// Counters for `epmctl status`.
     pub counters: Counters,
     /// Decision latency, gate read to answer.
@@ -324,6 +327,8 @@ impl Decider {
         cache_entries: usize,
     ) -> Self {
         let cache_entries = cache_entries.max(16);
+        let needs = Arc::new(FactNeeds::all());
+        set_fact_needs(&needs, &policy);
         Self {
             policy: ArcSwap::from_pointee(policy),
             mode,
@@ -337,6 +342,7 @@ impl Decider {
             fingerprint: RandomState::new(),
             interactive: OnceLock::new(),
             policy_swap: OnceLock::new(),
+            needs,
             counters: Counters::default(),
             latency: LatencyHistogram::default(),
         }
@@ -364,8 +370,16 @@ impl Decider {
     }
 
     /// Replaces the policy; decisions of the old one are never reused,
-    /// in the decider's caches or in the kernel's ([`PolicySwap`]).
+    /// in the decider's caches or in the kernel's ([`PolicySwap`]). Then
+    /// tells the gates which facts the new policy needs, and that it
+    /// changed ([`FactNeeds::policy_changed`]: the Endpoint Security gate
+    /// empties its cache).
     pub fn set_policy(&self, policy: PolicyState) {
+        self.put_in_force(policy);
+        set_fact_needs(&self.needs, &self.policy());
+    }
+
+    fn put_in_force(&self, policy: PolicyState) {
         let Some(swap) = self.policy_swap.get() else {
             self.policy.store(Arc::new(policy));
             return;
@@ -380,6 +394,12 @@ impl Decider {
         if let Some(policy) = policy {
             self.policy.store(Arc::new(policy));
         }
+    }
+
+    /// What the gates must gather for the policy in force, and where they
+    /// hear of a policy change: hand it to every gate.
+    pub fn fact_needs(&self) -> Arc<FactNeeds> {
+        self.needs.clone()
     }
 
     /// Routes every later policy change through `swap` (once; later calls
@@ -764,6 +784,16 @@ pub fn hash_file_within(file: &std::fs::File, deadline: Instant) -> io::Result<S
     Ok(Sha256Digest(hasher.finalize().into()))
 }
 
+/// Sets `needs` to what `policy` needs, and tells its listeners that the
+/// policy changed.
+fn set_fact_needs(needs: &FactNeeds, policy: &PolicyState) {
+    needs.set(
+        policy.engine.uses_parent_path(),
+        policy.engine.uses_group_scope(),
+    );
+    needs.policy_changed();
+}
+
 #[cfg(test)]
 mod tests {
     use std::io::Write;
@@ -815,6 +845,31 @@ mod tests {
             "d".into(),
             64,
         )
+    }
+
+    #[test]
+    fn a_new_policy_tells_the_gates_what_to_gather_without_being_asked() {
+        let decider = allow_all();
+        let needs = decider.fact_needs();
+        assert!(!needs.parent_path());
+        let heard = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = heard.clone();
+        needs.on_policy_change(Box::new(move || {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }));
+
+        decider.set_policy(state(
+            r#"{"version": 2, "default_action": "allow", "rules": [
+                {"id": "sh-from-py", "action": "deny",
+                 "match": {"name": "sh", "parent_path": "/usr/bin/python3"}}]}"#,
+            2,
+        ));
+        assert!(needs.parent_path());
+        assert_eq!(heard.load(std::sync::atomic::Ordering::SeqCst), 1);
+
+        decider.set_policy(state(r#"{"version": 3, "default_action": "allow"}"#, 3));
+        assert!(!needs.parent_path());
+        assert_eq!(heard.load(std::sync::atomic::Ordering::SeqCst), 2);
     }
 
     /// A file of ours, and the gate's view of an exec of it.

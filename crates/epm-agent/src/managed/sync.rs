@@ -32,7 +32,6 @@ use jiff::Timestamp;
 use crate::exec::audit::AuditSink;
 use crate::exec::decider::Decider;
 use crate::exec::stats::Counters;
-use crate::gate::FactNeeds;
 use crate::managed::policy_source;
 
 /// Most audit records in one upload.
@@ -150,9 +149,6 @@ pub struct SyncContext {
     /// The platform bundle in force at start and its ETag
     /// ([`policy_source::initial_signed`]).
     pub current: Option<policy_source::BundleInForce>,
-    /// What the gate collects, updated after a new policy (`None` in tests
-    /// without a gate).
-    pub fact_needs: Option<Arc<FactNeeds>>,
     /// Told of request changes (the user's helper shows them) and of the
     /// platform's time (`None` in tests without them).
     pub flows: Option<Arc<crate::grants::flows::Flows>>,
@@ -581,9 +577,6 @@ impl<P: Platform> SyncCycle<P> {
         let event = policy_source::loaded_event(&state, Some(previous));
         tracing::info!(version = state.engine.version(), "platform policy in force");
         decider.set_policy(state);
-        if let Some(needs) = &self.context.fact_needs {
-            crate::daemon::set_fact_needs(needs, decider);
-        }
         self.context.audit.send(event);
         self.current = Some(current);
         self.etag = etag;

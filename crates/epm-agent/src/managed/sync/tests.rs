@@ -245,7 +245,6 @@ impl Agent {
                 audit_last_seq: Arc::new(AtomicU64::new(0)),
                 status: Arc::default(),
                 current,
-                fact_needs: None,
                 flows: None,
             },
         )
