@@ -442,8 +442,29 @@ impl Default for AuditConfig {
             max_file_bytes: 16 * 1024 * 1024,
             keep_files: 10,
             outbox_max_bytes: 256 * 1024 * 1024,
-            user_rate_bytes: crate::exec::audit::AuditLimits::default().user_rate_bytes,
-            user_burst_bytes: crate::exec::audit::AuditLimits::default().user_burst_bytes,
+            user_rate_bytes: AuditLimits::default().user_rate_bytes,
+            user_burst_bytes: AuditLimits::default().user_burst_bytes,
+        }
+    }
+}
+
+/// The audit's budgets (`[audit]` in the configuration).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AuditLimits {
+    /// Disk budget of the store's outbox.
+    pub outbox_max_bytes: u64,
+    /// What one user may add to the audit per second, sustained.
+    pub user_rate_bytes: u64,
+    /// What one user may add at once before `user_rate_bytes` applies.
+    pub user_burst_bytes: u64,
+}
+
+impl Default for AuditLimits {
+    fn default() -> Self {
+        Self {
+            outbox_max_bytes: 256 * 1024 * 1024,
+            user_rate_bytes: 512 * 1024,
+            user_burst_bytes: 16 * 1024 * 1024,
         }
     }
 }

@@ -37,26 +37,8 @@ const CHANNEL_CAPACITY: usize = 65_536;
 /// [`AuditEvent::approx_bytes`]): what bounds the daemon's memory under a
 /// flood of large records.
 pub const CHANNEL_MAX_BYTES: u64 = 32 * 1024 * 1024;
-/// The audit's budgets (`[audit]` in the configuration).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct AuditLimits {
-    /// Disk budget of the store's outbox.
-    pub outbox_max_bytes: u64,
-    /// What one user may add to the audit per second, sustained.
-    pub user_rate_bytes: u64,
-    /// What one user may add at once before `user_rate_bytes` applies.
-    pub user_burst_bytes: u64,
-}
-
-impl Default for AuditLimits {
-    fn default() -> Self {
-        Self {
-            outbox_max_bytes: 256 * 1024 * 1024,
-            user_rate_bytes: 512 * 1024,
-            user_burst_bytes: 16 * 1024 * 1024,
-        }
-    }
-}
+// The audit's budgets are part of the configuration (its `[audit]`).
+pub use crate::config::AuditLimits;
 /// Most records sealed into one batch (one transaction, one write).
 const MAX_BATCH: usize = 2048;
 /// Most bytes of records in one batch: a batch is held three times over
