@@ -28,7 +28,7 @@ use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
 use crate::exec::decider::Decider;
 use crate::exec::stats::Counters;
-use crate::grants::flows::{Flows, SudoRequest};
+use crate::grants::flows::{Flows, SudoRequest, Unmet};
 use crate::grants::grant_error::GrantError;
 use crate::managed::sync::{SYNC_REPLY_WAIT, SyncHandle, SyncNowReply};
 
@@ -321,7 +321,7 @@ fn handle_requests(
             } => {
                 let uid = connection.peer.uid;
                 let response = context.flows.justify(uid, prompt, path, &reason);
-                connection.send(&response.unwrap_or_else(Response::from))?;
+                connection.send(&reply(response.map(Response::Justified)))?;
             }
             Request::RequestApproval {
                 prompt,
@@ -334,7 +334,7 @@ fn handle_requests(
                 let response = context
                     .flows
                     .request_approval(uid, prompt, path, &reason, start, end);
-                connection.send(&response.unwrap_or_else(Response::from))?;
+                connection.send(&reply(response.map(Response::RequestCreated)))?;
             }
             Request::OfflineChallenge {
                 path,
@@ -345,13 +345,17 @@ fn handle_requests(
                 let uid = connection.peer.uid;
                 let response = context
                     .flows
-                    .offline_challenge(uid, path, &reason, start, end);
-                connection.send(&response.unwrap_or_else(Response::from))?;
+                    .offline_challenge(uid, path, &reason, start, end)
+                    .map(|challenge| Response::Challenge {
+                        challenge: challenge.text,
+                        device_id: challenge.device_id,
+                    });
+                connection.send(&reply(response))?;
             }
             Request::OfflineCode { code } => {
                 let uid = connection.peer.uid;
                 let response = context.flows.offline_code(uid, &code);
-                connection.send(&response.unwrap_or_else(Response::from))?;
+                connection.send(&reply(response.map(Response::Granted)))?;
             }
             Request::ListRequests { all } | Request::ListGrants { all }
                 if all && !connection.is_admin =>
@@ -362,11 +366,15 @@ fn handle_requests(
             }
             Request::ListRequests { all } => {
                 let uid = connection.peer.uid;
-                connection.send(&context.flows.list_requests(uid, all))?;
+                let requests = context.flows.list_requests(uid, all);
+                connection.send(&reply(
+                    requests.map(|requests| Response::Requests { requests }),
+                ))?;
             }
             Request::ListGrants { all } => {
                 let uid = connection.peer.uid;
-                connection.send(&context.flows.list_grants(uid, all))?;
+                let grants = context.flows.list_grants(uid, all);
+                connection.send(&reply(grants.map(|grants| Response::Grants { grants })))?;
             }
             request @ Request::Elevate { .. } => serve_elevate(connection, context, request)?,
             Request::AdminStart {
@@ -375,10 +383,10 @@ fn handle_requests(
                 window,
             } => {
                 let uid = connection.peer.uid;
-                let response =
-                    context
-                        .admin_sessions
-                        .begin(uid, minutes, reason.as_deref(), window);
+                let response = context
+                    .admin_sessions
+                    .begin(uid, minutes, reason.as_deref(), window)
+                    .map_or_else(unmet_reply, Response::AdminSession);
                 connection.send(&response)?;
             }
             Request::AdminStatus { all } if all && !connection.is_admin => {
@@ -388,11 +396,13 @@ fn handle_requests(
             }
             Request::AdminStatus { all } => {
                 let uid = connection.peer.uid;
-                connection.send(&context.admin_sessions.status(uid, all))?;
+                let sessions = context.admin_sessions.status(uid, all);
+                connection.send(&Response::AdminSessions { sessions })?;
             }
             Request::AdminEnd => {
                 let uid = connection.peer.uid;
-                connection.send(&context.admin_sessions.end(uid))?;
+                let ended = context.admin_sessions.end(uid);
+                connection.send(&reply(ended.map(Response::AdminSession)))?;
             }
             request @ Request::Run { .. } => serve_run(connection, context, request)?,
             Request::Signal { .. } | Request::Resize(_) => {
@@ -458,7 +468,7 @@ fn serve_run(
     ) {
         Ok(allowed) => allowed,
         Err(unmet) => {
-            connection.send(&unmet.into_response())?;
+            connection.send(&unmet_reply(unmet))?;
             return Ok(());
         }
     };
@@ -538,10 +548,23 @@ fn serve_elevate(
                 rule_id: allowed.rule_id,
                 grant_id: allowed.met.grant_id,
             }),
-            Err(unmet) => unmet.into_response(),
+            Err(unmet) => unmet_reply(unmet),
         };
     connection.send(&response)?;
     Ok(())
+}
+
+/// A grant service's answer as the wire reply: its result, or its error.
+fn reply(result: Result<Response, GrantError>) -> Response {
+    result.unwrap_or_else(Response::from)
+}
+
+/// An unmet elevation as the answer on the socket.
+fn unmet_reply(unmet: Unmet) -> Response {
+    match unmet {
+        Unmet::Verdict(verdict) => Response::Elevation(*verdict),
+        Unmet::Refused(error) => Response::from(error),
+    }
 }
 
 /// The one place a refused grant, flow or elevation becomes a wire reply.

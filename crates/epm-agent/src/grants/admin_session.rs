@@ -20,15 +20,16 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use epm_audit::AuditEvent;
-use epm_ipc::{AdminSessionInfo, ElevationVerdict, ErrorCode, Response, UserEvent, Window};
-use epm_policy::{Action, SessionRequirement};
+use epm_ipc::{AdminSessionInfo, ElevationVerdict, UserEvent, Window};
+use epm_policy::{Action, AdminSessionRule, SessionRequirement};
 use epm_store::{AdminSession, IdentityKind, NewAdminSession, Store, SubjectIdentity};
 use jiff::{SignedDuration, Timestamp};
 
 use crate::config::{AdminSessionsConfig, SessionProcesses, SudoersChanges};
 use crate::exec::audit::AuditSink;
 use crate::exec::decider::Decider;
-use crate::grants::flows::{Flows, Requirement, lock};
+use crate::grants::flows::{Flows, Met, Requirement, Unmet, lock};
+use crate::grants::grant_error::GrantError;
 use crate::grants::session_leftovers;
 use crate::grants::sudoers::{self, Snapshot};
 
@@ -537,36 +538,28 @@ impl AdminSessions {
         minutes: u32,
         reason: Option<&str>,
         window: Option<Window>,
-    ) -> Response {
-        match self.try_begin(caller, minutes, reason, window) {
-            Ok(response) | Err(response) => response,
-        }
+    ) -> Result<AdminSessionInfo, Unmet> {
+        let entitled = self.entitlement(caller, minutes)?;
+        let met = self
+            .flows
+            .meet(&entitled.requirement(caller, minutes), reason, window)?;
+        let group = self.group_of(&entitled.entry)?;
+        Ok(self.open_session(entitled, met, group, caller, minutes, reason)?)
     }
 
-    // Both arms are the answer to send; the early returns read best as `?`.
-    #[allow(clippy::result_large_err)]
-    fn try_begin(
-        &self,
-        caller: u32,
-        minutes: u32,
-        reason: Option<&str>,
-        window: Option<Window>,
-    ) -> Result<Response, Response> {
+    /// Who `caller` is and the admin-session entry the policy in force
+    /// gives them, for `minutes`: a refusal is audited and answered as a
+    /// verdict.
+    fn entitlement(&self, caller: u32, minutes: u32) -> Result<Entitled, Unmet> {
         let decider = self
             .decider
             .upgrade()
-            .ok_or_else(|| Response::error(ErrorCode::Internal, "the daemon is stopping"))?;
+            .ok_or_else(|| GrantError::Internal("the daemon is stopping".into()))?;
         let account = epm_os::users::Account::by_uid(caller).ok_or_else(|| {
-            Response::error(
-                ErrorCode::NotFound,
-                format!("uid {caller} has no account on this machine"),
-            )
+            GrantError::NotFound(format!("uid {caller} has no account on this machine"))
         })?;
         if caller == 0 {
-            return Err(Response::error(
-                ErrorCode::BadRequest,
-                "root is already an administrator",
-            ));
+            return Err(GrantError::BadRequest("root is already an administrator".into()).into());
         }
         let user = account.name.clone();
         let subject = crate::grants::subject::of_user(crate::grants::subject::Asker {
@@ -576,6 +569,7 @@ impl AdminSessions {
             device_id: decider.device_id().to_owned(),
         });
         let policy = decider.policy();
+        let policy_version = policy.engine.version();
         let entry = policy
             .engine
             .admin_session(&subject)
@@ -586,9 +580,9 @@ impl AdminSessions {
             event.user = Some(user.clone());
             event.rule_id = rule_id.clone();
             event.reason = Some(message.clone());
-            event.policy_version = Some(policy.engine.version());
+            event.policy_version = Some(policy_version);
             self.audit.send(event);
-            Response::Elevation(ElevationVerdict::Denied { rule_id, message })
+            Unmet::Verdict(Box::new(ElevationVerdict::Denied { rule_id, message }))
         };
         let entry = match entry {
             Some(entry) if entry.allowed => entry,
@@ -606,37 +600,22 @@ impl AdminSessions {
             }
         };
         if minutes == 0 || minutes > entry.max_minutes {
-            return Err(Response::error(
-                ErrorCode::BadRequest,
-                format!(
-                    "a session is 1 to {} minutes for you; {minutes} asked",
-                    entry.max_minutes
-                ),
-            ));
+            return Err(GrantError::BadRequest(format!(
+                "a session is 1 to {} minutes for you; {minutes} asked",
+                entry.max_minutes
+            ))
+            .into());
         }
-        let action = match entry.require {
-            SessionRequirement::None => Action::Allow,
-            SessionRequirement::Justification => Action::Justify,
-            SessionRequirement::Approval => Action::Approve,
-        };
-        let requirement = Requirement {
-            uid: caller,
-            user: user.clone(),
-            identity: SubjectIdentity {
-                kind: IdentityKind::AdminSession,
-                value: minutes.to_string(),
-            },
-            rule_id: entry.id.clone(),
-            action,
-            message: entry.message.clone(),
-            justification: entry.justification.clone().unwrap_or_default(),
-            approval: entry.approval.clone().unwrap_or_default(),
-            what: format!("admin session ({minutes} minutes)"),
-        };
-        let met = match self.flows.meet(&requirement, reason, window) {
-            Ok(met) => met,
-            Err(unmet) => return Err(unmet.into_response()),
-        };
+        Ok(Entitled {
+            user,
+            entry,
+            policy_version,
+        })
+    }
+
+    /// The group a session of `entry` adds its user to; it must exist
+    /// (macOS creates it on first use).
+    fn group_of(&self, entry: &AdminSessionRule) -> Result<String, GrantError> {
         let group = entry
             .group
             .clone()
@@ -647,14 +626,29 @@ impl AdminSessions {
             .is_none()
             && !cfg!(target_os = "macos")
         {
-            return Err(Response::error(
-                ErrorCode::Internal,
-                format!(
-                    "the admin group {group:?} does not exist on this machine; ask IT to fix the policy or [admin_sessions] group"
-                ),
-            ));
+            return Err(GrantError::Internal(format!(
+                "the admin group {group:?} does not exist on this machine; ask IT to fix the policy or [admin_sessions] group"
+            )));
         }
+        Ok(group)
+    }
 
+    /// Stores the session (renewing the caller's current one in `group`),
+    /// adds the user to the group and audits the start.
+    fn open_session(
+        &self,
+        entitled: Entitled,
+        met: Met,
+        group: String,
+        caller: u32,
+        minutes: u32,
+        reason: Option<&str>,
+    ) -> Result<AdminSessionInfo, GrantError> {
+        let Entitled {
+            user,
+            entry,
+            policy_version,
+        } = entitled;
         let _changes = lock(&self.changes);
         let current = self
             .active()
@@ -663,12 +657,10 @@ impl AdminSessions {
         let was_member_before = match &current {
             // A renewal: the first session's answer stands.
             Some(current) => current.session.was_member_before,
-            None => self.groups.is_member(&user, &group).map_err(|e| {
-                Response::error(
-                    ErrorCode::Internal,
-                    format!("cannot read group {group}: {e}"),
-                )
-            })?,
+            None => self
+                .groups
+                .is_member(&user, &group)
+                .map_err(|e| GrantError::Internal(format!("cannot read group {group}: {e}")))?,
         };
         let baseline = match &current {
             Some(current) => current.session.sudoers_baseline.clone(),
@@ -691,12 +683,9 @@ impl AdminSessions {
             sudoers_baseline: baseline,
         };
         // Stored first: from here on, a crash leaves a session to end.
-        let id = lock(&self.store).insert_admin_session(&new).map_err(|e| {
-            Response::error(
-                ErrorCode::Internal,
-                format!("cannot store the session: {e}"),
-            )
-        })?;
+        let id = lock(&self.store)
+            .insert_admin_session(&new)
+            .map_err(|e| GrantError::Internal(format!("cannot store the session: {e}")))?;
         if let Some(current) = &current {
             self.revoke(current, "renewed", false);
         }
@@ -705,10 +694,9 @@ impl AdminSessions {
             && let Err(error) = self.groups.add(&user, &group)
         {
             let _ = lock(&self.store).revoke_admin_session(id, now, "add_failed");
-            return Err(Response::error(
-                ErrorCode::Internal,
-                format!("cannot add {user} to {group}: {error}"),
-            ));
+            return Err(GrantError::Internal(format!(
+                "cannot add {user} to {group}: {error}"
+            )));
         }
         lock(&self.live).insert(
             id,
@@ -735,7 +723,7 @@ impl AdminSessions {
         event.uid = Some(caller);
         event.user = Some(user);
         event.rule_id = Some(entry.id);
-        event.policy_version = Some(policy.engine.version());
+        event.policy_version = Some(policy_version);
         self.audit.send(event);
         let stored = AdminSession {
             id,
@@ -743,36 +731,68 @@ impl AdminSessions {
             revoked_at: None,
             revoke_reason: None,
         };
-        Ok(Response::AdminSession(info(&stored)))
+        Ok(info(&stored))
     }
 
     /// `epmctl admin status`: the caller's session, or everyone's.
-    pub fn status(&self, caller: u32, all: bool) -> Response {
-        let sessions = self
-            .active()
+    pub fn status(&self, caller: u32, all: bool) -> Vec<AdminSessionInfo> {
+        self.active()
             .iter()
             .filter(|s| all || s.session.uid == caller)
             .map(info)
-            .collect();
-        Response::AdminSessions { sessions }
+            .collect()
     }
 
     /// `epmctl admin end`: ends the caller's session now.
-    pub fn end(&self, caller: u32) -> Response {
+    pub fn end(&self, caller: u32) -> Result<AdminSessionInfo, GrantError> {
         let _changes = lock(&self.changes);
         let Some(session) = self.active().into_iter().find(|s| s.session.uid == caller) else {
-            return Response::error(ErrorCode::NotFound, "you have no admin session");
+            return Err(GrantError::NotFound("you have no admin session".into()));
         };
         if !self.revoke(&session, "ended_by_user", true) {
-            return Response::error(
-                ErrorCode::Internal,
-                "the session could not be ended yet; it is retried every second (see the daemon's log)",
-            );
+            return Err(GrantError::Internal(
+                "the session could not be ended yet; it is retried every second (see the daemon's log)".into(),
+            ));
         }
         let mut ended = info(&session);
         ended.ended_at = Some(self.now());
         ended.end_reason = Some("ended_by_user".into());
-        Response::AdminSession(ended)
+        Ok(ended)
+    }
+}
+
+/// A user the policy in force allows an admin session: the entry that
+/// allows it, and that policy's version (for the record).
+#[derive(Debug)]
+struct Entitled {
+    user: String,
+    entry: AdminSessionRule,
+    policy_version: u64,
+}
+
+impl Entitled {
+    /// What a session of `minutes` for `caller` must meet first.
+    fn requirement(&self, caller: u32, minutes: u32) -> Requirement {
+        let entry = &self.entry;
+        let action = match entry.require {
+            SessionRequirement::None => Action::Allow,
+            SessionRequirement::Justification => Action::Justify,
+            SessionRequirement::Approval => Action::Approve,
+        };
+        Requirement {
+            uid: caller,
+            user: self.user.clone(),
+            identity: SubjectIdentity {
+                kind: IdentityKind::AdminSession,
+                value: minutes.to_string(),
+            },
+            rule_id: entry.id.clone(),
+            action,
+            message: entry.message.clone(),
+            justification: entry.justification.clone().unwrap_or_default(),
+            approval: entry.approval.clone().unwrap_or_default(),
+            what: format!("admin session ({minutes} minutes)"),
+        }
     }
 }
 

@@ -23,8 +23,7 @@ use epm_api::offline::OfflineChallenge;
 use epm_audit::AuditEvent;
 use epm_ipc::flows::program_name;
 use epm_ipc::{
-    BlockReason, Blocked, ErrorCode, GrantInfo, Justified, Prompt, PromptKind, RequestInfo,
-    Response, UserEvent,
+    BlockReason, Blocked, GrantInfo, Justified, Prompt, PromptKind, RequestInfo, UserEvent,
 };
 use epm_policy::{Action, ApprovalSpec, JustificationSpec, Subject};
 use epm_store::{
@@ -122,6 +121,16 @@ type Subscriber = (u64, Sender<UserEvent>);
 
 /// A failed flow request: the error code and the message for the user.
 type Refused = GrantError;
+
+/// An offline challenge made: the text to read to an administrator, and
+/// this device's id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Challenge {
+    /// The challenge's text.
+    pub text: String,
+    /// This device.
+    pub device_id: String,
+}
 
 /// The interactive flows' shared state.
 #[derive(Debug)]
@@ -466,7 +475,7 @@ impl Flows {
         prompt: Option<u64>,
         path: Option<String>,
         reason: &str,
-    ) -> Result<Response, Refused> {
+    ) -> Result<Justified, Refused> {
         let target = self.target(caller, prompt, path)?;
         if target.action != Action::Justify {
             return Err(wrong_flow(&target));
@@ -500,11 +509,11 @@ impl Flows {
         self.forget_prompt(target.prompt);
         self.audit
             .send(flow_event("justified", &target, Some(&reason)).with_detail("grant_id", id));
-        Ok(Response::Justified(Justified {
+        Ok(Justified {
             program: program_name(&target.path),
             grant: grant_info(id, &grant),
             relaunch: target.argv,
-        }))
+        })
     }
 
     /// [`epm_ipc::Request::RequestApproval`].
@@ -516,14 +525,14 @@ impl Flows {
         reason: &str,
         start: Timestamp,
         end: Timestamp,
-    ) -> Result<Response, Refused> {
+    ) -> Result<RequestInfo, Refused> {
         let target = self.target(caller, prompt, path)?;
         if target.action != Action::Approve {
             return Err(wrong_flow(&target));
         }
         let request = self.file_request(&target, reason, start, end)?;
         self.forget_prompt(target.prompt);
-        Ok(Response::RequestCreated(request_info(&request)))
+        Ok(request_info(&request))
     }
 
     /// Checks an approval request's answers, stores the request and asks
@@ -623,7 +632,7 @@ impl Flows {
         reason: &str,
         start: Timestamp,
         end: Timestamp,
-    ) -> Result<Response, Refused> {
+    ) -> Result<Challenge, Refused> {
         self.offline_key()?;
         let target = self.target(caller, None, Some(path))?;
         if target.action != Action::Approve {
@@ -658,14 +667,14 @@ impl Flows {
                 .with_detail("window_start", start.to_string())
                 .with_detail("window_end", end.to_string()),
         );
-        Ok(Response::Challenge {
-            challenge: text,
+        Ok(Challenge {
+            text,
             device_id: self.device_id.clone(),
         })
     }
 
     /// [`epm_ipc::Request::OfflineCode`].
-    pub fn offline_code(&self, caller: u32, code: &str) -> Result<Response, Refused> {
+    pub fn offline_code(&self, caller: u32, code: &str) -> Result<GrantInfo, Refused> {
         let key = self.offline_key()?;
         {
             let mut failures = lock(&self.offline_failures);
@@ -760,7 +769,7 @@ impl Flows {
         event.sha256 = (grant.identity.kind == epm_store::IdentityKind::Sha256)
             .then(|| grant.identity.value.clone());
         self.audit.send(event);
-        Ok(Response::Granted(grant_info(id, &grant)))
+        Ok(grant_info(id, &grant))
     }
 
     fn offline_key(&self) -> Result<Vec<u8>, Refused> {
@@ -782,36 +791,27 @@ impl Flows {
     }
 
     /// [`epm_ipc::Request::ListRequests`]: the caller's, or everyone's.
-    pub fn list_requests(&self, caller: u32, all: bool) -> Response {
+    pub fn list_requests(&self, caller: u32, all: bool) -> Result<Vec<RequestInfo>, Refused> {
         let uid = (!all).then_some(caller);
-        match self.store.lock() {
-            Ok(store) => match store.requests(uid, None) {
-                Ok(requests) => Response::Requests {
-                    requests: requests.iter().map(request_info).collect(),
-                },
-                Err(e) => Response::error(ErrorCode::Internal, e.to_string()),
-            },
-            Err(_) => Response::error(ErrorCode::Internal, "store lock poisoned"),
-        }
+        let requests = self.lock_store()?.requests(uid, None).map_err(internal)?;
+        Ok(requests.iter().map(request_info).collect())
     }
 
     /// [`epm_ipc::Request::ListGrants`]: the caller's current and future
     /// grants (or everyone's).
-    pub fn list_grants(&self, caller: u32, all: bool) -> Response {
+    pub fn list_grants(&self, caller: u32, all: bool) -> Result<Vec<GrantInfo>, Refused> {
         let now = self.clock.now();
-        let Ok(store) = self.store.lock() else {
-            return Response::error(ErrorCode::Internal, "store lock poisoned");
-        };
+        let store = self.lock_store()?;
         let listed = if all {
             store.all_current_grants(now)
         } else {
             store.grants_for(caller, now)
         };
-        let grants: Vec<GrantInfo> = match listed {
-            Ok(list) => list.iter().map(|g| grant_info(g.id, &g.grant)).collect(),
-            Err(e) => return Response::error(ErrorCode::Internal, e.to_string()),
-        };
-        Response::Grants { grants }
+        Ok(listed
+            .map_err(internal)?
+            .iter()
+            .map(|g| grant_info(g.id, &g.grant))
+            .collect())
     }
 
     // ---- shared ------------------------------------------------------------------

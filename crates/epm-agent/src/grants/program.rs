@@ -37,7 +37,6 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 
-use epm_ipc::ErrorCode;
 use epm_policy::Sha256Digest;
 use nix::fcntl::{OFlag, openat, readlinkat};
 use nix::sys::stat::{Mode, SFlag};
@@ -143,27 +142,6 @@ pub enum ProgramError {
         /// What failed.
         error: io::Error,
     },
-}
-
-impl ProgramError {
-    /// The error class for the client.
-    pub fn code(&self) -> ErrorCode {
-        match self {
-            ProgramError::NotAbsolute(_)
-            | ProgramError::DotDot(_)
-            | ProgramError::NotAProgram(_)
-            | ProgramError::Loop(_) => ErrorCode::BadRequest,
-            ProgramError::Unreachable { error, .. }
-                if error.kind() == io::ErrorKind::PermissionDenied =>
-            {
-                ErrorCode::Forbidden
-            }
-            ProgramError::Unreachable { .. } => ErrorCode::NotFound,
-            ProgramError::NotRootControlled { .. } => ErrorCode::Forbidden,
-            ProgramError::Changed(_) => ErrorCode::Conflict,
-            ProgramError::Io { .. } => ErrorCode::Internal,
-        }
-    }
 }
 
 impl Program {
@@ -723,7 +701,14 @@ mod tests {
             groups: vec![65534],
         };
         let error = Program::for_caller(secret.to_str().unwrap(), &nobody).unwrap_err();
-        assert_eq!(error.code(), ErrorCode::Forbidden, "{error}");
+        let message = error.to_string();
+        assert!(
+            matches!(
+                crate::grants::grant_error::GrantError::from(error),
+                crate::grants::grant_error::GrantError::Forbidden(_)
+            ),
+            "{message}"
+        );
         let error = Program::for_elevation("/usr/bin/id", &nobody);
         assert!(error.is_ok(), "{error:?}");
         // The daemon's own threads keep root's rights.

@@ -63,16 +63,6 @@ pub enum Unmet {
 }
 
 impl Unmet {
-    /// As the answer on the socket.
-    pub fn into_response(self) -> Response {
-        match self {
-            Unmet::Verdict(verdict) => Response::Elevation(*verdict),
-            Unmet::Refused(error) => Response::from(error),
-        }
-    }
-}
-
-impl Unmet {
     fn verdict(verdict: ElevationVerdict) -> Unmet {
         Unmet::Verdict(Box::new(verdict))
     }
