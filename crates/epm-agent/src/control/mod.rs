@@ -259,6 +259,9 @@ fn is_admin(peer: &PeerCredentials, admin_group: &str) -> bool {
     user.gid == group.gid || group.mem.contains(&user.name)
 }
 
+/// Serves one connection's requests in turn: those that hold the
+/// connection (audit follow, subscribe, elevate, run) here, every other one
+/// by its single reply ([`answer`]).
 fn handle_requests(
     connection: &mut ServerConnection,
     context: &ControlContext,
@@ -276,27 +279,6 @@ fn handle_requests(
         };
         match request {
             Request::Hello { .. } => {}
-            Request::Status => connection.send(&Response::Status(status(context)))?,
-            Request::PolicyShow => {
-                connection.send(&policy_show(context, connection.is_admin))?;
-            }
-            Request::PolicyExplain {
-                path,
-                sha256,
-                user,
-                groups,
-            } => {
-                let response = explain(
-                    context,
-                    connection.peer,
-                    connection.is_admin,
-                    path,
-                    sha256,
-                    user,
-                    groups,
-                );
-                connection.send(&response)?;
-            }
             Request::AuditTail {
                 lines,
                 follow,
@@ -312,108 +294,122 @@ fn handle_requests(
                 };
                 audit_tail(connection, context, &filter, lines as usize, follow)?;
             }
-            Request::Sync => connection.send(&sync_now(context))?,
             Request::Subscribe => return subscribe(connection, &context.flows),
-            Request::Justify {
-                prompt,
-                path,
-                reason,
-            } => {
-                let uid = connection.peer.uid;
-                let response = context.flows.justify(uid, prompt, path, &reason);
-                connection.send(&reply(response.map(Response::Justified)))?;
-            }
-            Request::RequestApproval {
-                prompt,
-                path,
-                reason,
-                start,
-                end,
-            } => {
-                let uid = connection.peer.uid;
-                let response = context
-                    .flows
-                    .request_approval(uid, prompt, path, &reason, start, end);
-                connection.send(&reply(response.map(Response::RequestCreated)))?;
-            }
-            Request::OfflineChallenge {
-                path,
-                reason,
-                start,
-                end,
-            } => {
-                let uid = connection.peer.uid;
-                let response = context
-                    .flows
-                    .offline_challenge(uid, path, &reason, start, end)
-                    .map(|challenge| Response::Challenge {
-                        challenge: challenge.text,
-                        device_id: challenge.device_id,
-                    });
-                connection.send(&reply(response))?;
-            }
-            Request::OfflineCode { code } => {
-                let uid = connection.peer.uid;
-                let response = context.flows.offline_code(uid, &code);
-                connection.send(&reply(response.map(Response::Granted)))?;
-            }
-            Request::ListRequests { all } | Request::ListGrants { all }
-                if all && !connection.is_admin =>
-            {
-                connection.send(&forbidden(
-                    "only root and members of the admin group may list everyone's requests and grants",
-                ))?;
-            }
-            Request::ListRequests { all } => {
-                let uid = connection.peer.uid;
-                let requests = context.flows.list_requests(uid, all);
-                connection.send(&reply(
-                    requests.map(|requests| Response::Requests { requests }),
-                ))?;
-            }
-            Request::ListGrants { all } => {
-                let uid = connection.peer.uid;
-                let grants = context.flows.list_grants(uid, all);
-                connection.send(&reply(grants.map(|grants| Response::Grants { grants })))?;
-            }
             request @ Request::Elevate { .. } => serve_elevate(connection, context, request)?,
-            Request::AdminStart {
-                minutes,
-                reason,
-                window,
-            } => {
-                let uid = connection.peer.uid;
-                let response = context
-                    .admin_sessions
-                    .begin(uid, minutes, reason.as_deref(), window)
-                    .map_or_else(unmet_reply, Response::AdminSession);
-                connection.send(&response)?;
-            }
-            Request::AdminStatus { all } if all && !connection.is_admin => {
-                connection.send(&forbidden(
-                    "only root and members of the admin group may list everyone's admin sessions",
-                ))?;
-            }
-            Request::AdminStatus { all } => {
-                let uid = connection.peer.uid;
-                let sessions = context.admin_sessions.status(uid, all);
-                connection.send(&Response::AdminSessions { sessions })?;
-            }
-            Request::AdminEnd => {
-                let uid = connection.peer.uid;
-                let ended = context.admin_sessions.end(uid);
-                connection.send(&reply(ended.map(Response::AdminSession)))?;
-            }
             request @ Request::Run { .. } => serve_run(connection, context, request)?,
-            Request::Signal { .. } | Request::Resize(_) => {
-                connection.send(&error(
-                    ErrorCode::BadRequest,
-                    "signal and resize only while a command started by run is running",
-                ))?;
+            request => {
+                let response = answer(context, connection.peer, connection.is_admin, request);
+                connection.send(&response)?;
             }
         }
     }
     Ok(())
+}
+
+/// The reply to a request answered at once: the daemon's state, or a
+/// grant service's result.
+fn answer(
+    context: &ControlContext,
+    peer: PeerCredentials,
+    is_admin: bool,
+    request: Request,
+) -> Response {
+    let uid = peer.uid;
+    match request {
+        Request::Status => Response::Status(status(context)),
+        Request::PolicyShow => policy_show(context, is_admin),
+        Request::PolicyExplain {
+            path,
+            sha256,
+            user,
+            groups,
+        } => explain(context, peer, is_admin, path, sha256, user, groups),
+        Request::Sync => sync_now(context),
+        Request::Signal { .. } | Request::Resize(_) => error(
+            ErrorCode::BadRequest,
+            "signal and resize only while a command started by run is running",
+        ),
+        request => answer_grants(context, uid, is_admin, request),
+    }
+}
+
+/// The reply to a request of the grant services (flows, admin sessions):
+/// their result, or their error as the wire's.
+fn answer_grants(context: &ControlContext, uid: u32, is_admin: bool, request: Request) -> Response {
+    let flows = &context.flows;
+    match request {
+        Request::Justify {
+            prompt,
+            path,
+            reason,
+        } => reply(
+            flows
+                .justify(uid, prompt, path, &reason)
+                .map(Response::Justified),
+        ),
+        Request::RequestApproval {
+            prompt,
+            path,
+            reason,
+            start,
+            end,
+        } => reply(
+            flows
+                .request_approval(uid, prompt, path, &reason, start, end)
+                .map(Response::RequestCreated),
+        ),
+        Request::OfflineChallenge {
+            path,
+            reason,
+            start,
+            end,
+        } => reply(
+            flows
+                .offline_challenge(uid, path, &reason, start, end)
+                .map(|challenge| Response::Challenge {
+                    challenge: challenge.text,
+                    device_id: challenge.device_id,
+                }),
+        ),
+        Request::OfflineCode { code } => {
+            reply(flows.offline_code(uid, &code).map(Response::Granted))
+        }
+        Request::ListRequests { all } | Request::ListGrants { all } if all && !is_admin => {
+            forbidden(
+                "only root and members of the admin group may list everyone's requests and grants",
+            )
+        }
+        Request::ListRequests { all } => reply(
+            flows
+                .list_requests(uid, all)
+                .map(|requests| Response::Requests { requests }),
+        ),
+        Request::ListGrants { all } => reply(
+            flows
+                .list_grants(uid, all)
+                .map(|grants| Response::Grants { grants }),
+        ),
+        Request::AdminStart {
+            minutes,
+            reason,
+            window,
+        } => context
+            .admin_sessions
+            .begin(uid, minutes, reason.as_deref(), window)
+            .map_or_else(unmet_reply, Response::AdminSession),
+        Request::AdminStatus { all } if all && !is_admin => {
+            forbidden("only root and members of the admin group may list everyone's admin sessions")
+        }
+        Request::AdminStatus { all } => Response::AdminSessions {
+            sessions: context.admin_sessions.status(uid, all),
+        },
+        Request::AdminEnd => reply(context.admin_sessions.end(uid).map(Response::AdminSession)),
+        // Served by handle_requests, which holds the connection for them.
+        _ => error(
+            ErrorCode::Internal,
+            "this request is served on its connection, not answered here",
+        ),
+    }
 }
 
 /// [`Request::PolicyShow`]: the policy in force, for admins only.
