@@ -19,9 +19,9 @@ use crate::exec::decider::{Decider, PolicyState};
 use crate::exec::pipeline::{Intake, Workers};
 use crate::gate::{ExecGate, FactNeeds, Shutdown};
 use crate::grants::admin_session::{AdminSessions, SystemGroups};
-use crate::grants::flows::Flows;
+use crate::grants::flows::{Flows, Nudge};
 use crate::managed::policy_source;
-use crate::managed::sync::{SyncContext, SyncCycle, SyncHandle};
+use crate::managed::sync::{SyncContext, SyncCycle, SyncHandle, SyncRequests, SyncTrigger};
 use epm_sync::{ClientOptions, PlatformClient};
 
 /// Runs the daemon until SIGTERM or SIGINT.
@@ -406,6 +406,10 @@ impl Services {
         last_seq: &Arc<AtomicU64>,
         platform_bundle: Option<policy_source::BundleInForce>,
     ) -> anyhow::Result<Services> {
+        // The sync's trigger exists before the flows, which nudge it when a
+        // request is filed; the sync, made after them, listens on it.
+        let (trigger, sync_requests) = crate::managed::sync::sync_channel();
+        let nudge = trigger.clone();
         let flows = Flows::start(
             store.clone(),
             audit.clone(),
@@ -414,6 +418,10 @@ impl Services {
                 .platform
                 .as_ref()
                 .map(|_| epm_sync::credentials::platform_store(&config.state_dir)),
+            config
+                .platform
+                .as_ref()
+                .map(|_| Nudge::new(move || nudge.nudge())),
         )
         .context("cannot start the interactive flows")?;
         // Before anything else can change groups: sessions that expired while
@@ -440,6 +448,7 @@ impl Services {
             Some(platform) => Some(Arc::new(
                 start_sync(
                     platform,
+                    (trigger, sync_requests),
                     SyncContext {
                         key: platform.policy_public_key.clone(),
                         device_id: decider.device_id().to_owned(),
@@ -458,10 +467,6 @@ impl Services {
             )),
             None => None,
         };
-        if let Some(sync) = &sync {
-            let sync = sync.clone();
-            flows.set_nudge(Box::new(move || sync.nudge()));
-        }
         Ok(Services {
             flows,
             admin_sessions,
@@ -559,7 +564,11 @@ fn reconcile(store: &Arc<Mutex<Store>>, log: &mut AuditLog) -> anyhow::Result<Ch
 /// Builds the platform client (reading the pinned CA: a missing or bad
 /// `ca_cert` stops the start with a message naming it) and starts the
 /// sync thread.
-fn start_sync(platform: &PlatformConfig, context: SyncContext) -> anyhow::Result<SyncHandle> {
+fn start_sync(
+    platform: &PlatformConfig,
+    channel: (SyncTrigger, SyncRequests),
+    context: SyncContext,
+) -> anyhow::Result<SyncHandle> {
     let client = PlatformClient::new(&platform.url, &platform.ca_cert, ClientOptions::default())?;
     let cycle = SyncCycle::new(client, context);
     tracing::info!(url = %platform.url, "platform sync starting");
@@ -567,6 +576,7 @@ fn start_sync(platform: &PlatformConfig, context: SyncContext) -> anyhow::Result
         cycle,
         platform.url.clone(),
         platform.sync_interval,
+        channel,
     )?)
 }
 

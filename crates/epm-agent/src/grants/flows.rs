@@ -107,8 +107,16 @@ struct Target {
     prompt: Option<u64>,
 }
 
-/// Asks the sync thread for a cycle now.
-struct Nudge(Box<dyn Fn() + Send>);
+/// Asks the platform sync for a cycle soon (a request was filed): given
+/// to [`Flows::start`] on a managed device, absent on an unmanaged one.
+pub struct Nudge(Box<dyn Fn() + Send + Sync>);
+
+impl Nudge {
+    /// A nudge that calls `nudge`; it must not block.
+    pub fn new(nudge: impl Fn() + Send + Sync + 'static) -> Self {
+        Self(Box::new(nudge))
+    }
+}
 
 impl std::fmt::Debug for Nudge {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -143,7 +151,7 @@ pub struct Flows {
     /// The enrollment credentials (offline key), when managed.
     credentials: Option<Box<dyn CredentialStore>>,
     /// Asks the sync thread for a cycle now (a new request), when managed.
-    nudge: Mutex<Option<Nudge>>,
+    nudge: Option<Nudge>,
     refusals: Sender<Refusal>,
     subscribers: Mutex<HashMap<u32, Vec<Subscriber>>>,
     prompts: Mutex<HashMap<u64, PromptRecord>>,
@@ -160,6 +168,7 @@ impl Flows {
         audit: AuditSink,
         decider: &Arc<Decider>,
         credentials: Option<Box<dyn CredentialStore>>,
+        nudge: Option<Nudge>,
     ) -> std::io::Result<Arc<Flows>> {
         let floor = store
             .lock()
@@ -176,7 +185,7 @@ impl Flows {
             decider: Arc::downgrade(decider),
             device_id: decider.device_id().to_owned(),
             credentials,
-            nudge: Mutex::new(None),
+            nudge,
             refusals,
             subscribers: Mutex::default(),
             prompts: Mutex::default(),
@@ -197,11 +206,6 @@ impl Flows {
     /// The clock grant windows are judged by.
     pub fn clock(&self) -> &TrustedClock {
         &self.clock
-    }
-
-    /// How to ask the sync thread for a cycle now.
-    pub fn set_nudge(&self, nudge: Box<dyn Fn() + Send>) {
-        *lock(&self.nudge) = Some(Nudge(nudge));
     }
 
     // ---- helpers' subscriptions -------------------------------------------------
@@ -546,7 +550,7 @@ impl Flows {
         end: Timestamp,
     ) -> Result<Request, Refused> {
         let reason = self.check_approval_answer(target, reason, start, end)?;
-        if lock(&self.nudge).is_none() {
+        if self.nudge.is_none() {
             return Err(GrantError::BadRequest(
                 "this device is not managed by a platform, so nobody can approve a request: \
                  ask an administrator for an offline code (epmctl request --offline PATH)"
@@ -600,7 +604,7 @@ impl Flows {
                 .with_detail("window_start", start.to_string())
                 .with_detail("window_end", end.to_string()),
         );
-        if let Some(nudge) = lock(&self.nudge).as_ref() {
+        if let Some(nudge) = &self.nudge {
             (nudge.0)();
         }
         Ok(request)

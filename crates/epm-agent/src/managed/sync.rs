@@ -792,6 +792,31 @@ pub enum SyncNowReply {
     Busy,
 }
 
+/// What asks the sync thread for a cycle: made before the thread (with
+/// [`sync_channel`]), so the grant flows can be given a nudge at their
+/// start, before the sync that needs them exists.
+#[derive(Debug, Clone)]
+pub struct SyncTrigger(tokio::sync::mpsc::Sender<std::sync::mpsc::SyncSender<CycleResult>>);
+
+/// The sync thread's end of [`SyncTrigger`].
+#[derive(Debug)]
+pub struct SyncRequests(tokio::sync::mpsc::Receiver<std::sync::mpsc::SyncSender<CycleResult>>);
+
+/// A trigger and the sync thread's end of it, for [`spawn`].
+pub fn sync_channel() -> (SyncTrigger, SyncRequests) {
+    let (trigger, requests) = tokio::sync::mpsc::channel(1);
+    (SyncTrigger(trigger), SyncRequests(requests))
+}
+
+impl SyncTrigger {
+    /// Asks for a cycle soon without waiting for it (a new approval
+    /// request); does nothing if one is already asked for.
+    pub fn nudge(&self) {
+        let (reply, _ignored) = std::sync::mpsc::sync_channel(1);
+        let _ = self.0.try_send(reply);
+    }
+}
+
 /// The daemon's side of the sync thread: status and "sync now".
 #[derive(Debug)]
 pub struct SyncHandle {
@@ -799,7 +824,7 @@ pub struct SyncHandle {
     pub url: String,
     /// Shared with the cycle.
     pub status: Arc<Mutex<SyncStatus>>,
-    trigger: tokio::sync::mpsc::Sender<std::sync::mpsc::SyncSender<CycleResult>>,
+    trigger: SyncTrigger,
     /// One `epmctl sync` at a time: it only asks for a check-in, so any
     /// user may, but nobody can make the daemon check in back to back.
     one_at_a_time: Mutex<()>,
@@ -812,7 +837,7 @@ impl SyncHandle {
             return SyncNowReply::Busy;
         };
         let (reply, outcome) = std::sync::mpsc::sync_channel(1);
-        if self.trigger.try_send(reply).is_err() {
+        if self.trigger.0.try_send(reply).is_err() {
             return SyncNowReply::Busy;
         }
         match outcome.recv_timeout(wait) {
@@ -824,8 +849,7 @@ impl SyncHandle {
     /// Asks for a cycle soon without waiting for it (a new approval
     /// request); does nothing if one is already asked for.
     pub fn nudge(&self) {
-        let (reply, _ignored) = std::sync::mpsc::sync_channel(1);
-        let _ = self.trigger.try_send(reply);
+        self.trigger.nudge();
     }
 
     /// A copy of the status.
@@ -842,9 +866,9 @@ pub fn spawn<P: Platform + Send + 'static>(
     mut cycle: SyncCycle<P>,
     url: String,
     interval: Duration,
+    (trigger, SyncRequests(mut requests)): (SyncTrigger, SyncRequests),
 ) -> std::io::Result<SyncHandle> {
     let status = cycle.context.status.clone();
-    let (trigger, mut requests) = tokio::sync::mpsc::channel(1);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
