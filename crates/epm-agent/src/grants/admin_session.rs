@@ -9,7 +9,7 @@
 //! clock jump, `epmctl admin end`, or, for a session found expired at
 //! start, at once. A user who was in the group before their first session
 //! is never removed. Sudoers files are compared with their state at the
-//! session's start during and at the end of the session ([`crate::grants::sudoers`]).
+//! session's start during and at the end of the session ([`epm_os::sudoers`]).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -31,7 +31,7 @@ use crate::exec::decider::Decider;
 use crate::grants::flows::{Flows, Met, Requirement, Unmet, lock};
 use crate::grants::grant_error::GrantError;
 use crate::grants::session_leftovers;
-use crate::grants::sudoers::{self, Snapshot};
+use epm_os::sudoers::{self, Snapshot};
 
 /// How often sessions are checked.
 const TICK: Duration = Duration::from_secs(1);

@@ -1,5 +1,5 @@
 //! What an admin session may leave behind besides sudoers entries
-//! ([`crate::grants::sudoers`]): setuid or setgid files made during it, and
+//! ([`epm_os::sudoers`]): setuid or setgid files made during it, and
 //! processes that still carry the admin group after it (a shell started
 //! with `newgrp` or `sg` keeps the group it was started with, whatever the
 //! group file says later).
