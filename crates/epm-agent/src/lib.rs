@@ -3,11 +3,11 @@
 //! through these modules.
 
 pub mod config;
-pub mod control;
+pub(crate) mod control;
 pub mod daemon;
 pub mod exec;
-pub mod grants;
-pub mod managed;
+pub(crate) mod grants;
+pub(crate) mod managed;
 
 // Paths the binary, the end-to-end tests and the benches name.
 pub use config::managed_prefs;

@@ -39,7 +39,7 @@ const TAIL_SCAN_RECORDS: usize = 20_000;
 
 /// What the control server needs from the daemon.
 #[derive(Debug)]
-pub struct ControlContext {
+pub(crate) struct ControlContext {
     /// The decision core (policy, counters, names).
     pub decider: Arc<Decider>,
     /// The store (outbox stats).
@@ -71,7 +71,7 @@ pub struct ControlContext {
 /// Binds the control socket: any local user may connect (permissions are
 /// decided per request from the peer's uid), so it is mode 0666 in a 0755
 /// directory. A stale socket from a previous run is replaced.
-pub fn bind(path: &Path) -> io::Result<UnixListener> {
+pub(crate) fn bind(path: &Path) -> io::Result<UnixListener> {
     if let Some(parent) = path.parent()
         && !parent.exists()
     {
@@ -93,10 +93,13 @@ pub fn bind(path: &Path) -> io::Result<UnixListener> {
 }
 
 /// Open control connections per uid, shared by both transports.
-pub type ConnectionCounts = Arc<Mutex<HashMap<u32, usize>>>;
+pub(crate) type ConnectionCounts = Arc<Mutex<HashMap<u32, usize>>>;
 
 /// Serves the socket on a thread; each connection gets its own thread.
-pub fn serve(listener: UnixListener, context: Arc<ControlContext>) -> io::Result<JoinHandle<()>> {
+pub(crate) fn serve(
+    listener: UnixListener,
+    context: Arc<ControlContext>,
+) -> io::Result<JoinHandle<()>> {
     std::thread::Builder::new()
         .name("epm-control".into())
         .spawn(move || {
@@ -121,7 +124,7 @@ pub fn serve(listener: UnixListener, context: Arc<ControlContext>) -> io::Result
 /// signed helper and `epmctl` get through. The listener stops when the
 /// returned value is dropped.
 #[cfg(target_os = "macos")]
-pub fn serve_xpc(
+pub(crate) fn serve_xpc(
     service: &str,
     peer_requirement: Option<&str>,
     context: Arc<ControlContext>,

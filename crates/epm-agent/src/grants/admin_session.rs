@@ -44,25 +44,25 @@ const FIRST_WARNING: SignedDuration = SignedDuration::from_secs(5 * 60);
 const LAST_WARNING: SignedDuration = SignedDuration::from_secs(60);
 
 /// Audit event names.
-pub mod events {
+pub(crate) mod events {
     /// A session started (or was renewed).
-    pub const STARTED: &str = "admin_session_started";
+    pub(crate) const STARTED: &str = "admin_session_started";
     /// A session was refused.
-    pub const DENIED: &str = "admin_session_denied";
+    pub(crate) const DENIED: &str = "admin_session_denied";
     /// A session ended; `details.reason` says why.
-    pub const REVOKED: &str = "admin_session_revoked";
+    pub(crate) const REVOKED: &str = "admin_session_revoked";
     /// A sudoers entry for the session's user appeared.
-    pub const SUDOERS_CHANGE: &str = "sudoers_change_found";
+    pub(crate) const SUDOERS_CHANGE: &str = "sudoers_change_found";
     /// A group change failed (it is retried).
-    pub const FAILED: &str = "admin_session_error";
+    pub(crate) const FAILED: &str = "admin_session_error";
     /// A setuid or setgid file made during the session.
-    pub const SETUID_FILE: &str = "setuid_file_found";
+    pub(crate) const SETUID_FILE: &str = "setuid_file_found";
     /// A process that still carried the admin group at the session's end.
-    pub const GROUP_PROCESS: &str = "admin_group_process_found";
+    pub(crate) const GROUP_PROCESS: &str = "admin_group_process_found";
 }
 
 /// Adding users to groups and taking them out: the platform's directory.
-pub trait GroupDirectory: Send + Sync + fmt::Debug {
+pub(crate) trait GroupDirectory: Send + Sync + fmt::Debug {
     /// Whether `user` is in `group` (as a listed member).
     fn is_member(&self, user: &str, group: &str) -> io::Result<bool>;
     /// Adds `user` to `group`.
@@ -73,7 +73,7 @@ pub trait GroupDirectory: Send + Sync + fmt::Debug {
 
 /// What to change in a group.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum GroupChange {
+pub(crate) enum GroupChange {
     /// Add the user.
     Add,
     /// Remove the user.
@@ -82,7 +82,11 @@ pub enum GroupChange {
 
 /// The command that makes a group change: `dseditgroup` (Directory
 /// Services) on macOS, `gpasswd` elsewhere.
-pub fn group_command(change: GroupChange, user: &str, group: &str) -> (&'static str, Vec<String>) {
+pub(crate) fn group_command(
+    change: GroupChange,
+    user: &str,
+    group: &str,
+) -> (&'static str, Vec<String>) {
     let user = user.to_owned();
     let group = group.to_owned();
     if cfg!(target_os = "macos") {
@@ -113,7 +117,7 @@ pub fn group_command(change: GroupChange, user: &str, group: &str) -> (&'static 
 
 /// This machine's groups, changed through [`group_command`].
 #[derive(Debug, Default)]
-pub struct SystemGroups;
+pub(crate) struct SystemGroups;
 
 impl SystemGroups {
     fn change(&self, change: GroupChange, user: &str, group: &str) -> io::Result<()> {
@@ -179,7 +183,7 @@ struct Live {
 
 /// The admin sessions of this machine.
 #[derive(Debug)]
-pub struct AdminSessions {
+pub(crate) struct AdminSessions {
     store: Arc<Mutex<Store>>,
     audit: AuditSink,
     decider: Weak<Decider>,
@@ -195,7 +199,7 @@ pub struct AdminSessions {
 impl AdminSessions {
     /// Ends the sessions that expired while the daemon was not running,
     /// then starts the thread that ends the others in time.
-    pub fn start(
+    pub(crate) fn start(
         store: Arc<Mutex<Store>>,
         audit: AuditSink,
         decider: &Arc<Decider>,
@@ -532,7 +536,7 @@ impl AdminSessions {
     /// `epmctl admin start`: checks the policy (and meets its requirement),
     /// then stores the session and adds the user to the group. A user with
     /// a session renews it through the same check.
-    pub fn begin(
+    pub(crate) fn begin(
         &self,
         caller: u32,
         minutes: u32,
@@ -735,7 +739,7 @@ impl AdminSessions {
     }
 
     /// `epmctl admin status`: the caller's session, or everyone's.
-    pub fn status(&self, caller: u32, all: bool) -> Vec<AdminSessionInfo> {
+    pub(crate) fn status(&self, caller: u32, all: bool) -> Vec<AdminSessionInfo> {
         self.active()
             .iter()
             .filter(|s| all || s.session.uid == caller)
@@ -744,7 +748,7 @@ impl AdminSessions {
     }
 
     /// `epmctl admin end`: ends the caller's session now.
-    pub fn end(&self, caller: u32) -> Result<AdminSessionInfo, GrantError> {
+    pub(crate) fn end(&self, caller: u32) -> Result<AdminSessionInfo, GrantError> {
         let _changes = lock(&self.changes);
         let Some(session) = self.active().into_iter().find(|s| s.session.uid == caller) else {
             return Err(GrantError::NotFound("you have no admin session".into()));

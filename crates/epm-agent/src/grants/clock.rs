@@ -13,11 +13,11 @@ use std::time::Instant;
 use jiff::{SignedDuration, Timestamp};
 
 /// The store's meta key for the floor kept across restarts.
-pub const FLOOR_META_KEY: &str = "trusted_time_floor";
+pub(crate) const FLOOR_META_KEY: &str = "trusted_time_floor";
 
 /// A clock that never runs backwards.
 #[derive(Debug)]
-pub struct TrustedClock {
+pub(crate) struct TrustedClock {
     anchor: Mutex<Anchor>,
 }
 
@@ -29,7 +29,7 @@ struct Anchor {
 
 impl TrustedClock {
     /// A clock that never reads earlier than `floor`.
-    pub fn new(floor: Option<Timestamp>) -> TrustedClock {
+    pub(crate) fn new(floor: Option<Timestamp>) -> TrustedClock {
         let wall = Timestamp::now();
         TrustedClock {
             anchor: Mutex::new(Anchor {
@@ -41,7 +41,7 @@ impl TrustedClock {
 
     /// The current time: the wall clock, unless it reads earlier than time
     /// already seen.
-    pub fn now(&self) -> Timestamp {
+    pub(crate) fn now(&self) -> Timestamp {
         self.now_with_wall(Timestamp::now())
     }
 
@@ -64,7 +64,7 @@ impl TrustedClock {
 
     /// Raises the clock to a trusted time from elsewhere (the platform's
     /// clock at check-in); an earlier time changes nothing.
-    pub fn observe(&self, trusted: Timestamp) {
+    pub(crate) fn observe(&self, trusted: Timestamp) {
         let now = self.now();
         if trusted > now {
             let mut anchor = self
@@ -80,7 +80,7 @@ impl TrustedClock {
 }
 
 /// Reads the floor kept in the store's meta value.
-pub fn parse_floor(value: Option<&str>) -> Option<Timestamp> {
+pub(crate) fn parse_floor(value: Option<&str>) -> Option<Timestamp> {
     value.and_then(|v| v.parse().ok())
 }
 

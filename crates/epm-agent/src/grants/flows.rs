@@ -36,29 +36,27 @@ use jiff::{SignedDuration, Timestamp};
 use crate::exec::audit::AuditSink;
 use crate::exec::decider::{Decider, Interactive, Outcome, UsedGrant, grant_identity};
 use crate::grants::clock::{FLOOR_META_KEY, TrustedClock};
-pub use crate::grants::grant_error::GrantError;
+pub(crate) use crate::grants::grant_error::GrantError;
 use crate::grants::program::{Caller, Program};
 use crate::grants::subject;
 
 mod elevation;
-pub use elevation::{
-    ELEVATION_ALLOWED, ELEVATION_DENIED, ElevationAllowed, Met, Requirement, SudoRequest, Unmet,
-};
+pub(crate) use elevation::{ElevationAllowed, Met, Requirement, SudoRequest, Unmet};
 
 /// How long a justification grant waits for the run it allows.
-pub const JUSTIFICATION_GRANT_TTL: SignedDuration = SignedDuration::from_secs(10 * 60);
+pub(crate) const JUSTIFICATION_GRANT_TTL: SignedDuration = SignedDuration::from_secs(10 * 60);
 /// After a rejection, how long before the same user may ask again for the
 /// same binary.
-pub const REJECTION_COOL_DOWN: SignedDuration = SignedDuration::from_secs(10 * 60);
+pub(crate) const REJECTION_COOL_DOWN: SignedDuration = SignedDuration::from_secs(10 * 60);
 /// How long a prompt's id stays answerable.
 const PROMPT_TTL: Duration = Duration::from_secs(15 * 60);
 /// The same refusal is not shown again within this time (a script that
 /// loops on a refused program must not flood the user).
 const REPEAT_QUIET: Duration = Duration::from_secs(20);
 /// Wrong offline codes a user may try per [`OFFLINE_TRY_WINDOW`].
-pub const OFFLINE_MAX_TRIES: usize = 5;
+pub(crate) const OFFLINE_MAX_TRIES: usize = 5;
 /// See [`OFFLINE_MAX_TRIES`].
-pub const OFFLINE_TRY_WINDOW: Duration = Duration::from_secs(15 * 60);
+pub(crate) const OFFLINE_TRY_WINDOW: Duration = Duration::from_secs(15 * 60);
 /// Events queued per subscribed helper before it counts as stuck.
 const SUBSCRIBER_QUEUE: usize = 64;
 /// Prompts kept per user (the oldest go first).
@@ -109,11 +107,11 @@ struct Target {
 
 /// Asks the platform sync for a cycle soon (a request was filed): given
 /// to [`Flows::start`] on a managed device, absent on an unmanaged one.
-pub struct Nudge(Box<dyn Fn() + Send + Sync>);
+pub(crate) struct Nudge(Box<dyn Fn() + Send + Sync>);
 
 impl Nudge {
     /// A nudge that calls `nudge`; it must not block.
-    pub fn new(nudge: impl Fn() + Send + Sync + 'static) -> Self {
+    pub(crate) fn new(nudge: impl Fn() + Send + Sync + 'static) -> Self {
         Self(Box::new(nudge))
     }
 }
@@ -133,7 +131,7 @@ type Refused = GrantError;
 /// An offline challenge made: the text to read to an administrator, and
 /// this device's id.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Challenge {
+pub(crate) struct Challenge {
     /// The challenge's text.
     pub text: String,
     /// This device.
@@ -142,7 +140,7 @@ pub struct Challenge {
 
 /// The interactive flows' shared state.
 #[derive(Debug)]
-pub struct Flows {
+pub(crate) struct Flows {
     store: Arc<Mutex<Store>>,
     clock: Arc<TrustedClock>,
     audit: AuditSink,
@@ -163,7 +161,7 @@ pub struct Flows {
 impl Flows {
     /// Starts the flows thread and returns the shared state. The clock's
     /// floor comes from the store.
-    pub fn start(
+    pub(crate) fn start(
         store: Arc<Mutex<Store>>,
         audit: AuditSink,
         decider: &Arc<Decider>,
@@ -204,7 +202,7 @@ impl Flows {
     }
 
     /// The clock grant windows are judged by.
-    pub fn clock(&self) -> &TrustedClock {
+    pub(crate) fn clock(&self) -> &TrustedClock {
         &self.clock
     }
 
@@ -212,7 +210,7 @@ impl Flows {
 
     /// Registers a helper for `uid`; events arrive on the receiver until
     /// [`Flows::unsubscribe`].
-    pub fn subscribe(&self, uid: u32) -> (u64, Receiver<UserEvent>) {
+    pub(crate) fn subscribe(&self, uid: u32) -> (u64, Receiver<UserEvent>) {
         let (tx, rx) = bounded(SUBSCRIBER_QUEUE);
         let id = self.fresh_id();
         lock(&self.subscribers)
@@ -223,7 +221,7 @@ impl Flows {
     }
 
     /// Removes a helper's registration.
-    pub fn unsubscribe(&self, uid: u32, id: u64) {
+    pub(crate) fn unsubscribe(&self, uid: u32, id: u64) {
         let mut subscribers = lock(&self.subscribers);
         if let Some(list) = subscribers.get_mut(&uid) {
             list.retain(|(sub, _)| *sub != id);
@@ -257,7 +255,7 @@ impl Flows {
     }
 
     /// One of a user's requests changed (the sync thread, the sweep).
-    pub fn request_changed(&self, request: &Request) {
+    pub(crate) fn request_changed(&self, request: &Request) {
         let mut event = AuditEvent::new("request_changed")
             .with_detail("request_id", request.id.as_str())
             .with_detail("state", request.state.as_str());
@@ -274,7 +272,7 @@ impl Flows {
     }
 
     /// Audits an event of the flows' neighbours (elevated runs).
-    pub fn audit_event(&self, event: AuditEvent) {
+    pub(crate) fn audit_event(&self, event: AuditEvent) {
         self.audit.send(event);
     }
 
@@ -301,7 +299,7 @@ impl Flows {
     }
 
     /// The platform's time at check-in: the clock never reads earlier.
-    pub fn observe_platform_time(&self, time: Timestamp) {
+    pub(crate) fn observe_platform_time(&self, time: Timestamp) {
         self.clock.observe(time);
     }
 
@@ -473,7 +471,7 @@ impl Flows {
     // ---- requests from helpers and epmctl (control threads) ---------------------
 
     /// [`epm_ipc::Request::Justify`].
-    pub fn justify(
+    pub(crate) fn justify(
         &self,
         caller: u32,
         prompt: Option<u64>,
@@ -521,7 +519,7 @@ impl Flows {
     }
 
     /// [`epm_ipc::Request::RequestApproval`].
-    pub fn request_approval(
+    pub(crate) fn request_approval(
         &self,
         caller: u32,
         prompt: Option<u64>,
@@ -629,7 +627,7 @@ impl Flows {
     }
 
     /// [`epm_ipc::Request::OfflineChallenge`].
-    pub fn offline_challenge(
+    pub(crate) fn offline_challenge(
         &self,
         caller: u32,
         path: String,
@@ -678,7 +676,7 @@ impl Flows {
     }
 
     /// [`epm_ipc::Request::OfflineCode`].
-    pub fn offline_code(&self, caller: u32, code: &str) -> Result<GrantInfo, Refused> {
+    pub(crate) fn offline_code(&self, caller: u32, code: &str) -> Result<GrantInfo, Refused> {
         let key = self.offline_key()?;
         {
             let mut failures = lock(&self.offline_failures);
@@ -795,7 +793,11 @@ impl Flows {
     }
 
     /// [`epm_ipc::Request::ListRequests`]: the caller's, or everyone's.
-    pub fn list_requests(&self, caller: u32, all: bool) -> Result<Vec<RequestInfo>, Refused> {
+    pub(crate) fn list_requests(
+        &self,
+        caller: u32,
+        all: bool,
+    ) -> Result<Vec<RequestInfo>, Refused> {
         let uid = (!all).then_some(caller);
         let requests = self.lock_store()?.requests(uid, None).map_err(internal)?;
         Ok(requests.iter().map(request_info).collect())
@@ -803,7 +805,7 @@ impl Flows {
 
     /// [`epm_ipc::Request::ListGrants`]: the caller's current and future
     /// grants (or everyone's).
-    pub fn list_grants(&self, caller: u32, all: bool) -> Result<Vec<GrantInfo>, Refused> {
+    pub(crate) fn list_grants(&self, caller: u32, all: bool) -> Result<Vec<GrantInfo>, Refused> {
         let now = self.clock.now();
         let store = self.lock_store()?;
         let listed = if all {
@@ -1172,7 +1174,7 @@ fn flow_event(kind: &str, target: &Target, justification: Option<&str>) -> Audit
 }
 
 /// A store request as the IPC shows it.
-pub fn request_info(request: &Request) -> RequestInfo {
+pub(crate) fn request_info(request: &Request) -> RequestInfo {
     RequestInfo {
         id: request.id.clone(),
         user: request.user.clone(),

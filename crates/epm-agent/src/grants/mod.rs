@@ -5,10 +5,10 @@
 //! to run. Errors are [`grant_error::GrantError`]; the control module
 //! turns them into replies.
 
-pub mod admin_session;
-pub mod clock;
-pub mod flows;
-pub mod grant_error;
+pub(crate) mod admin_session;
+pub(crate) mod clock;
+pub(crate) mod flows;
+pub(crate) mod grant_error;
 pub mod program;
 pub mod session_leftovers;
-pub mod subject;
+pub(crate) mod subject;

@@ -18,7 +18,7 @@ use crate::grants::program::Program;
 
 /// Who asks, as the policy sees them.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Asker {
+pub(crate) struct Asker {
     /// User id.
     pub uid: u32,
     /// User name.
@@ -30,7 +30,7 @@ pub struct Asker {
 }
 
 /// The subject of a user with no program.
-pub fn of_user(asker: Asker) -> Subject {
+pub(crate) fn of_user(asker: Asker) -> Subject {
     Subject {
         uid: asker.uid,
         user: asker.user,
@@ -43,7 +43,7 @@ pub fn of_user(asker: Asker) -> Subject {
 /// The subject of the file at canonical `path` with content `sha256` and
 /// code `signature` (if it has one), named by `asker`. Only what the
 /// signature proves ([`CodeSignature::proven`]) is used.
-pub fn of_file(
+pub(crate) fn of_file(
     path: String,
     sha256: Sha256Digest,
     signature: Option<&CodeSignature>,
@@ -63,7 +63,7 @@ pub fn of_file(
 
 /// [`of_file`] for a program opened once ([`Program`]): its canonical path,
 /// its hash and the signature of that same file.
-pub fn of_program(program: &Program, asker: Asker) -> std::io::Result<Subject> {
+pub(crate) fn of_program(program: &Program, asker: Asker) -> std::io::Result<Subject> {
     let signature =
         epm_os::signature::of_file(std::path::Path::new(&program.canonical), &program.file)?;
     Ok(of_file(

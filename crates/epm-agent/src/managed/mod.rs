@@ -3,4 +3,4 @@
 //! from.
 
 pub mod policy_source;
-pub mod sync;
+pub(crate) mod sync;

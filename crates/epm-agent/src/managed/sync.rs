@@ -39,14 +39,14 @@ const MAX_BATCH_RECORDS: usize = 500;
 /// Room for the upload's JSON around its records.
 const UPLOAD_OVERHEAD: usize = 1024;
 /// How long `epmctl sync` waits for its cycle before saying it still runs.
-pub const SYNC_REPLY_WAIT: Duration = Duration::from_secs(60);
+pub(crate) const SYNC_REPLY_WAIT: Duration = Duration::from_secs(60);
 
 /// The platform calls a cycle makes: [`PlatformClient`] in the daemon, an
 /// in-memory platform in tests.
 // Used with concrete types on a current-thread runtime only, so the
 // futures need no `Send` bound.
 #[allow(async_fn_in_trait)]
-pub trait Platform {
+pub(crate) trait Platform {
     /// See [`PlatformClient::enroll`].
     async fn enroll(&self, request: &EnrollRequest) -> Result<AgentCredentials, SyncError>;
     /// See [`PlatformClient::checkin`].
@@ -111,7 +111,7 @@ impl Platform for PlatformClient {
 
 /// What `epmctl status` shows about the platform.
 #[derive(Debug, Clone, Default)]
-pub struct SyncStatus {
+pub(crate) struct SyncStatus {
     /// The enrolled agent id.
     pub agent_id: Option<String>,
     /// When the last cycle ended.
@@ -126,7 +126,7 @@ pub struct SyncStatus {
 
 /// Everything a cycle needs from the daemon.
 #[derive(Debug)]
-pub struct SyncContext {
+pub(crate) struct SyncContext {
     /// The pinned keys (two during a rotation) bundles and grants must be
     /// signed with.
     pub key: PolicyKeys,
@@ -164,7 +164,7 @@ struct Refused {
 
 /// One sync cycle's logic over a [`Platform`].
 #[derive(Debug)]
-pub struct SyncCycle<P> {
+pub(crate) struct SyncCycle<P> {
     platform: P,
     context: SyncContext,
     credentials: Option<AgentCredentials>,
@@ -180,7 +180,7 @@ type CycleResult = Result<String, String>;
 
 impl<P: Platform> SyncCycle<P> {
     /// A cycle over `platform`.
-    pub fn new(platform: P, mut context: SyncContext) -> Self {
+    pub(crate) fn new(platform: P, mut context: SyncContext) -> Self {
         let (current, etag) = match context.current.take() {
             Some((current, etag)) => (Some(current), etag),
             None => (None, None),
@@ -200,7 +200,7 @@ impl<P: Platform> SyncCycle<P> {
     /// failed. Later steps still run when an earlier one failed for a
     /// reason of its own (a refused upload must not stop policy updates);
     /// an unreachable platform ends the cycle at once.
-    pub async fn run_once(&mut self) -> CycleResult {
+    pub(crate) async fn run_once(&mut self) -> CycleResult {
         let credentials = self.ensure_enrolled().await?;
         let mut problems = Vec::new();
         let uploaded = match self.upload_backlog(&credentials).await {
@@ -771,7 +771,7 @@ fn os_name() -> String {
 }
 
 /// The device's people, with their groups ([`epm_os::users::local_users`]).
-pub fn local_users() -> Vec<LocalUser> {
+pub(crate) fn local_users() -> Vec<LocalUser> {
     epm_os::users::local_users()
         .into_iter()
         .map(|user| LocalUser {
@@ -783,7 +783,7 @@ pub fn local_users() -> Vec<LocalUser> {
 
 /// What an `epmctl sync` gets back.
 #[derive(Debug)]
-pub enum SyncNowReply {
+pub(crate) enum SyncNowReply {
     /// The cycle ran: its summary or error.
     Done(CycleResult),
     /// It did not finish within [`SYNC_REPLY_WAIT`]; it goes on.
@@ -796,14 +796,16 @@ pub enum SyncNowReply {
 /// [`sync_channel`]), so the grant flows can be given a nudge at their
 /// start, before the sync that needs them exists.
 #[derive(Debug, Clone)]
-pub struct SyncTrigger(tokio::sync::mpsc::Sender<std::sync::mpsc::SyncSender<CycleResult>>);
+pub(crate) struct SyncTrigger(tokio::sync::mpsc::Sender<std::sync::mpsc::SyncSender<CycleResult>>);
 
 /// The sync thread's end of [`SyncTrigger`].
 #[derive(Debug)]
-pub struct SyncRequests(tokio::sync::mpsc::Receiver<std::sync::mpsc::SyncSender<CycleResult>>);
+pub(crate) struct SyncRequests(
+    tokio::sync::mpsc::Receiver<std::sync::mpsc::SyncSender<CycleResult>>,
+);
 
 /// A trigger and the sync thread's end of it, for [`spawn`].
-pub fn sync_channel() -> (SyncTrigger, SyncRequests) {
+pub(crate) fn sync_channel() -> (SyncTrigger, SyncRequests) {
     let (trigger, requests) = tokio::sync::mpsc::channel(1);
     (SyncTrigger(trigger), SyncRequests(requests))
 }
@@ -811,7 +813,7 @@ pub fn sync_channel() -> (SyncTrigger, SyncRequests) {
 impl SyncTrigger {
     /// Asks for a cycle soon without waiting for it (a new approval
     /// request); does nothing if one is already asked for.
-    pub fn nudge(&self) {
+    pub(crate) fn nudge(&self) {
         let (reply, _ignored) = std::sync::mpsc::sync_channel(1);
         let _ = self.0.try_send(reply);
     }
@@ -819,7 +821,7 @@ impl SyncTrigger {
 
 /// The daemon's side of the sync thread: status and "sync now".
 #[derive(Debug)]
-pub struct SyncHandle {
+pub(crate) struct SyncHandle {
     /// The platform's URL, for status.
     pub url: String,
     /// Shared with the cycle.
@@ -832,7 +834,7 @@ pub struct SyncHandle {
 
 impl SyncHandle {
     /// Runs a cycle now and waits up to `wait` for its outcome.
-    pub fn sync_now(&self, wait: Duration) -> SyncNowReply {
+    pub(crate) fn sync_now(&self, wait: Duration) -> SyncNowReply {
         let Ok(_guard) = self.one_at_a_time.try_lock() else {
             return SyncNowReply::Busy;
         };
@@ -846,14 +848,8 @@ impl SyncHandle {
         }
     }
 
-    /// Asks for a cycle soon without waiting for it (a new approval
-    /// request); does nothing if one is already asked for.
-    pub fn nudge(&self) {
-        self.trigger.nudge();
-    }
-
     /// A copy of the status.
-    pub fn status(&self) -> SyncStatus {
+    pub(crate) fn status(&self) -> SyncStatus {
         self.status
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -862,7 +858,7 @@ impl SyncHandle {
 }
 
 /// Starts the sync thread: a first cycle at once, then on schedule.
-pub fn spawn<P: Platform + Send + 'static>(
+pub(crate) fn spawn<P: Platform + Send + 'static>(
     mut cycle: SyncCycle<P>,
     url: String,
     interval: Duration,

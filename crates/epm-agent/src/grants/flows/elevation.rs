@@ -20,7 +20,7 @@ const DEFAULT_WINDOW: SignedDuration = SignedDuration::from_secs(60 * 60);
 
 /// What a rule asks of the user before something privileged happens.
 #[derive(Debug, Clone)]
-pub struct Requirement {
+pub(crate) struct Requirement {
     /// Who.
     pub uid: u32,
     /// Their name.
@@ -44,7 +44,7 @@ pub struct Requirement {
 
 /// A requirement met: the grant used, or the justification written.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Met {
+pub(crate) struct Met {
     /// The approval grant consumed.
     pub grant_id: Option<i64>,
     /// Where the grant came from (`approval`, `offline_code`).
@@ -55,7 +55,7 @@ pub struct Met {
 
 /// Not (yet): what the client must do, or why it cannot.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Unmet {
+pub(crate) enum Unmet {
     /// Tell the client.
     Verdict(Box<ElevationVerdict>),
     /// The request itself failed.
@@ -76,7 +76,7 @@ impl From<GrantError> for Unmet {
 
 /// An elevation that may go ahead.
 #[derive(Debug)]
-pub struct ElevationAllowed {
+pub(crate) struct ElevationAllowed {
     /// The deciding rule.
     pub rule_id: Option<String>,
     /// The caller's name.
@@ -94,7 +94,7 @@ pub struct ElevationAllowed {
 /// What the sudo plugin adds to an elevation: the environment sudo will
 /// give the command, and for sudoedit the files to edit.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct SudoRequest<'a> {
+pub(crate) struct SudoRequest<'a> {
     /// `run_envp`, `NAME=value` each.
     pub env: &'a [String],
     /// sudoedit's files.
@@ -106,7 +106,7 @@ impl Flows {
     /// checked and accepted at once; an approval is a grant to consume, a
     /// request to wait for, or a request to file now (when the client sent
     /// its reason).
-    pub fn meet(
+    pub(crate) fn meet(
         &self,
         requirement: &Requirement,
         reason: Option<&str>,
@@ -248,7 +248,7 @@ impl Flows {
     /// sudo plugin, `sudo` carries the environment sudo passes and, for
     /// sudoedit, the files. A final answer (allowed, denied) is audited
     /// here, with `via`.
-    pub fn elevate(
+    pub(crate) fn elevate(
         &self,
         caller: u32,
         via: ElevationVia,
@@ -683,9 +683,9 @@ fn root_only_directory(dir: &str) -> bool {
 }
 
 /// Audit event: an elevation may go ahead.
-pub const ELEVATION_ALLOWED: &str = "elevation_allowed";
+pub(crate) const ELEVATION_ALLOWED: &str = "elevation_allowed";
 /// Audit event: an elevation was refused.
-pub const ELEVATION_DENIED: &str = "elevation_denied";
+pub(crate) const ELEVATION_DENIED: &str = "elevation_denied";
 
 #[cfg(test)]
 mod tests {
