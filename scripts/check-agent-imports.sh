@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Fails when the agent's top-level modules (crates/epm-agent/src: config,
-# control, daemon, exec, grants, managed) import each other in a circle.
+# Fails when the agent's modules (crates/epm-agent/src) import each other in
+# a circle, at two levels: its top-level modules (config, control, daemon,
+# exec, grants, managed), and every module file (exec::decider,
+# grants::flows, ...; a module and its own parent or child are one unit).
 # The agent reads top-down (daemon → control → managed → grants → exec,
 # config to the side; docs/architecture.md): a module may use the ones
 # below it, never one above. Test code (`#[cfg(test)]` modules, tests.rs)
@@ -11,61 +13,104 @@
 set -euo pipefail
 cd "$(dirname "$0")/../crates/epm-agent/src"
 
-# The perl program is in single quotes on purpose: no shell expansion.
+# Every module file, as a path: exec/decider.rs → exec::decider,
+# control/mod.rs → control. lib.rs and main.rs only wire.
+modules=$(find . -name '*.rs' ! -name tests.rs ! -path '*/tests/*' ! -name lib.rs ! -name main.rs |
+    sed 's#^\./##; s#/mod\.rs$##; s#\.rs$##; s#/#::#g' | sort -u)
+
+# Each file's imports of crate:: paths, resolved to the longest module
+# path they name. The perl program is in single quotes on purpose.
 # shellcheck disable=SC2016
 edges=$(
     find . -name '*.rs' ! -name tests.rs ! -path '*/tests/*' ! -name lib.rs ! -name main.rs -print0 |
-        xargs -0 perl -0777 -ne '
-            my $file = $ARGV;
-            (my $from = $file) =~ s{^\./}{};
-            $from =~ s{[/.].*}{};
+        MODULES="$modules" xargs -0 perl -0777 -ne '
+            my %module = map { $_ => 1 } split /\n/, $ENV{MODULES};
+            (my $from = $ARGV) =~ s{^\./}{};
+            $from =~ s{/mod\.rs$}{};
+            $from =~ s{\.rs$}{};
+            $from =~ s{/}{::}g;
             my $text = $_;
             # Drop #[cfg(test)] modules: from the attribute to the closing
-            # brace at the same indentation.
+            # brace at the same indentation; and line comments.
             $text =~ s/^([ \t]*)#\[cfg\(test\)\]\s*(?:#\[[^\]]*\]\s*)*(?:pub(?:\([a-z]+\))?\s+)?mod\s+\w+\s*\{.*?^\1\}//msg;
-            # Line comments (docs name modules without importing them).
             $text =~ s{//[^\n]*}{}g;
+            # Every full path a use tree names: a::{b::c, d} → a::b::c, a::d.
+            sub expand {
+                my ($prefix, $tree) = @_;
+                $tree =~ s/^\s+|\s+$//g;
+                if ($tree =~ /^([\w:]*?)(?:::)?\{(.*)\}$/s) {
+                    my ($head, $body) = ($1, $2);
+                    my $base = join "::", grep { length } $prefix, $head;
+                    my ($depth, $item, @out) = (0, "");
+                    for my $c (split //, "$body,") {
+                        if ($c eq "," && $depth == 0) {
+                            push @out, expand($base, $item) if $item =~ /\S/;
+                            $item = "";
+                            next;
+                        }
+                        $depth++ if $c eq "{";
+                        $depth-- if $c eq "}";
+                        $item .= $c;
+                    }
+                    return @out;
+                }
+                $tree =~ s/\s+as\s+\w+$//;
+                return join "::", grep { length } $prefix, $tree;
+            }
             my %to;
-            # crate::name and each first name inside crate::{...}.
-            while ($text =~ /\bcrate::(\{|[a-z_]+)/g) {
-                if ($1 eq "{") {
-                    # Split the group at its top-level commas; each item
-                    # starts with the module it names.
-                    my ($depth, $i, $item) = (1, pos($text), "");
+            while ($text =~ /\bcrate::((?:\w+::)*(?:\{|\w+))/g) {
+                my $tree = $1;
+                if ($tree =~ /\{$/) {
+                    # Take the braces whole.
+                    my ($depth, $i) = (1, pos($text));
                     while ($depth > 0 && $i < length $text) {
                         my $c = substr($text, $i++, 1);
                         $depth++ if $c eq "{";
                         $depth-- if $c eq "}";
-                        if ($depth == 0 || ($depth == 1 && $c eq ",")) {
-                            $to{$1} = 1 if $item =~ /^\s*([a-z_]+)/;
-                            $item = "";
-                        } else {
-                            $item .= $c;
-                        }
                     }
-                } else {
-                    $to{$1} = 1;
+                    $tree .= substr($text, pos($text), $i - pos($text));
+                }
+                for my $path (expand("", $tree)) {
+                    my @parts = split /::/, $path;
+                    while (@parts && !$module{join "::", @parts}) { pop @parts }
+                    $to{join "::", @parts} = 1 if @parts;
                 }
             }
-            for my $to (sort keys %to) { print "$from $to\n" if $to ne $from }
+            for my $to (sort keys %to) { print "$from $to\n" }
         ' | sort -u
 )
-
-# Only edges between the agent's own modules (crate::names and the like are
-# re-exports of other crates).
-modules=$(find . -mindepth 1 -maxdepth 1 \( -name '*.rs' -o -type d \) ! -name lib.rs ! -name main.rs |
-    sed 's#^\./##; s#\.rs$##' | sort -u)
-edges=$(printf '%s\n' "$edges" | while read -r from to; do
-    if grep -qx "$to" <<<"$modules"; then printf '%s %s\n' "$from" "$to"; fi
-done)
 
 if [[ ${1:-} == --edges ]]; then
     printf '%s\n' "$edges"
 fi
 
-if ! loop=$(printf '%s\n' "$edges" | tsort 2>&1 >/dev/null) || [[ -n $loop ]]; then
-    echo "epm-agent: its modules import each other in a circle:" >&2
-    printf '%s\n' "$loop" >&2
+# A loop among `from to` pairs, or nothing.
+find_loop() {
+    local out
+    if ! out=$(tsort 2>&1 >/dev/null) || [[ -n $out ]]; then
+        printf '%s\n' "$out"
+    fi
+}
+
+# Top level: the first component of each side.
+top=$(printf '%s\n' "$edges" | awk '{split($1, a, "::"); split($2, b, "::"); if (a[1] != b[1]) print a[1], b[1]}' | sort -u)
+# Files: a module and its ancestors or descendants are one unit.
+files=$(printf '%s\n' "$edges" | awk '
+    { if (index($2 "::", $1 "::") != 1 && index($1 "::", $2 "::") != 1) print $1, $2 }' | sort -u)
+
+status=0
+check_level() {
+    local loop
+    loop=$(printf '%s\n' "$2" | find_loop)
+    if [[ -n $loop ]]; then
+        echo "epm-agent: its modules import each other in a circle ($1 level):" >&2
+        printf '%s\n' "$loop" >&2
+        status=1
+    fi
+}
+check_level top "$top"
+check_level files "$files"
+if ((status)); then
     echo "(scripts/check-agent-imports.sh --edges lists every import)" >&2
     exit 1
 fi
