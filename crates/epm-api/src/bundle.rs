@@ -46,6 +46,10 @@ pub struct BundleSource {
 }
 
 /// The binary a request or grant is about: a digest, never a path.
+///
+/// The wire form of [`epm_policy::identity::SubjectIdentity`]: two strings,
+/// so a newer kind reaches the other side as text it can refuse by name.
+/// Convert with `TryFrom` (which checks the kind and the value) and `From`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SubjectIdentity {
@@ -53,6 +57,29 @@ pub struct SubjectIdentity {
     pub kind: String,
     /// Lowercase hex.
     pub value: String,
+}
+
+impl TryFrom<&SubjectIdentity> for epm_policy::identity::SubjectIdentity {
+    type Error = epm_policy::identity::IdentityError;
+
+    /// The typed identity, its value lowercased and checked for its kind.
+    fn try_from(wire: &SubjectIdentity) -> Result<Self, Self::Error> {
+        let identity = epm_policy::identity::SubjectIdentity {
+            kind: wire.kind.parse()?,
+            value: wire.value.clone(),
+        };
+        let value = identity.checked_value()?;
+        Ok(epm_policy::identity::SubjectIdentity { value, ..identity })
+    }
+}
+
+impl From<&epm_policy::identity::SubjectIdentity> for SubjectIdentity {
+    fn from(identity: &epm_policy::identity::SubjectIdentity) -> Self {
+        SubjectIdentity {
+            kind: identity.kind.as_str().to_owned(),
+            value: identity.value.clone(),
+        }
+    }
 }
 
 /// Permission to run one binary, for one user, inside a window, a number of
@@ -101,5 +128,40 @@ impl Grant {
             uses: 1,
             issued_at: Timestamp::from_second(1_799_999_000).unwrap_or(Timestamp::UNIX_EPOCH),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use epm_policy::identity::{IdentityError, IdentityKind};
+
+    use super::*;
+
+    fn wire(kind: &str, value: &str) -> SubjectIdentity {
+        SubjectIdentity {
+            kind: kind.into(),
+            value: value.into(),
+        }
+    }
+
+    #[test]
+    fn an_identity_crosses_the_wire_and_back_checked() {
+        let typed =
+            epm_policy::identity::SubjectIdentity::try_from(&wire("cdhash", &"AB".repeat(20)))
+                .expect("a cdhash");
+        assert_eq!(typed.kind, IdentityKind::Cdhash);
+        assert_eq!(typed.value, "ab".repeat(20));
+        assert_eq!(
+            SubjectIdentity::from(&typed),
+            wire("cdhash", &"ab".repeat(20))
+        );
+    }
+
+    #[test]
+    fn unknown_kinds_and_paths_are_refused() {
+        let unknown = epm_policy::identity::SubjectIdentity::try_from(&wire("md5", "00"));
+        assert!(matches!(unknown, Err(IdentityError::UnknownKind(_))));
+        let path = epm_policy::identity::SubjectIdentity::try_from(&wire("sha256", "/bin/sh"));
+        assert!(matches!(path, Err(IdentityError::NotADigest { .. })));
     }
 }

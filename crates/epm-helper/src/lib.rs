@@ -8,12 +8,13 @@
 //! `epm_policy::ApprovalSpec::check_window`).
 //!
 //! Text that comes from a policy or a request (rule messages, program
-//! names, approvers' reasons) is shown as text: [`display::shown`] escapes
-//! what a terminal or dialog could interpret, and no backend splices it into
-//! a script or markup.
+//! names, approvers' reasons) is shown as text: `epm_prompt::display::shown`
+//! escapes what a terminal or dialog could interpret, and no backend splices
+//! it into a script or markup.
+//!
+//! The words and the flows of the conversation live in `epm_prompt`, shared
+//! with `epmctl` and `epm-sudo`; this crate adds the session with the daemon
+//! ([`session`]) and the desktop backends ([`prompt`]).
 
-pub mod display;
-pub mod messages;
 pub mod prompt;
 pub mod session;
-pub mod when;

@@ -5,8 +5,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, ValueEnum};
-use epm_helper::prompt::{Backend, Osascript, PromptError, Scripted, Terminal, Tone, Zenity};
+use epm_helper::prompt::{Osascript, Zenity};
 use epm_helper::session::Session;
+use epm_prompt::{Backend, PromptError, Scripted, Terminal, Tone};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum BackendChoice {

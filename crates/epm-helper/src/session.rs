@@ -11,8 +11,8 @@ use epm_ipc::{
 use jiff::Timestamp;
 use jiff::tz::TimeZone;
 
-use crate::messages;
-use crate::prompt::{
+use epm_prompt::messages;
+use epm_prompt::{
     ApprovalAsk, Backend, JustificationAsk, PromptError, Tone, ask_approval, ask_justification,
 };
 
@@ -183,7 +183,7 @@ impl Session {
             }
             Ok(Response::RequestCreated(_)) => backend.notify(TITLE, messages::PENDING, Tone::Info),
             Err(ClientError::Daemon { message, .. }) => {
-                backend.notify(TITLE, &crate::display::shown(&message), Tone::Warning)
+                backend.notify(TITLE, &epm_prompt::display::shown(&message), Tone::Warning)
             }
             Ok(other) => backend.notify(
                 TITLE,
@@ -223,7 +223,7 @@ fn show_blocked(backend: &mut dyn Backend, blocked: &Blocked) -> Result<(), Prom
             Some(reason) => format!(
                 "{} ({})",
                 messages::REJECTED,
-                crate::display::shown_line(reason)
+                epm_prompt::display::shown_line(reason)
             ),
             None => messages::REJECTED.to_owned(),
         },
@@ -265,7 +265,7 @@ fn show_request(
                 format!(
                     "{} ({})",
                     messages::REJECTED,
-                    crate::display::shown_line(reason)
+                    epm_prompt::display::shown_line(reason)
                 ),
                 Tone::Warning,
             ),
@@ -314,7 +314,7 @@ fn tracing_line(text: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::prompt::Scripted;
+    use epm_prompt::Scripted;
 
     fn request(state: &str, start: Timestamp) -> RequestInfo {
         RequestInfo {

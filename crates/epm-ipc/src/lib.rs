@@ -89,41 +89,51 @@
 //! # fn main() {}
 //! ```
 
+// The layout: `message` (what is said), `frame` (how a message becomes
+// bytes), `protocol` (the handshake and the two sides of a conversation,
+// over any link), `transport` (the Unix socket and XPC, each a link), and
+// `endpoint`, the one file that names both transports.
 #[cfg(test)]
 mod alloc_probe;
-pub mod elevation;
-pub mod flows;
-mod frame;
 #[cfg(unix)]
-mod link;
-// The XPC transport's inbox: portable, so tested everywhere.
-#[cfg(any(test, target_os = "macos"))]
-mod mailbox;
+mod endpoint;
+mod frame;
 mod message;
 #[cfg(unix)]
-mod unix;
-#[cfg(target_os = "macos")]
-pub mod xpc;
-pub mod xpc_frame;
-// The XPC transport's portable half, tested everywhere.
-#[cfg(any(test, target_os = "macos"))]
-mod xpc_inbox;
+mod protocol;
+#[cfg(unix)]
+mod transport;
 
-pub use elevation::{
+#[cfg(unix)]
+pub use endpoint::Endpoint;
+pub use frame::{FrameError, MAX_FRAME_BYTES, read_frame, write_frame};
+pub use message::elevation::{
     AdminSessionInfo, Command, ElevationVerdict, ElevationVia, ExitStatus, TermSize, Window,
 };
-pub use flows::{
+pub use message::flows::{
     BlockReason, Blocked, GrantInfo, Justified, Prompt, PromptKind, RequestInfo, UserEvent,
 };
-pub use frame::{FrameError, MAX_FRAME_BYTES, read_frame, write_frame};
 pub use message::{
     Counters, ErrorCode, Explanation, ExposureStatus, KernelHookStatus, Latency, Message,
     PROTOCOL_VERSION, PlatformStatus, PolicyInfo, Request, Response, StatusReport, SyncOutcome,
     decode, encode,
 };
+// The module paths other crates use (`epm_ipc::flows::program_name`,
+// `epm_ipc::xpc::XpcListener`, `epm_ipc::xpc_frame::MACH_SERVICE_NAME`).
+pub use message::{elevation, flows};
 #[cfg(unix)]
-pub use unix::{
-    Arrival, Client, ClientError, Connection, DEFAULT_CLIENT_TIMEOUT, DEFAULT_SOCKET_PATH,
-    Endpoint, FD_MARKER, FdError, Incoming, PeerCredentials, ServerConnection, ServerError,
-    peer_credentials,
+pub use protocol::{
+    Arrival, Client, ClientError, DEFAULT_CLIENT_TIMEOUT, Incoming, ServerConnection, ServerError,
 };
+#[cfg(unix)]
+pub use transport::fds::{FD_MARKER, FdError};
+#[cfg(unix)]
+pub use transport::link::PeerCredentials;
+#[cfg(unix)]
+pub use transport::unix::{Connection, DEFAULT_SOCKET_PATH, peer_credentials};
+// `xpc` holds the XPC connection and listener on macOS, only `frame`
+// elsewhere (its logic is tested everywhere).
+#[cfg(unix)]
+pub use transport::xpc;
+#[cfg(unix)]
+pub use transport::xpc::frame as xpc_frame;

@@ -33,6 +33,7 @@ mod answers;
 mod digest;
 mod engine;
 pub mod env;
+pub mod identity;
 mod model;
 mod subject;
 mod validate;

@@ -1,74 +1,32 @@
 //! Grants: permission for one user to run one binary, by content identity,
 //! inside a window, a number of times.
 
+pub use epm_policy::identity::{IdentityKind, SubjectIdentity};
 use jiff::Timestamp;
+use rusqlite::types::Type;
 use rusqlite::{OptionalExtension, Row, params};
 
 use crate::Store;
 use crate::error::{Result, invalid, query_err};
 use crate::sql::{millis, text_enum, timestamp};
 
-text_enum!(
-    /// Which digest names a binary.
-    IdentityKind {
-        /// SHA-256 of the file.
-        Sha256 = "sha256",
-        /// Apple CDHash: the first 20 bytes of the code directory's hash.
-        Cdhash = "cdhash",
-        /// Not a binary: an admin session of the minutes in the value.
-        AdminSession = "admin_session",
-    }
-);
-
-impl IdentityKind {
-    /// How many hex digits a value of a digest kind has (`None` for
-    /// [`IdentityKind::AdminSession`], whose value is decimal minutes).
-    pub fn hex_len(self) -> Option<usize> {
-        match self {
-            IdentityKind::Sha256 => Some(64),
-            IdentityKind::Cdhash => Some(40),
-            IdentityKind::AdminSession => None,
-        }
-    }
+/// The `identity_kind` column as epm-policy's [`IdentityKind`] (a foreign
+/// type, so read here rather than through `FromSql`).
+pub(crate) fn identity_kind(r: &Row<'_>, index: usize) -> rusqlite::Result<IdentityKind> {
+    let text: String = r.get(index)?;
+    text.parse().map_err(|error| {
+        rusqlite::Error::FromSqlConversionFailure(index, Type::Text, Box::new(error))
+    })
 }
 
-/// A binary's identity: kind and hex value. Never a path: a path names
-/// whatever file is there now, a digest names the file that was approved.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-pub struct SubjectIdentity {
-    /// Which digest.
-    pub kind: IdentityKind,
-    /// Hex; stored and compared in lowercase.
-    pub value: String,
-}
-
-impl SubjectIdentity {
-    /// The value in lowercase, checked to be a digest of its kind.
-    pub(crate) fn checked_value(&self, operation: &'static str) -> Result<String> {
-        let value = self.value.to_ascii_lowercase();
-        let shown: String = self.value.chars().take(80).collect();
-        match self.kind.hex_len() {
-            Some(len) if value.len() != len || !value.bytes().all(|b| b.is_ascii_hexdigit()) => {
-                Err(invalid(
-                    operation,
-                    format!(
-                        "a {} identity is {len} hex digits, not {shown:?}",
-                        self.kind
-                    ),
-                ))
-            }
-            None if value.is_empty()
-                || value.len() > 5
-                || !value.bytes().all(|b| b.is_ascii_digit()) =>
-            {
-                Err(invalid(
-                    operation,
-                    format!("an admin_session identity is minutes, not {shown:?}"),
-                ))
-            }
-            _ => Ok(value),
-        }
-    }
+/// The identity's value in lowercase, checked to be a value of its kind.
+pub(crate) fn checked_identity(
+    identity: &SubjectIdentity,
+    operation: &'static str,
+) -> Result<String> {
+    identity
+        .checked_value()
+        .map_err(|problem| invalid(operation, problem.to_string()))
 }
 
 text_enum!(
@@ -133,7 +91,7 @@ fn grant_from_row(r: &Row<'_>) -> rusqlite::Result<Grant> {
             uid: r.get(1)?,
             user: r.get(2)?,
             identity: SubjectIdentity {
-                kind: r.get(3)?,
+                kind: identity_kind(r, 3)?,
                 value: r.get(4)?,
             },
             rule_id: r.get(5)?,
@@ -154,7 +112,7 @@ impl Store {
     /// its kind, the window must not be empty, and it must allow a use.
     pub fn insert_grant(&mut self, grant: &NewGrant) -> Result<i64> {
         const OP: &str = "insert grant";
-        let identity = grant.identity.checked_value(OP)?;
+        let identity = checked_identity(&grant.identity, OP)?;
         if grant.not_after <= grant.not_before {
             return Err(invalid(
                 OP,
@@ -175,7 +133,7 @@ impl Store {
                 params![
                     grant.uid,
                     grant.user,
-                    grant.identity.kind,
+                    grant.identity.kind.as_str(),
                     identity,
                     grant.rule_id,
                     millis(grant.not_before),
@@ -270,7 +228,7 @@ impl Store {
         stmt.query_row(
             params![
                 uid,
-                identity.kind,
+                identity.kind.as_str(),
                 identity.value.to_ascii_lowercase(),
                 millis(now),
                 rule_id
@@ -303,7 +261,7 @@ impl Store {
             .query_map(
                 params![
                     uid,
-                    identity.kind,
+                    identity.kind.as_str(),
                     identity.value.to_ascii_lowercase(),
                     limit as i64
                 ],

@@ -4,6 +4,7 @@ use jiff::Timestamp;
 use rusqlite::{OptionalExtension, Row, TransactionBehavior, params};
 
 use crate::error::{Result, StoreError, invalid, query_err};
+use crate::grants::{checked_identity, identity_kind};
 use crate::sql::{millis, text_enum, timestamp};
 use crate::{Store, SubjectIdentity};
 
@@ -98,7 +99,7 @@ fn request_from_row(r: &Row<'_>) -> rusqlite::Result<Request> {
         user: r.get(2)?,
         rule_id: r.get(3)?,
         identity: SubjectIdentity {
-            kind: r.get(4)?,
+            kind: identity_kind(r, 4)?,
             value: r.get(5)?,
         },
         path: r.get(6)?,
@@ -139,7 +140,7 @@ impl Store {
     /// Stores a new request; its id must be new.
     pub fn insert_request(&mut self, request: &Request) -> Result<()> {
         const OP: &str = "insert request";
-        let identity = request.identity.checked_value(OP)?;
+        let identity = checked_identity(&request.identity, OP)?;
         if request.id.is_empty() {
             return Err(invalid(OP, "empty request id".into()));
         }
@@ -163,7 +164,7 @@ impl Store {
                     request.uid,
                     request.user,
                     request.rule_id,
-                    request.identity.kind,
+                    request.identity.kind.as_str(),
                     identity,
                     request.path,
                     request.justification,

@@ -32,7 +32,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use epm_ipc::{Command, ElevationVerdict};
-use epm_policy::JustificationSpec;
+use epm_prompt::display::shown_line;
+use epm_prompt::messages;
+use epm_prompt::{Backend, JustificationAsk, PromptError, Tone};
 
 pub mod ffi;
 
@@ -168,12 +170,14 @@ impl Elevation {
         })
     }
 
-    /// What the user is asked about: the program, or the edited files.
+    /// What the user is asked about: the program, or the edited files,
+    /// and as whom (the conversation escapes it).
     fn what(&self) -> String {
+        let run_as = &self.command.run_as;
         match &self.edit {
-            Some(files) => format!("edit {}", files.join(" ")),
+            Some(files) => format!("Editing {} as {run_as}", files.join(" ")),
             None => format!(
-                "run {}",
+                "{} as {run_as}",
                 self.command.argv.first().cloned().unwrap_or_default()
             ),
         }
@@ -264,30 +268,40 @@ pub enum Answer {
     Reject,
 }
 
-/// Asks for a justification within the rule's limits: presets by number,
-/// three tries.
-fn ask_reason(
-    terminal: &mut dyn Terminal,
-    question: &str,
-    spec: &JustificationSpec,
-) -> Option<String> {
-    for (i, preset) in spec.presets.iter().enumerate() {
-        terminal.info(&format!("  {}. {preset}", i + 1));
-    }
-    for _ in 0..3 {
-        let answer = terminal.ask(question)?;
-        let answer = answer.trim();
-        let answer = answer
-            .parse::<usize>()
-            .ok()
-            .and_then(|n| spec.presets.get(n.wrapping_sub(1)).cloned())
-            .unwrap_or_else(|| answer.to_owned());
-        match spec.check(&answer) {
-            Ok(answer) => return Some(answer),
-            Err(error) => terminal.error(&error.to_string()),
+/// sudo's conversation as a prompt backend, so the justification is asked,
+/// checked and explained in `epm_prompt`'s words, the same as `epmctl run`
+/// and the helper: each line of text an info line, ready-made reasons by
+/// number, a refused answer an error line.
+struct Conversation<'a>(&'a mut dyn Terminal);
+
+impl Backend for Conversation<'_> {
+    fn entry(
+        &mut self,
+        _title: &str,
+        text: &str,
+        choices: &[String],
+        default: &str,
+    ) -> Result<Option<String>, PromptError> {
+        for line in text.lines().filter(|line| !line.is_empty()) {
+            self.0.info(line);
         }
+        for line in epm_prompt::terminal::choice_lines(choices) {
+            self.0.info(&line);
+        }
+        let question = epm_prompt::terminal::question(choices, default);
+        Ok(self
+            .0
+            .ask(&question)
+            .map(|line| epm_prompt::terminal::answer(&line, choices, default)))
     }
-    None
+
+    fn message(&mut self, _title: &str, text: &str, tone: Tone) -> Result<(), PromptError> {
+        match tone {
+            Tone::Info => self.0.info(text),
+            Tone::Warning => self.0.error(text),
+        }
+        Ok(())
+    }
 }
 
 /// Decides one command: asks `epmd`, and the user when the policy wants a
@@ -299,7 +313,6 @@ pub fn decide(
     terminal: &mut dyn Terminal,
 ) -> Answer {
     let what = elevation.what();
-    let run_as = &elevation.command.run_as;
     let mut reason: Option<String> = None;
     let mut waiting = false;
     loop {
@@ -328,7 +341,7 @@ pub fn decide(
         match verdict {
             ElevationVerdict::Allowed { .. } => return Answer::Approve,
             ElevationVerdict::Denied { message, .. } => {
-                terminal.error(&format!("epm: {message}"));
+                terminal.error(&format!("epm: {}", shown_line(&message)));
                 return Answer::Reject;
             }
             ElevationVerdict::NeedsJustification {
@@ -345,11 +358,16 @@ pub fn decide(
                     terminal.error("epm: epmd asked again for a reason it was given");
                     return Answer::Reject;
                 }
-                if let Some(message) = message {
-                    terminal.info(&message);
-                }
-                let question = format!("Why do you need to {what} as {run_as}? ");
-                match ask_reason(terminal, &question, &justification) {
+                let ask = JustificationAsk {
+                    program: what.clone(),
+                    message,
+                    spec: justification,
+                };
+                // The conversation cannot fail: `Conversation` never errs.
+                match epm_prompt::ask_justification(&mut Conversation(terminal), &ask)
+                    .ok()
+                    .flatten()
+                {
                     Some(answer) => reason = Some(answer),
                     None => {
                         terminal.error("epm: a reason is required; nothing was run");
@@ -359,10 +377,7 @@ pub fn decide(
             }
             ElevationVerdict::Pending { request, .. } => {
                 if !waiting {
-                    terminal.info(&format!(
-                        "Request {} sent to your administrators. Waiting for approval… (Ctrl+C to cancel)",
-                        request.id
-                    ));
+                    terminal.info(&messages::waiting_for_approval(&request.id));
                     waiting = true;
                 }
                 if terminal.cancelled() {
@@ -386,12 +401,9 @@ pub fn decide(
                 retry_after,
                 ..
             } => {
-                let why = request
-                    .state_reason
-                    .map(|r| format!(": {r}"))
-                    .unwrap_or_default();
                 terminal.error(&format!(
-                    "epm: your request was rejected by the administrator{why}. You can ask again after {retry_after}."
+                    "epm: {}",
+                    messages::request_rejected(request.state_reason.as_deref(), retry_after)
                 ));
                 return Answer::Reject;
             }

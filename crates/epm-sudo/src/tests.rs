@@ -3,6 +3,7 @@
 use std::collections::VecDeque;
 
 use epm_ipc::RequestInfo;
+use epm_policy::JustificationSpec;
 use jiff::Timestamp;
 
 use super::*;
@@ -155,7 +156,13 @@ fn sudoedit_is_about_the_files_and_the_environment_goes_along() {
         Some(vec!["/etc/hosts".to_owned(), "/etc/motd".to_owned()])
     );
     assert_eq!(elevation.env, env);
-    assert_eq!(elevation.what(), "edit /etc/hosts /etc/motd");
+    assert!(
+        elevation
+            .what()
+            .starts_with("Editing /etc/hosts /etc/motd as "),
+        "{}",
+        elevation.what()
+    );
     assert!(Elevation::from_check(&info, &["vi".to_owned()], &[]).is_err());
     let plain = Elevation::from_check(&info[..2], &argv, &[]).unwrap();
     assert_eq!(plain.edit, None);
@@ -295,5 +302,54 @@ fn an_unreachable_daemon_follows_the_fail_mode() {
     assert_eq!(
         decide(&open, &elevation(), &mut daemon, &mut terminal),
         Answer::Approve
+    );
+}
+
+/// Text from a policy, an approver or a file name reaches sudo's terminal
+/// escaped, as it reaches the helper's and `epmctl`'s: a rule message or a
+/// reason cannot clear the screen or reverse the text around it.
+#[test]
+fn untrusted_text_is_shown_escaped() {
+    let hostile = "ok\u{1b}[2J\u{202e}txt.exe";
+    let escaped = "ok\\u{1b}[2J\\u{202e}txt.exe";
+
+    let denied = ElevationVerdict::Denied {
+        rule_id: Some("x".into()),
+        message: hostile.into(),
+    };
+    let mut terminal = FakeTerminal::default();
+    assert_eq!(run(vec![Ok(denied)], &mut terminal).0, Answer::Reject);
+    assert_eq!(terminal.said, [format!("error: epm: {escaped}")]);
+
+    let mut request = request("denied");
+    request.state_reason = Some(hostile.into());
+    let rejected = ElevationVerdict::Rejected {
+        rule_id: "apt".into(),
+        request,
+        retry_after: Timestamp::UNIX_EPOCH,
+    };
+    let mut terminal = FakeTerminal::default();
+    run(vec![Ok(rejected)], &mut terminal);
+    assert!(terminal.said[0].contains(escaped), "{:?}", terminal.said);
+
+    let needs = ElevationVerdict::NeedsJustification {
+        rule_id: "apt".into(),
+        message: Some(hostile.into()),
+        justification: JustificationSpec {
+            presets: vec![hostile.into()],
+            ..JustificationSpec::default()
+        },
+    };
+    let mut terminal = FakeTerminal::default();
+    run(vec![Ok(needs)], &mut terminal);
+    assert!(
+        terminal.said.iter().all(|line| !line.contains('\u{1b}')),
+        "{:?}",
+        terminal.said
+    );
+    assert!(
+        terminal.said.contains(&format!("info:   1) {escaped}")),
+        "{:?}",
+        terminal.said
     );
 }

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use epm_audit::AuditRecord;
+use epm_audit::{AuditRecord, Decision};
 use epm_ipc::{Client, Endpoint, Request, Response};
 
 fn connect(endpoint: &Endpoint) -> anyhow::Result<Client> {
@@ -272,6 +272,7 @@ fn pretty(line: &str, color: bool) -> String {
     };
     let e = &record.event;
     let decision = e.decision.as_deref().unwrap_or("-");
+    let known = Decision::parse(decision);
     let paint = |code: &str, text: String| {
         if color {
             format!("\x1b[{code}m{text}\x1b[0m")
@@ -280,11 +281,11 @@ fn pretty(line: &str, color: bool) -> String {
         }
     };
     let decision_cell = format!("{decision:<10}");
-    let decision_cell = match decision {
-        "deny" => paint("1;31", decision_cell),
-        "would_deny" => paint("33", decision_cell),
-        "allow" => paint("32", decision_cell),
-        _ => decision_cell,
+    let decision_cell = match known {
+        Some(Decision::Deny) => paint("1;31", decision_cell),
+        Some(Decision::WouldDeny) => paint("33", decision_cell),
+        Some(Decision::Allow) => paint("32", decision_cell),
+        None => decision_cell,
     };
     let time = record
         .time
@@ -304,7 +305,7 @@ fn pretty(line: &str, color: bool) -> String {
         text.push_str(&format!("  rule={}", printable(rule)));
     }
     if let Some(reason) = &e.reason
-        && (e.rule_id.is_none() || decision != "allow")
+        && (e.rule_id.is_none() || known != Some(Decision::Allow))
     {
         text.push_str(&paint("2", format!("  ({})", printable(reason))));
     }

@@ -8,9 +8,9 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use epm_helper::messages;
-use epm_helper::when::parse_time;
 use epm_ipc::{Client, Endpoint, GrantInfo, Request, RequestInfo, Response};
+use epm_prompt::messages;
+use epm_prompt::when::parse_time;
 use jiff::Timestamp;
 use jiff::tz::TimeZone;
 
@@ -251,20 +251,20 @@ fn print_request(request: &RequestInfo, with_user: bool) {
     println!(
         "{}  {}{}  {}",
         request.id,
-        epm_helper::display::shown_line(&request.program),
+        epm_prompt::display::shown_line(&request.program),
         who,
         state
     );
     println!("    window {} to {}", request.start, request.end);
     println!(
         "    reason: {}",
-        epm_helper::display::shown_line(&request.justification)
+        epm_prompt::display::shown_line(&request.justification)
     );
     if let Some(why) = &request.state_reason {
         println!(
             "    {}: {}",
             request.state,
-            epm_helper::display::shown_line(why)
+            epm_prompt::display::shown_line(why)
         );
     }
     if let Some(message) = state_message(request, Timestamp::now()) {
@@ -313,7 +313,7 @@ fn print_grant(grant: &GrantInfo) {
     println!(
         "{}  {}  {} ({} left, from {})",
         grant.id,
-        epm_helper::display::shown_line(program),
+        epm_prompt::display::shown_line(program),
         grant.user,
         grant.uses_left,
         grant.source

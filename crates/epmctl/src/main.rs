@@ -7,7 +7,9 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use clap::builder::{PossibleValuesParser, TypedValueParser};
 use clap::{Args, Parser, Subcommand};
+use epm_audit::Decision;
 
 mod admin_cmd;
 mod daemon_cmd;
@@ -246,8 +248,8 @@ enum AuditCommand {
         #[arg(short, long)]
         follow: bool,
         /// Only records with this decision.
-        #[arg(long, value_parser = ["allow", "deny", "would_deny"])]
-        decision: Option<String>,
+        #[arg(long, value_parser = decision_parser())]
+        decision: Option<Decision>,
         /// Only this user's records (administrators).
         #[arg(long, value_name = "NAME")]
         user: Option<String>,
@@ -263,6 +265,14 @@ enum AuditCommand {
         #[arg(default_value = DEFAULT_AUDIT_LOG)]
         file: PathBuf,
     },
+}
+
+/// `--decision`: the names the audit log writes (`epm_audit::Decision`),
+/// offered in `--help` and completed by the shell.
+fn decision_parser() -> impl TypedValueParser<Value = Decision> {
+    let every = [Decision::Allow, Decision::Deny, Decision::WouldDeny];
+    PossibleValuesParser::new(every.map(Decision::as_str))
+        .try_map(|name| Decision::parse(&name).ok_or("not a decision"))
 }
 
 #[derive(Debug, Subcommand)]
@@ -350,7 +360,7 @@ fn main() -> ExitCode {
             daemon_cmd::TailOptions {
                 lines,
                 follow,
-                decision,
+                decision: decision.map(|d| d.as_str().to_owned()),
                 user,
             },
             json,

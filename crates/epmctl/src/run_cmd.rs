@@ -15,10 +15,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Context;
-use epm_helper::display::shown_line;
 use epm_ipc::{
     Client, ClientError, Command, Endpoint, ErrorCode, ExitStatus, Request, Response, TermSize,
 };
+use epm_prompt::display::shown_line;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::termios::{self, SetArg, Termios};
 

@@ -6,11 +6,12 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use epm_helper::display::shown_line;
-use epm_helper::prompt::{self, JustificationAsk, Terminal};
-use epm_helper::when::parse_time;
 use epm_ipc::{ElevationVerdict, Window};
 use epm_policy::{ApprovalSpec, JustificationSpec};
+use epm_prompt::display::shown_line;
+use epm_prompt::messages;
+use epm_prompt::when::parse_time;
+use epm_prompt::{self as prompt, JustificationAsk, Terminal};
 use jiff::Timestamp;
 use jiff::tz::TimeZone;
 
@@ -111,11 +112,11 @@ impl Answers {
             }
             ElevationVerdict::Pending { request, .. } => {
                 if !self.told_waiting {
+                    eprintln!("{}", messages::waiting_for_approval(&request.id));
                     eprintln!(
-                        "Request {} sent for approval (window {} to {}).",
-                        request.id, request.start, request.end
+                        "The window asked for: {} to {}.",
+                        request.start, request.end
                     );
-                    eprintln!("Waiting for approval… (Ctrl+C to cancel)");
                     self.told_waiting = true;
                 }
                 std::thread::sleep(PENDING_RETRY);
@@ -126,13 +127,10 @@ impl Answers {
                 retry_after,
                 ..
             } => {
-                let why = request
-                    .state_reason
-                    .as_deref()
-                    .map(|r| format!(": {}", shown_line(r)))
-                    .unwrap_or_default();
-                eprintln!("epmctl: your request was rejected{why}");
-                eprintln!("You may ask again after {retry_after}.");
+                eprintln!(
+                    "epmctl: {}",
+                    messages::request_rejected(request.state_reason.as_deref(), *retry_after)
+                );
                 Ok(Some(ExitCode::from(1)))
             }
         }

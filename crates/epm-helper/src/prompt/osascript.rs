@@ -1,6 +1,6 @@
 use std::process::Command;
 
-use super::{Backend, PromptError, Tone};
+use epm_prompt::{Backend, PromptError, Tone};
 
 /// Native macOS dialogs through `osascript`. The scripts below are fixed
 /// text; every string from a policy or the user reaches them as an
@@ -96,10 +96,10 @@ impl Backend for Osascript {
         if !choices.is_empty() {
             let mut strings: Vec<&str> = vec![title, text];
             strings.extend(choices.iter().map(String::as_str));
-            strings.push(super::TYPE_MY_OWN);
+            strings.push(epm_prompt::ask::TYPE_MY_OWN);
             match self.run(CHOICE_SCRIPT, &strings)? {
                 None => return Ok(None),
-                Some(picked) if picked != super::TYPE_MY_OWN && !picked.is_empty() => {
+                Some(picked) if picked != epm_prompt::ask::TYPE_MY_OWN && !picked.is_empty() => {
                     return Ok(Some(picked));
                 }
                 Some(_) => {}

@@ -22,7 +22,7 @@ use objc2::msg_send;
 use objc2::rc::{Retained, autoreleasepool};
 use objc2::runtime::{AnyClass, AnyObject, Bool};
 
-use super::PromptError;
+use epm_prompt::PromptError;
 
 #[link(name = "UserNotifications", kind = "framework")]
 unsafe extern "C" {}

@@ -1,7 +1,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-use super::{Backend, PromptError, Tone};
+use epm_prompt::{Backend, PromptError, Tone};
 
 /// Dialogs on a Linux desktop through `zenity`. Every string is one
 /// argument (no shell), and markup is turned off or escaped, so a rule
@@ -44,7 +44,7 @@ impl Zenity {
             "--hide-header".into(),
         ];
         args.extend(choices.iter().cloned());
-        args.push(super::TYPE_MY_OWN.into());
+        args.push(epm_prompt::ask::TYPE_MY_OWN.into());
         args
     }
 
@@ -109,7 +109,7 @@ impl Backend for Zenity {
         if !choices.is_empty() {
             match self.run(&Zenity::list_args(title, text, choices))? {
                 None => return Ok(None),
-                Some(picked) if picked != super::TYPE_MY_OWN && !picked.is_empty() => {
+                Some(picked) if picked != epm_prompt::ask::TYPE_MY_OWN && !picked.is_empty() => {
                     return Ok(Some(picked));
                 }
                 Some(_) => {}

@@ -12,7 +12,10 @@ use epm_policy::JustificationSpec;
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
-use crate::flows::RequestInfo;
+// An admin session's state is a user's news like a request's, so it lives
+// with the flows (which must not import this module back).
+pub use super::flows::AdminSessionInfo;
+use super::flows::RequestInfo;
 
 /// Who asks for an elevation, for the audit and the rule's wording.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -156,34 +159,6 @@ impl ExitStatus {
             (None, None) => 1,
         }
     }
-}
-
-/// The state of an admin session, for its user.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AdminSessionInfo {
-    /// Its id.
-    pub id: i64,
-    /// Whose.
-    pub user: String,
-    /// The group the user is in for the session.
-    pub group: String,
-    /// Started.
-    pub started_at: Timestamp,
-    /// Ends (the user is removed from the group then).
-    pub expires_at: Timestamp,
-    /// The user's reason.
-    #[serde(default)]
-    pub reason: Option<String>,
-    /// When it ended, if it did.
-    #[serde(default)]
-    pub ended_at: Option<Timestamp>,
-    /// Why it ended: `expired`, `ended_by_user`, `clock_jump`,
-    /// `expired_while_down`, `policy`.
-    #[serde(default)]
-    pub end_reason: Option<String>,
-    /// The user was in the group before: the end does not remove them.
-    #[serde(default)]
-    pub was_member_before: bool,
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@ pub const MAX_SHOWN_CHARS: usize = 2000;
 /// written as `\u{…}`, and over [`MAX_SHOWN_CHARS`] it is cut with `…`.
 ///
 /// ```
-/// use epm_helper::display::shown;
+/// use epm_prompt::display::shown;
 /// assert_eq!(shown("nc\u{1b}[2J"), "nc\\u{1b}[2J");
 /// assert_eq!(shown("evil\u{202e}fdp.app"), "evil\\u{202e}fdp.app");
 /// assert_eq!(shown("Ask IT first.\nTicket 42"), "Ask IT first.\nTicket 42");

@@ -13,12 +13,11 @@ use std::thread;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
 use super::*;
-use crate::link::Link;
 use crate::message::{ErrorCode, Message, Request, Response};
-use crate::unix::{
-    Arrival, Client, ClientError, Incoming, PeerCredentials, ServerConnection, ServerError,
-};
-use crate::xpc_frame::{Received, XpcErrorKind, triage};
+use crate::protocol::{Arrival, Client, ClientError, Incoming, ServerConnection, ServerError};
+use crate::transport::link::Link;
+use crate::transport::link::PeerCredentials;
+use crate::transport::xpc::frame::{Received, XpcErrorKind, triage};
 
 /// One end of an in-memory XPC-like connection.
 #[derive(Debug)]

@@ -5,9 +5,14 @@ use std::thread;
 
 use proptest::prelude::*;
 
+use std::os::unix::net::UnixStream;
+
 use super::*;
-use crate::frame::MAX_FRAME_BYTES;
+use crate::endpoint::Endpoint;
+use crate::frame::{MAX_FRAME_BYTES, write_frame};
 use crate::message::tests::{sample_requests, sample_responses};
+use crate::transport::fds::FD_MARKER;
+use crate::transport::unix::{Connection, peer_credentials};
 
 /// The client's socket, to write what a real client never would (on a
 /// Unix socket, the readiness descriptor is the socket).
@@ -219,7 +224,7 @@ fn a_request_before_hello_closes_the_connection() {
         let (_dir, path, listener) = bind();
         let server = serve_one(listener);
         let mut conn = Connection::new(UnixStream::connect(&path).unwrap());
-        write_frame(&mut conn.stream, first).unwrap();
+        write_frame(&mut conn.stream(), first).unwrap();
         let err = server.join().unwrap().unwrap_err();
         assert!(
             matches!(&err, ServerError::OutOfOrder(what) if what == named),
@@ -271,7 +276,7 @@ fn a_version_mismatch_is_explained_to_the_client() {
         let (_dir, path, listener) = bind();
         let server = serve_one(listener);
         let mut conn = Connection::new(UnixStream::connect(&path).unwrap());
-        write_frame(&mut conn.stream, hello).unwrap();
+        write_frame(&mut conn.stream(), hello).unwrap();
         assert_eq!(
             conn.recv::<Response>().unwrap(),
             Some(Response::error(
@@ -291,7 +296,7 @@ fn a_malformed_hello_is_a_bad_request() {
     let server = serve_one(listener);
     let mut conn = Connection::new(UnixStream::connect(&path).unwrap());
     write_frame(
-        &mut conn.stream,
+        &mut conn.stream(),
         br#"{"type":"hello","protocol":1,"client":"x","extra":true}"#,
     )
     .unwrap();

@@ -1,4 +1,4 @@
-//! What the helper says, word for word. `docs/user-guide.md` quotes these.
+//! What EPM says to a person, word for word. `docs/user-guide.md` quotes these.
 
 use jiff::Timestamp;
 
@@ -79,6 +79,26 @@ pub fn admin_session_ended(reason: Option<&str>) -> String {
         _ => "it was ended",
     };
     format!("Your administrator rights have ended: {why}.")
+}
+
+/// An elevation (`epmctl run`, `epmctl admin start`, sudo) waits for
+/// approvers.
+pub fn waiting_for_approval(request_id: &str) -> String {
+    format!(
+        "Request {} sent to your administrators. Waiting for approval… (Ctrl+C to cancel)",
+        shown_line(request_id)
+    )
+}
+
+/// An elevation's request was rejected; another may be made after
+/// `retry_after`.
+pub fn request_rejected(reason: Option<&str>, retry_after: Timestamp) -> String {
+    let why = reason
+        .map(|reason| format!(": {}", shown_line(reason)))
+        .unwrap_or_default();
+    format!(
+        "Your request was rejected by the administrator{why}. You can ask again after {retry_after}."
+    )
 }
 
 #[cfg(test)]

@@ -2,6 +2,9 @@
 //! JSON object whose `type` names it in snake case; the other fields are
 //! the variant's. The crate documentation has the compatibility rules.
 
+pub mod elevation;
+pub mod flows;
+
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -172,15 +175,15 @@ pub enum Request {
     /// `{"type":"elevate","via":"sudo","for_uid":1000,"command":{"program":"/usr/bin/apt","argv":["apt","update"],"run_as":"root"},"env":["PATH=/usr/bin"]}`
     Elevate {
         /// What asks.
-        via: crate::elevation::ElevationVia,
+        via: elevation::ElevationVia,
         /// The command.
-        command: crate::elevation::Command,
+        command: elevation::Command,
         /// The user's justification, once asked for.
         #[serde(default)]
         reason: Option<String>,
         /// The approval window, once asked for.
         #[serde(default)]
-        window: Option<crate::elevation::Window>,
+        window: Option<elevation::Window>,
         /// The user sudo runs the command for (its real uid).
         #[serde(default)]
         for_uid: Option<u32>,
@@ -204,7 +207,7 @@ pub enum Request {
     /// `{"type":"run","command":{...},"cwd":"/home/alice","env":{"LANG":"C.UTF-8"},"reason":null,"tty":{"rows":40,"cols":120}}`
     Run {
         /// The command.
-        command: crate::elevation::Command,
+        command: elevation::Command,
         /// The caller's working directory.
         cwd: String,
         /// Environment variables the caller passes (the daemon keeps only
@@ -216,10 +219,10 @@ pub enum Request {
         reason: Option<String>,
         /// The approval window, once asked for.
         #[serde(default)]
-        window: Option<crate::elevation::Window>,
+        window: Option<elevation::Window>,
         /// The caller's terminal size, when its stdin is a terminal.
         #[serde(default)]
-        tty: Option<crate::elevation::TermSize>,
+        tty: Option<elevation::TermSize>,
     },
     /// Forward a signal to a command started by [`Request::Run`] on this
     /// connection: `INT`, `TERM`, `HUP`, `QUIT`, `TSTP`, `CONT`, `WINCH`,
@@ -233,7 +236,7 @@ pub enum Request {
     /// The caller's terminal changed size. No answer.
     ///
     /// `{"type":"resize","rows":50,"cols":132}`
-    Resize(crate::elevation::TermSize),
+    Resize(elevation::TermSize),
     /// Start a time-boxed admin session for the caller →
     /// [`Response::AdminSession`], or [`Response::Elevation`] when it may
     /// not start (yet).
@@ -247,7 +250,7 @@ pub enum Request {
         reason: Option<String>,
         /// The approval window, once asked for.
         #[serde(default)]
-        window: Option<crate::elevation::Window>,
+        window: Option<elevation::Window>,
     },
     /// The caller's current admin session, or everyone's (admins) →
     /// [`Response::AdminSessions`].
@@ -326,15 +329,15 @@ pub enum Response {
     /// Something for the subscribed user's helper.
     ///
     /// `{"type":"event","event":"prompt","id":7,"kind":"justify",...}`
-    Event(crate::flows::UserEvent),
+    Event(flows::UserEvent),
     /// The answer to [`Request::Justify`].
     ///
     /// `{"type":"justified","program":"nc","grant":{...},"relaunch":null}`
-    Justified(crate::flows::Justified),
+    Justified(flows::Justified),
     /// The answer to [`Request::RequestApproval`].
     ///
     /// `{"type":"request_created","id":"…","state":"pending",...}`
-    RequestCreated(crate::flows::RequestInfo),
+    RequestCreated(flows::RequestInfo),
     /// The answer to [`Request::OfflineChallenge`].
     ///
     /// `{"type":"challenge","challenge":"EPM1-…","device_id":"mac-1"}`
@@ -347,26 +350,26 @@ pub enum Response {
     /// The answer to [`Request::OfflineCode`].
     ///
     /// `{"type":"granted","id":3,...}`
-    Granted(crate::flows::GrantInfo),
+    Granted(flows::GrantInfo),
     /// The answer to [`Request::ListRequests`].
     ///
     /// `{"type":"requests","requests":[...]}`
     Requests {
         /// Newest first.
-        requests: Vec<crate::flows::RequestInfo>,
+        requests: Vec<flows::RequestInfo>,
     },
     /// The answer to [`Request::ListGrants`].
     ///
     /// `{"type":"grants","grants":[...]}`
     Grants {
         /// Soonest first.
-        grants: Vec<crate::flows::GrantInfo>,
+        grants: Vec<flows::GrantInfo>,
     },
     /// The answer to [`Request::Elevate`], and to [`Request::Run`] and
     /// [`Request::AdminStart`] when they may not start (yet).
     ///
     /// `{"type":"elevation","verdict":"denied","rule_id":"no-shells","message":"..."}`
-    Elevation(crate::elevation::ElevationVerdict),
+    Elevation(elevation::ElevationVerdict),
     /// The command of a [`Request::Run`] started.
     ///
     /// `{"type":"started","pid":4242,"rule_id":"apt"}`
@@ -380,17 +383,17 @@ pub enum Response {
     /// The command of a [`Request::Run`] ended; the last message.
     ///
     /// `{"type":"exited","code":0,"signal":null}`
-    Exited(crate::elevation::ExitStatus),
+    Exited(elevation::ExitStatus),
     /// An admin session: started, or ended.
     ///
     /// `{"type":"admin_session","id":3,"user":"alice","group":"admin",...}`
-    AdminSession(crate::elevation::AdminSessionInfo),
+    AdminSession(elevation::AdminSessionInfo),
     /// The answer to [`Request::AdminStatus`].
     ///
     /// `{"type":"admin_sessions","sessions":[...]}`
     AdminSessions {
         /// Sessions not ended, soonest end first.
-        sessions: Vec<crate::elevation::AdminSessionInfo>,
+        sessions: Vec<elevation::AdminSessionInfo>,
     },
     /// A request failed. The connection stays usable unless the daemon
     /// closes it (after a protocol violation).
@@ -1045,9 +1048,9 @@ pub(crate) mod tests {
                 message: "uploaded 3 audit records".into(),
             }),
             Response::Subscribed { uid: 501 },
-            Response::Event(crate::flows::UserEvent::Prompt(crate::flows::Prompt {
+            Response::Event(flows::UserEvent::Prompt(flows::Prompt {
                 id: 7,
-                kind: crate::flows::PromptKind::Approve,
+                kind: flows::PromptKind::Approve,
                 program: "nc".into(),
                 path: "/usr/bin/nc".into(),
                 argv: Some(vec!["nc".into(), "-l".into()]),
@@ -1056,7 +1059,7 @@ pub(crate) mod tests {
                 justification: epm_policy::JustificationSpec::default(),
                 approval: Some(epm_policy::ApprovalSpec::default()),
             })),
-            Response::Justified(crate::flows::Justified {
+            Response::Justified(flows::Justified {
                 program: "nc".into(),
                 grant: sample_grant(),
                 relaunch: None,
@@ -1077,8 +1080,8 @@ pub(crate) mod tests {
         ]
     }
 
-    fn sample_grant() -> crate::flows::GrantInfo {
-        crate::flows::GrantInfo {
+    fn sample_grant() -> flows::GrantInfo {
+        flows::GrantInfo {
             id: 3,
             user: "alice".into(),
             path: Some("/usr/bin/nc".into()),
@@ -1092,8 +1095,8 @@ pub(crate) mod tests {
         }
     }
 
-    fn sample_request() -> crate::flows::RequestInfo {
-        crate::flows::RequestInfo {
+    fn sample_request() -> flows::RequestInfo {
+        flows::RequestInfo {
             id: "r-1".into(),
             user: "alice".into(),
             program: "nc".into(),

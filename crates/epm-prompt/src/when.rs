@@ -25,7 +25,7 @@ pub struct TimeError {
 /// - RFC 3339 with an offset: `2026-12-01T09:00:00Z`
 ///
 /// ```
-/// use epm_helper::when::parse_time;
+/// use epm_prompt::when::parse_time;
 /// use jiff::{tz::TimeZone, Timestamp};
 /// let now: Timestamp = "2026-11-22T10:00:00Z".parse().unwrap();
 /// let utc = TimeZone::UTC;

@@ -2,7 +2,7 @@
 //! connection's event handler does with each thing XPC delivers
 //! ([`Deliverer`]), and what the reader does with it ([`Inbound`]). The
 //! `xpc` module only adds the FFI: it triages each event
-//! ([`crate::xpc_frame::triage`]), dups the descriptors that came with a
+//! ([`super::frame::triage`]), dups the descriptors that came with a
 //! frame, and cancels the connection when told to.
 
 use std::os::fd::{BorrowedFd, OwnedFd};
@@ -10,10 +10,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use super::frame::Triage;
+use super::mailbox::{Mailbox, PostError, Posting, TimedOut, mailbox};
 use crate::frame::FrameError;
-use crate::mailbox::{Mailbox, PostError, Posting, TimedOut, mailbox};
-use crate::unix::FdError;
-use crate::xpc_frame::Triage;
+use crate::transport::fds::FdError;
 
 /// Messages queued per connection before the peer counts as flooding.
 pub(crate) const QUEUE_DEPTH: usize = 64;

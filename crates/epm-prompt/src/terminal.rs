@@ -1,6 +1,6 @@
 use std::io::{BufRead, Write};
 
-use super::{Backend, PromptError, Tone};
+use crate::ask::{Backend, PromptError, Tone};
 
 /// Questions on a terminal: for `epmctl` over ssh, or a helper with no
 /// desktop. Text is already escaped by the flows; this adds nothing that a
@@ -36,6 +36,40 @@ impl<R: BufRead, W: Write> Terminal<R, W> {
     }
 }
 
+/// The ready-made answers as numbered lines (`  1) …`), escaped. Shared
+/// with other line-by-line conversations (sudo's), so a number means the
+/// same everywhere.
+pub fn choice_lines(choices: &[String]) -> impl Iterator<Item = String> + '_ {
+    choices
+        .iter()
+        .enumerate()
+        .map(|(i, choice)| format!("  {}) {}", i + 1, crate::display::shown_line(choice)))
+}
+
+/// What the input line is introduced with.
+pub fn question(choices: &[String], default: &str) -> String {
+    match (choices.is_empty(), default.is_empty()) {
+        (false, _) => "Type a number or your own text: ".to_owned(),
+        (true, false) => format!("[{default}] "),
+        (true, true) => "> ".to_owned(),
+    }
+}
+
+/// The answer a typed line means: a choice's number picks it, an empty
+/// line the default, anything else is the typed text.
+pub fn answer(line: &str, choices: &[String], default: &str) -> String {
+    let line = line.trim();
+    if line.is_empty() && !default.is_empty() {
+        return default.to_owned();
+    }
+    if let Ok(n) = line.parse::<usize>()
+        && (1..=choices.len()).contains(&n)
+    {
+        return choices[n - 1].clone();
+    }
+    line.to_owned()
+}
+
 impl<R: BufRead, W: Write> Backend for Terminal<R, W> {
     fn entry(
         &mut self,
@@ -45,35 +79,17 @@ impl<R: BufRead, W: Write> Backend for Terminal<R, W> {
         default: &str,
     ) -> Result<Option<String>, PromptError> {
         writeln!(self.output, "{text}")?;
-        for (i, choice) in choices.iter().enumerate() {
-            writeln!(
-                self.output,
-                "  {}) {}",
-                i + 1,
-                crate::display::shown_line(choice)
-            )?;
+        for line in choice_lines(choices) {
+            writeln!(self.output, "{line}")?;
         }
-        match (choices.is_empty(), default.is_empty()) {
-            (false, _) => write!(self.output, "Type a number or your own text: ")?,
-            (true, false) => write!(self.output, "[{default}] ")?,
-            (true, true) => write!(self.output, "> ")?,
-        }
+        write!(self.output, "{}", question(choices, default))?;
         self.output.flush()?;
         let mut line = String::new();
         if self.input.read_line(&mut line)? == 0 {
             writeln!(self.output)?;
             return Ok(None);
         }
-        let line = line.trim();
-        if line.is_empty() && !default.is_empty() {
-            return Ok(Some(default.to_owned()));
-        }
-        if let Ok(n) = line.parse::<usize>()
-            && (1..=choices.len()).contains(&n)
-        {
-            return Ok(Some(choices[n - 1].clone()));
-        }
-        Ok(Some(line.to_owned()))
+        Ok(Some(answer(&line, choices, default)))
     }
 
     fn message(&mut self, _title: &str, text: &str, tone: Tone) -> Result<(), PromptError> {

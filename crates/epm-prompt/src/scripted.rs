@@ -1,7 +1,7 @@
 use std::collections::VecDeque;
 use std::path::Path;
 
-use super::{Backend, PromptError, Tone};
+use crate::ask::{Backend, PromptError, Tone};
 
 /// Answers from a file, for tests and unattended runs; records everything
 /// it was shown.

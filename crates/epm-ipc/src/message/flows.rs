@@ -26,12 +26,12 @@ pub enum UserEvent {
     /// before.
     AdminSessionEnding {
         /// The session.
-        session: crate::elevation::AdminSessionInfo,
+        session: AdminSessionInfo,
         /// Whole minutes left (rounded up).
         minutes_left: u32,
     },
     /// The user's admin session ended (they are no longer in the group).
-    AdminSessionEnded(crate::elevation::AdminSessionInfo),
+    AdminSessionEnded(AdminSessionInfo),
 }
 
 /// What a prompt asks for.
@@ -203,6 +203,34 @@ pub fn program_name(path: &str) -> String {
         .find(|part| !part.is_empty())
         .unwrap_or(path)
         .to_owned()
+}
+
+/// The state of an admin session, for its user.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdminSessionInfo {
+    /// Its id.
+    pub id: i64,
+    /// Whose.
+    pub user: String,
+    /// The group the user is in for the session.
+    pub group: String,
+    /// Started.
+    pub started_at: Timestamp,
+    /// Ends (the user is removed from the group then).
+    pub expires_at: Timestamp,
+    /// The user's reason.
+    #[serde(default)]
+    pub reason: Option<String>,
+    /// When it ended, if it did.
+    #[serde(default)]
+    pub ended_at: Option<Timestamp>,
+    /// Why it ended: `expired`, `ended_by_user`, `clock_jump`,
+    /// `expired_while_down`, `policy`.
+    #[serde(default)]
+    pub end_reason: Option<String>,
+    /// The user was in the group before: the end does not remove them.
+    #[serde(default)]
+    pub was_member_before: bool,
 }
 
 #[cfg(test)]

@@ -9,7 +9,20 @@ use std::os::fd::{BorrowedFd, OwnedFd};
 use std::time::Duration;
 
 use crate::frame::FrameError;
-use crate::unix::{FdError, PeerCredentials};
+use crate::transport::fds::FdError;
+
+/// Who is on the other end of a socket, as the kernel says (as of the
+/// connect): what the daemon authorizes by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerCredentials {
+    /// Effective user id.
+    pub uid: u32,
+    /// Effective group id.
+    pub gid: u32,
+    /// Process id, where the platform tells it (Linux, macOS). For logs
+    /// only: the process may have exited and its pid been reused since.
+    pub pid: Option<u32>,
+}
 
 /// One connection's frames, descriptors and peer.
 pub(crate) trait Link: Send + std::fmt::Debug {

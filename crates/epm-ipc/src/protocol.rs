@@ -1,25 +1,24 @@
-//! The Unix-socket transport: typed connections, peer credentials, and the
-//! handshake on both sides.
+//! The protocol on either transport: the handshake on both sides, the
+//! client ([`Client`]) and the daemon's side of a connection
+//! ([`ServerConnection`], entered through an [`Arrival`]), and why either
+//! gives up ([`ClientError`], [`ServerError`]).
+//!
+//! It runs over any [`Link`] and never names a transport: `endpoint` picks
+//! the Unix socket or XPC, `transport` implements them.
 
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::os::unix::net::UnixStream;
+use std::os::fd::{BorrowedFd, OwnedFd};
 use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::frame::{FrameError, read_frame, write_frame};
-use crate::link::Link;
-
-mod fds;
+use crate::frame::FrameError;
 use crate::message::{
     ErrorCode, Message, PROTOCOL_VERSION, Request, Response, decode, encode, shorten,
 };
-pub use fds::{FD_MARKER, FdError};
-
-/// Where `epmd` listens unless configured otherwise (Linux and macOS).
-pub const DEFAULT_SOCKET_PATH: &str = "/var/run/epm/epmd.sock";
+use crate::transport::fds::FdError;
+use crate::transport::link::{Link, PeerCredentials};
 
 /// How long a [`Client`] waits on the daemon to take a request or answer
 /// it, unless told otherwise ([`Client::set_timeout`]).
@@ -37,203 +36,7 @@ const FDS_TIMEOUT: Duration = Duration::from_secs(10);
 /// timeout: one that never does must not hold a thread.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Who is on the other end of a socket, as the kernel says (as of the
-/// connect): what the daemon authorizes by.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PeerCredentials {
-    /// Effective user id.
-    pub uid: u32,
-    /// Effective group id.
-    pub gid: u32,
-    /// Process id, where the platform tells it (Linux, macOS). For logs
-    /// only: the process may have exited and its pid been reused since.
-    pub pid: Option<u32>,
-}
-
-/// The peer's credentials: SO_PEERCRED on Linux; getpeereid and
-/// LOCAL_PEERPID on macOS; getpeereid on the other BSDs.
-pub fn peer_credentials(stream: &UnixStream) -> io::Result<PeerCredentials> {
-    #[cfg(any(target_os = "linux", target_os = "android"))]
-    {
-        use nix::sys::socket::{getsockopt, sockopt};
-        let cred = getsockopt(stream, sockopt::PeerCredentials)?;
-        Ok(PeerCredentials {
-            uid: cred.uid(),
-            gid: cred.gid(),
-            // 0 when the peer is in another pid namespace: unknown.
-            pid: u32::try_from(cred.pid()).ok().filter(|&pid| pid != 0),
-        })
-    }
-    #[cfg(any(
-        target_os = "macos",
-        target_os = "ios",
-        target_os = "freebsd",
-        target_os = "dragonfly",
-        target_os = "netbsd",
-        target_os = "openbsd"
-    ))]
-    {
-        let (uid, gid) = nix::unistd::getpeereid(stream)?;
-        #[cfg(any(target_os = "macos", target_os = "ios"))]
-        let pid = nix::sys::socket::getsockopt(stream, nix::sys::socket::sockopt::LocalPeerPid)
-            .ok()
-            .and_then(|pid| u32::try_from(pid).ok())
-            .filter(|&pid| pid != 0);
-        #[cfg(not(any(target_os = "macos", target_os = "ios")))]
-        let pid = None;
-        Ok(PeerCredentials {
-            uid: uid.as_raw(),
-            gid: gid.as_raw(),
-            pid,
-        })
-    }
-    #[cfg(not(any(
-        target_os = "linux",
-        target_os = "android",
-        target_os = "macos",
-        target_os = "ios",
-        target_os = "freebsd",
-        target_os = "dragonfly",
-        target_os = "netbsd",
-        target_os = "openbsd"
-    )))]
-    {
-        let _ = stream;
-        Err(io::Error::new(
-            io::ErrorKind::Unsupported,
-            "peer credentials are not implemented on this platform",
-        ))
-    }
-}
-
-/// A framed, typed connection: either side's building block.
-#[derive(Debug)]
-pub struct Connection {
-    stream: UnixStream,
-}
-
-impl Connection {
-    /// Wraps a connected stream.
-    pub fn new(stream: UnixStream) -> Self {
-        Self { stream }
-    }
-
-    /// The underlying stream (for polling, shutdown).
-    pub fn stream(&self) -> &UnixStream {
-        &self.stream
-    }
-
-    /// The underlying stream, unwrapped.
-    pub fn into_stream(self) -> UnixStream {
-        self.stream
-    }
-
-    /// Sets how long a read and a write may block; `None` waits forever.
-    /// An expired timeout surfaces as [`FrameError::TimedOut`].
-    pub fn set_timeouts(&self, read: Option<Duration>, write: Option<Duration>) -> io::Result<()> {
-        self.stream.set_read_timeout(read)?;
-        self.stream.set_write_timeout(write)
-    }
-
-    /// Sends one message.
-    pub fn send<T: Serialize>(&mut self, message: &T) -> Result<(), FrameError> {
-        write_frame(&mut self.stream, &encode(message)?)
-    }
-
-    /// Receives one message; `None` when the peer closed cleanly between
-    /// messages.
-    pub fn recv<T: Message>(&mut self) -> Result<Option<T>, FrameError> {
-        match self.recv_frame()? {
-            Some(frame) => decode(&frame).map(Some),
-            None => Ok(None),
-        }
-    }
-
-    /// Receives one raw frame; `None` when the peer closed cleanly between
-    /// frames.
-    pub fn recv_frame(&mut self) -> Result<Option<Vec<u8>>, FrameError> {
-        read_frame(&mut self.stream)
-    }
-
-    /// Sends the byte [`FD_MARKER`] carrying `fds` (SCM_RIGHTS): what
-    /// follows a [`Request::Run`] frame.
-    pub fn send_fds(&mut self, fds: &[BorrowedFd<'_>]) -> io::Result<()> {
-        fds::send_fds(&self.stream, fds)
-    }
-
-    /// Receives the byte [`FD_MARKER`] and exactly `expected` descriptors
-    /// (close-on-exec). Any other count is an error, and whatever came is
-    /// closed.
-    pub fn recv_fds(&mut self, expected: usize) -> Result<Vec<OwnedFd>, FdError> {
-        fds::recv_fds(&self.stream, expected)
-    }
-}
-
-impl Link for Connection {
-    fn send_frame(&mut self, body: &[u8], fds: &[BorrowedFd<'_>]) -> Result<(), FrameError> {
-        write_frame(&mut self.stream, body)?;
-        if !fds.is_empty() {
-            self.send_fds(fds)?;
-        }
-        Ok(())
-    }
-
-    fn recv_frame(&mut self) -> Result<Option<Vec<u8>>, FrameError> {
-        Connection::recv_frame(self)
-    }
-
-    fn recv_fds(&mut self, expected: usize) -> Result<Vec<OwnedFd>, FdError> {
-        Connection::recv_fds(self, expected)
-    }
-
-    fn set_timeouts(&mut self, read: Option<Duration>, write: Option<Duration>) -> io::Result<()> {
-        Connection::set_timeouts(self, read, write)
-    }
-
-    fn read_timeout(&self) -> Option<Duration> {
-        self.stream.read_timeout().ok().flatten()
-    }
-
-    fn readiness(&self) -> BorrowedFd<'_> {
-        self.stream.as_fd()
-    }
-
-    fn peer(&self) -> io::Result<PeerCredentials> {
-        peer_credentials(&self.stream)
-    }
-}
-
 // ---- client -------------------------------------------------------------------
-
-/// Where a client finds `epmd`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Endpoint {
-    /// The control socket at this path.
-    Socket(PathBuf),
-    /// The XPC Mach service of this name (macOS): `epmd`'s launchd plist
-    /// publishes [`crate::xpc_frame::MACH_SERVICE_NAME`].
-    MachService(String),
-}
-
-impl Endpoint {
-    /// Where `epmd` listens unless configured otherwise: its XPC service on
-    /// macOS (where XPC also checks the client's code signature, when the
-    /// daemon is configured to), the socket [`DEFAULT_SOCKET_PATH`]
-    /// elsewhere.
-    pub fn platform_default() -> Endpoint {
-        if cfg!(target_os = "macos") {
-            Endpoint::MachService(crate::xpc_frame::MACH_SERVICE_NAME.to_owned())
-        } else {
-            Endpoint::Socket(PathBuf::from(DEFAULT_SOCKET_PATH))
-        }
-    }
-
-    /// `socket` when given (a `--socket PATH` option), else
-    /// [`Endpoint::platform_default`].
-    pub fn socket_or_default(socket: Option<PathBuf>) -> Endpoint {
-        socket.map_or_else(Endpoint::platform_default, Endpoint::Socket)
-    }
-}
 
 /// Why a client could not talk to the daemon.
 #[derive(Debug, thiserror::Error)]
@@ -334,19 +137,6 @@ pub struct Client {
 }
 
 impl Client {
-    /// Connects to the daemon and performs the handshake. `client` names
-    /// this program in the daemon's log, e.g. `epmctl 0.1.0`. Reads and
-    /// writes time out after [`DEFAULT_CLIENT_TIMEOUT`].
-    pub fn connect(endpoint: &Endpoint, client: &str) -> Result<Client, ClientError> {
-        let link = open(endpoint)?;
-        Client::handshake(link, client, || match endpoint {
-            // XPC looks the service up on the first message: a missing or
-            // refusing service shows only as the end of the connection.
-            Endpoint::MachService(name) => ClientError::ServiceUnavailable(name.clone()),
-            Endpoint::Socket(_) => ClientError::Closed,
-        })
-    }
-
     /// Says hello on `link` and reads the welcome; `closed` says what it
     /// means when the daemon goes away instead.
     pub(crate) fn handshake(
@@ -465,36 +255,6 @@ impl Client {
     }
 }
 
-/// A connected link to `endpoint`, before the handshake.
-fn open(endpoint: &Endpoint) -> Result<Box<dyn Link>, ClientError> {
-    match endpoint {
-        Endpoint::Socket(path) => {
-            let stream = UnixStream::connect(path).map_err(|source| match source.kind() {
-                io::ErrorKind::NotFound => ClientError::NotRunning(path.to_owned()),
-                io::ErrorKind::ConnectionRefused => ClientError::Refused(path.to_owned()),
-                io::ErrorKind::PermissionDenied => ClientError::PermissionDenied(path.to_owned()),
-                _ => ClientError::Connect {
-                    path: path.to_owned(),
-                    source,
-                },
-            })?;
-            Ok(Box::new(Connection::new(stream)))
-        }
-        #[cfg(target_os = "macos")]
-        Endpoint::MachService(name) => crate::xpc::XpcConnection::connect(name)
-            .map(|connection| Box::new(connection) as Box<dyn Link>)
-            .map_err(|error| ClientError::Xpc {
-                service: name.clone(),
-                reason: error.to_string(),
-            }),
-        #[cfg(not(target_os = "macos"))]
-        Endpoint::MachService(name) => Err(ClientError::Xpc {
-            service: name.clone(),
-            reason: "XPC exists only on macOS; pass --socket PATH".into(),
-        }),
-    }
-}
-
 // ---- server -------------------------------------------------------------------
 
 /// Why the daemon ends a connection. Each ends only that one; where the
@@ -551,25 +311,6 @@ pub struct ServerConnection {
 }
 
 impl ServerConnection {
-    /// Reads the client's `Hello` on a Unix socket, answers
-    /// [`Response::Welcome`] with the peer's uid and `is_admin(&peer)`, and
-    /// returns the connection.
-    ///
-    /// On a version mismatch the client is told so, then `Err`. A request
-    /// before `Hello`, garbage or an oversized frame is answered with a
-    /// `bad_request` error where possible, then `Err`. After any `Err`,
-    /// close the connection. Unless the stream has a read timeout, the
-    /// hello must come within 10 s.
-    pub fn accept(
-        stream: UnixStream,
-        daemon_version: &str,
-        is_admin: impl FnOnce(&PeerCredentials) -> bool,
-    ) -> Result<ServerConnection, ServerError> {
-        Arrival::socket(stream)
-            .map_err(FrameError::Io)?
-            .accept(daemon_version, is_admin)
-    }
-
     /// The daemon's handshake on any link, with the peer it connected as.
     fn handshake(
         mut link: Box<dyn Link>,
@@ -769,28 +510,8 @@ pub struct Arrival {
 const REFUSE_WAIT: Duration = Duration::from_secs(2);
 
 impl Arrival {
-    /// A client on the Unix socket; its peer from SO_PEERCRED /
-    /// getpeereid.
-    pub fn socket(stream: UnixStream) -> io::Result<Arrival> {
-        let peer = peer_credentials(&stream)?;
-        Ok(Arrival {
-            link: Box::new(Connection::new(stream)),
-            peer,
-        })
-    }
-
-    /// A peer of the daemon's XPC listener; its peer from its audit token.
-    #[cfg(target_os = "macos")]
-    pub fn xpc(connection: crate::xpc::XpcConnection) -> Arrival {
-        let peer = connection.peer();
-        Arrival {
-            link: Box::new(connection),
-            peer,
-        }
-    }
-
-    /// A client on any link (tests).
-    #[cfg(test)]
+    /// A client on any link: a transport's constructor (`endpoint`), or a
+    /// test.
     pub(crate) fn from_link(link: Box<dyn Link>, peer: PeerCredentials) -> Arrival {
         Arrival { link, peer }
     }

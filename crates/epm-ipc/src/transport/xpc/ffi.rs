@@ -1,5 +1,5 @@
 //! The XPC Mach-service transport (macOS): the same messages as the Unix
-//! socket, one frame body per XPC dictionary (see [`crate::xpc_frame`]).
+//! socket, one frame body per XPC dictionary (see [`super::frame`]).
 //!
 //! `epmd` listens on the Mach service its launchd plist declares
 //! (`MachServices`), with [`XpcListener::start`], and serves each peer
@@ -15,8 +15,8 @@
 //!
 //! The XPC calls are declared by hand (the XPC crates need the macOS SDK
 //! to build) and kept to the few this needs; everything that can be
-//! decided without XPC is in [`crate::xpc_frame`] and the inbox in
-//! [`crate::mailbox`], tested everywhere. XPC delivers events on a
+//! decided without XPC is in [`super::frame`] and the inbox in
+//! [`super::mailbox`], tested everywhere. XPC delivers events on a
 //! dispatch queue; the handler blocks only copy the frame (and dup the
 //! descriptors that came with it, for `run`) out into a bounded inbox
 //! whose readiness descriptor `poll(2)` can wait on, so callers read with
@@ -38,11 +38,11 @@ use std::time::Duration;
 
 use block2::RcBlock;
 
+use super::frame::{FD_KEYS, FRAME_KEY_C, Received, XpcErrorKind, triage};
+use super::inbox::{After, Deliverer, InFlight, Inbound, inbox};
 use crate::frame::FrameError;
-use crate::link::Link;
-use crate::unix::{FdError, PeerCredentials};
-use crate::xpc_frame::{FD_KEYS, FRAME_KEY_C, Received, XpcErrorKind, triage};
-use crate::xpc_inbox::{After, Deliverer, InFlight, Inbound, inbox};
+use crate::transport::fds::FdError;
+use crate::transport::link::{Link, PeerCredentials};
 
 /// `XPC_CONNECTION_MACH_SERVICE_LISTENER` (<xpc/connection.h>).
 const MACH_SERVICE_LISTENER: u64 = 1 << 0;
@@ -476,7 +476,7 @@ impl XpcConnection {
 
 impl Link for XpcConnection {
     /// One dictionary holding the frame under
-    /// [`crate::xpc_frame::FRAME_KEY`] and the descriptors under
+    /// [`super::frame::FRAME_KEY`] and the descriptors under
     /// [`FD_KEYS`]. XPC queues it and never says whether it arrived; a peer
     /// that is gone shows on the next read.
     fn send_frame(&mut self, body: &[u8], fds: &[BorrowedFd<'_>]) -> Result<(), FrameError> {
