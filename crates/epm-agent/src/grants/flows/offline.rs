@@ -103,6 +103,10 @@ impl Flows {
                     .into(),
             ));
         };
+        // The challenge is this device's own (the code is its MAC): its
+        // identity was made from a Subject, so this only fails on a bug.
+        let identity = SubjectIdentity::try_from(&challenge.identity)
+            .map_err(|e| GrantError::Internal(format!("the challenge names no binary: {e}")))?;
         if !self
             .lock_store()?
             .use_offline_challenge(&record.nonce, now)
@@ -110,10 +114,6 @@ impl Flows {
         {
             return Err(GrantError::Forbidden("this code was used already".into()));
         }
-        let kind = match challenge.identity.kind.as_str() {
-            "cdhash" => epm_store::IdentityKind::Cdhash,
-            _ => epm_store::IdentityKind::Sha256,
-        };
         let uses = self
             .decider
             .upgrade()
@@ -127,10 +127,7 @@ impl Flows {
         let grant = NewGrant {
             uid: caller,
             user: user.clone(),
-            identity: SubjectIdentity {
-                kind,
-                value: challenge.identity.value.clone(),
-            },
+            identity,
             rule_id: challenge.rule_id.clone(),
             not_before: challenge.not_before,
             not_after: challenge.not_after,
