@@ -1,101 +1,52 @@
 //! Wiring and lifecycle: start everything in order, run the gate, and on
 //! SIGTERM stop in the order that loses nothing (see docs/architecture.md).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use epm_audit::{AuditEvent, AuditLog, Chain, EventKind, LogOptions};
-use epm_store::Store;
+use epm_store::{OpenReport, Store};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
-use crate::admin_session::{AdminSessions, SystemGroups};
-use crate::audit::{AuditSink, AuditWriter};
 use crate::config::{Config, PlatformConfig};
 use crate::control::{self, ControlContext};
-use crate::decider::Decider;
-use crate::flows::Flows;
+use crate::exec::audit::{AuditSink, AuditWriter};
+use crate::exec::decider::{Decider, PolicyState};
+use crate::exec::pipeline::{Intake, Workers};
 use crate::gate::{ExecGate, FactNeeds, Shutdown};
-use crate::pipeline::Workers;
-use crate::policy_source;
-use crate::sync::{SyncContext, SyncCycle, SyncHandle};
+use crate::grants::admin_session::{AdminSessions, SystemGroups};
+use crate::grants::flows::{Flows, Nudge};
+use crate::managed::policy_source;
+use crate::managed::sync::{SyncContext, SyncCycle, SyncHandle, SyncRequests, SyncTrigger};
 use epm_sync::{ClientOptions, PlatformClient};
 
 /// Runs the daemon until SIGTERM or SIGINT.
 pub fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
     let started = Instant::now();
-    let device_id = match &config.device_id {
-        Some(id) => id.clone(),
-        None => nix::unistd::gethostname()
-            .ok()
-            .and_then(|h| h.into_string().ok())
-            .unwrap_or_else(|| "unknown-device".into()),
-    };
-
-    // The store first: it is the audit chain's source of truth.
-    let store_path = config.store_path();
-    let (store, store_report) = Store::open(&store_path)
-        .with_context(|| format!("cannot open the store {}", store_path.display()))?;
-    let store = Arc::new(Mutex::new(store));
-
-    let audit_dir = config.audit_dir();
-    let (mut log, log_report) = AuditLog::open(
-        &audit_dir,
-        LogOptions {
-            max_file_bytes: config.audit.max_file_bytes,
-            keep_files: config.audit.keep_files,
-        },
-    )
-    .with_context(|| format!("cannot open the audit log in {}", audit_dir.display()))?;
-    if log_report.torn_bytes_removed > 0 {
-        tracing::warn!(
-            bytes = log_report.torn_bytes_removed,
-            "cut a torn last line from the audit log (a crash mid-write)"
-        );
-    }
-    let chain = reconcile(&store, &mut log)?;
-    let last_seq = Arc::new(AtomicU64::new(chain.next_seq().saturating_sub(1)));
+    let device_id = device_id(&config);
+    let records = Records::open(&config)?;
 
     // Loaded (verified) now, attached once fanotify's marks are in place:
     // the start record says whether it runs, and what is exposed if not.
-    let kernel_hook = crate::kernel_hook::prepare(&config.kernel_hook);
-    let hook_status = crate::kernel_hook::snapshot(&kernel_hook.status);
-    for line in crate::kernel_hook::describe(&hook_status) {
+    let kernel_hook = crate::exec::kernel_hook::prepare(&config.kernel_hook);
+    let hook_status = crate::exec::kernel_hook::snapshot(&kernel_hook.status);
+    for line in crate::exec::kernel_hook::describe(&hook_status) {
         tracing::info!("{line}");
     }
-    let mut first_events = Vec::new();
-    let mut started_event = AuditEvent::new(EventKind::DAEMON_STARTED)
-        .with_detail("version", env!("CARGO_PKG_VERSION"))
-        .with_detail("config", config_path.display().to_string())
-        .with_detail("fail_mode", config.fail_mode.as_str())
-        .with_detail("kernel_hook", crate::kernel_hook::audit_value(&hook_status));
-    started_event.mode = Some(config.mode.as_str().to_owned());
-    started_event.device_id = Some(device_id.clone());
-    started_event.pid = Some(std::process::id());
-    first_events.push(started_event);
-    if let Some(recovery) = &store_report.recovered_from {
-        let mut event = AuditEvent::new(EventKind::STORE_RECOVERED)
-            .with_detail("moved_to", recovery.moved_to.display().to_string());
-        event.reason = Some(format!(
-            "the store was corrupt ({}); moved to {} and replaced by a fresh one",
-            recovery.reason,
-            recovery.moved_to.display()
-        ));
-        first_events.push(event);
-    }
+    let mut first_events = start_events(
+        &config,
+        config_path,
+        &device_id,
+        &records.store_report,
+        &hook_status,
+    );
 
-    let (policy, policy_events, platform_bundle) = match &config.platform {
-        Some(platform) => {
-            policy_source::initial_signed(&platform.policy_public_key, &device_id, &store)
-        }
-        None => {
-            let (policy, events) = policy_source::initial(config.policy_file.as_deref(), &store);
-            (policy, events, None)
-        }
-    };
+    let (policy, policy_events, platform_bundle) =
+        initial_policy(&config, &device_id, &records.store);
     first_events.extend(policy_events);
     let decider = Arc::new(Decider::new(
         policy,
@@ -104,97 +55,49 @@ pub fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
         device_id.clone(),
         config.gate.cache_entries,
     ));
-
-    let (audit_writer, audit) = AuditWriter::start(
-        store.clone(),
+    let Records {
+        store,
         log,
         chain,
-        crate::audit::AuditLimits {
-            outbox_max_bytes: config.audit.outbox_max_bytes,
-            user_rate_bytes: config.audit.user_rate_bytes,
-            user_burst_bytes: config.audit.user_burst_bytes,
-        },
-        last_seq.clone(),
-        device_id.clone(),
-    )
-    .context("cannot start the audit thread")?;
-    for mut event in first_events {
-        event.device_id.get_or_insert_with(|| device_id.clone());
-        event
-            .mode
-            .get_or_insert_with(|| config.mode.as_str().to_owned());
-        audit.send(event);
-    }
+        last_seq,
+        audit_dir,
+        ..
+    } = records;
+    let (audit_writer, audit) = start_audit(
+        &config,
+        &device_id,
+        &store,
+        log,
+        chain,
+        &last_seq,
+        first_events,
+    )?;
 
-    let flows = Flows::start(
-        store.clone(),
-        audit.clone(),
+    let services = Services::start(
+        &config,
         &decider,
-        config
-            .platform
-            .as_ref()
-            .map(|_| epm_sync::credentials::platform_store(&config.state_dir)),
-    )
-    .context("cannot start the interactive flows")?;
-    // Before anything else can change groups: sessions that expired while
-    // the daemon was down end now.
-    let admin_sessions = AdminSessions::start(
-        store.clone(),
-        audit.clone(),
-        &decider,
-        flows.clone(),
-        config.admin_sessions.clone(),
-        Box::new(SystemGroups),
-    )
-    .context("cannot start admin sessions")?;
-
-    let (workers, intake) = Workers::start(
-        config.gate.workers,
-        config.gate.queue_capacity,
-        decider.clone(),
-        audit.clone(),
-    )
-    .context("cannot start the decision workers")?;
-
-    let needs = Arc::new(FactNeeds::all());
-    set_fact_needs(&needs, &decider);
-    let sync = match &config.platform {
-        Some(platform) => Some(Arc::new(
-            start_sync(
-                platform,
-                SyncContext {
-                    key: platform.policy_public_key.clone(),
-                    device_id: device_id.clone(),
-                    enrollment_token: platform.enrollment_token.clone(),
-                    credentials: epm_sync::credentials::platform_store(&config.state_dir),
-                    store: store.clone(),
-                    decider: decider.clone(),
-                    audit: audit.clone(),
-                    audit_last_seq: last_seq.clone(),
-                    status: Arc::default(),
-                    current: platform_bundle,
-                    fact_needs: Some(needs.clone()),
-                    flows: Some(flows.clone()),
-                },
-            )
-            .context("cannot start the platform sync")?,
-        )),
-        None => None,
-    };
-    if let Some(sync) = &sync {
-        let sync = sync.clone();
-        flows.set_nudge(Box::new(move || sync.nudge()));
-    }
+        &store,
+        &audit,
+        &last_seq,
+        platform_bundle,
+    )?;
+    let Services {
+        flows,
+        admin_sessions,
+        workers,
+        intake,
+        sync,
+    } = services;
 
     let listener = control::bind(&config.socket)
         .with_context(|| format!("cannot listen on {}", config.socket.display()))?;
     let control_context = Arc::new(ControlContext {
         decider: decider.clone(),
         store: store.clone(),
-        audit_dir: audit_dir.clone(),
+        audit_dir,
         admin_group: config.admin_group.clone(),
         started,
-        audit_last_seq: last_seq.clone(),
+        audit_last_seq: last_seq,
         queue_capacity: config.gate.queue_capacity,
         audit_dropped: audit.dropped_counter(),
         sync,
@@ -209,11 +112,58 @@ pub fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
     // the daemon up may send SIGHUP at once, and SIGHUP's default action
     // would end the daemon.
     let shutdown = Shutdown::new().context("cannot create the shutdown switch")?;
-    spawn_signal_thread(&config, &shutdown, &decider, &store, &audit, &needs)?;
+    spawn_signal_thread(&config, &shutdown, &decider, &store, &audit)?;
     control::serve(listener, control_context).context("cannot start the control server")?;
 
+    gate_until_stopped(Running {
+        config: &config,
+        device_id,
+        decider,
+        store,
+        audit,
+        audit_writer,
+        workers,
+        intake,
+        shutdown,
+        kernel_hook,
+    })
+}
+
+/// What runs once the control socket answers: the parts the gate's run
+/// needs, and the ones to stop after it in order.
+#[derive(Debug)]
+struct Running<'a> {
+    config: &'a Config,
+    device_id: String,
+    decider: Arc<Decider>,
+    store: Arc<Mutex<Store>>,
+    audit: AuditSink,
+    audit_writer: AuditWriter,
+    workers: Workers,
+    intake: Intake,
+    shutdown: Shutdown,
+    kernel_hook: crate::exec::kernel_hook::Prepared,
+}
+
+/// Opens the gate and runs it until a signal stops it or it fails; then
+/// stops in the order that loses nothing: no new events, answer what is
+/// queued, flush the audit, checkpoint the store, release the socket.
+fn gate_until_stopped(running: Running<'_>) -> anyhow::Result<()> {
+    let Running {
+        config,
+        device_id,
+        decider,
+        store,
+        audit,
+        audit_writer,
+        workers,
+        intake,
+        shutdown,
+        kernel_hook,
+    } = running;
+    let needs = decider.fact_needs();
     let gate = open_gate(
-        &config,
+        config,
         decider.fail_verdict(),
         needs.clone(),
         &decider,
@@ -237,7 +187,7 @@ pub fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
     };
     // The marks are placed: the hook may now hold what they do not cover.
     #[cfg(target_os = "linux")]
-    let hook_thread = crate::kernel_hook::start(
+    let hook_thread = crate::exec::kernel_hook::start(
         kernel_hook,
         intake.clone(),
         decider.clone(),
@@ -282,6 +232,249 @@ pub fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(&config.socket);
     tracing::info!("epmd stopped");
     gate_result.context("the exec gate failed")
+}
+
+/// This device's id: configured, else the host name.
+fn device_id(config: &Config) -> String {
+    match &config.device_id {
+        Some(id) => id.clone(),
+        None => nix::unistd::gethostname()
+            .ok()
+            .and_then(|h| h.into_string().ok())
+            .unwrap_or_else(|| "unknown-device".into()),
+    }
+}
+
+/// The store and the audit log, opened and reconciled: the store is the
+/// audit chain's source of truth.
+#[derive(Debug)]
+struct Records {
+    store: Arc<Mutex<Store>>,
+    store_report: OpenReport,
+    log: AuditLog,
+    chain: Chain,
+    /// The last sequence number in the chain.
+    last_seq: Arc<AtomicU64>,
+    audit_dir: PathBuf,
+}
+
+impl Records {
+    fn open(config: &Config) -> anyhow::Result<Records> {
+        // The store first: it is the audit chain's source of truth.
+        let store_path = config.store_path();
+        let (store, store_report) = Store::open(&store_path)
+            .with_context(|| format!("cannot open the store {}", store_path.display()))?;
+        let store = Arc::new(Mutex::new(store));
+
+        let audit_dir = config.audit_dir();
+        let (mut log, log_report) = AuditLog::open(
+            &audit_dir,
+            LogOptions {
+                max_file_bytes: config.audit.max_file_bytes,
+                keep_files: config.audit.keep_files,
+            },
+        )
+        .with_context(|| format!("cannot open the audit log in {}", audit_dir.display()))?;
+        if log_report.torn_bytes_removed > 0 {
+            tracing::warn!(
+                bytes = log_report.torn_bytes_removed,
+                "cut a torn last line from the audit log (a crash mid-write)"
+            );
+        }
+        let chain = reconcile(&store, &mut log)?;
+        let last_seq = Arc::new(AtomicU64::new(chain.next_seq().saturating_sub(1)));
+        Ok(Records {
+            store,
+            store_report,
+            log,
+            chain,
+            last_seq,
+            audit_dir,
+        })
+    }
+}
+
+/// The policy to start with, the records of how it was chosen, and the
+/// platform bundle it came from (managed devices).
+fn initial_policy(
+    config: &Config,
+    device_id: &str,
+    store: &Arc<Mutex<Store>>,
+) -> (
+    PolicyState,
+    Vec<AuditEvent>,
+    Option<policy_source::BundleInForce>,
+) {
+    match &config.platform {
+        Some(platform) => {
+            policy_source::initial_signed(&platform.policy_public_key, device_id, store)
+        }
+        None => {
+            let (policy, events) = policy_source::initial(config.policy_file.as_deref(), store);
+            (policy, events, None)
+        }
+    }
+}
+
+/// Starts the audit thread on the reconciled chain and sends it the
+/// records that open the run, stamped with this device and mode.
+fn start_audit(
+    config: &Config,
+    device_id: &str,
+    store: &Arc<Mutex<Store>>,
+    log: AuditLog,
+    chain: Chain,
+    last_seq: &Arc<AtomicU64>,
+    first_events: Vec<AuditEvent>,
+) -> anyhow::Result<(AuditWriter, AuditSink)> {
+    let (audit_writer, audit) = AuditWriter::start(
+        store.clone(),
+        log,
+        chain,
+        crate::exec::audit::AuditLimits {
+            outbox_max_bytes: config.audit.outbox_max_bytes,
+            user_rate_bytes: config.audit.user_rate_bytes,
+            user_burst_bytes: config.audit.user_burst_bytes,
+        },
+        last_seq.clone(),
+        device_id.to_owned(),
+    )
+    .context("cannot start the audit thread")?;
+    for mut event in first_events {
+        event.device_id.get_or_insert_with(|| device_id.to_owned());
+        event
+            .mode
+            .get_or_insert_with(|| config.mode.as_str().to_owned());
+        audit.send(event);
+    }
+
+    Ok((audit_writer, audit))
+}
+
+/// The records that open the run: the daemon's start (with its kernel
+/// hook's state) and a store that had to be replaced.
+fn start_events(
+    config: &Config,
+    config_path: &Path,
+    device_id: &str,
+    store_report: &OpenReport,
+    hook_status: &epm_ipc::KernelHookStatus,
+) -> Vec<AuditEvent> {
+    let mut first_events = Vec::new();
+    let mut started_event = AuditEvent::new(EventKind::DAEMON_STARTED)
+        .with_detail("version", env!("CARGO_PKG_VERSION"))
+        .with_detail("config", config_path.display().to_string())
+        .with_detail("fail_mode", config.fail_mode.as_str())
+        .with_detail(
+            "kernel_hook",
+            crate::exec::kernel_hook::audit_value(hook_status),
+        );
+    started_event.mode = Some(config.mode.as_str().to_owned());
+    started_event.device_id = Some(device_id.to_owned());
+    started_event.pid = Some(std::process::id());
+    first_events.push(started_event);
+    if let Some(recovery) = &store_report.recovered_from {
+        let mut event = AuditEvent::new(EventKind::STORE_RECOVERED)
+            .with_detail("moved_to", recovery.moved_to.display().to_string());
+        event.reason = Some(format!(
+            "the store was corrupt ({}); moved to {} and replaced by a fresh one",
+            recovery.reason,
+            recovery.moved_to.display()
+        ));
+        first_events.push(event);
+    }
+    first_events
+}
+
+/// The services between the exec path and the control socket: grant
+/// flows, admin sessions, the decision workers and the platform sync.
+#[derive(Debug)]
+struct Services {
+    flows: Arc<Flows>,
+    admin_sessions: Arc<AdminSessions>,
+    workers: Workers,
+    intake: Intake,
+    sync: Option<Arc<SyncHandle>>,
+}
+
+impl Services {
+    fn start(
+        config: &Config,
+        decider: &Arc<Decider>,
+        store: &Arc<Mutex<Store>>,
+        audit: &AuditSink,
+        last_seq: &Arc<AtomicU64>,
+        platform_bundle: Option<policy_source::BundleInForce>,
+    ) -> anyhow::Result<Services> {
+        // The sync's trigger exists before the flows, which nudge it when a
+        // request is filed; the sync, made after them, listens on it.
+        let (trigger, sync_requests) = crate::managed::sync::sync_channel();
+        let nudge = trigger.clone();
+        let flows = Flows::start(
+            store.clone(),
+            audit.clone(),
+            decider,
+            config
+                .platform
+                .as_ref()
+                .map(|_| epm_sync::credentials::platform_store(&config.state_dir)),
+            config
+                .platform
+                .as_ref()
+                .map(|_| Nudge::new(move || nudge.nudge())),
+        )
+        .context("cannot start the interactive flows")?;
+        // Before anything else can change groups: sessions that expired while
+        // the daemon was down end now.
+        let admin_sessions = AdminSessions::start(
+            store.clone(),
+            audit.clone(),
+            decider,
+            flows.clone(),
+            config.admin_sessions.clone(),
+            Box::new(SystemGroups),
+        )
+        .context("cannot start admin sessions")?;
+
+        let (workers, intake) = Workers::start(
+            config.gate.workers,
+            config.gate.queue_capacity,
+            decider.clone(),
+            audit.clone(),
+        )
+        .context("cannot start the decision workers")?;
+
+        let sync = match &config.platform {
+            Some(platform) => Some(Arc::new(
+                start_sync(
+                    platform,
+                    (trigger, sync_requests),
+                    SyncContext {
+                        key: platform.policy_public_key.clone(),
+                        device_id: decider.device_id().to_owned(),
+                        enrollment_token: platform.enrollment_token.clone(),
+                        credentials: epm_sync::credentials::platform_store(&config.state_dir),
+                        store: store.clone(),
+                        decider: decider.clone(),
+                        audit: audit.clone(),
+                        audit_last_seq: last_seq.clone(),
+                        status: Arc::default(),
+                        current: platform_bundle,
+                        flows: Some(flows.clone()),
+                    },
+                )
+                .context("cannot start the platform sync")?,
+            )),
+            None => None,
+        };
+        Ok(Services {
+            flows,
+            admin_sessions,
+            workers,
+            intake,
+            sync,
+        })
+    }
 }
 
 /// Serves the XPC service for the helper and `epmctl` (macOS). A
@@ -371,27 +564,20 @@ fn reconcile(store: &Arc<Mutex<Store>>, log: &mut AuditLog) -> anyhow::Result<Ch
 /// Builds the platform client (reading the pinned CA: a missing or bad
 /// `ca_cert` stops the start with a message naming it) and starts the
 /// sync thread.
-fn start_sync(platform: &PlatformConfig, context: SyncContext) -> anyhow::Result<SyncHandle> {
+fn start_sync(
+    platform: &PlatformConfig,
+    channel: (SyncTrigger, SyncRequests),
+    context: SyncContext,
+) -> anyhow::Result<SyncHandle> {
     let client = PlatformClient::new(&platform.url, &platform.ca_cert, ClientOptions::default())?;
     let cycle = SyncCycle::new(client, context);
     tracing::info!(url = %platform.url, "platform sync starting");
-    Ok(crate::sync::spawn(
+    Ok(crate::managed::sync::spawn(
         cycle,
         platform.url.clone(),
         platform.sync_interval,
+        channel,
     )?)
-}
-
-/// Tells the gate which costly facts the policy in force needs, and that
-/// the policy changed (the Endpoint Security gate empties its cache).
-/// Called wherever the policy changes: at start, on SIGHUP, by the sync.
-pub(crate) fn set_fact_needs(needs: &FactNeeds, decider: &Decider) {
-    let policy = decider.policy();
-    needs.set(
-        policy.engine.uses_parent_path(),
-        policy.engine.uses_group_scope(),
-    );
-    needs.policy_changed();
 }
 
 fn spawn_signal_thread(
@@ -400,7 +586,6 @@ fn spawn_signal_thread(
     decider: &Arc<Decider>,
     store: &Arc<Mutex<Store>>,
     audit: &AuditSink,
-    needs: &Arc<FactNeeds>,
 ) -> anyhow::Result<()> {
     let mut signals =
         Signals::new([SIGTERM, SIGINT, SIGHUP]).context("cannot install signal handlers")?;
@@ -409,7 +594,6 @@ fn spawn_signal_thread(
     let store = store.clone();
     let audit = audit.clone();
     let policy_file = config.policy_file.clone();
-    let needs = needs.clone();
     std::thread::Builder::new()
         .name("epm-signals".into())
         .spawn(move || {
@@ -418,7 +602,6 @@ fn spawn_signal_thread(
                     SIGHUP => match &policy_file {
                         Some(path) => {
                             let event = policy_source::reload(path, &decider, &store);
-                            set_fact_needs(&needs, &decider);
                             audit.send(event);
                             audit.flush(Duration::from_secs(5));
                         }
@@ -451,7 +634,7 @@ fn open_gate(
     gate.set_fact_needs(needs);
     // From now on every policy change empties the kernel's cache of allows
     // before it takes effect (gate::kernel_cache).
-    gate.kernel_cache().connect(decider);
+    gate.kernel_cache().connect(decider.as_ref());
     if !gate.has_pidfd() {
         tracing::warn!(
             "this kernel does not report pidfds (Linux < 5.15): /proc facts may race with pid reuse"
@@ -463,7 +646,7 @@ fn open_gate(
 
 /// Opens the Endpoint Security gate and ties its cache to the policy: on
 /// every policy change (through [`FactNeeds::policy_changed`], which
-/// [`set_fact_needs`] calls) the cache is emptied and allows are cached
+/// [`Decider::set_policy`] calls) the cache is emptied and allows are cached
 /// only if the new policy decides a file alike for everyone.
 #[cfg(target_os = "macos")]
 fn open_gate(

@@ -1,6 +1,7 @@
 //! The operating system's facts, in one place: who a user is and which
 //! groups they are in ([`users`]), the platform's default paths
-//! ([`paths`]), a program file's code signature ([`signature`]) and the
+//! ([`paths`]), a program file's code signature ([`signature`]), what the
+//! sudoers files give a user as sudo reads them ([`sudoers`]) and the
 //! macOS unified log ([`unified_log`]).
 //!
 //! Every EPM component that asks "what are this user's groups" asks
@@ -19,5 +20,6 @@
 
 pub mod paths;
 pub mod signature;
+pub mod sudoers;
 pub mod unified_log;
 pub mod users;

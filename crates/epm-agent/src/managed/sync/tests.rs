@@ -1,0 +1,629 @@
+//! The sync cycle against an in-memory platform that behaves like the real
+//! one (idempotent audit on seq, contiguous acknowledgement, ETags) and can
+//! lose a reply or sign with the wrong key on demand.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+
+use epm_api::agent::{AgentCredentials, PolicyState as PlatformPolicy};
+use epm_api::sign::{PolicySigningKey, SignedKind};
+use epm_api::{BUNDLE_FORMAT, Grant, PolicyBundle, SubjectIdentity as ApiIdentity};
+use epm_audit::{AuditEvent, AuditLog, Chain, EventKind, LogOptions};
+use epm_policy::{Action, Engine};
+use epm_store::{IdentityKind, Request, SubjectIdentity};
+use epm_sync::credentials::FileStore;
+
+use super::*;
+use crate::config::{FailMode, Mode};
+use crate::exec::audit::AuditWriter;
+use crate::exec::decider::PolicyState;
+
+const DEVICE: &str = "dev-1";
+
+#[derive(Default)]
+struct FakeState {
+    enrolls: u32,
+    /// Audit records held, by seq.
+    audit: BTreeMap<u64, String>,
+    oldest_kept: u64,
+    duplicates: u64,
+    /// Acknowledge no further than this (a platform behind on storing).
+    ack_cap: Option<u64>,
+    /// Store the next upload but lose the reply (a kill mid-upload).
+    lose_next_reply: bool,
+    bundle: Option<(SignedEnvelope, u64, String)>,
+    requests: Vec<RequestStatus>,
+    submitted: Vec<RequestSubmit>,
+    /// Answer check-ins / policy fetches with this error instead.
+    bad_checkin: Option<fn() -> SyncError>,
+    bad_fetch: Option<fn() -> SyncError>,
+}
+
+#[derive(Clone, Default)]
+struct FakePlatform(Arc<Mutex<FakeState>>);
+
+impl FakePlatform {
+    fn state(&self) -> std::sync::MutexGuard<'_, FakeState> {
+        self.0.lock().unwrap()
+    }
+
+    fn acked(state: &FakeState) -> u64 {
+        let mut acked = state.oldest_kept.saturating_sub(1);
+        while state.audit.contains_key(&(acked + 1)) {
+            acked += 1;
+        }
+        state.ack_cap.map_or(acked, |cap| acked.min(cap))
+    }
+
+    /// Each publication gets its own ETag, as the platform's content hash would.
+    fn publish(&self, envelope: SignedEnvelope, version: u64) {
+        let etag = format!("\"{}\"", &envelope.signature[..16]);
+        self.state().bundle = Some((envelope, version, etag));
+    }
+}
+
+fn lost(step: &'static str) -> SyncError {
+    SyncError::Transfer {
+        step,
+        url: "https://fake".into(),
+        detail: "connection reset".into(),
+    }
+}
+
+impl Platform for FakePlatform {
+    async fn enroll(&self, request: &EnrollRequest) -> Result<AgentCredentials, SyncError> {
+        assert_eq!(request.device_id, DEVICE);
+        self.state().enrolls += 1;
+        Ok(AgentCredentials {
+            agent_id: "agent-1".into(),
+            agent_secret: "secret".into(),
+            offline_key: "a2V5".into(),
+        })
+    }
+
+    async fn checkin(
+        &self,
+        _: &AgentCredentials,
+        request: &CheckinRequest,
+    ) -> Result<CheckinResponse, SyncError> {
+        let state = self.state();
+        if let Some(error) = state.bad_checkin {
+            return Err(error());
+        }
+        let (version, etag) = state
+            .bundle
+            .as_ref()
+            .map_or((0, String::new()), |(_, v, e)| (*v, e.clone()));
+        Ok(CheckinResponse {
+            policy: PlatformPolicy {
+                version,
+                etag,
+                changed: request.policy_version != Some(version),
+            },
+            audit_acked_seq: Self::acked(&state),
+            requests: state.requests.clone(),
+            server_time: Timestamp::now(),
+        })
+    }
+
+    async fn fetch_policy(
+        &self,
+        _: &AgentCredentials,
+        etag: Option<&str>,
+    ) -> Result<PolicyFetch, SyncError> {
+        let state = self.state();
+        if let Some(error) = state.bad_fetch {
+            return Err(error());
+        }
+        let (envelope, _, current) = state.bundle.clone().unwrap();
+        if etag == Some(current.as_str()) {
+            return Ok(PolicyFetch::NotModified);
+        }
+        Ok(PolicyFetch::Bundle {
+            envelope,
+            etag: Some(current),
+        })
+    }
+
+    async fn upload_audit(
+        &self,
+        _: &AgentCredentials,
+        upload: &AuditUpload,
+    ) -> Result<AuditAck, SyncError> {
+        let mut state = self.state();
+        state.oldest_kept = state.oldest_kept.max(upload.oldest_kept_seq);
+        let mut stored = 0;
+        let mut duplicates = 0;
+        for record in &upload.records {
+            let seq = serde_json::from_str::<serde_json::Value>(record.get()).unwrap()["seq"]
+                .as_u64()
+                .unwrap();
+            if state.audit.insert(seq, record.get().to_owned()).is_some() {
+                duplicates += 1;
+            } else {
+                stored += 1;
+            }
+        }
+        state.duplicates += duplicates;
+        if std::mem::take(&mut state.lose_next_reply) {
+            return Err(lost("audit upload"));
+        }
+        Ok(AuditAck {
+            acked_seq: Self::acked(&state),
+            stored,
+            duplicates,
+        })
+    }
+
+    async fn submit_request(
+        &self,
+        _: &AgentCredentials,
+        submit: &RequestSubmit,
+    ) -> Result<RequestStatus, SyncError> {
+        let mut state = self.state();
+        state.submitted.push(submit.clone());
+        Ok(RequestStatus {
+            id: format!("p-{}", submit.local_id),
+            local_id: submit.local_id.clone(),
+            state: ApiRequestState::Pending,
+            reason: None,
+            current_level: 1,
+            levels: 1,
+            updated_at: Timestamp::now(),
+            grant: None,
+        })
+    }
+}
+
+struct Agent {
+    dir: tempfile::TempDir,
+    store: Arc<Mutex<Store>>,
+    decider: Arc<Decider>,
+    writer: Option<AuditWriter>,
+    sink: AuditSink,
+    key: PolicySigningKey,
+    platform: FakePlatform,
+}
+
+impl Agent {
+    fn new() -> Agent {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(&dir.path().join("epm.sqlite")).unwrap();
+        let store = Arc::new(Mutex::new(store));
+        let (log, _) = AuditLog::open(dir.path(), LogOptions::default()).unwrap();
+        let decider = Arc::new(Decider::new(
+            PolicyState {
+                engine: Engine::empty(0, Action::Allow),
+                generation: 1,
+                source: "builtin".into(),
+                loaded_at: Timestamp::now(),
+            },
+            Mode::Enforce,
+            FailMode::Open,
+            DEVICE.into(),
+            64,
+        ));
+        let (writer, sink) = AuditWriter::start(
+            store.clone(),
+            log,
+            Chain::genesis(),
+            crate::exec::audit::AuditLimits {
+                outbox_max_bytes: 1 << 20,
+                ..Default::default()
+            },
+            Arc::new(AtomicU64::new(0)),
+            DEVICE.into(),
+        )
+        .unwrap();
+        Agent {
+            dir,
+            store,
+            decider,
+            writer: Some(writer),
+            sink,
+            key: PolicySigningKey::generate(),
+            platform: FakePlatform::default(),
+        }
+    }
+
+    fn cycle(&self) -> SyncCycle<FakePlatform> {
+        self.cycle_with(None)
+    }
+
+    fn cycle_with(&self, current: Option<policy_source::BundleInForce>) -> SyncCycle<FakePlatform> {
+        SyncCycle::new(
+            self.platform.clone(),
+            SyncContext {
+                key: self.key.public_key().into(),
+                device_id: DEVICE.into(),
+                enrollment_token: Some("token".into()),
+                credentials: Box::new(FileStore::new(self.dir.path().join("creds.json"))),
+                store: self.store.clone(),
+                decider: self.decider.clone(),
+                audit: self.sink.clone(),
+                audit_last_seq: Arc::new(AtomicU64::new(0)),
+                status: Arc::default(),
+                current,
+                flows: None,
+            },
+        )
+    }
+
+    fn audit(&self, count: usize) {
+        for i in 0..count {
+            self.sink
+                .send(AuditEvent::new(EventKind::ERROR).with_detail("n", i as u64));
+        }
+        assert!(self.sink.flush(Duration::from_secs(5)));
+    }
+
+    fn pending(&self) -> Vec<u64> {
+        let store = self.store.lock().unwrap();
+        store
+            .pending_upload(10_000)
+            .unwrap()
+            .iter()
+            .map(|r| r.seq)
+            .collect()
+    }
+
+    fn audit_log(&self) -> String {
+        assert!(self.sink.flush(Duration::from_secs(5)));
+        std::fs::read_to_string(self.dir.path().join("audit.jsonl")).unwrap()
+    }
+
+    fn bundle(&self, key: &PolicySigningKey, version: u64) -> SignedEnvelope {
+        let policy = format!(
+            r#"{{"version": {version}, "default_action": "allow", "rules": [{{"id": "no-nc", "action": "deny", "match": {{"name": "nc"}}}}]}}"#
+        );
+        let bundle = PolicyBundle {
+            format: BUNDLE_FORMAT,
+            device_id: DEVICE.into(),
+            version,
+            issued_at: Timestamp::now(),
+            sources: vec![],
+            policy: serde_json::value::RawValue::from_string(policy).unwrap(),
+        };
+        key.sign(SignedKind::PolicyBundle, &bundle).unwrap()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(writer) = self.writer.take() {
+            writer.stop();
+        }
+    }
+}
+
+fn run(cycle: &mut SyncCycle<FakePlatform>) -> CycleResult {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(cycle.run_once())
+}
+
+#[test]
+fn enrolls_once_and_marks_only_acknowledged_records_uploaded() {
+    let agent = Agent::new();
+    agent.audit(5);
+    agent.platform.state().ack_cap = Some(3);
+    let mut cycle = agent.cycle();
+    // Seq 6 is the enrollment's own record, committed before the upload.
+    let err = run(&mut cycle).unwrap_err();
+    assert!(err.contains("acknowledged up to seq 3 of 1..=6"), "{err}");
+    assert_eq!(agent.pending(), [4, 5, 6]);
+    assert!(agent.dir.path().join("creds.json").exists());
+
+    agent.platform.state().ack_cap = None;
+    let summary = run(&mut cycle).unwrap();
+    assert!(summary.starts_with("uploaded 3 audit records"), "{summary}");
+    assert!(agent.pending().is_empty());
+    // A new cycle (a restart) reads the saved credentials: no second enrollment.
+    run(&mut agent.cycle()).unwrap();
+    assert_eq!(agent.platform.state().enrolls, 1);
+    assert_eq!(agent.platform.state().audit.len(), 6);
+}
+
+#[test]
+fn a_reply_lost_mid_upload_only_causes_a_harmless_resend() {
+    let agent = Agent::new();
+    agent.audit(4);
+    agent.platform.state().lose_next_reply = true;
+    let mut cycle = agent.cycle();
+    let err = run(&mut cycle).unwrap_err();
+    assert!(
+        err.contains("audit upload https://fake: transfer failed"),
+        "{err}"
+    );
+    // The platform has them (and seq 5, the enrollment's record), but the
+    // agent does not know: still pending.
+    assert_eq!(agent.pending(), [1, 2, 3, 4, 5]);
+    run(&mut cycle).unwrap();
+    assert!(agent.pending().is_empty());
+    let state = agent.platform.state();
+    assert_eq!(state.duplicates, 5, "the re-sent batch was deduplicated");
+    assert_eq!(
+        state.audit.keys().copied().collect::<Vec<_>>(),
+        [1, 2, 3, 4, 5]
+    );
+}
+
+#[test]
+fn not_enrolled_without_a_token_is_named() {
+    let agent = Agent::new();
+    let mut cycle = agent.cycle();
+    cycle.context.enrollment_token = None;
+    let err = run(&mut cycle).unwrap_err();
+    assert!(err.starts_with("not enrolled: no credentials in"), "{err}");
+    assert!(err.contains("platform.enrollment_token"), "{err}");
+}
+
+#[test]
+fn a_new_bundle_is_enforced_stored_and_reverified_at_restart() {
+    let agent = Agent::new();
+    agent.platform.publish(agent.bundle(&agent.key, 2), 2);
+    let generation = agent.decider.policy().generation;
+    let summary = run(&mut agent.cycle()).unwrap();
+    assert!(
+        summary.ends_with("policy version 2 now in force"),
+        "{summary}"
+    );
+    let policy = agent.decider.policy();
+    assert_eq!(
+        (policy.engine.version(), policy.source.as_str()),
+        (2, "platform")
+    );
+    assert!(
+        policy.generation > generation,
+        "the decision cache must not serve old answers"
+    );
+    assert!(agent.audit_log().contains("\"policy_loaded\""));
+    let stored = agent
+        .store
+        .lock()
+        .unwrap()
+        .active_policy()
+        .unwrap()
+        .unwrap();
+    assert_eq!((stored.version, stored.source.as_str()), (2, "platform"));
+    assert!(stored.envelope.is_some());
+
+    // A restart enforces it again, after checking its signature.
+    let (state, events, current) =
+        policy_source::initial_signed(&agent.key.public_key().into(), DEVICE, &agent.store);
+    assert_eq!(state.engine.version(), 2);
+    assert_eq!(current.unwrap().0.version, 2);
+    assert_eq!(events.len(), 1);
+    // With another pinned key, it is refused and the built-in policy starts.
+    let other = PolicySigningKey::generate();
+    let (state, events, current) =
+        policy_source::initial_signed(&other.public_key().into(), DEVICE, &agent.store);
+    assert_eq!(
+        (state.engine.version(), state.source.as_str()),
+        (0, "builtin")
+    );
+    assert!(current.is_none());
+    assert!(
+        events[0].reason.as_deref().unwrap().contains("rejected"),
+        "{:?}",
+        events[0].reason
+    );
+}
+
+#[test]
+fn a_refused_bundle_leaves_the_last_good_policy_and_is_audited_once() {
+    let agent = Agent::new();
+    agent.platform.publish(agent.bundle(&agent.key, 2), 2);
+    let mut cycle = agent.cycle();
+    run(&mut cycle).unwrap();
+
+    let other = PolicySigningKey::generate();
+    agent.platform.publish(agent.bundle(&other, 3), 3);
+    let err = run(&mut cycle).unwrap_err();
+    assert!(
+        err.contains("bundle refused, version 2 stays in force: bad signature: signed by"),
+        "{err}"
+    );
+    assert_eq!(agent.decider.policy().engine.version(), 2);
+    assert_eq!(
+        agent
+            .store
+            .lock()
+            .unwrap()
+            .active_policy()
+            .unwrap()
+            .unwrap()
+            .version,
+        2
+    );
+    // The same bad bundle next cycle: still an error, not another record.
+    let err = run(&mut cycle).unwrap_err();
+    assert!(err.contains("still the one refused"), "{err}");
+    let log = agent.audit_log();
+    assert_eq!(log.matches("\"policy_rejected\"").count(), 1, "{log}");
+
+    // A rollback to an older, correctly signed version is refused too.
+    agent.platform.publish(agent.bundle(&agent.key, 1), 1);
+    let err = run(&mut cycle).unwrap_err();
+    assert!(err.contains("rollback refused"), "{err}");
+    assert_eq!(agent.decider.policy().engine.version(), 2);
+
+    // A good newer one is taken.
+    agent.platform.publish(agent.bundle(&agent.key, 4), 4);
+    run(&mut cycle).unwrap();
+    assert_eq!(agent.decider.policy().engine.version(), 4);
+}
+
+#[test]
+fn refused_answers_are_audited_once_while_they_last() {
+    let agent = Agent::new();
+    agent.platform.publish(agent.bundle(&agent.key, 2), 2);
+    agent.platform.state().bad_fetch = Some(|| SyncError::TooLarge {
+        step: "policy fetch",
+        url: "https://fake/api/v1/agent/policy".into(),
+        limit: 64,
+    });
+    let mut cycle = agent.cycle();
+    for _ in 0..3 {
+        let err = run(&mut cycle).unwrap_err();
+        assert!(err.contains("exceeds the limit of 64 bytes"), "{err}");
+    }
+    assert_eq!(agent.decider.policy().engine.version(), 0);
+    agent.platform.state().bad_checkin = Some(|| SyncError::ContentType {
+        step: "check-in",
+        url: "https://fake/api/v1/agent/checkin".into(),
+        found: "text/html".into(),
+    });
+    run(&mut cycle).unwrap_err();
+    run(&mut cycle).unwrap_err();
+    let log = agent.audit_log();
+    assert_eq!(log.matches("\"policy_rejected\"").count(), 1, "{log}");
+    assert_eq!(log.matches("\"platform_error\"").count(), 1, "{log}");
+    // An unreachable platform is only logged, not audited.
+    agent.platform.state().bad_checkin = Some(|| SyncError::Connect {
+        step: "check-in",
+        url: "https://fake".into(),
+        detail: "Connection refused".into(),
+    });
+    run(&mut cycle).unwrap_err();
+    assert_eq!(agent.audit_log().matches("\"platform_error\"").count(), 1);
+}
+
+fn local_request(agent: &Agent, platform_id: Option<&str>) -> Request {
+    let mut store = agent.store.lock().unwrap();
+    let now = Timestamp::now();
+    let request = Request {
+        id: store.new_request_id().unwrap(),
+        uid: 1000,
+        user: "alice".into(),
+        rule_id: "wireshark".into(),
+        identity: SubjectIdentity {
+            kind: IdentityKind::Sha256,
+            value: "ab".repeat(32),
+        },
+        path: "/usr/bin/wireshark".into(),
+        justification: "capture".into(),
+        window_start: now,
+        window_end: now + jiff::SignedDuration::from_hours(1),
+        state: RequestState::Pending,
+        state_reason: None,
+        platform_id: None,
+        created_at: now,
+        updated_at: now,
+    };
+    store.insert_request(&request).unwrap();
+    if let Some(id) = platform_id {
+        store.set_request_platform_id(&request.id, id, now).unwrap();
+    }
+    request
+}
+
+#[test]
+fn queued_requests_are_submitted_and_approved_grants_stored_then_revoked() {
+    let agent = Agent::new();
+    let request = local_request(&agent, None);
+    let mut cycle = agent.cycle();
+    run(&mut cycle).unwrap();
+    let platform_id = format!("p-{}", request.id);
+    assert_eq!(agent.platform.state().submitted.len(), 1);
+    let stored = agent
+        .store
+        .lock()
+        .unwrap()
+        .request(&request.id)
+        .unwrap()
+        .unwrap();
+    assert_eq!(stored.platform_id.as_deref(), Some(platform_id.as_str()));
+
+    let now = Timestamp::now();
+    let grant = Grant {
+        request_id: platform_id.clone(),
+        device_id: DEVICE.into(),
+        user: "alice".into(),
+        identity: ApiIdentity {
+            kind: "sha256".into(),
+            value: "ab".repeat(32),
+        },
+        rule_id: "wireshark".into(),
+        not_before: now,
+        not_after: now + jiff::SignedDuration::from_hours(1),
+        uses: 1,
+        issued_at: now,
+    };
+    let status = |state, grant: Option<SignedEnvelope>| RequestStatus {
+        id: platform_id.clone(),
+        local_id: request.id.clone(),
+        state,
+        reason: Some("because".into()),
+        current_level: 0,
+        levels: 1,
+        updated_at: now,
+        grant,
+    };
+    // A grant signed by another key is refused; nothing is stored.
+    let forged = PolicySigningKey::generate()
+        .sign(SignedKind::Grant, &grant)
+        .unwrap();
+    agent.platform.state().requests = vec![status(ApiRequestState::Approved, Some(forged))];
+    let err = run(&mut cycle).unwrap_err();
+    assert!(err.contains("bad grant signature"), "{err}");
+    assert!(
+        agent
+            .store
+            .lock()
+            .unwrap()
+            .grants_for(1000, now)
+            .unwrap()
+            .is_empty()
+    );
+
+    let signed = agent.key.sign(SignedKind::Grant, &grant).unwrap();
+    agent.platform.state().requests = vec![status(ApiRequestState::Approved, Some(signed))];
+    run(&mut cycle).unwrap();
+    run(&mut cycle).unwrap();
+    let grants = agent.store.lock().unwrap().grants_for(1000, now).unwrap();
+    assert_eq!(grants.len(), 1, "delivered twice, stored once");
+    let state = agent
+        .store
+        .lock()
+        .unwrap()
+        .request(&request.id)
+        .unwrap()
+        .unwrap()
+        .state;
+    assert_eq!(state, RequestState::Approved);
+
+    agent.platform.state().requests = vec![status(ApiRequestState::Revoked, None)];
+    run(&mut cycle).unwrap();
+    assert!(
+        agent
+            .store
+            .lock()
+            .unwrap()
+            .grants_for(1000, now)
+            .unwrap()
+            .is_empty()
+    );
+    let stored = agent
+        .store
+        .lock()
+        .unwrap()
+        .request(&request.id)
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (stored.state, stored.state_reason.as_deref()),
+        (RequestState::Revoked, Some("because"))
+    );
+}
+
+#[test]
+fn local_users_are_listed_without_system_accounts() {
+    for user in local_users() {
+        let account = nix::unistd::User::from_name(&user.name).unwrap().unwrap();
+        assert!(account.uid.as_raw() >= 500, "{}", user.name);
+    }
+}

@@ -1,0 +1,376 @@
+//! The kernel cache of allows (Linux): a file the policy allows for
+//! everyone is answered by the kernel itself on its next execs, and those
+//! execs are still audited.
+//!
+//! # How
+//! After a worker (or the intake, from the decision cache) allows an exec
+//! whose decision cannot depend on who runs the file
+//! ([`epm_policy::Engine::decides_alike_for_everyone`]: no user or group
+//! scope, `args_regex` or `parent_path` on any rule that could match it; a
+//! plain policy allow, never a grant's, a monitor pass or `fail_mode`'s), the
+//! gate puts one *inode* mark on the file, in the same fanotify group, before
+//! it writes the answer:
+//! - an ignore mask for `FAN_OPEN_EXEC_PERM` (`FAN_MARK_IGNORE`), *without*
+//!   `FAN_MARK_IGNORED_SURV_MODIFY`: the kernel clears it on the file's
+//!   next write (`FS_MODIFY`: `write`, truncation, `fallocate`, copies into
+//!   it), and the exec after that is asked again;
+//! - a `FAN_OPEN_EXEC` notification: an exec the ignore mask let through
+//!   still reaches the daemon, after the fact and without blocking it, and
+//!   is audited with `answered_by: kernel_cache` (decided again, without
+//!   grants, for the record).
+//!
+//! Only inode marks hold cached allows (the watch marks are mount and
+//! file-system marks), so `FAN_MARK_FLUSH` without `FAN_MARK_MOUNT` or
+//! `FAN_MARK_FILESYSTEM` removes exactly the cache and leaves the gate's
+//! watch marks in place: the gate never opens while the cache is emptied.
+//! The marks are evictable (`FAN_MARK_EVICTABLE`, Linux 5.19): they do not
+//! pin inodes in memory, and a mark the kernel evicts is only a miss.
+//!
+//! # Invariant: no cached allow outlives the policy or content it was made for
+//! - **Policy**: every policy change goes through [`KernelCache`]'s
+//!   [`PolicySwap`]: under one lock, the inode marks are flushed, the
+//!   generation the cache accepts becomes the new one, and only then is the
+//!   new policy put in force. A mark is added under the same lock, only for a
+//!   decision made under the generation in force, so a worker that decided
+//!   under the old policy cannot add its mark after the flush.
+//! - **Mode**: enforce or monitor is set at start; a change restarts the
+//!   daemon, and closing the group removes all its marks.
+//! - **Grants** change only `justify`/`approve` decisions, which are never
+//!   cached; admin sessions change groups, and a file with a group-scoped
+//!   rule that could match it is never cached.
+//! - **Content**: only files only root can write (owned by root, no group or
+//!   other write bit), with one link, on a local file system whose writes
+//!   the kernel reports (ext2/3/4, xfs, btrfs, tmpfs, f2fs, and the
+//!   read-only squashfs and erofs: not NFS, FUSE or overlayfs, whose
+//!   content can change without a local write), with a path checked in the
+//!   daemon's namespace. A write clears the ignore mask before it lands, so
+//!   the gate-hardening guarantee holds: a write while a later exec is being
+//!   hashed finds no cached allow, and the lease and version checks apply
+//!   to that exec as to any other. What the kernel does not report as a
+//!   write is a store through a shared writable mapping (root's alone for
+//!   these files; an exec fails with `ETXTBSY` while it is mapped) and a
+//!   change of owner or mode (root's too), which the next audited exec of
+//!   the file sees: it then drops the mark.
+//! - **Path**: one link, so the path it was decided for is its only name;
+//!   a rename by root keeps the mark until the next exec of the file shows
+//!   the new path, which drops it (that one exec ran under the old path's
+//!   decision, and its record names the new path).
+//!
+//! # No exec audited twice, none missed
+//! An exec that had a permission event is audited by the decision path.
+//! Its notification, if the file has our inode mark, comes afterwards: the
+//! gate notes (pid, file) as *asked* before it writes the allow, and the
+//! notification of an asked exec is dropped. Every other notification is an
+//! exec the kernel answered from the cache. An interpreter's load is paired
+//! with its program as for permission events ([`super::interp`]).
+//!
+//! # Never the dynamic loader
+//! `ld.so PROGRAM` runs code the gate never sees, so a direct run of the
+//! loader must have a record that names its user. A notification is read
+//! after the exec, when a short-lived process may be gone with its
+//! credentials; a permission event is read while it waits. The loader is
+//! therefore never cached: every dynamically linked exec still asks once
+//! for its loader, answered in user space from the pairing with its
+//! program.
+
+use std::collections::HashMap;
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use nix::sys::fanotify::Fanotify;
+
+use super::interp::{FileKey, HEAD_BYTES, InterpreterLoads, is_loader, loaded_interpreter};
+use crate::{PolicyGenerations, PolicySwap};
+
+/// Files cached at most; past this, new allows are not cached until the
+/// next policy change (each is a mark in the kernel).
+const MAX_CACHED: usize = 65_536;
+/// Asked execs remembered at most, and for how long: the notification
+/// follows the answer at once, unless the exec failed after it.
+const MAX_ASKED: usize = 4096;
+const ASKED_TTL: Duration = Duration::from_secs(5);
+
+/// What the cache knows of one cached file.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    /// The path it was decided for.
+    pub path: String,
+    /// The interpreter the kernel loads for it, when it names one.
+    pub interpreter: Option<FileKey>,
+}
+
+/// What a notification is.
+#[derive(Debug)]
+pub enum Notified {
+    /// The exec had a permission event: audited there already.
+    Asked,
+    /// Answered by the kernel from the cache.
+    Cached(Option<Entry>),
+}
+
+#[derive(Debug)]
+struct State {
+    /// The policy generation whose decisions may be cached (`None`: none).
+    generation: Option<u64>,
+    cached: HashMap<FileKey, Entry>,
+    asked: HashMap<(u32, FileKey), Instant>,
+}
+
+/// The kernel cache of allows; see the module documentation.
+#[derive(Debug)]
+pub struct KernelCache {
+    fan: Arc<Fanotify>,
+    loads: Arc<Mutex<InterpreterLoads>>,
+    state: Mutex<State>,
+    evictable: std::sync::atomic::AtomicBool,
+}
+
+impl KernelCache {
+    /// A cache on this group's inode marks; it caches nothing until
+    /// [`KernelCache::connect`] tells it the policy generation in force.
+    pub fn new(fan: Arc<Fanotify>, loads: Arc<Mutex<InterpreterLoads>>) -> Self {
+        Self {
+            fan,
+            loads,
+            state: Mutex::new(State {
+                generation: None,
+                cached: HashMap::new(),
+                asked: HashMap::new(),
+            }),
+            evictable: std::sync::atomic::AtomicBool::new(true),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Routes every policy change of `decider` through this cache, and
+    /// starts caching decisions of the policy in force.
+    pub fn connect(self: &Arc<Self>, decider: &dyn PolicyGenerations) {
+        decider.route_swaps_through(self.clone());
+        let mut state = self.lock();
+        state.generation = Some(decider.generation_in_force());
+    }
+
+    /// How many files are cached.
+    pub fn len(&self) -> usize {
+        self.lock().cached.len()
+    }
+
+    /// Whether no file is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Caches the allow of the exec of `pid` whose event descriptor is
+    /// `fd` (the file `key`, at `path`), decided under `generation`: called
+    /// before the allow is written. `false` when it was not cached (another
+    /// policy is in force now, the cache is full, or the kernel refused).
+    pub fn remember(
+        &self,
+        generation: u64,
+        pid: u32,
+        fd: BorrowedFd<'_>,
+        key: FileKey,
+        path: &str,
+    ) -> bool {
+        let mut head = [0u8; HEAD_BYTES];
+        let read = nix::sys::uio::pread(fd, &mut head, 0).unwrap_or(0);
+        let head = &head[..read];
+        if is_loader(head) {
+            // Never the dynamic loader: run directly (`ld.so PROGRAM`) it
+            // runs code the gate never sees, so that run's record must name
+            // its user, and only a permission event is read while the
+            // process is sure to exist (a notification can come after a
+            // short-lived process is gone). Its loads as an interpreter are
+            // answered from the pairing with their program, in user space.
+            self.note_answered(pid, key);
+            return false;
+        }
+        let interpreter = loaded_interpreter(head).and_then(|interp| {
+            self.loads
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .resolve(interp, |path| {
+                    use std::os::unix::fs::MetadataExt;
+                    std::fs::metadata(path)
+                        .ok()
+                        .map(|meta| (meta.dev(), meta.ino()))
+                })
+        });
+        let entry = Entry {
+            path: path.to_owned(),
+            interpreter,
+        };
+        let mut state = self.lock();
+        if state.generation != Some(generation) || state.cached.len() >= MAX_CACHED {
+            drop(state);
+            self.note_answered(pid, key);
+            return false;
+        }
+        if let Err(error) = self.mark(fd) {
+            tracing::debug!(path, %error, "cannot cache an allow in the kernel");
+            let _ = self.unmark(fd);
+            drop(state);
+            self.note_answered(pid, key);
+            return false;
+        }
+        state.cached.insert(key, entry);
+        Self::ask(&mut state, pid, key);
+        true
+    }
+
+    /// An exec of `key` by `pid` is being allowed after a permission event:
+    /// if the file has our mark (its ignore mask was cleared by a write, or
+    /// the mark is being added), its notification is not another exec.
+    pub fn note_answered(&self, pid: u32, key: FileKey) {
+        let mut state = self.lock();
+        if state.cached.contains_key(&key) {
+            Self::ask(&mut state, pid, key);
+        }
+    }
+
+    fn ask(state: &mut State, pid: u32, key: FileKey) {
+        let now = Instant::now();
+        if state.asked.len() >= MAX_ASKED {
+            state
+                .asked
+                .retain(|_, at| now.duration_since(*at) < ASKED_TTL);
+            if state.asked.len() >= MAX_ASKED {
+                state.asked.clear();
+            }
+        }
+        state.asked.insert((pid, key), now);
+    }
+
+    /// A `FAN_OPEN_EXEC` notification of `pid` for `key` arrived.
+    pub fn notified(&self, pid: u32, key: FileKey) -> Notified {
+        let mut state = self.lock();
+        if state.asked.remove(&(pid, key)).is_some() {
+            return Notified::Asked;
+        }
+        Notified::Cached(state.cached.get(&key).cloned())
+    }
+
+    /// Drops one file from the cache (its path or mode changed): its next
+    /// exec is asked again.
+    pub fn forget(&self, fd: BorrowedFd<'_>, key: FileKey) {
+        let mut state = self.lock();
+        if let Err(error) = self.unmark(fd) {
+            tracing::warn!(%error, "cannot remove a cached allow; emptying the cache");
+            if let Err(error) = self.flush() {
+                tracing::error!(%error, "cannot empty the kernel cache of allows");
+            }
+            state.cached.clear();
+            return;
+        }
+        state.cached.remove(&key);
+    }
+
+    /// The interpreter pairing state shared with the gate.
+    pub fn loads(&self) -> &Arc<Mutex<InterpreterLoads>> {
+        &self.loads
+    }
+
+    fn mark(&self, fd: BorrowedFd<'_>) -> std::io::Result<()> {
+        use std::sync::atomic::Ordering;
+        let evictable = if self.evictable.load(Ordering::Relaxed) {
+            libc::FAN_MARK_EVICTABLE
+        } else {
+            0
+        };
+        // The notification first: an ignore mask without it would let an
+        // exec through unaudited.
+        let result = self.mark_raw(libc::FAN_MARK_ADD | evictable, libc::FAN_OPEN_EXEC, fd);
+        match result {
+            Err(e) if evictable != 0 && e.raw_os_error() == Some(libc::EINVAL) => {
+                // Before Linux 5.19: marks that pin their inode.
+                self.evictable.store(false, Ordering::Relaxed);
+                return self.mark(fd);
+            }
+            other => other?,
+        }
+        self.mark_raw(
+            libc::FAN_MARK_ADD | libc::FAN_MARK_IGNORE | evictable,
+            libc::FAN_OPEN_EXEC_PERM,
+            fd,
+        )
+    }
+
+    fn unmark(&self, fd: BorrowedFd<'_>) -> std::io::Result<()> {
+        let ignore = self.mark_raw(
+            libc::FAN_MARK_REMOVE | libc::FAN_MARK_IGNORE,
+            libc::FAN_OPEN_EXEC_PERM,
+            fd,
+        );
+        let notify = self.mark_raw(libc::FAN_MARK_REMOVE, libc::FAN_OPEN_EXEC, fd);
+        // ENOENT: that part was not there.
+        for result in [ignore, notify] {
+            match result {
+                Err(e) if e.raw_os_error() != Some(libc::ENOENT) => return Err(e),
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn mark_raw(&self, flags: u32, mask: u64, fd: BorrowedFd<'_>) -> std::io::Result<()> {
+        // SAFETY: fanotify_mark with our group's fd, a descriptor we hold
+        // and a null path (the mark goes on the descriptor's file).
+        let rc = unsafe {
+            libc::fanotify_mark(
+                std::os::fd::AsFd::as_fd(&*self.fan).as_raw_fd(),
+                flags,
+                mask,
+                fd.as_raw_fd(),
+                std::ptr::null(),
+            )
+        };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    }
+
+    /// Removes every inode mark of the group: the whole cache, and nothing
+    /// else (the watch marks are mount and file-system marks).
+    fn flush(&self) -> std::io::Result<()> {
+        // SAFETY: FAN_MARK_FLUSH takes no object; the path is null.
+        let rc = unsafe {
+            libc::fanotify_mark(
+                std::os::fd::AsFd::as_fd(&*self.fan).as_raw_fd(),
+                libc::FAN_MARK_FLUSH,
+                0,
+                libc::AT_FDCWD,
+                std::ptr::null(),
+            )
+        };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    }
+}
+
+impl PolicySwap for KernelCache {
+    fn swap(&self, generation: u64, put_in_force: &mut dyn FnMut()) {
+        let mut state = self.lock();
+        let flushed = self.flush();
+        state.cached.clear();
+        match flushed {
+            Ok(()) => state.generation = Some(generation),
+            Err(error) => {
+                // Cannot happen on a live group; if it does, cache nothing
+                // more, and say so: allows cached before may still stand.
+                tracing::error!(%error,
+                    "cannot empty the kernel cache of allows; no allow is cached from now on");
+                state.generation = None;
+            }
+        }
+        put_in_force();
+    }
+}
