@@ -584,6 +584,10 @@ impl WriterState {
         };
         if let Err(error) = &stored {
             tracing::error!(%error, "cannot commit audit records to the store");
+        } else if let Some(last) = sealed.last() {
+            // Durable now: said before the log shows them, so whoever reads
+            // a record in the log finds the status at or past it.
+            self.last_seq.store(last.seq, Ordering::Relaxed);
         }
         let first = sealed.first().map_or(0, |r| r.seq);
         // A batch whose log write failed before left a gap: fill it from the
