@@ -1405,6 +1405,57 @@ mod tests {
     }
 
     #[test]
+    fn a_remembered_path_counts_only_while_it_names_the_same_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tool");
+        std::fs::write(&path, b"one").unwrap();
+        let file = FileIdentity::of(&std::fs::metadata(&path).unwrap());
+        let memo = FileMemo::default();
+        memo.set_path(&file, path.to_str().unwrap());
+        let remembered = memo.path(&file).unwrap();
+        assert!(names_here(&remembered, &file));
+        // Renamed away, and another file put at the old path: the
+        // remembered path names something else now.
+        std::fs::rename(&path, dir.path().join("moved")).unwrap();
+        assert!(!names_here(&remembered, &file), "nothing there");
+        std::fs::write(&path, b"two").unwrap();
+        assert!(!names_here(&remembered, &file), "another file there");
+        // A symlink at the path is not followed.
+        std::fs::remove_file(&path).unwrap();
+        std::os::unix::fs::symlink(dir.path().join("moved"), &path).unwrap();
+        assert!(!names_here(&remembered, &file), "a symlink to it");
+    }
+
+    #[test]
+    fn the_file_memo_is_per_version_and_bounded() {
+        let memo = FileMemo::default();
+        let file = |ino: u64, ctime_ns: i64| FileIdentity {
+            dev: 1,
+            ino,
+            size: 10,
+            mtime_ns: 0,
+            ctime_ns,
+        };
+        memo.set_head(
+            &file(1, 5),
+            &Head {
+                interpreter: Some("/lib/ld.so".into()),
+                loader: false,
+            },
+        );
+        assert!(memo.head(&file(1, 5)).is_some());
+        assert!(
+            memo.head(&file(1, 6)).is_none(),
+            "a new version is read again"
+        );
+        for ino in 2..=MEMO_CAPACITY as u64 + 1 {
+            memo.set_path(&file(ino, 0), "/x");
+        }
+        let len = memo.with(|files| files.len());
+        assert!(len <= MEMO_CAPACITY, "{len} files remembered");
+    }
+
+    #[test]
     fn pidfd_records_are_found_among_info_records() {
         let (read, write) = nix::unistd::pipe().unwrap();
         drop(write);
