@@ -86,6 +86,16 @@ kill "$floor_pid"; wait "$floor_pid" 2>/dev/null || true
 # threads), to see what it costs the machine besides the exec's wait.
 epmd_cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$epmd_pid/stat"; }
 epmd_switches() { cat /proc/"$epmd_pid"/task/*/status | awk '/^voluntary_ctxt_switches/ { n += $2 } END { print n }'; }
+# epmd's system calls (all its threads) during the loop, counted by the
+# kernel's syscall tracepoint (perf stat): a count the machine's other load
+# does not change, unlike the times. Empty when perf cannot count them.
+have_perf=
+if command -v perf >/dev/null 2>&1 && perf stat -e raw_syscalls:sys_enter true >/dev/null 2>&1; then
+    have_perf=1
+fi
+# Each loop is 50 warm-up execs and then $runs measured ones; epmd's
+# counters see all of them.
+counted=$((runs + 50))
 
 # A program a user could write (owned by nobody): since issue 15 epmd takes
 # a read lease on such a file for each exec, which system programs (only
@@ -101,17 +111,27 @@ base_user=$($loop_bin "$runs" "$user_program")
 # per_user_exec for the loop of the user's program.
 measure_epmd() { # $1 = the epmd binary, $2 = kernel hook (true/false)
     start_epmd 10000 "$1" "${2:-true}"
-    local ticks_before switches_before
+    local ticks_before switches_before perf_pid=
+    syscalls=
+    if [[ -n $have_perf ]]; then
+        perf stat -x, -e raw_syscalls:sys_enter -p "$epmd_pid" -o "$work/perf.txt" &
+        perf_pid=$!
+        sleep 0.5
+    fi
     ticks_before=$(epmd_cpu_ticks) switches_before=$(epmd_switches)
     per_exec=$($loop_bin "$runs")
     ticks=$(($(epmd_cpu_ticks) - ticks_before)) switches=$(($(epmd_switches) - switches_before))
+    if [[ -n $perf_pid ]]; then
+        kill -INT "$perf_pid"; wait "$perf_pid" 2>/dev/null || true
+        syscalls=$(awk -F, '/raw_syscalls/ { print $1 }' "$work/perf.txt")
+    fi
     per_user_exec=$($loop_bin "$runs" "$user_program")
 }
 
 if [[ -n $before_bin ]]; then
     echo "measuring $runs execs with the earlier epmd ($before_bin) enforcing 10000 rules..." >&2
     measure_epmd "$before_bin"
-    before_epmd=$per_exec before_ticks=$ticks before_switches=$switches before_user=$per_user_exec
+    before_epmd=$per_exec before_ticks=$ticks before_switches=$switches before_user=$per_user_exec before_syscalls=$syscalls
     stop_epmd
 fi
 echo "measuring $runs execs with epmd enforcing 10000 rules, without the kernel hook..." >&2
@@ -175,10 +195,13 @@ awk -v b="$base" -v f="$bare" \
 if [[ -n $before_bin ]]; then
     awk -v b="$base" -v e="$before_epmd" \
         'BEGIN { printf "earlier epmd (10000 rules): %.1f us/exec (+%.1f us, x%.2f)\n", e, e-b, e/b }'
-    awk -v t="$before_ticks" -v hz="$(getconf CLK_TCK)" -v s="$before_switches" -v r="$runs" \
+    awk -v t="$before_ticks" -v hz="$(getconf CLK_TCK)" -v s="$before_switches" -v r="$counted" \
         'BEGIN { printf "earlier epmd CPU: %.1f us per exec; %.1f voluntary context switches per exec\n", t * 1e6 / hz / r, s / r }'
     awk -v b="$base_user" -v e="$before_user" \
         'BEGIN { printf "earlier epmd, a program a user can write: %.1f us/exec (+%.1f us)\n", e, e-b }'
+    if [[ -n $before_syscalls ]]; then
+        awk -v c="$before_syscalls" -v r="$counted" 'BEGIN { printf "earlier epmd system calls: %.1f per exec\n", c / r }'
+    fi
 fi
 awk -v b="$base" -v e="$without_hook" \
     'BEGIN { printf "epmd (10000 rules, kernel hook off): %.1f us/exec (+%.1f us, x%.2f)\n", e, e-b, e/b }'
@@ -186,8 +209,11 @@ awk -v b="$base" -v e="$with_epmd" -v h="$hook_state" \
     'BEGIN { printf "epmd (10000 rules, kernel hook %s): %.1f us/exec (+%.1f us, x%.2f)\n", h, e, e-b, e/b }'
 awk -v b="$base" -v e="$with_epmd" -v f="$bare" \
     'BEGIN { printf "epmd added / bare listener added: %.2f\n", (e-b)/(f-b) }'
-awk -v t="$ticks" -v hz="$(getconf CLK_TCK)" -v s="$switches" -v r="$runs" \
+awk -v t="$ticks" -v hz="$(getconf CLK_TCK)" -v s="$switches" -v r="$counted" \
     'BEGIN { printf "epmd CPU: %.1f us per exec; %.1f voluntary context switches per exec\n", t * 1e6 / hz / r, s / r }'
+if [[ -n $syscalls ]]; then
+    awk -v c="$syscalls" -v r="$counted" 'BEGIN { printf "epmd system calls: %.1f per exec\n", c / r }'
+fi
 awk -v b="$base_user" -v e="$with_user" \
     'BEGIN { printf "epmd, a program a user can write (leased): %.1f us/exec (+%.1f us)\n", e, e-b }'
 echo "$fapolicyd_line"

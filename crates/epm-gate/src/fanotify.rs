@@ -154,6 +154,8 @@ pub struct FanotifyGate {
     /// Whether the kernel reports every write of files on a device (a
     /// local file system), by device: a cached allow relies on it.
     local_devices: Mutex<HashMap<u64, bool>>,
+    /// Paths and ELF heads of files only root can write, per version.
+    memo: FileMemo,
 }
 
 fn io_error(what: impl Into<String>, source: std::io::Error) -> GateError {
@@ -210,6 +212,7 @@ impl FanotifyGate {
         let mut gate = Self {
             kernel: Arc::new(KernelCache::new(fan.clone(), interpreter_loads.clone())),
             local_devices: Mutex::default(),
+            memo: FileMemo::default(),
             fan,
             mountinfo,
             scope: WatchScope::new(watch_paths, config.fs_types),
@@ -374,15 +377,17 @@ impl FanotifyGate {
         add(MarkFlags::FAN_MARK_MOUNT).map(|()| MarkScope::Mount)
     }
 
-    /// Reads one buffer of events and hands each on.
+    /// Reads one buffer of events and hands each on. `true` when the
+    /// buffer came back (nearly) full, so more events are likely waiting:
+    /// the caller reads again before it polls, and a burst costs one wake-up.
     fn read_events(
         &mut self,
         buf: &mut [u8],
         sink: &mut dyn FnMut(PendingExec),
-    ) -> Result<(), GateError> {
+    ) -> Result<bool, GateError> {
         let n = match nix::unistd::read(self.fan.as_fd().as_raw_fd(), buf) {
             Ok(n) => n,
-            Err(Errno::EAGAIN | Errno::EINTR) => return Ok(()),
+            Err(Errno::EAGAIN | Errno::EINTR) => return Ok(false),
             Err(e @ (Errno::EBADF | Errno::EFAULT)) => {
                 return Err(io_error("cannot read fanotify events", e.into()));
             }
@@ -392,9 +397,12 @@ impl FanotifyGate {
             Err(e) => {
                 tracing::warn!(error = %e,
                     "the kernel could not hand an exec over (it denied that exec)");
-                return Ok(());
+                return Ok(false);
             }
         };
+        // The kernel hands over only whole events: room for one more (an
+        // event with its pidfd record is 32 bytes) means the queue was empty.
+        let full = n + 2 * 32 > buf.len();
         let mut rest = buf.get(..n).unwrap_or_default();
         while !rest.is_empty() {
             if rest.len() < METADATA_LEN {
@@ -427,7 +435,7 @@ impl FanotifyGate {
             self.handle_event(&meta, &rest[metadata_len..event_len], sink);
             rest = &rest[event_len..];
         }
-        Ok(())
+        Ok(full)
     }
 
     fn handle_event(
@@ -471,13 +479,7 @@ impl FanotifyGate {
             responder.answer(Verdict::Allow);
             return;
         }
-        match gather_facts(
-            pid,
-            responder.event_fd.as_fd(),
-            pidfd.as_ref(),
-            &self.needs,
-            &self.own_mounts,
-        ) {
+        match self.gather_facts(pid, responder.event_fd.as_fd(), pidfd.as_ref()) {
             Ok(mut facts) => {
                 let pairing = self.pairing(pid, &facts);
                 let expecting = match pairing {
@@ -497,8 +499,12 @@ impl FanotifyGate {
                     facts.stability,
                     Stability::Leased | Stability::OpenForWriting
                 );
-                facts.kernel_cache_candidate =
-                    facts.kernel_cache_candidate && self.is_local_device(&facts);
+                // The loader is never cached (see `KernelCache::remember`):
+                // told here from the remembered head, so its allow is not
+                // offered to the cache, which would read the head again.
+                facts.kernel_cache_candidate = facts.kernel_cache_candidate
+                    && self.is_local_device(&facts)
+                    && !self.head(&facts).is_some_and(|head| head.loader);
                 responder.after = Some(AfterAnswer {
                     keeper: leasable.then(|| self.keeper.clone()),
                     pidfd,
@@ -586,7 +592,8 @@ impl FanotifyGate {
             Notified::Asked => return,
             Notified::Cached(entry) => entry,
         };
-        let path = fd_path(content.as_fd());
+        let identity = FileIdentity::of(&meta);
+        let (path, path_origin) = self.locate(content.as_fd(), &content, &meta, &identity);
         // Arms the pairing for the interpreter this program names. The
         // system loader is never cached (see `KernelCache::remember`), so
         // its load comes as a permission event and is paired there; an
@@ -601,29 +608,16 @@ impl FanotifyGate {
             // cached: the next exec is asked again.
             self.kernel.forget(content.as_fd(), key);
         }
-        let identity = FileIdentity::of(&meta);
-        let path_origin = if same_path {
-            PathOrigin::Local
-        } else {
-            check_path(&path, &identity, &content, &self.own_mounts)
-        };
         let process = process_facts(pid, pidfd.as_ref(), &self.needs);
-        let gone = process.is_none();
-        let (status, login_uid, parent_path) = process.unwrap_or_default();
         sink(PendingExec::observed_from(
-            ExecFacts {
-                uid: status.uid,
-                gid: status.gid,
-                groups: status.groups,
-                login_uid,
-                ppid: status.ppid,
-                parent_path,
-                content: Some(content),
-                path_origin,
-                stability: Stability::OnlyRootWrites,
-                process_gone: gone,
-                ..ExecFacts::new(pid, identity, path)
-            },
+            exec_facts(
+                pid,
+                identity,
+                (path, path_origin),
+                Stability::OnlyRootWrites,
+                content,
+                process,
+            ),
             AnsweredBy::KernelCache,
         ));
     }
@@ -639,14 +633,11 @@ impl FanotifyGate {
             .interpreter_loads
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        let pairing = loads.event(
+        let pairing = loads.event_named(
             pid,
             (facts.file.dev, facts.file.ino),
             &facts.path,
-            |head| {
-                use std::os::unix::fs::FileExt;
-                facts.content.as_ref()?.read_at(head, 0).ok()
-            },
+            || self.head(facts)?.interpreter,
             |path| {
                 std::fs::metadata(path)
                     .ok()
@@ -657,19 +648,13 @@ impl FanotifyGate {
         let Pairing::LoadOf(program) = pairing else {
             return pairing;
         };
-        let is_system_loader = || {
-            let content = facts.content.as_ref()?;
-            let meta = content.metadata().ok()?;
-            if meta.uid() != 0 || meta.mode() & 0o022 != 0 {
-                return None;
-            }
-            let mut head = [0u8; super::interp::HEAD_BYTES];
-            let read = std::os::unix::fs::FileExt::read_at(content, &mut head, 0).ok()?;
-            super::interp::is_loader(head.get(..read)?).then_some(())
-        };
-        match is_system_loader() {
-            Some(()) => Pairing::LoadOf(program),
-            None => Pairing::None,
+        // Owned by root and writable by nobody else (what the gate found
+        // when it read the event), and a loader.
+        let is_system_loader = facts.stability == Stability::OnlyRootWrites
+            && self.head(facts).is_some_and(|head| head.loader);
+        match is_system_loader {
+            true => Pairing::LoadOf(program),
+            false => Pairing::None,
         }
     }
 }
@@ -902,44 +887,25 @@ enum Unusable {
     File(std::io::Error),
 }
 
-fn gather_facts(
+/// What the gate read of an exec's process: its credentials and parent,
+/// its login uid and its parent's executable (when asked for).
+type ProcessFacts = (procfs::ProcStatus, Option<u32>, Option<String>);
+
+/// The facts of one exec, from what the gate read of its file and process
+/// (`None`: the process had exited): the one place both a permission event
+/// and a notification of a kernel-cached exec turn into [`ExecFacts`].
+fn exec_facts(
     pid: u32,
-    event_fd: BorrowedFd<'_>,
-    pidfd: Option<&OwnedFd>,
-    needs: &FactNeeds,
-    own_mounts: &HashSet<u64>,
-) -> Result<ExecFacts, Unusable> {
-    // The content handle is a duplicate: a worker may close it once it has
-    // hashed the file, while the event's own fd stays open until the answer
-    // is written. The kernel matches an answer to its event by fd number, and
-    // a number closed early would go to the next event, so two waiting events
-    // could share it and an answer could reach the wrong exec.
-    let content = File::from(event_fd.try_clone_to_owned().map_err(Unusable::File)?);
-    // A file a user could write gets a lease first: the version read next
-    // is then the one that runs.
-    let meta = content.metadata().map_err(Unusable::File)?;
-    let (stability, meta) = if lease::only_root_writes(&meta) {
-        (Stability::OnlyRootWrites, meta)
-    } else {
-        let stability = lease::take(&content);
-        (stability, content.metadata().map_err(Unusable::File)?)
-    };
-    let identity = FileIdentity::of(&meta);
-    let path = fd_path(event_fd);
-    let path_origin = check_path(&path, &identity, &content, own_mounts);
-    // A candidate for the kernel cache of allows (the gate checks the file
-    // system too): only root can change it, it has no other name, and the
-    // path names it here.
-    let kernel_cache_candidate = stability == Stability::OnlyRootWrites
-        && meta.nlink() == 1
-        && path_origin == PathOrigin::Local;
-    // At FAN_OPEN_EXEC_PERM time /proc/PID still shows the process before
-    // the exec: its credentials and parent are right, its exe/cmdline are the
-    // old program's, which is why the file comes from the event fd.
-    let (status, login_uid, parent_path) =
-        process_facts(pid, pidfd, needs).ok_or(Unusable::Gone)?;
-    Ok(ExecFacts {
-        kernel_cache_candidate,
+    file: FileIdentity,
+    located: (String, PathOrigin),
+    stability: Stability,
+    content: File,
+    process: Option<ProcessFacts>,
+) -> ExecFacts {
+    let process_gone = process.is_none();
+    let (status, login_uid, parent_path) = process.unwrap_or_default();
+    let (path, path_origin) = located;
+    ExecFacts {
         uid: status.uid,
         gid: status.gid,
         groups: status.groups,
@@ -949,8 +915,162 @@ fn gather_facts(
         content: Some(content),
         path_origin,
         stability,
-        ..ExecFacts::new(pid, identity, path)
-    })
+        process_gone,
+        ..ExecFacts::new(pid, file, path)
+    }
+}
+
+impl FanotifyGate {
+    /// The facts of a permission event, read while its process waits.
+    fn gather_facts(
+        &self,
+        pid: u32,
+        event_fd: BorrowedFd<'_>,
+        pidfd: Option<&OwnedFd>,
+    ) -> Result<ExecFacts, Unusable> {
+        // The content handle is a duplicate: a worker may close it once it has
+        // hashed the file, while the event's own fd stays open until the answer
+        // is written. The kernel matches an answer to its event by fd number, and
+        // a number closed early would go to the next event, so two waiting events
+        // could share it and an answer could reach the wrong exec.
+        let content = File::from(event_fd.try_clone_to_owned().map_err(Unusable::File)?);
+        // A file a user could write gets a lease first: the version read next
+        // is then the one that runs.
+        let meta = content.metadata().map_err(Unusable::File)?;
+        let (stability, meta) = if lease::only_root_writes(&meta) {
+            (Stability::OnlyRootWrites, meta)
+        } else {
+            let stability = lease::take(&content);
+            (stability, content.metadata().map_err(Unusable::File)?)
+        };
+        let identity = FileIdentity::of(&meta);
+        let located = self.locate(event_fd, &content, &meta, &identity);
+        // A candidate for the kernel cache of allows (the gate checks the file
+        // system too): only root can change it, it has no other name, and the
+        // path names it here.
+        let kernel_cache_candidate = stability == Stability::OnlyRootWrites
+            && meta.nlink() == 1
+            && located.1 == PathOrigin::Local;
+        // At FAN_OPEN_EXEC_PERM time /proc/PID still shows the process before
+        // the exec: its credentials and parent are right, its exe/cmdline are the
+        // old program's, which is why the file comes from the event fd.
+        let process = process_facts(pid, pidfd, &self.needs).ok_or(Unusable::Gone)?;
+        Ok(ExecFacts {
+            kernel_cache_candidate,
+            ..exec_facts(pid, identity, located, stability, content, Some(process))
+        })
+    }
+
+    /// The kernel's name for an event's file, and whose name it is. A file
+    /// only root can write, with one link, is named by the path remembered
+    /// for its version when that path still names it here: one `statx`
+    /// instead of the fd's `readlink` and a `statx`. That path is then a
+    /// name of this very file in the daemon's namespace, which is all a
+    /// [`PathOrigin::Local`] path promises (with one link, it is the
+    /// kernel's name too, unless the file was reached through a bind mount).
+    fn locate(
+        &self,
+        fd: BorrowedFd<'_>,
+        content: &File,
+        meta: &std::fs::Metadata,
+        identity: &FileIdentity,
+    ) -> (String, PathOrigin) {
+        let memo = lease::only_root_writes(meta) && meta.nlink() == 1;
+        if memo
+            && let Some(path) = self.memo.path(identity)
+            && names_here(&path, identity)
+        {
+            return (path, PathOrigin::Local);
+        }
+        let path = fd_path(fd);
+        let origin = check_path(&path, identity, content, &self.own_mounts);
+        if memo && origin == PathOrigin::Local {
+            self.memo.set_path(identity, &path);
+        }
+        (path, origin)
+    }
+
+    /// What the first bytes of an event's file say: read once per version
+    /// of a file only root can write, every time for any other.
+    fn head(&self, facts: &ExecFacts) -> Option<Head> {
+        let memo = facts.stability == Stability::OnlyRootWrites;
+        if memo && let Some(head) = self.memo.head(&facts.file) {
+            return Some(head);
+        }
+        let mut bytes = [0u8; super::interp::HEAD_BYTES];
+        let read =
+            std::os::unix::fs::FileExt::read_at(facts.content.as_ref()?, &mut bytes, 0).ok()?;
+        let bytes = bytes.get(..read)?;
+        let head = Head {
+            interpreter: super::interp::loaded_interpreter(bytes).map(str::to_owned),
+            loader: super::interp::is_loader(bytes),
+        };
+        if memo {
+            self.memo.set_head(&facts.file, &head);
+        }
+        Some(head)
+    }
+}
+
+/// What an executable's first bytes say (see [`super::interp`]).
+#[derive(Debug, Clone, Default)]
+struct Head {
+    /// The interpreter the kernel will load for it.
+    interpreter: Option<String>,
+    /// It is a dynamic loader.
+    loader: bool,
+}
+
+/// What the gate remembers of files only root can write, by version
+/// (device, inode, size, mtime and ctime: any write, chmod, chown, rename
+/// or link makes a new one): the path it was last named by, and its head.
+/// Nobody but root can change such a file, so a remembered head is its
+/// head; a remembered path is checked again on every use ([`names_here`]).
+#[derive(Debug, Default)]
+struct FileMemo {
+    files: Mutex<HashMap<FileIdentity, Memo>>,
+}
+
+/// What [`FileMemo`] knows of one file version.
+#[derive(Debug, Default)]
+struct Memo {
+    path: Option<String>,
+    head: Option<Head>,
+}
+
+/// Files remembered at most; the memo starts over when full.
+const MEMO_CAPACITY: usize = 4096;
+
+impl FileMemo {
+    fn with<T>(&self, f: impl FnOnce(&mut HashMap<FileIdentity, Memo>) -> T) -> T {
+        let mut files = self.files.lock().unwrap_or_else(PoisonError::into_inner);
+        f(&mut files)
+    }
+
+    fn path(&self, file: &FileIdentity) -> Option<String> {
+        self.with(|files| files.get(file)?.path.clone())
+    }
+
+    fn head(&self, file: &FileIdentity) -> Option<Head> {
+        self.with(|files| files.get(file)?.head.clone())
+    }
+
+    fn entry<T>(&self, file: &FileIdentity, f: impl FnOnce(&mut Memo) -> T) -> T {
+        self.with(|files| {
+            if files.len() >= MEMO_CAPACITY && !files.contains_key(file) {
+                files.clear();
+            }
+            f(files.entry(*file).or_default())
+        })
+    }
+
+    fn set_path(&self, file: &FileIdentity, path: &str) {
+        self.entry(file, |e| e.path = Some(path.to_owned()));
+    }
+
+    fn set_head(&self, file: &FileIdentity, head: &Head) {
+        self.entry(file, |e| e.head = Some(head.clone()));
+    }
 }
 
 /// The credentials, parent and login uid of `pid` (what `needs` asks of
@@ -965,19 +1085,27 @@ fn process_facts(
     // (race-free, no /proc text); /proc/PID/status when groups are needed or
     // the kernel is older than 6.13.
     let from_pidfd = pidfd.and_then(|p| pidfd_info(p.as_fd(), pid));
+    let mut read_proc = false;
     let status = match from_pidfd {
         Some(status) if !needs.groups() => Some(status),
-        _ => read_small(&format!("/proc/{pid}/status"), &mut buf).and_then(procfs::parse_status),
+        _ => {
+            read_proc = true;
+            read_small(&format!("/proc/{pid}/status"), &mut buf).and_then(procfs::parse_status)
+        }
     };
     // Nothing to read: the process is gone (its exec was answered by the
     // kernel's cache, or it was killed while blocked in its exec).
     let status = status?;
     let login_uid = if needs.login_uid() {
+        read_proc = true;
         read_small(&format!("/proc/{pid}/loginuid"), &mut buf).and_then(procfs::parse_loginuid)
     } else {
         None
     };
-    if let Some(pidfd) = pidfd
+    // What came from /proc/PID is this process's only if the pid still
+    // names it; what came from the pidfd is its own anyway.
+    if read_proc
+        && let Some(pidfd) = pidfd
         && !pidfd_alive(pidfd.as_fd())
     {
         return None;
@@ -999,16 +1127,20 @@ fn check_path(
     file: &File,
     own_mounts: &HashSet<u64>,
 ) -> PathOrigin {
-    // No symlink is followed at the end: the kernel's name is resolved.
-    if let Ok(meta) = std::fs::symlink_metadata(path)
-        && (meta.dev(), meta.ino()) == (identity.dev, identity.ino)
-    {
+    if names_here(path, identity) {
         return PathOrigin::Local;
     }
     match mount_id(file) {
         Some(id) if !own_mounts.contains(&id) => PathOrigin::OtherNamespace,
         _ => PathOrigin::NotFoundHere,
     }
+}
+
+/// Whether `path` names `file` in the daemon's mount namespace. No symlink
+/// is followed at the end: the kernel's name is resolved.
+fn names_here(path: &str, file: &FileIdentity) -> bool {
+    std::fs::symlink_metadata(path)
+        .is_ok_and(|meta| (meta.dev(), meta.ino()) == (file.dev, file.ino))
 }
 
 /// The id of the mount `file` was opened on (`statx`, Linux 5.8).
@@ -1238,7 +1370,7 @@ impl ExecGate for FanotifyGate {
                 tracing::error!(error = %e, "cannot read the mount table; new mounts are not gated");
             }
             if events_ready {
-                self.read_events(&mut buf, sink)?;
+                while self.read_events(&mut buf, sink)? && !shutdown.is_requested() {}
             }
         }
         Ok(())
@@ -1270,6 +1402,57 @@ mod tests {
             pidfd_info(pidfd.as_fd(), std::process::id() + 1).is_none(),
             "pid is checked"
         );
+    }
+
+    #[test]
+    fn a_remembered_path_counts_only_while_it_names_the_same_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tool");
+        std::fs::write(&path, b"one").unwrap();
+        let file = FileIdentity::of(&std::fs::metadata(&path).unwrap());
+        let memo = FileMemo::default();
+        memo.set_path(&file, path.to_str().unwrap());
+        let remembered = memo.path(&file).unwrap();
+        assert!(names_here(&remembered, &file));
+        // Renamed away, and another file put at the old path: the
+        // remembered path names something else now.
+        std::fs::rename(&path, dir.path().join("moved")).unwrap();
+        assert!(!names_here(&remembered, &file), "nothing there");
+        std::fs::write(&path, b"two").unwrap();
+        assert!(!names_here(&remembered, &file), "another file there");
+        // A symlink at the path is not followed.
+        std::fs::remove_file(&path).unwrap();
+        std::os::unix::fs::symlink(dir.path().join("moved"), &path).unwrap();
+        assert!(!names_here(&remembered, &file), "a symlink to it");
+    }
+
+    #[test]
+    fn the_file_memo_is_per_version_and_bounded() {
+        let memo = FileMemo::default();
+        let file = |ino: u64, ctime_ns: i64| FileIdentity {
+            dev: 1,
+            ino,
+            size: 10,
+            mtime_ns: 0,
+            ctime_ns,
+        };
+        memo.set_head(
+            &file(1, 5),
+            &Head {
+                interpreter: Some("/lib/ld.so".into()),
+                loader: false,
+            },
+        );
+        assert!(memo.head(&file(1, 5)).is_some());
+        assert!(
+            memo.head(&file(1, 6)).is_none(),
+            "a new version is read again"
+        );
+        for ino in 2..=MEMO_CAPACITY as u64 + 1 {
+            memo.set_path(&file(ino, 0), "/x");
+        }
+        let len = memo.with(|files| files.len());
+        assert!(len <= MEMO_CAPACITY, "{len} files remembered");
     }
 
     #[test]

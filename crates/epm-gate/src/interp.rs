@@ -210,28 +210,36 @@ impl InterpreterLoads {
         read_head: impl FnOnce(&mut [u8]) -> Option<usize>,
         resolve: impl FnOnce(&str) -> Option<FileKey>,
     ) -> Pairing {
+        let interpreter = || {
+            let mut head = [0u8; HEAD_BYTES];
+            let read = read_head(&mut head)?;
+            loaded_interpreter(head.get(..read)?).map(str::to_owned)
+        };
+        self.event_named(pid, file, path, interpreter, resolve)
+    }
+
+    /// [`InterpreterLoads::event`] with the interpreter the file names
+    /// ([`loaded_interpreter`] of its head) told by `interpreter`, which is
+    /// asked only when the event is not a load: a gate that remembers heads
+    /// reads none for a load.
+    pub fn event_named(
+        &mut self,
+        pid: u32,
+        file: FileKey,
+        path: &str,
+        interpreter: impl FnOnce() -> Option<String>,
+        resolve: impl FnOnce(&str) -> Option<FileKey>,
+    ) -> Pairing {
         if let Some(expected) = self.pending.remove(&pid)
             && expected.interpreter == file
             && expected.armed.is_some_and(|at| at.elapsed() < PAIRING_TTL)
         {
             return Pairing::LoadOf(expected.program);
         }
-        self.expect(pid, path, read_head, resolve)
-            .map_or(Pairing::None, Pairing::Expecting)
-    }
-
-    fn expect(
-        &mut self,
-        pid: u32,
-        path: &str,
-        read_head: impl FnOnce(&mut [u8]) -> Option<usize>,
-        resolve: impl FnOnce(&str) -> Option<FileKey>,
-    ) -> Option<u64> {
-        let mut head = [0u8; HEAD_BYTES];
-        let read = read_head(&mut head)?;
-        let interp = loaded_interpreter(head.get(..read)?)?;
-        let key = self.resolve(interp, resolve)?;
-        Some(self.expect_key(pid, key, path, None))
+        let expecting = interpreter()
+            .and_then(|interp| self.resolve(&interp, resolve))
+            .map(|key| self.expect_key(pid, key, path, None));
+        expecting.map_or(Pairing::None, Pairing::Expecting)
     }
 
     /// The file an interpreter path names now (`resolve` is asked at most

@@ -110,16 +110,29 @@ impl Residual {
 }
 
 /// A rule as the engine keeps it: small, because there may be 100 000.
+/// Its id is a span of the engine's one string of ids, and what many
+/// rules share (a scope, the default justification and approval) is one
+/// allocation shared by all of them.
 #[derive(Debug)]
 struct CompiledRule {
-    id: Arc<str>,
+    id: IdSpan,
     action: Action,
     key: Criterion,
-    residual: Vec<Residual>,
-    scope: Option<Box<Scope>>,
+    residual: Box<[Residual]>,
+    scope: Option<Arc<Scope>>,
     message: Option<Arc<str>>,
-    justification: Option<Box<JustificationSpec>>,
-    approval: Option<Box<ApprovalSpec>>,
+    justification: Option<Arc<JustificationSpec>>,
+    approval: Option<Arc<ApprovalSpec>>,
+}
+
+/// Where a rule's id is in [`Engine::ids`]: start and length in bytes.
+#[derive(Debug, Clone, Copy)]
+struct IdSpan(u32, u32);
+
+/// The text of `span` in `ids` (empty if it were out of bounds).
+fn id_of(ids: &str, span: IdSpan) -> &str {
+    let start = span.0 as usize;
+    ids.get(start..start + span.1 as usize).unwrap_or_default()
 }
 
 impl CompiledRule {
@@ -226,26 +239,24 @@ pub struct AdminSessionMatch<'a> {
     pub scope: ScopeMatch,
 }
 
-/// Rule indices under one index key. Nearly every key has one rule, so that
-/// case needs no allocation.
-#[derive(Debug)]
-enum Bucket {
-    One(u32),
-    Many(Vec<u32>),
-}
+/// Rule indices under one index key, in four bytes: nearly every key has
+/// one rule, which is the value itself; a key with several has
+/// [`Bucket::SHARED`] set and the rest is its place in the engine's
+/// `shared` lists. (An enum of one index or a vector took 32 bytes per
+/// key: 3 MB of 100 000 rules.)
+#[derive(Debug, Clone, Copy)]
+struct Bucket(u32);
 
 impl Bucket {
-    fn push(&mut self, index: u32) {
-        match self {
-            Bucket::One(first) => *self = Bucket::Many(vec![*first, index]),
-            Bucket::Many(all) => all.push(index),
-        }
-    }
+    const SHARED: u32 = 1 << 31;
 
-    fn as_slice(&self) -> &[u32] {
-        match self {
-            Bucket::One(one) => std::slice::from_ref(one),
-            Bucket::Many(all) => all,
+    /// The rules under this key.
+    fn rules<'a>(&'a self, shared: &'a [Vec<u32>]) -> &'a [u32] {
+        match self.0 & Self::SHARED {
+            0 => std::slice::from_ref(&self.0),
+            _ => shared
+                .get((self.0 & !Self::SHARED) as usize)
+                .map_or(&[], Vec::as_slice),
         }
     }
 }
@@ -253,10 +264,29 @@ impl Bucket {
 /// An index from a string criterion's value to its rules.
 type StringIndex = HashMap<Box<str>, Bucket>;
 
-fn add<K: std::hash::Hash + Eq>(map: &mut HashMap<K, Bucket>, key: K, index: u32) {
-    map.entry(key)
-        .and_modify(|b| b.push(index))
-        .or_insert(Bucket::One(index));
+/// Files rule `index` under `key`; `shared` holds the lists of keys with
+/// more than one rule. Rule indices stay below [`Bucket::SHARED`]
+/// ([`EngineBuilder::add`] refuses more rules).
+fn add<K: std::hash::Hash + Eq>(
+    map: &mut HashMap<K, Bucket>,
+    shared: &mut Vec<Vec<u32>>,
+    key: K,
+    index: u32,
+) {
+    let bucket = map.entry(key).or_insert(Bucket(index));
+    if bucket.0 == index {
+        return;
+    }
+    if bucket.0 & Bucket::SHARED == 0 {
+        let Ok(list) = u32::try_from(shared.len()) else {
+            return;
+        };
+        shared.push(vec![bucket.0]);
+        *bucket = Bucket(list | Bucket::SHARED);
+    }
+    if let Some(list) = shared.get_mut((bucket.0 & !Bucket::SHARED) as usize) {
+        list.push(index);
+    }
 }
 
 fn engine_uses_parent_path(rules: &[CompiledRule]) -> bool {
@@ -291,7 +321,12 @@ pub struct Engine {
     version: u64,
     default_action: Action,
     rules: Vec<CompiledRule>,
-    by_id: HashMap<Arc<str>, u32>,
+    /// Every rule's id, one after the other ([`IdSpan`]).
+    ids: Box<str>,
+    /// Rule indices sorted by id, for [`Engine::rule`].
+    by_id: Box<[u32]>,
+    /// The rule lists of index keys with more than one rule ([`Bucket`]).
+    shared: Vec<Vec<u32>>,
     by_cdhash: HashMap<CdHash, Bucket>,
     by_sha256: HashMap<Sha256Digest, Bucket>,
     by_signing_id: StringIndex,
@@ -316,7 +351,12 @@ pub struct Engine {
 /// Collects rules into index maps; the glob set is compiled once at the end.
 struct EngineBuilder {
     rules: Vec<CompiledRule>,
-    by_id: HashMap<Arc<str>, u32>,
+    ids: String,
+    shared: Vec<Vec<u32>>,
+    /// Each distinct scope once, shared by its rules.
+    scopes: HashMap<Scope, Arc<Scope>>,
+    default_justification: Arc<JustificationSpec>,
+    default_approval: Arc<ApprovalSpec>,
     by_cdhash: HashMap<CdHash, Bucket>,
     by_sha256: HashMap<Sha256Digest, Bucket>,
     by_signing_id: StringIndex,
@@ -334,7 +374,11 @@ impl EngineBuilder {
     fn new() -> Self {
         Self {
             rules: Vec::new(),
-            by_id: HashMap::new(),
+            ids: String::new(),
+            shared: Vec::new(),
+            scopes: HashMap::new(),
+            default_justification: Arc::default(),
+            default_approval: Arc::default(),
             by_cdhash: HashMap::new(),
             by_sha256: HashMap::new(),
             by_signing_id: HashMap::new(),
@@ -355,9 +399,12 @@ impl EngineBuilder {
             self.fail(&rule.id, "match", "names no identity criterion".into());
             return;
         };
-        let Ok(index) = u32::try_from(self.rules.len()) else {
-            self.fail(&rule.id, "", "too many rules".into());
-            return;
+        let index = match u32::try_from(self.rules.len()) {
+            Ok(index) if index < Bucket::SHARED => index,
+            _ => {
+                self.fail(&rule.id, "", "too many rules".into());
+                return;
+            }
         };
         let Criteria {
             path,
@@ -376,27 +423,31 @@ impl EngineBuilder {
 
         // The key goes into its index; every other criterion is residual.
         match (key, cdhash) {
-            (Criterion::Cdhash, Some(d)) => add(&mut self.by_cdhash, d, index),
+            (Criterion::Cdhash, Some(d)) => add(&mut self.by_cdhash, &mut self.shared, d, index),
             (_, Some(d)) => residual.push(Residual::Cdhash(d)),
             (_, None) => {}
         }
         match (key, sha256) {
-            (Criterion::Sha256, Some(d)) => add(&mut self.by_sha256, d, index),
+            (Criterion::Sha256, Some(d)) => add(&mut self.by_sha256, &mut self.shared, d, index),
             (_, Some(d)) => residual.push(Residual::Sha256(d)),
             (_, None) => {}
         }
         match (key, signing_id) {
-            (Criterion::SigningId, Some(v)) => add(&mut self.by_signing_id, v.into(), index),
+            (Criterion::SigningId, Some(v)) => {
+                add(&mut self.by_signing_id, &mut self.shared, v.into(), index)
+            }
             (_, Some(v)) => residual.push(Residual::SigningId(v.into())),
             (_, None) => {}
         }
         match (key, team_id) {
-            (Criterion::TeamId, Some(v)) => add(&mut self.by_team_id, v.into(), index),
+            (Criterion::TeamId, Some(v)) => {
+                add(&mut self.by_team_id, &mut self.shared, v.into(), index)
+            }
             (_, Some(v)) => residual.push(Residual::TeamId(v.into())),
             (_, None) => {}
         }
         match (key, path) {
-            (Criterion::Path, Some(v)) => add(&mut self.by_path, v.into(), index),
+            (Criterion::Path, Some(v)) => add(&mut self.by_path, &mut self.shared, v.into(), index),
             (_, Some(v)) => residual.push(Residual::Path(v.into())),
             (_, None) => {}
         }
@@ -414,7 +465,7 @@ impl EngineBuilder {
             }
         }
         match (key, name) {
-            (Criterion::Name, Some(v)) => add(&mut self.by_name, v.into(), index),
+            (Criterion::Name, Some(v)) => add(&mut self.by_name, &mut self.shared, v.into(), index),
             (_, Some(v)) => residual.push(Residual::Name(v.into())),
             (_, None) => {}
         }
@@ -436,29 +487,34 @@ impl EngineBuilder {
         if let Some(v) = parent_path {
             residual.push(Residual::ParentPath(v.into()));
         }
-        residual.shrink_to_fit();
-
         let justification = match (rule.justification, rule.action) {
-            (Some(spec), _) => Some(Box::new(spec)),
-            (None, Action::Justify | Action::Approve) => Some(Box::default()),
+            (Some(spec), _) => Some(Arc::new(spec)),
+            (None, Action::Justify | Action::Approve) => Some(self.default_justification.clone()),
             (None, _) => None,
         };
         let approval = match (rule.approval, rule.action) {
-            (Some(spec), _) => Some(Box::new(spec)),
-            (None, Action::Approve) => Some(Box::default()),
+            (Some(spec), _) => Some(Arc::new(spec)),
+            (None, Action::Approve) => Some(self.default_approval.clone()),
             (None, _) => None,
         };
-        let id: Arc<str> = rule.id.into();
-        if self.by_id.insert(id.clone(), index).is_some() {
-            self.fail(&id, "id", "duplicate rule id".into());
+        let scope = rule.scope.map(|scope| {
+            self.scopes
+                .entry(scope)
+                .or_insert_with_key(|scope| Arc::new(scope.clone()))
+                .clone()
+        });
+        let (Ok(start), Ok(len)) = (u32::try_from(self.ids.len()), u32::try_from(rule.id.len()))
+        else {
+            self.fail(&rule.id, "id", "the rule ids are too long together".into());
             return;
-        }
+        };
+        self.ids.push_str(&rule.id);
         self.rules.push(CompiledRule {
-            id,
+            id: IdSpan(start, len),
             action: rule.action,
             key,
-            residual,
-            scope: rule.scope.map(Box::new),
+            residual: residual.into_boxed_slice(),
+            scope,
             message: rule.message.map(Arc::from),
             justification,
             approval,
@@ -490,6 +546,22 @@ impl EngineBuilder {
                 message: format!("the globs together are too complex to compile: {e}"),
             }])
         })?;
+        let ids: Box<str> = self.ids.into_boxed_str();
+        let mut by_id: Vec<u32> = (0..self.rules.len() as u32).collect();
+        by_id.sort_unstable_by(|a, b| {
+            let id = |i: &u32| id_of(&ids, self.rules[*i as usize].id);
+            id(a).cmp(id(b)).then(a.cmp(b))
+        });
+        if let Some(pair) = by_id.windows(2).find(|pair| {
+            id_of(&ids, self.rules[pair[0] as usize].id)
+                == id_of(&ids, self.rules[pair[1] as usize].id)
+        }) {
+            return Err(PolicyErrors(vec![PolicyError {
+                rule: Some(id_of(&ids, self.rules[pair[1] as usize].id).to_owned()),
+                field: "id".to_owned(),
+                message: "duplicate rule id".into(),
+            }]));
+        }
         let uses_parent_path = engine_uses_parent_path(&self.rules);
         let uses_group_scope = self
             .rules
@@ -501,7 +573,9 @@ impl EngineBuilder {
             version,
             default_action,
             rules: self.rules,
-            by_id: self.by_id,
+            ids,
+            by_id: by_id.into_boxed_slice(),
+            shared: self.shared,
             by_cdhash: self.by_cdhash,
             by_sha256: self.by_sha256,
             by_signing_id: self.by_signing_id,
@@ -563,7 +637,9 @@ impl Engine {
             version,
             default_action,
             rules: Vec::new(),
-            by_id: HashMap::new(),
+            ids: Box::default(),
+            by_id: Box::default(),
+            shared: Vec::new(),
             by_cdhash: HashMap::new(),
             by_sha256: HashMap::new(),
             by_signing_id: HashMap::new(),
@@ -619,9 +695,18 @@ impl Engine {
 
     /// Looks a rule up by id.
     pub fn rule(&self, id: &str) -> Option<RuleInfo<'_>> {
-        let rule = self.rules.get(*self.by_id.get(id)? as usize)?;
+        let at = self
+            .by_id
+            .binary_search_by(|&i| {
+                self.rules
+                    .get(i as usize)
+                    .map_or("", |rule| id_of(&self.ids, rule.id))
+                    .cmp(id)
+            })
+            .ok()?;
+        let rule = self.rules.get(*self.by_id.get(at)? as usize)?;
         Some(RuleInfo {
-            id: &rule.id,
+            id: id_of(&self.ids, rule.id),
             action: rule.action,
             key: rule.key,
             message: rule.message.as_deref(),
@@ -725,12 +810,12 @@ impl Engine {
             if let Some(d) = &subject.cdhash
                 && let Some(b) = self.by_cdhash.get(d)
             {
-                self.consider(b.as_slice(), subject, name, &mut best);
+                self.consider(b.rules(&self.shared), subject, name, &mut best);
             }
             if let Some(d) = &subject.sha256
                 && let Some(b) = self.by_sha256.get(d)
             {
-                self.consider(b.as_slice(), subject, name, &mut best);
+                self.consider(b.rules(&self.shared), subject, name, &mut best);
             }
             if best.is_some() {
                 break 'levels;
@@ -747,7 +832,7 @@ impl Engine {
             ];
             for (map, value) in string_levels {
                 if let Some(b) = value.and_then(|v| map.get(v)) {
-                    self.consider(b.as_slice(), subject, name, &mut best);
+                    self.consider(b.rules(&self.shared), subject, name, &mut best);
                 }
                 if best.is_some() {
                     break 'levels;
@@ -769,14 +854,14 @@ impl Engine {
                 }
             }
             if let Some(b) = self.by_name.get(name) {
-                self.consider(b.as_slice(), subject, name, &mut best);
+                self.consider(b.rules(&self.shared), subject, name, &mut best);
             }
         }
 
         match best.and_then(|b| Some((b.scope, self.rules.get(b.index as usize)?))) {
             Some((scope, rule)) => Decision {
                 action: rule.action,
-                rule_id: Some(rule.id.clone()),
+                rule_id: Some(Arc::from(id_of(&self.ids, rule.id))),
                 criterion: Some(rule.key),
                 scope: Some(scope),
                 message: rule.message.clone(),
@@ -835,7 +920,7 @@ impl Engine {
                 !depends_on_process && !depends_on_user
             })
         };
-        let bucket = |b: Option<&Bucket>| b.map_or(&[][..], Bucket::as_slice).to_vec();
+        let bucket = |b: Option<&Bucket>| b.map_or(&[][..], |b| b.rules(&self.shared)).to_vec();
         let mut levels: Vec<Vec<u32>> = Vec::with_capacity(7);
         if let Some(d) = &subject.cdhash {
             levels.push(bucket(self.by_cdhash.get(d)));

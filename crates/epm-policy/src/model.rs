@@ -222,7 +222,7 @@ impl Criteria {
 
 /// Who a rule applies to. A rule applies when the user, one of the user's
 /// groups, or the device is listed.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Scope {
     /// User names.

@@ -388,6 +388,30 @@ fn rule_lookup_gives_flow_settings_with_defaults() {
     assert!(e.rule("nope").is_none());
 }
 
+#[test]
+fn compact_index_keeps_every_rule_of_a_shared_key_and_every_id() {
+    // Rules sharing a key live in one shared list; ids in one string.
+    let mut rules = Vec::new();
+    for i in 0..40 {
+        let user = if i == 37 { "alice" } else { "nobody" };
+        rules.push(format!(
+            r#"{{"id": "k{i}", "action": "deny", "match": {{"name": "nc"}}, "scope": {{"users": ["{user}"]}}}}"#
+        ));
+        rules.push(format!(
+            r#"{{"id": "other{i}", "action": "justify", "match": {{"name": "tool{i}"}}}}"#
+        ));
+    }
+    let e = engine(&rules.join(","));
+    assert_eq!(decide(&e, &subject()), (Action::Deny, Some("k37".into())));
+    for i in 0..40 {
+        assert_eq!(e.rule(&format!("k{i}")).unwrap().id, format!("k{i}"));
+        let other = e.rule(&format!("other{i}")).unwrap();
+        assert_eq!(other.action, Action::Justify);
+        assert_eq!(other.justification.unwrap().max_length, 1000);
+    }
+    assert!(e.rule("k40").is_none() && e.rule("").is_none());
+}
+
 // ---- the example from the issue --------------------------------------------------
 
 #[test]

@@ -291,7 +291,10 @@ impl AuditWriter {
         };
         let handle = std::thread::Builder::new()
             .name("epm-audit".into())
-            .spawn(move || state.run(&rx))?;
+            .spawn(move || {
+                yield_to_the_exec_path();
+                state.run(&rx)
+            })?;
         Ok((
             AuditWriter {
                 tx: tx.clone(),
@@ -374,6 +377,23 @@ struct Failing {
     error: String,
     store_batches: u64,
     log_batches: u64,
+}
+
+/// Puts the calling (audit) thread in `SCHED_BATCH`: it keeps its fair
+/// share of the CPU (a starved writer would drop records), but waking it
+/// (a batch is due) never preempts a running thread, such as the gate's
+/// answering an exec. Failing that, it runs as it is.
+fn yield_to_the_exec_path() {
+    #[cfg(target_os = "linux")]
+    {
+        let param = libc::sched_param { sched_priority: 0 };
+        // SAFETY: pid 0 is the calling thread; the parameter is a struct we
+        // own, which the kernel only reads.
+        if unsafe { libc::sched_setscheduler(0, libc::SCHED_BATCH, &raw const param) } != 0 {
+            tracing::debug!(error = %std::io::Error::last_os_error(),
+                "cannot put the audit thread in SCHED_BATCH");
+        }
+    }
 }
 
 impl WriterState {
@@ -546,6 +566,10 @@ impl WriterState {
         };
         if let Err(error) = &stored {
             tracing::error!(%error, "cannot commit audit records to the store");
+        } else if let Some(last) = sealed.last() {
+            // Durable now: said before the log shows them, so whoever reads
+            // a record in the log finds the status at or past it.
+            self.last_seq.store(last.seq, Ordering::Relaxed);
         }
         let first = sealed.first().map_or(0, |r| r.seq);
         // A batch whose log write failed before left a gap: fill it from the

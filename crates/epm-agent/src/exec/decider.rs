@@ -791,6 +791,9 @@ fn set_fact_needs(needs: &FactNeeds, policy: &PolicyState) {
         policy.engine.uses_parent_path(),
         policy.engine.uses_group_scope(),
     );
+    // No rule and no audit field uses the login uid yet: not read per exec
+    // (a /proc open, read and close).
+    needs.set_login_uid(false);
     needs.policy_changed();
 }
 
