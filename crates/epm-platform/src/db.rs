@@ -1882,8 +1882,9 @@ impl Db {
             )?;
             // A grant that cannot be made cannot be stored: the approval
             // rolls back (an internal error, logged).
-            let envelope = sign(&Db::request_row(&tx, id)?.request, uses)
-                .map_err(|e| DbError::Sql(rusqlite::Error::ToSqlConversionFailure(e.into()).into()))?;
+            let envelope = sign(&Db::request_row(&tx, id)?.request, uses).map_err(|e| {
+                DbError::Sql(rusqlite::Error::ToSqlConversionFailure(e.into()).into())
+            })?;
             tx.execute(
                 "UPDATE requests SET grant_envelope = ?2 WHERE id = ?1",
                 params![id, to_json(&envelope)],
