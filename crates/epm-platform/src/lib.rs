@@ -1,6 +1,6 @@
 //! The EPM reference platform: the management server agents sync with.
 //!
-//! One process, one SQLite file, HTTPS only. `epm-platform serve` makes its
+//! HTTPS only; its data in SQLite or PostgreSQL (`epm-platform-db`). `epm-platform serve` makes its
 //! CA, server certificate and bundle-signing key at first start
 //! ([`keys`]), then serves the agent and admin API ([`server`]) defined in
 //! `epm-api`, and the approvers' web console ([`console`]) on the same
@@ -9,13 +9,14 @@
 
 pub mod client;
 pub mod console;
-pub mod db;
 pub mod keys;
 pub mod limits;
-pub mod merge;
-pub mod roles;
 pub mod server;
 pub mod webhooks;
+
+// The database, who may change what, and the policy merge: their own
+// crate, re-exported under the paths the server has always used.
+pub use epm_platform_db::{db, merge, roles};
 
 use std::path::Path;
 
