@@ -72,19 +72,28 @@ fn sources_of(binary: &str) -> &'static [&'static str] {
     match binary {
         "epmd" => &[
             "epm-agent",
-            "epm-exec-hook",
             "epm-api",
             "epm-audit",
+            "epm-exec-hook",
+            "epm-gate",
             "epm-ipc",
+            "epm-os",
             "epm-policy",
             "epm-store",
             "epm-sync",
         ],
-        "epmctl" => &["epmctl", "epm-audit", "epm-helper", "epm-ipc", "epm-policy"],
-        "epm-helper" => &["epm-helper", "epm-ipc", "epm-policy"],
+        "epmctl" => &[
+            "epmctl",
+            "epm-audit",
+            "epm-ipc",
+            "epm-os",
+            "epm-policy",
+            "epm-prompt",
+        ],
+        "epm-helper" => &["epm-helper", "epm-ipc", "epm-policy", "epm-prompt"],
         "epm-e2e-ipc" => &["epm-ipc", "epm-policy"],
         "epm-e2e-memfd-exec" => &[],
-        "epm-platform" => &["epm-platform", "epm-api", "epm-policy"],
+        "epm-platform" => &["epm-platform", "epm-platform-db", "epm-api", "epm-policy"],
         _ => &[],
     }
 }
