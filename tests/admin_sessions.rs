@@ -3,18 +3,11 @@
 #![allow(clippy::unwrap_used)]
 
 use std::path::PathBuf;
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::Duration;
 
+use epm_e2e::text;
 use epm_e2e::{Daemon, Helper, TestGroup, TestUser, capable, wait_until};
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
 
 /// A daemon whose policy allows `user` sessions of up to 30 minutes in
 /// `group` (with `require`), the sudoers files watched being `sudoers`.

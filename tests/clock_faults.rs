@@ -15,12 +15,12 @@
 #![allow(clippy::unwrap_used)] // tests fail loudly by design
 
 use std::path::{Path, PathBuf};
-use std::process::Output;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use epm_e2e::platform::Platform;
 use epm_e2e::{Daemon, TestGroup, TestUser, capable, denied, policy, ran, wait_until};
+use epm_e2e::{synced, text};
 use jiff::{SignedDuration, Timestamp};
 
 /// Where Debian's `faketime` puts the library (its multiarch directory).
@@ -147,24 +147,6 @@ impl Drop for FakeClock {
         // writes the file again. Without it libfaketime keeps the real time.
         let _ = std::fs::remove_file(&self.file);
     }
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-fn synced(daemon: &Daemon) {
-    let out = daemon.epmctl(&["sync"]);
-    assert!(
-        out.status.success(),
-        "epmctl sync: {}\n{}",
-        text(&out),
-        daemon.log()
-    );
 }
 
 fn sleep_until(when: Timestamp) {

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use epm_e2e::platform::Platform;
 use epm_e2e::{Daemon, Helper, TestUser, binary, capable, denied, policy, ran};
+use epm_e2e::{synced, text};
 
 const PENDING: &str = "Your request is still pending administrator review.";
 const REJECTED: &str = "Your last request was rejected by the administrator.";
@@ -42,24 +43,6 @@ fn standalone(rules: impl Fn(&Path) -> Vec<String>) -> (Daemon, std::path::PathB
     assert_eq!(loaded["event"], "policy_loaded", "{loaded}");
     daemon.open_to_users();
     (daemon, tool)
-}
-
-fn text(out: &std::process::Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-fn synced(daemon: &Daemon) {
-    let out = daemon.epmctl(&["sync"]);
-    assert!(
-        out.status.success(),
-        "epmctl sync: {}\n{}",
-        text(&out),
-        daemon.log()
-    );
 }
 
 fn managed(

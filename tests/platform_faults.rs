@@ -10,60 +10,15 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use epm_e2e::platform::Platform;
 use epm_e2e::{Daemon, TestUser, binary, capable, denied, policy, ran, run};
+use epm_e2e::{Rng, synced, text};
 use serde_json::Value;
-
-/// A small xorshift generator: the seed is printed, so a failing run can
-/// be replayed with `EPM_FAULT_SEED`.
-struct Rng(u64);
-
-impl Rng {
-    fn from_env() -> Rng {
-        let seed = std::env::var("EPM_FAULT_SEED")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| {
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .unwrap()
-                    .as_nanos() as u64
-                    | 1
-            });
-        eprintln!("fault seed: EPM_FAULT_SEED={seed}");
-        Rng(seed)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n.max(1)
-    }
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-fn synced(daemon: &Daemon) {
-    let out = daemon.epmctl(&["sync"]);
-    assert!(
-        out.status.success(),
-        "epmctl sync: {}\n{}",
-        text(&out),
-        daemon.log()
-    );
-}
 
 /// `epmctl sync` started, not waited for.
 fn sync_in_background(daemon: &Daemon) -> Child {

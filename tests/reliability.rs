@@ -16,38 +16,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use epm_e2e::Rng;
 use epm_e2e::{Daemon, capable, denied, policy, ran, run};
 
 fn rule(id: &str, action: &str, criteria: &str) -> String {
     format!(r#"{{"id": "{id}", "action": "{action}", "match": {criteria}}}"#)
-}
-
-/// A small xorshift generator: the seed is printed, so a failing run can
-/// be replayed with `EPM_FAULT_SEED`.
-struct Rng(u64);
-
-impl Rng {
-    fn from_env() -> Rng {
-        let seed = std::env::var("EPM_FAULT_SEED")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| {
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .unwrap()
-                    .as_nanos() as u64
-                    | 1
-            });
-        eprintln!("fault seed: EPM_FAULT_SEED={seed}");
-        Rng(seed)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n.max(1)
-    }
 }
 
 /// Every record in the log's files, oldest file first, as (seq, record):

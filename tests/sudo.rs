@@ -8,6 +8,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 use epm_e2e::sudo::{Replaced, sudo_as};
+use epm_e2e::text;
 use epm_e2e::{Daemon, TestUser, capable};
 
 /// sudo run by `user` on a new pseudo-terminal (`script`), with `input`
@@ -29,14 +30,6 @@ fn sudo_on_a_terminal(user: &TestUser, program: &str, input: &str) -> Output {
     stdin.write_all(input.as_bytes()).unwrap();
     drop(stdin);
     child.wait_with_output().unwrap()
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 #[test]

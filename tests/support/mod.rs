@@ -1037,3 +1037,56 @@ impl Drop for Helper {
         let _ = self.child.wait();
     }
 }
+
+/// What a command printed, standard output then standard error: for
+/// assertion messages.
+pub fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Runs `epmctl sync` against `daemon` and fails the test, with the
+/// daemon's log, unless it succeeded.
+pub fn synced(daemon: &Daemon) {
+    let out = daemon.epmctl(&["sync"]);
+    assert!(
+        out.status.success(),
+        "epmctl sync: {}\n{}",
+        text(&out),
+        daemon.log()
+    );
+}
+
+/// A small xorshift generator for fault tests: the seed is printed, so a
+/// failing run can be replayed with `EPM_FAULT_SEED`.
+#[derive(Debug)]
+pub struct Rng(u64);
+
+impl Rng {
+    /// Seeded from `EPM_FAULT_SEED`, or from the clock.
+    pub fn from_env() -> Rng {
+        let seed = std::env::var("EPM_FAULT_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_nanos() as u64
+                    | 1
+            });
+        eprintln!("fault seed: EPM_FAULT_SEED={seed}");
+        Rng(seed)
+    }
+
+    /// A number below `n`.
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n.max(1)
+    }
+}
