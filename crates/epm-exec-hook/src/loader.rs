@@ -18,6 +18,14 @@ static OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/exec_hook.bpf.o
 /// Why the hook is not running.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
+    /// securityfs is not mounted, so the kernel's LSM list cannot be read.
+    /// systemd mounts it at boot; a minimal init or container may not.
+    #[error(
+        "cannot tell whether the BPF LSM is enabled: securityfs is not mounted \
+         (/sys/kernel/security/lsm is missing); mount it with \
+         `mount -t securityfs securityfs /sys/kernel/security` and restart epmd"
+    )]
+    NoSecurityfs,
     /// The running kernel has no BPF LSM in its LSM list.
     #[error("the BPF LSM is not enabled (/sys/kernel/security/lsm: {0:?}); boot with lsm=...,bpf")]
     NoBpfLsm(String),
@@ -124,7 +132,11 @@ impl PreparedHook {
     /// Checks the kernel, loads the programs (the verifier runs here) and
     /// writes the settings.
     pub fn load(options: &HookOptions) -> Result<PreparedHook, LoadError> {
-        let lsm = std::fs::read_to_string("/sys/kernel/security/lsm").unwrap_or_default();
+        let lsm_list = Path::new("/sys/kernel/security/lsm");
+        if !lsm_list.exists() {
+            return Err(LoadError::NoSecurityfs);
+        }
+        let lsm = std::fs::read_to_string(lsm_list).unwrap_or_default();
         if !lsm.split(',').any(|m| m.trim() == "bpf") {
             return Err(LoadError::NoBpfLsm(lsm.trim().to_owned()));
         }
@@ -452,6 +464,17 @@ pub fn kernel_dev_to_user(dev: u32) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_unmounted_securityfs_is_named_with_the_command_that_mounts_it() {
+        let message = LoadError::NoSecurityfs.to_string();
+        assert!(message.contains("securityfs is not mounted"), "{message}");
+        assert!(
+            message.contains("mount -t securityfs securityfs /sys/kernel/security"),
+            "{message}"
+        );
+        assert!(!message.contains("not enabled"), "{message}");
+    }
 
     #[test]
     fn device_numbers_convert_to_st_dev() {
