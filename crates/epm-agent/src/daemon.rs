@@ -15,7 +15,7 @@ use signal_hook::iterator::Signals;
 use crate::config::{Config, PlatformConfig};
 use crate::control::{self, ControlContext};
 use crate::exec::audit::{AuditSink, AuditWriter};
-use crate::exec::decider::{Decider, PolicyState};
+use crate::exec::decider::{Decider, DeciderDeps, Interactive, PolicyState};
 use crate::exec::pipeline::{Intake, Workers};
 use crate::gate::{ExecGate, FactNeeds, Shutdown};
 use crate::grants::admin_session::{AdminSessions, SystemGroups};
@@ -48,13 +48,6 @@ pub fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
     let (policy, policy_events, platform_bundle) =
         initial_policy(&config, &device_id, &records.store);
     first_events.extend(policy_events);
-    let decider = Arc::new(Decider::new(
-        policy,
-        config.mode,
-        config.fail_mode,
-        device_id.clone(),
-        config.gate.cache_entries,
-    ));
     let Records {
         store,
         log,
@@ -75,13 +68,15 @@ pub fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
 
     let services = Services::start(
         &config,
-        &decider,
+        policy,
+        &device_id,
         &store,
         &audit,
         &last_seq,
         platform_bundle,
     )?;
     let Services {
+        decider,
         flows,
         admin_sessions,
         workers,
@@ -386,10 +381,12 @@ fn start_events(
     first_events
 }
 
-/// The services between the exec path and the control socket: grant
-/// flows, admin sessions, the decision workers and the platform sync.
+/// The services between the exec path and the control socket: the
+/// decider and its grant flows, admin sessions, the decision workers and
+/// the platform sync.
 #[derive(Debug)]
 struct Services {
+    decider: Arc<Decider>,
     flows: Arc<Flows>,
     admin_sessions: Arc<AdminSessions>,
     workers: Workers,
@@ -400,7 +397,8 @@ struct Services {
 impl Services {
     fn start(
         config: &Config,
-        decider: &Arc<Decider>,
+        policy: PolicyState,
+        device_id: &str,
         store: &Arc<Mutex<Store>>,
         audit: &AuditSink,
         last_seq: &Arc<AtomicU64>,
@@ -410,20 +408,38 @@ impl Services {
         // request is filed; the sync, made after them, listens on it.
         let (trigger, sync_requests) = crate::managed::sync::sync_channel();
         let nudge = trigger.clone();
-        let flows = Flows::start(
-            store.clone(),
-            audit.clone(),
-            decider,
-            config
-                .platform
-                .as_ref()
-                .map(|_| epm_sync::credentials::platform_store(&config.state_dir)),
-            config
-                .platform
-                .as_ref()
-                .map(|_| Nudge::new(move || nudge.nudge())),
-        )
-        .context("cannot start the interactive flows")?;
+        let managed = config.platform.is_some();
+        // The decider and the flows need each other: the flows are made
+        // while the decider is (they get a `Weak` to it) and given to it at
+        // construction; their thread starts once both exist.
+        let mut made = None;
+        let decider = Arc::new_cyclic(|decider| {
+            let (flows, incoming) = Flows::new(
+                store.clone(),
+                audit.clone(),
+                decider.clone(),
+                device_id.to_owned(),
+                managed.then(|| epm_sync::credentials::platform_store(&config.state_dir)),
+                managed.then(|| Nudge::new(move || nudge.nudge())),
+            );
+            let interactive: Arc<dyn Interactive> = flows.clone();
+            made = Some((flows, incoming));
+            Decider::with_deps(
+                policy,
+                config.mode,
+                config.fail_mode,
+                device_id.to_owned(),
+                config.gate.cache_entries,
+                DeciderDeps {
+                    interactive: Some(interactive),
+                },
+            )
+        });
+        let (flows, incoming) = made.context("the interactive flows were not made")?;
+        flows
+            .start_thread(incoming)
+            .context("cannot start the interactive flows")?;
+        let decider = &decider;
         // Before anything else can change groups: sessions that expired while
         // the daemon was down end now.
         let admin_sessions = AdminSessions::start(
@@ -468,6 +484,7 @@ impl Services {
             None => None,
         };
         Ok(Services {
+            decider: decider.clone(),
             flows,
             admin_sessions,
             workers,
@@ -629,9 +646,11 @@ fn open_gate(
     decider: &Arc<Decider>,
     _store: &Arc<Mutex<Store>>,
 ) -> anyhow::Result<Box<dyn ExecGate>> {
-    let mut gate =
-        crate::gate::fanotify::FanotifyGate::new(config.gate.watch_paths.clone(), fallback)?;
-    gate.set_fact_needs(needs);
+    use crate::gate::fanotify::{FanotifyConfig, FanotifyGate};
+    let gate = FanotifyGate::open(FanotifyConfig {
+        needs,
+        ..FanotifyConfig::new(config.gate.watch_paths.clone(), fallback)
+    })?;
     // From now on every policy change empties the kernel's cache of allows
     // before it takes effect (gate::kernel_cache).
     gate.kernel_cache().connect(decider.as_ref());

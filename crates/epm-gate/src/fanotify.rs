@@ -106,6 +106,11 @@ pub struct FanotifyConfig {
     /// Answers execs that are dropped unanswered, and those whose file the
     /// gate cannot identify.
     pub fallback: Verdict,
+    /// What the policy needs gathered, shared with its owner: the daemon
+    /// keeps the parent lookup (a /proc readlink), the group list (a /proc
+    /// status read) and the login uid (a /proc read) off while nothing
+    /// uses them. The default gathers every fact.
+    pub needs: Arc<FactNeeds>,
 }
 
 impl FanotifyConfig {
@@ -118,6 +123,7 @@ impl FanotifyConfig {
                 .map(|t| (*t).to_owned())
                 .collect(),
             fallback,
+            needs: Arc::new(FactNeeds::all()),
         }
     }
 }
@@ -220,7 +226,7 @@ impl FanotifyGate {
             has_pidfd,
             own_pid: std::process::id(),
             fallback: config.fallback,
-            needs: Arc::new(FactNeeds::all()),
+            needs: config.needs,
             interpreter_loads,
             own_mounts: HashSet::new(),
             keeper: LeaseKeeper::start()
@@ -268,14 +274,6 @@ impl FanotifyGate {
                 source: (*errno).into(),
             }),
         }
-    }
-
-    /// Shares what the policy needs: the daemon keeps the parent lookup
-    /// (a /proc readlink), the group list (a /proc status read) and the login
-    /// uid (a /proc read) off while nothing uses them. Without this, every
-    /// fact is gathered.
-    pub fn set_fact_needs(&mut self, needs: Arc<FactNeeds>) {
-        self.needs = needs;
     }
 
     /// The kernel cache of allows: connect it to the decider

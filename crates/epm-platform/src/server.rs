@@ -1732,102 +1732,8 @@ async fn offline_code(
                 wait,
             )
         })?;
-    let challenge =
-        OfflineChallenge::decode(&body.challenge).map_err(|e| Failure::invalid(e.to_string()))?;
-    if challenge.device_id != body.device_id {
-        return Err(Failure::invalid(format!(
-            "the challenge comes from device {:?}, not {:?}",
-            validate::printable(&challenge.device_id),
-            body.device_id
-        )));
-    }
-    validate::name("challenge.user", &challenge.user, validate::MAX_NAME_BYTES)?;
-    validate::name(
-        "challenge.rule_id",
-        &challenge.rule_id,
-        validate::MAX_NAME_BYTES,
-    )?;
-    let agent = state.db.agent_by_device(&body.device_id)?.ok_or_else(|| {
-        Failure::new(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            format!("no enrolled device {:?}", body.device_id),
-        )
-    })?;
-    let rule = rule_now(
-        &state,
-        &agent.device_id,
-        Some(&agent.users),
-        &challenge.rule_id,
-    )
-    .await?
-    .map_err(Failure::invalid)?;
-    check_request_identity(
-        &challenge.identity,
-        rule.terms.section,
-        rule.terms.max_minutes,
-    )
-    .map_err(Failure::invalid)?;
-    check_window(
-        &state,
-        &rule.terms.approval,
-        challenge.not_before,
-        challenge.not_after,
-        false,
-    )
-    .map_err(Failure::invalid)?;
-    if admin.is_endpoint_user(&challenge.user) {
-        return Err(DbError::Forbidden(format!(
-            "the challenge is from {}, which is {} on endpoints: nobody approves their own request",
-            challenge.user, admin.name
-        ))
-        .into());
-    }
-    // The platform's request for this challenge: the same challenge text
-    // finds the same request, so each level's approvers answer it in turn.
-    let encoded = challenge.encode();
-    let local_id = format!(
-        "offline:{}",
-        hex::encode(&Sha256::digest(encoded.as_bytes())[..16])
-    );
-    let levels: Vec<u32> = rule
-        .terms
-        .approval
-        .levels
-        .iter()
-        .map(|l| l.approvers)
-        .collect();
-    let submit = RequestSubmit {
-        local_id,
-        rule_id: challenge.rule_id.clone(),
-        policy_version: rule.bundle_version,
-        user: challenge.user.clone(),
-        subject: RequestSubject {
-            identity: challenge.identity.clone(),
-            path: "(offline challenge)".into(),
-            team_id: None,
-            signing_id: None,
-        },
-        justification: format!(
-            "offline challenge {} read out to an approver",
-            challenge.nonce
-        ),
-        window: Window {
-            start: challenge.not_before,
-            end: challenge.not_after,
-        },
-    };
-    let status = state
-        .db
-        .submit_request(&agent, &submit, &levels, rule.terms.approval.uses)?;
-    let mut request = state.db.request(&status.id)?;
-    if request.state == RequestState::Pending
-        && !request.approvals.iter().any(|a| a.admin == admin.name)
-    {
-        request = approve_checked(&state, &request.id, &admin, Narrowing::default())
-            .await?
-            .0;
-    }
+    let (challenge, agent, rule) = checked_challenge(&state, &admin, &body).await?;
+    let request = offline_request(&state, &admin, &challenge, &agent, &rule).await?;
     let code = match request.state {
         RequestState::Approved => Some(challenge.code(&state.db.offline_key(&agent.device_id)?)),
         RequestState::Pending => None,
@@ -1889,6 +1795,125 @@ async fn offline_code(
         ),
         detail,
     ))
+}
+
+/// An offline challenge, checked: from the device named, for a user who
+/// is not this admin, under a rule in the device's current policy, with a
+/// window that fits it. Its device and rule come with it.
+async fn checked_challenge(
+    state: &Shared,
+    admin: &Admin,
+    body: &OfflineCodeRequest,
+) -> ApiResult<(OfflineChallenge, Agent, RuleNow)> {
+    let challenge =
+        OfflineChallenge::decode(&body.challenge).map_err(|e| Failure::invalid(e.to_string()))?;
+    if challenge.device_id != body.device_id {
+        return Err(Failure::invalid(format!(
+            "the challenge comes from device {:?}, not {:?}",
+            validate::printable(&challenge.device_id),
+            body.device_id
+        )));
+    }
+    validate::name("challenge.user", &challenge.user, validate::MAX_NAME_BYTES)?;
+    validate::name(
+        "challenge.rule_id",
+        &challenge.rule_id,
+        validate::MAX_NAME_BYTES,
+    )?;
+    let agent = state.db.agent_by_device(&body.device_id)?.ok_or_else(|| {
+        Failure::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no enrolled device {:?}", body.device_id),
+        )
+    })?;
+    let rule = rule_now(
+        state,
+        &agent.device_id,
+        Some(&agent.users),
+        &challenge.rule_id,
+    )
+    .await?
+    .map_err(Failure::invalid)?;
+    check_request_identity(
+        &challenge.identity,
+        rule.terms.section,
+        rule.terms.max_minutes,
+    )
+    .map_err(Failure::invalid)?;
+    check_window(
+        state,
+        &rule.terms.approval,
+        challenge.not_before,
+        challenge.not_after,
+        false,
+    )
+    .map_err(Failure::invalid)?;
+    if admin.is_endpoint_user(&challenge.user) {
+        return Err(DbError::Forbidden(format!(
+            "the challenge is from {}, which is {} on endpoints: nobody approves their own request",
+            challenge.user, admin.name
+        ))
+        .into());
+    }
+    Ok((challenge, agent, rule))
+}
+
+/// The platform's request for an offline challenge, approved at `admin`'s
+/// level when it waits for it.
+async fn offline_request(
+    state: &Shared,
+    admin: &Admin,
+    challenge: &OfflineChallenge,
+    agent: &Agent,
+    rule: &RuleNow,
+) -> ApiResult<AdminRequest> {
+    // The platform's request for this challenge: the same challenge text
+    // finds the same request, so each level's approvers answer it in turn.
+    let encoded = challenge.encode();
+    let local_id = format!(
+        "offline:{}",
+        hex::encode(&Sha256::digest(encoded.as_bytes())[..16])
+    );
+    let levels: Vec<u32> = rule
+        .terms
+        .approval
+        .levels
+        .iter()
+        .map(|l| l.approvers)
+        .collect();
+    let submit = RequestSubmit {
+        local_id,
+        rule_id: challenge.rule_id.clone(),
+        policy_version: rule.bundle_version,
+        user: challenge.user.clone(),
+        subject: RequestSubject {
+            identity: challenge.identity.clone(),
+            path: "(offline challenge)".into(),
+            team_id: None,
+            signing_id: None,
+        },
+        justification: format!(
+            "offline challenge {} read out to an approver",
+            challenge.nonce
+        ),
+        window: Window {
+            start: challenge.not_before,
+            end: challenge.not_after,
+        },
+    };
+    let status = state
+        .db
+        .submit_request(agent, &submit, &levels, rule.terms.approval.uses)?;
+    let mut request = state.db.request(&status.id)?;
+    if request.state == RequestState::Pending
+        && !request.approvals.iter().any(|a| a.admin == admin.name)
+    {
+        request = approve_checked(state, &request.id, admin, Narrowing::default())
+            .await?
+            .0;
+    }
+    Ok(request)
 }
 
 async fn health() -> &'static str {

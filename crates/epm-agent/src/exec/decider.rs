@@ -282,7 +282,13 @@ pub struct Decider {
     in_flight: InFlight,
     names: Names,
     fingerprint: RandomState,
-    interactive: OnceLock<Arc<dyn Interactive>>,
+    /// The interactive flows, given at construction ([`DeciderDeps`]).
+    interactive: Option<Arc<dyn Interactive>>,
+    /// The gate's hook around a policy change. The one part joined later,
+    /// and only through [`epm_gate::PolicyGenerations`]: the gate that owns
+    /// it opens after the decision workers run (marks placed before them
+    /// would leave every exec waiting), so it cannot exist when the decider
+    /// is made. Set once; a second gate cannot take it over.
     policy_swap: OnceLock<Arc<dyn PolicySwap>>,
     /// What the gates must gather for the policy in force; kept current by
     /// [`Decider::set_policy`], so no caller has to remember.
@@ -309,7 +315,9 @@ struct DecisionKey {
 
 impl epm_gate::PolicyGenerations for Decider {
     fn route_swaps_through(&self, swap: Arc<dyn PolicySwap>) {
-        self.set_policy_swap(swap);
+        if self.policy_swap.set(swap).is_err() {
+            tracing::warn!("a second policy swap hook was ignored");
+        }
     }
 
     fn generation_in_force(&self) -> u64 {
@@ -317,14 +325,44 @@ impl epm_gate::PolicyGenerations for Decider {
     }
 }
 
+/// What the decider works with besides its policy and settings, given at
+/// construction so that nothing it relies on is attached later unseen.
+#[derive(Debug, Default)]
+pub struct DeciderDeps {
+    /// The interactive flows: where grants are consumed and refusals
+    /// shown. Without them, `justify` and `approve` execs are simply
+    /// refused. The flows need the decider too; the daemon makes both in
+    /// one step with `Arc::new_cyclic` (the flows hold a `Weak`).
+    pub interactive: Option<Arc<dyn Interactive>>,
+}
+
 impl Decider {
-    /// A decider enforcing `policy`.
+    /// A decider enforcing `policy`, with no interactive flows.
     pub fn new(
         policy: PolicyState,
         mode: Mode,
         fail_mode: FailMode,
         device_id: String,
         cache_entries: usize,
+    ) -> Self {
+        Self::with_deps(
+            policy,
+            mode,
+            fail_mode,
+            device_id,
+            cache_entries,
+            DeciderDeps::default(),
+        )
+    }
+
+    /// A decider enforcing `policy` with `deps`.
+    pub fn with_deps(
+        policy: PolicyState,
+        mode: Mode,
+        fail_mode: FailMode,
+        device_id: String,
+        cache_entries: usize,
+        deps: DeciderDeps,
     ) -> Self {
         let cache_entries = cache_entries.max(16);
         let needs = Arc::new(FactNeeds::all());
@@ -340,7 +378,7 @@ impl Decider {
             in_flight: InFlight::default(),
             names: Names::default(),
             fingerprint: RandomState::new(),
-            interactive: OnceLock::new(),
+            interactive: deps.interactive,
             policy_swap: OnceLock::new(),
             needs,
             counters: Counters::default(),
@@ -348,17 +386,11 @@ impl Decider {
         }
     }
 
-    /// Connects the interactive flows (once; later calls are ignored).
-    /// Without them, `justify` and `approve` execs are simply refused.
-    pub fn set_interactive(&self, interactive: Arc<dyn Interactive>) {
-        let _ = self.interactive.set(interactive);
-    }
-
     /// Called after an exec was answered: a refusal is passed to the
     /// interactive flows, without blocking.
     pub fn answered(&self, outcome: &Outcome) {
         if outcome.enforced == Enforced::Deny
-            && let Some(interactive) = self.interactive.get()
+            && let Some(interactive) = &self.interactive
         {
             interactive.refused(outcome);
         }
@@ -400,12 +432,6 @@ impl Decider {
     /// hear of a policy change: hand it to every gate.
     pub fn fact_needs(&self) -> Arc<FactNeeds> {
         self.needs.clone()
-    }
-
-    /// Routes every later policy change through `swap` (once; later calls
-    /// are ignored).
-    pub fn set_policy_swap(&self, swap: Arc<dyn PolicySwap>) {
-        let _ = self.policy_swap.set(swap);
     }
 
     /// The next policy generation number.
@@ -537,7 +563,7 @@ impl Decider {
         matches!(decision.action, Action::Justify | Action::Approve)
             && decision.rule_id.is_some()
             && self.mode == Mode::Enforce
-            && self.interactive.get().is_some()
+            && self.interactive.is_some()
     }
 
     /// Applies grants and the mode to a policy decision and counts it.
@@ -558,7 +584,7 @@ impl Decider {
         // it needs.
         let grant = match (
             grants == Grants::Use && self.may_use_grant(&decision),
-            self.interactive.get(),
+            &self.interactive,
             &decision.rule_id,
             grant_identity(&subject),
         ) {

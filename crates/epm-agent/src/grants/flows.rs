@@ -68,7 +68,7 @@ const SWEEP_EVERY: Duration = Duration::from_secs(5);
 
 /// A refused exec, as the flows thread needs it.
 #[derive(Debug)]
-struct Refusal {
+pub(crate) struct Refusal {
     uid: u32,
     user: String,
     path: String,
@@ -161,15 +161,19 @@ pub(crate) struct Flows {
 }
 
 impl Flows {
-    /// Starts the flows thread and returns the shared state. The clock's
-    /// floor comes from the store.
-    pub(crate) fn start(
+    /// The flows' shared state, for the decider being made: `decider` is
+    /// the `Weak` that `Arc::new_cyclic` hands out while it makes the
+    /// decider these flows are given to, so nothing here may use it yet.
+    /// The clock's floor comes from the store. Nothing runs until
+    /// [`Flows::start_thread`].
+    pub(crate) fn new(
         store: Arc<Mutex<Store>>,
         audit: AuditSink,
-        decider: &Arc<Decider>,
+        decider: Weak<Decider>,
+        device_id: String,
         credentials: Option<Box<dyn CredentialStore>>,
         nudge: Option<Nudge>,
-    ) -> std::io::Result<Arc<Flows>> {
+    ) -> (Arc<Flows>, Receiver<Refusal>) {
         let floor = store
             .lock()
             .ok()
@@ -182,8 +186,8 @@ impl Flows {
             store,
             clock,
             audit,
-            decider: Arc::downgrade(decider),
-            device_id: decider.device_id().to_owned(),
+            decider,
+            device_id,
             credentials,
             nudge,
             refusals,
@@ -195,12 +199,20 @@ impl Flows {
             // unique, but a guessable sequence helps nobody.
             next_id: std::sync::atomic::AtomicU64::new(rand::random::<u32>().into()),
         });
-        let thread_flows = Arc::downgrade(&flows);
+        (flows, incoming)
+    }
+
+    /// Starts the flows thread on the refusals [`Flows::new`] queued for
+    /// it; the decider must be made by now.
+    pub(crate) fn start_thread(
+        self: &Arc<Self>,
+        incoming: Receiver<Refusal>,
+    ) -> std::io::Result<()> {
+        let thread_flows = Arc::downgrade(self);
         std::thread::Builder::new()
             .name("epm-flows".into())
             .spawn(move || run(&thread_flows, &incoming))?;
-        decider.set_interactive(flows.clone());
-        Ok(flows)
+        Ok(())
     }
 
     /// The clock grant windows are judged by.

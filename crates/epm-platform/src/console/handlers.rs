@@ -4,6 +4,7 @@
 //! to a page (POST, redirect, GET), or shows the refusal in words.
 
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::time::Duration;
 
 use axum::Json;
@@ -334,6 +335,9 @@ struct SignInForm {
     tz: String,
 }
 
+/// The sign-in's name in the activity log.
+const SIGN_IN_CALL: &str = "POST /console/sign-in";
+
 /// Checks a sign-in: the form's token, the failure counts of the account
 /// and of the address, the password (argon2id, also for unknown accounts
 /// so the time tells nothing), and the TOTP code when the admin has TOTP.
@@ -365,7 +369,6 @@ async fn sign_in(
         || "unknown".to_owned(),
         |ip| crate::limits::client_of(ip).to_string(),
     );
-    let call = "POST /console/sign-in".to_owned();
     if validate::name("name", &name, 64).is_err() || form.password.len() > auth::MAX_PASSWORD_BYTES
     {
         return sign_in_form(
@@ -381,37 +384,63 @@ async fn sign_in(
         .locked(&name)
         .or_else(|| console.addresses.locked(&address));
     if let Some(wait) = locked {
-        state.refused.note(
-            source,
-            &format!("console:sign-in:{name}"),
-            "POST",
-            "/console/sign-in",
-            StatusCode::TOO_MANY_REQUESTS.as_u16(),
-        );
-        let minutes = wait.as_secs().div_ceil(60);
-        let mut response = sign_in_form(
-            StatusCode::TOO_MANY_REQUESTS,
-            &name,
-            Some(&format!(
-                "Too many failed sign-ins for this account or from this address. Try again in {minutes} minute(s)."
-            )),
-            true,
-        );
-        if let Ok(value) = HeaderValue::from_str(&wait.as_secs().max(1).to_string()) {
-            response.headers_mut().insert(header::RETRY_AFTER, value);
-        }
-        return response;
+        return locked_out(&state, source, &name, wait);
     }
+    let outcome = match check_credentials(&state, &name, &form).await {
+        Ok(outcome) => outcome,
+        Err(response) => return response,
+    };
+    match outcome {
+        Err(why) => sign_in_refused(&state, source, &name, &address, why).await,
+        Ok(admin) => {
+            console.accounts.clear(&name);
+            start_session(&state, &admin, &address, &form.tz).await
+        }
+    }
+}
+
+/// The answer while an account or an address has failed too often.
+fn locked_out(state: &Shared, source: Option<IpAddr>, name: &str, wait: Duration) -> Response {
+    state.refused.note(
+        source,
+        &format!("console:sign-in:{name}"),
+        "POST",
+        "/console/sign-in",
+        StatusCode::TOO_MANY_REQUESTS.as_u16(),
+    );
+    let minutes = wait.as_secs().div_ceil(60);
+    let mut response = sign_in_form(
+        StatusCode::TOO_MANY_REQUESTS,
+        name,
+        Some(&format!(
+            "Too many failed sign-ins for this account or from this address. Try again in {minutes} minute(s)."
+        )),
+        true,
+    );
+    if let Ok(value) = HeaderValue::from_str(&wait.as_secs().max(1).to_string()) {
+        response.headers_mut().insert(header::RETRY_AFTER, value);
+    }
+    response
+}
+
+/// The admin whose password (and TOTP code, when it has TOTP) the form
+/// gives, or why not; `Err` when the database failed.
+async fn check_credentials(
+    state: &Shared,
+    name: &str,
+    form: &SignInForm,
+) -> Result<Result<Admin, &'static str>, Response> {
+    let console = &state.console;
     let lookup = {
-        let name = name.clone();
-        blocking(&state, move |db| db.credentials(&name)).await
+        let name = name.to_owned();
+        blocking(state, move |db| db.credentials(&name)).await
     };
     let credentials = match lookup {
         Ok(c) => c,
-        Err(refusal) => return refusal.into_response(),
+        Err(refusal) => return Err(refusal.into_response()),
     };
     let Ok(_permit) = console.hashing.acquire().await else {
-        return Refusal::internal("the hashing semaphore closed").into_response();
+        return Err(Refusal::internal("the hashing semaphore closed").into_response());
     };
     let phc = credentials
         .as_ref()
@@ -423,7 +452,7 @@ async fn sign_in(
         .unwrap_or(false);
     drop(_permit);
     let now = Timestamp::now().as_second().unsigned_abs();
-    let outcome: Result<Admin, &str> = match credentials {
+    let outcome: Result<Admin, &'static str> = match credentials {
         None => Err("no such admin"),
         Some(c) if c.password_hash.is_none() => Err("no console password is set"),
         Some(_) if !password_ok => Err("wrong password"),
@@ -436,89 +465,100 @@ async fn sign_in(
                 Some(step) => {
                     let fresh = {
                         let name = admin.name.clone();
-                        blocking(&state, move |db| db.use_totp_step(&name, step)).await
+                        blocking(state, move |db| db.use_totp_step(&name, step)).await
                     };
                     match fresh {
                         Ok(true) => Ok(admin),
                         Ok(false) => Err("an authenticator code used before"),
-                        Err(refusal) => return refusal.into_response(),
+                        Err(refusal) => return Err(refusal.into_response()),
                     }
                 }
             },
         },
     };
-    match outcome {
-        Err(why) => {
-            console.accounts.fail(&name);
-            console.addresses.fail(&address);
-            if why == "no such admin" {
-                // Counted, not stored one by one: made-up names are
-                // endless, admins are not.
-                state.refused.note(
-                    source,
-                    "console:sign-in:unknown-admin",
-                    "POST",
-                    "/console/sign-in",
-                    StatusCode::UNAUTHORIZED.as_u16(),
-                );
-            } else {
-                record(
-                    &state,
-                    &name,
-                    call,
-                    StatusCode::UNAUTHORIZED,
-                    format!("failed console sign-in as {name} from {address}: {why}"),
-                )
-                .await;
-            }
-            let message = match why {
-                "no authenticator code" => "Enter the code your authenticator app shows.",
-                "wrong authenticator code" | "an authenticator code used before" => {
-                    "Wrong or already used authenticator code."
-                }
-                _ => "Wrong name or password.",
-            };
-            sign_in_form(StatusCode::UNAUTHORIZED, &name, Some(message), true)
-        }
-        Ok(admin) => {
-            console.accounts.clear(&name);
-            let token = crate::db::new_token("");
-            let zone = Some(form.tz.trim().to_owned())
-                .filter(|z| z.len() <= 64 && jiff::tz::TimeZone::get(z).is_ok());
-            let made = {
-                let (token, name, address, zone) = (
-                    token.clone(),
-                    admin.name.clone(),
-                    address.clone(),
-                    zone.clone(),
-                );
-                blocking(&state, move |db| {
-                    db.create_session(&name, &token, &address, zone.as_deref())
-                })
-                .await
-            };
-            if let Err(refusal) = made {
-                return refusal.into_response();
-            }
-            record(
-                &state,
-                &admin.name,
-                call,
-                StatusCode::SEE_OTHER,
-                format!(
-                    "signed in to the console from {address}{}",
-                    zone.map(|z| format!(" (time zone {z})"))
-                        .unwrap_or_default()
-                ),
-            )
-            .await;
-            let mut response = see_other("/console/inbox");
-            let headers = response.headers_mut();
-            headers.append(header::SET_COOKIE, set_cookie(SESSION_COOKIE, &token, None));
-            headers.append(header::SET_COOKIE, clear_cookie(SIGN_IN_COOKIE));
-            response
-        }
+    Ok(outcome)
+}
+
+/// A failed sign-in: counted against the account and the address, in the
+/// activity log, and the form again with what to fix.
+async fn sign_in_refused(
+    state: &Shared,
+    source: Option<IpAddr>,
+    name: &str,
+    address: &str,
+    why: &str,
+) -> Response {
+    let console = &state.console;
+    console.accounts.fail(name);
+    console.addresses.fail(address);
+    if why == "no such admin" {
+        // Counted, not stored one by one: made-up names are
+        // endless, admins are not.
+        state.refused.note(
+            source,
+            "console:sign-in:unknown-admin",
+            "POST",
+            "/console/sign-in",
+            StatusCode::UNAUTHORIZED.as_u16(),
+        );
+    } else {
+        record(
+            state,
+            name,
+            SIGN_IN_CALL.to_owned(),
+            StatusCode::UNAUTHORIZED,
+            format!("failed console sign-in as {name} from {address}: {why}"),
+        )
+        .await;
     }
+    let message = match why {
+        "no authenticator code" => "Enter the code your authenticator app shows.",
+        "wrong authenticator code" | "an authenticator code used before" => {
+            "Wrong or already used authenticator code."
+        }
+        _ => "Wrong name or password.",
+    };
+    sign_in_form(StatusCode::UNAUTHORIZED, name, Some(message), true)
+}
+
+/// A successful sign-in: a new session (in the time zone the browser
+/// gave, when it is one), logged, and its cookie.
+async fn start_session(state: &Shared, admin: &Admin, address: &str, tz: &str) -> Response {
+    let token = crate::db::new_token("");
+    let zone =
+        Some(tz.trim().to_owned()).filter(|z| z.len() <= 64 && jiff::tz::TimeZone::get(z).is_ok());
+    let made = {
+        let (token, name, address, zone) = (
+            token.clone(),
+            admin.name.clone(),
+            address.to_owned(),
+            zone.clone(),
+        );
+        blocking(state, move |db| {
+            db.create_session(&name, &token, &address, zone.as_deref())
+        })
+        .await
+    };
+    if let Err(refusal) = made {
+        return refusal.into_response();
+    }
+    record(
+        state,
+        &admin.name,
+        SIGN_IN_CALL.to_owned(),
+        StatusCode::SEE_OTHER,
+        format!(
+            "signed in to the console from {address}{}",
+            zone.map(|z| format!(" (time zone {z})"))
+                .unwrap_or_default()
+        ),
+    )
+    .await;
+    let mut response = see_other("/console/inbox");
+    let headers = response.headers_mut();
+    headers.append(header::SET_COOKIE, set_cookie(SESSION_COOKIE, &token, None));
+    headers.append(header::SET_COOKIE, clear_cookie(SIGN_IN_COOKIE));
+    response
 }
 
 async fn sign_out(
