@@ -60,7 +60,14 @@ cleanup() {
 trap cleanup EXIT
 
 cargo build --release -q -p epm-platform --bin epm-platform --example loadgen
-bin=target/release/epm-platform
+# EPM_BENCH_PLATFORM: another epm-platform binary (an earlier build, to
+# compare a change against it on the same machine at the same time).
+bin="${EPM_BENCH_PLATFORM:-target/release/epm-platform}"
+# EPM_BENCH_CONNECT_EACH=1: the open-loop check-ins each on a new
+# connection with a full TLS handshake (what a fleet syncing every few
+# minutes costs), instead of kept-alive connections.
+open_flags=()
+[ "${EPM_BENCH_CONNECT_EACH:-0}" = 1 ] && open_flags=(--connect-each)
 python3 scripts/gen-policy.py "$rules" >"$work/policy.json"
 
 # Sets $pg_server: EPM_BENCH_POSTGRES_URL, or a private cluster started
@@ -143,8 +150,8 @@ for backend in "${backends[@]}"; do
     echo "== $backend ($instances instance(s))"
     loadgen=(target/release/examples/loadgen "$urls" "$data/ca.pem" "$token")
     "${loadgen[@]}" "$agents" "$seconds" checkin
-    "${loadgen[@]}" "$open_agents" "$seconds" checkin --rate "$rate_checkin"
+    "${loadgen[@]}" "$open_agents" "$seconds" checkin --rate "$rate_checkin" "${open_flags[@]}"
     "${loadgen[@]}" "$agents" "$seconds" audit100
-    "${loadgen[@]}" "$open_agents" "$seconds" audit100 --rate "$rate_audit"
+    "${loadgen[@]}" "$open_agents" "$seconds" audit100 --rate "$rate_audit" "${open_flags[@]}"
     stop_instances
 done
