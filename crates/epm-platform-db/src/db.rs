@@ -1168,13 +1168,8 @@ impl Db {
         request: &epm_api::agent::CheckinRequest,
     ) -> Result<u64> {
         // One statement, one round trip: the check-in is the fleet's most
-        // frequent call. Its commit does not wait for PostgreSQL's WAL flush
-        // (~4 ms a flush on the benchmark machine's disk, paid by every
-        // check-in): what it writes is the device's report, which its next
-        // check-in writes again, so a database crash loses at most the last
-        // fraction of a second of reports. Audit, enrollment and approvals
-        // keep waiting for the disk.
-        let rows = self.conn()?.query_all_unflushed(
+        // frequent call.
+        self.conn()?.query_row(
             "UPDATE agents SET last_checkin = ?2, policy_version = ?3, outbox_pending = ?4, users = ?5, counters = ?6 WHERE agent_id = ?1 RETURNING audit_acked",
             params![
                 agent.agent_id,
@@ -1184,11 +1179,10 @@ impl Db {
                 to_json(&request.users),
                 to_json(&request.counters)
             ],
-        )?;
-        match rows.first() {
-            Some(row) => Ok(row.get(0)?),
-            None => Err(DbError::NotFound(format!("no agent {:?}", agent.agent_id))),
-        }
+            |r| r.get(0),
+        )
+        .optional()?
+        .ok_or_else(|| DbError::NotFound(format!("no agent {:?}", agent.agent_id)))
     }
 
     /// A device's offline-code key.

@@ -779,51 +779,6 @@ impl<'a> Conn<'a> {
         }
     }
 
-    /// Every row of one writing statement that is its own transaction and
-    /// need not wait for the disk at commit: on PostgreSQL it runs with
-    /// `synchronous_commit = off` for that transaction alone, so a crash of
-    /// the database server can lose it (up to about three
-    /// `wal_writer_delay`s, 600 ms by default, of such commits), never
-    /// corrupt anything, and every other transaction still waits for its
-    /// flush. Only for writes the next call rewrites anyway (a check-in's
-    /// report). BEGIN, the statement and COMMIT are pipelined: one round
-    /// trip, as the statement alone. SQLite: [`Conn::query_all`] (its
-    /// `synchronous=NORMAL` in WAL mode already commits without a flush).
-    pub fn query_all_unflushed(&self, sql: &str, params: impl Params) -> Result<Vec<Row>> {
-        let params = params.into_values();
-        let Inner::Postgres { client, .. } = &self.inner else {
-            return self.query_all(sql, params);
-        };
-        let sql = to_postgres(sql);
-        let sql: &str = &sql;
-        let types: Vec<Type> = params.iter().map(Value::kind).map(Kind::pg).collect();
-        let rows = blocking(|| {
-            futures_executor::block_on(async {
-                let statement = client.prepare_typed_cached(sql, &types).await?;
-                let refs: Vec<&(dyn ToSql + Sync)> =
-                    params.iter().map(|v| v as &(dyn ToSql + Sync)).collect();
-                // join3 polls in order, and each request is sent at its
-                // first poll: BEGIN, the statement, COMMIT go out together.
-                // A failed statement makes COMMIT a rollback.
-                let (begin, rows, commit) = futures_util::future::join3(
-                    client.batch_execute("BEGIN; SET LOCAL synchronous_commit TO off"),
-                    client.query(&statement, &refs),
-                    client.batch_execute("COMMIT"),
-                )
-                .await;
-                begin?;
-                let rows = rows?;
-                commit?;
-                Ok::<_, tokio_postgres::Error>(rows)
-            })
-        })
-        .map_err(|e| {
-            tracing::debug!("PostgreSQL statement failed: {}: {sql}", pg_error(&e));
-            SqlError::from(e)
-        })?;
-        rows.iter().map(pg_row).collect()
-    }
-
     /// The first row, mapped; [`SqlError::NoRows`] when there is none.
     pub fn query_row<T>(
         &self,
