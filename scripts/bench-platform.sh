@@ -1,13 +1,24 @@
 #!/usr/bin/env bash
-# Platform load benchmark: AGENTS simulated agents over TLS against
+# Platform load benchmark: simulated agents over TLS against
 #   sqlite     one epm-platform on an SQLite file,
 #   postgres   one epm-platform on PostgreSQL,
 #   postgres2  two epm-platform instances on one PostgreSQL database
 #              (agents spread over both, as a load balancer would),
-# each measured twice for SECONDS: (a) check-ins with an unchanged bundle,
-# (b) check-ins that each upload 100 audit records. Prints check-ins per
-# second and p50/p99 latency. Record results in docs/scale.md with the
-# machine, the date and what else ran on it.
+# for (a) check-ins with an unchanged bundle and (b) check-ins that each
+# upload 100 audit records, each measured two ways (crates/epm-platform/
+# examples/loadgen.rs):
+#   closed loop  AGENTS agents checking in back to back: the peak
+#                throughput. Its latency is mostly the generator's own
+#                queue (AGENTS / throughput), so it is printed but is not
+#                the latency figure.
+#   open loop    check-ins started on a schedule (Poisson arrivals) at the
+#                target rate, EPM_BENCH_RATE_CHECKIN (default 1000/s) and
+#                EPM_BENCH_RATE_AUDIT (default 200/s), over
+#                EPM_BENCH_OPEN_AGENTS agents (default 256), each timed from
+#                its scheduled start, late starts counted: p50/p99/max at
+#                the target rate, what a fleet's timers see.
+# Record results in docs/scale.md with the machine, the date and what else
+# ran on it.
 #
 #   scripts/bench-platform.sh [AGENTS] [SECONDS] [RULES] [BACKENDS...]
 #
@@ -18,12 +29,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-agents="${1:-1000}"
-seconds="${2:-20}"
+agents="${1:-64}"
+seconds="${2:-15}"
 rules="${3:-1000}"
 shift $(($# < 3 ? $# : 3))
 backends=("$@")
 [ ${#backends[@]} -gt 0 ] || backends=(sqlite postgres postgres2)
+rate_checkin="${EPM_BENCH_RATE_CHECKIN:-1000}"
+rate_audit="${EPM_BENCH_RATE_AUDIT:-200}"
+open_agents="${EPM_BENCH_OPEN_AGENTS:-256}"
 port=18443
 work="$(mktemp -d)"
 servers=()
@@ -46,7 +60,14 @@ cleanup() {
 trap cleanup EXIT
 
 cargo build --release -q -p epm-platform --bin epm-platform --example loadgen
-bin=target/release/epm-platform
+# EPM_BENCH_PLATFORM: another epm-platform binary (an earlier build, to
+# compare a change against it on the same machine at the same time).
+bin="${EPM_BENCH_PLATFORM:-target/release/epm-platform}"
+# EPM_BENCH_CONNECT_EACH=1: the open-loop check-ins each on a new
+# connection with a full TLS handshake (what a fleet syncing every few
+# minutes costs), instead of kept-alive connections.
+open_flags=()
+[ "${EPM_BENCH_CONNECT_EACH:-0}" = 1 ] && open_flags=(--connect-each)
 python3 scripts/gen-policy.py "$rules" >"$work/policy.json"
 
 # Sets $pg_server: EPM_BENCH_POSTGRES_URL, or a private cluster started
@@ -77,7 +98,7 @@ start_instances() {
         # which would otherwise (and rightly) stop one client asking this much.
         EPM_LOG=warn "$bin" serve --data "$data" --database "$database" \
             --listen "127.0.0.1:$((port + i))" \
-            --max-connections-per-client "$((agents + 64))" --max-connections "$((agents + 1024))" \
+            --max-connections-per-client "$((agents + open_agents + 64))" --max-connections "$((agents + open_agents + 1024))" \
             --calls-per-second-per-client 0 --calls-per-second-per-identity 0 \
             --audit-records-per-hour 100000000 --audit-mib-per-hour 100000 \
             >>"$work/server.log" 2>&1 &
@@ -98,7 +119,7 @@ stop_instances() {
 }
 
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), load $(cut -d' ' -f1-3 /proc/loadavg), $(date -u +%Y-%m-%dT%H:%MZ)"
-echo "policy: $rules rules; agents: $agents; steady state for ${seconds}s per measurement"
+echo "policy: $rules rules; closed loop: $agents agents; open loop: $open_agents agents at $rate_checkin unchanged / $rate_audit audit-uploading check-ins/s; ${seconds}s per measurement"
 run=0
 for backend in "${backends[@]}"; do
     run=$((run + 1))
@@ -125,10 +146,12 @@ for backend in "${backends[@]}"; do
     start_instances "$data" "$database" "$instances"
     first="${urls%%,*}"
     "$bin" --url "$first" --data "$data" policy push "$work/policy.json" >/dev/null
-    token="$("$bin" --url "$first" --data "$data" enroll-token create --uses "$((agents * 2))" --expires 1h)"
+    token="$("$bin" --url "$first" --data "$data" enroll-token create --uses "$(((agents + open_agents) * 2))" --expires 1h)"
     echo "== $backend ($instances instance(s))"
-    for mode in checkin audit100; do
-        target/release/examples/loadgen "$urls" "$data/ca.pem" "$token" "$agents" "$seconds" "$mode"
-    done
+    loadgen=(target/release/examples/loadgen "$urls" "$data/ca.pem" "$token")
+    "${loadgen[@]}" "$agents" "$seconds" checkin
+    "${loadgen[@]}" "$open_agents" "$seconds" checkin --rate "$rate_checkin" "${open_flags[@]}"
+    "${loadgen[@]}" "$agents" "$seconds" audit100
+    "${loadgen[@]}" "$open_agents" "$seconds" audit100 --rate "$rate_audit" "${open_flags[@]}"
     stop_instances
 done

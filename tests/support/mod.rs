@@ -8,6 +8,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a harness fails loudly by design
 
 pub mod browser;
+pub mod database;
 pub mod platform;
 pub mod run;
 pub mod sudo;

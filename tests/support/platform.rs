@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use super::binary;
+use super::database::TestDatabase;
 
 /// A running platform.
 #[derive(Debug)]
@@ -20,6 +21,9 @@ pub struct Platform {
     /// The token of admin `e2e`: the owner (the first admin), approving at
     /// level 1.
     pub admin_token: String,
+    /// SQLite in `dir`, or a PostgreSQL database of its own
+    /// (`EPM_TEST_BACKEND=postgres`); dropped after the child is killed.
+    database: TestDatabase,
 }
 
 impl Platform {
@@ -40,7 +44,8 @@ impl Platform {
             .local_addr()
             .unwrap()
             .port();
-        let out = Command::new(binary("epm-platform"))
+        let database = TestDatabase::for_a_platform();
+        let out = command(&database)
             .args([
                 "admin",
                 "create",
@@ -66,6 +71,7 @@ impl Platform {
             child: None,
             serve_args: serve_args.iter().map(|a| (*a).to_owned()).collect(),
             admin_token,
+            database,
         };
         platform.spawn();
         platform
@@ -86,7 +92,7 @@ impl Platform {
             .append(true)
             .open(self.dir.path().join("platform.log"))
             .unwrap();
-        let child = Command::new(binary("epm-platform"))
+        let child = command(&self.database)
             .args([
                 "serve",
                 "--listen",
@@ -103,6 +109,18 @@ impl Platform {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             if self.cli(&["admin", "list"]).status.success() {
+                // Asked for PostgreSQL, make sure the server says it serves
+                // from it: a harness that quietly fell back to SQLite would
+                // report the PostgreSQL path as tested.
+                let kind = match self.database.url() {
+                    Some(_) => "postgres database",
+                    None => "sqlite database",
+                };
+                assert!(
+                    self.log().contains(kind),
+                    "epm-platform does not serve from its {kind}:\n{}",
+                    self.log()
+                );
                 return;
             }
             thread::sleep(Duration::from_millis(50));
@@ -117,7 +135,7 @@ impl Platform {
 
     /// Runs the admin CLI against this platform.
     pub fn cli(&self, args: &[&str]) -> Output {
-        Command::new(binary("epm-platform"))
+        command(&self.database)
             .args(["--url", &self.url(), "--data"])
             .arg(self.data())
             .args(args)
@@ -128,7 +146,7 @@ impl Platform {
 
     /// Runs the admin CLI with another admin's token.
     pub fn cli_as(&self, token: &str, args: &[&str]) -> Output {
-        Command::new(binary("epm-platform"))
+        command(&self.database)
             .args(["--url", &self.url(), "--data"])
             .arg(self.data())
             .args(args)
@@ -141,7 +159,7 @@ impl Platform {
     /// API, as the owner), the password on stdin.
     pub fn set_password(&self, name: &str, password: &str) {
         use std::io::Write;
-        let mut child = Command::new(binary("epm-platform"))
+        let mut child = command(&self.database)
             .args(["--url", &self.url(), "--data"])
             .arg(self.data())
             .args(["admin", "set-password", "--name", name])
@@ -361,6 +379,12 @@ impl Platform {
             .collect()
     }
 
+    /// The platform's `--database` when it is not the data directory's
+    /// SQLite file (`EPM_TEST_BACKEND=postgres`).
+    pub fn database_url(&self) -> Option<&str> {
+        self.database.url()
+    }
+
     /// The data directory.
     pub fn data_dir(&self) -> PathBuf {
         self.data()
@@ -388,8 +412,18 @@ impl Platform {
 
 impl Drop for Platform {
     fn drop(&mut self) {
+        // The child first: its database is dropped after (the field's own
+        // Drop), not under a running server.
         self.kill();
     }
+}
+
+/// `epm-platform` on `database` (every command: `serve` and the offline
+/// admin commands open it, the API clients ignore it).
+fn command(database: &TestDatabase) -> Command {
+    let mut command = Command::new(binary("epm-platform"));
+    database.apply(&mut command);
+    command
 }
 
 /// An agent spoken for over REST: enrolled with a fresh token, reporting
