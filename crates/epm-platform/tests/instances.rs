@@ -767,8 +767,57 @@ async fn a_decision_on_one_instance_wakes_a_request_wait_on_the_other() {
     let owner = admin(&database, "owner", None);
     approval_on_b_wakes_a_wait_on_a(&a, &b, &owner).await;
     waits_are_bounded_and_leak_nothing(&a, &b, &owner).await;
+    a_decision_while_the_listener_is_down_is_not_missed(&a, &b, &owner, &database).await;
     a.handle.shutdown();
     b.handle.shutdown();
+}
+
+/// The instances' listener connections are cut, and a request is approved
+/// before they are back: that NOTIFY is lost, but each instance wakes all
+/// its waits once it listens again, and the re-read finds the decision.
+async fn a_decision_while_the_listener_is_down_is_not_missed(
+    a: &Instance,
+    b: &Instance,
+    owner: &str,
+    database: &str,
+) {
+    let approver = admin_on(b, "approver3", Some(1));
+    let agents = fleet(a, owner, &["mac-cut"]).await;
+    let agent = &agents[0];
+    let id = request_on(a, agent, "cut-1").await;
+    let poll = wait_on(a, agent, &[&id], 30);
+    tokio::time::sleep(SETTLE).await;
+
+    let (client, connection) = tokio_postgres::connect(database, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let cut = client
+        .query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = current_database() AND pid <> pg_backend_pid() AND query LIKE 'LISTEN%'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(cut.len(), 2, "one listener per instance");
+    b.ok(
+        Method::POST,
+        &paths::ADMIN_REQUEST_APPROVE.replace("{id}", &id),
+        &approver,
+        None,
+    )
+    .await;
+    let (status, body, waited) = tokio::time::timeout(Duration::from_secs(40), poll)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(
+        waited < Duration::from_secs(15),
+        "woken after the listener came back, not at the timeout: {waited:?}"
+    );
+    assert_eq!(body["changed"][0]["state"], "approved", "{body}");
 }
 
 /// The same on one instance, on the suite's database (SQLite unless
