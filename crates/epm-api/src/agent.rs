@@ -291,3 +291,48 @@ pub struct RequestStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grant: Option<SignedEnvelope>,
 }
+
+/// Most request ids one [`RequestWait`] may name.
+pub const MAX_WAIT_REQUESTS: usize = 100;
+/// The longest a [`RequestWait`] is held, in seconds; more is treated as
+/// this.
+pub const MAX_REQUEST_WAIT_SECONDS: u32 = 60;
+/// Largest [`RequestWait`] body, in bytes: [`MAX_WAIT_REQUESTS`] ids of
+/// the longest accepted name, with room for the JSON around them.
+pub const MAX_REQUEST_WAIT_BYTES: usize = 32 * 1024;
+
+/// `POST /api/v1/agent/requests/wait`: a long poll on the agent's pending
+/// requests, so a decision reaches a waiting user within about a second
+/// instead of at the next check-in. One wait per agent: a newer one
+/// replaces an older one, which is answered `409`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RequestWait {
+    /// Platform ids of requests the agent holds as pending, at most
+    /// [`MAX_WAIT_REQUESTS`]. Ids that are not this agent's are ignored.
+    pub requests: Vec<String>,
+    /// How long to wait at most, in seconds (0 answers at once; over
+    /// [`MAX_REQUEST_WAIT_SECONDS`] is treated as that).
+    pub wait_seconds: u32,
+}
+
+/// `POST /api/v1/agent/requests/wait` answer: the named requests that are
+/// no longer pending (empty when the wait ended with none). The agent
+/// learns their grants and reasons by checking in.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RequestWaitResponse {
+    /// The requests decided (or expired, or revoked) since they were
+    /// pending.
+    pub changed: Vec<RequestChange>,
+}
+
+/// One request whose state moved on from pending.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RequestChange {
+    /// The platform's id.
+    pub id: String,
+    /// Where it stands now.
+    pub state: RequestState,
+}

@@ -22,6 +22,10 @@ pub const AGENT_AUDIT: &str = "/api/v1/agent/audit";
 pub const AGENT_REQUESTS: &str = "/api/v1/agent/requests";
 /// `GET` → [`crate::agent::RequestStatus`].
 pub const AGENT_REQUEST: &str = "/api/v1/agent/requests/{id}";
+/// `POST` [`crate::agent::RequestWait`] → [`crate::agent::RequestWaitResponse`]:
+/// a long poll that answers as soon as one of the agent's pending requests
+/// is decided, on whichever platform instance.
+pub const AGENT_REQUESTS_WAIT: &str = "/api/v1/agent/requests/wait";
 
 /// `POST` with the agent's current credentials → new
 /// [`crate::agent::AgentCredentials`] (same id and offline key, a new
@@ -97,6 +101,7 @@ pub const ALL: &[(&str, &str)] = &[
     ("POST", AGENT_AUDIT),
     ("POST", AGENT_REQUESTS),
     ("GET", AGENT_REQUEST),
+    ("POST", AGENT_REQUESTS_WAIT),
     ("POST", AGENT_ROTATE),
     ("GET", ADMIN_WHOAMI),
     ("GET", ADMIN_ADMINS),

@@ -32,7 +32,9 @@ use crate::admin::{
     ActivityQuery, AuditQuery, CreateAdmin, CreateEnrollToken, DenyRequest, OfflineCodeRequest,
     RequestQuery, RevokeRequest, SetPassword, UpdateAdmin,
 };
-use crate::agent::{AuditUpload, CheckinRequest, EnrollRequest, RequestSubmit};
+use crate::agent::{
+    AuditUpload, CheckinRequest, EnrollRequest, MAX_WAIT_REQUESTS, RequestSubmit, RequestWait,
+};
 
 /// Ids and names: device ids, user, group, admin and rule names, scopes.
 pub const MAX_NAME_BYTES: usize = 256;
@@ -235,6 +237,16 @@ impl Validate for CheckinRequest {
             for (i, id) in ids.iter().enumerate() {
                 name(&format!("{field}[{i}]"), id, MAX_NAME_BYTES)?;
             }
+        }
+        Ok(())
+    }
+}
+
+impl Validate for RequestWait {
+    fn validate(&self) -> Result<(), Invalid> {
+        count("requests", self.requests.len(), MAX_WAIT_REQUESTS)?;
+        for (i, id) in self.requests.iter().enumerate() {
+            name(&format!("requests[{i}]"), id, MAX_NAME_BYTES)?;
         }
         Ok(())
     }

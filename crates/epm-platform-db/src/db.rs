@@ -193,6 +193,19 @@ pub struct Db {
     store: Store,
     /// The console's address, for the links webhooks carry.
     console_url: Mutex<String>,
+    /// Told of request changes on SQLite ([`Db::listen`]); PostgreSQL
+    /// tells its listener by `NOTIFY` instead.
+    local_listener: LocalListener,
+}
+
+/// The [`sql::Listener`] SQLite calls itself.
+#[derive(Default)]
+struct LocalListener(Mutex<Option<sql::Listener>>);
+
+impl std::fmt::Debug for LocalListener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LocalListener")
+    }
 }
 
 /// How an approver narrows what they approve: an earlier end of the
@@ -518,6 +531,7 @@ impl Db {
         Ok(Db {
             store: Store::Sqlite(Mutex::new(conn)),
             console_url: Mutex::new("https://localhost:8443".into()),
+            local_listener: LocalListener::default(),
         })
     }
 
@@ -528,16 +542,63 @@ impl Db {
         Ok(Db {
             store: Store::Postgres(pg),
             console_url: Mutex::new("https://localhost:8443".into()),
+            local_listener: LocalListener::default(),
         })
     }
 
-    /// Calls `changed("audit")` whenever any instance sharing this
-    /// database stores audit, and once after the listener reconnects.
-    /// SQLite has one instance, which wakes its own waiters: a no-op there.
+    /// Calls `changed("audit", "")` whenever any instance sharing this
+    /// database stores audit, `changed("requests", AGENT_ID)` whenever a
+    /// request of that agent leaves `pending` or `approved` (decided,
+    /// expired, revoked), and `changed(channel, "")` for every channel once
+    /// the listener (re)connects, since changes may have been missed.
+    ///
+    /// PostgreSQL: by `LISTEN/NOTIFY`, from every instance. SQLite has one
+    /// instance: audit waiters are woken by the server itself; request
+    /// changes are reported here, from inside the changing transaction
+    /// (see [`Db::request_changed`]).
     pub fn listen(&self, changed: sql::Listener) {
-        if let Store::Postgres(pg) = &self.store {
-            postgres::listen(pg, changed);
+        match &self.store {
+            Store::Postgres(pg) => postgres::listen(pg, changed),
+            Store::Sqlite(_) => {
+                *self
+                    .local_listener
+                    .0
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()) = Some(changed);
+            }
         }
+    }
+
+    /// Tells the agent's long-poll waiters (on every instance) that one of
+    /// its requests changed state, as part of `tx`.
+    ///
+    /// PostgreSQL delivers the `NOTIFY` at commit and drops it at rollback.
+    /// SQLite calls the listener now, before the commit: that is safe
+    /// because a woken waiter re-reads through the same single connection,
+    /// whose lock this transaction holds until it has committed, so the
+    /// re-read sees the change (a rolled-back change costs one re-read).
+    fn request_changed(&self, tx: &Conn<'_>, id: &str) -> Result<()> {
+        let Some(agent_id) = tx
+            .query_row("SELECT agent_id FROM requests WHERE id = ?1", [id], |r| {
+                r.get::<_, String>(0)
+            })
+            .optional()?
+        else {
+            return Ok(());
+        };
+        if tx.is_postgres() {
+            return postgres::notify_with(tx, "epm_requests", &agent_id);
+        }
+        let listener = self
+            .local_listener
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let Some(listener) = listener {
+            listener("requests", &agent_id);
+        }
+        Ok(())
     }
 
     /// Which database this is, for the log: `sqlite` or `postgres`.
@@ -561,8 +622,13 @@ impl Db {
             .clone()
     }
 
-    /// Queues `event` of request `id` for every webhook, inside `tx`.
+    /// Queues `event` of request `id` for every webhook, inside `tx`, and
+    /// wakes its agent's long poll when the request left `pending` (or
+    /// `approved`: revoked, expired).
     fn notify(&self, tx: &Conn<'_>, event: &str, id: &str) -> Result<()> {
+        if event != "created" {
+            self.request_changed(tx, id)?;
+        }
         let request = Db::request_row(tx, id)?.request;
         console::enqueue_webhooks(tx, &self.console_url(), event, &request)
     }

@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -25,7 +26,8 @@ use epm_api::admin::{
 };
 use epm_api::agent::{
     AgentCredentials, AuditAck, AuditUpload, CheckinRequest, CheckinResponse, EnrollRequest,
-    LocalUser, PolicyState, RequestState, RequestStatus, RequestSubject, RequestSubmit, Window,
+    LocalUser, MAX_REQUEST_WAIT_SECONDS, PolicyState, RequestChange, RequestState, RequestStatus,
+    RequestSubject, RequestSubmit, RequestWait, RequestWaitResponse, Window,
 };
 use epm_api::offline::OfflineChallenge;
 use epm_api::sign::{PolicySigningKey, SignedKind};
@@ -63,6 +65,8 @@ pub struct AppState {
     /// The web console's sessions and sign-in limits.
     pub console: crate::console::ConsoleState,
     audit_arrived: Notify,
+    /// Agents long-polling on their pending requests.
+    request_waiters: Arc<RequestWaiters>,
     merged: MergeCache,
     build: tokio::sync::Mutex<()>,
 }
@@ -75,6 +79,7 @@ impl AppState {
 
     /// State with these limits.
     pub fn with_limits(db: Db, signing: PolicySigningKey, limits: Limits) -> Arc<AppState> {
+        let max_waiters = limits.max_connections / 2;
         let state = Arc::new(AppState {
             db,
             signing,
@@ -83,17 +88,129 @@ impl AppState {
             limits,
             refused: RefusedLog::default(),
             audit_arrived: Notify::new(),
+            // Half the connections at most: the rest stay for check-ins,
+            // uploads and admins.
+            request_waiters: Arc::new(RequestWaiters::new(max_waiters)),
             merged: Mutex::new(HashMap::new()),
             build: tokio::sync::Mutex::new(()),
         });
-        // Audit uploaded to another instance wakes this one's tails too.
+        // Audit uploaded and requests decided on another instance wake this
+        // one's waiters too (and on SQLite, request changes of this one).
         let weak = Arc::downgrade(&state);
-        state.db.listen(Arc::new(move |_channel: &str| {
-            if let Some(state) = weak.upgrade() {
-                state.audit_arrived.notify_waiters();
-            }
-        }));
         state
+            .db
+            .listen(Arc::new(move |channel: &str, payload: &str| {
+                let Some(state) = weak.upgrade() else { return };
+                match (channel, payload) {
+                    ("requests", "") => state.request_waiters.wake_all(),
+                    ("requests", agent_id) => state.request_waiters.wake(agent_id),
+                    _ => state.audit_arrived.notify_waiters(),
+                }
+            }));
+        state
+    }
+
+    /// At most `max` agents long-polling on their requests at once on this
+    /// instance (default: half of [`Limits::max_connections`]).
+    pub fn set_max_request_waiters(&self, max: usize) {
+        self.request_waiters.max.store(max, Ordering::Relaxed);
+    }
+}
+
+/// The agents waiting on `POST /agent/requests/wait` on this instance, one
+/// wait per agent, each with what wakes it.
+#[derive(Debug)]
+struct RequestWaiters {
+    waiting: Mutex<HashMap<String, RequestWaiter>>,
+    next: AtomicU64,
+    max: AtomicUsize,
+}
+
+#[derive(Debug, Clone)]
+struct RequestWaiter {
+    /// Tells this wait apart from a newer one of the same agent.
+    serial: u64,
+    wake: Arc<Notify>,
+    replaced: Arc<AtomicBool>,
+}
+
+/// Why a wait was not registered.
+enum WaitRefused {
+    Full(usize),
+}
+
+impl RequestWaiters {
+    fn new(max: usize) -> RequestWaiters {
+        RequestWaiters {
+            waiting: Mutex::new(HashMap::new()),
+            next: AtomicU64::new(0),
+            max: AtomicUsize::new(max),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, RequestWaiter>> {
+        self.waiting.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Registers `agent_id`'s wait, replacing (and waking) an older one of
+    /// the same agent: a replaced wait is most often one whose client went
+    /// away unnoticed (the agent restarted, its network changed), which
+    /// must not lock the agent out until it times out.
+    fn register(self: &Arc<Self>, agent_id: &str) -> Result<WaitGuard, WaitRefused> {
+        let mut waiting = self.lock();
+        let max = self.max.load(Ordering::Relaxed);
+        if !waiting.contains_key(agent_id) && waiting.len() >= max {
+            return Err(WaitRefused::Full(max));
+        }
+        let waiter = RequestWaiter {
+            serial: self.next.fetch_add(1, Ordering::Relaxed),
+            wake: Arc::new(Notify::new()),
+            replaced: Arc::new(AtomicBool::new(false)),
+        };
+        if let Some(old) = waiting.insert(agent_id.to_owned(), waiter.clone()) {
+            old.replaced.store(true, Ordering::SeqCst);
+            old.wake.notify_one();
+        }
+        Ok(WaitGuard {
+            waiters: self.clone(),
+            agent_id: agent_id.to_owned(),
+            waiter,
+        })
+    }
+
+    /// One of `agent_id`'s requests changed.
+    fn wake(&self, agent_id: &str) {
+        if let Some(waiter) = self.lock().get(agent_id) {
+            // A permit is kept if the wait is between its read and its
+            // sleep, so the change is not missed.
+            waiter.wake.notify_one();
+        }
+    }
+
+    /// Anything may have changed (the listener reconnected).
+    fn wake_all(&self) {
+        for waiter in self.lock().values() {
+            waiter.wake.notify_one();
+        }
+    }
+}
+
+/// A registered wait; unregisters on drop (an answer, or a client gone).
+struct WaitGuard {
+    waiters: Arc<RequestWaiters>,
+    agent_id: String,
+    waiter: RequestWaiter,
+}
+
+impl Drop for WaitGuard {
+    fn drop(&mut self) {
+        let mut waiting = self.waiters.lock();
+        if waiting
+            .get(&self.agent_id)
+            .is_some_and(|w| w.serial == self.waiter.serial)
+        {
+            waiting.remove(&self.agent_id);
+        }
     }
 }
 
@@ -1101,6 +1218,73 @@ async fn agent_request(
     Ok(Json(state.db.request_status(&agent.agent_id, &id)?))
 }
 
+/// Waits until one of the agent's named pending requests is decided (or
+/// expires, or is revoked), on whichever instance, or `wait_seconds` pass.
+#[utoipa::path(post, path = "/api/v1/agent/requests/wait", tag = "agent", request_body = RequestWait,
+    responses((status = 200, body = RequestWaitResponse, description = "the named requests no longer pending; empty when the wait ended without one"),
+        (status = 409, body = ApiErrorBody, description = "a newer wait of the same agent replaced this one"),
+        (status = 413, body = ApiErrorBody), (status = 422, body = ApiErrorBody, description = "too many ids, or a malformed one"),
+        (status = 503, body = ApiErrorBody, description = "this instance holds as many waits as it takes; check in instead, retry later")),
+    security(("bearer" = [])))]
+async fn wait_requests(
+    State(state): State<Shared>,
+    AgentAuth(agent): AgentAuth,
+    ApiJson(wait): ApiJson<RequestWait>,
+) -> ApiResult<Json<RequestWaitResponse>> {
+    let seconds = wait.wait_seconds.min(MAX_REQUEST_WAIT_SECONDS);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(u64::from(seconds));
+    // Registered before the first read, so a change between the two wakes
+    // the wait. Notifications are per agent: a wait naming another agent's
+    // request is never woken by it, and never told its state.
+    let guard = state
+        .request_waiters
+        .register(&agent.agent_id)
+        .map_err(|WaitRefused::Full(max)| Failure {
+            retry_after: Some(Duration::from_secs(30)),
+            ..Failure::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too_many_waits",
+                format!(
+                    "this platform instance already holds {max} request waits; the agent learns of its requests at its next check-in"
+                ),
+            )
+        })?;
+    loop {
+        if guard.waiter.replaced.load(Ordering::SeqCst) {
+            return Err(Failure::new(
+                StatusCode::CONFLICT,
+                "replaced",
+                "a newer request wait of this agent replaced this one (one wait per agent)",
+            ));
+        }
+        // Each read runs on this task; the database layer keeps the
+        // blocking off the async threads (block_in_place).
+        state.db.expire_requests(Timestamp::now())?;
+        let mut changed = Vec::new();
+        for id in &wait.requests {
+            match state.db.request_status(&agent.agent_id, id) {
+                Ok(status) if status.state != RequestState::Pending => {
+                    changed.push(RequestChange {
+                        id: status.id,
+                        state: status.state,
+                    });
+                }
+                Ok(_) | Err(DbError::NotFound(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        if !changed.is_empty() || tokio::time::Instant::now() >= deadline {
+            return Ok(Json(RequestWaitResponse { changed }));
+        }
+        if tokio::time::timeout_at(deadline, guard.waiter.wake.notified())
+            .await
+            .is_err()
+        {
+            return Ok(Json(RequestWaitResponse::default()));
+        }
+    }
+}
+
 // ---- admin handlers -------------------------------------------------
 
 /// Who the token belongs to.
@@ -1948,7 +2132,7 @@ async fn method_not_allowed() -> Failure {
 #[derive(OpenApi, Debug)]
 #[openapi(
     info(title = "EPM platform API", description = "Agents and admins of the EPM reference platform. See docs/api.md."),
-    paths(enroll, checkin, policy, upload_audit, submit_request, agent_request, rotate_agent, whoami, list_admins,
+    paths(enroll, checkin, policy, upload_audit, submit_request, agent_request, wait_requests, rotate_agent, whoami, list_admins,
         create_admin, update_admin, disable_admin, enable_admin, rotate_admin_token, set_admin_password, list_enroll_tokens,
         create_enroll_token, revoke_enroll_token, devices, remove_device, reset_device, device_bundle, list_policies,
         put_policy, get_policy, delete_policy, list_requests, get_request, approve, deny, revoke, fleet_audit,
@@ -1985,6 +2169,12 @@ pub fn router(state: Shared) -> Router {
         )
         .route(paths::AGENT_REQUESTS, post(submit_request))
         .route(paths::AGENT_REQUEST, get(agent_request))
+        .route(
+            paths::AGENT_REQUESTS_WAIT,
+            post(wait_requests).layer(DefaultBodyLimit::max(
+                epm_api::agent::MAX_REQUEST_WAIT_BYTES,
+            )),
+        )
         .route(paths::AGENT_ROTATE, post(rotate_agent))
         .route(paths::ADMIN_WHOAMI, get(whoami))
         .route(paths::ADMIN_ADMINS, get(list_admins).post(create_admin))

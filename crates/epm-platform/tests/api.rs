@@ -13,7 +13,7 @@ use epm_api::sign::{PolicyPublicKey, SignedKind};
 use epm_api::{ApiErrorBody, Grant, PolicyBundle, SignedEnvelope, SubjectIdentity, paths};
 use epm_platform::db::Actor;
 use epm_platform::keys::DataDir;
-use epm_platform::server::{self, ApiDoc, AppState};
+use epm_platform::server::ApiDoc;
 use jiff::{SignedDuration, Timestamp};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
@@ -39,34 +39,9 @@ impl TestPlatform {
     async fn start_on(dir: tempfile::TempDir, data: DataDir) -> TestPlatform {
         data.ensure_keys(&["localhost".into(), "127.0.0.1".into()])
             .unwrap();
-        let tls = epm_platform::tls_config(&data.file("server.pem"), &data.file("server-key.pem"))
-            .await
-            .unwrap();
-        let db = common::open_db(&data);
-        let state = AppState::new(db, data.signing_key().unwrap());
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        drop(listener);
-        let handle = axum_server::Handle::new();
-        tokio::spawn(server::serve(state, addr, tls, handle.clone()));
-        let ca = reqwest::Certificate::from_pem(&std::fs::read(data.ca_cert()).unwrap()).unwrap();
-        let http = reqwest::Client::builder()
-            .tls_built_in_root_certs(false)
-            .add_root_certificate(ca)
-            .build()
-            .unwrap();
-        let url = format!("https://127.0.0.1:{}", addr.port());
-        for _ in 0..100 {
-            if http
-                .get(format!("{url}{}", paths::HEALTH))
-                .send()
-                .await
-                .is_ok()
-            {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let common::Server {
+            url, http, handle, ..
+        } = common::start_server(&data, common::open_db(&data)).await;
         TestPlatform {
             _dir: dir,
             data,

@@ -17,7 +17,7 @@ use epm_api::agent::{
 use epm_api::{SubjectIdentity, paths};
 use epm_platform::db::{Actor, Db};
 use epm_platform::keys::DataDir;
-use epm_platform::server::{self, AppState};
+use epm_platform::server::AppState;
 use jiff::{SignedDuration, Timestamp};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
@@ -28,40 +28,25 @@ struct Instance {
     url: String,
     http: reqwest::Client,
     handle: axum_server::Handle,
+    state: std::sync::Arc<AppState>,
 }
 
 impl Instance {
     async fn start(data: &DataDir, database: &str) -> Instance {
-        let tls = epm_platform::tls_config(&data.file("server.pem"), &data.file("server-key.pem"))
-            .await
-            .unwrap();
         let db = Db::open_url(database).unwrap();
         assert_eq!(db.kind(), "postgres");
-        let state = AppState::new(db, data.signing_key().unwrap());
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        drop(listener);
-        let handle = axum_server::Handle::new();
-        tokio::spawn(server::serve(state, addr, tls, handle.clone()));
-        let ca = reqwest::Certificate::from_pem(&std::fs::read(data.ca_cert()).unwrap()).unwrap();
-        let http = reqwest::Client::builder()
-            .tls_built_in_root_certs(false)
-            .add_root_certificate(ca)
-            .build()
-            .unwrap();
-        let url = format!("https://127.0.0.1:{}", addr.port());
-        for _ in 0..200 {
-            if http
-                .get(format!("{url}{}", paths::HEALTH))
-                .send()
-                .await
-                .is_ok()
-            {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        let common::Server {
+            url,
+            http,
+            handle,
+            state,
+        } = common::start_server(data, db).await;
+        Instance {
+            url,
+            http,
+            handle,
+            state,
         }
-        Instance { url, http, handle }
     }
 
     async fn call(
@@ -431,4 +416,432 @@ async fn two_instances_on_one_database_act_as_one_platform() {
     );
     a.handle.shutdown();
     b.handle.shutdown();
+}
+
+// ---- request waits: decisions reach a waiting agent at once ----------
+
+/// An admin made on `on`'s database.
+fn admin_on(on: &Instance, name: &str, level: Option<u32>) -> String {
+    on.state
+        .db
+        .create_admin(
+            Actor::Local,
+            &CreateAdmin {
+                name: name.into(),
+                role: None,
+                approver_level: level,
+                endpoint_users: None,
+            },
+        )
+        .unwrap()
+        .0
+        .token
+}
+
+/// Pushes a one-approver rule for `wireshark` and enrolls `devices`
+/// (each checked in with user alice); returns their credentials.
+async fn fleet(on: &Instance, owner: &str, devices: &[&str]) -> Vec<AgentCredentials> {
+    on.ok(
+        Method::PUT,
+        &paths::ADMIN_POLICY.replace("{scope}", "general"),
+        owner,
+        Some(json!({"version": 1, "default_action": "allow", "rules": [{
+            "id": "wireshark", "action": "approve", "match": {"name": "wireshark"},
+            "approval": {"levels": [{"approvers": 1}], "max_window_hours": 8, "uses": 1}
+        }]})),
+    )
+    .await;
+    let mut agents = Vec::new();
+    for device in devices {
+        let token = on
+            .ok(
+                Method::POST,
+                paths::ADMIN_ENROLL_TOKENS,
+                owner,
+                Some(json!({"uses": 1, "expires_in_seconds": 3600})),
+            )
+            .await["token"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let (status, enrolled, _) = on
+            .call(
+                Method::POST,
+                paths::AGENT_ENROLL,
+                "",
+                Some(
+                    serde_json::to_value(EnrollRequest {
+                        enrollment_token: token,
+                        device_id: (*device).into(),
+                        hostname: (*device).into(),
+                        os: "macos".into(),
+                        agent_version: "test".into(),
+                    })
+                    .unwrap(),
+                ),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{enrolled}");
+        let agent: AgentCredentials = serde_json::from_value(enrolled).unwrap();
+        let checkin = CheckinRequest {
+            users: vec![LocalUser {
+                name: "alice".into(),
+                groups: vec!["staff".into()],
+            }],
+            ..CheckinRequest::default()
+        };
+        on.ok(
+            Method::POST,
+            paths::AGENT_CHECKIN,
+            &bearer(&agent),
+            Some(serde_json::to_value(&checkin).unwrap()),
+        )
+        .await;
+        agents.push(agent);
+    }
+    agents
+}
+
+/// A request of `agent` made on `on`: its platform id.
+async fn request_on(on: &Instance, agent: &AgentCredentials, local_id: &str) -> String {
+    let status: RequestStatus = serde_json::from_value(
+        on.ok(
+            Method::POST,
+            paths::AGENT_REQUESTS,
+            &bearer(agent),
+            Some(submit(local_id)),
+        )
+        .await,
+    )
+    .unwrap();
+    assert_eq!(status.state, RequestState::Pending);
+    status.id
+}
+
+/// Starts `agent`'s long poll on `on` for `ids`; resolves to its status,
+/// body and how long it took.
+fn wait_on(
+    on: &Instance,
+    agent: &AgentCredentials,
+    ids: &[&str],
+    seconds: u32,
+) -> tokio::task::JoinHandle<(StatusCode, Value, Duration)> {
+    let http = on.http.clone();
+    let url = format!("{}{}", on.url, paths::AGENT_REQUESTS_WAIT);
+    let bearer = bearer(agent);
+    let body = json!({"requests": ids, "wait_seconds": seconds});
+    tokio::spawn(async move {
+        let started = Instant::now();
+        let response = http
+            .post(url)
+            .bearer_auth(bearer)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status();
+        let value = response.json::<Value>().await.unwrap_or(Value::Null);
+        (status, value, started.elapsed())
+    })
+}
+
+/// How long a test lets a wait register before deciding.
+const SETTLE: Duration = Duration::from_millis(500);
+
+/// The long poll on `a` answers when the request is approved on `b`,
+/// well before its 30 s: the decision travelled (by NOTIFY between two
+/// instances; in-process when `a` and `b` are one).
+async fn approval_on_b_wakes_a_wait_on_a(a: &Instance, b: &Instance, owner: &str) {
+    let agents = fleet(a, owner, &["mac-wait-1"]).await;
+    let agent = &agents[0];
+    let approver = admin_on(b, "approver", Some(1));
+    let id = request_on(a, agent, "wait-1").await;
+    let other = request_on(a, agent, "wait-2").await;
+
+    let poll = wait_on(a, agent, &[&id, &other], 30);
+    tokio::time::sleep(SETTLE).await;
+    assert!(!poll.is_finished(), "nothing decided yet: the wait holds");
+    let approved = Instant::now();
+    b.ok(
+        Method::POST,
+        &paths::ADMIN_REQUEST_APPROVE.replace("{id}", &id),
+        &approver,
+        None,
+    )
+    .await;
+    let (status, body, _) = tokio::time::timeout(Duration::from_secs(20), poll)
+        .await
+        .expect("the wait answered")
+        .unwrap();
+    let after = approved.elapsed();
+    eprintln!("request wait answered {after:?} after the approval call started");
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(
+        after < Duration::from_secs(10),
+        "woken by the decision, not the 30 s timeout: {after:?}"
+    );
+    assert_eq!(
+        body,
+        json!({"changed": [{"id": id, "state": "approved"}]}),
+        "only the decided request"
+    );
+
+    // A denial wakes it the same way, and an id already decided answers
+    // at once.
+    let poll = wait_on(a, agent, &[&other], 30);
+    tokio::time::sleep(SETTLE).await;
+    b.ok(
+        Method::POST,
+        &paths::ADMIN_REQUEST_DENY.replace("{id}", &other),
+        &approver,
+        Some(json!({"reason": "not today"})),
+    )
+    .await;
+    let (status, body, waited) = tokio::time::timeout(Duration::from_secs(20), poll)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(waited < Duration::from_secs(10), "{waited:?}");
+    assert_eq!(body["changed"][0]["state"], "denied", "{body}");
+    let (_, body, waited) = wait_on(b, agent, &[&id, &other], 30).await.unwrap();
+    assert!(waited < Duration::from_secs(10), "{waited:?}");
+    assert_eq!(body["changed"].as_array().unwrap().len(), 2, "{body}");
+}
+
+/// What a wait must not give away or let grow.
+async fn waits_are_bounded_and_leak_nothing(a: &Instance, b: &Instance, owner: &str) {
+    let agents = fleet(a, owner, &["mac-mine", "mac-theirs"]).await;
+    let (mine, theirs) = (&agents[0], &agents[1]);
+    let approver = admin_on(a, "approver2", Some(1));
+
+    // Waiting on another agent's request: not woken by its decision, and
+    // told nothing about it, even once it is decided.
+    let their_id = request_on(a, theirs, "theirs-1").await;
+    let snoop = wait_on(a, mine, &[&their_id], 3);
+    tokio::time::sleep(SETTLE).await;
+    b.ok(
+        Method::POST,
+        &paths::ADMIN_REQUEST_APPROVE.replace("{id}", &their_id),
+        &approver,
+        None,
+    )
+    .await;
+    let (status, body, waited) = snoop.await.unwrap();
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body, json!({"changed": []}));
+    assert!(
+        waited >= Duration::from_millis(2900),
+        "not woken early by another agent's request: {waited:?}"
+    );
+    let (_, body, _) = wait_on(b, mine, &[&their_id, "req_nonexistent"], 0)
+        .await
+        .unwrap();
+    assert_eq!(
+        body,
+        json!({"changed": []}),
+        "a decided foreign id stays unseen"
+    );
+
+    // Too many ids, a malformed one, a body over the cap: refused plainly.
+    let many: Vec<String> = (0..=epm_api::agent::MAX_WAIT_REQUESTS)
+        .map(|i| format!("req_{i}"))
+        .collect();
+    let (status, body, _) = a
+        .call(
+            Method::POST,
+            paths::AGENT_REQUESTS_WAIT,
+            &bearer(mine),
+            Some(json!({"requests": many, "wait_seconds": 1})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("requests"),
+        "{body}"
+    );
+    let (status, body, _) = a
+        .call(
+            Method::POST,
+            paths::AGENT_REQUESTS_WAIT,
+            &bearer(mine),
+            Some(json!({"requests": ["a\u{202E}b"], "wait_seconds": 1})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    let huge = vec!["x".repeat(200); 200];
+    let (status, body, _) = a
+        .call(
+            Method::POST,
+            paths::AGENT_REQUESTS_WAIT,
+            &bearer(mine),
+            Some(json!({"requests": huge, "wait_seconds": 1})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{body}");
+    let (status, _, _) = a
+        .call(
+            Method::POST,
+            paths::AGENT_REQUESTS_WAIT,
+            "nobody.nothing",
+            Some(json!({"requests": [], "wait_seconds": 1})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+
+    // One wait per agent: a second replaces the first, which is told so.
+    let my_id = request_on(a, mine, "mine-1").await;
+    let first = wait_on(a, mine, &[&my_id], 30);
+    tokio::time::sleep(SETTLE).await;
+    let second = wait_on(a, mine, &[&my_id], 30);
+    let (status, body, waited) = tokio::time::timeout(Duration::from_secs(20), first)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert_eq!(body["error"]["code"], "replaced", "{body}");
+    assert!(waited < Duration::from_secs(10), "{waited:?}");
+
+    // The instance's cap: with one wait held, another agent is refused
+    // with a clear error and a Retry-After.
+    a.state.set_max_request_waiters(1);
+    let (status, body, headers) = a
+        .call(
+            Method::POST,
+            paths::AGENT_REQUESTS_WAIT,
+            &bearer(theirs),
+            Some(json!({"requests": [&their_id], "wait_seconds": 5})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["error"]["code"], "too_many_waits", "{body}");
+    assert!(headers.contains_key("retry-after"));
+    // The agent holding the wait may still replace its own.
+    let third = wait_on(a, mine, &[&my_id], 30);
+    let (status, _, _) = tokio::time::timeout(Duration::from_secs(20), second)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status, StatusCode::CONFLICT);
+    b.ok(
+        Method::POST,
+        &paths::ADMIN_REQUEST_APPROVE.replace("{id}", &my_id),
+        &approver,
+        None,
+    )
+    .await;
+    let (status, body, _) = tokio::time::timeout(Duration::from_secs(20), third)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["changed"][0]["id"], my_id.as_str());
+    // Answered waits are gone: the slot is free again.
+    let (status, body, _) = a
+        .call(
+            Method::POST,
+            paths::AGENT_REQUESTS_WAIT,
+            &bearer(theirs),
+            Some(json!({"requests": [&their_id], "wait_seconds": 0})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    a.state.set_max_request_waiters(1000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_decision_on_one_instance_wakes_a_request_wait_on_the_other() {
+    let Some(server) = common::postgres_server() else {
+        return;
+    };
+    let database = common::fresh_postgres_database(&server);
+    let dir = tempfile::tempdir().unwrap();
+    let data = DataDir::open(&dir.path().join("data")).unwrap();
+    data.ensure_keys(&["localhost".into(), "127.0.0.1".into()])
+        .unwrap();
+    let a = Instance::start(&data, &database).await;
+    let b = Instance::start(&data, &database).await;
+    let owner = admin(&database, "owner", None);
+    approval_on_b_wakes_a_wait_on_a(&a, &b, &owner).await;
+    waits_are_bounded_and_leak_nothing(&a, &b, &owner).await;
+    a_decision_while_the_listener_is_down_is_not_missed(&a, &b, &owner, &database).await;
+    a.handle.shutdown();
+    b.handle.shutdown();
+}
+
+/// The instances' listener connections are cut, and a request is approved
+/// before they are back: that NOTIFY is lost, but each instance wakes all
+/// its waits once it listens again, and the re-read finds the decision.
+async fn a_decision_while_the_listener_is_down_is_not_missed(
+    a: &Instance,
+    b: &Instance,
+    owner: &str,
+    database: &str,
+) {
+    let approver = admin_on(b, "approver3", Some(1));
+    let agents = fleet(a, owner, &["mac-cut"]).await;
+    let agent = &agents[0];
+    let id = request_on(a, agent, "cut-1").await;
+    let poll = wait_on(a, agent, &[&id], 30);
+    tokio::time::sleep(SETTLE).await;
+
+    let (client, connection) = tokio_postgres::connect(database, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let cut = client
+        .query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = current_database() AND pid <> pg_backend_pid() AND query LIKE 'LISTEN%'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(cut.len(), 2, "one listener per instance");
+    b.ok(
+        Method::POST,
+        &paths::ADMIN_REQUEST_APPROVE.replace("{id}", &id),
+        &approver,
+        None,
+    )
+    .await;
+    let (status, body, waited) = tokio::time::timeout(Duration::from_secs(40), poll)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(
+        waited < Duration::from_secs(15),
+        "woken after the listener came back, not at the timeout: {waited:?}"
+    );
+    assert_eq!(body["changed"][0]["state"], "approved", "{body}");
+}
+
+/// The same on one instance, on the suite's database (SQLite unless
+/// EPM_TEST_BACKEND=postgres): in-process wakes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_decision_wakes_a_request_wait_on_the_same_instance() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = DataDir::open(&dir.path().join("data")).unwrap();
+    data.ensure_keys(&["localhost".into(), "127.0.0.1".into()])
+        .unwrap();
+    let common::Server {
+        url,
+        http,
+        handle,
+        state,
+    } = common::start_server(&data, common::open_db(&data)).await;
+    let one = Instance {
+        url,
+        http,
+        handle,
+        state,
+    };
+    let owner = admin_on(&one, "owner", None);
+    approval_on_b_wakes_a_wait_on_a(&one, &one, &owner).await;
+    waits_are_bounded_and_leak_nothing(&one, &one, &owner).await;
+    one.handle.shutdown();
 }

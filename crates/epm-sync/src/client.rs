@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use epm_api::agent::{
     AgentCredentials, AuditAck, AuditUpload, CheckinRequest, CheckinResponse, EnrollRequest,
-    EnrollResponse, RequestStatus, RequestSubmit,
+    EnrollResponse, MAX_REQUEST_WAIT_SECONDS, RequestStatus, RequestSubmit, RequestWait,
+    RequestWaitResponse,
 };
 use epm_api::{ApiErrorBody, CONTENT_TYPE_JSON, MAX_BUNDLE_BYTES, MAX_JSON_BYTES, SignedEnvelope};
 use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, ETAG, HeaderValue, IF_NONE_MATCH};
@@ -369,6 +370,34 @@ impl PlatformClient {
         );
         call.json(self.post(&call, Some(credentials), submit)?)
             .await
+    }
+
+    /// `POST /agent/requests/wait`: waits up to `wait` (the platform holds
+    /// at most [`MAX_REQUEST_WAIT_SECONDS`]) for one of `ids` to leave
+    /// pending; an empty answer when none did. The call's timeout is `wait`
+    /// plus the usual request timeout, so a slow answer is still told from
+    /// a platform that stopped answering.
+    pub async fn wait_requests(
+        &self,
+        credentials: &AgentCredentials,
+        ids: &[String],
+        wait: Duration,
+    ) -> Result<RequestWaitResponse, SyncError> {
+        let seconds = u32::try_from(wait.as_secs())
+            .unwrap_or(u32::MAX)
+            .min(MAX_REQUEST_WAIT_SECONDS);
+        let mut call = Call::new(
+            self,
+            "request wait",
+            Method::POST,
+            epm_api::paths::AGENT_REQUESTS_WAIT,
+        );
+        call.timeout = Duration::from_secs(u64::from(seconds)) + self.options.request_timeout;
+        let body = RequestWait {
+            requests: ids.to_vec(),
+            wait_seconds: seconds,
+        };
+        call.json(self.post(&call, Some(credentials), &body)?).await
     }
 
     /// `GET /agent/requests/{id}`.

@@ -19,8 +19,8 @@ use std::time::Duration;
 
 use epm_api::agent::{
     AgentCredentials, AuditAck, AuditUpload, CheckinRequest, CheckinResponse, EnrollRequest,
-    LocalUser, PolicyState as PlatformPolicy, RequestState as ApiRequestState, RequestStatus,
-    RequestSubject, RequestSubmit, Window,
+    LocalUser, MAX_WAIT_REQUESTS, PolicyState as PlatformPolicy, RequestState as ApiRequestState,
+    RequestStatus, RequestSubject, RequestSubmit, RequestWaitResponse, Window,
 };
 use epm_api::sign::PolicyKeys;
 use epm_api::{MAX_AUDIT_UPLOAD_BYTES, SignedEnvelope};
@@ -40,6 +40,13 @@ const MAX_BATCH_RECORDS: usize = 500;
 const UPLOAD_OVERHEAD: usize = 1024;
 /// How long `epmctl sync` waits for its cycle before saying it still runs.
 pub(crate) const SYNC_REPLY_WAIT: Duration = Duration::from_secs(60);
+/// How long one request wait is held: under the platform's 60 s cap and
+/// the 60 s idle timeout many load balancers and proxies have.
+const REQUEST_WAIT: Duration = Duration::from_secs(50);
+/// Request waits start at most this often, whatever the platform answers,
+/// so a platform that answers at once (or a request that stays pending
+/// here while decided there) cannot make the agent loop.
+const REQUEST_WAIT_SPACING: Duration = Duration::from_secs(2);
 
 /// The platform calls a cycle makes: [`PlatformClient`] in the daemon, an
 /// in-memory platform in tests.
@@ -73,6 +80,13 @@ pub(crate) trait Platform {
         credentials: &AgentCredentials,
         submit: &RequestSubmit,
     ) -> Result<RequestStatus, SyncError>;
+    /// See [`PlatformClient::wait_requests`].
+    async fn wait_requests(
+        &self,
+        credentials: &AgentCredentials,
+        ids: &[String],
+        wait: Duration,
+    ) -> Result<RequestWaitResponse, SyncError>;
 }
 
 impl Platform for PlatformClient {
@@ -106,6 +120,14 @@ impl Platform for PlatformClient {
         submit: &RequestSubmit,
     ) -> Result<RequestStatus, SyncError> {
         PlatformClient::submit_request(self, credentials, submit).await
+    }
+    async fn wait_requests(
+        &self,
+        credentials: &AgentCredentials,
+        ids: &[String],
+        wait: Duration,
+    ) -> Result<RequestWaitResponse, SyncError> {
+        PlatformClient::wait_requests(self, credentials, ids, wait).await
     }
 }
 
@@ -410,6 +432,24 @@ impl<P: Platform> SyncCycle<P> {
             }
         }
         Ok(())
+    }
+
+    /// The credentials and the platform ids of the requests still pending
+    /// here, for a request wait; `None` when not enrolled or nothing is
+    /// pending.
+    fn pending_on_platform(&self) -> Option<(AgentCredentials, Vec<String>)> {
+        let credentials = self.credentials.clone()?;
+        let ids: Vec<String> = self
+            .context
+            .store
+            .lock()
+            .ok()?
+            .requests(None, Some(RequestState::Pending))
+            .ok()?
+            .into_iter()
+            .filter_map(|r| r.platform_id)
+            .collect();
+        (!ids.is_empty()).then_some((credentials, ids))
     }
 
     fn checkin_request(&self) -> CheckinRequest {
@@ -857,7 +897,89 @@ impl SyncHandle {
     }
 }
 
-/// Starts the sync thread: a first cycle at once, then on schedule.
+/// What woke the sync thread.
+enum Woke {
+    /// The next cycle is due.
+    Due,
+    /// `epmctl sync` or a nudge: run a cycle now (and answer it).
+    Asked(std::sync::mpsc::SyncSender<CycleResult>),
+    /// A request wait ended.
+    Waited(Result<RequestWaitResponse, SyncError>),
+}
+
+/// The request wait's state between cycles: while requests are pending
+/// here, one wait is kept open on the platform so a decision runs a cycle
+/// at once instead of at the next `sync_interval`.
+#[derive(Debug)]
+struct RequestWaits {
+    /// Consecutive failed waits; backed off like check-ins.
+    failures: u32,
+    /// No wait starts before this.
+    not_before: tokio::time::Instant,
+    /// The platform has no such call (an older one): check-ins only.
+    unsupported: bool,
+    /// Ids a wait reported decided that are still pending here after the
+    /// cycle it caused (a grant refused, say): not waited on again until
+    /// they leave pending, or every wait would answer at once.
+    stale: std::collections::HashSet<String>,
+    last_error: Option<String>,
+}
+
+impl RequestWaits {
+    /// The ids to wait on among `pending` (dropping stale ids no longer
+    /// pending), at most what the platform takes.
+    fn ids(&mut self, pending: Vec<String>) -> Vec<String> {
+        self.stale.retain(|id| pending.contains(id));
+        pending
+            .into_iter()
+            .filter(|id| !self.stale.contains(id))
+            .take(MAX_WAIT_REQUESTS)
+            .collect()
+    }
+
+    /// A wait ended: `Some(ids)` decided (run a cycle), `None` not.
+    fn ended(
+        &mut self,
+        started: tokio::time::Instant,
+        outcome: Result<RequestWaitResponse, SyncError>,
+        interval: Duration,
+    ) -> Option<Vec<String>> {
+        self.not_before = started + REQUEST_WAIT_SPACING;
+        match outcome {
+            Ok(answer) => {
+                self.failures = 0;
+                if self.last_error.take().is_some() {
+                    tracing::info!("request waits work again");
+                }
+                let ids: Vec<String> = answer.changed.into_iter().map(|c| c.id).collect();
+                (!ids.is_empty()).then_some(ids)
+            }
+            Err(error) if matches!(error.status(), Some(404 | 405)) => {
+                tracing::info!(%error, "the platform has no request waits; decisions arrive at check-ins");
+                self.unsupported = true;
+                None
+            }
+            Err(error) => {
+                self.failures = self.failures.saturating_add(1);
+                let delay = epm_sync::schedule::next_delay(
+                    interval,
+                    self.failures,
+                    epm_sync::schedule::random_jitter(),
+                );
+                self.not_before = tokio::time::Instant::now() + delay.max(REQUEST_WAIT_SPACING);
+                let text = error.to_string();
+                if self.last_error.as_ref() != Some(&text) {
+                    tracing::warn!(error = %text, retry_in = ?delay, "request wait failed; retrying with backoff");
+                    self.last_error = Some(text);
+                }
+                None
+            }
+        }
+    }
+}
+
+/// Starts the sync thread: a first cycle at once, then on schedule, and at
+/// once when a request wait reports a decision.
 pub(crate) fn spawn<P: Platform + Send + 'static>(
     mut cycle: SyncCycle<P>,
     url: String,
@@ -874,15 +996,60 @@ pub(crate) fn spawn<P: Platform + Send + 'static>(
         .spawn(move || {
             runtime.block_on(async move {
                 let mut failures: u32 = 0;
-                let mut delay = Duration::ZERO;
+                let mut next_cycle = tokio::time::Instant::now();
                 let mut last_error: Option<String> = None;
+                let mut waits = RequestWaits {
+                    failures: 0,
+                    not_before: tokio::time::Instant::now(),
+                    unsupported: false,
+                    stale: std::collections::HashSet::new(),
+                    last_error: None,
+                };
                 loop {
-                    let reply: Option<std::sync::mpsc::SyncSender<CycleResult>> = tokio::select! {
-                        () = tokio::time::sleep(delay) => None,
-                        request = requests.recv() => match request {
-                            Some(reply) => Some(reply),
-                            None => return,
-                        },
+                    // A wait only while the last cycle reached the platform
+                    // (when it is down, the cycles' backoff decides when to
+                    // try again) and something here waits on it.
+                    let watch = match cycle.pending_on_platform() {
+                        Some((credentials, pending)) if failures == 0 && !waits.unsupported => {
+                            let ids = waits.ids(pending);
+                            (!ids.is_empty()).then_some((credentials, ids))
+                        }
+                        _ => None,
+                    };
+                    let not_before = waits.not_before;
+                    let wait_started = std::cell::Cell::new(tokio::time::Instant::now());
+                    let woke = {
+                        let platform = &cycle.platform;
+                        let wait = async {
+                            let Some((credentials, ids)) = &watch else {
+                                return std::future::pending().await;
+                            };
+                            tokio::time::sleep_until(not_before).await;
+                            wait_started.set(tokio::time::Instant::now());
+                            platform.wait_requests(credentials, ids, REQUEST_WAIT).await
+                        };
+                        tokio::select! {
+                            () = tokio::time::sleep_until(next_cycle) => Woke::Due,
+                            request = requests.recv() => match request {
+                                Some(reply) => Woke::Asked(reply),
+                                None => return,
+                            },
+                            outcome = wait => Woke::Waited(outcome),
+                        }
+                    };
+                    let reply = match woke {
+                        Woke::Due => None,
+                        Woke::Asked(reply) => Some(reply),
+                        Woke::Waited(outcome) => {
+                            match waits.ended(wait_started.get(), outcome, interval) {
+                                Some(decided) => {
+                                    tracing::debug!(?decided, "requests decided on the platform; syncing now");
+                                    waits.stale.extend(decided);
+                                    None
+                                }
+                                None => continue,
+                            }
+                        }
                     };
                     let result = cycle.run_once().await;
                     match &result {
@@ -905,11 +1072,12 @@ pub(crate) fn spawn<P: Platform + Send + 'static>(
                             failures = failures.saturating_add(1);
                         }
                     }
-                    delay = epm_sync::schedule::next_delay(
+                    let delay = epm_sync::schedule::next_delay(
                         interval,
                         failures,
                         epm_sync::schedule::random_jitter(),
                     );
+                    next_cycle = tokio::time::Instant::now() + delay;
                     {
                         let mut status = thread_status
                             .lock()

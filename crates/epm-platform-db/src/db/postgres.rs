@@ -16,11 +16,10 @@ use super::{DbError, Result};
 /// `max_connections` is 100: three instances fit with room for psql.
 pub(super) const POOL_SIZE: usize = 24;
 
-/// The channels [`listen`] reports.
-/// Only audit has waiters (the long-poll tail): request states are read
-/// from the database at each check-in and console refresh, so every
-/// instance sees them without a notification.
-pub(super) const CHANNELS: &[&str] = &["epm_audit"];
+/// The channels [`listen`] reports: `epm_audit` wakes the long-poll audit
+/// tails (empty payload), `epm_requests` the agents long-polling on their
+/// pending requests (payload: the agent id whose request changed state).
+pub(super) const CHANNELS: &[&str] = &["epm_audit", "epm_requests"];
 
 /// PostgreSQL's migrations, in order; `epm_schema.version` is how many
 /// ran. Never edit one: add the next.
@@ -240,8 +239,9 @@ fn migrate(conn: &mut Conn<'_>) -> Result<()> {
 }
 
 /// Keeps a connection that LISTENs on [`CHANNELS`] and calls `changed`
-/// with the channel (without its `epm_` prefix) of every notification;
-/// reconnects after a failure, and then reports every channel once, since
+/// with the channel (without its `epm_` prefix) and payload of every
+/// notification; reconnects after a failure, and then reports every channel
+/// once with an empty payload ("anything may have changed"), since
 /// notifications sent meanwhile were lost.
 pub(super) fn listen(pg: &Pg, changed: Listener) {
     let url = pg.url().to_owned();
@@ -259,23 +259,26 @@ pub(super) fn listen(pg: &Pg, changed: Listener) {
                     }
                 }
             }
+            // The waiters are woken once the next connection listens
+            // (in `listen_once`), not now: a re-read before that could
+            // miss a change made in between.
             tokio::time::sleep(Duration::from_millis(500)).await;
-            for channel in CHANNELS {
-                changed(channel.trim_start_matches("epm_"));
-            }
         }
     });
 }
 
 async fn listen_once(url: &str, changed: &Listener) -> std::result::Result<(), SqlError> {
     let (client, mut connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(String, String)>();
     let driver = tokio::spawn(async move {
         let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
         while let Some(message) = messages.next().await {
             match message {
                 Ok(tokio_postgres::AsyncMessage::Notification(n)) => {
-                    if tx.send(n.channel().to_owned()).is_err() {
+                    if tx
+                        .send((n.channel().to_owned(), n.payload().to_owned()))
+                        .is_err()
+                    {
                         break;
                     }
                 }
@@ -287,8 +290,14 @@ async fn listen_once(url: &str, changed: &Listener) -> std::result::Result<(), S
     });
     let listen: String = CHANNELS.iter().map(|c| format!("LISTEN {c};")).collect();
     client.batch_execute(&listen).await?;
-    while let Some(channel) = rx.recv().await {
-        changed(channel.trim_start_matches("epm_"));
+    // Listening now: anything sent while this connection was being made
+    // was missed, so every channel is reported once (at the first connect
+    // nobody is waiting yet, and a spurious wake only costs a re-read).
+    for channel in CHANNELS {
+        changed(channel.trim_start_matches("epm_"), "");
+    }
+    while let Some((channel, payload)) = rx.recv().await {
+        changed(channel.trim_start_matches("epm_"), &payload);
     }
     match driver.await {
         Ok(result) => result.map_err(SqlError::from),
@@ -300,8 +309,15 @@ async fn listen_once(url: &str, changed: &Listener) -> std::result::Result<(), S
 /// transaction `conn` is in commits (PostgreSQL delivers notifications at
 /// commit, and drops them at rollback).
 pub(super) fn notify(conn: &Conn<'_>, channel: &str) -> Result<()> {
+    notify_with(conn, channel, "")
+}
+
+/// [`notify`] with a payload. PostgreSQL folds identical notifications of
+/// one transaction into one, so an expiry of many requests of one agent
+/// sends that agent's id once.
+pub(super) fn notify_with(conn: &Conn<'_>, channel: &str, payload: &str) -> Result<()> {
     if conn.is_postgres() {
-        conn.execute("SELECT pg_notify(?1, '')", sql::params![channel])?;
+        conn.execute("SELECT pg_notify(?1, ?2)", sql::params![channel, payload])?;
     }
     Ok(())
 }

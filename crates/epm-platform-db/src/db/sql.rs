@@ -949,8 +949,11 @@ impl Drop for Tx<'_, '_> {
     }
 }
 
-/// Shared notification of changes made by any instance.
-pub type Listener = Arc<dyn Fn(&str) + Send + Sync>;
+/// Shared notification of changes made by any instance: called with the
+/// channel (`audit`, `requests`) and the notification's payload (for
+/// `requests`, the agent whose request changed; empty when anything on the
+/// channel may have changed, as after the listener reconnects).
+pub type Listener = Arc<dyn Fn(&str, &str) + Send + Sync>;
 
 #[cfg(test)]
 mod tests {

@@ -5,8 +5,13 @@
 //! missing server is a failure, not a skip.
 #![allow(dead_code, clippy::unwrap_used, unreachable_pub)]
 
+use std::sync::Arc;
+use std::time::Duration;
+
+use epm_api::paths;
 use epm_platform::db::Db;
 use epm_platform::keys::DataDir;
+use epm_platform::server::{self, AppState};
 
 /// Whether the tests are asked to run on PostgreSQL.
 pub fn postgres_wanted() -> bool {
@@ -109,4 +114,55 @@ pub fn database_url(data: &DataDir) -> Option<String> {
 pub fn open_db(data: &DataDir) -> Db {
     let url = database_url(data).expect("a database");
     Db::open_url(&url).unwrap_or_else(|e| panic!("{url}: {e}"))
+}
+
+/// A platform server running in this test's runtime over HTTPS on a free
+/// local port, and a client trusting its CA.
+pub struct Server {
+    /// `https://127.0.0.1:PORT`.
+    pub url: String,
+    /// Trusts the data directory's CA only.
+    pub http: reqwest::Client,
+    /// Shuts the server down.
+    pub handle: axum_server::Handle,
+    /// The server's state (its database, limits).
+    pub state: Arc<AppState>,
+}
+
+/// Starts a server on `db` with `data`'s keys (made beforehand with
+/// `ensure_keys`) and waits until it answers.
+pub async fn start_server(data: &DataDir, db: Db) -> Server {
+    let tls = epm_platform::tls_config(&data.file("server.pem"), &data.file("server-key.pem"))
+        .await
+        .unwrap();
+    let state = AppState::new(db, data.signing_key().unwrap());
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    drop(listener);
+    let handle = axum_server::Handle::new();
+    tokio::spawn(server::serve(state.clone(), addr, tls, handle.clone()));
+    let ca = reqwest::Certificate::from_pem(&std::fs::read(data.ca_cert()).unwrap()).unwrap();
+    let http = reqwest::Client::builder()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(ca)
+        .build()
+        .unwrap();
+    let url = format!("https://127.0.0.1:{}", addr.port());
+    for _ in 0..200 {
+        if http
+            .get(format!("{url}{}", paths::HEALTH))
+            .send()
+            .await
+            .is_ok()
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Server {
+        url,
+        http,
+        handle,
+        state,
+    }
 }

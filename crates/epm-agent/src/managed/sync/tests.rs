@@ -38,6 +38,10 @@ struct FakeState {
     /// Answer check-ins / policy fetches with this error instead.
     bad_checkin: Option<fn() -> SyncError>,
     bad_fetch: Option<fn() -> SyncError>,
+    /// Answer request waits with this error instead.
+    bad_wait: Option<fn() -> SyncError>,
+    checkins: u32,
+    waits: u32,
 }
 
 #[derive(Clone, Default)]
@@ -87,10 +91,11 @@ impl Platform for FakePlatform {
         _: &AgentCredentials,
         request: &CheckinRequest,
     ) -> Result<CheckinResponse, SyncError> {
-        let state = self.state();
+        let mut state = self.state();
         if let Some(error) = state.bad_checkin {
             return Err(error());
         }
+        state.checkins += 1;
         let (version, etag) = state
             .bundle
             .as_ref()
@@ -173,6 +178,42 @@ impl Platform for FakePlatform {
             updated_at: Timestamp::now(),
             grant: None,
         })
+    }
+
+    /// Like the platform: answers once one of `ids` is no longer pending,
+    /// or empty after `wait`.
+    async fn wait_requests(
+        &self,
+        _: &AgentCredentials,
+        ids: &[String],
+        wait: Duration,
+    ) -> Result<RequestWaitResponse, SyncError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        self.state().waits += 1;
+        loop {
+            {
+                let state = self.state();
+                if let Some(error) = state.bad_wait {
+                    return Err(error());
+                }
+                let changed: Vec<_> = state
+                    .requests
+                    .iter()
+                    .filter(|r| ids.contains(&r.id) && r.state != ApiRequestState::Pending)
+                    .map(|r| epm_api::agent::RequestChange {
+                        id: r.id.clone(),
+                        state: r.state,
+                    })
+                    .collect();
+                if !changed.is_empty() {
+                    return Ok(RequestWaitResponse { changed });
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Ok(RequestWaitResponse::default());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 }
 
@@ -618,6 +659,110 @@ fn queued_requests_are_submitted_and_approved_grants_stored_then_revoked() {
         (stored.state, stored.state_reason.as_deref()),
         (RequestState::Revoked, Some("because"))
     );
+}
+
+/// Polls `check` every 20 ms for up to `within`.
+fn eventually(within: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + within;
+    while std::time::Instant::now() < deadline {
+        if check() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    check()
+}
+
+fn local_state(agent: &Agent, id: &str) -> RequestState {
+    agent
+        .store
+        .lock()
+        .unwrap()
+        .request(id)
+        .unwrap()
+        .unwrap()
+        .state
+}
+
+#[test]
+fn a_decision_reaches_the_agent_at_once_despite_a_long_interval() {
+    let agent = Agent::new();
+    let request = local_request(&agent, Some("p-1"));
+    let handle = spawn(
+        agent.cycle(),
+        "https://fake".into(),
+        Duration::from_secs(300),
+        sync_channel(),
+    )
+    .unwrap();
+    assert!(eventually(Duration::from_secs(10), || {
+        let state = agent.platform.state();
+        state.checkins == 1 && state.waits == 1
+    }));
+    // Denied on the platform: the open wait answers, a cycle runs at once
+    // (not in 300 s) and applies it.
+    let decided = std::time::Instant::now();
+    agent.platform.state().requests = vec![RequestStatus {
+        id: "p-1".into(),
+        local_id: request.id.clone(),
+        state: ApiRequestState::Denied,
+        reason: Some("no".into()),
+        current_level: 0,
+        levels: 1,
+        updated_at: Timestamp::now(),
+        grant: None,
+    }];
+    assert!(
+        eventually(Duration::from_secs(10), || local_state(&agent, &request.id)
+            == RequestState::Denied),
+        "the decision was applied before the next check-in"
+    );
+    assert!(decided.elapsed() < Duration::from_secs(10));
+    assert_eq!(agent.platform.state().checkins, 2);
+    // Nothing pending any more: no further wait is opened.
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(agent.platform.state().waits, 1);
+    drop(handle);
+}
+
+#[test]
+fn no_wait_without_pending_requests_and_failed_waits_back_off() {
+    let agent = Agent::new();
+    let handle = spawn(
+        agent.cycle(),
+        "https://fake".into(),
+        Duration::from_secs(300),
+        sync_channel(),
+    )
+    .unwrap();
+    assert!(eventually(Duration::from_secs(10), || agent
+        .platform
+        .state()
+        .checkins
+        == 1));
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(agent.platform.state().waits, 0, "nothing pending: no wait");
+
+    // A pending request and a platform whose waits fail: one try, then a
+    // back-off of seconds, not a loop.
+    local_request(&agent, Some("p-2"));
+    agent.platform.state().bad_wait = Some(|| lost("request wait"));
+    assert!(matches!(
+        handle.sync_now(Duration::from_secs(10)),
+        SyncNowReply::Done(Ok(_))
+    ));
+    assert!(eventually(Duration::from_secs(5), || agent
+        .platform
+        .state()
+        .waits
+        == 1));
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(
+        agent.platform.state().waits,
+        1,
+        "backed off after a failure"
+    );
+    drop(handle);
 }
 
 #[test]
