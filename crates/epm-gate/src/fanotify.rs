@@ -383,7 +383,9 @@ impl FanotifyGate {
     /// Notifications of execs the kernel answered from its cache go to the
     /// sink after every permission event of the same buffer: a dynamically
     /// linked program's notification and its loader's permission event
-    /// mostly come in one read, and the loader's exec waits while the
+    /// come in one read whenever the gate's thread was busy when the
+    /// notification came (a burst, a loaded machine), and the loader's exec
+    /// waits while the
     /// notification is decided again and its audit record built. What must
     /// be read while the process lives (its credentials, the pairing with
     /// its loader) is still read in order; only the sink waits. `noticed`
