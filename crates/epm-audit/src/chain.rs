@@ -76,42 +76,90 @@ impl Chain {
             details,
         } = event;
         let seq = self.next_seq;
-        // Built by hand rather than through serde so that every field is
-        // visibly here (the destructuring above fails to compile when one
-        // is added) and nothing can fail.
-        let mut map = Map::new();
-        map.insert("seq".into(), Value::from(seq));
-        map.insert("time".into(), Value::String(time.to_string()));
-        map.insert("event".into(), Value::String(event));
-        map.insert("decision".into(), decision.into());
-        map.insert("action".into(), action.into());
-        map.insert("rule_id".into(), rule_id.into());
-        map.insert("reason".into(), reason.into());
-        map.insert("mode".into(), mode.into());
-        map.insert("pid".into(), pid.into());
-        map.insert("ppid".into(), ppid.into());
-        map.insert("uid".into(), uid.into());
-        map.insert("user".into(), user.into());
-        map.insert("path".into(), path.into());
-        map.insert("sha256".into(), sha256.into());
-        map.insert("device_id".into(), device_id.into());
-        map.insert("policy_version".into(), policy_version.into());
         let details = details.map(|mut details| {
             details.values_mut().for_each(floats_to_strings);
-            Value::Object(details)
+            details
         });
-        map.insert("details".into(), details.into());
-        map.insert("prev_hash".into(), Value::String(self.last_hash.clone()));
-        // `map` has no `hash` key yet: its canonical text is what is hashed.
-        let mut unsealed = String::new();
-        write_object(&map, &mut unsealed);
+        // Written straight out in canonical form (keys in byte order, as
+        // `write_object` sorts them) rather than through a `serde_json` map
+        // and a sort, which cost an allocation per key and value on every
+        // record: the audit thread seals one record per exec. Every field is
+        // visibly here (the destructuring above fails to compile when one is
+        // added) and nothing can fail. `hash` sorts between `event` and
+        // `mode`: the hashed text is the line without it, so the line is the
+        // hashed text with `"hash":"…",` put in at that point. The test
+        // `sealing_writes_what_a_canonical_map_would` holds this to the map.
+        let mut unsealed = String::with_capacity(640);
+        unsealed.push('{');
+        field(&mut unsealed, "action", action.as_deref(), true);
+        field(&mut unsealed, "decision", decision.as_deref(), false);
+        unsealed.push_str(",\"details\":");
+        match &details {
+            Some(details) => write_object(details, &mut unsealed),
+            None => unsealed.push_str("null"),
+        }
+        field(&mut unsealed, "device_id", device_id.as_deref(), false);
+        field(&mut unsealed, "event", Some(event.as_str()), false);
+        unsealed.push(',');
+        let hash_at = unsealed.len();
+        field(&mut unsealed, "mode", mode.as_deref(), true);
+        field(&mut unsealed, "path", path.as_deref(), false);
+        number(&mut unsealed, "pid", pid.map(u64::from));
+        number(&mut unsealed, "policy_version", policy_version);
+        number(&mut unsealed, "ppid", ppid.map(u64::from));
+        field(
+            &mut unsealed,
+            "prev_hash",
+            Some(self.last_hash.as_str()),
+            false,
+        );
+        field(&mut unsealed, "reason", reason.as_deref(), false);
+        field(&mut unsealed, "rule_id", rule_id.as_deref(), false);
+        number(&mut unsealed, "seq", Some(seq));
+        field(&mut unsealed, "sha256", sha256.as_deref(), false);
+        unsealed.push_str(",\"time\":");
+        let _ = write_string_to(&time.to_string(), &mut unsealed);
+        number(&mut unsealed, "uid", uid.map(u64::from));
+        field(&mut unsealed, "user", user.as_deref(), false);
+        unsealed.push('}');
         let hash = sha256_hex(&unsealed);
-        map.insert("hash".into(), Value::String(hash.clone()));
-        let mut line = String::new();
-        write_object(&map, &mut line);
+        let mut line = String::with_capacity(unsealed.len() + hash.len() + 10);
+        line.push_str(&unsealed[..hash_at]);
+        line.push_str("\"hash\":\"");
+        line.push_str(&hash);
+        line.push_str("\",");
+        line.push_str(&unsealed[hash_at..]);
         self.next_seq = seq.saturating_add(1);
-        self.last_hash = hash.clone();
+        self.last_hash.clone_from(&hash);
         SealedRecord { seq, hash, line }
+    }
+}
+
+/// Writes `"key":"value"` (or `"key":null`), after a comma unless `first`.
+fn field(out: &mut String, key: &str, value: Option<&str>, first: bool) {
+    if !first {
+        out.push(',');
+    }
+    out.push('"');
+    out.push_str(key);
+    out.push_str("\":");
+    match value {
+        Some(value) => write_string(value, out),
+        None => out.push_str("null"),
+    }
+}
+
+/// Writes `,"key":number` (or `,"key":null`), as serde_json writes an integer.
+fn number(out: &mut String, key: &str, value: Option<u64>) {
+    use std::fmt::Write as _;
+    out.push_str(",\"");
+    out.push_str(key);
+    out.push_str("\":");
+    match value {
+        Some(value) => {
+            let _ = write!(out, "{value}");
+        }
+        None => out.push_str("null"),
     }
 }
 
@@ -228,5 +276,83 @@ pub fn hash_line(line: &str) -> Option<String> {
     match serde_json::from_str::<Value>(line).ok()? {
         Value::Object(record) => Some(hash_record(record)),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What `seal` wrote before it wrote the text itself: every field into
+    /// a map, the map in canonical form without and then with `hash`.
+    fn sealed_through_a_map(chain: &Chain, event: AuditEvent, time: jiff::Timestamp) -> String {
+        let mut map = Map::new();
+        map.insert("seq".into(), Value::from(chain.next_seq()));
+        map.insert("time".into(), Value::String(time.to_string()));
+        map.insert("event".into(), Value::String(event.event));
+        map.insert("decision".into(), event.decision.into());
+        map.insert("action".into(), event.action.into());
+        map.insert("rule_id".into(), event.rule_id.into());
+        map.insert("reason".into(), event.reason.into());
+        map.insert("mode".into(), event.mode.into());
+        map.insert("pid".into(), event.pid.into());
+        map.insert("ppid".into(), event.ppid.into());
+        map.insert("uid".into(), event.uid.into());
+        map.insert("user".into(), event.user.into());
+        map.insert("path".into(), event.path.into());
+        map.insert("sha256".into(), event.sha256.into());
+        map.insert("device_id".into(), event.device_id.into());
+        map.insert("policy_version".into(), event.policy_version.into());
+        let details = event.details.map(|mut details| {
+            details.values_mut().for_each(floats_to_strings);
+            Value::Object(details)
+        });
+        map.insert("details".into(), details.into());
+        map.insert(
+            "prev_hash".into(),
+            Value::String(chain.last_hash().to_owned()),
+        );
+        let hash = sha256_hex(&canonical_json(&Value::Object(map.clone())));
+        map.insert("hash".into(), Value::String(hash));
+        canonical_json(&Value::Object(map))
+    }
+
+    #[test]
+    fn sealing_writes_what_a_canonical_map_would() {
+        let time: jiff::Timestamp = "2026-12-07T05:30:00.123456789Z".parse().unwrap();
+        let empty = AuditEvent::new("daemon_started");
+        let mut full = AuditEvent::new("exec");
+        full.decision = Some("allow".into());
+        full.action = Some("allow".into());
+        full.rule_id = Some("r-\"quoted\"\\".into());
+        full.reason = Some("tabs\tnewlines\ncontrol\u{1}\u{7f} é 𝄞".into());
+        full.mode = Some("enforce".into());
+        full.pid = Some(u32::MAX);
+        full.ppid = Some(0);
+        full.uid = Some(1000);
+        full.user = Some("alice".into());
+        full.path = Some("/usr/bin/true".into());
+        full.sha256 = Some("ab".repeat(32));
+        full.device_id = Some("lab-7".into());
+        full.policy_version = Some(u64::MAX);
+        let full = full
+            .with_detail("answered_by", "kernel_cache")
+            .with_detail("cached", true)
+            .with_detail("ratio", 0.1)
+            .with_detail(
+                "nested",
+                serde_json::json!({"b": [1, 2.5, null], "a": {"z": -3}}),
+            );
+        let mut chain = Chain::resume(41, "f".repeat(64));
+        for event in [empty.clone(), full.clone(), empty, full] {
+            let expected = sealed_through_a_map(&chain, event.clone(), time);
+            let sealed = chain.seal(event, time);
+            assert_eq!(sealed.line, expected);
+            assert_eq!(
+                hash_line(&sealed.line).as_deref(),
+                Some(sealed.hash.as_str())
+            );
+            assert_eq!(chain.last_hash(), sealed.hash);
+        }
     }
 }

@@ -94,6 +94,9 @@ pub struct AuditLog {
     /// Retention is left to the caller ([`AuditLog::retention_due`],
     /// [`AuditLog::apply_retention`]) rather than done at each rotation.
     caller_retention: bool,
+    /// Rotations so far (this process): a caller doing retention need not
+    /// list the directory after a batch that rotated nothing.
+    rotations: u64,
 }
 
 /// An io error that names the path and what was being done.
@@ -312,6 +315,7 @@ impl AuditLog {
             first_seq,
             last,
             caller_retention: false,
+            rotations: 0,
         };
         Ok((log, report))
     }
@@ -444,6 +448,11 @@ impl AuditLog {
         Ok(true)
     }
 
+    /// How many times this log rotated its live file since it was opened.
+    pub fn rotations(&self) -> u64 {
+        self.rotations
+    }
+
     /// Leaves retention to the caller: rotations no longer delete old
     /// files; [`AuditLog::retention_due`] says which to delete, and
     /// [`AuditLog::apply_retention`] deletes them. The daemon does this so
@@ -488,6 +497,7 @@ impl AuditLog {
         sync_dir(&self.dir);
         self.size = 0;
         self.first_seq = None;
+        self.rotations += 1;
         if !self.caller_retention {
             self.prune();
         }

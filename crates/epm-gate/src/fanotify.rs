@@ -69,7 +69,6 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
-use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::fanotify::{
     EventFFlags, Fanotify, FanotifyResponse, InitFlags, MarkFlags, MaskFlags, Response,
 };
@@ -378,7 +377,38 @@ impl FanotifyGate {
     /// Reads one buffer of events and hands each on. `true` when the
     /// buffer came back (nearly) full, so more events are likely waiting:
     /// the caller reads again before it polls, and a burst costs one wake-up.
+    ///
+    /// Notifications of execs the kernel answered from its cache go to the
+    /// sink after every permission event of the same buffer: a dynamically
+    /// linked program's notification and its loader's permission event
+    /// come in one read whenever the gate's thread was busy when the
+    /// notification came (a burst, a loaded machine), and the loader's exec
+    /// waits while the
+    /// notification is decided again and its audit record built. What must
+    /// be read while the process lives (its credentials, the pairing with
+    /// its loader) is still read in order; only the sink waits. `noticed`
+    /// is the caller's, kept to save an allocation per read.
     fn read_events(
+        &mut self,
+        buf: &mut [u8],
+        noticed: &mut Vec<PendingExec>,
+        sink: &mut dyn FnMut(PendingExec),
+    ) -> Result<bool, GateError> {
+        let result = self.read_buffer(buf, &mut |pending| {
+            if pending.is_observed() {
+                noticed.push(pending);
+            } else {
+                sink(pending);
+            }
+        });
+        // Also after a protocol error: these execs ran, and are audited.
+        for pending in noticed.drain(..) {
+            sink(pending);
+        }
+        result
+    }
+
+    fn read_buffer(
         &mut self,
         buf: &mut [u8],
         sink: &mut dyn FnMut(PendingExec),
@@ -1340,38 +1370,94 @@ impl ExecGate for FanotifyGate {
     ) -> Result<(), GateError> {
         super::raise_exec_path_priority();
         let mut buf = vec![0u8; READ_BUFFER];
-        let fan = Arc::clone(&self.fan);
+        let mut noticed = Vec::new();
+        let waiter = Waiter::new(&[
+            (self.fan.as_fd(), libc::EPOLLIN),
+            (self.mountinfo.as_fd(), libc::EPOLLPRI | libc::EPOLLERR),
+            (shutdown.wake_fd().as_fd(), libc::EPOLLIN),
+        ])
+        .map_err(|e| io_error("cannot set up the gate's wait (epoll)", e))?;
         while !shutdown.is_requested() {
-            let (events_ready, mounts_changed) = {
-                let mut fds = [
-                    PollFd::new(fan.as_fd(), PollFlags::POLLIN),
-                    PollFd::new(
-                        self.mountinfo.as_fd(),
-                        PollFlags::POLLPRI | PollFlags::POLLERR,
-                    ),
-                    PollFd::new(shutdown.wake_fd().as_fd(), PollFlags::POLLIN),
-                ];
-                match poll(&mut fds, PollTimeout::NONE) {
-                    Ok(_) => {}
-                    Err(Errno::EINTR) => continue,
-                    Err(e) => return Err(io_error("cannot poll fanotify", e.into())),
-                }
-                let ready =
-                    |fd: &PollFd<'_>, flags| fd.revents().is_some_and(|r| r.intersects(flags));
-                (
-                    ready(&fds[0], PollFlags::POLLIN),
-                    ready(&fds[1], PollFlags::POLLPRI | PollFlags::POLLERR),
-                )
+            let (events_ready, mounts_changed) = match waiter.wait() {
+                Ok(ready) => (ready[0], ready[1]),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(io_error("cannot wait for fanotify events", e)),
             };
             if mounts_changed && let Err(e) = self.refresh_mounts() {
                 // Marks already placed keep working; the next change retries.
                 tracing::error!(error = %e, "cannot read the mount table; new mounts are not gated");
             }
             if events_ready {
-                while self.read_events(&mut buf, sink)? && !shutdown.is_requested() {}
+                while self.read_events(&mut buf, &mut noticed, sink)? && !shutdown.is_requested() {}
             }
         }
         Ok(())
+    }
+}
+
+/// The gate thread's wait for its descriptors (events, the mount table,
+/// shutdown): one `epoll` set registered once, where `poll` registered and
+/// unregistered all three on each of the two or three wake-ups per exec.
+struct Waiter {
+    epoll: OwnedFd,
+}
+
+impl Waiter {
+    /// Up to three descriptors and the events each waits for; the index in
+    /// `fds` is what [`Waiter::wait`] reports.
+    fn new(fds: &[(BorrowedFd<'_>, libc::c_int); 3]) -> std::io::Result<Self> {
+        // SAFETY: epoll_create1 takes flags only and returns a new fd or -1.
+        let raw = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if raw < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: the kernel just gave us this fd; nothing else owns it.
+        let epoll = unsafe { OwnedFd::from_raw_fd(raw) };
+        for (index, (fd, events)) in fds.iter().enumerate() {
+            let mut event = libc::epoll_event {
+                events: *events as u32,
+                u64: index as u64,
+            };
+            // SAFETY: both fds are open (one ours, one borrowed for the call);
+            // the kernel only reads the event struct we own.
+            let rc = unsafe {
+                libc::epoll_ctl(
+                    epoll.as_raw_fd(),
+                    libc::EPOLL_CTL_ADD,
+                    fd.as_raw_fd(),
+                    &raw mut event,
+                )
+            };
+            if rc != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+        Ok(Self { epoll })
+    }
+
+    /// Waits until one of the descriptors is ready; which are.
+    fn wait(&self) -> std::io::Result<[bool; 3]> {
+        let mut events = [libc::epoll_event { events: 0, u64: 0 }; 3];
+        // SAFETY: the kernel writes at most `events.len()` entries into the
+        // array we own; -1 waits without a timeout.
+        let n = unsafe {
+            libc::epoll_wait(
+                self.epoll.as_raw_fd(),
+                events.as_mut_ptr(),
+                events.len() as libc::c_int,
+                -1,
+            )
+        };
+        if n < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let mut ready = [false; 3];
+        for event in events.iter().take(n as usize) {
+            if let Some(slot) = ready.get_mut(event.u64 as usize) {
+                *slot = true;
+            }
+        }
+        Ok(ready)
     }
 }
 

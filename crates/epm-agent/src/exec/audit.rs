@@ -48,6 +48,11 @@ const MAX_BATCH_BYTES: u64 = 4 * 1024 * 1024;
 /// much is uncommitted at a crash, and commits (two fsyncs each) stay under
 /// 1000 / LINGER per second however busy the machine is.
 const LINGER: Duration = Duration::from_millis(20);
+/// How often retention is looked at when the log has not rotated (it is
+/// looked at after every rotation): the live file's growth can put the
+/// log over its byte budget, at most this much later than a look after
+/// every batch would see it.
+const RETENTION_EVERY: Duration = Duration::from_secs(1);
 /// Most events kept in memory while neither the store nor the log takes a
 /// write (a full disk); past it, events are counted as lost.
 const MAX_UNWRITTEN: usize = 65_536;
@@ -287,6 +292,8 @@ impl AuditWriter {
             lost_unwritable: 0,
             failing: None,
             in_retention: false,
+            retention_checked: None,
+            flushing: false,
             unclean_stop,
         };
         let handle = std::thread::Builder::new()
@@ -343,6 +350,13 @@ struct WriterState {
     failing: Option<Failing>,
     /// A retention record is being written (no second one for it).
     in_retention: bool,
+    /// When retention was last looked at, and the log's rotations then:
+    /// looking lists the log's directory and stats its files, which every
+    /// batch (50 a second under an exec loop) need not do.
+    retention_checked: Option<(Instant, u64)>,
+    /// The batch being written answers a flush: retention is looked at
+    /// whatever the time, so a flush sees it done.
+    flushing: bool,
     /// The previous run ended without a stop record: said once, after the
     /// start records.
     unclean_stop: Option<AuditEvent>,
@@ -423,7 +437,9 @@ impl WriterState {
                     Err(_) => break,
                 }
             }
+            self.flushing = !acks.is_empty();
             self.write(&mut events);
+            self.flushing = false;
             for ack in acks.drain(..) {
                 let _ = ack.send(());
             }
@@ -682,6 +698,15 @@ impl WriterState {
         if self.in_retention {
             return;
         }
+        let rotations = self.log.rotations();
+        if let Some((at, seen)) = self.retention_checked
+            && seen == rotations
+            && !self.flushing
+            && at.elapsed() < RETENTION_EVERY
+        {
+            return;
+        }
+        self.retention_checked = Some((Instant::now(), rotations));
         let Some(plan) = self.log.retention_due() else {
             return;
         };

@@ -582,16 +582,20 @@ impl Decider {
         // justify and approve need a grant that the interactive flows
         // create; without one the exec is refused, and the audit says which
         // it needs.
-        let grant = match (
-            grants == Grants::Use && self.may_use_grant(&decision),
-            &self.interactive,
-            &decision.rule_id,
-            grant_identity(&subject),
-        ) {
-            (true, Some(interactive), Some(rule_id), Some(identity)) => {
-                interactive.consume_grant(subject.uid, &identity, rule_id)
-            }
-            _ => None,
+        // The identity (a digest's hex) only when a grant may be used: this
+        // runs for every exec, nearly all of them plain allows.
+        let grant = match grants == Grants::Use && self.may_use_grant(&decision) {
+            true => match (
+                self.interactive.as_ref(),
+                &decision.rule_id,
+                grant_identity(&subject),
+            ) {
+                (Some(interactive), Some(rule_id), Some(identity)) => {
+                    interactive.consume_grant(subject.uid, &identity, rule_id)
+                }
+                _ => None,
+            },
+            false => None,
         };
         let policy_allows = decision.action == Action::Allow || grant.is_some();
         let (verdict, enforced) = match (policy_allows, self.mode) {
