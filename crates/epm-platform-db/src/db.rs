@@ -2302,4 +2302,99 @@ mod tests {
         assert!(sortable(whole) < sortable(later));
         assert_eq!(sortable(whole).parse::<Timestamp>().unwrap(), whole);
     }
+
+    #[test]
+    fn a_bundle_head_is_read_without_the_envelope_and_trusts_the_signer_only_at_its_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("platform.db")).unwrap();
+        assert_eq!(db.bundle_head("dev-1").unwrap(), None);
+        let row = BundleRow {
+            version: 3,
+            content_sha256: vec![1; 32],
+            revision: 7,
+            users_sha256: vec![2; 32],
+            envelope: r#"{"key":"ed25519:k1"}"#.into(),
+            signer: Some("ed25519:k1".into()),
+        };
+        assert!(db.put_bundle("dev-1", &row, None).unwrap());
+        let head = BundleHead {
+            version: 3,
+            content_sha256: vec![1; 32],
+            revision: 7,
+            users_sha256: vec![2; 32],
+            signer: Some("ed25519:k1".into()),
+        };
+        assert_eq!(db.bundle_head("dev-1").unwrap(), Some(head.clone()));
+
+        // The head never touches the envelope: one that cannot even be
+        // read as text fails the full read, not the head.
+        db.conn()
+            .unwrap()
+            .execute(
+                "UPDATE bundles SET envelope = X'ff00fe' WHERE device_id = ?1",
+                ["dev-1"],
+            )
+            .unwrap();
+        assert!(db.bundle("dev-1").is_err());
+        assert_eq!(db.bundle_head("dev-1").unwrap(), Some(head));
+
+        // An instance that predates the column rewrites the bundle (a new
+        // version, the columns left as they were): the signer is unknown,
+        // not the previous version's.
+        db.conn()
+            .unwrap()
+            .execute(
+                r#"UPDATE bundles SET version = 4, envelope = '{"key":"ed25519:k0"}' WHERE device_id = ?1"#,
+                ["dev-1"],
+            )
+            .unwrap();
+        assert_eq!(db.bundle_head("dev-1").unwrap().unwrap().signer, None);
+        assert_eq!(db.bundle("dev-1").unwrap().unwrap().signer, None);
+        // Recorded for another version: nothing changes.
+        db.note_bundle_signer("dev-1", 3, "ed25519:k1").unwrap();
+        assert_eq!(db.bundle_head("dev-1").unwrap().unwrap().signer, None);
+        db.note_bundle_signer("dev-1", 4, "ed25519:k0").unwrap();
+        assert_eq!(
+            db.bundle_head("dev-1").unwrap().unwrap().signer.as_deref(),
+            Some("ed25519:k0")
+        );
+
+        // A bundle stored without a signer (as rows from before the
+        // column read) reads as unknown.
+        let unsigned = BundleRow {
+            version: 5,
+            signer: None,
+            ..row
+        };
+        assert!(db.put_bundle("dev-1", &unsigned, Some(4)).unwrap());
+        assert_eq!(db.bundle_head("dev-1").unwrap().unwrap().signer, None);
+    }
+
+    #[test]
+    fn bundles_from_before_the_signer_column_migrate_with_it_unknown() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("platform.db");
+        {
+            // A database as the platform wrote it before the column.
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(SCHEMA).unwrap();
+            for migration in &MIGRATIONS[..3] {
+                conn.execute_batch(migration).unwrap();
+            }
+            conn.pragma_update(None, "user_version", 3).unwrap();
+            conn.execute(
+                r#"INSERT INTO bundles (device_id, version, content_sha256, revision, users_sha256, envelope) VALUES ('dev-1', 2, X'01', 9, X'02', '{"key":"ed25519:k1"}')"#,
+                [],
+            )
+            .unwrap();
+        }
+        let db = Db::open(&path).unwrap();
+        let head = db.bundle_head("dev-1").unwrap().unwrap();
+        assert_eq!((head.version, head.revision, head.signer), (2, 9, None));
+        let row = db.bundle("dev-1").unwrap().unwrap();
+        assert_eq!(
+            (row.envelope.as_str(), row.signer),
+            (r#"{"key":"ed25519:k1"}"#, None)
+        );
+    }
 }
