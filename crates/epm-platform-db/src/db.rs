@@ -135,6 +135,31 @@ pub struct BundleRow {
     pub users_sha256: Vec<u8>,
     /// The signed envelope, JSON.
     pub envelope: String,
+    /// The public key the envelope is signed with, as its `key` field has
+    /// it: stored in its own column so that a check-in can tell whether
+    /// the bundle is current without reading (and decompressing) the
+    /// envelope. `None` on rows written before the column existed.
+    pub signer: Option<String>,
+}
+
+/// What a check-in needs to know of a stored bundle: everything but the
+/// envelope, which can be megabytes (PostgreSQL keeps it compressed out
+/// of line, so reading it costs a decompression each time).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BundleHead {
+    /// Version.
+    pub version: u64,
+    /// Content hash of the merged policy.
+    pub content_sha256: Vec<u8>,
+    /// Policy revision it was built at.
+    pub revision: u64,
+    /// Hash of the users it was built for.
+    pub users_sha256: Vec<u8>,
+    /// The key the envelope is signed with; `None` when unknown without
+    /// reading the envelope: a row written before the column existed, or
+    /// rewritten since by an instance that does not know the column (the
+    /// column is trusted only for the version it was written with).
+    pub signer: Option<String>,
 }
 
 /// Where the platform keeps its state.
@@ -409,6 +434,16 @@ const MIGRATIONS: &[&str] = &[
         merged TEXT NOT NULL,
         created_at TEXT NOT NULL
     );
+    "#,
+    // 4: the key each bundle is signed with, beside the envelope, so that
+    // a check-in reads a few bytes instead of the envelope (issue 19).
+    // `signer_version` is the version the signer was written for: a row
+    // rewritten by an older instance (which leaves both columns alone)
+    // then reads as unknown rather than as signed by the old key. Existing
+    // rows stay NULL: they are read in full once, as before.
+    r#"
+    ALTER TABLE bundles ADD COLUMN signer TEXT;
+    ALTER TABLE bundles ADD COLUMN signer_version INTEGER;
     "#,
 ];
 
@@ -1431,7 +1466,9 @@ impl Db {
         Ok(self
             .conn()?
             .query_row(
-                "SELECT version, content_sha256, revision, users_sha256, envelope FROM bundles WHERE device_id = ?1",
+                "SELECT version, content_sha256, revision, users_sha256, envelope,
+                        CASE WHEN signer_version = version THEN signer END
+                 FROM bundles WHERE device_id = ?1",
                 [device_id],
                 |r| {
                     Ok(BundleRow {
@@ -1440,10 +1477,45 @@ impl Db {
                         revision: r.get(2)?,
                         users_sha256: r.get(3)?,
                         envelope: r.get(4)?,
+                        signer: r.get(5)?,
                     })
                 },
             )
             .optional()?)
+    }
+
+    /// A device's stored bundle without its envelope: what a check-in
+    /// reads to tell whether the bundle is still current.
+    pub fn bundle_head(&self, device_id: &str) -> Result<Option<BundleHead>> {
+        Ok(self
+            .conn()?
+            .query_row(
+                "SELECT version, content_sha256, revision, users_sha256,
+                        CASE WHEN signer_version = version THEN signer END
+                 FROM bundles WHERE device_id = ?1",
+                [device_id],
+                |r| {
+                    Ok(BundleHead {
+                        version: r.get(0)?,
+                        content_sha256: r.get(1)?,
+                        revision: r.get(2)?,
+                        users_sha256: r.get(3)?,
+                        signer: r.get(4)?,
+                    })
+                },
+            )
+            .optional()?)
+    }
+
+    /// Records the key the stored envelope at `version` is signed with,
+    /// found by reading it (a row from before the signer column): later
+    /// check-ins then need only the head. Nothing when the row moved on.
+    pub fn note_bundle_signer(&self, device_id: &str, version: u64, signer: &str) -> Result<()> {
+        self.conn()?.execute(
+            "UPDATE bundles SET signer = ?3, signer_version = ?2 WHERE device_id = ?1 AND version = ?2",
+            params![device_id, version, signer],
+        )?;
+        Ok(())
     }
 
     /// Stores a device's bundle if the stored one is still `previous`
@@ -1457,10 +1529,10 @@ impl Db {
         previous: Option<u64>,
     ) -> Result<bool> {
         let changed = self.conn()?.execute(
-            "INSERT INTO bundles (device_id, version, content_sha256, revision, users_sha256, envelope) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-             ON CONFLICT (device_id) DO UPDATE SET version = ?2, content_sha256 = ?3, revision = ?4, users_sha256 = ?5, envelope = ?6
+            "INSERT INTO bundles (device_id, version, content_sha256, revision, users_sha256, envelope, signer, signer_version) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?8, ?2)
+             ON CONFLICT (device_id) DO UPDATE SET version = ?2, content_sha256 = ?3, revision = ?4, users_sha256 = ?5, envelope = ?6, signer = ?8, signer_version = ?2
              WHERE bundles.version = ?7",
-            params![device_id, row.version, row.content_sha256, row.revision, row.users_sha256, row.envelope, previous.map_or(-1, |v| i64::try_from(v).unwrap_or(i64::MAX))],
+            params![device_id, row.version, row.content_sha256, row.revision, row.users_sha256, row.envelope, previous.map_or(-1, |v| i64::try_from(v).unwrap_or(i64::MAX)), row.signer],
         )?;
         Ok(changed == 1)
     }
@@ -2295,5 +2367,100 @@ mod tests {
         let later = whole + jiff::SignedDuration::from_millis(500);
         assert!(sortable(whole) < sortable(later));
         assert_eq!(sortable(whole).parse::<Timestamp>().unwrap(), whole);
+    }
+
+    #[test]
+    fn a_bundle_head_is_read_without_the_envelope_and_trusts_the_signer_only_at_its_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("platform.db")).unwrap();
+        assert_eq!(db.bundle_head("dev-1").unwrap(), None);
+        let row = BundleRow {
+            version: 3,
+            content_sha256: vec![1; 32],
+            revision: 7,
+            users_sha256: vec![2; 32],
+            envelope: r#"{"key":"ed25519:k1"}"#.into(),
+            signer: Some("ed25519:k1".into()),
+        };
+        assert!(db.put_bundle("dev-1", &row, None).unwrap());
+        let head = BundleHead {
+            version: 3,
+            content_sha256: vec![1; 32],
+            revision: 7,
+            users_sha256: vec![2; 32],
+            signer: Some("ed25519:k1".into()),
+        };
+        assert_eq!(db.bundle_head("dev-1").unwrap(), Some(head.clone()));
+
+        // The head never touches the envelope: one that cannot even be
+        // read as text fails the full read, not the head.
+        db.conn()
+            .unwrap()
+            .execute(
+                "UPDATE bundles SET envelope = X'ff00fe' WHERE device_id = ?1",
+                ["dev-1"],
+            )
+            .unwrap();
+        assert!(db.bundle("dev-1").is_err());
+        assert_eq!(db.bundle_head("dev-1").unwrap(), Some(head));
+
+        // An instance that predates the column rewrites the bundle (a new
+        // version, the columns left as they were): the signer is unknown,
+        // not the previous version's.
+        db.conn()
+            .unwrap()
+            .execute(
+                r#"UPDATE bundles SET version = 4, envelope = '{"key":"ed25519:k0"}' WHERE device_id = ?1"#,
+                ["dev-1"],
+            )
+            .unwrap();
+        assert_eq!(db.bundle_head("dev-1").unwrap().unwrap().signer, None);
+        assert_eq!(db.bundle("dev-1").unwrap().unwrap().signer, None);
+        // Recorded for another version: nothing changes.
+        db.note_bundle_signer("dev-1", 3, "ed25519:k1").unwrap();
+        assert_eq!(db.bundle_head("dev-1").unwrap().unwrap().signer, None);
+        db.note_bundle_signer("dev-1", 4, "ed25519:k0").unwrap();
+        assert_eq!(
+            db.bundle_head("dev-1").unwrap().unwrap().signer.as_deref(),
+            Some("ed25519:k0")
+        );
+
+        // A bundle stored without a signer (as rows from before the
+        // column read) reads as unknown.
+        let unsigned = BundleRow {
+            version: 5,
+            signer: None,
+            ..row
+        };
+        assert!(db.put_bundle("dev-1", &unsigned, Some(4)).unwrap());
+        assert_eq!(db.bundle_head("dev-1").unwrap().unwrap().signer, None);
+    }
+
+    #[test]
+    fn bundles_from_before_the_signer_column_migrate_with_it_unknown() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("platform.db");
+        {
+            // A database as the platform wrote it before the column.
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(SCHEMA).unwrap();
+            for migration in &MIGRATIONS[..3] {
+                conn.execute_batch(migration).unwrap();
+            }
+            conn.pragma_update(None, "user_version", 3).unwrap();
+            conn.execute(
+                r#"INSERT INTO bundles (device_id, version, content_sha256, revision, users_sha256, envelope) VALUES ('dev-1', 2, X'01', 9, X'02', '{"key":"ed25519:k1"}')"#,
+                [],
+            )
+            .unwrap();
+        }
+        let db = Db::open(&path).unwrap();
+        let head = db.bundle_head("dev-1").unwrap().unwrap();
+        assert_eq!((head.version, head.revision, head.signer), (2, 9, None));
+        let row = db.bundle("dev-1").unwrap().unwrap();
+        assert_eq!(
+            (row.envelope.as_str(), row.signer),
+            (r#"{"key":"ed25519:k1"}"#, None)
+        );
     }
 }

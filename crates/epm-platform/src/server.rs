@@ -40,7 +40,8 @@ use tokio::sync::Notify;
 use utoipa::OpenApi;
 
 use crate::db::{
-    Actor, Admin, Agent, BundleRow, CurrentTerms, Db, DbError, Enrollment, Narrowing, TokenOwner,
+    Actor, Admin, Agent, BundleHead, BundleRow, CurrentTerms, Db, DbError, Enrollment, Narrowing,
+    TokenOwner,
 };
 use crate::limits::{ConnectionGate, Limits, Rates, RefusedLog};
 use crate::merge::{self, Merged};
@@ -593,6 +594,38 @@ fn signer_of(envelope: &str) -> Option<std::borrow::Cow<'_, str>> {
         .map(|signer| signer.key)
 }
 
+/// The device's current bundle without its envelope: what a check-in and
+/// a policy fetch with the current ETag need. When the stored bundle is
+/// current and its signer column is known, only the head is read, so an
+/// unchanged bundle costs no envelope read (no TOAST decompression on
+/// PostgreSQL) and no JSON parse; otherwise as [`current_bundle`].
+async fn current_head(
+    state: &Shared,
+    device_id: &str,
+    users: &[LocalUser],
+) -> ApiResult<BundleHead> {
+    let revision = state.db.policy_revision()?;
+    let users_sha256 = users_hash(users);
+    let signer = state.signing.public_key().to_string();
+    if let Some(head) = state.db.bundle_head(device_id)?
+        && head.revision == revision
+        && head.users_sha256 == users_sha256
+        && head.signer.as_deref() == Some(signer.as_str())
+    {
+        return Ok(head);
+    }
+    // Stale, absent, or signed by a key only the envelope tells (a row
+    // from before the signer column): the full path decides.
+    let row = bundle_at(state, device_id, users, revision, users_sha256, &signer).await?;
+    Ok(BundleHead {
+        version: row.version,
+        content_sha256: row.content_sha256,
+        revision: row.revision,
+        users_sha256: row.users_sha256,
+        signer: row.signer,
+    })
+}
+
 /// The device's current bundle, rebuilt only when a document that could
 /// apply to it, or its users, changed; the version moves only when the
 /// merged content does.
@@ -603,24 +636,53 @@ async fn current_bundle(
 ) -> ApiResult<BundleRow> {
     let revision = state.db.policy_revision()?;
     let users_sha256 = users_hash(users);
-    // A bundle signed with a key rotated out since is signed anew, so that
-    // agents can drop the old key once they have synced.
     let signer = state.signing.public_key().to_string();
-    let signed_now = |row: &BundleRow| signer_of(&row.envelope).is_some_and(|key| key == signer);
+    bundle_at(state, device_id, users, revision, users_sha256, &signer).await
+}
+
+/// [`current_bundle`] for a policy `revision`, users hash and signing key.
+async fn bundle_at(
+    state: &Shared,
+    device_id: &str,
+    users: &[LocalUser],
+    revision: u64,
+    users_sha256: Vec<u8>,
+    signer: &str,
+) -> ApiResult<BundleRow> {
+    // A bundle signed with a key rotated out since is signed anew, so that
+    // agents can drop the old key once they have synced. The signer column
+    // says which key; a row from before it (NULL) is asked its envelope,
+    // and the answer recorded so that later check-ins read only the head.
+    let signed_now = |row: &BundleRow| match &row.signer {
+        Some(key) => key == signer,
+        None => signer_of(&row.envelope).is_some_and(|key| key == signer),
+    };
     let fresh = |row: &BundleRow| {
         row.revision == revision && row.users_sha256 == users_sha256 && signed_now(row)
+    };
+    let recorded = |row: BundleRow| -> ApiResult<BundleRow> {
+        if row.signer.is_some() {
+            return Ok(row);
+        }
+        state
+            .db
+            .note_bundle_signer(device_id, row.version, signer)?;
+        Ok(BundleRow {
+            signer: Some(signer.to_owned()),
+            ..row
+        })
     };
     if let Some(row) = state.db.bundle(device_id)?
         && fresh(&row)
     {
-        return Ok(row);
+        return recorded(row);
     }
     let _building = state.build.lock().await;
     let existing = state.db.bundle(device_id)?;
     if let Some(row) = &existing
         && fresh(row)
     {
-        return Ok(row.clone());
+        return recorded(row.clone());
     }
     let documents = state.db.documents_for(device_id, users)?;
     let key: Vec<(String, u64)> = documents
@@ -683,7 +745,7 @@ async fn current_bundle(
         && signed_now(row)
     {
         state.db.touch_bundle(device_id, revision, &users_sha256)?;
-        return Ok(BundleRow {
+        return recorded(BundleRow {
             revision,
             users_sha256,
             ..row.clone()
@@ -704,6 +766,7 @@ async fn current_bundle(
         envelope: serde_json::to_string(&envelope).map_err(|e| {
             Failure::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
         })?,
+        signer: Some(signer.to_owned()),
     };
     if !state.db.put_bundle(device_id, &row, previous)? {
         // Another instance built this device's bundle meanwhile: serve
@@ -844,7 +907,7 @@ async fn checkin(
     let audit_acked_seq = state.db.record_checkin(&agent, &request)?;
     state.db.mark_used(&agent, &request.used_requests)?;
     state.db.expire_requests(Timestamp::now())?;
-    let bundle = current_bundle(&state, &agent.device_id, &request.users).await?;
+    let bundle = current_head(&state, &agent.device_id, &request.users).await?;
     let mut requests = Vec::new();
     for id in &request.pending_requests {
         match state.db.request_status(&agent.agent_id, id) {
@@ -876,14 +939,27 @@ async fn policy(
     AgentAuth(agent): AgentAuth,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
+    // The ETag is the version: an agent that has it is answered from the
+    // head alone.
+    let head = current_head(&state, &agent.device_id, &agent.users).await?;
+    let matches = |tag: &str| {
+        headers
+            .get(header::IF_NONE_MATCH)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.split(',').any(|t| t.trim() == tag))
+    };
+    let tag = etag(head.version);
+    if matches(&tag) {
+        let tag_header =
+            HeaderValue::from_str(&tag).map_err(|e| Failure::internal(e.to_string()))?;
+        return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, tag_header)]).into_response());
+    }
+    // The envelope, with the ETag of the version it is (another instance
+    // may have built a newer one since the head was read).
     let bundle = current_bundle(&state, &agent.device_id, &agent.users).await?;
     let tag = etag(bundle.version);
     let tag_header = HeaderValue::from_str(&tag).map_err(|e| Failure::internal(e.to_string()))?;
-    let matches = headers
-        .get(header::IF_NONE_MATCH)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.split(',').any(|t| t.trim() == tag));
-    if matches {
+    if matches(&tag) {
         return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, tag_header)]).into_response());
     }
     Ok((

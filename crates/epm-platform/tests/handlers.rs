@@ -13,7 +13,7 @@ use axum::http::{Method, Request, StatusCode, header};
 use epm_api::admin::CreateAdmin;
 use epm_api::agent::{AgentCredentials, CheckinRequest, EnrollRequest};
 use epm_api::paths;
-use epm_platform::db::{Actor, Db};
+use epm_platform::db::{Actor, BundleRow, Db};
 use epm_platform::keys::DataDir;
 use epm_platform::server::{self, AppState};
 use serde_json::{Value, json};
@@ -595,5 +595,148 @@ async fn unknown_routes_and_methods_get_json_refusals() {
         StatusCode::METHOD_NOT_ALLOWED,
         "{}",
         method.text
+    );
+}
+
+// ---- bundles --------------------------------------------------------
+
+#[tokio::test]
+async fn an_unchanged_bundle_is_answered_from_its_head_and_old_rows_are_read_once() {
+    let platform = Platform::new();
+    let admin = platform.admin("root", None, Some(1));
+    let token = platform.enroll_token(&admin, 1).await;
+    let agent: AgentCredentials =
+        serde_json::from_value(platform.enroll(&token, "dev-1").await.json()).unwrap();
+    let agent = bearer(&agent);
+    let checkin = |version: Option<u64>| {
+        serde_json::to_string(&CheckinRequest {
+            policy_version: version,
+            ..CheckinRequest::default()
+        })
+        .unwrap()
+    };
+    let first = platform
+        .call(
+            Method::POST,
+            paths::AGENT_CHECKIN,
+            Some(&agent),
+            &checkin(None),
+        )
+        .await;
+    assert_eq!(first.status, StatusCode::OK, "{}", first.text);
+    let version = first.json()["policy"]["version"].as_u64().unwrap();
+    let etag = first.json()["policy"]["etag"].as_str().unwrap().to_owned();
+    let db = &platform.state.db;
+    let key = platform.state.signing.public_key().to_string();
+    let stored = db.bundle("dev-1").unwrap().unwrap();
+    assert_eq!(stored.signer.as_deref(), Some(key.as_str()));
+    let head = db.bundle_head("dev-1").unwrap().unwrap();
+    assert_eq!(
+        (
+            head.version,
+            head.revision,
+            &head.users_sha256,
+            &head.content_sha256
+        ),
+        (
+            version,
+            stored.revision,
+            &stored.users_sha256,
+            &stored.content_sha256
+        )
+    );
+    assert_eq!(head.signer.as_deref(), Some(key.as_str()));
+
+    let fetch = |if_none_match: Option<&str>| {
+        let mut request = Request::builder()
+            .method(Method::GET)
+            .uri(paths::AGENT_POLICY)
+            .header(header::AUTHORIZATION, format!("Bearer {agent}"));
+        if let Some(tag) = if_none_match {
+            request = request.header(header::IF_NONE_MATCH, tag);
+        }
+        platform.send(request.body(Body::empty()).unwrap())
+    };
+    let again = |expect: u64| {
+        let platform = &platform;
+        let agent = &agent;
+        let body = checkin(Some(version));
+        async move {
+            let reply = platform
+                .call(Method::POST, paths::AGENT_CHECKIN, Some(agent), &body)
+                .await;
+            assert_eq!(reply.status, StatusCode::OK, "{}", reply.text);
+            assert_eq!(reply.json()["policy"]["version"], expect, "{}", reply.text);
+            reply
+        }
+    };
+
+    // An envelope nothing can parse, under a signer column naming the
+    // current key: check-ins and fetches with the ETag never look at it
+    // (had they read it, it would fail to parse and be rebuilt as v+1).
+    let unreadable = BundleRow {
+        envelope: "not an envelope".into(),
+        ..stored.clone()
+    };
+    assert!(db.put_bundle("dev-1", &unreadable, Some(version)).unwrap());
+    let reply = again(version).await;
+    assert_eq!(reply.json()["policy"]["changed"], false);
+    let not_modified = fetch(Some(&etag)).await;
+    assert_eq!(not_modified.status, StatusCode::NOT_MODIFIED);
+    assert_eq!(not_modified.headers[header::ETAG], etag.as_str());
+    assert_eq!(
+        db.bundle("dev-1").unwrap().unwrap().envelope,
+        "not an envelope"
+    );
+    // Without the ETag the stored envelope is what is served.
+    let full = fetch(None).await;
+    assert_eq!(full.status, StatusCode::OK);
+    assert_eq!(full.text, "not an envelope");
+
+    // A row from before the signer column (NULL): read in full, found
+    // signed by the current key, so not signed anew; its signer is
+    // recorded and later check-ins need only the head.
+    let old = BundleRow {
+        signer: None,
+        ..stored.clone()
+    };
+    assert!(db.put_bundle("dev-1", &old, Some(version)).unwrap());
+    assert_eq!(db.bundle_head("dev-1").unwrap().unwrap().signer, None);
+    again(version).await;
+    assert_eq!(
+        db.bundle_head("dev-1").unwrap().unwrap().signer.as_deref(),
+        Some(key.as_str())
+    );
+    let served = fetch(None).await;
+    assert_eq!(served.status, StatusCode::OK);
+    assert_eq!(served.text, stored.envelope);
+
+    // A row from before the column whose envelope names a key rotated out
+    // since: signed anew, as before the column existed.
+    let mut envelope: Value = serde_json::from_str(&stored.envelope).unwrap();
+    envelope["key"] = json!("ed25519:cm90YXRlZCBvdXQgc2luY2Ugcm90YXRlZCBvdXQgc2k=");
+    let rotated_out = BundleRow {
+        envelope: envelope.to_string(),
+        signer: None,
+        ..stored.clone()
+    };
+    assert!(db.put_bundle("dev-1", &rotated_out, Some(version)).unwrap());
+    again(version + 1).await;
+    let resigned = db.bundle("dev-1").unwrap().unwrap();
+    assert_eq!(resigned.signer.as_deref(), Some(key.as_str()));
+    let named: Value = serde_json::from_str(&resigned.envelope).unwrap();
+    assert_eq!(named["key"], key.as_str());
+
+    // The column naming another key: signed anew too, without reading
+    // the envelope to find out.
+    let other = BundleRow {
+        signer: Some("ed25519:b3RoZXI=".into()),
+        ..resigned.clone()
+    };
+    assert!(db.put_bundle("dev-1", &other, Some(version + 1)).unwrap());
+    again(version + 2).await;
+    assert_eq!(
+        db.bundle_head("dev-1").unwrap().unwrap().signer.as_deref(),
+        Some(key.as_str())
     );
 }

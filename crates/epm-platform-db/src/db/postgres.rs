@@ -187,6 +187,11 @@ const MIGRATIONS: &[&str] = &[
         merged TEXT NOT NULL,
         created_at TEXT NOT NULL
     );
+    "#, // 3: the key each bundle is signed with, beside the envelope (SQLite's
+    // migration 4 says why).
+    r#"
+    ALTER TABLE bundles ADD COLUMN signer TEXT;
+    ALTER TABLE bundles ADD COLUMN signer_version BIGINT;
     "#,
 ];
 
