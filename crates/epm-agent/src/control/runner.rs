@@ -73,19 +73,24 @@ const OUTPUT_LINGER: Duration = Duration::from_millis(200);
 const OUTPUT_DRAIN: Duration = Duration::from_secs(2);
 
 /// Signals a caller may send to its command, by name without `SIG`.
+const FORWARDED_SIGNALS: [(&str, Signal); 9] = [
+    ("INT", Signal::SIGINT),
+    ("TERM", Signal::SIGTERM),
+    ("HUP", Signal::SIGHUP),
+    ("QUIT", Signal::SIGQUIT),
+    ("TSTP", Signal::SIGTSTP),
+    ("CONT", Signal::SIGCONT),
+    ("WINCH", Signal::SIGWINCH),
+    ("USR1", Signal::SIGUSR1),
+    ("USR2", Signal::SIGUSR2),
+];
+
+/// A signal a caller may send to its command ([`FORWARDED_SIGNALS`]).
 pub(crate) fn signal_named(name: &str) -> Option<Signal> {
-    Some(match name {
-        "INT" => Signal::SIGINT,
-        "TERM" => Signal::SIGTERM,
-        "HUP" => Signal::SIGHUP,
-        "QUIT" => Signal::SIGQUIT,
-        "TSTP" => Signal::SIGTSTP,
-        "CONT" => Signal::SIGCONT,
-        "WINCH" => Signal::SIGWINCH,
-        "USR1" => Signal::SIGUSR1,
-        "USR2" => Signal::SIGUSR2,
-        _ => return None,
-    })
+    FORWARDED_SIGNALS
+        .iter()
+        .find(|(known, _)| *known == name)
+        .map(|(_, signal)| *signal)
 }
 
 /// The user a command runs as.
@@ -553,6 +558,14 @@ fn spawn(spec: &RunSpec, stdio: [OwnedFd; 3], controlling_tty: bool) -> Result<C
         // SAFETY: plain system calls on this process, with pointers into
         // buffers that live in this closure for the whole call.
         unsafe {
+            // The signals epmctl forwards must reach the command whatever
+            // dispositions epmd inherited: a daemon started from a
+            // non-interactive shell's background job ignores INT and QUIT,
+            // and an ignored disposition survives exec. (std already
+            // empties the signal mask.)
+            for (_, signal) in FORWARDED_SIGNALS {
+                libc::signal(signal as libc::c_int, libc::SIG_DFL);
+            }
             check(libc::setsid())?;
             if controlling_tty {
                 check(libc::ioctl(0, libc::TIOCSCTTY as _, 0))?;
