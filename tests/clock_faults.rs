@@ -481,3 +481,41 @@ fn an_admin_session_ends_on_time_or_early_by_the_jump_when_the_clock_moves_less(
     );
     eprintln!("clock +45s: a 1-minute session ended {forward:.1?} after its start; {record}");
 }
+
+#[test]
+fn a_restart_with_the_clock_set_back_neither_stretches_a_session_nor_goes_unrecorded() {
+    let Some(clock) = FakeClock::install() else {
+        return;
+    };
+    let group = TestGroup::create("epmtg-clkboot");
+    let user = TestUser::create("epm-clkboot");
+    let mut daemon = session_daemon(&clock, &group);
+    let started = one_minute_session(&daemon, &group, &user);
+    // The daemon keeps the time it has seen (its floor) every 5 s; let it
+    // keep one from inside the session, then crash it and set the clock an
+    // hour back, as a machine restarted with a wrong clock would be.
+    std::thread::sleep(Duration::from_secs(6));
+    daemon.kill9();
+    clock.set(secs(-3600));
+    clock.around(|| daemon.restart());
+    assert!(group.has(&user), "the session goes on after the restart");
+    let record = jump_record(&daemon, 1, secs(-3600));
+    eprintln!("{record}");
+
+    // Judged by the wall clock, the session would end an hour late; judged
+    // from the floor it ends about a minute after it started (late by at
+    // most the 5 s between two kept floors).
+    wait_until("the session's end", Duration::from_secs(90), || {
+        !group.has(&user)
+    });
+    let took = started.elapsed();
+    let record = revocation(&daemon, &user, 1);
+    assert_eq!(record["details"]["reason"], "expired", "{record}");
+    assert!(
+        took >= Duration::from_secs(59) && took <= Duration::from_secs(72),
+        "ended {took:.1?} after its start"
+    );
+    eprintln!(
+        "clock -1h across a restart: a 1-minute session ended {took:.1?} after its start; {record}"
+    );
+}

@@ -84,12 +84,47 @@ pub(crate) fn parse_floor(value: Option<&str>) -> Option<Timestamp> {
     value.and_then(|v| v.parse().ok())
 }
 
+/// A wall clock this much behind the kept floor at start was set back
+/// while the daemon was down (the same threshold as a jump seen running).
+const SET_BACK_AT_START: SignedDuration = SignedDuration::from_secs(60);
+
+/// How far `wall` reads behind the kept `floor`, when it is far enough to
+/// say the clock was set back while the daemon was down: worth a record,
+/// since every window and session is then judged from the floor.
+pub(crate) fn set_back_while_down(
+    floor: Option<Timestamp>,
+    wall: Timestamp,
+) -> Option<SignedDuration> {
+    let behind = wall.duration_until(floor?);
+    (behind >= SET_BACK_AT_START).then_some(behind)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn at(seconds: i64) -> Timestamp {
         Timestamp::from_second(seconds).unwrap()
+    }
+
+    #[test]
+    fn a_clock_set_back_while_down_is_told_from_the_time_a_restart_takes() {
+        let floor = at(2_000_000_000);
+        assert_eq!(set_back_while_down(None, floor), None, "no floor yet");
+        assert_eq!(
+            set_back_while_down(Some(floor), at(2_000_000_030)),
+            None,
+            "later than the floor: the time the daemon was down"
+        );
+        assert_eq!(
+            set_back_while_down(Some(floor), at(1_999_999_990)),
+            None,
+            "the floor is kept every few seconds: a little behind is normal"
+        );
+        assert_eq!(
+            set_back_while_down(Some(floor), at(1_999_996_400)),
+            Some(SignedDuration::from_secs(3600))
+        );
     }
 
     #[test]

@@ -178,9 +178,23 @@ impl Flows {
             .lock()
             .ok()
             .and_then(|s| s.meta(FLOOR_META_KEY).ok().flatten());
-        let clock = Arc::new(TrustedClock::new(crate::grants::clock::parse_floor(
-            floor.as_deref(),
-        )));
+        let floor = crate::grants::clock::parse_floor(floor.as_deref());
+        let wall = Timestamp::now();
+        if let Some(behind) = crate::grants::clock::set_back_while_down(floor, wall) {
+            // Every window and session is judged from the floor now: the
+            // log says why its times jump back.
+            audit.send(
+                AuditEvent::new(crate::grants::admin_session::events::CLOCK_JUMP)
+                    .with_reason(format!(
+                        "the wall clock reads about {} s earlier than this daemon last saw before it restarted: it was set back while the daemon was down; windows and sessions are judged from the later time",
+                        behind.as_secs()
+                    ))
+                    .with_detail("seconds", -behind.as_secs())
+                    .with_detail("wall_after", wall.to_string())
+                    .with_detail("trusted_now", floor.map(|f| f.to_string())),
+            );
+        }
+        let clock = Arc::new(TrustedClock::new(floor));
         let (refusals, incoming) = bounded(1024);
         let flows = Arc::new(Flows {
             store,
