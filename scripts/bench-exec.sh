@@ -14,6 +14,14 @@
 #
 # Usage: sudo scripts/bench-exec.sh [RUNS]     (default 3000)
 #
+# The configurations are measured in ROUNDS rounds (default 5) of RUNS/ROUNDS
+# execs each, one configuration after the other inside each round, and each
+# figure is the median over the rounds: load that comes and goes on a shared
+# machine then lands on every configuration alike instead of on whichever
+# ran when it came. Each round's figure is the mean of its execs; the median
+# exec of each round is printed too (less moved by bursts of other load).
+# ROUNDS=1 measures each configuration once, in one go.
+#
 # EPMD_BEFORE=/path/to/an/older/epmd also measures that binary, in the same
 # run, right before this tree's (the exec overhead before and after a
 # change): build the older tree's `cargo build --release -p epm-agent --bin
@@ -22,6 +30,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 runs=${1:-3000}
+rounds=${ROUNDS:-5}
+if ! [[ $rounds =~ ^[1-9][0-9]*$ ]] || ((runs / rounds < 100)); then
+    echo "ROUNDS=$rounds: want a positive number of rounds of at least 100 execs each (RUNS=$runs)" >&2
+    exit 1
+fi
+per_round=$((runs / rounds))
 before_bin=${EPMD_BEFORE:-}
 if [[ -n $before_bin && ! -x $before_bin ]]; then
     echo "EPMD_BEFORE=$before_bin is not an executable" >&2
@@ -72,16 +86,6 @@ stop_epmd() {
     kill -TERM "$epmd_pid"; wait "$epmd_pid" || true; epmd_pid=
 }
 
-echo "measuring $runs execs without a listener..." >&2
-base=$($loop_bin "$runs")
-
-echo "measuring $runs execs with a bare allow-all listener..." >&2
-$bin/examples/gate_floor raw &
-floor_pid=$!
-sleep 0.5
-bare=$($loop_bin "$runs")
-kill "$floor_pid"; wait "$floor_pid" 2>/dev/null || true
-
 # epmd's own CPU time (clock ticks) and voluntary context switches (all its
 # threads), to see what it costs the machine besides the exec's wait.
 epmd_cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$epmd_pid/stat"; }
@@ -93,9 +97,9 @@ have_perf=
 if command -v perf >/dev/null 2>&1 && perf stat -e raw_syscalls:sys_enter true >/dev/null 2>&1; then
     have_perf=1
 fi
-# Each loop is 50 warm-up execs and then $runs measured ones; epmd's
+# Each loop is 50 warm-up execs and then $per_round measured ones; epmd's
 # counters see all of them.
-counted=$((runs + 50))
+counted=$((per_round + 50))
 
 # A program a user could write (owned by nobody): since issue 15 epmd takes
 # a read lease on such a file for each exec, which system programs (only
@@ -104,64 +108,60 @@ user_program=$work/user-true
 cp /bin/true "$user_program"
 chown 65534:65534 "$user_program"
 chmod 0755 "$user_program"
-base_user=$($loop_bin "$runs" "$user_program")
 
-# Sets per_exec (µs), ticks (epmd's CPU) and switches (its voluntary
-# context switches) for the loop under one epmd, left running, and
-# per_user_exec for the loop of the user's program.
-measure_epmd() { # $1 = the epmd binary, $2 = kernel hook (true/false)
-    start_epmd 10000 "$1" "${2:-true}"
-    local ticks_before switches_before perf_pid=
-    syscalls=
+# Every measurement is one line of $work/results: round, name, then the
+# exec_loop's mean and median, or epmd's counters per exec.
+results=$work/results
+: >"$results"
+record() { echo "$round $*" >>"$results"; }
+loop() { # $1 = name, $2 = program (default /bin/true)
+    record "$1" "$($loop_bin "$per_round" "${2:-/bin/true}")"
+}
+
+# Measures the loop under one epmd (left running for the caller), its CPU,
+# context switches and system calls per exec, and the loop of the user's
+# program. $1 = name, $2 = the epmd binary, $3 = kernel hook (true/false).
+measure_epmd() {
+    start_epmd 10000 "$2" "${3:-true}"
+    local ticks_before switches_before perf_pid="" syscalls=""
     if [[ -n $have_perf ]]; then
         perf stat -x, -e raw_syscalls:sys_enter -p "$epmd_pid" -o "$work/perf.txt" &
         perf_pid=$!
         sleep 0.5
     fi
     ticks_before=$(epmd_cpu_ticks) switches_before=$(epmd_switches)
-    per_exec=$($loop_bin "$runs")
-    ticks=$(($(epmd_cpu_ticks) - ticks_before)) switches=$(($(epmd_switches) - switches_before))
+    loop "$1"
+    local ticks=$(($(epmd_cpu_ticks) - ticks_before)) switches=$(($(epmd_switches) - switches_before))
     if [[ -n $perf_pid ]]; then
         kill -INT "$perf_pid"; wait "$perf_pid" 2>/dev/null || true
         syscalls=$(awk -F, '/raw_syscalls/ { print $1 }' "$work/perf.txt")
     fi
-    per_user_exec=$($loop_bin "$runs" "$user_program")
+    awk -v t="$ticks" -v hz="$(getconf CLK_TCK)" -v s="$switches" -v c="${syscalls:-0}" -v r="$counted" \
+        'BEGIN { printf "%.2f %.3f %.2f\n", t * 1e6 / hz / r, s / r, c / r }' |
+        { read -r cpu sw sc; record "$1-counters" "$cpu $sw $sc"; }
+    loop "$1-user" "$user_program"
 }
 
-if [[ -n $before_bin ]]; then
-    echo "measuring $runs execs with the earlier epmd ($before_bin) enforcing 10000 rules..." >&2
-    measure_epmd "$before_bin"
-    before_epmd=$per_exec before_ticks=$ticks before_switches=$switches before_user=$per_user_exec before_syscalls=$syscalls
-    stop_epmd
-fi
-echo "measuring $runs execs with epmd enforcing 10000 rules, without the kernel hook..." >&2
-measure_epmd "$bin/epmd" false
-without_hook=$per_exec
-stop_epmd
-echo "measuring $runs execs with epmd enforcing 10000 rules..." >&2
-measure_epmd "$bin/epmd"
-with_epmd=$per_exec with_user=$per_user_exec
-status=$($bin/epmctl --socket "$work/epmd.sock" status --json)
-hook_state=$(python3 -c 'import json,sys; h=json.load(sys.stdin).get("kernel_hook") or {}; print(h.get("state", "n/a"))' <<<"$status")
-stop_epmd
-
-fapolicyd_line="fapolicyd: not installed"
+have_fapolicyd=
 if command -v fapolicyd >/dev/null 2>&1; then
-    echo "measuring $runs execs with fapolicyd (two allow rules, file trust)..." >&2
+    have_fapolicyd=1
     # Run fapolicyd the way its own comparison is usually made: two rules,
     # the file trust backend, in the foreground. Its configuration is
-    # restored afterwards.
+    # restored on exit.
     conf=/etc/fapolicyd
     cp -a "$conf" "$work/fapolicyd.saved"
     restore_fapolicyd() { rm -rf "$conf" && cp -a "$work/fapolicyd.saved" "$conf"; }
+    trap 'restore_fapolicyd; cleanup' EXIT
     sed -i 's/^trust = .*/trust = file/; s/^uid = .*/uid = root/; s/^gid = .*/gid = root/' "$conf/fapolicyd.conf"
     rm -f "$conf"/rules.d/*.rules
     printf 'allow perm=execute all : all\nallow perm=open all : all\n' >"$conf/rules.d/50-bench.rules"
     fagenrules >/dev/null 2>&1 || true
     mkdir -p /run/fapolicyd /var/lib/fapolicyd
+fi
+fapolicyd_note=
+measure_fapolicyd() {
     fapolicyd --debug-deny >"$work/fapolicyd.log" 2>&1 &
-    fpid=$!
-    ready=
+    local fpid=$! ready=
     for _ in $(seq 1 100); do
         if $loop_bin 5 >/dev/null 2>&1 && grep -q "Starting to listen" "$work/fapolicyd.log" 2>/dev/null; then ready=1; break; fi
         if ! kill -0 "$fpid" 2>/dev/null; then break; fi
@@ -169,15 +169,37 @@ if command -v fapolicyd >/dev/null 2>&1; then
     done
     [[ -n $ready ]] || sleep 3  # older builds do not print the line
     if kill -0 "$fpid" 2>/dev/null; then
-        with_fapolicyd=$($loop_bin "$runs")
+        loop fapolicyd
         kill "$fpid"; wait "$fpid" 2>/dev/null || true
-        fapolicyd_line=$(awk -v b="$base" -v f="$with_fapolicyd" \
-            'BEGIN { printf "fapolicyd: %.1f us/exec (+%.1f us, x%.2f)", f, f-b, f/b }')
     else
-        fapolicyd_line="fapolicyd: did not start (see its log: $(tail -n 1 "$work/fapolicyd.log"))"
+        fapolicyd_note="did not start (see its log: $(tail -n 1 "$work/fapolicyd.log"))"
     fi
-    restore_fapolicyd
-fi
+}
+
+hook_state=n/a
+for round in $(seq 1 "$rounds"); do
+    echo "round $round of $rounds ($per_round execs per configuration)..." >&2
+    loop none
+    loop none-user "$user_program"
+    $bin/examples/gate_floor raw &
+    floor_pid=$!
+    sleep 0.5
+    loop bare
+    kill "$floor_pid"; wait "$floor_pid" 2>/dev/null || true
+    if [[ -n $before_bin ]]; then
+        measure_epmd before "$before_bin"
+        stop_epmd
+    fi
+    measure_epmd hook-off "$bin/epmd" false
+    stop_epmd
+    measure_epmd epmd "$bin/epmd"
+    status=$($bin/epmctl --socket "$work/epmd.sock" status --json)
+    hook_state=$(python3 -c 'import json,sys; h=json.load(sys.stdin).get("kernel_hook") or {}; print(h.get("state", "n/a"))' <<<"$status")
+    stop_epmd
+    if [[ -n $have_fapolicyd ]]; then
+        measure_fapolicyd
+    fi
+done
 
 echo "measuring epmd's RSS with 100000 rules..." >&2
 start_epmd 100000
@@ -188,34 +210,65 @@ stop_epmd
 p50=$(python3 -c 'import json,sys; print(json.load(sys.stdin)["latency_us"]["p50"])' <<<"$status")
 p99=$(python3 -c 'import json,sys; print(json.load(sys.stdin)["latency_us"]["p99"])' <<<"$status")
 
-echo "machine: $(nproc) cores, $(awk -F': ' '/model name/ { print $2; exit }' /proc/cpuinfo), Linux $(uname -r), $(date -u +%Y-%m-%d)"
-awk -v b="$base" 'BEGIN { printf "no listener: %.1f us/exec\n", b }'
-awk -v b="$base" -v f="$bare" \
-    'BEGIN { printf "bare allow-all listener: %.1f us/exec (+%.1f us)\n", f, f-b }'
-if [[ -n $before_bin ]]; then
-    awk -v b="$base" -v e="$before_epmd" \
-        'BEGIN { printf "earlier epmd (10000 rules): %.1f us/exec (+%.1f us, x%.2f)\n", e, e-b, e/b }'
-    awk -v t="$before_ticks" -v hz="$(getconf CLK_TCK)" -v s="$before_switches" -v r="$counted" \
-        'BEGIN { printf "earlier epmd CPU: %.1f us per exec; %.1f voluntary context switches per exec\n", t * 1e6 / hz / r, s / r }'
-    awk -v b="$base_user" -v e="$before_user" \
-        'BEGIN { printf "earlier epmd, a program a user can write: %.1f us/exec (+%.1f us)\n", e, e-b }'
-    if [[ -n $before_syscalls ]]; then
-        awk -v c="$before_syscalls" -v r="$counted" 'BEGIN { printf "earlier epmd system calls: %.1f per exec\n", c / r }'
-    fi
-fi
-awk -v b="$base" -v e="$without_hook" \
-    'BEGIN { printf "epmd (10000 rules, kernel hook off): %.1f us/exec (+%.1f us, x%.2f)\n", e, e-b, e/b }'
-awk -v b="$base" -v e="$with_epmd" -v h="$hook_state" \
-    'BEGIN { printf "epmd (10000 rules, kernel hook %s): %.1f us/exec (+%.1f us, x%.2f)\n", h, e, e-b, e/b }'
-awk -v b="$base" -v e="$with_epmd" -v f="$bare" \
-    'BEGIN { printf "epmd added / bare listener added: %.2f\n", (e-b)/(f-b) }'
-awk -v t="$ticks" -v hz="$(getconf CLK_TCK)" -v s="$switches" -v r="$counted" \
-    'BEGIN { printf "epmd CPU: %.1f us per exec; %.1f voluntary context switches per exec\n", t * 1e6 / hz / r, s / r }'
-if [[ -n $syscalls ]]; then
-    awk -v c="$syscalls" -v r="$counted" 'BEGIN { printf "epmd system calls: %.1f per exec\n", c / r }'
-fi
-awk -v b="$base_user" -v e="$with_user" \
-    'BEGIN { printf "epmd, a program a user can write (leased): %.1f us/exec (+%.1f us)\n", e, e-b }'
-echo "$fapolicyd_line"
+echo "machine: $(nproc) cores, $(awk -F': ' '/model name/ { print $2; exit }' /proc/cpuinfo), Linux $(uname -r), $(date -u +%Y-%m-%d), load average $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "$rounds rounds of $per_round execs per configuration; each figure the median over the rounds (mean exec / median exec)"
+python3 - "$results" "$hook_state" "${before_bin:+1}" "${have_fapolicyd:+1}" "$fapolicyd_note" <<'PY'
+import statistics, sys
+from collections import defaultdict
+
+path, hook_state, has_before, has_fapolicyd, fapolicyd_note = sys.argv[1:6]
+runs = defaultdict(list)
+for line in open(path):
+    fields = line.split()
+    runs[fields[1]].append([float(x) for x in fields[2:]])
+
+def med(name, i):
+    return statistics.median(r[i] for r in runs[name])
+
+def added(name, base="none"):
+    # Per round, so a round's load is subtracted from its own baseline.
+    return [(r[0] - b[0], r[1] - b[1]) for r, b in zip(runs[name], runs[base])]
+
+def line(label, name, base="none"):
+    if not runs[name]:
+        return
+    a = added(name, base)
+    print(f"{label}: {med(name, 0):.1f} / {med(name, 1):.1f} us/exec "
+          f"(+{statistics.median(x[0] for x in a):.1f} / +{statistics.median(x[1] for x in a):.1f} us)")
+
+def counters(label, name):
+    if runs[name]:
+        print(f"{label}: CPU {med(name, 0):.1f} us per exec; "
+              f"{med(name, 1):.1f} voluntary context switches per exec; "
+              f"{med(name, 2):.1f} system calls per exec")
+
+def ratio(label, name):
+    a = [x[0] for x in added(name)]
+    f = [x[0] for x in added("bare")]
+    per_round = [e / b for e, b in zip(a, f) if b > 0]
+    shown = " ".join(f"{r:.2f}" for r in per_round)
+    print(f"{label}: {statistics.median(a) / statistics.median(f):.2f} "
+          f"(of the medians; per round: {shown or 'n/a: the floor was not above the noise'})"
+          if statistics.median(f) > 0 else f"{label}: n/a (the bare listener's median added cost is not above zero)")
+
+print(f"no listener: {med('none', 0):.1f} / {med('none', 1):.1f} us/exec")
+line("bare allow-all listener", "bare")
+if has_before:
+    line("earlier epmd (10000 rules)", "before")
+    counters("earlier epmd", "before-counters")
+    line("earlier epmd, a program a user can write", "before-user", "none-user")
+line("epmd (10000 rules, kernel hook off)", "hook-off")
+line(f"epmd (10000 rules, kernel hook {hook_state})", "epmd")
+ratio("epmd added / bare listener added (mean exec)", "epmd")
+counters("epmd", "epmd-counters")
+line("epmd, a program a user can write (leased)", "epmd-user", "none-user")
+if has_fapolicyd:
+    if runs["fapolicyd"]:
+        line("fapolicyd (two allow rules, file trust)", "fapolicyd")
+    else:
+        print(f"fapolicyd: {fapolicyd_note}")
+else:
+    print("fapolicyd: not installed")
+PY
 echo "epmd decision latency: p50 ${p50} us, p99 ${p99} us"
 awk -v r="$rss_kb" 'BEGIN { printf "epmd RSS with 100000 rules: %.1f MB\n", r/1024 }'
