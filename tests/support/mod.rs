@@ -865,7 +865,7 @@ impl TestUser {
         }
     }
 
-    /// Runs a program as this user with a deadline, like [`run`].
+    /// Runs a program as this user with a deadline, like [`run()`].
     pub fn run(&self, path: &Path) -> std::io::Result<ExitStatus> {
         use std::os::unix::process::CommandExt;
         let mut command = Command::new(path);

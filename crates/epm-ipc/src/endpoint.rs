@@ -61,7 +61,7 @@ impl Client {
 
 impl ServerConnection {
     /// Reads the client's `Hello` on a Unix socket, answers
-    /// [`Response::Welcome`] with the peer's uid and `is_admin(&peer)`, and
+    /// [`Response::Welcome`](crate::message::Response::Welcome) with the peer's uid and `is_admin(&peer)`, and
     /// returns the connection.
     ///
     /// On a version mismatch the client is told so, then `Err`. A request

@@ -13,7 +13,7 @@
 //! `os_log_with_type` is a C macro, so the call it expands to is made by
 //! hand, with no C: `_os_log_impl(dso, log, type, format, buffer, size)`,
 //! where `buffer` is the argument encoding clang's `os_log` builtins emit
-//! for one public C string ([`public_string_arg`], tested on Linux), the
+//! for one public C string (`public_string_arg`, tested on Linux), the
 //! format string lives in `__TEXT,__oslogstring` like clang's, and `dso` is
 //! this image's Mach-O header (`__dso_handle`), against which the unified
 //! log resolves the format string.

@@ -590,7 +590,7 @@ impl Db {
     /// PostgreSQL: by `LISTEN/NOTIFY`, from every instance. SQLite has one
     /// instance: audit waiters are woken by the server itself; request
     /// changes are reported here, from inside the changing transaction
-    /// (see [`Db::request_changed`]).
+    /// (see `Db::request_changed`).
     pub fn listen(&self, changed: sql::Listener) {
         match &self.store {
             Store::Postgres(pg) => postgres::listen(pg, changed),
@@ -1552,7 +1552,7 @@ impl Db {
     }
 
     /// Keeps a merged policy for every instance; the oldest go past
-    /// [`MAX_MERGED`] (a policy change makes new ones).
+    /// `MAX_MERGED` (256) (a policy change makes new ones).
     pub fn put_merged_policy(&self, key: &[u8], merged: &str) -> Result<()> {
         let conn = self.conn()?;
         conn.execute(
@@ -2167,7 +2167,7 @@ impl Db {
     }
 
     /// Adds counted refused calls (one row per key and hour) and drops the
-    /// oldest rows past [`MAX_REFUSED_ROWS`].
+    /// oldest rows past `MAX_REFUSED_ROWS` (10 000).
     pub fn record_refused(&self, counts: &[(RefusedKey, u64, Timestamp)]) -> Result<()> {
         let mut conn = self.conn()?;
         let tx = conn.transaction()?;

@@ -1,6 +1,6 @@
 //! The kernel exec hook's adapter: loads `epm-exec-hook` where the kernel
 //! allows it, tells it which file systems fanotify gates, turns each exec
-//! it holds into a [`PendingExec`] for the ordinary pipeline, and answers
+//! it holds into a [`PendingExec`](epm_gate::PendingExec) for the ordinary pipeline, and answers
 //! it with a verdict and SIGCONT. Where the hook cannot run, it names each
 //! exposure and the setting that closes it, for `epmd --check`,
 //! `epmctl status` and the start record. docs/kernel-hook.md is the design.

@@ -108,7 +108,7 @@ struct Target {
 }
 
 /// Asks the platform sync for a cycle soon (a request was filed): given
-/// to [`Flows::start`] on a managed device, absent on an unmanaged one.
+/// to [`Flows::new`] on a managed device, absent on an unmanaged one.
 pub(crate) struct Nudge(Box<dyn Fn() + Send + Sync>);
 
 impl Nudge {

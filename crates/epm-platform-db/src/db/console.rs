@@ -308,7 +308,7 @@ impl Db {
     // ---- sessions -----------------------------------------------------
 
     /// Starts a session for `admin` under the cookie `token` (only its hash
-    /// is stored). Past [`MAX_SESSIONS_PER_ADMIN`] the oldest ends.
+    /// is stored). Past `MAX_SESSIONS_PER_ADMIN` (16) the oldest ends.
     pub fn create_session(
         &self,
         admin: &str,
