@@ -1537,6 +1537,17 @@ impl ExecGate for FanotifyGate {
                 }
             }
         }
+        // Execs that ran on the kernel's cached allow before the stop are
+        // audited too, not left in the group that closes with the gate.
+        if self.kernel.may_notify() {
+            let read = self.drain_notifications(&mut notes, &mut noticed);
+            for pending in noticed.drain(..) {
+                sink(pending);
+            }
+            if let Err(e) = read {
+                tracing::warn!(error = %e, "cannot read the last notifications of cached execs");
+            }
+        }
         Ok(())
     }
 }

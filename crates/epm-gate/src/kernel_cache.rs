@@ -198,7 +198,7 @@ impl KernelCache {
     /// first file was cached, so a gate that caches nothing (monitor mode,
     /// a policy without plain allows) does not read it.
     pub fn may_notify(&self) -> bool {
-        self.ever_marked.load(Ordering::Relaxed)
+        self.ever_marked.load(Ordering::Acquire)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -369,7 +369,7 @@ impl KernelCache {
             }
             other => other?,
         }
-        self.ever_marked.store(true, Ordering::Relaxed);
+        self.ever_marked.store(true, Ordering::Release);
         mark_raw(
             &self.permission,
             libc::FAN_MARK_ADD | libc::FAN_MARK_IGNORE | evictable,
