@@ -209,29 +209,26 @@ pub struct FanotifyGate {
     memo: FileMemo,
 }
 
-fn io_error(what: impl Into<String>, source: std::io::Error) -> GateError {
-    GateError::Io {
-        what: what.into(),
-        source,
-    }
+/// The gate's two fanotify groups and the kernel cache on them, made
+/// before anything is marked: a group without marks holds up no exec, so
+/// the daemon makes them first and gives the cache to its decider at
+/// construction, and places the watch marks
+/// ([`FanotifyGate::open_with`]) once its decision workers run.
+#[derive(Debug)]
+pub struct FanotifyGroups {
+    fan: Arc<Fanotify>,
+    notifications: Arc<Fanotify>,
+    has_pidfd: bool,
+    interpreter_loads: Arc<Mutex<InterpreterLoads>>,
+    kernel: Arc<KernelCache>,
 }
 
-impl FanotifyGate {
-    /// Creates the fanotify group and marks every watched mount, with the
-    /// default file-system types. `fallback` answers execs that are dropped
-    /// unanswered.
-    pub fn new(watch_paths: Vec<PathBuf>, fallback: Verdict) -> Result<Self, GateError> {
-        Self::open(FanotifyConfig::new(watch_paths, fallback))
-    }
-
-    /// Creates the fanotify group and marks every watched mount.
+impl FanotifyGroups {
+    /// Creates the permission group and the notification group (see "The
+    /// group" and "The notification group").
     ///
-    /// Fails when the kernel or our privileges do not allow the gate, when a
-    /// watch path's own mount cannot be marked, or when nothing at all could
-    /// be marked. Other mounts that cannot be marked are logged and listed
-    /// by [`FanotifyGate::unmarked_mounts`]: any user can add a mount (FUSE),
-    /// and that must not keep the daemon from starting.
-    pub fn open(config: FanotifyConfig) -> Result<Self, GateError> {
+    /// Fails when the kernel or our privileges do not allow the gate.
+    pub fn create() -> Result<Self, GateError> {
         let base = InitFlags::FAN_CLASS_CONTENT
             | InitFlags::FAN_CLOEXEC
             | InitFlags::FAN_NONBLOCK
@@ -266,6 +263,71 @@ impl FanotifyGate {
             ))
         })?;
         raise_fd_limit();
+        let fan = Arc::new(fan);
+        let notifications = Arc::new(notifications);
+        let interpreter_loads: Arc<Mutex<InterpreterLoads>> = Arc::default();
+        Ok(Self {
+            kernel: Arc::new(KernelCache::new(
+                fan.clone(),
+                notifications.clone(),
+                interpreter_loads.clone(),
+            )),
+            fan,
+            notifications,
+            has_pidfd,
+            interpreter_loads,
+        })
+    }
+
+    /// The kernel cache of allows: give it to the owner of the policy
+    /// ([`crate::PolicySwap`]), which starts it with the policy in force.
+    pub fn kernel_cache(&self) -> Arc<KernelCache> {
+        self.kernel.clone()
+    }
+
+    /// Whether the kernel reports pidfds with events.
+    pub fn has_pidfd(&self) -> bool {
+        self.has_pidfd
+    }
+}
+
+fn io_error(what: impl Into<String>, source: std::io::Error) -> GateError {
+    GateError::Io {
+        what: what.into(),
+        source,
+    }
+}
+
+impl FanotifyGate {
+    /// Creates the fanotify group and marks every watched mount, with the
+    /// default file-system types. `fallback` answers execs that are dropped
+    /// unanswered.
+    pub fn new(watch_paths: Vec<PathBuf>, fallback: Verdict) -> Result<Self, GateError> {
+        Self::open(FanotifyConfig::new(watch_paths, fallback))
+    }
+
+    /// Creates the fanotify groups and marks every watched mount:
+    /// [`FanotifyGroups::create`], then [`FanotifyGate::open_with`].
+    pub fn open(config: FanotifyConfig) -> Result<Self, GateError> {
+        Self::open_with(config, FanotifyGroups::create()?)
+    }
+
+    /// Marks every watched mount in `groups`' permission group: from now
+    /// on every exec there waits for an answer from [`ExecGate::run`].
+    ///
+    /// Fails when a watch path's own mount cannot be marked, or when
+    /// nothing at all could be marked. Other mounts that cannot be marked
+    /// are logged and listed by [`FanotifyGate::unmarked_mounts`]: any
+    /// user can add a mount (FUSE), and that must not keep the daemon from
+    /// starting.
+    pub fn open_with(config: FanotifyConfig, groups: FanotifyGroups) -> Result<Self, GateError> {
+        let FanotifyGroups {
+            fan,
+            notifications,
+            has_pidfd,
+            interpreter_loads,
+            kernel,
+        } = groups;
         let mountinfo = File::open("/proc/self/mountinfo")
             .map_err(|e| io_error("cannot open /proc/self/mountinfo", e))?;
         // Mount points in mountinfo are canonical; so must the watch paths be.
@@ -274,15 +336,8 @@ impl FanotifyGate {
             .into_iter()
             .map(|p| std::fs::canonicalize(&p).unwrap_or(p))
             .collect();
-        let fan = Arc::new(fan);
-        let notifications = Arc::new(notifications);
-        let interpreter_loads: Arc<Mutex<InterpreterLoads>> = Arc::default();
         let mut gate = Self {
-            kernel: Arc::new(KernelCache::new(
-                fan.clone(),
-                notifications.clone(),
-                interpreter_loads.clone(),
-            )),
+            kernel,
             local_devices: Mutex::default(),
             memo: FileMemo::default(),
             fan,
@@ -343,8 +398,7 @@ impl FanotifyGate {
         }
     }
 
-    /// The kernel cache of allows: connect it to the decider
-    /// ([`KernelCache::connect`]) to start caching.
+    /// The kernel cache of allows.
     pub fn kernel_cache(&self) -> Arc<KernelCache> {
         self.kernel.clone()
     }

@@ -119,7 +119,7 @@ use std::time::{Duration, Instant};
 use nix::sys::fanotify::Fanotify;
 
 use super::interp::{FileKey, HEAD_BYTES, InterpreterLoads, is_loader, loaded_interpreter};
-use crate::{PolicyGenerations, PolicySwap};
+use crate::PolicySwap;
 
 /// Files cached at most; past this, new allows are not cached until the
 /// next policy change (each is a mark in the kernel).
@@ -173,8 +173,8 @@ pub struct KernelCache {
 impl KernelCache {
     /// A cache on the inode marks of these two groups (the gate's, and
     /// one of class `FAN_CLASS_NOTIF` with no other marks); it caches
-    /// nothing until [`KernelCache::connect`] tells it the policy
-    /// generation in force.
+    /// nothing until the owner of the policy tells it the generation in
+    /// force ([`PolicySwap::starts_with`]).
     pub fn new(
         permission: Arc<Fanotify>,
         notification: Arc<Fanotify>,
@@ -203,14 +203,6 @@ impl KernelCache {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// Routes every policy change of `decider` through this cache, and
-    /// starts caching decisions of the policy in force.
-    pub fn connect(self: &Arc<Self>, decider: &dyn PolicyGenerations) {
-        decider.route_swaps_through(self.clone());
-        let mut state = self.lock();
-        state.generation = Some(decider.generation_in_force());
     }
 
     /// How many files are cached.
@@ -449,6 +441,11 @@ fn flush_inode_marks(group: &Fanotify) -> std::io::Result<()> {
 }
 
 impl PolicySwap for KernelCache {
+    fn starts_with(&self, generation: u64) {
+        // No mark exists yet: the groups are new.
+        self.lock().generation = Some(generation);
+    }
+
     fn swap(&self, generation: u64, put_in_force: &mut dyn FnMut()) {
         let mut state = self.lock();
         // Cannot fail on live groups; if it does, nothing more is cached,
