@@ -30,7 +30,11 @@
 //! credentials are as race-free as a permission event's), holds only the
 //! kernel cache's `FAN_OPEN_EXEC` inode marks ([`super::kernel_cache`]):
 //! never a mount or file-system mark, so it hears of nothing but execs of
-//! cached files, and a flush of its inode marks empties it.
+//! cached files, and a flush of its inode marks empties it. Both groups
+//! are made first ([`FanotifyGroups::create`]: a group without marks holds
+//! up no exec), so the daemon's decider gets the kernel cache at
+//! construction; the watch marks are placed later
+//! ([`FanotifyGate::open_with`]), once the decision workers run.
 //!
 //! # One wake-up per exec
 //! A dynamically linked exec of a cached program queues the program's
@@ -299,7 +303,7 @@ fn io_error(what: impl Into<String>, source: std::io::Error) -> GateError {
 }
 
 impl FanotifyGate {
-    /// Creates the fanotify group and marks every watched mount, with the
+    /// Creates the fanotify groups and marks every watched mount, with the
     /// default file-system types. `fallback` answers execs that are dropped
     /// unanswered.
     pub fn new(watch_paths: Vec<PathBuf>, fallback: Verdict) -> Result<Self, GateError> {
@@ -1435,7 +1439,7 @@ fn fd_path(fd: BorrowedFd<'_>) -> String {
         .unwrap_or_default()
 }
 
-/// Answers one event on the shared fanotify group, then closes the event's
+/// Answers one event on the shared permission group, then closes the event's
 /// fd. 8-byte writes to a fanotify fd are atomic, so workers on several
 /// threads answer concurrently.
 struct FanotifyResponder {
