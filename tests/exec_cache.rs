@@ -4,10 +4,13 @@
 //! no cached allow outlives the policy, mode or content it was made for.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::Path;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use epm_e2e::{Daemon, denied, policy, ran, run, sha256_of, wait_until};
+use epm_e2e::{
+    Daemon, TestUser, denied, policy, ran, run, sha256_of, spawn_when_not_busy, wait_until,
+};
 
 fn rule(id: &str, action: &str, criteria: &str) -> String {
     format!(r#"{{"id": "{id}", "action": "{action}", "match": {criteria}}}"#)
@@ -260,5 +263,362 @@ fn a_file_users_can_write_is_never_answered_by_the_kernel() {
     assert!(
         records.iter().all(|r| !from_kernel_cache(r)),
         "{records:#?}"
+    );
+}
+
+/// A static x86_64 Linux program (no `PT_INTERP`, so no loader event
+/// follows its exec) that sleeps `nanos` and exits 0: 100 ms is long
+/// enough that its notification is read while it lives, so its record can
+/// name its user.
+fn static_sleeper(nanos: u64) -> Vec<u8> {
+    const BASE: u64 = 0x40_0000;
+    let code_at: u64 = 64 + 56;
+    let mut text = vec![
+        0x48, 0x8D, 0x3D, 18, 0, 0, 0, // lea rdi, [rip + 18]: the timespec
+        0x31, 0xF6, // xor esi, esi
+        0xB8, 35, 0, 0, 0, // mov eax, 35 (nanosleep)
+        0x0F, 0x05, // syscall
+        0x31, 0xFF, // xor edi, edi
+        0xB8, 60, 0, 0, 0, // mov eax, 60 (exit)
+        0x0F, 0x05, // syscall
+    ];
+    text.extend_from_slice(&0u64.to_le_bytes()); // tv_sec
+    text.extend_from_slice(&nanos.to_le_bytes()); // tv_nsec
+    let end = code_at + text.len() as u64;
+    let mut elf = Vec::new();
+    elf.extend_from_slice(b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0");
+    elf.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    elf.extend_from_slice(&62u16.to_le_bytes()); // x86_64
+    elf.extend_from_slice(&1u32.to_le_bytes());
+    elf.extend_from_slice(&(BASE + code_at).to_le_bytes()); // e_entry
+    elf.extend_from_slice(&64u64.to_le_bytes()); // e_phoff
+    elf.extend_from_slice(&0u64.to_le_bytes()); // e_shoff
+    elf.extend_from_slice(&0u32.to_le_bytes());
+    elf.extend_from_slice(&64u16.to_le_bytes());
+    elf.extend_from_slice(&56u16.to_le_bytes());
+    elf.extend_from_slice(&1u16.to_le_bytes()); // one program header
+    elf.extend_from_slice(&[0; 6]);
+    // PT_LOAD of the whole file, read + execute.
+    elf.extend_from_slice(&1u32.to_le_bytes());
+    elf.extend_from_slice(&5u32.to_le_bytes());
+    elf.extend_from_slice(&0u64.to_le_bytes());
+    elf.extend_from_slice(&BASE.to_le_bytes());
+    elf.extend_from_slice(&BASE.to_le_bytes());
+    elf.extend_from_slice(&end.to_le_bytes());
+    elf.extend_from_slice(&end.to_le_bytes());
+    elf.extend_from_slice(&0x1000u64.to_le_bytes());
+    assert_eq!(elf.len() as u64, code_at);
+    elf.extend_from_slice(&text);
+    elf
+}
+
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn a_cached_static_program_on_an_idle_gate_is_audited_with_its_user() {
+    if !epm_e2e::capable() {
+        return;
+    }
+    // A static program has no loader event to carry its notification: the
+    // notification group itself wakes the idle gate (EPOLLONESHOT), and
+    // while it is disarmed right after, the gate's short timeout reads it.
+    let daemon = Daemon::start(&policy(1, "allow", &[]), "");
+    let program = daemon.mount.path().join("bin/static-sleeper");
+    std::fs::create_dir_all(program.parent().unwrap()).unwrap();
+    std::fs::write(&program, static_sleeper(100_000_000)).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let user = TestUser::create("epm-kc-static");
+    let run_as_user = |times: usize| {
+        for _ in 0..times {
+            let status = user.run(&program).unwrap();
+            assert!(status.success(), "the static program ran: {status:?}");
+        }
+    };
+    let records_after = |before: usize, times: usize| {
+        wait_until(
+            &format!("{times} more exec records of the static program"),
+            Duration::from_secs(10),
+            || execs_of(&daemon, &program).len() >= before + times,
+        );
+        std::thread::sleep(Duration::from_millis(300));
+        let records = execs_of(&daemon, &program);
+        assert_eq!(
+            records.len(),
+            before + times,
+            "one record per exec: {records:#?}"
+        );
+        records[before..].to_vec()
+    };
+
+    run_as_user(1);
+    let first = records_after(0, 1);
+    assert!(
+        !from_kernel_cache(&first[0]),
+        "decided by epmd: {:#}",
+        first[0]
+    );
+
+    // Idle: nothing has happened for a while, so the notification group is
+    // armed again; one exec, alone.
+    std::thread::sleep(Duration::from_millis(200));
+    run_as_user(1);
+    // Then several in a row: after the first wakes the gate, the next are
+    // read by the timeout (or with the one before).
+    run_as_user(4);
+    let records = records_after(1, 5);
+    for record in &records {
+        assert!(from_kernel_cache(record), "{record:#}\n{}", daemon.log());
+        assert_eq!(record["decision"], "allow", "{record:#}");
+        assert_eq!(record["uid"], user.uid, "its user: {record:#}");
+        assert!(record["details"]["process"].is_null(), "{record:#}");
+    }
+}
+
+#[test]
+fn a_burst_of_cached_execs_is_audited_once_per_exec() {
+    if !epm_e2e::capable() {
+        return;
+    }
+    // Dynamic: each exec is the program's notification, read on the wake-up
+    // for its loader's permission event, and the loader paired with it.
+    let daemon = Daemon::start(&policy(1, "allow", &[]), "");
+    let tool = daemon.mount.install("/bin/true", "bin/tool");
+    cache(&daemon, &tool);
+
+    let records = burst(&daemon, &tool, 4, 40);
+    let tool_path = tool.display().to_string();
+    for (pid, record) in &records {
+        assert_eq!(record["path"], tool_path.as_str(), "pid {pid}: {record:#}");
+        assert!(from_kernel_cache(record), "{record:#}\n{}", daemon.log());
+    }
+}
+
+/// Runs `program` `each` times on each of `threads` threads at once, and
+/// returns the one exec record of each of those processes (any other
+/// number of records for a pid fails).
+fn burst(
+    daemon: &Daemon,
+    program: &Path,
+    threads: usize,
+    each: usize,
+) -> Vec<(u32, serde_json::Value)> {
+    let pids: Vec<u32> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut pids = Vec::new();
+                    for _ in 0..each {
+                        let mut command = std::process::Command::new(program);
+                        command
+                            .stdout(std::process::Stdio::null())
+                            .stderr(std::process::Stdio::null());
+                        let mut child = spawn_when_not_busy(&mut command).unwrap();
+                        pids.push(child.id());
+                        assert!(child.wait().unwrap().success());
+                    }
+                    pids
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().unwrap())
+            .collect()
+    });
+    let of_burst = |daemon: &Daemon| -> Vec<serde_json::Value> {
+        daemon
+            .audit()
+            .into_iter()
+            .filter(|r| {
+                r["event"] == "exec"
+                    && r["pid"]
+                        .as_u64()
+                        .is_some_and(|p| pids.contains(&(p as u32)))
+            })
+            .collect()
+    };
+    wait_until(
+        &format!("{} exec records of the burst", pids.len()),
+        Duration::from_secs(20),
+        || of_burst(daemon).len() >= pids.len(),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let records = of_burst(daemon);
+    let mut per_pid: HashMap<u64, Vec<serde_json::Value>> = HashMap::new();
+    for record in records {
+        per_pid
+            .entry(record["pid"].as_u64().unwrap())
+            .or_default()
+            .push(record);
+    }
+    pids.iter()
+        .map(|pid| {
+            let mut mine = per_pid.remove(&u64::from(*pid)).unwrap_or_default();
+            assert_eq!(
+                mine.len(),
+                1,
+                "exactly one record for pid {pid} (no loader record, no double): {mine:#?}"
+            );
+            (*pid, mine.remove(0))
+        })
+        .collect()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn a_burst_of_short_lived_cached_static_programs_is_audited_once_per_exec() {
+    if !epm_e2e::capable() {
+        return;
+    }
+    // No loader event carries these notifications, and each process is
+    // gone in microseconds: read by the notification group's own wake-up
+    // or the gate's timeout, each exec still has exactly one record, with
+    // its user or saying it is unknown.
+    let daemon = Daemon::start(&policy(1, "allow", &[]), "");
+    let program = daemon.mount.path().join("bin/static-quick");
+    std::fs::create_dir_all(program.parent().unwrap()).unwrap();
+    std::fs::write(&program, static_sleeper(0)).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o755)).unwrap();
+    cache(&daemon, &program);
+    let records = burst(&daemon, &program, 4, 40);
+    for (pid, record) in &records {
+        assert!(
+            from_kernel_cache(record),
+            "pid {pid}: {record:#}\n{}",
+            daemon.log()
+        );
+        assert!(
+            record["uid"] == 0
+                || record["details"]["process"]
+                    .as_str()
+                    .is_some_and(|p| p.contains("user unknown")),
+            "pid {pid}: {record:#}"
+        );
+    }
+}
+
+/// One fanotify group of a process, from its `fdinfo`.
+#[derive(Debug, Default)]
+struct Group {
+    /// `FAN_CLASS_NOTIF` (0), `FAN_CLASS_CONTENT` (4), ...
+    class: u32,
+    /// Inode marks: inode number to (mask, ignored mask).
+    inode_marks: BTreeMap<u64, (u64, u64)>,
+    /// Mount and file-system marks.
+    wide_marks: usize,
+}
+
+/// Every fanotify group `pid` holds.
+fn fanotify_groups(pid: u32) -> Vec<Group> {
+    let hex = |line: &str, key: &str| -> u64 {
+        let value = line
+            .split_whitespace()
+            .find_map(|field| field.strip_prefix(key))
+            .unwrap_or_else(|| panic!("no {key} in {line:?}"));
+        u64::from_str_radix(value, 16).unwrap()
+    };
+    let mut groups = Vec::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap() {
+        let entry = entry.unwrap();
+        let target: PathBuf = std::fs::read_link(entry.path()).unwrap_or_default();
+        if target.as_os_str() != "anon_inode:[fanotify]" {
+            continue;
+        }
+        let fd = entry.file_name();
+        let info = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{}", fd.to_string_lossy()))
+            .unwrap();
+        let mut group = Group::default();
+        for line in info.lines() {
+            let Some(rest) = line.strip_prefix("fanotify ") else {
+                continue;
+            };
+            if rest.starts_with("flags:") {
+                group.class = (hex(rest, "flags:") & 0xc) as u32;
+            } else if rest.starts_with("ino:") {
+                group.inode_marks.insert(
+                    hex(rest, "ino:"),
+                    (hex(rest, "mask:"), hex(rest, "ignored_mask:")),
+                );
+            } else if rest.starts_with("mnt_id:") || rest.starts_with("sdev:") {
+                group.wide_marks += 1;
+            }
+        }
+        groups.push(group);
+    }
+    groups
+}
+
+#[test]
+fn the_notification_group_holds_only_inode_marks_each_ignore_mask_has_its_notification() {
+    if !epm_e2e::capable() {
+        return;
+    }
+    let daemon = Daemon::start(&policy(1, "allow", &[]), "");
+    let tool = daemon.mount.install("/bin/true", "bin/tool");
+    let other = daemon.mount.install("/bin/echo", "bin/other");
+    cache(&daemon, &tool);
+    cache(&daemon, &other);
+    use std::os::unix::fs::MetadataExt;
+    let inodes = [&tool, &other].map(|p| std::fs::metadata(p).unwrap().ino());
+
+    let groups = fanotify_groups(daemon.process_id());
+    assert_eq!(
+        groups.len(),
+        2,
+        "a permission and a notification group: {groups:#?}"
+    );
+    let permission = groups
+        .iter()
+        .find(|g| g.class == 4)
+        .expect("FAN_CLASS_CONTENT");
+    let notification = groups
+        .iter()
+        .find(|g| g.class == 0)
+        .expect("FAN_CLASS_NOTIF");
+    assert!(
+        permission.wide_marks > 0,
+        "the watch marks: {permission:#?}"
+    );
+    assert_eq!(
+        notification.wide_marks, 0,
+        "no mount or file-system mark in the notification group: {notification:#?}"
+    );
+    for ino in inodes {
+        assert_eq!(
+            notification
+                .inode_marks
+                .get(&ino)
+                .map(|m| m.0 & libc::FAN_OPEN_EXEC),
+            Some(libc::FAN_OPEN_EXEC),
+            "notification mark of inode {ino}: {notification:#?}"
+        );
+        let ignored = permission.inode_marks.get(&ino).map(|m| m.1);
+        assert_eq!(
+            ignored.map(|i| i & libc::FAN_OPEN_EXEC_PERM),
+            Some(libc::FAN_OPEN_EXEC_PERM),
+            "ignore mask of inode {ino}: {permission:#?}"
+        );
+    }
+    // The invariant: no ignore mask without its notification mark.
+    for (ino, (_, ignored)) in &permission.inode_marks {
+        if ignored & libc::FAN_OPEN_EXEC_PERM != 0 {
+            assert!(
+                notification.inode_marks.contains_key(ino),
+                "inode {ino} is let through unaudited: {groups:#?}"
+            );
+        }
+    }
+
+    // A policy change empties both.
+    daemon.write_policy(&policy(2, "allow", &[]));
+    assert_eq!(daemon.reload()["event"], "policy_loaded");
+    let groups = fanotify_groups(daemon.process_id());
+    for group in &groups {
+        assert!(group.inode_marks.is_empty(), "flushed: {groups:#?}");
+    }
+    assert!(
+        groups.iter().any(|g| g.wide_marks > 0),
+        "the watch marks stay"
     );
 }

@@ -15,7 +15,7 @@ use signal_hook::iterator::Signals;
 use crate::config::{Config, PlatformConfig};
 use crate::control::{self, ControlContext};
 use crate::exec::audit::{AuditSink, AuditWriter};
-use crate::exec::decider::{Decider, DeciderDeps, Interactive, PolicyState};
+use crate::exec::decider::{Decider, DeciderDeps, Interactive, PolicyState, PolicySwap};
 use crate::exec::pipeline::{Intake, Workers};
 use crate::gate::{ExecGate, FactNeeds, Shutdown};
 use crate::grants::admin_session::{AdminSessions, SystemGroups};
@@ -66,14 +66,21 @@ pub fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
         first_events,
     )?;
 
+    // What of the gate holds up no exec exists before the decider, which
+    // puts every policy in force through it; the watch marks are placed
+    // once the decision workers run (`gate_until_stopped`).
+    let prepared_gate = PreparedGate::make();
     let services = Services::start(
         &config,
-        policy,
+        StartingPolicy {
+            state: policy,
+            platform_bundle,
+            swap: prepared_gate.policy_swap(),
+        },
         &device_id,
         &store,
         &audit,
         &last_seq,
-        platform_bundle,
     )?;
     let Services {
         decider,
@@ -112,6 +119,7 @@ pub fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
 
     gate_until_stopped(Running {
         config: &config,
+        prepared_gate,
         device_id,
         decider,
         store,
@@ -129,6 +137,7 @@ pub fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
 #[derive(Debug)]
 struct Running<'a> {
     config: &'a Config,
+    prepared_gate: PreparedGate,
     device_id: String,
     decider: Arc<Decider>,
     store: Arc<Mutex<Store>>,
@@ -146,6 +155,7 @@ struct Running<'a> {
 fn gate_until_stopped(running: Running<'_>) -> anyhow::Result<()> {
     let Running {
         config,
+        prepared_gate,
         device_id,
         decider,
         store,
@@ -159,6 +169,7 @@ fn gate_until_stopped(running: Running<'_>) -> anyhow::Result<()> {
     let needs = decider.fact_needs();
     let gate = open_gate(
         config,
+        prepared_gate,
         decider.fail_verdict(),
         needs.clone(),
         &decider,
@@ -381,6 +392,16 @@ fn start_events(
     first_events
 }
 
+/// The policy the daemon starts with, and how it is put in force.
+#[derive(Debug)]
+struct StartingPolicy {
+    state: PolicyState,
+    /// The platform's bundle it came from, when it did.
+    platform_bundle: Option<policy_source::BundleInForce>,
+    /// The gate's hook around every policy change ([`PreparedGate`]).
+    swap: Option<Arc<dyn PolicySwap>>,
+}
+
 /// The services between the exec path and the control socket: the
 /// decider and its grant flows, admin sessions, the decision workers and
 /// the platform sync.
@@ -397,13 +418,17 @@ struct Services {
 impl Services {
     fn start(
         config: &Config,
-        policy: PolicyState,
+        policy: StartingPolicy,
         device_id: &str,
         store: &Arc<Mutex<Store>>,
         audit: &AuditSink,
         last_seq: &Arc<AtomicU64>,
-        platform_bundle: Option<policy_source::BundleInForce>,
     ) -> anyhow::Result<Services> {
+        let StartingPolicy {
+            state: policy,
+            platform_bundle,
+            swap: policy_swap,
+        } = policy;
         // The sync's trigger exists before the flows, which nudge it when a
         // request is filed; the sync, made after them, listens on it.
         let (trigger, sync_requests) = crate::managed::sync::sync_channel();
@@ -432,6 +457,7 @@ impl Services {
                 config.gate.cache_entries,
                 DeciderDeps {
                     interactive: Some(interactive),
+                    policy_swap,
                 },
             )
         });
@@ -638,22 +664,58 @@ fn spawn_signal_thread(
     Ok(())
 }
 
+/// What of the gate is made before the decider: on Linux, the fanotify
+/// groups, whose kernel cache of allows the decider puts every policy in
+/// force through (`gate::kernel_cache`), or why they could not be made
+/// (reported where the gate opens, as any other failure to gate).
+#[cfg(target_os = "linux")]
+#[derive(Debug)]
+struct PreparedGate(Result<crate::gate::fanotify::FanotifyGroups, crate::gate::GateError>);
+
+/// What of the gate is made before the decider: nothing here.
+#[cfg(not(target_os = "linux"))]
+#[derive(Debug)]
+struct PreparedGate;
+
+impl PreparedGate {
+    #[cfg(target_os = "linux")]
+    fn make() -> Self {
+        Self(crate::gate::fanotify::FanotifyGroups::create())
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    fn make() -> Self {
+        Self
+    }
+
+    /// The decider's hook around a policy change, if the gate has one.
+    fn policy_swap(&self) -> Option<Arc<dyn PolicySwap>> {
+        #[cfg(target_os = "linux")]
+        if let Ok(groups) = &self.0 {
+            let swap: Arc<dyn PolicySwap> = groups.kernel_cache();
+            return Some(swap);
+        }
+        None
+    }
+}
+
 #[cfg(target_os = "linux")]
 fn open_gate(
     config: &Config,
+    prepared: PreparedGate,
     fallback: crate::gate::Verdict,
     needs: Arc<FactNeeds>,
-    decider: &Arc<Decider>,
+    _decider: &Arc<Decider>,
     _store: &Arc<Mutex<Store>>,
 ) -> anyhow::Result<Box<dyn ExecGate>> {
     use crate::gate::fanotify::{FanotifyConfig, FanotifyGate};
-    let gate = FanotifyGate::open(FanotifyConfig {
-        needs,
-        ..FanotifyConfig::new(config.gate.watch_paths.clone(), fallback)
-    })?;
-    // From now on every policy change empties the kernel's cache of allows
-    // before it takes effect (gate::kernel_cache).
-    gate.kernel_cache().connect(decider.as_ref());
+    let gate = FanotifyGate::open_with(
+        FanotifyConfig {
+            needs,
+            ..FanotifyConfig::new(config.gate.watch_paths.clone(), fallback)
+        },
+        prepared.0?,
+    )?;
     if !gate.has_pidfd() {
         tracing::warn!(
             "this kernel does not report pidfds (Linux < 5.15): /proc facts may race with pid reuse"
@@ -670,6 +732,7 @@ fn open_gate(
 #[cfg(target_os = "macos")]
 fn open_gate(
     _config: &Config,
+    _prepared: PreparedGate,
     fallback: crate::gate::Verdict,
     needs: Arc<FactNeeds>,
     decider: &Arc<Decider>,
@@ -700,6 +763,7 @@ fn open_gate(
 #[cfg(not(any(target_os = "linux", target_os = "macos")))]
 fn open_gate(
     _config: &Config,
+    _prepared: PreparedGate,
     _fallback: crate::gate::Verdict,
     _needs: Arc<FactNeeds>,
     _decider: &Arc<Decider>,

@@ -24,6 +24,44 @@
 //!   waiting on it) alive after the daemon is gone. `FAN_NONBLOCK`: the group
 //!   is polled with the mount table and the shutdown pipe.
 //!
+//! # The notification group
+//! A second group, `FAN_CLASS_NOTIF` with the same flags otherwise
+//! (`FAN_REPORT_PIDFD` when the first has it, so a notification's
+//! credentials are as race-free as a permission event's), holds only the
+//! kernel cache's `FAN_OPEN_EXEC` inode marks ([`super::kernel_cache`]):
+//! never a mount or file-system mark, so it hears of nothing but execs of
+//! cached files, and a flush of its inode marks empties it. Both groups
+//! are made first ([`FanotifyGroups::create`]: a group without marks holds
+//! up no exec), so the daemon's decider gets the kernel cache at
+//! construction; the watch marks are placed later
+//! ([`FanotifyGate::open_with`]), once the decision workers run.
+//!
+//! # One wake-up per exec
+//! A dynamically linked exec of a cached program queues the program's
+//! notification, then (the loader is never cached) the loader's
+//! permission event. Were both woken for, that is two sleeps and wake-ups
+//! of the gate's thread per exec (each some 10-20 µs of CPU and a context
+//! switch). So the notification group does not wake the thread while
+//! permission events flow:
+//! - Every time the gate reads a buffer of permission events, it first
+//!   drains the notification group, and handles those notifications
+//!   before the permission events. A loader's event was queued after its
+//!   program's notification, so any loader event in the buffer has its
+//!   program's notification in the drain, and is paired with it
+//!   ([`super::interp`]). (Draining *before* the permission read would
+//!   miss a notification queued between the two reads.)
+//! - Static programs, and cached execs on a machine otherwise quiet, have
+//!   no permission event to ride on. The notification group is in the
+//!   epoll set with `EPOLLONESHOT`: on an idle machine its first event
+//!   wakes the thread at once. Once it has fired it stays disarmed, and
+//!   the thread waits with a timeout of [`NOTIFICATIONS_READ_WITHIN`]
+//!   instead, so under load a notification waits at most that long; a
+//!   timeout that finds the group empty re-arms it (`EPOLL_CTL_MOD`, which
+//!   reports an event that came meanwhile) and the thread blocks without
+//!   a timeout again. Under a steady load of dynamic execs that is one
+//!   wake-up per exec plus at most one tick per quiet spell; an idle
+//!   machine has no periodic wake-ups.
+//!
 //! # Marks
 //! Each watched mount gets `FAN_MARK_FILESYSTEM` when every mount of its
 //! file system is within the watch paths (always, with the default `/`), so
@@ -89,6 +127,15 @@ pub use super::mountinfo::MarkScope;
 /// Size of `struct fanotify_event_metadata`.
 const METADATA_LEN: usize = std::mem::size_of::<libc::fanotify_event_metadata>();
 
+/// How long a notification may wait for the gate's thread to wake up for
+/// something else, once the notification group has fired (see "One wake-up
+/// per exec"). Short, because a static program's record is built when its
+/// notification is read, and a short-lived process may be gone by then
+/// (the record then lacks its user); long enough that execs a few
+/// milliseconds apart, as in a build, keep the group disarmed and cost no
+/// tick of their own.
+pub const NOTIFICATIONS_READ_WITHIN: Duration = Duration::from_millis(5);
+
 /// Bytes read per `read`. Every event in a read arrives with its fd (and
 /// pidfd) already installed, so a modest buffer keeps a burst from taking
 /// thousands of descriptors at once; an event is 32 bytes with its pidfd.
@@ -138,7 +185,10 @@ struct MountMark {
 /// The fanotify gate.
 #[derive(Debug)]
 pub struct FanotifyGate {
+    /// The permission group: the watch marks and the cache's ignore masks.
     fan: Arc<Fanotify>,
+    /// The notification group: the cache's `FAN_OPEN_EXEC` marks only.
+    notifications: Arc<Fanotify>,
     mountinfo: File,
     scope: WatchScope,
     /// Watched mounts by mount id.
@@ -163,29 +213,26 @@ pub struct FanotifyGate {
     memo: FileMemo,
 }
 
-fn io_error(what: impl Into<String>, source: std::io::Error) -> GateError {
-    GateError::Io {
-        what: what.into(),
-        source,
-    }
+/// The gate's two fanotify groups and the kernel cache on them, made
+/// before anything is marked: a group without marks holds up no exec, so
+/// the daemon makes them first and gives the cache to its decider at
+/// construction, and places the watch marks
+/// ([`FanotifyGate::open_with`]) once its decision workers run.
+#[derive(Debug)]
+pub struct FanotifyGroups {
+    fan: Arc<Fanotify>,
+    notifications: Arc<Fanotify>,
+    has_pidfd: bool,
+    interpreter_loads: Arc<Mutex<InterpreterLoads>>,
+    kernel: Arc<KernelCache>,
 }
 
-impl FanotifyGate {
-    /// Creates the fanotify group and marks every watched mount, with the
-    /// default file-system types. `fallback` answers execs that are dropped
-    /// unanswered.
-    pub fn new(watch_paths: Vec<PathBuf>, fallback: Verdict) -> Result<Self, GateError> {
-        Self::open(FanotifyConfig::new(watch_paths, fallback))
-    }
-
-    /// Creates the fanotify group and marks every watched mount.
+impl FanotifyGroups {
+    /// Creates the permission group and the notification group (see "The
+    /// group" and "The notification group").
     ///
-    /// Fails when the kernel or our privileges do not allow the gate, when a
-    /// watch path's own mount cannot be marked, or when nothing at all could
-    /// be marked. Other mounts that cannot be marked are logged and listed
-    /// by [`FanotifyGate::unmarked_mounts`]: any user can add a mount (FUSE),
-    /// and that must not keep the daemon from starting.
-    pub fn open(config: FanotifyConfig) -> Result<Self, GateError> {
+    /// Fails when the kernel or our privileges do not allow the gate.
+    pub fn create() -> Result<Self, GateError> {
         let base = InitFlags::FAN_CLASS_CONTENT
             | InitFlags::FAN_CLOEXEC
             | InitFlags::FAN_NONBLOCK
@@ -203,7 +250,88 @@ impl FanotifyGate {
             ),
             Err(e) => return Err(init_error(e)),
         };
+        // The kernel cache's notifications (see "The notification group").
+        let notify_flags = InitFlags::FAN_CLASS_NOTIF
+            | InitFlags::FAN_CLOEXEC
+            | InitFlags::FAN_NONBLOCK
+            | InitFlags::FAN_UNLIMITED_QUEUE
+            | InitFlags::FAN_UNLIMITED_MARKS
+            | if has_pidfd {
+                InitFlags::FAN_REPORT_PIDFD
+            } else {
+                InitFlags::empty()
+            };
+        let notifications = Fanotify::init(notify_flags, event_flags).map_err(|e| {
+            GateError::Unavailable(format!(
+                "cannot create the fanotify group for the kernel cache's notifications: {e}"
+            ))
+        })?;
         raise_fd_limit();
+        let fan = Arc::new(fan);
+        let notifications = Arc::new(notifications);
+        let interpreter_loads: Arc<Mutex<InterpreterLoads>> = Arc::default();
+        Ok(Self {
+            kernel: Arc::new(KernelCache::new(
+                fan.clone(),
+                notifications.clone(),
+                interpreter_loads.clone(),
+            )),
+            fan,
+            notifications,
+            has_pidfd,
+            interpreter_loads,
+        })
+    }
+
+    /// The kernel cache of allows: give it to the owner of the policy
+    /// ([`crate::PolicySwap`]), which starts it with the policy in force.
+    pub fn kernel_cache(&self) -> Arc<KernelCache> {
+        self.kernel.clone()
+    }
+
+    /// Whether the kernel reports pidfds with events.
+    pub fn has_pidfd(&self) -> bool {
+        self.has_pidfd
+    }
+}
+
+fn io_error(what: impl Into<String>, source: std::io::Error) -> GateError {
+    GateError::Io {
+        what: what.into(),
+        source,
+    }
+}
+
+impl FanotifyGate {
+    /// Creates the fanotify groups and marks every watched mount, with the
+    /// default file-system types. `fallback` answers execs that are dropped
+    /// unanswered.
+    pub fn new(watch_paths: Vec<PathBuf>, fallback: Verdict) -> Result<Self, GateError> {
+        Self::open(FanotifyConfig::new(watch_paths, fallback))
+    }
+
+    /// Creates the fanotify groups and marks every watched mount:
+    /// [`FanotifyGroups::create`], then [`FanotifyGate::open_with`].
+    pub fn open(config: FanotifyConfig) -> Result<Self, GateError> {
+        Self::open_with(config, FanotifyGroups::create()?)
+    }
+
+    /// Marks every watched mount in `groups`' permission group: from now
+    /// on every exec there waits for an answer from [`ExecGate::run`].
+    ///
+    /// Fails when a watch path's own mount cannot be marked, or when
+    /// nothing at all could be marked. Other mounts that cannot be marked
+    /// are logged and listed by [`FanotifyGate::unmarked_mounts`]: any
+    /// user can add a mount (FUSE), and that must not keep the daemon from
+    /// starting.
+    pub fn open_with(config: FanotifyConfig, groups: FanotifyGroups) -> Result<Self, GateError> {
+        let FanotifyGroups {
+            fan,
+            notifications,
+            has_pidfd,
+            interpreter_loads,
+            kernel,
+        } = groups;
         let mountinfo = File::open("/proc/self/mountinfo")
             .map_err(|e| io_error("cannot open /proc/self/mountinfo", e))?;
         // Mount points in mountinfo are canonical; so must the watch paths be.
@@ -212,13 +340,12 @@ impl FanotifyGate {
             .into_iter()
             .map(|p| std::fs::canonicalize(&p).unwrap_or(p))
             .collect();
-        let fan = Arc::new(fan);
-        let interpreter_loads: Arc<Mutex<InterpreterLoads>> = Arc::default();
         let mut gate = Self {
-            kernel: Arc::new(KernelCache::new(fan.clone(), interpreter_loads.clone())),
+            kernel,
             local_devices: Mutex::default(),
             memo: FileMemo::default(),
             fan,
+            notifications,
             mountinfo,
             scope: WatchScope::new(watch_paths, config.fs_types),
             marks: HashMap::new(),
@@ -275,8 +402,7 @@ impl FanotifyGate {
         }
     }
 
-    /// The kernel cache of allows: connect it to the decider
-    /// ([`KernelCache::connect`]) to start caching.
+    /// The kernel cache of allows.
     pub fn kernel_cache(&self) -> Arc<KernelCache> {
         self.kernel.clone()
     }
@@ -374,27 +500,42 @@ impl FanotifyGate {
         add(MarkFlags::FAN_MARK_MOUNT).map(|()| MarkScope::Mount)
     }
 
-    /// Reads one buffer of events and hands each on. `true` when the
-    /// buffer came back (nearly) full, so more events are likely waiting:
-    /// the caller reads again before it polls, and a burst costs one wake-up.
+    /// Reads one buffer of permission events and hands each on, after the
+    /// notifications queued before them (see "One wake-up per exec").
+    /// `true` when the buffer came back (nearly) full, so more events are
+    /// likely waiting: the caller reads again before it polls, and a burst
+    /// costs one wake-up.
     ///
     /// Notifications of execs the kernel answered from its cache go to the
-    /// sink after every permission event of the same buffer: a dynamically
+    /// sink after every permission event of the same read: a dynamically
     /// linked program's notification and its loader's permission event
-    /// come in one read whenever the gate's thread was busy when the
-    /// notification came (a burst, a loaded machine), and the loader's exec
-    /// waits while the
+    /// are read together, and the loader's exec must not wait while the
     /// notification is decided again and its audit record built. What must
     /// be read while the process lives (its credentials, the pairing with
     /// its loader) is still read in order; only the sink waits. `noticed`
-    /// is the caller's, kept to save an allocation per read.
+    /// is the caller's, kept to save an allocation per read; `notes` is the
+    /// buffer for the notification group.
     fn read_events(
-        &mut self,
+        &self,
         buf: &mut [u8],
+        notes: &mut [u8],
         noticed: &mut Vec<PendingExec>,
         sink: &mut dyn FnMut(PendingExec),
     ) -> Result<bool, GateError> {
-        let result = self.read_buffer(buf, &mut |pending| {
+        let n = read_group(
+            &self.fan,
+            buf,
+            "the kernel could not hand an exec over (it denied that exec)",
+        )?;
+        let full = is_full(n, buf.len());
+        // Read after the permission events: every notification queued
+        // before them is in this drain, even one queued since the wake-up.
+        let drained = match self.kernel.may_notify() {
+            true => self.drain_notifications(notes, noticed).map(|_| ()),
+            false => Ok(()),
+        };
+        // Handled even when the drain failed: their execs wait on us.
+        let handled = self.handle_events(buf.get(..n).unwrap_or_default(), &mut |pending| {
             if pending.is_observed() {
                 noticed.push(pending);
             } else {
@@ -405,33 +546,39 @@ impl FanotifyGate {
         for pending in noticed.drain(..) {
             sink(pending);
         }
-        result
+        drained.and(handled).map(|()| full)
     }
 
-    fn read_buffer(
-        &mut self,
-        buf: &mut [u8],
+    /// Reads the notification group until it is empty, gathering each
+    /// notification's facts now (the process may not live long) into
+    /// `noticed`. How many notifications were read.
+    fn drain_notifications(
+        &self,
+        notes: &mut [u8],
+        noticed: &mut Vec<PendingExec>,
+    ) -> Result<usize, GateError> {
+        let before = noticed.len();
+        loop {
+            let n = read_group(
+                &self.notifications,
+                notes,
+                "the kernel could not hand over a notification of a cached exec (it is not audited)",
+            )?;
+            self.handle_events(notes.get(..n).unwrap_or_default(), &mut |pending| {
+                noticed.push(pending);
+            })?;
+            if !is_full(n, notes.len()) {
+                return Ok(noticed.len() - before);
+            }
+        }
+    }
+
+    /// Hands on each event of one read's bytes.
+    fn handle_events(
+        &self,
+        mut rest: &[u8],
         sink: &mut dyn FnMut(PendingExec),
-    ) -> Result<bool, GateError> {
-        let n = match nix::unistd::read(self.fan.as_fd().as_raw_fd(), buf) {
-            Ok(n) => n,
-            Err(Errno::EAGAIN | Errno::EINTR) => return Ok(false),
-            Err(e @ (Errno::EBADF | Errno::EFAULT)) => {
-                return Err(io_error("cannot read fanotify events", e.into()));
-            }
-            // The kernel could not open the file or install the fd for us
-            // (EMFILE, ENFILE, a vanished network file): it has denied that
-            // exec itself and dropped the event. The next one may do better.
-            Err(e) => {
-                tracing::warn!(error = %e,
-                    "the kernel could not hand an exec over (it denied that exec)");
-                return Ok(false);
-            }
-        };
-        // The kernel hands over only whole events: room for one more (an
-        // event with its pidfd record is 32 bytes) means the queue was empty.
-        let full = n + 2 * 32 > buf.len();
-        let mut rest = buf.get(..n).unwrap_or_default();
+    ) -> Result<(), GateError> {
         while !rest.is_empty() {
             if rest.len() < METADATA_LEN {
                 return Err(GateError::Protocol(format!(
@@ -463,7 +610,7 @@ impl FanotifyGate {
             self.handle_event(&meta, &rest[metadata_len..event_len], sink);
             rest = &rest[event_len..];
         }
-        Ok(full)
+        Ok(())
     }
 
     fn handle_event(
@@ -826,6 +973,33 @@ impl Drop for FanotifyGate {
     fn drop(&mut self) {
         self.keeper.stop();
     }
+}
+
+/// Reads one buffer of events from `group`: how many bytes (0: none).
+/// `lost` is logged when the kernel could not install an event's fd.
+fn read_group(group: &Fanotify, buf: &mut [u8], lost: &str) -> Result<usize, GateError> {
+    match nix::unistd::read(group.as_fd().as_raw_fd(), buf) {
+        Ok(n) => Ok(n),
+        Err(Errno::EAGAIN | Errno::EINTR) => Ok(0),
+        Err(e @ (Errno::EBADF | Errno::EFAULT)) => {
+            Err(io_error("cannot read fanotify events", e.into()))
+        }
+        // The kernel could not open the file or install the fd for us
+        // (EMFILE, ENFILE, a vanished network file) and dropped the event:
+        // a permission event's exec it has denied itself. The next one may
+        // do better.
+        Err(e) => {
+            tracing::warn!(error = %e, "{lost}");
+            Ok(0)
+        }
+    }
+}
+
+/// Whether a read of `n` bytes into `len` was (nearly) full. The kernel
+/// hands over only whole events: room for one more (an event with its
+/// pidfd record is 32 bytes) means the queue was empty.
+fn is_full(n: usize, len: usize) -> bool {
+    n + 2 * 32 > len
 }
 
 fn init_error(errno: Errno) -> GateError {
@@ -1265,7 +1439,7 @@ fn fd_path(fd: BorrowedFd<'_>) -> String {
         .unwrap_or_default()
 }
 
-/// Answers one event on the shared fanotify group, then closes the event's
+/// Answers one event on the shared permission group, then closes the event's
 /// fd. 8-byte writes to a fanotify fd are atomic, so workers on several
 /// threads answer concurrently.
 struct FanotifyResponder {
@@ -1370,42 +1544,88 @@ impl ExecGate for FanotifyGate {
     ) -> Result<(), GateError> {
         super::raise_exec_path_priority();
         let mut buf = vec![0u8; READ_BUFFER];
+        let mut notes = vec![0u8; READ_BUFFER];
         let mut noticed = Vec::new();
         let waiter = Waiter::new(&[
             (self.fan.as_fd(), libc::EPOLLIN),
             (self.mountinfo.as_fd(), libc::EPOLLPRI | libc::EPOLLERR),
             (shutdown.wake_fd().as_fd(), libc::EPOLLIN),
+            (self.notifications.as_fd(), NOTIFICATIONS_ARMED),
         ])
         .map_err(|e| io_error("cannot set up the gate's wait (epoll)", e))?;
+        // Whether the notification group wakes the thread (see "One
+        // wake-up per exec"); when not, the wait has a timeout.
+        let mut notifications_armed = true;
         while !shutdown.is_requested() {
-            let (events_ready, mounts_changed) = match waiter.wait() {
-                Ok(ready) => (ready[0], ready[1]),
+            let timeout = (!notifications_armed).then_some(NOTIFICATIONS_READ_WITHIN);
+            let ready = match waiter.wait(timeout) {
+                Ok(ready) => ready,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(io_error("cannot wait for fanotify events", e)),
             };
+            let [events_ready, mounts_changed, _, notified] = ready;
+            let timed_out = ready == [false; 4];
+            if notified {
+                // EPOLLONESHOT: disarmed until re-armed.
+                notifications_armed = false;
+            }
             if mounts_changed && let Err(e) = self.refresh_mounts() {
                 // Marks already placed keep working; the next change retries.
                 tracing::error!(error = %e, "cannot read the mount table; new mounts are not gated");
             }
             if events_ready {
-                while self.read_events(&mut buf, &mut noticed, sink)? && !shutdown.is_requested() {}
+                // Each read drains the notification group first.
+                while self.read_events(&mut buf, &mut notes, &mut noticed, sink)?
+                    && !shutdown.is_requested()
+                {}
+            } else if notified || timed_out {
+                let read = self.drain_notifications(&mut notes, &mut noticed);
+                let found = noticed.len();
+                for pending in noticed.drain(..) {
+                    sink(pending);
+                }
+                read?;
+                if timed_out && found == 0 {
+                    // Quiet: block without a timeout until the next event
+                    // of either group. MOD reports one that came meanwhile.
+                    waiter
+                        .rearm(3, NOTIFICATIONS_ARMED)
+                        .map_err(|e| io_error("cannot re-arm the wait for notifications", e))?;
+                    notifications_armed = true;
+                }
+            }
+        }
+        // Execs that ran on the kernel's cached allow before the stop are
+        // audited too, not left in the group that closes with the gate.
+        if self.kernel.may_notify() {
+            let read = self.drain_notifications(&mut notes, &mut noticed);
+            for pending in noticed.drain(..) {
+                sink(pending);
+            }
+            if let Err(e) = read {
+                tracing::warn!(error = %e, "cannot read the last notifications of cached execs");
             }
         }
         Ok(())
     }
 }
 
-/// The gate thread's wait for its descriptors (events, the mount table,
-/// shutdown): one `epoll` set registered once, where `poll` registered and
-/// unregistered all three on each of the two or three wake-ups per exec.
+/// How the notification group waits in the epoll set: once, then not
+/// until re-armed.
+const NOTIFICATIONS_ARMED: libc::c_int = libc::EPOLLIN | libc::EPOLLONESHOT;
+
+/// The gate thread's wait for its descriptors (permission events, the
+/// mount table, shutdown, notifications): one `epoll` set registered once.
 struct Waiter {
     epoll: OwnedFd,
+    /// The registered descriptors, by index, for [`Waiter::rearm`].
+    fds: [libc::c_int; 4],
 }
 
 impl Waiter {
-    /// Up to three descriptors and the events each waits for; the index in
-    /// `fds` is what [`Waiter::wait`] reports.
-    fn new(fds: &[(BorrowedFd<'_>, libc::c_int); 3]) -> std::io::Result<Self> {
+    /// Four descriptors and the events each waits for; the index in `fds`
+    /// is what [`Waiter::wait`] reports. The descriptors must outlive it.
+    fn new(fds: &[(BorrowedFd<'_>, libc::c_int); 4]) -> std::io::Result<Self> {
         // SAFETY: epoll_create1 takes flags only and returns a new fd or -1.
         let raw = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
         if raw < 0 {
@@ -1413,45 +1633,59 @@ impl Waiter {
         }
         // SAFETY: the kernel just gave us this fd; nothing else owns it.
         let epoll = unsafe { OwnedFd::from_raw_fd(raw) };
-        for (index, (fd, events)) in fds.iter().enumerate() {
-            let mut event = libc::epoll_event {
-                events: *events as u32,
-                u64: index as u64,
-            };
-            // SAFETY: both fds are open (one ours, one borrowed for the call);
-            // the kernel only reads the event struct we own.
-            let rc = unsafe {
-                libc::epoll_ctl(
-                    epoll.as_raw_fd(),
-                    libc::EPOLL_CTL_ADD,
-                    fd.as_raw_fd(),
-                    &raw mut event,
-                )
-            };
-            if rc != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
+        let waiter = Self {
+            epoll,
+            fds: fds.map(|(fd, _)| fd.as_raw_fd()),
+        };
+        for (index, (_, events)) in fds.iter().enumerate() {
+            waiter.control(libc::EPOLL_CTL_ADD, index, *events)?;
         }
-        Ok(Self { epoll })
+        Ok(waiter)
     }
 
-    /// Waits until one of the descriptors is ready; which are.
-    fn wait(&self) -> std::io::Result<[bool; 3]> {
-        let mut events = [libc::epoll_event { events: 0, u64: 0 }; 3];
+    fn control(&self, op: libc::c_int, index: usize, events: libc::c_int) -> std::io::Result<()> {
+        let Some(&fd) = self.fds.get(index) else {
+            return Err(std::io::Error::from(std::io::ErrorKind::InvalidInput));
+        };
+        let mut event = libc::epoll_event {
+            events: events as u32,
+            u64: index as u64,
+        };
+        // SAFETY: both fds are open (one ours, one the caller keeps open
+        // while the waiter lives); the kernel only reads the event struct.
+        let rc = unsafe { libc::epoll_ctl(self.epoll.as_raw_fd(), op, fd, &raw mut event) };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Registers a one-shot descriptor's events again.
+    fn rearm(&self, index: usize, events: libc::c_int) -> std::io::Result<()> {
+        self.control(libc::EPOLL_CTL_MOD, index, events)
+    }
+
+    /// Waits until one of the descriptors is ready, or `timeout` passed
+    /// (then none is); which are.
+    fn wait(&self, timeout: Option<Duration>) -> std::io::Result<[bool; 4]> {
+        let mut events = [libc::epoll_event { events: 0, u64: 0 }; 4];
+        let timeout_ms = timeout.map_or(-1, |t| {
+            libc::c_int::try_from(t.as_millis().max(1)).unwrap_or(libc::c_int::MAX)
+        });
         // SAFETY: the kernel writes at most `events.len()` entries into the
-        // array we own; -1 waits without a timeout.
+        // array we own.
         let n = unsafe {
             libc::epoll_wait(
                 self.epoll.as_raw_fd(),
                 events.as_mut_ptr(),
                 events.len() as libc::c_int,
-                -1,
+                timeout_ms,
             )
         };
         if n < 0 {
             return Err(std::io::Error::last_os_error());
         }
-        let mut ready = [false; 3];
+        let mut ready = [false; 4];
         for event in events.iter().take(n as usize) {
             if let Some(slot) = ready.get_mut(event.u64 as usize) {
                 *slot = true;

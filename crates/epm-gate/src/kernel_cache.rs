@@ -8,23 +8,56 @@
 //! ([`epm_policy::Engine::decides_alike_for_everyone`]: no user or group
 //! scope, `args_regex` or `parent_path` on any rule that could match it; a
 //! plain policy allow, never a grant's, a monitor pass or `fail_mode`'s), the
-//! gate puts one *inode* mark on the file, in the same fanotify group, before
-//! it writes the answer:
-//! - an ignore mask for `FAN_OPEN_EXEC_PERM` (`FAN_MARK_IGNORE`), *without*
+//! gate puts two *inode* marks on the file, one in each of its fanotify
+//! groups, before it writes the answer:
+//! - in the *notification* group (`FAN_CLASS_NOTIF`), a `FAN_OPEN_EXEC`
+//!   notification: an exec the ignore mask lets through still reaches the
+//!   daemon, after the fact and without blocking it, and is audited with
+//!   `answered_by: kernel_cache` (decided again, without grants, for the
+//!   record);
+//! - in the *permission* group (the gate's), an ignore mask for
+//!   `FAN_OPEN_EXEC_PERM` (`FAN_MARK_IGNORE`), *without*
 //!   `FAN_MARK_IGNORED_SURV_MODIFY`: the kernel clears it on the file's
 //!   next write (`FS_MODIFY`: `write`, truncation, `fallocate`, copies into
-//!   it), and the exec after that is asked again;
-//! - a `FAN_OPEN_EXEC` notification: an exec the ignore mask let through
-//!   still reaches the daemon, after the fact and without blocking it, and
-//!   is audited with `answered_by: kernel_cache` (decided again, without
-//!   grants, for the record).
+//!   it), and the exec after that is asked again.
+//!
+//! Two groups, so that a notification does not wake the gate's thread on
+//! its own: the gate waits on the permission group and reads the
+//! notification group on each wake-up (see [`super::fanotify`], "One
+//! wake-up per exec"). In one group, a dynamically linked program's
+//! notification (queued when the kernel opens the program) and its
+//! loader's permission event (queued a moment later) were two wake-ups.
 //!
 //! Only inode marks hold cached allows (the watch marks are mount and
-//! file-system marks), so `FAN_MARK_FLUSH` without `FAN_MARK_MOUNT` or
+//! file-system marks of the permission group; the notification group has
+//! no others), so `FAN_MARK_FLUSH` without `FAN_MARK_MOUNT` or
 //! `FAN_MARK_FILESYSTEM` removes exactly the cache and leaves the gate's
 //! watch marks in place: the gate never opens while the cache is emptied.
-//! The marks are evictable (`FAN_MARK_EVICTABLE`, Linux 5.19): they do not
-//! pin inodes in memory, and a mark the kernel evicts is only a miss.
+//!
+//! # Invariant: no ignore mask without its notification
+//! An ignore mask alone would let an exec run unaudited, so every step
+//! keeps "ignore mark implies notification mark" true at every moment:
+//! - **Add**: the notification mark first, then the ignore mark; if the
+//!   ignore mark fails, the notification mark is taken off again (a
+//!   notification mark alone is harmless: its execs were asked, and are
+//!   dropped as such).
+//! - **Remove** (one file, [`KernelCache::forget`]; or the undo of a half
+//!   add): the ignore mark first, then the notification mark. If the
+//!   ignore mark cannot be removed, the notification mark stays and the
+//!   whole cache is flushed.
+//! - **Flush** (every policy change, [`PolicySwap`]): the permission
+//!   group's inode marks (the ignore masks) first, then the notification
+//!   group's. If the first flush fails, the second is not done and nothing
+//!   more is cached.
+//! - **Eviction**: the marks are evictable (`FAN_MARK_EVICTABLE`, Linux
+//!   5.19): they do not pin the inode in memory, and the kernel drops them
+//!   only when it evicts the inode itself, which needs every mark on it,
+//!   in every group, to be evictable (a non-evictable mark holds an inode
+//!   reference). Eviction then drops *all* of the inode's marks at once,
+//!   and an inode read in again has none: the ignore mark can never outlive
+//!   the notification mark there, and an evicted pair is only a miss (the
+//!   next exec is asked). Both marks are added with the same flag (on a
+//!   kernel without evictable marks, neither has it).
 //!
 //! # Invariant: no cached allow outlives the policy or content it was made for
 //! - **Policy**: every policy change goes through [`KernelCache`]'s
@@ -34,7 +67,7 @@
 //!   decision made under the generation in force, so a worker that decided
 //!   under the old policy cannot add its mark after the flush.
 //! - **Mode**: enforce or monitor is set at start; a change restarts the
-//!   daemon, and closing the group removes all its marks.
+//!   daemon, and closing the groups removes all their marks.
 //! - **Grants** change only `justify`/`approve` decisions, which are never
 //!   cached; admin sessions change groups, and a file with a group-scoped
 //!   rule that could match it is never cached.
@@ -58,11 +91,15 @@
 //!
 //! # No exec audited twice, none missed
 //! An exec that had a permission event is audited by the decision path.
-//! Its notification, if the file has our inode mark, comes afterwards: the
-//! gate notes (pid, file) as *asked* before it writes the allow, and the
-//! notification of an asked exec is dropped. Every other notification is an
-//! exec the kernel answered from the cache. An interpreter's load is paired
-//! with its program as for permission events ([`super::interp`]).
+//! Its notification, if the file has our notification mark, is queued only
+//! after the answer (the kernel sends it once the open succeeded), in the
+//! other group, and may be read any time later: the gate notes (pid, file)
+//! as *asked* before it writes the allow, and the notification of an asked
+//! exec is dropped, whenever and from whichever descriptor it is read.
+//! Every other notification is an exec the kernel answered from the cache.
+//! An interpreter's load is paired with its program as for permission
+//! events ([`super::interp`]): the gate handles the notifications queued
+//! before a permission event ahead of it.
 //!
 //! # Never the dynamic loader
 //! `ld.so PROGRAM` runs code the gate never sees, so a direct run of the
@@ -75,13 +112,14 @@
 
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, BorrowedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use nix::sys::fanotify::Fanotify;
 
 use super::interp::{FileKey, HEAD_BYTES, InterpreterLoads, is_loader, loaded_interpreter};
-use crate::{PolicyGenerations, PolicySwap};
+use crate::PolicySwap;
 
 /// Files cached at most; past this, new allows are not cached until the
 /// next policy change (each is a mark in the kernel).
@@ -120,38 +158,51 @@ struct State {
 /// The kernel cache of allows; see the module documentation.
 #[derive(Debug)]
 pub struct KernelCache {
-    fan: Arc<Fanotify>,
+    /// The gate's group: the ignore masks.
+    permission: Arc<Fanotify>,
+    /// The notification group: the `FAN_OPEN_EXEC` marks.
+    notification: Arc<Fanotify>,
     loads: Arc<Mutex<InterpreterLoads>>,
     state: Mutex<State>,
-    evictable: std::sync::atomic::AtomicBool,
+    evictable: AtomicBool,
+    /// Whether a notification mark was ever placed: until then the
+    /// notification group has no marks and nothing to read.
+    ever_marked: AtomicBool,
 }
 
 impl KernelCache {
-    /// A cache on this group's inode marks; it caches nothing until
-    /// [`KernelCache::connect`] tells it the policy generation in force.
-    pub fn new(fan: Arc<Fanotify>, loads: Arc<Mutex<InterpreterLoads>>) -> Self {
+    /// A cache on the inode marks of these two groups (the gate's, and
+    /// one of class `FAN_CLASS_NOTIF` with no other marks); it caches
+    /// nothing until the owner of the policy tells it the generation in
+    /// force ([`PolicySwap::starts_with`]).
+    pub fn new(
+        permission: Arc<Fanotify>,
+        notification: Arc<Fanotify>,
+        loads: Arc<Mutex<InterpreterLoads>>,
+    ) -> Self {
         Self {
-            fan,
+            permission,
+            notification,
             loads,
             state: Mutex::new(State {
                 generation: None,
                 cached: HashMap::new(),
                 asked: HashMap::new(),
             }),
-            evictable: std::sync::atomic::AtomicBool::new(true),
+            evictable: AtomicBool::new(true),
+            ever_marked: AtomicBool::new(false),
         }
+    }
+
+    /// Whether the notification group may hold events: `false` until the
+    /// first file was cached, so a gate that caches nothing (monitor mode,
+    /// a policy without plain allows) does not read it.
+    pub fn may_notify(&self) -> bool {
+        self.ever_marked.load(Ordering::Acquire)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// Routes every policy change of `decider` through this cache, and
-    /// starts caching decisions of the policy in force.
-    pub fn connect(self: &Arc<Self>, decider: &dyn PolicyGenerations) {
-        decider.route_swaps_through(self.clone());
-        let mut state = self.lock();
-        state.generation = Some(decider.generation_in_force());
     }
 
     /// How many files are cached.
@@ -212,7 +263,13 @@ impl KernelCache {
         }
         if let Err(error) = self.mark(fd) {
             tracing::debug!(path, %error, "cannot cache an allow in the kernel");
-            let _ = self.unmark(fd);
+            // Undone in the safe order (the ignore mask first); a file
+            // cached before keeps no marks now, so it is cached no more.
+            if let Err(error) = self.unmark(fd) {
+                tracing::warn!(%error, "cannot undo a half-made cached allow; emptying the cache");
+                self.flush_or_stop(&mut state);
+            }
+            state.cached.remove(&key);
             drop(state);
             self.note_answered(pid, key);
             return false;
@@ -260,13 +317,21 @@ impl KernelCache {
         let mut state = self.lock();
         if let Err(error) = self.unmark(fd) {
             tracing::warn!(%error, "cannot remove a cached allow; emptying the cache");
-            if let Err(error) = self.flush() {
-                tracing::error!(%error, "cannot empty the kernel cache of allows");
-            }
-            state.cached.clear();
+            self.flush_or_stop(&mut state);
             return;
         }
         state.cached.remove(&key);
+    }
+
+    /// Empties the cache; if the kernel refuses, caches nothing more
+    /// (allows cached before may then still stand, which is logged).
+    fn flush_or_stop(&self, state: &mut State) {
+        state.cached.clear();
+        if let Err(error) = self.flush() {
+            tracing::error!(%error,
+                "cannot empty the kernel cache of allows; no allow is cached from now on");
+            state.generation = None;
+        }
     }
 
     /// The interpreter pairing state shared with the gate.
@@ -275,15 +340,19 @@ impl KernelCache {
     }
 
     fn mark(&self, fd: BorrowedFd<'_>) -> std::io::Result<()> {
-        use std::sync::atomic::Ordering;
         let evictable = if self.evictable.load(Ordering::Relaxed) {
             libc::FAN_MARK_EVICTABLE
         } else {
             0
         };
         // The notification first: an ignore mask without it would let an
-        // exec through unaudited.
-        let result = self.mark_raw(libc::FAN_MARK_ADD | evictable, libc::FAN_OPEN_EXEC, fd);
+        // exec through unaudited (see the module documentation).
+        let result = mark_raw(
+            &self.notification,
+            libc::FAN_MARK_ADD | evictable,
+            libc::FAN_OPEN_EXEC,
+            fd,
+        );
         match result {
             Err(e) if evictable != 0 && e.raw_os_error() == Some(libc::EINVAL) => {
                 // Before Linux 5.19: marks that pin their inode.
@@ -292,85 +361,97 @@ impl KernelCache {
             }
             other => other?,
         }
-        self.mark_raw(
+        self.ever_marked.store(true, Ordering::Release);
+        mark_raw(
+            &self.permission,
             libc::FAN_MARK_ADD | libc::FAN_MARK_IGNORE | evictable,
             libc::FAN_OPEN_EXEC_PERM,
             fd,
         )
     }
 
+    /// Takes both marks off the file, the ignore mask first; the
+    /// notification mark stays when the ignore mask could not be removed.
     fn unmark(&self, fd: BorrowedFd<'_>) -> std::io::Result<()> {
-        let ignore = self.mark_raw(
+        // ENOENT: that part was not there.
+        let absent_is_fine = |result: std::io::Result<()>| match result {
+            Err(e) if e.raw_os_error() != Some(libc::ENOENT) => Err(e),
+            _ => Ok(()),
+        };
+        absent_is_fine(mark_raw(
+            &self.permission,
             libc::FAN_MARK_REMOVE | libc::FAN_MARK_IGNORE,
             libc::FAN_OPEN_EXEC_PERM,
             fd,
-        );
-        let notify = self.mark_raw(libc::FAN_MARK_REMOVE, libc::FAN_OPEN_EXEC, fd);
-        // ENOENT: that part was not there.
-        for result in [ignore, notify] {
-            match result {
-                Err(e) if e.raw_os_error() != Some(libc::ENOENT) => return Err(e),
-                _ => {}
-            }
-        }
-        Ok(())
+        ))?;
+        absent_is_fine(mark_raw(
+            &self.notification,
+            libc::FAN_MARK_REMOVE,
+            libc::FAN_OPEN_EXEC,
+            fd,
+        ))
     }
 
-    fn mark_raw(&self, flags: u32, mask: u64, fd: BorrowedFd<'_>) -> std::io::Result<()> {
-        // SAFETY: fanotify_mark with our group's fd, a descriptor we hold
-        // and a null path (the mark goes on the descriptor's file).
-        let rc = unsafe {
-            libc::fanotify_mark(
-                std::os::fd::AsFd::as_fd(&*self.fan).as_raw_fd(),
-                flags,
-                mask,
-                fd.as_raw_fd(),
-                std::ptr::null(),
-            )
-        };
-        if rc == 0 {
-            Ok(())
-        } else {
-            Err(std::io::Error::last_os_error())
-        }
-    }
-
-    /// Removes every inode mark of the group: the whole cache, and nothing
-    /// else (the watch marks are mount and file-system marks).
+    /// Removes every inode mark of both groups: the whole cache, and
+    /// nothing else (the watch marks are mount and file-system marks). The
+    /// ignore masks go first; if they cannot, the notifications stay.
     fn flush(&self) -> std::io::Result<()> {
-        // SAFETY: FAN_MARK_FLUSH takes no object; the path is null.
-        let rc = unsafe {
-            libc::fanotify_mark(
-                std::os::fd::AsFd::as_fd(&*self.fan).as_raw_fd(),
-                libc::FAN_MARK_FLUSH,
-                0,
-                libc::AT_FDCWD,
-                std::ptr::null(),
-            )
-        };
-        if rc == 0 {
-            Ok(())
-        } else {
-            Err(std::io::Error::last_os_error())
-        }
+        flush_inode_marks(&self.permission)?;
+        flush_inode_marks(&self.notification)
+    }
+}
+
+fn mark_raw(group: &Fanotify, flags: u32, mask: u64, fd: BorrowedFd<'_>) -> std::io::Result<()> {
+    // SAFETY: fanotify_mark with a group's fd, a descriptor we hold and a
+    // null path (the mark goes on the descriptor's file).
+    let rc = unsafe {
+        libc::fanotify_mark(
+            std::os::fd::AsFd::as_fd(group).as_raw_fd(),
+            flags,
+            mask,
+            fd.as_raw_fd(),
+            std::ptr::null(),
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Removes every inode mark of `group` (`FAN_MARK_FLUSH` without
+/// `FAN_MARK_MOUNT` or `FAN_MARK_FILESYSTEM` flushes inode marks only).
+fn flush_inode_marks(group: &Fanotify) -> std::io::Result<()> {
+    // SAFETY: FAN_MARK_FLUSH takes no object; the path is null.
+    let rc = unsafe {
+        libc::fanotify_mark(
+            std::os::fd::AsFd::as_fd(group).as_raw_fd(),
+            libc::FAN_MARK_FLUSH,
+            0,
+            libc::AT_FDCWD,
+            std::ptr::null(),
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }
 
 impl PolicySwap for KernelCache {
+    fn starts_with(&self, generation: u64) {
+        // No mark exists yet: the groups are new.
+        self.lock().generation = Some(generation);
+    }
+
     fn swap(&self, generation: u64, put_in_force: &mut dyn FnMut()) {
         let mut state = self.lock();
-        let flushed = self.flush();
-        state.cached.clear();
-        match flushed {
-            Ok(()) => state.generation = Some(generation),
-            Err(error) => {
-                // Cannot happen on a live group; if it does, cache nothing
-                // more, and say so: allows cached before may still stand.
-                tracing::error!(%error,
-                    "cannot empty the kernel cache of allows; no allow is cached from now on");
-                state.generation = None;
-            }
-        }
+        // Cannot fail on live groups; if it does, nothing more is cached,
+        // and the log says allows cached before may still stand.
+        state.generation = Some(generation);
+        self.flush_or_stop(&mut state);
         put_in_force();
     }
 }

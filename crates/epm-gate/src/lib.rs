@@ -34,20 +34,16 @@ pub mod procfs;
 /// whatever must happen first under the same lock: the Linux gate empties
 /// its kernel cache of allows there, so no allow the kernel remembers
 /// outlives the policy that made it (`kernel_cache`). The gate knows a
-/// policy only by its generation number.
+/// policy only by its generation number. The owner (the daemon's decider)
+/// gets it at construction, and routes its first policy and every change
+/// through it.
 pub trait PolicySwap: Send + Sync + std::fmt::Debug {
+    /// The owner's first policy, in force from its construction: allows
+    /// of this generation may be cached.
+    fn starts_with(&self, generation: u64);
     /// Called once per policy change with the new generation; must call
     /// `put_in_force` exactly once.
     fn swap(&self, generation: u64, put_in_force: &mut dyn FnMut());
-}
-
-/// The owner of the policy in force (the daemon's decider), as the gate
-/// sees it: a generation number, and a place to hook [`PolicySwap`].
-pub trait PolicyGenerations {
-    /// Routes every later policy change through `swap`.
-    fn route_swaps_through(&self, swap: Arc<dyn PolicySwap>);
-    /// The generation of the policy in force.
-    fn generation_in_force(&self) -> u64;
 }
 
 /// One version of one file: a change of content changes `mtime`/`ctime`

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hash, Hasher};
 use std::io;
-use std::sync::{Arc, Condvar, Mutex, OnceLock, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
@@ -284,12 +284,10 @@ pub struct Decider {
     fingerprint: RandomState,
     /// The interactive flows, given at construction ([`DeciderDeps`]).
     interactive: Option<Arc<dyn Interactive>>,
-    /// The gate's hook around a policy change. The one part joined later,
-    /// and only through [`epm_gate::PolicyGenerations`]: the gate that owns
-    /// it opens after the decision workers run (marks placed before them
-    /// would leave every exec waiting), so it cannot exist when the decider
-    /// is made. Set once; a second gate cannot take it over.
-    policy_swap: OnceLock<Arc<dyn PolicySwap>>,
+    /// The gate's hook around a policy change, given at construction
+    /// ([`DeciderDeps::policy_swap`]): every policy, the first included,
+    /// is put in force through it.
+    policy_swap: Option<Arc<dyn PolicySwap>>,
     /// What the gates must gather for the policy in force; kept current by
     /// [`Decider::set_policy`], so no caller has to remember.
     needs: Arc<FactNeeds>,
@@ -313,18 +311,6 @@ struct DecisionKey {
     context: u64,
 }
 
-impl epm_gate::PolicyGenerations for Decider {
-    fn route_swaps_through(&self, swap: Arc<dyn PolicySwap>) {
-        if self.policy_swap.set(swap).is_err() {
-            tracing::warn!("a second policy swap hook was ignored");
-        }
-    }
-
-    fn generation_in_force(&self) -> u64 {
-        self.policy().generation
-    }
-}
-
 /// What the decider works with besides its policy and settings, given at
 /// construction so that nothing it relies on is attached later unseen.
 #[derive(Debug, Default)]
@@ -334,6 +320,10 @@ pub struct DeciderDeps {
     /// refused. The flows need the decider too; the daemon makes both in
     /// one step with `Arc::new_cyclic` (the flows hold a `Weak`).
     pub interactive: Option<Arc<dyn Interactive>>,
+    /// The gate's hook around a policy change (the Linux gate's kernel
+    /// cache of allows, whose fanotify groups exist before their marks).
+    /// Without it, a policy change is only the decider's.
+    pub policy_swap: Option<Arc<dyn PolicySwap>>,
 }
 
 impl Decider {
@@ -367,6 +357,9 @@ impl Decider {
         let cache_entries = cache_entries.max(16);
         let needs = Arc::new(FactNeeds::all());
         set_fact_needs(&needs, &policy);
+        if let Some(swap) = &deps.policy_swap {
+            swap.starts_with(policy.generation);
+        }
         Self {
             policy: ArcSwap::from_pointee(policy),
             mode,
@@ -379,7 +372,7 @@ impl Decider {
             names: Names::default(),
             fingerprint: RandomState::new(),
             interactive: deps.interactive,
-            policy_swap: OnceLock::new(),
+            policy_swap: deps.policy_swap,
             needs,
             counters: Counters::default(),
             latency: LatencyHistogram::default(),
@@ -412,7 +405,7 @@ impl Decider {
     }
 
     fn put_in_force(&self, policy: PolicyState) {
-        let Some(swap) = self.policy_swap.get() else {
+        let Some(swap) = &self.policy_swap else {
             self.policy.store(Arc::new(policy));
             return;
         };
@@ -878,6 +871,46 @@ mod tests {
             "d".into(),
             64,
         )
+    }
+
+    /// What a gate's policy swap heard, and what was in force meanwhile.
+    #[derive(Debug, Default)]
+    struct HeardSwaps(Mutex<Vec<String>>);
+
+    impl PolicySwap for HeardSwaps {
+        fn starts_with(&self, generation: u64) {
+            self.0.lock().unwrap().push(format!("start {generation}"));
+        }
+
+        fn swap(&self, generation: u64, put_in_force: &mut dyn FnMut()) {
+            self.0.lock().unwrap().push(format!("swap {generation}"));
+            put_in_force();
+        }
+    }
+
+    #[test]
+    fn the_gates_policy_swap_is_given_at_construction_and_hears_every_policy() {
+        let heard = Arc::new(HeardSwaps::default());
+        let decider = Decider::with_deps(
+            state(r#"{"version": 1, "default_action": "allow"}"#, 7),
+            Mode::Enforce,
+            FailMode::Closed,
+            "d".into(),
+            64,
+            DeciderDeps {
+                interactive: None,
+                policy_swap: Some(heard.clone()),
+            },
+        );
+        // The first policy, before any exec could be decided under it.
+        assert_eq!(*heard.0.lock().unwrap(), ["start 7"]);
+        decider.set_policy(state(r#"{"version": 2, "default_action": "deny"}"#, 8));
+        assert_eq!(*heard.0.lock().unwrap(), ["start 7", "swap 8"]);
+        assert_eq!(
+            decider.policy().generation,
+            8,
+            "put in force through the swap"
+        );
     }
 
     #[test]
