@@ -622,3 +622,75 @@ fn the_notification_group_holds_only_inode_marks_each_ignore_mask_has_its_notifi
         "the watch marks stay"
     );
 }
+
+/// `fs.fanotify.max_user_groups` set for as long as it lives.
+struct GroupLimit(String);
+
+impl GroupLimit {
+    const PATH: &str = "/proc/sys/fs/fanotify/max_user_groups";
+
+    fn set(groups: usize) -> GroupLimit {
+        let old = std::fs::read_to_string(Self::PATH).unwrap();
+        std::fs::write(Self::PATH, groups.to_string()).unwrap();
+        GroupLimit(old)
+    }
+}
+
+impl Drop for GroupLimit {
+    fn drop(&mut self) {
+        let _ = std::fs::write(Self::PATH, self.0.trim());
+    }
+}
+
+/// The fanotify groups open on the machine (one per descriptor; the
+/// e2e lock keeps other tests' daemons away meanwhile).
+fn open_fanotify_groups() -> usize {
+    let mut open = 0;
+    for process in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(fds) = std::fs::read_dir(process.path().join("fd")) else {
+            continue;
+        };
+        open += fds
+            .flatten()
+            .filter(|fd| {
+                std::fs::read_link(fd.path())
+                    .is_ok_and(|target| target.as_os_str() == "anon_inode:[fanotify]")
+            })
+            .count();
+    }
+    open
+}
+
+#[test]
+fn without_a_notification_group_the_gate_still_gates_and_caches_nothing() {
+    if !epm_e2e::capable() {
+        return;
+    }
+    // Room for epmd's permission group only: the kernel refuses the
+    // notification group, as on a machine where other fanotify users hold
+    // root's share. The cache is what goes, never the gate.
+    let limit = GroupLimit::set(open_fanotify_groups() + 1);
+    let daemon = Daemon::start(
+        &policy(1, "allow", &[rule("no-nc", "deny", r#"{"name": "nc"}"#)]),
+        "",
+    );
+    drop(limit);
+    assert!(
+        daemon
+            .log()
+            .contains("cannot create the fanotify group for the kernel cache's notifications"),
+        "the missing cache is logged:\n{}",
+        daemon.log()
+    );
+    assert_eq!(fanotify_groups(daemon.process_id()).len(), 1);
+
+    let tool = daemon.mount.install("/bin/true", "bin/tool");
+    let records = run_times(&daemon, &tool, 4);
+    assert!(
+        !records.iter().any(from_kernel_cache),
+        "nothing is answered by the kernel: {records:#?}"
+    );
+    let nc = daemon.mount.install("/bin/true", "bin/nc");
+    assert!(denied(&run(&nc)), "the gate still gates");
+    assert_eq!(last_deny(&daemon, &nc)["rule_id"], "no-nc");
+}

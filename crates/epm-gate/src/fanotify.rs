@@ -34,7 +34,10 @@
 //! are made first ([`FanotifyGroups::create`]: a group without marks holds
 //! up no exec), so the daemon's decider gets the kernel cache at
 //! construction; the watch marks are placed later
-//! ([`FanotifyGate::open_with`]), once the decision workers run.
+//! ([`FanotifyGate::open_with`]), once the decision workers run. When the
+//! kernel refuses the second group (root's `fs.fanotify.max_user_groups`
+//! used up by other fanotify users), the gate runs without it and caches
+//! nothing: every exec is asked in user space, slower and as safe.
 //!
 //! # One wake-up per exec
 //! A dynamically linked exec of a cached program queues the program's
@@ -187,8 +190,9 @@ struct MountMark {
 pub struct FanotifyGate {
     /// The permission group: the watch marks and the cache's ignore masks.
     fan: Arc<Fanotify>,
-    /// The notification group: the cache's `FAN_OPEN_EXEC` marks only.
-    notifications: Arc<Fanotify>,
+    /// The notification group: the cache's `FAN_OPEN_EXEC` marks only
+    /// (`None`: the kernel would not make it, and nothing is cached).
+    notifications: Option<Arc<Fanotify>>,
     mountinfo: File,
     scope: WatchScope,
     /// Watched mounts by mount id.
@@ -221,7 +225,8 @@ pub struct FanotifyGate {
 #[derive(Debug)]
 pub struct FanotifyGroups {
     fan: Arc<Fanotify>,
-    notifications: Arc<Fanotify>,
+    /// `None` when the kernel would not make it: nothing is cached then.
+    notifications: Option<Arc<Fanotify>>,
     has_pidfd: bool,
     interpreter_loads: Arc<Mutex<InterpreterLoads>>,
     kernel: Arc<KernelCache>,
@@ -261,14 +266,20 @@ impl FanotifyGroups {
             } else {
                 InitFlags::empty()
             };
-        let notifications = Fanotify::init(notify_flags, event_flags).map_err(|e| {
-            GateError::Unavailable(format!(
-                "cannot create the fanotify group for the kernel cache's notifications: {e}"
-            ))
-        })?;
+        // Without it the gate still gates, only without the kernel cache:
+        // the cache saves time, the gate is the boundary.
+        let notifications = match Fanotify::init(notify_flags, event_flags) {
+            Ok(group) => Some(Arc::new(group)),
+            Err(e) => {
+                tracing::warn!(error = %e,
+                    "cannot create the fanotify group for the kernel cache's notifications \
+                     (fs.fanotify.max_user_groups?): no allow is cached in the kernel, every \
+                     exec is asked in user space");
+                None
+            }
+        };
         raise_fd_limit();
         let fan = Arc::new(fan);
-        let notifications = Arc::new(notifications);
         let interpreter_loads: Arc<Mutex<InterpreterLoads>> = Arc::default();
         Ok(Self {
             kernel: Arc::new(KernelCache::new(
@@ -557,10 +568,13 @@ impl FanotifyGate {
         notes: &mut [u8],
         noticed: &mut Vec<PendingExec>,
     ) -> Result<usize, GateError> {
+        let Some(group) = &self.notifications else {
+            return Ok(0);
+        };
         let before = noticed.len();
         loop {
             let n = read_group(
-                &self.notifications,
+                group,
                 notes,
                 "the kernel could not hand over a notification of a cached exec (it is not audited)",
             )?;
@@ -1547,10 +1561,12 @@ impl ExecGate for FanotifyGate {
         let mut notes = vec![0u8; READ_BUFFER];
         let mut noticed = Vec::new();
         let waiter = Waiter::new(&[
-            (self.fan.as_fd(), libc::EPOLLIN),
-            (self.mountinfo.as_fd(), libc::EPOLLPRI | libc::EPOLLERR),
-            (shutdown.wake_fd().as_fd(), libc::EPOLLIN),
-            (self.notifications.as_fd(), NOTIFICATIONS_ARMED),
+            Some((self.fan.as_fd(), libc::EPOLLIN)),
+            Some((self.mountinfo.as_fd(), libc::EPOLLPRI | libc::EPOLLERR)),
+            Some((shutdown.wake_fd().as_fd(), libc::EPOLLIN)),
+            self.notifications
+                .as_ref()
+                .map(|group| (group.as_fd(), NOTIFICATIONS_ARMED)),
         ])
         .map_err(|e| io_error("cannot set up the gate's wait (epoll)", e))?;
         // Whether the notification group wakes the thread (see "One
@@ -1619,13 +1635,14 @@ const NOTIFICATIONS_ARMED: libc::c_int = libc::EPOLLIN | libc::EPOLLONESHOT;
 struct Waiter {
     epoll: OwnedFd,
     /// The registered descriptors, by index, for [`Waiter::rearm`].
-    fds: [libc::c_int; 4],
+    fds: [Option<libc::c_int>; 4],
 }
 
 impl Waiter {
-    /// Four descriptors and the events each waits for; the index in `fds`
-    /// is what [`Waiter::wait`] reports. The descriptors must outlive it.
-    fn new(fds: &[(BorrowedFd<'_>, libc::c_int); 4]) -> std::io::Result<Self> {
+    /// Up to four descriptors and the events each waits for; the index in
+    /// `fds` is what [`Waiter::wait`] reports (a `None` is never ready).
+    /// The descriptors must outlive it.
+    fn new(fds: &[Option<(BorrowedFd<'_>, libc::c_int)>; 4]) -> std::io::Result<Self> {
         // SAFETY: epoll_create1 takes flags only and returns a new fd or -1.
         let raw = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
         if raw < 0 {
@@ -1635,16 +1652,18 @@ impl Waiter {
         let epoll = unsafe { OwnedFd::from_raw_fd(raw) };
         let waiter = Self {
             epoll,
-            fds: fds.map(|(fd, _)| fd.as_raw_fd()),
+            fds: fds.map(|fd| fd.map(|(fd, _)| fd.as_raw_fd())),
         };
-        for (index, (_, events)) in fds.iter().enumerate() {
-            waiter.control(libc::EPOLL_CTL_ADD, index, *events)?;
+        for (index, fd) in fds.iter().enumerate() {
+            if let Some((_, events)) = fd {
+                waiter.control(libc::EPOLL_CTL_ADD, index, *events)?;
+            }
         }
         Ok(waiter)
     }
 
     fn control(&self, op: libc::c_int, index: usize, events: libc::c_int) -> std::io::Result<()> {
-        let Some(&fd) = self.fds.get(index) else {
+        let Some(&Some(fd)) = self.fds.get(index) else {
             return Err(std::io::Error::from(std::io::ErrorKind::InvalidInput));
         };
         let mut event = libc::epoll_event {

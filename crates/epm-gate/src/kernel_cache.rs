@@ -160,8 +160,9 @@ struct State {
 pub struct KernelCache {
     /// The gate's group: the ignore masks.
     permission: Arc<Fanotify>,
-    /// The notification group: the `FAN_OPEN_EXEC` marks.
-    notification: Arc<Fanotify>,
+    /// The notification group: the `FAN_OPEN_EXEC` marks (`None`: the
+    /// kernel would not make it, and nothing is cached).
+    notification: Option<Arc<Fanotify>>,
     loads: Arc<Mutex<InterpreterLoads>>,
     state: Mutex<State>,
     evictable: AtomicBool,
@@ -177,7 +178,7 @@ impl KernelCache {
     /// force ([`PolicySwap::starts_with`]).
     pub fn new(
         permission: Arc<Fanotify>,
-        notification: Arc<Fanotify>,
+        notification: Option<Arc<Fanotify>>,
         loads: Arc<Mutex<InterpreterLoads>>,
     ) -> Self {
         Self {
@@ -227,6 +228,10 @@ impl KernelCache {
         key: FileKey,
         path: &str,
     ) -> bool {
+        if self.notification.is_none() {
+            self.note_answered(pid, key);
+            return false;
+        }
         let mut head = [0u8; HEAD_BYTES];
         let read = nix::sys::uio::pread(fd, &mut head, 0).unwrap_or(0);
         let head = &head[..read];
@@ -345,10 +350,16 @@ impl KernelCache {
         } else {
             0
         };
+        let Some(notification) = &self.notification else {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::Unsupported,
+                "no notification group: nothing is cached",
+            ));
+        };
         // The notification first: an ignore mask without it would let an
         // exec through unaudited (see the module documentation).
         let result = mark_raw(
-            &self.notification,
+            notification,
             libc::FAN_MARK_ADD | evictable,
             libc::FAN_OPEN_EXEC,
             fd,
@@ -384,12 +395,15 @@ impl KernelCache {
             libc::FAN_OPEN_EXEC_PERM,
             fd,
         ))?;
-        absent_is_fine(mark_raw(
-            &self.notification,
-            libc::FAN_MARK_REMOVE,
-            libc::FAN_OPEN_EXEC,
-            fd,
-        ))
+        match &self.notification {
+            Some(notification) => absent_is_fine(mark_raw(
+                notification,
+                libc::FAN_MARK_REMOVE,
+                libc::FAN_OPEN_EXEC,
+                fd,
+            )),
+            None => Ok(()),
+        }
     }
 
     /// Removes every inode mark of both groups: the whole cache, and
@@ -397,7 +411,10 @@ impl KernelCache {
     /// ignore masks go first; if they cannot, the notifications stay.
     fn flush(&self) -> std::io::Result<()> {
         flush_inode_marks(&self.permission)?;
-        flush_inode_marks(&self.notification)
+        match &self.notification {
+            Some(notification) => flush_inode_marks(notification),
+            None => Ok(()),
+        }
     }
 }
 
