@@ -3,7 +3,9 @@
 //! (the harness's), nothing calls `epmctl sync` after the request, and the
 //! approval still becomes a usable grant at once, through the agent's open
 //! request wait (`POST /api/v1/agent/requests/wait`). Real epmd, fanotify,
-//! users and a real platform over TLS.
+//! users and a real platform over TLS. A revocation travels the same way
+//! back: the agent's wait also names the grants it holds in force, so a
+//! revoked grant stops working within about a second.
 #![allow(clippy::unwrap_used)]
 
 use std::path::Path;
@@ -13,9 +15,13 @@ use epm_e2e::platform::Platform;
 use epm_e2e::{Daemon, TestUser, capable, denied, policy, ran, synced, text};
 
 fn approve_rule(id: &str, path: &Path) -> String {
+    approve_rule_with_uses(id, path, 1)
+}
+
+fn approve_rule_with_uses(id: &str, path: &Path, uses: u32) -> String {
     format!(
         r#"{{"id": "{id}", "action": "approve", "match": {{"path": "{}"}},
-            "approval": {{"levels": [{{"approvers": 1}}], "max_window_hours": 2, "uses": 1}}}}"#,
+            "approval": {{"levels": [{{"approvers": 1}}], "max_window_hours": 2, "uses": {uses}}}}}"#,
         path.display()
     )
 }
@@ -127,4 +133,127 @@ fn a_decision_on_the_platform_reaches_the_agent_without_waiting_for_a_check_in()
     ]);
     let took = until_listed(&daemon, &user, "Use the jump host", Duration::from_secs(20));
     eprintln!("the denial reached the agent {took:?} after the deny command returned");
+}
+
+/// The attack a slow revocation leaves open: the user keeps using a grant
+/// the admin already withdrew. With a many-use grant in force, the user
+/// runs the program in a loop while the admin revokes; the agent, whose
+/// next check-in is 30 minutes away and which nobody syncs, must refuse
+/// it within a few seconds. Prints the gap (the revoke command's return
+/// to the first refused exec) and how many execs it let through.
+#[test]
+fn a_revocation_on_the_platform_ends_the_grant_on_the_agent_without_waiting_for_a_check_in() {
+    if !capable() {
+        return;
+    }
+    const USES: u32 = 1000;
+    let platform = Platform::start();
+    let user = TestUser::create("epme2erevoke");
+    let device = "e2e-revoke-push";
+    let daemon = Daemon::start_managed(device, &platform.agent_table());
+    synced(&daemon);
+    let tool = daemon.mount.install("/usr/bin/true", "tool");
+    platform.push(
+        &policy(1, "allow", &[approve_rule_with_uses("tool", &tool, USES)]),
+        &["--device", device],
+    );
+    synced(&daemon);
+    daemon.open_to_users();
+    let out = daemon.epmctl_as(
+        &user,
+        &[
+            "request",
+            tool.to_str().unwrap(),
+            "--reason",
+            "Capture for INC-10",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let request = on_platform(&platform, &daemon, "pending");
+    let id = request["id"].as_str().unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    platform.ok(&["requests", "approve", id]);
+    until_listed(
+        &daemon,
+        &user,
+        "You can run it now",
+        Duration::from_secs(20),
+    );
+    assert!(ran(&user.run(&tool)), "approved: runs");
+    // The wait the agent opens after the approval's cycle names the grant;
+    // waits start at most every 2 s, so give it that to reach the platform.
+    std::thread::sleep(Duration::from_millis(2500));
+
+    // The user keeps running it while the admin revokes.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let runner = {
+        let (stop, tool) = (stop.clone(), tool.clone());
+        let uid = user.uid;
+        let gid = user.gid;
+        std::thread::spawn(move || {
+            use std::os::unix::process::CommandExt;
+            // (time of each exec's end, whether it ran), until refused.
+            let mut runs = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let result = std::process::Command::new(&tool)
+                    .uid(uid)
+                    .gid(gid)
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .status();
+                let ran = result.is_ok();
+                runs.push((Instant::now(), ran));
+                if !ran {
+                    assert!(denied(&result), "refused by the gate: {result:?}");
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            runs
+        })
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    let started = Instant::now();
+    platform.ok(&["requests", "revoke", id, "--reason", "Ticket closed"]);
+    let revoked = Instant::now();
+    let deadline = revoked + Duration::from_secs(20);
+    while !runner.is_finished() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let runs = runner.join().unwrap();
+    let (refused_at, last_ran) = runs.last().copied().unwrap();
+    assert!(
+        !last_ran,
+        "the revoked grant still worked 20 s after the revoke ({} execs)\n{}",
+        runs.len(),
+        daemon.log()
+    );
+    let gap = refused_at.saturating_duration_since(revoked);
+    let used_in_gap = runs
+        .iter()
+        .filter(|(at, ran)| *ran && *at > revoked)
+        .count();
+    let before = runs
+        .iter()
+        .filter(|(at, ran)| *ran && *at <= started)
+        .count();
+    eprintln!(
+        "revoke command took {:?}; the grant was refused {gap:?} after it returned; \
+         {used_in_gap} execs ran in between ({before} before the revoke, {} tries in all)",
+        revoked - started,
+        runs.len()
+    );
+    assert!(before > 0, "the grant worked before the revoke");
+    assert!(
+        (used_in_gap as u32) < USES - 10,
+        "refused because revoked, not because used up"
+    );
+    assert!(
+        gap < Duration::from_secs(10),
+        "dropped by the push, not a check-in: {gap:?}"
+    );
+    // The user is told why, without a sync.
+    until_listed(&daemon, &user, "Ticket closed", Duration::from_secs(5));
+    assert!(denied(&user.run(&tool)), "and it stays refused");
 }
