@@ -674,6 +674,38 @@ async fn approval_on_b_wakes_a_wait_on_a(a: &Instance, b: &Instance, owner: &str
             {"id": id, "state": "revoked"},
         ]})
     );
+
+    // Every state change wakes the wait, the agent's own used report (a
+    // check-in, here on `b`) included.
+    let third = request_on(a, agent, "wait-3").await;
+    b.ok(
+        Method::POST,
+        &paths::ADMIN_REQUEST_APPROVE.replace("{id}", &third),
+        &approver,
+        None,
+    )
+    .await;
+    let held = wait_on_grants(a, agent, &[&third], 30);
+    tokio::time::sleep(SETTLE).await;
+    assert!(!held.is_finished(), "still approved: the wait holds");
+    let checkin = CheckinRequest {
+        used_requests: vec![third.clone()],
+        ..CheckinRequest::default()
+    };
+    b.ok(
+        Method::POST,
+        paths::AGENT_CHECKIN,
+        &bearer(agent),
+        Some(serde_json::to_value(&checkin).unwrap()),
+    )
+    .await;
+    let (status, body, waited) = tokio::time::timeout(Duration::from_secs(20), held)
+        .await
+        .expect("the wait answered")
+        .unwrap();
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(waited < Duration::from_secs(10), "{waited:?}");
+    assert_eq!(body, json!({"changed": [{"id": third, "state": "used"}]}));
 }
 
 /// What a wait must not give away or let grow.
