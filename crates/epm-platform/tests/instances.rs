@@ -706,6 +706,26 @@ async fn approval_on_b_wakes_a_wait_on_a(a: &Instance, b: &Instance, owner: &str
     assert_eq!(status, StatusCode::OK, "{body}");
     assert!(waited < Duration::from_secs(10), "{waited:?}");
     assert_eq!(body, json!({"changed": [{"id": third, "state": "used"}]}));
+    // A grant used up, or already revoked, is not revoked (again): the
+    // record keeps what happened.
+    for done in [&third, &id] {
+        let (status, body, _) = a
+            .call(
+                Method::POST,
+                &paths::ADMIN_REQUEST_REVOKE.replace("{id}", done),
+                &approver,
+                Some(json!({})),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CONFLICT, "{body}");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("only an approved request can be revoked"),
+            "{body}"
+        );
+    }
 }
 
 /// What a wait must not give away or let grow.
