@@ -19,8 +19,9 @@ use std::time::Duration;
 
 use epm_api::agent::{
     AgentCredentials, AuditAck, AuditUpload, CheckinRequest, CheckinResponse, EnrollRequest,
-    LocalUser, MAX_WAIT_REQUESTS, PolicyState as PlatformPolicy, RequestState as ApiRequestState,
-    RequestStatus, RequestSubject, RequestSubmit, RequestWaitResponse, Window,
+    LocalUser, MAX_WAIT_REQUESTS, PolicyState as PlatformPolicy, RequestChange,
+    RequestState as ApiRequestState, RequestStatus, RequestSubject, RequestSubmit,
+    RequestWaitResponse, Window,
 };
 use epm_api::sign::PolicyKeys;
 use epm_api::{MAX_AUDIT_UPLOAD_BYTES, SignedEnvelope};
@@ -456,10 +457,13 @@ impl<P: Platform> SyncCycle<P> {
     /// here and of the grants in force here, for a request wait; `None`
     /// when not enrolled or there are neither.
     ///
-    /// A request stays approved here exactly while its grant is in force:
-    /// its last use makes it used, the window's end (by the trusted clock,
-    /// in the flows' sweep) expired, and a revocation learnt at a check-in
-    /// revoked, each ending the grant in the same transaction.
+    /// A request stays approved here while its grant is in force: its last
+    /// use makes it used, the window's end (by the trusted clock, in the
+    /// flows' sweep) expired, and a revocation learnt at a check-in
+    /// revoked, each ending the grant in the same transaction. (A grant
+    /// ended on a wait's word alone, [`Self::end_withdrawn_grants`], keeps
+    /// its request approved until a check-in says why; a wait naming it
+    /// then costs nothing.)
     fn watched_on_platform(&self) -> Option<(AgentCredentials, Watched)> {
         let credentials = self.credentials.clone()?;
         let store = self.context.store.lock().ok()?;
@@ -478,6 +482,76 @@ impl<P: Platform> SyncCycle<P> {
             grants: ids(RequestState::Approved)?,
         };
         (!watched.is_empty()).then_some((credentials, watched))
+    }
+
+    /// Ends at once the grants of the requests a wait named as grants in
+    /// force and reported no longer approved (revoked, expired, the device
+    /// reset), before the check-in that records the state and the reason;
+    /// returns how many grants ended.
+    ///
+    /// The wait's answer is not signed, but it comes over the connection
+    /// pinned to the platform's CA and authenticated as this agent, and
+    /// it can only take rights away. Acting on it does not wait for the
+    /// check-in, and still works when the check-in cannot: a device reset
+    /// on the platform voids its credentials, so it would never hear why.
+    fn end_withdrawn_grants(&self, watched: &Watched, changes: &[RequestChange]) -> usize {
+        let withdrawn: Vec<&str> = changes
+            .iter()
+            .filter(|c| watched.grants.contains(&c.id))
+            .filter(|c| {
+                !matches!(
+                    c.state,
+                    ApiRequestState::Approved | ApiRequestState::Pending
+                )
+            })
+            .map(|c| c.id.as_str())
+            .collect();
+        if withdrawn.is_empty() {
+            return 0;
+        }
+        let Ok(mut store) = self.context.store.lock() else {
+            tracing::warn!("store lock poisoned; revoked grants end at the check-in");
+            return 0;
+        };
+        let approved = match store.requests(None, Some(RequestState::Approved)) {
+            Ok(approved) => approved,
+            Err(error) => {
+                tracing::warn!(%error, "cannot read requests; revoked grants end at the check-in");
+                return 0;
+            }
+        };
+        let mut ended = 0;
+        for request in approved.iter().filter(|r| {
+            r.platform_id
+                .as_deref()
+                .is_some_and(|id| withdrawn.contains(&id))
+        }) {
+            // Every grant of the request, whatever its window says by the
+            // wall clock: the exec path judges windows by the trusted clock.
+            let grants = match store.grants_for_identity(request.uid, &request.identity, 1000) {
+                Ok(grants) => grants,
+                Err(error) => {
+                    tracing::warn!(%error, request = %request.id, "cannot read grants; this one ends at the check-in");
+                    continue;
+                }
+            };
+            for grant in grants
+                .iter()
+                .filter(|g| g.grant.request_id.as_deref() == Some(request.id.as_str()))
+            {
+                match store.end_grant(grant.id) {
+                    Ok(true) => {
+                        ended += 1;
+                        tracing::info!(request = %request.id, grant = grant.id, "grant withdrawn on the platform: ended now");
+                    }
+                    Ok(false) => {}
+                    Err(error) => {
+                        tracing::warn!(%error, grant = grant.id, "cannot end a withdrawn grant; it ends at the check-in");
+                    }
+                }
+            }
+        }
+        ended
     }
 
     fn checkin_request(&self) -> CheckinRequest {
@@ -993,8 +1067,8 @@ impl RequestWaits {
     }
 
     /// The ids of `changed` that `watched` named, as stale candidates.
-    fn mark_stale(&mut self, watched: &Watched, changed: Vec<String>) {
-        for id in changed {
+    fn mark_stale(&mut self, watched: &Watched, changed: Vec<RequestChange>) {
+        for RequestChange { id, .. } in changed {
             if watched.grants.contains(&id) {
                 self.stale.insert((id.clone(), Held::Grant));
             }
@@ -1004,15 +1078,15 @@ impl RequestWaits {
         }
     }
 
-    /// A wait on `watched` ended: `Some(ids)` changed (run a cycle),
-    /// `None` not.
+    /// A wait on `watched` ended: `Some(changes)` (run a cycle), `None`
+    /// not.
     fn ended(
         &mut self,
         started: tokio::time::Instant,
         watched: &Watched,
         outcome: Result<RequestWaitResponse, SyncError>,
         interval: Duration,
-    ) -> Option<Vec<String>> {
+    ) -> Option<Vec<RequestChange>> {
         self.not_before = Some(started + REQUEST_WAIT_SPACING);
         match outcome {
             Ok(answer) => {
@@ -1020,8 +1094,7 @@ impl RequestWaits {
                 if self.last_error.take().is_some() {
                     tracing::info!("request waits work again");
                 }
-                let ids: Vec<String> = answer.changed.into_iter().map(|c| c.id).collect();
-                (!ids.is_empty()).then_some(ids)
+                (!answer.changed.is_empty()).then_some(answer.changed)
             }
             Err(error) if matches!(error.status(), Some(404 | 405)) => {
                 tracing::info!(%error, "the platform has no request waits; decisions arrive at check-ins");
@@ -1120,6 +1193,7 @@ pub(crate) fn spawn<P: Platform + Send + 'static>(
                             match waits.ended(wait_started.get(), &watched, outcome, interval) {
                                 Some(changed) => {
                                     tracing::debug!(?changed, "requests decided or grants revoked on the platform; syncing now");
+                                    cycle.end_withdrawn_grants(&watched, &changed);
                                     waits.mark_stale(&watched, changed);
                                     None
                                 }

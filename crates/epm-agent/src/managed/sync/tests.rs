@@ -872,6 +872,50 @@ fn a_revocation_ends_a_grant_in_force_at_once_despite_a_long_interval() {
 }
 
 #[test]
+fn a_revoked_grant_ends_on_the_wait_word_even_when_the_check_in_fails() {
+    let agent = Agent::new();
+    let request = local_request(&agent, Some("p-1"));
+    agent.platform.state().requests = vec![status_of(&agent, &request, ApiRequestState::Approved)];
+    let handle = spawn(
+        agent.cycle(),
+        "https://fake".into(),
+        Duration::from_secs(300),
+        sync_channel(),
+    )
+    .unwrap();
+    assert!(eventually(Duration::from_secs(10), || {
+        agent
+            .platform
+            .state()
+            .watched
+            .last()
+            .is_some_and(|w| !w.grants.is_empty())
+    }));
+    assert_eq!(grants_held(&agent), 1);
+    // The device is reset on the platform: its requests are revoked and
+    // its credentials void, so the check-in the wait's answer causes is
+    // refused. The grant ends all the same; the request keeps its state
+    // until a check-in can say why.
+    {
+        let mut state = agent.platform.state();
+        state.bad_checkin = Some(|| SyncError::Status {
+            step: "check-in",
+            url: "https://fake".into(),
+            status: 401,
+            code: Some("unauthorized".into()),
+            message: "unknown agent".into(),
+        });
+        state.requests = vec![status_of(&agent, &request, ApiRequestState::Revoked)];
+    }
+    assert!(
+        eventually(Duration::from_secs(10), || grants_held(&agent) == 0),
+        "the wait's answer alone ended the grant"
+    );
+    assert_eq!(local_state(&agent, &request.id), RequestState::Approved);
+    drop(handle);
+}
+
+#[test]
 fn a_wait_names_grants_first_within_the_cap_and_falls_back_without_them() {
     let mut waits = RequestWaits::default();
     let ids = |prefix: &str, n: usize| -> Vec<String> {
@@ -899,7 +943,13 @@ fn a_wait_names_grants_first_within_the_cap_and_falls_back_without_them() {
         pending: vec!["r".into()],
         grants: vec![],
     };
-    waits.mark_stale(&named, vec!["r".into()]);
+    waits.mark_stale(
+        &named,
+        vec![epm_api::agent::RequestChange {
+            id: "r".into(),
+            state: ApiRequestState::Approved,
+        }],
+    );
     assert!(waits.watch(named.clone()).is_empty());
     let approved = Watched {
         pending: vec![],
