@@ -135,64 +135,24 @@ fn a_decision_on_the_platform_reaches_the_agent_without_waiting_for_a_check_in()
     eprintln!("the denial reached the agent {took:?} after the deny command returned");
 }
 
-/// The attack a slow revocation leaves open: the user keeps using a grant
-/// the admin already withdrew. With a many-use grant in force, the user
-/// runs the program in a loop while the admin revokes; the agent, whose
-/// next check-in is 30 minutes away and which nobody syncs, must refuse
-/// it within a few seconds. Prints the gap (the revoke command's start to
-/// the first refused exec) and how many execs it let through.
-#[test]
-fn a_revocation_on_the_platform_ends_the_grant_on_the_agent_without_waiting_for_a_check_in() {
-    if !capable() {
-        return;
-    }
-    const USES: u32 = 1000;
-    let platform = Platform::start();
-    let user = TestUser::create("epme2erevoke");
-    let device = "e2e-revoke-push";
-    let daemon = Daemon::start_managed(device, &platform.agent_table());
-    synced(&daemon);
-    let tool = daemon.mount.install("/usr/bin/true", "tool");
-    platform.push(
-        &policy(1, "allow", &[approve_rule_with_uses("tool", &tool, USES)]),
-        &["--device", device],
-    );
-    synced(&daemon);
-    daemon.open_to_users();
-    let out = daemon.epmctl_as(
-        &user,
-        &[
-            "request",
-            tool.to_str().unwrap(),
-            "--reason",
-            "Capture for INC-10",
-        ],
-    );
-    assert!(out.status.success(), "{}", text(&out));
-    let request = on_platform(&platform, &daemon, "pending");
-    let id = request["id"].as_str().unwrap();
-    std::thread::sleep(Duration::from_secs(1));
-    platform.ok(&["requests", "approve", id]);
-    until_listed(
-        &daemon,
-        &user,
-        "You can run it now",
-        Duration::from_secs(20),
-    );
-    assert!(ran(&user.run(&tool)), "approved: runs");
-    // The wait the agent opens after the approval's cycle names the grant;
-    // waits start at most every 2 s, so give it that to reach the platform.
-    std::thread::sleep(Duration::from_millis(2500));
-
-    // The user keeps running it while the admin revokes.
+/// Runs `tool` as `user` every ~20 ms while `withdraw` runs, until the
+/// gate refuses it (at most 20 s after `withdraw` returned). Returns how
+/// long after `withdraw` started the first refusal came, how many execs
+/// ran in that time, and how many ran before it.
+fn refused_after(
+    daemon: &Daemon,
+    user: &TestUser,
+    tool: &Path,
+    what: &str,
+    withdraw: impl FnOnce(),
+) -> (Duration, usize, usize) {
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let runner = {
-        let (stop, tool) = (stop.clone(), tool.clone());
-        let uid = user.uid;
-        let gid = user.gid;
+        let (stop, tool) = (stop.clone(), tool.to_owned());
+        let (uid, gid) = (user.uid, user.gid);
         std::thread::spawn(move || {
             use std::os::unix::process::CommandExt;
-            // (time of each exec's end, whether it ran), until refused.
+            // (when each exec ended, whether it ran), until refused.
             let mut runs = Vec::new();
             while !stop.load(std::sync::atomic::Ordering::SeqCst) {
                 let result = std::process::Command::new(&tool)
@@ -214,10 +174,9 @@ fn a_revocation_on_the_platform_ends_the_grant_on_the_agent_without_waiting_for_
     };
     std::thread::sleep(Duration::from_millis(500));
     let started = Instant::now();
-    platform.ok(&["requests", "revoke", id, "--reason", "Ticket closed"]);
-    let revoked = Instant::now();
-    let deadline = revoked + Duration::from_secs(20);
-    while !runner.is_finished() && Instant::now() < deadline {
+    withdraw();
+    let returned = Instant::now();
+    while !runner.is_finished() && returned.elapsed() < Duration::from_secs(20) {
         std::thread::sleep(Duration::from_millis(20));
     }
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -225,14 +184,14 @@ fn a_revocation_on_the_platform_ends_the_grant_on_the_agent_without_waiting_for_
     let (refused_at, last_ran) = runs.last().copied().unwrap();
     assert!(
         !last_ran,
-        "the revoked grant still worked 20 s after the revoke ({} execs)\n{}",
+        "the grant still worked 20 s after the {what} ({} execs)\n{}",
         runs.len(),
         daemon.log()
     );
-    // The revoke's commit lies somewhere inside the command; the gap is
-    // counted from its start, an upper bound of the revoke→drop latency.
+    // The commit lies somewhere inside the command; the gap is counted
+    // from its start, an upper bound of the withdraw→drop latency.
     let gap = refused_at.saturating_duration_since(started);
-    let used_in_gap = runs
+    let in_gap = runs
         .iter()
         .filter(|(at, ran)| *ran && *at > started)
         .count();
@@ -241,14 +200,72 @@ fn a_revocation_on_the_platform_ends_the_grant_on_the_agent_without_waiting_for_
         .filter(|(at, ran)| *ran && *at <= started)
         .count();
     eprintln!(
-        "revoke→drop: the grant was refused {gap:?} after the revoke command started \
-         (it took {:?}); {used_in_gap} execs ran in that time ({before} before it, {} tries in all)",
-        revoked - started,
-        runs.len()
+        "{what}→drop: the grant was refused {gap:?} after the {what} command started \
+         (it took {:?}); {in_gap} execs ran in that time ({before} before it)",
+        returned - started,
     );
+    (gap, in_gap, before)
+}
+
+/// Requests `tool` as `user`, approves it on the platform and waits until
+/// the grant works; returns the request's id.
+fn granted(platform: &Platform, daemon: &Daemon, user: &TestUser, tool: &Path) -> String {
+    let out = daemon.epmctl_as(
+        user,
+        &[
+            "request",
+            tool.to_str().unwrap(),
+            "--reason",
+            "Capture for INC-10",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let request = on_platform(platform, daemon, "pending");
+    let id = request["id"].as_str().unwrap().to_owned();
+    std::thread::sleep(Duration::from_secs(1));
+    platform.ok(&["requests", "approve", &id]);
+    until_listed(daemon, user, "You can run it now", Duration::from_secs(20));
+    assert!(ran(&user.run(tool)), "approved: runs");
+    // The wait the agent opens after the approval's cycle names the grant;
+    // waits start at most every 2 s, so give it that to reach the platform.
+    std::thread::sleep(Duration::from_millis(2500));
+    id
+}
+
+/// The attack a slow revocation leaves open: the user keeps using a grant
+/// the admin already withdrew. With a many-use grant in force, the user
+/// runs the program in a loop while the admin revokes; the agent, whose
+/// next check-in is 30 minutes away and which nobody syncs, must refuse
+/// it within a few seconds. Prints the gap (the revoke command's start to
+/// the first refused exec) and how many execs it let through. Then the
+/// same for a device reset, which also voids the agent's credentials, so
+/// no check-in can tell it afterwards.
+#[test]
+fn a_revocation_on_the_platform_ends_the_grant_on_the_agent_without_waiting_for_a_check_in() {
+    if !capable() {
+        return;
+    }
+    const USES: u32 = 1000;
+    let platform = Platform::start();
+    let user = TestUser::create("epme2erevoke");
+    let device = "e2e-revoke-push";
+    let daemon = Daemon::start_managed(device, &platform.agent_table());
+    synced(&daemon);
+    let tool = daemon.mount.install("/usr/bin/true", "tool");
+    platform.push(
+        &policy(1, "allow", &[approve_rule_with_uses("tool", &tool, USES)]),
+        &["--device", device],
+    );
+    synced(&daemon);
+    daemon.open_to_users();
+
+    let id = granted(&platform, &daemon, &user, &tool);
+    let (gap, in_gap, before) = refused_after(&daemon, &user, &tool, "revoke", || {
+        platform.ok(&["requests", "revoke", &id, "--reason", "Ticket closed"]);
+    });
     assert!(before > 0, "the grant worked before the revoke");
     assert!(
-        (used_in_gap as u32) < USES - 10,
+        (in_gap as u32) < USES - 10,
         "refused because revoked, not because used up"
     );
     assert!(
@@ -257,5 +274,19 @@ fn a_revocation_on_the_platform_ends_the_grant_on_the_agent_without_waiting_for_
     );
     // The user is told why, without a sync.
     until_listed(&daemon, &user, "Ticket closed", Duration::from_secs(5));
+    assert!(denied(&user.run(&tool)), "and it stays refused");
+
+    // A device reset revokes its grants and voids its credentials: the
+    // check-in the wait's answer causes is refused, and the grant must
+    // end all the same.
+    granted(&platform, &daemon, &user, &tool);
+    let (gap, _, before) = refused_after(&daemon, &user, &tool, "reset", || {
+        platform.ok(&["devices", "reset", device]);
+    });
+    assert!(before > 0, "the grant worked before the reset");
+    assert!(
+        gap < Duration::from_secs(10),
+        "dropped by the push, though no check-in can succeed: {gap:?}"
+    );
     assert!(denied(&user.run(&tool)), "and it stays refused");
 }
