@@ -292,7 +292,8 @@ pub struct RequestStatus {
     pub grant: Option<SignedEnvelope>,
 }
 
-/// Most request ids one [`RequestWait`] may name.
+/// Most ids one [`RequestWait`] may name, its `requests` and `grants`
+/// together.
 pub const MAX_WAIT_REQUESTS: usize = 100;
 /// The longest a [`RequestWait`] is held, in seconds; more is treated as
 /// this.
@@ -302,32 +303,44 @@ pub const MAX_REQUEST_WAIT_SECONDS: u32 = 60;
 pub const MAX_REQUEST_WAIT_BYTES: usize = 32 * 1024;
 
 /// `POST /api/v1/agent/requests/wait`: a long poll on the agent's pending
-/// requests, so a decision reaches a waiting user within about a second
-/// instead of at the next check-in. One wait per agent: a newer one
-/// replaces an older one, which is answered `409`.
+/// requests and the grants it holds, so a decision reaches a waiting user
+/// within about a second, and a revocation ends a grant as fast, instead
+/// of at the next check-in. One wait per agent: a newer one replaces an
+/// older one, which is answered `409`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RequestWait {
-    /// Platform ids of requests the agent holds as pending, at most
-    /// [`MAX_WAIT_REQUESTS`]. Ids that are not this agent's are ignored.
+    /// Platform ids of requests the agent holds as pending: the wait
+    /// answers when one is no longer pending. Ids that are not this
+    /// agent's are ignored.
     pub requests: Vec<String>,
+    /// Platform ids of approved requests whose grant the agent holds in
+    /// force (unused, window not over): the wait answers when one is no
+    /// longer approved (revoked, expired, the device reset). With
+    /// `requests`, at most [`MAX_WAIT_REQUESTS`] ids. Left out when empty,
+    /// so an agent with nothing but pending requests is understood by a
+    /// platform that predates it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub grants: Vec<String>,
     /// How long to wait at most, in seconds (0 answers at once; over
     /// [`MAX_REQUEST_WAIT_SECONDS`] is treated as that).
     pub wait_seconds: u32,
 }
 
 /// `POST /api/v1/agent/requests/wait` answer: the named requests that are
-/// no longer pending (empty when the wait ended with none). The agent
-/// learns their grants and reasons by checking in.
+/// no longer pending, and the named grants that are no longer approved
+/// (empty when the wait ended with none). The agent learns their grants
+/// and reasons by checking in.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RequestWaitResponse {
     /// The requests decided (or expired, or revoked) since they were
-    /// pending.
+    /// pending, and the grants revoked (or expired, or used) since they
+    /// were approved.
     pub changed: Vec<RequestChange>,
 }
 
-/// One request whose state moved on from pending.
+/// One request whose state moved on from the one the agent named it in.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RequestChange {

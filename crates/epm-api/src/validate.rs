@@ -244,9 +244,21 @@ impl Validate for CheckinRequest {
 
 impl Validate for RequestWait {
     fn validate(&self) -> Result<(), Invalid> {
-        count("requests", self.requests.len(), MAX_WAIT_REQUESTS)?;
-        for (i, id) in self.requests.iter().enumerate() {
-            name(&format!("requests[{i}]"), id, MAX_NAME_BYTES)?;
+        let total = self.requests.len() + self.grants.len();
+        if total > MAX_WAIT_REQUESTS {
+            return Err(invalid(
+                "requests",
+                format!(
+                    "{total} ids ({} requests, {} grants) is over the limit of {MAX_WAIT_REQUESTS} a wait may name",
+                    self.requests.len(),
+                    self.grants.len()
+                ),
+            ));
+        }
+        for (field, ids) in [("requests", &self.requests), ("grants", &self.grants)] {
+            for (i, id) in ids.iter().enumerate() {
+                name(&format!("{field}[{i}]"), id, MAX_NAME_BYTES)?;
+            }
         }
         Ok(())
     }

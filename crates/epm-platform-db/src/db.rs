@@ -2100,10 +2100,22 @@ impl Db {
                 request.state
             )));
         }
-        tx.execute(
-            "UPDATE requests SET state = 'revoked', reason = ?2, decided_by = ?3, updated_at = ?4 WHERE id = ?1",
+        // Only from approved: the agent's used report does not take the
+        // writers' lock, so it may have landed since the read above; a
+        // grant used up stays used, not revoked after the fact.
+        if tx.execute(
+            "UPDATE requests SET state = 'revoked', reason = ?2, decided_by = ?3, updated_at = ?4 WHERE id = ?1 AND state = 'approved'",
             params![id, reason, admin.name, Timestamp::now().to_string()],
-        )?;
+        )? == 0
+        {
+            let now = Db::request_row(&tx, id)?.request.state;
+            return Err(DbError::Conflict(format!(
+                "request {id} is {now}; only an approved request can be revoked"
+            )));
+        }
+        // Wakes the agent's request wait, which names the grant while it is
+        // in force: the device drops it within a second, not at its next
+        // check-in.
         self.notify(&tx, "revoked", id)?;
         let request = Db::request_row(&tx, id)?.request;
         tx.commit()?;
@@ -2116,13 +2128,23 @@ impl Db {
             // Most check-ins: no connection taken.
             return Ok(());
         }
-        let conn = self.conn()?;
+        let mut conn = self.conn()?;
+        // Row locks suffice (only approved rows of this agent change), so
+        // check-ins do not queue behind the writers' lock; one transaction
+        // so the wake below goes out with the change it announces.
+        let tx = conn.transaction_concurrent()?;
         for id in ids {
-            conn.execute(
+            if tx.execute(
                 "UPDATE requests SET state = 'used', updated_at = ?3 WHERE id = ?1 AND agent_id = ?2 AND state = 'approved'",
                 params![id, agent.agent_id, Timestamp::now().to_string()],
-            )?;
+            )? == 1
+            {
+                // Every state change wakes the agent's wait, like the
+                // others (the agent has usually stopped naming it already).
+                self.request_changed(&tx, id)?;
+            }
         }
+        tx.commit()?;
         Ok(())
     }
 

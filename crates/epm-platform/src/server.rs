@@ -1295,9 +1295,11 @@ async fn agent_request(
 }
 
 /// Waits until one of the agent's named pending requests is decided (or
-/// expires, or is revoked), on whichever instance, or `wait_seconds` pass.
+/// expires, or is revoked), or one of its named grants is no longer
+/// approved (revoked, expired), on whichever instance, or `wait_seconds`
+/// pass.
 #[utoipa::path(post, path = "/api/v1/agent/requests/wait", tag = "agent", request_body = RequestWait,
-    responses((status = 200, body = RequestWaitResponse, description = "the named requests no longer pending; empty when the wait ended without one"),
+    responses((status = 200, body = RequestWaitResponse, description = "the named requests no longer pending and grants no longer approved; empty when the wait ended without one"),
         (status = 409, body = ApiErrorBody, description = "a newer wait of the same agent replaced this one"),
         (status = 413, body = ApiErrorBody), (status = 422, body = ApiErrorBody, description = "too many ids, or a malformed one"),
         (status = 503, body = ApiErrorBody, description = "this instance holds as many waits as it takes; check in instead, retry later")),
@@ -1337,9 +1339,15 @@ async fn wait_requests(
         // blocking off the async threads (block_in_place).
         state.db.expire_requests(Timestamp::now())?;
         let mut changed = Vec::new();
-        for id in &wait.requests {
+        // Each id is compared with the state the agent holds it in: a
+        // pending request that moved on, a grant in force that did (a
+        // revocation must end it on the device in seconds, not at the next
+        // check-in).
+        let named = (wait.requests.iter().map(|id| (id, RequestState::Pending)))
+            .chain(wait.grants.iter().map(|id| (id, RequestState::Approved)));
+        for (id, held) in named {
             match state.db.request_status(&agent.agent_id, id) {
-                Ok(status) if status.state != RequestState::Pending => {
+                Ok(status) if status.state != held => {
                     changed.push(RequestChange {
                         id: status.id,
                         state: status.state,

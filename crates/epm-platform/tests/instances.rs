@@ -526,10 +526,32 @@ fn wait_on(
     ids: &[&str],
     seconds: u32,
 ) -> tokio::task::JoinHandle<(StatusCode, Value, Duration)> {
+    wait_with(on, agent, json!({"requests": ids, "wait_seconds": seconds}))
+}
+
+/// Starts `agent`'s long poll on `on` for the approved requests `grants`
+/// (grants it holds in force), as [`wait_on`].
+fn wait_on_grants(
+    on: &Instance,
+    agent: &AgentCredentials,
+    grants: &[&str],
+    seconds: u32,
+) -> tokio::task::JoinHandle<(StatusCode, Value, Duration)> {
+    wait_with(
+        on,
+        agent,
+        json!({"requests": [], "grants": grants, "wait_seconds": seconds}),
+    )
+}
+
+fn wait_with(
+    on: &Instance,
+    agent: &AgentCredentials,
+    body: Value,
+) -> tokio::task::JoinHandle<(StatusCode, Value, Duration)> {
     let http = on.http.clone();
     let url = format!("{}{}", on.url, paths::AGENT_REQUESTS_WAIT);
     let bearer = bearer(agent);
-    let body = json!({"requests": ids, "wait_seconds": seconds});
     tokio::spawn(async move {
         let started = Instant::now();
         let response = http
@@ -607,6 +629,103 @@ async fn approval_on_b_wakes_a_wait_on_a(a: &Instance, b: &Instance, owner: &str
     let (_, body, waited) = wait_on(b, agent, &[&id, &other], 30).await.unwrap();
     assert!(waited < Duration::from_secs(10), "{waited:?}");
     assert_eq!(body["changed"].as_array().unwrap().len(), 2, "{body}");
+
+    // The approved request is a grant the agent holds: a wait naming it
+    // as such holds while it stays approved, and a revocation on `b`
+    // answers it (the device then drops the grant at once, not at its
+    // next check-in).
+    let held = wait_on_grants(a, agent, &[&id], 30);
+    tokio::time::sleep(SETTLE).await;
+    assert!(!held.is_finished(), "still approved: the wait holds");
+    let revoked = Instant::now();
+    b.ok(
+        Method::POST,
+        &paths::ADMIN_REQUEST_REVOKE.replace("{id}", &id),
+        &approver,
+        Some(json!({"reason": "ticket closed"})),
+    )
+    .await;
+    let (status, body, _) = tokio::time::timeout(Duration::from_secs(20), held)
+        .await
+        .expect("the wait answered")
+        .unwrap();
+    let after = revoked.elapsed();
+    eprintln!("grant wait answered {after:?} after the revoke call started");
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(
+        after < Duration::from_secs(10),
+        "woken by the revocation, not the 30 s timeout: {after:?}"
+    );
+    assert_eq!(body, json!({"changed": [{"id": id, "state": "revoked"}]}));
+    // Named as a grant, an id already revoked answers at once; named as
+    // pending, a denied one too, in the same answer.
+    let (_, body, waited) = wait_with(
+        b,
+        agent,
+        json!({"requests": [&other], "grants": [&id], "wait_seconds": 30}),
+    )
+    .await
+    .unwrap();
+    assert!(waited < Duration::from_secs(10), "{waited:?}");
+    assert_eq!(
+        body,
+        json!({"changed": [
+            {"id": other, "state": "denied"},
+            {"id": id, "state": "revoked"},
+        ]})
+    );
+
+    // Every state change wakes the wait, the agent's own used report (a
+    // check-in, here on `b`) included.
+    let third = request_on(a, agent, "wait-3").await;
+    b.ok(
+        Method::POST,
+        &paths::ADMIN_REQUEST_APPROVE.replace("{id}", &third),
+        &approver,
+        None,
+    )
+    .await;
+    let held = wait_on_grants(a, agent, &[&third], 30);
+    tokio::time::sleep(SETTLE).await;
+    assert!(!held.is_finished(), "still approved: the wait holds");
+    let checkin = CheckinRequest {
+        used_requests: vec![third.clone()],
+        ..CheckinRequest::default()
+    };
+    b.ok(
+        Method::POST,
+        paths::AGENT_CHECKIN,
+        &bearer(agent),
+        Some(serde_json::to_value(&checkin).unwrap()),
+    )
+    .await;
+    let (status, body, waited) = tokio::time::timeout(Duration::from_secs(20), held)
+        .await
+        .expect("the wait answered")
+        .unwrap();
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(waited < Duration::from_secs(10), "{waited:?}");
+    assert_eq!(body, json!({"changed": [{"id": third, "state": "used"}]}));
+    // A grant used up, or already revoked, is not revoked (again): the
+    // record keeps what happened.
+    for done in [&third, &id] {
+        let (status, body, _) = a
+            .call(
+                Method::POST,
+                &paths::ADMIN_REQUEST_REVOKE.replace("{id}", done),
+                &approver,
+                Some(json!({})),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CONFLICT, "{body}");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("only an approved request can be revoked"),
+            "{body}"
+        );
+    }
 }
 
 /// What a wait must not give away or let grow.
@@ -642,6 +761,30 @@ async fn waits_are_bounded_and_leak_nothing(a: &Instance, b: &Instance, owner: &
         json!({"changed": []}),
         "a decided foreign id stays unseen"
     );
+    // The same for another agent's grant: named as a grant of mine, its
+    // revocation neither wakes my wait nor is told to it.
+    let snoop = wait_on_grants(a, mine, &[&their_id], 3);
+    tokio::time::sleep(SETTLE).await;
+    b.ok(
+        Method::POST,
+        &paths::ADMIN_REQUEST_REVOKE.replace("{id}", &their_id),
+        &approver,
+        Some(json!({})),
+    )
+    .await;
+    let (status, body, waited) = snoop.await.unwrap();
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body, json!({"changed": []}));
+    assert!(
+        waited >= Duration::from_millis(2900),
+        "not woken early by another agent's revocation: {waited:?}"
+    );
+    let (_, body, _) = wait_on_grants(b, mine, &[&their_id], 0).await.unwrap();
+    assert_eq!(
+        body,
+        json!({"changed": []}),
+        "a revoked foreign grant stays unseen"
+    );
 
     // Too many ids, a malformed one, a body over the cap: refused plainly.
     let many: Vec<String> = (0..=epm_api::agent::MAX_WAIT_REQUESTS)
@@ -661,6 +804,40 @@ async fn waits_are_bounded_and_leak_nothing(a: &Instance, b: &Instance, owner: &
             .as_str()
             .unwrap()
             .contains("requests"),
+        "{body}"
+    );
+    // The cap counts requests and grants together: half and half over it
+    // is refused too, and says so.
+    let half = epm_api::agent::MAX_WAIT_REQUESTS / 2;
+    let (status, body, _) = a
+        .call(
+            Method::POST,
+            paths::AGENT_REQUESTS_WAIT,
+            &bearer(mine),
+            Some(json!({"requests": &many[..half], "grants": &many[half..], "wait_seconds": 1})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains(&format!("{} grants", many.len() - half))
+            && message.contains(&format!("limit of {}", epm_api::agent::MAX_WAIT_REQUESTS)),
+        "{body}"
+    );
+    let (status, body, _) = a
+        .call(
+            Method::POST,
+            paths::AGENT_REQUESTS_WAIT,
+            &bearer(mine),
+            Some(json!({"requests": [], "grants": ["a\u{202E}b"], "wait_seconds": 1})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("grants[0]"),
         "{body}"
     );
     let (status, body, _) = a

@@ -373,14 +373,17 @@ impl PlatformClient {
     }
 
     /// `POST /agent/requests/wait`: waits up to `wait` (the platform holds
-    /// at most [`MAX_REQUEST_WAIT_SECONDS`]) for one of `ids` to leave
-    /// pending; an empty answer when none did. The call's timeout is `wait`
-    /// plus the usual request timeout, so a slow answer is still told from
-    /// a platform that stopped answering.
+    /// at most [`MAX_REQUEST_WAIT_SECONDS`]) for one of the `pending`
+    /// requests to leave pending or one of the `grants` (approved requests
+    /// whose grant is in force here) to leave approved; an empty answer
+    /// when none did. The call's timeout is `wait` plus the usual request
+    /// timeout, so a slow answer is still told from a platform that
+    /// stopped answering.
     pub async fn wait_requests(
         &self,
         credentials: &AgentCredentials,
-        ids: &[String],
+        pending: &[String],
+        grants: &[String],
         wait: Duration,
     ) -> Result<RequestWaitResponse, SyncError> {
         let seconds = u32::try_from(wait.as_secs())
@@ -394,7 +397,8 @@ impl PlatformClient {
         );
         call.timeout = Duration::from_secs(u64::from(seconds)) + self.options.request_timeout;
         let body = RequestWait {
-            requests: ids.to_vec(),
+            requests: pending.to_vec(),
+            grants: grants.to_vec(),
             wait_seconds: seconds,
         };
         call.json(self.post(&call, Some(credentials), &body)?).await

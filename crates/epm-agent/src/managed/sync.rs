@@ -19,8 +19,9 @@ use std::time::Duration;
 
 use epm_api::agent::{
     AgentCredentials, AuditAck, AuditUpload, CheckinRequest, CheckinResponse, EnrollRequest,
-    LocalUser, MAX_WAIT_REQUESTS, PolicyState as PlatformPolicy, RequestState as ApiRequestState,
-    RequestStatus, RequestSubject, RequestSubmit, RequestWaitResponse, Window,
+    LocalUser, MAX_WAIT_REQUESTS, PolicyState as PlatformPolicy, RequestChange,
+    RequestState as ApiRequestState, RequestStatus, RequestSubject, RequestSubmit,
+    RequestWaitResponse, Window,
 };
 use epm_api::sign::PolicyKeys;
 use epm_api::{MAX_AUDIT_UPLOAD_BYTES, SignedEnvelope};
@@ -84,9 +85,26 @@ pub(crate) trait Platform {
     async fn wait_requests(
         &self,
         credentials: &AgentCredentials,
-        ids: &[String],
+        watched: &Watched,
         wait: Duration,
     ) -> Result<RequestWaitResponse, SyncError>;
+}
+
+/// What a request wait names: the platform ids of the requests pending
+/// here, and of the approved ones whose grant is in force here (a
+/// revocation must end it within seconds, not at the next check-in).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Watched {
+    /// Answered when one leaves pending.
+    pub pending: Vec<String>,
+    /// Answered when one leaves approved.
+    pub grants: Vec<String>,
+}
+
+impl Watched {
+    fn is_empty(&self) -> bool {
+        self.pending.is_empty() && self.grants.is_empty()
+    }
 }
 
 impl Platform for PlatformClient {
@@ -124,10 +142,11 @@ impl Platform for PlatformClient {
     async fn wait_requests(
         &self,
         credentials: &AgentCredentials,
-        ids: &[String],
+        watched: &Watched,
         wait: Duration,
     ) -> Result<RequestWaitResponse, SyncError> {
-        PlatformClient::wait_requests(self, credentials, ids, wait).await
+        PlatformClient::wait_requests(self, credentials, &watched.pending, &watched.grants, wait)
+            .await
     }
 }
 
@@ -435,21 +454,104 @@ impl<P: Platform> SyncCycle<P> {
     }
 
     /// The credentials and the platform ids of the requests still pending
-    /// here, for a request wait; `None` when not enrolled or nothing is
-    /// pending.
-    fn pending_on_platform(&self) -> Option<(AgentCredentials, Vec<String>)> {
+    /// here and of the grants in force here, for a request wait; `None`
+    /// when not enrolled or there are neither.
+    ///
+    /// A request stays approved here while its grant is in force: its last
+    /// use makes it used, the window's end (by the trusted clock, in the
+    /// flows' sweep) expired, and a revocation learnt at a check-in
+    /// revoked, each ending the grant in the same transaction. (A grant
+    /// ended on a wait's word alone, [`Self::end_withdrawn_grants`], keeps
+    /// its request approved until a check-in says why; a wait naming it
+    /// then costs nothing.)
+    fn watched_on_platform(&self) -> Option<(AgentCredentials, Watched)> {
         let credentials = self.credentials.clone()?;
-        let ids: Vec<String> = self
-            .context
-            .store
-            .lock()
-            .ok()?
-            .requests(None, Some(RequestState::Pending))
-            .ok()?
-            .into_iter()
-            .filter_map(|r| r.platform_id)
+        let store = self.context.store.lock().ok()?;
+        let ids = |state| -> Option<Vec<String>> {
+            Some(
+                store
+                    .requests(None, Some(state))
+                    .ok()?
+                    .into_iter()
+                    .filter_map(|r| r.platform_id)
+                    .collect(),
+            )
+        };
+        let watched = Watched {
+            pending: ids(RequestState::Pending)?,
+            grants: ids(RequestState::Approved)?,
+        };
+        (!watched.is_empty()).then_some((credentials, watched))
+    }
+
+    /// Ends at once the grants of the requests a wait named as grants in
+    /// force and reported no longer approved (revoked, expired, the device
+    /// reset), before the check-in that records the state and the reason;
+    /// returns how many grants ended.
+    ///
+    /// The wait's answer is not signed, but it comes over the connection
+    /// pinned to the platform's CA and authenticated as this agent, and
+    /// it can only take rights away. Acting on it does not wait for the
+    /// check-in, and still works when the check-in cannot: a device reset
+    /// on the platform voids its credentials, so it would never hear why.
+    fn end_withdrawn_grants(&self, watched: &Watched, changes: &[RequestChange]) -> usize {
+        let withdrawn: Vec<&str> = changes
+            .iter()
+            .filter(|c| watched.grants.contains(&c.id))
+            .filter(|c| {
+                !matches!(
+                    c.state,
+                    ApiRequestState::Approved | ApiRequestState::Pending
+                )
+            })
+            .map(|c| c.id.as_str())
             .collect();
-        (!ids.is_empty()).then_some((credentials, ids))
+        if withdrawn.is_empty() {
+            return 0;
+        }
+        let Ok(mut store) = self.context.store.lock() else {
+            tracing::warn!("store lock poisoned; revoked grants end at the check-in");
+            return 0;
+        };
+        let approved = match store.requests(None, Some(RequestState::Approved)) {
+            Ok(approved) => approved,
+            Err(error) => {
+                tracing::warn!(%error, "cannot read requests; revoked grants end at the check-in");
+                return 0;
+            }
+        };
+        let mut ended = 0;
+        for request in approved.iter().filter(|r| {
+            r.platform_id
+                .as_deref()
+                .is_some_and(|id| withdrawn.contains(&id))
+        }) {
+            // Every grant of the request, whatever its window says by the
+            // wall clock: the exec path judges windows by the trusted clock.
+            let grants = match store.grants_for_identity(request.uid, &request.identity, 1000) {
+                Ok(grants) => grants,
+                Err(error) => {
+                    tracing::warn!(%error, request = %request.id, "cannot read grants; this one ends at the check-in");
+                    continue;
+                }
+            };
+            for grant in grants
+                .iter()
+                .filter(|g| g.grant.request_id.as_deref() == Some(request.id.as_str()))
+            {
+                match store.end_grant(grant.id) {
+                    Ok(true) => {
+                        ended += 1;
+                        tracing::info!(request = %request.id, grant = grant.id, "grant withdrawn on the platform: ended now");
+                    }
+                    Ok(false) => {}
+                    Err(error) => {
+                        tracing::warn!(%error, grant = grant.id, "cannot end a withdrawn grant; it ends at the check-in");
+                    }
+                }
+            }
+        }
+        ended
     }
 
     fn checkin_request(&self) -> CheckinRequest {
@@ -908,55 +1010,104 @@ enum Woke {
 }
 
 /// The request wait's state between cycles: while requests are pending
-/// here, one wait is kept open on the platform so a decision runs a cycle
-/// at once instead of at the next `sync_interval`.
-#[derive(Debug)]
+/// or grants in force here, one wait is kept open on the platform so a
+/// decision or a revocation runs a cycle at once instead of at the next
+/// `sync_interval`.
+#[derive(Debug, Default)]
 struct RequestWaits {
     /// Consecutive failed waits; backed off like check-ins.
     failures: u32,
     /// No wait starts before this.
-    not_before: tokio::time::Instant,
+    not_before: Option<tokio::time::Instant>,
     /// The platform has no such call (an older one): check-ins only.
     unsupported: bool,
-    /// Ids a wait reported decided that are still pending here after the
-    /// cycle it caused (a grant refused, say): not waited on again until
-    /// they leave pending, or every wait would answer at once.
-    stale: std::collections::HashSet<String>,
+    /// The platform takes waits on pending requests only (it refused one
+    /// naming grants): revocations arrive at check-ins.
+    grants_unsupported: bool,
+    /// Ids a wait reported changed that are still pending (or approved)
+    /// here after the cycle it caused (a grant refused, a check-in that
+    /// failed): not waited on again in that state until they leave it, or
+    /// every wait would answer at once. Kept with the list they were in,
+    /// so a request pending when stale is still watched once approved.
+    stale: std::collections::HashSet<(String, Held)>,
     last_error: Option<String>,
 }
 
+/// Which list of a [`Watched`] an id was in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Held {
+    Pending,
+    Grant,
+}
+
 impl RequestWaits {
-    /// The ids to wait on among `pending` (dropping stale ids no longer
-    /// pending), at most what the platform takes.
-    fn ids(&mut self, pending: Vec<String>) -> Vec<String> {
-        self.stale.retain(|id| pending.contains(id));
-        pending
-            .into_iter()
-            .filter(|id| !self.stale.contains(id))
-            .take(MAX_WAIT_REQUESTS)
-            .collect()
+    /// What to wait on (dropping stale ids that left the state they were
+    /// stale in), at most what the platform takes: grants first, since a
+    /// revocation that is late lets a withdrawn grant be used, and a user
+    /// must not be able to crowd them out with requests of their own.
+    fn watch(&mut self, watched: Watched) -> Watched {
+        self.stale.retain(|(id, held)| match held {
+            Held::Pending => watched.pending.contains(id),
+            Held::Grant => watched.grants.contains(id),
+        });
+        let fresh = |held: Held, ids: Vec<String>, stale: &std::collections::HashSet<_>| {
+            ids.into_iter()
+                .filter(|id| !stale.contains(&(id.clone(), held)))
+                .collect::<Vec<String>>()
+        };
+        let mut grants = if self.grants_unsupported {
+            Vec::new()
+        } else {
+            fresh(Held::Grant, watched.grants, &self.stale)
+        };
+        grants.truncate(MAX_WAIT_REQUESTS);
+        let mut pending = fresh(Held::Pending, watched.pending, &self.stale);
+        pending.truncate(MAX_WAIT_REQUESTS - grants.len());
+        Watched { pending, grants }
     }
 
-    /// A wait ended: `Some(ids)` decided (run a cycle), `None` not.
+    /// The ids of `changed` that `watched` named, as stale candidates.
+    fn mark_stale(&mut self, watched: &Watched, changed: Vec<RequestChange>) {
+        for RequestChange { id, .. } in changed {
+            if watched.grants.contains(&id) {
+                self.stale.insert((id.clone(), Held::Grant));
+            }
+            if watched.pending.contains(&id) {
+                self.stale.insert((id, Held::Pending));
+            }
+        }
+    }
+
+    /// A wait on `watched` ended: `Some(changes)` (run a cycle), `None`
+    /// not.
     fn ended(
         &mut self,
         started: tokio::time::Instant,
+        watched: &Watched,
         outcome: Result<RequestWaitResponse, SyncError>,
         interval: Duration,
-    ) -> Option<Vec<String>> {
-        self.not_before = started + REQUEST_WAIT_SPACING;
+    ) -> Option<Vec<RequestChange>> {
+        self.not_before = Some(started + REQUEST_WAIT_SPACING);
         match outcome {
             Ok(answer) => {
                 self.failures = 0;
                 if self.last_error.take().is_some() {
                     tracing::info!("request waits work again");
                 }
-                let ids: Vec<String> = answer.changed.into_iter().map(|c| c.id).collect();
-                (!ids.is_empty()).then_some(ids)
+                (!answer.changed.is_empty()).then_some(answer.changed)
             }
             Err(error) if matches!(error.status(), Some(404 | 405)) => {
                 tracing::info!(%error, "the platform has no request waits; decisions arrive at check-ins");
                 self.unsupported = true;
+                None
+            }
+            // A platform older than grant waits refuses the unknown field;
+            // pending requests are still worth a wait there.
+            Err(error)
+                if !watched.grants.is_empty() && matches!(error.status(), Some(400 | 422)) =>
+            {
+                tracing::info!(%error, "the platform takes no grants in request waits; revocations arrive at check-ins");
+                self.grants_unsupported = true;
                 None
             }
             Err(error) => {
@@ -966,7 +1117,8 @@ impl RequestWaits {
                     self.failures,
                     epm_sync::schedule::random_jitter(),
                 );
-                self.not_before = tokio::time::Instant::now() + delay.max(REQUEST_WAIT_SPACING);
+                self.not_before =
+                    Some(tokio::time::Instant::now() + delay.max(REQUEST_WAIT_SPACING));
                 let text = error.to_string();
                 if self.last_error.as_ref() != Some(&text) {
                     tracing::warn!(error = %text, retry_in = ?delay, "request wait failed; retrying with backoff");
@@ -998,35 +1150,29 @@ pub(crate) fn spawn<P: Platform + Send + 'static>(
                 let mut failures: u32 = 0;
                 let mut next_cycle = tokio::time::Instant::now();
                 let mut last_error: Option<String> = None;
-                let mut waits = RequestWaits {
-                    failures: 0,
-                    not_before: tokio::time::Instant::now(),
-                    unsupported: false,
-                    stale: std::collections::HashSet::new(),
-                    last_error: None,
-                };
+                let mut waits = RequestWaits::default();
                 loop {
                     // A wait only while the last cycle reached the platform
                     // (when it is down, the cycles' backoff decides when to
                     // try again) and something here waits on it.
-                    let watch = match cycle.pending_on_platform() {
-                        Some((credentials, pending)) if failures == 0 && !waits.unsupported => {
-                            let ids = waits.ids(pending);
-                            (!ids.is_empty()).then_some((credentials, ids))
+                    let watch = match cycle.watched_on_platform() {
+                        Some((credentials, watched)) if failures == 0 && !waits.unsupported => {
+                            let watched = waits.watch(watched);
+                            (!watched.is_empty()).then_some((credentials, watched))
                         }
                         _ => None,
                     };
-                    let not_before = waits.not_before;
+                    let not_before = waits.not_before.unwrap_or_else(tokio::time::Instant::now);
                     let wait_started = std::cell::Cell::new(tokio::time::Instant::now());
                     let woke = {
                         let platform = &cycle.platform;
                         let wait = async {
-                            let Some((credentials, ids)) = &watch else {
+                            let Some((credentials, watched)) = &watch else {
                                 return std::future::pending().await;
                             };
                             tokio::time::sleep_until(not_before).await;
                             wait_started.set(tokio::time::Instant::now());
-                            platform.wait_requests(credentials, ids, REQUEST_WAIT).await
+                            platform.wait_requests(credentials, watched, REQUEST_WAIT).await
                         };
                         tokio::select! {
                             () = tokio::time::sleep_until(next_cycle) => Woke::Due,
@@ -1041,10 +1187,14 @@ pub(crate) fn spawn<P: Platform + Send + 'static>(
                         Woke::Due => None,
                         Woke::Asked(reply) => Some(reply),
                         Woke::Waited(outcome) => {
-                            match waits.ended(wait_started.get(), outcome, interval) {
-                                Some(decided) => {
-                                    tracing::debug!(?decided, "requests decided on the platform; syncing now");
-                                    waits.stale.extend(decided);
+                            // Only a wait that ran has an outcome: `watch`
+                            // is set.
+                            let watched = watch.map(|(_, w)| w).unwrap_or_default();
+                            match waits.ended(wait_started.get(), &watched, outcome, interval) {
+                                Some(changed) => {
+                                    tracing::debug!(?changed, "requests decided or grants revoked on the platform; syncing now");
+                                    cycle.end_withdrawn_grants(&watched, &changed);
+                                    waits.mark_stale(&watched, changed);
                                     None
                                 }
                                 None => continue,

@@ -277,10 +277,12 @@ fn done_text(done: &Option<String>) -> Option<&'static str> {
     Some(match done.as_deref()? {
         "approved" => "Approved at your level.",
         "approved-fully" => {
-            "Approved: every level has approved; the grant reaches the device at its next check-in."
+            "Approved: every level has approved; the grant reaches the device within seconds when it is online."
         }
         "denied" => "Denied. The user will read your reason.",
-        "revoked" => "Revoked: the grant is withdrawn at the device's next check-in.",
+        "revoked" => {
+            "Revoked: the device drops the grant within seconds when it is online, else at its next check-in."
+        }
         "pushed" => "Pushed: devices get it at their next check-in.",
         "deleted" => "Deleted.",
         "reset" => "Reset: its credentials are void until it enrolls again.",

@@ -42,6 +42,10 @@ struct FakeState {
     bad_wait: Option<fn() -> SyncError>,
     checkins: u32,
     waits: u32,
+    /// What each wait named, in order.
+    watched: Vec<Watched>,
+    /// Refuse waits naming grants, as a platform older than them does.
+    refuse_grant_waits: bool,
 }
 
 #[derive(Clone, Default)]
@@ -180,26 +184,44 @@ impl Platform for FakePlatform {
         })
     }
 
-    /// Like the platform: answers once one of `ids` is no longer pending,
-    /// or empty after `wait`.
+    /// Like the platform: answers once one of the pending ids is no longer
+    /// pending or one of the grants no longer approved, or empty after
+    /// `wait`.
     async fn wait_requests(
         &self,
         _: &AgentCredentials,
-        ids: &[String],
+        watched: &Watched,
         wait: Duration,
     ) -> Result<RequestWaitResponse, SyncError> {
         let deadline = tokio::time::Instant::now() + wait;
-        self.state().waits += 1;
+        {
+            let mut state = self.state();
+            state.waits += 1;
+            state.watched.push(watched.clone());
+        }
         loop {
             {
                 let state = self.state();
                 if let Some(error) = state.bad_wait {
                     return Err(error());
                 }
+                if state.refuse_grant_waits && !watched.grants.is_empty() {
+                    return Err(SyncError::Status {
+                        step: "request wait",
+                        url: "https://fake".into(),
+                        status: 422,
+                        code: Some("invalid_json".into()),
+                        message: "unknown field `grants`".into(),
+                    });
+                }
                 let changed: Vec<_> = state
                     .requests
                     .iter()
-                    .filter(|r| ids.contains(&r.id) && r.state != ApiRequestState::Pending)
+                    .filter(|r| {
+                        (watched.pending.contains(&r.id) && r.state != ApiRequestState::Pending)
+                            || (watched.grants.contains(&r.id)
+                                && r.state != ApiRequestState::Approved)
+                    })
                     .map(|r| epm_api::agent::RequestChange {
                         id: r.id.clone(),
                         state: r.state,
@@ -762,6 +784,239 @@ fn no_wait_without_pending_requests_and_failed_waits_back_off() {
         1,
         "backed off after a failure"
     );
+    drop(handle);
+}
+
+/// The platform's status of `request` (platform id `p-1`) in `state`,
+/// with a grant signed by `agent`'s key when approved.
+fn status_of(agent: &Agent, request: &Request, state: ApiRequestState) -> RequestStatus {
+    let now = Timestamp::now();
+    let grant = (state == ApiRequestState::Approved).then(|| {
+        let grant = Grant {
+            request_id: "p-1".into(),
+            device_id: DEVICE.into(),
+            user: "alice".into(),
+            identity: ApiIdentity {
+                kind: "sha256".into(),
+                value: "ab".repeat(32),
+            },
+            rule_id: "wireshark".into(),
+            not_before: now,
+            not_after: now + jiff::SignedDuration::from_hours(1),
+            uses: 5,
+            issued_at: now,
+        };
+        agent.key.sign(SignedKind::Grant, &grant).unwrap()
+    });
+    RequestStatus {
+        id: "p-1".into(),
+        local_id: request.id.clone(),
+        state,
+        reason: (state == ApiRequestState::Revoked).then(|| "withdrawn".into()),
+        current_level: 0,
+        levels: 1,
+        updated_at: now,
+        grant,
+    }
+}
+
+fn grants_held(agent: &Agent) -> usize {
+    agent
+        .store
+        .lock()
+        .unwrap()
+        .grants_for(1000, Timestamp::now())
+        .unwrap()
+        .len()
+}
+
+#[test]
+fn a_revocation_ends_a_grant_in_force_at_once_despite_a_long_interval() {
+    let agent = Agent::new();
+    let request = local_request(&agent, Some("p-1"));
+    agent.platform.state().requests = vec![status_of(&agent, &request, ApiRequestState::Approved)];
+    let handle = spawn(
+        agent.cycle(),
+        "https://fake".into(),
+        Duration::from_secs(300),
+        sync_channel(),
+    )
+    .unwrap();
+    // The first cycle stores the grant; the wait that follows names it as
+    // a grant in force, no longer as pending.
+    assert!(eventually(Duration::from_secs(10), || {
+        agent.platform.state().watched.last()
+            == Some(&Watched {
+                pending: vec![],
+                grants: vec!["p-1".into()],
+            })
+    }));
+    assert_eq!(grants_held(&agent), 1);
+    assert_eq!(local_state(&agent, &request.id), RequestState::Approved);
+
+    // Revoked on the platform: the open wait answers, a cycle runs at once
+    // (not in 300 s) and the grant is gone.
+    let revoked = std::time::Instant::now();
+    agent.platform.state().requests = vec![status_of(&agent, &request, ApiRequestState::Revoked)];
+    assert!(
+        eventually(Duration::from_secs(10), || grants_held(&agent) == 0),
+        "the revocation ended the grant before the next check-in"
+    );
+    assert!(revoked.elapsed() < Duration::from_secs(10));
+    assert_eq!(local_state(&agent, &request.id), RequestState::Revoked);
+    assert_eq!(agent.platform.state().checkins, 2);
+    // Nothing in force or pending any more: no further wait.
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(agent.platform.state().waits, 1);
+    drop(handle);
+}
+
+#[test]
+fn a_revoked_grant_ends_on_the_wait_word_even_when_the_check_in_fails() {
+    let agent = Agent::new();
+    let request = local_request(&agent, Some("p-1"));
+    agent.platform.state().requests = vec![status_of(&agent, &request, ApiRequestState::Approved)];
+    let handle = spawn(
+        agent.cycle(),
+        "https://fake".into(),
+        Duration::from_secs(300),
+        sync_channel(),
+    )
+    .unwrap();
+    assert!(eventually(Duration::from_secs(10), || {
+        agent
+            .platform
+            .state()
+            .watched
+            .last()
+            .is_some_and(|w| !w.grants.is_empty())
+    }));
+    assert_eq!(grants_held(&agent), 1);
+    // The device is reset on the platform: its requests are revoked and
+    // its credentials void, so the check-in the wait's answer causes is
+    // refused. The grant ends all the same; the request keeps its state
+    // until a check-in can say why.
+    {
+        let mut state = agent.platform.state();
+        state.bad_checkin = Some(|| SyncError::Status {
+            step: "check-in",
+            url: "https://fake".into(),
+            status: 401,
+            code: Some("unauthorized".into()),
+            message: "unknown agent".into(),
+        });
+        state.requests = vec![status_of(&agent, &request, ApiRequestState::Revoked)];
+    }
+    assert!(
+        eventually(Duration::from_secs(10), || grants_held(&agent) == 0),
+        "the wait's answer alone ended the grant"
+    );
+    assert_eq!(local_state(&agent, &request.id), RequestState::Approved);
+    drop(handle);
+}
+
+#[test]
+fn a_wait_names_grants_first_within_the_cap_and_falls_back_without_them() {
+    let mut waits = RequestWaits::default();
+    let ids = |prefix: &str, n: usize| -> Vec<String> {
+        (0..n).map(|i| format!("{prefix}-{i}")).collect()
+    };
+    // More than the platform takes: every grant is named before any
+    // pending request, so a user's own requests cannot crowd out a
+    // revocation.
+    let watched = waits.watch(Watched {
+        pending: ids("p", MAX_WAIT_REQUESTS),
+        grants: ids("g", 30),
+    });
+    assert_eq!(watched.grants.len(), 30);
+    assert_eq!(watched.pending.len(), MAX_WAIT_REQUESTS - 30);
+    let watched = waits.watch(Watched {
+        pending: ids("p", 5),
+        grants: ids("g", MAX_WAIT_REQUESTS + 5),
+    });
+    assert_eq!(watched.grants.len(), MAX_WAIT_REQUESTS);
+    assert!(watched.pending.is_empty());
+
+    // A request reported decided but still pending here is not waited on
+    // as pending; once approved here it is waited on as a grant.
+    let named = Watched {
+        pending: vec!["r".into()],
+        grants: vec![],
+    };
+    waits.mark_stale(
+        &named,
+        vec![epm_api::agent::RequestChange {
+            id: "r".into(),
+            state: ApiRequestState::Approved,
+        }],
+    );
+    assert!(waits.watch(named.clone()).is_empty());
+    let approved = Watched {
+        pending: vec![],
+        grants: vec!["r".into()],
+    };
+    assert_eq!(waits.watch(approved.clone()), approved);
+
+    // A platform that refuses grant waits (older than them): pending
+    // requests are still waited on, grants no longer.
+    let refused = Err(SyncError::Status {
+        step: "request wait",
+        url: "https://fake".into(),
+        status: 422,
+        code: Some("invalid_json".into()),
+        message: "unknown field `grants`".into(),
+    });
+    let both = Watched {
+        pending: vec!["x".into()],
+        grants: vec!["y".into()],
+    };
+    let now = tokio::time::Instant::now();
+    assert!(
+        waits
+            .ended(now, &both, refused, Duration::from_secs(300))
+            .is_none()
+    );
+    assert!(waits.grants_unsupported && !waits.unsupported);
+    assert_eq!(waits.failures, 0, "not a failure to back off from");
+    assert_eq!(
+        waits.watch(both),
+        Watched {
+            pending: vec!["x".into()],
+            grants: vec![],
+        }
+    );
+}
+
+#[test]
+fn a_platform_without_grant_waits_still_gets_waits_on_pending_requests() {
+    let agent = Agent::new();
+    let granted = local_request(&agent, Some("p-1"));
+    agent.platform.state().requests = vec![status_of(&agent, &granted, ApiRequestState::Approved)];
+    agent.platform.state().refuse_grant_waits = true;
+    let handle = spawn(
+        agent.cycle(),
+        "https://fake".into(),
+        Duration::from_secs(300),
+        sync_channel(),
+    )
+    .unwrap();
+    assert!(eventually(Duration::from_secs(10), || {
+        agent.platform.state().checkins == 1 && agent.platform.state().waits == 1
+    }));
+    // A pending request: its wait goes out without the grant, after the
+    // usual spacing, not after a back-off.
+    local_request(&agent, Some("p-2"));
+    assert!(matches!(
+        handle.sync_now(Duration::from_secs(10)),
+        SyncNowReply::Done(Ok(_))
+    ));
+    assert!(eventually(Duration::from_secs(5), || {
+        agent.platform.state().watched.last()
+            == Some(&Watched {
+                pending: vec!["p-2".into()],
+                grants: vec![],
+            })
+    }));
     drop(handle);
 }
 
