@@ -12,7 +12,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use epm_e2e::platform::Platform;
-use epm_e2e::{Daemon, TestUser, capable, denied, policy, ran, synced, text};
+use epm_e2e::{Daemon, TestUser, capable, denied, policy, ran, synced, text, wait_until};
 
 fn approve_rule(id: &str, path: &Path) -> String {
     approve_rule_with_uses(id, path, 1)
@@ -289,4 +289,28 @@ fn a_revocation_on_the_platform_ends_the_grant_on_the_agent_without_waiting_for_
         "dropped by the push, though no check-in can succeed: {gap:?}"
     );
     assert!(denied(&user.run(&tool)), "and it stays refused");
+    // No check-in will record why, so the ending is audited on the spot:
+    // once for the revoke, once for the reset.
+    wait_until(
+        "two grant_withdrawn records",
+        Duration::from_secs(5),
+        || {
+            daemon
+                .audit()
+                .iter()
+                .filter(|r| r["event"] == "grant_withdrawn")
+                .count()
+                >= 2
+        },
+    );
+    let withdrawn: Vec<serde_json::Value> = daemon
+        .audit()
+        .into_iter()
+        .filter(|r| r["event"] == "grant_withdrawn")
+        .collect();
+    for record in &withdrawn {
+        assert_eq!(record["user"], user.name.as_str(), "{record}");
+        assert_eq!(record["path"], tool.display().to_string(), "{record}");
+        assert_eq!(record["details"]["platform_state"], "revoked", "{record}");
+    }
 }

@@ -35,6 +35,9 @@ use crate::exec::decider::Decider;
 use crate::exec::stats::Counters;
 use crate::managed::policy_source;
 
+/// The audit event of a grant ended on a request wait's answer.
+const GRANT_WITHDRAWN: &str = "grant_withdrawn";
+
 /// Most audit records in one upload.
 const MAX_BATCH_RECORDS: usize = 500;
 /// Room for the upload's JSON around its records.
@@ -543,6 +546,24 @@ impl<P: Platform> SyncCycle<P> {
                     Ok(true) => {
                         ended += 1;
                         tracing::info!(request = %request.id, grant = grant.id, "grant withdrawn on the platform: ended now");
+                        // Audited here: after a device reset no check-in
+                        // comes to record why.
+                        let platform_state = changes
+                            .iter()
+                            .find(|c| Some(c.id.as_str()) == request.platform_id.as_deref())
+                            .map_or("withdrawn", |c| c.state.as_str());
+                        let mut event = epm_audit::AuditEvent::new(GRANT_WITHDRAWN)
+                            .with_reason(format!(
+                                "the platform reports the request {platform_state}: its grant ended at once"
+                            ))
+                            .with_detail("request_id", request.id.as_str())
+                            .with_detail("grant_id", grant.id)
+                            .with_detail("platform_state", platform_state);
+                        event.uid = Some(request.uid);
+                        event.user = Some(request.user.clone());
+                        event.path = Some(request.path.clone());
+                        event.rule_id = Some(request.rule_id.clone());
+                        self.context.audit.send(event);
                     }
                     Ok(false) => {}
                     Err(error) => {
