@@ -63,7 +63,7 @@ pub(crate) mod events {
     /// it may also be the machine waking from sleep), whether or not a
     /// session was open: windows and expiry are judged by the trusted
     /// clock, and the log should say why times in it jump.
-    pub(crate) const CLOCK_JUMP: &str = "clock_jump";
+    pub(crate) const CLOCK_JUMP: &str = crate::grants::clock::CLOCK_JUMP_EVENT;
 }
 
 /// Adding users to groups and taking them out: the platform's directory.

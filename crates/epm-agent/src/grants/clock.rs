@@ -12,6 +12,10 @@ use std::time::Instant;
 
 use jiff::{SignedDuration, Timestamp};
 
+/// The audit event of a wall clock found set: by a jump seen while
+/// running (`admin_session`'s check) or behind the kept floor at start.
+pub(crate) const CLOCK_JUMP_EVENT: &str = "clock_jump";
+
 /// The store's meta key for the floor kept across restarts.
 pub(crate) const FLOOR_META_KEY: &str = "trusted_time_floor";
 

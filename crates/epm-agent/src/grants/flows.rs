@@ -184,7 +184,7 @@ impl Flows {
             // Every window and session is judged from the floor now: the
             // log says why its times jump back.
             audit.send(
-                AuditEvent::new(crate::grants::admin_session::events::CLOCK_JUMP)
+                AuditEvent::new(crate::grants::clock::CLOCK_JUMP_EVENT)
                     .with_reason(format!(
                         "the wall clock reads about {} s earlier than this daemon last saw before it restarted: it was set back while the daemon was down; windows and sessions are judged from the later time",
                         behind.as_secs()
