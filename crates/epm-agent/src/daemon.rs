@@ -174,6 +174,7 @@ fn gate_until_stopped(running: Running<'_>) -> anyhow::Result<()> {
         needs.clone(),
         &decider,
         &store,
+        &audit,
     );
     let mut gate = match gate {
         Ok(gate) => gate,
@@ -705,13 +706,22 @@ fn open_gate(
     prepared: PreparedGate,
     fallback: crate::gate::Verdict,
     needs: Arc<FactNeeds>,
-    _decider: &Arc<Decider>,
+    decider: &Arc<Decider>,
     _store: &Arc<Mutex<Store>>,
+    audit: &AuditSink,
 ) -> anyhow::Result<Box<dyn ExecGate>> {
-    use crate::gate::fanotify::{FanotifyConfig, FanotifyGate};
+    use crate::gate::fanotify::{FanotifyConfig, FanotifyGate, UnidentifiedReport};
+    let unidentified = {
+        let decider = decider.clone();
+        let audit = audit.clone();
+        UnidentifiedReport(Arc::new(move |exec| {
+            audit.send(crate::exec::audit::unidentified_event(&decider, &exec));
+        }))
+    };
     let gate = FanotifyGate::open_with(
         FanotifyConfig {
             needs,
+            unidentified: Some(unidentified),
             ..FanotifyConfig::new(config.gate.watch_paths.clone(), fallback)
         },
         prepared.0?,
@@ -737,6 +747,7 @@ fn open_gate(
     needs: Arc<FactNeeds>,
     decider: &Arc<Decider>,
     store: &Arc<Mutex<Store>>,
+    _audit: &AuditSink,
 ) -> anyhow::Result<Box<dyn ExecGate>> {
     let gate = crate::gate::endpoint_security::EndpointSecurityGate::open(fallback, needs.clone())?;
     let cache = gate.cache();
@@ -768,6 +779,7 @@ fn open_gate(
     _needs: Arc<FactNeeds>,
     _decider: &Arc<Decider>,
     _store: &Arc<Mutex<Store>>,
+    _audit: &AuditSink,
 ) -> anyhow::Result<Box<dyn ExecGate>> {
     anyhow::bail!("this build of epmd has no exec gate for this platform")
 }

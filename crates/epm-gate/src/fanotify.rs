@@ -144,6 +144,32 @@ pub const NOTIFICATIONS_READ_WITHIN: Duration = Duration::from_millis(5);
 /// thousands of descriptors at once; an event is 32 bytes with its pidfd.
 const READ_BUFFER: usize = 4096;
 
+/// An exec whose file the gate could not identify (duplicating or
+/// `fstat`ing its descriptor failed), answered with the fallback verdict
+/// without a decision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnidentifiedExec {
+    /// The process (thread group id).
+    pub pid: u32,
+    /// The kernel's name for the file, when it gave one (may be empty).
+    pub path: String,
+    /// What failed.
+    pub error: String,
+    /// The answer it got.
+    pub verdict: Verdict,
+}
+
+/// Told of each [`UnidentifiedExec`], after its answer: the daemon audits
+/// it. Called on the gate's thread, so it must not block.
+#[derive(Clone)]
+pub struct UnidentifiedReport(pub Arc<dyn Fn(UnidentifiedExec) + Send + Sync>);
+
+impl std::fmt::Debug for UnidentifiedReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("UnidentifiedReport")
+    }
+}
+
 /// The fanotify gate's settings.
 #[derive(Debug, Clone)]
 pub struct FanotifyConfig {
@@ -160,6 +186,9 @@ pub struct FanotifyConfig {
     /// status read) and the login uid (a /proc read) off while nothing
     /// uses them. The default gathers every fact.
     pub needs: Arc<FactNeeds>,
+    /// Where execs answered without a decision because their file could
+    /// not be identified are reported (default: only logged).
+    pub unidentified: Option<UnidentifiedReport>,
 }
 
 impl FanotifyConfig {
@@ -173,6 +202,7 @@ impl FanotifyConfig {
                 .collect(),
             fallback,
             needs: Arc::new(FactNeeds::all()),
+            unidentified: None,
         }
     }
 }
@@ -200,6 +230,8 @@ pub struct FanotifyGate {
     has_pidfd: bool,
     own_pid: u32,
     fallback: Verdict,
+    /// See [`FanotifyConfig::unidentified`].
+    unidentified: Option<UnidentifiedReport>,
     needs: Arc<FactNeeds>,
     /// Dynamic programs waiting for their interpreter's event.
     interpreter_loads: Arc<Mutex<InterpreterLoads>>,
@@ -363,6 +395,7 @@ impl FanotifyGate {
             has_pidfd,
             own_pid: std::process::id(),
             fallback: config.fallback,
+            unidentified: config.unidentified,
             needs: config.needs,
             interpreter_loads,
             own_mounts: HashSet::new(),
@@ -713,7 +746,16 @@ impl FanotifyGate {
             Err(Unusable::File(e)) => {
                 tracing::error!(pid, error = %e, verdict = ?self.fallback,
                     "cannot identify the file being executed; answering with the fallback");
+                let path = fd_path(responder.event_fd.as_fd());
                 responder.answer(self.fallback);
+                if let Some(UnidentifiedReport(report)) = &self.unidentified {
+                    report(UnidentifiedExec {
+                        pid,
+                        path,
+                        error: e.to_string(),
+                        verdict: self.fallback,
+                    });
+                }
             }
         }
     }

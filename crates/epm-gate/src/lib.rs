@@ -428,15 +428,23 @@ impl AnsweredBy {
     }
 }
 
+/// Told of an exec dropped unanswered, after its fallback answer (see
+/// [`PendingExec::reporting_drops_to`]): the daemon audits it. Called from
+/// a `Drop`, maybe while a panic unwinds, so it must neither block nor
+/// panic.
+pub type DropReport = std::sync::Arc<dyn Fn(&ExecFacts, Verdict) + Send + Sync>;
+
 /// An exec waiting for its answer. Answer it with [`PendingExec::answer`];
 /// if it is dropped unanswered (a panic, a bug, shutdown) it answers with its
-/// fallback verdict, so the kernel is never left waiting.
+/// fallback verdict, so the kernel is never left waiting, and tells its
+/// [`DropReport`], so the exec is not left out of the audit either.
 pub struct PendingExec {
     /// What the gate saw.
     pub facts: ExecFacts,
     responder: Option<Box<dyn Respond>>,
     fallback: Verdict,
     observed: Option<AnsweredBy>,
+    drop_report: Option<DropReport>,
 }
 
 impl std::fmt::Debug for PendingExec {
@@ -457,7 +465,15 @@ impl PendingExec {
             responder: Some(responder),
             fallback,
             observed: None,
+            drop_report: None,
         }
+    }
+
+    /// Tells `report` if this exec is dropped unanswered.
+    #[must_use]
+    pub fn reporting_drops_to(mut self, report: DropReport) -> Self {
+        self.drop_report = Some(report);
+        self
     }
 
     /// An exec the platform let run without asking, from its own cache of
@@ -475,6 +491,7 @@ impl PendingExec {
             responder: None,
             fallback: Verdict::Allow,
             observed: Some(cache),
+            drop_report: None,
         }
     }
 
@@ -518,6 +535,9 @@ impl Drop for PendingExec {
             tracing::warn!(pid = self.facts.pid, path = %self.facts.path, verdict = ?self.fallback,
                 "exec dropped unanswered; answering with the fallback verdict");
             responder.respond(self.fallback);
+            if let Some(report) = self.drop_report.take() {
+                report(&self.facts, self.fallback);
+            }
         }
     }
 }
@@ -682,6 +702,57 @@ mod tests {
         let none = ExecFacts::new(1, identity, String::new());
         assert!(!none.has_content());
         assert!(none.content_handle().unwrap().is_none());
+    }
+
+    /// Sends its verdict down a channel.
+    struct Answered(std::sync::mpsc::Sender<Verdict>);
+
+    impl Respond for Answered {
+        fn respond(self: Box<Self>, verdict: Verdict) {
+            let _ = self.0.send(verdict);
+        }
+    }
+
+    #[test]
+    fn an_exec_dropped_unanswered_gets_its_fallback_and_is_reported_once() {
+        let identity = FileIdentity::of(&std::fs::metadata("/").unwrap());
+        let reported = Arc::new(Mutex::new(Vec::new()));
+        let report: DropReport = {
+            let reported = reported.clone();
+            Arc::new(move |facts: &ExecFacts, verdict| {
+                reported.lock().unwrap().push((facts.path.clone(), verdict));
+            })
+        };
+        let (tx, answers) = std::sync::mpsc::channel();
+        let exec = |path: &str| {
+            PendingExec::new(
+                ExecFacts::new(7, identity, path.to_owned()),
+                Box::new(Answered(tx.clone())),
+                Verdict::Deny,
+            )
+            .reporting_drops_to(report.clone())
+        };
+
+        drop(exec("/usr/bin/dropped"));
+        assert_eq!(answers.try_recv().unwrap(), Verdict::Deny);
+        exec("/usr/bin/answered").answer(Verdict::Allow);
+        assert_eq!(answers.try_recv().unwrap(), Verdict::Allow);
+        // A worker that panics holding an exec drops it while unwinding.
+        let unwinding = exec("/usr/bin/panicked");
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+            let _held = unwinding;
+            panic!("a worker's bug");
+        }));
+        assert_eq!(answers.try_recv().unwrap(), Verdict::Deny);
+
+        assert_eq!(
+            *reported.lock().unwrap(),
+            [
+                ("/usr/bin/dropped".to_owned(), Verdict::Deny),
+                ("/usr/bin/panicked".to_owned(), Verdict::Deny)
+            ],
+            "only the execs dropped unanswered are reported"
+        );
     }
 
     #[test]

@@ -875,3 +875,34 @@ pub fn fail_event(decider: &Decider, facts: &ExecFacts, verdict: Verdict, why: &
     }
     event.with_detail("fail_mode", true)
 }
+
+/// The audit event of an exec the Linux gate answered without a decision
+/// because it could not identify the file (its `fstat` failed): what
+/// little is known of it, so the exec is not missing from the log.
+#[cfg(target_os = "linux")]
+pub fn unidentified_event(
+    decider: &Decider,
+    exec: &crate::gate::fanotify::UnidentifiedExec,
+) -> AuditEvent {
+    let mut event = AuditEvent::new(EventKind::EXEC);
+    event.decision = Some(
+        match exec.verdict {
+            Verdict::Allow => "allow",
+            Verdict::Deny => "deny",
+        }
+        .to_owned(),
+    );
+    event.reason = Some(format!(
+        "fail_mode {}: cannot identify the file being executed: {}",
+        decider.fail_mode().as_str(),
+        exec.error
+    ));
+    event.mode = Some(decider.mode().as_str().to_owned());
+    event.pid = Some(exec.pid);
+    if !exec.path.is_empty() {
+        event.path = Some(exec.path.clone());
+    }
+    event.device_id = Some(decider.device_id().to_owned());
+    event.policy_version = Some(decider.policy().engine.version());
+    event.with_detail("fail_mode", true)
+}

@@ -31,7 +31,7 @@ use std::time::Instant;
 use crate::exec::audit::{AuditSink, exec_event, fail_event, observed_event, observed_fail_event};
 use crate::exec::decider::{DecideError, Decider, Enforced, Outcome};
 use crate::exec::stats::Counters;
-use crate::gate::{AnsweredBy, PendingExec};
+use crate::gate::{AnsweredBy, DropReport, PendingExec};
 
 /// One exec waiting for a worker, with the time the gate handed it over.
 #[derive(Debug)]
@@ -199,11 +199,22 @@ impl Drop for Taken<'_> {
 }
 
 /// The gate-facing end: hands execs in, never blocks.
-#[derive(Debug)]
 pub struct Intake {
     queue: Arc<FairQueue>,
     decider: Arc<Decider>,
     audit: AuditSink,
+    /// Audits an exec a worker dropped unanswered (a bug path).
+    drops: DropReport,
+}
+
+impl std::fmt::Debug for Intake {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Intake")
+            .field("queue", &self.queue)
+            .field("decider", &self.decider)
+            .field("audit", &self.audit)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Clone for Intake {
@@ -213,6 +224,7 @@ impl Clone for Intake {
             queue: self.queue.clone(),
             decider: self.decider.clone(),
             audit: self.audit.clone(),
+            drops: self.drops.clone(),
         }
     }
 }
@@ -226,6 +238,28 @@ impl Drop for Intake {
 }
 
 impl Intake {
+    /// The intake of `queue` (whose count of intakes the caller set).
+    fn new(queue: Arc<FairQueue>, decider: Arc<Decider>, audit: AuditSink) -> Intake {
+        let drops: DropReport = {
+            let decider = decider.clone();
+            let audit = audit.clone();
+            Arc::new(move |facts, verdict| {
+                audit.send(fail_event(
+                    &decider,
+                    facts,
+                    verdict,
+                    "the exec was dropped unanswered (a bug in epmd)",
+                ));
+            })
+        };
+        Intake {
+            queue,
+            decider,
+            audit,
+            drops,
+        }
+    }
+
     /// Queues an exec for a worker; when the queue is full, or the exec's
     /// user is over their share of it, the exec is answered per
     /// `fail_mode` at once, counted and audited.
@@ -269,6 +303,9 @@ impl Intake {
     fn enqueue(&self, pending: PendingExec, received: Instant) -> Option<(PendingExec, Refused)> {
         let depth = &self.decider.counters.queue_depth;
         depth.fetch_add(1, Ordering::Relaxed);
+        // Past this point a worker holds it: should a bug drop it, the
+        // fallback answer is audited too.
+        let pending = pending.reporting_drops_to(self.drops.clone());
         let Err((job, refused)) = self.queue.push(Box::new(Job { pending, received })) else {
             return None;
         };
@@ -347,11 +384,7 @@ impl Workers {
         let count = count.max(1);
         let queue = Arc::new(FairQueue::new(capacity, count));
         queue.intakes.store(1, Ordering::SeqCst);
-        let intake = Intake {
-            queue: queue.clone(),
-            decider: decider.clone(),
-            audit: audit.clone(),
-        };
+        let intake = Intake::new(queue.clone(), decider.clone(), audit.clone());
         let mut handles = Vec::with_capacity(count);
         for index in 0..count {
             let queue = queue.clone();
@@ -784,11 +817,7 @@ mod tests {
     fn intake_without_workers(capacity: usize, decider: &Arc<Decider>, sink: &AuditSink) -> Intake {
         let queue = Arc::new(FairQueue::new(capacity, 2));
         queue.intakes.store(1, Ordering::SeqCst);
-        Intake {
-            queue,
-            decider: decider.clone(),
-            audit: sink.clone(),
-        }
+        Intake::new(queue, decider.clone(), sink.clone())
     }
 
     fn exec_of(uid: u32, path: &str, tx: &crossbeam_channel::Sender<Verdict>) -> PendingExec {
@@ -837,6 +866,79 @@ mod tests {
                 .contains("uid 1000 is over its share"),
             "{over:?}"
         );
+    }
+
+    #[test]
+    fn an_exec_a_worker_drops_unanswered_is_answered_per_fail_mode_and_audited() {
+        let (dir, decider, writer, sink) = setup(FailMode::Closed);
+        let intake = intake_without_workers(64, &decider, &sink);
+        let (tx, verdicts) = crossbeam_channel::unbounded();
+        intake.submit(exec_of(1000, "/home/m/tool", &tx));
+        // A worker with a bug takes the exec and loses it.
+        let job = intake.queue.pop().expect("queued for a worker");
+        drop(job);
+        assert_eq!(
+            verdicts.recv_timeout(Duration::from_secs(1)).unwrap(),
+            Verdict::Deny
+        );
+        drop(intake);
+        assert!(sink.flush(Duration::from_secs(5)));
+        drop(sink);
+        writer.stop();
+        let records: Vec<epm_audit::AuditRecord> = epm_audit::tail(dir.path(), 100)
+            .unwrap()
+            .iter()
+            .map(|line| epm_audit::AuditRecord::parse(line).unwrap())
+            .collect();
+        let dropped: Vec<_> = records
+            .iter()
+            .filter(|r| r.event.path.as_deref() == Some("/home/m/tool"))
+            .collect();
+        assert_eq!(dropped.len(), 1, "{records:#?}");
+        let event = &dropped[0].event;
+        assert_eq!(event.decision.as_deref(), Some("deny"));
+        assert_eq!(event.uid, Some(1000));
+        assert!(
+            event
+                .reason
+                .as_deref()
+                .unwrap()
+                .contains("dropped unanswered"),
+            "{event:?}"
+        );
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn an_exec_the_gate_cannot_identify_is_audited_with_what_is_known() {
+        let (_dir, decider, writer, sink) = setup(FailMode::Open);
+        let exec = crate::gate::fanotify::UnidentifiedExec {
+            pid: 4242,
+            path: "/mnt/net/tool".to_owned(),
+            error: "Too many open files (os error 24)".to_owned(),
+            verdict: Verdict::Allow,
+        };
+        let event = crate::exec::audit::unidentified_event(&decider, &exec);
+        assert_eq!(event.event, "exec");
+        assert_eq!(event.decision.as_deref(), Some("allow"));
+        assert_eq!(event.pid, Some(4242));
+        assert_eq!(event.path.as_deref(), Some("/mnt/net/tool"));
+        assert_eq!(
+            event.reason.as_deref(),
+            Some(
+                "fail_mode open: cannot identify the file being executed: Too many open files (os error 24)"
+            )
+        );
+        let nameless = crate::exec::audit::unidentified_event(
+            &decider,
+            &crate::gate::fanotify::UnidentifiedExec {
+                path: String::new(),
+                ..exec
+            },
+        );
+        assert_eq!(nameless.path, None, "no empty path in the record");
+        drop(sink);
+        writer.stop();
     }
 
     #[test]
