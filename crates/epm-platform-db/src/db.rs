@@ -23,6 +23,7 @@ use sha2::{Digest, Sha256};
 use sql::{Conn, OptionalExtension, Row, params};
 
 mod console;
+mod pg_tls;
 mod postgres;
 pub mod sql;
 

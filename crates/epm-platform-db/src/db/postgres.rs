@@ -249,11 +249,15 @@ fn migrate(conn: &mut Conn<'_>) -> Result<()> {
 /// once with an empty payload ("anything may have changed"), since
 /// notifications sent meanwhile were lost.
 pub(super) fn listen(pg: &Pg, changed: Listener) {
-    let url = pg.url().to_owned();
+    let target = pg.target().clone();
     pg.spawn(async move {
         let mut failures = 0u32;
         loop {
-            match listen_once(&url, &changed).await {
+            let listened = match &target.tls {
+                None => listen_once(&target.config, tokio_postgres::NoTls, &changed).await,
+                Some(tls) => listen_once(&target.config, tls.clone(), &changed).await,
+            };
+            match listened {
                 Ok(()) => failures = 0,
                 Err(e) => {
                     failures = failures.saturating_add(1);
@@ -272,8 +276,16 @@ pub(super) fn listen(pg: &Pg, changed: Listener) {
     });
 }
 
-async fn listen_once(url: &str, changed: &Listener) -> std::result::Result<(), SqlError> {
-    let (client, mut connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+async fn listen_once<T>(
+    config: &tokio_postgres::Config,
+    tls: T,
+    changed: &Listener,
+) -> std::result::Result<(), SqlError>
+where
+    T: tokio_postgres::tls::MakeTlsConnect<tokio_postgres::Socket>,
+    T::Stream: Send + 'static,
+{
+    let (client, mut connection) = config.connect(tls).await?;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(String, String)>();
     let driver = tokio::spawn(async move {
         let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));

@@ -370,7 +370,7 @@ pub fn blocking<R>(f: impl FnOnce() -> R) -> R {
 pub struct Pg {
     pool: Pool,
     runtime: Option<tokio::runtime::Runtime>,
-    url: String,
+    target: Box<super::pg_tls::PgTarget>,
 }
 
 impl fmt::Debug for Pg {
@@ -406,22 +406,22 @@ pub fn redact(url: &str) -> String {
 impl Pg {
     /// A pool of up to `size` connections to `url` (`postgres://…`).
     pub fn connect(url: &str, size: usize) -> Result<Pg> {
-        let config: tokio_postgres::Config = url
-            .parse()
-            .map_err(|e| SqlError::Pool(format!("{}: {e}", redact(url))))?;
+        let target = super::pg_tls::PgTarget::parse(url, &redact(url))?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("epm-postgres")
             .enable_all()
             .build()
             .map_err(|e| SqlError::Pool(format!("starting the PostgreSQL runtime: {e}")))?;
-        let manager = Manager::from_config(
-            config,
-            tokio_postgres::NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
+        let manager_config = ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        };
+        let manager = match &target.tls {
+            None => {
+                Manager::from_config(target.config.clone(), tokio_postgres::NoTls, manager_config)
+            }
+            Some(tls) => Manager::from_config(target.config.clone(), tls.clone(), manager_config),
+        };
         let pool = Pool::builder(manager)
             .max_size(size)
             .runtime(deadpool_postgres::Runtime::Tokio1)
@@ -432,16 +432,17 @@ impl Pg {
         let pg = Pg {
             pool,
             runtime: Some(runtime),
-            url: url.to_owned(),
+            target: Box::new(target),
         };
         // Fail at start, with the reason, rather than at the first call.
         drop(pg.client()?);
         Ok(pg)
     }
 
-    /// The URL (with its password), for the listener's own connection.
-    pub fn url(&self) -> &str {
-        &self.url
+    /// The connection settings (with the password and TLS), for the
+    /// listener's own connection.
+    pub(crate) fn target(&self) -> &super::pg_tls::PgTarget {
+        &self.target
     }
 
     fn runtime(&self) -> &tokio::runtime::Runtime {
@@ -473,8 +474,25 @@ impl Pg {
     fn client(&self) -> Result<deadpool_postgres::Object> {
         let pool = self.pool.clone();
         self.run(async move { pool.get().await })
-            .map_err(|e| SqlError::Pool(e.to_string()))
+            .map_err(|e| SqlError::Pool(with_causes(&e)))
     }
+}
+
+/// An error and its causes, outermost first: a pool's "error performing
+/// TLS handshake" says why only in its source (the certificate's issuer
+/// unknown, the name not matching, ...).
+fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(inner) = cause {
+        let inner_text = inner.to_string();
+        if !text.contains(&inner_text) {
+            text.push_str(": ");
+            text.push_str(&inner_text);
+        }
+        cause = inner.source();
+    }
+    text
 }
 
 /// A statement in PostgreSQL's words, translated once per distinct text.

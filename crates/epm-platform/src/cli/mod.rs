@@ -72,7 +72,9 @@ struct Remote {
     data: Option<PathBuf>,
     /// Where the state is kept: sqlite://PATH (default:
     /// <--data>/platform.db, one instance) or postgres://USER@HOST/DB
-    /// (any number of instances sharing it; see docs/scale.md).
+    /// (any number of instances sharing it; see docs/scale.md). For TLS to
+    /// PostgreSQL add ?sslmode=verify-full&sslrootcert=CA.pem: the server
+    /// is always verified against that PEM file.
     #[arg(long, global = true, env = "EPM_PLATFORM_DATABASE")]
     database: Option<String>,
 }
