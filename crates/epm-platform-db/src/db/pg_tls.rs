@@ -107,7 +107,7 @@ fn take_tls_params(url: &str) -> Result<(String, TlsParams), String> {
                 }
             }
             Some(("sslrootcert", path)) if !path.is_empty() => {
-                params.root_cert = Some(PathBuf::from(path));
+                params.root_cert = Some(PathBuf::from(percent_decoded(path)?));
             }
             _ => kept.push(pair),
         }
@@ -118,6 +118,30 @@ fn take_tls_params(url: &str) -> Result<(String, TlsParams), String> {
         format!("{base}?{}", kept.join("&"))
     };
     Ok((rest, params))
+}
+
+/// A URL query value with its `%XX` escapes decoded, as libpq reads them
+/// (`sslrootcert=%2Fetc%2Fepm%2Fca.pem`).
+fn percent_decoded(value: &str) -> Result<String, String> {
+    let bytes = value.as_bytes();
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = value
+                .get(i + 1..i + 3)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                .ok_or_else(|| {
+                    format!("sslrootcert={value}: a % not followed by two hex digits")
+                })?;
+            decoded.push(hex);
+            i += 3;
+        } else {
+            decoded.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(decoded).map_err(|_| format!("sslrootcert={value}: not UTF-8 once decoded"))
 }
 
 /// The certificates of a PEM file, as trust anchors.
@@ -247,6 +271,11 @@ mod tests {
         );
         let error = take_tls_params("postgres://db/epm?sslmode=verify").unwrap_err();
         assert!(error.contains("sslmode=verify is not one of"), "{error}");
+        let (_, params) =
+            take_tls_params("postgres://db/epm?sslrootcert=%2Fetc%2Fepm%20ca.pem").unwrap();
+        assert_eq!(params.root_cert, Some("/etc/epm ca.pem".into()));
+        let error = take_tls_params("postgres://db/epm?sslrootcert=%zz").unwrap_err();
+        assert!(error.contains("two hex digits"), "{error}");
     }
 
     #[test]
