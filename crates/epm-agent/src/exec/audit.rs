@@ -13,7 +13,10 @@
 //! a second (with bursts of [`AuditLimits::user_burst_bytes`]). Past that,
 //! that user's records are counted instead of written, and an
 //! `audit_rate_limited` record per second says how many, of which kinds, so
-//! a flood from one user costs nobody else a record. The outbox's disk
+//! a flood from one user costs nobody else a record. Exec records whose
+//! user is unknown (a process that exited before its exec was read, which
+//! a user can make happen with a tight loop of a short program) share one
+//! such budget of their own, so they cannot be used to get past it. The outbox's disk
 //! budget is checked after every batch; pruning takes from the user with
 //! the most records waiting.
 
@@ -89,6 +92,10 @@ struct OverBudget {
     kinds: BTreeMap<String, u64>,
     user: Option<String>,
 }
+
+/// The budget that exec records of an unknown user share (no uid is this
+/// large: the kernel's is 32 bits and `u32::MAX` is its "no uid").
+const UNKNOWN_USER: u32 = u32::MAX;
 
 /// Per-user byte budgets (a token bucket each).
 #[derive(Debug)]
@@ -176,6 +183,15 @@ impl UserLimiter {
                     .with_detail("kinds", kinds)
                     .with_detail("since", over.since.to_string())
                     .with_detail("until", now.to_string());
+                if uid == UNKNOWN_USER {
+                    event.reason = Some(format!(
+                        "{} exec records of processes gone before they were read (user unknown; {} bytes) past their shared audit budget of {} KiB/s were counted, not written",
+                        over.count,
+                        over.bytes,
+                        self.rate as u64 / 1024
+                    ));
+                    return event.with_detail("user_unknown", true);
+                }
                 event.uid = Some(uid);
                 event.user = over.user;
                 event.reason = Some(format!(
@@ -206,7 +222,13 @@ impl AuditSink {
     pub fn send(&self, mut event: AuditEvent) {
         event.bound();
         let bytes = event.approx_bytes() as u64;
-        if let Some(uid) = event.uid.filter(|&uid| uid != 0)
+        let budget = match event.uid {
+            Some(0) => None,
+            Some(uid) => Some(uid),
+            None if event.event == EventKind::EXEC => Some(UNKNOWN_USER),
+            None => None,
+        };
+        if let Some(uid) = budget
             && !self.limiter.admit(uid, bytes, &event)
         {
             return;

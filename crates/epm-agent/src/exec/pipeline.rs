@@ -573,6 +573,19 @@ mod tests {
     }
 
     fn setup(fail_mode: FailMode) -> (tempfile::TempDir, Arc<Decider>, AuditWriter, AuditSink) {
+        setup_with_limits(
+            fail_mode,
+            crate::exec::audit::AuditLimits {
+                outbox_max_bytes: 1 << 20,
+                ..Default::default()
+            },
+        )
+    }
+
+    fn setup_with_limits(
+        fail_mode: FailMode,
+        limits: crate::exec::audit::AuditLimits,
+    ) -> (tempfile::TempDir, Arc<Decider>, AuditWriter, AuditSink) {
         let dir = tempfile::tempdir().unwrap();
         let (store, _) = Store::open(&dir.path().join("s.sqlite")).unwrap();
         let (log, _) = AuditLog::open(dir.path(), LogOptions::default()).unwrap();
@@ -595,15 +608,84 @@ mod tests {
             Arc::new(Mutex::new(store)),
             log,
             Chain::genesis(),
-            crate::exec::audit::AuditLimits {
-                outbox_max_bytes: 1 << 20,
-                ..Default::default()
-            },
+            limits,
             Arc::new(std::sync::atomic::AtomicU64::new(0)),
             "d".into(),
         )
         .unwrap();
         (dir, decider, writer, sink)
+    }
+
+    #[test]
+    fn exec_records_of_unknown_users_share_one_budget_and_cost_nobody_else_a_record() {
+        let (dir, _decider, writer, sink) = setup_with_limits(
+            FailMode::Open,
+            crate::exec::audit::AuditLimits {
+                outbox_max_bytes: 1 << 20,
+                user_rate_bytes: 1024,
+                user_burst_bytes: 8 * 1024,
+            },
+        );
+        let exec = |uid: Option<u32>, path: &str| {
+            let mut event = epm_audit::AuditEvent::new(epm_audit::EventKind::EXEC);
+            event.uid = uid;
+            event.path = Some(path.to_owned());
+            event.decision = Some("allow".into());
+            event.with_detail("process", "exited before its exec was read: user unknown")
+        };
+        // A user's tight loop of a short program: every record without a
+        // user. Before, those were charged to nobody.
+        for n in 0..400 {
+            sink.send(exec(
+                None,
+                &format!("/home/m/loop-{n:04}-{}", "x".repeat(100)),
+            ));
+        }
+        for n in 0..5 {
+            sink.send(exec(Some(1001), &format!("/usr/bin/victim-{n}")));
+        }
+        sink.send(epm_audit::AuditEvent::new("policy_loaded"));
+        assert!(sink.flush(Duration::from_secs(5)));
+        // The counted records are reported once a second.
+        std::thread::sleep(Duration::from_millis(1500));
+        sink.send(epm_audit::AuditEvent::new("policy_loaded"));
+        assert!(sink.flush(Duration::from_secs(5)));
+        drop(sink);
+        writer.stop();
+        let records: Vec<epm_audit::AuditEvent> = epm_audit::tail(dir.path(), 1000)
+            .unwrap()
+            .iter()
+            .map(|line| epm_audit::AuditRecord::parse(line).unwrap().event)
+            .collect();
+        let unknown = records
+            .iter()
+            .filter(|r| r.event == "exec" && r.uid.is_none())
+            .count();
+        assert!(
+            (10..400).contains(&unknown),
+            "the budget let {unknown} of 400 through"
+        );
+        let victim = records.iter().filter(|r| r.uid == Some(1001)).count();
+        assert_eq!(victim, 5, "another user's records are all kept");
+        assert_eq!(
+            records
+                .iter()
+                .filter(|r| r.event == "policy_loaded")
+                .count(),
+            2,
+            "the daemon's own records are never budgeted"
+        );
+        let report = records
+            .iter()
+            .find(|r| r.event == "audit_rate_limited")
+            .expect("the counted records are reported");
+        let details = report.details.as_ref().unwrap();
+        assert_eq!(details["user_unknown"], true, "{report:?}");
+        assert_eq!(
+            details["count"].as_u64().unwrap() as usize + unknown,
+            400,
+            "{report:?}"
+        );
     }
 
     #[test]
