@@ -2,6 +2,7 @@
 //! a file the policy allows for everyone is answered by the kernel on its
 //! next execs, which are still audited (`answered_by: kernel_cache`), and
 //! no cached allow outlives the policy, mode or content it was made for.
+#![cfg(target_os = "linux")] // fanotify marks, read from /proc fdinfo
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::{BTreeMap, HashMap};
