@@ -873,8 +873,9 @@ pub fn observed_fail_event(
     event
 }
 
-/// The audit event for an exec answered per fail mode.
-pub fn fail_event(decider: &Decider, facts: &ExecFacts, verdict: Verdict, why: &str) -> AuditEvent {
+/// What every record of an exec answered per fail mode says: the
+/// verdict, why, and the daemon's mode, device and policy.
+fn fail_mode_event(decider: &Decider, verdict: Verdict, pid: u32, why: &str) -> AuditEvent {
     let mut event = AuditEvent::new(EventKind::EXEC);
     event.decision = Some(
         match verdict {
@@ -885,17 +886,23 @@ pub fn fail_event(decider: &Decider, facts: &ExecFacts, verdict: Verdict, why: &
     );
     event.reason = Some(format!("fail_mode {}: {why}", decider.fail_mode().as_str()));
     event.mode = Some(decider.mode().as_str().to_owned());
-    event.pid = Some(facts.pid);
+    event.pid = Some(pid);
+    event.device_id = Some(decider.device_id().to_owned());
+    event.policy_version = Some(decider.policy().engine.version());
+    event.with_detail("fail_mode", true)
+}
+
+/// The audit event for an exec answered per fail mode.
+pub fn fail_event(decider: &Decider, facts: &ExecFacts, verdict: Verdict, why: &str) -> AuditEvent {
+    let mut event = fail_mode_event(decider, verdict, facts.pid, why);
     event.ppid = Some(facts.ppid);
     event.uid = Some(facts.uid);
     event.user = decider.names().user(facts.uid).map(|n| n.to_string());
     event.path = Some(facts.path.clone());
-    event.device_id = Some(decider.device_id().to_owned());
-    event.policy_version = Some(decider.policy().engine.version());
     if !facts.path_origin.trusted() {
         event = event.with_detail("path_origin", facts.path_origin.as_str());
     }
-    event.with_detail("fail_mode", true)
+    event
 }
 
 /// The audit event of an exec the Linux gate answered without a decision
@@ -906,25 +913,14 @@ pub fn unidentified_event(
     decider: &Decider,
     exec: &crate::gate::fanotify::UnidentifiedExec,
 ) -> AuditEvent {
-    let mut event = AuditEvent::new(EventKind::EXEC);
-    event.decision = Some(
-        match exec.verdict {
-            Verdict::Allow => "allow",
-            Verdict::Deny => "deny",
-        }
-        .to_owned(),
+    let mut event = fail_mode_event(
+        decider,
+        exec.verdict,
+        exec.pid,
+        &format!("cannot identify the file being executed: {}", exec.error),
     );
-    event.reason = Some(format!(
-        "fail_mode {}: cannot identify the file being executed: {}",
-        decider.fail_mode().as_str(),
-        exec.error
-    ));
-    event.mode = Some(decider.mode().as_str().to_owned());
-    event.pid = Some(exec.pid);
     if !exec.path.is_empty() {
         event.path = Some(exec.path.clone());
     }
-    event.device_id = Some(decider.device_id().to_owned());
-    event.policy_version = Some(decider.policy().engine.version());
-    event.with_detail("fail_mode", true)
+    event
 }

@@ -28,6 +28,7 @@ use jiff::{SignedDuration, Timestamp};
 use crate::config::{AdminSessionsConfig, SessionProcesses, SudoersChanges};
 use crate::exec::audit::AuditSink;
 use crate::exec::decider::Decider;
+use crate::grants::clock::CLOCK_JUMP;
 use crate::grants::flows::{Flows, Met, Requirement, Unmet, lock};
 use crate::grants::grant_error::GrantError;
 use crate::grants::session_leftovers;
@@ -35,9 +36,6 @@ use epm_os::sudoers::{self, Snapshot};
 
 /// How often sessions are checked.
 const TICK: Duration = Duration::from_secs(1);
-/// A wall clock that moves this much more or less than the monotonic clock
-/// between two ticks has been set: every session ends.
-const CLOCK_JUMP: Duration = Duration::from_secs(60);
 /// The helper warns this long before the end, then [`LAST_WARNING`].
 const FIRST_WARNING: SignedDuration = SignedDuration::from_secs(5 * 60);
 /// See [`FIRST_WARNING`].
@@ -59,7 +57,7 @@ pub(crate) mod events {
     pub(crate) const SETUID_FILE: &str = "setuid_file_found";
     /// A process that still carried the admin group at the session's end.
     pub(crate) const GROUP_PROCESS: &str = "admin_group_process_found";
-    /// The wall clock was set (a jump past [`super::CLOCK_JUMP`]; forward,
+    /// The wall clock was set (a jump past [`crate::grants::clock::CLOCK_JUMP`]; forward,
     /// it may also be the machine waking from sleep), whether or not a
     /// session was open: windows and expiry are judged by the trusted
     /// clock, and the log should say why times in it jump.
@@ -286,8 +284,7 @@ impl AdminSessions {
             let wall_step = before.duration_until(wall);
             *last = (mono, wall);
             let mono_step = SignedDuration::try_from(mono_step).unwrap_or(SignedDuration::MAX);
-            let jumped = (wall_step - mono_step).abs()
-                > SignedDuration::try_from(CLOCK_JUMP).unwrap_or_default();
+            let jumped = (wall_step - mono_step).abs() > CLOCK_JUMP;
             (jumped.then_some(wall_step - mono_step), before)
         };
         if let Some(by) = jumped {

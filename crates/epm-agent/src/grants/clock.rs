@@ -88,9 +88,10 @@ pub(crate) fn parse_floor(value: Option<&str>) -> Option<Timestamp> {
     value.and_then(|v| v.parse().ok())
 }
 
-/// A wall clock this much behind the kept floor at start was set back
-/// while the daemon was down (the same threshold as a jump seen running).
-const SET_BACK_AT_START: SignedDuration = SignedDuration::from_secs(60);
+/// A wall clock that moves this much more or less than the monotonic
+/// clock between two checks while the daemon runs, or reads this much
+/// behind the kept floor at its start, has been set.
+pub(crate) const CLOCK_JUMP: SignedDuration = SignedDuration::from_secs(60);
 
 /// How far `wall` reads behind the kept `floor`, when it is far enough to
 /// say the clock was set back while the daemon was down: worth a record,
@@ -100,7 +101,7 @@ pub(crate) fn set_back_while_down(
     wall: Timestamp,
 ) -> Option<SignedDuration> {
     let behind = wall.duration_until(floor?);
-    (behind >= SET_BACK_AT_START).then_some(behind)
+    (behind >= CLOCK_JUMP).then_some(behind)
 }
 
 #[cfg(test)]
