@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use epm_e2e::{
     Daemon, TestUser, denied, policy, ran, run, sha256_of, spawn_when_not_busy, wait_until,
+    with_interpreter,
 };
 
 fn rule(id: &str, action: &str, criteria: &str) -> String {
@@ -129,6 +130,87 @@ fn a_policy_change_revokes_cached_allows_before_it_takes_effect() {
     daemon.write_policy(&policy(3, "allow", &[]));
     assert_eq!(daemon.reload()["event"], "policy_loaded");
     cache(&daemon, &tool);
+}
+
+/// Execs the gate was asked about, or told of, so far.
+fn execs_seen(daemon: &Daemon) -> u64 {
+    daemon.status()["counters"]["execs_seen"].as_u64().unwrap()
+}
+
+/// How many execs the gate hears of while `program` runs `times` times:
+/// two per run while its loader is decided (the program's notification and
+/// the loader's event), one while the loader's allow answers the load.
+fn heard_per_run(daemon: &Daemon, program: &Path, times: u64) -> u64 {
+    let before = execs_seen(daemon);
+    run_times(daemon, program, times as usize);
+    (execs_seen(daemon) - before) / times
+}
+
+/// The loader is never cached in the kernel (a direct run must be read
+/// while it waits), but its allow is held in user space and answers a load
+/// paired with its program at once: under the same rules as a cached allow.
+#[test]
+fn a_loaders_held_allow_outlives_neither_the_policy_nor_the_loader_it_was_made_for() {
+    if !epm_e2e::capable() {
+        return;
+    }
+    let daemon = Daemon::start(&policy(1, "allow", &[]), "");
+    let head = std::fs::read("/bin/true").unwrap();
+    let system_loader =
+        epm_agent::gate::interp::interpreter(&head[..epm_agent::gate::interp::HEAD_BYTES])
+            .unwrap()
+            .to_owned();
+    let loader = daemon.mount.install(&system_loader, "lib/epm-ld");
+    let (tool, _link) = with_interpreter(&daemon, "tool", &loader);
+    cache(&daemon, &tool);
+    assert_eq!(
+        heard_per_run(&daemon, &tool, 5),
+        1,
+        "the loads are answered from the held allow\n{}",
+        daemon.log()
+    );
+
+    // A change to the loader (here its mode's ctime) is another version:
+    // decided again, then held again.
+    std::fs::set_permissions(&loader, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    assert_eq!(
+        heard_per_run(&daemon, &tool, 1),
+        2,
+        "the changed loader is decided again"
+    );
+    assert_eq!(heard_per_run(&daemon, &tool, 3), 1);
+
+    // Run directly, the loader is never taken for a load: its own record.
+    let direct = std::process::Command::new(&loader)
+        .arg(&tool)
+        .output()
+        .unwrap();
+    assert!(direct.status.success(), "{direct:?}");
+    let loader_path = loader.display().to_string();
+    daemon.wait_for_record("the direct run of the loader", |r| {
+        r["event"] == "exec" && r["path"] == loader_path.as_str()
+    });
+
+    // A policy that denies the loader takes effect at once: no load is
+    // answered from the allow held under the last one.
+    daemon.write_policy(&policy(
+        2,
+        "allow",
+        &[rule(
+            "no-loader",
+            "deny",
+            &format!(r#"{{"sha256": "{}"}}"#, sha256_of(&loader)),
+        )],
+    ));
+    assert_eq!(daemon.reload()["event"], "policy_loaded");
+    assert!(
+        denied(&run(&tool)),
+        "the new policy denies the loader at once"
+    );
+    let refused = daemon.wait_for_record("the refused load", |r| {
+        r["event"] == "exec" && r["rule_id"] == "no-loader"
+    });
+    assert_eq!(refused["decision"], "deny");
 }
 
 #[test]

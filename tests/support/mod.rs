@@ -1091,3 +1091,51 @@ impl Rng {
         self.0 % n.max(1)
     }
 }
+
+/// Removes a path when dropped.
+#[derive(Debug)]
+pub struct Removed(pub std::path::PathBuf);
+
+impl Drop for Removed {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// A copy of /bin/true on the daemon's mount, as `name`, whose PT_INTERP
+/// names `interpreter` through a symlink short enough to fit where the
+/// system loader's name was; the symlink goes with the returned guard.
+pub fn with_interpreter(
+    daemon: &Daemon,
+    name: &str,
+    interpreter: &Path,
+) -> (std::path::PathBuf, Removed) {
+    let program = std::fs::read("/bin/true").unwrap();
+    let head = &program[..program.len().min(epm_agent::gate::interp::HEAD_BYTES)];
+    let named =
+        epm_agent::gate::interp::interpreter(head).expect("/bin/true is dynamically linked");
+    let link = Removed(std::path::PathBuf::from(format!(
+        "/tmp/epmi{}{name}",
+        std::process::id()
+    )));
+    let _ = std::fs::remove_file(&link.0);
+    std::os::unix::fs::symlink(interpreter, &link.0).unwrap();
+    let short = link.0.to_str().unwrap().as_bytes();
+    assert!(
+        short.len() <= named.len(),
+        "{short:?} is longer than {named}"
+    );
+    let mut old = named.as_bytes().to_vec();
+    old.push(0);
+    let at = program
+        .windows(old.len())
+        .position(|w| w == old.as_slice())
+        .unwrap();
+    let mut patched = program.clone();
+    patched[at..at + old.len()].fill(0);
+    patched[at..at + short.len()].copy_from_slice(short);
+    let path = daemon.mount.path().join(name);
+    std::fs::write(&path, &patched).unwrap();
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    (path, link)
+}

@@ -65,6 +65,21 @@
 //!   wake-up per exec plus at most one tick per quiet spell; an idle
 //!   machine has no periodic wake-ups.
 //!
+//! # A loader's load
+//! The dynamic loader is never cached in the kernel (see
+//! [`super::kernel_cache`], "Never the dynamic loader"), so a repeat exec of
+//! a cached dynamic program still waits for the gate once, for its loader.
+//! That wait is made as short as the kernel's own answer would allow: when
+//! the loader's version (device, inode, size, mtime, ctime; owned by root,
+//! writable by nobody else, one name) holds an allow the policy made for
+//! everyone under the policy in force ([`KernelCache::allows_loader`]), and
+//! the event is paired with the program the process just ran
+//! ([`super::interp::InterpreterLoads::load_of`]), the gate answers at once,
+//! after one `fstat` of the event: no path, credentials, decision or
+//! record (an allowed interpreter load has none: its program's stands for
+//! the exec). Any other loader event (a direct run, a changed loader, a
+//! policy change since) goes the usual way.
+//!
 //! # Marks
 //! Each watched mount gets `FAN_MARK_FILESYSTEM` when every mount of its
 //! file system is within the watch paths (always, with the default `/`), so
@@ -701,6 +716,13 @@ impl FanotifyGate {
             responder.answer(Verdict::Allow);
             return;
         }
+        if self.paired_loader_load(pid, responder.event_fd.as_fd()) {
+            // The program's exec got this far: it has denied writers to
+            // the program, whose lease can go.
+            self.keeper.release(pid);
+            responder.answer(Verdict::Allow);
+            return;
+        }
         match self.gather_facts(pid, responder.event_fd.as_fd(), pidfd.as_ref()) {
             Ok(mut facts) => {
                 let pairing = self.pairing(pid, &facts);
@@ -721,16 +743,15 @@ impl FanotifyGate {
                     facts.stability,
                     Stability::Leased | Stability::OpenForWriting
                 );
-                // The loader is never cached (see `KernelCache::remember`):
-                // told here from the remembered head, so its allow is not
-                // offered to the cache, which would read the head again.
-                facts.kernel_cache_candidate = facts.kernel_cache_candidate
-                    && self.is_local_device(&facts)
-                    && !self.head(&facts).is_some_and(|head| head.loader);
+                // A loader is offered too: the cache holds its allow in
+                // user space (see "A loader's load").
+                facts.kernel_cache_candidate =
+                    facts.kernel_cache_candidate && self.is_local_device(&facts);
                 responder.after = Some(AfterAnswer {
                     keeper: leasable.then(|| self.keeper.clone()),
                     pidfd,
                     file: (facts.file.dev, facts.file.ino),
+                    version: facts.file,
                     interpreter: expecting.map(|event| (self.interpreter_loads.clone(), event)),
                     kernel: self.kernel.clone(),
                     candidate_path: facts.kernel_cache_candidate.then(|| facts.path.clone()),
@@ -851,6 +872,34 @@ impl FanotifyGate {
             ),
             AnsweredBy::KernelCache,
         ));
+    }
+
+    /// Whether this event is the load of a loader the policy allows for
+    /// everyone, unchanged since, as the interpreter of the process's last
+    /// program: answered at once (see "A loader's load"). When it is not,
+    /// the event goes the usual way, which finds what the process expected
+    /// used up, as it would have been there.
+    fn paired_loader_load(&self, pid: u32, fd: BorrowedFd<'_>) -> bool {
+        // SAFETY: a File over the event's descriptor only to fstat it; it
+        // is never dropped, so the descriptor stays the responder's.
+        let file = std::mem::ManuallyDrop::new(unsafe { File::from_raw_fd(fd.as_raw_fd()) });
+        let Ok(meta) = file.metadata() else {
+            return false;
+        };
+        // What the allow was made for: only root writes it, one name, and
+        // this very version (size, mtime and ctime) under this policy.
+        let version = FileIdentity::of(&meta);
+        if !lease::only_root_writes(&meta)
+            || meta.nlink() != 1
+            || !self.kernel.allows_loader(&version)
+        {
+            return false;
+        }
+        self.interpreter_loads
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .load_of(pid, (version.dev, version.ino))
+            .is_some()
     }
 
     /// Whether this event is the interpreter load of the process's last
@@ -1516,6 +1565,8 @@ struct AfterAnswer {
     keeper: Option<LeaseKeeper>,
     pidfd: Option<OwnedFd>,
     file: (u64, u64),
+    /// The version of the file decided.
+    version: FileIdentity,
     /// The pairing to arm on an allow (and drop on a deny): this event's
     /// program names an interpreter.
     interpreter: Option<(Arc<Mutex<InterpreterLoads>>, u64)>,
@@ -1546,7 +1597,7 @@ impl FanotifyResponder {
                             generation,
                             self.pid,
                             self.event_fd.as_fd(),
-                            after.file,
+                            &after.version,
                             path,
                         );
                     }

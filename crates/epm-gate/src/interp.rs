@@ -230,11 +230,8 @@ impl InterpreterLoads {
         interpreter: impl FnOnce() -> Option<String>,
         resolve: impl FnOnce(&str) -> Option<FileKey>,
     ) -> Pairing {
-        if let Some(expected) = self.pending.remove(&pid)
-            && expected.interpreter == file
-            && expected.armed.is_some_and(|at| at.elapsed() < PAIRING_TTL)
-        {
-            return Pairing::LoadOf(expected.program);
+        if let Some(program) = self.load_of(pid, file) {
+            return Pairing::LoadOf(program);
         }
         let expecting = interpreter()
             .and_then(|interp| self.resolve(&interp, resolve))
@@ -263,6 +260,17 @@ impl InterpreterLoads {
         }
     }
 
+    /// Whether this event of `pid` for `file` is the interpreter load of
+    /// that process's last program, allowed less than [`PAIRING_TTL`] ago:
+    /// that program's path. What `pid` expected is used up either way (see
+    /// [`Self::event_named`]), so a pairing serves one event at most.
+    pub fn load_of(&mut self, pid: u32, file: FileKey) -> Option<String> {
+        let expected = self.pending.remove(&pid)?;
+        (expected.interpreter == file
+            && expected.armed.is_some_and(|at| at.elapsed() < PAIRING_TTL))
+        .then_some(expected.program)
+    }
+
     /// An exec of `pid` for `file` at `path` that already ran, answered by
     /// the kernel from its cache of allows ([`super::kernel_cache`]), whose
     /// interpreter (when it names one) is already known: the interpreter
@@ -275,11 +283,8 @@ impl InterpreterLoads {
         path: &str,
         interpreter: Option<FileKey>,
     ) -> Pairing {
-        if let Some(expected) = self.pending.remove(&pid)
-            && expected.interpreter == file
-            && expected.armed.is_some_and(|at| at.elapsed() < PAIRING_TTL)
-        {
-            return Pairing::LoadOf(expected.program);
+        if let Some(program) = self.load_of(pid, file) {
+            return Pairing::LoadOf(program);
         }
         match interpreter {
             Some(key) => Pairing::Expecting(self.expect_key(pid, key, path, Some(Instant::now()))),

@@ -109,6 +109,14 @@
 //! therefore never cached: every dynamically linked exec still asks once
 //! for its loader, answered in user space from the pairing with its
 //! program.
+//!
+//! That answer is kept as lean as the kernel's would be: an allow of a
+//! loader made per file, as any cached allow is (the same criteria, under
+//! the same policy generation and flushed with the same lock), is held here
+//! ([`LoaderAllows`]) for that version of the file, and the gate answers a
+//! load paired with its program from it at once, before anything else is
+//! read (see [`super::fanotify`], "A loader's load"). A direct run of the
+//! loader is never paired, so it still waits for its decision and record.
 
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, BorrowedFd};
@@ -119,7 +127,7 @@ use std::time::{Duration, Instant};
 use nix::sys::fanotify::Fanotify;
 
 use super::interp::{FileKey, HEAD_BYTES, InterpreterLoads, is_loader, loaded_interpreter};
-use crate::PolicySwap;
+use crate::{FileIdentity, PolicySwap};
 
 /// Files cached at most; past this, new allows are not cached until the
 /// next policy change (each is a mark in the kernel).
@@ -153,6 +161,45 @@ struct State {
     generation: Option<u64>,
     cached: HashMap<FileKey, Entry>,
     asked: HashMap<(u32, FileKey), Instant>,
+    loaders: LoaderAllows,
+}
+
+/// Dynamic loaders the policy allows for everyone, each for one version of
+/// its file, under the generation in force when it was decided: the user
+/// space half of the cache, for the one kind of file the kernel must not
+/// answer for (see "Never the dynamic loader"). Emptied with the kernel's
+/// half, under the same lock.
+#[derive(Debug, Default)]
+pub struct LoaderAllows {
+    allowed: HashMap<FileKey, (FileIdentity, u64)>,
+}
+
+/// Loader versions held at most (a machine has a few; each libc upgrade
+/// adds one until the next policy change).
+const MAX_LOADERS: usize = 64;
+
+impl LoaderAllows {
+    /// `version` of a loader was allowed for everyone under `generation`.
+    pub fn insert(&mut self, version: FileIdentity, generation: u64) {
+        if self.allowed.len() >= MAX_LOADERS {
+            self.allowed.clear();
+        }
+        self.allowed
+            .insert((version.dev, version.ino), (version, generation));
+    }
+
+    /// Whether `version` was allowed for everyone under `generation`: the
+    /// same file, unchanged (size, mtime and ctime), and the same policy.
+    pub fn allows(&self, version: &FileIdentity, generation: u64) -> bool {
+        self.allowed
+            .get(&(version.dev, version.ino))
+            .is_some_and(|(held, at)| held == version && *at == generation)
+    }
+
+    /// Forgets every allow (a policy change).
+    pub fn clear(&mut self) {
+        self.allowed.clear();
+    }
 }
 
 /// The kernel cache of allows; see the module documentation.
@@ -189,6 +236,7 @@ impl KernelCache {
                 generation: None,
                 cached: HashMap::new(),
                 asked: HashMap::new(),
+                loaders: LoaderAllows::default(),
             }),
             evictable: AtomicBool::new(true),
             ever_marked: AtomicBool::new(false),
@@ -217,21 +265,19 @@ impl KernelCache {
     }
 
     /// Caches the allow of the exec of `pid` whose event descriptor is
-    /// `fd` (the file `key`, at `path`), decided under `generation`: called
-    /// before the allow is written. `false` when it was not cached (another
-    /// policy is in force now, the cache is full, or the kernel refused).
+    /// `fd` (the file `version`, at `path`), decided under `generation`:
+    /// called before the allow is written. `false` when it was not cached
+    /// in the kernel (another policy is in force now, the cache is full,
+    /// the kernel refused, or it is a loader, held in user space instead).
     pub fn remember(
         &self,
         generation: u64,
         pid: u32,
         fd: BorrowedFd<'_>,
-        key: FileKey,
+        version: &FileIdentity,
         path: &str,
     ) -> bool {
-        if self.notification.is_none() {
-            self.note_answered(pid, key);
-            return false;
-        }
+        let key = (version.dev, version.ino);
         let mut head = [0u8; HEAD_BYTES];
         let read = nix::sys::uio::pread(fd, &mut head, 0).unwrap_or(0);
         let head = &head[..read];
@@ -241,7 +287,17 @@ impl KernelCache {
             // its user, and only a permission event is read while the
             // process is sure to exist (a notification can come after a
             // short-lived process is gone). Its loads as an interpreter are
-            // answered from the pairing with their program, in user space.
+            // answered from the pairing with their program, in user space,
+            // from this allow.
+            let mut state = self.lock();
+            if state.generation == Some(generation) {
+                state.loaders.insert(*version, generation);
+            }
+            drop(state);
+            self.note_answered(pid, key);
+            return false;
+        }
+        if self.notification.is_none() {
             self.note_answered(pid, key);
             return false;
         }
@@ -282,6 +338,15 @@ impl KernelCache {
         state.cached.insert(key, entry);
         Self::ask(&mut state, pid, key);
         true
+    }
+
+    /// Whether this version of a loader is allowed for everyone under the
+    /// policy in force (see [`LoaderAllows`]).
+    pub fn allows_loader(&self, version: &FileIdentity) -> bool {
+        let state = self.lock();
+        state
+            .generation
+            .is_some_and(|generation| state.loaders.allows(version, generation))
     }
 
     /// An exec of `key` by `pid` is being allowed after a permission event:
@@ -332,6 +397,7 @@ impl KernelCache {
     /// (allows cached before may then still stand, which is logged).
     fn flush_or_stop(&self, state: &mut State) {
         state.cached.clear();
+        state.loaders.clear();
         if let Err(error) = self.flush() {
             tracing::error!(%error,
                 "cannot empty the kernel cache of allows; no allow is cached from now on");
@@ -470,5 +536,50 @@ impl PolicySwap for KernelCache {
         state.generation = Some(generation);
         self.flush_or_stop(&mut state);
         put_in_force();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn version(ino: u64, ctime_ns: i64) -> FileIdentity {
+        FileIdentity {
+            dev: 8,
+            ino,
+            size: 215_000,
+            mtime_ns: 1,
+            ctime_ns,
+        }
+    }
+
+    #[test]
+    fn a_loader_allow_holds_for_its_version_under_its_policy_only() {
+        let mut loaders = LoaderAllows::default();
+        let loader = version(12, 100);
+        assert!(!loaders.allows(&loader, 3), "nothing held yet");
+        loaders.insert(loader, 3);
+        assert!(loaders.allows(&loader, 3));
+        assert!(!loaders.allows(&loader, 4), "another policy");
+        assert!(
+            !loaders.allows(&version(12, 101), 3),
+            "the same file changed since (a write, chmod, rename or link)"
+        );
+        assert!(!loaders.allows(&version(13, 100), 3), "another file");
+        // A new version replaces the old one.
+        loaders.insert(version(12, 200), 3);
+        assert!(!loaders.allows(&loader, 3));
+        loaders.clear();
+        assert!(!loaders.allows(&version(12, 200), 3));
+    }
+
+    #[test]
+    fn loader_allows_are_bounded() {
+        let mut loaders = LoaderAllows::default();
+        for ino in 0..=MAX_LOADERS as u64 {
+            loaders.insert(version(ino, 1), 1);
+        }
+        assert!(loaders.allowed.len() <= MAX_LOADERS);
+        assert!(loaders.allows(&version(MAX_LOADERS as u64, 1), 1));
     }
 }

@@ -558,7 +558,9 @@ pub struct PolicyInfo {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct Counters {
-    /// Execs seen (the daemon's own excluded).
+    /// Execs seen (the daemon's own excluded), including those the
+    /// kernel answered from its cache; an interpreter load the gate
+    /// answered from its loader's held allow is part of its program's.
     pub execs_seen: u64,
     /// Allowed.
     pub allowed: u64,
