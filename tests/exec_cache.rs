@@ -354,8 +354,6 @@ fn a_file_users_can_write_is_never_answered_by_the_kernel() {
 /// enough that its notification is read while it lives, so its record can
 /// name its user.
 fn static_sleeper(nanos: u64) -> Vec<u8> {
-    const BASE: u64 = 0x40_0000;
-    let code_at: u64 = 64 + 56;
     let mut text = vec![
         0x48, 0x8D, 0x3D, 18, 0, 0, 0, // lea rdi, [rip + 18]: the timespec
         0x31, 0xF6, // xor esi, esi
@@ -367,32 +365,7 @@ fn static_sleeper(nanos: u64) -> Vec<u8> {
     ];
     text.extend_from_slice(&0u64.to_le_bytes()); // tv_sec
     text.extend_from_slice(&nanos.to_le_bytes()); // tv_nsec
-    let end = code_at + text.len() as u64;
-    let mut elf = Vec::new();
-    elf.extend_from_slice(b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0");
-    elf.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
-    elf.extend_from_slice(&62u16.to_le_bytes()); // x86_64
-    elf.extend_from_slice(&1u32.to_le_bytes());
-    elf.extend_from_slice(&(BASE + code_at).to_le_bytes()); // e_entry
-    elf.extend_from_slice(&64u64.to_le_bytes()); // e_phoff
-    elf.extend_from_slice(&0u64.to_le_bytes()); // e_shoff
-    elf.extend_from_slice(&0u32.to_le_bytes());
-    elf.extend_from_slice(&64u16.to_le_bytes());
-    elf.extend_from_slice(&56u16.to_le_bytes());
-    elf.extend_from_slice(&1u16.to_le_bytes()); // one program header
-    elf.extend_from_slice(&[0; 6]);
-    // PT_LOAD of the whole file, read + execute.
-    elf.extend_from_slice(&1u32.to_le_bytes());
-    elf.extend_from_slice(&5u32.to_le_bytes());
-    elf.extend_from_slice(&0u64.to_le_bytes());
-    elf.extend_from_slice(&BASE.to_le_bytes());
-    elf.extend_from_slice(&BASE.to_le_bytes());
-    elf.extend_from_slice(&end.to_le_bytes());
-    elf.extend_from_slice(&end.to_le_bytes());
-    elf.extend_from_slice(&0x1000u64.to_le_bytes());
-    assert_eq!(elf.len() as u64, code_at);
-    elf.extend_from_slice(&text);
-    elf
+    epm_e2e::elf_program(&text, None, 62)
 }
 
 #[cfg(target_arch = "x86_64")]

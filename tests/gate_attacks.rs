@@ -75,55 +75,11 @@ fn tiny_program(code: u8, size: usize) -> Vec<u8> {
 /// `machine` (62: x86_64; anything else fails its exec before the kernel
 /// opens the interpreter).
 fn elf(code: u8, size: usize, interpreter: Option<&str>, machine: u16) -> Vec<u8> {
-    const BASE: u64 = 0x40_0000;
-    let phnum: u16 = if interpreter.is_some() { 2 } else { 1 };
-    let code_at = 64 + 56 * u64::from(phnum);
-    let mut elf = Vec::new();
-    elf.extend_from_slice(b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0");
-    elf.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
-    elf.extend_from_slice(&machine.to_le_bytes());
-    elf.extend_from_slice(&1u32.to_le_bytes());
-    elf.extend_from_slice(&(BASE + code_at).to_le_bytes()); // e_entry
-    elf.extend_from_slice(&64u64.to_le_bytes()); // e_phoff
-    elf.extend_from_slice(&0u64.to_le_bytes()); // e_shoff
-    elf.extend_from_slice(&0u32.to_le_bytes());
-    elf.extend_from_slice(&64u16.to_le_bytes());
-    elf.extend_from_slice(&56u16.to_le_bytes());
-    elf.extend_from_slice(&phnum.to_le_bytes());
-    elf.extend_from_slice(&[0; 6]);
     // mov edi, code; mov eax, 60 (exit); syscall
-    let mut text = vec![0xBF, code, 0, 0, 0, 0xB8, 60, 0, 0, 0, 0x0F, 0x05];
-    let interp_at = code_at + text.len() as u64;
-    if let Some(path) = interpreter {
-        text.extend_from_slice(path.as_bytes());
-        text.push(0);
-    }
-    let end = code_at + text.len() as u64;
-    // PT_LOAD of the whole head, read + execute.
-    elf.extend_from_slice(&1u32.to_le_bytes());
-    elf.extend_from_slice(&5u32.to_le_bytes());
-    elf.extend_from_slice(&0u64.to_le_bytes());
-    elf.extend_from_slice(&BASE.to_le_bytes());
-    elf.extend_from_slice(&BASE.to_le_bytes());
-    elf.extend_from_slice(&end.to_le_bytes());
-    elf.extend_from_slice(&end.to_le_bytes());
-    elf.extend_from_slice(&0x1000u64.to_le_bytes());
-    if let Some(path) = interpreter {
-        elf.extend_from_slice(&3u32.to_le_bytes()); // PT_INTERP
-        elf.extend_from_slice(&4u32.to_le_bytes());
-        elf.extend_from_slice(&interp_at.to_le_bytes());
-        elf.extend_from_slice(&(BASE + interp_at).to_le_bytes());
-        elf.extend_from_slice(&(BASE + interp_at).to_le_bytes());
-        let len = path.len() as u64 + 1;
-        elf.extend_from_slice(&len.to_le_bytes());
-        elf.extend_from_slice(&len.to_le_bytes());
-        elf.extend_from_slice(&1u64.to_le_bytes());
-    }
-    elf.extend_from_slice(&text);
-    assert_eq!(
-        elf.get(EXIT_CODE_AT as usize - 120 + code_at as usize),
-        Some(&code)
-    );
+    let text = [0xBF, code, 0, 0, 0, 0xB8, 60, 0, 0, 0, 0x0F, 0x05];
+    let mut elf = epm_e2e::elf_program(&text, interpreter, machine);
+    let code_at = epm_e2e::elf_code_offset(interpreter) as usize;
+    assert_eq!(elf.get(EXIT_CODE_AT as usize - 120 + code_at), Some(&code));
     elf.resize(size.max(elf.len()), 0);
     elf
 }

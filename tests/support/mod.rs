@@ -1139,3 +1139,65 @@ pub fn with_interpreter(
     std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     (path, link)
 }
+
+/// Where [`elf_program`] puts the code: right after the ELF header and its
+/// program headers (one `PT_LOAD`, and a `PT_INTERP` when it names an
+/// interpreter).
+pub fn elf_code_offset(interpreter: Option<&str>) -> u64 {
+    64 + 56 * if interpreter.is_some() { 2 } else { 1 }
+}
+
+/// A minimal ELF64 executable for the tests that hand the kernel programs
+/// no toolchain made: `code` (position-independent machine code) at the
+/// entry point, mapped read + execute with the headers at 0x400000, and
+/// when `interpreter` is named, a `PT_INTERP` for it (its name follows the
+/// code). `machine` is `e_machine` (62: x86_64), so a test can make one the
+/// kernel refuses for another architecture.
+pub fn elf_program(code: &[u8], interpreter: Option<&str>, machine: u16) -> Vec<u8> {
+    const BASE: u64 = 0x40_0000;
+    let phnum: u16 = if interpreter.is_some() { 2 } else { 1 };
+    let code_at = elf_code_offset(interpreter);
+    let mut text = code.to_vec();
+    let interp_at = code_at + text.len() as u64;
+    if let Some(path) = interpreter {
+        text.extend_from_slice(path.as_bytes());
+        text.push(0);
+    }
+    let end = code_at + text.len() as u64;
+    let mut elf = Vec::new();
+    elf.extend_from_slice(b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0");
+    elf.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    elf.extend_from_slice(&machine.to_le_bytes());
+    elf.extend_from_slice(&1u32.to_le_bytes());
+    elf.extend_from_slice(&(BASE + code_at).to_le_bytes()); // e_entry
+    elf.extend_from_slice(&64u64.to_le_bytes()); // e_phoff
+    elf.extend_from_slice(&0u64.to_le_bytes()); // e_shoff
+    elf.extend_from_slice(&0u32.to_le_bytes());
+    elf.extend_from_slice(&64u16.to_le_bytes());
+    elf.extend_from_slice(&56u16.to_le_bytes());
+    elf.extend_from_slice(&phnum.to_le_bytes());
+    elf.extend_from_slice(&[0; 6]);
+    // PT_LOAD of the whole file, read + execute.
+    elf.extend_from_slice(&1u32.to_le_bytes());
+    elf.extend_from_slice(&5u32.to_le_bytes());
+    elf.extend_from_slice(&0u64.to_le_bytes());
+    elf.extend_from_slice(&BASE.to_le_bytes());
+    elf.extend_from_slice(&BASE.to_le_bytes());
+    elf.extend_from_slice(&end.to_le_bytes());
+    elf.extend_from_slice(&end.to_le_bytes());
+    elf.extend_from_slice(&0x1000u64.to_le_bytes());
+    if let Some(path) = interpreter {
+        elf.extend_from_slice(&3u32.to_le_bytes()); // PT_INTERP
+        elf.extend_from_slice(&4u32.to_le_bytes());
+        elf.extend_from_slice(&interp_at.to_le_bytes());
+        elf.extend_from_slice(&(BASE + interp_at).to_le_bytes());
+        elf.extend_from_slice(&(BASE + interp_at).to_le_bytes());
+        let len = path.len() as u64 + 1;
+        elf.extend_from_slice(&len.to_le_bytes());
+        elf.extend_from_slice(&len.to_le_bytes());
+        elf.extend_from_slice(&1u64.to_le_bytes());
+    }
+    assert_eq!(elf.len() as u64, code_at);
+    elf.extend_from_slice(&text);
+    elf
+}
