@@ -23,9 +23,11 @@
 # ROUNDS=1 measures each configuration once, in one go.
 #
 # EPMD_BEFORE=/path/to/an/older/epmd also measures that binary, in the same
-# run, right before this tree's (the exec overhead before and after a
-# change): build the older tree's `cargo build --release -p epm-agent --bin
-# epmd` elsewhere and point at it.
+# run, beside this tree's with the kernel hook off (before it in odd rounds,
+# after it in even ones), and prints the median of the per-round
+# differences: the exec overhead before and after a change, with the
+# machine's drift cancelled out. Build the older tree's `cargo build
+# --release -p epm-agent --bin epmd` elsewhere and point at it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -208,12 +210,19 @@ for round in $(seq 1 "$rounds"); do
     sleep 0.5
     loop bare
     kill "$floor_pid"; wait "$floor_pid" 2>/dev/null || true
-    if [[ -n $before_bin ]]; then
-        measure_epmd before "$before_bin"
+    # The earlier binary and this tree's (hook off, the same settings) in
+    # turn, first one then the other, so neither always runs in the same
+    # place of the round.
+    if [[ -n $before_bin ]] && ((round % 2 == 1)); then
+        measure_epmd before "$before_bin" false
         stop_epmd
     fi
     measure_epmd hook-off "$bin/epmd" false
     stop_epmd
+    if [[ -n $before_bin ]] && ((round % 2 == 0)); then
+        measure_epmd before "$before_bin" false
+        stop_epmd
+    fi
     measure_epmd epmd "$bin/epmd"
     status=$($bin/epmctl --socket "$work/epmd.sock" status --json)
     hook_state=$(python3 -c 'import json,sys; h=json.load(sys.stdin).get("kernel_hook") or {}; print(h.get("state", "n/a"))' <<<"$status")
@@ -276,10 +285,20 @@ def ratio(label, name):
 print(f"no listener: {med('none', 0):.1f} / {med('none', 1):.1f} us/exec")
 line("bare allow-all listener", "bare")
 if has_before:
-    line("earlier epmd (10000 rules)", "before")
+    line("earlier epmd (10000 rules, kernel hook off)", "before")
     counters("earlier epmd", "before-counters")
     line("earlier epmd, a program a user can write", "before-user", "none-user")
+    # Side by side in each round (the order alternating), so load that
+    # comes and goes cancels out of the difference.
+    def paired(name, base, i):
+        return statistics.median(r[i] - b[i] for r, b in zip(runs[name], runs[base]))
+    print("this epmd - earlier epmd (hook off; the median of the per-round differences): "
+          f"{paired('hook-off', 'before', 0):+.1f} / {paired('hook-off', 'before', 1):+.1f} us/exec, "
+          f"CPU {paired('hook-off-counters', 'before-counters', 0):+.1f} us per exec, "
+          f"{paired('hook-off-counters', 'before-counters', 2):+.1f} system calls per exec, "
+          f"a program a user can write {paired('hook-off-user', 'before-user', 0):+.1f} us/exec")
 line("epmd (10000 rules, kernel hook off)", "hook-off")
+counters("epmd (kernel hook off)", "hook-off-counters")
 line(f"epmd (10000 rules, kernel hook {hook_state})", "epmd")
 ratio("epmd added / bare listener added (mean exec)", "epmd")
 counters("epmd", "epmd-counters")
