@@ -15,3 +15,22 @@
 pub mod db;
 pub mod merge;
 pub mod roles;
+
+/// An error and its causes on one line, outermost first, each cause said
+/// once: a connection's "error performing TLS handshake" says why only in
+/// its sources (the certificate's issuer unknown, the name not matching),
+/// which is where rustls, hyper and the database pool say what went wrong.
+/// The platform's HTTP client words its errors with it too.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}

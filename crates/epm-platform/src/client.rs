@@ -4,6 +4,9 @@
 use std::time::Duration;
 
 use epm_api::{ApiError, ApiErrorBody};
+/// The whole chain of an error's causes, where rustls and hyper say what
+/// went wrong (one definition, the database's: [`epm_platform_db::error_chain`]).
+pub use epm_platform_db::error_chain;
 use reqwest::{Method, StatusCode};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -39,22 +42,6 @@ pub struct AdminClient {
     http: reqwest::Client,
     base: String,
     token: Option<String>,
-}
-
-/// The whole chain of causes, which is where rustls and hyper say what
-/// actually went wrong.
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
 }
 
 impl AdminClient {

@@ -474,25 +474,8 @@ impl Pg {
     fn client(&self) -> Result<deadpool_postgres::Object> {
         let pool = self.pool.clone();
         self.run(async move { pool.get().await })
-            .map_err(|e| SqlError::Pool(with_causes(&e)))
+            .map_err(|e| SqlError::Pool(crate::error_chain(&e)))
     }
-}
-
-/// An error and its causes, outermost first: a pool's "error performing
-/// TLS handshake" says why only in its source (the certificate's issuer
-/// unknown, the name not matching, ...).
-fn with_causes(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut cause = error.source();
-    while let Some(inner) = cause {
-        let inner_text = inner.to_string();
-        if !text.contains(&inner_text) {
-            text.push_str(": ");
-            text.push_str(&inner_text);
-        }
-        cause = inner.source();
-    }
-    text
 }
 
 /// A statement in PostgreSQL's words, translated once per distinct text.
