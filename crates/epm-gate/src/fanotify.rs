@@ -716,14 +716,19 @@ impl FanotifyGate {
             responder.answer(Verdict::Allow);
             return;
         }
-        if self.paired_loader_load(pid, responder.event_fd.as_fd()) {
+        // One fstat serves the loader's fast answer and, failing that, the
+        // facts gathered for a decision.
+        let first_look = event_metadata(responder.event_fd.as_fd());
+        if let Ok(meta) = &first_look
+            && self.paired_loader_load(pid, meta)
+        {
             // The program's exec got this far: it has denied writers to
             // the program, whose lease can go.
             self.keeper.release(pid);
             responder.answer(Verdict::Allow);
             return;
         }
-        match self.gather_facts(pid, responder.event_fd.as_fd(), pidfd.as_ref()) {
+        match self.gather_facts(pid, responder.event_fd.as_fd(), first_look, pidfd.as_ref()) {
             Ok(mut facts) => {
                 let pairing = self.pairing(pid, &facts);
                 let expecting = match pairing {
@@ -879,17 +884,11 @@ impl FanotifyGate {
     /// program: answered at once (see "A loader's load"). When it is not,
     /// the event goes the usual way, which finds what the process expected
     /// used up, as it would have been there.
-    fn paired_loader_load(&self, pid: u32, fd: BorrowedFd<'_>) -> bool {
-        // SAFETY: a File over the event's descriptor only to fstat it; it
-        // is never dropped, so the descriptor stays the responder's.
-        let file = std::mem::ManuallyDrop::new(unsafe { File::from_raw_fd(fd.as_raw_fd()) });
-        let Ok(meta) = file.metadata() else {
-            return false;
-        };
+    fn paired_loader_load(&self, pid: u32, meta: &std::fs::Metadata) -> bool {
         // What the allow was made for: only root writes it, one name, and
         // this very version (size, mtime and ctime) under this policy.
-        let version = FileIdentity::of(&meta);
-        if !lease::only_root_writes(&meta)
+        let version = FileIdentity::of(meta);
+        if !lease::only_root_writes(meta)
             || meta.nlink() != 1
             || !self.kernel.allows_loader(&version)
         {
@@ -1229,12 +1228,16 @@ fn exec_facts(
 
 impl FanotifyGate {
     /// The facts of a permission event, read while its process waits.
+    /// `first_look` is the event's file's metadata, read when the event
+    /// was ([`event_metadata`]).
     fn gather_facts(
         &self,
         pid: u32,
         event_fd: BorrowedFd<'_>,
+        first_look: std::io::Result<std::fs::Metadata>,
         pidfd: Option<&OwnedFd>,
     ) -> Result<ExecFacts, Unusable> {
+        let meta = first_look.map_err(Unusable::File)?;
         // The content handle is a duplicate: a worker may close it once it has
         // hashed the file, while the event's own fd stays open until the answer
         // is written. The kernel matches an answer to its event by fd number, and
@@ -1243,7 +1246,6 @@ impl FanotifyGate {
         let content = File::from(event_fd.try_clone_to_owned().map_err(Unusable::File)?);
         // A file a user could write gets a lease first: the version read next
         // is then the one that runs.
-        let meta = content.metadata().map_err(Unusable::File)?;
         let (stability, meta) = if lease::only_root_writes(&meta) {
             (Stability::OnlyRootWrites, meta)
         } else {
@@ -1526,6 +1528,15 @@ fn pidfd_info(pidfd: BorrowedFd<'_>, pid: u32) -> Option<procfs::ProcStatus> {
         egid: info.egid,
         groups: Vec::new(),
     })
+}
+
+/// The metadata of an event's file, by its descriptor, which stays the
+/// caller's.
+fn event_metadata(fd: BorrowedFd<'_>) -> std::io::Result<std::fs::Metadata> {
+    // SAFETY: a File over the descriptor only to fstat it; it is never
+    // dropped (ManuallyDrop), so the descriptor is not closed here.
+    let file = std::mem::ManuallyDrop::new(unsafe { File::from_raw_fd(fd.as_raw_fd()) });
+    file.metadata()
 }
 
 /// Reads a small /proc file with one open, one read and one close: this runs
